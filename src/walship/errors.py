@@ -1,0 +1,163 @@
+"""The one error tree of walship.
+
+::
+
+    WalshipError                    every error walship raises on purpose
+    ├── InvalidInput                a request, event, frame or argument is malformed (4xx)
+    │   ├── ValidationError         an event field breaks a rule of the event model
+    │   ├── LimitExceeded           a size or count crosses a named limit in ``limits.py``
+    │   └── NotFound                the thing asked for does not exist
+    ├── Conflict                    the request is well formed but contradicts stored state
+    │   ├── VersionConflict         ``expected_version`` differs from the entity's version
+    │   └── ReadOnly                a write reached a node that is not the leader
+    ├── StorageError                the node's own storage failed
+    │   ├── CorruptionError         a stored record or file fails its checksum (with location)
+    │   ├── WalFailed               the WAL hit a write/fsync error and accepts nothing more
+    │   └── StorageFull             the disk is full (retriable once space returns)
+    ├── ReplicationError            replication stream or acknowledgement problems
+    │   ├── ProtocolError           a peer sent bytes that break protocol v1 (closes one link)
+    │   ├── AuthenticationError     a peer failed the shared-secret challenge
+    │   └── AckTimeout              replicas did not confirm a write in time
+    ├── Unavailable                 the node cannot serve now (shutting down, still starting)
+    │   └── WaitTimeout             a bounded wait (e.g. ``min_lsn``) expired
+    └── InvariantViolation          an internal assumption broke; the operation stopped
+
+Every error carries a stable machine ``code`` (the ``error`` field of HTTP error bodies) and a
+``retriable`` flag that retry loops read. OS and library errors are translated once at the
+boundary with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class WalshipError(Exception):
+    """Root of every error walship raises on purpose."""
+
+    code: ClassVar[str] = "internal"
+    http_status: ClassVar[int] = 500
+    retriable: ClassVar[bool] = False
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body of an HTTP error: ``error`` code, ``message`` and any details."""
+        return {"error": self.code, "message": self.message, **self.details}
+
+
+class InvalidInput(WalshipError):
+    code = "invalid_request"
+    http_status = 400
+
+
+class ValidationError(InvalidInput):
+    code = "validation_error"
+    http_status = 422
+
+
+class LimitExceeded(InvalidInput):
+    code = "limit_exceeded"
+    http_status = 413
+
+
+class NotFound(InvalidInput):
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(WalshipError):
+    code = "conflict"
+    http_status = 409
+
+
+class VersionConflict(Conflict):
+    code = "version_conflict"
+
+
+class ReadOnly(Conflict):
+    code = "read_only"
+
+
+class StorageError(WalshipError):
+    code = "storage_error"
+    http_status = 503
+
+
+class CorruptionError(StorageError):
+    code = "corruption"
+
+
+class WalFailed(StorageError):
+    code = "wal_failed"
+
+
+class StorageFull(StorageError):
+    code = "storage_full"
+    http_status = 507
+    retriable = True
+
+
+class ReplicationError(WalshipError):
+    code = "replication_error"
+    http_status = 503
+    retriable = True
+
+
+class ProtocolError(ReplicationError):
+    code = "protocol_error"
+
+
+class AuthenticationError(ReplicationError):
+    code = "authentication_failed"
+    http_status = 401
+    retriable = False
+
+
+class AckTimeout(ReplicationError):
+    code = "ack_timeout"
+
+
+class Unavailable(WalshipError):
+    code = "unavailable"
+    http_status = 503
+    retriable = True
+
+
+class WaitTimeout(Unavailable):
+    code = "wait_timeout"
+    http_status = 504
+
+
+class InvariantViolation(WalshipError):
+    code = "invariant_violation"
+
+
+def invariant(condition: bool, message: str) -> None:
+    """Raise InvariantViolation when ``condition`` is false.
+
+    Used where a broken assumption would corrupt data (lsn order, term monotonicity); it stays
+    on in production.
+    """
+    if not condition:
+        raise InvariantViolation(message)
+
+
+_BY_CODE: dict[str, type[WalshipError]] = {}
+
+
+def _register(cls: type[WalshipError]) -> None:
+    _BY_CODE.setdefault(cls.code, cls)
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+_register(WalshipError)
+
+
+def error_class_for(code: str) -> type[WalshipError]:
+    """The error class for a wire/HTTP ``error`` code; WalshipError when the code is unknown."""
+    return _BY_CODE.get(code, WalshipError)

@@ -1,0 +1,51 @@
+"""Every bound walship enforces, in one place, with its unit last in the name.
+
+Crossing a limit gives ``LimitExceeded`` (or a protocol error that closes one connection),
+never a crash or an unbounded allocation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Named limits; one frozen instance is shared by a node."""
+
+    # event model
+    payload_bytes_max: int = 1 * MIB
+    metadata_bytes_max: int = 64 * KIB
+    tenant_id_chars_max: int = 64
+    entity_id_chars_max: int = 128
+    event_type_chars_max: int = 128
+    batch_events_max: int = 10_000
+    request_bytes_max: int = 32 * MIB
+
+    # queries
+    query_limit_default: int = 100
+    query_limit_max: int = 10_000
+    min_lsn_wait_ms_max: int = 30_000
+
+    # WAL
+    segment_bytes_max: int = 64 * MIB
+    record_bytes_max: int = 2 * MIB
+    group_commit_bytes_max: int = 8 * MIB
+    pending_appends_max: int = 100_000
+
+    # memtable and checkpoints
+    memtable_events_max: int = 100_000
+    memtable_bytes_max: int = 64 * MIB
+    checkpoint_interval_ms: int = 60_000
+    parquet_row_group_rows: int = 8_192
+
+    # replication
+    frame_bytes_max: int = 4 * MIB
+    heartbeat_interval_ms: int = 1_000
+    read_timeout_ms: int = 10_000
+
+
+DEFAULT_LIMITS = Limits()

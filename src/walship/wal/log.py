@@ -1,0 +1,628 @@
+"""The group-committing write-ahead log.
+
+``Wal.append`` assigns lsns under one lock, encodes records (CRC + chain) in lsn order and
+hands them to a single writer thread, which joins everything pending into one ``write`` and one
+``fdatasync`` (group commit). Each append gets a future that resolves once its records are as
+durable as the fsync policy makes them. Readers read records back from the segment files on
+disk, from any lsn; they only see records the writer has finished writing.
+
+An I/O error in the writer fails the WAL for good (the "fsyncgate" lesson: a failed fsync is
+never retried as if the data were safe); the node must be restarted, and recovery decides what
+the log holds.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from walship.errors import CorruptionError, InvalidInput, StorageFull, WalFailed, invariant
+from walship.limits import DEFAULT_LIMITS, Limits
+from walship.position import Lsn, Position, Term
+from walship.wal.record import (
+    GENESIS_CHAIN,
+    HEADER,
+    Record,
+    RecordIncomplete,
+    RecordInvalid,
+    decode_record,
+    encode_record,
+)
+from walship.wal.segment import (
+    SEGMENT_HEADER_BYTES,
+    SPARSE_INDEX_BYTES,
+    SegmentHeader,
+    SegmentScan,
+    create_segment,
+    list_segments,
+    scan_segment,
+)
+from walship.wal.terms import TermHistory
+
+
+class FsyncMode(Enum):
+    ALWAYS = "always"
+    INTERVAL = "interval"
+    NEVER = "never"
+
+
+@dataclass(frozen=True, slots=True)
+class FsyncPolicy:
+    """When the writer fsyncs: after every group commit, at most every ``interval_ms``, or never."""
+
+    mode: FsyncMode = FsyncMode.ALWAYS
+    interval_ms: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> FsyncPolicy:
+        """Parse ``always``, ``never`` or ``interval:MS``."""
+        if text == "always":
+            return cls(FsyncMode.ALWAYS)
+        if text == "never":
+            return cls(FsyncMode.NEVER)
+        kind, _, ms = text.partition(":")
+        if kind == "interval" and ms.isdigit() and int(ms) > 0:
+            return cls(FsyncMode.INTERVAL, int(ms))
+        raise InvalidInput(f"fsync policy must be always, never or interval:MS, not {text!r}")
+
+    def __str__(self) -> str:
+        if self.mode is FsyncMode.INTERVAL:
+            return f"interval:{self.interval_ms}"
+        return str(self.mode.value)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOutcome:
+    """What the writer did for a group: up to ``lsn`` written, and whether it was fsynced."""
+
+    lsn: int
+    synced: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Lsns assigned to one append, and the future of their group commit."""
+
+    first_lsn: Lsn
+    last_lsn: Lsn
+    term: Term
+    chains: list[bytes]
+    done: Future[WriteOutcome]
+
+
+@dataclass(frozen=True, slots=True)
+class WalStatus:
+    last_lsn: int
+    last_term: int
+    written_lsn: int
+    synced_lsn: int
+    segments: int
+    bytes: int
+    failed: str | None
+
+
+@dataclass(slots=True)
+class _Segment:
+    first_lsn: int
+    path: Path
+    bytes: int
+    sparse_index: list[tuple[int, int]]  # (lsn, offset) every ~256 KiB, for readers
+
+
+WalListener = Callable[[int], None]
+"""Called from the writer thread with the new written lsn after each group commit."""
+
+
+class Wal:
+    """A directory of segments with one writer thread. Thread-safe."""
+
+    def __init__(
+        self,
+        directory: Path,
+        terms: TermHistory,
+        segments: list[_Segment],
+        last: SegmentScan | None,
+        fsync: FsyncPolicy,
+        limits: Limits,
+        on_commit: Callable[[int, int, float], None] | None,
+    ) -> None:
+        self.directory = directory
+        self.terms = terms
+        self.fsync = fsync
+        self.limits = limits
+        self._segments = segments
+        self._on_commit = on_commit  # (records, bytes, fsync_seconds) for metrics
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._space = threading.Condition(self._lock)
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._pending_future: Future[WriteOutcome] = Future()
+        self._listeners: list[WalListener] = []
+        self._failed: WalFailed | StorageFull | None = None
+        self._closing = False
+        if last is not None:
+            self._last_lsn = last.last_lsn
+            self._last_term = last.last_term
+            self._last_chain = last.last_chain
+        else:
+            self._last_lsn, self._last_term, self._last_chain = 0, 0, GENESIS_CHAIN
+        self._written_lsn = self._last_lsn
+        self._synced_lsn = self._last_lsn
+        self._last_sync = time.monotonic()
+        active = self._segments[-1]
+        self._fd = os.open(active.path, os.O_WRONLY | os.O_APPEND)
+        self._writer = threading.Thread(
+            target=self._run_writer, name="walship-wal-writer", daemon=True
+        )
+        self._writer.start()
+
+    # ------------------------------------------------------------------ opening and recovery
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        *,
+        fsync: FsyncPolicy | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        start: tuple[int, int, bytes] | None = None,
+        on_record: Callable[[Record], None] | None = None,
+        on_commit: Callable[[int, int, float], None] | None = None,
+    ) -> Wal:
+        """Open (creating if empty) and recover the WAL in ``directory``.
+
+        Every record is verified (CRC, lsn continuity, chain). A torn tail of the last segment
+        is truncated away; damage anywhere else raises CorruptionError naming file and offset.
+        ``start = (last_lsn, last_term, chain)`` is where a new, empty WAL begins (after a
+        snapshot); the default is the beginning of history. ``on_record`` sees each record in
+        order during recovery.
+        """
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.wal.tmp"):
+            stale.unlink()
+        terms = TermHistory.load(directory)
+        found = list_segments(directory)
+        body_max = limits.record_bytes_max
+        if not found:
+            last_lsn, last_term, chain = start if start is not None else (0, 0, GENESIS_CHAIN)
+            create_segment(directory, SegmentHeader(last_lsn + 1, last_term, chain))
+            found = list_segments(directory)
+        segments: list[_Segment] = []
+        scan: SegmentScan | None = None
+        for i, (_, path) in enumerate(found):
+            scan = scan_segment(
+                path,
+                expected_first_lsn=None if scan is None else scan.last_lsn + 1,
+                expected_prev_chain=None if scan is None else scan.last_chain,
+                is_last=i == len(found) - 1,
+                body_bytes_max=body_max,
+                on_record=on_record,
+            )
+            if scan.torn_tail is not None:
+                _truncate(path, scan.valid_bytes)
+            segments.append(
+                _Segment(scan.header.first_lsn, path, scan.valid_bytes, scan.sparse_index)
+            )
+        assert scan is not None
+        for seg_a, seg_b in itertools.pairwise(segments):
+            if seg_a.bytes == SEGMENT_HEADER_BYTES and seg_a.first_lsn != seg_b.first_lsn:
+                raise CorruptionError(f"{seg_a.path}: empty segment in the middle of the log")
+        if scan.last_term > terms.current.value:
+            raise CorruptionError(
+                f"{directory}: records of term {scan.last_term} but the term history ends at "
+                f"{terms.current.value}"
+            )
+        wal = cls(directory, terms, segments, scan, fsync or FsyncPolicy(), limits, on_commit)
+        wal.torn_tail = scan.torn_tail
+        return wal
+
+    torn_tail: str | None = None
+    """Set after ``open`` when recovery truncated a torn tail (for logs and tests)."""
+
+    # ------------------------------------------------------------------ appending
+
+    @property
+    def last_position(self) -> Position:
+        with self._lock:
+            return Position(Term(self._last_term), Lsn(self._last_lsn))
+
+    @property
+    def last_chain(self) -> bytes:
+        with self._lock:
+            return self._last_chain
+
+    @property
+    def written_lsn(self) -> Lsn:
+        return Lsn(self._written_lsn)
+
+    @property
+    def synced_lsn(self) -> Lsn:
+        return Lsn(self._synced_lsn)
+
+    @property
+    def failed(self) -> WalFailed | StorageFull | None:
+        return self._failed
+
+    def begin_term(self, term: Term) -> None:
+        """Start writing records of ``term`` from the next lsn (persisted first)."""
+        with self._lock:
+            self.terms.start(term, Lsn(self._last_lsn + 1))
+
+    def append(
+        self, bodies: Sequence[bytes], *, lock_held: Callable[[AppendResult], None] | None = None
+    ) -> AppendResult:
+        """Assign the next lsns to ``bodies`` (in order) and queue them for group commit.
+
+        ``lock_held`` runs with the WAL lock still held, so a caller can publish the lsns in
+        the same order they were assigned. Raises WalFailed once the WAL has failed, and
+        LimitExceeded-like InvalidInput for an oversized body.
+        """
+        term = self.terms.current.value
+        invariant(term > 0, "no term started: begin_term must run before the first append")
+        with self._lock:
+            self._wait_for_space()
+            first = self._last_lsn + 1
+            chain = self._last_chain
+            chains: list[bytes] = []
+            pending = self._pending
+            added = 0
+            for i, body in enumerate(bodies):
+                if len(body) > self.limits.record_bytes_max:
+                    raise InvalidInput(f"record of {len(body)} bytes exceeds the WAL record limit")
+                raw, chain = encode_record(first + i, term, chain, body)
+                pending.append(raw)
+                added += len(raw)
+                chains.append(chain)
+            self._pending_bytes += added
+            self._last_lsn = first + len(bodies) - 1
+            self._last_term = term
+            self._last_chain = chain
+            result = AppendResult(
+                Lsn(first), Lsn(self._last_lsn), Term(term), chains, self._pending_future
+            )
+            if lock_held is not None:
+                lock_held(result)
+            self._wake.notify()
+        return result
+
+    def append_records(self, records: Sequence[Record]) -> Future[WriteOutcome]:
+        """Append records exactly as another node wrote them (a follower's path).
+
+        Each must continue this log: next lsn, non-decreasing term, chain that follows.
+        Raises CorruptionError (and appends nothing) otherwise.
+        """
+        with self._lock:
+            self._wait_for_space()
+            lsn, term, chain = self._last_lsn, self._last_term, self._last_chain
+            for rec in records:
+                if rec.lsn != lsn + 1 or rec.term < term or not rec.verify_chain(chain):
+                    raise CorruptionError(
+                        f"record lsn {rec.lsn} term {rec.term} does not continue the log at "
+                        f"lsn {lsn} term {term}"
+                    )
+                lsn, term, chain = rec.lsn, rec.term, rec.chain
+            for rec in records:
+                self._pending.append(rec.raw)
+                self._pending_bytes += len(rec.raw)
+            self._last_lsn, self._last_term, self._last_chain = lsn, term, chain
+            self._wake.notify()
+            return self._pending_future
+
+    def _wait_for_space(self) -> None:
+        """Backpressure: block while too much is pending; raise if the WAL has failed."""
+        deadline = time.monotonic() + 30
+        while True:
+            if self._failed is not None:
+                raise self._failed
+            if self._closing:
+                raise WalFailed("the WAL is closed")
+            if len(self._pending) < self.limits.pending_appends_max:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WalFailed("the WAL writer made no progress for 30 s")
+            self._space.wait(remaining)
+
+    def sync(self) -> int:
+        """Write and fsync everything appended so far; returns the synced lsn."""
+        with self._lock:
+            fut = self._pending_future
+            has_pending = bool(self._pending)
+            target = self._last_lsn
+        if has_pending:
+            fut.result()
+        with self._lock:
+            if self._failed is not None:
+                raise self._failed
+            if self._synced_lsn < target or self.fsync.mode is not FsyncMode.ALWAYS:
+                os.fdatasync(self._fd)
+                self._synced_lsn = max(self._synced_lsn, self._written_lsn)
+            return self._synced_lsn
+
+    def add_listener(self, listener: WalListener) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: WalListener) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    # ------------------------------------------------------------------ the writer thread
+
+    def _run_writer(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._closing:
+                    timeout = self._idle_timeout()
+                    self._wake.wait(timeout)
+                    if timeout is not None and not self._pending:
+                        self._maybe_interval_sync_locked()
+                if not self._pending and self._closing:
+                    return
+                batch, future = self._pending, self._pending_future
+                nbytes = self._pending_bytes
+                self._pending, self._pending_bytes = [], 0
+                self._pending_future = Future()
+                self._space.notify_all()
+            try:
+                outcome, fsync_s = self._write_batch(batch)
+            except OSError as exc:
+                err = _storage_error(exc, self.directory)
+                with self._lock:
+                    self._failed = err
+                    pending_future = self._pending_future
+                    self._space.notify_all()
+                future.set_exception(err)
+                pending_future.set_exception(err)
+                return
+            future.set_result(outcome)
+            if self._on_commit is not None:
+                self._on_commit(len(batch), nbytes, fsync_s)
+            for listener in list(self._listeners):
+                try:
+                    listener(outcome.lsn)
+                except Exception:
+                    pass
+
+    def _idle_timeout(self) -> float | None:
+        if self.fsync.mode is FsyncMode.INTERVAL and self._synced_lsn < self._written_lsn:
+            return self.fsync.interval_ms / 1000
+        return None
+
+    def _maybe_interval_sync_locked(self) -> None:
+        if self._synced_lsn < self._written_lsn and self._failed is None:
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                self._failed = _storage_error(exc, self.directory)
+                return
+            self._synced_lsn = self._written_lsn
+            self._last_sync = time.monotonic()
+
+    def _write_batch(self, batch: list[bytes]) -> tuple[WriteOutcome, float]:
+        """Write a group to the active segment(s), rolling over as needed, then fsync per policy."""
+        seg_max = self.limits.segment_bytes_max
+        i = 0
+        fsync_s = 0.0
+        while i < len(batch):
+            active = self._segments[-1]
+            room = seg_max - active.bytes
+            j = i
+            size = 0
+            while j < len(batch) and (
+                size + len(batch[j]) <= room or (j == i and active.bytes == SEGMENT_HEADER_BYTES)
+            ):
+                size += len(batch[j])
+                j += 1
+            if j == i:
+                fsync_s += self._roll_segment(batch[i])
+                continue
+            self._write_all(b"".join(batch[i:j]) if j - i > 1 else batch[i], active, batch[i:j])
+            i = j
+        last_lsn = HEADER.unpack_from(batch[-1], 0)[2]
+        synced = False
+        if self.fsync.mode is FsyncMode.ALWAYS or (
+            self.fsync.mode is FsyncMode.INTERVAL
+            and (time.monotonic() - self._last_sync) * 1000 >= self.fsync.interval_ms
+        ):
+            t0 = time.perf_counter()
+            os.fdatasync(self._fd)
+            fsync_s += time.perf_counter() - t0
+            self._last_sync = time.monotonic()
+            synced = True
+        with self._lock:
+            self._written_lsn = last_lsn
+            if synced:
+                self._synced_lsn = last_lsn
+        return WriteOutcome(last_lsn, synced or self._synced_lsn >= last_lsn), fsync_s
+
+    def _write_all(self, data: bytes, active: _Segment, records: list[bytes]) -> None:
+        offset = active.bytes
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        # sparse index for readers, one entry every ~256 KiB
+        last_indexed = active.sparse_index[-1][1] if active.sparse_index else -SPARSE_INDEX_BYTES
+        pos = offset
+        for raw in records:
+            if pos - last_indexed >= SPARSE_INDEX_BYTES:
+                lsn = HEADER.unpack_from(raw, 0)[2]
+                active.sparse_index.append((lsn, pos))
+                last_indexed = pos
+            pos += len(raw)
+        active.bytes = pos
+
+    def _roll_segment(self, next_record: bytes) -> float:
+        """Close the active segment (fsynced) and start a new one before ``next_record``."""
+        t0 = time.perf_counter()
+        os.fdatasync(self._fd)
+        elapsed = time.perf_counter() - t0
+        _, _, lsn, _, _ = HEADER.unpack_from(next_record, 0)
+        prev = self._record_before(lsn)
+        path = create_segment(self.directory, SegmentHeader(lsn, prev[0], prev[1]))
+        os.close(self._fd)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        with self._lock:
+            self._segments.append(_Segment(lsn, path, SEGMENT_HEADER_BYTES, []))
+        return elapsed
+
+    def _record_before(self, lsn: int) -> tuple[int, bytes]:
+        """(term, chain) of record ``lsn - 1``, read back from the active segment's tail."""
+        for rec in self._iter_segment(self._segments[-1], lsn - 1):
+            if rec.lsn == lsn - 1:
+                return rec.term, rec.chain
+        header = self._read_header(self._segments[-1])
+        return header.prev_term, header.prev_chain
+
+    # ------------------------------------------------------------------ reading
+
+    def first_lsn(self) -> Lsn:
+        """The lowest lsn still held in the WAL (may be one past the end when it is empty)."""
+        with self._lock:
+            return Lsn(self._segments[0].first_lsn)
+
+    def segment_infos(self) -> list[tuple[int, Path, int]]:
+        """``(first_lsn, path, bytes)`` of each segment, oldest first."""
+        with self._lock:
+            return [(s.first_lsn, s.path, s.bytes) for s in self._segments]
+
+    def read_from(self, lsn: Lsn | int, *, max_bytes: int | None = None) -> Iterator[Record]:
+        """Records from ``lsn`` up to what the writer has written, verified, in order.
+
+        Raises InvalidInput when ``lsn`` is older than the oldest retained segment. Stops after
+        ``max_bytes`` of records (at least one record is returned when any is available).
+        """
+        start = int(lsn)
+        with self._lock:
+            segments = list(self._segments)
+            limit = self._written_lsn
+        if start < segments[0].first_lsn:
+            raise InvalidInput(
+                f"lsn {start} is no longer in the WAL (oldest retained is {segments[0].first_lsn})"
+            )
+        firsts = [s.first_lsn for s in segments]
+        idx = max(bisect.bisect_right(firsts, start) - 1, 0)
+        total = 0
+        for seg in segments[idx:]:
+            for rec in self._iter_segment(seg, start):
+                if rec.lsn > limit:
+                    return
+                if rec.lsn < start:
+                    continue
+                yield rec
+                total += len(rec.raw)
+                if max_bytes is not None and total >= max_bytes:
+                    return
+
+    def _iter_segment(self, seg: _Segment, from_lsn: int) -> Iterator[Record]:
+        offset = SEGMENT_HEADER_BYTES
+        if seg.sparse_index:
+            lsns = [entry[0] for entry in seg.sparse_index]
+            k = bisect.bisect_right(lsns, from_lsn) - 1
+            if k >= 0:
+                offset = seg.sparse_index[k][1]
+        with open(seg.path, "rb") as f:
+            f.seek(offset)
+            data = f.read(max(seg.bytes - offset, 0))
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
+            try:
+                rec = decode_record(view, pos, self.limits.record_bytes_max)
+            except (RecordIncomplete, RecordInvalid) as exc:
+                raise CorruptionError(
+                    f"{seg.path} at offset {offset + pos}: {exc}",
+                    file=str(seg.path),
+                    offset=offset + pos,
+                ) from exc
+            yield rec
+            pos += len(rec.raw)
+
+    @staticmethod
+    def _read_header(seg: _Segment) -> SegmentHeader:
+        with open(seg.path, "rb") as f:
+            return SegmentHeader.decode(f.read(SEGMENT_HEADER_BYTES), seg.path)
+
+    # ------------------------------------------------------------------ retention
+
+    def remove_segments_through(self, lsn: Lsn) -> list[Path]:
+        """Delete segments whose every record is at or below ``lsn``; never the active one.
+
+        The caller decides ``lsn`` (checkpointed and released by every retention slot).
+        Returns the removed paths.
+        """
+        removed: list[Path] = []
+        with self._lock:
+            while len(self._segments) > 1 and self._segments[1].first_lsn - 1 <= int(lsn):
+                removed.append(self._segments.pop(0).path)
+        for path in removed:
+            path.unlink(missing_ok=True)
+        if removed:
+            from walship.fsutil import fsync_dir
+
+            fsync_dir(self.directory)
+        return removed
+
+    def status(self) -> WalStatus:
+        with self._lock:
+            return WalStatus(
+                last_lsn=self._last_lsn,
+                last_term=self._last_term,
+                written_lsn=self._written_lsn,
+                synced_lsn=self._synced_lsn,
+                segments=len(self._segments),
+                bytes=sum(s.bytes for s in self._segments),
+                failed=None if self._failed is None else self._failed.message,
+            )
+
+    def close(self) -> None:
+        """Write and fsync what is pending, stop the writer, close the file. Idempotent."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._wake.notify_all()
+        self._writer.join()
+        with self._lock:
+            if self._failed is None:
+                try:
+                    os.fdatasync(self._fd)
+                    self._synced_lsn = self._written_lsn
+                except OSError:
+                    pass
+            os.close(self._fd)
+            pending = self._pending_future
+        if not pending.done():
+            pending.set_exception(WalFailed("the WAL was closed"))
+
+    def __repr__(self) -> str:
+        state = "FAILED" if self._failed else ("CLOSED" if self._closing else "OPEN")
+        return f"<Wal {self.directory} {state} last={self._last_term}/{self._last_lsn:016x}>"
+
+
+def _truncate(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _storage_error(exc: OSError, directory: Path) -> WalFailed | StorageFull:
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return StorageFull(f"no space left for the WAL in {directory}; writes are stopped")
+    return WalFailed(f"WAL I/O error in {directory}: {exc}; restart the node to recover")
