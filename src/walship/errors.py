@@ -4,6 +4,7 @@
 
     WalshipError                    every error walship raises on purpose
     ├── InvalidInput                a request, event, frame or argument is malformed (4xx)
+    │   ├── MalformedJson           the body is not JSON at all
     │   ├── ValidationError         an event field breaks a rule of the event model
     │   ├── LimitExceeded           a size or count crosses a named limit in ``limits.py``
     │   └── NotFound                the thing asked for does not exist
@@ -52,6 +53,10 @@ class WalshipError(Exception):
 class InvalidInput(WalshipError):
     code = "invalid_request"
     http_status = 400
+
+
+class MalformedJson(InvalidInput):
+    code = "malformed_json"
 
 
 class ValidationError(InvalidInput):

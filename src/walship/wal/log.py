@@ -332,6 +332,15 @@ class Wal:
                 raise WalFailed("the WAL writer made no progress for 30 s")
             self._space.wait(remaining)
 
+    def append_future(self) -> Future[WriteOutcome]:
+        """A future that resolves once everything appended so far has been written."""
+        with self._lock:
+            if self._pending:
+                return self._pending_future
+            done: Future[WriteOutcome] = Future()
+            done.set_result(WriteOutcome(self._written_lsn, self._synced_lsn >= self._written_lsn))
+            return done
+
     def sync(self) -> int:
         """Write and fsync everything appended so far; returns the synced lsn."""
         with self._lock:

@@ -1,0 +1,269 @@
+"""The event model: what a client sends, what is stored in the WAL body, what is returned.
+
+A client sends ``EventIn`` (JSON). The server validates it, sets ``timestamp`` and ``version``,
+and stores an ``EventBody`` (msgpack, the WAL record body). With the record's lsn and term it
+becomes a ``StoredEvent`` in the memtable, and ``EventOut`` on the way back out.
+
+Payload and metadata stay JSON text end to end (``msgspec.Raw``): they are checked for syntax
+and size but never re-encoded, which is also how the Parquet files hold them.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from datetime import UTC, datetime
+
+import msgspec
+
+from walship.errors import LimitExceeded, MalformedJson, ValidationError
+from walship.limits import Limits
+
+SYSTEM_PREFIX = "_system."
+_TENANT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_TYPE_RE = re.compile(r"[a-z0-9._]{1,128}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_JSON_WS = b" \t\r\n"
+
+
+class EventIn(msgspec.Struct, forbid_unknown_fields=True):
+    """One event as a client sends it."""
+
+    entity_id: str
+    event_type: str
+    payload: msgspec.Raw
+    tenant_id: str = "default"
+    metadata: msgspec.Raw | None = None
+    id: uuid.UUID | None = None
+    expected_version: int | None = None
+
+
+class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
+    """A batch: stored all together or not at all."""
+
+    events: list[EventIn]
+
+
+class EventBody(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """The WAL record body of an event (msgpack)."""
+
+    id: bytes
+    tenant_id: str
+    entity_id: str
+    event_type: str
+    timestamp_us: int
+    version: int
+    payload: bytes
+    metadata: bytes | None
+
+
+class StoredEvent(msgspec.Struct, gc=False, frozen=True):
+    """An event with its place in the log, as held in the memtable."""
+
+    lsn: int
+    term: int
+    id: bytes
+    tenant_id: str
+    entity_id: str
+    event_type: str
+    timestamp_us: int
+    version: int
+    payload: bytes
+    metadata: bytes | None
+
+    @property
+    def event_id(self) -> uuid.UUID:
+        return uuid.UUID(bytes=self.id)
+
+    def size_bytes(self) -> int:
+        """Approximate memory held by this event (for memtable accounting)."""
+        meta = len(self.metadata) if self.metadata else 0
+        return 200 + len(self.payload) + meta + len(self.entity_id) + len(self.event_type)
+
+
+class EventOut(msgspec.Struct):
+    """An event as the API returns it: every model field plus ``lsn`` and ``term``."""
+
+    id: str
+    tenant_id: str
+    entity_id: str
+    event_type: str
+    payload: msgspec.Raw
+    metadata: msgspec.Raw | None
+    timestamp: str
+    version: int
+    lsn: int
+    term: int
+
+
+_body_encoder = msgspec.msgpack.Encoder()
+_body_decoder = msgspec.msgpack.Decoder(EventBody)
+
+
+def encode_body(body: EventBody) -> bytes:
+    return _body_encoder.encode(body)
+
+
+def decode_body(data: bytes) -> EventBody:
+    return _body_decoder.decode(data)
+
+
+def stored_from_body(lsn: int, term: int, body: EventBody) -> StoredEvent:
+    return StoredEvent(
+        lsn,
+        term,
+        body.id,
+        body.tenant_id,
+        body.entity_id,
+        body.event_type,
+        body.timestamp_us,
+        body.version,
+        body.payload,
+        body.metadata,
+    )
+
+
+def to_out(ev: StoredEvent) -> EventOut:
+    return EventOut(
+        id=str(uuid.UUID(bytes=ev.id)),
+        tenant_id=ev.tenant_id,
+        entity_id=ev.entity_id,
+        event_type=ev.event_type,
+        payload=msgspec.Raw(ev.payload),
+        metadata=None if ev.metadata is None else msgspec.Raw(ev.metadata),
+        timestamp=format_timestamp(ev.timestamp_us),
+        version=ev.version,
+        lsn=ev.lsn,
+        term=ev.term,
+    )
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def format_timestamp(us: int) -> str:
+    """RFC 3339 UTC with microseconds, e.g. ``2026-11-26T09:00:00.123456Z``."""
+    secs, micros = divmod(us, 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{micros:06d}Z"
+
+
+def parse_timestamp(text: str, field: str = "time") -> int:
+    """Parse an RFC 3339 / ISO 8601 time (naive means UTC) to microseconds since the epoch."""
+    cleaned = text.strip().replace("Z", "+00:00")
+    if " " in cleaned and "T" in cleaned:
+        # a '+' in a query string arrives as a space: "...T10:00:00 02:00"
+        cleaned = cleaned.replace(" ", "+")
+    try:
+        dt = datetime.fromisoformat(cleaned)
+    except ValueError as exc:
+        raise ValidationError(f"not an ISO 8601 time: {text!r}", field=field) from exc
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1_000_000)
+
+
+def validate_tenant_id(tenant_id: str) -> str:
+    if not _TENANT_RE.fullmatch(tenant_id):
+        raise ValidationError(
+            "tenant_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'", field="tenant_id"
+        )
+    return tenant_id
+
+
+def validate_entity_id(entity_id: str, limits: Limits) -> str:
+    if not entity_id or len(entity_id) > limits.entity_id_chars_max:
+        raise ValidationError(
+            f"entity_id must be 1-{limits.entity_id_chars_max} characters", field="entity_id"
+        )
+    if not entity_id.strip():
+        raise ValidationError("entity_id must not be blank", field="entity_id")
+    if _CONTROL_RE.search(entity_id):
+        raise ValidationError("entity_id must not contain control characters", field="entity_id")
+    return entity_id
+
+
+def validate_event_type(event_type: str, limits: Limits, *, system: bool = False) -> str:
+    if len(event_type) > limits.event_type_chars_max or not _TYPE_RE.fullmatch(event_type):
+        raise ValidationError(
+            f"event_type must be 1-{limits.event_type_chars_max} characters "
+            "of a-z, 0-9, '.' or '_'",
+            field="event_type",
+        )
+    if event_type.startswith(".") or event_type.endswith(".") or ".." in event_type:
+        raise ValidationError(
+            "event_type must not start or end with '.' or contain '..'", field="event_type"
+        )
+    if event_type.startswith(SYSTEM_PREFIX) and not system:
+        raise ValidationError(
+            f"event types starting with {SYSTEM_PREFIX!r} are reserved", field="event_type"
+        )
+    return event_type
+
+
+def _first_json_byte(raw: bytes) -> int:
+    stripped = raw.lstrip(_JSON_WS)
+    return stripped[0] if stripped else 0
+
+
+def prepare(ev: EventIn, limits: Limits) -> tuple[bytes, str, str, str, bytes, bytes | None]:
+    """Validate one incoming event.
+
+    Returns ``(id_bytes, tenant_id, entity_id, event_type, payload, metadata)`` with the id
+    generated when the client gave none. Raises ValidationError / LimitExceeded naming the field.
+    """
+    validate_tenant_id(ev.tenant_id)
+    validate_entity_id(ev.entity_id, limits)
+    validate_event_type(ev.event_type, limits)
+    payload = bytes(ev.payload)
+    if len(payload) > limits.payload_bytes_max:
+        raise LimitExceeded(
+            f"payload is {len(payload)} bytes; the limit is {limits.payload_bytes_max}",
+            field="payload",
+            limit=limits.payload_bytes_max,
+        )
+    metadata: bytes | None = None
+    if ev.metadata is not None:
+        metadata = bytes(ev.metadata)
+        first = _first_json_byte(metadata)
+        if first == ord("n"):
+            metadata = None
+        elif first != ord("{"):
+            raise ValidationError("metadata must be a JSON object or null", field="metadata")
+        elif len(metadata) > limits.metadata_bytes_max:
+            raise LimitExceeded(
+                f"metadata is {len(metadata)} bytes; the limit is {limits.metadata_bytes_max}",
+                field="metadata",
+                limit=limits.metadata_bytes_max,
+            )
+    if ev.expected_version is not None and ev.expected_version < 0:
+        raise ValidationError("expected_version must be >= 0", field="expected_version")
+    event_id = ev.id.bytes if ev.id is not None else uuid.uuid4().bytes
+    return event_id, ev.tenant_id, ev.entity_id, ev.event_type, payload, metadata
+
+
+_json_decoder_event = msgspec.json.Decoder(EventIn)
+_json_decoder_batch = msgspec.json.Decoder(BatchIn)
+
+
+def _decode_error(exc: msgspec.DecodeError) -> ValidationError | MalformedJson:
+    text = str(exc)
+    if text.startswith(("JSON is malformed", "Input data was truncated")):
+        return MalformedJson(f"malformed JSON: {text}")
+    return ValidationError(text)
+
+
+def decode_event_json(data: bytes) -> EventIn:
+    """Decode one event from JSON; ValidationError with a clear message on any defect."""
+    try:
+        return _json_decoder_event.decode(data)
+    except msgspec.DecodeError as exc:
+        raise _decode_error(exc) from exc
+
+
+def decode_batch_json(data: bytes) -> BatchIn:
+    try:
+        return _json_decoder_batch.decode(data)
+    except msgspec.DecodeError as exc:
+        raise _decode_error(exc) from exc

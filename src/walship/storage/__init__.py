@@ -1,0 +1,1 @@
+"""Event storage above the WAL: the memtable, immutable Parquet parts and their manifest."""

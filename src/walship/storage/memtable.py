@@ -1,0 +1,79 @@
+"""Recent events in memory, in lsn order, with indexes by entity, type, tenant and id.
+
+A memtable only grows until a checkpoint freezes it; then it is written to one Parquet part and
+dropped. Readers pass the highest lsn they may see (the WAL's durable end), so events appended
+but not yet durable are never returned.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+
+from walship.events import StoredEvent
+from walship.storage.query import QueryFilter, entity_key
+
+
+def _lsn(ev: StoredEvent) -> int:
+    return ev.lsn
+
+
+class Memtable:
+    """Events of one lsn range with their indexes. Not thread-safe: the store locks around it."""
+
+    def __init__(self) -> None:
+        self.events: list[StoredEvent] = []
+        self.by_entity: dict[str, list[StoredEvent]] = {}
+        self.by_type: dict[str, list[StoredEvent]] = {}
+        self.by_tenant: dict[str, list[StoredEvent]] = {}
+        self.by_id: dict[bytes, StoredEvent] = {}
+        self.bytes = 0
+        self.created_us = 0
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    @property
+    def first_lsn(self) -> int | None:
+        return self.events[0].lsn if self.events else None
+
+    @property
+    def last_lsn(self) -> int | None:
+        return self.events[-1].lsn if self.events else None
+
+    def add(self, ev: StoredEvent) -> None:
+        self.events.append(ev)
+        self.by_entity.setdefault(entity_key(ev.tenant_id, ev.entity_id), []).append(ev)
+        self.by_type.setdefault(ev.event_type, []).append(ev)
+        self.by_tenant.setdefault(ev.tenant_id, []).append(ev)
+        self.by_id[ev.id] = ev
+        self.bytes += ev.size_bytes()
+
+    def add_all(self, events: Iterable[StoredEvent]) -> None:
+        for ev in events:
+            self.add(ev)
+
+    def select(self, flt: QueryFilter, visible_lsn: int, limit: int) -> list[StoredEvent]:
+        """Up to ``limit`` matching events with lsn <= ``visible_lsn``, in lsn order."""
+        if flt.entity_id is not None:
+            # the store always names the tenant with an entity (default "default")
+            candidates = self.by_entity.get(entity_key(flt.tenant_id or "default", flt.entity_id))
+        elif flt.event_type is not None:
+            candidates = self.by_type.get(flt.event_type)
+        elif flt.tenant_id is not None:
+            candidates = self.by_tenant.get(flt.tenant_id)
+        else:
+            candidates = self.events
+        if not candidates:
+            return []
+        start = bisect.bisect_left(candidates, flt.from_lsn, key=_lsn)
+        out: list[StoredEvent] = []
+        for i in range(start, len(candidates)):
+            ev = candidates[i]
+            if ev.lsn > visible_lsn or (flt.to_lsn is not None and ev.lsn > flt.to_lsn):
+                break
+            if flt.matches(ev):
+                out.append(ev)
+                if len(out) >= limit:
+                    break
+        return out

@@ -1,0 +1,275 @@
+"""Immutable Parquet parts: the checkpointed history, readable by DuckDB, Polars and Spark.
+
+A part holds the events of one lsn range, named ``{first:016x}-{last:016x}.parquet``. Rows are
+sorted by (tenant_id, entity_id, lsn) in row groups of ``parquet_row_group_rows``, and the
+manifest keeps each row group's first and last entity key, so a query by entity reads one or
+two row groups per part without trusting writer statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from walship.errors import CorruptionError
+from walship.events import StoredEvent
+from walship.fsutil import fsync_dir
+from walship.storage.query import QueryFilter, entity_key
+
+SCHEMA = pa.schema(
+    [
+        pa.field("lsn", pa.int64(), nullable=False),
+        pa.field("term", pa.int64(), nullable=False),
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("tenant_id", pa.string(), nullable=False),
+        pa.field("entity_id", pa.string(), nullable=False),
+        pa.field("event_type", pa.string(), nullable=False),
+        pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("payload", pa.string(), nullable=False),
+        pa.field("metadata", pa.string(), nullable=True),
+        pa.field("version", pa.int64(), nullable=False),
+    ]
+)
+"""The documented schema: standard types only; payload and metadata are JSON text."""
+
+
+def part_name(first_lsn: int, last_lsn: int) -> str:
+    return f"{first_lsn:016x}-{last_lsn:016x}.parquet"
+
+
+class PartInfo(msgspec.Struct, frozen=True):
+    """One part as the manifest records it."""
+
+    file: str
+    first_lsn: int
+    last_lsn: int
+    events: int
+    bytes: int
+    sha256: str
+    min_ts_us: int
+    max_ts_us: int
+    row_groups: list[tuple[str, str]]  # (first entity key, last entity key) per row group
+
+
+def id_hash(event_id: bytes) -> int:
+    """The 64-bit key of an event id in the dedupe index (low half of the UUID)."""
+    return int.from_bytes(event_id[8:], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def write_part(
+    directory: Path, events: list[StoredEvent], first: int, last: int, row_group_rows: int
+) -> PartInfo:
+    """Write ``events`` (lsn order, within ``first..last``) as one part, durably."""
+    import uuid
+
+    rows = sorted(events, key=lambda e: (e.tenant_id, e.entity_id, e.lsn))
+    table = pa.table(
+        {
+            "lsn": pa.array([e.lsn for e in rows], pa.int64()),
+            "term": pa.array([e.term for e in rows], pa.int64()),
+            "id": pa.array([str(uuid.UUID(bytes=e.id)) for e in rows], pa.string()),
+            "tenant_id": pa.array([e.tenant_id for e in rows], pa.string()),
+            "entity_id": pa.array([e.entity_id for e in rows], pa.string()),
+            "event_type": pa.array([e.event_type for e in rows], pa.string()),
+            "timestamp": pa.array([e.timestamp_us for e in rows], pa.timestamp("us", tz="UTC")),
+            "payload": pa.array([e.payload for e in rows], pa.binary()).cast(pa.string()),
+            "metadata": pa.array([e.metadata for e in rows], pa.binary()).cast(pa.string()),
+            "version": pa.array([e.version for e in rows], pa.int64()),
+        },
+        schema=SCHEMA,
+    )
+    name = part_name(first, last)
+    path = directory / name
+    tmp = directory / (name + ".tmp")
+    pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd")
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    digest = _sha256(tmp)
+    os.replace(tmp, path)
+    fsync_dir(directory)
+    groups = []
+    for start in range(0, len(rows), row_group_rows):
+        a, b = rows[start], rows[min(start + row_group_rows, len(rows)) - 1]
+        groups.append((entity_key(a.tenant_id, a.entity_id), entity_key(b.tenant_id, b.entity_id)))
+    return PartInfo(
+        file=name,
+        first_lsn=first,
+        last_lsn=last,
+        events=len(rows),
+        bytes=path.stat().st_size,
+        sha256=digest,
+        min_ts_us=min(e.timestamp_us for e in events),
+        max_ts_us=max(e.timestamp_us for e in events),
+        row_groups=groups,
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class EntityVersions:
+    keys: list[str]
+    versions: list[int]
+
+
+class PartReader:
+    """Reads one part with pruning by lsn range, time range and entity row groups."""
+
+    def __init__(self, path: Path, info: PartInfo) -> None:
+        self.path = path
+        self.info = info
+        try:
+            self._file = pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise CorruptionError(f"cannot open checkpoint part {path}: {exc}") from exc
+        self._id_hashes: np.ndarray | None = None
+
+    def could_match(self, flt: QueryFilter, visible_lsn: int) -> bool:
+        info = self.info
+        return not (
+            info.last_lsn < flt.from_lsn
+            or info.first_lsn > visible_lsn
+            or (flt.to_lsn is not None and info.first_lsn > flt.to_lsn)
+            or (flt.since_us is not None and info.max_ts_us < flt.since_us)
+            or (flt.until_us is not None and info.min_ts_us >= flt.until_us)
+        )
+
+    def select(self, flt: QueryFilter, limit: int) -> list[StoredEvent]:
+        """Up to ``limit`` matching events of this part, in lsn order."""
+        if flt.entity_id is not None:
+            key = entity_key(flt.tenant_id or "default", flt.entity_id)
+            groups = [i for i, (lo, hi) in enumerate(self.info.row_groups) if lo <= key <= hi]
+            if not groups:
+                return []
+            table = self._file.read_row_groups(groups)
+            return _to_events(_filter(table, flt), limit)
+        keys = self._file.read(columns=["lsn", "tenant_id", "event_type", "timestamp"])
+        mask = _mask(keys, flt)
+        if mask is not None:
+            keys = keys.filter(mask)
+        if keys.num_rows == 0:
+            return []
+        wanted = np.sort(keys.column("lsn").to_numpy())[:limit]
+        table = self._rows_by_lsn(wanted)
+        return _to_events(table, limit)
+
+    def _rows_by_lsn(self, lsns: np.ndarray) -> pa.Table:
+        """Read only the row groups that hold ``lsns`` and keep those rows."""
+        lsn_col = self._file.read(columns=["lsn"]).column("lsn").to_numpy()
+        rows = np.nonzero(np.isin(lsn_col, lsns))[0]
+        group_rows = self._file.metadata.row_group(0).num_rows if self._file.num_row_groups else 1
+        groups = sorted({int(r) // group_rows for r in rows})
+        table = self._file.read_row_groups(groups)
+        return table.filter(pc.is_in(table.column("lsn"), pa.array(lsns)))
+
+    def read_all(self) -> pa.Table:
+        return self._file.read()
+
+    def entity_versions(self) -> pa.Table:
+        """(tenant_id, entity_id, version max) per entity in this part."""
+        t = self._file.read(columns=["tenant_id", "entity_id", "version"])
+        return t.group_by(["tenant_id", "entity_id"]).aggregate([("version", "max")])
+
+    def id_hashes(self) -> np.ndarray:
+        """Sorted 64-bit id keys of this part (loaded once, 8 bytes per event)."""
+        if self._id_hashes is None:
+            import uuid
+
+            ids = self._file.read(columns=["id"]).column("id").to_pylist()
+            arr = np.fromiter((id_hash(uuid.UUID(s).bytes) for s in ids), np.int64, len(ids))
+            arr.sort()
+            self._id_hashes = arr
+        return self._id_hashes
+
+    def set_id_hashes(self, arr: np.ndarray) -> None:
+        self._id_hashes = arr
+
+    def find_id(self, event_id: bytes) -> StoredEvent | None:
+        """The stored event with this id, or None; the hash index avoids most reads."""
+        import uuid
+
+        hashes = self.id_hashes()
+        h = id_hash(event_id)
+        i = int(np.searchsorted(hashes, h))
+        if i >= len(hashes) or hashes[i] != h:
+            return None
+        table = self._file.read()
+        hit = table.filter(pc.equal(table.column("id"), str(uuid.UUID(bytes=event_id))))
+        found = _to_events(hit, 1)
+        return found[0] if found else None
+
+
+def _mask(table: pa.Table, flt: QueryFilter) -> pa.ChunkedArray | None:
+    conds = []
+    col = table.column
+    if flt.from_lsn > 1:
+        conds.append(pc.greater_equal(col("lsn"), flt.from_lsn))
+    if flt.to_lsn is not None:
+        conds.append(pc.less_equal(col("lsn"), flt.to_lsn))
+    if flt.tenant_id is not None:
+        conds.append(pc.equal(col("tenant_id"), flt.tenant_id))
+    if flt.entity_id is not None and "entity_id" in table.column_names:
+        conds.append(pc.equal(col("entity_id"), flt.entity_id))
+    if flt.event_type is not None:
+        conds.append(pc.equal(col("event_type"), flt.event_type))
+    if flt.since_us is not None:
+        conds.append(pc.greater_equal(col("timestamp").cast(pa.int64()), flt.since_us))
+    if flt.until_us is not None:
+        conds.append(pc.less(col("timestamp").cast(pa.int64()), flt.until_us))
+    if not conds:
+        return None
+    mask = conds[0]
+    for c in conds[1:]:
+        mask = pc.and_(mask, c)
+    return mask
+
+
+def _filter(table: pa.Table, flt: QueryFilter) -> pa.Table:
+    if flt.entity_id is not None and flt.tenant_id is None:
+        flt = dataclasses.replace(flt, tenant_id="default")
+    mask = _mask(table, flt)
+    return table if mask is None else table.filter(mask)
+
+
+def _to_events(table: pa.Table, limit: int) -> list[StoredEvent]:
+    """Rows to StoredEvents in lsn order (at most ``limit``)."""
+    import uuid
+
+    if table.num_rows == 0:
+        return []
+    table = table.sort_by("lsn").slice(0, limit)
+    cols = {name: table.column(name).to_pylist() for name in SCHEMA.names if name != "timestamp"}
+    ts = table.column("timestamp").cast(pa.int64()).to_pylist()
+    out = []
+    for i in range(table.num_rows):
+        meta = cols["metadata"][i]
+        out.append(
+            StoredEvent(
+                cols["lsn"][i],
+                cols["term"][i],
+                uuid.UUID(cols["id"][i]).bytes,
+                cols["tenant_id"][i],
+                cols["entity_id"][i],
+                cols["event_type"][i],
+                ts[i],
+                cols["version"][i],
+                cols["payload"][i].encode(),
+                None if meta is None else meta.encode(),
+            )
+        )
+    return out

@@ -1,0 +1,36 @@
+"""The filter a query applies, shared by the memtable and the Parquet parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from walship.events import StoredEvent
+
+
+def entity_key(tenant_id: str, entity_id: str) -> str:
+    """One string per entity (tenant ids cannot contain NUL), cheap as a dict key."""
+    return f"{tenant_id}\x00{entity_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueryFilter:
+    """Conjunction of optional predicates; lsn bounds are inclusive, times in µs since epoch."""
+
+    tenant_id: str | None = None
+    entity_id: str | None = None
+    event_type: str | None = None
+    since_us: int | None = None
+    until_us: int | None = None
+    from_lsn: int = 1
+    to_lsn: int | None = None
+
+    def matches(self, ev: StoredEvent) -> bool:
+        return (
+            ev.lsn >= self.from_lsn
+            and (self.to_lsn is None or ev.lsn <= self.to_lsn)
+            and (self.entity_id is None or ev.entity_id == self.entity_id)
+            and (self.tenant_id is None or ev.tenant_id == self.tenant_id)
+            and (self.event_type is None or ev.event_type == self.event_type)
+            and (self.since_us is None or ev.timestamp_us >= self.since_us)
+            and (self.until_us is None or ev.timestamp_us < self.until_us)
+        )

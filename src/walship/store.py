@@ -1,0 +1,673 @@
+"""The event store of one node: appends through the WAL, reads from memtables and Parquet.
+
+Appends are validated outside any lock, then, under the store lock, checked against stored
+ids (idempotency) and entity versions (``expected_version``), given their versions and handed
+to the WAL in one call, which assigns their lsns. Events go into the active memtable at once
+but are only visible to readers once the WAL has written them (``visible_lsn``). A background
+thread checkpoints full or old memtables to Parquet parts and removes WAL segments that are
+checkpointed and released by the retention hook.
+
+Usable embedded::
+
+    store = Store.open(StoreConfig(Path("data")))
+    receipt = store.append(EventIn(entity_id="order-1", event_type="order.placed", payload=...))
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import orjson
+
+from walship.errors import (
+    InvalidInput,
+    Unavailable,
+    VersionConflict,
+    WaitTimeout,
+    WalFailed,
+    invariant,
+)
+from walship.events import (
+    SYSTEM_PREFIX,
+    EventBody,
+    EventIn,
+    StoredEvent,
+    decode_body,
+    encode_body,
+    format_timestamp,
+    now_us,
+    prepare,
+    stored_from_body,
+)
+from walship.limits import DEFAULT_LIMITS, Limits
+from walship.metrics import StoreMetrics
+from walship.position import Lsn, Position, Term
+from walship.storage.manifest import CheckpointManifest, load_manifest, save_manifest
+from walship.storage.memtable import Memtable
+from walship.storage.parquet import PartInfo, PartReader, id_hash, write_part
+from walship.storage.query import QueryFilter, entity_key
+from walship.wal import FsyncPolicy, Record, Wal
+from walship.wal.log import WriteOutcome
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where and how a store keeps its data."""
+
+    data_dir: Path
+    node_id: str = "walship-1"
+    fsync: FsyncPolicy = field(default_factory=FsyncPolicy)
+    limits: Limits = DEFAULT_LIMITS
+    checkpoints: bool = True
+
+
+class Receipt(msgspec.Struct):
+    """The answer to a write: where it is in the log and how durable it is."""
+
+    event_id: str
+    lsn: int
+    term: int
+    version: int
+    timestamp: str
+    durability: str = "local"
+    duplicate: bool = False
+
+
+class QueryResult(msgspec.Struct):
+    events: list[StoredEvent]
+    next_cursor: str | None
+
+
+@dataclass
+class PendingAppend:
+    """Receipts of an append whose records are queued in the WAL; ``done`` resolves on write."""
+
+    receipts: list[Receipt]
+    done: Future[WriteOutcome] | None
+    last_lsn: int
+    waits_on: list[Future[WriteOutcome]] = field(default_factory=list)
+
+    def finish(self, outcome: WriteOutcome | None) -> list[Receipt]:
+        """Receipts with durability set from the WAL outcome (``local`` only when fsynced)."""
+        if outcome is not None and not outcome.synced:
+            for r in self.receipts:
+                r.durability = "buffered"
+        return self.receipts
+
+
+@dataclass(frozen=True)
+class EntityState:
+    tenant_id: str
+    entity_id: str
+    version: int
+    state: Any
+    last_lsn: int
+    updated: str | None
+    events: int
+
+
+class Store:
+    """A node's events. Thread-safe; ``append`` blocks, ``submit`` does not."""
+
+    def __init__(self, config: StoreConfig, metrics: StoreMetrics | None) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.metrics = metrics or StoreMetrics()
+        self.data_dir = config.data_dir
+        self.wal_dir = config.data_dir / "wal"
+        self.checkpoint_dir = config.data_dir / "checkpoints"
+        self.parts_dir = self.checkpoint_dir / "parts"
+        self._lock = threading.RLock()
+        self._checkpoint_done = threading.Condition(self._lock)
+        self._applied = threading.Condition(threading.Lock())
+        self._versions: dict[str, int] = {}
+        self._active = Memtable()
+        self._frozen: Memtable | None = None
+        self._parts: list[PartReader] = []
+        self._manifest = CheckpointManifest()
+        self._retention_floor: Callable[[], int | None] = lambda: None
+        self._closed = False
+        self._stop = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_lock = threading.Lock()
+        self.checkpoints_taken = 0
+        self.wal: Wal
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def open(cls, config: StoreConfig, metrics: StoreMetrics | None = None) -> Store:
+        """Open or create the store in ``config.data_dir`` and recover it.
+
+        Loads the checkpoint manifest and parts, rebuilds entity versions, then recovers the WAL
+        and replays records after the checkpoint into the memtable. Raises CorruptionError
+        (naming file and offset) when stored data is damaged beyond a torn WAL tail.
+        """
+        store = cls(config, metrics)
+        store._recover()
+        if config.checkpoints:
+            store._checkpointer = threading.Thread(
+                target=store._run_checkpointer, name="walship-checkpointer", daemon=True
+            )
+            store._checkpointer.start()
+        return store
+
+    def _recover(self) -> None:
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.parts_dir.glob("*.tmp"):
+            stale.unlink()
+        self._manifest = load_manifest(self.checkpoint_dir)
+        self._parts = [PartReader(self.parts_dir / p.file, p) for p in self._manifest.parts]
+        for part in self._parts:
+            table = part.entity_versions()
+            tenants = table.column("tenant_id").to_pylist()
+            entities = table.column("entity_id").to_pylist()
+            versions = table.column("version_max").to_pylist()
+            for t, e, v in zip(tenants, entities, versions, strict=True):
+                key = entity_key(t, e)
+                if v > self._versions.get(key, 0):
+                    self._versions[key] = v
+        m = self._manifest
+        checkpointed = m.last_lsn
+        self._active.created_us = now_us()
+
+        def replay(rec: Record) -> None:
+            if rec.lsn > checkpointed:
+                self._apply_record(rec)
+
+        self.wal = Wal.open(
+            self.wal_dir,
+            fsync=self.config.fsync,
+            limits=self.limits,
+            start=(m.last_lsn, m.last_term, m.chain_bytes),
+            on_record=replay,
+            on_commit=self.metrics.on_commit,
+        )
+        if self.wal.torn_tail:
+            log.warning("WAL recovery truncated a torn tail: %s", self.wal.torn_tail)
+        first = self.wal.first_lsn().value
+        last = self.wal.last_position.lsn.value
+        if first > checkpointed + 1 or last < checkpointed:
+            self.wal.close()
+            from walship.errors import CorruptionError
+
+            raise CorruptionError(
+                f"{self.wal_dir}: the WAL holds lsn {first}..{last} but the checkpoint ends at "
+                f"{checkpointed}: records {checkpointed + 1}..{first - 1} are missing"
+            )
+        if self.wal.terms.current == Term(0):
+            self.wal.begin_term(Term(1))
+        self.metrics.last_lsn.set(last)
+        self._update_memtable_gauges()
+
+    def close(self) -> None:
+        """Stop the checkpointer, write and fsync what is pending, close the WAL. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
+        self.wal.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def set_retention_floor(self, floor: Callable[[], int | None]) -> None:
+        """Hook for replication: the lowest lsn some follower still needs (None: no need)."""
+        self._retention_floor = floor
+
+    # ------------------------------------------------------------------ writing
+
+    def append(self, event: EventIn) -> Receipt:
+        """Append one event and wait until it is as durable as the fsync policy makes it."""
+        return self.append_batch([event])[0]
+
+    def append_batch(self, events: Sequence[EventIn]) -> list[Receipt]:
+        """Append events all-or-nothing and wait for durability; receipts in input order."""
+        pending = self.submit(events)
+        outcome = None
+        for fut in pending.waits_on:
+            outcome = fut.result()
+        if pending.done is not None:
+            outcome = pending.done.result()
+        return pending.finish(outcome)
+
+    def submit(self, events: Sequence[EventIn]) -> PendingAppend:
+        """Validate and queue events without waiting for the disk.
+
+        All-or-nothing: a validation error or a version conflict anywhere queues nothing.
+        Events whose id is already stored are answered with their original receipt.
+        """
+        limits = self.limits
+        if not events:
+            raise InvalidInput("a batch needs at least one event")
+        if len(events) > limits.batch_events_max:
+            from walship.errors import LimitExceeded
+
+            raise LimitExceeded(
+                f"batch of {len(events)} events exceeds the limit of {limits.batch_events_max}",
+                limit=limits.batch_events_max,
+            )
+        prepared = []
+        for i, ev in enumerate(events):
+            try:
+                prepared.append(prepare(ev, limits))
+            except InvalidInput as exc:
+                if len(events) > 1:
+                    exc.details["index"] = i
+                raise
+        self.metrics.append_requests.inc()
+        with self._lock:
+            self._check_writable()
+            self._throttle_locked()
+            ts = now_us()
+            receipts: list[Receipt] = []
+            bodies: list[bytes] = []
+            new_events: list[EventBody] = []
+            batch_versions: dict[str, int] = {}
+            batch_ids: dict[bytes, int] = {}
+            waits_on: list[Future[WriteOutcome]] = []
+            fresh: list[int] = []  # receipt index of each new event
+            for (event_id, tenant, entity, etype, payload, meta), ev in zip(
+                prepared, events, strict=True
+            ):
+                if ev.id is not None:
+                    if event_id in batch_ids:
+                        receipts.append(receipts[batch_ids[event_id]])
+                        continue
+                    existing = self._find_id_locked(event_id)
+                    if existing is not None:
+                        self.metrics.duplicates.inc()
+                        receipts.append(self._receipt_of(existing, duplicate=True))
+                        if existing.lsn > self.wal.written_lsn.value:
+                            waits_on.append(self._future_for_locked())
+                        continue
+                    batch_ids[event_id] = len(receipts)
+                key = entity_key(tenant, entity)
+                current = batch_versions.get(key)
+                if current is None:
+                    current = self._versions.get(key, 0)
+                if ev.expected_version is not None and ev.expected_version != current:
+                    self.metrics.conflicts.inc()
+                    raise VersionConflict(
+                        f"entity {entity!r} is at version {current}, "
+                        f"expected {ev.expected_version}",
+                        entity_id=entity,
+                        tenant_id=tenant,
+                        expected_version=ev.expected_version,
+                        current_version=current,
+                    )
+                batch_versions[key] = current + 1
+                body = EventBody(event_id, tenant, entity, etype, ts, current + 1, payload, meta)
+                new_events.append(body)
+                bodies.append(encode_body(body))
+                fresh.append(len(receipts))
+                receipts.append(Receipt("", 0, 0, current + 1, ""))  # filled below
+            if not bodies:
+                return PendingAppend(receipts, None, 0, waits_on)
+            result = self.wal.append(bodies)
+            first, term = result.first_lsn.value, result.term.value
+            timestamp = format_timestamp(ts)
+            import uuid
+
+            for i, body in enumerate(new_events):
+                lsn = first + i
+                stored = stored_from_body(lsn, term, body)
+                self._active.add(stored)
+                receipts[fresh[i]] = Receipt(
+                    str(uuid.UUID(bytes=body.id)), lsn, term, body.version, timestamp
+                )
+            self._versions.update(batch_versions)
+            self.metrics.appends.inc(len(bodies))
+            self.metrics.last_lsn.set(result.last_lsn.value)
+        return PendingAppend(receipts, result.done, result.last_lsn.value, waits_on)
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise Unavailable("the store is closed")
+        failed = self.wal.failed
+        if failed is not None:
+            self.metrics.wal_failed.set(1)
+            raise failed
+
+    def _throttle_locked(self) -> None:
+        """Block appends while the memtables hold twice their budget (checkpoint behind)."""
+        deadline = time.monotonic() + 30
+        while self._frozen is not None and (
+            len(self._active) >= 2 * self.limits.memtable_events_max
+            or self._active.bytes >= 2 * self.limits.memtable_bytes_max
+        ):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable("checkpointing is behind; try again", retry_after_ms=1000)
+            self._checkpoint_done.wait(remaining)
+
+    def _future_for_locked(self) -> Future[WriteOutcome]:
+        """A future that resolves once everything appended so far is written."""
+        return self.wal.append_future()
+
+    def _receipt_of(self, ev: StoredEvent, *, duplicate: bool = False) -> Receipt:
+        import uuid
+
+        return Receipt(
+            str(uuid.UUID(bytes=ev.id)),
+            ev.lsn,
+            ev.term,
+            ev.version,
+            format_timestamp(ev.timestamp_us),
+            duplicate=duplicate,
+        )
+
+    def _find_id_locked(self, event_id: bytes) -> StoredEvent | None:
+        found = self._active.by_id.get(event_id)
+        if found is None and self._frozen is not None:
+            found = self._frozen.by_id.get(event_id)
+        if found is None:
+            for part in reversed(self._parts):
+                found = part.find_id(event_id)
+                if found is not None:
+                    break
+        return found
+
+    # ------------------------------------------------------------------ applying shipped records
+
+    def _apply_record(self, rec: Record) -> None:
+        """Add a WAL record (recovery or replication) to the memtable and versions."""
+        body = decode_body(rec.body)
+        if body.event_type.startswith(SYSTEM_PREFIX):
+            return
+        ev = stored_from_body(rec.lsn, rec.term, body)
+        self._active.add(ev)
+        key = entity_key(ev.tenant_id, ev.entity_id)
+        if ev.version > self._versions.get(key, 0):
+            self._versions[key] = ev.version
+
+    def apply_records(self, records: Sequence[Record]) -> Future[WriteOutcome]:
+        """Append records another node wrote (a follower) and index them; returns the write."""
+        with self._lock:
+            self._check_writable()
+            fut = self.wal.append_records(records)
+            for rec in records:
+                self._apply_record(rec)
+            if records:
+                self.metrics.appends.inc(len(records))
+                self.metrics.last_lsn.set(records[-1].lsn)
+        return fut
+
+    def wait_visible(self, lsn: int, timeout_s: float) -> None:
+        """Block until ``lsn`` is visible to reads; WaitTimeout when ``timeout_s`` passes."""
+        deadline = time.monotonic() + timeout_s
+        while self.visible_lsn < lsn:
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(
+                    f"lsn {lsn} not applied within {int(timeout_s * 1000)} ms "
+                    f"(applied: {self.visible_lsn})",
+                    applied_lsn=self.visible_lsn,
+                )
+            time.sleep(0.001)
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def visible_lsn(self) -> int:
+        """The highest lsn readers may see: what the WAL has written."""
+        return self.wal.written_lsn.value
+
+    @property
+    def last_position(self) -> Position:
+        return self.wal.last_position
+
+    def query(
+        self, flt: QueryFilter, limit: int | None = None, cursor: str | None = None
+    ) -> QueryResult:
+        """Matching events in lsn order, at most ``limit``; ``next_cursor`` when more may follow.
+
+        The cursor is the last lsn returned; pass it back to continue after it.
+        """
+        lim = self.limits.query_limit_default if limit is None else limit
+        if not 1 <= lim <= self.limits.query_limit_max:
+            raise InvalidInput(f"limit must be 1..{self.limits.query_limit_max}", field="limit")
+        if flt.entity_id is not None and flt.tenant_id is None:
+            flt = _replace(flt, tenant_id="default")
+        if cursor is not None:
+            try:
+                after = int(cursor)
+            except ValueError as exc:
+                raise InvalidInput(f"invalid cursor {cursor!r}", field="cursor") from exc
+            if after < 0:
+                raise InvalidInput(f"invalid cursor {cursor!r}", field="cursor")
+            flt = _replace(flt, from_lsn=max(flt.from_lsn, after + 1))
+        visible = self.visible_lsn
+        with self._lock:
+            parts = list(self._parts)
+            memtables = [m for m in (self._frozen, self._active) if m is not None]
+            checkpointed = self._manifest.last_lsn
+        want = lim + 1
+        out: list[StoredEvent] = []
+        for part in parts:
+            if part.could_match(flt, visible):
+                out.extend(part.select(flt, want - len(out)))
+                if len(out) >= want:
+                    break
+        if len(out) < want:
+            for mem in memtables:
+                with self._lock:
+                    got = mem.select(flt, visible, want - len(out))
+                # a memtable being checkpointed may already be in a part: skip what parts hold
+                out.extend(ev for ev in got if ev.lsn > checkpointed)
+                if len(out) >= want:
+                    break
+        more = len(out) > lim
+        out = out[:lim]
+        return QueryResult(out, str(out[-1].lsn) if more and out else None)
+
+    def entity_state(
+        self,
+        entity_id: str,
+        tenant_id: str = "default",
+        as_of_us: int | None = None,
+        as_of_lsn: int | None = None,
+    ) -> EntityState:
+        """Payloads of the entity's events merged in order (objects merge, others replace).
+
+        ``as_of_us``/``as_of_lsn`` stop at that time or lsn. Raises NotFound for an entity
+        with no events in range.
+        """
+        from walship.errors import NotFound
+
+        flt = QueryFilter(tenant_id=tenant_id, entity_id=entity_id, until_us=None, to_lsn=as_of_lsn)
+        if as_of_us is not None:
+            flt = _replace(flt, until_us=as_of_us + 1)
+        state: Any = None
+        version = 0
+        last_lsn = 0
+        count = 0
+        updated: str | None = None
+        cursor: str | None = None
+        while True:
+            page = self.query(flt, self.limits.query_limit_max, cursor)
+            for ev in page.events:
+                value = orjson.loads(ev.payload)
+                if isinstance(value, dict) and isinstance(state, dict):
+                    state = {**state, **value}
+                else:
+                    state = value
+                version, last_lsn, count = ev.version, ev.lsn, count + 1
+                updated = format_timestamp(ev.timestamp_us)
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        if count == 0:
+            raise NotFound(f"entity {entity_id!r} has no events", entity_id=entity_id)
+        return EntityState(tenant_id, entity_id, version, state, last_lsn, updated, count)
+
+    def entity_version(self, entity_id: str, tenant_id: str = "default") -> int:
+        with self._lock:
+            return self._versions.get(entity_key(tenant_id, entity_id), 0)
+
+    def stats(self) -> dict[str, Any]:
+        wal = self.wal.status()
+        with self._lock:
+            mem_events = len(self._active) + (len(self._frozen) if self._frozen else 0)
+            mem_bytes = self._active.bytes + (self._frozen.bytes if self._frozen else 0)
+            m = self._manifest
+            return {
+                "node_id": self.config.node_id,
+                "last_lsn": wal.last_lsn,
+                "term": self.wal.terms.current.value,
+                "visible_lsn": wal.written_lsn,
+                "synced_lsn": wal.synced_lsn,
+                "events": m.events + mem_events - self._overlap_locked(),
+                "entities": len(self._versions),
+                "memtable_events": mem_events,
+                "memtable_bytes": mem_bytes,
+                "checkpoint_lsn": m.last_lsn,
+                "parquet_parts": len(m.parts),
+                "parquet_events": m.events,
+                "parquet_bytes": sum(p.bytes for p in m.parts),
+                "checkpoints_taken": self.checkpoints_taken,
+                "wal_first_lsn": self.wal.first_lsn().value,
+                "wal_segments": wal.segments,
+                "wal_bytes": wal.bytes,
+                "fsync": str(self.config.fsync),
+                "wal_failed": wal.failed,
+            }
+
+    def _overlap_locked(self) -> int:
+        # events of the frozen memtable already counted in the manifest (between manifest swap
+        # and frozen drop there is none, as both happen under the lock)
+        return 0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self) -> PartInfo | None:
+        """Write everything visible in memtables to a Parquet part now.
+
+        Returns the part written, or None when there was nothing to checkpoint.
+        """
+        with self._checkpoint_lock:
+            return self._checkpoint_once()
+
+    def _checkpoint_once(self) -> PartInfo | None:
+        t0 = time.perf_counter()
+        with self._lock:
+            if len(self._active) == 0:
+                return None
+            frozen = self._active
+            self._frozen = frozen
+            self._active = Memtable()
+            self._active.created_us = now_us()
+            upto = self.wal.last_position
+            chain = self.wal.last_chain
+        try:
+            self.wal.sync()
+            events = frozen.events
+            invariant(events[-1].lsn <= upto.lsn.value, "memtable holds records past the WAL's end")
+            first = self._manifest.last_lsn + 1
+            part = write_part(
+                self.parts_dir, events, first, upto.lsn.value, self.limits.parquet_row_group_rows
+            )
+            reader = PartReader(self.parts_dir / part.file, part)
+            hashes = [id_hash(ev.id) for ev in events]
+            import numpy as np
+
+            arr = np.array(hashes, dtype=np.int64)
+            arr.sort()
+            reader.set_id_hashes(arr)
+            manifest = self._manifest.advanced(
+                part, upto.lsn.value, upto.term.value, chain, now_us()
+            )
+            save_manifest(self.checkpoint_dir, manifest)
+        except BaseException:
+            with self._lock:
+                # put the events back in front of anything appended meanwhile
+                merged = Memtable()
+                merged.created_us = frozen.created_us
+                merged.add_all(frozen.events)
+                merged.add_all(self._active.events)
+                self._active = merged
+                self._frozen = None
+                self._checkpoint_done.notify_all()
+            raise
+        with self._lock:
+            self._manifest = manifest
+            self._parts.append(reader)
+            self._frozen = None
+            self.checkpoints_taken += 1
+            self._checkpoint_done.notify_all()
+        self.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
+        self.metrics.checkpoint_events.inc(len(events))
+        self._update_memtable_gauges()
+        self.remove_checkpointed_wal()
+        return part
+
+    def remove_checkpointed_wal(self) -> list[Path]:
+        """Remove WAL segments covered by the checkpoint and released by the retention hook."""
+        upto = self._manifest.last_lsn
+        floor = self._retention_floor()
+        if floor is not None:
+            upto = min(upto, floor - 1)
+        return self.wal.remove_segments_through(Lsn(max(upto, 0)))
+
+    def _due_for_checkpoint(self) -> bool:
+        with self._lock:
+            active = self._active
+            if len(active) == 0:
+                return False
+            age_ms = (now_us() - active.created_us) / 1000
+            return (
+                len(active) >= self.limits.memtable_events_max
+                or active.bytes >= self.limits.memtable_bytes_max
+                or age_ms >= self.limits.checkpoint_interval_ms
+            )
+
+    def _run_checkpointer(self) -> None:
+        while not self._stop.wait(0.05):
+            if self.wal.failed is not None:
+                continue
+            if self._due_for_checkpoint():
+                try:
+                    self.checkpoint()
+                except WalFailed:
+                    log.error("checkpoint skipped: the WAL has failed")
+                except Exception:
+                    log.exception("checkpoint failed; will retry")
+                    self._stop.wait(1.0)
+            self._update_memtable_gauges()
+
+    def _update_memtable_gauges(self) -> None:
+        with self._lock:
+            n = len(self._active) + (len(self._frozen) if self._frozen else 0)
+            b = self._active.bytes + (self._frozen.bytes if self._frozen else 0)
+        self.metrics.memtable_events.set(n)
+        self.metrics.memtable_bytes.set(b)
+
+    @property
+    def manifest(self) -> CheckpointManifest:
+        with self._lock:
+            return self._manifest
+
+    def __repr__(self) -> str:
+        state = "CLOSED" if self._closed else "OPEN"
+        return f"<Store {self.config.node_id} {state} {self.data_dir}>"
+
+
+def _replace(flt: QueryFilter, **changes: Any) -> QueryFilter:
+    import dataclasses
+
+    return dataclasses.replace(flt, **changes)
