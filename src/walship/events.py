@@ -10,6 +10,7 @@ and size but never re-encoded, which is also how the Parquet files hold them.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import uuid
@@ -124,9 +125,26 @@ def stored_from_body(lsn: int, term: int, body: EventBody) -> StoredEvent:
     )
 
 
+def format_uuid(raw: bytes) -> str:
+    """The canonical text of a 16-byte UUID (faster than ``str(uuid.UUID(bytes=...))``)."""
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def new_event_ids(count: int) -> list[bytes]:
+    """``count`` fresh UUIDv7 ids (time-ordered, random tail) from one ``urandom`` call."""
+    ms = (time.time_ns() // 1_000_000).to_bytes(6, "big")
+    rand = os.urandom(10 * count)
+    out = []
+    for i in range(count):
+        r = rand[10 * i : 10 * i + 10]
+        out.append(ms + bytes(((0x70 | (r[0] & 0x0F)), r[1], (0x80 | (r[2] & 0x3F)))) + r[3:])
+    return out
+
+
 def to_out(ev: StoredEvent) -> EventOut:
     return EventOut(
-        id=str(uuid.UUID(bytes=ev.id)),
+        id=format_uuid(ev.id),
         tenant_id=ev.tenant_id,
         entity_id=ev.entity_id,
         event_type=ev.event_type,
@@ -164,11 +182,20 @@ def parse_timestamp(text: str, field: str = "time") -> int:
     return int(dt.timestamp() * 1_000_000)
 
 
+_VALID_CACHE_MAX = 4096
+_valid_tenants: set[str] = set()
+_valid_types: set[str] = set()
+
+
 def validate_tenant_id(tenant_id: str) -> str:
+    if tenant_id in _valid_tenants:
+        return tenant_id
     if not _TENANT_RE.fullmatch(tenant_id):
         raise ValidationError(
             "tenant_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'", field="tenant_id"
         )
+    if len(_valid_tenants) < _VALID_CACHE_MAX:
+        _valid_tenants.add(tenant_id)
     return tenant_id
 
 
@@ -185,6 +212,8 @@ def validate_entity_id(entity_id: str, limits: Limits) -> str:
 
 
 def validate_event_type(event_type: str, limits: Limits, *, system: bool = False) -> str:
+    if event_type in _valid_types and len(event_type) <= limits.event_type_chars_max:
+        return event_type
     if len(event_type) > limits.event_type_chars_max or not _TYPE_RE.fullmatch(event_type):
         raise ValidationError(
             f"event_type must be 1-{limits.event_type_chars_max} characters "
@@ -199,6 +228,8 @@ def validate_event_type(event_type: str, limits: Limits, *, system: bool = False
         raise ValidationError(
             f"event types starting with {SYSTEM_PREFIX!r} are reserved", field="event_type"
         )
+    if not system and len(_valid_types) < _VALID_CACHE_MAX and len(event_type) <= 128:
+        _valid_types.add(event_type)
     return event_type
 
 
@@ -210,8 +241,8 @@ def _first_json_byte(raw: bytes) -> int:
 def prepare(ev: EventIn, limits: Limits) -> tuple[bytes, str, str, str, bytes, bytes | None]:
     """Validate one incoming event.
 
-    Returns ``(id_bytes, tenant_id, entity_id, event_type, payload, metadata)`` with the id
-    generated when the client gave none. Raises ValidationError / LimitExceeded naming the field.
+    Returns ``(id_bytes, tenant_id, entity_id, event_type, payload, metadata)``; the id is
+    empty when the client gave none (the store assigns one). Raises ValidationError / LimitExceeded naming the field.
     """
     validate_tenant_id(ev.tenant_id)
     validate_entity_id(ev.entity_id, limits)
@@ -239,7 +270,7 @@ def prepare(ev: EventIn, limits: Limits) -> tuple[bytes, str, str, str, bytes, b
             )
     if ev.expected_version is not None and ev.expected_version < 0:
         raise ValidationError("expected_version must be >= 0", field="expected_version")
-    event_id = ev.id.bytes if ev.id is not None else uuid.uuid4().bytes
+    event_id = ev.id.bytes if ev.id is not None else b""
     return event_id, ev.tenant_id, ev.entity_id, ev.event_type, payload, metadata
 
 

@@ -43,6 +43,8 @@ from walship.events import (
     decode_body,
     encode_body,
     format_timestamp,
+    format_uuid,
+    new_event_ids,
     now_us,
     prepare,
     stored_from_body,
@@ -138,6 +140,7 @@ class Store:
         self._retention_floor: Callable[[], int | None] = lambda: None
         self._closed = False
         self._stop = threading.Event()
+        self._kick = threading.Event()
         self._checkpointer: threading.Thread | None = None
         self._checkpoint_lock = threading.Lock()
         self.checkpoints_taken = 0
@@ -217,6 +220,7 @@ class Store:
                 return
             self._closed = True
         self._stop.set()
+        self._kick.set()
         if self._checkpointer is not None:
             self._checkpointer.join()
         self.wal.close()
@@ -283,10 +287,13 @@ class Store:
             batch_ids: dict[bytes, int] = {}
             waits_on: list[Future[WriteOutcome]] = []
             fresh: list[int] = []  # receipt index of each new event
-            for (event_id, tenant, entity, etype, payload, meta), ev in zip(
-                prepared, events, strict=True
+            generated = new_event_ids(len(events))
+            for n, ((event_id, tenant, entity, etype, payload, meta), ev) in enumerate(
+                zip(prepared, events, strict=True)
             ):
-                if ev.id is not None:
+                if ev.id is None:
+                    event_id = generated[n]
+                else:
                     if event_id in batch_ids:
                         receipts.append(receipts[batch_ids[event_id]])
                         continue
@@ -323,14 +330,12 @@ class Store:
             result = self.wal.append(bodies)
             first, term = result.first_lsn.value, result.term.value
             timestamp = format_timestamp(ts)
-            import uuid
-
+            add = self._active.add
             for i, body in enumerate(new_events):
                 lsn = first + i
-                stored = stored_from_body(lsn, term, body)
-                self._active.add(stored)
+                add(stored_from_body(lsn, term, body))
                 receipts[fresh[i]] = Receipt(
-                    str(uuid.UUID(bytes=body.id)), lsn, term, body.version, timestamp
+                    format_uuid(body.id), lsn, term, body.version, timestamp
                 )
             self._versions.update(batch_versions)
             self.metrics.appends.inc(len(bodies))
@@ -346,26 +351,32 @@ class Store:
             raise failed
 
     def _throttle_locked(self) -> None:
-        """Block appends while the memtables hold twice their budget (checkpoint behind)."""
-        deadline = time.monotonic() + 30
-        while self._frozen is not None and (
-            len(self._active) >= 2 * self.limits.memtable_events_max
-            or self._active.bytes >= 2 * self.limits.memtable_bytes_max
+        """Wake the checkpointer when the active memtable is full; block appends while it holds
+        twice its budget (checkpoints are behind), so memory stays bounded."""
+        limits = self.limits
+        if (
+            len(self._active) >= limits.memtable_events_max
+            or self._active.bytes >= limits.memtable_bytes_max
         ):
+            self._kick.set()
+        deadline = time.monotonic() + 30
+        while self._checkpointer is not None and (
+            len(self._active) >= 2 * limits.memtable_events_max
+            or self._active.bytes >= 2 * limits.memtable_bytes_max
+        ):
+            self._kick.set()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Unavailable("checkpointing is behind; try again", retry_after_ms=1000)
-            self._checkpoint_done.wait(remaining)
+            self._checkpoint_done.wait(min(remaining, 0.1))
 
     def _future_for_locked(self) -> Future[WriteOutcome]:
         """A future that resolves once everything appended so far is written."""
         return self.wal.append_future()
 
     def _receipt_of(self, ev: StoredEvent, *, duplicate: bool = False) -> Receipt:
-        import uuid
-
         return Receipt(
-            str(uuid.UUID(bytes=ev.id)),
+            format_uuid(ev.id),
             ev.lsn,
             ev.term,
             ev.version,
@@ -637,7 +648,11 @@ class Store:
             )
 
     def _run_checkpointer(self) -> None:
-        while not self._stop.wait(0.05):
+        while not self._stop.is_set():
+            self._kick.wait(0.1)
+            self._kick.clear()
+            if self._stop.is_set():
+                return
             if self.wal.failed is not None:
                 continue
             if self._due_for_checkpoint():

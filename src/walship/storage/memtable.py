@@ -1,4 +1,4 @@
-"""Recent events in memory, in lsn order, with indexes by entity, type, tenant and id.
+"""Recent events in memory, in lsn order, with indexes by entity, type and id.
 
 A memtable only grows until a checkpoint freezes it; then it is written to one Parquet part and
 dropped. Readers pass the highest lsn they may see (the WAL's durable end), so events appended
@@ -25,7 +25,6 @@ class Memtable:
         self.events: list[StoredEvent] = []
         self.by_entity: dict[str, list[StoredEvent]] = {}
         self.by_type: dict[str, list[StoredEvent]] = {}
-        self.by_tenant: dict[str, list[StoredEvent]] = {}
         self.by_id: dict[bytes, StoredEvent] = {}
         self.bytes = 0
         self.created_us = 0
@@ -45,7 +44,6 @@ class Memtable:
         self.events.append(ev)
         self.by_entity.setdefault(entity_key(ev.tenant_id, ev.entity_id), []).append(ev)
         self.by_type.setdefault(ev.event_type, []).append(ev)
-        self.by_tenant.setdefault(ev.tenant_id, []).append(ev)
         self.by_id[ev.id] = ev
         self.bytes += ev.size_bytes()
 
@@ -60,8 +58,6 @@ class Memtable:
             candidates = self.by_entity.get(entity_key(flt.tenant_id or "default", flt.entity_id))
         elif flt.event_type is not None:
             candidates = self.by_type.get(flt.event_type)
-        elif flt.tenant_id is not None:
-            candidates = self.by_tenant.get(flt.tenant_id)
         else:
             candidates = self.events
         if not candidates:

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from walship.errors import CorruptionError
-from walship.events import StoredEvent
+from walship.events import StoredEvent, format_uuid
 from walship.fsutil import fsync_dir
 from walship.storage.query import QueryFilter, entity_key
 
@@ -69,14 +69,12 @@ def write_part(
     directory: Path, events: list[StoredEvent], first: int, last: int, row_group_rows: int
 ) -> PartInfo:
     """Write ``events`` (lsn order, within ``first..last``) as one part, durably."""
-    import uuid
-
     rows = sorted(events, key=lambda e: (e.tenant_id, e.entity_id, e.lsn))
     table = pa.table(
         {
             "lsn": pa.array([e.lsn for e in rows], pa.int64()),
             "term": pa.array([e.term for e in rows], pa.int64()),
-            "id": pa.array([str(uuid.UUID(bytes=e.id)) for e in rows], pa.string()),
+            "id": pa.array([format_uuid(e.id) for e in rows], pa.string()),
             "tenant_id": pa.array([e.tenant_id for e in rows], pa.string()),
             "entity_id": pa.array([e.entity_id for e in rows], pa.string()),
             "event_type": pa.array([e.event_type for e in rows], pa.string()),

@@ -268,6 +268,10 @@ class Wal:
         """
         term = self.terms.current.value
         invariant(term > 0, "no term started: begin_term must run before the first append")
+        body_max = self.limits.record_bytes_max
+        for body in bodies:
+            if len(body) > body_max:
+                raise InvalidInput(f"record of {len(body)} bytes exceeds the WAL record limit")
         with self._lock:
             self._wait_for_space()
             first = self._last_lsn + 1
@@ -276,8 +280,6 @@ class Wal:
             pending = self._pending
             added = 0
             for i, body in enumerate(bodies):
-                if len(body) > self.limits.record_bytes_max:
-                    raise InvalidInput(f"record of {len(body)} bytes exceeds the WAL record limit")
                 raw, chain = encode_record(first + i, term, chain, body)
                 pending.append(raw)
                 added += len(raw)

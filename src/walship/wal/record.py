@@ -42,12 +42,18 @@ def next_chain(prev_chain: bytes, lsn: int, term: int, body: bytes) -> bytes:
     return h.digest()
 
 
+_REST = struct.Struct("<QQ8s")
+
+
 def encode_record(lsn: int, term: int, prev_chain: bytes, body: bytes) -> tuple[bytes, bytes]:
     """Encode one record; returns ``(record_bytes, chain)``."""
-    chain = next_chain(prev_chain, lsn, term, body)
-    rest = HEADER.pack(len(body), 0, lsn, term, chain)[8:]
-    crc = crc32c(body, crc32c(rest, crc32c(_LEN.pack(len(body)))))
-    return _LEN.pack(len(body)) + struct.pack("<I", crc) + rest + body, chain
+    h = blake2b(prev_chain, digest_size=CHAIN_BYTES)
+    h.update(_LSN_TERM_CRC.pack(lsn, term, crc32c(body)))
+    chain = h.digest()
+    rest = _REST.pack(lsn, term, chain)
+    length = _LEN.pack(len(body))
+    crc = crc32c(body, crc32c(rest, crc32c(length)))
+    return b"".join((length, _LEN.pack(crc), rest, body)), chain
 
 
 @dataclass(frozen=True, slots=True)

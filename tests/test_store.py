@@ -1,0 +1,227 @@
+"""The store: versions, idempotency, batches, checkpoints to Parquet, queries, restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import msgspec
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import make_event
+from walship.errors import LimitExceeded, ValidationError, VersionConflict
+from walship.limits import Limits
+from walship.storage.parquet import SCHEMA
+from walship.storage.query import QueryFilter
+from walship.store import Store, StoreConfig
+from walship.wal import FsyncPolicy
+
+
+def open_store(path: Path, **limits: int) -> Store:
+    return Store.open(StoreConfig(path, fsync=FsyncPolicy.parse("never"), limits=Limits(**limits)))
+
+
+def all_events(store: Store, **flt: object) -> list[int]:
+    out: list[int] = []
+    cursor = None
+    while True:
+        page = store.query(QueryFilter(**flt), limit=7, cursor=cursor)  # type: ignore[arg-type]
+        out.extend(e.lsn for e in page.events)
+        if page.next_cursor is None:
+            return out
+        cursor = page.next_cursor
+
+
+def test_versions_count_per_entity_and_receipts_say_local(tmp_path: Path) -> None:
+    store = Store.open(StoreConfig(tmp_path))  # fsync always
+    r1 = store.append(make_event("a"))
+    r2 = store.append(make_event("b"))
+    r3 = store.append(make_event("a"))
+    assert [(r.lsn, r.version) for r in (r1, r2, r3)] == [(1, 1), (2, 1), (3, 2)]
+    assert {r.durability for r in (r1, r2, r3)} == {"local"}
+    assert r1.term == 1
+    store.close()
+
+
+def test_receipts_under_fsync_never_do_not_claim_local(store: Store) -> None:
+    assert store.append(make_event()).durability == "buffered"
+
+
+def test_expected_version_conflict_names_both_versions(store: Store) -> None:
+    store.append(make_event("a"))
+    with pytest.raises(VersionConflict) as err:
+        store.append(make_event("a", expected_version=0))
+    assert err.value.details["current_version"] == 1
+    assert err.value.details["expected_version"] == 0
+    assert store.append(make_event("a", expected_version=1)).version == 2
+
+
+def test_batch_is_all_or_nothing(store: Store) -> None:
+    store.append(make_event("a"))
+    before = store.last_position
+    with pytest.raises(VersionConflict):
+        store.append_batch([make_event("b"), make_event("a", expected_version=5)])
+    with pytest.raises(ValidationError) as err:
+        store.append_batch([make_event("b"), make_event("c", etype="Bad Type")])
+    assert err.value.details["index"] == 1
+    assert store.last_position == before
+    assert store.entity_version("b") == 0
+    receipts = store.append_batch([make_event("b"), make_event("b"), make_event("a")])
+    assert [r.version for r in receipts] == [1, 2, 2]
+
+
+def test_repeated_event_id_returns_the_original_receipt(store: Store) -> None:
+    import uuid
+
+    eid = uuid.uuid4()
+    first = store.append(make_event("a", id=eid))
+    again = store.append(make_event("a", id=eid, payload={"other": True}))
+    assert (again.lsn, again.version, again.event_id) == (first.lsn, first.version, str(eid))
+    assert again.duplicate
+    assert store.last_position.lsn.value == 1
+    store.checkpoint()
+    third = store.append(make_event("a", id=eid))
+    assert third.lsn == first.lsn
+    assert store.last_position.lsn.value == 1
+
+
+def test_oversized_payload_is_refused(tmp_path: Path) -> None:
+    store = open_store(tmp_path, payload_bytes_max=100)
+    with pytest.raises(LimitExceeded):
+        store.append(make_event(payload={"x": "y" * 200}))
+    assert store.last_position.lsn.value == 0
+    store.close()
+
+
+def test_checkpoint_writes_parquet_that_duckdb_and_pyarrow_read(store: Store) -> None:
+    for i in range(50):
+        store.append(make_event(f"e{i % 5}", payload={"i": i}, metadata=msgspec.Raw(b'{"k":1}')))
+    part = store.checkpoint()
+    assert part is not None
+    assert part.file == "0000000000000001-0000000000000032.parquet"
+    path = store.parts_dir / part.file
+    table = pq.read_table(path)
+    assert table.schema.equals(SCHEMA, check_metadata=False)
+    assert sorted(table.column("lsn").to_pylist()) == list(range(1, 51))
+    rows = duckdb.sql(
+        f"select lsn, entity_id, version, payload::json->>'i' as i, metadata "
+        f"from read_parquet('{path}') order by lsn"
+    ).fetchall()
+    assert len(rows) == 50
+    assert rows[7] == (8, "e2", 2, "7", '{"k":1}')
+
+
+def test_queries_span_parquet_and_memtable_in_lsn_order(store: Store) -> None:
+    for i in range(30):
+        store.append(make_event(f"e{i % 3}", etype="t.even" if i % 2 == 0 else "t.odd"))
+    store.checkpoint()
+    for i in range(30, 45):
+        store.append(make_event(f"e{i % 3}", etype="t.even" if i % 2 == 0 else "t.odd"))
+    store.checkpoint()
+    for i in range(45, 60):
+        store.append(make_event(f"e{i % 3}", etype="t.even" if i % 2 == 0 else "t.odd"))
+    assert all_events(store) == list(range(1, 61))
+    assert all_events(store, entity_id="e1") == [i + 1 for i in range(60) if i % 3 == 1]
+    assert all_events(store, event_type="t.odd") == [i + 1 for i in range(60) if i % 2 == 1]
+    assert all_events(store, from_lsn=25, to_lsn=50) == list(range(25, 51))
+    assert all_events(store, tenant_id="other") == []
+
+
+def test_time_range_queries(store: Store) -> None:
+    store.append(make_event("a"))
+    mid = store.query(QueryFilter()).events[0].timestamp_us + 1
+    import time
+
+    time.sleep(0.002)
+    store.append(make_event("a"))
+    assert all_events(store, since_us=mid) == [2]
+    assert all_events(store, until_us=mid) == [1]
+
+
+def test_tenants_keep_entities_apart(store: Store) -> None:
+    store.append(make_event("a", tenant_id="t1"))
+    store.append(make_event("a", tenant_id="t2"))
+    assert store.entity_version("a", "t1") == 1
+    assert all_events(store, entity_id="a", tenant_id="t2") == [2]
+
+
+def test_entity_state_merges_payloads_and_honours_as_of(store: Store) -> None:
+    store.append(make_event("a", payload={"x": 1, "y": 1}))
+    store.append(make_event("a", payload={"y": 2}))
+    store.checkpoint()
+    store.append(make_event("a", payload={"z": 3}))
+    state = store.entity_state("a")
+    assert state.state == {"x": 1, "y": 2, "z": 3}
+    assert state.version == 3
+    assert store.entity_state("a", as_of_lsn=1).state == {"x": 1, "y": 1}
+
+
+def test_restart_after_checkpoint_restores_queries_and_versions(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    for i in range(40):
+        store.append(make_event(f"e{i % 4}", payload={"i": i}))
+    store.checkpoint()
+    for i in range(40, 55):
+        store.append(make_event(f"e{i % 4}", payload={"i": i}))
+    before = [msgspec.to_builtins(e) for e in store.query(QueryFilter(), limit=100).events]
+    versions = {e: store.entity_version(e) for e in ("e0", "e1", "e2", "e3")}
+    store.close()
+    store = open_store(tmp_path)
+    after = [msgspec.to_builtins(e) for e in store.query(QueryFilter(), limit=100).events]
+    assert after == before
+    assert {e: store.entity_version(e) for e in versions} == versions
+    assert store.append(make_event("e0")).lsn == 56
+    assert store.append(make_event("e0")).version == versions["e0"] + 2
+    store.close()
+
+
+def test_checkpoint_removes_wal_segments_but_never_restarts_lsns(tmp_path: Path) -> None:
+    store = open_store(tmp_path, segment_bytes_max=4096)
+    for i in range(100):
+        store.append(make_event(f"e{i % 4}"))
+    segments_before = store.wal.status().segments
+    store.checkpoint()
+    assert store.wal.status().segments < segments_before
+    assert store.wal.first_lsn().value > 1
+    store.close()
+    store = open_store(tmp_path, segment_bytes_max=4096)
+    assert store.append(make_event("e0")).lsn == 101
+    assert len(all_events(store)) == 101
+    store.close()
+
+
+def test_retention_hook_keeps_wal_a_follower_needs(tmp_path: Path) -> None:
+    store = open_store(tmp_path, segment_bytes_max=4096)
+    store.set_retention_floor(lambda: 10)
+    for i in range(100):
+        store.append(make_event(f"e{i % 4}"))
+    store.checkpoint()
+    assert store.wal.first_lsn().value <= 10
+    store.close()
+
+
+def test_checkpoint_triggers_by_size(tmp_path: Path) -> None:
+    import time
+
+    store = open_store(tmp_path, memtable_events_max=20)
+    for i in range(50):
+        store.append(make_event(f"e{i % 4}"))
+    deadline = time.monotonic() + 10
+    while store.manifest.last_lsn < 20 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert store.manifest.last_lsn >= 20
+    assert len(all_events(store)) == 50
+    store.close()
+
+
+def test_memtable_stays_bounded_while_the_store_grows(tmp_path: Path) -> None:
+    """Appends wait when the active memtable reaches twice its budget while one is frozen."""
+    store = open_store(tmp_path, memtable_events_max=500)
+    peak = 0
+    for _ in range(40):
+        store.append_batch([make_event(f"e{j % 50}") for j in range(250)])
+        peak = max(peak, store.stats()["memtable_events"])
+    assert peak <= 2 * (2 * 500 + 250)
+    assert store.stats()["parquet_events"] >= 10_000 - peak
+    store.close()
