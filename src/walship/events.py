@@ -242,7 +242,8 @@ def prepare(ev: EventIn, limits: Limits) -> tuple[bytes, str, str, str, bytes, b
     """Validate one incoming event.
 
     Returns ``(id_bytes, tenant_id, entity_id, event_type, payload, metadata)``; the id is
-    empty when the client gave none (the store assigns one). Raises ValidationError / LimitExceeded naming the field.
+    empty when the client gave none (the store assigns one). Raises ValidationError or
+    LimitExceeded naming the field.
     """
     validate_tenant_id(ev.tenant_id)
     validate_entity_id(ev.entity_id, limits)

@@ -288,12 +288,11 @@ class Store:
             waits_on: list[Future[WriteOutcome]] = []
             fresh: list[int] = []  # receipt index of each new event
             generated = new_event_ids(len(events))
-            for n, ((event_id, tenant, entity, etype, payload, meta), ev) in enumerate(
+            for n, ((given_id, tenant, entity, etype, payload, meta), ev) in enumerate(
                 zip(prepared, events, strict=True)
             ):
-                if ev.id is None:
-                    event_id = generated[n]
-                else:
+                event_id = given_id or generated[n]
+                if ev.id is not None:
                     if event_id in batch_ids:
                         receipts.append(receipts[batch_ids[event_id]])
                         continue
