@@ -106,6 +106,22 @@ def encode_body(body: EventBody) -> bytes:
     return _body_encoder.encode(body)
 
 
+def encode_body_fields(
+    event_id: bytes,
+    tenant_id: str,
+    entity_id: str,
+    event_type: str,
+    timestamp_us: int,
+    version: int,
+    payload: bytes,
+    metadata: bytes | None,
+) -> bytes:
+    """The same bytes as ``encode_body(EventBody(...))`` without building the Struct."""
+    return _body_encoder.encode(
+        (event_id, tenant_id, entity_id, event_type, timestamp_us, version, payload, metadata)
+    )
+
+
 def decode_body(data: bytes) -> EventBody:
     return _body_decoder.decode(data)
 

@@ -37,11 +37,10 @@ from walship.errors import (
 )
 from walship.events import (
     SYSTEM_PREFIX,
-    EventBody,
     EventIn,
     StoredEvent,
     decode_body,
-    encode_body,
+    encode_body_fields,
     format_timestamp,
     format_uuid,
     new_event_ids,
@@ -280,13 +279,16 @@ class Store:
             self._check_writable()
             self._throttle_locked()
             ts = now_us()
+            timestamp = format_timestamp(ts)
+            # the store lock serializes every append, so the WAL will assign exactly these
+            next_lsn = self.wal.last_position.lsn.value + 1
+            term = self.wal.terms.current.value
             receipts: list[Receipt] = []
             bodies: list[bytes] = []
-            new_events: list[EventBody] = []
+            new_events: list[StoredEvent] = []
             batch_versions: dict[str, int] = {}
             batch_ids: dict[bytes, int] = {}
             waits_on: list[Future[WriteOutcome]] = []
-            fresh: list[int] = []  # receipt index of each new event
             generated = new_event_ids(len(events))
             for n, ((given_id, tenant, entity, etype, payload, meta), ev) in enumerate(
                 zip(prepared, events, strict=True)
@@ -318,24 +320,28 @@ class Store:
                         expected_version=ev.expected_version,
                         current_version=current,
                     )
-                batch_versions[key] = current + 1
-                body = EventBody(event_id, tenant, entity, etype, ts, current + 1, payload, meta)
-                new_events.append(body)
-                bodies.append(encode_body(body))
-                fresh.append(len(receipts))
-                receipts.append(Receipt("", 0, 0, current + 1, ""))  # filled below
+                version = current + 1
+                batch_versions[key] = version
+                lsn = next_lsn + len(new_events)
+                new_events.append(
+                    StoredEvent(
+                        lsn, term, event_id, tenant, entity, etype, ts, version, payload, meta
+                    )
+                )
+                bodies.append(
+                    encode_body_fields(event_id, tenant, entity, etype, ts, version, payload, meta)
+                )
+                receipts.append(Receipt(format_uuid(event_id), lsn, term, version, timestamp))
             if not bodies:
                 return PendingAppend(receipts, None, 0, waits_on)
             result = self.wal.append(bodies)
-            first, term = result.first_lsn.value, result.term.value
-            timestamp = format_timestamp(ts)
+            invariant(
+                result.first_lsn.value == next_lsn and result.term.value == term,
+                f"WAL assigned lsn {result.first_lsn.value}, the store expected {next_lsn}",
+            )
             add = self._active.add
-            for i, body in enumerate(new_events):
-                lsn = first + i
-                add(stored_from_body(lsn, term, body))
-                receipts[fresh[i]] = Receipt(
-                    format_uuid(body.id), lsn, term, body.version, timestamp
-                )
+            for stored in new_events:
+                add(stored)
             self._versions.update(batch_versions)
             self.metrics.appends.inc(len(bodies))
             self.metrics.last_lsn.set(result.last_lsn.value)

@@ -69,21 +69,24 @@ def write_part(
     directory: Path, events: list[StoredEvent], first: int, last: int, row_group_rows: int
 ) -> PartInfo:
     """Write ``events`` (lsn order, within ``first..last``) as one part, durably."""
-    rows = sorted(events, key=lambda e: (e.tenant_id, e.entity_id, e.lsn))
     table = pa.table(
         {
-            "lsn": pa.array([e.lsn for e in rows], pa.int64()),
-            "term": pa.array([e.term for e in rows], pa.int64()),
-            "id": pa.array([format_uuid(e.id) for e in rows], pa.string()),
-            "tenant_id": pa.array([e.tenant_id for e in rows], pa.string()),
-            "entity_id": pa.array([e.entity_id for e in rows], pa.string()),
-            "event_type": pa.array([e.event_type for e in rows], pa.string()),
-            "timestamp": pa.array([e.timestamp_us for e in rows], pa.timestamp("us", tz="UTC")),
-            "payload": pa.array([e.payload for e in rows], pa.binary()).cast(pa.string()),
-            "metadata": pa.array([e.metadata for e in rows], pa.binary()).cast(pa.string()),
-            "version": pa.array([e.version for e in rows], pa.int64()),
+            "lsn": pa.array([e.lsn for e in events], pa.int64()),
+            "term": pa.array([e.term for e in events], pa.int64()),
+            "id": pa.array([format_uuid(e.id) for e in events], pa.string()),
+            "tenant_id": pa.array([e.tenant_id for e in events], pa.string()),
+            "entity_id": pa.array([e.entity_id for e in events], pa.string()),
+            "event_type": pa.array([e.event_type for e in events], pa.string()),
+            "timestamp": pa.array([e.timestamp_us for e in events], pa.timestamp("us", tz="UTC")),
+            "payload": pa.array([e.payload for e in events], pa.binary()).cast(pa.string()),
+            "metadata": pa.array([e.metadata for e in events], pa.binary()).cast(pa.string()),
+            "version": pa.array([e.version for e in events], pa.int64()),
         },
         schema=SCHEMA,
+    )
+    # cluster by entity so a query by entity touches one or two row groups per part
+    table = table.sort_by(
+        [("tenant_id", "ascending"), ("entity_id", "ascending"), ("lsn", "ascending")]
     )
     name = part_name(first, last)
     path = directory / name
@@ -94,19 +97,27 @@ def write_part(
     digest = _sha256(tmp)
     os.replace(tmp, path)
     fsync_dir(directory)
+    tenants = table.column("tenant_id")
+    entities = table.column("entity_id")
     groups = []
-    for start in range(0, len(rows), row_group_rows):
-        a, b = rows[start], rows[min(start + row_group_rows, len(rows)) - 1]
-        groups.append((entity_key(a.tenant_id, a.entity_id), entity_key(b.tenant_id, b.entity_id)))
+    for start in range(0, table.num_rows, row_group_rows):
+        end = min(start + row_group_rows, table.num_rows) - 1
+        groups.append(
+            (
+                entity_key(tenants[start].as_py(), entities[start].as_py()),
+                entity_key(tenants[end].as_py(), entities[end].as_py()),
+            )
+        )
+    ts = table.column("timestamp").cast(pa.int64())
     return PartInfo(
         file=name,
         first_lsn=first,
         last_lsn=last,
-        events=len(rows),
+        events=table.num_rows,
         bytes=path.stat().st_size,
         sha256=digest,
-        min_ts_us=min(e.timestamp_us for e in events),
-        max_ts_us=max(e.timestamp_us for e in events),
+        min_ts_us=pc.min(ts).as_py(),
+        max_ts_us=pc.max(ts).as_py(),
         row_groups=groups,
     )
 
