@@ -269,3 +269,36 @@ def test_any_truncation_recovers_a_prefix(
     got = [r.body for r in wal.read_from(1)] if wal.last_position.lsn.value else []
     assert got == bodies[: cut // 132]
     wal.close()
+
+
+def test_cursor_follows_the_log_across_segments_and_live_appends(tmp_path: Path) -> None:
+    from walship.wal.cursor import WalCursor
+
+    wal = open_wal(tmp_path, limits=Limits(segment_bytes_max=2048))
+    write(wal, 50)
+    cursor = WalCursor(wal, 10)
+    seen: list[int] = []
+    raw = b""
+    while (batch := cursor.read(500)) is not None:
+        seen.extend(range(batch.first_lsn, batch.last_lsn + 1))
+        raw += batch.data
+    assert seen == list(range(10, 51))
+    write(wal, 5)
+    batch = cursor.read(1 << 20)
+    assert batch is not None
+    assert (batch.first_lsn, batch.last_lsn) == (51, 55)
+    assert batch.last_chain == wal.last_chain
+    assert raw == b"".join(r.raw for r in wal.read_from(10) if r.lsn <= 50)
+    cursor.close()
+    wal.close()
+
+
+def test_cursor_reports_removed_wal(tmp_path: Path) -> None:
+    from walship.wal.cursor import WalCursor, WalGone
+
+    wal = open_wal(tmp_path, limits=Limits(segment_bytes_max=2048))
+    write(wal, 50)
+    wal.remove_segments_through(Lsn(40))
+    with pytest.raises(WalGone):
+        WalCursor(wal, 1).read(1000)
+    wal.close()

@@ -508,6 +508,22 @@ class Wal:
         with self._lock:
             return [(s.first_lsn, s.path, s.bytes) for s in self._segments]
 
+    def sparse_index(self, first_lsn: int) -> list[tuple[int, int]]:
+        """``(lsn, offset)`` samples of the segment starting at ``first_lsn`` (may be empty)."""
+        with self._lock:
+            for seg in self._segments:
+                if seg.first_lsn == first_lsn:
+                    return list(seg.sparse_index)
+        return []
+
+    def segment_end(self, first_lsn: int) -> int | None:
+        """Bytes written to the segment starting at ``first_lsn``; None once it is removed."""
+        with self._lock:
+            for seg in self._segments:
+                if seg.first_lsn == first_lsn:
+                    return seg.bytes
+        return None
+
     def read_from(self, lsn: Lsn | int, *, max_bytes: int | None = None) -> Iterator[Record]:
         """Records from ``lsn`` up to what the writer has written, verified, in order.
 

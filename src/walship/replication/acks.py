@@ -1,0 +1,249 @@
+"""Acknowledgement modes, the tracker that waits for a write's own lsn, and the ledger of
+writes committed without the acknowledgements their mode asked for.
+
+``AckTracker`` lives on the leader's event loop. Followers' sessions report each durable lsn
+with ``update``; a write waits with ``wait(lsn, ...)`` for its *own* lsn (not "the last
+shipped offset", the reference's bug): the condition is checked when the wait starts and on
+every update and in-sync change, so a wake-up cannot be missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from walship.errors import InvalidInput
+from walship.fsutil import atomic_write
+
+
+@dataclass(frozen=True, slots=True)
+class AckMode:
+    """``async`` (0 followers), ``semi-sync`` (1), ``quorum:N`` (N) or ``sync`` (every in-sync)."""
+
+    kind: str
+    count: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> AckMode:
+        text = text.strip().lower()
+        if text in ("async", "none"):
+            return cls("async", 0)
+        if text in ("semi-sync", "semisync", "semi_sync"):
+            return cls("semi-sync", 1)
+        if text in ("sync", "all"):
+            return cls("sync", 0)
+        kind, _, n = text.partition(":")
+        if kind == "quorum" and n.isdigit() and int(n) >= 1:
+            return cls("quorum", int(n))
+        raise InvalidInput(
+            f"ack mode must be async, semi-sync, quorum:N or sync, not {text!r}", field="ack_mode"
+        )
+
+    def __str__(self) -> str:
+        return f"quorum:{self.count}" if self.kind == "quorum" else self.kind
+
+    @property
+    def waits(self) -> bool:
+        return self.kind != "async"
+
+    def strength(self, in_sync_count: int) -> int:
+        """How many follower acks this mode needs right now (for comparing strictness)."""
+        if self.kind == "sync":
+            return max(in_sync_count, 1)
+        return self.count
+
+    def required(self, in_sync_count: int) -> str:
+        """The requirement as receipts print it: ``"2"``, or ``"all-in-sync(3)"``."""
+        if self.kind == "sync":
+            return f"all-in-sync({in_sync_count})"
+        return str(self.count)
+
+
+@dataclass(frozen=True, slots=True)
+class AckOutcome:
+    """Which followers held the lsn when the wait ended, and whether the mode was met."""
+
+    satisfied: bool
+    acked_by: list[str]
+    required: str
+    reason: str | None = None
+
+
+@dataclass
+class _Waiter:
+    lsn: int
+    mode: AckMode
+    future: asyncio.Future[None]
+    min_in_sync: int
+
+
+class AckTracker:
+    """Durable lsn per follower and the writes waiting on them. Event-loop confined."""
+
+    def __init__(self) -> None:
+        self._durable: dict[str, int] = {}
+        self._in_sync: set[str] = set()
+        self._waiters: list[_Waiter] = []
+
+    @property
+    def followers(self) -> dict[str, int]:
+        return dict(self._durable)
+
+    @property
+    def in_sync(self) -> set[str]:
+        return set(self._in_sync)
+
+    def update(self, node_id: str, durable_lsn: int) -> None:
+        """A follower has durably written up to ``durable_lsn`` (never moves backwards)."""
+        if durable_lsn > self._durable.get(node_id, -1):
+            self._durable[node_id] = durable_lsn
+            self._wake()
+
+    def set_in_sync(self, node_id: str, in_sync: bool) -> None:
+        changed = (node_id in self._in_sync) != in_sync
+        if in_sync:
+            self._in_sync.add(node_id)
+        else:
+            self._in_sync.discard(node_id)
+        if changed:
+            self._wake()
+
+    def forget(self, node_id: str) -> None:
+        self._durable.pop(node_id, None)
+        self._in_sync.discard(node_id)
+        self._wake()
+
+    def acked_by(self, lsn: int) -> list[str]:
+        return sorted(n for n, d in self._durable.items() if d >= lsn)
+
+    def _met(self, w: _Waiter) -> bool:
+        acked = [n for n, d in self._durable.items() if d >= w.lsn]
+        if w.mode.kind == "sync":
+            return len(self._in_sync) >= max(w.min_in_sync, 1) and all(
+                self._durable.get(n, -1) >= w.lsn for n in self._in_sync
+            )
+        return len(acked) >= w.mode.count
+
+    def _wake(self) -> None:
+        still = []
+        for w in self._waiters:
+            if w.future.done():
+                continue
+            if self._met(w):
+                w.future.set_result(None)
+            else:
+                still.append(w)
+        self._waiters = still
+
+    async def wait(
+        self, lsn: int, mode: AckMode, timeout_s: float, min_in_sync: int = 1
+    ) -> AckOutcome:
+        """Wait until ``mode`` is met for ``lsn`` or ``timeout_s`` passes.
+
+        Returns at once, unsatisfied, when fewer followers are in sync than ``min_in_sync``
+        (the floor): waiting could not help.
+        """
+        required = mode.required(len(self._in_sync))
+        if not mode.waits:
+            return AckOutcome(True, self.acked_by(lsn), required)
+        if len(self._in_sync) < min_in_sync:
+            return AckOutcome(
+                False,
+                self.acked_by(lsn),
+                required,
+                f"{len(self._in_sync)} followers in sync, below the floor of {min_in_sync}",
+            )
+        waiter = _Waiter(lsn, mode, asyncio.get_running_loop().create_future(), min_in_sync)
+        if self._met(waiter):
+            return AckOutcome(True, self.acked_by(lsn), required)
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.future), timeout_s)
+        except TimeoutError:
+            return AckOutcome(
+                False,
+                self.acked_by(lsn),
+                mode.required(len(self._in_sync)),
+                f"not confirmed by {mode.required(len(self._in_sync))} followers "
+                f"within {int(timeout_s * 1000)} ms",
+            )
+        finally:
+            if not waiter.future.done():
+                waiter.future.cancel()
+        return AckOutcome(True, self.acked_by(lsn), mode.required(len(self._in_sync)))
+
+    def fail_all(self, reason: str) -> None:
+        """Wake every waiter (shutdown, demotion): they report what was acked so far."""
+        for w in self._waiters:
+            if not w.future.done():
+                w.future.cancel()
+        self._waiters = []
+
+
+class LedgerRange(msgspec.Struct):
+    first_lsn: int
+    last_lsn: int
+    writes: int
+    first_ts_us: int
+    last_ts_us: int
+    reason: str
+
+
+@dataclass
+class DegradationLedger:
+    """Lsn ranges committed without the acknowledgements their mode required; persisted.
+
+    A new range is written to disk before the write's answer leaves; extending the newest
+    range is flushed at most every ``flush_interval_s`` (and on close).
+    """
+
+    path: Path
+    flush_interval_s: float = 0.2
+    ranges: list[LedgerRange] = field(default_factory=list)
+    _dirty: bool = False
+    _last_flush: float = 0.0
+    on_change: Callable[[int], None] | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> DegradationLedger:
+        ledger = cls(path)
+        if path.exists():
+            ledger.ranges = msgspec.json.decode(path.read_bytes(), type=list[LedgerRange])
+        return ledger
+
+    @property
+    def degraded_writes(self) -> int:
+        return sum(r.writes for r in self.ranges)
+
+    def record(self, first_lsn: int, last_lsn: int, reason: str, now_us: int) -> None:
+        last = self.ranges[-1] if self.ranges else None
+        if last is not None and first_lsn <= last.last_lsn + 1 and last_lsn >= last.first_lsn:
+            last.first_lsn = min(last.first_lsn, first_lsn)
+            last.last_lsn = max(last.last_lsn, last_lsn)
+            last.writes += 1
+            last.last_ts_us = now_us
+            last.reason = reason
+            self._dirty = True
+            if time.monotonic() - self._last_flush >= self.flush_interval_s:
+                self.flush()
+        else:
+            self.ranges.append(LedgerRange(first_lsn, last_lsn, 1, now_us, now_us, reason))
+            self._dirty = True
+            self.flush()
+        if self.on_change is not None:
+            self.on_change(self.degraded_writes)
+
+    def flush(self) -> None:
+        if self._dirty:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, msgspec.json.encode(self.ranges))
+            self._dirty = False
+            self._last_flush = time.monotonic()
+
+    def to_list(self) -> list[dict[str, object]]:
+        return [msgspec.to_builtins(r) for r in self.ranges]

@@ -1,0 +1,139 @@
+"""A reader that follows the WAL on disk from a position, for shipping to a follower.
+
+It keeps its segment file open and its byte offset, so tailing live writes reads only the new
+bytes; it crosses into the next segment when the current one is finished, and reports when the
+records it needs were removed (the follower then needs a snapshot). It only returns records
+the writer has finished writing, each CRC-checked, as raw bytes ready to ship.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from walship.errors import CorruptionError, InvalidInput
+from walship.wal.log import Wal
+from walship.wal.record import HEADER, HEADER_BYTES, crc32c
+from walship.wal.segment import SEGMENT_HEADER_BYTES
+
+
+class WalGone(InvalidInput):
+    """The records a cursor needs are no longer in the WAL (removed after a checkpoint)."""
+
+    code = "wal_gone"
+
+
+@dataclass(frozen=True, slots=True)
+class RawBatch:
+    """Consecutive whole records ``first_lsn..last_lsn`` as they are on disk."""
+
+    first_lsn: int
+    last_lsn: int
+    last_term: int
+    last_chain: bytes
+    data: bytes
+
+
+class WalCursor:
+    """Reads records from ``next_lsn`` onwards. Not thread-safe: one per follower session."""
+
+    def __init__(self, wal: Wal, next_lsn: int) -> None:
+        self.wal = wal
+        self.next_lsn = next_lsn
+        self._file: BinaryIO | None = None
+        self._segment_first = 0
+        self._offset = 0
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _open_segment(self) -> None:
+        """Open the segment holding ``next_lsn`` and seek to it."""
+        self.close()
+        infos = self.wal.segment_infos()
+        firsts = [first for first, _, _ in infos]
+        if self.next_lsn < firsts[0]:
+            raise WalGone(
+                f"lsn {self.next_lsn} is no longer in the WAL (oldest is {firsts[0]})",
+                oldest_lsn=firsts[0],
+            )
+        idx = bisect.bisect_right(firsts, self.next_lsn) - 1
+        first, path, _ = infos[idx]
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - kept open across reads by design
+        except FileNotFoundError as exc:
+            raise WalGone(f"segment {path.name} was removed") from exc
+        self._file = f
+        self._segment_first = first
+        self._offset = SEGMENT_HEADER_BYTES
+        # skip to next_lsn using the writer's sparse index, then record by record
+        for lsn, offset in reversed(self.wal.sparse_index(first)):
+            if lsn <= self.next_lsn:
+                self._offset = offset
+                break
+        at = self._lsn_at(self._offset)
+        while at is not None and at < self.next_lsn:
+            f.seek(self._offset)
+            head = f.read(HEADER_BYTES)
+            self._offset += HEADER_BYTES + HEADER.unpack(head)[0]
+            at = self._lsn_at(self._offset)
+
+    def _lsn_at(self, offset: int) -> int | None:
+        assert self._file is not None
+        self._file.seek(offset)
+        head = self._file.read(HEADER_BYTES)
+        if len(head) < HEADER_BYTES:
+            return None
+        return int(HEADER.unpack(head)[2])
+
+    def read(self, max_bytes: int) -> RawBatch | None:
+        """The next whole records written so far, up to about ``max_bytes``; None when none.
+
+        Raises WalGone when they were removed, CorruptionError when a record fails its CRC.
+        """
+        written = self.wal.written_lsn.value
+        if self.next_lsn > written:
+            return None
+        if self._file is None:
+            self._open_segment()
+        assert self._file is not None
+        end_offset = self.wal.segment_end(self._segment_first)
+        if end_offset is None:
+            raise WalGone(f"the segment holding lsn {self.next_lsn} was removed")
+        if self._offset >= end_offset:
+            # this segment is finished: the next lsn is in the following one
+            self._open_segment()
+            end_offset = self.wal.segment_end(self._segment_first) or 0
+        self._file.seek(self._offset)
+        data = self._file.read(min(max(end_offset - self._offset, 0), max_bytes + (4 << 20)))
+        pos = 0
+        first = self.next_lsn
+        lsn = first - 1
+        term = 0
+        chain = b""
+        body_max = self.wal.limits.record_bytes_max
+        while pos + HEADER_BYTES <= len(data):
+            body_len, crc, rec_lsn, rec_term, rec_chain = HEADER.unpack_from(data, pos)
+            end = pos + HEADER_BYTES + body_len
+            if body_len > body_max or end > len(data) or rec_lsn > written:
+                break
+            view = memoryview(data)[pos:end]
+            if crc32c(view[8:], crc32c(view[0:4])) != crc:
+                raise CorruptionError(
+                    f"WAL record lsn {rec_lsn} fails its CRC at offset {self._offset + pos}",
+                    offset=self._offset + pos,
+                )
+            if rec_lsn != lsn + 1:
+                raise CorruptionError(f"WAL lsn {rec_lsn} where {lsn + 1} was expected")
+            lsn, term, chain = rec_lsn, rec_term, rec_chain
+            pos = end
+            if pos >= max_bytes:
+                break
+        if lsn < first:
+            return None
+        self._offset += pos
+        self.next_lsn = lsn + 1
+        return RawBatch(first, lsn, term, chain, data[:pos])
