@@ -1,0 +1,703 @@
+"""Replication protocol v1, sans I/O: bytes in, messages out; messages in, bytes out.
+
+This module owns the wire format between a leader and its followers (framing, the frame-size
+limit, checksums, the message types and the shared-secret handshake) and never touches a
+socket. The asyncio layer reads, ``FrameDecoder.feed``s, acts on the messages and writes
+``encode(msg)``; keeping that split is what makes fuzzing and fault simulation cheap.
+
+A frame, in network byte order::
+
+    offset  size  field
+    0       4     length    u32: payload bytes; the whole frame is 13 + length bytes
+    4       1     type      message type (``MESSAGE_TYPES``)
+    5       4     head_crc  CRC-32C of bytes 0..5: a corrupt length is caught before any of
+                            the body is awaited or buffered
+    9       4     crc       CRC-32C of type and payload
+    13      n     payload   msgpack array of the message's fields, in declaration order
+
+No frame exceeds ``Limits.frame_bytes_max`` (13 + n bytes in all). ``WalBatch.records`` and
+``SnapshotChunk.data`` are msgpack ``bin``: raw WAL records and file bytes travel as they are
+on disk, never re-encoded or base64'd.
+
+Message flow (F = follower, L = leader)::
+
+    F ── Hello(version, cluster_id, node_id, role, client_nonce) ──▶ L
+    F ◀── Challenge(server_nonce) ───────────────────────────────── L
+    F ── HelloProof(HMAC "follower proof") ────────────────────────▶ L
+    F ◀── Welcome(leader_node_id, term, last_lsn, HMAC "leader proof") L
+    F ── Subscribe(term, lsn, chain) ──────────────────────────────▶ L
+    then one of
+    F ◀── Diverged(common_term, common_lsn)          F truncates, lost-and-found, resubscribes
+    F ◀── SnapshotStart, SnapshotChunk…, SnapshotEnd  F installs S, then WAL from S+1
+    F ◀── WalBatch… CaughtUp WalBatch…                catch-up from disk, then live tail
+    all along
+    F ── Ack(durable_lsn, applied_lsn) ──▶ L          F ◀── Heartbeat(term, …) ──▶ L
+
+Either side may answer with ``Refused(code, message)`` and close. A frame whose sender term is
+lower than the receiver's known term is refused (fencing, see ``stale_term_error``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import struct
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal, TypeAlias, cast, get_args
+
+import msgspec
+
+from walship.errors import (
+    AuthenticationError,
+    CorruptionError,
+    InvalidInput,
+    LimitExceeded,
+    ProtocolError,
+    WalshipError,
+    error_class_for,
+    invariant,
+)
+from walship.limits import DEFAULT_LIMITS
+from walship.position import Lsn, Position, Term
+from walship.wal.record import CHAIN_BYTES, HEADER, HEADER_BYTES, Record, crc32c, iter_records
+
+PROTOCOL_VERSION: Final = 1
+SECRET_ENV: Final = "WALSHIP_REPLICATION_SECRET"  # noqa: S105 (a variable name)
+NONCE_BYTES: Final = 32
+PROOF_BYTES: Final = hashlib.sha256().digest_size
+
+FRAME_HEADER = struct.Struct(">IBII")
+FRAME_HEADER_BYTES: Final = FRAME_HEADER.size  # 13
+
+# Wire-format bounds (part of v1 itself, not tuning knobs, hence not in limits.py). They are
+# checked when a frame is decoded; everything else is bounded by frame_bytes_max.
+U64 = Annotated[int, msgspec.Meta(ge=0)]  # msgpack ints end at 2**64 - 1 anyway
+U32 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFF)]
+Chain = Annotated[bytes, msgspec.Meta(min_length=CHAIN_BYTES, max_length=CHAIN_BYTES)]
+Nonce = Annotated[bytes, msgspec.Meta(min_length=NONCE_BYTES, max_length=NONCE_BYTES)]
+Digest = Annotated[bytes, msgspec.Meta(min_length=PROOF_BYTES, max_length=PROOF_BYTES)]
+Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+# A bare file name: no separators, no leading dot (so never "." or ".."), no NUL. Names from
+# the wire are still never joined to a path unchecked (DESIGN 8.10).
+FileName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")]
+Role = Literal["leader", "follower"]
+
+
+def _require(condition: bool, message: str) -> None:
+    # ProtocolError (not ValueError) so msgspec lets it through decode unchanged.
+    if not condition:
+        raise ProtocolError(message)
+
+
+class _Wire(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """Base of every wire struct: immutable, encoded as a msgpack array."""
+
+
+class Hello(_Wire, frozen=True):
+    """F→L: who is asking, and a fresh nonce the leader must prove itself against."""
+
+    protocol_version: U32
+    cluster_id: Ident
+    node_id: Ident
+    role: Role
+    client_nonce: Nonce
+
+
+class Challenge(_Wire, frozen=True):
+    """L→F: the leader's fresh nonce for the follower's proof."""
+
+    server_nonce: Nonce
+
+
+class HelloProof(_Wire, frozen=True):
+    """F→L: ``client_proof`` over both nonces, the cluster id and the follower's node id."""
+
+    proof: Digest
+
+
+class Welcome(_Wire, frozen=True):
+    """L→F: accepted; the leader's identity, term and end of log, and its own proof."""
+
+    leader_node_id: Ident
+    term: U64
+    leader_last_lsn: U64
+    leader_proof: Digest
+
+
+class Refused(_Wire, frozen=True):
+    """Either way: a plain refusal; ``code`` is a walship error code. The sender then closes."""
+
+    code: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    message: str
+
+    @classmethod
+    def from_error(cls, exc: WalshipError) -> Refused:
+        return cls(code=exc.code, message=exc.message)
+
+    def to_error(self) -> WalshipError:
+        """The error this refusal stands for (its class keeps the ``retriable`` flag)."""
+        return error_class_for(self.code)(f"refused by peer: {self.message}", refused=self.code)
+
+
+class Subscribe(_Wire, frozen=True):
+    """F→L: the follower's durable end of log ``(term, lsn)`` and the chain hash there."""
+
+    term: U64
+    lsn: U64
+    chain: Chain
+
+    @classmethod
+    def at(cls, position: Position, chain: bytes) -> Subscribe:
+        return cls(term=int(position.term), lsn=int(position.lsn), chain=chain)
+
+    @property
+    def position(self) -> Position:
+        return Position(Term(self.term), Lsn(self.lsn))
+
+
+class Diverged(_Wire, frozen=True):
+    """L→F: the follower's tail is not on the leader's history; keep only up to this point."""
+
+    common_term: U64
+    common_lsn: U64
+    reason: str
+
+    @property
+    def position(self) -> Position:
+        return Position(Term(self.common_term), Lsn(self.common_lsn))
+
+
+class SnapshotFile(_Wire, frozen=True):
+    """One file of a snapshot: bare name, size and sha256 of its whole content."""
+
+    name: FileName
+    size: U64
+    sha256: Digest
+
+
+class SnapshotStart(_Wire, frozen=True):
+    """L→F: a checkpoint manifest covering exactly lsn ≤ ``last_lsn``; files follow in chunks."""
+
+    snapshot_id: Ident
+    last_lsn: U64
+    last_term: U64
+    chain: Chain
+    files: list[SnapshotFile]
+    total_bytes: U64
+
+    def __post_init__(self) -> None:
+        _require(
+            self.total_bytes == sum(f.size for f in self.files),
+            f"SnapshotStart total_bytes {self.total_bytes} is not the sum of its file sizes",
+        )
+        names = [f.name for f in self.files]
+        _require(len(set(names)) == len(names), "SnapshotStart lists a file name twice")
+
+    @property
+    def position(self) -> Position:
+        return Position(Term(self.last_term), Lsn(self.last_lsn))
+
+
+class SnapshotChunk(_Wire, frozen=True):
+    """L→F: ``data`` of ``files[file_index]`` at ``offset`` (resumable by offset)."""
+
+    file_index: U32
+    offset: U64
+    data: bytes
+
+    def __repr__(self) -> str:
+        return (
+            f"SnapshotChunk(file_index={self.file_index}, offset={self.offset}, "
+            f"data=<{len(self.data)} bytes>)"
+        )
+
+
+class SnapshotEnd(_Wire, frozen=True):
+    """L→F: every chunk of the snapshot was sent; verify sha256s, install, stream from S+1."""
+
+    snapshot_id: Ident
+
+
+class CaughtUp(_Wire, frozen=True):
+    """L→F: the follower has every record up to the leader's end of log."""
+
+    term: U64
+    leader_lsn: U64
+
+
+class WalBatch(_Wire, frozen=True):
+    """L→F: raw WAL records ``first_lsn..last_lsn`` that continue ``(prev_term, prev_lsn)``.
+
+    ``term`` is the leader's current term (for fencing); ``records`` are the records' bytes
+    exactly as in the leader's segment files; ``leader_write_ts_us`` is the leader's wall clock
+    when the last of them was written, for time lag.
+    """
+
+    term: U64
+    prev_lsn: U64
+    prev_term: U64
+    prev_chain: Chain
+    first_lsn: U64
+    last_lsn: U64
+    leader_lsn: U64
+    leader_write_ts_us: U64
+    records: bytes
+
+    def __post_init__(self) -> None:
+        span = f"WalBatch {self.first_lsn}..{self.last_lsn}"
+        _require(self.first_lsn == self.prev_lsn + 1, f"{span} does not follow {self.prev_lsn}")
+        _require(self.last_lsn >= self.first_lsn, f"{span} is empty")
+        _require(self.leader_lsn >= self.last_lsn, f"{span} ends past leader {self.leader_lsn}")
+        _require(self.prev_term <= self.term, f"{span} prev_term is above term {self.term}")
+        _require(len(self.records) >= HEADER_BYTES, f"{span} carries no record bytes")
+
+    def __repr__(self) -> str:
+        return (
+            f"WalBatch(term={self.term}, prev={self.prev_term}/{self.prev_lsn}, "
+            f"lsns={self.first_lsn}..{self.last_lsn}, leader_lsn={self.leader_lsn}, "
+            f"records=<{len(self.records)} bytes>)"
+        )
+
+    @property
+    def prev_position(self) -> Position:
+        return Position(Term(self.prev_term), Lsn(self.prev_lsn))
+
+    def iter_records(self, record_bytes_max: int = DEFAULT_LIMITS.record_bytes_max) -> list[Record]:
+        """Decode and verify the records; see ``decode_batch``."""
+        return decode_batch(self, record_bytes_max)
+
+
+class Ack(_Wire, frozen=True):
+    """F→L: the highest lsn the follower has durably written, and the highest it applied."""
+
+    durable_lsn: U64
+    applied_lsn: U64
+
+
+class Heartbeat(_Wire, frozen=True):
+    """Either way: liveness, the sender's term and end of log, its wall clock in µs."""
+
+    term: U64
+    last_lsn: U64
+    ts_us: U64
+
+
+# A message's type byte is its 1-based position in this union: never reorder, only append.
+Message: TypeAlias = (
+    Hello
+    | Challenge
+    | HelloProof
+    | Welcome
+    | Refused
+    | Subscribe
+    | Diverged
+    | SnapshotStart
+    | SnapshotChunk
+    | SnapshotEnd
+    | CaughtUp
+    | WalBatch
+    | Ack
+    | Heartbeat
+)
+
+
+MESSAGE_TYPES: Final[dict[int, type[Message]]] = dict(enumerate(get_args(Message), start=1))
+_CODE_OF: Final = {cls: code for code, cls in MESSAGE_TYPES.items()}
+_DECODERS: Final[dict[int, msgspec.msgpack.Decoder[Any]]] = {
+    code: msgspec.msgpack.Decoder(cls) for code, cls in MESSAGE_TYPES.items()
+}
+_ENCODER: Final = msgspec.msgpack.Encoder()
+_CRC = struct.Struct(">I")
+
+
+# ---------------------------------------------------------------------------------- framing
+
+
+def encode(msg: Message, frame_bytes_max: int = DEFAULT_LIMITS.frame_bytes_max) -> bytes:
+    """One whole frame for ``msg``; ProtocolError when it would exceed ``frame_bytes_max``."""
+    code = _CODE_OF[type(msg)]
+    buf = bytearray(FRAME_HEADER_BYTES)
+    _ENCODER.encode_into(msg, buf, FRAME_HEADER_BYTES)
+    if len(buf) > frame_bytes_max:
+        raise ProtocolError(
+            f"{type(msg).__name__} frame of {len(buf)} bytes exceeds frame_bytes_max "
+            f"{frame_bytes_max}",
+            frame_bytes=len(buf),
+        )
+    length = len(buf) - FRAME_HEADER_BYTES
+    head = struct.pack(">IB", length, code)
+    with memoryview(buf) as view:
+        crc = crc32c(view[FRAME_HEADER_BYTES:], crc32c(head[4:]))
+    FRAME_HEADER.pack_into(buf, 0, length, code, crc32c(head), crc)
+    return bytes(buf)
+
+
+class FrameDecoder:
+    """Turns a byte stream into messages; any split of the stream gives the same messages.
+
+    Holds at most one partial frame, never more than ``frame_bytes_max`` bytes: a frame's
+    header (length included) is checked before any of its body is buffered. After a
+    ProtocolError the stream is unusable and every later ``feed`` raises again; messages that
+    preceded the bad frame in the same ``feed`` are dropped with it (the link closes anyway).
+    """
+
+    def __init__(self, frame_bytes_max: int = DEFAULT_LIMITS.frame_bytes_max) -> None:
+        if frame_bytes_max < FRAME_HEADER_BYTES + 1:
+            raise InvalidInput(f"frame_bytes_max {frame_bytes_max} cannot hold a frame")
+        self.frame_bytes_max = frame_bytes_max
+        self._buf = bytearray()
+        self._frame_bytes: int | None = None  # size of the buffered frame, once its header passed
+        self._error: ProtocolError | None = None
+
+    def __repr__(self) -> str:
+        state = "failed" if self._error else f"buffered={len(self._buf)}"
+        return f"<FrameDecoder {state} frame_bytes_max={self.frame_bytes_max}>"
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of an incomplete frame held until the rest arrives."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """Every message completed by ``data``, in order; ProtocolError on a bad frame."""
+        if self._error is not None:
+            raise ProtocolError(f"stream already failed: {self._error.message}")
+        try:
+            with memoryview(data) as raw, raw.cast("B") as view:
+                return self._feed(view)
+        except ProtocolError as exc:
+            self._error = exc
+            self._buf, self._frame_bytes = bytearray(), None
+            raise
+
+    def end_of_stream(self) -> None:
+        """Check that the peer closed between frames; ProtocolError when it stopped inside one."""
+        if self._buf:
+            want = self._frame_bytes if self._frame_bytes is not None else FRAME_HEADER_BYTES
+            raise ProtocolError(f"stream ended inside a frame: {len(self._buf)} of {want} bytes")
+
+    def _feed(self, view: memoryview) -> list[Message]:
+        out: list[Message] = []
+        pos, end = 0, len(view)
+        if self._buf:
+            pos = self._fill(view, pos)
+            if self._frame_bytes is None or len(self._buf) < self._frame_bytes:
+                return out  # every byte went into the partial frame
+            out.append(_decode_frame(self._buf, 0, self._frame_bytes))
+            self._buf, self._frame_bytes = bytearray(), None
+        # Whole frames are decoded straight from the caller's bytes, without a copy.
+        while end - pos >= FRAME_HEADER_BYTES:
+            size = self._check_header(view, pos)
+            if end - pos < size:
+                break
+            out.append(_decode_frame(view, pos, size))
+            pos += size
+        if pos < end:
+            self._fill(view, pos)
+        return out
+
+    def _fill(self, view: memoryview, pos: int) -> int:
+        """Move bytes of the partial frame from ``view[pos:]`` into the buffer; the new pos."""
+        if self._frame_bytes is None:
+            take = min(FRAME_HEADER_BYTES - len(self._buf), len(view) - pos)
+            self._buf += view[pos : pos + take]
+            pos += take
+            if len(self._buf) < FRAME_HEADER_BYTES:
+                return pos
+            self._frame_bytes = self._check_header(self._buf, 0)
+        take = min(self._frame_bytes - len(self._buf), len(view) - pos)
+        self._buf += view[pos : pos + take]
+        return pos + take
+
+    def _check_header(self, buf: bytearray | memoryview, pos: int) -> int:
+        """Validate the frame header at ``pos``; returns the whole frame's size in bytes."""
+        length, code, head_crc, _ = FRAME_HEADER.unpack_from(buf, pos)
+        actual = crc32c(bytes(buf[pos : pos + 5]))
+        if actual != head_crc:
+            raise ProtocolError(
+                f"frame header checksum mismatch (stored {head_crc:08x}, computed "
+                f"{actual:08x}): corrupt stream, or the peer does not speak walship protocol v1"
+            )
+        size: int = FRAME_HEADER_BYTES + length
+        if size > self.frame_bytes_max:
+            raise ProtocolError(
+                f"frame of {size} bytes exceeds frame_bytes_max {self.frame_bytes_max}",
+                frame_bytes=size,
+            )
+        if code not in _DECODERS:
+            raise ProtocolError(f"unknown message type {code} (protocol v{PROTOCOL_VERSION})")
+        if length == 0:
+            raise ProtocolError(f"{MESSAGE_TYPES[code].__name__} frame has an empty payload")
+        return size
+
+
+def _decode_frame(buf: bytearray | memoryview, pos: int, size: int) -> Message:
+    """Check the CRC of the whole frame at ``pos`` (header already checked) and decode it."""
+    with memoryview(buf) as whole, whole[pos : pos + size] as frame:
+        code = frame[4]
+        name = MESSAGE_TYPES[code].__name__
+        (stored,) = _CRC.unpack_from(frame, 9)
+        actual = crc32c(frame[FRAME_HEADER_BYTES:], crc32c(frame[4:5]))
+        if actual != stored:
+            raise ProtocolError(
+                f"{name} frame checksum mismatch (stored {stored:08x}, computed {actual:08x})"
+            )
+        try:
+            return cast(Message, _DECODERS[code].decode(frame[FRAME_HEADER_BYTES:]))
+        except msgspec.DecodeError as exc:
+            raise ProtocolError(f"undecodable {name} payload: {exc}") from exc
+
+
+# -------------------------------------------------------------------------- handshake checks
+
+
+def hello_error(hello: Hello, cluster_id: str) -> ProtocolError | None:
+    """Why the leader must refuse ``hello`` (wrong version or cluster); None when it may go on."""
+    if hello.protocol_version != PROTOCOL_VERSION:
+        return ProtocolError(
+            f"protocol version {hello.protocol_version} is not supported; this node speaks "
+            f"version {PROTOCOL_VERSION}",
+            supported=[PROTOCOL_VERSION],
+        )
+    if hello.cluster_id != cluster_id:
+        return ProtocolError(
+            f"node {hello.node_id!r} belongs to cluster {hello.cluster_id!r}, not {cluster_id!r}"
+        )
+    return None
+
+
+def stale_term_error(msg: Message, known_term: int) -> ProtocolError | None:
+    """A ProtocolError when ``msg`` comes from a lower term than ``known_term`` (fencing).
+
+    The sender's term is in Welcome, WalBatch, CaughtUp and Heartbeat; other messages pass.
+    """
+    if not isinstance(msg, Welcome | WalBatch | CaughtUp | Heartbeat):
+        return None
+    term = msg.term
+    if term < known_term:
+        return ProtocolError(
+            f"{type(msg).__name__} from term {term}, but term {known_term} is already known: "
+            "the sender was deposed",
+            sender_term=term,
+            known_term=known_term,
+        )
+    return None
+
+
+# ------------------------------------------------------------------------------------ auth
+
+
+def make_nonce() -> bytes:
+    """A fresh random nonce of NONCE_BYTES for one handshake."""
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+def _mac(secret: bytes, *parts: bytes | str | int) -> bytes:
+    if not secret:
+        raise AuthenticationError("the replication secret is empty")
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    for part in parts:
+        if isinstance(part, str):
+            data = part.encode()
+        elif isinstance(part, int):
+            data = part.to_bytes(8, "big")
+        else:
+            data = part
+        # Length prefixes keep ("ab", "c") and ("a", "bc") apart.
+        mac.update(len(data).to_bytes(4, "big"))
+        mac.update(data)
+    return mac.digest()
+
+
+_FOLLOWER_LABEL = b"walship/v1 follower proof"
+_LEADER_LABEL = b"walship/v1 leader proof"
+
+
+def client_proof(
+    secret: bytes, client_nonce: bytes, server_nonce: bytes, cluster_id: str, node_id: str
+) -> bytes:
+    """The follower's HMAC-SHA256 proof that it holds ``secret``; ``node_id`` is its own."""
+    return _mac(secret, _FOLLOWER_LABEL, client_nonce, server_nonce, cluster_id, node_id)
+
+
+def server_proof(
+    secret: bytes,
+    client_nonce: bytes,
+    server_nonce: bytes,
+    cluster_id: str,
+    node_id: str,
+    leader_node_id: str,
+    term: int,
+) -> bytes:
+    """The leader's proof: another label (no replay of one for the other), binds id and term."""
+    parts = (client_nonce, server_nonce, cluster_id, node_id, leader_node_id, term)
+    return _mac(secret, _LEADER_LABEL, *parts)
+
+
+def verify_proof(expected: bytes, proof: bytes, who: str) -> None:
+    """AuthenticationError naming ``who`` unless ``proof`` equals ``expected`` (constant time)."""
+    if not hmac.compare_digest(expected, proof):
+        raise AuthenticationError(f"{who} failed the shared-secret challenge")
+
+
+def _handshake(hello: Hello, challenge: Challenge) -> tuple[bytes, bytes, str, str]:
+    return hello.client_nonce, challenge.server_nonce, hello.cluster_id, hello.node_id
+
+
+def make_hello_proof(secret: bytes, hello: Hello, challenge: Challenge) -> HelloProof:
+    """Follower side: the answer to ``challenge``."""
+    return HelloProof(client_proof(secret, *_handshake(hello, challenge)))
+
+
+def verify_hello_proof(secret: bytes, hello: Hello, challenge: Challenge, msg: HelloProof) -> None:
+    """Leader side: AuthenticationError unless the follower proved it holds the secret."""
+    expected = client_proof(secret, *_handshake(hello, challenge))
+    verify_proof(expected, msg.proof, f"follower {hello.node_id!r}")
+
+
+def make_welcome(
+    secret: bytes,
+    hello: Hello,
+    challenge: Challenge,
+    *,
+    leader_node_id: str,
+    term: int,
+    leader_last_lsn: int,
+) -> Welcome:
+    """Leader side, once the follower's proof verified: Welcome with the leader's own proof."""
+    proof = server_proof(secret, *_handshake(hello, challenge), leader_node_id, term)
+    return Welcome(leader_node_id, term, leader_last_lsn, proof)
+
+
+def verify_welcome(secret: bytes, hello: Hello, challenge: Challenge, welcome: Welcome) -> None:
+    """Follower side: AuthenticationError unless the leader proved it holds the secret."""
+    handshake = _handshake(hello, challenge)
+    expected = server_proof(secret, *handshake, welcome.leader_node_id, welcome.term)
+    verify_proof(expected, welcome.leader_proof, f"leader {welcome.leader_node_id!r}")
+
+
+def load_secret(
+    path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None
+) -> bytes:
+    """The shared secret from the file at ``path``, else from ``$WALSHIP_REPLICATION_SECRET``.
+
+    Surrounding whitespace (a trailing newline) is stripped. InvalidInput when there is no
+    secret, the file cannot be read, or the secret is empty.
+    """
+    if path is not None:
+        try:
+            secret = Path(path).read_bytes().strip()
+        except OSError as exc:
+            raise InvalidInput(f"cannot read replication secret file {path}: {exc}") from exc
+        source = f"file {path}"
+    else:
+        value = (os.environ if environ is None else environ).get(SECRET_ENV)
+        if value is None:
+            raise InvalidInput(f"no replication secret: pass a secret file or set {SECRET_ENV}")
+        secret, source = value.strip().encode(), SECRET_ENV
+    if not secret:
+        raise InvalidInput(f"the replication secret from {source} is empty")
+    return secret
+
+
+# ------------------------------------------------------------------------------ WAL batches
+
+WAL_BATCH_OVERHEAD_BYTES: Final = FRAME_HEADER_BYTES + 1 + 7 * 9 + (2 + CHAIN_BYTES) + 5
+"""Most bytes a WalBatch frame needs besides its records: frame header, array header, seven
+u64 fields at their widest (9 bytes), ``prev_chain`` as bin 8, ``records``' bin 32 header."""
+
+
+def batch_records(
+    records: Iterable[bytes],
+    frame_bytes_max: int = DEFAULT_LIMITS.frame_bytes_max,
+    *,
+    term: int,
+    prev_lsn: int,
+    prev_term: int,
+    prev_chain: bytes,
+    leader_lsn: int,
+    leader_write_ts_us: int,
+) -> list[WalBatch]:
+    """Split consecutive raw records (after ``prev_lsn``) into WalBatches that each fit a frame.
+
+    Records keep their order and bytes; each batch continues the one before. Returns [] for no
+    records. LimitExceeded when one record alone cannot fit; InvariantViolation when the
+    records are not consecutive from ``prev_lsn + 1``.
+    """
+    budget = frame_bytes_max - WAL_BATCH_OVERHEAD_BYTES
+    batches: list[WalBatch] = []
+    group: list[bytes] = []
+    group_bytes = 0
+    start = end = (prev_lsn, prev_term, prev_chain)
+    for raw in records:
+        invariant(len(raw) >= HEADER_BYTES, f"{len(raw)} bytes are not a WAL record")
+        body_len, _crc, lsn, rec_term, chain = HEADER.unpack_from(raw)
+        invariant(len(raw) == HEADER_BYTES + body_len, f"record {lsn} has a wrong length")
+        invariant(lsn == end[0] + 1, f"record {lsn} does not follow {end[0]}")
+        if len(raw) > budget:
+            raise LimitExceeded(
+                f"record {lsn} of {len(raw)} bytes cannot fit a {frame_bytes_max}-byte frame"
+            )
+        if group and group_bytes + len(raw) > budget:
+            batches.append(_wal_batch(group, start, end, term, leader_lsn, leader_write_ts_us))
+            group, group_bytes, start = [], 0, end
+        group.append(raw)
+        group_bytes += len(raw)
+        end = (lsn, rec_term, chain)
+    if group:
+        batches.append(_wal_batch(group, start, end, term, leader_lsn, leader_write_ts_us))
+    return batches
+
+
+def _wal_batch(
+    group: list[bytes],
+    start: tuple[int, int, bytes],
+    end: tuple[int, int, bytes],
+    term: int,
+    leader_lsn: int,
+    leader_write_ts_us: int,
+) -> WalBatch:
+    prev_lsn, prev_term, prev_chain = start
+    return WalBatch(
+        term=term,
+        prev_lsn=prev_lsn,
+        prev_term=prev_term,
+        prev_chain=prev_chain,
+        first_lsn=prev_lsn + 1,
+        last_lsn=end[0],
+        leader_lsn=leader_lsn,
+        leader_write_ts_us=leader_write_ts_us,
+        records=b"".join(group),
+    )
+
+
+def decode_batch(
+    batch: WalBatch, record_bytes_max: int = DEFAULT_LIMITS.record_bytes_max
+) -> list[Record]:
+    """The batch's records, each CRC-checked, consecutive, term-ordered and chain-linked.
+
+    Checks the batch against itself (from its ``prev_*`` fields); whether ``prev_*`` is the
+    follower's own tail is the follower's check. ProtocolError on any defect — never a skip.
+    """
+    span = f"WalBatch {batch.first_lsn}..{batch.last_lsn}"
+    try:
+        records = iter_records(batch.records, record_bytes_max)
+    except CorruptionError as exc:
+        raise ProtocolError(f"{span}: {exc.message}", **exc.details) from exc
+    lsn, term, chain = batch.prev_lsn, batch.prev_term, batch.prev_chain
+    for rec in records:
+        if rec.lsn != lsn + 1:
+            raise ProtocolError(f"{span}: record lsn {rec.lsn} where {lsn + 1} was due")
+        if not term <= rec.term <= batch.term:
+            raise ProtocolError(
+                f"{span}: record {rec.lsn} has term {rec.term}, outside {term}..{batch.term}"
+            )
+        if not rec.verify_chain(chain):
+            raise ProtocolError(f"{span}: chain hash mismatch at record {rec.lsn}")
+        lsn, term, chain = rec.lsn, rec.term, rec.chain
+    if lsn != batch.last_lsn:
+        raise ProtocolError(f"{span}: the records end at lsn {lsn}")
+    return records

@@ -1,0 +1,577 @@
+"""Replication protocol v1: framing, limits, checksums, messages, handshake and WAL batches."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from walship.errors import (
+    AuthenticationError,
+    InvalidInput,
+    InvariantViolation,
+    LimitExceeded,
+    ProtocolError,
+    VersionConflict,
+)
+from walship.position import Lsn, Position, Term
+from walship.replication.protocol import (
+    FRAME_HEADER_BYTES,
+    MESSAGE_TYPES,
+    NONCE_BYTES,
+    PROTOCOL_VERSION,
+    SECRET_ENV,
+    Ack,
+    CaughtUp,
+    Challenge,
+    Diverged,
+    FrameDecoder,
+    Heartbeat,
+    Hello,
+    HelloProof,
+    Message,
+    Refused,
+    SnapshotChunk,
+    SnapshotEnd,
+    SnapshotFile,
+    SnapshotStart,
+    Subscribe,
+    WalBatch,
+    Welcome,
+    batch_records,
+    client_proof,
+    decode_batch,
+    encode,
+    hello_error,
+    load_secret,
+    make_hello_proof,
+    make_nonce,
+    make_welcome,
+    server_proof,
+    stale_term_error,
+    verify_hello_proof,
+    verify_welcome,
+)
+from walship.wal.record import GENESIS_CHAIN, crc32c, encode_record
+
+U64_MAX = (1 << 64) - 1
+SECRET = b"correct horse battery staple"
+# WALSHIP_FUZZ_EXAMPLES=20000 runs the property tests much longer (a nightly fuzz).
+FAST = settings(
+    max_examples=int(os.environ.get("WALSHIP_FUZZ_EXAMPLES", "200")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def make_records(
+    count: int, *, first_lsn: int = 1, term: int = 1, body_bytes: int = 40
+) -> tuple[list[bytes], list[bytes]]:
+    """``count`` consecutive raw records after GENESIS_CHAIN; returns (records, chains)."""
+    records, chains, chain = [], [], GENESIS_CHAIN
+    for i in range(count):
+        raw, chain = encode_record(first_lsn + i, term, chain, bytes([i % 251]) * body_bytes)
+        records.append(raw)
+        chains.append(chain)
+    return records, chains
+
+
+RECORDS, CHAINS = make_records(3)
+SAMPLES: list[Message] = [
+    Hello(PROTOCOL_VERSION, "cluster-a", "node-2", "follower", bytes(range(32))),
+    Challenge(b"\xff" * NONCE_BYTES),
+    HelloProof(b"p" * 32),
+    Welcome("node-1", 7, 1_000, b"w" * 32),
+    Refused("authentication_failed", "wrong secret"),
+    Subscribe(term=6, lsn=999, chain=b"c" * 8),
+    Diverged(common_term=5, common_lsn=900, reason="tail written in term 6 was never committed"),
+    SnapshotStart(
+        snapshot_id="snap-0001",
+        last_lsn=500,
+        last_term=5,
+        chain=b"s" * 8,
+        files=[
+            SnapshotFile("0000000000000001-00000000000001f4.parquet", 1234, b"h" * 32),
+            SnapshotFile("manifest.json", 66, b"m" * 32),
+        ],
+        total_bytes=1300,
+    ),
+    SnapshotChunk(file_index=1, offset=4096, data=bytes(range(256)) * 4),
+    SnapshotEnd("snap-0001"),
+    CaughtUp(term=7, leader_lsn=1_000),
+    WalBatch(
+        term=1,
+        prev_lsn=0,
+        prev_term=0,
+        prev_chain=GENESIS_CHAIN,
+        first_lsn=1,
+        last_lsn=3,
+        leader_lsn=3,
+        leader_write_ts_us=1_700_000_000_000_000,
+        records=b"".join(RECORDS),
+    ),
+    Ack(durable_lsn=3, applied_lsn=2),
+    Heartbeat(term=U64_MAX, last_lsn=U64_MAX, ts_us=0),
+]
+STREAM = b"".join(encode(m) for m in SAMPLES)
+
+
+def frame_with(payload: bytes, code: int, *, length: int | None = None) -> bytes:
+    """A frame with valid checksums around any payload (and optionally a lying length)."""
+    head = struct.pack(">IB", len(payload) if length is None else length, code)
+    crc = crc32c(payload, crc32c(head[4:]))
+    return head + struct.pack(">II", crc32c(head), crc) + payload
+
+
+# ------------------------------------------------------------------------------- strategies
+
+u64 = st.integers(0, U64_MAX)
+ident = st.text(min_size=1, max_size=128)
+nonce = st.binary(min_size=32, max_size=32)
+chain = st.binary(min_size=8, max_size=8)
+file_name = st.from_regex(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]{0,40}\Z")
+
+
+@st.composite
+def wal_batches(draw: st.DrawFn) -> WalBatch:
+    prev_lsn = draw(st.integers(0, U64_MAX - 100))
+    last = prev_lsn + draw(st.integers(1, 50))
+    term = draw(u64)
+    return WalBatch(
+        term=term,
+        prev_lsn=prev_lsn,
+        prev_term=draw(st.integers(0, term)),
+        prev_chain=draw(chain),
+        first_lsn=prev_lsn + 1,
+        last_lsn=last,
+        leader_lsn=draw(st.integers(last, U64_MAX)),
+        leader_write_ts_us=draw(u64),
+        records=draw(st.binary(min_size=32, max_size=2000)),
+    )
+
+
+@st.composite
+def snapshot_starts(draw: st.DrawFn) -> SnapshotStart:
+    names = draw(st.lists(file_name, max_size=5, unique=True))
+    files = [SnapshotFile(n, draw(st.integers(0, 2**40)), draw(nonce)) for n in names]
+    return SnapshotStart(
+        draw(ident), draw(u64), draw(u64), draw(chain), files, sum(f.size for f in files)
+    )
+
+
+messages: st.SearchStrategy[Message] = st.one_of(
+    st.builds(
+        Hello,
+        st.integers(0, 2**32 - 1),
+        ident,
+        ident,
+        st.sampled_from(["leader", "follower"]),
+        nonce,
+    ),
+    st.builds(Challenge, nonce),
+    st.builds(HelloProof, nonce),
+    st.builds(Welcome, ident, u64, u64, nonce),
+    st.builds(Refused, st.text(min_size=1, max_size=64), st.text(max_size=300)),
+    st.builds(Subscribe, u64, u64, chain),
+    st.builds(Diverged, u64, u64, st.text(max_size=300)),
+    snapshot_starts(),
+    st.builds(SnapshotChunk, st.integers(0, 2**32 - 1), u64, st.binary(max_size=3000)),
+    st.builds(SnapshotEnd, ident),
+    st.builds(CaughtUp, u64, u64),
+    wal_batches(),
+    st.builds(Ack, u64, u64),
+    st.builds(Heartbeat, u64, u64, u64),
+)
+
+
+# ---------------------------------------------------------------------------------- framing
+
+
+def test_samples_cover_every_message_type() -> None:
+    assert {type(m) for m in SAMPLES} == set(MESSAGE_TYPES.values())
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_every_message_type_round_trips(msg: Message) -> None:
+    decoder = FrameDecoder()
+    assert decoder.feed(encode(msg)) == [msg]
+    assert decoder.buffered_bytes == 0
+    decoder.end_of_stream()
+
+
+@FAST
+@given(st.lists(messages, min_size=1, max_size=5))
+def test_random_messages_round_trip(msgs: list[Message]) -> None:
+    assert FrameDecoder().feed(b"".join(encode(m) for m in msgs)) == msgs
+
+
+def test_large_bytes_fields_travel_as_raw_bytes_not_base64() -> None:
+    data = bytes(range(256)) * 1024
+    frame = encode(SnapshotChunk(0, 0, data))
+    assert data in frame
+    assert len(frame) < len(data) + 64
+
+
+def test_stream_split_at_every_byte_boundary_decodes_the_same() -> None:
+    for cut in range(len(STREAM) + 1):
+        decoder = FrameDecoder()
+        got = decoder.feed(STREAM[:cut]) + decoder.feed(STREAM[cut:])
+        assert got == SAMPLES, f"split at byte {cut}"
+        decoder.end_of_stream()
+
+
+def test_stream_fed_one_byte_at_a_time_decodes_the_same() -> None:
+    decoder = FrameDecoder()
+    got: list[Message] = []
+    for i in range(len(STREAM)):
+        got += decoder.feed(STREAM[i : i + 1])
+    assert got == SAMPLES
+
+
+@FAST
+@given(st.lists(st.integers(0, len(STREAM)), max_size=20))
+def test_stream_split_anywhere_any_number_of_times_decodes_the_same(cuts: list[int]) -> None:
+    bounds = [0, *sorted(cuts), len(STREAM)]
+    decoder = FrameDecoder()
+    got: list[Message] = []
+    for a, b in itertools.pairwise(bounds):
+        got += decoder.feed(memoryview(STREAM)[a:b])
+    assert got == SAMPLES
+
+
+def _feed_checked(decoder: FrameDecoder, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        try:
+            decoder.feed(chunk)
+        except ProtocolError:
+            return
+        assert decoder.buffered_bytes <= decoder.frame_bytes_max
+
+
+@FAST
+@given(st.lists(st.binary(max_size=600), max_size=8), st.integers(FRAME_HEADER_BYTES + 1, 1024))
+def test_arbitrary_bytes_give_messages_or_protocol_error(chunks: list[bytes], limit: int) -> None:
+    """Garbage never crashes the decoder nor makes it hold more than one frame's worth."""
+    _feed_checked(FrameDecoder(limit), chunks)
+
+
+@FAST
+@given(st.binary(max_size=400), st.integers(0, 20), st.binary(max_size=50), st.integers(1, 400))
+def test_well_framed_garbage_payloads_give_messages_or_protocol_error(
+    payload: bytes, code: int, tail: bytes, split: int
+) -> None:
+    """Frames with valid checksums around random payloads exercise the payload decoder."""
+    stream = STREAM[:200] + frame_with(payload, code) + tail
+    _feed_checked(FrameDecoder(512), [stream[:split], stream[split:]])
+
+
+def test_oversized_length_is_rejected_before_the_body_is_buffered() -> None:
+    decoder = FrameDecoder(1024)
+    header = frame_with(b"", 14, length=2**32 - 1)  # claims 4 GiB, checksums valid
+    with pytest.raises(ProtocolError, match="exceeds frame_bytes_max 1024"):
+        decoder.feed(header)
+    assert decoder.buffered_bytes == 0
+
+
+def test_frame_exactly_at_the_limit_passes_and_one_byte_more_fails() -> None:
+    frame = encode(SnapshotChunk(0, 0, b"x" * 1000))
+    assert FrameDecoder(len(frame)).feed(frame) == [SnapshotChunk(0, 0, b"x" * 1000)]
+    with pytest.raises(ProtocolError, match="exceeds"):
+        FrameDecoder(len(frame) - 1).feed(frame[:FRAME_HEADER_BYTES])
+    with pytest.raises(ProtocolError, match="exceeds"):
+        encode(SnapshotChunk(0, 0, b"x" * 1000), frame_bytes_max=len(frame) - 1)
+
+
+def test_unknown_message_type_is_rejected() -> None:
+    with pytest.raises(ProtocolError, match="unknown message type 99"):
+        FrameDecoder().feed(frame_with(b"\x90", 99))
+
+
+def test_undecodable_payload_is_rejected_with_the_message_name() -> None:
+    with pytest.raises(ProtocolError, match="undecodable Ack payload"):
+        FrameDecoder().feed(frame_with(b"\x92\xa1x\x01", 13))  # ["x", 1]: a str for an lsn
+
+
+def test_negative_position_is_rejected() -> None:
+    import msgspec
+
+    with pytest.raises(ProtocolError, match="undecodable Ack"):
+        FrameDecoder().feed(frame_with(msgspec.msgpack.encode([-1, 0]), 13))
+
+
+def test_snapshot_file_name_that_is_a_path_is_rejected() -> None:
+    for name in ("../etc/passwd", "/etc/passwd", "a/b", ".hidden", "..", "", "a\x00b"):
+        start = SnapshotStart("s", 1, 1, b"c" * 8, [SnapshotFile(name, 1, b"h" * 32)], 1)
+        with pytest.raises(ProtocolError, match="undecodable SnapshotStart"):
+            FrameDecoder().feed(encode(start))
+
+
+def test_inconsistent_messages_cannot_be_built_nor_decoded() -> None:
+    with pytest.raises(ProtocolError, match="does not follow"):
+        WalBatch(1, 5, 1, GENESIS_CHAIN, 7, 7, 7, 0, b"".join(RECORDS))
+    with pytest.raises(ProtocolError, match="total_bytes"):
+        SnapshotStart("s", 1, 1, b"c" * 8, [SnapshotFile("a", 1, b"h" * 32)], 2)
+    import msgspec
+
+    lying = msgspec.msgpack.encode([1, 5, 1, GENESIS_CHAIN, 7, 7, 7, 0, b"".join(RECORDS)])
+    with pytest.raises(ProtocolError, match="does not follow"):
+        FrameDecoder().feed(frame_with(lying, 12))
+
+
+@FAST
+@given(messages, st.data())
+def test_single_bit_flip_anywhere_in_a_frame_is_detected(msg: Message, data: st.DataObject) -> None:
+    frame = bytearray(encode(msg))
+    bit = data.draw(st.integers(0, len(frame) * 8 - 1))
+    frame[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(ProtocolError):
+        FrameDecoder().feed(bytes(frame))
+
+
+def test_every_single_bit_flip_of_a_heartbeat_frame_is_detected() -> None:
+    frame = encode(Heartbeat(3, 42, 1_700_000_000_000_000))
+    for bit in range(len(frame) * 8):
+        flipped = bytearray(frame)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(ProtocolError):
+            FrameDecoder().feed(bytes(flipped))
+
+
+def test_decoder_stays_failed_after_a_protocol_error() -> None:
+    decoder = FrameDecoder()
+    with pytest.raises(ProtocolError):
+        decoder.feed(b"GET / HTTP/1.1\r\n\r\n")
+    with pytest.raises(ProtocolError, match="already failed"):
+        decoder.feed(encode(SAMPLES[0]))
+
+
+def test_stream_ending_inside_a_frame_is_a_protocol_error() -> None:
+    decoder = FrameDecoder()
+    assert decoder.feed(STREAM[:-1]) == SAMPLES[:-1]
+    with pytest.raises(ProtocolError, match="ended inside a frame"):
+        decoder.end_of_stream()
+
+
+def test_repr_of_bulky_messages_does_not_dump_their_bytes() -> None:
+    assert f"records=<{len(b''.join(RECORDS))} bytes>" in repr(SAMPLES[11])
+    assert len(repr(SnapshotChunk(0, 0, b"x" * 100_000))) < 100
+
+
+# ------------------------------------------------------------------------ handshake, fencing
+
+
+def test_positions_read_as_value_types() -> None:
+    pos = Position(Term(6), Lsn(999))
+    subscribe, batch = SAMPLES[5], SAMPLES[11]
+    assert isinstance(subscribe, Subscribe) and isinstance(batch, WalBatch)
+    assert Subscribe.at(pos, b"c" * 8) == subscribe
+    assert subscribe.position == pos
+    assert batch.prev_position == Position.start()
+
+
+def test_hello_with_another_protocol_version_is_refusable() -> None:
+    ok = Hello(PROTOCOL_VERSION, "cluster-a", "n2", "follower", make_nonce())
+    assert hello_error(ok, "cluster-a") is None
+    error = hello_error(Hello(2, "cluster-a", "n2", "follower", make_nonce()), "cluster-a")
+    assert isinstance(error, ProtocolError)
+    assert "version 2 is not supported" in error.message
+    refused = Refused.from_error(error)
+    assert isinstance(refused.to_error(), ProtocolError)
+    assert isinstance(hello_error(ok, "cluster-b"), ProtocolError)
+
+
+def test_refused_maps_back_to_the_error_class() -> None:
+    err = Refused.from_error(AuthenticationError("no")).to_error()
+    assert isinstance(err, AuthenticationError) and not err.retriable
+    assert isinstance(Refused("version_conflict", "x").to_error(), VersionConflict)
+
+
+def test_frames_from_a_lower_term_are_fenced() -> None:
+    assert stale_term_error(Heartbeat(5, 1, 0), known_term=5) is None
+    assert isinstance(stale_term_error(Heartbeat(4, 1, 0), known_term=5), ProtocolError)
+    assert isinstance(stale_term_error(SAMPLES[11], known_term=2), ProtocolError)
+    assert stale_term_error(Ack(1, 1), known_term=9) is None
+
+
+def test_mutual_proofs_verify_with_the_right_secret() -> None:
+    hello = Hello(PROTOCOL_VERSION, "cluster-a", "n2", "follower", make_nonce())
+    challenge = Challenge(make_nonce())
+    verify_hello_proof(SECRET, hello, challenge, make_hello_proof(SECRET, hello, challenge))
+    welcome = make_welcome(
+        SECRET, hello, challenge, leader_node_id="n1", term=3, leader_last_lsn=10
+    )
+    verify_welcome(SECRET, hello, challenge, welcome)
+
+
+def test_proofs_fail_with_a_wrong_secret() -> None:
+    hello = Hello(PROTOCOL_VERSION, "cluster-a", "n2", "follower", make_nonce())
+    challenge = Challenge(make_nonce())
+    with pytest.raises(AuthenticationError, match="follower 'n2'"):
+        verify_hello_proof(SECRET, hello, challenge, make_hello_proof(b"guess", hello, challenge))
+    welcome = make_welcome(
+        b"guess", hello, challenge, leader_node_id="n1", term=3, leader_last_lsn=0
+    )
+    with pytest.raises(AuthenticationError, match="leader 'n1'"):
+        verify_welcome(SECRET, hello, challenge, welcome)
+
+
+def test_proofs_are_bound_to_their_nonces_role_and_fields() -> None:
+    hello = Hello(PROTOCOL_VERSION, "cluster-a", "n2", "follower", make_nonce())
+    challenge = Challenge(make_nonce())
+    proof = make_hello_proof(SECRET, hello, challenge)
+    with pytest.raises(AuthenticationError):  # replay against a fresh challenge
+        verify_hello_proof(SECRET, hello, Challenge(make_nonce()), proof)
+    welcome = make_welcome(SECRET, hello, challenge, leader_node_id="n1", term=3, leader_last_lsn=0)
+    with pytest.raises(AuthenticationError):  # a leader's proof does not vouch for another term
+        verify_welcome(SECRET, hello, challenge, Welcome("n1", 4, 0, welcome.leader_proof))
+    args = (hello.client_nonce, challenge.server_nonce, "cluster-a", "n2")
+    assert client_proof(SECRET, *args) != server_proof(SECRET, *args, "n2", 0)
+    with pytest.raises(AuthenticationError):  # reflecting the follower's proof back
+        verify_welcome(SECRET, hello, challenge, Welcome("n1", 3, 0, proof.proof))
+
+
+def test_nonces_are_fresh_and_an_empty_secret_is_refused() -> None:
+    assert len(make_nonce()) == NONCE_BYTES
+    assert make_nonce() != make_nonce()
+    with pytest.raises(AuthenticationError):
+        client_proof(b"", b"a", b"b", "c", "d")
+
+
+def test_load_secret_reads_a_file_or_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_bytes(b"s3cret\n")
+    assert load_secret(path, environ={SECRET_ENV: "other"}) == b"s3cret"
+    assert load_secret(environ={SECRET_ENV: " from-env "}) == b"from-env"
+    path.write_bytes(b"\n")
+    with pytest.raises(InvalidInput, match="empty"):
+        load_secret(path)
+    with pytest.raises(InvalidInput, match="empty"):
+        load_secret(environ={SECRET_ENV: ""})
+    with pytest.raises(InvalidInput, match=SECRET_ENV):
+        load_secret(environ={})
+    with pytest.raises(InvalidInput, match="cannot read"):
+        load_secret(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------ WAL batches
+
+
+@FAST
+@given(
+    st.lists(st.integers(0, 700), min_size=0, max_size=40),
+    st.integers(900, 4000),
+    st.booleans(),
+)
+def test_batch_records_fits_every_frame_and_keeps_every_record_in_order(
+    body_sizes: list[int], frame_bytes_max: int, huge_numbers: bool
+) -> None:
+    """With the widest u64 fields too, so the overhead bound is tested at its worst."""
+    first = U64_MAX - 100 if huge_numbers else 1
+    records, chain = [], GENESIS_CHAIN
+    for i, size in enumerate(body_sizes):
+        raw, chain = encode_record(first + i, 7, chain, b"e" * size)
+        records.append(raw)
+    top = U64_MAX if huge_numbers else 10**6
+    batches = batch_records(
+        records,
+        frame_bytes_max,
+        term=top,
+        prev_lsn=first - 1,
+        prev_term=7,
+        prev_chain=GENESIS_CHAIN,
+        leader_lsn=top,
+        leader_write_ts_us=top,
+    )
+    decoder = FrameDecoder(frame_bytes_max)
+    shipped = []
+    prev = (first - 1, GENESIS_CHAIN)
+    for batch in batches:
+        frame = encode(batch, frame_bytes_max)
+        assert len(frame) <= frame_bytes_max
+        [got] = decoder.feed(frame)
+        assert isinstance(got, WalBatch)
+        assert (got.prev_lsn, got.prev_chain) == prev
+        recs = got.iter_records()
+        shipped += [r.raw for r in recs]
+        prev = (recs[-1].lsn, recs[-1].chain)
+    assert shipped == records
+
+
+def test_batch_records_refuses_a_record_larger_than_a_frame() -> None:
+    records, _ = make_records(1, body_bytes=2000)
+    with pytest.raises(LimitExceeded, match="cannot fit"):
+        batch_records(
+            records,
+            1024,
+            term=1,
+            prev_lsn=0,
+            prev_term=0,
+            prev_chain=GENESIS_CHAIN,
+            leader_lsn=1,
+            leader_write_ts_us=0,
+        )
+
+
+def test_batch_records_refuses_records_with_a_gap() -> None:
+    records, _ = make_records(3)
+    with pytest.raises(InvariantViolation, match="does not follow"):
+        batch_records(
+            [records[0], records[2]],
+            term=1,
+            prev_lsn=0,
+            prev_term=0,
+            prev_chain=GENESIS_CHAIN,
+            leader_lsn=3,
+            leader_write_ts_us=0,
+        )
+
+
+def _batch(records: list[bytes], /, **changes: object) -> WalBatch:
+    fields: dict[str, object] = {
+        "term": 1,
+        "prev_lsn": 0,
+        "prev_term": 0,
+        "prev_chain": GENESIS_CHAIN,
+        "first_lsn": 1,
+        "last_lsn": len(records),
+        "leader_lsn": 10,
+        "leader_write_ts_us": 0,
+        "records": b"".join(records),
+    }
+    fields.update(changes)
+    return WalBatch(**fields)  # type: ignore[arg-type]
+
+
+def test_decode_batch_returns_verified_records() -> None:
+    records = decode_batch(_batch(RECORDS))
+    assert [r.lsn for r in records] == [1, 2, 3]
+    assert [r.chain for r in records] == CHAINS
+
+
+def test_decode_batch_detects_a_corrupt_record() -> None:
+    raw = bytearray(b"".join(RECORDS))
+    raw[50] ^= 0x01  # inside the first record's body: the frame CRC would not see this
+    with pytest.raises(ProtocolError, match="CRC mismatch"):
+        decode_batch(_batch(RECORDS, records=bytes(raw)))
+
+
+def test_decode_batch_detects_a_gap_a_chain_break_and_a_short_batch() -> None:
+    with pytest.raises(ProtocolError, match="where 2 was due"):
+        decode_batch(_batch([RECORDS[0], RECORDS[2]], last_lsn=3))
+    with pytest.raises(ProtocolError, match="chain hash mismatch"):
+        decode_batch(_batch(RECORDS, prev_chain=b"x" * 8))
+    with pytest.raises(ProtocolError, match="end at lsn 3"):
+        decode_batch(_batch(RECORDS, last_lsn=4))
+    with pytest.raises(ProtocolError, match="more bytes"):
+        decode_batch(_batch(RECORDS, records=b"".join(RECORDS)[:-1]))
+
+
+def test_decode_batch_refuses_records_from_a_later_term_than_the_batch() -> None:
+    later, _ = make_records(2, term=5)
+    with pytest.raises(ProtocolError, match="term 5"):
+        decode_batch(_batch(later, term=4))
