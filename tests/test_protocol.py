@@ -39,6 +39,7 @@ from walship.replication.protocol import (
     SnapshotChunk,
     SnapshotEnd,
     SnapshotFile,
+    SnapshotResume,
     SnapshotStart,
     Subscribe,
     WalBatch,
@@ -117,6 +118,7 @@ SAMPLES: list[Message] = [
     ),
     Ack(durable_lsn=3, applied_lsn=2),
     Heartbeat(term=U64_MAX, last_lsn=U64_MAX, ts_us=0),
+    SnapshotResume(snapshot_id="0000000000000010-abcdef", file_index=2, offset=4096),
 ]
 STREAM = b"".join(encode(m) for m in SAMPLES)
 

@@ -225,3 +225,35 @@ def test_memtable_stays_bounded_while_the_store_grows(tmp_path: Path) -> None:
     assert peak <= 2 * (2 * 500 + 250)
     assert store.stats()["parquet_events"] >= 10_000 - peak
     store.close()
+
+
+def test_install_snapshot_replaces_state_and_continues_from_its_end(tmp_path: Path) -> None:
+    import shutil
+
+    leader = open_store(tmp_path / "leader")
+    for i in range(30):
+        leader.append(make_event(f"e{i % 3}", payload={"i": i}))
+    leader.checkpoint()
+    for i in range(30, 40):
+        leader.append(make_event(f"e{i % 3}", payload={"i": i}))
+    manifest = leader.manifest
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    for part in manifest.parts:
+        shutil.copy(leader.parts_dir / part.file, staged / part.file)
+
+    follower = open_store(tmp_path / "follower")
+    follower.append(make_event("junk"))  # replaced by the snapshot
+    follower.install_snapshot(staged, manifest, leader.wal.terms.to_list())
+    assert follower.last_position == leader.manifest_position()
+    assert follower.entity_version("junk") == 0
+    assert follower.entity_version("e0") == 10
+    follower.apply_records(list(leader.wal.read_from(31))).result()
+    assert all_events(follower) == all_events(leader)
+    assert [r.raw for r in follower.wal.read_from(31)] == [r.raw for r in leader.wal.read_from(31)]
+    follower.close()
+    follower = open_store(tmp_path / "follower")
+    assert all_events(follower) == list(range(1, 41))
+    assert follower.entity_version("e1") == leader.entity_version("e1")
+    follower.close()
+    leader.close()

@@ -16,6 +16,8 @@ Usable embedded::
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +50,7 @@ from walship.events import (
     prepare,
     stored_from_body,
 )
+from walship.fsutil import atomic_write, fsync_dir
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.metrics import StoreMetrics
 from walship.position import Lsn, Position, Term
@@ -59,6 +62,8 @@ from walship.wal import FsyncPolicy, Record, Wal
 from walship.wal.log import WriteOutcome
 
 log = logging.getLogger(__name__)
+
+INSTALL_MARKER = "INSTALLING_SNAPSHOT"
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,8 @@ class Store:
         return store
 
     def _recover(self) -> None:
+        if (self.data_dir / INSTALL_MARKER).exists():
+            self._finish_install()
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.parts_dir.glob("*.tmp"):
             stale.unlink()
@@ -211,6 +218,77 @@ class Store:
             self.wal.begin_term(Term(1))
         self.metrics.last_lsn.set(last)
         self._update_memtable_gauges()
+
+    # ------------------------------------------------------------------ snapshots
+
+    def install_snapshot(
+        self, staged: Path, manifest: CheckpointManifest, terms: list[tuple[int, int]]
+    ) -> None:
+        """Replace everything this store holds with a snapshot (a follower catching up).
+
+        ``staged`` holds the manifest's part files, already verified. The new state is built
+        beside the old one and swapped in by renames behind a marker file, so a crash midway
+        is finished on the next open; afterwards the WAL continues at ``manifest.last_lsn + 1``.
+        """
+        from walship.wal.segment import SegmentHeader, create_segment
+        from walship.wal.terms import FILE_NAME as TERMS_FILE
+
+        for part in manifest.parts:
+            if not (staged / part.file).is_file():
+                raise InvalidInput(f"snapshot part {part.file} is missing from {staged}")
+        with self._checkpoint_lock, self._lock:
+            self._stop.set()
+            self._kick.set()
+            if self._checkpointer is not None:
+                self._checkpointer.join()
+            self.wal.close()
+            new = self.data_dir / "install"
+            shutil.rmtree(new, ignore_errors=True)
+            (new / "checkpoints" / "parts").mkdir(parents=True)
+            (new / "wal").mkdir()
+            for part in manifest.parts:
+                os.replace(staged / part.file, new / "checkpoints" / "parts" / part.file)
+            save_manifest(new / "checkpoints", manifest)
+            kept = [(t, lsn) for t, lsn in terms if lsn <= manifest.last_lsn] or [
+                (max(manifest.last_term, 1), max(manifest.last_lsn, 1))
+            ]
+            atomic_write(new / "wal" / TERMS_FILE, msgspec.json.encode(kept))
+            create_segment(
+                new / "wal",
+                SegmentHeader(manifest.last_lsn + 1, manifest.last_term, manifest.chain_bytes),
+            )
+            fsync_dir(new / "checkpoints" / "parts")
+            fsync_dir(new)
+            atomic_write(self.data_dir / INSTALL_MARKER, b"installing snapshot\n")
+            self._finish_install()
+            self._versions = {}
+            self._active = Memtable()
+            self._frozen = None
+            self._parts = []
+            self._recover()
+            self._stop = threading.Event()
+            if self.config.checkpoints:
+                self._checkpointer = threading.Thread(
+                    target=self._run_checkpointer, name="walship-checkpointer", daemon=True
+                )
+                self._checkpointer.start()
+
+    def _finish_install(self) -> None:
+        """Swap ``install/`` in for ``wal/`` and ``checkpoints/``; safe to repeat after a crash."""
+        new = self.data_dir / "install"
+        trash = self.data_dir / "install-trash"
+        trash.mkdir(exist_ok=True)
+        for name in ("wal", "checkpoints"):
+            if (new / name).exists():
+                if (self.data_dir / name).exists():
+                    shutil.rmtree(trash / name, ignore_errors=True)
+                    os.replace(self.data_dir / name, trash / name)
+                os.replace(new / name, self.data_dir / name)
+        fsync_dir(self.data_dir)
+        (self.data_dir / INSTALL_MARKER).unlink(missing_ok=True)
+        fsync_dir(self.data_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(new, ignore_errors=True)
 
     def close(self) -> None:
         """Stop the checkpointer, write and fsync what is pending, close the WAL. Idempotent."""
@@ -676,6 +754,11 @@ class Store:
             b = self._active.bytes + (self._frozen.bytes if self._frozen else 0)
         self.metrics.memtable_events.set(n)
         self.metrics.memtable_bytes.set(b)
+
+    def manifest_position(self) -> Position:
+        """The position the checkpoint manifest covers up to."""
+        m = self.manifest
+        return Position(Term(m.last_term), Lsn(m.last_lsn))
 
     @property
     def manifest(self) -> CheckpointManifest:

@@ -277,6 +277,18 @@ class Ack(_Wire, frozen=True):
     applied_lsn: U64
 
 
+class SnapshotResume(_Wire, frozen=True):
+    """F→L, the answer to SnapshotStart: send from ``files[file_index]`` at ``offset``.
+
+    ``(0, 0)`` for a fresh transfer; after an interruption, the bytes the follower already holds
+    and verified for the same ``snapshot_id`` are not sent again.
+    """
+
+    snapshot_id: Ident
+    file_index: U32
+    offset: U64
+
+
 class Heartbeat(_Wire, frozen=True):
     """Either way: liveness, the sender's term and end of log, its wall clock in µs."""
 
@@ -301,6 +313,7 @@ Message: TypeAlias = (
     | WalBatch
     | Ack
     | Heartbeat
+    | SnapshotResume
 )
 
 

@@ -90,7 +90,8 @@ class WalCursor:
         return int(HEADER.unpack(head)[2])
 
     def read(self, max_bytes: int) -> RawBatch | None:
-        """The next whole records written so far, up to about ``max_bytes``; None when none.
+        """The next whole records written so far, at most ``max_bytes`` of them (or one record
+        when it alone is larger); None when there is none yet.
 
         Raises WalGone when they were removed, CorruptionError when a record fails its CRC.
         """
@@ -120,6 +121,8 @@ class WalCursor:
             end = pos + HEADER_BYTES + body_len
             if body_len > body_max or end > len(data) or rec_lsn > written:
                 break
+            if pos > 0 and end > max_bytes:
+                break  # never more than max_bytes unless one record alone is larger
             view = memoryview(data)[pos:end]
             if crc32c(view[8:], crc32c(view[0:4])) != crc:
                 raise CorruptionError(
@@ -130,8 +133,6 @@ class WalCursor:
                 raise CorruptionError(f"WAL lsn {rec_lsn} where {lsn + 1} was expected")
             lsn, term, chain = rec_lsn, rec_term, rec_chain
             pos = end
-            if pos >= max_bytes:
-                break
         if lsn < first:
             return None
         self._offset += pos

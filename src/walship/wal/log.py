@@ -313,6 +313,9 @@ class Wal:
                     )
                 lsn, term, chain = rec.lsn, rec.term, rec.chain
             for rec in records:
+                if rec.term > self.terms.current.value:
+                    # a record of a newer term: record where that term starts before writing it
+                    self.terms.start(Term(rec.term), Lsn(rec.lsn))
                 self._pending.append(rec.raw)
                 self._pending_bytes += len(rec.raw)
             self._last_lsn, self._last_term, self._last_chain = lsn, term, chain

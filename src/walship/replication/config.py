@@ -1,0 +1,74 @@
+"""Replication settings shared by the leader and the follower ends."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from walship.errors import InvalidInput
+from walship.replication.acks import AckMode
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    """How a node replicates: who it talks to, how it proves itself, what writes wait for."""
+
+    secret: bytes | None = None
+    cluster_id: str = "walship"
+    host: str = "127.0.0.1"
+    port: int = 3910
+    ack_mode: AckMode = field(default_factory=lambda: AckMode("async"))
+    ack_timeout_ms: int = 5_000
+    on_ack_timeout: str = "degrade"
+    max_lag_ms: int = 5_000
+    min_in_sync: int = 1
+    wal_retention_bytes_max: int = 1 << 30
+    leader: str | None = None  # HOST:PORT of the leader's replication listener (followers)
+    server_ssl: ssl.SSLContext | None = None
+    client_ssl: ssl.SSLContext | None = None
+    reconnect_backoff_min_ms: int = 50
+    reconnect_backoff_max_ms: int = 5_000
+
+    def __post_init__(self) -> None:
+        if self.on_ack_timeout not in ("degrade", "fail"):
+            raise InvalidInput("on-ack-timeout must be degrade or fail", field="on_ack_timeout")
+        if self.ack_timeout_ms <= 0 or self.max_lag_ms <= 0 or self.min_in_sync < 0:
+            raise InvalidInput("replication timeouts must be positive and min-in-sync >= 0")
+
+    def leader_address(self) -> tuple[str, int]:
+        """``(host, port)`` of the leader; InvalidInput when unset or malformed."""
+        return parse_address(self.leader or "", "leader")
+
+
+def parse_address(text: str, what: str = "address") -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"{what} must be HOST:PORT, not {text!r}", field=what)
+    return host.strip("[]"), int(port)
+
+
+def server_ssl_context(
+    cert: Path, key: Path, client_ca: Path | None = None, require_client_cert: bool = False
+) -> ssl.SSLContext:
+    """TLS for the leader's listener; with ``client_ca`` and ``require_client_cert`` it
+    verifies follower certificates."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if client_ca is not None:
+        ctx.load_verify_locations(client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def client_ssl_context(
+    ca: Path | None, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
+    """TLS for a follower's connection: verifies the leader against ``ca`` (system CAs when
+    None) and presents ``cert``/``key`` when given."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        ctx.load_cert_chain(cert, key)
+    return ctx

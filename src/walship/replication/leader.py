@@ -1,0 +1,694 @@
+"""The leader's end: a listener, one ``FollowerSession`` per follower, acks and retention.
+
+Each session authenticates the follower, checks its position against the leader's history,
+then serves it from the WAL *on disk* (``WalCursor``) from its position -- or first a snapshot
+when that part of the WAL is gone -- and keeps tailing as the WAL advances (woken by the WAL's
+commit listener, never a bounded broadcast that could drop). Acks feed the ``AckTracker`` that
+writes wait on, the in-sync set, the retention slots and the lag figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from walship.errors import (
+    AuthenticationError,
+    InvalidInput,
+    ProtocolError,
+    WaitTimeout,
+    WalshipError,
+)
+from walship.events import now_us
+from walship.fsutil import atomic_write
+from walship.position import Lsn, Term
+from walship.replication.acks import AckMode, AckOutcome, AckTracker, DegradationLedger
+from walship.replication.config import ReplicationConfig
+from walship.replication.metrics import ReplicationMetrics
+from walship.replication.protocol import (
+    WAL_BATCH_OVERHEAD_BYTES,
+    Ack,
+    CaughtUp,
+    Challenge,
+    Diverged,
+    Heartbeat,
+    Hello,
+    HelloProof,
+    SnapshotChunk,
+    SnapshotEnd,
+    SnapshotFile,
+    SnapshotResume,
+    SnapshotStart,
+    Subscribe,
+    WalBatch,
+    hello_error,
+    make_nonce,
+    make_welcome,
+    verify_hello_proof,
+)
+from walship.replication.stream import MessageStream
+from walship.store import Store
+from walship.wal.cursor import WalCursor, WalGone
+from walship.wal.record import GENESIS_CHAIN
+from walship.wal.segment import SEGMENT_HEADER_BYTES, SegmentHeader
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_CHUNK_BYTES = 1 << 20
+
+
+class FollowerState(Enum):
+    CONNECTING = "connecting"
+    SNAPSHOT = "snapshot"
+    CATCHING_UP = "catching_up"
+    STREAMING = "streaming"
+    CLOSED = "closed"
+
+
+class LagClock:
+    """When the leader wrote each lsn (per group commit), to turn lsns into real time lag."""
+
+    def __init__(self, keep: int = 100_000) -> None:
+        self._lock = threading.Lock()
+        self._lsns: list[int] = []
+        self._times_us: list[int] = []
+        self._keep = keep
+
+    def written(self, lsn: int) -> None:
+        """WAL listener (writer thread): everything up to ``lsn`` was just written."""
+        with self._lock:
+            self._lsns.append(lsn)
+            self._times_us.append(now_us())
+            if len(self._lsns) > 2 * self._keep:
+                del self._lsns[: self._keep]
+                del self._times_us[: self._keep]
+
+    def write_time_us(self, lsn: int) -> int | None:
+        """When ``lsn`` was written; the oldest time known when it is older; None if unknown."""
+        with self._lock:
+            if not self._lsns:
+                return None
+            i = bisect.bisect_left(self._lsns, lsn)
+            return self._times_us[min(i, len(self._lsns) - 1)]
+
+    def lag_ms(self, durable_lsn: int, leader_lsn: int) -> float:
+        """How long ago the leader wrote the oldest record the follower has not acked."""
+        if durable_lsn >= leader_lsn:
+            return 0.0
+        written = self.write_time_us(durable_lsn + 1)
+        return 0.0 if written is None else max(now_us() - written, 0) / 1000
+
+
+class RetentionSlots:
+    """The last durable lsn of each known follower, persisted, so WAL they need is kept."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.slots: dict[str, int] = {}
+        if path.exists():
+            self.slots = msgspec.json.decode(path.read_bytes(), type=dict[str, int])
+        self._saved = dict(self.slots)
+        self._last_save = 0.0
+
+    def update(self, node_id: str, durable_lsn: int, *, force: bool = False) -> None:
+        self.slots[node_id] = max(durable_lsn, self.slots.get(node_id, 0))
+        if force or time.monotonic() - self._last_save > 1.0:
+            self.save()
+
+    def drop(self, node_id: str) -> None:
+        if self.slots.pop(node_id, None) is not None:
+            self.save()
+
+    def save(self) -> None:
+        if self.slots != self._saved:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, msgspec.json.encode(self.slots))
+            self._saved = dict(self.slots)
+        self._last_save = time.monotonic()
+
+
+@dataclass
+class SnapshotProgress:
+    snapshot_id: str
+    bytes_done: int
+    bytes_total: int
+
+
+class FollowerSession:
+    """The leader's view of one connected follower."""
+
+    def __init__(self, leader: Leader, stream: MessageStream) -> None:
+        self.leader = leader
+        self.stream = stream
+        self.node_id = "?"
+        self.address = stream.peer
+        self.state = FollowerState.CONNECTING
+        self.sent_lsn = 0
+        self.durable_lsn = 0
+        self.applied_lsn = 0
+        self.in_sync = False
+        self.connected_at = time.time()
+        self.last_heard = time.monotonic()
+        self.snapshot: SnapshotProgress | None = None
+        self.close_reason: str | None = None
+        self.wake = asyncio.Event()
+        self._prev: tuple[int, int, bytes] = (0, 0, GENESIS_CHAIN)
+        self._cursor: WalCursor | None = None
+        self._caught_up_sent = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<FollowerSession {self.node_id} {self.state.name} sent={self.sent_lsn} "
+            f"durable={self.durable_lsn}>"
+        )
+
+    def lag_records(self) -> int:
+        return max(self.leader.store.wal.written_lsn.value - self.durable_lsn, 0)
+
+    def lag_ms(self) -> float:
+        return self.leader.lag_clock.lag_ms(
+            self.durable_lsn, self.leader.store.wal.written_lsn.value
+        )
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "node_id": self.node_id,
+            "address": self.address,
+            "state": self.state.value,
+            "sent_lsn": self.sent_lsn,
+            "durable_lsn": self.durable_lsn,
+            "applied_lsn": self.applied_lsn,
+            "lag_records": self.lag_records(),
+            "lag_ms": round(self.lag_ms(), 3),
+            "in_sync": self.in_sync,
+        }
+        if self.snapshot is not None:
+            out["snapshot"] = {
+                "id": self.snapshot.snapshot_id,
+                "bytes_done": self.snapshot.bytes_done,
+                "bytes_total": self.snapshot.bytes_total,
+            }
+        return out
+
+    # ------------------------------------------------------------------ one unit of work
+
+    async def step(self) -> bool:
+        """Ship the next batch of WAL records, if any; True when something was sent."""
+        store = self.leader.store
+        assert self._cursor is not None
+        budget = self.stream.frame_bytes_max - WAL_BATCH_OVERHEAD_BYTES
+        raw = await asyncio.to_thread(self._cursor.read, budget)
+        if raw is None:
+            return False
+        prev_lsn, prev_term, prev_chain = self._prev
+        leader_lsn = store.wal.written_lsn.value
+        written = self.leader.lag_clock.write_time_us(raw.last_lsn) or now_us()
+        await self.stream.send(
+            WalBatch(
+                term=self.leader.term,
+                prev_lsn=prev_lsn,
+                prev_term=prev_term,
+                prev_chain=prev_chain,
+                first_lsn=raw.first_lsn,
+                last_lsn=raw.last_lsn,
+                leader_lsn=max(leader_lsn, raw.last_lsn),
+                leader_write_ts_us=written,
+                records=raw.data,
+            )
+        )
+        self._prev = (raw.last_lsn, raw.last_term, raw.last_chain)
+        self.sent_lsn = raw.last_lsn
+        self.leader.metrics.shipped_records.inc(raw.last_lsn - raw.first_lsn + 1)
+        return True
+
+    # ------------------------------------------------------------------ the loops
+
+    async def run(self) -> None:
+        leader = self.leader
+        limits = leader.store.limits
+        timeout = limits.read_timeout_ms / 1000
+        stream = self.stream
+        hello = await stream.expect(Hello, timeout)
+        error = hello_error(hello, leader.config.cluster_id)
+        if error is not None:
+            raise error
+        challenge = Challenge(make_nonce())
+        await stream.send(challenge)
+        proof = await stream.expect(HelloProof, timeout)
+        assert leader.config.secret is not None
+        verify_hello_proof(leader.config.secret, hello, challenge, proof)
+        self.node_id = hello.node_id
+        await stream.send(
+            make_welcome(
+                leader.config.secret,
+                hello,
+                challenge,
+                leader_node_id=leader.store.config.node_id,
+                term=leader.term,
+                leader_last_lsn=leader.store.wal.written_lsn.value,
+            )
+        )
+        sub = await stream.expect(Subscribe, timeout)
+        leader.register(self)
+        receiver = asyncio.create_task(self._receive(timeout), name=f"recv-{self.node_id}")
+        try:
+            await self._serve(sub)
+        finally:
+            receiver.cancel()
+            with contextlib.suppress(BaseException):
+                await receiver
+
+    async def _serve(self, sub: Subscribe) -> None:
+        leader = self.leader
+        decision = leader.locate(sub)
+        if isinstance(decision, Diverged):
+            await self.stream.send(decision)
+            self.close_reason = f"diverged: {decision.reason}"
+            return
+        next_lsn = decision
+        if next_lsn is None:
+            next_lsn = await self._send_snapshot()
+            if next_lsn is None:
+                return
+        else:
+            self._prev = (sub.lsn, sub.term, sub.chain)
+        self.sent_lsn = next_lsn - 1
+        self._cursor = WalCursor(leader.store.wal, next_lsn)
+        self.state = FollowerState.CATCHING_UP
+        heartbeat_s = leader.store.limits.heartbeat_interval_ms / 1000
+        try:
+            while True:
+                self.wake.clear()
+                try:
+                    sent = await self.step()
+                except WalGone:
+                    # retention let the WAL go: restart with a snapshot on the next connect
+                    self.close_reason = "needed WAL was removed; reconnect for a snapshot"
+                    return
+                if sent:
+                    continue
+                if not self._caught_up_sent:
+                    await self.stream.send(CaughtUp(term=leader.term, leader_lsn=self.sent_lsn))
+                    self._caught_up_sent = True
+                    self.state = FollowerState.STREAMING
+                try:
+                    await asyncio.wait_for(self.wake.wait(), heartbeat_s)
+                except TimeoutError:
+                    await self.stream.send(
+                        Heartbeat(
+                            term=leader.term,
+                            last_lsn=leader.store.wal.written_lsn.value,
+                            ts_us=now_us(),
+                        )
+                    )
+        finally:
+            if self._cursor is not None:
+                self._cursor.close()
+
+    async def _receive(self, timeout: float) -> None:
+        """Acks and heartbeats from the follower; a silent follower is dropped at the deadline."""
+        try:
+            while True:
+                msg = await self.stream.recv(timeout)
+                self.last_heard = time.monotonic()
+                if isinstance(msg, Ack):
+                    if msg.durable_lsn > self.sent_lsn:
+                        raise ProtocolError(
+                            f"{self.node_id} acked lsn {msg.durable_lsn} beyond what was sent "
+                            f"({self.sent_lsn})"
+                        )
+                    self.durable_lsn = max(self.durable_lsn, msg.durable_lsn)
+                    self.applied_lsn = max(self.applied_lsn, msg.applied_lsn)
+                    self.leader.on_ack(self)
+                elif isinstance(msg, Heartbeat):
+                    continue
+                elif isinstance(msg, SnapshotResume):
+                    self._resume.put_nowait(msg)
+                else:
+                    raise ProtocolError(f"unexpected {type(msg).__name__} from a follower")
+        except WalshipError as exc:
+            self.close_reason = exc.message
+            await self.stream.close()
+
+    _resume: asyncio.Queue[SnapshotResume]
+
+    async def _send_snapshot(self) -> int | None:
+        """Send the pinned checkpoint; returns the lsn to stream from (S+1)."""
+        leader = self.leader
+        store = leader.store
+        manifest = store.manifest
+        if manifest.last_lsn == 0:
+            raise InvalidInput("the follower needs a snapshot but none exists yet")
+        self.state = FollowerState.SNAPSHOT
+        pin_id = id(self)
+        leader.pins[pin_id] = manifest.last_lsn + 1
+        try:
+            files: list[tuple[SnapshotFile, Path | bytes]] = []
+            for part in manifest.parts:
+                files.append(
+                    (
+                        SnapshotFile(part.file, part.bytes, bytes.fromhex(part.sha256)),
+                        store.parts_dir / part.file,
+                    )
+                )
+            extra = {
+                "manifest.json": msgspec.json.encode(manifest),
+                "term_history.json": msgspec.json.encode(store.wal.terms.to_list()),
+            }
+            for name, data in extra.items():
+                files.append((SnapshotFile(name, len(data), hashlib.sha256(data).digest()), data))
+            total = sum(f.size for f, _ in files)
+            digest = hashlib.sha256(extra["manifest.json"]).hexdigest()[:16]
+            snapshot_id = f"{manifest.last_lsn:016x}-{digest}"
+            self.snapshot = SnapshotProgress(snapshot_id, 0, total)
+            self._resume = asyncio.Queue(maxsize=4)
+            await self.stream.send(
+                SnapshotStart(
+                    snapshot_id=snapshot_id,
+                    last_lsn=manifest.last_lsn,
+                    last_term=manifest.last_term,
+                    chain=manifest.chain_bytes,
+                    files=[f for f, _ in files],
+                    total_bytes=total,
+                )
+            )
+            timeout = store.limits.read_timeout_ms / 1000
+            try:
+                resume = await asyncio.wait_for(self._resume.get(), timeout)
+            except TimeoutError as exc:
+                raise WaitTimeout("the follower did not answer SnapshotStart") from exc
+            if resume.snapshot_id != snapshot_id or resume.file_index > len(files):
+                raise ProtocolError("SnapshotResume names another snapshot or file")
+            done = sum(f.size for f, _ in files[: resume.file_index]) + resume.offset
+            self.snapshot.bytes_done = done
+            for index in range(resume.file_index, len(files)):
+                meta, source = files[index]
+                offset = resume.offset if index == resume.file_index else 0
+                if offset > meta.size:
+                    raise ProtocolError("SnapshotResume offset is past the end of the file")
+                while offset < meta.size or (meta.size == 0 and offset == 0):
+                    size = min(SNAPSHOT_CHUNK_BYTES, meta.size - offset)
+                    data = (
+                        source[offset : offset + size]
+                        if isinstance(source, bytes)
+                        else await asyncio.to_thread(_read_chunk, source, offset, size)
+                    )
+                    await self.stream.send(SnapshotChunk(index, offset, data))
+                    offset += size
+                    self.snapshot.bytes_done += size
+                    leader.metrics.snapshot_bytes.inc(size)
+                    if meta.size == 0:
+                        break
+            await self.stream.send(SnapshotEnd(snapshot_id))
+            leader.metrics.snapshots_sent.inc()
+            self._prev = (manifest.last_lsn, manifest.last_term, manifest.chain_bytes)
+            return manifest.last_lsn + 1
+        finally:
+            leader.pins.pop(pin_id, None)
+
+
+def _read_chunk(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+class Leader:
+    """Replication on a leader node: the listener, sessions, acks, in-sync set and retention."""
+
+    def __init__(
+        self, store: Store, config: ReplicationConfig, metrics: ReplicationMetrics
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+        self.tracker = AckTracker()
+        self.lag_clock = LagClock()
+        repl_dir = store.data_dir / "replication"
+        self.ledger = DegradationLedger.load(repl_dir / "degraded.json")
+        self.ledger.on_change = lambda n: None
+        self.slots = RetentionSlots(repl_dir / "slots.json")
+        self.sessions: dict[str, FollowerSession] = {}
+        self.pins: dict[int, int] = {}
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self.port: int | None = None
+        store.set_retention_floor(self.retention_floor)
+
+    @property
+    def term(self) -> int:
+        return self.store.wal.terms.current.value
+
+    async def start(self) -> None:
+        """Listen for followers (needs a secret) and start the in-sync monitor."""
+        self._loop = asyncio.get_running_loop()
+        self.store.wal.add_listener(self._on_wal_commit)
+        if self.config.secret is None:
+            log.warning("replication listener disabled: no shared secret configured")
+        else:
+            self._server = await asyncio.start_server(
+                self._accept,
+                self.config.host,
+                self.config.port,
+                ssl=self.config.server_ssl,
+                limit=1 << 20,
+            )
+            sock = self._server.sockets[0].getsockname()
+            self.port = int(sock[1])
+            log.info("replication listening on %s:%s", sock[0], sock[1])
+        self._monitor = asyncio.create_task(self._monitor_in_sync(), name="in-sync-monitor")
+
+    async def stop(self) -> None:
+        self.store.wal.remove_listener(self._on_wal_commit)
+        if self._server is not None:
+            self._server.close()
+        if self._monitor is not None:
+            self._monitor.cancel()
+        for session in list(self.sessions.values()):
+            await session.stream.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        self.tracker.fail_all("leader stopping")
+        self.ledger.flush()
+        self.slots.save()
+
+    def _on_wal_commit(self, lsn: int) -> None:
+        """WAL writer thread: note the time and wake every session."""
+        self.lag_clock.written(lsn)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._wake_sessions)
+
+    def _wake_sessions(self) -> None:
+        for session in self.sessions.values():
+            session.wake.set()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        stream = MessageStream(reader, writer, self.store.limits.frame_bytes_max)
+        session = FollowerSession(self, stream)
+        try:
+            await session.run()
+        except AuthenticationError as exc:
+            self.metrics.auth_failures.inc()
+            log.warning("replication: %s from %s", exc.message, stream.peer)
+            await stream.refuse(exc.code, exc.message)
+        except WalshipError as exc:
+            session.close_reason = exc.message
+            log.info("replication: closing %s (%s): %s", session.node_id, stream.peer, exc.message)
+            await stream.refuse(exc.code, exc.message)
+        except (ConnectionError, OSError) as exc:
+            session.close_reason = str(exc)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            session.state = FollowerState.CLOSED
+            self.unregister(session)
+            await stream.close()
+            if task is not None:
+                self._tasks.discard(task)
+
+    # ------------------------------------------------------------------ positions
+
+    def locate(self, sub: Subscribe) -> int | Diverged | None:
+        """Where a follower at ``sub`` continues: the next lsn to ship, None for "needs a
+        snapshot", or Diverged when its tail is not on this leader's history."""
+        wal = self.store.wal
+        last = wal.last_position
+        if sub.term > self.term:
+            # fencing: a follower that has seen a newer term must not follow a stale leader
+            raise ProtocolError(
+                f"follower is at term {sub.term}, above this leader's term {self.term}",
+                stale_term=self.term,
+            )
+        if sub.lsn == 0:
+            return 1 if wal.first_lsn().value <= 1 else None
+        if sub.lsn > last.lsn.value:
+            return self._diverged(sub, "follower has records past the leader's end of log")
+        mine = self._term_and_chain_at(sub.lsn)
+        if mine is None:
+            return None  # cannot check that far back; a snapshot replaces it
+        if mine != (sub.term, sub.chain):
+            return self._diverged(sub, f"follower's record {sub.lsn} differs from the leader's")
+        if sub.lsn + 1 < wal.first_lsn().value:
+            return None
+        return sub.lsn + 1
+
+    def _diverged(self, sub: Subscribe, reason: str) -> Diverged:
+        """The last position both logs can share, from the term histories (Kafka's leader
+        epochs): the end of the follower's last term on this leader, or of the newest term
+        before it; the follower truncates there and subscribes again, which re-checks."""
+        terms = self.store.wal.terms
+        last_lsn = self.store.wal.last_position.lsn
+        end = terms.end_of_term(Term(sub.term), last_lsn)
+        if end is None:
+            older = [e.term for e in terms.entries if e.term.value < sub.term]
+            end = terms.end_of_term(older[-1], last_lsn) if older else Lsn(0)
+        assert end is not None
+        common = min(end.value, sub.lsn)
+        if common == sub.lsn:
+            common -= 1  # the records differ at sub.lsn itself
+        common = max(common, 0)
+        common_term = terms.term_at(Lsn(common)).value if common else 0
+        return Diverged(common_term=common_term, common_lsn=common, reason=reason)
+
+    def _term_and_chain_at(self, lsn: int) -> tuple[int, bytes] | None:
+        wal = self.store.wal
+        first = wal.first_lsn().value
+        if lsn >= first:
+            for rec in wal.read_from(lsn):
+                return rec.term, rec.chain
+            return None
+        if lsn == first - 1:
+            _, path, _ = wal.segment_infos()[0]
+            with open(path, "rb") as f:
+                header = SegmentHeader.decode(f.read(SEGMENT_HEADER_BYTES), path)
+            return header.prev_term, header.prev_chain
+        manifest = self.store.manifest
+        if lsn == manifest.last_lsn:
+            return manifest.last_term, manifest.chain_bytes
+        return None
+
+    # ------------------------------------------------------------------ sessions and acks
+
+    def register(self, session: FollowerSession) -> None:
+        old = self.sessions.get(session.node_id)
+        if old is not None and old is not session:
+            log.info("replication: %s reconnected; closing its old session", session.node_id)
+            old.close_reason = "replaced by a new connection"
+            closing = asyncio.ensure_future(old.stream.close())
+            self._tasks.add(closing)
+            closing.add_done_callback(self._tasks.discard)
+        self.sessions[session.node_id] = session
+        self.metrics.followers.set(len(self.sessions))
+        if session.node_id not in self.slots.slots:
+            self.slots.update(session.node_id, 0, force=True)
+
+    def unregister(self, session: FollowerSession) -> None:
+        if self.sessions.get(session.node_id) is session:
+            del self.sessions[session.node_id]
+            self.tracker.set_in_sync(session.node_id, False)
+            session.in_sync = False
+            self.metrics.followers.set(len(self.sessions))
+            self.metrics.set_follower(session.node_id, None)
+
+    def on_ack(self, session: FollowerSession) -> None:
+        self.tracker.update(session.node_id, session.durable_lsn)
+        self.slots.update(session.node_id, session.durable_lsn)
+        self._evaluate(session)
+
+    def _evaluate(self, session: FollowerSession) -> None:
+        lag_ms = session.lag_ms()
+        was = session.in_sync
+        now = session.state in (FollowerState.CATCHING_UP, FollowerState.STREAMING) and (
+            lag_ms <= self.config.max_lag_ms
+        )
+        if now != was:
+            session.in_sync = now
+            self.tracker.set_in_sync(session.node_id, now)
+            log.warning(
+                "replication: %s %s the in-sync set (lag %.0f ms, %d records)",
+                session.node_id,
+                "joined" if now else "left",
+                lag_ms,
+                session.lag_records(),
+            )
+        self.metrics.set_follower(session.node_id, session)
+
+    async def _monitor_in_sync(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            for session in list(self.sessions.values()):
+                self._evaluate(session)
+            self.metrics.in_sync.set(len(self.tracker.in_sync))
+
+    def retention_floor(self) -> int | None:
+        """The lowest lsn a follower or a snapshot transfer still needs from the WAL."""
+        needs = list(self.pins.values())
+        wal_bytes = {first: size for first, _, size in self.store.wal.segment_infos()}
+        firsts = sorted(wal_bytes)
+        for node_id, durable in self.slots.slots.items():
+            # bytes of WAL from this follower's position to the end
+            i = max(bisect.bisect_right(firsts, durable + 1) - 1, 0)
+            behind = sum(wal_bytes[f] for f in firsts[i:])
+            if behind <= self.config.wal_retention_bytes_max:
+                needs.append(durable + 1)
+            else:
+                log.warning(
+                    "replication: %s is %d WAL bytes behind, over the retention cap; it will "
+                    "need a snapshot",
+                    node_id,
+                    behind,
+                )
+        return min(needs) if needs else None
+
+    # ------------------------------------------------------------------ writes
+
+    async def confirm(self, lsn: int, mode: AckMode) -> AckOutcome:
+        """Wait for ``mode`` at the write's own ``lsn``; degradations go to the ledger."""
+        t0 = time.perf_counter()
+        outcome = await self.tracker.wait(
+            lsn, mode, self.config.ack_timeout_ms / 1000, self.config.min_in_sync
+        )
+        self.metrics.ack_wait_seconds.observe(time.perf_counter() - t0)
+        return outcome
+
+    def record_degraded(self, first_lsn: int, last_lsn: int, reason: str) -> None:
+        self.ledger.record(first_lsn, last_lsn, reason, now_us())
+        self.metrics.degraded_writes.inc()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "mode": str(self.config.ack_mode),
+            "listening": None if self.port is None else f"{self.config.host}:{self.port}",
+            "followers": [s.status() for s in self.sessions.values()],
+            "in_sync_count": len(self.tracker.in_sync),
+            "min_in_sync": self.config.min_in_sync,
+            "degraded": {
+                "writes": self.ledger.degraded_writes,
+                "ranges": len(self.ledger.ranges),
+            },
+            "retention_slots": dict(self.slots.slots),
+        }

@@ -1,0 +1,84 @@
+"""The thin asyncio layer under both ends of a replication link: read, feed, write, drain.
+
+``MessageStream`` wraps a reader/writer pair with the sans-I/O ``FrameDecoder`` and gives
+``recv(timeout)`` (read deadline) and ``send`` (always drained, so a slow peer pushes back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TypeVar
+
+from walship.errors import ProtocolError, WaitTimeout
+from walship.replication.protocol import FrameDecoder, Message, Refused, encode
+
+M = TypeVar("M")
+
+READ_CHUNK_BYTES = 256 * 1024
+
+
+class PeerRefused(ProtocolError):
+    """The peer answered ``Refused``; ``refused`` holds its code."""
+
+    code = "refused"
+
+
+class MessageStream:
+    """One replication connection's framing; not shared between tasks for sending."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frame_bytes_max: int
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.frame_bytes_max = frame_bytes_max
+        self._decoder = FrameDecoder(frame_bytes_max)
+        self._inbox: list[Message] = []
+        self.bytes_in = 0
+        self.bytes_out = 0
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    async def recv(self, timeout_s: float) -> Message:
+        """The next message; WaitTimeout when none arrives in time, ProtocolError on bad bytes
+        or a closed connection."""
+        while not self._inbox:
+            try:
+                data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES), timeout_s)
+            except TimeoutError as exc:
+                raise WaitTimeout(
+                    f"no message from {self.peer} within {int(timeout_s * 1000)} ms"
+                ) from exc
+            if not data:
+                self._decoder.end_of_stream()
+                raise ProtocolError(f"{self.peer} closed the connection")
+            self.bytes_in += len(data)
+            self._inbox.extend(self._decoder.feed(data))
+        return self._inbox.pop(0)
+
+    async def expect(self, kind: type[M], timeout_s: float) -> M:
+        """The next message, which must be a ``kind`` (a Refused raises PeerRefused)."""
+        msg = await self.recv(timeout_s)
+        if isinstance(msg, kind):
+            return msg
+        if isinstance(msg, Refused):
+            raise PeerRefused(f"{self.peer} refused: {msg.message}", refused=msg.code)
+        raise ProtocolError(f"expected {kind.__name__} from {self.peer}, got {type(msg).__name__}")
+
+    async def send(self, msg: Message) -> None:
+        data = encode(msg, self.frame_bytes_max)
+        self.writer.write(data)
+        self.bytes_out += len(data)
+        await self.writer.drain()
+
+    async def refuse(self, code: str, message: str) -> None:
+        """Send ``Refused`` (best effort) and close."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.send(Refused(code=code, message=message[:500])), 1.0)
+        await self.close()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
