@@ -28,6 +28,10 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _JSON_WS = b" \t\r\n"
 
 
+def _json_null() -> msgspec.Raw:
+    return msgspec.Raw(b"null")
+
+
 class EventIn(msgspec.Struct, forbid_unknown_fields=True):
     """One event as a client sends it."""
 
@@ -35,7 +39,9 @@ class EventIn(msgspec.Struct, forbid_unknown_fields=True):
     event_type: str
     payload: msgspec.Raw
     tenant_id: str = "default"
-    metadata: msgspec.Raw | None = None
+    # Not ``Raw | None``: msgspec cannot decode Raw inside a union (it would accept only null).
+    # A missing or null metadata is the raw JSON ``null``, which ``prepare`` turns into None.
+    metadata: msgspec.Raw = msgspec.field(default_factory=_json_null)
     id: uuid.UUID | None = None
     expected_version: int | None = None
 
