@@ -7,6 +7,8 @@
     │   ├── MalformedJson           the body is not JSON at all
     │   ├── ValidationError         an event field breaks a rule of the event model
     │   ├── LimitExceeded           a size or count crosses a named limit in ``limits.py``
+    │   ├── InvalidParameter        a query or path parameter of an HTTP request is malformed
+    │   ├── MethodNotAllowed        an HTTP path exists but not for that method
     │   └── NotFound                the thing asked for does not exist
     ├── Conflict                    the request is well formed but contradicts stored state
     │   ├── VersionConflict         ``expected_version`` differs from the entity's version
@@ -24,7 +26,8 @@
     └── InvariantViolation          an internal assumption broke; the operation stopped
 
 Every error carries a stable machine ``code`` (the ``error`` field of HTTP error bodies) and a
-``retriable`` flag that retry loops read. OS and library errors are translated once at the
+``retriable`` flag that retry loops read. An error rebuilt from an HTTP answer by the client
+also carries that answer's ``status``. OS and library errors are translated once at the
 boundary with ``raise ... from``.
 """
 
@@ -39,6 +42,8 @@ class WalshipError(Exception):
     code: ClassVar[str] = "internal"
     http_status: ClassVar[int] = 500
     retriable: ClassVar[bool] = False
+    status: int | None = None
+    """HTTP status of the answer this error was read from (client side); None when raised here."""
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -67,6 +72,15 @@ class ValidationError(InvalidInput):
 class LimitExceeded(InvalidInput):
     code = "limit_exceeded"
     http_status = 413
+
+
+class InvalidParameter(InvalidInput):
+    code = "invalid_parameter"
+
+
+class MethodNotAllowed(InvalidInput):
+    code = "method_not_allowed"
+    http_status = 405
 
 
 class NotFound(InvalidInput):

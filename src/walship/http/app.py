@@ -1,0 +1,285 @@
+"""The HTTP API of a node (AllSource-compatible paths) on FastAPI, with msgspec on the hot paths.
+
+Write routes take the raw ``Request`` and hand the body to ``writes.py`` (msgspec decoding,
+``Store.submit``, WAL future); by default ``WriteFastLane`` answers those two paths before
+FastAPI's routing. Because the write routes declare no body parameter, their request and
+response schemas are generated from the msgspec types and placed under
+``#/components/schemas`` by an ``app.openapi`` override.
+
+Reads that can take long (query, entity state, stats) run in the thread pool so the event loop
+keeps accepting writes meanwhile.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the route signatures at run
+# time, and their ``Query`` bounds refer to the node's limits in the enclosing function.
+from typing import Annotated, Any
+
+import msgspec
+from fastapi import FastAPI, Query, Request
+from fastapi.openapi.utils import get_openapi
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+
+from walship import __version__
+from walship.errors import InvalidParameter, ValidationError
+from walship.events import (
+    BatchIn,
+    EventIn,
+    EventOut,
+    parse_timestamp,
+    to_out,
+)
+from walship.http.errors import ErrorBody, install_error_handlers
+from walship.http.writes import (
+    BATCH_PATH,
+    EVENTS_PATH,
+    BatchReceipts,
+    WriteFastLane,
+    answer_batch,
+    answer_event,
+    receive_body,
+)
+from walship.limits import Limits
+from walship.node import HealthStatus, Node
+from walship.storage.query import QueryFilter
+from walship.store import EntityState, Receipt
+
+
+class QueryPage(msgspec.Struct):
+    """One page of a query, in lsn order; pass ``next_cursor`` back as ``cursor`` for more."""
+
+    events: list[EventOut]
+    next_cursor: str | None
+    count: int
+
+
+_SCHEMA_TYPES = (EventIn, BatchIn, Receipt, BatchReceipts, QueryPage, EntityState, ErrorBody)
+_REF_TEMPLATE = "#/components/schemas/{name}"
+_JSON = "application/json"
+_encoder = msgspec.json.Encoder()
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"schema": {"$ref": _REF_TEMPLATE.format(name=name)}}
+
+
+def _request_body(name: str) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {_JSON: _ref(name)}}}
+
+
+def _responses(name: str | None, description: str = "OK") -> dict[int | str, dict[str, Any]]:
+    ok: dict[str, Any] = {"description": description}
+    if name is not None:
+        ok["content"] = {_JSON: _ref(name)}
+    error = {
+        "description": "Error: `error` code, `message`, details",
+        "content": {_JSON: _ref("ErrorBody")},
+    }
+    return {200: ok, "default": error}
+
+
+def _json(content: bytes, status: int = 200) -> Response:
+    return Response(content, status_code=status, media_type=_JSON)
+
+
+def _time_param(text: str | None, name: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        return parse_timestamp(text, name)
+    except ValidationError as exc:
+        raise InvalidParameter(exc.message, field=name) from exc
+
+
+def create_app(node: Node, *, write_fast_lane: bool = True) -> FastAPI:
+    """The FastAPI application serving ``node``; it does not close the node.
+
+    ``write_fast_lane`` serves the append paths ahead of FastAPI's routing (same answers).
+    """
+    app = FastAPI(
+        title="walship",
+        version=__version__,
+        summary="A replicated event store: durable WAL, shipped to followers, Parquet history.",
+    )
+    app.state.node = node
+    if write_fast_lane:
+        app.add_middleware(WriteFastLane, node=node)
+    install_error_handlers(app)  # after: its catch-all must wrap the fast lane too
+    _add_write_routes(app, node)
+    _add_read_routes(app, node)
+    _add_ops_routes(app, node)
+    _install_openapi(app, node.limits)
+    return app
+
+
+def _add_write_routes(app: FastAPI, node: Node) -> None:
+    bytes_max = node.limits.request_bytes_max
+
+    async def body_of(request: Request) -> bytes:
+        data = await receive_body(request.scope, request.receive, bytes_max)
+        if data is None:
+            raise ClientDisconnect
+        return data
+
+    @app.post(
+        EVENTS_PATH,
+        summary="Append one event",
+        description="Answers with a durability receipt once the WAL holds the event. An event "
+        "whose `id` is already stored is answered with its original receipt (`duplicate`).",
+        openapi_extra=_request_body("EventIn"),
+        responses=_responses("Receipt"),
+    )
+    async def append_event(request: Request) -> Response:
+        return _json(await answer_event(node, await body_of(request)))
+
+    @app.post(
+        BATCH_PATH,
+        summary="Append a batch of events, all or nothing",
+        description="A bad event anywhere stores nothing; the error names its `index`.",
+        openapi_extra=_request_body("BatchIn"),
+        responses=_responses("BatchReceipts"),
+    )
+    async def append_batch(request: Request) -> Response:
+        return _json(await answer_batch(node, await body_of(request)))
+
+
+def _add_read_routes(app: FastAPI, node: Node) -> None:
+    store = node.store
+    limits = node.limits
+
+    @app.get(
+        "/api/v1/events/query",
+        summary="Query events in lsn order",
+        responses=_responses("QueryPage"),
+    )
+    async def query_events(
+        entity_id: Annotated[str | None, Query(description="Only this entity")] = None,
+        event_type: Annotated[str | None, Query(description="Only this event type")] = None,
+        tenant_id: Annotated[
+            str | None, Query(description="Only this tenant (default when entity_id is given)")
+        ] = None,
+        since: Annotated[str | None, Query(description="ISO 8601 time, inclusive")] = None,
+        until: Annotated[str | None, Query(description="ISO 8601 time, exclusive")] = None,
+        from_lsn: Annotated[int, Query(ge=0, description="Lowest lsn, inclusive")] = 1,
+        to_lsn: Annotated[int | None, Query(ge=0, description="Highest lsn, inclusive")] = None,
+        limit: Annotated[
+            int, Query(ge=1, le=limits.query_limit_max, description="Events per page")
+        ] = limits.query_limit_default,
+        cursor: Annotated[
+            str | None, Query(max_length=32, description="`next_cursor` of the previous page")
+        ] = None,
+    ) -> Response:
+        flt = QueryFilter(
+            tenant_id=tenant_id,
+            entity_id=entity_id,
+            event_type=event_type,
+            since_us=_time_param(since, "since"),
+            until_us=_time_param(until, "until"),
+            from_lsn=max(from_lsn, 1),
+            to_lsn=to_lsn,
+        )
+
+        def run() -> bytes:
+            result = store.query(flt, limit, cursor)
+            events = [to_out(ev) for ev in result.events]
+            return _encoder.encode(QueryPage(events, result.next_cursor, len(events)))
+
+        return _json(await run_in_threadpool(run))
+
+    @app.get(
+        "/api/v1/entities/{entity_id:path}/state",
+        summary="An entity's state: its payloads merged in lsn order",
+        description="JSON objects merge key by key; any other payload replaces the state. "
+        "404 when the entity has no events (up to `as_of`/`as_of_lsn`).",
+        responses=_responses("EntityState"),
+    )
+    async def entity_state(
+        entity_id: str,
+        tenant_id: Annotated[str, Query(description="The entity's tenant")] = "default",
+        as_of: Annotated[
+            str | None, Query(description="ISO 8601 time: state as of then (inclusive)")
+        ] = None,
+        as_of_lsn: Annotated[
+            int | None, Query(ge=0, description="State as of this lsn (inclusive)")
+        ] = None,
+    ) -> Response:
+        as_of_us = _time_param(as_of, "as_of")
+        state = await run_in_threadpool(
+            store.entity_state, entity_id, tenant_id, as_of_us, as_of_lsn
+        )
+        return _json(_encoder.encode(state))
+
+    @app.get("/api/v1/stats", summary="Store statistics", responses=_responses(None))
+    async def stats() -> Response:
+        return _json(_encoder.encode(await run_in_threadpool(store.stats)))
+
+
+def _add_ops_routes(app: FastAPI, node: Node) -> None:
+    registry = node.store.metrics.registry
+
+    @app.get(
+        "/health",
+        summary="Health, role and log position",
+        description="503 with `status` other than `healthy` when the WAL cannot be written.",
+        responses=_responses(None),
+    )
+    async def health() -> Response:
+        body = node.health()
+        status = 200 if body["status"] == HealthStatus.HEALTHY else 503
+        return _json(_encoder.encode(body), status)
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+    )
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _describe_event_rules(event_in: dict[str, Any], limits: Limits) -> None:
+    """Add the event model's rules (checked in ``events.prepare``) to the EventIn schema."""
+    props = event_in["properties"]
+    props["tenant_id"].update(
+        pattern=f"^[A-Za-z0-9_-]{{1,{limits.tenant_id_chars_max}}}$",
+    )
+    props["entity_id"].update(
+        minLength=1,
+        maxLength=limits.entity_id_chars_max,
+        description="Not blank, no control characters.",
+    )
+    props["event_type"].update(
+        pattern=r"^(?!_system\.)[a-z0-9_]+(\.[a-z0-9_]+)*$",
+        maxLength=limits.event_type_chars_max,
+        description="No leading or trailing '.', no '..'; the `_system.` prefix is reserved.",
+    )
+    props["payload"]["description"] = (
+        f"Any JSON value, at most {limits.payload_bytes_max} bytes as sent."
+    )
+    props["metadata"] = {
+        "anyOf": [{"type": "object"}, {"type": "null"}],
+        "default": None,
+        "description": f"A JSON object of at most {limits.metadata_bytes_max} bytes, or null.",
+    }
+    props["id"]["description"] = "Client-chosen UUID; repeating it returns the original receipt."
+    props["expected_version"]["anyOf"][0]["minimum"] = 0
+    props["expected_version"]["description"] = "Refuse (409) unless the entity is at this version."
+
+
+def _install_openapi(app: FastAPI, limits: Limits) -> None:
+    """Serve an OpenAPI schema that also holds the msgspec types the raw handlers use."""
+    _, components = msgspec.json.schema_components(_SCHEMA_TYPES, ref_template=_REF_TEMPLATE)
+    _describe_event_rules(components["EventIn"], limits)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, summary=app.summary, routes=app.routes
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
