@@ -1,3 +1,36 @@
-"""walship: a replicated event store for Python."""
+"""walship: a replicated event store for Python.
+
+The names below are imported on first use, so ``import walship`` (or only the client) does not
+pay for pyarrow and the storage engine.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from walship.client import AsyncClient, Client
+    from walship.events import EventIn
+    from walship.store import Store, StoreConfig
+
+_LAZY = {
+    "Client": "walship.client",
+    "AsyncClient": "walship.client",
+    "EventIn": "walship.events",
+    "Store": "walship.store",
+    "StoreConfig": "walship.store",
+}
+
+__all__ = ["AsyncClient", "Client", "EventIn", "Store", "StoreConfig", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'walship' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
