@@ -40,7 +40,7 @@ class Limits:
     memtable_events_max: int = 100_000
     memtable_bytes_max: int = 64 * MIB
     checkpoint_interval_ms: int = 60_000
-    parquet_row_group_rows: int = 8_192
+    parquet_row_group_rows: int = 1_024
 
     # replication
     frame_bytes_max: int = 4 * MIB

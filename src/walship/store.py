@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ from walship.wal.log import WriteOutcome
 log = logging.getLogger(__name__)
 
 INSTALL_MARKER = "INSTALLING_SNAPSHOT"
+_READERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="walship-parquet")
 
 
 @dataclass(frozen=True)
@@ -553,8 +554,14 @@ class Store:
             checkpointed = self._manifest.last_lsn
         want = lim + 1
         out: list[StoredEvent] = []
-        for part in parts:
-            if part.could_match(flt, visible):
+        candidates = [p for p in parts if p.could_match(flt, visible)]
+        if flt.entity_id is not None and len(candidates) > 1:
+            # an entity touches one row group per part: read the parts in parallel (pyarrow
+            # releases the GIL while decoding), then keep lsn order
+            for found in _READERS.map(lambda p: p.select(flt, want), candidates):
+                out.extend(found[: want - len(out)])
+        else:
+            for part in candidates:
                 out.extend(part.select(flt, want - len(out)))
                 if len(out) >= want:
                     break

@@ -165,7 +165,7 @@ class PartReader:
             groups = [i for i, (lo, hi) in enumerate(self.info.row_groups) if lo <= key <= hi]
             if not groups:
                 return []
-            table = self._file.read_row_groups(groups)
+            table = self._file.read_row_groups(groups, use_threads=False)
             return _to_events(_filter(table, flt), limit)
         keys = self._file.read(columns=["lsn", "tenant_id", "event_type", "timestamp"])
         mask = _mask(keys, flt)

@@ -1,0 +1,102 @@
+"""Helpers shared by the benchmarks: payloads, a server subprocess, percentiles, results."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+RESULTS = Path(__file__).parent / "results"
+PAYLOAD_NOTE = "x" * 900
+
+
+def event(i: int, entities: int = 10_000) -> dict[str, Any]:
+    """A ~1 KB event (as the issue's targets assume)."""
+    return {
+        "entity_id": f"account-{i % entities}",
+        "event_type": "account.credited",
+        "payload": {"amount": i % 997, "currency": "EUR", "seq": i, "note": PAYLOAD_NOTE},
+        "metadata": {"source": "bench", "trace": f"{i:016x}"},
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(round(p / 100 * (len(ordered) - 1)), len(ordered) - 1)
+    return ordered[k]
+
+
+@contextlib.contextmanager
+def server(data_dir: Path, *extra: str, port: int | None = None) -> Iterator[str]:
+    """Run ``walship serve`` in a subprocess; yields its base URL; always stops it."""
+    port = port or free_port()
+    env = {
+        **os.environ,
+        "MALLOC_TRIM_THRESHOLD_": "1073741824",
+        "MALLOC_MMAP_THRESHOLD_": "67108864",
+    }
+    cmd = [
+        sys.executable, "-m", "walship", "serve",
+        "--data-dir", str(data_dir), "--http-host", "127.0.0.1", "--http-port", str(port),
+        "--fsync", "always", *extra,
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"server exited: {err}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not become healthy")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+
+
+def save(name: str, results: dict[str, Any]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    results = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "machine": machine(), **results}  # fmt: skip
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
