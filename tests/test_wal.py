@@ -302,3 +302,33 @@ def test_cursor_reports_removed_wal(tmp_path: Path) -> None:
     with pytest.raises(WalGone):
         WalCursor(wal, 1).read(1000)
     wal.close()
+
+
+def test_a_torn_batch_is_dropped_whole(tmp_path: Path) -> None:
+    """A crash inside a multi-record append leaves none of it: batches are atomic."""
+    wal = open_wal(tmp_path)
+    wal.append([b"single"]).done.result()
+    wal.append([b"a" * 50, b"b" * 50, b"c" * 50]).done.result()
+    wal.close()
+    (_, seg), *_ = list_segments(tmp_path)
+    os.truncate(seg, seg.stat().st_size - 10)  # tear the batch's last record
+    replayed: list[int] = []
+    wal = Wal.open(tmp_path, on_record=lambda r: replayed.append(r.lsn))
+    assert wal.last_position.lsn == Lsn(1)
+    assert replayed == [1]
+    assert wal.torn_tail is not None
+    res = wal.append([b"next"])
+    res.done.result()
+    assert res.first_lsn == Lsn(2)
+    wal.close()
+
+
+def test_an_append_never_spans_two_segments(tmp_path: Path) -> None:
+    wal = open_wal(tmp_path, limits=Limits(segment_bytes_max=1024))
+    for _ in range(5):
+        wal.append([b"x" * 100] * 4).done.result()
+    wal.close()
+    wal = Wal.open(tmp_path, limits=Limits(segment_bytes_max=1024))
+    for first, _, _ in wal.segment_infos():
+        assert (first - 1) % 4 == 0  # every segment starts at an append boundary
+    wal.close()

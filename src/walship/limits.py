@@ -47,5 +47,16 @@ class Limits:
     heartbeat_interval_ms: int = 1_000
     read_timeout_ms: int = 10_000
 
+    def __post_init__(self) -> None:
+        from walship.errors import InvalidInput
+
+        for name in self.__dataclass_fields__:
+            if getattr(self, name) <= 0:
+                raise InvalidInput(f"limit {name} must be positive")
+        if self.query_limit_default > self.query_limit_max:
+            raise InvalidInput("query_limit_default cannot exceed query_limit_max")
+        if self.record_bytes_max + 4096 > self.frame_bytes_max:
+            raise InvalidInput("frame_bytes_max must hold a record of record_bytes_max")
+
 
 DEFAULT_LIMITS = Limits()

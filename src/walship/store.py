@@ -87,6 +87,8 @@ class Receipt(msgspec.Struct):
     version: int
     timestamp: str
     durability: str = "local"
+    required: int = 0
+    acked_by: list[str] = msgspec.field(default_factory=list)
     duplicate: bool = False
 
 
@@ -104,12 +106,23 @@ class PendingAppend:
     last_lsn: int
     waits_on: list[Future[WriteOutcome]] = field(default_factory=list)
 
+    synced_lsn: int = 0
+
     def finish(self, outcome: WriteOutcome | None) -> list[Receipt]:
         """Receipts with durability set from the WAL outcome (``local`` only when fsynced)."""
-        if outcome is not None and not outcome.synced:
+        synced = outcome.synced if outcome is not None else self.synced_lsn >= self.max_lsn
+        if not synced:
             for r in self.receipts:
                 r.durability = "buffered"
         return self.receipts
+
+    @property
+    def max_lsn(self) -> int:
+        return max((r.lsn for r in self.receipts), default=0)
+
+    @property
+    def min_lsn(self) -> int:
+        return min((r.lsn for r in self.receipts), default=0)
 
 
 @dataclass(frozen=True)
@@ -412,7 +425,9 @@ class Store:
                 )
                 receipts.append(Receipt(format_uuid(event_id), lsn, term, version, timestamp))
             if not bodies:
-                return PendingAppend(receipts, None, 0, waits_on)
+                return PendingAppend(
+                    receipts, None, 0, waits_on, synced_lsn=self.wal.synced_lsn.value
+                )
             result = self.wal.append(bodies)
             invariant(
                 result.first_lsn.value == next_lsn and result.term.value == term,
@@ -425,6 +440,15 @@ class Store:
             self.metrics.appends.inc(len(bodies))
             self.metrics.last_lsn.set(result.last_lsn.value)
         return PendingAppend(receipts, result.done, result.last_lsn.value, waits_on)
+
+    def would_block(self) -> bool:
+        """True when ``submit`` would wait for a checkpoint (memtables over twice their budget)
+        or for WAL space; an event loop should then call it from a thread."""
+        limits = self.limits
+        return self.wal.backlogged() or (
+            len(self._active) >= 2 * limits.memtable_events_max
+            or self._active.bytes >= 2 * limits.memtable_bytes_max
+        )
 
     def _check_writable(self) -> None:
         if self._closed:

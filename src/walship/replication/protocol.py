@@ -647,7 +647,7 @@ def batch_records(
     start = end = (prev_lsn, prev_term, prev_chain)
     for raw in records:
         invariant(len(raw) >= HEADER_BYTES, f"{len(raw)} bytes are not a WAL record")
-        body_len, _crc, lsn, rec_term, chain = HEADER.unpack_from(raw)
+        body_len, _crc, lsn, rec_term, _batch_left, chain = HEADER.unpack_from(raw)
         invariant(len(raw) == HEADER_BYTES + body_len, f"record {lsn} has a wrong length")
         invariant(lsn == end[0] + 1, f"record {lsn} does not follow {end[0]}")
         if len(raw) > budget:

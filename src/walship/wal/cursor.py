@@ -117,7 +117,7 @@ class WalCursor:
         chain = b""
         body_max = self.wal.limits.record_bytes_max
         while pos + HEADER_BYTES <= len(data):
-            body_len, crc, rec_lsn, rec_term, rec_chain = HEADER.unpack_from(data, pos)
+            body_len, crc, rec_lsn, rec_term, _, rec_chain = HEADER.unpack_from(data, pos)
             end = pos + HEADER_BYTES + body_len
             if body_len > body_max or end > len(data) or rec_lsn > written:
                 break

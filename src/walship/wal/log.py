@@ -30,6 +30,7 @@ from walship.position import Lsn, Position, Term
 from walship.wal.record import (
     GENESIS_CHAIN,
     HEADER,
+    TERM_MAX,
     Record,
     RecordIncomplete,
     RecordInvalid,
@@ -267,7 +268,7 @@ class Wal:
         LimitExceeded-like InvalidInput for an oversized body.
         """
         term = self.terms.current.value
-        invariant(term > 0, "no term started: begin_term must run before the first append")
+        invariant(0 < term <= TERM_MAX, "no term started: begin_term must run first")
         body_max = self.limits.record_bytes_max
         for body in bodies:
             if len(body) > body_max:
@@ -279,8 +280,9 @@ class Wal:
             chains: list[bytes] = []
             pending = self._pending
             added = 0
+            last_index = len(bodies) - 1
             for i, body in enumerate(bodies):
-                raw, chain = encode_record(first + i, term, chain, body)
+                raw, chain = encode_record(first + i, term, chain, body, last_index - i)
                 pending.append(raw)
                 added += len(raw)
                 chains.append(chain)
@@ -321,6 +323,10 @@ class Wal:
             self._last_lsn, self._last_term, self._last_chain = lsn, term, chain
             self._wake.notify()
             return self._pending_future
+
+    def backlogged(self) -> bool:
+        """True when an append would wait for the writer to drain (backpressure)."""
+        return len(self._pending) >= self.limits.pending_appends_max
 
     def _wait_for_space(self) -> None:
         """Backpressure: block while too much is pending; raise if the WAL has failed."""
@@ -424,25 +430,38 @@ class Wal:
             self._last_sync = time.monotonic()
 
     def _write_batch(self, batch: list[bytes]) -> tuple[WriteOutcome, float]:
-        """Write a group to the active segment(s), rolling over as needed, then fsync per policy."""
+        """Write a group to the active segment(s), rolling over as needed, then fsync per policy.
+
+        An atomic append (records up to one with ``batch_left == 0``) never spans two
+        segments, so recovery can always drop a torn one within the last segment.
+        """
         seg_max = self.limits.segment_bytes_max
-        i = 0
+        units: list[tuple[int, int, int]] = []  # (start, end, bytes) of each atomic append
+        start = size = 0
+        for k, raw in enumerate(batch):
+            size += len(raw)
+            if HEADER.unpack_from(raw, 0)[4] == 0:
+                units.append((start, k + 1, size))
+                start, size = k + 1, 0
+        if start < len(batch):  # cannot happen: appends queue whole units
+            units.append((start, len(batch), size))
         fsync_s = 0.0
-        while i < len(batch):
+        u = 0
+        while u < len(units):
             active = self._segments[-1]
             room = seg_max - active.bytes
-            j = i
-            size = 0
-            while j < len(batch) and (
-                size + len(batch[j]) <= room or (j == i and active.bytes == SEGMENT_HEADER_BYTES)
+            v, size = u, 0
+            while v < len(units) and (
+                size + units[v][2] <= room or (v == u and active.bytes == SEGMENT_HEADER_BYTES)
             ):
-                size += len(batch[j])
-                j += 1
-            if j == i:
-                fsync_s += self._roll_segment(batch[i])
+                size += units[v][2]
+                v += 1
+            if v == u:
+                fsync_s += self._roll_segment(batch[units[u][0]])
                 continue
+            i, j = units[u][0], units[v - 1][1]
             self._write_all(b"".join(batch[i:j]) if j - i > 1 else batch[i], active, batch[i:j])
-            i = j
+            u = v
         last_lsn = HEADER.unpack_from(batch[-1], 0)[2]
         synced = False
         if self.fsync.mode is FsyncMode.ALWAYS or (
@@ -482,7 +501,7 @@ class Wal:
         t0 = time.perf_counter()
         os.fdatasync(self._fd)
         elapsed = time.perf_counter() - t0
-        _, _, lsn, _, _ = HEADER.unpack_from(next_record, 0)
+        lsn = HEADER.unpack_from(next_record, 0)[2]
         prev = self._record_before(lsn)
         path = create_segment(self.directory, SegmentHeader(lsn, prev[0], prev[1]))
         os.close(self._fd)

@@ -157,6 +157,8 @@ def scan_segment(
     offset = SEGMENT_HEADER_BYTES
     next_index_at = offset
     view = memoryview(buf)
+    unit: list[Record] = []  # records of an atomic append not yet seen complete
+    before_unit = (scan.last_lsn, scan.last_term, scan.last_chain, scan.valid_bytes, 0)
     while offset < len(buf):
         expected_lsn = scan.last_lsn + 1
         try:
@@ -179,17 +181,42 @@ def scan_segment(
             raise CorruptionError(
                 f"{path} at offset {offset}: {exc}", file=str(path), offset=offset
             ) from exc
+        if not unit:
+            before_unit = (
+                scan.last_lsn,
+                scan.last_term,
+                scan.last_chain,
+                scan.valid_bytes,
+                len(scan.sparse_index),
+            )
         if offset >= next_index_at:
             scan.sparse_index.append((rec.lsn, offset))
             next_index_at = offset + SPARSE_INDEX_BYTES
-        if on_record is not None:
-            on_record(rec)
+        unit.append(rec)
+        if rec.batch_left == 0:
+            if on_record is not None:
+                for done in unit:
+                    on_record(done)
+            unit = []
         offset += len(rec.raw)
         scan.records += 1
         scan.last_lsn = rec.lsn
         scan.last_term = rec.term
         scan.last_chain = rec.chain
         scan.valid_bytes = offset
+    if unit and is_last:
+        # the last atomic append never finished reaching the disk: drop all of it
+        lsn, term, chain, valid, indexed = before_unit
+        scan.torn_tail = (
+            f"{path}: append of lsn {unit[0].lsn}..{unit[-1].lsn} is incomplete "
+            f"({unit[-1].batch_left} records missing); dropped as a torn tail"
+        )
+        scan.records -= len(unit)
+        scan.last_lsn, scan.last_term, scan.last_chain, scan.valid_bytes = lsn, term, chain, valid
+        del scan.sparse_index[indexed:]
+    elif unit and on_record is not None:
+        for done in unit:
+            on_record(done)
     return scan
 
 
