@@ -21,12 +21,17 @@ RESULTS = Path(__file__).parent / "results"
 PAYLOAD_NOTE = "x" * 900
 
 
+_RANDOM = os.urandom(4 << 20).hex()
+
+
 def event(i: int, entities: int = 10_000) -> dict[str, Any]:
-    """A ~1 KB event (as the issue's targets assume)."""
+    """A ~1 KB event (as the issue's targets assume), about half of it incompressible."""
+    start = (i * 7919) % (len(_RANDOM) - 450)
+    note = _RANDOM[start : start + 450] + PAYLOAD_NOTE[:450]
     return {
         "entity_id": f"account-{i % entities}",
         "event_type": "account.credited",
-        "payload": {"amount": i % 997, "currency": "EUR", "seq": i, "note": PAYLOAD_NOTE},
+        "payload": {"amount": i % 997, "currency": "EUR", "seq": i, "note": note},
         "metadata": {"source": "bench", "trace": f"{i:016x}"},
     }
 

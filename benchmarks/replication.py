@@ -1,0 +1,296 @@
+"""Replication benchmark (issue 3): a leader and two followers on loopback, fsync always.
+
+Measures:
+  (a) batch ingest (HTTP, batches of 1,000) per ack mode, and the same without followers
+  (b) replication lag p50/p99 (the leader's ``lag_ms`` per follower, sampled every 10 ms)
+      under steady load at half the async rate
+  (c) catch-up of an empty follower through the WAL (records/s) and through a snapshot (MB/s)
+  (d) single-write latency p50/p99 per ack mode (one client, sequential)
+
+All three nodes share the machine's two cores, so (a) is the whole machine's work per event.
+Run: ``python benchmarks/replication.py [--quick]``; results in results/replication.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import event, percentile, save
+from walship.cli.process import NodeProcess
+
+TARGETS = {
+    "sync_batch_events_per_s": 42_000,
+    "lag_p99_ms": 10.0,
+    "catchup_wal_records_per_s": 100_000,
+    "catchup_snapshot_mb_per_s": 200.0,
+    "semi_sync_single_p50_ms": 0.75,
+}
+MODES = ["async", "semi-sync", "quorum:2", "sync"]
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+class Cluster:
+    """A leader and N followers as real processes under ``root``."""
+
+    def __init__(self, root: Path, mode: str, followers: int = 2, *extra: str) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.secret = root / "secret"
+        self.secret.write_text(secrets.token_hex(16))
+        os.chmod(self.secret, 0o600)
+        self.stack = ExitStack()
+        self.leader = NodeProcess(
+            root / "leader",
+            node_id="leader",
+            extra_args=[
+                "--replication-port", "0", "--replication-secret-file", str(self.secret),
+                "--ack-mode", mode, "--log-level", "warning", *extra,
+            ],
+        )  # fmt: skip
+        self.stack.enter_context(self.leader)
+        self.leader.start()
+        self.replication = self.leader.start_line.split("replication=")[1].split()[0]
+        self.followers = [self.add_follower(f"follower-{i + 1}") for i in range(followers)]
+
+    def add_follower(self, name: str, start: bool = True) -> NodeProcess:
+        node = NodeProcess(
+            self.root / name,
+            node_id=name,
+            extra_args=[
+                "--role", "follower", "--leader", self.replication,
+                "--replication-secret-file", str(self.secret), "--log-level", "warning",
+            ],
+        )  # fmt: skip
+        self.stack.enter_context(node)
+        if start:
+            node.start()
+        return node
+
+    def wait_in_sync(self, count: int, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            health = httpx.get(self.leader.url + "/health").json()
+            if health["replication"]["in_sync_count"] >= count:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("followers did not get in sync")
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+def batches(n: int, offset: int = 0) -> list[bytes]:
+    return [
+        msgspec.json.encode({"events": [event(offset + b * 1000 + i) for i in range(1000)]})
+        for b in range(n // 1000)
+    ]
+
+
+async def post_batches(url: str, bodies: list[bytes], concurrency: int = 4) -> float:
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+
+    async def worker() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            while not queue.empty():
+                r = await client.post(
+                    "/api/v1/events/batch",
+                    content=queue.get_nowait(),
+                    headers={"content-type": "application/json"},
+                )
+                r.raise_for_status()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - t0
+
+
+def throughput(root: Path, n: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode in ["none", *MODES]:
+        cluster = Cluster(root / f"tp-{mode.replace(':', '')}", "async" if mode == "none" else mode,
+                          0 if mode == "none" else 2)  # fmt: skip
+        try:
+            if mode != "none":
+                cluster.wait_in_sync(2)
+            elapsed = asyncio.run(post_batches(cluster.leader.url, batches(n)))
+            out[f"{mode}_batch_events_per_s"] = round(n / elapsed)
+        finally:
+            cluster.close()
+        print(f"  {mode}: {out[f'{mode}_batch_events_per_s']} events/s", flush=True)
+    base = out["none_batch_events_per_s"]
+    for mode in MODES:
+        out[f"{mode}_ratio_to_no_followers"] = round(out[f"{mode}_batch_events_per_s"] / base, 3)
+    out["sync_batch_events_per_s"] = out["sync_batch_events_per_s"]
+    return out
+
+
+def lag(root: Path, rate: float, seconds: float) -> dict[str, Any]:
+    """Pace batches of 100 at ``rate`` events/s; sample the leader's per-follower lag_ms."""
+    cluster = Cluster(root / "lag", "async")
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sampler() -> None:
+        with httpx.Client(base_url=cluster.leader.url, timeout=5) as client:
+            while not stop.is_set():
+                for f in client.get("/health").json()["replication"]["followers"]:
+                    samples.append(float(f["lag_ms"]))
+                time.sleep(0.01)
+
+    try:
+        cluster.wait_in_sync(2)
+        thread = threading.Thread(target=sampler)
+        thread.start()
+        body_events = 100
+        interval = body_events / rate
+        with httpx.Client(base_url=cluster.leader.url, timeout=30) as client:
+            t_end = time.monotonic() + seconds
+            next_at = time.monotonic()
+            i = 0
+            while time.monotonic() < t_end:
+                body = msgspec.json.encode(
+                    {"events": [event(i * body_events + k) for k in range(body_events)]}
+                )
+                client.post(
+                    "/api/v1/events/batch", content=body, headers=JSON_HEADERS
+                ).raise_for_status()
+                i += 1
+                next_at += interval
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+        stop.set()
+        thread.join()
+    finally:
+        stop.set()
+        cluster.close()
+    return {
+        "lag_rate_events_per_s": round(rate),
+        "lag_samples": len(samples),
+        "lag_p50_ms": round(percentile(samples, 50), 3),
+        "lag_p99_ms": round(percentile(samples, 99), 3),
+    }
+
+
+def _time_catch_up(node: NodeProcess, last: int) -> float:
+    t0 = time.perf_counter()
+    node.start()
+    with httpx.Client(base_url=node.url, timeout=5) as client:
+        while client.get("/health").json()["replication"]["applied_lsn"] < last:
+            time.sleep(0.05)
+    return time.perf_counter() - t0
+
+
+def catch_up(root: Path, n: int) -> dict[str, Any]:
+    """An empty follower catching up n events through the WAL, and another through a snapshot."""
+    out: dict[str, Any] = {}
+    # WAL: a follower that connected once holds a retention slot from lsn 0, so the WAL stays
+    cluster = Cluster(root / "catchup-wal", "async", 0, "--wal-retention-bytes-max", str(8 << 30))
+    try:
+        follower = cluster.add_follower("wal-follower")
+        cluster.wait_in_sync(1)
+        follower.stop()
+        asyncio.run(post_batches(cluster.leader.url, batches(n)))
+        last = httpx.get(cluster.leader.url + "/health").json()["last_lsn"]
+        elapsed = _time_catch_up(follower, last)
+        out["catchup_wal_seconds"] = round(elapsed, 3)
+        out["catchup_wal_records_per_s"] = round(last / elapsed)
+    finally:
+        cluster.close()
+    # snapshot: checkpoints remove the early WAL; a new follower needs the Parquet snapshot
+    cluster = Cluster(
+        root / "catchup-snap", "async", 0,
+        "--segment-bytes-max", str(16 << 20), "--checkpoint-interval-ms", "1000",
+    )  # fmt: skip
+    try:
+        asyncio.run(post_batches(cluster.leader.url, batches(n)))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            stats = httpx.get(cluster.leader.url + "/api/v1/stats").json()
+            if stats["checkpoint_lsn"] >= stats["last_lsn"] - 1000 and stats["wal_first_lsn"] > 1:
+                break
+            time.sleep(0.2)
+        last = stats["last_lsn"]
+        follower = cluster.add_follower("snapshot-follower", start=False)
+        elapsed = _time_catch_up(follower, last)
+        fstats = httpx.get(follower.url + "/api/v1/stats").json()
+        health = httpx.get(follower.url + "/health").json()["replication"]
+        mb = fstats["parquet_bytes"] / 1e6
+        out["catchup_snapshot_seconds"] = round(elapsed, 3)
+        out["catchup_snapshot_records_per_s"] = round(last / elapsed)
+        out["catchup_snapshot_parquet_mb"] = round(mb, 1)
+        out["catchup_snapshot_mb_per_s"] = round(mb / elapsed, 1)
+        out["catchup_snapshot_received"] = health["snapshots_received"]
+        out["catchup_snapshot_wal_records_after"] = last - fstats["checkpoint_lsn"]
+    finally:
+        cluster.close()
+    return out
+
+
+def latency(root: Path, count: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode in MODES:
+        cluster = Cluster(root / f"lat-{mode.replace(':', '')}", mode)
+        try:
+            cluster.wait_in_sync(2)
+            times: list[float] = []
+            body = msgspec.json.encode(event(1))
+            with httpx.Client(base_url=cluster.leader.url, timeout=10) as client:
+                for _ in range(count):
+                    t0 = time.perf_counter()
+                    r = client.post("/api/v1/events", content=body,
+                                    headers={"content-type": "application/json"})  # fmt: skip
+                    times.append((time.perf_counter() - t0) * 1000)
+                    r.raise_for_status()
+            key = mode.replace("-", "_").replace(":", "")
+            out[f"{key}_single_p50_ms"] = round(percentile(times, 50), 3)
+            out[f"{key}_single_p99_ms"] = round(percentile(times, 99), 3)
+            print(f"  {mode}: p50 {out[f'{key}_single_p50_ms']} ms", flush=True)
+        finally:
+            cluster.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--catchup-events", type=int, default=1_000_000)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.events, args.catchup_events = 20_000, 50_000
+    results: dict[str, Any] = {"targets": TARGETS}
+    with tempfile.TemporaryDirectory(prefix="walship-repl-bench-") as tmp:
+        root = Path(tmp)
+        print("throughput per mode ...", flush=True)
+        results.update(throughput(root, args.events))
+        print("lag at half the async rate ...", flush=True)
+        results.update(lag(root, results["async_batch_events_per_s"] / 2, 5 if args.quick else 15))
+        print("single-write latency ...", flush=True)
+        results.update(latency(root, 300 if args.quick else 2000))
+        print("catch-up ...", flush=True)
+        results.update(catch_up(root, args.catchup_events))
+    path = save("replication", results)
+    print(json.dumps(results, indent=2))
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
