@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from walship import __version__
-from walship.cli import demo, serve, wal
+from walship.cli import demo, serve, status, wal
 
 app = typer.Typer(
     name="walship",
@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 app.command("serve")(serve.serve_command)
 app.add_typer(wal.app, name="wal")
+app.command("status")(status.status_command)
 app.command("demo")(demo.demo_command)
 
 

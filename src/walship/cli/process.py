@@ -23,6 +23,7 @@ import httpx
 from walship.cli.serve import START_LINE_MARK
 
 _URL_RE = re.compile(re.escape(START_LINE_MARK) + r"(http://\S+)")
+_REPLICATION_RE = re.compile(r" replication=(\S+)")
 
 # glibc returning freed heap to the kernel and faulting it back costs a lot on small VMs
 # (see PERFORMANCE.md); these only take effect at process start, so they are set here
@@ -173,6 +174,19 @@ class NodeProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             raise
+
+    @property
+    def replication_address(self) -> str | None:
+        """A leader's replication listener ``HOST:PORT`` from its start line.
+
+        None before the start line, on a follower, and on a leader that does not listen
+        (``replication=off``: no shared secret).
+        """
+        # the last match: the note ends the line, after the data dir (which could contain it)
+        found = _REPLICATION_RE.findall(self.start_line)
+        if not found or found[-1] == "off":
+            return None
+        return str(found[-1])
 
     @property
     def running(self) -> bool:

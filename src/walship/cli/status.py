@@ -1,0 +1,510 @@
+"""``walship status``: ask each node's ``/health`` and show the cluster as tables.
+
+One row per URL given (a node that does not answer is a row saying why, never a traceback),
+then, for every leader among them, its own view of each follower: what it sent, what the
+follower confirmed, whether it is in the in-sync set, and how far a snapshot transfer got.
+A follower's lag is shown twice when both ends answered: the follower's own view (records the
+leader wrote, as far as it has heard, that it has not applied) and the leader's (records the
+follower has not acknowledged as durable); the two differ by what is in flight.
+
+The renderables are built from plain health documents, so ``walship demo`` and tests reuse
+them without a terminal.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich import box
+from rich.console import Console, Group, JustifyMethod, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from walship.cli.output import console
+
+CONNECT_TIMEOUT_S = 1.0
+READ_TIMEOUT_S = 2.0
+_FETCH_THREADS_MAX = 16
+_BAR_WIDTH = 10
+_REASON_CHARS_MAX = 80
+_PIPE_WIDTH_MAX = 400
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """What one URL answered: its health document, or why there is none."""
+
+    url: str
+    health: dict[str, Any] | None = None
+    error: str | None = None
+    http_status: int | None = None
+
+    @property
+    def answered(self) -> bool:
+        return self.health is not None
+
+    @property
+    def role(self) -> str | None:
+        return None if self.health is None else str(self.health.get("role"))
+
+    @property
+    def node_id(self) -> str:
+        return "?" if self.health is None else str(self.health.get("node_id", "?"))
+
+    @property
+    def replication(self) -> dict[str, Any]:
+        found = None if self.health is None else self.health.get("replication")
+        return found if isinstance(found, dict) else {}
+
+    def as_json(self) -> dict[str, Any]:
+        if self.health is not None:
+            return {"url": self.url, "http_status": self.http_status, "health": self.health}
+        return {"url": self.url, "http_status": self.http_status, "error": self.error}
+
+
+def normalize_url(raw: str) -> str:
+    """``host:port`` → ``http://host:port``; no trailing slash."""
+    url = raw.strip().rstrip("/")
+    return url if "://" in url else f"http://{url}"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer within {READ_TIMEOUT_S:g} s"
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= _REASON_CHARS_MAX else text[: _REASON_CHARS_MAX - 1] + "…"
+
+
+def fetch_health(client: httpx.Client, url: str) -> NodeReport:
+    """GET ``url/health``. A node answering 503 with its health document still counts."""
+    try:
+        response = client.get(f"{url}/health")
+    except httpx.InvalidURL as exc:
+        return NodeReport(url, error=f"bad URL: {_reason(exc)}")
+    except (httpx.HTTPError, OSError) as exc:
+        return NodeReport(url, error=f"unreachable: {_reason(exc)}")
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "status" in body and "role" in body:
+        return NodeReport(url, health=body, http_status=response.status_code)
+    return NodeReport(
+        url,
+        error=f"not a walship node: HTTP {response.status_code} from /health",
+        http_status=response.status_code,
+    )
+
+
+def collect(client: httpx.Client, urls: Sequence[str]) -> list[NodeReport]:
+    """Ask every URL at once (a dead node costs one timeout, not one per node), in order."""
+    if not urls:
+        return []
+    workers = min(len(urls), _FETCH_THREADS_MAX)
+    with ThreadPoolExecutor(workers, thread_name_prefix="walship-status") as pool:
+        return list(pool.map(lambda url: fetch_health(client, url), urls))
+
+
+def make_client() -> httpx.Client:
+    timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
+    return httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False)
+
+
+# ---------------------------------------------------------------------- formatting cells
+
+
+def format_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_ms(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return "? ms"
+    if value >= 10_000:
+        return f"{value / 1000:.0f} s"
+    if value >= 1000:
+        return f"{value / 1000:.1f} s"
+    return f"{value:.0f} ms" if value >= 10 or value == 0 else f"{value:.1f} ms"
+
+
+def format_lag(view: dict[str, Any], sep: str = ", ") -> str:
+    """``3 rec, 12 ms``: records not confirmed and how long ago the oldest was written."""
+    records = view.get("lag_records")
+    shown = "?" if records is None else str(records)
+    return f"{shown} rec{sep}{format_ms(view.get('lag_ms'))}"
+
+
+def format_snapshot(progress: Any, sep: str = " ") -> Text:
+    """A bar, the percentage and bytes done/total of a running snapshot transfer."""
+    if not isinstance(progress, dict):
+        return _dash()
+    done, total = int(progress.get("bytes_done") or 0), int(progress.get("bytes_total") or 0)
+    fraction = min(done / total, 1.0) if total > 0 else 0.0
+    filled = round(fraction * _BAR_WIDTH)
+    text = Text()
+    text.append("█" * filled, style="cyan")
+    text.append("░" * (_BAR_WIDTH - filled), style="dim")
+    text.append(f" {fraction:4.0%}{sep}{format_bytes(done)}/{format_bytes(total)}")
+    return text
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _dash() -> Text:
+    return Text("-", style="dim")
+
+
+def _status_text(report: NodeReport) -> Text:
+    if report.health is None:
+        return Text(report.error or "no answer", style="bold red")
+    status = str(report.health.get("status", "?"))
+    return Text(status, style="green" if status == "healthy" else "bold yellow")
+
+
+def _yes_no(value: Any) -> Text:
+    if value is True:
+        return Text("yes", style="green")
+    if value is False:
+        return Text("no", style="bold yellow")
+    return _dash()
+
+
+def _node_cell(report: NodeReport) -> Text:
+    """The node's name over its address (the scheme left out: it is always there)."""
+    text = Text()
+    text.append(report.node_id, style="bold")
+    text.append("\n" + report.url.removeprefix("http://"), style="dim")
+    return text
+
+
+# ---------------------------------------------------------------------- leader's view
+
+
+def _leader_view(reports: Sequence[NodeReport], follower: NodeReport) -> dict[str, Any] | None:
+    """The session a leader among ``reports`` holds for ``follower``.
+
+    ``{}`` when the follower's own leader answered but has no session for it (it is not
+    connected); None when no leader that could know it answered.
+    """
+    own_leader = follower.replication.get("leader")
+    seen_by_its_leader = False
+    for report in reports:
+        if report.role != "leader":
+            continue
+        for session in report.replication.get("followers") or []:
+            if isinstance(session, dict) and session.get("node_id") == follower.node_id:
+                return session
+        if own_leader is not None and report.replication.get("listening") == own_leader:
+            seen_by_its_leader = True
+    return {} if seen_by_its_leader else None
+
+
+def _leader_cells(report: NodeReport) -> dict[str, RenderableType]:
+    repl = report.replication
+    if not repl:
+        return {}
+    followers = [f for f in repl.get("followers") or [] if isinstance(f, dict)]
+    count = int(repl.get("in_sync_count") or 0)
+    floor = int(repl.get("min_in_sync") or 0)
+    listening = repl.get("listening")
+    ledger = repl.get("degraded") or {}
+    writes, ranges = int(ledger.get("writes") or 0), int(ledger.get("ranges") or 0)
+    sending = sum(1 for f in followers if f.get("snapshot"))
+    return {
+        "in sync": Text(
+            f"{count}/{len(followers)} (min {floor})",
+            style="green" if count >= floor else "bold yellow",
+        ),
+        "replication": f"{repl.get('mode', '?')}\n"
+        + (f"listening on {listening}" if listening else "not listening"),
+        "degraded": Text("0")
+        if writes == 0
+        else Text(f"{_plural(writes, 'write')}\n{_plural(ranges, 'range')}", style="bold yellow"),
+        "snapshot": Text(f"sending {sending}", style="cyan") if sending else _dash(),
+    }
+
+
+def _follower_cells(reports: Sequence[NodeReport], report: NodeReport) -> dict[str, RenderableType]:
+    repl = report.replication
+    if not repl:
+        return {}
+    session = _leader_view(reports, report)
+    cells: dict[str, RenderableType] = {"lag (own)": format_lag(repl, "\n")}
+    if session == {}:
+        cells["lag (leader)"] = Text("not connected", style="bold yellow")
+        cells["in sync"] = _yes_no(False)
+    elif session is not None:
+        cells["lag (leader)"] = format_lag(session, "\n")
+        cells["in sync"] = _yes_no(session.get("in_sync"))
+    state, leader = str(repl.get("state", "?")), repl.get("leader", "?")
+    if repl.get("connected"):
+        cells["replication"] = f"{state}\nfrom {leader}"
+    else:
+        error = repl.get("last_error")
+        cells["replication"] = Text(
+            f"{state}\nnot connected to {leader}" + (f": {error}" if error else ""),
+            style="bold yellow",
+        )
+    progress = repl.get("snapshot") or (session or {}).get("snapshot")
+    cells["snapshot"] = format_snapshot(progress, "\n")
+    return cells
+
+
+# ---------------------------------------------------------------------- tables
+
+
+# (name, justify, wraps): the columns that may wrap give way first on a narrow terminal
+_NODE_COLUMNS: tuple[tuple[str, JustifyMethod, bool], ...] = (
+    ("node", "left", False),
+    ("role", "left", False),
+    ("status", "left", True),
+    ("term", "right", False),
+    ("last lsn", "right", False),
+    ("lag (own)", "right", True),
+    ("lag (leader)", "right", True),
+    ("in sync", "left", True),
+    ("replication", "left", True),
+    ("degraded", "right", True),
+    ("snapshot", "left", True),
+)
+
+
+def nodes_table(reports: Sequence[NodeReport]) -> Table:
+    """One row per URL: who answered, its role and position, and its replication state.
+
+    The snapshot column is there only while a transfer runs.
+    """
+    table = Table(
+        title="cluster",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        caption="lag: records behind and for how long; (own) as the follower sees it "
+        "(not applied), (leader) as its leader does (not acknowledged)",
+        caption_justify="left",
+    )
+    rows: list[dict[str, RenderableType]] = []
+    for report in reports:
+        health = report.health
+        cells: dict[str, RenderableType] = {"node": _node_cell(report)}
+        cells["status"] = _status_text(report)
+        if health is not None:
+            cells["role"] = str(health.get("role", "?"))
+            cells["term"] = str(health.get("term", "?"))
+            cells["last lsn"] = str(health.get("last_lsn", "?"))
+            if report.role == "leader":
+                cells |= _leader_cells(report)
+            elif report.role == "follower":
+                cells |= _follower_cells(reports, report)
+        rows.append(cells)
+    snapshots = any(
+        isinstance(row.get("snapshot"), Text) and str(row["snapshot"]) != "-" for row in rows
+    )
+    names = [c for c in _NODE_COLUMNS if c[0] != "snapshot" or snapshots]
+    for name, justify, wraps in names:
+        table.add_column(name, justify=justify, no_wrap=not wraps, overflow="fold")
+    for row in rows:
+        table.add_row(*(row.get(name, _dash()) for name, _, _ in names))
+    return table
+
+
+def followers_table(leader: NodeReport) -> Table:
+    """The leader's view of each follower session, plus known followers not connected now."""
+    repl = leader.replication
+    table = Table(
+        title=f"followers of {leader.node_id} (leader's view)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    for name in ("follower", "address", "state", "sent", "durable", "applied", "lag", "in sync"):
+        right = name in ("sent", "durable", "applied", "lag")
+        table.add_column(name, justify="right" if right else "left", no_wrap=True)
+    sessions = [s for s in repl.get("followers") or [] if isinstance(s, dict)]
+    if any(s.get("snapshot") for s in sessions):
+        table.add_column("snapshot", no_wrap=True)
+    for session in sessions:
+        row: list[RenderableType] = [
+            Text(str(session.get("node_id", "?")), style="bold"),
+            str(session.get("address", "?")),
+            str(session.get("state", "?")),
+            str(session.get("sent_lsn", "?")),
+            str(session.get("durable_lsn", "?")),
+            str(session.get("applied_lsn", "?")),
+            format_lag(session),
+            _yes_no(session.get("in_sync")),
+        ]
+        if len(table.columns) > len(row):
+            row.append(format_snapshot(session.get("snapshot")))
+        table.add_row(*row)
+    # a retention slot outlives the connection: WAL is kept for a follower that went away
+    slots = repl.get("retention_slots")
+    seen = {s.get("node_id") for s in sessions}
+    for node_id, slot_lsn in sorted(slots.items()) if isinstance(slots, dict) else []:
+        if node_id in seen:
+            continue
+        row = [
+            Text(str(node_id), style="bold"),
+            _dash(),
+            Text("not connected", style="bold yellow"),
+            _dash(),
+            f"{slot_lsn} (slot)",
+            _dash(),
+            _dash(),
+            _yes_no(False),
+        ]
+        table.add_row(*row, *[_dash()] * (len(table.columns) - len(row)))
+    return table
+
+
+def render_status(reports: Sequence[NodeReport], *, heading: str | None = None) -> Group:
+    """The whole picture: an optional heading, the nodes table, each leader's follower table."""
+    parts: list[RenderableType] = []
+    if heading:
+        parts.append(Text(heading, style="dim"))
+    parts.append(nodes_table(reports))
+    for report in reports:
+        if report.role == "leader" and report.replication:
+            parts.append(followers_table(report))
+    return Group(*parts)
+
+
+def print_renderable(out: Console, renderable: RenderableType) -> None:
+    """Print to a terminal as rich does; elsewhere at the natural width, lines right-stripped.
+
+    A pipe or a log file has no width: rich would assume 80 columns and cut the table's cells
+    to ``…``, which is useless in CI logs and greps. Tables pad every line to their width,
+    which only makes diffs and logs noisy.
+    """
+    if out.is_terminal:
+        out.print(renderable)
+        return
+    natural = out.measure(renderable, options=out.options.update_width(_PIPE_WIDTH_MAX)).maximum
+    buffer = io.StringIO()
+    # Console.print clamps a width argument to the console's own, so: a console that wide
+    wide = Console(
+        file=buffer,
+        width=max(out.width, natural),
+        color_system=out.color_system,  # type: ignore[arg-type]  # rich returns the name as str
+        highlight=False,
+    )
+    wide.print(renderable)
+    out.file.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
+    out.file.flush()
+
+
+def _heading(reports: Sequence[NodeReport], interval_s: float | None) -> str:
+    answered = sum(r.answered for r in reports)
+    line = f"{time.strftime('%H:%M:%S')}  {answered}/{len(reports)} nodes answered"
+    if interval_s is not None:
+        line += f"  (every {interval_s:g} s, Ctrl-C to stop)"
+    return line
+
+
+def _print_json(reports: Sequence[NodeReport], *, compact: bool) -> None:
+    docs = [r.as_json() for r in reports]
+    typer.echo(json.dumps(docs, separators=(",", ":")) if compact else json.dumps(docs, indent=2))
+
+
+def status_command(
+    urls: Annotated[
+        list[str],
+        typer.Argument(
+            help="Node URLs (http://HOST:PORT, or HOST:PORT). Give the leader too for its "
+            "view of each follower.",
+            show_default=False,
+        ),
+    ],
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh in place until Ctrl-C.")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.05, help="Seconds between refreshes (--watch).")
+    ] = 2.0,
+    count: Annotated[
+        int | None,
+        typer.Option("--count", min=1, help="Stop after N refreshes (implies --watch)."),
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the raw health documents as JSON (with --watch: one line per refresh).",
+        ),
+    ] = False,
+) -> None:
+    """Show each node's role, term, lsn, lag, in-sync state, degraded writes and snapshots.
+
+    Exits 1 when no URL answered (in the last refresh, with --watch).
+    """
+    targets = [normalize_url(u) for u in urls]
+    watching = watch or count is not None
+    limit = count if count is not None else (None if watching else 1)
+    every = interval if watching else None
+    latest: list[NodeReport] = []
+
+    def show(reports: list[NodeReport]) -> None:
+        latest[:] = reports
+        if as_json:
+            _print_json(reports, compact=watching)
+        else:
+            print_renderable(console, render_status(reports, heading=_heading(reports, every)))
+
+    with make_client() as client:
+        try:
+            if watching and not as_json and console.is_terminal:
+                _live_loop(client, targets, limit, interval, latest)
+            else:
+                # a pipe or a file: each refresh printed below the previous one
+                _loop(client, targets, limit, interval, show)
+        except KeyboardInterrupt:
+            pass  # Ctrl-C is how --watch ends
+    if not any(r.answered for r in latest):
+        raise typer.Exit(1)
+
+
+def _loop(
+    client: httpx.Client,
+    targets: list[str],
+    limit: int | None,
+    interval_s: float,
+    show: Callable[[list[NodeReport]], None],
+) -> None:
+    """Collect and show ``limit`` times (None: until interrupted), ``interval_s`` apart."""
+    done = 0
+    while limit is None or done < limit:
+        if done:
+            time.sleep(interval_s)
+        show(collect(client, targets))
+        done += 1
+
+
+def _live_loop(
+    client: httpx.Client,
+    targets: list[str],
+    limit: int | None,
+    interval_s: float,
+    latest: list[NodeReport],
+) -> None:
+    """On a terminal: redraw the tables in place."""
+    with Live(console=console, auto_refresh=False, redirect_stdout=False) as live:
+
+        def show(reports: list[NodeReport]) -> None:
+            latest[:] = reports
+            live.update(render_status(reports, heading=_heading(reports, interval_s)), refresh=True)
+
+        _loop(client, targets, limit, interval_s, show)
