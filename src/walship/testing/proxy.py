@@ -51,6 +51,7 @@ class FaultProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
         self.port = 0
 
     def __enter__(self) -> FaultProxy:
@@ -81,6 +82,10 @@ class FaultProxy:
         if self._server is not None:
             self._server.close()
         await self._cut()
+        # let the handlers see their connections end: a task still pending when the loop
+        # stops is reported as "destroyed but it is pending" at garbage collection
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=2)
 
     # ------------------------------------------------------------------ controls
 
@@ -124,6 +129,10 @@ class FaultProxy:
     # ------------------------------------------------------------------ forwarding
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
+            handler.add_done_callback(self._handlers.discard)
         if self.state.refuse:
             writer.transport.abort()
             return
@@ -140,6 +149,7 @@ class FaultProxy:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for w in (writer, up_writer):
             with contextlib.suppress(Exception):
                 w.transport.abort()
