@@ -9,8 +9,10 @@ rest (unwritable dir, port in use).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
+import os
 import signal
 import socket
 import tempfile
@@ -21,10 +23,12 @@ import typer
 
 from walship.cli.output import fail
 from walship.errors import CorruptionError, InvalidInput, WalshipError
+from walship.limits import DEFAULT_LIMITS, Limits
 from walship.wal import FsyncPolicy
 
 if TYPE_CHECKING:
     from walship.node import Node
+    from walship.replication.config import ReplicationConfig
 
 EXIT_CORRUPTION = 2
 START_LINE_MARK = "serving "
@@ -75,6 +79,146 @@ def serve_command(
             help="critical, error, warning, info or debug.",
         ),
     ] = "info",
+    role: Annotated[
+        str, typer.Option("--role", envvar="WALSHIP_ROLE", help="leader or follower.")
+    ] = "leader",
+    leader: Annotated[
+        str | None,
+        typer.Option(
+            "--leader",
+            envvar="WALSHIP_LEADER",
+            help="Follower: the leader's replication address HOST:PORT.",
+        ),
+    ] = None,
+    replication_host: Annotated[
+        str | None,
+        typer.Option(
+            "--replication-host",
+            envvar="WALSHIP_REPLICATION_HOST",
+            help="Leader: address of the replication listener (default: --http-host).",
+        ),
+    ] = None,
+    replication_port: Annotated[
+        int,
+        typer.Option(
+            "--replication-port",
+            envvar="WALSHIP_REPLICATION_PORT",
+            min=0,
+            max=65535,
+            help="Leader: replication listener port; 0 picks a free one.",
+        ),
+    ] = 3910,
+    replication_secret_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--replication-secret-file",
+            envvar="WALSHIP_REPLICATION_SECRET_FILE",
+            help="Shared secret for replication (else $WALSHIP_REPLICATION_SECRET). Without "
+            "one a leader does not listen for followers.",
+        ),
+    ] = None,
+    cluster_id: Annotated[
+        str,
+        typer.Option("--cluster-id", envvar="WALSHIP_CLUSTER_ID", help="Cluster name."),
+    ] = "walship",
+    ack_mode: Annotated[
+        str,
+        typer.Option(
+            "--ack-mode",
+            envvar="WALSHIP_ACK_MODE",
+            help="What a write waits for: async, semi-sync, quorum:N or sync.",
+        ),
+    ] = "async",
+    ack_timeout_ms: Annotated[
+        int,
+        typer.Option("--ack-timeout-ms", envvar="WALSHIP_ACK_TIMEOUT_MS", min=1),
+    ] = 5_000,
+    on_ack_timeout: Annotated[
+        str,
+        typer.Option(
+            "--on-ack-timeout",
+            envvar="WALSHIP_ON_ACK_TIMEOUT",
+            help="degrade (answer `degraded`, record it) or fail (answer 503).",
+        ),
+    ] = "degrade",
+    max_lag_ms: Annotated[
+        int,
+        typer.Option(
+            "--max-lag-ms",
+            envvar="WALSHIP_MAX_LAG_MS",
+            min=1,
+            help="A follower further behind than this leaves the in-sync set.",
+        ),
+    ] = 5_000,
+    min_in_sync: Annotated[
+        int,
+        typer.Option(
+            "--min-in-sync",
+            envvar="WALSHIP_MIN_IN_SYNC",
+            min=0,
+            help="Fewer in-sync followers than this: waiting writes degrade or fail at once.",
+        ),
+    ] = 1,
+    wal_retention_bytes_max: Annotated[
+        int,
+        typer.Option(
+            "--wal-retention-bytes-max",
+            envvar="WALSHIP_WAL_RETENTION_BYTES_MAX",
+            min=0,
+            help="WAL kept for a lagging follower, at most; past it the follower needs a snapshot.",
+        ),
+    ] = 1 << 30,
+    segment_bytes_max: Annotated[
+        int,
+        typer.Option(
+            "--segment-bytes-max",
+            envvar="WALSHIP_SEGMENT_BYTES_MAX",
+            min=4096,
+            help="WAL segment size at which a new segment starts.",
+        ),
+    ] = DEFAULT_LIMITS.segment_bytes_max,
+    memtable_events_max: Annotated[
+        int,
+        typer.Option(
+            "--memtable-events-max",
+            envvar="WALSHIP_MEMTABLE_EVENTS_MAX",
+            min=1,
+            help="Events held in memory before a checkpoint to Parquet.",
+        ),
+    ] = DEFAULT_LIMITS.memtable_events_max,
+    checkpoint_interval_ms: Annotated[
+        int,
+        typer.Option(
+            "--checkpoint-interval-ms",
+            envvar="WALSHIP_CHECKPOINT_INTERVAL_MS",
+            min=1,
+            help="Checkpoint recent events at least this often.",
+        ),
+    ] = DEFAULT_LIMITS.checkpoint_interval_ms,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option("--tls-cert", envvar="WALSHIP_TLS_CERT", help="TLS certificate (PEM)."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option("--tls-key", envvar="WALSHIP_TLS_KEY", help="TLS private key (PEM)."),
+    ] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-ca",
+            envvar="WALSHIP_TLS_CA",
+            help="CA that signed the peer's certificate (leader: for client certificates).",
+        ),
+    ] = None,
+    tls_require_client_cert: Annotated[
+        bool,
+        typer.Option(
+            "--tls-require-client-cert",
+            envvar="WALSHIP_TLS_REQUIRE_CLIENT_CERT",
+            help="Leader: refuse followers without a certificate signed by --tls-ca.",
+        ),
+    ] = False,
 ) -> None:
     """Run a node: WAL + store + HTTP API, until SIGTERM or Ctrl-C.
 
@@ -90,10 +234,39 @@ def serve_command(
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        replication = replication_config(
+            role=role,
+            leader=leader,
+            host=replication_host or http_host,
+            port=replication_port,
+            secret_file=replication_secret_file,
+            cluster_id=cluster_id,
+            ack_mode=ack_mode,
+            ack_timeout_ms=ack_timeout_ms,
+            on_ack_timeout=on_ack_timeout,
+            max_lag_ms=max_lag_ms,
+            min_in_sync=min_in_sync,
+            wal_retention_bytes_max=wal_retention_bytes_max,
+            tls=(tls_cert, tls_key, tls_ca, tls_require_client_cert),
+        )
+    except InvalidInput as exc:
+        fail(f"invalid replication flags: {exc.message}", 2)
+    try:
+        limits = dataclasses.replace(
+            DEFAULT_LIMITS,
+            segment_bytes_max=segment_bytes_max,
+            memtable_events_max=memtable_events_max,
+            checkpoint_interval_ms=checkpoint_interval_ms,
+        )
+    except InvalidInput as exc:
+        fail(f"invalid limits: {exc.message}", 2)
     data_dir = _prepare_data_dir(data_dir)
     sock = _bind(http_host, http_port)
     try:
-        node = _open_node(data_dir, node_id, policy, http_host, sock.getsockname()[1])
+        node = _open_node(
+            data_dir, node_id, policy, http_host, sock.getsockname()[1], role, replication, limits
+        )
     except KeyboardInterrupt:
         sock.close()
         fail("interrupted while opening the node", 130)
@@ -139,12 +312,96 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _open_node(data_dir: Path, node_id: str, fsync: FsyncPolicy, host: str, port: int) -> Node:
+def replication_config(
+    *,
+    role: str,
+    leader: str | None,
+    host: str,
+    port: int,
+    secret_file: Path | None,
+    cluster_id: str,
+    ack_mode: str,
+    ack_timeout_ms: int,
+    on_ack_timeout: str,
+    max_lag_ms: int,
+    min_in_sync: int,
+    wal_retention_bytes_max: int,
+    tls: tuple[Path | None, Path | None, Path | None, bool],
+) -> ReplicationConfig:
+    """Check the replication flags together; InvalidInput naming the first bad one."""
+    from walship.replication.acks import AckMode
+    from walship.replication.config import (
+        ReplicationConfig,
+        client_ssl_context,
+        parse_address,
+        server_ssl_context,
+    )
+    from walship.replication.protocol import SECRET_ENV, load_secret
+
+    if role not in ("leader", "follower"):
+        raise InvalidInput(f"--role must be leader or follower, not {role!r}")
+    if role == "follower":
+        if not leader:
+            raise InvalidInput("a follower needs --leader HOST:PORT")
+        parse_address(leader, "--leader")
+    secret = None
+    if secret_file is not None or os.environ.get(SECRET_ENV):
+        secret = load_secret(secret_file)
+    elif role == "follower":
+        raise InvalidInput(
+            f"a follower needs the replication secret: --replication-secret-file or {SECRET_ENV}"
+        )
+    cert, key, ca, require = tls
+    server_ssl = client_ssl = None
+    try:
+        if role == "leader" and cert is not None:
+            if key is None:
+                raise InvalidInput("--tls-cert needs --tls-key")
+            server_ssl = server_ssl_context(cert, key, ca, require)
+        elif role == "follower" and (ca is not None or cert is not None):
+            client_ssl = client_ssl_context(ca, cert, key)
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"cannot load TLS files: {exc}") from exc
+    return ReplicationConfig(
+        secret=secret,
+        cluster_id=cluster_id,
+        host=host,
+        port=port,
+        ack_mode=AckMode.parse(ack_mode),
+        ack_timeout_ms=ack_timeout_ms,
+        on_ack_timeout=on_ack_timeout,
+        max_lag_ms=max_lag_ms,
+        min_in_sync=min_in_sync,
+        wal_retention_bytes_max=wal_retention_bytes_max,
+        leader=leader,
+        server_ssl=server_ssl,
+        client_ssl=client_ssl,
+    )
+
+
+def _open_node(
+    data_dir: Path,
+    node_id: str,
+    fsync: FsyncPolicy,
+    host: str,
+    port: int,
+    role: str = "leader",
+    replication: ReplicationConfig | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Node:
     """Open and recover the node; exit 2 naming file and offset when the WAL is corrupt."""
-    from walship.node import Node, NodeConfig
+    from walship.node import Node, NodeConfig, Role
+    from walship.replication.config import ReplicationConfig
 
     config = NodeConfig(
-        data_dir=data_dir, node_id=node_id, fsync=fsync, http_host=host, http_port=port
+        data_dir=data_dir,
+        node_id=node_id,
+        fsync=fsync,
+        http_host=host,
+        http_port=port,
+        role=Role(role),
+        replication=replication or ReplicationConfig(),
+        limits=limits,
     )
     try:
         return Node.open(config)
@@ -166,6 +423,14 @@ def _open_node(data_dir: Path, node_id: str, fsync: FsyncPolicy, host: str, port
         fail(f"cannot start: {exc}")
 
 
+def _replication_note(node: Node) -> str:
+    if node.leader is not None:
+        if node.leader.port is None:
+            return " replication=off"
+        return f" replication={node.config.replication.host}:{node.leader.port}"
+    return f" leader={node.config.replication.leader}"
+
+
 def _url(host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"
@@ -185,7 +450,7 @@ def _run(node: Node, sock: socket.socket, log_level: str) -> None:
         print(
             f"walship {node.node_id} {START_LINE_MARK}{_url(host, port)} "
             f"role={health['role']} term={health['term']} last_lsn={health['last_lsn']} "
-            f"fsync={node.config.fsync} data={node.config.data_dir}",
+            f"fsync={node.config.fsync} data={node.config.data_dir}{_replication_note(node)}",
             flush=True,
         )
 

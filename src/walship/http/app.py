@@ -12,6 +12,8 @@ keeps accepting writes meanwhile.
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route signatures at run
 # time, and their ``Query`` bounds refer to the node's limits in the enclosing function.
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
@@ -40,6 +42,7 @@ from walship.http.writes import (
     answer_batch,
     answer_event,
     receive_body,
+    requested_ack_mode,
 )
 from walship.limits import Limits
 from walship.node import HealthStatus, Node
@@ -98,10 +101,20 @@ def create_app(node: Node, *, write_fast_lane: bool = True) -> FastAPI:
 
     ``write_fast_lane`` serves the append paths ahead of FastAPI's routing (same answers).
     """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await node.start()  # replication runs on the server's event loop
+        try:
+            yield
+        finally:
+            await node.stop()
+
     app = FastAPI(
         title="walship",
         version=__version__,
         summary="A replicated event store: durable WAL, shipped to followers, Parquet history.",
+        lifespan=lifespan,
     )
     app.state.node = node
     if write_fast_lane:
@@ -128,21 +141,48 @@ def _add_write_routes(app: FastAPI, node: Node) -> None:
         summary="Append one event",
         description="Answers with a durability receipt once the WAL holds the event. An event "
         "whose `id` is already stored is answered with its original receipt (`duplicate`).",
-        openapi_extra=_request_body("EventIn"),
+        openapi_extra={**_request_body("EventIn"), **_ACK_PARAMETERS},
         responses=_responses("Receipt"),
     )
     async def append_event(request: Request) -> Response:
-        return _json(await answer_event(node, await body_of(request)))
+        ack = requested_ack_mode(request.scope)
+        return _json(await answer_event(node, await body_of(request), ack))
 
     @app.post(
         BATCH_PATH,
         summary="Append a batch of events, all or nothing",
         description="A bad event anywhere stores nothing; the error names its `index`.",
-        openapi_extra=_request_body("BatchIn"),
+        openapi_extra={**_request_body("BatchIn"), **_ACK_PARAMETERS},
         responses=_responses("BatchReceipts"),
     )
     async def append_batch(request: Request) -> Response:
-        return _json(await answer_batch(node, await body_of(request)))
+        ack = requested_ack_mode(request.scope)
+        return _json(await answer_batch(node, await body_of(request), ack))
+
+
+_MinLsn = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        description="Wait until this node has applied this lsn before reading "
+        "(read-your-writes on a follower)",
+    ),
+]
+_MinLsnWait = Annotated[
+    int, Query(ge=0, description="How long to wait for `min_lsn`, in ms (504 when it expires)")
+]
+_ACK_PARAMETERS: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "ack_mode",
+            "in": "query",
+            "required": False,
+            "description": "A stricter acknowledgement mode for this write: semi-sync, "
+            "quorum:N or sync (also the X-Walship-Ack-Mode header). A weaker one is ignored.",
+            "schema": {"type": "string"},
+        }
+    ]
+}
 
 
 def _add_read_routes(app: FastAPI, node: Node) -> None:
@@ -170,7 +210,11 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
         cursor: Annotated[
             str | None, Query(max_length=32, description="`next_cursor` of the previous page")
         ] = None,
+        min_lsn: _MinLsn = None,
+        min_lsn_wait_ms: _MinLsnWait = 5_000,
     ) -> Response:
+        if min_lsn is not None:
+            await node.wait_visible(min_lsn, min_lsn_wait_ms)
         flt = QueryFilter(
             tenant_id=tenant_id,
             entity_id=entity_id,
@@ -204,7 +248,11 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
         as_of_lsn: Annotated[
             int | None, Query(ge=0, description="State as of this lsn (inclusive)")
         ] = None,
+        min_lsn: _MinLsn = None,
+        min_lsn_wait_ms: _MinLsnWait = 5_000,
     ) -> Response:
+        if min_lsn is not None:
+            await node.wait_visible(min_lsn, min_lsn_wait_ms)
         as_of_us = _time_param(as_of, "as_of")
         state = await run_in_threadpool(
             store.entity_state, entity_id, tenant_id, as_of_us, as_of_lsn
@@ -229,6 +277,18 @@ def _add_ops_routes(app: FastAPI, node: Node) -> None:
         body = node.health()
         status = 200 if body["status"] == HealthStatus.HEALTHY else 503
         return _json(_encoder.encode(body), status)
+
+    @app.get(
+        "/api/v1/replication/degraded",
+        summary="The degradation ledger",
+        description="Lsn ranges committed without the acknowledgements their mode required "
+        "(answered `degraded`). Empty on a follower.",
+        responses=_responses(None),
+    )
+    async def degraded() -> Response:
+        ranges = node.degraded_ranges()
+        body = {"ranges": ranges, "writes": sum(int(str(r["writes"])) for r in ranges)}
+        return _json(_encoder.encode(body))
 
     @app.get(
         "/metrics",

@@ -73,29 +73,57 @@ async def wait_written(fut: Future[WriteOutcome]) -> WriteOutcome:
     return await asyncio.shield(asyncio.wrap_future(fut))
 
 
-async def append_events(node: Node, events: Sequence[EventIn]) -> list[Receipt]:
-    """Queue events in the WAL and wait until they are written; receipts in input order."""
+ACK_HEADER = "x-walship-ack-mode"
+ACK_PARAM = "ack_mode"
+
+
+async def append_events(
+    node: Node, events: Sequence[EventIn], ack_mode: str | None = None
+) -> list[Receipt]:
+    """Queue events in the WAL, wait until they are written and acknowledged as the write's
+    mode asks (the server's, or a stricter ``ack_mode``); receipts in input order."""
     node.check_writable()
-    pending = node.store.submit(events)
+    store = node.store
+    if store.would_block():
+        # backpressure (checkpoints or the WAL writer behind): wait in a thread, not the loop
+        pending = await asyncio.to_thread(store.submit, events)
+    else:
+        pending = store.submit(events)
     outcome: WriteOutcome | None = None
     for fut in pending.waits_on:
         outcome = await wait_written(fut)
     if pending.done is not None:
         outcome = await wait_written(pending.done)
-    return pending.finish(outcome)
+    pending.finish(outcome)
+    return await node.confirm(pending, ack_mode)
 
 
-async def answer_event(node: Node, data: bytes) -> bytes:
+async def answer_event(node: Node, data: bytes, ack_mode: str | None = None) -> bytes:
     """Append the event in a JSON body; the encoded receipt."""
-    receipts = await append_events(node, (decode_event_json(data),))
+    receipts = await append_events(node, (decode_event_json(data),), ack_mode)
     return _encoder.encode(receipts[0])
 
 
-async def answer_batch(node: Node, data: bytes) -> bytes:
+async def answer_batch(node: Node, data: bytes, ack_mode: str | None = None) -> bytes:
     """Append the batch in a JSON body; the encoded receipts."""
-    receipts = await append_events(node, decode_batch_json(data).events)
+    receipts = await append_events(node, decode_batch_json(data).events, ack_mode)
     lsns = [r.lsn for r in receipts]
     return _encoder.encode(BatchReceipts(receipts, len(receipts), min(lsns), max(lsns)))
+
+
+def requested_ack_mode(scope: Scope) -> str | None:
+    """A stricter ack mode asked for by header ``X-Walship-Ack-Mode`` or ``?ack_mode=``."""
+    for name, value in scope.get("headers", ()):
+        if name == ACK_HEADER.encode():
+            return bytes(value).decode("latin-1")
+    query = scope.get("query_string", b"")
+    if query:
+        from urllib.parse import parse_qs
+
+        values = parse_qs(bytes(query).decode("latin-1")).get(ACK_PARAM)
+        if values:
+            return str(values[-1])
+    return None
 
 
 def _route_path(scope: Scope) -> str:
@@ -135,7 +163,7 @@ class WriteFastLane:
             data = await receive_body(scope, receive, self.bytes_max)
             if data is None:
                 return  # the client is gone; nothing was appended
-            status, content = 200, await handler(self.node, data)
+            status, content = 200, await handler(self.node, data, requested_ack_mode(scope))
         except WalshipError as exc:
             status, content = exc.http_status, encode_error(exc)
         headers = [_JSON_HEADER, (b"content-length", str(len(content)).encode())]

@@ -51,17 +51,15 @@ class AckMode:
     def waits(self) -> bool:
         return self.kind != "async"
 
-    def strength(self, in_sync_count: int) -> int:
-        """How many follower acks this mode needs right now (for comparing strictness)."""
+    def required(self, in_sync_count: int, min_in_sync: int = 1) -> int:
+        """How many follower acks this mode needs with ``in_sync_count`` followers in sync."""
         if self.kind == "sync":
-            return max(in_sync_count, 1)
+            return max(in_sync_count, min_in_sync, 1)
         return self.count
 
-    def required(self, in_sync_count: int) -> str:
-        """The requirement as receipts print it: ``"2"``, or ``"all-in-sync(3)"``."""
-        if self.kind == "sync":
-            return f"all-in-sync({in_sync_count})"
-        return str(self.count)
+    def stricter(self, other: AckMode, in_sync_count: int) -> AckMode:
+        """The stricter of two modes (a request may only raise the server's level)."""
+        return other if other.required(in_sync_count) > self.required(in_sync_count) else self
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +68,7 @@ class AckOutcome:
 
     satisfied: bool
     acked_by: list[str]
-    required: str
+    required: int
     reason: str | None = None
 
 
@@ -148,7 +146,7 @@ class AckTracker:
         Returns at once, unsatisfied, when fewer followers are in sync than ``min_in_sync``
         (the floor): waiting could not help.
         """
-        required = mode.required(len(self._in_sync))
+        required = mode.required(len(self._in_sync), min_in_sync)
         if not mode.waits:
             return AckOutcome(True, self.acked_by(lsn), required)
         if len(self._in_sync) < min_in_sync:
@@ -165,17 +163,17 @@ class AckTracker:
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), timeout_s)
         except TimeoutError:
+            need = mode.required(len(self._in_sync), min_in_sync)
             return AckOutcome(
                 False,
                 self.acked_by(lsn),
-                mode.required(len(self._in_sync)),
-                f"not confirmed by {mode.required(len(self._in_sync))} followers "
-                f"within {int(timeout_s * 1000)} ms",
+                need,
+                f"not confirmed by {need} followers within {int(timeout_s * 1000)} ms",
             )
         finally:
             if not waiter.future.done():
                 waiter.future.cancel()
-        return AckOutcome(True, self.acked_by(lsn), mode.required(len(self._in_sync)))
+        return AckOutcome(True, self.acked_by(lsn), required)
 
     def fail_all(self, reason: str) -> None:
         """Wake every waiter (shutdown, demotion): they report what was acked so far."""

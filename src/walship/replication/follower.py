@@ -1,0 +1,737 @@
+"""The follower's end: one connection to the leader at a time, the WAL applied in order, acks.
+
+``Follower`` runs a connect loop: connect (TLS when configured), authenticate both ways,
+subscribe from the follower's own durable end of log (read from the WAL on every connect,
+never remembered from the last session), then ``step()`` through the leader's messages:
+
+* ``WalBatch``: must continue the local log exactly (prev lsn, term and chain); its records
+  are CRC-, lsn- and chain-checked, then appended to the WAL and the memtable in a worker
+  thread, strictly one batch at a time and in order. The write's future goes to the ack loop,
+  which awaits the futures in order and sends cumulative ``Ack(durable_lsn, applied_lsn)``
+  while the receive loop goes on (pipelined, coalesced: one Ack covers every batch written
+  since the last one).
+* ``SnapshotStart/Chunk/End``: staged, verified and resumable (``staging.py``), then installed
+  atomically by the store; the stream continues from S+1.
+* Anything wrong -- a gap, a bad checksum, a chain mismatch, a stale term -- rejects the
+  frame: the connection closes and the loop resubscribes from the durable position after a
+  backoff. Nothing is ever skipped.
+
+The ack loop also keeps the link alive: at least one Ack (or, while a snapshot is in flight,
+a Heartbeat) per ``heartbeat_interval_ms``, so the leader's read deadline never fires on an
+idle follower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Final, TypeVar
+
+from walship.errors import (
+    AuthenticationError,
+    CorruptionError,
+    InvalidInput,
+    ProtocolError,
+    ReplicationError,
+    Unavailable,
+    WaitTimeout,
+    WalshipError,
+    invariant,
+)
+from walship.events import now_us
+from walship.replication.config import ReplicationConfig
+from walship.replication.metrics import ReplicationMetrics
+from walship.replication.protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    CaughtUp,
+    Challenge,
+    Diverged,
+    Heartbeat,
+    Hello,
+    Message,
+    Refused,
+    SnapshotChunk,
+    SnapshotEnd,
+    SnapshotStart,
+    Subscribe,
+    WalBatch,
+    Welcome,
+    decode_batch,
+    make_hello_proof,
+    make_nonce,
+    stale_term_error,
+    verify_welcome,
+)
+from walship.replication.staging import SnapshotStaging
+from walship.replication.stream import MessageStream, PeerRefused
+from walship.store import Store
+from walship.wal.log import WriteOutcome
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+HEALTHY_CONNECTION_S: Final = 5.0
+"""A connection that lasted this long (or reached STREAMING) resets the backoff."""
+
+UNACKED_BATCHES_MAX: Final = 1024
+"""Batches applied but not yet acknowledged as written; the receive loop waits beyond it."""
+
+APPLIED_POLL_S: Final = 0.05
+"""``wait_applied`` re-checks at least this often, in case a wake-up came from elsewhere."""
+
+
+class FollowerState(Enum):
+    """Where the follower's link to its leader stands."""
+
+    CONNECTING = "connecting"  # connecting, authenticating, subscribing
+    SNAPSHOT = "snapshot"  # receiving or installing a snapshot
+    CATCHING_UP = "catching_up"  # receiving WAL the leader already had
+    STREAMING = "streaming"  # caught up once; tailing live writes
+    BACKOFF = "backoff"  # waiting before the next connection attempt
+    DIVERGED = "diverged"  # the leader says this log is not on its history; needs repair
+    CLOSED = "closed"  # not started, or stopped
+
+
+class FrameRejected(ProtocolError):
+    """A frame from the leader failed a check (checksum, gap, chain, term): the link closes
+    and the follower resubscribes from its durable position."""
+
+
+class LeaderDiverged(ReplicationError):
+    """The leader answered Subscribe with Diverged: this log's tail is not on its history."""
+
+    code = "diverged"
+    retriable = False
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter; pure, so tests need no sleeping.
+
+    Attempt n waits a uniform random time in ``[min, min(max, min * 2**n)]``: the jitter
+    spreads reconnecting followers apart, the floor keeps a flapping leader from being hit in
+    a tight loop.
+    """
+
+    def __init__(self, min_ms: int, max_ms: int, rng: random.Random | None = None) -> None:
+        if not 0 < min_ms <= max_ms:
+            raise InvalidInput(f"backoff needs 0 < min_ms <= max_ms, not {min_ms}..{max_ms}")
+        self.min_ms = min_ms
+        self.max_ms = max_ms
+        self.attempts = 0
+        self._rng = rng or random.Random()
+
+    def __repr__(self) -> str:
+        return f"<Backoff {self.min_ms}..{self.max_ms} ms attempts={self.attempts}>"
+
+    def ceiling_ms(self) -> int:
+        """The largest delay the next attempt may get."""
+        return min(self.max_ms, self.min_ms << min(self.attempts, 32))
+
+    def next_delay(self) -> float:
+        """Seconds to wait before the next attempt; each call counts one attempt."""
+        ceiling = self.ceiling_ms()
+        self.attempts += 1
+        return self._rng.uniform(self.min_ms, ceiling) / 1000
+
+    def reset(self) -> None:
+        """After a healthy connection: the next failure starts from the minimum again."""
+        self.attempts = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """A batch handed to the WAL, waiting for its write to be acknowledged."""
+
+    last_lsn: int
+    done: Future[WriteOutcome]
+    leader_write_ts_us: int
+
+
+@contextlib.contextmanager
+def _rejecting() -> Iterator[None]:
+    """Turn a failed check on the leader's data into FrameRejected (counted, reconnects)."""
+    try:
+        yield
+    except FrameRejected:
+        raise
+    except (ProtocolError, CorruptionError) as exc:
+        raise FrameRejected(exc.message, **exc.details) from exc
+
+
+class Follower:
+    """Replication on a follower node: follows ``config.leader`` until stopped."""
+
+    def __init__(
+        self, store: Store, config: ReplicationConfig, metrics: ReplicationMetrics, node_id: str
+    ) -> None:
+        if not config.secret:
+            raise InvalidInput("a follower needs the replication secret to authenticate")
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+        self.node_id = node_id
+        self._host, self._port = config.leader_address()
+        self.state = FollowerState.CLOSED
+        self.connected = False
+        self.known_term = 0  # the highest leader term seen; frames from below are refused
+        self.leader_lsn = 0
+        self.durable_lsn = store.wal.written_lsn.value
+        self.reconnects = 0
+        self.snapshots_received = 0
+        self.frames_rejected = 0
+        self.last_error: str | None = None
+        self.close_reason: str | None = None
+        self.backoff = Backoff(config.reconnect_backoff_min_ms, config.reconnect_backoff_max_ms)
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stream: MessageStream | None = None
+        self._staging: SnapshotStaging | None = None
+        self._send_lock = asyncio.Lock()
+        self._last_sent = 0.0
+        self._io: asyncio.Future[Any] | None = None  # the worker-thread job in flight
+        self._unacked: deque[_Written] = deque()
+        self._ack_wake = asyncio.Event()
+        self._ack_room = asyncio.Event()
+        self._ack_wanted = False
+        self._may_ack = False  # the leader knows this session's position: Acks are welcome
+        self._batches = 0  # WalBatches received in this session
+        self._reached_streaming = False
+        self._newest_ts_us: int | None = None
+        self._applied = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Follower {self.node_id} {self.state.name} leader={self.leader_address} "
+            f"durable={self.durable_lsn} leader_lsn={self.leader_lsn}>"
+        )
+
+    @property
+    def leader_address(self) -> str:
+        """``HOST:PORT`` of the leader's replication listener."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"{host}:{self._port}"
+
+    @property
+    def applied_lsn(self) -> int:
+        """The highest lsn reads on this node can see."""
+        return self.store.visible_lsn
+
+    def lag_records(self) -> int:
+        """Records the leader has written that this follower has not applied."""
+        return max(self.leader_lsn - self.applied_lsn, 0)
+
+    def lag_ms(self) -> float | None:
+        """Time lag behind the leader; 0 when caught up, None while unknown.
+
+        An approximation from above: how long ago (by this node's clock) the leader wrote the
+        newest batch this follower has written. The oldest record still missing was written
+        at or after that, so the true lag is at most this (clock skew between the two hosts
+        aside). Unknown until the first batch of a session, e.g. during a snapshot.
+        """
+        if self.lag_records() == 0:
+            return 0.0
+        if self._newest_ts_us is None:
+            return None
+        return max(now_us() - self._newest_ts_us, 0) / 1000
+
+    def status(self) -> dict[str, Any]:
+        lag_ms = self.lag_ms()
+        staging = self._staging
+        return {
+            "leader": self.leader_address,
+            "connected": self.connected,
+            "state": self.state.value,
+            "durable_lsn": self.durable_lsn,
+            "applied_lsn": self.applied_lsn,
+            "leader_lsn": self.leader_lsn,
+            "lag_records": self.lag_records(),
+            "lag_ms": None if lag_ms is None else round(lag_ms, 3),
+            "reconnects": self.reconnects,
+            "snapshots_received": self.snapshots_received,
+            "frames_rejected": self.frames_rejected,
+            "last_error": self.last_error,
+            "snapshot": None
+            if staging is None
+            else {
+                "id": staging.snapshot_id,
+                "bytes_done": staging.bytes_done,
+                "bytes_total": staging.bytes_total,
+            },
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start following in a background task (returns at once)."""
+        if self._task is not None:
+            return
+        self._stopping = False
+        self.close_reason = None
+        self.state = FollowerState.CONNECTING
+        self._task = asyncio.create_task(self._run(), name=f"follower-{self.node_id}")
+
+    async def stop(self, reason: str = "the follower was stopped") -> None:
+        """Close the link and stop; pending ``wait_applied`` calls fail with ``reason``.
+
+        Idempotent. Waits for a worker-thread job in flight (an apply, a snapshot install).
+        """
+        self._stopping = True
+        self.close_reason = reason
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.state = FollowerState.CLOSED
+        self.connected = False
+        self._wake_applied()
+
+    async def wait_applied(self, lsn: int, timeout_s: float) -> int:
+        """Wait until reads here see ``lsn``; returns the applied lsn.
+
+        WaitTimeout when ``timeout_s`` passes first; Unavailable when the follower is stopped
+        (nothing more will arrive).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            event = self._applied
+            applied = self.applied_lsn
+            if applied >= lsn:
+                return applied
+            if self._task is None:
+                raise Unavailable(
+                    f"lsn {lsn} is not applied (applied: {applied}) and will not be: "
+                    f"{self.close_reason or 'the follower is not running'}",
+                    applied_lsn=applied,
+                )
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise WaitTimeout(
+                    f"lsn {lsn} not applied within {int(timeout_s * 1000)} ms (applied: {applied})",
+                    applied_lsn=applied,
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, APPLIED_POLL_S)):
+                    await event.wait()
+
+    def _wake_applied(self) -> None:
+        event, self._applied = self._applied, asyncio.Event()
+        event.set()
+
+    # ------------------------------------------------------------------ the connect loop
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            if attempt:
+                self.reconnects += 1
+                self.metrics.reconnects.inc()
+            attempt += 1
+            started = time.monotonic()
+            self._reached_streaming = False
+            self.state = FollowerState.CONNECTING
+            diverged = False
+            try:
+                await self._connect_and_follow()
+            except Exception as exc:
+                diverged = isinstance(exc, LeaderDiverged)
+                self._note_failure(exc)
+            finally:
+                await self._teardown()
+            if self._reached_streaming or time.monotonic() - started > HEALTHY_CONNECTION_S:
+                self.backoff.reset()
+            delay = self.backoff.next_delay()
+            self.state = FollowerState.DIVERGED if diverged else FollowerState.BACKOFF
+            await asyncio.sleep(delay)
+
+    def _note_failure(self, exc: Exception) -> None:
+        """Record why the link ended, for status() and the log."""
+        if isinstance(exc, FrameRejected):
+            self.frames_rejected += 1
+            self.metrics.frames_rejected.inc()
+            self.last_error = f"rejected a frame from the leader: {exc.message}"
+            log.warning("replication: %s", self.last_error)
+        elif isinstance(exc, LeaderDiverged):
+            self.last_error = exc.message
+            log.error("replication: %s", exc.message)
+        elif isinstance(exc, PeerRefused):
+            code = exc.details.get("refused", "refused")
+            self.last_error = f"the leader refused this follower ({code}): {exc.message}"
+            log.warning("replication: %s", self.last_error)
+        elif isinstance(exc, AuthenticationError):
+            self.last_error = f"authentication failed: {exc.message}"
+            log.warning("replication: %s", self.last_error)
+        elif isinstance(exc, WalshipError):
+            self.last_error = exc.message
+            log.info("replication: link to %s ended: %s", self.leader_address, exc.message)
+        elif isinstance(exc, OSError | TimeoutError):
+            self.last_error = f"connection to {self.leader_address} failed: {exc!r}"
+            log.info("replication: %s", self.last_error)
+        else:
+            self.last_error = f"unexpected error: {exc!r}"
+            log.exception("replication: follower link failed unexpectedly")
+
+    async def _connect_and_follow(self) -> None:
+        limits = self.store.limits
+        timeout_s = limits.read_timeout_ms / 1000
+        ssl_ctx = self.config.client_ssl
+        # read_timeout_ms bounds connecting (and the TLS handshake) too
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(
+                self._host,
+                self._port,
+                ssl=ssl_ctx,
+                server_hostname=self._host if ssl_ctx is not None else None,
+            )
+        stream = MessageStream(reader, writer, limits.frame_bytes_max)
+        self._stream = stream
+        await self._handshake(stream, timeout_s)
+        self.connected = True
+        self._begin_session()
+        wal = self.store.wal
+        # the durable (or already queued) end of log, re-read from the WAL on every connect
+        await self._send(Subscribe.at(wal.last_position, wal.last_chain))
+        self.state = FollowerState.CATCHING_UP
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._receive_loop(), name=f"follower-recv-{self.node_id}")
+                group.create_task(self._ack_loop(), name=f"follower-ack-{self.node_id}")
+        except BaseExceptionGroup as errors:
+            exc = _first_error(errors)
+            if isinstance(exc, FrameRejected):
+                await stream.refuse(exc.code, exc.message)
+            raise exc from None
+
+    async def _handshake(self, stream: MessageStream, timeout_s: float) -> Welcome:
+        """Hello → Challenge → HelloProof → Welcome; both sides prove the shared secret."""
+        assert self.config.secret is not None
+        secret = self.config.secret
+        hello = Hello(
+            PROTOCOL_VERSION, self.config.cluster_id, self.node_id, "follower", make_nonce()
+        )
+        await self._send(hello)
+        challenge = await stream.expect(Challenge, timeout_s)
+        await self._send(make_hello_proof(secret, hello, challenge))
+        welcome = await stream.expect(Welcome, timeout_s)
+        try:
+            verify_welcome(secret, hello, challenge, welcome)
+        except AuthenticationError as exc:
+            await stream.refuse(exc.code, exc.message)
+            raise
+        known = max(self.known_term, self.store.wal.terms.current.value)
+        stale = stale_term_error(welcome, known)
+        if stale is not None:
+            await stream.refuse(stale.code, stale.message)
+            raise FrameRejected(stale.message, **stale.details)
+        self.known_term = welcome.term
+        self.leader_lsn = welcome.leader_last_lsn
+        log.info(
+            "replication: following %s at %s (term %d, leader lsn %d)",
+            welcome.leader_node_id,
+            self.leader_address,
+            welcome.term,
+            welcome.leader_last_lsn,
+        )
+        return welcome
+
+    def _begin_session(self) -> None:
+        """Forget everything of the last session; positions come from the store again."""
+        self._unacked.clear()
+        self._ack_wanted = False
+        self._may_ack = False
+        self._batches = 0
+        self._newest_ts_us = None
+        self.durable_lsn = self.store.wal.written_lsn.value
+
+    async def _teardown(self) -> None:
+        """Close the link once the worker-thread job in flight (an apply, a snapshot write or
+        install) has finished: the next session must start from what it left."""
+        self.connected = False
+        io = self._io
+        if io is not None:
+            await asyncio.wait({io})
+            if not io.cancelled():
+                io.exception()  # retrieved: it was reported through the session already
+            self._io = None
+        if self._staging is not None:
+            self._staging.close()  # what is staged stays, for a resume
+            self._staging = None
+        while self._unacked and self._unacked[0].done.done():
+            item = self._unacked.popleft()
+            if item.done.exception() is None:
+                self.durable_lsn = max(self.durable_lsn, item.last_lsn)
+        self._unacked.clear()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close()
+        self._publish()
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking ``fn`` in a worker thread; if this task is cancelled, the job still
+        finishes and ``_teardown`` waits for it."""
+        job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._io = job
+        result: T = await asyncio.shield(job)
+        self._io = None
+        return result
+
+    async def _send(self, msg: Message) -> None:
+        stream = self._stream
+        invariant(stream is not None, "no connection to send on")
+        assert stream is not None
+        timeout_s = self.store.limits.read_timeout_ms / 1000
+        async with self._send_lock:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await stream.send(msg)
+            except TimeoutError as exc:
+                raise WaitTimeout(
+                    f"the leader at {self.leader_address} did not take a frame for "
+                    f"{int(timeout_s * 1000)} ms"
+                ) from exc
+            self._last_sent = time.monotonic()
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _receive_loop(self) -> None:
+        while True:
+            await self.step()
+
+    async def step(self) -> None:
+        """Receive one message from the leader and act on it (one unit of work)."""
+        stream = self._stream
+        invariant(stream is not None, "step() needs a connection")
+        assert stream is not None
+        try:
+            msg = await stream.recv(self.store.limits.read_timeout_ms / 1000)
+        except ProtocolError as exc:
+            if stream.reader.at_eof():
+                raise  # the leader closed the connection: not a bad frame
+            raise FrameRejected(exc.message, **exc.details) from exc
+        await self.handle(msg)
+
+    async def handle(self, msg: Message) -> None:
+        """Act on one message from the leader. FrameRejected when it fails a check."""
+        stale = stale_term_error(msg, self.known_term)
+        if stale is not None:
+            raise FrameRejected(stale.message, **stale.details)
+        if isinstance(msg, WalBatch | CaughtUp | Heartbeat):
+            self.known_term = max(self.known_term, msg.term)
+        if isinstance(msg, WalBatch):
+            await self._on_batch(msg)
+        elif isinstance(msg, Heartbeat):
+            self._leader_heard(msg.last_lsn)
+            self._ack_wanted = True
+            self._ack_wake.set()
+        elif isinstance(msg, CaughtUp):
+            self._leader_heard(msg.leader_lsn)
+            self.state = FollowerState.STREAMING
+            self._reached_streaming = True
+            self._ack_wanted = True
+            self._ack_wake.set()
+        elif isinstance(msg, SnapshotStart):
+            await self._on_snapshot_start(msg)
+        elif isinstance(msg, SnapshotChunk):
+            await self._on_snapshot_chunk(msg)
+        elif isinstance(msg, SnapshotEnd):
+            await self._on_snapshot_end(msg)
+        elif isinstance(msg, Diverged):
+            raise LeaderDiverged(
+                f"this follower's log is not on the leader's history ({msg.reason}); both "
+                f"hold the same records up to lsn {msg.common_lsn} (term {msg.common_term}). "
+                "Repair is not automatic yet: an operator must truncate this node's log or "
+                "give it an empty data directory",
+                common_lsn=msg.common_lsn,
+                common_term=msg.common_term,
+            )
+        elif isinstance(msg, Refused):
+            raise PeerRefused(f"the leader refused: {msg.message}", refused=msg.code)
+        else:
+            raise FrameRejected(f"unexpected {type(msg).__name__} from the leader")
+
+    def _leader_heard(self, leader_lsn: int) -> None:
+        if self._staging is not None:
+            raise FrameRejected("the leader streams before the snapshot it sent has ended")
+        self._may_ack = True
+        self.leader_lsn = max(self.leader_lsn, leader_lsn)
+        self._publish()
+
+    async def _on_batch(self, batch: WalBatch) -> None:
+        self._leader_heard(batch.leader_lsn)
+        wal = self.store.wal
+        end, chain = wal.last_position, wal.last_chain
+        if (batch.prev_lsn, batch.prev_term, batch.prev_chain) != (
+            end.lsn.value,
+            end.term.value,
+            chain,
+        ):
+            raise FrameRejected(
+                f"{batch!r} does not continue this follower's log, which ends at lsn "
+                f"{end.lsn.value} term {end.term.value} chain {chain.hex()}: a gap or another "
+                "history"
+            )
+        timeout_s = self.store.limits.read_timeout_ms / 1000
+        while len(self._unacked) >= UNACKED_BATCHES_MAX:
+            self._ack_room.clear()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._ack_room.wait()
+            except TimeoutError as exc:
+                raise WaitTimeout("the WAL did not write applied batches in time") from exc
+        self._batches += 1
+        count, done = await self._in_thread(self._decode_and_apply, batch)
+        self._unacked.append(_Written(batch.last_lsn, done, batch.leader_write_ts_us))
+        loop = asyncio.get_running_loop()
+        done.add_done_callback(lambda _: _call_soon(loop, self._ack_wake.set))
+        self.metrics.applied_records.inc(count)
+
+    def _decode_and_apply(self, batch: WalBatch) -> tuple[int, Future[WriteOutcome]]:
+        """Worker thread: verify every record, then append them to the WAL and the memtable."""
+        with _rejecting():
+            records = decode_batch(batch, self.store.limits.record_bytes_max)
+            return len(records), self.store.apply_records(records)
+
+    # ------------------------------------------------------------------ acknowledging
+
+    async def _ack_loop(self) -> None:
+        """Ack writes in order, cumulatively, as they complete; keep the link alive."""
+        heartbeat_s = self.store.limits.heartbeat_interval_ms / 1000
+        while True:
+            self._ack_wake.clear()
+            if self._absorb_written():
+                self._ack_room.set()
+                self._wake_applied()
+                self._publish()
+                await self._send_position()
+                continue
+            idle_s = time.monotonic() - self._last_sent
+            if self._ack_wanted or idle_s >= heartbeat_s:
+                await self._send_position()
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(heartbeat_s - idle_s):
+                    await self._ack_wake.wait()
+
+    def _absorb_written(self) -> bool:
+        """Take every batch whose write completed, in order; True when there was one.
+
+        Raises the WAL's error when a write failed (the link then closes).
+        """
+        progressed = False
+        while self._unacked and self._unacked[0].done.done():
+            item = self._unacked.popleft()
+            item.done.result()
+            self.durable_lsn = max(self.durable_lsn, item.last_lsn)
+            self._newest_ts_us = item.leader_write_ts_us
+            progressed = True
+        return progressed
+
+    async def _send_position(self) -> None:
+        """An Ack once the leader knows where this session stands; a Heartbeat before (the
+        leader refuses acks past what it has sent, and sends nothing before a snapshot ends)."""
+        self._ack_wanted = False
+        msg: Message
+        if self._may_ack:
+            msg = Ack(durable_lsn=self.durable_lsn, applied_lsn=self.applied_lsn)
+        else:
+            msg = Heartbeat(term=self.known_term, last_lsn=self.durable_lsn, ts_us=now_us())
+        await self._send(msg)
+
+    def _publish(self) -> None:
+        self.metrics.leader_lag_records.set(self.lag_records())
+        lag_ms = self.lag_ms()
+        self.metrics.leader_lag_ms.set(math.nan if lag_ms is None else lag_ms)
+
+    # ------------------------------------------------------------------ snapshots
+
+    async def _on_snapshot_start(self, start: SnapshotStart) -> None:
+        if self._batches or self._staging is not None:
+            raise FrameRejected("SnapshotStart after the stream began")
+        local_end = self.store.wal.last_position.lsn.value
+        if start.last_lsn < local_end:
+            # never go back silently: that would drop records this node holds
+            raise FrameRejected(
+                f"snapshot ends at lsn {start.last_lsn}, before this follower's end of log "
+                f"{local_end}"
+            )
+        if start.last_term > self.known_term:
+            raise FrameRejected(
+                f"snapshot of term {start.last_term} from a leader of term {self.known_term}"
+            )
+        self.state = FollowerState.SNAPSHOT
+        self._may_ack = False
+        with _rejecting():
+            staging = await self._in_thread(SnapshotStaging.open, self.store.data_dir, start)
+        self._staging = staging
+        resume = staging.resume
+        log.info(
+            "replication: receiving snapshot %s up to lsn %d (%d bytes in %d files), from file "
+            "%d offset %d (%d bytes already here)",
+            start.snapshot_id,
+            start.last_lsn,
+            start.total_bytes,
+            len(start.files),
+            resume.file_index,
+            resume.offset,
+            staging.bytes_done,
+        )
+        self._publish()
+        await self._send(resume)
+
+    async def _on_snapshot_chunk(self, chunk: SnapshotChunk) -> None:
+        staging = self._staging
+        if staging is None:
+            raise FrameRejected("SnapshotChunk without SnapshotStart")
+        with _rejecting():
+            await self._in_thread(staging.write, chunk)
+
+    async def _on_snapshot_end(self, end: SnapshotEnd) -> None:
+        staging = self._staging
+        if staging is None or end.snapshot_id != staging.snapshot_id:
+            raise FrameRejected(f"SnapshotEnd for {end.snapshot_id!r}, which is not in progress")
+        with _rejecting():
+            manifest, terms = await self._in_thread(staging.finish)
+        invariant(not self._unacked, "records were applied before the snapshot was installed")
+        await self._in_thread(self.store.install_snapshot, staging.files_dir, manifest, terms)
+        await self._in_thread(staging.discard)
+        self._staging = None
+        self.snapshots_received += 1
+        self.durable_lsn = self.store.wal.written_lsn.value
+        self.state = FollowerState.CATCHING_UP
+        self._wake_applied()
+        self._publish()
+        log.info(
+            "replication: installed snapshot %s up to lsn %d (%d parts)",
+            staging.snapshot_id,
+            manifest.last_lsn,
+            len(manifest.parts),
+        )
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+    """Schedule ``callback`` on ``loop`` from any thread; a no-op once the loop is closed."""
+    if not loop.is_closed():
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(callback)
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real error of a task group (cancellations of the sibling tasks aside)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]

@@ -1,0 +1,580 @@
+"""Leader and follower in one event loop over real TCP on 127.0.0.1, each with its own store.
+
+Covers the follower's contract: catch-up from the WAL and live streaming end byte-identical,
+restart without gap or duplicate, snapshot + WAL (and a resumed snapshot that does not resend
+verified bytes), authentication both ways, corrupt or discontinuous frames rejected and never
+skipped; plus the pure pieces (Backoff, the staging directory's name checks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from walship.errors import InvalidInput, ProtocolError, Unavailable, WaitTimeout
+from walship.limits import Limits
+from walship.replication import leader as leader_mod
+from walship.replication.config import ReplicationConfig
+from walship.replication.follower import Backoff, Follower, FollowerState, FrameRejected
+from walship.replication.leader import Leader
+from walship.replication.metrics import ReplicationMetrics
+from walship.replication.protocol import (
+    Challenge,
+    Hello,
+    HelloProof,
+    Message,
+    SnapshotStart,
+    WalBatch,
+    Welcome,
+    batch_records,
+    make_nonce,
+)
+from walship.replication.staging import STAGING_DIR, SnapshotStaging, checked_child
+from walship.replication.stream import MessageStream
+from walship.storage.query import QueryFilter
+from walship.store import Store, StoreConfig
+from walship.wal import FsyncPolicy
+from walship.wal.record import GENESIS_CHAIN
+
+from .conftest import make_event
+
+SECRET = b"s3cret"
+# small frames so catch-up takes many batches; fast heartbeats so idle links are exercised
+LIMITS = Limits(
+    frame_bytes_max=16 * 1024,
+    record_bytes_max=8 * 1024,
+    heartbeat_interval_ms=100,
+    read_timeout_ms=3_000,
+)
+TIMEOUT_S = 10.0
+
+
+def open_store(path: Path, node_id: str, limits: Limits = LIMITS) -> Store:
+    return Store.open(
+        StoreConfig(
+            path,
+            node_id=node_id,
+            fsync=FsyncPolicy.parse("never"),
+            limits=limits,
+            checkpoints=False,
+        )
+    )
+
+
+async def start_leader(store: Store) -> Leader:
+    config = ReplicationConfig(secret=SECRET, port=0)
+    leader = Leader(store, config, ReplicationMetrics(store.metrics.registry))
+    await leader.start()
+    return leader
+
+
+def make_follower(
+    store: Store, port: int, *, secret: bytes = SECRET, node_id: str = "f1"
+) -> Follower:
+    config = ReplicationConfig(
+        secret=secret,
+        leader=f"127.0.0.1:{port}",
+        reconnect_backoff_min_ms=10,
+        reconnect_backoff_max_ms=100,
+    )
+    return Follower(store, config, ReplicationMetrics(store.metrics.registry), node_id)
+
+
+async def write(store: Store, count: int, start: int = 0) -> int:
+    """Append ``count`` events on the leader; returns its last lsn."""
+    events = [
+        make_event(f"acct-{i % 7}", payload={"i": i, "pad": "x" * (i % 50)})
+        for i in range(start, start + count)
+    ]
+    await asyncio.to_thread(store.append_batch, events)
+    return store.wal.written_lsn.value
+
+
+def raw_records(store: Store, from_lsn: int = 1) -> list[bytes]:
+    return [r.raw for r in store.wal.read_from(from_lsn)]
+
+
+def query_all(store: Store) -> list[Any]:
+    return store.query(QueryFilter(), limit=10_000).events
+
+
+async def eventually(check: Callable[[], bool], timeout_s: float = TIMEOUT_S) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 25))
+
+
+def assert_identical(follower_store: Store, leader_store: Store, from_lsn: int = 1) -> None:
+    assert follower_store.wal.last_position == leader_store.wal.last_position
+    assert follower_store.wal.last_chain == leader_store.wal.last_chain
+    assert raw_records(follower_store, from_lsn) == raw_records(leader_store, from_lsn)
+    assert query_all(follower_store) == query_all(leader_store)
+
+
+# ---------------------------------------------------------------------------------- WAL path
+
+
+def test_new_follower_catches_up_from_wal_and_streams_live_writes(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        lstore = open_store(tmp_path / "leader", "leader")
+        fstore = open_store(tmp_path / "f1", "f1")
+        leader = await start_leader(lstore)
+        assert leader.port is not None
+        follower = make_follower(fstore, leader.port)
+        try:
+            last = await write(lstore, 600)
+            await follower.start()
+            await follower.wait_applied(last, TIMEOUT_S)
+            assert_identical(fstore, lstore)
+            await eventually(lambda: follower.state is FollowerState.STREAMING)
+
+            # live writes while streaming, in several commits
+            for k in range(5):
+                last = await write(lstore, 40, start=600 + 40 * k)
+            await follower.wait_applied(last, TIMEOUT_S)
+            assert_identical(fstore, lstore)
+            assert fstore.wal.terms.to_list() == lstore.wal.terms.to_list()
+
+            # acks reach the leader; an idle link stays up past several heartbeats
+            await eventually(lambda: leader.sessions["f1"].durable_lsn == last)
+            await asyncio.sleep(0.5)
+            status = follower.status()
+            assert set(status) == {
+                "leader",
+                "connected",
+                "state",
+                "durable_lsn",
+                "applied_lsn",
+                "leader_lsn",
+                "lag_records",
+                "lag_ms",
+                "reconnects",
+                "snapshots_received",
+                "frames_rejected",
+                "last_error",
+                "snapshot",
+            }
+            assert status["leader"] == f"127.0.0.1:{leader.port}"
+            assert status["connected"] is True
+            assert status["state"] == "streaming"
+            assert status["durable_lsn"] == status["applied_lsn"] == status["leader_lsn"] == last
+            assert status["lag_records"] == 0
+            assert status["lag_ms"] == 0.0
+            assert status["reconnects"] == 0
+            assert status["frames_rejected"] == 0
+            assert status["snapshot"] is None
+            assert leader.sessions["f1"].state is leader_mod.FollowerState.STREAMING
+            assert "STREAMING" in repr(follower)
+        finally:
+            await follower.stop()
+            await leader.stop()
+            fstore.close()
+            lstore.close()
+        assert follower.state is FollowerState.CLOSED
+
+    run(scenario)
+
+
+def test_follower_restarted_catches_up_without_gap_or_duplicate(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        lstore = open_store(tmp_path / "leader", "leader")
+        leader = await start_leader(lstore)
+        assert leader.port is not None
+        try:
+            fstore = open_store(tmp_path / "f1", "f1")
+            follower = make_follower(fstore, leader.port)
+            await follower.start()
+            last = await write(lstore, 300)
+            await follower.wait_applied(last, TIMEOUT_S)
+            await follower.stop()
+            fstore.close()
+
+            last = await write(lstore, 1_000, start=300)  # while the follower is away
+
+            fstore = open_store(tmp_path / "f1", "f1")
+            assert fstore.wal.last_position.lsn.value == 300
+            follower = make_follower(fstore, leader.port)
+            await follower.start()
+            last = await write(lstore, 50, start=1_300)
+            await follower.wait_applied(last, TIMEOUT_S)
+            assert_identical(fstore, lstore)
+            lsns = [r.lsn for r in fstore.wal.read_from(1)]
+            assert lsns == list(range(1, last + 1))
+            await follower.stop()
+            fstore.close()
+        finally:
+            await leader.stop()
+            lstore.close()
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------------------- snapshots
+
+
+SNAPSHOT_LIMITS = Limits(
+    segment_bytes_max=4096,
+    frame_bytes_max=16 * 1024,
+    record_bytes_max=8 * 1024,
+    heartbeat_interval_ms=100,
+    read_timeout_ms=3_000,
+)
+
+
+async def checkpointed_leader(tmp_path: Path) -> tuple[Store, Leader, int]:
+    """A leader whose early WAL is gone: 400 events checkpointed (S), then 120 more."""
+    lstore = open_store(tmp_path / "leader", "leader", SNAPSHOT_LIMITS)
+    await write(lstore, 200)
+    await write(lstore, 200, start=200)
+    part = await asyncio.to_thread(lstore.checkpoint)
+    assert part is not None
+    snapshot_lsn = lstore.manifest.last_lsn
+    assert lstore.wal.first_lsn().value > 1, "the early WAL segments should be gone"
+    await write(lstore, 120, start=400)
+    leader = await start_leader(lstore)
+    return lstore, leader, snapshot_lsn
+
+
+def test_follower_needing_a_snapshot_gets_snapshot_then_wal(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        lstore, leader, snapshot_lsn = await checkpointed_leader(tmp_path)
+        assert leader.port is not None
+        fstore = open_store(tmp_path / "f1", "f1", SNAPSHOT_LIMITS)
+        follower = make_follower(fstore, leader.port)
+        progress: list[dict[str, Any] | None] = []
+        try:
+            await follower.start()
+            await follower.wait_applied(lstore.wal.written_lsn.value, TIMEOUT_S)
+            last = await write(lstore, 30, start=520)
+            await follower.wait_applied(last, TIMEOUT_S)
+            progress.append(follower.status()["snapshot"])
+
+            assert follower.snapshots_received == 1
+            assert fstore.manifest == lstore.manifest
+            assert fstore.wal.first_lsn().value == snapshot_lsn + 1
+            assert_identical(fstore, lstore, from_lsn=snapshot_lsn + 1)
+            assert not any((fstore.data_dir / STAGING_DIR).iterdir())
+            assert progress == [None]  # progress shows only while a transfer runs
+        finally:
+            await follower.stop()
+            await leader.stop()
+            fstore.close()
+            lstore.close()
+
+    run(scenario)
+
+
+def test_interrupted_snapshot_resumes_without_resending_verified_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link breaks after a few 256-byte chunks; the next SnapshotStart (same snapshot)
+    is answered from the bytes already held, and only the rest is sent."""
+    monkeypatch.setattr(leader_mod, "SNAPSHOT_CHUNK_BYTES", 256)
+    starts: list[tuple[int, int, int, int]] = []  # (file_index, offset, held, total) per start
+    chunks: list[list[tuple[int, int, int]]] = []  # (file_index, offset, size) per start
+    progress: list[dict[str, Any]] = []
+    followers: list[Follower] = []
+    real_open = SnapshotStaging.open
+    real_write = SnapshotStaging.write
+
+    def spy_open(data_dir: Path, start: SnapshotStart) -> SnapshotStaging:
+        staging = real_open(data_dir, start)
+        resume = staging.resume
+        starts.append((resume.file_index, resume.offset, staging.bytes_done, start.total_bytes))
+        chunks.append([])
+        return staging
+
+    def spy_write(self: SnapshotStaging, chunk: Any) -> None:
+        if len(starts) == 1 and len(chunks[0]) == 6:
+            raise ConnectionResetError("cut by the test")
+        if len(starts) == 2 and not chunks[1]:
+            progress.append(followers[0].status()["snapshot"])
+        chunks[-1].append((chunk.file_index, chunk.offset, len(chunk.data)))
+        real_write(self, chunk)
+
+    monkeypatch.setattr(SnapshotStaging, "open", staticmethod(spy_open))
+    monkeypatch.setattr(SnapshotStaging, "write", spy_write)
+
+    async def scenario() -> None:
+        lstore, leader, snapshot_lsn = await checkpointed_leader(tmp_path)
+        assert leader.port is not None
+        fstore = open_store(tmp_path / "f1", "f1", SNAPSHOT_LIMITS)
+        follower = make_follower(fstore, leader.port)
+        followers.append(follower)
+        try:
+            await follower.start()
+            await follower.wait_applied(lstore.wal.written_lsn.value, TIMEOUT_S)
+            assert follower.snapshots_received == 1
+            assert follower.reconnects == 1
+            assert "cut by the test" in (follower.last_error or "")
+            assert_identical(fstore, lstore, from_lsn=snapshot_lsn + 1)
+            registry = lstore.metrics.registry
+            assert registry.get_sample_value("walship_replication_snapshots_sent_total") == 1
+        finally:
+            await follower.stop()
+            await leader.stop()
+            fstore.close()
+            lstore.close()
+
+    run(scenario)
+
+    assert len(starts) == 2 and starts[0] == (0, 0, 0, starts[0][3])
+    total = starts[1][3]
+    assert total == starts[0][3], "the same snapshot was offered again"
+    first, second = chunks
+    held_before_cut = sum(size for _, _, size in first)
+    assert held_before_cut == 6 * 256
+    file_index, offset, held, _ = starts[1]
+    assert held == held_before_cut, "the resume point is what was received before the cut"
+    assert (file_index, offset) != (0, 0)
+    assert second[0][:2] == (file_index, offset), "the leader continued at the resume point"
+    # every byte of the snapshot arrived exactly once over the two connections
+    assert held_before_cut + sum(size for _, _, size in second) == total
+    (snap,) = progress
+    assert snap["bytes_total"] == total
+    assert held <= snap["bytes_done"] < total
+
+
+# ---------------------------------------------------------------------------------- auth
+
+
+def test_wrong_secret_is_refused_before_anything_is_shipped(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        lstore = open_store(tmp_path / "leader", "leader")
+        fstore = open_store(tmp_path / "f1", "f1")
+        leader = await start_leader(lstore)
+        assert leader.port is not None
+        follower = make_follower(fstore, leader.port, secret=b"not the secret")
+        try:
+            await write(lstore, 50)
+            await follower.start()
+            await eventually(lambda: follower.last_error is not None)
+            assert "authentication" in (follower.last_error or "")
+            assert fstore.wal.last_position.lsn.value == 0
+            assert not follower.status()["connected"]
+            assert leader.sessions == {}
+            with pytest.raises(WaitTimeout):
+                await follower.wait_applied(1, 0.2)
+        finally:
+            await follower.stop()
+            await leader.stop()
+            fstore.close()
+            lstore.close()
+        with pytest.raises(Unavailable):
+            await follower.wait_applied(1, 0.2)
+
+    run(scenario)
+
+
+def test_follower_refuses_a_leader_that_cannot_prove_the_secret(tmp_path: Path) -> None:
+    """A fake leader accepts the follower's proof blindly and answers with a bogus proof."""
+    received: list[str] = []
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream = MessageStream(reader, writer, LIMITS.frame_bytes_max)
+        try:
+            await stream.expect(Hello, 2)
+            await stream.send(Challenge(make_nonce()))
+            await stream.expect(HelloProof, 2)
+            await stream.send(Welcome("impostor", 1, 100, bytes(32)))
+            while True:
+                received.append(type(await stream.recv(2)).__name__)
+        except Exception:
+            pass
+        finally:
+            await stream.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        fstore = open_store(tmp_path / "f1", "f1")
+        follower = make_follower(fstore, port)
+        try:
+            await follower.start()
+            await eventually(lambda: follower.last_error is not None)
+            assert "authentication" in (follower.last_error or "")
+            assert "impostor" in (follower.last_error or "")
+            await eventually(lambda: "Refused" in received)
+            assert "Subscribe" not in received
+        finally:
+            await follower.stop()
+            server.close()
+            fstore.close()
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------------------- rejects
+
+
+def test_corrupted_wal_batch_is_rejected_counted_and_recovered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record byte flipped after the leader read it (the frame's own CRC is then right):
+    the record CRC catches it, the follower reconnects from its durable position."""
+    real_send = MessageStream.send
+    corrupted: list[WalBatch] = []
+
+    async def corrupting_send(self: MessageStream, msg: Message) -> None:
+        if isinstance(msg, WalBatch) and not corrupted and msg.first_lsn > 1:
+            data = bytearray(msg.records)
+            data[40] ^= 0x01  # inside the first record's body
+            msg = msgspec.structs.replace(msg, records=bytes(data))
+            corrupted.append(msg)
+        await real_send(self, msg)
+
+    monkeypatch.setattr(MessageStream, "send", corrupting_send)
+
+    async def scenario() -> None:
+        lstore = open_store(tmp_path / "leader", "leader")
+        fstore = open_store(tmp_path / "f1", "f1")
+        leader = await start_leader(lstore)
+        assert leader.port is not None
+        follower = make_follower(fstore, leader.port)
+        try:
+            last = await write(lstore, 400)
+            await follower.start()
+            await follower.wait_applied(last, TIMEOUT_S)
+            assert len(corrupted) == 1
+            assert follower.frames_rejected == 1
+            assert follower.status()["frames_rejected"] == 1
+            assert follower.reconnects >= 1
+            assert "rejected a frame" in (follower.last_error or "")
+            assert "CRC" in (follower.last_error or "")
+            assert_identical(fstore, lstore)
+            registry = fstore.metrics.registry
+            assert registry.get_sample_value("walship_replication_frames_rejected_total") == 1
+        finally:
+            await follower.stop()
+            await leader.stop()
+            fstore.close()
+            lstore.close()
+
+    run(scenario)
+
+
+def test_batches_that_do_not_continue_the_log_are_rejected_never_skipped(
+    tmp_path: Path,
+) -> None:
+    """The receive step checks prev position and chain against the local end of log, and
+    refuses frames from a deposed (lower-term) leader; nothing is applied out of order."""
+
+    async def scenario() -> None:
+        source = open_store(tmp_path / "source", "source")
+        fstore = open_store(tmp_path / "f1", "f1")
+        follower = make_follower(fstore, 1)
+        try:
+            for i in range(4):
+                source.append(make_event(f"e{i}"))
+            recs = list(source.wal.read_from(1))
+
+            def batch(first: int, prev_chain: bytes, term: int = 1) -> WalBatch:
+                prev = recs[first - 2] if first > 1 else None
+                (b,) = batch_records(
+                    [r.raw for r in recs[first - 1 :]],
+                    term=term,
+                    prev_lsn=first - 1,
+                    prev_term=prev.term if prev else 0,
+                    prev_chain=prev_chain,
+                    leader_lsn=4,
+                    leader_write_ts_us=0,
+                )
+                return b
+
+            with pytest.raises(FrameRejected, match="does not continue"):
+                await follower.handle(batch(2, recs[0].chain))  # a gap: lsn 1 is missing
+            with pytest.raises(FrameRejected, match="does not continue"):
+                await follower.handle(batch(1, b"\x01" * 8))  # another history
+            assert fstore.wal.last_position.lsn.value == 0
+
+            follower.known_term = 2
+            with pytest.raises(FrameRejected, match="deposed"):
+                await follower.handle(batch(1, GENESIS_CHAIN))
+            follower.known_term = 1
+
+            await follower.handle(batch(1, GENESIS_CHAIN))  # the right one applies
+            assert fstore.wal.last_position.lsn.value == 4
+            await asyncio.to_thread(fstore.wal.sync)
+            assert raw_records(fstore) == raw_records(source)
+        finally:
+            fstore.close()
+            source.close()
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------------------- pure parts
+
+
+def test_backoff_is_capped_exponential_with_jitter_and_resets() -> None:
+    backoff = Backoff(100, 1_000, rng=random.Random(7))
+    ceilings = []
+    for _ in range(7):
+        ceilings.append(backoff.ceiling_ms())
+        delay = backoff.next_delay()
+        assert 0.1 <= delay <= ceilings[-1] / 1000
+    assert ceilings == [100, 200, 400, 800, 1_000, 1_000, 1_000]
+    delays = {Backoff(100, 1_000, rng=random.Random(s)).next_delay() for s in range(3)}
+    assert delays == {0.1}  # the first attempt's window is [min, min]
+    jittered = {round(backoff.next_delay(), 6) for _ in range(20)}
+    assert len(jittered) > 10 and all(0.1 <= d <= 1.0 for d in jittered)
+    backoff.reset()
+    assert backoff.ceiling_ms() == 100
+    assert backoff.next_delay() == 0.1
+    for bad in ((0, 10), (20, 10)):
+        with pytest.raises(InvalidInput):
+            Backoff(*bad)
+
+
+def test_snapshot_names_from_the_wire_never_leave_the_staging_dir(tmp_path: Path) -> None:
+    base = tmp_path / "files"
+    base.mkdir()
+    assert checked_child(base, "00000001-00000002.parquet") == base / "00000001-00000002.parquet"
+    for name in ("../x", ".hidden", "a/b", "..", "", "x" * 200, "a\x00b"):
+        with pytest.raises(ProtocolError):
+            checked_child(base, name)
+    os.symlink(tmp_path, base / "escape")
+    with pytest.raises(ProtocolError, match="leaves"):
+        checked_child(base, "escape")
+
+    start = SnapshotStart(
+        snapshot_id="../../evil",
+        last_lsn=1,
+        last_term=1,
+        chain=GENESIS_CHAIN,
+        files=[],
+        total_bytes=0,
+    )
+    with pytest.raises(ProtocolError):
+        SnapshotStaging.open(tmp_path / "data", start)
+    assert not (tmp_path / "evil").exists()
+
+
+def test_follower_needs_a_secret_and_a_leader_address(tmp_path: Path) -> None:
+    fstore = open_store(tmp_path / "f1", "f1")
+    metrics = ReplicationMetrics(fstore.metrics.registry)
+    try:
+        with pytest.raises(InvalidInput):
+            Follower(fstore, ReplicationConfig(leader="127.0.0.1:1"), metrics, "f1")
+        with pytest.raises(InvalidInput):
+            Follower(fstore, ReplicationConfig(secret=SECRET), metrics, "f1")
+        follower = Follower(
+            fstore, ReplicationConfig(secret=SECRET, leader="127.0.0.1:3910"), metrics, "f1"
+        )
+        assert follower.leader_address == "127.0.0.1:3910"
+        assert follower.state is FollowerState.CLOSED
+    finally:
+        fstore.close()
