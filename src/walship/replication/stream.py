@@ -45,7 +45,10 @@ class MessageStream:
         or a closed connection."""
         while not self._inbox:
             try:
-                data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES), timeout_s)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that lands as the read completes, and a loop around recv then never stops
+                async with asyncio.timeout(timeout_s):
+                    data = await self.reader.read(READ_CHUNK_BYTES)
             except TimeoutError as exc:
                 raise WaitTimeout(
                     f"no message from {self.peer} within {int(timeout_s * 1000)} ms"
@@ -67,18 +70,26 @@ class MessageStream:
         raise ProtocolError(f"expected {kind.__name__} from {self.peer}, got {type(msg).__name__}")
 
     async def send(self, msg: Message) -> None:
+        """Write one frame and drain; ConnectionResetError once the connection is closed."""
         data = encode(msg, self.frame_bytes_max)
-        self.writer.write(data)
+        if self.writer.is_closing():
+            raise ConnectionResetError(f"the connection to {self.peer} is closed")
+        try:
+            self.writer.write(data)
+        except RuntimeError as exc:  # uvloop: "the handler is closed"
+            raise ConnectionResetError(f"the connection to {self.peer} is closed") from exc
         self.bytes_out += len(data)
         await self.writer.drain()
 
     async def refuse(self, code: str, message: str) -> None:
         """Send ``Refused`` (best effort) and close."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.send(Refused(code=code, message=message[:500])), 1.0)
+            async with asyncio.timeout(1.0):
+                await self.send(Refused(code=code, message=message[:500]))
         await self.close()
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()
-            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+            async with asyncio.timeout(1.0):
+                await self.writer.wait_closed()
