@@ -166,6 +166,7 @@ class FollowerSession:
         self._prev: tuple[int, int, bytes] = (0, 0, GENESIS_CHAIN)
         self._cursor: WalCursor | None = None
         self._caught_up_sent = False
+        self._resume: asyncio.Queue[SnapshotResume] = asyncio.Queue(maxsize=1)
 
     def __repr__(self) -> str:
         return (
@@ -334,14 +335,14 @@ class FollowerSession:
                 elif isinstance(msg, Heartbeat):
                     continue
                 elif isinstance(msg, SnapshotResume):
+                    if self.state is not FollowerState.SNAPSHOT or self._resume.full():
+                        raise ProtocolError("SnapshotResume outside a snapshot transfer")
                     self._resume.put_nowait(msg)
                 else:
                     raise ProtocolError(f"unexpected {type(msg).__name__} from a follower")
         except WalshipError as exc:
             self.close_reason = exc.message
             await self.stream.close()
-
-    _resume: asyncio.Queue[SnapshotResume]
 
     async def _send_snapshot(self) -> int | None:
         """Send the pinned checkpoint; returns the lsn to stream from (S+1)."""
@@ -372,7 +373,6 @@ class FollowerSession:
             digest = hashlib.sha256(extra["manifest.json"]).hexdigest()[:16]
             snapshot_id = f"{manifest.last_lsn:016x}-{digest}"
             self.snapshot = SnapshotProgress(snapshot_id, 0, total)
-            self._resume = asyncio.Queue(maxsize=4)
             await self.stream.send(
                 SnapshotStart(
                     snapshot_id=snapshot_id,
@@ -455,6 +455,8 @@ class Leader:
     async def start(self) -> None:
         """Listen for followers (needs a secret) and start the in-sync monitor."""
         self._loop = asyncio.get_running_loop()
+        # records written before this start count as written now (lag is measured from here)
+        self.lag_clock.written(self.store.wal.written_lsn.value)
         self.store.wal.add_listener(self._on_wal_commit)
         if self.config.secret is None:
             log.warning("replication listener disabled: no shared secret configured")
@@ -646,10 +648,11 @@ class Leader:
 
     def retention_floor(self) -> int | None:
         """The lowest lsn a follower or a snapshot transfer still needs from the WAL."""
-        needs = list(self.pins.values())
+        # called from the checkpointer thread: work on copies of loop-owned dicts
+        needs = list(dict(self.pins).values())
         wal_bytes = {first: size for first, _, size in self.store.wal.segment_infos()}
         firsts = sorted(wal_bytes)
-        for node_id, durable in self.slots.slots.items():
+        for node_id, durable in dict(self.slots.slots).items():
             # bytes of WAL from this follower's position to the end
             i = max(bisect.bisect_right(firsts, durable + 1) - 1, 0)
             behind = sum(wal_bytes[f] for f in firsts[i:])
