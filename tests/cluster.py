@@ -10,7 +10,6 @@ stopped node's WAL from disk, and a raw socket that speaks (or mangles) protocol
 from __future__ import annotations
 
 import contextlib
-import re
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ import httpx
 
 from walship.cli.process import NodeProcess
 from walship.cli.wal import iter_wal_records
+from walship.replication.config import parse_address
 from walship.replication.protocol import (
     PROTOCOL_VERSION,
     Challenge,
@@ -42,8 +42,6 @@ T = TypeVar("T")
 
 SECRET = "walship-test-secret"
 HTTP_TIMEOUT_S = 15.0
-
-_REPLICATION_RE = re.compile(r"\breplication=(\S+)")
 
 
 # ---------------------------------------------------------------------------------- polling
@@ -253,17 +251,10 @@ class Writers:
 
 
 def replication_address(node: NodeProcess) -> str:
-    """``HOST:PORT`` of a leader's replication listener, from its start line."""
-    match = _REPLICATION_RE.search(node.start_line)
-    assert match is not None and match.group(1) != "off", (
-        f"{node.node_id} does not listen for followers: {node.start_line!r}"
-    )
-    return match.group(1)
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
+    """``HOST:PORT`` of a leader's replication listener (AssertionError when it has none)."""
+    address = node.replication_address
+    assert address is not None, f"{node.node_id} does not listen: {node.start_line!r}"
+    return address
 
 
 class Cluster:
@@ -322,7 +313,6 @@ class Cluster:
         *,
         args: Sequence[str] = (),
         fsync: str = "never",
-        secret_file: Path | None = None,
     ) -> NodeProcess:
         """Start a follower of the replication listener at ``leader`` (``HOST:PORT``)."""
         proc = self.node(
@@ -333,7 +323,7 @@ class Cluster:
                 "--leader",
                 leader,
                 "--replication-secret-file",
-                str(secret_file or self.secret_file),
+                str(self.secret_file),
                 *args,
             ],
             fsync,
@@ -487,7 +477,7 @@ def assert_same_wal(leader_dir: Path, follower_dir: Path, *, whole: bool = True)
 @contextlib.contextmanager
 def raw_connection(address: str, timeout_s: float = 5.0) -> Iterator[socket.socket]:
     """A plain TCP connection to ``address``, for feeding the leader bytes by hand."""
-    sock = socket.create_connection(split_address(address), timeout=timeout_s)
+    sock = socket.create_connection(parse_address(address), timeout=timeout_s)
     try:
         yield sock
     finally:

@@ -37,7 +37,6 @@ from tests.cluster import (
     refusal,
     replication,
     replication_address,
-    split_address,
     stats,
     wait_caught_up,
     wait_until,
@@ -45,6 +44,7 @@ from tests.cluster import (
     write_events,
 )
 from walship.cli.process import NodeProcess
+from walship.replication.config import parse_address
 from walship.replication.protocol import FRAME_HEADER, MESSAGE_TYPES, Hello
 from walship.testing.proxy import FaultProxy
 from walship.wal.record import crc32c
@@ -168,7 +168,7 @@ def test_follower_killed_mid_stream_catches_up_without_gap_or_duplicate(
 
     reconnects = status["reconnects"]
     assert leader.stop() == 0
-    cluster.restart(leader, replication_port=split_address(address)[1])
+    cluster.restart(leader, replication_port=parse_address(address)[1])
     assert replication_address(leader) == address
 
     def reconnected() -> bool:
@@ -190,7 +190,7 @@ def test_slow_follower_never_loses_a_record(cluster: Cluster) -> None:
     slowed by a delaying proxy and the follower itself is frozen for a while (SIGSTOP): the
     follower falls far behind, then catches up with every record."""
     leader = cluster.start_leader()
-    with FaultProxy(split_address(replication_address(leader))) as proxy:
+    with FaultProxy(parse_address(replication_address(leader))) as proxy:
         follower = cluster.start_follower("slow", f"127.0.0.1:{proxy.port}")
         wait_caught_up(leader, follower)
         proxy.set_delay_ms(25)
@@ -424,7 +424,7 @@ def test_follower_rejects_a_corrupted_frame_reconnects_and_ends_identical(
     cluster: Cluster,
 ) -> None:
     leader = cluster.start_leader()
-    with FaultProxy(split_address(replication_address(leader)), seed=7) as proxy:
+    with FaultProxy(parse_address(replication_address(leader)), seed=7) as proxy:
         follower = cluster.start_follower("f1", f"127.0.0.1:{proxy.port}")
         write_events(leader, 500)
         wait_caught_up(leader, follower)
@@ -523,7 +523,7 @@ def test_min_lsn_reads_on_a_follower_wait_for_the_write(cluster: Cluster) -> Non
     """With the link slowed by a proxy, a read on the follower right after a write on the
     leader returns that write when it names its lsn; a lsn that never comes answers 504."""
     leader = cluster.start_leader()
-    with FaultProxy(split_address(replication_address(leader))) as proxy:
+    with FaultProxy(parse_address(replication_address(leader))) as proxy:
         follower = cluster.start_follower("f1", f"127.0.0.1:{proxy.port}")
         wait_until(lambda: replication(follower)["connected"], 20, "the follower to connect")
         proxy.set_delay_ms(300)
