@@ -173,7 +173,9 @@ class AckTracker:
         finally:
             if not waiter.future.done():
                 waiter.future.cancel()
-        return AckOutcome(True, self.acked_by(lsn), required)
+        # for sync the in-sync set may have shrunk while waiting: report what was required
+        # when the wait was satisfied
+        return AckOutcome(True, self.acked_by(lsn), mode.required(len(self._in_sync), min_in_sync))
 
     def fail_all(self, reason: str) -> None:
         """Wake every waiter (shutdown, demotion): they report what was acked so far."""
