@@ -162,7 +162,8 @@ class Node:
             event = self._visible
             with contextlib.suppress(TimeoutError):
                 # the tick covers nodes whose loop has not started replication
-                await asyncio.wait_for(event.wait(), min(remaining, 0.05))
+                async with asyncio.timeout(min(remaining, 0.05)):
+                    await event.wait()
 
     # ------------------------------------------------------------------ writes
 

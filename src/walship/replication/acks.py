@@ -161,7 +161,8 @@ class AckTracker:
             return AckOutcome(True, self.acked_by(lsn), required)
         self._waiters.append(waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await waiter.future
         except TimeoutError:
             need = mode.required(len(self._in_sync), min_in_sync)
             return AckOutcome(

@@ -45,6 +45,7 @@ from walship.replication.protocol import (
     Heartbeat,
     Hello,
     HelloProof,
+    Refused,
     SnapshotChunk,
     SnapshotEnd,
     SnapshotFile,
@@ -261,6 +262,7 @@ class FollowerSession:
             )
         )
         sub = await stream.expect(Subscribe, timeout)
+        self.sent_lsn = self.durable_lsn = sub.lsn  # it holds these already
         leader.register(self)
         receiver = asyncio.create_task(self._receive(timeout), name=f"recv-{self.node_id}")
         try:
@@ -304,7 +306,8 @@ class FollowerSession:
                     self._caught_up_sent = True
                     self.state = FollowerState.STREAMING
                 try:
-                    await asyncio.wait_for(self.wake.wait(), heartbeat_s)
+                    async with asyncio.timeout(heartbeat_s):
+                        await self.wake.wait()
                 except TimeoutError:
                     await self.stream.send(
                         Heartbeat(
@@ -334,6 +337,10 @@ class FollowerSession:
                     self.leader.on_ack(self)
                 elif isinstance(msg, Heartbeat):
                     continue
+                elif isinstance(msg, Refused):
+                    raise ProtocolError(
+                        f"{self.node_id} refused the stream ({msg.code}): {msg.message}"
+                    )
                 elif isinstance(msg, SnapshotResume):
                     if self.state is not FollowerState.SNAPSHOT or self._resume.full():
                         raise ProtocolError("SnapshotResume outside a snapshot transfer")
@@ -385,7 +392,8 @@ class FollowerSession:
             )
             timeout = store.limits.read_timeout_ms / 1000
             try:
-                resume = await asyncio.wait_for(self._resume.get(), timeout)
+                async with asyncio.timeout(timeout):
+                    resume = await self._resume.get()
             except TimeoutError as exc:
                 raise WaitTimeout("the follower did not answer SnapshotStart") from exc
             if resume.snapshot_id != snapshot_id or resume.file_index > len(files):

@@ -89,7 +89,17 @@ class MessageStream:
         await self.close()
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
+        """Close the connection (best effort, at most 1 s); never raises except to propagate
+        a cancellation of the calling task."""
+        try:
             self.writer.close()
             async with asyncio.timeout(1.0):
                 await self.writer.wait_closed()
+        except asyncio.CancelledError:
+            # uvloop cancels the close waiter of a connection that was reset; only a
+            # cancellation of this task itself must propagate
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        except Exception:
+            pass

@@ -12,9 +12,9 @@ A record is a 32-byte header and a body::
     32      n     body       the encoded event (opaque here)
 
 The CRC covers the header and the whole body (the reference's covered neither payload nor
-term). ``batch_left`` makes a batch atomic across crashes: recovery drops a trailing batch whose
-last record never reached the disk. The chain makes two logs with the same chain at lsn N identical up to N, which is what
-followers and divergence repair compare.
+term). ``batch_left`` makes a batch atomic across crashes: recovery drops a trailing batch
+whose last record never reached the disk. The chain makes two logs with the same chain at lsn
+N identical up to N, which is what followers and divergence repair compare.
 """
 
 from __future__ import annotations
