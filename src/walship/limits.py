@@ -37,10 +37,12 @@ class Limits:
     pending_appends_max: int = 100_000
 
     # memtable and checkpoints
-    memtable_events_max: int = 100_000
-    memtable_bytes_max: int = 64 * MIB
+    memtable_events_max: int = 50_000
+    memtable_bytes_max: int = 32 * MIB
     checkpoint_interval_ms: int = 60_000
     parquet_row_group_rows: int = 1_024
+    compaction_fanin_min: int = 4
+    compaction_events_max: int = 500_000
 
     # replication
     frame_bytes_max: int = 4 * MIB

@@ -161,7 +161,14 @@ class Store:
         self._kick = threading.Event()
         self._checkpointer: threading.Thread | None = None
         self._checkpoint_lock = threading.Lock()
+        self._manifest_lock = threading.Lock()  # serializes manifest rewrites
+        self._compaction_lock = threading.Lock()
+        self._compactor: threading.Thread | None = None
+        self._compact_kick = threading.Event()
+        self._pins: dict[str, int] = {}
+        self._garbage: set[str] = set()
         self.checkpoints_taken = 0
+        self.compactions = 0
         self.wal: Wal
 
     # ------------------------------------------------------------------ lifecycle
@@ -181,7 +188,14 @@ class Store:
                 target=store._run_checkpointer, name="walship-checkpointer", daemon=True
             )
             store._checkpointer.start()
+            store._start_compactor()
         return store
+
+    def _start_compactor(self) -> None:
+        self._compactor = threading.Thread(
+            target=self._run_compactor, name="walship-compactor", daemon=True
+        )
+        self._compactor.start()
 
     def _recover(self) -> None:
         if (self.data_dir / INSTALL_MARKER).exists():
@@ -190,6 +204,12 @@ class Store:
         for stale in self.parts_dir.glob("*.tmp"):
             stale.unlink()
         self._manifest = load_manifest(self.checkpoint_dir)
+        referenced = {p.file for p in self._manifest.parts}
+        for orphan in self.parts_dir.glob("*.parquet"):
+            if orphan.name not in referenced:
+                # written by a checkpoint or compaction that crashed before its manifest swap,
+                # or replaced by a compaction that crashed before deleting it
+                orphan.unlink()
         self._parts = [PartReader(self.parts_dir / p.file, p) for p in self._manifest.parts]
         for part in self._parts:
             table = part.entity_versions()
@@ -250,11 +270,14 @@ class Store:
         for part in manifest.parts:
             if not (staged / part.file).is_file():
                 raise InvalidInput(f"snapshot part {part.file} is missing from {staged}")
-        with self._checkpoint_lock, self._lock:
+        with self._checkpoint_lock, self._compaction_lock, self._lock:
             self._stop.set()
             self._kick.set()
+            self._compact_kick.set()
             if self._checkpointer is not None:
                 self._checkpointer.join()
+            if self._compactor is not None:
+                self._compactor.join()
             self.wal.close()
             new = self.data_dir / "install"
             shutil.rmtree(new, ignore_errors=True)
@@ -286,6 +309,7 @@ class Store:
                     target=self._run_checkpointer, name="walship-checkpointer", daemon=True
                 )
                 self._checkpointer.start()
+                self._start_compactor()
 
     def _finish_install(self) -> None:
         """Swap ``install/`` in for ``wal/`` and ``checkpoints/``; safe to repeat after a crash."""
@@ -312,8 +336,11 @@ class Store:
             self._closed = True
         self._stop.set()
         self._kick.set()
+        self._compact_kick.set()
         if self._checkpointer is not None:
             self._checkpointer.join()
+        if self._compactor is not None:
+            self._compactor.join()
         self.wal.close()
 
     def __enter__(self) -> Store:
@@ -666,6 +693,7 @@ class Store:
                 "parquet_events": m.events,
                 "parquet_bytes": sum(p.bytes for p in m.parts),
                 "checkpoints_taken": self.checkpoints_taken,
+                "compactions": self.compactions,
                 "wal_first_lsn": self.wal.first_lsn().value,
                 "wal_segments": wal.segments,
                 "wal_bytes": wal.bytes,
@@ -714,10 +742,15 @@ class Store:
             arr = np.array(hashes, dtype=np.int64)
             arr.sort()
             reader.set_id_hashes(arr)
-            manifest = self._manifest.advanced(
-                part, upto.lsn.value, upto.term.value, chain, now_us()
-            )
-            save_manifest(self.checkpoint_dir, manifest)
+            with self._manifest_lock:
+                manifest = self._manifest.advanced(
+                    part, upto.lsn.value, upto.term.value, chain, now_us()
+                )
+                save_manifest(self.checkpoint_dir, manifest)
+                with self._lock:
+                    self._manifest = manifest
+                    self._parts.append(reader)
+                    self._frozen = None
         except BaseException:
             with self._lock:
                 # put the events back in front of anything appended meanwhile
@@ -730,16 +763,100 @@ class Store:
                 self._checkpoint_done.notify_all()
             raise
         with self._lock:
-            self._manifest = manifest
-            self._parts.append(reader)
-            self._frozen = None
             self.checkpoints_taken += 1
             self._checkpoint_done.notify_all()
+        self._compact_kick.set()
         self.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
         self.metrics.checkpoint_events.inc(len(events))
         self._update_memtable_gauges()
         self.remove_checkpointed_wal()
         return part
+
+    # ------------------------------------------------------------------ compaction
+
+    def compact(self) -> PartInfo | None:
+        """Merge the next run of small consecutive parts into one; None when there is none."""
+        from walship.storage.compaction import merge_parts, pick_run
+
+        with self._compaction_lock:
+            with self._lock:
+                parts = list(self._parts)
+            run = pick_run(
+                [p.info for p in parts],
+                self.limits.compaction_fanin_min,
+                self.limits.compaction_events_max,
+            )
+            if run is None:
+                return None
+            t0 = time.perf_counter()
+            inputs = parts[run[0] : run[1]]
+            info, hashes = merge_parts(self.parts_dir, inputs, self.limits.parquet_row_group_rows)
+            reader = PartReader(self.parts_dir / info.file, info)
+            reader.set_id_hashes(hashes)
+            names = {p.info.file for p in inputs}
+            with self._manifest_lock:
+                current = self._manifest
+                kept = [p for p in current.parts if p.file not in names]
+                at = next(i for i, p in enumerate(current.parts) if p.file in names)
+                kept.insert(at, info)
+                manifest = msgspec.structs.replace(current, parts=kept, created_us=now_us())
+                save_manifest(self.checkpoint_dir, manifest)
+                with self._lock:
+                    self._manifest = manifest
+                    readers = [p for p in self._parts if p.info.file not in names]
+                    readers.insert(at, reader)
+                    self._parts = readers
+                    self._garbage.update(names)
+                    self.compactions += 1
+            self._collect_garbage()
+            log.info(
+                "compacted %d parts (%d events) into %s in %.2f s",
+                len(inputs),
+                info.events,
+                info.file,
+                time.perf_counter() - t0,
+            )
+            return info
+
+    def pin_parts(self, names: Sequence[str]) -> list[str]:
+        """Keep these part files on disk until ``unpin_parts`` (a snapshot being sent)."""
+        with self._lock:
+            for name in names:
+                self._pins[name] = self._pins.get(name, 0) + 1
+        return list(names)
+
+    def unpin_parts(self, names: Sequence[str]) -> None:
+        with self._lock:
+            for name in names:
+                left = self._pins.get(name, 0) - 1
+                if left <= 0:
+                    self._pins.pop(name, None)
+                else:
+                    self._pins[name] = left
+        self._collect_garbage()
+
+    def _collect_garbage(self) -> None:
+        """Delete replaced part files that no snapshot transfer still reads."""
+        with self._lock:
+            doomed = [n for n in self._garbage if n not in self._pins]
+            self._garbage.difference_update(doomed)
+        for name in doomed:
+            (self.parts_dir / name).unlink(missing_ok=True)
+        if doomed:
+            fsync_dir(self.parts_dir)
+
+    def _run_compactor(self) -> None:
+        while not self._stop.is_set():
+            self._compact_kick.wait(1.0)
+            self._compact_kick.clear()
+            if self._stop.is_set():
+                return
+            try:
+                while not self._stop.is_set() and self.compact() is not None:
+                    pass
+            except Exception:
+                log.exception("compaction failed; will retry")
+                self._stop.wait(5.0)
 
     def remove_checkpointed_wal(self) -> list[Path]:
         """Remove WAL segments covered by the checkpoint and released by the retention hook."""

@@ -361,6 +361,7 @@ class FollowerSession:
         self.state = FollowerState.SNAPSHOT
         pin_id = id(self)
         leader.pins[pin_id] = manifest.last_lsn + 1
+        pinned = store.pin_parts([p.file for p in manifest.parts])
         try:
             files: list[tuple[SnapshotFile, Path | bytes]] = []
             for part in manifest.parts:
@@ -424,6 +425,7 @@ class FollowerSession:
             return manifest.last_lsn + 1
         finally:
             leader.pins.pop(pin_id, None)
+            store.unpin_parts(pinned)
 
 
 def _read_chunk(path: Path, offset: int, size: int) -> bytes:

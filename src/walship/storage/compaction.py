@@ -1,0 +1,160 @@
+"""Compaction: merge consecutive Parquet parts into one, streaming, in bounded memory.
+
+Each checkpoint adds a part, and a query by entity reads one row group per part, so parts are
+merged in the background (size-tiered: runs of small consecutive parts become one part of at
+most ``compaction_events_max`` events). The merge keeps the parts' order -- rows sorted by
+(tenant_id, entity_id, lsn) -- and never holds more than the sort keys of its inputs plus about
+two row groups per input in memory: it sorts only the keys, then copies rows out one output
+row group at a time, reading each input's row groups in order.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from walship.fsutil import fsync_dir
+from walship.storage.parquet import SCHEMA, PartInfo, PartReader, _sha256, part_name
+
+
+class _RowSource:
+    """Rows of one input part, read row group by row group as the merge asks for them."""
+
+    def __init__(self, reader: PartReader) -> None:
+        self.file = pq.ParquetFile(reader.path)
+        meta = self.file.metadata
+        self.group_starts = np.cumsum(
+            [0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        )
+        self.cache: dict[int, pa.Table] = {}
+
+    def take(self, rows: np.ndarray) -> pa.Table:
+        """Rows (ascending, within this part) as a table, in the given order."""
+        first_group = int(np.searchsorted(self.group_starts, rows[0], side="right") - 1)
+        last_group = int(np.searchsorted(self.group_starts, rows[-1], side="right") - 1)
+        for g in list(self.cache):
+            if g < first_group:
+                del self.cache[g]  # consumed: rows come in ascending order
+        tables = []
+        for g in range(first_group, last_group + 1):
+            if g not in self.cache:
+                self.cache[g] = self.file.read_row_group(g, use_threads=False)
+            tables.append(self.cache[g])
+        window = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        return window.take(pa.array(rows - self.group_starts[first_group]))
+
+
+def merge_parts(
+    directory: Path, readers: list[PartReader], row_group_rows: int
+) -> tuple[PartInfo, np.ndarray]:
+    """Merge consecutive parts into one new part file, durably.
+
+    Returns its manifest entry and the sorted id-hash index of the merged part. The inputs are
+    left in place; the caller swaps the manifest and removes them.
+    """
+    first = readers[0].info.first_lsn
+    last = readers[-1].info.last_lsn
+
+    # sort keys as small integers: each row's entity key becomes its rank in the sorted set of
+    # all keys, so the whole sort is over int arrays (a few bytes per row), not strings
+    def key_column(reader: PartReader) -> tuple[pa.Array, np.ndarray]:
+        t = pq.read_table(reader.path, columns=["tenant_id", "entity_id", "lsn"])
+        keys = pc.binary_join_element_wise(t.column("tenant_id"), t.column("entity_id"), "\x00")
+        return keys.combine_chunks(), t.column("lsn").to_numpy()
+
+    uniques = [pc.unique(key_column(r)[0]) for r in readers]
+    dictionary = pc.unique(pa.concat_arrays(uniques))
+    dictionary = dictionary.take(pc.sort_indices(dictionary))
+    del uniques
+    ranks, lsns, srcs_parts, rows_parts = [], [], [], []
+    for i, reader in enumerate(readers):
+        keys, lsn = key_column(reader)
+        ranks.append(pc.index_in(keys, value_set=dictionary).to_numpy(zero_copy_only=False))
+        lsns.append(lsn)
+        srcs_parts.append(np.full(len(lsn), i, dtype=np.int32))
+        rows_parts.append(np.arange(len(lsn), dtype=np.int64))
+        del keys
+    rank_all = np.concatenate(ranks).astype(np.int64)
+    order = np.lexsort((np.concatenate(lsns), rank_all))
+    del ranks, lsns
+    srcs = np.concatenate(srcs_parts)[order]
+    rows = np.concatenate(rows_parts)[order]
+    sorted_ranks = rank_all[order]
+    del srcs_parts, rows_parts, rank_all, order
+    total = len(srcs)
+    sources = [_RowSource(r) for r in readers]
+    name = part_name(first, last)
+    path = directory / name
+    tmp = directory / (name + ".tmp")
+    groups: list[tuple[str, str]] = []
+    min_ts: int | None = None
+    max_ts: int | None = None
+    with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
+        for start in range(0, total, row_group_rows):
+            end = min(start + row_group_rows, total)
+            chunk_src = srcs[start:end]
+            chunk_rows = rows[start:end]
+            pieces = []
+            positions = []
+            for i in np.unique(chunk_src):
+                mask = chunk_src == i
+                pieces.append(sources[int(i)].take(chunk_rows[mask]))
+                positions.append(np.nonzero(mask)[0])
+            table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+            # restore the merged order within the chunk
+            inverse = np.empty(end - start, dtype=np.int64)
+            inverse[np.concatenate(positions)] = np.arange(end - start)
+            table = table.take(pa.array(inverse))
+            writer.write_table(table, row_group_size=row_group_rows)
+            groups.append(
+                (
+                    str(dictionary[int(sorted_ranks[start])].as_py()),
+                    str(dictionary[int(sorted_ranks[end - 1])].as_py()),
+                )
+            )
+            ts = table.column("timestamp").cast(pa.int64())
+            lo, hi = pc.min(ts).as_py(), pc.max(ts).as_py()
+            min_ts = lo if min_ts is None else min(min_ts, lo)
+            max_ts = hi if max_ts is None else max(max_ts, hi)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    digest = _sha256(tmp)
+    os.replace(tmp, path)
+    fsync_dir(directory)
+    hashes = np.concatenate([r.id_hashes() for r in readers])
+    hashes.sort()
+    info = PartInfo(
+        file=name,
+        first_lsn=first,
+        last_lsn=last,
+        events=total,
+        bytes=path.stat().st_size,
+        sha256=digest,
+        min_ts_us=min_ts or 0,
+        max_ts_us=max_ts or 0,
+        row_groups=groups,
+    )
+    return info, hashes
+
+
+def pick_run(parts: list[PartInfo], fanin_min: int, events_max: int) -> tuple[int, int] | None:
+    """The run of consecutive parts to merge next, as ``(start, end)`` indexes; None if none.
+
+    Size-tiered: the longest run of at least ``fanin_min`` consecutive parts whose total stays
+    within ``events_max``, preferring the oldest.
+    """
+    best: tuple[int, int] | None = None
+    for start in range(len(parts)):
+        total = 0
+        end = start
+        while end < len(parts) and total + parts[end].events <= events_max:
+            total += parts[end].events
+            end += 1
+        if end - start >= fanin_min and (best is None or end - start > best[1] - best[0]):
+            best = (start, end)
+    return best
