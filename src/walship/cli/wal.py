@@ -30,6 +30,7 @@ from walship.wal.segment import (
     SegmentHeader,
     list_segments,
     scan_segment,
+    zero_tail,
 )
 from walship.wal.terms import TermHistory
 
@@ -317,6 +318,8 @@ def iter_wal_records(wal_dir: Path, from_lsn: int = 1) -> Iterator[tuple[Path, i
         view = memoryview(buf)
         offset = SEGMENT_HEADER_BYTES
         while offset < len(buf):
+            if buf[offset] == 0 and zero_tail(buf, offset):
+                break  # preallocated space after the last record
             try:
                 rec = decode_record(view, offset, body_max)
             except (RecordIncomplete, RecordInvalid) as exc:

@@ -63,7 +63,8 @@ class WalCursor:
         idx = bisect.bisect_right(firsts, self.next_lsn) - 1
         first, path, _ = infos[idx]
         try:
-            f = open(path, "rb")  # noqa: SIM115 - kept open across reads by design
+            # unbuffered: a buffered reader would keep preallocated zeros read ahead of the writer
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open across reads
         except FileNotFoundError as exc:
             raise WalGone(f"segment {path.name} was removed") from exc
         self._file = f
@@ -74,12 +75,13 @@ class WalCursor:
             if lsn <= self.next_lsn:
                 self._offset = offset
                 break
-        at = self._lsn_at(self._offset)
-        while at is not None and at < self.next_lsn:
+        end = self.wal.segment_end(first) or 0  # records end here; preallocated zeros follow
+        at = self._lsn_at(self._offset) if self._offset < end else None
+        while at is not None and at < self.next_lsn and self._offset < end:
             f.seek(self._offset)
             head = f.read(HEADER_BYTES)
             self._offset += HEADER_BYTES + HEADER.unpack(head)[0]
-            at = self._lsn_at(self._offset)
+            at = self._lsn_at(self._offset) if self._offset < end else None
 
     def _lsn_at(self, offset: int) -> int | None:
         assert self._file is not None

@@ -44,6 +44,7 @@ from walship.wal.segment import (
     SegmentScan,
     create_segment,
     list_segments,
+    preallocate,
     scan_segment,
 )
 from walship.wal.terms import TermHistory
@@ -160,7 +161,9 @@ class Wal:
         self._synced_lsn = self._last_lsn
         self._last_sync = time.monotonic()
         active = self._segments[-1]
-        self._fd = os.open(active.path, os.O_WRONLY | os.O_APPEND)
+        # writes go at explicit offsets (pwrite): the file is preallocated past its records
+        self._fd = os.open(active.path, os.O_WRONLY)
+        preallocate(self._fd, self.limits.segment_bytes_max)
         self._writer = threading.Thread(
             target=self._run_writer, name="walship-wal-writer", daemon=True
         )
@@ -482,9 +485,11 @@ class Wal:
     def _write_all(self, data: bytes, active: _Segment, records: list[bytes]) -> None:
         offset = active.bytes
         view = memoryview(data)
+        at = offset
         while view:
-            n = os.write(self._fd, view)
+            n = os.pwrite(self._fd, view, at)
             view = view[n:]
+            at += n
         # sparse index for readers, one entry every ~256 KiB
         last_indexed = active.sparse_index[-1][1] if active.sparse_index else -SPARSE_INDEX_BYTES
         pos = offset
@@ -499,13 +504,17 @@ class Wal:
     def _roll_segment(self, next_record: bytes) -> float:
         """Close the active segment (fsynced) and start a new one before ``next_record``."""
         t0 = time.perf_counter()
+        # cut the finished segment's unused preallocated space, then make it all durable
+        os.ftruncate(self._fd, self._segments[-1].bytes)
         os.fdatasync(self._fd)
         elapsed = time.perf_counter() - t0
         lsn = HEADER.unpack_from(next_record, 0)[2]
         prev = self._record_before(lsn)
-        path = create_segment(self.directory, SegmentHeader(lsn, prev[0], prev[1]))
+        path = create_segment(
+            self.directory, SegmentHeader(lsn, prev[0], prev[1]), self.limits.segment_bytes_max
+        )
         os.close(self._fd)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self._fd = os.open(path, os.O_WRONLY)
         with self._lock:
             self._segments.append(_Segment(lsn, path, SEGMENT_HEADER_BYTES, []))
         return elapsed
@@ -646,6 +655,8 @@ class Wal:
         with self._lock:
             if self._failed is None:
                 try:
+                    # give back the preallocated space: a closed WAL ends at its last record
+                    os.ftruncate(self._fd, self._segments[-1].bytes)
                     os.fdatasync(self._fd)
                     self._synced_lsn = self._written_lsn
                 except OSError:
