@@ -48,6 +48,7 @@ from walship.wal.segment import (
     scan_segment,
 )
 from walship.wal.terms import TermHistory
+from walship.wal.truncate import finish_truncation
 
 
 class FsyncMode(Enum):
@@ -193,6 +194,8 @@ class Wal:
         directory.mkdir(parents=True, exist_ok=True)
         for stale in directory.glob("*.wal.tmp"):
             stale.unlink()
+        # a cut by divergence repair that a crash interrupted is finished before anything else
+        finish_truncation(directory, limits.record_bytes_max)
         terms = TermHistory.load(directory)
         found = list_segments(directory)
         body_max = limits.record_bytes_max
@@ -374,6 +377,12 @@ class Wal:
     def add_listener(self, listener: WalListener) -> None:
         with self._lock:
             self._listeners.append(listener)
+
+    @property
+    def listeners(self) -> list[WalListener]:
+        """The commit listeners (a copy), to carry over to a WAL reopened in its place."""
+        with self._lock:
+            return list(self._listeners)
 
     def remove_listener(self, listener: WalListener) -> None:
         with self._lock:
