@@ -165,6 +165,9 @@ def test_new_follower_catches_up_from_wal_and_streams_live_writes(tmp_path: Path
                 "snapshots_received",
                 "frames_rejected",
                 "last_error",
+                "known_term",
+                "repairs",
+                "last_repair",
                 "snapshot",
             }
             assert status["leader"] == f"127.0.0.1:{leader.port}"

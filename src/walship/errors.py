@@ -10,15 +10,18 @@
     │   ├── InvalidParameter        a query or path parameter of an HTTP request is malformed
     │   ├── MethodNotAllowed        an HTTP path exists but not for that method
     │   └── NotFound                the thing asked for does not exist
+    ├── Unauthorized                an admin request without the right token (401)
     ├── Conflict                    the request is well formed but contradicts stored state
     │   ├── VersionConflict         ``expected_version`` differs from the entity's version
     │   └── ReadOnly                a write reached a node that is not the leader
+    │       └── Fenced              a write reached a leader that learned it was deposed
     ├── StorageError                the node's own storage failed
     │   ├── CorruptionError         a stored record or file fails its checksum (with location)
     │   ├── WalFailed               the WAL hit a write/fsync error and accepts nothing more
     │   └── StorageFull             the disk is full (retriable once space returns)
     ├── ReplicationError            replication stream or acknowledgement problems
     │   ├── ProtocolError           a peer sent bytes that break protocol v1 (closes one link)
+    │   ├── StaleTerm               a frame from a term lower than the receiver knows
     │   ├── AuthenticationError     a peer failed the shared-secret challenge
     │   └── AckTimeout              replicas did not confirm a write in time
     ├── Unavailable                 the node cannot serve now (shutting down, still starting)
@@ -88,6 +91,13 @@ class NotFound(InvalidInput):
     http_status = 404
 
 
+class Unauthorized(WalshipError):
+    """An admin endpoint was called without the admin token, or with a wrong one."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
 class Conflict(WalshipError):
     code = "conflict"
     http_status = 409
@@ -99,6 +109,12 @@ class VersionConflict(Conflict):
 
 class ReadOnly(Conflict):
     code = "read_only"
+
+
+class Fenced(ReadOnly):
+    """A leader that learned of a higher term (it was deposed) accepts no more writes."""
+
+    code = "fenced"
 
 
 class StorageError(WalshipError):
@@ -128,6 +144,13 @@ class ReplicationError(WalshipError):
 
 class ProtocolError(ReplicationError):
     code = "protocol_error"
+
+
+class StaleTerm(ProtocolError):
+    """A peer spoke from a term lower than one this node already knows: it was deposed."""
+
+    code = "stale_term"
+    retriable = False
 
 
 class AuthenticationError(ReplicationError):

@@ -5,28 +5,65 @@ The node is what the HTTP API and the CLI talk to. It owns the Store (opened fro
 listener or a ``Follower`` stream, started on the event loop by ``start``), turns a write's
 local durability into a durability receipt, and answers ``health()``. The store never imports
 this module.
+
+Roles switch at run time (``promote``, ``repoint``; one switch at a time):
+
+* promote (follower → leader): the follower stream is stopped first, so nothing more is
+  applied; then a new term starts (above every term this node or the peers it was given have
+  seen, persisted in the term history) with a ``_system.term_started`` record, the leader
+  listener starts, and only then are writes accepted. The configured ack mode stays.
+* repoint (follower → follower of another leader, or a deposed leader → follower): the old
+  end is stopped (a leader stops taking writes first; its pending acknowledgement waits are
+  answered, never ``replicated``), then a follower of the new address starts. A tail the new
+  leader does not have is cut by divergence repair, into lost-and-found.
+* fencing: a leader that learns of a higher term from a follower refuses writes (``Fenced``).
+
+A switch is recorded in ``replication/role.json`` (``role_state.py``) so a restart keeps it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from walship import __version__
-from walship.errors import AckTimeout, InvalidInput, ReadOnly, WaitTimeout
+from walship.errors import (
+    AckTimeout,
+    Conflict,
+    Fenced,
+    InvalidInput,
+    ReadOnly,
+    Unavailable,
+    WaitTimeout,
+    invariant,
+)
 from walship.limits import DEFAULT_LIMITS, Limits
+from walship.peers import PeerView, fetch_views
+from walship.position import Position, Term
 from walship.replication.acks import AckMode
-from walship.replication.config import ReplicationConfig
+from walship.replication.config import ReplicationConfig, parse_address
 from walship.replication.follower import Follower
 from walship.replication.leader import Leader
 from walship.replication.metrics import ReplicationMetrics
+from walship.role_state import RoleState
 from walship.store import PendingAppend, Receipt, Store, StoreConfig
 from walship.wal import FsyncPolicy
+from walship.wal.record import TERM_MAX
+
+log = logging.getLogger(__name__)
+
+TERM_STARTED = "_system.term_started"
+"""The first record of every term a promotion starts: followers persist the new term with it."""
 
 
 class Role(StrEnum):
@@ -55,6 +92,7 @@ class NodeConfig:
     role: Role = Role.LEADER
     checkpoints: bool = True
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    peers: tuple[str, ...] = ()  # HTTP URLs of the other nodes, asked before a promotion
 
     def store_config(self) -> StoreConfig:
         return StoreConfig(
@@ -77,17 +115,45 @@ class Node:
         self._started_monotonic = time.monotonic()
         self._closed = False
         self.replication_metrics = ReplicationMetrics(store.metrics.registry)
+        self.role_state = RoleState(config.data_dir)
+        self.replication = config.replication  # the leader address changes on repoint
+        switched = self.role_state.record
+        if switched.role is not None:
+            role, leader = Role(switched.role), switched.leader
+            if role is not self.role or (
+                role is Role.FOLLOWER and leader != config.replication.leader
+            ):
+                log.warning(
+                    "role %s%s from %s (set by promote/repoint) overrides the flags",
+                    role,
+                    f" of {leader}" if leader else "",
+                    self.role_state.path,
+                )
+            self.role = role
+            self.replication = dataclasses.replace(config.replication, leader=leader)
         self.leader: Leader | None = None
         self.follower: Follower | None = None
         if self.role is Role.LEADER:
-            self.leader = Leader(store, config.replication, self.replication_metrics)
+            self.leader = Leader(store, self.replication, self.replication_metrics)
         else:
-            self.follower = Follower(
-                store, config.replication, self.replication_metrics, config.node_id
-            )
+            self.follower = self._new_follower(self.replication.leader, 0)
         self._visible = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
+        self._switch = asyncio.Lock()
+        self.replication_metrics.term.set(store.wal.terms.current.value)
+
+    def _new_follower(self, leader: str | None, known_term: int) -> Follower:
+        config = dataclasses.replace(self.replication, leader=leader)
+        self.replication = config
+        return Follower(
+            self.store,
+            config,
+            self.replication_metrics,
+            self.config.node_id,
+            known_term=max(known_term, self.role_state.record.term_seen),
+            on_term=self.role_state.saw_term,
+        )
 
     @classmethod
     def open(cls, config: NodeConfig) -> Node:
@@ -168,11 +234,20 @@ class Node:
     # ------------------------------------------------------------------ writes
 
     def check_writable(self) -> None:
-        """Raise ReadOnly (409, naming the leader) unless this node accepts writes."""
+        """Raise ReadOnly (409, naming the leader) unless this node accepts writes; Fenced
+        (409) on a leader that learned it was deposed."""
         if self.role is not Role.LEADER:
             raise ReadOnly(
                 f"node {self.node_id} is a {self.role}; write to the leader",
-                leader=self.config.replication.leader,
+                leader=None if self.follower is None else self.follower.leader_address,
+            )
+        leader = self.leader
+        if leader is not None and leader.fenced is not None:
+            raise Fenced(
+                f"node {self.node_id} was the leader of term {leader.term} but is fenced "
+                f"({leader.fenced}): it accepts no writes; write to the new leader",
+                term=leader.term,
+                fenced=leader.fenced,
             )
 
     def ack_mode_for(self, requested: str | None) -> AckMode:
@@ -193,15 +268,17 @@ class Node:
         """
         receipts = pending.receipts
         mode = self.ack_mode_for(requested)
-        if self.leader is None or not mode.waits or not receipts:
+        leader = self.leader  # a demotion while waiting must not change whose ledger it is
+        if leader is None or not mode.waits or not receipts:
             return receipts
         last = pending.max_lsn
-        outcome = await self.leader.confirm(last, mode)
+        outcome = await leader.confirm(last, mode)
         if outcome.satisfied:
             durability = "replicated"
+            leader.note_replicated(last)
         else:
             reason = outcome.reason or "not confirmed"
-            self.leader.record_degraded(pending.min_lsn, last, reason)
+            leader.record_degraded(pending.min_lsn, last, reason)
             if self.config.replication.on_ack_timeout == "fail":
                 raise AckTimeout(
                     f"committed locally at lsn {last} (term {receipts[-1].term}) but not "
@@ -226,12 +303,16 @@ class Node:
         store = self.store
         wal = store.wal.status()
         healthy = wal.failed is None and not self._closed
+        leader = self.leader
         return {
             "status": HealthStatus.HEALTHY if healthy else HealthStatus.UNHEALTHY,
             "role": self.role,
             "node_id": self.node_id,
             "term": store.wal.terms.current.value,
+            "last_term": wal.last_term,
             "last_lsn": wal.last_lsn,
+            "fenced": None if leader is None else leader.fenced,
+            "replication_address": self.replication_address(),
             "visible_lsn": wal.written_lsn,
             "synced_lsn": wal.synced_lsn,
             "wal_failed": wal.failed,
@@ -239,6 +320,163 @@ class Node:
             "uptime_s": round(time.monotonic() - self._started_monotonic, 3),
             "version": __version__,
             "replication": self.replication_status(),
+        }
+
+    def replication_address(self) -> str | None:
+        """Where this node listens (a leader) or will listen once promoted (a follower with
+        a fixed ``--replication-port``) for followers; None when unknown or off."""
+        config = self.replication
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        if self.leader is not None:
+            return None if self.leader.port is None else f"{host}:{self.leader.port}"
+        return f"{host}:{config.port}" if config.port and config.secret else None
+
+    def position(self) -> Position:
+        """The term and lsn of this node's last record."""
+        return self.store.wal.last_position
+
+    # ------------------------------------------------------------------ role switches
+
+    async def promote(
+        self, *, force: bool = False, peers: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        """Make this follower the leader of a new term (see the module docstring).
+
+        Conflict (409) without ``force`` when it is still connected to its leader, when one
+        of ``peers`` (default: the configured ones) is a live leader or is further ahead;
+        Conflict on a fenced leader (repoint it instead). A leader that is not fenced answers
+        that it already leads.
+        """
+        async with self._switch:
+            if self.role is Role.LEADER:
+                assert self.leader is not None
+                if self.leader.fenced is not None:
+                    raise Conflict(
+                        f"{self.node_id} is a fenced leader ({self.leader.fenced}); repoint "
+                        "it to the new leader instead"
+                    )
+                return {**self._role_answer(), "changed": False}
+            follower = self.follower
+            assert follower is not None
+            urls = list(self.config.peers if peers is None else peers)
+            views = [v for v in await fetch_views(urls) if v.answered and v.node_id != self.node_id]
+            if not force:
+                self._check_promotable(follower, views)
+            await follower.stop("promoted to leader")  # nothing is applied after this
+            wal = self.store.wal
+            term = 1 + max(
+                wal.terms.current.value,
+                follower.known_term,
+                self.role_state.record.term_seen,
+                *(v.term for v in views),
+            )
+            invariant(term <= TERM_MAX, f"term {term} is out of range")
+            await asyncio.to_thread(wal.begin_term, Term(term))  # persisted
+            self.role_state.switched(Role.LEADER, None, term)
+            leader = Leader(self.store, self.replication, self.replication_metrics)
+            leader.acks.led(term)
+            marker = msgspec.json.encode(
+                {
+                    "term": term,
+                    "node_id": self.node_id,
+                    "previous_leader": follower.leader_address,
+                    "forced": force,
+                }
+            )
+            first_lsn = await asyncio.to_thread(self.store.append_system, TERM_STARTED, marker)
+            self.follower = None
+            self.leader = leader
+            self.replication_metrics.term.set(term)
+            if self._started:
+                try:
+                    await leader.start()
+                except OSError as exc:
+                    leader.fence(f"the replication listener could not start: {exc}")
+            self.role = Role.LEADER  # writes are accepted from here on
+            log.warning(
+                "promoted to leader of term %d at lsn %d (previous leader %s%s)",
+                term,
+                first_lsn,
+                follower.leader_address,
+                ", forced" if force else "",
+            )
+            if leader.fenced is not None:
+                raise Unavailable(f"promoted to term {term}, but {leader.fenced}")
+            return {**self._role_answer(), "changed": True, "first_lsn": first_lsn}
+
+    def _check_promotable(self, follower: Follower, views: list[PeerView]) -> None:
+        if follower.connected:
+            raise Conflict(
+                f"{self.node_id} is still connected to its leader at "
+                f"{follower.leader_address}: promoting it would make two leaders (stop the "
+                "leader first, or force)",
+                leader=follower.leader_address,
+            )
+        for view in views:
+            if view.role == Role.LEADER and view.fenced is None:
+                raise Conflict(
+                    f"{view.node_id} at {view.url} is a live leader (term {view.term}): "
+                    "promoting would make two leaders (stop it first, or force)",
+                    leader=view.url,
+                )
+        mine = self.position()
+        ahead = [v for v in views if v.position > (mine.term.value, mine.lsn.value)]
+        if ahead:
+            best = max(ahead, key=lambda v: v.position)
+            raise Conflict(
+                f"{self.node_id} is at {mine.term.value}/{mine.lsn.value}, behind "
+                f"{best.node_id} ({best.url}) at {best.position[0]}/{best.position[1]}: promote "
+                "the most caught-up node, or force (what it lacks would be cut from the others "
+                "into lost-and-found)",
+                position=[mine.term.value, mine.lsn.value],
+                ahead=[{"url": v.url, "node_id": v.node_id, "position": v.position} for v in ahead],
+            )
+
+    async def repoint(self, leader_address: str) -> dict[str, Any]:
+        """Follow the leader at ``leader_address`` (replication ``HOST:PORT``).
+
+        A follower switches streams; a leader (deposed) stops taking writes, answers its
+        pending waits and becomes a follower, its unreplicated tail then cut by divergence
+        repair. InvalidInput for a bad address or a node without the replication secret.
+        """
+        parse_address(leader_address, "leader")
+        if not self.replication.secret:
+            raise InvalidInput("this node has no replication secret: it cannot follow")
+        async with self._switch:
+            if self.role is Role.LEADER:
+                leader = self.leader
+                assert leader is not None
+                self.role = Role.FOLLOWER  # writes are refused from here on
+                if self._started:
+                    await leader.stop()
+                leader.tracker.fail_all(f"{self.node_id} was repointed to {leader_address}")
+                known = max(leader.term, leader.fenced_term)
+                self.leader = None
+                self.store.set_retention_floor(lambda: None)
+                was = "leader"
+            else:
+                follower = self.follower
+                assert follower is not None
+                await follower.stop(f"repointed to {leader_address}")
+                known = follower.known_term
+                was = f"follower of {follower.leader_address}"
+            self.role_state.switched(Role.FOLLOWER, leader_address, known)
+            self.follower = self._new_follower(leader_address, known)
+            if self._started:
+                await self.follower.start()
+            log.warning("repointed: %s, now following %s", was, leader_address)
+            return {**self._role_answer(), "changed": True, "was": was}
+
+    def _role_answer(self) -> dict[str, Any]:
+        pos = self.position()
+        return {
+            "node_id": self.node_id,
+            "role": self.role,
+            "term": self.store.wal.terms.current.value,
+            "last_term": pos.term.value,
+            "last_lsn": pos.lsn.value,
+            "replication_address": self.replication_address(),
+            "leader": None if self.follower is None else self.follower.leader_address,
         }
 
     def replication_status(self) -> dict[str, Any]:

@@ -328,6 +328,81 @@ class Store:
         shutil.rmtree(trash, ignore_errors=True)
         shutil.rmtree(new, ignore_errors=True)
 
+    # ------------------------------------------------------------------ divergence repair
+
+    def truncate_after(self, lsn: int) -> None:
+        """Cut the log after ``lsn`` (divergence repair): WAL records, term history, memtable
+        and entity versions, all re-derived from what is left on disk.
+
+        The caller has stopped everything that appends. InvalidInput when ``lsn`` is below the
+        checkpoint (Parquet parts are not cut: use ``reset_to_empty`` and a snapshot instead).
+        """
+        from walship.wal.truncate import truncate_wal
+
+        with self._checkpoint_lock, self._lock:
+            if lsn < self._manifest.last_lsn:
+                raise InvalidInput(
+                    f"cannot cut after lsn {lsn}: the checkpoint covers up to "
+                    f"{self._manifest.last_lsn}"
+                )
+            if lsn >= self.wal.last_position.lsn.value:
+                return
+            self._reopen(lambda: truncate_wal(self.wal_dir, lsn, self.limits.record_bytes_max))
+
+    def reset_to_empty(self) -> None:
+        """Drop everything this store holds (divergence repair below the checkpoint: the
+        leader then sends it all again). Crash-safe like ``install_snapshot``."""
+        empty = self.data_dir / "install-empty"
+        shutil.rmtree(empty, ignore_errors=True)
+        empty.mkdir()
+        listeners = self.wal.listeners
+        self.install_snapshot(empty, CheckpointManifest(), [])
+        shutil.rmtree(empty, ignore_errors=True)
+        for listener in listeners:
+            self.wal.add_listener(listener)
+
+    def _reopen(self, change: Callable[[], None]) -> None:
+        """Stop the checkpointer, close the WAL, apply ``change`` to the files, recover again
+        (listeners carried over). Called with both store locks held."""
+        self._stop.set()
+        self._kick.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
+        listeners = self.wal.listeners
+        self.wal.close()
+        change()
+        self._versions = {}
+        self._active = Memtable()
+        self._frozen = None
+        self._parts = []
+        self._recover()
+        for listener in listeners:
+            self.wal.add_listener(listener)
+        self._stop = threading.Event()
+        if self.config.checkpoints:
+            self._checkpointer = threading.Thread(
+                target=self._run_checkpointer, name="walship-checkpointer", daemon=True
+            )
+            self._checkpointer.start()
+
+    def append_system(self, event_type: str, payload: bytes) -> int:
+        """Append a record of walship's own (``_system.*``, e.g. the first record of a new
+        term) and wait for its write; returns its lsn. Readers never see it; followers store
+        it like any record."""
+        from walship.events import validate_event_type
+
+        invariant(event_type.startswith(SYSTEM_PREFIX), f"{event_type} is not a system type")
+        validate_event_type(event_type, self.limits, system=True)
+        with self._lock:
+            self._check_writable()
+            body = encode_body_fields(
+                new_event_ids(1)[0], "default", "_system", event_type, now_us(), 0, payload, None
+            )
+            result = self.wal.append([body])
+            self.metrics.last_lsn.set(result.last_lsn.value)
+        result.done.result()
+        return result.last_lsn.value
+
     def close(self) -> None:
         """Stop the checkpointer, write and fsync what is pending, close the WAL. Idempotent."""
         with self._lock:

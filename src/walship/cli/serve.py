@@ -24,6 +24,7 @@ import typer
 from walship.cli.output import fail
 from walship.errors import CorruptionError, InvalidInput, WalshipError
 from walship.limits import DEFAULT_LIMITS, Limits
+from walship.peers import split_urls
 from walship.wal import FsyncPolicy
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from walship.replication.config import ReplicationConfig
 
 EXIT_CORRUPTION = 2
+ADMIN_TOKEN_ENV = "WALSHIP_ADMIN_TOKEN"  # noqa: S105 (a variable name)
 START_LINE_MARK = "serving "
 """The start line reads ``walship NODE serving URL ...``; process.py finds the URL after it."""
 
@@ -95,7 +97,8 @@ def serve_command(
         typer.Option(
             "--replication-host",
             envvar="WALSHIP_REPLICATION_HOST",
-            help="Leader: address of the replication listener (default: --http-host).",
+            help="Address of the replication listener of a leader, or of a follower once "
+            "promoted (default: --http-host).",
         ),
     ] = None,
     replication_port: Annotated[
@@ -105,7 +108,8 @@ def serve_command(
             envvar="WALSHIP_REPLICATION_PORT",
             min=0,
             max=65535,
-            help="Leader: replication listener port; 0 picks a free one.",
+            help="Replication listener port of a leader, or of a follower once promoted; 0 "
+            "picks a free one.",
         ),
     ] = 3910,
     replication_secret_file: Annotated[
@@ -219,6 +223,24 @@ def serve_command(
             help="Leader: refuse followers without a certificate signed by --tls-ca.",
         ),
     ] = False,
+    admin_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--admin-token-file",
+            envvar="WALSHIP_ADMIN_TOKEN_FILE",
+            help=f"File holding the admin token for /internal/* (else ${ADMIN_TOKEN_ENV}). "
+            "Without one, admin endpoints answer 401.",
+        ),
+    ] = None,
+    peers: Annotated[
+        str | None,
+        typer.Option(
+            "--peers",
+            envvar="WALSHIP_PEERS",
+            help="HTTP URLs of the other nodes, comma-separated: a promotion asks them first "
+            "and refuses when one is further ahead.",
+        ),
+    ] = None,
 ) -> None:
     """Run a node: WAL + store + HTTP API, until SIGTERM or Ctrl-C.
 
@@ -261,11 +283,24 @@ def serve_command(
         )
     except InvalidInput as exc:
         fail(f"invalid limits: {exc.message}", 2)
+    try:
+        admin_token = load_admin_token(admin_token_file)
+    except InvalidInput as exc:
+        fail(f"invalid admin token: {exc.message}", 2)
     data_dir = _prepare_data_dir(data_dir)
     sock = _bind(http_host, http_port)
     try:
         node = _open_node(
-            data_dir, node_id, policy, http_host, sock.getsockname()[1], role, replication, limits
+            data_dir,
+            node_id,
+            policy,
+            http_host,
+            sock.getsockname()[1],
+            role,
+            replication,
+            limits,
+            admin_token=admin_token,
+            peers=tuple(split_urls(peers)),
         )
     except KeyboardInterrupt:
         sock.close()
@@ -274,6 +309,27 @@ def serve_command(
         sock.close()
         raise
     _run(node, sock, level)
+
+
+def load_admin_token(
+    path: Path | None, environ: dict[str, str] | os._Environ[str] | None = None
+) -> str | None:
+    """The admin token from the file at ``path``, else from ``$WALSHIP_ADMIN_TOKEN``; None
+    when neither is set. InvalidInput for an unreadable file or an empty token."""
+    if path is not None:
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise InvalidInput(f"cannot read admin token file {path}: {exc}") from exc
+        source = f"file {path}"
+    else:
+        value = (os.environ if environ is None else environ).get(ADMIN_TOKEN_ENV)
+        if value is None:
+            return None
+        token, source = value.strip(), ADMIN_TOKEN_ENV
+    if not token:
+        raise InvalidInput(f"the admin token from {source} is empty")
+    return token
 
 
 def _prepare_data_dir(path: Path) -> Path:
@@ -354,11 +410,12 @@ def replication_config(
     cert, key, ca, require = tls
     server_ssl = client_ssl = None
     try:
-        if role == "leader" and cert is not None:
-            if key is None:
-                raise InvalidInput("--tls-cert needs --tls-key")
+        # both ends: a follower may be promoted, a leader repointed
+        if cert is not None and key is not None:
             server_ssl = server_ssl_context(cert, key, ca, require)
-        elif role == "follower" and (ca is not None or cert is not None):
+        elif role == "leader" and cert is not None:
+            raise InvalidInput("--tls-cert needs --tls-key")
+        if ca is not None or cert is not None:
             client_ssl = client_ssl_context(ca, cert, key)
     except (OSError, ValueError) as exc:
         raise InvalidInput(f"cannot load TLS files: {exc}") from exc
@@ -388,6 +445,9 @@ def _open_node(
     role: str = "leader",
     replication: ReplicationConfig | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    *,
+    admin_token: str | None = None,
+    peers: tuple[str, ...] = (),
 ) -> Node:
     """Open and recover the node; exit 2 naming file and offset when the WAL is corrupt."""
     from walship.node import Node, NodeConfig, Role
@@ -402,6 +462,8 @@ def _open_node(
         role=Role(role),
         replication=replication or ReplicationConfig(),
         limits=limits,
+        admin_token=admin_token,
+        peers=peers,
     )
     try:
         return Node.open(config)
@@ -428,7 +490,8 @@ def _replication_note(node: Node) -> str:
         if node.leader.port is None:
             return " replication=off"
         return f" replication={node.config.replication.host}:{node.leader.port}"
-    return f" leader={node.config.replication.leader}"
+    assert node.follower is not None
+    return f" leader={node.follower.leader_address}"
 
 
 def _url(host: str, port: int) -> str:

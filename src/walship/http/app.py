@@ -13,11 +13,12 @@ keeps accepting writes meanwhile.
 # No ``from __future__ import annotations`` here: FastAPI reads the route signatures at run
 # time, and their ``Query`` bounds refer to the node's limits in the enclosing function.
 import contextlib
+import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -25,7 +26,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from walship import __version__
-from walship.errors import InvalidParameter, ValidationError
+from walship.errors import InvalidParameter, Unauthorized, ValidationError
 from walship.events import (
     BatchIn,
     EventIn,
@@ -46,6 +47,7 @@ from walship.http.writes import (
 )
 from walship.limits import Limits
 from walship.node import HealthStatus, Node
+from walship.peers import split_urls
 from walship.storage.query import QueryFilter
 from walship.store import EntityState, Receipt
 
@@ -123,6 +125,7 @@ def create_app(node: Node, *, write_fast_lane: bool = True) -> FastAPI:
     _add_write_routes(app, node)
     _add_read_routes(app, node)
     _add_ops_routes(app, node)
+    _add_admin_routes(app, node)
     _install_openapi(app, node.limits)
     return app
 
@@ -297,6 +300,67 @@ def _add_ops_routes(app: FastAPI, node: Node) -> None:
     )
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def check_admin_token(node: Node, authorization: str | None) -> None:
+    """Unauthorized (401) unless ``authorization`` is ``Bearer <the node's admin token>``.
+
+    A node started without an admin token refuses every admin request: admin endpoints are
+    never open.
+    """
+    expected = node.config.admin_token
+    if not expected:
+        raise Unauthorized(
+            f"admin endpoints are disabled on {node.node_id}: it was started without an admin "
+            "token (--admin-token-file or WALSHIP_ADMIN_TOKEN)"
+        )
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), expected.encode()
+    ):
+        raise Unauthorized("missing or wrong admin token (Authorization: Bearer TOKEN)")
+
+
+def _add_admin_routes(app: FastAPI, node: Node) -> None:
+    _Auth = Annotated[str | None, Header(description="`Bearer` and the node's admin token")]
+
+    @app.post(
+        "/internal/promote",
+        summary="Promote this follower to leader of a new term (admin token)",
+        description="Stops following, starts a new term, listens for followers, then accepts "
+        "writes. 409 when the node is still connected to its leader, or a peer is a live "
+        "leader or further ahead, unless `force`.",
+        responses=_responses(None),
+    )
+    async def promote(
+        authorization: _Auth = None,
+        force: Annotated[bool, Query(description="Skip the safety checks")] = False,
+        peers: Annotated[
+            str | None,
+            Query(description="Comma-separated URLs of the other nodes (default: --peers)"),
+        ] = None,
+    ) -> Response:
+        check_admin_token(node, authorization)
+        answer = await node.promote(force=force, peers=None if peers is None else split_urls(peers))
+        return _json(_encoder.encode(answer))
+
+    @app.post(
+        "/internal/repoint",
+        summary="Follow another leader (admin token)",
+        description="On a follower: switch to the leader at `leader`. On a leader: stop taking "
+        "writes and follow `leader`; a tail it does not have goes to lost-and-found.",
+        responses=_responses(None),
+    )
+    async def repoint(
+        authorization: _Auth = None,
+        leader: Annotated[
+            str | None, Query(description="The new leader's replication HOST:PORT")
+        ] = None,
+    ) -> Response:
+        check_admin_token(node, authorization)  # before anything else is looked at
+        if not leader:
+            raise InvalidParameter("repoint needs ?leader=HOST:PORT", field="leader")
+        return _json(_encoder.encode(await node.repoint(leader)))
 
 
 def _describe_event_rules(event_in: dict[str, Any], limits: Limits) -> None:

@@ -76,7 +76,7 @@ class AckOutcome:
 class _Waiter:
     lsn: int
     mode: AckMode
-    future: asyncio.Future[None]
+    future: asyncio.Future[str | None]  # None: the mode was met; else why it never will be
     min_in_sync: int
 
 
@@ -87,6 +87,7 @@ class AckTracker:
         self._durable: dict[str, int] = {}
         self._in_sync: set[str] = set()
         self._waiters: list[_Waiter] = []
+        self._closed: str | None = None  # set by fail_all: no wait can succeed any more
 
     @property
     def followers(self) -> dict[str, int]:
@@ -156,13 +157,15 @@ class AckTracker:
                 required,
                 f"{len(self._in_sync)} followers in sync, below the floor of {min_in_sync}",
             )
+        if self._closed is not None:
+            return AckOutcome(False, self.acked_by(lsn), required, self._closed)
         waiter = _Waiter(lsn, mode, asyncio.get_running_loop().create_future(), min_in_sync)
         if self._met(waiter):
             return AckOutcome(True, self.acked_by(lsn), required)
         self._waiters.append(waiter)
         try:
             async with asyncio.timeout(timeout_s):
-                await waiter.future
+                failed = await waiter.future
         except TimeoutError:
             need = mode.required(len(self._in_sync), min_in_sync)
             return AckOutcome(
@@ -174,15 +177,19 @@ class AckTracker:
         finally:
             if not waiter.future.done():
                 waiter.future.cancel()
+        if failed is not None:
+            return AckOutcome(False, self.acked_by(lsn), required, failed)
         # for sync the in-sync set may have shrunk while waiting: report what was required
         # when the wait was satisfied
         return AckOutcome(True, self.acked_by(lsn), mode.required(len(self._in_sync), min_in_sync))
 
     def fail_all(self, reason: str) -> None:
-        """Wake every waiter (shutdown, demotion): they report what was acked so far."""
+        """Answer every waiter, unsatisfied with ``reason``, and every later wait too
+        (shutdown, demotion, fencing): they report what was acked so far."""
+        self._closed = reason
         for w in self._waiters:
             if not w.future.done():
-                w.future.cancel()
+                w.future.set_result(reason)
         self._waiters = []
 
 
@@ -248,3 +255,74 @@ class DegradationLedger:
 
     def to_list(self) -> list[dict[str, object]]:
         return [msgspec.to_builtins(r) for r in self.ranges]
+
+    def truncate_after(self, lsn: int) -> None:
+        """Forget ranges above ``lsn`` (divergence repair cut those records; the lost-and-found
+        file keeps what the ledger said about them) and persist."""
+        kept = [r for r in self.ranges if r.first_lsn <= lsn]
+        for r in kept:
+            r.last_lsn = min(r.last_lsn, lsn)
+        self.ranges = kept
+        self._dirty = True
+        self.flush()
+
+
+class AckHistory:
+    """For each term this node led: the highest lsn it answered ``replicated``; persisted.
+
+    Divergence repair reads it to say, for each record it cuts, whether the client was ever
+    told ``replicated``. Updates are flushed at most every ``flush_interval_s`` (the leader's
+    monitor calls ``flush``) and when the leader stops, so after a crash the last few
+    ``replicated`` answers may be reported as ``local_or_unanswered``; a new term is written
+    at once.
+    """
+
+    def __init__(self, path: Path, flush_interval_s: float = 0.1) -> None:
+        self.path = path
+        self.flush_interval_s = flush_interval_s
+        self.terms: dict[int, int] = {}
+        if path.exists():
+            raw = msgspec.json.decode(path.read_bytes(), type=dict[str, int])
+            self.terms = {int(t): lsn for t, lsn in raw.items()}
+        self._dirty = False
+        self._last_flush = 0.0
+
+    def led(self, term: int) -> None:
+        """This node leads ``term`` (persisted before returning)."""
+        if term not in self.terms:
+            self.terms[term] = 0
+            self._dirty = True
+            self.flush()
+
+    def replicated(self, term: int, lsn: int) -> None:
+        """Everything up to ``lsn`` of ``term`` was answered ``replicated`` (or is older)."""
+        if lsn > self.terms.get(term, 0):
+            self.terms[term] = lsn
+            self._dirty = True
+            if time.monotonic() - self._last_flush >= self.flush_interval_s:
+                self.flush()
+
+    def flush_due(self) -> None:
+        """Flush when an update has waited ``flush_interval_s``."""
+        if self._dirty and time.monotonic() - self._last_flush >= self.flush_interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._dirty:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, msgspec.json.encode({str(t): v for t, v in self.terms.items()}))
+            self._dirty = False
+            self._last_flush = time.monotonic()
+
+    def level(self, term: int, lsn: int, ledger: DegradationLedger) -> str:
+        """How this node acknowledged record ``lsn`` of ``term``: ``replicated``,
+        ``degraded`` (in the ledger), ``local_or_unanswered`` (it led that term, and either
+        answered ``local``/``buffered`` or never answered), or ``not_led_here`` (another
+        leader wrote it; this node never answered for it)."""
+        if term not in self.terms:
+            return "not_led_here"
+        if lsn <= self.terms[term]:
+            return "replicated"
+        if any(r.first_lsn <= lsn <= r.last_lsn for r in ledger.ranges):
+            return "degraded"
+        return "local_or_unanswered"

@@ -72,6 +72,7 @@ from walship.replication.protocol import (
     stale_term_error,
     verify_welcome,
 )
+from walship.replication.repair import repair_divergence
 from walship.replication.staging import SnapshotStaging
 from walship.replication.stream import MessageStream, PeerRefused
 from walship.store import Store
@@ -106,6 +107,13 @@ class FollowerState(Enum):
 class FrameRejected(ProtocolError):
     """A frame from the leader failed a check (checksum, gap, chain, term): the link closes
     and the follower resubscribes from its durable position."""
+
+
+class StaleFrame(FrameRejected):
+    """A frame from a lower term than this follower knows: the sender was deposed. Refused
+    with the ``stale_term`` code, which tells that leader it is fenced."""
+
+    code = "stale_term"
 
 
 class LeaderDiverged(ReplicationError):
@@ -173,7 +181,14 @@ class Follower:
     """Replication on a follower node: follows ``config.leader`` until stopped."""
 
     def __init__(
-        self, store: Store, config: ReplicationConfig, metrics: ReplicationMetrics, node_id: str
+        self,
+        store: Store,
+        config: ReplicationConfig,
+        metrics: ReplicationMetrics,
+        node_id: str,
+        *,
+        known_term: int = 0,
+        on_term: Callable[[int], None] | None = None,
     ) -> None:
         if not config.secret:
             raise InvalidInput("a follower needs the replication secret to authenticate")
@@ -184,7 +199,11 @@ class Follower:
         self._host, self._port = config.leader_address()
         self.state = FollowerState.CLOSED
         self.connected = False
-        self.known_term = 0  # the highest leader term seen; frames from below are refused
+        # the highest term seen; frames from below are refused. ``on_term`` persists a rise
+        self.known_term = max(known_term, store.wal.terms.current.value)
+        self._on_term = on_term
+        self.repairs = 0
+        self.last_repair: dict[str, Any] | None = None
         self.leader_lsn = 0
         self.durable_lsn = store.wal.written_lsn.value
         self.reconnects = 0
@@ -261,6 +280,9 @@ class Follower:
             "snapshots_received": self.snapshots_received,
             "frames_rejected": self.frames_rejected,
             "last_error": self.last_error,
+            "known_term": self.known_term,
+            "repairs": self.repairs,
+            "last_repair": self.last_repair,
             "snapshot": None
             if staging is None
             else {
@@ -293,6 +315,11 @@ class Follower:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        io = self._io
+        if io is not None:
+            # a repair or an apply still running in its thread: nothing may follow it
+            await asyncio.wait({io})
+            self._io = None
         self.state = FollowerState.CLOSED
         self.connected = False
         self._wake_applied()
@@ -342,19 +369,56 @@ class Follower:
             started = time.monotonic()
             self._reached_streaming = False
             self.state = FollowerState.CONNECTING
-            diverged = False
+            diverged: LeaderDiverged | None = None
             try:
                 await self._connect_and_follow()
             except Exception as exc:
-                diverged = isinstance(exc, LeaderDiverged)
+                if isinstance(exc, LeaderDiverged):
+                    diverged = exc
                 self._note_failure(exc)
             finally:
                 await self._teardown()
+            if diverged is not None and await self._repair(diverged):
+                continue  # resubscribe at once from the repaired end of log
             if self._reached_streaming or time.monotonic() - started > HEALTHY_CONNECTION_S:
                 self.backoff.reset()
             delay = self.backoff.next_delay()
             self.state = FollowerState.DIVERGED if diverged else FollowerState.BACKOFF
             await asyncio.sleep(delay)
+
+    async def _repair(self, diverged: LeaderDiverged) -> bool:
+        """Cut this log back to where it meets the leader's, the cut records moved to
+        lost-and-found; True when it did (False: it failed, and the loop backs off)."""
+        self.state = FollowerState.DIVERGED
+        common_term = int(diverged.details["common_term"])
+        common_lsn = int(diverged.details["common_lsn"])
+        try:
+            result = await self._in_thread(repair_divergence, self.store, common_term, common_lsn)
+        except WalshipError as exc:
+            self.last_error = f"divergence repair failed: {exc.message}"
+            log.error("replication: %s", self.last_error)
+            return False
+        self.repairs += 1
+        self.metrics.divergence_repairs.inc()
+        self.metrics.lost_found_records.inc(result.cut_records)
+        self.last_repair = {
+            "kept_lsn": result.kept_lsn,
+            "cut_records": result.cut_records,
+            "lost_found": None if result.lost_found is None else str(result.lost_found),
+            "reset": result.reset,
+            "leader": self.leader_address,
+            "at_us": now_us(),
+        }
+        self._note_term(result.highest_cut_term)
+        self.durable_lsn = self.store.wal.written_lsn.value
+        self._wake_applied()
+        return True
+
+    def _note_term(self, term: int) -> None:
+        """Remember ``term`` as seen (persisted by the node): a later promotion goes above it."""
+        self.known_term = max(self.known_term, term)
+        if self._on_term is not None:
+            self._on_term(term)
 
     def _note_failure(self, exc: Exception) -> None:
         """Record why the link ended, for status() and the log."""
@@ -411,7 +475,7 @@ class Follower:
         except BaseExceptionGroup as errors:
             exc = _first_error(errors)
             if isinstance(exc, FrameRejected):
-                await stream.refuse(exc.code, exc.message)
+                await stream.refuse(exc.code, exc.message)  # stale_term tells it is fenced
             raise exc from None
 
     async def _handshake(self, stream: MessageStream, timeout_s: float) -> Welcome:
@@ -434,8 +498,8 @@ class Follower:
         stale = stale_term_error(welcome, known)
         if stale is not None:
             await stream.refuse(stale.code, stale.message)
-            raise FrameRejected(stale.message, **stale.details)
-        self.known_term = welcome.term
+            raise StaleFrame(stale.message, **stale.details)
+        self._note_term(welcome.term)
         self.leader_lsn = welcome.leader_last_lsn
         log.info(
             "replication: following %s at %s (term %d, leader lsn %d)",
@@ -526,9 +590,9 @@ class Follower:
         """Act on one message from the leader. FrameRejected when it fails a check."""
         stale = stale_term_error(msg, self.known_term)
         if stale is not None:
-            raise FrameRejected(stale.message, **stale.details)
-        if isinstance(msg, WalBatch | CaughtUp | Heartbeat):
-            self.known_term = max(self.known_term, msg.term)
+            raise StaleFrame(stale.message, **stale.details)
+        if isinstance(msg, WalBatch | CaughtUp | Heartbeat) and msg.term > self.known_term:
+            self._note_term(msg.term)
         if isinstance(msg, WalBatch):
             await self._on_batch(msg)
         elif isinstance(msg, Heartbeat):
@@ -550,9 +614,8 @@ class Follower:
         elif isinstance(msg, Diverged):
             raise LeaderDiverged(
                 f"this follower's log is not on the leader's history ({msg.reason}); both "
-                f"hold the same records up to lsn {msg.common_lsn} (term {msg.common_term}). "
-                "Repair is not automatic yet: an operator must truncate this node's log or "
-                "give it an empty data directory",
+                f"hold the same records up to lsn {msg.common_lsn} (term {msg.common_term}): "
+                "repairing (the records after it go to lost-and-found)",
                 common_lsn=msg.common_lsn,
                 common_term=msg.common_term,
             )

@@ -27,14 +27,21 @@ from walship.errors import (
     AuthenticationError,
     InvalidInput,
     ProtocolError,
+    StaleTerm,
     WaitTimeout,
     WalshipError,
 )
 from walship.events import now_us
 from walship.fsutil import atomic_write
-from walship.position import Lsn, Term
-from walship.replication.acks import AckMode, AckOutcome, AckTracker, DegradationLedger
+from walship.replication.acks import (
+    AckHistory,
+    AckMode,
+    AckOutcome,
+    AckTracker,
+    DegradationLedger,
+)
 from walship.replication.config import ReplicationConfig
+from walship.replication.divergence import common_point
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import (
     WAL_BATCH_OVERHEAD_BYTES,
@@ -58,7 +65,7 @@ from walship.replication.protocol import (
     make_welcome,
     verify_hello_proof,
 )
-from walship.replication.stream import MessageStream
+from walship.replication.stream import MessageStream, PeerRefused
 from walship.store import Store
 from walship.wal.cursor import WalCursor, WalGone
 from walship.wal.record import GENESIS_CHAIN
@@ -261,7 +268,13 @@ class FollowerSession:
                 leader_last_lsn=leader.store.wal.written_lsn.value,
             )
         )
-        sub = await stream.expect(Subscribe, timeout)
+        try:
+            sub = await stream.expect(Subscribe, timeout)
+        except PeerRefused as exc:
+            if exc.details.get("refused") == StaleTerm.code:
+                # the follower knows a newer term than the one in our Welcome: we were deposed
+                leader.fence(f"follower {hello.node_id} refused this leader: {exc.message}")
+            raise
         self.sent_lsn = self.durable_lsn = sub.lsn  # it holds these already
         leader.register(self)
         receiver = asyncio.create_task(self._receive(timeout), name=f"recv-{self.node_id}")
@@ -336,8 +349,17 @@ class FollowerSession:
                     self.applied_lsn = max(self.applied_lsn, msg.applied_lsn)
                     self.leader.on_ack(self)
                 elif isinstance(msg, Heartbeat):
-                    continue
+                    if msg.term > self.leader.term:
+                        self.leader.fence(
+                            f"follower {self.node_id} is at term {msg.term}", msg.term
+                        )
+                        raise StaleTerm(
+                            f"{self.node_id} is at term {msg.term}, above this leader's "
+                            f"{self.leader.term}: this leader was deposed"
+                        )
                 elif isinstance(msg, Refused):
+                    if msg.code == StaleTerm.code:
+                        self.leader.fence(f"follower {self.node_id} refused: {msg.message}")
                     raise ProtocolError(
                         f"{self.node_id} refused the stream ({msg.code}): {msg.message}"
                     )
@@ -447,6 +469,9 @@ class Leader:
         self.lag_clock = LagClock()
         repl_dir = store.data_dir / "replication"
         self.ledger = DegradationLedger.load(repl_dir / "degraded.json")
+        self.acks = AckHistory(repl_dir / "acks.json")
+        self.fenced: str | None = None  # why this leader stopped taking writes (deposed)
+        self.fenced_term = 0
         self.ledger.on_change = lambda n: None
         self.slots = RetentionSlots(repl_dir / "slots.json")
         self.sessions: dict[str, FollowerSession] = {}
@@ -462,9 +487,27 @@ class Leader:
     def term(self) -> int:
         return self.store.wal.terms.current.value
 
+    def fence(self, reason: str, term: int = 0) -> None:
+        """Stop taking writes for good: a newer term exists, so this leader was deposed.
+
+        Pending and later acknowledgement waits answer unsatisfied at once (never
+        ``replicated``); the node refuses writes (``Fenced``) from now on.
+        """
+        self.fenced_term = max(self.fenced_term, term)
+        if self.fenced is None:
+            self.fenced = reason
+            log.error("replication: this leader (term %d) is fenced: %s", self.term, reason)
+            self.metrics.fenced.set(1)
+        self.tracker.fail_all(f"this leader is fenced: {reason}")
+
+    def note_replicated(self, lsn: int) -> None:
+        """A write up to ``lsn`` was answered ``replicated`` (kept for lost-and-found)."""
+        self.acks.replicated(self.term, lsn)
+
     async def start(self) -> None:
         """Listen for followers (needs a secret) and start the in-sync monitor."""
         self._loop = asyncio.get_running_loop()
+        self.acks.led(self.term)
         # records written before this start count as written now (lag is measured from here)
         self.lag_clock.written(self.store.wal.written_lsn.value)
         self.store.wal.add_listener(self._on_wal_commit)
@@ -501,6 +544,7 @@ class Leader:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
         self.tracker.fail_all("leader stopping")
         self.ledger.flush()
+        self.acks.flush()
         self.slots.save()
 
     def _on_wal_commit(self, lsn: int) -> None:
@@ -550,8 +594,10 @@ class Leader:
         wal = self.store.wal
         last = wal.last_position
         if sub.term > self.term:
-            # fencing: a follower that has seen a newer term must not follow a stale leader
-            raise ProtocolError(
+            # fencing: a follower that has seen a newer term must not follow a stale leader,
+            # and this leader, deposed, must stop taking writes
+            self.fence(f"a follower subscribed at term {sub.term}", sub.term)
+            raise StaleTerm(
                 f"follower is at term {sub.term}, above this leader's term {self.term}",
                 stale_term=self.term,
             )
@@ -570,20 +616,12 @@ class Leader:
 
     def _diverged(self, sub: Subscribe, reason: str) -> Diverged:
         """The last position both logs can share, from the term histories (Kafka's leader
-        epochs): the end of the follower's last term on this leader, or of the newest term
-        before it; the follower truncates there and subscribes again, which re-checks."""
-        terms = self.store.wal.terms
-        last_lsn = self.store.wal.last_position.lsn
-        end = terms.end_of_term(Term(sub.term), last_lsn)
-        if end is None:
-            older = [e.term for e in terms.entries if e.term.value < sub.term]
-            end = terms.end_of_term(older[-1], last_lsn) if older else Lsn(0)
-        assert end is not None
-        common = min(end.value, sub.lsn)
-        if common == sub.lsn:
-            common -= 1  # the records differ at sub.lsn itself
-        common = max(common, 0)
-        common_term = terms.term_at(Lsn(common)).value if common else 0
+        epochs, see ``divergence.py``); the follower cuts there (or before, by its own
+        history) and subscribes again, which re-checks."""
+        wal = self.store.wal
+        common_term, common = common_point(
+            wal.terms.to_list(), wal.last_position.lsn.value, sub.term, sub.lsn
+        )
         return Diverged(common_term=common_term, common_lsn=common, reason=reason)
 
     def _term_and_chain_at(self, lsn: int) -> tuple[int, bytes] | None:
@@ -652,6 +690,7 @@ class Leader:
     async def _monitor_in_sync(self) -> None:
         while True:
             await asyncio.sleep(0.05)
+            self.acks.flush_due()
             for session in list(self.sessions.values()):
                 self._evaluate(session)
             self.metrics.in_sync.set(len(self.tracker.in_sync))
@@ -695,6 +734,7 @@ class Leader:
     def status(self) -> dict[str, Any]:
         return {
             "mode": str(self.config.ack_mode),
+            "fenced": self.fenced,
             "listening": None if self.port is None else f"{self.config.host}:{self.port}",
             "followers": [s.status() for s in self.sessions.values()],
             "in_sync_count": len(self.tracker.in_sync),

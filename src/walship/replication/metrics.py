@@ -89,6 +89,20 @@ class ReplicationMetrics:
         self.leader_lag_records = Gauge(
             "walship_replication_lag_records", "Follower: records behind the leader", registry=r
         )
+        self.divergence_repairs = Counter(
+            "walship_replication_divergence_repairs",
+            "Times a follower cut its log back to the leader's history (records to lost-and-found)",
+            registry=r,
+        )
+        self.lost_found_records = Counter(
+            "walship_replication_lost_found_records",
+            "Records moved to lost-and-found by divergence repair",
+            registry=r,
+        )
+        self.fenced = Gauge(
+            "walship_replication_fenced", "1 while this leader is fenced (deposed)", registry=r
+        )
+        self.term = Gauge("walship_replication_term", "The node's current term", registry=r)
         self._labels: set[str] = set()
 
     def set_follower(self, node_id: str, view: _FollowerView | Any | None) -> None:

@@ -56,6 +56,7 @@ from walship.errors import (
     InvalidInput,
     LimitExceeded,
     ProtocolError,
+    StaleTerm,
     WalshipError,
     error_class_for,
     invariant,
@@ -482,8 +483,8 @@ def hello_error(hello: Hello, cluster_id: str) -> ProtocolError | None:
     return None
 
 
-def stale_term_error(msg: Message, known_term: int) -> ProtocolError | None:
-    """A ProtocolError when ``msg`` comes from a lower term than ``known_term`` (fencing).
+def stale_term_error(msg: Message, known_term: int) -> StaleTerm | None:
+    """A StaleTerm error when ``msg`` comes from a lower term than ``known_term`` (fencing).
 
     The sender's term is in Welcome, WalBatch, CaughtUp and Heartbeat; other messages pass.
     """
@@ -491,7 +492,7 @@ def stale_term_error(msg: Message, known_term: int) -> ProtocolError | None:
         return None
     term = msg.term
     if term < known_term:
-        return ProtocolError(
+        return StaleTerm(
             f"{type(msg).__name__} from term {term}, but term {known_term} is already known: "
             "the sender was deposed",
             sender_term=term,

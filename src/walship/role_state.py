@@ -1,0 +1,55 @@
+"""The role a node was switched to at run time, persisted so a restart keeps it.
+
+``promote`` and ``repoint`` change a node's role and leader while it runs; without a record a
+restart would go back to its command-line flags -- a promoted leader would follow its dead
+predecessor again, a demoted one would lead again. ``DATA_DIR/replication/role.json`` holds
+the last switch (and the highest term this node has heard of, so a later promotion goes above
+it); when present it wins over ``--role``/``--leader``, and the start line says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from walship.errors import CorruptionError
+from walship.events import now_us
+from walship.fsutil import atomic_write
+
+FILE_NAME = "role.json"
+
+
+class RoleRecord(msgspec.Struct):
+    role: str | None = None  # "leader" / "follower"; None: as the flags say
+    leader: str | None = None  # a follower's leader (replication HOST:PORT)
+    term_seen: int = 0
+    changed_us: int = 0
+
+
+class RoleState:
+    """Load and save ``role.json`` (tmp → fsync → rename)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "replication" / FILE_NAME
+        self.record = RoleRecord()
+        if self.path.exists():
+            try:
+                self.record = msgspec.json.decode(self.path.read_bytes(), type=RoleRecord)
+            except msgspec.DecodeError as exc:
+                raise CorruptionError(f"unreadable role state {self.path}: {exc}") from exc
+
+    def switched(self, role: str, leader: str | None, term_seen: int) -> None:
+        """Record a switch to ``role`` (following ``leader``), persisted before returning."""
+        self.record = RoleRecord(role, leader, max(term_seen, self.record.term_seen), now_us())
+        self._save()
+
+    def saw_term(self, term: int) -> None:
+        """Remember the highest term heard of (persisted when it rises)."""
+        if term > self.record.term_seen:
+            self.record.term_seen = term
+            self._save()
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, msgspec.json.encode(self.record))
