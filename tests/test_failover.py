@@ -9,11 +9,13 @@ log is in its lost-and-found file, never silently dropped.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from tests.cluster import (
     assert_same_wal,
@@ -36,11 +38,13 @@ from tests.failover_cluster import (
     promote,
     repoint,
 )
+from walship.cli.main import app
 from walship.replication.config import parse_address
 from walship.testing.proxy import FaultProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
+runner = CliRunner()
 FAST_ACKS = ["--ack-timeout-ms", "1000", "--max-lag-ms", "1000"]
 
 
@@ -173,6 +177,59 @@ def test_kill_9_in_sync_mode_promote_the_most_caught_up_and_repair_the_old_leade
     cluster.stop_all()
     for node_id in ("leader", "f2"):
         assert_same_wal(cluster.data_dir("f1"), cluster.data_dir(node_id))
+
+    # the operator's view of the cut records
+    listed = runner.invoke(app, ["lost-found", "list", str(cluster.data_dir("leader"))])
+    assert listed.exit_code == 0, listed.output
+    assert f"{len(lost)} records in 1 files" in listed.output
+    out = cluster.root / "lost.json"
+    leader_dir = str(cluster.data_dir("leader"))
+    exported = runner.invoke(
+        app, ["lost-found", "export", leader_dir, "--format", "json", "--out", str(out)]
+    )
+    assert exported.exit_code == 0, exported.output
+    assert json.loads(out.read_text()) == lost
+
+
+def test_kill_9_in_quorum_mode_then_walship_failover(cluster: FailoverCluster) -> None:
+    """quorum:1 writes from three threads; kill -9 of the leader. ``walship failover``
+    promotes the most caught-up follower and repoints the other; every write answered
+    ``replicated`` is on the new leader, lsns continue under term 2."""
+    leader = cluster.start_leader(args=["--ack-mode", "quorum:1", *FAST_ACKS])
+    f1 = cluster.start_follower("f1", replication_address(leader))
+    f2 = cluster.start_follower("f2", replication_address(leader))
+    nodes = ",".join(n.url for n in (leader, f1, f2))
+    token = ["--admin-token-file", str(cluster.token_file)]
+
+    refused = runner.invoke(app, ["failover", "--nodes", nodes, *token])
+    assert refused.exit_code == 1 and "a leader still answers" in refused.output
+
+    writers = ReceiptWriters(leader.url, threads=4).start()
+    writers.wait_for("replicated", 1_500)
+    leader.kill()
+    receipts = writers.stop()
+    replicated = [r for r in receipts if r["durability"] == "replicated"]
+    for f in (f1, f2):
+        wait_until(lambda f=f: not replication(f)["connected"], 15, f"{f.node_id} to notice")
+    positions = {f.node_id: (health(f)["last_term"], last_lsn(f)) for f in (f1, f2)}
+    best = max((f1, f2), key=lambda f: positions[f.node_id])
+    other = f2 if best is f1 else f1
+
+    result = runner.invoke(app, ["failover", "--nodes", nodes, *token])
+    assert result.exit_code == 0, result.output
+    assert f"promoting {best.node_id}" in result.output
+    assert f"repointed {other.node_id}" in result.output
+    assert "is unreachable" in result.output  # the dead leader, with the command to run later
+    assert health(best)["role"] == "leader" and health(best)["term"] == 2
+    assert_receipts_held(best, replicated)
+    old_end = max(positions.values())[1]
+    after = post_event(best, event(10**6)).json()
+    assert (after["term"], after["lsn"]) == (2, old_end + 2)
+    wait_caught_up(best, other)
+    assert_receipts_held(other, replicated)
+
+    nobody = runner.invoke(app, ["failover", "--nodes", leader.url, *token])
+    assert nobody.exit_code == 1 and "no reachable follower" in nobody.output
 
 
 def test_two_leaders_followers_follow_only_the_higher_term(cluster: FailoverCluster) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from walship import __version__
-from walship.cli import demo, serve, status, wal
+from walship.cli import admin, demo, lostfound, serve, status, wal
 
 app = typer.Typer(
     name="walship",
@@ -21,6 +21,10 @@ app.command("serve")(serve.serve_command)
 app.add_typer(wal.app, name="wal")
 app.command("status")(status.status_command)
 app.command("demo")(demo.demo_command)
+app.command("promote")(admin.promote_command)
+app.command("repoint")(admin.repoint_command)
+app.command("failover")(admin.failover_command)
+app.add_typer(lostfound.app, name="lost-found")
 
 
 def _show_version(value: bool) -> None:

@@ -1,0 +1,191 @@
+"""``walship promote``, ``walship repoint`` and ``walship failover``: change who leads.
+
+All three call the nodes' admin endpoints with the admin token (``--admin-token-file`` or
+``$WALSHIP_ADMIN_TOKEN``) and print what was done, one line per change. ``failover`` reads
+every node's ``/health``, promotes the most caught-up reachable follower by ``(term, lsn)``
+of its last record, and repoints every other reachable node to it; it exits non-zero, saying
+why, when there is no candidate or the promotion is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+from walship.cli.output import fail, say, warn
+from walship.cli.serve import ADMIN_TOKEN_ENV, load_admin_token
+from walship.errors import InvalidInput
+from walship.peers import PeerView, fetch_views, normalize_url, split_urls
+
+ADMIN_TIMEOUT_S = 30.0
+
+TokenFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--admin-token-file",
+        envvar="WALSHIP_ADMIN_TOKEN_FILE",
+        help=f"File holding the admin token (else ${ADMIN_TOKEN_ENV}).",
+    ),
+]
+
+
+class AdminError(Exception):
+    """An admin call failed; the message says how."""
+
+
+def _token(path: Path | None) -> str:
+    try:
+        token = load_admin_token(path)
+    except InvalidInput as exc:
+        fail(exc.message, 2)
+    if token is None:
+        fail(f"no admin token: pass --admin-token-file or set {ADMIN_TOKEN_ENV}", 2)
+    return token
+
+
+def admin_call(url: str, path: str, token: str, **params: str) -> dict[str, Any]:
+    """POST an admin endpoint; its JSON answer, or AdminError with the node's message."""
+    try:
+        response = httpx.post(
+            f"{normalize_url(url)}{path}",
+            params=params,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=ADMIN_TIMEOUT_S,
+        )
+    except httpx.HTTPError as exc:
+        raise AdminError(f"{url}: {type(exc).__name__}: {exc}") from exc
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code != 200 or not isinstance(body, dict):
+        message = body.get("message") if isinstance(body, dict) else None
+        raise AdminError(f"{url} answered {response.status_code}: {message or response.text}")
+    return body
+
+
+def promote_command(
+    url: Annotated[str, typer.Argument(help="HTTP URL of the follower to promote.")],
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Promote even if it is behind, or its leader is alive."),
+    ] = False,
+    peers: Annotated[
+        str | None,
+        typer.Option("--peers", help="URLs of the other nodes to compare with (comma-separated)."),
+    ] = None,
+    admin_token_file: TokenFile = None,
+) -> None:
+    """Promote a follower to leader of a new term."""
+    params = {"force": "true" if force else "false"}
+    if peers:
+        params["peers"] = ",".join(split_urls(peers))
+    try:
+        answer = admin_call(url, "/internal/promote", _token(admin_token_file), **params)
+    except AdminError as exc:
+        fail(f"promote refused: {exc}")
+    if not answer.get("changed", True):
+        say(f"{answer['node_id']} already leads term {answer['term']}")
+        return
+    say(
+        f"promoted {answer['node_id']} to leader of term {answer['term']} from lsn "
+        f"{answer['first_lsn']}; followers connect to {answer['replication_address']}"
+    )
+
+
+def repoint_command(
+    url: Annotated[str, typer.Argument(help="HTTP URL of the node to repoint.")],
+    leader: Annotated[
+        str, typer.Option("--leader", help="The new leader's replication HOST:PORT.")
+    ],
+    admin_token_file: TokenFile = None,
+) -> None:
+    """Make a node follow another leader (a leader is demoted; its unreplicated tail goes to
+    lost-and-found)."""
+    try:
+        answer = admin_call(url, "/internal/repoint", _token(admin_token_file), leader=leader)
+    except AdminError as exc:
+        fail(f"repoint failed: {exc}")
+    say(f"{answer['node_id']} ({answer['was']}) now follows {leader}")
+
+
+def _position(view: PeerView) -> str:
+    term, lsn = view.position
+    return f"{term}/{lsn}"
+
+
+def failover_command(
+    nodes: Annotated[
+        str,
+        typer.Option("--nodes", help="HTTP URLs of every node of the cluster, comma-separated."),
+    ],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Go on although a leader still answers (it is demoted too) or the candidate "
+            "is still connected to it.",
+        ),
+    ] = False,
+    admin_token_file: TokenFile = None,
+) -> None:
+    """Promote the most caught-up reachable follower and repoint every other node to it."""
+    token = _token(admin_token_file)
+    urls = split_urls(nodes)
+    if not urls:
+        fail("--nodes needs at least one URL", 2)
+    views = asyncio.run(fetch_views(urls))
+    for view in views:
+        if view.answered:
+            extra = f", fenced: {view.fenced}" if view.fenced else ""
+            say(f"  {view.node_id:<12} {view.url}  {view.role} at {_position(view)}{extra}")
+        else:
+            say(f"  {'?':<12} {view.url}  unreachable ({view.error})")
+    live = [v for v in views if v.answered and v.role == "leader" and v.fenced is None]
+    if live and not force:
+        names = ", ".join(f"{v.node_id} ({v.url})" for v in live)
+        fail(
+            f"a leader still answers: {names}. Failover is for a dead leader; use --force to "
+            "demote it too (its writes nobody else has go to lost-and-found)"
+        )
+    followers = [v for v in views if v.answered and v.role == "follower"]
+    if not followers:
+        fail("no reachable follower to promote")
+    best = max(followers, key=lambda v: v.position)  # the first given wins a tie
+    say(f"promoting {best.node_id} ({best.url}) at {_position(best)}")
+    others = [v.url for v in views if v.url != best.url]
+    params = {"force": "true" if force else "false", "peers": ",".join(others)}
+    try:
+        answer = admin_call(best.url, "/internal/promote", token, **params)
+    except AdminError as exc:
+        fail(f"promotion refused, nothing changed: {exc}")
+    address = answer.get("replication_address")
+    say(
+        f"promoted {answer['node_id']} to leader of term {answer['term']} from lsn "
+        f"{answer.get('first_lsn')}; followers connect to {address}"
+    )
+    if not address:
+        fail("the new leader does not listen for followers (no replication secret?)")
+    failed = 0
+    for view in views:
+        if view.url == best.url:
+            continue
+        if not view.answered:
+            warn(
+                f"{view.url} is unreachable: when it is back, run "
+                f"`walship repoint {view.url} --leader {address}`"
+            )
+            continue
+        try:
+            answer = admin_call(view.url, "/internal/repoint", token, leader=str(address))
+        except AdminError as exc:
+            warn(f"repoint of {view.node_id} failed: {exc}")
+            failed += 1
+            continue
+        say(f"repointed {answer['node_id']} ({answer['was']}) to {address}")
+    if failed:
+        raise typer.Exit(1)
