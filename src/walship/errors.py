@@ -25,6 +25,7 @@
     │   ├── AuthenticationError     a peer failed the shared-secret challenge
     │   └── AckTimeout              replicas did not confirm a write in time
     ├── Unavailable                 the node cannot serve now (shutting down, still starting)
+    │   ├── NotLeaseholder          a leader without a live leader lease (etcd) takes no writes
     │   └── WaitTimeout             a bounded wait (e.g. ``min_lsn``) expired
     └── InvariantViolation          an internal assumption broke; the operation stopped
 
@@ -167,6 +168,12 @@ class Unavailable(WalshipError):
     code = "unavailable"
     http_status = 503
     retriable = True
+
+
+class NotLeaseholder(Unavailable):
+    """A leader under automatic failover that does not hold a live lease takes no writes."""
+
+    code = "no_leader_lease"
 
 
 class WaitTimeout(Unavailable):

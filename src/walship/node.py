@@ -28,11 +28,11 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -42,6 +42,7 @@ from walship.errors import (
     Conflict,
     Fenced,
     InvalidInput,
+    NotLeaseholder,
     ReadOnly,
     Unavailable,
     WaitTimeout,
@@ -71,6 +72,16 @@ class Role(StrEnum):
 
     LEADER = "leader"
     FOLLOWER = "follower"
+
+
+class Coordinator(Protocol):
+    """Runs beside a node and switches its role (automatic failover, ``election.py``)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
 
 
 class HealthStatus(StrEnum):
@@ -141,6 +152,9 @@ class Node:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._switch = asyncio.Lock()
+        # automatic failover (etcd): a reason to refuse writes, and what runs beside the node
+        self.write_gate: Callable[[], str | None] | None = None
+        self.coordinator: Coordinator | None = None
         self.replication_metrics.term.set(store.wal.terms.current.value)
 
     def _new_follower(self, leader: str | None, known_term: int) -> Follower:
@@ -182,12 +196,16 @@ class Node:
             await self.leader.start()
         if self.follower is not None:
             await self.follower.start()
+        if self.coordinator is not None:
+            await self.coordinator.start()
 
     async def stop(self) -> None:
         """Stop replication (before ``close``)."""
         if not self._started:
             return
         self._started = False
+        if self.coordinator is not None:
+            await self.coordinator.stop()
         self.store.wal.remove_listener(self._on_commit)
         if self.leader is not None:
             await self.leader.stop()
@@ -242,6 +260,13 @@ class Node:
                 leader=None if self.follower is None else self.follower.leader_address,
             )
         leader = self.leader
+        gate = self.write_gate
+        if leader is not None and leader.fenced is None and gate is not None:
+            reason = gate()
+            if reason is not None:
+                raise NotLeaseholder(
+                    f"node {self.node_id} leads term {leader.term} but takes no writes: {reason}"
+                )
         if leader is not None and leader.fenced is not None:
             raise Fenced(
                 f"node {self.node_id} was the leader of term {leader.term} but is fenced "
@@ -320,6 +345,7 @@ class Node:
             "uptime_s": round(time.monotonic() - self._started_monotonic, 3),
             "version": __version__,
             "replication": self.replication_status(),
+            "election": None if self.coordinator is None else self.coordinator.status(),
         }
 
     def replication_address(self) -> str | None:
@@ -338,14 +364,15 @@ class Node:
     # ------------------------------------------------------------------ role switches
 
     async def promote(
-        self, *, force: bool = False, peers: Sequence[str] | None = None
+        self, *, force: bool = False, peers: Sequence[str] | None = None, term: int | None = None
     ) -> dict[str, Any]:
         """Make this follower the leader of a new term (see the module docstring).
 
         Conflict (409) without ``force`` when it is still connected to its leader, when one
         of ``peers`` (default: the configured ones) is a live leader or is further ahead;
         Conflict on a fenced leader (repoint it instead). A leader that is not fenced answers
-        that it already leads.
+        that it already leads. ``term`` (from an election) is the term to start; Conflict
+        when this node has already seen that term or a later one.
         """
         async with self._switch:
             if self.role is Role.LEADER:
@@ -364,12 +391,16 @@ class Node:
                 self._check_promotable(follower, views)
             await follower.stop("promoted to leader")  # nothing is applied after this
             wal = self.store.wal
-            term = 1 + max(
+            above = 1 + max(
                 wal.terms.current.value,
                 follower.known_term,
                 self.role_state.record.term_seen,
                 *(v.term for v in views),
             )
+            if term is not None and term < above:
+                await follower.start()
+                raise Conflict(f"term {term} is not above every term this node has seen")
+            term = above if term is None else term
             invariant(term <= TERM_MAX, f"term {term} is out of range")
             await asyncio.to_thread(wal.begin_term, Term(term))  # persisted
             self.role_state.switched(Role.LEADER, None, term)

@@ -241,6 +241,39 @@ def serve_command(
             "and refuses when one is further ahead.",
         ),
     ] = None,
+    etcd: Annotated[
+        str | None,
+        typer.Option(
+            "--etcd",
+            envvar="WALSHIP_ETCD",
+            help="Automatic failover: etcd endpoint URLs, comma-separated (needs --cluster).",
+        ),
+    ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster", envvar="WALSHIP_CLUSTER", help="Automatic failover: the cluster's name."
+        ),
+    ] = None,
+    etcd_ttl_s: Annotated[
+        int,
+        typer.Option(
+            "--etcd-ttl-s",
+            envvar="WALSHIP_ETCD_TTL_S",
+            min=2,
+            max=600,
+            help="The leader lease's TTL: a dead leader is replaced after about this long.",
+        ),
+    ] = 5,
+    etcd_settle_ms: Annotated[
+        int,
+        typer.Option(
+            "--etcd-settle-ms",
+            envvar="WALSHIP_ETCD_SETTLE_MS",
+            min=0,
+            help="How long candidates wait for each other before the best one takes the lead.",
+        ),
+    ] = 1_000,
 ) -> None:
     """Run a node: WAL + store + HTTP API, until SIGTERM or Ctrl-C.
 
@@ -287,6 +320,8 @@ def serve_command(
         admin_token = load_admin_token(admin_token_file)
     except InvalidInput as exc:
         fail(f"invalid admin token: {exc.message}", 2)
+    if (etcd is None) != (cluster is None):
+        fail("automatic failover needs both --etcd and --cluster", 2)
     data_dir = _prepare_data_dir(data_dir)
     sock = _bind(http_host, http_port)
     try:
@@ -308,7 +343,28 @@ def serve_command(
     except BaseException:
         sock.close()
         raise
+    if etcd is not None and cluster is not None:
+        _attach_election(node, etcd, cluster, etcd_ttl_s, etcd_settle_ms, sock)
     _run(node, sock, level)
+
+
+def _attach_election(
+    node: Node, endpoints: str, cluster: str, ttl_s: int, settle_ms: int, sock: socket.socket
+) -> None:
+    from walship.election import EtcdElection
+    from walship.etcd import EtcdClient
+
+    host, port = sock.getsockname()[:2]
+    election = EtcdElection(
+        node,
+        EtcdClient(endpoints.split(",")),
+        cluster,
+        ttl_s=ttl_s,
+        settle_s=settle_ms / 1000,
+        url=_url(host, port),
+    )
+    node.coordinator = election
+    node.write_gate = election.write_block
 
 
 def load_admin_token(
