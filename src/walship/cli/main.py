@@ -8,6 +8,7 @@ import typer
 
 from walship import __version__
 from walship.cli import admin, demo, lostfound, serve, status, wal
+from walship.cli.verify import verify_command
 
 app = typer.Typer(
     name="walship",
@@ -25,6 +26,7 @@ app.command("promote")(admin.promote_command)
 app.command("repoint")(admin.repoint_command)
 app.command("failover")(admin.failover_command)
 app.add_typer(lostfound.app, name="lost-found")
+app.command("verify")(verify_command)
 
 
 def _show_version(value: bool) -> None:
