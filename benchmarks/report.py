@@ -1,0 +1,68 @@
+"""Render benchmarks/results/*.json as the README's Markdown tables (figure beside target).
+
+Run: ``python benchmarks/report.py`` after ``ingest.py`` and ``replication.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+ROWS = {
+    "ingest": [
+        ("in-process batch append (1,000/batch)", "inprocess_batch_events_per_s", ">=", "events/s"),
+        ("HTTP batches of 1,000", "http_batch_events_per_s", ">=", "events/s"),
+        ("HTTP single events, 64 clients", "http_single_events_per_s", ">=", "events/s"),
+        ("query by entity at 1,000,000 events, p50", "query_entity_p50_ms", "<=", "ms"),
+        ("peak RSS ingesting 1,000,000 events", "peak_rss_mb", "<=", "MB"),
+    ],
+    "replication": [
+        ("batch ingest, sync, 2 followers", "sync_batch_events_per_s", ">=", "events/s"),
+        ("replication lag p99 at half the async rate", "lag_p99_ms", "<=", "ms"),
+        ("catch-up of an empty follower via WAL", "catchup_wal_records_per_s", ">=", "records/s"),
+        ("catch-up via snapshot", "catchup_snapshot_mb_per_s", ">=", "MB/s"),
+        ("single write p50, semi-sync", "semi_sync_single_p50_ms", "<=", "ms"),
+    ],
+}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def table(name: str) -> str:
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return f"_{path.name} not found: run benchmarks/{name}.py_\n"
+    data = json.loads(path.read_text())
+    targets = data.get("targets", {})
+    lines = [
+        f"Measured {data.get('when', '?')} ({data.get('machine', {}).get('cpus', '?')} CPUs).",
+        "",
+        "| benchmark | target | walship | met |",
+        "|---|---|---|---|",
+    ]
+    for label, key, op, unit in ROWS[name]:
+        value, target = data.get(key), targets.get(key)
+        met = ""
+        if isinstance(value, int | float) and isinstance(target, int | float):
+            met = "yes" if (value >= target if op == ">=" else value <= target) else "**no**"
+        lines.append(f"| {label} | {op} {_fmt(target)} {unit} | {_fmt(value)} {unit} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    for name in ROWS:
+        print(f"### {name}\n")
+        print(table(name))
+
+
+if __name__ == "__main__":
+    main()
