@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from walship.cli.main import app
+from walship.verify.cluster import failover_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -31,6 +32,32 @@ def verify(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
     print(result.output)  # the whole report, shown when a test fails
     assert report.exists(), f"no report written: {result.output}\n{result.exception!r}"
     return result.exit_code, json.loads(report.read_text()), result.output
+
+
+def test_verify_seed_1_with_every_fault_passes(tmp_path: Path) -> None:
+    code, report, output = verify(tmp_path, "--duration", "30s", "--seed", "1")
+    assert code == 0, output
+    assert report["ok"] and report["failed_checks"] == [] and not report["harness_errors"]
+    assert report["seed"] == 1 and "PASS" in output
+    assert report["faults_total"] >= 5, report["faults_injected"]
+    writes = report["writes"]
+    assert writes["receipts_by_durability"].get("replicated", 0) > 1_000
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["replicated_on_every_node"]["checked"] > 1_000
+    assert checks["acks_durable_at_crash"]["checked"] >= 1  # at least one kill -9 was checked
+    if failover_available():
+        assert report["faults_injected"].get("failover", 0) >= 1
+        # an isolated leader was failed over: its tail went to lost-and-found and was checked
+        assert checks["lost_found_accounted"]["checked"] > 0
+
+
+def test_verify_another_seed_in_quorum_mode_passes(tmp_path: Path) -> None:
+    code, report, output = verify(
+        tmp_path, "--duration", "20s", "--seed", "6", "--ack-mode", "quorum:2"
+    )
+    assert code == 0, output
+    assert report["settings"]["ack_mode"] == "quorum:2"
+    assert report["faults_total"] >= 3
 
 
 def test_verify_catches_a_follower_that_acks_before_writing(tmp_path: Path) -> None:

@@ -159,15 +159,6 @@ class History:
         hi = max(op.finished if op.finished is not None else op.started for op in ops) + around_s
         entries: list[tuple[float, str]] = [(op.started, op.brief()) for op in ops]
         entries += [(f.at, f.brief()) for f in self.faults if lo <= f.at <= hi]
-        entries += [
-            (
-                c.at,
-                f"{c.at:8.3f} crash image of {c.node_id} ({c.role}): lsn "
-                f"{c.wal_first_lsn}..{c.last_lsn} on disk",
-            )
-            for c in self.crashes
-            if lo <= c.at <= hi
-        ]
         entries.sort(key=lambda e: e[0])
         out = [text for _, text in entries]
         if len(out) > lines_max:
