@@ -208,6 +208,16 @@ def test_history_excerpt_shows_the_requests_and_the_faults_around_them() -> None
     assert summary["receipts_by_durability"] == {"replicated": 1}
 
 
+def test_the_whole_history_is_written_as_json_lines_in_time_order(tmp_path: Path) -> None:
+    history = History()
+    history.fault("kill", "n1 (leader)", "inject", "SIGKILL")
+    answered(history, "n1", [receipt(1, 1)])
+    history.write_jsonl(tmp_path / "history.jsonl")
+    lines = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [entry["type"] for entry in lines] == ["fault", "write"]
+    assert lines[1]["outcome"] == "ok" and lines[1]["receipts"][0]["event_id"] == uid(1)
+
+
 def test_config_parsing() -> None:
     assert parse_duration_s("60s") == 60 and parse_duration_s("2m") == 120
     assert parse_duration_s("500ms") == 0.5 and parse_duration_s("7") == 7

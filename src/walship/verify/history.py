@@ -7,10 +7,12 @@ recorded at ``finished`` left its node before a signal sent at ``at > finished``
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 
@@ -169,8 +171,14 @@ class History:
             ]
         return out
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ops": [asdict(op) for op in self.ops],
-            "faults": [asdict(f) for f in self.faults],
-        }
+    def write_jsonl(self, path: Path) -> None:
+        """The whole history, one JSON object per line in time order: every request
+        (``"type": "write"``) and every fault step (``"type": "fault"``)."""
+        entries: list[tuple[float, dict[str, Any]]] = [
+            (op.started, {"type": "write", **asdict(op)}) for op in self.ops
+        ]
+        entries += [(f.at, {"type": "fault", **asdict(f)}) for f in self.faults]
+        entries.sort(key=lambda e: e[0])
+        with open(path, "w") as f:
+            for _, entry in entries:
+                f.write(json.dumps(entry) + "\n")

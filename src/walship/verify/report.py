@@ -171,4 +171,6 @@ class Report:
             EXIT_HARNESS: "[bold yellow]INCOMPLETE[/bold yellow]: the harness could not run "
             "as asked",
         }[self.exit_code]
-        console.print(f"\n{verdict} (seed {self.seed}; data dirs and logs: {self.root})")
+        console.print(
+            f"\n{verdict} (seed {self.seed}; data dirs, node logs and history.jsonl: {self.root})"
+        )

@@ -17,6 +17,8 @@ from walship.verify.report import EXIT_OK, Report
 from walship.verify.workload import Workload
 
 LINK_FAULTS = ("partition", "delay", "corrupt")
+HISTORY_FILE = "history.jsonl"
+"""Every request and fault of the run, next to the nodes' data dirs and logs."""
 
 Progress = Callable[[str], None]
 
@@ -96,6 +98,8 @@ def run_verify(config: VerifyConfig, progress: Progress = _silent) -> Report:
     finally:
         cluster.close()
         report.fault_log = [f.brief().strip() for f in history.faults]
+        if root.is_dir():
+            history.write_jsonl(root / HISTORY_FILE)
         if history.ops and not report.writes:
             report.writes = write_summary(history, None)
     if report.exit_code == EXIT_OK and config.root is None and not config.keep:
