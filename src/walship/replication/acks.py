@@ -76,7 +76,7 @@ class AckOutcome:
 class _Waiter:
     lsn: int
     mode: AckMode
-    future: asyncio.Future[str | None]  # None: the mode was met; else why it never will be
+    future: asyncio.Future[str | tuple[list[str], int]]  # met: (acked_by, required); else why not
     min_in_sync: int
 
 
@@ -134,7 +134,10 @@ class AckTracker:
             if w.future.done():
                 continue
             if self._met(w):
-                w.future.set_result(None)
+                # the receipt reports the set that met the mode, taken now: by the time the
+                # waiting write runs again the in-sync set may have changed
+                need = w.mode.required(len(self._in_sync), w.min_in_sync)
+                w.future.set_result((self.acked_by(w.lsn), need))
             else:
                 still.append(w)
         self._waiters = still
@@ -177,11 +180,10 @@ class AckTracker:
         finally:
             if not waiter.future.done():
                 waiter.future.cancel()
-        if failed is not None:
+        if isinstance(failed, str):
             return AckOutcome(False, self.acked_by(lsn), required, failed)
-        # for sync the in-sync set may have shrunk while waiting: report what was required
-        # when the wait was satisfied
-        return AckOutcome(True, self.acked_by(lsn), mode.required(len(self._in_sync), min_in_sync))
+        acked, need = failed
+        return AckOutcome(True, acked, need)
 
     def fail_all(self, reason: str) -> None:
         """Answer every waiter, unsatisfied with ``reason``, and every later wait too
