@@ -33,7 +33,6 @@ from walship.errors import (
     InvalidInput,
     Unavailable,
     VersionConflict,
-    WaitTimeout,
     WalFailed,
     invariant,
 )
@@ -497,7 +496,7 @@ class Store:
                         self.metrics.duplicates.inc()
                         receipts.append(self._receipt_of(existing, duplicate=True))
                         if existing.lsn > self.wal.written_lsn.value:
-                            waits_on.append(self._future_for_locked())
+                            waits_on.append(self.wal.append_future())
                         continue
                     batch_ids[event_id] = len(receipts)
                 key = entity_key(tenant, entity)
@@ -580,10 +579,6 @@ class Store:
                 raise Unavailable("checkpointing is behind; try again", retry_after_ms=1000)
             self._checkpoint_done.wait(min(remaining, 0.1))
 
-    def _future_for_locked(self) -> Future[WriteOutcome]:
-        """A future that resolves once everything appended so far is written."""
-        return self.wal.append_future()
-
     def _receipt_of(self, ev: StoredEvent, *, duplicate: bool = False) -> Receipt:
         return Receipt(
             format_uuid(ev.id),
@@ -629,18 +624,6 @@ class Store:
                 self.metrics.appends.inc(len(records))
                 self.metrics.last_lsn.set(records[-1].lsn)
         return fut
-
-    def wait_visible(self, lsn: int, timeout_s: float) -> None:
-        """Block until ``lsn`` is visible to reads; WaitTimeout when ``timeout_s`` passes."""
-        deadline = time.monotonic() + timeout_s
-        while self.visible_lsn < lsn:
-            if time.monotonic() >= deadline:
-                raise WaitTimeout(
-                    f"lsn {lsn} not applied within {int(timeout_s * 1000)} ms "
-                    f"(applied: {self.visible_lsn})",
-                    applied_lsn=self.visible_lsn,
-                )
-            time.sleep(0.001)
 
     # ------------------------------------------------------------------ reading
 
@@ -759,7 +742,7 @@ class Store:
                 "term": self.wal.terms.current.value,
                 "visible_lsn": wal.written_lsn,
                 "synced_lsn": wal.synced_lsn,
-                "events": m.events + mem_events - self._overlap_locked(),
+                "events": m.events + mem_events,
                 "entities": len(self._versions),
                 "memtable_events": mem_events,
                 "memtable_bytes": mem_bytes,
@@ -775,11 +758,6 @@ class Store:
                 "fsync": str(self.config.fsync),
                 "wal_failed": wal.failed,
             }
-
-    def _overlap_locked(self) -> int:
-        # events of the frozen memtable already counted in the manifest (between manifest swap
-        # and frozen drop there is none, as both happen under the lock)
-        return 0
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -472,7 +472,6 @@ class Leader:
         self.acks = AckHistory(repl_dir / "acks.json")
         self.fenced: str | None = None  # why this leader stopped taking writes (deposed)
         self.fenced_term = 0
-        self.ledger.on_change = lambda n: None
         self.slots = RetentionSlots(repl_dir / "slots.json")
         self.sessions: dict[str, FollowerSession] = {}
         self.pins: dict[int, int] = {}

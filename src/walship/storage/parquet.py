@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -135,12 +134,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
-class EntityVersions:
-    keys: list[str]
-    versions: list[int]
-
-
 class PartReader:
     """Reads one part with pruning by lsn range, time range and entity row groups."""
 
@@ -190,9 +183,6 @@ class PartReader:
         groups = sorted({int(r) // group_rows for r in rows})
         table = self._file.read_row_groups(groups)
         return table.filter(pc.is_in(table.column("lsn"), pa.array(lsns)))
-
-    def read_all(self) -> pa.Table:
-        return self._file.read()
 
     def entity_versions(self) -> pa.Table:
         """(tenant_id, entity_id, version max) per entity in this part."""
