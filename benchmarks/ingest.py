@@ -42,9 +42,11 @@ TARGETS = {
 
 def in_process(n: int, data_dir: Path) -> dict[str, Any]:
     """Embedded Store, batches of 1,000 submitted with up to 4 in flight; fsync always."""
+    from walship.allocator import tune_allocator
     from walship.events import EventIn
     from walship.store import Store, StoreConfig
 
+    tune_allocator()  # as `walship serve` does
     store = Store.open(StoreConfig(data_dir))
     # a pool of decoded batches, reused: the store assigns every event a new id and lsn, and
     # the load generator's own memory stays out of the RSS figure

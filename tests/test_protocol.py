@@ -498,7 +498,7 @@ def test_batch_records_fits_every_frame_and_keeps_every_record_in_order(
         [got] = decoder.feed(frame)
         assert isinstance(got, WalBatch)
         assert (got.prev_lsn, got.prev_chain) == prev
-        recs = got.iter_records()
+        recs = got.verified().records
         shipped += [r.raw for r in recs]
         prev = (recs[-1].lsn, recs[-1].chain)
     assert shipped == records
@@ -550,7 +550,7 @@ def _batch(records: list[bytes], /, **changes: object) -> WalBatch:
 
 
 def test_decode_batch_returns_verified_records() -> None:
-    records = decode_batch(_batch(RECORDS))
+    records = decode_batch(_batch(RECORDS)).records
     assert [r.lsn for r in records] == [1, 2, 3]
     assert [r.chain for r in records] == CHAINS
 

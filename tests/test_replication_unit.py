@@ -519,6 +519,60 @@ def test_batches_that_do_not_continue_the_log_are_rejected_never_skipped(
     run(scenario)
 
 
+def test_an_append_split_across_frames_is_held_until_its_last_record_arrives(
+    tmp_path: Path,
+) -> None:
+    """A leader frame may end inside one atomic append (an append larger than a frame): the
+    follower verifies that part and holds it — not written, not readable, not acked — and
+    applies the whole append when the frame with its last record arrives."""
+
+    async def scenario() -> None:
+        source = open_store(tmp_path / "source", "source")
+        fstore = open_store(tmp_path / "f1", "f1")
+        follower = make_follower(fstore, 1)
+        try:
+            source.append(make_event("solo"))
+            source.append_batch([make_event(f"e{i}") for i in range(5)])  # lsn 2..6, atomic
+            recs = list(source.wal.read_from(1))
+            assert [r.batch_left for r in recs] == [0, 4, 3, 2, 1, 0]
+
+            def frame(first: int, last: int) -> WalBatch:
+                prev = recs[first - 2] if first > 1 else None
+                (b,) = batch_records(
+                    [r.raw for r in recs[first - 1 : last]],
+                    term=1,
+                    prev_lsn=first - 1,
+                    prev_term=prev.term if prev else 0,
+                    prev_chain=prev.chain if prev else GENESIS_CHAIN,
+                    leader_lsn=6,
+                    leader_write_ts_us=0,
+                )
+                return b
+
+            await follower.handle(frame(1, 3))  # lsn 1 whole, lsn 2..3 the start of an append
+            await asyncio.to_thread(fstore.wal.sync)
+            assert fstore.wal.last_position.lsn.value == 1
+            assert [e.lsn for e in query_all(fstore)] == [1]
+            await follower.handle(frame(4, 5))  # still open: continues from the held records
+            await asyncio.to_thread(fstore.wal.sync)
+            assert fstore.wal.last_position.lsn.value == 1
+            assert [e.lsn for e in query_all(fstore)] == [1]
+            with pytest.raises(FrameRejected, match="does not continue"):
+                await follower.handle(frame(2, 6))  # from the log's end, not the held tail
+            follower._begin_session()  # a new connection forgets what was held
+            await follower.handle(frame(2, 4))
+            await follower.handle(frame(5, 6))  # the append's last record: all of it applies
+            await asyncio.to_thread(fstore.wal.sync)
+            assert fstore.wal.last_position.lsn.value == 6
+            assert [e.lsn for e in query_all(fstore)] == [1, 2, 3, 4, 5, 6]
+            assert raw_records(fstore) == raw_records(source)
+        finally:
+            fstore.close()
+            source.close()
+
+    run(scenario)
+
+
 # ---------------------------------------------------------------------------------- pure parts
 
 

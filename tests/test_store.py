@@ -8,6 +8,8 @@ import duckdb
 import msgspec
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import make_event
 from walship.errors import LimitExceeded, ValidationError, VersionConflict
@@ -16,6 +18,7 @@ from walship.storage.parquet import SCHEMA
 from walship.storage.query import QueryFilter
 from walship.store import Store, StoreConfig
 from walship.wal import FsyncPolicy
+from walship.wal.record import verify_run
 
 
 def open_store(path: Path, **limits: int) -> Store:
@@ -248,7 +251,9 @@ def test_install_snapshot_replaces_state_and_continues_from_its_end(tmp_path: Pa
     assert follower.last_position == leader.manifest_position()
     assert follower.entity_version("junk") == 0
     assert follower.entity_version("e0") == 10
-    follower.apply_records(list(leader.wal.read_from(31))).result()
+    shipped = b"".join(r.raw for r in leader.wal.read_from(31))
+    run = verify_run(shipped, 30, manifest.last_term, manifest.chain_bytes, 1, 1 << 20)
+    follower.apply_run(run).result()
     assert all_events(follower) == all_events(leader)
     assert [r.raw for r in follower.wal.read_from(31)] == [r.raw for r in leader.wal.read_from(31)]
     follower.close()
@@ -315,3 +320,14 @@ def test_pinned_parts_outlive_their_compaction(tmp_path: Path) -> None:
     store.unpin_parts(pinned)
     assert not any((store.parts_dir / f).exists() for f in pinned)
     store.close()
+
+
+@settings(max_examples=30, deadline=None)
+@given(ids=st.lists(st.binary(min_size=16, max_size=16), max_size=50))
+def test_uuid_column_matches_the_canonical_text(ids: list[bytes]) -> None:
+    """Checkpoints format ids in one vectorized pass; each must read as ``uuid.UUID`` does."""
+    import uuid
+
+    from walship.storage.parquet import uuid_strings
+
+    assert uuid_strings(ids).to_pylist() == [str(uuid.UUID(bytes=i)) for i in ids]

@@ -18,8 +18,10 @@ from walship.wal.record import (
     GENESIS_CHAIN,
     RecordIncomplete,
     RecordInvalid,
+    VerifiedRun,
     decode_record,
     encode_record,
+    verify_run,
 )
 from walship.wal.segment import SEGMENT_HEADER_BYTES, list_segments
 
@@ -235,13 +237,23 @@ def test_follower_append_refuses_records_that_do_not_continue_the_log(tmp_path: 
     write(src, 5)
     records = list(src.read_from(1))
     src.close()
+
+    def run(first: int, last: int, prev_chain: bytes | None = None) -> VerifiedRun:
+        """Records first..last as a follower receives them, verified from their predecessor."""
+        before = records[first - 2] if first > 1 else None
+        chain = prev_chain or (before.chain if before else GENESIS_CHAIN)
+        data = b"".join(r.raw for r in records[first - 1 : last])
+        return verify_run(data, first - 1, 1 if before else 0, chain, 1, 1 << 20)
+
     dst = open_wal(tmp_path / "b")
     with pytest.raises(CorruptionError):
-        dst.append_records(records[1:])  # gap: starts at lsn 2
-    dst.append_records(records[:3]).result()
+        dst.append_run(run(2, 5))  # gap: starts at lsn 2
+    dst.append_run(run(1, 3)).result()
     with pytest.raises(CorruptionError):
-        dst.append_records(records[4:])
-    dst.append_records(records[3:]).result()
+        dst.append_run(run(5, 5))  # gap: lsn 4 is missing
+    with pytest.raises(CorruptionError, match="chain hash mismatch"):
+        run(4, 5, prev_chain=b"x" * 8)  # another history: its chain does not follow
+    dst.append_run(run(4, 5)).result()
     assert [r.raw for r in dst.read_from(1)] == [r.raw for r in records]
     dst.close()
 
@@ -293,6 +305,32 @@ def test_cursor_follows_the_log_across_segments_and_live_appends(tmp_path: Path)
     wal.close()
 
 
+def test_cursor_batches_end_where_an_atomic_append_ends_when_one_fits(tmp_path: Path) -> None:
+    """A shipped batch is cut after the last whole append that fits, so followers rarely hold
+    half an append; an append larger than the budget still ships, over several batches."""
+    from walship.wal.cursor import WalCursor
+
+    wal = open_wal(tmp_path)
+    wal.append([b"a" * 100] * 3).done.result()  # lsn 1..3, 132 bytes a record
+    wal.append([b"b" * 100] * 3).done.result()  # lsn 4..6
+    cursor = WalCursor(wal, 1)
+    spans = []
+    while (batch := cursor.read(5 * 132)) is not None:
+        spans.append((batch.first_lsn, batch.last_lsn))
+    assert spans == [(1, 3), (4, 6)]  # not (1, 5), (6, 6)
+    big = WalCursor(wal, 1)
+    spans = []
+    while (batch := big.read(2 * 132)) is not None:
+        spans.append((batch.first_lsn, batch.last_lsn))
+    assert spans == [(1, 2), (3, 3), (4, 5), (6, 6)]  # no whole append fits: cut where it must
+    one = WalCursor(wal, 1)
+    first = one.read(10)  # a budget smaller than one record still ships that record
+    assert first is not None and (first.first_lsn, first.last_lsn) == (1, 1)
+    for c in (cursor, big, one):
+        c.close()
+    wal.close()
+
+
 def test_cursor_reports_removed_wal(tmp_path: Path) -> None:
     from walship.wal.cursor import WalCursor, WalGone
 
@@ -332,3 +370,13 @@ def test_an_append_never_spans_two_segments(tmp_path: Path) -> None:
     for first, _, _ in wal.segment_infos():
         assert (first - 1) % 4 == 0  # every segment starts at an append boundary
     wal.close()
+
+
+def test_allocator_tuning_applies_on_glibc() -> None:
+    import platform
+
+    from walship.allocator import tune_allocator
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert tune_allocator() is True

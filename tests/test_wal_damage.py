@@ -23,7 +23,7 @@ from walship.errors import CorruptionError
 from walship.limits import Limits
 from walship.position import Term
 from walship.wal import FsyncPolicy, Wal
-from walship.wal.record import GENESIS_CHAIN, Record, encode_record, iter_records
+from walship.wal.record import GENESIS_CHAIN, Record, encode_record, verify_run
 from walship.wal.segment import SEGMENT_HEADER_BYTES, list_segments
 
 LIMITS = Limits(segment_bytes_max=1024)
@@ -174,7 +174,12 @@ def _shipped(n: int) -> tuple[bytes, list[Record]]:
         rec, chain = encode_record(lsn, 1, chain, f"shipped-{lsn}".encode() * (lsn % 4 + 1))
         raw.append(rec)
     data = b"".join(raw)
-    return data, iter_records(data, LIMITS.record_bytes_max)
+    return data, _verify(data)
+
+
+def _verify(data: bytes) -> list[Record]:
+    """What a follower runs on a shipped batch: CRC, lsn, term and chain of every record."""
+    return verify_run(data, 0, 1, GENESIS_CHAIN, 1, LIMITS.record_bytes_max).records
 
 
 SHIPPED, SHIPPED_RECORDS = _shipped(8)
@@ -191,7 +196,7 @@ def test_a_shipped_batch_with_a_flipped_bit_or_cut_short_is_refused_with_its_off
     damaged[at // 8] ^= 1 << (at % 8)
     for data in (bytes(damaged), SHIPPED[:cut]):
         try:
-            got = iter_records(data, LIMITS.record_bytes_max)
+            got = _verify(data)
         except CorruptionError as exc:
             assert isinstance(exc.details.get("offset"), int), exc
             continue

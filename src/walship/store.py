@@ -59,6 +59,7 @@ from walship.storage.parquet import PartInfo, PartReader, id_hash, write_part
 from walship.storage.query import QueryFilter, entity_key
 from walship.wal import FsyncPolicy, Record, Wal
 from walship.wal.log import WriteOutcome
+from walship.wal.record import VerifiedRun
 
 log = logging.getLogger(__name__)
 
@@ -613,11 +614,12 @@ class Store:
         if ev.version > self._versions.get(key, 0):
             self._versions[key] = ev.version
 
-    def apply_records(self, records: Sequence[Record]) -> Future[WriteOutcome]:
+    def apply_run(self, run: VerifiedRun) -> Future[WriteOutcome]:
         """Append records another node wrote (a follower) and index them; returns the write."""
+        records = run.records
         with self._lock:
             self._check_writable()
-            fut = self.wal.append_records(records)
+            fut = self.wal.append_run(run)
             for rec in records:
                 self._apply_record(rec)
             if records:

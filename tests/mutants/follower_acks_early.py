@@ -18,12 +18,16 @@ from walship.wal.log import WriteOutcome
 _decode_and_apply = Follower._decode_and_apply
 
 
-def _ack_on_receipt(self: Follower, batch: WalBatch) -> tuple[int, Future[WriteOutcome]]:
+def _ack_on_receipt(
+    self: Follower, batch: WalBatch
+) -> tuple[int, int, Future[WriteOutcome] | None]:
     _delay.delay_wal_writes()
-    count, _written = _decode_and_apply(self, batch)  # the real write, still queued
+    count, last_lsn, written = _decode_and_apply(self, batch)  # the real write, still queued
+    if written is None:
+        return count, last_lsn, None
     done: Future[WriteOutcome] = Future()
-    done.set_result(WriteOutcome(batch.last_lsn, True))  # the lie: "durable" already
-    return count, done
+    done.set_result(WriteOutcome(last_lsn, True))  # the lie: "durable" already
+    return count, last_lsn, done
 
 
 _delay.install()

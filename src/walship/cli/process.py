@@ -25,10 +25,6 @@ from walship.cli.serve import START_LINE_MARK
 _URL_RE = re.compile(re.escape(START_LINE_MARK) + r"(http://\S+)")
 _REPLICATION_RE = re.compile(r" replication=(\S+)")
 
-# glibc returning freed heap to the kernel and faulting it back costs a lot on small VMs
-# (see PERFORMANCE.md); these only take effect at process start, so they are set here
-MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": "1073741824", "MALLOC_MMAP_THRESHOLD_": "67108864"}
-
 
 class NodeStartError(RuntimeError):
     """The child exited or did not become healthy in time; the message holds its log tail."""
@@ -87,7 +83,7 @@ class NodeProcess:
             raise RuntimeError(f"{self.node_id} is already running (pid {self.process.pid})")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        env = {**os.environ, **MALLOC_ENV, "PYTHONUNBUFFERED": "1", **(self.env or {})}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command(),

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from walship.allocator import tune_allocator
 from walship.cli.output import fail
 from walship.errors import CorruptionError, InvalidInput, WalshipError
 from walship.limits import DEFAULT_LIMITS, Limits
@@ -521,6 +522,7 @@ def _open_node(
         admin_token=admin_token,
         peers=peers,
     )
+    tune_allocator()
     try:
         return Node.open(config)
     except CorruptionError as exc:

@@ -77,6 +77,7 @@ from walship.replication.staging import SnapshotStaging
 from walship.replication.stream import MessageStream, PeerRefused
 from walship.store import Store
 from walship.wal.log import WriteOutcome
+from walship.wal.record import GENESIS_CHAIN, Record, VerifiedRun
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,10 @@ HEALTHY_CONNECTION_S: Final = 5.0
 
 UNACKED_BATCHES_MAX: Final = 1024
 """Batches applied but not yet acknowledged as written; the receive loop waits beyond it."""
+
+INLINE_APPLY_BYTES: Final = 32 * 1024
+"""A batch up to this size is verified and applied on the event loop (~10 µs a record); larger
+ones (catch-up) go to a worker thread so reads and acks are not held up."""
 
 APPLIED_POLL_S: Final = 0.05
 """``wait_applied`` re-checks at least this often, in case a wake-up came from elsewhere."""
@@ -225,6 +230,14 @@ class Follower:
         self._ack_wanted = False
         self._may_ack = False  # the leader knows this session's position: Acks are welcome
         self._batches = 0  # WalBatches received in this session
+        # the start of an atomic append whose last record has not arrived (see _decode_and_apply)
+        self._held: list[Record] = []
+        self._held_prev: tuple[int, int, bytes] = (0, 0, GENESIS_CHAIN)
+        limits = store.limits
+        self._held_records_max = limits.batch_events_max
+        # an append is one request: its records' bodies are no larger than its JSON, plus the
+        # record header, a generated id and binary fields per event
+        self._held_bytes_max = limits.request_bytes_max + limits.batch_events_max * 256
         self._reached_streaming = False
         self._newest_ts_us: int | None = None
         self._applied = asyncio.Event()
@@ -516,6 +529,7 @@ class Follower:
         self._ack_wanted = False
         self._may_ack = False
         self._batches = 0
+        self._held = []
         self._newest_ts_us = None
         self.durable_lsn = self.store.wal.written_lsn.value
 
@@ -633,17 +647,17 @@ class Follower:
 
     async def _on_batch(self, batch: WalBatch) -> None:
         self._leader_heard(batch.leader_lsn)
-        wal = self.store.wal
-        end, chain = wal.last_position, wal.last_chain
-        if (batch.prev_lsn, batch.prev_term, batch.prev_chain) != (
-            end.lsn.value,
-            end.term.value,
-            chain,
-        ):
+        if self._held:
+            held = self._held[-1]
+            tail = (held.lsn, held.term, held.chain)
+        else:
+            wal = self.store.wal
+            end = wal.last_position
+            tail = (end.lsn.value, end.term.value, wal.last_chain)
+        if (batch.prev_lsn, batch.prev_term, batch.prev_chain) != tail:
             raise FrameRejected(
                 f"{batch!r} does not continue this follower's log, which ends at lsn "
-                f"{end.lsn.value} term {end.term.value} chain {chain.hex()}: a gap or another "
-                "history"
+                f"{tail[0]} term {tail[1]} chain {tail[2].hex()}: a gap or another history"
             )
         timeout_s = self.store.limits.read_timeout_ms / 1000
         while len(self._unacked) >= UNACKED_BATCHES_MAX:
@@ -654,17 +668,55 @@ class Follower:
             except TimeoutError as exc:
                 raise WaitTimeout("the WAL did not write applied batches in time") from exc
         self._batches += 1
-        count, done = await self._in_thread(self._decode_and_apply, batch)
-        self._unacked.append(_Written(batch.last_lsn, done, batch.leader_write_ts_us))
+        if len(batch.records) <= INLINE_APPLY_BYTES and not self.store.wal.backlogged():
+            # a small live batch: verifying and applying it here is cheaper than two hops to a
+            # worker thread and back, which dominate a single write's replication latency
+            count, last_lsn, done = self._decode_and_apply(batch)
+        else:
+            count, last_lsn, done = await self._in_thread(self._decode_and_apply, batch)
+        if done is None:
+            return  # the whole batch is the start of an append still arriving
+        self._unacked.append(_Written(last_lsn, done, batch.leader_write_ts_us))
         loop = asyncio.get_running_loop()
         done.add_done_callback(lambda _: _call_soon(loop, self._ack_wake.set))
         self.metrics.applied_records.inc(count)
 
-    def _decode_and_apply(self, batch: WalBatch) -> tuple[int, Future[WriteOutcome]]:
-        """Worker thread: verify every record, then append them to the WAL and the memtable."""
+    def _decode_and_apply(self, batch: WalBatch) -> tuple[int, int, Future[WriteOutcome] | None]:
+        """Verify every record, then append the whole atomic appends among them to the WAL and
+        the memtable; ``(count, last lsn, write)`` of what was applied.
+
+        A leader's frame can end inside an atomic append (one larger than a frame): its records
+        so far are held here, verified but neither written nor readable, until the frame with
+        its last record arrives — so a follower never shows or acks half an append.
+        """
         with _rejecting():
-            records = decode_batch(batch, self.store.limits.record_bytes_max)
-            return len(records), self.store.apply_records(records)
+            run = decode_batch(batch, self.store.limits.record_bytes_max)
+            if self._held:
+                prev, records = self._held_prev, self._held + run.records
+            else:
+                prev, records = (run.prev_lsn, run.prev_term, run.prev_chain), run.records
+            k = len(records)
+            while k and records[k - 1].batch_left:
+                k -= 1
+            held = records[k:]
+            if held:
+                held_bytes = sum(len(r.raw) for r in held)
+                if len(held) > self._held_records_max or held_bytes > self._held_bytes_max:
+                    raise FrameRejected(
+                        f"an atomic append from lsn {held[0].lsn} is still open after "
+                        f"{len(held)} records ({held_bytes} bytes): larger than any append a "
+                        "leader accepts"
+                    )
+                if k:
+                    last = records[k - 1]
+                    self._held_prev = (last.lsn, last.term, last.chain)
+                else:
+                    self._held_prev = prev
+            self._held = held
+            if not k:
+                return 0, 0, None
+            done = self.store.apply_run(VerifiedRun(*prev, records[:k]))
+            return k, records[k - 1].lsn, done
 
     # ------------------------------------------------------------------ acknowledging
 

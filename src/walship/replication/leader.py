@@ -153,6 +153,11 @@ class SnapshotProgress:
     bytes_total: int
 
 
+INLINE_READ_BYTES = 64 * 1024
+"""A session reads at most this much WAL on the event loop; larger reads (catch-up) go to a
+worker thread so other sessions and the HTTP API are not held up."""
+
+
 class FollowerSession:
     """The leader's view of one connected follower."""
 
@@ -216,8 +221,17 @@ class FollowerSession:
         """Ship the next batch of WAL records, if any; True when something was sent."""
         store = self.leader.store
         assert self._cursor is not None
+        cursor = self._cursor
+        if cursor.next_lsn > store.wal.written_lsn.value:
+            return False  # nothing new: no read at all
         budget = self.stream.frame_bytes_max - WAL_BATCH_OVERHEAD_BYTES
-        raw = await asyncio.to_thread(self._cursor.read, budget)
+        backlog = cursor.backlog_bytes()
+        if backlog is not None and backlog <= INLINE_READ_BYTES:
+            # tailing live writes: a few KiB just written are in the page cache, and reading
+            # them here costs less than the round trip to a worker thread
+            raw = cursor.read(budget)
+        else:
+            raw = await asyncio.to_thread(cursor.read, budget)
         if raw is None:
             return False
         prev_lsn, prev_term, prev_chain = self._prev

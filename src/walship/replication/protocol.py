@@ -63,7 +63,14 @@ from walship.errors import (
 )
 from walship.limits import DEFAULT_LIMITS
 from walship.position import Lsn, Position, Term
-from walship.wal.record import CHAIN_BYTES, HEADER, HEADER_BYTES, Record, crc32c, iter_records
+from walship.wal.record import (
+    CHAIN_BYTES,
+    HEADER,
+    HEADER_BYTES,
+    VerifiedRun,
+    crc32c,
+    verify_run,
+)
 
 PROTOCOL_VERSION: Final = 1
 SECRET_ENV: Final = "WALSHIP_REPLICATION_SECRET"  # noqa: S105 (a variable name)
@@ -266,7 +273,7 @@ class WalBatch(_Wire, frozen=True):
     def prev_position(self) -> Position:
         return Position(Term(self.prev_term), Lsn(self.prev_lsn))
 
-    def iter_records(self, record_bytes_max: int = DEFAULT_LIMITS.record_bytes_max) -> list[Record]:
+    def verified(self, record_bytes_max: int = DEFAULT_LIMITS.record_bytes_max) -> VerifiedRun:
         """Decode and verify the records; see ``decode_batch``."""
         return decode_batch(self, record_bytes_max)
 
@@ -690,7 +697,7 @@ def _wal_batch(
 
 def decode_batch(
     batch: WalBatch, record_bytes_max: int = DEFAULT_LIMITS.record_bytes_max
-) -> list[Record]:
+) -> VerifiedRun:
     """The batch's records, each CRC-checked, consecutive, term-ordered and chain-linked.
 
     Checks the batch against itself (from its ``prev_*`` fields); whether ``prev_*`` is the
@@ -698,20 +705,16 @@ def decode_batch(
     """
     span = f"WalBatch {batch.first_lsn}..{batch.last_lsn}"
     try:
-        records = iter_records(batch.records, record_bytes_max)
+        run = verify_run(
+            batch.records,
+            batch.prev_lsn,
+            batch.prev_term,
+            batch.prev_chain,
+            batch.term,
+            record_bytes_max,
+        )
     except CorruptionError as exc:
         raise ProtocolError(f"{span}: {exc.message}", **exc.details) from exc
-    lsn, term, chain = batch.prev_lsn, batch.prev_term, batch.prev_chain
-    for rec in records:
-        if rec.lsn != lsn + 1:
-            raise ProtocolError(f"{span}: record lsn {rec.lsn} where {lsn + 1} was due")
-        if not term <= rec.term <= batch.term:
-            raise ProtocolError(
-                f"{span}: record {rec.lsn} has term {rec.term}, outside {term}..{batch.term}"
-            )
-        if not rec.verify_chain(chain):
-            raise ProtocolError(f"{span}: chain hash mismatch at record {rec.lsn}")
-        lsn, term, chain = rec.lsn, rec.term, rec.chain
-    if lsn != batch.last_lsn:
-        raise ProtocolError(f"{span}: the records end at lsn {lsn}")
-    return records
+    if run.last_lsn != batch.last_lsn:
+        raise ProtocolError(f"{span}: the records end at lsn {run.last_lsn}")
+    return run

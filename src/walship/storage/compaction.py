@@ -19,7 +19,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from walship.fsutil import fsync_dir
-from walship.storage.parquet import SCHEMA, PartInfo, PartReader, _sha256, part_name
+from walship.storage.parquet import (
+    DICTIONARY_COLUMNS,
+    SCHEMA,
+    PartInfo,
+    PartReader,
+    _sha256,
+    part_name,
+)
 
 
 class _RowSource:
@@ -94,7 +101,9 @@ def merge_parts(
     groups: list[tuple[str, str]] = []
     min_ts: int | None = None
     max_ts: int | None = None
-    with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
+    with pq.ParquetWriter(
+        tmp, SCHEMA, compression="zstd", use_dictionary=DICTIONARY_COLUMNS
+    ) as writer:
         for start in range(0, total, row_group_rows):
             end = min(start + row_group_rows, total)
             chunk_src = srcs[start:end]

@@ -91,11 +91,23 @@ class WalCursor:
             return None
         return int(HEADER.unpack(head)[2])
 
+    def backlog_bytes(self) -> int | None:
+        """Bytes written but not yet read in this cursor's segment; None when unknown (no
+        segment open yet, or the records continue in another segment)."""
+        if self._file is None:
+            return None
+        end = self.wal.segment_end(self._segment_first)
+        if end is None or end <= self._offset:
+            return None
+        return end - self._offset
+
     def read(self, max_bytes: int) -> RawBatch | None:
         """The next whole records written so far, at most ``max_bytes`` of them (or one record
         when it alone is larger); None when there is none yet.
 
-        Raises WalGone when they were removed, CorruptionError when a record fails its CRC.
+        A batch ends where an atomic append ends whenever one fits, so a follower rarely has to
+        hold the start of an append until the rest arrives. Raises WalGone when the records
+        were removed, CorruptionError when a record fails its CRC.
         """
         written = self.wal.written_lsn.value
         if self.next_lsn > written:
@@ -110,33 +122,41 @@ class WalCursor:
             # this segment is finished: the next lsn is in the following one
             self._open_segment()
             end_offset = self.wal.segment_end(self._segment_first) or 0
+        available = max(end_offset - self._offset, 0)
         self._file.seek(self._offset)
-        data = self._file.read(min(max(end_offset - self._offset, 0), max_bytes + (4 << 20)))
-        pos = 0
+        data = self._file.read(min(available, max(max_bytes, HEADER_BYTES)))
+        if len(data) >= HEADER_BYTES:
+            first_len = HEADER_BYTES + HEADER.unpack_from(data, 0)[0]
+            if max_bytes < first_len <= available:
+                data += self._file.read(first_len - len(data))  # one record beyond max_bytes
+        pos = boundary = 0
         first = self.next_lsn
         lsn = first - 1
-        term = 0
-        chain = b""
+        last = (first - 1, 0, b"")  # (lsn, term, chain) of the last record taken
+        at_boundary = last
         body_max = self.wal.limits.record_bytes_max
+        view = memoryview(data)
         while pos + HEADER_BYTES <= len(data):
-            body_len, crc, rec_lsn, rec_term, _, rec_chain = HEADER.unpack_from(data, pos)
+            body_len, crc, rec_lsn, rec_term, left, rec_chain = HEADER.unpack_from(data, pos)
             end = pos + HEADER_BYTES + body_len
             if body_len > body_max or end > len(data) or rec_lsn > written:
                 break
-            if pos > 0 and end > max_bytes:
-                break  # never more than max_bytes unless one record alone is larger
-            view = memoryview(data)[pos:end]
-            if crc32c(view[8:], crc32c(view[0:4])) != crc:
+            if crc32c(view[pos + 8 : end], crc32c(view[pos : pos + 4])) != crc:
                 raise CorruptionError(
                     f"WAL record lsn {rec_lsn} fails its CRC at offset {self._offset + pos}",
                     offset=self._offset + pos,
                 )
             if rec_lsn != lsn + 1:
                 raise CorruptionError(f"WAL lsn {rec_lsn} where {lsn + 1} was expected")
-            lsn, term, chain = rec_lsn, rec_term, rec_chain
+            lsn = rec_lsn
+            last = (rec_lsn, rec_term, rec_chain)
             pos = end
+            if left == 0:
+                boundary, at_boundary = pos, last
         if lsn < first:
             return None
+        if 0 < boundary < pos:
+            pos, last = boundary, at_boundary  # end on the last whole append that fitted
         self._offset += pos
-        self.next_lsn = lsn + 1
-        return RawBatch(first, lsn, term, chain, data[:pos])
+        self.next_lsn = last[0] + 1
+        return RawBatch(first, last[0], last[1], last[2], data[:pos])

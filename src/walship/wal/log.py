@@ -34,6 +34,7 @@ from walship.wal.record import (
     Record,
     RecordIncomplete,
     RecordInvalid,
+    VerifiedRun,
     decode_record,
     encode_record,
 )
@@ -304,29 +305,38 @@ class Wal:
             self._wake.notify()
         return result
 
-    def append_records(self, records: Sequence[Record]) -> Future[WriteOutcome]:
+    def append_run(self, run: VerifiedRun) -> Future[WriteOutcome]:
         """Append records exactly as another node wrote them (a follower's path).
 
-        Each must continue this log: next lsn, non-decreasing term, chain that follows.
-        Raises CorruptionError (and appends nothing) otherwise.
+        ``verify_run`` checked every record against the one before, from ``run.prev_*``; the run
+        continues this log when that is this log's tail. CorruptionError (and nothing
+        appended) otherwise. The records must end an atomic append (``batch_left == 0``).
         """
+        records = run.records
+        invariant(
+            not records or records[-1].batch_left == 0,
+            f"a run ending at lsn {run.last_lsn} cuts an atomic append",
+        )
         with self._lock:
             self._wait_for_space()
-            lsn, term, chain = self._last_lsn, self._last_term, self._last_chain
+            tail = (self._last_lsn, self._last_term, self._last_chain)
+            if (run.prev_lsn, run.prev_term, run.prev_chain) != tail:
+                raise CorruptionError(
+                    f"records after lsn {run.prev_lsn} term {run.prev_term} do not continue the "
+                    f"log at lsn {tail[0]} term {tail[1]}"
+                )
+            if not records:
+                return self._pending_future
+            current = self.terms.current.value
             for rec in records:
-                if rec.lsn != lsn + 1 or rec.term < term or not rec.verify_chain(chain):
-                    raise CorruptionError(
-                        f"record lsn {rec.lsn} term {rec.term} does not continue the log at "
-                        f"lsn {lsn} term {term}"
-                    )
-                lsn, term, chain = rec.lsn, rec.term, rec.chain
-            for rec in records:
-                if rec.term > self.terms.current.value:
+                if rec.term > current:
                     # a record of a newer term: record where that term starts before writing it
                     self.terms.start(Term(rec.term), Lsn(rec.lsn))
+                    current = rec.term
                 self._pending.append(rec.raw)
                 self._pending_bytes += len(rec.raw)
-            self._last_lsn, self._last_term, self._last_chain = lsn, term, chain
+            last = records[-1]
+            self._last_lsn, self._last_term, self._last_chain = last.lsn, last.term, last.chain
             self._wake.notify()
             return self._pending_future
 

@@ -20,10 +20,11 @@ N identical up to N, which is what followers and divergence repair compare.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from hashlib import blake2b
+from typing import NamedTuple
 
 import crc32c as _crc32c
+import msgspec
 
 from walship.errors import CorruptionError
 
@@ -32,16 +33,16 @@ HEADER_BYTES = HEADER.size  # 32
 CHAIN_BYTES = 8
 GENESIS_CHAIN = bytes(CHAIN_BYTES)
 _LEN = struct.Struct("<I")
-_LSN_TERM_CRC = struct.Struct("<QQI")
+_CHAIN_INPUT = struct.Struct("<8sQQI")  # prev_chain, lsn, term, crc32c(body)
 
 crc32c = _crc32c.crc32c
 
 
 def next_chain(prev_chain: bytes, lsn: int, term: int, body: bytes) -> bytes:
     """The chain hash of a record, from the previous record's chain."""
-    h = blake2b(prev_chain, digest_size=CHAIN_BYTES)
-    h.update(_LSN_TERM_CRC.pack(lsn, term, crc32c(body)))
-    return h.digest()
+    return blake2b(
+        _CHAIN_INPUT.pack(prev_chain, lsn, term, crc32c(body)), digest_size=CHAIN_BYTES
+    ).digest()
 
 
 _REST = struct.Struct("<QII8s")
@@ -55,17 +56,14 @@ def encode_record(
 
     ``batch_left`` is how many records of the same atomic append follow this one.
     """
-    h = blake2b(prev_chain, digest_size=CHAIN_BYTES)
-    h.update(_LSN_TERM_CRC.pack(lsn, term, crc32c(body)))
-    chain = h.digest()
+    chain = next_chain(prev_chain, lsn, term, body)
     rest = _REST.pack(lsn, term, batch_left, chain)
     length = _LEN.pack(len(body))
     crc = crc32c(body, crc32c(rest, crc32c(length)))
     return b"".join((length, _LEN.pack(crc), rest, body)), chain
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(msgspec.Struct, frozen=True, gc=False):
     """A decoded, CRC-verified record. ``raw`` is the exact bytes as stored."""
 
     lsn: int
@@ -104,25 +102,88 @@ def decode_record(buf: bytes | memoryview, offset: int, body_bytes_max: int) -> 
     if end > len(buf):
         raise RecordIncomplete(f"record at offset {offset} needs {end - len(buf)} more bytes")
     raw = bytes(buf[offset:end])
-    actual = crc32c(raw[8:], crc32c(raw[0:4]))
+    view = memoryview(raw)
+    actual = crc32c(view[8:], crc32c(view[0:4]))
     if actual != crc:
         raise RecordInvalid(
             f"CRC mismatch at offset {offset} (lsn field {lsn}): "
             f"stored {crc:08x}, computed {actual:08x}"
         )
-    return Record(
-        lsn=lsn, term=term, chain=chain, body=raw[HEADER_BYTES:], raw=raw, batch_left=batch_left
-    )
+    return Record(lsn, term, chain, raw[HEADER_BYTES:], raw, batch_left)
 
 
-def iter_records(buf: bytes | memoryview, body_bytes_max: int, offset: int = 0) -> list[Record]:
-    """Decode every whole record in ``buf`` (a shipped batch); CorruptionError on any defect."""
+class VerifiedRun(NamedTuple):
+    """Records that ``verify_run`` checked against each other and against the position they
+    follow (``prev_*``). A log that ends exactly at ``prev_*`` can take them as they are."""
+
+    prev_lsn: int
+    prev_term: int
+    prev_chain: bytes
+    records: list[Record]
+
+    @property
+    def last_lsn(self) -> int:
+        return self.records[-1].lsn if self.records else self.prev_lsn
+
+
+def verify_run(
+    buf: bytes,
+    prev_lsn: int,
+    prev_term: int,
+    prev_chain: bytes,
+    term_max: int,
+    body_bytes_max: int,
+) -> VerifiedRun:
+    """Decode the records in ``buf`` (a shipped batch) and check each against the one before:
+    CRC, the next lsn, a term in ``prev_term..term_max`` never going down, and the chain hash
+    from ``prev_chain``. CorruptionError naming the first defect; never a partial answer.
+
+    This is the one place a follower checks shipped records; ``Wal.append_run`` then only has
+    to see that ``prev_*`` is its own tail.
+    """
     out: list[Record] = []
-    while offset < len(buf):
-        try:
-            rec = decode_record(buf, offset, body_bytes_max)
-        except (RecordIncomplete, RecordInvalid) as exc:
-            raise CorruptionError(str(exc), offset=offset) from exc
-        out.append(rec)
-        offset += len(rec.raw)
-    return out
+    append = out.append
+    unpack = HEADER.unpack_from
+    view = memoryview(buf)
+    size = len(buf)
+    lsn, term, chain = prev_lsn, prev_term, prev_chain
+    offset = 0
+    while offset < size:
+        if offset + HEADER_BYTES > size:
+            raise CorruptionError(
+                f"a record header at offset {offset} needs {offset + HEADER_BYTES - size} more "
+                "bytes",
+                offset=offset,
+            )
+        body_len, crc, rec_lsn, rec_term, left, rec_chain = unpack(buf, offset)
+        if body_len > body_bytes_max:
+            raise CorruptionError(
+                f"record length {body_len} exceeds {body_bytes_max} at offset {offset}",
+                offset=offset,
+            )
+        start = offset + HEADER_BYTES
+        end = start + body_len
+        if end > size:
+            raise CorruptionError(
+                f"the record at offset {offset} needs {end - size} more bytes", offset=offset
+            )
+        body = buf[start:end]
+        if crc32c(body, crc32c(view[offset + 8 : start], crc32c(view[offset : offset + 4]))) != crc:
+            raise CorruptionError(
+                f"CRC mismatch at offset {offset} (lsn field {rec_lsn})", offset=offset
+            )
+        if rec_lsn != lsn + 1:
+            raise CorruptionError(f"record lsn {rec_lsn} where {lsn + 1} was due", offset=offset)
+        if not term <= rec_term <= term_max:
+            raise CorruptionError(
+                f"record {rec_lsn} has term {rec_term}, outside {term}..{term_max}", offset=offset
+            )
+        digest = blake2b(
+            _CHAIN_INPUT.pack(chain, rec_lsn, rec_term, crc32c(body)), digest_size=CHAIN_BYTES
+        ).digest()
+        if digest != rec_chain:
+            raise CorruptionError(f"chain hash mismatch at record {rec_lsn}", offset=offset)
+        append(Record(rec_lsn, rec_term, rec_chain, body, buf[offset:end], left))
+        lsn, term, chain = rec_lsn, rec_term, rec_chain
+        offset = end
+    return VerifiedRun(prev_lsn, prev_term, prev_chain, out)
