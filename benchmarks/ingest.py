@@ -42,8 +42,8 @@ TARGETS = {
 
 def in_process(n: int, data_dir: Path) -> dict[str, Any]:
     """Embedded Store, batches of 1,000 submitted with up to 4 in flight; fsync always."""
-    from walship.allocator import tune_allocator
     from walship.events import EventIn
+    from walship.runtime import tune_allocator
     from walship.store import Store, StoreConfig
 
     tune_allocator()  # as `walship serve` does

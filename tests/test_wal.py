@@ -375,8 +375,27 @@ def test_an_append_never_spans_two_segments(tmp_path: Path) -> None:
 def test_allocator_tuning_applies_on_glibc() -> None:
     import platform
 
-    from walship.allocator import tune_allocator
+    from walship.runtime import tune_allocator
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
     assert tune_allocator() is True
+
+
+def test_server_process_tuning_sets_switch_interval_and_collector() -> None:
+    import gc
+    import sys
+
+    from walship.runtime import GC_THRESHOLDS, SWITCH_INTERVAL_S, settle, tune_process
+
+    interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    try:
+        tune_process()
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
+        assert gc.get_threshold() == GC_THRESHOLDS
+        settle()
+        assert gc.get_freeze_count() > 0  # what was alive is out of later collections
+    finally:
+        gc.unfreeze()
+        sys.setswitchinterval(interval)
+        gc.set_threshold(*thresholds)

@@ -47,7 +47,6 @@ from walship.events import (
     new_event_ids,
     now_us,
     prepare,
-    stored_from_body,
 )
 from walship.fsutil import atomic_write, fsync_dir
 from walship.limits import DEFAULT_LIMITS, Limits
@@ -604,15 +603,35 @@ class Store:
     # ------------------------------------------------------------------ applying shipped records
 
     def _apply_record(self, rec: Record) -> None:
-        """Add a WAL record (recovery or replication) to the memtable and versions."""
-        body = decode_body(rec.body)
-        if body.event_type.startswith(SYSTEM_PREFIX):
-            return
-        ev = stored_from_body(rec.lsn, rec.term, body)
-        self._active.add(ev)
-        key = entity_key(ev.tenant_id, ev.entity_id)
-        if ev.version > self._versions.get(key, 0):
-            self._versions[key] = ev.version
+        """Add a WAL record (recovery) to the memtable and versions."""
+        self._apply_records((rec,))
+
+    def _apply_records(self, records: Sequence[Record]) -> None:
+        """Add WAL records (recovery or replication) to the memtable and versions."""
+        decode = decode_body
+        events = []
+        for rec in records:
+            b = decode(rec.body)
+            if b.event_type.startswith(SYSTEM_PREFIX):
+                continue
+            events.append(
+                StoredEvent(
+                    rec.lsn,
+                    rec.term,
+                    b.id,
+                    b.tenant_id,
+                    b.entity_id,
+                    b.event_type,
+                    b.timestamp_us,
+                    b.version,
+                    b.payload,
+                    b.metadata,
+                )
+            )
+        versions = self._versions
+        for key, version in self._active.add_all(events).items():
+            if version > versions.get(key, 0):
+                versions[key] = version
 
     def apply_run(self, run: VerifiedRun) -> Future[WriteOutcome]:
         """Append records another node wrote (a follower) and index them; returns the write."""
@@ -620,8 +639,7 @@ class Store:
         with self._lock:
             self._check_writable()
             fut = self.wal.append_run(run)
-            for rec in records:
-                self._apply_record(rec)
+            self._apply_records(records)
             if records:
                 self.metrics.appends.inc(len(records))
                 self.metrics.last_lsn.set(records[-1].lsn)

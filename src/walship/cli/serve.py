@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from walship.allocator import tune_allocator
 from walship.cli.output import fail
 from walship.errors import CorruptionError, InvalidInput, WalshipError
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.peers import split_urls
+from walship.runtime import settle, tune_process
 from walship.wal import FsyncPolicy
 
 if TYPE_CHECKING:
@@ -522,7 +522,7 @@ def _open_node(
         admin_token=admin_token,
         peers=peers,
     )
-    tune_allocator()
+    tune_process()
     try:
         return Node.open(config)
     except CorruptionError as exc:
@@ -567,6 +567,7 @@ def _run(node: Node, sock: socket.socket, log_level: str) -> None:
     host, port = sock.getsockname()[:2]
 
     def started() -> None:
+        settle()  # everything the server needs is loaded: keep it out of later collections
         health = node.health()
         print(
             f"walship {node.node_id} {START_LINE_MARK}{_url(host, port)} "
