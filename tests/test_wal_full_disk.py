@@ -514,3 +514,22 @@ def _all() -> Any:
     from walship.storage.query import QueryFilter
 
     return QueryFilter()
+
+
+def test_a_rollback_does_not_deadlock_a_close_under_the_store_lock(
+    store: Store, disk: FullDisk
+) -> None:
+    """A snapshot install or a cut closes the WAL while holding the store lock; a rollback
+    in the writer, waiting for that lock to forget events, must not keep the close waiting."""
+    store.append(make_event("acct-1"))
+    disk.full = True
+    with store._lock:
+        pending = store.submit([make_event("acct-1")])
+        time.sleep(0.1)  # the writer is rolling back, waiting for the store lock
+        closer = threading.Thread(target=store.wal.close)
+        closer.start()
+        closer.join(5)
+        assert not closer.is_alive(), "closing the WAL deadlocked with its rollback"
+    assert pending.done is not None
+    with pytest.raises(StorageFull):
+        pending.done.result(timeout=5)

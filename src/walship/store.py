@@ -610,7 +610,13 @@ class Store:
     def _forget_after(self, lsn: int) -> None:
         """WAL rollback listener (writer thread): drop the events after ``lsn`` from the
         memtables, and put their entities' versions back to what they were before them."""
-        with self._lock:
+        wal = self.wal
+        while not self._lock.acquire(timeout=0.05):
+            if wal.closing:
+                # closed under the store lock (a snapshot install or a cut), which waits for
+                # this thread: the memtables are rebuilt from the files, which are already cut
+                return
+        try:
             removed = self._active.truncate_after(lsn)
             if self._frozen is not None:
                 removed += self._frozen.truncate_after(lsn)
@@ -625,6 +631,8 @@ class Store:
                 else:
                     self._versions.pop(key, None)
             self.metrics.last_lsn.set(lsn)
+        finally:
+            self._lock.release()
         if removed:
             log.info(
                 "forgot %d events after lsn %d (rolled back by a full disk)", len(removed), lsn

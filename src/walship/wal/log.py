@@ -310,6 +310,11 @@ class Wal:
         return Lsn(self._synced_lsn)
 
     @property
+    def closing(self) -> bool:
+        """True once ``close`` has begun."""
+        return self._closing
+
+    @property
     def failed(self) -> WalFailed | StorageFull | None:
         """Why appends are refused: WalFailed for good, StorageFull while the disk is full."""
         return self._failed or self._full
