@@ -2,11 +2,11 @@
 lsns, and writes resume at the next lsn once space is back -- with nothing of the refused
 writes left on disk, in the WAL's counters or in the store.
 
-The disk is simulated in-process: ``FullDisk`` replaces the ``os`` module the WAL calls (as
-``FailingFsync`` in test_storage_faults.py does) and, while armed, fails ``pwrite`` and
-``posix_fallocate`` (the free-space probe) with ENOSPC or EDQUOT; segment creation is failed by
-replacing ``create_segment``. The real-disk version of the story, on a small tmpfs, is in
-test_storage_faults.py.
+The disk is simulated in-process: ``FullDisk`` (tests/fulldisk.py) replaces the ``os`` module
+the WAL calls and, while armed, fails ``pwrite`` and ``posix_fallocate`` (the free-space
+probe) with ENOSPC or EDQUOT; segment creation is failed by replacing ``create_segment``.
+The real-disk version of the story, on a small tmpfs, is in test_storage_faults.py; a
+follower's, in test_replication_unit.py.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import pytest
 
 import walship.wal.log as wal_log
 from tests.conftest import make_event
+from tests.fulldisk import FullDisk
 from walship.errors import StorageFull, VersionConflict, WalFailed
 from walship.limits import Limits
 from walship.position import Lsn, Term
@@ -40,65 +41,6 @@ from walship.wal.segment import (
 PROBE_MS = 20
 LIMITS = Limits(storage_full_probe_ms=PROBE_MS)
 RECORD_BYTES = 32 + 100  # header + body(i)
-
-
-class FullDisk:
-    """Stands in for the ``os`` module inside ``walship.wal.log``. While ``full`` (or once
-    ``writes_left`` more ``pwrite`` calls have succeeded), ``pwrite`` and ``posix_fallocate``
-    (the free-space probe) fail with ``errno``; with ``partial`` set, the first failing
-    ``pwrite`` writes two thirds of its bytes first (a record and a piece of the next), as a
-    real write that runs out of space midway does. ``hold()`` makes ``pwrite`` wait for
-    ``release()``: appends made meanwhile queue up as the next group."""
-
-    def __init__(self) -> None:
-        self.full = False
-        self.writes_left: int | None = None
-        self.errno = errno.ENOSPC
-        self.partial = False
-        self.fsyncs = 0
-        self._hold: threading.Event | None = None
-        self.held = threading.Event()
-
-    def is_full(self) -> bool:
-        return self.full or self.writes_left == 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(os, name)
-
-    def _no_space(self) -> OSError:
-        return OSError(self.errno, os.strerror(self.errno))
-
-    def hold(self) -> None:
-        self.held.clear()
-        self._hold = threading.Event()
-
-    def release(self) -> None:
-        assert self._hold is not None
-        hold, self._hold = self._hold, None
-        hold.set()
-
-    def pwrite(self, fd: int, data: Any, offset: int) -> int:
-        hold = self._hold
-        if hold is not None:
-            self.held.set()
-            assert hold.wait(5)
-        if self.is_full():
-            if self.partial and len(data) > 1:
-                self.partial = False
-                return os.pwrite(fd, bytes(data[: len(data) * 2 // 3]), offset)
-            raise self._no_space()
-        if self.writes_left is not None:
-            self.writes_left -= 1
-        return os.pwrite(fd, data, offset)
-
-    def posix_fallocate(self, fd: int, offset: int, size: int) -> None:
-        if self.is_full():
-            raise self._no_space()
-        os.posix_fallocate(fd, offset, size)
-
-    def fdatasync(self, fd: int) -> None:
-        self.fsyncs += 1
-        os.fdatasync(fd)
 
 
 @pytest.fixture
