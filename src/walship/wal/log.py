@@ -515,8 +515,6 @@ class Wal:
                     return  # the undo failed: the WAL has failed for good
                 continue
             future.set_result(outcome)
-            with self._lock:
-                self._inflight = None
             if self._on_commit is not None:
                 self._on_commit(len(batch), nbytes, fsync_s)
             for listener in list(self._listeners):
@@ -601,6 +599,7 @@ class Wal:
         with self._lock:
             self._written_lsn = last_lsn
             self._written_term, self._written_chain = last_term, last_chain
+            self._inflight = None  # written: whoever asks from now on needs no future
             if synced:
                 self._synced_lsn = last_lsn
         return WriteOutcome(last_lsn, synced or self._synced_lsn >= last_lsn), fsync_s
