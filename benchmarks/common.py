@@ -54,11 +54,7 @@ def percentile(values: list[float], p: float) -> float:
 def server(data_dir: Path, *extra: str, port: int | None = None) -> Iterator[str]:
     """Run ``walship serve`` in a subprocess; yields its base URL; always stops it."""
     port = port or free_port()
-    env = {
-        **os.environ,
-        "MALLOC_TRIM_THRESHOLD_": "1073741824",
-        "MALLOC_MMAP_THRESHOLD_": "67108864",
-    }
+    env = dict(os.environ)
     cmd = [
         sys.executable, "-m", "walship", "serve",
         "--data-dir", str(data_dir), "--http-host", "127.0.0.1", "--http-port", str(port),
@@ -88,6 +84,46 @@ def server(data_dir: Path, *extra: str, port: int | None = None) -> Iterator[str
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class RawHttp:
+    """A keep-alive HTTP/1.1 client on one socket, for latency: a request costs it a
+    ``sendall`` and a ``recv`` or two, where httpx adds ~0.5 ms of Python per request — as
+    much as the replication being measured. Answers must carry Content-Length (walship's do).
+    """
+
+    def __init__(self, url: str) -> None:
+        host, port = url.split("//", 1)[1].rsplit(":", 1)
+        self.host = host
+        self.sock = socket.create_connection((host, int(port)))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        self.sock.sendall(head.encode() + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += self._recv()
+        header, _, rest = data.partition(b"\r\n\r\n")
+        lines = header.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        length = next(int(v) for k, _, v in (h.partition(b":") for h in lines[1:])
+                      if k.strip().lower() == b"content-length")  # fmt: skip
+        while len(rest) < length:
+            rest += self._recv()
+        return status, rest[:length]
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def machine() -> dict[str, Any]:

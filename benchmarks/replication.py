@@ -5,7 +5,8 @@ Measures:
   (b) replication lag p50/p99 (the leader's ``lag_ms`` per follower, sampled every 10 ms)
       under steady load at half the async rate
   (c) catch-up of an empty follower through the WAL (records/s) and through a snapshot (MB/s)
-  (d) single-write latency p50/p99 per ack mode (one client, sequential)
+  (d) single-write latency p50/p99 per ack mode (one client, sequential, on a raw socket:
+      httpx would add ~0.5 ms of its own to each request)
 
 All three nodes share the machine's two cores, so (a) is the whole machine's work per event.
 Run: ``python benchmarks/replication.py [--quick]``; results in results/replication.json.
@@ -30,7 +31,7 @@ import httpx
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import event, percentile, save
+from common import RawHttp, event, percentile, save
 from walship.cli.process import NodeProcess
 
 TARGETS = {
@@ -189,13 +190,25 @@ def lag(root: Path, rate: float, seconds: float) -> dict[str, Any]:
     }
 
 
-def _time_catch_up(node: NodeProcess, last: int) -> float:
+def _time_catch_up(leader: NodeProcess, node: NodeProcess, last: int) -> tuple[float, float]:
+    """Start ``node`` and wait until it has applied ``last``: (seconds from the moment the
+    leader sees it connect, seconds from process start). The first is the catch-up itself;
+    the second adds the ~1 s a Python process takes to import and open its store."""
     t0 = time.perf_counter()
-    node.start()
-    with httpx.Client(base_url=node.url, timeout=5) as client:
-        while client.get("/health").json()["replication"]["applied_lsn"] < last:
-            time.sleep(0.05)
-    return time.perf_counter() - t0
+    node.spawn()
+    connected = None
+    with httpx.Client(timeout=5) as client:
+        while connected is None:
+            followers = client.get(leader.url + "/health").json()["replication"]["followers"]
+            if any(f["node_id"] == node.node_id for f in followers):
+                connected = time.perf_counter()
+            else:
+                time.sleep(0.005)
+        node.wait_ready()
+        while client.get(node.url + "/health").json()["replication"]["applied_lsn"] < last:
+            time.sleep(0.01)
+    done = time.perf_counter()
+    return done - connected, done - t0
 
 
 def catch_up(root: Path, n: int) -> dict[str, Any]:
@@ -209,8 +222,9 @@ def catch_up(root: Path, n: int) -> dict[str, Any]:
         follower.stop()
         asyncio.run(post_batches(cluster.leader.url, batches(n)))
         last = httpx.get(cluster.leader.url + "/health").json()["last_lsn"]
-        elapsed = _time_catch_up(follower, last)
+        elapsed, with_start = _time_catch_up(cluster.leader, follower, last)
         out["catchup_wal_seconds"] = round(elapsed, 3)
+        out["catchup_wal_seconds_with_start"] = round(with_start, 3)
         out["catchup_wal_records_per_s"] = round(last / elapsed)
     finally:
         cluster.close()
@@ -229,11 +243,12 @@ def catch_up(root: Path, n: int) -> dict[str, Any]:
             time.sleep(0.2)
         last = stats["last_lsn"]
         follower = cluster.add_follower("snapshot-follower", start=False)
-        elapsed = _time_catch_up(follower, last)
+        elapsed, with_start = _time_catch_up(cluster.leader, follower, last)
         fstats = httpx.get(follower.url + "/api/v1/stats").json()
         health = httpx.get(follower.url + "/health").json()["replication"]
         mb = fstats["parquet_bytes"] / 1e6
         out["catchup_snapshot_seconds"] = round(elapsed, 3)
+        out["catchup_snapshot_seconds_with_start"] = round(with_start, 3)
         out["catchup_snapshot_records_per_s"] = round(last / elapsed)
         out["catchup_snapshot_parquet_mb"] = round(mb, 1)
         out["catchup_snapshot_mb_per_s"] = round(mb / elapsed, 1)
@@ -252,13 +267,16 @@ def latency(root: Path, count: int) -> dict[str, Any]:
             cluster.wait_in_sync(2)
             times: list[float] = []
             body = msgspec.json.encode(event(1))
-            with httpx.Client(base_url=cluster.leader.url, timeout=10) as client:
+            client = RawHttp(cluster.leader.url)
+            try:
                 for _ in range(count):
                     t0 = time.perf_counter()
-                    r = client.post("/api/v1/events", content=body,
-                                    headers={"content-type": "application/json"})  # fmt: skip
+                    status, answer = client.post("/api/v1/events", body)
                     times.append((time.perf_counter() - t0) * 1000)
-                    r.raise_for_status()
+                    if status != 200:
+                        raise RuntimeError(f"{mode}: {status} {answer[:200]!r}")
+            finally:
+                client.close()
             key = mode.replace("-", "_").replace(":", "")
             out[f"{key}_single_p50_ms"] = round(percentile(times, 50), 3)
             out[f"{key}_single_p99_ms"] = round(percentile(times, 99), 3)

@@ -56,6 +56,12 @@ def _close_node() -> Iterator[None]:
 )
 def test_no_generated_request_gets_a_server_error(case: Any) -> None:
     response = case.call()
+    if response.status_code == 504:
+        # the one documented 5xx: a min_lsn read whose wait expired (generated lsns are often
+        # beyond this node's log); anything else from the 5xx range is a failure
+        assert response.json()["error"] == "wait_timeout", response.text
+        assert "min_lsn" in case.query, case.query
+        return
     case.validate_response(response, checks=[not_a_server_error])
     if response.status_code >= 400 and case.path != "/metrics":
         body = response.json()

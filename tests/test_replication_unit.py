@@ -9,6 +9,7 @@ skipped; plus the pure pieces (Backoff, the staging directory's name checks).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from walship.errors import InvalidInput, ProtocolError, Unavailable, WaitTimeout
+import walship.wal.log as wal_log
+from walship.errors import InvalidInput, ProtocolError, StorageFull, Unavailable, WaitTimeout
 from walship.limits import Limits
 from walship.replication import leader as leader_mod
 from walship.replication.config import ReplicationConfig
@@ -44,6 +46,7 @@ from walship.wal import FsyncPolicy
 from walship.wal.record import GENESIS_CHAIN
 
 from .conftest import make_event
+from .fulldisk import FullDisk
 
 SECRET = b"s3cret"
 # small frames so catch-up takes many batches; fast heartbeats so idle links are exercised
@@ -460,6 +463,47 @@ def test_corrupted_wal_batch_is_rejected_counted_and_recovered(
             assert_identical(fstore, lstore)
             registry = fstore.metrics.registry
             assert registry.get_sample_value("walship_replication_frames_rejected_total") == 1
+        finally:
+            await follower.stop()
+            await leader.stop()
+            fstore.close()
+            lstore.close()
+
+    run(scenario)
+
+
+def test_follower_out_of_space_resubscribes_and_catches_up_once_space_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The follower's disk fills while it streams: its write is rolled back, the link drops,
+    and it resubscribes from its own end of log (after a backoff) until there is space; then
+    it catches up, byte-identical, with nothing applied twice or skipped."""
+    disk = FullDisk(only_under=tmp_path / "f1")
+    monkeypatch.setattr(wal_log, "os", disk)
+    limits = dataclasses.replace(LIMITS, storage_full_probe_ms=20)
+
+    async def scenario() -> None:
+        lstore = open_store(tmp_path / "leader", "leader", limits)
+        fstore = open_store(tmp_path / "f1", "f1", limits)
+        leader = await start_leader(lstore)
+        assert leader.port is not None
+        follower = make_follower(fstore, leader.port)
+        try:
+            before = await write(lstore, 100)
+            await follower.start()
+            await follower.wait_applied(before, TIMEOUT_S)
+            disk.full = True
+            last = await write(lstore, 100, start=100)
+            await eventually(lambda: follower.reconnects >= 2)
+            assert isinstance(fstore.wal.failed, StorageFull)
+            assert "no space left" in (follower.last_error or "")
+            assert fstore.wal.last_position.lsn.value == before == follower.applied_lsn
+            assert len(query_all(fstore)) == before
+
+            disk.full = False
+            await follower.wait_applied(last, TIMEOUT_S)
+            assert fstore.wal.failed is None
+            assert_identical(fstore, lstore)
         finally:
             await follower.stop()
             await leader.stop()

@@ -1,8 +1,10 @@
 """Storage faults: a full disk and a failing fsync, against a real store behind the HTTP API.
 
 The promises: when the disk fills, writes are refused with a clear 507 ``storage_full`` while
-reads go on and ``/health`` says why; nothing on disk is corrupted, and a restart once space
-is back recovers every acknowledged write exactly once, gapless. An fsync error is fatal for
+reads go on and ``/health`` says why; nothing on disk is corrupted; once space is back, writes
+resume without a restart at the next lsn (the refused ones never took effect: a retry with
+the same ids stores them once), and a restart recovers every acknowledged write exactly once,
+gapless. An fsync error is fatal for
 the WAL (PostgreSQL's "fsyncgate"): the node refuses every later write with 503 and reports
 unhealthy, and never retries the fsync as if the data were safe.
 
@@ -119,14 +121,27 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def fill(api: TestClient) -> tuple[set[str], dict[str, Any]]:
-    """Append batches until the disk is full; the acknowledged ids and the first refusal."""
+    """Append batches until the disk is full; the acknowledged ids and the first refusal (with
+    the refused events under ``events``)."""
     acked: set[str] = set()
     for _ in range(10 * DISK_MIB * 1024 * 1024 // (BATCH * len(PAYLOAD))):
-        response = api.post("/api/v1/events/batch", json={"events": batch()})
+        events = batch()
+        response = api.post("/api/v1/events/batch", json={"events": events})
         if response.status_code != 200:
-            return acked, {"status": response.status_code, **response.json()}
+            return acked, {"status": response.status_code, "events": events, **response.json()}
         acked.update(r["event_id"] for r in response.json()["receipts"])
     raise AssertionError(f"wrote {len(acked)} events to a {DISK_MIB} MiB disk without filling it")
+
+
+def wait_for_writes(api: TestClient, event: dict[str, Any]) -> dict[str, Any]:
+    """Post ``event`` until it is taken (space is back); its receipt. Fails after 2 s."""
+    deadline = time.monotonic() + 2
+    while (response := api.post("/api/v1/events", json=event)).status_code != 200:
+        assert response.status_code == 507, response.text
+        assert time.monotonic() < deadline, response.text
+        time.sleep(0.05)
+    receipt: dict[str, Any] = response.json()
+    return receipt
 
 
 def test_full_disk_refuses_writes_with_507_keeps_reads_and_recovers_after_restart(
@@ -155,15 +170,14 @@ def test_full_disk_refuses_writes_with_507_keeps_reads_and_recovers_after_restar
             assert health.json()["status"] == "unhealthy"
             assert "no space left" in health.json()["wal_failed"]
 
-            # space comes back: today the WAL stays failed until the node restarts (a
-            # rollback of the failed group would lift this; see the xfail test below)
+            # space comes back: writes resume (the test below looks closer), health recovers
             _mount(small_disk, 4 * DISK_MIB, remount=True)
-            after = api.post("/api/v1/events", json=batch(1)[0])
-            assert after.status_code == 507
+            acked.add(wait_for_writes(api, batch(1)[0])["event_id"])
+            assert api.get("/health").status_code == 200
     finally:
         node.close()
 
-    # nothing is corrupted: at most a torn tail (the refused group), which start-up cuts
+    # nothing is corrupted: the refused group was cut away before it was refused
     checked = CliRunner().invoke(cli_app, ["wal", "verify", str(data_dir)])
     assert checked.exit_code == 0, checked.output
     assert "corrupt" not in checked.output
@@ -181,26 +195,44 @@ def test_full_disk_refuses_writes_with_507_keeps_reads_and_recovers_after_restar
         node.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not built yet: the WAL fails for good on ENOSPC (wal/log.py _storage_error); "
-    "writes resuming without a restart needs the failed group rolled back (segment truncated "
-    "to the last written offset, its lsns and chain reverted, the store's memtable, versions "
-    "and id index undone) — proposed in issue 5's report",
-)
 def test_writes_resume_when_space_returns_without_a_restart(small_disk: Path) -> None:
-    node = open_node(small_disk / "data")
+    """The disk fills mid-run and is grown again: the next write gets the next lsn, the
+    refused batch retried with the same ids is stored once (it never took effect), and the
+    log on disk reads back exactly as acknowledged, with a restart and without."""
+    data_dir = small_disk / "data"
+    node = open_node(data_dir)
     try:
         with TestClient(create_app(node)) as api:
             acked, refusal = fill(api)
             assert refusal["status"] == 507
+            last_acked = all_events(api)[-1]["lsn"]
+            assert api.get("/health").json()["last_lsn"] == last_acked  # no lsn of the refused
             _mount(small_disk, 4 * DISK_MIB, remount=True)
-            deadline = time.monotonic() + 2
-            while (response := api.post("/api/v1/events", json=batch(1)[0])).status_code != 200:
-                assert time.monotonic() < deadline, response.text
-                time.sleep(0.1)
+            receipt = wait_for_writes(api, batch(1)[0])
+            assert receipt["lsn"] == last_acked + 1
+            acked.add(receipt["event_id"])
+
+            retried = api.post("/api/v1/events/batch", json={"events": refusal["events"]})
+            assert retried.status_code == 200, retried.text
+            assert not any(r["duplicate"] for r in retried.json()["receipts"])
+            assert retried.json()["first_lsn"] == last_acked + 2
+            acked.update(r["event_id"] for r in retried.json()["receipts"])
             events = all_events(api)
-            assert_intact(events, acked | {response.json()["event_id"]})
+            assert_intact(events, acked)
+            assert {e["id"] for e in events} == acked
+            health = api.get("/health").json()
+            assert health["status"] == "healthy" and health["wal_failed"] is None
+            assert health["last_lsn"] == events[-1]["lsn"]
+    finally:
+        node.close()
+
+    checked = CliRunner().invoke(cli_app, ["wal", "verify", str(data_dir)])
+    assert checked.exit_code == 0, checked.output
+    node = open_node(data_dir)
+    try:
+        with TestClient(create_app(node)) as api:
+            assert {e["id"] for e in all_events(api)} == acked
+            assert_intact(all_events(api), acked)
     finally:
         node.close()
 

@@ -35,6 +35,7 @@ class Limits:
     record_bytes_max: int = 2 * MIB
     group_commit_bytes_max: int = 8 * MIB
     pending_appends_max: int = 100_000
+    storage_full_probe_ms: int = 200  # while the disk is full: how often to look for space
 
     # memtable and checkpoints
     memtable_events_max: int = 50_000

@@ -50,7 +50,9 @@ class StoreMetrics:
         )
         self.last_lsn = Gauge("walship_last_lsn", "Last lsn written to the WAL", registry=r)
         self.wal_failed = Gauge(
-            "walship_wal_failed", "1 when the WAL has failed and accepts no writes", registry=r
+            "walship_wal_failed",
+            "1 when the WAL accepts no writes: failed for good, or while the disk is full",
+            registry=r,
         )
 
     def on_commit(self, records: int, nbytes: int, fsync_s: float) -> None:

@@ -3,7 +3,10 @@
 Appends are validated outside any lock, then, under the store lock, checked against stored
 ids (idempotency) and entity versions (``expected_version``), given their versions and handed
 to the WAL in one call, which assigns their lsns. Events go into the active memtable at once
-but are only visible to readers once the WAL has written them (``visible_lsn``). A background
+but are only visible to readers once the WAL has written them (``visible_lsn``). When a full
+disk makes the WAL roll a group back, the WAL calls ``_forget_after`` before any append can
+take those lsns again: the events after the last written lsn leave the memtables, and their
+entities' versions and ids are as if they were never appended. A background
 thread checkpoints full or old memtables to Parquet parts and removes WAL segments that are
 checkpointed and released by the retention hook.
 
@@ -31,6 +34,7 @@ import orjson
 
 from walship.errors import (
     InvalidInput,
+    StorageFull,
     Unavailable,
     VersionConflict,
     WalFailed,
@@ -234,7 +238,9 @@ class Store:
             start=(m.last_lsn, m.last_term, m.chain_bytes),
             on_record=replay,
             on_commit=self.metrics.on_commit,
+            on_rollback=self._forget_after,
         )
+        self.metrics.wal_failed.set_function(lambda: 0.0 if self.wal.failed is None else 1.0)
         if self.wal.torn_tail:
             log.warning("WAL recovery truncated a torn tail: %s", self.wal.torn_tail)
         first = self.wal.first_lsn().value
@@ -556,7 +562,8 @@ class Store:
             raise Unavailable("the store is closed")
         failed = self.wal.failed
         if failed is not None:
-            self.metrics.wal_failed.set(1)
+            if isinstance(failed, StorageFull):
+                raise StorageFull(failed.message)  # passes; a fresh error each time
             raise failed
 
     def _throttle_locked(self) -> None:
@@ -599,6 +606,38 @@ class Store:
                 if found is not None:
                     break
         return found
+
+    def _forget_after(self, lsn: int) -> None:
+        """WAL rollback listener (writer thread): drop the events after ``lsn`` from the
+        memtables, and put their entities' versions back to what they were before them."""
+        wal = self.wal
+        while not self._lock.acquire(timeout=0.05):
+            if wal.closing:
+                # closed under the store lock (a snapshot install or a cut), which waits for
+                # this thread: the memtables are rebuilt from the files, which are already cut
+                return
+        try:
+            removed = self._active.truncate_after(lsn)
+            if self._frozen is not None:
+                removed += self._frozen.truncate_after(lsn)
+            lowest: dict[str, int] = {}
+            for ev in removed:
+                key = entity_key(ev.tenant_id, ev.entity_id)
+                lowest[key] = min(ev.version, lowest.get(key, ev.version))
+            for key, version in lowest.items():
+                # an entity's versions run 1, 2, 3 ... in lsn order: the removed ones are its last
+                if version > 1:
+                    self._versions[key] = version - 1
+                else:
+                    self._versions.pop(key, None)
+            self.metrics.last_lsn.set(lsn)
+        finally:
+            self._lock.release()
+        if removed:
+            log.info(
+                "forgot %d events after lsn %d (rolled back by a full disk)", len(removed), lsn
+            )
+        self._update_memtable_gauges()
 
     # ------------------------------------------------------------------ applying shipped records
 
@@ -800,8 +839,13 @@ class Store:
             self._active.created_us = now_us()
             upto = self.wal.last_position
             chain = self.wal.last_chain
+            rollbacks = self.wal.rollbacks
         try:
             self.wal.sync()
+            if self.wal.rollbacks != rollbacks:
+                # a full disk rolled back some of what was frozen: its lsns may have been
+                # taken again since, by events that are not in ``frozen``
+                raise StorageFull("a full disk rolled back events being checkpointed; retrying")
             events = frozen.events
             invariant(events[-1].lsn <= upto.lsn.value, "memtable holds records past the WAL's end")
             first = self._manifest.last_lsn + 1
@@ -964,6 +1008,8 @@ class Store:
                     self.checkpoint()
                 except WalFailed:
                     log.error("checkpoint skipped: the WAL has failed")
+                except StorageFull as exc:
+                    log.warning("checkpoint skipped: %s", exc.message)
                 except Exception:
                     log.exception("checkpoint failed; will retry")
                     self._stop.wait(1.0)

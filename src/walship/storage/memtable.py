@@ -80,6 +80,29 @@ class Memtable:
         self.bytes += size
         return versions
 
+    def truncate_after(self, lsn: int) -> list[StoredEvent]:
+        """Remove the events after ``lsn`` (a WAL group rolled back); returns them in order."""
+        cut = bisect.bisect_right(self.events, lsn, key=_lsn)
+        removed = self.events[cut:]
+        if not removed:
+            return removed
+        del self.events[cut:]
+        entities = {entity_key(ev.tenant_id, ev.entity_id) for ev in removed}
+        for index, keys in (
+            (self.by_entity, entities),
+            (self.by_type, {ev.event_type for ev in removed}),
+        ):
+            for key in keys:
+                kept = index[key]
+                del kept[bisect.bisect_right(kept, lsn, key=_lsn) :]
+                if not kept:
+                    del index[key]
+        for ev in removed:
+            if self.by_id.get(ev.id) is ev:
+                del self.by_id[ev.id]
+            self.bytes -= ev.size_bytes()
+        return removed
+
     def select(self, flt: QueryFilter, visible_lsn: int, limit: int) -> list[StoredEvent]:
         """Up to ``limit`` matching events with lsn <= ``visible_lsn``, in lsn order."""
         if flt.entity_id is not None:

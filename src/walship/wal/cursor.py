@@ -136,7 +136,9 @@ class WalCursor:
         at_boundary = last
         body_max = self.wal.limits.record_bytes_max
         view = memoryview(data)
-        while pos + HEADER_BYTES <= len(data):
+        # never past the written end: beyond it a group is being written, or cut back after
+        # a full disk, so the bytes there may change under this read
+        while lsn < written and pos + HEADER_BYTES <= len(data):
             body_len, crc, rec_lsn, rec_term, left, rec_chain = HEADER.unpack_from(data, pos)
             end = pos + HEADER_BYTES + body_len
             if body_len > body_max or end > len(data) or rec_lsn > written:

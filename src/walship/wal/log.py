@@ -6,7 +6,17 @@ hands them to a single writer thread, which joins everything pending into one ``
 durable as the fsync policy makes them. Readers read records back from the segment files on
 disk, from any lsn; they only see records the writer has finished writing.
 
-An I/O error in the writer fails the WAL for good (the "fsyncgate" lesson: a failed fsync is
+A full disk (ENOSPC or EDQUOT while writing a group, rolling to a new segment or creating one)
+is not fatal: the writer rolls the whole group back -- segments it created are deleted, the
+active segment is cut back to where the group began and fsynced, the lsn counter, term and
+chain return to the last written record, every append queued behind the group fails too (it
+was given lsns above), and ``on_rollback`` lets the store forget what it indexed for them. The
+WAL is then *full*: appends are refused with StorageFull at once, without taking lsns, until
+the writer's probe (every ``storage_full_probe_ms``) can allocate as much as the failed group
+needed; then writes resume at the next lsn, the chain continuing from the last written record.
+
+Any other I/O error, and any error from ``fdatasync``, fails the WAL for good (the
+"fsyncgate" lesson: after a failed fsync the kernel may have dropped the dirty pages, so it is
 never retried as if the data were safe); the node must be restarted, and recovery decides what
 the log holds.
 """
@@ -14,7 +24,9 @@ the log holds.
 from __future__ import annotations
 
 import bisect
+import errno
 import itertools
+import logging
 import os
 import threading
 import time
@@ -25,6 +37,7 @@ from enum import Enum
 from pathlib import Path
 
 from walship.errors import CorruptionError, InvalidInput, StorageFull, WalFailed, invariant
+from walship.fsutil import fsync_dir
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.position import Lsn, Position, Term
 from walship.wal.record import (
@@ -50,6 +63,14 @@ from walship.wal.segment import (
 )
 from walship.wal.terms import TermHistory
 from walship.wal.truncate import finish_truncation
+
+log = logging.getLogger(__name__)
+
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+"""Errors of a full disk or quota: the failed group is rolled back and writes resume later."""
+
+PROBE_FILE = "space-probe.wal.tmp"
+"""Allocated and removed by the free-space probe (``*.wal.tmp``: a crash leaves it to open)."""
 
 
 class FsyncMode(Enum):
@@ -121,8 +142,29 @@ class _Segment:
     sparse_index: list[tuple[int, int]]  # (lsn, offset) every ~256 KiB, for readers
 
 
+@dataclass(frozen=True, slots=True)
+class _GroupStart:
+    """Where the log stood when the writer took a group: what a rollback returns to."""
+
+    active: _Segment
+    bytes: int
+    indexed: int  # length of the active segment's sparse index
+
+
+class _FsyncFailed(Exception):
+    """``fdatasync`` of a file holding log records failed: always fatal (fsyncgate)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 WalListener = Callable[[int], None]
 """Called from the writer thread with the new written lsn after each group commit."""
+
+RollbackListener = Callable[[int], None]
+"""Called from the writer thread after a full disk rolled back everything after this lsn
+(the last written one), before any append can take those lsns again."""
 
 
 class Wal:
@@ -137,6 +179,7 @@ class Wal:
         fsync: FsyncPolicy,
         limits: Limits,
         on_commit: Callable[[int, int, float], None] | None,
+        on_rollback: RollbackListener | None = None,
     ) -> None:
         self.directory = directory
         self.terms = terms
@@ -144,6 +187,7 @@ class Wal:
         self.limits = limits
         self._segments = segments
         self._on_commit = on_commit  # (records, bytes, fsync_seconds) for metrics
+        self._on_rollback = on_rollback
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._space = threading.Condition(self._lock)
@@ -152,6 +196,11 @@ class Wal:
         self._pending_future: Future[WriteOutcome] = Future()
         self._listeners: list[WalListener] = []
         self._failed: WalFailed | StorageFull | None = None
+        self._full: StorageFull | None = None  # refusing appends until the probe finds space
+        self._full_need_bytes = 0
+        self._inflight: Future[WriteOutcome] | None = None  # the group the writer is writing
+        self.rollbacks = 0
+        """Groups rolled back by a full disk since open (a checkpoint compares it)."""
         self._closing = False
         if last is not None:
             self._last_lsn = last.last_lsn
@@ -159,6 +208,8 @@ class Wal:
             self._last_chain = last.last_chain
         else:
             self._last_lsn, self._last_term, self._last_chain = 0, 0, GENESIS_CHAIN
+        # the last record the writer has written: where a rolled-back group returns to
+        self._written_term, self._written_chain = self._last_term, self._last_chain
         self._written_lsn = self._last_lsn
         self._synced_lsn = self._last_lsn
         self._last_sync = time.monotonic()
@@ -183,6 +234,7 @@ class Wal:
         start: tuple[int, int, bytes] | None = None,
         on_record: Callable[[Record], None] | None = None,
         on_commit: Callable[[int, int, float], None] | None = None,
+        on_rollback: RollbackListener | None = None,
     ) -> Wal:
         """Open (creating if empty) and recover the WAL in ``directory``.
 
@@ -190,7 +242,7 @@ class Wal:
         is truncated away; damage anywhere else raises CorruptionError naming file and offset.
         ``start = (last_lsn, last_term, chain)`` is where a new, empty WAL begins (after a
         snapshot); the default is the beginning of history. ``on_record`` sees each record in
-        order during recovery.
+        order during recovery. ``on_rollback`` hears of groups a full disk rolled back.
         """
         directory.mkdir(parents=True, exist_ok=True)
         for stale in directory.glob("*.wal.tmp"):
@@ -229,7 +281,9 @@ class Wal:
                 f"{directory}: records of term {scan.last_term} but the term history ends at "
                 f"{terms.current.value}"
             )
-        wal = cls(directory, terms, segments, scan, fsync or FsyncPolicy(), limits, on_commit)
+        wal = cls(
+            directory, terms, segments, scan, fsync or FsyncPolicy(), limits, on_commit, on_rollback
+        )
         wal.torn_tail = scan.torn_tail
         return wal
 
@@ -257,8 +311,14 @@ class Wal:
         return Lsn(self._synced_lsn)
 
     @property
+    def closing(self) -> bool:
+        """True once ``close`` has begun."""
+        return self._closing
+
+    @property
     def failed(self) -> WalFailed | StorageFull | None:
-        return self._failed
+        """Why appends are refused: WalFailed for good, StorageFull while the disk is full."""
+        return self._failed or self._full
 
     def begin_term(self, term: Term) -> None:
         """Start writing records of ``term`` from the next lsn (persisted first)."""
@@ -271,8 +331,9 @@ class Wal:
         """Assign the next lsns to ``bodies`` (in order) and queue them for group commit.
 
         ``lock_held`` runs with the WAL lock still held, so a caller can publish the lsns in
-        the same order they were assigned. Raises WalFailed once the WAL has failed, and
-        LimitExceeded-like InvalidInput for an oversized body.
+        the same order they were assigned. Raises WalFailed once the WAL has failed,
+        StorageFull (taking no lsns) while the disk is full, and InvalidInput for an oversized
+        body.
         """
         term = self.terms.current.value
         invariant(0 < term <= TERM_MAX, "no term started: begin_term must run first")
@@ -345,13 +406,16 @@ class Wal:
         return len(self._pending) >= self.limits.pending_appends_max
 
     def _wait_for_space(self) -> None:
-        """Backpressure: block while too much is pending; raise if the WAL has failed."""
+        """Backpressure: block while too much is pending; raise if the WAL has failed or the
+        disk is full (a fresh error each time: re-raising one instance grows its traceback)."""
         deadline = time.monotonic() + 30
         while True:
             if self._failed is not None:
                 raise self._failed
             if self._closing:
                 raise WalFailed("the WAL is closed")
+            if self._full is not None:
+                raise StorageFull(self._full.message)
             if len(self._pending) < self.limits.pending_appends_max:
                 return
             remaining = deadline - time.monotonic()
@@ -360,27 +424,43 @@ class Wal:
             self._space.wait(remaining)
 
     def append_future(self) -> Future[WriteOutcome]:
-        """A future that resolves once everything appended so far has been written."""
+        """A future that resolves once everything appended so far has been written (fails
+        when that write fails: the group being written counts too)."""
         with self._lock:
             if self._pending:
                 return self._pending_future
+            if self._inflight is not None:
+                return self._inflight
             done: Future[WriteOutcome] = Future()
             done.set_result(WriteOutcome(self._written_lsn, self._synced_lsn >= self._written_lsn))
             return done
 
     def sync(self) -> int:
-        """Write and fsync everything appended so far; returns the synced lsn."""
+        """Write and fsync everything appended so far; returns the synced lsn.
+
+        Raises StorageFull when a full disk rolled some of it back, WalFailed when the WAL
+        failed (a failed fsync fails it for good).
+        """
         with self._lock:
-            fut = self._pending_future
-            has_pending = bool(self._pending)
             target = self._last_lsn
-        if has_pending:
+            fut = self._pending_future if self._pending else self._inflight
+        if fut is not None:
             fut.result()
         with self._lock:
             if self._failed is not None:
                 raise self._failed
+            if self._written_lsn < target:
+                raise StorageFull(
+                    f"lsn {self._written_lsn + 1}..{target} were rolled back: no space left for "
+                    f"the WAL in {self.directory}"
+                )
             if self._synced_lsn < target or self.fsync.mode is not FsyncMode.ALWAYS:
-                os.fdatasync(self._fd)
+                try:
+                    os.fdatasync(self._fd)
+                except OSError as exc:
+                    self._failed = _fsync_error(exc, self.directory)
+                    self._space.notify_all()
+                    raise self._failed from exc
                 self._synced_lsn = max(self._synced_lsn, self._written_lsn)
             return self._synced_lsn
 
@@ -404,29 +484,46 @@ class Wal:
     def _run_writer(self) -> None:
         while True:
             with self._lock:
-                while not self._pending and not self._closing:
+                while not self._pending and not self._closing and self._full is None:
                     timeout = self._idle_timeout()
                     self._wake.wait(timeout)
                     if timeout is not None and not self._pending:
                         self._maybe_interval_sync_locked()
-                if not self._pending and self._closing:
-                    return
-                batch, future = self._pending, self._pending_future
-                nbytes = self._pending_bytes
-                self._pending, self._pending_bytes = [], 0
-                self._pending_future = Future()
-                self._space.notify_all()
+                if not self._pending:
+                    if self._closing or self._failed is not None:
+                        return
+                    # full: appends are refused, so nothing is queued; look for space now and then
+                    self._wake.wait(self.limits.storage_full_probe_ms / 1000)
+                    need = self._full_need_bytes
+                    batch = None
+                else:
+                    batch, future = self._pending, self._pending_future
+                    nbytes = self._pending_bytes
+                    self._pending, self._pending_bytes = [], 0
+                    self._pending_future = Future()
+                    self._inflight = future
+                    start = _GroupStart(
+                        self._segments[-1],
+                        self._segments[-1].bytes,
+                        len(self._segments[-1].sparse_index),
+                    )
+                    self._space.notify_all()
+            if batch is None:
+                if not self._closing:
+                    self._probe_space(need)
+                continue
             try:
                 outcome, fsync_s = self._write_batch(batch)
-            except OSError as exc:
-                err = _storage_error(exc, self.directory)
-                with self._lock:
-                    self._failed = err
-                    pending_future = self._pending_future
-                    self._space.notify_all()
-                future.set_exception(err)
-                pending_future.set_exception(err)
+            except _FsyncFailed as exc:
+                self._fail_for_good(_fsync_error(exc.error, self.directory), future)
                 return
+            except OSError as exc:
+                if exc.errno not in NO_SPACE_ERRNOS:
+                    self._fail_for_good(_io_error(exc, self.directory), future)
+                    return
+                if not self._roll_back(start, nbytes, future, exc):
+                    return  # the undo failed: the WAL has failed for good
+                continue
             future.set_result(outcome)
             if self._on_commit is not None:
                 self._on_commit(len(batch), nbytes, fsync_s)
@@ -435,6 +532,17 @@ class Wal:
                     listener(outcome.lsn)
                 except Exception:
                     pass
+
+    def _fail_for_good(self, err: WalFailed, future: Future[WriteOutcome]) -> None:
+        """Stop the WAL: the group being written and everything queued fail with ``err``."""
+        with self._lock:
+            self._failed = err
+            pending_future = self._pending_future
+            self._inflight = None
+            self._space.notify_all()
+        if not future.done():
+            future.set_exception(err)
+        pending_future.set_exception(err)
 
     def _idle_timeout(self) -> float | None:
         if self.fsync.mode is FsyncMode.INTERVAL and self._synced_lsn < self._written_lsn:
@@ -446,7 +554,8 @@ class Wal:
             try:
                 os.fdatasync(self._fd)
             except OSError as exc:
-                self._failed = _storage_error(exc, self.directory)
+                self._failed = _fsync_error(exc, self.directory)
+                self._space.notify_all()
                 return
             self._synced_lsn = self._written_lsn
             self._last_sync = time.monotonic()
@@ -455,7 +564,9 @@ class Wal:
         """Write a group to the active segment(s), rolling over as needed, then fsync per policy.
 
         An atomic append (records up to one with ``batch_left == 0``) never spans two
-        segments, so recovery can always drop a torn one within the last segment.
+        segments, so recovery can always drop a torn one within the last segment. Raises
+        OSError from a write or a new segment (the caller rolls back on a full disk) and
+        _FsyncFailed from an fsync.
         """
         seg_max = self.limits.segment_bytes_max
         units: list[tuple[int, int, int]] = []  # (start, end, bytes) of each atomic append
@@ -484,19 +595,21 @@ class Wal:
             i, j = units[u][0], units[v - 1][1]
             self._write_all(b"".join(batch[i:j]) if j - i > 1 else batch[i], active, batch[i:j])
             u = v
-        last_lsn = HEADER.unpack_from(batch[-1], 0)[2]
+        _, _, last_lsn, last_term, _, last_chain = HEADER.unpack_from(batch[-1], 0)
         synced = False
         if self.fsync.mode is FsyncMode.ALWAYS or (
             self.fsync.mode is FsyncMode.INTERVAL
             and (time.monotonic() - self._last_sync) * 1000 >= self.fsync.interval_ms
         ):
             t0 = time.perf_counter()
-            os.fdatasync(self._fd)
+            _fdatasync(self._fd)
             fsync_s += time.perf_counter() - t0
             self._last_sync = time.monotonic()
             synced = True
         with self._lock:
             self._written_lsn = last_lsn
+            self._written_term, self._written_chain = last_term, last_chain
+            self._inflight = None  # written: whoever asks from now on needs no future
             if synced:
                 self._synced_lsn = last_lsn
         return WriteOutcome(last_lsn, synced or self._synced_lsn >= last_lsn), fsync_s
@@ -525,18 +638,130 @@ class Wal:
         t0 = time.perf_counter()
         # cut the finished segment's unused preallocated space, then make it all durable
         os.ftruncate(self._fd, self._segments[-1].bytes)
-        os.fdatasync(self._fd)
+        _fdatasync(self._fd)
         elapsed = time.perf_counter() - t0
         lsn = HEADER.unpack_from(next_record, 0)[2]
         prev = self._record_before(lsn)
         path = create_segment(
             self.directory, SegmentHeader(lsn, prev[0], prev[1]), self.limits.segment_bytes_max
         )
+        fd = os.open(path, os.O_WRONLY)  # before closing the old one: _fd stays valid on error
         os.close(self._fd)
-        self._fd = os.open(path, os.O_WRONLY)
+        self._fd = fd
         with self._lock:
             self._segments.append(_Segment(lsn, path, SEGMENT_HEADER_BYTES, []))
         return elapsed
+
+    # ------------------------------------------------------------------ a full disk
+
+    def _roll_back(
+        self, start: _GroupStart, nbytes: int, future: Future[WriteOutcome], cause: OSError
+    ) -> bool:
+        """Undo a group that ran out of space; False when the undo failed (the WAL is failed).
+
+        Files first, so that a crash at any point leaves a log recovery reads as it is:
+        segments holding only lsns of the group are deleted (and the directory fsynced), then
+        the active segment is cut back to where the group began and fsynced. The files then
+        end exactly at the last written record; nothing of the group is left for recovery or a
+        reader to take for a record. Then the lsn counter, term and chain return to that
+        record, appends queued behind the group fail with it (their lsns were above it),
+        ``on_rollback`` runs, and appends are refused until ``_probe_space`` finds room.
+        Callers hear of the failure last, when nothing of the group can be seen any more.
+        """
+        written = self._written_lsn
+        with self._lock:
+            kept = [seg for seg in self._segments if seg.first_lsn <= written + 1]
+        invariant(bool(kept), "a rollback would leave the WAL without a segment")
+        active = kept[-1]
+        # a segment created by this group is kept only when it starts right after the last
+        # written record (retention may have removed the one before it): then it is empty
+        keep_bytes = start.bytes if active is start.active else SEGMENT_HEADER_BYTES
+        try:
+            removed = False
+            for first, path in list_segments(self.directory):
+                if first > active.first_lsn:
+                    path.unlink(missing_ok=True)
+                    removed = True
+            for stale in self.directory.glob("*.wal.tmp"):  # a new segment that failed midway
+                stale.unlink(missing_ok=True)
+                removed = True
+            if removed:
+                fsync_dir(self.directory)
+            fd = os.open(active.path, os.O_WRONLY)
+            os.close(self._fd)
+            self._fd = fd
+            os.ftruncate(fd, keep_bytes)
+            _fdatasync(fd)
+        except (OSError, _FsyncFailed) as exc:
+            self._fail_for_good(
+                WalFailed(
+                    f"no space left for the WAL in {self.directory}, and undoing the failed "
+                    f"write failed too ({exc}); restart the node to recover"
+                ),
+                future,
+            )
+            return False
+        full = StorageFull(
+            f"no space left for the WAL in {self.directory} ({cause.strerror}): writes are "
+            f"refused until space is freed (checked every {self.limits.storage_full_probe_ms} ms)"
+        )
+        with self._lock:
+            self._segments = [seg for seg in self._segments if seg.first_lsn <= written + 1]
+            active.bytes = keep_bytes
+            del active.sparse_index[start.indexed if active is start.active else 0 :]
+            self._last_lsn, self._last_term = written, self._written_term
+            self._last_chain = self._written_chain
+            queued = self._pending_future
+            self._pending, self._pending_bytes = [], 0
+            self._pending_future = Future()
+            self._full = full
+            self._full_need_bytes = min(nbytes, self.limits.segment_bytes_max)
+            self._synced_lsn = max(self._synced_lsn, written)  # the fdatasync above covers it
+            self.rollbacks += 1
+            self._space.notify_all()
+        log.warning(
+            "WAL: %s; rolled back a group of %d bytes after lsn %d", full.message, nbytes, written
+        )
+        if self._on_rollback is not None:
+            try:
+                self._on_rollback(written)
+            except Exception as exc:
+                log.exception("WAL: a rollback listener failed")
+                err = WalFailed(
+                    f"no space left for the WAL in {self.directory}, and the store could not "
+                    f"undo the failed write ({exc!r}); restart the node to recover"
+                )
+                queued.set_exception(err)
+                self._fail_for_good(err, future)
+                return False
+        error = StorageFull(full.message)
+        future.set_exception(error)
+        queued.set_exception(error)
+        with self._lock:
+            self._inflight = None
+        return True
+
+    def _probe_space(self, need: int) -> None:
+        """Take appends again once ``need`` bytes (what the failed group needed) can be
+        allocated in the WAL directory: they are allocated in a scratch file, which is then
+        removed, and the active segment is preallocated again (best effort)."""
+        path = self.directory / PROBE_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _allocate(fd, need)
+            finally:
+                os.close(fd)
+                os.unlink(path)
+        except OSError as exc:
+            if exc.errno not in NO_SPACE_ERRNOS:
+                log.debug("WAL: the free-space probe failed: %s", exc)
+            return
+        preallocate(self._fd, self.limits.segment_bytes_max)
+        with self._lock:
+            if self._failed is None:
+                self._full = None
+        log.warning("WAL: space for writes in %s is back; taking writes again", self.directory)
 
     def _record_before(self, lsn: int) -> tuple[int, bytes]:
         """(term, chain) of record ``lsn - 1``, read back from the active segment's tail."""
@@ -592,9 +817,9 @@ class Wal:
         idx = max(bisect.bisect_right(firsts, start) - 1, 0)
         total = 0
         for seg in segments[idx:]:
-            for rec in self._iter_segment(seg, start):
-                if rec.lsn > limit:
-                    return
+            if seg.first_lsn > limit:
+                return  # created by a group still being written (or being rolled back)
+            for rec in self._iter_segment(seg, start, limit):
                 if rec.lsn < start:
                     continue
                 yield rec
@@ -602,7 +827,11 @@ class Wal:
                 if max_bytes is not None and total >= max_bytes:
                     return
 
-    def _iter_segment(self, seg: _Segment, from_lsn: int) -> Iterator[Record]:
+    def _iter_segment(
+        self, seg: _Segment, from_lsn: int, upto_lsn: int | None = None
+    ) -> Iterator[Record]:
+        """Records of ``seg`` from about ``from_lsn`` (the sparse index's sample before it),
+        stopping after ``upto_lsn``: past it the writer may be writing, or cutting back."""
         offset = SEGMENT_HEADER_BYTES
         if seg.sparse_index:
             lsns = [entry[0] for entry in seg.sparse_index]
@@ -624,6 +853,8 @@ class Wal:
                     offset=offset + pos,
                 ) from exc
             yield rec
+            if upto_lsn is not None and rec.lsn >= upto_lsn:
+                return
             pos += len(rec.raw)
 
     @staticmethod
@@ -660,7 +891,7 @@ class Wal:
                 synced_lsn=self._synced_lsn,
                 segments=len(self._segments),
                 bytes=sum(s.bytes for s in self._segments),
-                failed=None if self._failed is None else self._failed.message,
+                failed=None if self.failed is None else self.failed.message,
             )
 
     def close(self) -> None:
@@ -687,6 +918,8 @@ class Wal:
 
     def __repr__(self) -> str:
         state = "FAILED" if self._failed else ("CLOSED" if self._closing else "OPEN")
+        if state == "OPEN" and self._full is not None:
+            state = "FULL"
         return f"<Wal {self.directory} {state} last={self._last_term}/{self._last_lsn:016x}>"
 
 
@@ -699,9 +932,38 @@ def _truncate(path: Path, size: int) -> None:
         os.close(fd)
 
 
-def _storage_error(exc: OSError, directory: Path) -> WalFailed | StorageFull:
-    import errno
+def _fdatasync(fd: int) -> None:
+    """``os.fdatasync`` whose failure can never be mistaken for a full disk to roll back."""
+    try:
+        os.fdatasync(fd)
+    except OSError as exc:
+        raise _FsyncFailed(exc) from exc
 
-    if exc.errno == errno.ENOSPC:
-        return StorageFull(f"no space left for the WAL in {directory}; writes are stopped")
+
+def _allocate(fd: int, size: int) -> None:
+    """Make the filesystem allocate ``size`` bytes of ``fd`` now; OSError (ENOSPC) if it cannot.
+
+    Writes zeros where ``posix_fallocate`` is missing or not supported by the filesystem.
+    """
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+    zeros = bytes(min(size, 1 << 20))
+    at = 0
+    while at < size:
+        at += os.pwrite(fd, zeros[: size - at], at)
+
+
+def _fsync_error(exc: OSError, directory: Path) -> WalFailed:
+    return WalFailed(
+        f"WAL fsync failed in {directory}: {exc}; what it covered may not be on disk, so the "
+        "WAL takes no more writes: restart the node to recover"
+    )
+
+
+def _io_error(exc: OSError, directory: Path) -> WalFailed:
     return WalFailed(f"WAL I/O error in {directory}: {exc}; restart the node to recover")
