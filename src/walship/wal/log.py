@@ -325,13 +325,10 @@ class Wal:
         with self._lock:
             self.terms.start(term, Lsn(self._last_lsn + 1))
 
-    def append(
-        self, bodies: Sequence[bytes], *, lock_held: Callable[[AppendResult], None] | None = None
-    ) -> AppendResult:
+    def append(self, bodies: Sequence[bytes]) -> AppendResult:
         """Assign the next lsns to ``bodies`` (in order) and queue them for group commit.
 
-        ``lock_held`` runs with the WAL lock still held, so a caller can publish the lsns in
-        the same order they were assigned. Raises WalFailed once the WAL has failed,
+        Raises WalFailed once the WAL has failed,
         StorageFull (taking no lsns) while the disk is full, and InvalidInput for an oversized
         body.
         """
@@ -361,8 +358,6 @@ class Wal:
             result = AppendResult(
                 Lsn(first), Lsn(self._last_lsn), Term(term), chains, self._pending_future
             )
-            if lock_held is not None:
-                lock_held(result)
             self._wake.notify()
         return result
 
