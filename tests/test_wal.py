@@ -331,6 +331,47 @@ def test_cursor_batches_end_where_an_atomic_append_ends_when_one_fits(tmp_path: 
     wal.close()
 
 
+def test_cursor_takes_recent_writes_from_memory_and_continues_from_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cursor tailing the log gets what was just written from the WAL's memory; once it
+    falls behind what memory keeps, it reads the files from exactly where it stopped, across
+    segment rolls; either way it ships the bytes on disk, and never what retention removed."""
+    from walship.wal import log as wal_log
+    from walship.wal.cursor import WalCursor
+
+    monkeypatch.setattr(wal_log, "RECENT_WRITES_MAX", 3)
+    wal = open_wal(tmp_path, limits=Limits(segment_bytes_max=2048))
+    cursor = WalCursor(wal, 1)
+    shipped = b""
+    sources = []
+    for round_ in range(12):
+        groups = 1 if round_ % 3 else 5  # every third round falls behind what memory keeps
+        for g in range(groups):
+            wal.append([b"r%d-%d-" % (round_, g) + b"x" * 90] * 2).done.result()
+        while True:
+            batch = cursor.read_recent(1 << 20)
+            source = "memory"
+            if batch is None:
+                batch, source = cursor.read(1 << 20), "files"
+            if batch is None:
+                break
+            sources.append(source)
+            shipped += batch.data
+            assert batch.last_chain == next(
+                r.chain for r in wal.read_from(batch.last_lsn) if r.lsn == batch.last_lsn
+            )
+    assert shipped == b"".join(r.raw for r in wal.read_from(1))
+    assert {"memory", "files"} <= set(sources)
+    assert len(list_segments(tmp_path)) > 3  # the reads crossed segment rolls
+    last = wal.written_lsn.value
+    wal.append([b"tail"]).done.result()
+    wal.remove_segments_through(Lsn(last))
+    assert wal.recent_from(1, 1 << 20) == []  # removed from the files: not served from memory
+    cursor.close()
+    wal.close()
+
+
 def test_cursor_reports_removed_wal(tmp_path: Path) -> None:
     from walship.wal.cursor import WalCursor, WalGone
 

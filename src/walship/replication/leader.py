@@ -225,13 +225,15 @@ class FollowerSession:
         if cursor.next_lsn > store.wal.written_lsn.value:
             return False  # nothing new: no read at all
         budget = self.stream.frame_bytes_max - WAL_BATCH_OVERHEAD_BYTES
-        backlog = cursor.backlog_bytes()
-        if backlog is not None and backlog <= INLINE_READ_BYTES:
-            # tailing live writes: a few KiB just written are in the page cache, and reading
-            # them here costs less than the round trip to a worker thread
-            raw = cursor.read(budget)
-        else:
-            raw = await asyncio.to_thread(cursor.read, budget)
+        # tailing live writes: what was just written is still in the WAL's memory, or a few
+        # KiB of it in the page cache; either costs less than a round trip to a worker thread
+        raw = cursor.read_recent(budget)
+        if raw is None:
+            backlog = cursor.backlog_bytes()
+            if backlog is not None and backlog <= INLINE_READ_BYTES:
+                raw = cursor.read(budget)
+            else:
+                raw = await asyncio.to_thread(cursor.read, budget)
         if raw is None:
             return False
         prev_lsn, prev_term, prev_chain = self._prev

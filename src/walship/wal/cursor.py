@@ -91,6 +91,23 @@ class WalCursor:
             return None
         return int(HEADER.unpack(head)[2])
 
+    def read_recent(self, max_bytes: int) -> RawBatch | None:
+        """The next records if the WAL still holds them in memory from its last writes (a
+        cursor tailing the log): no file read, no re-check (they are the bytes just written,
+        each checked when encoded or received). None otherwise; ``read`` then reads the files.
+        """
+        recent = self.wal.recent_from(self.next_lsn, max_bytes)
+        if not recent:
+            return None
+        last = recent[-1]
+        if self._file is not None and self._segment_first == last.segment_first:
+            self._offset = last.end_offset
+        else:
+            self.close()  # the next read from the files finds its place by lsn
+        self.next_lsn = last.last_lsn + 1
+        data = recent[0].data if len(recent) == 1 else b"".join(w.data for w in recent)
+        return RawBatch(recent[0].first_lsn, last.last_lsn, last.last_term, last.last_chain, data)
+
     def backlog_bytes(self) -> int | None:
         """Bytes written but not yet read in this cursor's segment; None when unknown (no
         segment open yet, or the records continue in another segment)."""
@@ -112,6 +129,9 @@ class WalCursor:
         written = self.wal.written_lsn.value
         if self.next_lsn > written:
             return None
+        batch = self.read_recent(max_bytes)
+        if batch is not None:
+            return batch
         if self._file is None:
             self._open_segment()
         assert self._file is not None

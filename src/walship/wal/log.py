@@ -159,6 +159,26 @@ class _FsyncFailed(Exception):
         self.error = error
 
 
+@dataclass(frozen=True, slots=True)
+class RecentWrite:
+    """Records the writer just wrote to one segment, kept in memory for cursors tailing the
+    log: ``data`` is exactly the bytes at ``end_offset - len(data)`` of segment
+    ``segment_first``, whole atomic appends ``first_lsn..last_lsn``."""
+
+    first_lsn: int
+    last_lsn: int
+    last_term: int
+    last_chain: bytes
+    data: bytes
+    segment_first: int
+    end_offset: int
+
+
+RECENT_WRITES_MAX = 64
+RECENT_BYTES_MAX = 16 << 20
+"""How much of what was just written stays in memory for tailing cursors."""
+
+
 WalListener = Callable[[int], None]
 """Called from the writer thread with the new written lsn after each group commit."""
 
@@ -199,6 +219,8 @@ class Wal:
         self._full: StorageFull | None = None  # refusing appends until the probe finds space
         self._full_need_bytes = 0
         self._inflight: Future[WriteOutcome] | None = None  # the group the writer is writing
+        self._recent: list[RecentWrite] = []  # the last writes, oldest first (see recent_from)
+        self._recent_bytes = 0
         self.rollbacks = 0
         """Groups rolled back by a full disk since open (a checkpoint compares it)."""
         self._closing = False
@@ -528,6 +550,30 @@ class Wal:
                 except Exception:
                     pass
 
+    def recent_from(self, lsn: int, max_bytes: int) -> list[RecentWrite]:
+        """The writes still in memory that start exactly at ``lsn`` and follow each other,
+        at most ``max_bytes`` together; empty when ``lsn`` is not where one starts (the
+        caller then reads the files). Only written records are ever in here."""
+        with self._lock:
+            recent = self._recent
+            firsts = [w.first_lsn for w in recent]
+            k = bisect.bisect_left(firsts, lsn)
+            out: list[RecentWrite] = []
+            size = 0
+            while k < len(recent) and recent[k].first_lsn == lsn:
+                w = recent[k]
+                if size + len(w.data) > max_bytes:
+                    break
+                out.append(w)
+                size += len(w.data)
+                lsn = w.last_lsn + 1
+                k += 1
+            return out
+
+    def _forget_recent_locked(self) -> None:
+        self._recent = []
+        self._recent_bytes = 0
+
     def _fail_for_good(self, err: WalFailed, future: Future[WriteOutcome]) -> None:
         """Stop the WAL: the group being written and everything queued fail with ``err``."""
         with self._lock:
@@ -574,6 +620,7 @@ class Wal:
         if start < len(batch):  # cannot happen: appends queue whole units
             units.append((start, len(batch), size))
         fsync_s = 0.0
+        chunks: list[RecentWrite] = []  # what was written where, for tailing cursors
         u = 0
         while u < len(units):
             active = self._segments[-1]
@@ -588,7 +635,20 @@ class Wal:
                 fsync_s += self._roll_segment(batch[units[u][0]])
                 continue
             i, j = units[u][0], units[v - 1][1]
-            self._write_all(b"".join(batch[i:j]) if j - i > 1 else batch[i], active, batch[i:j])
+            data = b"".join(batch[i:j]) if j - i > 1 else batch[i]
+            self._write_all(data, active, batch[i:j])
+            _, _, chunk_last, chunk_term, _, chunk_chain = HEADER.unpack_from(batch[j - 1], 0)
+            chunks.append(
+                RecentWrite(
+                    HEADER.unpack_from(batch[i], 0)[2],
+                    chunk_last,
+                    chunk_term,
+                    chunk_chain,
+                    data,
+                    active.first_lsn,
+                    active.bytes,
+                )
+            )
             u = v
         _, _, last_lsn, last_term, _, last_chain = HEADER.unpack_from(batch[-1], 0)
         synced = False
@@ -605,6 +665,12 @@ class Wal:
             self._written_lsn = last_lsn
             self._written_term, self._written_chain = last_term, last_chain
             self._inflight = None  # written: whoever asks from now on needs no future
+            recent = self._recent
+            for chunk in chunks:
+                recent.append(chunk)
+                self._recent_bytes += len(chunk.data)
+            while len(recent) > RECENT_WRITES_MAX or self._recent_bytes > RECENT_BYTES_MAX:
+                self._recent_bytes -= len(recent.pop(0).data)
             if synced:
                 self._synced_lsn = last_lsn
         return WriteOutcome(last_lsn, synced or self._synced_lsn >= last_lsn), fsync_s
@@ -701,6 +767,7 @@ class Wal:
             f"refused until space is freed (checked every {self.limits.storage_full_probe_ms} ms)"
         )
         with self._lock:
+            self._forget_recent_locked()  # only written groups are in it; cleared all the same
             self._segments = [seg for seg in self._segments if seg.first_lsn <= written + 1]
             active.bytes = keep_bytes
             del active.sparse_index[start.indexed if active is start.active else 0 :]
@@ -869,6 +936,12 @@ class Wal:
         with self._lock:
             while len(self._segments) > 1 and self._segments[1].first_lsn - 1 <= int(lsn):
                 removed.append(self._segments.pop(0).path)
+            if removed:
+                # what is gone from the files is gone for cursors too (they need a snapshot)
+                oldest = self._segments[0].first_lsn
+                kept = [w for w in self._recent if w.first_lsn >= oldest]
+                self._recent = kept
+                self._recent_bytes = sum(len(w.data) for w in kept)
         for path in removed:
             path.unlink(missing_ok=True)
         if removed:
@@ -907,6 +980,7 @@ class Wal:
                 except OSError:
                     pass
             os.close(self._fd)
+            self._forget_recent_locked()
             pending = self._pending_future
         if not pending.done():
             pending.set_exception(WalFailed("the WAL was closed"))
