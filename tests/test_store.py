@@ -331,3 +331,18 @@ def test_uuid_column_matches_the_canonical_text(ids: list[bytes]) -> None:
     from walship.storage.parquet import uuid_strings
 
     assert uuid_strings(ids).to_pylist() == [str(uuid.UUID(bytes=i)) for i in ids]
+
+
+def test_an_append_larger_than_followers_hold_is_refused_whole(tmp_path: Path) -> None:
+    """Followers hold an atomic append in memory until its last record arrives, so one append
+    is bounded in bytes (not only in events) for every caller, HTTP or embedded."""
+    limits = Limits(record_bytes_max=8 * 1024, frame_bytes_max=16 * 1024, append_bytes_max=16_384)
+    store = Store.open(StoreConfig(tmp_path, limits=limits))
+    try:
+        big = [make_event(f"e{i}", payload={"pad": "x" * 3000}) for i in range(8)]
+        with pytest.raises(LimitExceeded, match="atomic append"):
+            store.append_batch(big)
+        assert store.stats()["events"] == 0
+        assert store.append_batch(big[:4])[-1].lsn == 4  # under the limit: stored
+    finally:
+        store.close()

@@ -490,3 +490,67 @@ def test_a_rollback_does_not_deadlock_a_close_under_the_store_lock(
     assert pending.done is not None
     with pytest.raises(StorageFull):
         pending.done.result(timeout=5)
+
+
+def test_a_term_start_rolled_back_with_its_records_is_forgotten(
+    tmp_path: Path, disk: FullDisk
+) -> None:
+    """A follower saves where a new term starts before writing that term's records; when a
+    full disk rolls them back the start goes too, so the follower can take the same records
+    again, or be promoted, from its written end (and a restart agrees)."""
+    leader = open_wal(tmp_path / "leader")
+    write(leader, 1, 3)
+    leader.begin_term(Term(2))
+    write(leader, 4, 3)
+    records = list(leader.read_from(1))
+    leader.close()
+
+    def shipped(first: int, last: int) -> VerifiedRun:
+        prev = records[first - 2] if first > 1 else None
+        return verify_run(
+            b"".join(r.raw for r in records[first - 1 : last]),
+            first - 1,
+            prev.term if prev else 0,
+            prev.chain if prev else GENESIS_CHAIN,
+            2,
+            LIMITS.record_bytes_max,
+        )
+
+    for then in ("follow", "lead"):
+        path = tmp_path / f"follower-{then}"
+        follower = Wal.open(path, fsync=FsyncPolicy.parse("always"), limits=LIMITS)
+        follower.append_run(shipped(1, 2)).result(timeout=5)
+        disk.full = True
+        with pytest.raises(StorageFull):
+            follower.append_run(shipped(3, 6)).result(timeout=5)
+        assert follower.terms.to_list() == [(1, 1)]  # term 2 started at lsn 4, rolled back
+        disk.full = False
+        wait_for_space(follower)
+        if then == "follow":
+            follower.append_run(shipped(3, 6)).result(timeout=5)
+            expected = [(1, 1), (2, 4)]
+        else:
+            follower.begin_term(Term(3))  # promoted: its term starts after what it wrote
+            follower.append([b"first of term 3"]).done.result(timeout=5)
+            expected = [(1, 1), (3, 3)]
+        assert follower.terms.to_list() == expected
+        follower.close()
+        reopened = Wal.open(path, fsync=FsyncPolicy.parse("always"), limits=LIMITS)
+        assert reopened.terms.to_list() == expected
+        reopened.close()
+
+
+def test_open_forgets_term_starts_past_the_end_of_the_log(tmp_path: Path) -> None:
+    """A crash between saving a term's start and writing its records leaves a start past the
+    log's end; the next lsn may start a term (a promotion), nothing after it can."""
+    wal = open_wal(tmp_path)
+    write(wal, 1, 3)
+    wal.terms.start(Term(2), Lsn(9))  # as if the records from lsn 9 never reached the disk
+    wal.close()
+    wal = Wal.open(tmp_path, fsync=FsyncPolicy.parse("always"), limits=LIMITS)
+    assert wal.terms.to_list() == [(1, 1)]
+    wal.begin_term(Term(3))
+    wal.close()
+    wal = Wal.open(tmp_path, fsync=FsyncPolicy.parse("always"), limits=LIMITS)
+    assert wal.terms.to_list() == [(1, 1), (3, 4)]  # begun, nothing written yet: it stays
+    wal.close()

@@ -24,6 +24,7 @@ class Limits:
     event_type_chars_max: int = 128
     batch_events_max: int = 10_000
     request_bytes_max: int = 32 * MIB
+    append_bytes_max: int = 64 * MIB  # the records of one atomic append, together
 
     # queries
     query_limit_default: int = 100
@@ -58,6 +59,8 @@ class Limits:
                 raise InvalidInput(f"limit {name} must be positive")
         if self.query_limit_default > self.query_limit_max:
             raise InvalidInput("query_limit_default cannot exceed query_limit_max")
+        if self.append_bytes_max < self.record_bytes_max:
+            raise InvalidInput("append_bytes_max must hold a record of record_bytes_max")
         if self.record_bytes_max + 4096 > self.frame_bytes_max:
             raise InvalidInput("frame_bytes_max must hold a record of record_bytes_max")
 

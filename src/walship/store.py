@@ -535,6 +535,16 @@ class Store:
                 return PendingAppend(
                     receipts, None, 0, waits_on, synced_lsn=self.wal.synced_lsn.value
                 )
+            size = sum(map(len, bodies))
+            if size > limits.append_bytes_max:
+                from walship.errors import LimitExceeded
+
+                # every follower holds an append in memory until its last record arrives
+                raise LimitExceeded(
+                    f"the batch's records take {size} bytes, over the limit of "
+                    f"{limits.append_bytes_max} for one atomic append",
+                    limit=limits.append_bytes_max,
+                )
             result = self.wal.append(bodies)
             invariant(
                 result.first_lsn.value == next_lsn and result.term.value == term,
@@ -839,10 +849,10 @@ class Store:
             self._active.created_us = now_us()
             upto = self.wal.last_position
             chain = self.wal.last_chain
-            rollbacks = self.wal.rollbacks
+            rollback_seq = self.wal.rollback_seq
         try:
             self.wal.sync()
-            if self.wal.rollbacks != rollbacks:
+            if rollback_seq % 2 or self.wal.rollback_seq != rollback_seq:
                 # a full disk rolled back some of what was frozen: its lsns may have been
                 # taken again since, by events that are not in ``frozen``
                 raise StorageFull("a full disk rolled back events being checkpointed; retrying")

@@ -77,7 +77,7 @@ from walship.replication.staging import SnapshotStaging
 from walship.replication.stream import MessageStream, PeerRefused
 from walship.store import Store
 from walship.wal.log import WriteOutcome
-from walship.wal.record import GENESIS_CHAIN, Record, VerifiedRun
+from walship.wal.record import GENESIS_CHAIN, HEADER_BYTES, Record, VerifiedRun
 
 log = logging.getLogger(__name__)
 
@@ -235,9 +235,8 @@ class Follower:
         self._held_prev: tuple[int, int, bytes] = (0, 0, GENESIS_CHAIN)
         limits = store.limits
         self._held_records_max = limits.batch_events_max
-        # an append is one request: its records' bodies are no larger than its JSON, plus the
-        # record header, a generated id and binary fields per event
-        self._held_bytes_max = limits.request_bytes_max + limits.batch_events_max * 256
+        # what a leader with the same limits accepts as one append (Store.submit checks it)
+        self._held_bytes_max = limits.append_bytes_max + limits.batch_events_max * HEADER_BYTES
         self._reached_streaming = False
         self._newest_ts_us: int | None = None
         self._applied = asyncio.Event()
@@ -668,7 +667,11 @@ class Follower:
             except TimeoutError as exc:
                 raise WaitTimeout("the WAL did not write applied batches in time") from exc
         self._batches += 1
-        if len(batch.records) <= INLINE_APPLY_BYTES and not self.store.wal.backlogged():
+        if (
+            len(batch.records) <= INLINE_APPLY_BYTES
+            and not self._held  # completing a held append can mean thousands of records
+            and not self.store.wal.backlogged()
+        ):
             # a small live batch: verifying and applying it here is cheaper than two hops to a
             # worker thread and back, which dominate a single write's replication latency
             count, last_lsn, done = self._decode_and_apply(batch)

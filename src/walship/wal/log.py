@@ -221,8 +221,9 @@ class Wal:
         self._inflight: Future[WriteOutcome] | None = None  # the group the writer is writing
         self._recent: list[RecentWrite] = []  # the last writes, oldest first (see recent_from)
         self._recent_bytes = 0
-        self.rollbacks = 0
-        """Groups rolled back by a full disk since open (a checkpoint compares it)."""
+        self.rollback_seq = 0
+        """Odd while a full-disk rollback is under way (the WAL and then the store undo it),
+        two more for each one done: a checkpoint that sees it odd or changed retries."""
         self._closing = False
         if last is not None:
             self._last_lsn = last.last_lsn
@@ -298,6 +299,9 @@ class Wal:
         for seg_a, seg_b in itertools.pairwise(segments):
             if seg_a.bytes == SEGMENT_HEADER_BYTES and seg_a.first_lsn != seg_b.first_lsn:
                 raise CorruptionError(f"{seg_a.path}: empty segment in the middle of the log")
+        # a term start saved for records a crash (or a full disk) kept from the files: the
+        # next lsn may start a term (a promotion), nothing after it can
+        terms.truncate_after(Lsn(scan.last_lsn + 1))
         if scan.last_term > terms.current.value:
             raise CorruptionError(
                 f"{directory}: records of term {scan.last_term} but the term history ends at "
@@ -343,7 +347,13 @@ class Wal:
         return self._failed or self._full
 
     def begin_term(self, term: Term) -> None:
-        """Start writing records of ``term`` from the next lsn (persisted first)."""
+        """Start writing records of ``term`` from the next lsn (persisted first).
+
+        Whatever is queued is written first: a term then always starts right after the
+        written end, which is what a full-disk rollback returns to and keeps.
+        """
+        if self._last_lsn > self._written_lsn:
+            self.sync()
         with self._lock:
             self.terms.start(term, Lsn(self._last_lsn + 1))
 
@@ -405,13 +415,16 @@ class Wal:
                 )
             if not records:
                 return self._pending_future
+            # records of a newer term: save where each term starts before writing any of them,
+            # and queue nothing when that fails
             current = self.terms.current.value
             for rec in records:
                 if rec.term > current:
-                    # a record of a newer term: record where that term starts before writing it
                     self.terms.start(Term(rec.term), Lsn(rec.lsn))
                     current = rec.term
-                self._pending.append(rec.raw)
+            pending = self._pending
+            for rec in records:
+                pending.append(rec.raw)
                 self._pending_bytes += len(rec.raw)
             last = records[-1]
             self._last_lsn, self._last_term, self._last_chain = last.lsn, last.term, last.chain
@@ -762,6 +775,7 @@ class Wal:
                 future,
             )
             return False
+        self.rollback_seq += 1  # odd: under way (see rollback_seq)
         full = StorageFull(
             f"no space left for the WAL in {self.directory} ({cause.strerror}): writes are "
             f"refused until space is freed (checked every {self.limits.storage_full_probe_ms} ms)"
@@ -779,7 +793,14 @@ class Wal:
             self._full = full
             self._full_need_bytes = min(nbytes, self.limits.segment_bytes_max)
             self._synced_lsn = max(self._synced_lsn, written)  # the fdatasync above covers it
-            self.rollbacks += 1
+            # a term that started in the rolled-back records (a follower's) starts nowhere now;
+            # one begun right after the written end (a promotion) stays
+            try:
+                self.terms.truncate_after(Lsn(written + 1))
+            except OSError:
+                # the disk is full: the file keeps the start until the next save, or until the
+                # next open trims what lies past the log's end
+                log.warning("WAL: could not save the term history after a rollback")
             self._space.notify_all()
         log.warning(
             "WAL: %s; rolled back a group of %d bytes after lsn %d", full.message, nbytes, written
@@ -796,6 +817,7 @@ class Wal:
                 queued.set_exception(err)
                 self._fail_for_good(err, future)
                 return False
+        self.rollback_seq += 1  # even again: the store has forgotten the events too
         error = StorageFull(full.message)
         future.set_exception(error)
         queued.set_exception(error)
