@@ -440,3 +440,38 @@ def test_server_process_tuning_sets_switch_interval_and_collector() -> None:
         gc.unfreeze()
         sys.setswitchinterval(interval)
         gc.set_threshold(*thresholds)
+
+
+def test_fsyncs_outside_a_group_let_go_of_the_wal_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sync()`` (checkpoints) and the writer's interval fsync run without the lock readers
+    take, so a cursor on an event loop never waits for a disk flush."""
+    import time
+
+    from walship.wal import log as wal_log
+
+    wal = open_wal(tmp_path, fsync=FsyncPolicy.parse("interval:5"))
+    held: list[bool] = []
+
+    class Probe:
+        def __getattr__(self, name: str) -> object:
+            return getattr(os, name)
+
+        def fdatasync(self, fd: int) -> None:
+            free = wal._lock.acquire(blocking=False)
+            if free:
+                wal._lock.release()
+            held.append(not free)
+            os.fdatasync(fd)
+
+    monkeypatch.setattr(wal_log, "os", Probe())
+    write(wal, 3)
+    wal.sync()
+    write(wal, 2)
+    deadline = time.monotonic() + 2
+    while wal.synced_lsn.value < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the writer's interval fsync
+    assert wal.synced_lsn.value == 5
+    assert held and not any(held), held
+    wal.close()

@@ -209,6 +209,10 @@ class Wal:
         self._on_commit = on_commit  # (records, bytes, fsync_seconds) for metrics
         self._on_rollback = on_rollback
         self._lock = threading.Lock()
+        # held while the active segment's descriptor is fsynced from outside the writer, or
+        # replaced by the writer: an fdatasync never meets a closed (or reused) descriptor,
+        # and never holds ``_lock``, which readers on an event loop take
+        self._fd_lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._space = threading.Condition(self._lock)
         self._pending: list[bytes] = []
@@ -484,15 +488,25 @@ class Wal:
                     f"lsn {self._written_lsn + 1}..{target} were rolled back: no space left for "
                     f"the WAL in {self.directory}"
                 )
-            if self._synced_lsn < target or self.fsync.mode is not FsyncMode.ALWAYS:
-                try:
-                    os.fdatasync(self._fd)
-                except OSError as exc:
+            if self._synced_lsn >= target and self.fsync.mode is FsyncMode.ALWAYS:
+                return self._synced_lsn
+            written = self._written_lsn
+        self._sync_written(written)
+        return self._synced_lsn
+
+    def _sync_written(self, written: int) -> None:
+        """fdatasync the active segment (holding ``_fd_lock``, not ``_lock``); everything up to
+        ``written`` is then durable. Any error fails the WAL for good (fsyncgate)."""
+        with self._fd_lock:
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                with self._lock:
                     self._failed = _fsync_error(exc, self.directory)
                     self._space.notify_all()
-                    raise self._failed from exc
-                self._synced_lsn = max(self._synced_lsn, self._written_lsn)
-            return self._synced_lsn
+                raise self._failed from exc
+        with self._lock:
+            self._synced_lsn = max(self._synced_lsn, written)
 
     def add_listener(self, listener: WalListener) -> None:
         with self._lock:
@@ -604,14 +618,17 @@ class Wal:
         return None
 
     def _maybe_interval_sync_locked(self) -> None:
+        """Writer thread, holding ``_lock``: fsync what ``interval`` left unsynced. The lock is
+        let go during the fdatasync, so readers are not held up by it."""
         if self._synced_lsn < self._written_lsn and self._failed is None:
+            written = self._written_lsn
+            self._lock.release()
             try:
-                os.fdatasync(self._fd)
-            except OSError as exc:
-                self._failed = _fsync_error(exc, self.directory)
-                self._space.notify_all()
+                self._sync_written(written)
+            except WalFailed:
                 return
-            self._synced_lsn = self._written_lsn
+            finally:
+                self._lock.acquire()
             self._last_sync = time.monotonic()
 
     def _write_batch(self, batch: list[bytes]) -> tuple[WriteOutcome, float]:
@@ -720,8 +737,9 @@ class Wal:
             self.directory, SegmentHeader(lsn, prev[0], prev[1]), self.limits.segment_bytes_max
         )
         fd = os.open(path, os.O_WRONLY)  # before closing the old one: _fd stays valid on error
-        os.close(self._fd)
-        self._fd = fd
+        with self._fd_lock:
+            os.close(self._fd)
+            self._fd = fd
         with self._lock:
             self._segments.append(_Segment(lsn, path, SEGMENT_HEADER_BYTES, []))
         return elapsed
@@ -762,8 +780,9 @@ class Wal:
             if removed:
                 fsync_dir(self.directory)
             fd = os.open(active.path, os.O_WRONLY)
-            os.close(self._fd)
-            self._fd = fd
+            with self._fd_lock:
+                os.close(self._fd)
+                self._fd = fd
             os.ftruncate(fd, keep_bytes)
             _fdatasync(fd)
         except (OSError, _FsyncFailed) as exc:
@@ -1001,7 +1020,8 @@ class Wal:
                     self._synced_lsn = self._written_lsn
                 except OSError:
                     pass
-            os.close(self._fd)
+            with self._fd_lock:  # a sync() in another thread finishes first
+                os.close(self._fd)
             self._forget_recent_locked()
             pending = self._pending_future
         if not pending.done():
