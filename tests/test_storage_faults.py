@@ -333,3 +333,54 @@ def test_fsync_error_is_fatal_for_the_wal_and_never_retried(
             assert api.post("/api/v1/events", json=batch(1)[0]).status_code == 200
     finally:
         node.close()
+
+
+# ------------------------------------------------------------------- a promotion that cannot write
+
+
+def test_a_promotion_that_cannot_write_its_first_record_leaves_a_follower(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Promotion writes the new term's first record before the node calls itself leader: when
+    that write fails (here a full disk), the node is still a follower, on disk too, and a
+    retry takes a higher term."""
+    from walship.errors import StorageFull
+    from walship.node import Role
+    from walship.replication.config import ReplicationConfig
+
+    node = Node.open(
+        NodeConfig(
+            tmp_path / "f1",
+            node_id="f1",
+            role=Role.FOLLOWER,
+            admin_token="token",
+            checkpoints=False,
+            replication=ReplicationConfig(secret=b"s3cret", leader="127.0.0.1:9"),
+        )
+    )
+    real_append_system = node.store.append_system
+
+    def full(event_type: str, payload: bytes) -> int:
+        raise StorageFull("no space left for the WAL (test)")
+
+    monkeypatch.setattr(node.store, "append_system", full)
+    admin = {"authorization": "Bearer token"}
+    try:
+        with TestClient(create_app(node)) as api:
+            refused = api.post("/internal/promote?force=true", headers=admin)
+            assert refused.status_code == 507, refused.text
+            assert node.role == Role.FOLLOWER and node.leader is None
+            assert node.follower is not None and node.follower.close_reason is None  # again
+            assert api.get("/health").json()["role"] == "follower"
+            assert node.role_state.record.role != Role.LEADER  # a restart comes up following
+            failed_term = node.store.wal.terms.current.value
+            assert node.role_state.record.term_seen >= failed_term
+
+            monkeypatch.setattr(node.store, "append_system", real_append_system)
+            promoted = api.post("/internal/promote?force=true", headers=admin)
+            assert promoted.status_code == 200, promoted.text
+            assert node.role == Role.LEADER
+            assert node.store.wal.terms.current.value > failed_term
+            assert node.role_state.record.role == Role.LEADER
+    finally:
+        node.close()

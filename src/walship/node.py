@@ -402,10 +402,6 @@ class Node:
                 raise Conflict(f"term {term} is not above every term this node has seen")
             term = above if term is None else term
             invariant(term <= TERM_MAX, f"term {term} is out of range")
-            await asyncio.to_thread(wal.begin_term, Term(term))  # persisted
-            self.role_state.switched(Role.LEADER, None, term)
-            leader = Leader(self.store, self.replication, self.replication_metrics)
-            leader.acks.led(term)
             marker = msgspec.json.encode(
                 {
                     "term": term,
@@ -414,7 +410,19 @@ class Node:
                     "forced": force,
                 }
             )
-            first_lsn = await asyncio.to_thread(self.store.append_system, TERM_STARTED, marker)
+            try:
+                await asyncio.to_thread(wal.begin_term, Term(term))  # persisted
+                first_lsn = await asyncio.to_thread(self.store.append_system, TERM_STARTED, marker)
+            except BaseException:
+                # not leading (a full disk, a failed WAL): still a follower, connecting again.
+                # The term stays used (begun in the WAL): a retry takes a higher one, and a
+                # leader of a lower term is refused from now on
+                self.role_state.saw_term(term)
+                await follower.start()
+                raise
+            self.role_state.switched(Role.LEADER, None, term)
+            leader = Leader(self.store, self.replication, self.replication_metrics)
+            leader.acks.led(term)
             self.follower = None
             self.leader = leader
             self.replication_metrics.term.set(term)
