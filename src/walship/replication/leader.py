@@ -231,9 +231,9 @@ class FollowerSession:
         if raw is None:
             backlog = cursor.backlog_bytes()
             if backlog is not None and backlog <= INLINE_READ_BYTES:
-                raw = cursor.read(budget)
+                raw = cursor.read_files(budget)
             else:
-                raw = await asyncio.to_thread(cursor.read, budget)
+                raw = await asyncio.to_thread(cursor.read_files, budget)
         if raw is None:
             return False
         prev_lsn, prev_term, prev_chain = self._prev

@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from walship.errors import CorruptionError, InvalidInput
 from walship.wal.log import Wal
-from walship.wal.record import HEADER, HEADER_BYTES, crc32c
+from walship.wal.record import HEADER, HEADER_BYTES, record_crc
 from walship.wal.segment import SEGMENT_HEADER_BYTES
 
 
@@ -126,12 +126,13 @@ class WalCursor:
         hold the start of an append until the rest arrives. Raises WalGone when the records
         were removed, CorruptionError when a record fails its CRC.
         """
+        return self.read_recent(max_bytes) or self.read_files(max_bytes)
+
+    def read_files(self, max_bytes: int) -> RawBatch | None:
+        """``read`` from the segment files only (the caller has looked in memory already)."""
         written = self.wal.written_lsn.value
         if self.next_lsn > written:
             return None
-        batch = self.read_recent(max_bytes)
-        if batch is not None:
-            return batch
         if self._file is None:
             self._open_segment()
         assert self._file is not None
@@ -163,7 +164,7 @@ class WalCursor:
             end = pos + HEADER_BYTES + body_len
             if body_len > body_max or end > len(data) or rec_lsn > written:
                 break
-            if crc32c(view[pos + 8 : end], crc32c(view[pos : pos + 4])) != crc:
+            if record_crc(view, pos, end) != crc:
                 raise CorruptionError(
                     f"WAL record lsn {rec_lsn} fails its CRC at offset {self._offset + pos}",
                     offset=self._offset + pos,

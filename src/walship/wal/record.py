@@ -63,6 +63,11 @@ def encode_record(
     return b"".join((length, _LEN.pack(crc), rest, body)), chain
 
 
+def record_crc(view: memoryview, start: int, end: int) -> int:
+    """The CRC-32C of the record at ``view[start:end]``: every byte but the CRC field's own."""
+    return crc32c(view[start + 8 : end], crc32c(view[start : start + 4]))
+
+
 class Record(msgspec.Struct, frozen=True, gc=False):
     """A decoded, CRC-verified record. ``raw`` is the exact bytes as stored."""
 
@@ -102,8 +107,7 @@ def decode_record(buf: bytes | memoryview, offset: int, body_bytes_max: int) -> 
     if end > len(buf):
         raise RecordIncomplete(f"record at offset {offset} needs {end - len(buf)} more bytes")
     raw = bytes(buf[offset:end])
-    view = memoryview(raw)
-    actual = crc32c(view[8:], crc32c(view[0:4]))
+    actual = record_crc(memoryview(raw), 0, len(raw))
     if actual != crc:
         raise RecordInvalid(
             f"CRC mismatch at offset {offset} (lsn field {lsn}): "
@@ -142,48 +146,22 @@ def verify_run(
     to see that ``prev_*`` is its own tail.
     """
     out: list[Record] = []
-    append = out.append
-    unpack = HEADER.unpack_from
-    view = memoryview(buf)
-    size = len(buf)
     lsn, term, chain = prev_lsn, prev_term, prev_chain
     offset = 0
-    while offset < size:
-        if offset + HEADER_BYTES > size:
+    while offset < len(buf):
+        try:
+            rec = decode_record(buf, offset, body_bytes_max)
+        except (RecordIncomplete, RecordInvalid) as exc:
+            raise CorruptionError(str(exc), offset=offset) from exc
+        if rec.lsn != lsn + 1:
+            raise CorruptionError(f"record lsn {rec.lsn} where {lsn + 1} was due", offset=offset)
+        if not term <= rec.term <= term_max:
             raise CorruptionError(
-                f"a record header at offset {offset} needs {offset + HEADER_BYTES - size} more "
-                "bytes",
-                offset=offset,
+                f"record {rec.lsn} has term {rec.term}, outside {term}..{term_max}", offset=offset
             )
-        body_len, crc, rec_lsn, rec_term, left, rec_chain = unpack(buf, offset)
-        if body_len > body_bytes_max:
-            raise CorruptionError(
-                f"record length {body_len} exceeds {body_bytes_max} at offset {offset}",
-                offset=offset,
-            )
-        start = offset + HEADER_BYTES
-        end = start + body_len
-        if end > size:
-            raise CorruptionError(
-                f"the record at offset {offset} needs {end - size} more bytes", offset=offset
-            )
-        body = buf[start:end]
-        if crc32c(body, crc32c(view[offset + 8 : start], crc32c(view[offset : offset + 4]))) != crc:
-            raise CorruptionError(
-                f"CRC mismatch at offset {offset} (lsn field {rec_lsn})", offset=offset
-            )
-        if rec_lsn != lsn + 1:
-            raise CorruptionError(f"record lsn {rec_lsn} where {lsn + 1} was due", offset=offset)
-        if not term <= rec_term <= term_max:
-            raise CorruptionError(
-                f"record {rec_lsn} has term {rec_term}, outside {term}..{term_max}", offset=offset
-            )
-        digest = blake2b(
-            _CHAIN_INPUT.pack(chain, rec_lsn, rec_term, crc32c(body)), digest_size=CHAIN_BYTES
-        ).digest()
-        if digest != rec_chain:
-            raise CorruptionError(f"chain hash mismatch at record {rec_lsn}", offset=offset)
-        append(Record(rec_lsn, rec_term, rec_chain, body, buf[offset:end], left))
-        lsn, term, chain = rec_lsn, rec_term, rec_chain
-        offset = end
+        if not rec.verify_chain(chain):
+            raise CorruptionError(f"chain hash mismatch at record {rec.lsn}", offset=offset)
+        out.append(rec)
+        lsn, term, chain = rec.lsn, rec.term, rec.chain
+        offset += len(rec.raw)
     return VerifiedRun(prev_lsn, prev_term, prev_chain, out)
