@@ -550,9 +550,7 @@ class Store:
                 result.first_lsn.value == next_lsn and result.term.value == term,
                 f"WAL assigned lsn {result.first_lsn.value}, the store expected {next_lsn}",
             )
-            add = self._active.add
-            for stored in new_events:
-                add(stored)
+            self._active.add_all(new_events)
             self._versions.update(batch_versions)
             self.metrics.appends.inc(len(bodies))
             self.metrics.last_lsn.set(result.last_lsn.value)
@@ -677,10 +675,12 @@ class Store:
                     b.metadata,
                 )
             )
+        self._active.add_all(events)
         versions = self._versions
-        for key, version in self._active.add_all(events).items():
-            if version > versions.get(key, 0):
-                versions[key] = version
+        for ev in events:
+            key = entity_key(ev.tenant_id, ev.entity_id)
+            if ev.version > versions.get(key, 0):
+                versions[key] = ev.version
 
     def apply_run(self, run: VerifiedRun) -> Future[WriteOutcome]:
         """Append records another node wrote (a follower) and index them; returns the write."""

@@ -40,45 +40,18 @@ class Memtable:
     def last_lsn(self) -> int | None:
         return self.events[-1].lsn if self.events else None
 
-    def add(self, ev: StoredEvent) -> None:
-        self.events.append(ev)
-        self.by_entity.setdefault(entity_key(ev.tenant_id, ev.entity_id), []).append(ev)
-        self.by_type.setdefault(ev.event_type, []).append(ev)
-        self.by_id[ev.id] = ev
-        self.bytes += ev.size_bytes()
-
-    def add_all(self, events: Iterable[StoredEvent]) -> dict[str, int]:
-        """Add events in lsn order; the highest version each entity reached among them.
-
-        The same as ``add`` for each, with the lookups hoisted out of the loop (a follower adds
-        every shipped record here).
-        """
+    def add_all(self, events: Iterable[StoredEvent]) -> None:
+        """Add events in lsn order, to the log and every index."""
         append = self.events.append
         by_entity, by_type, by_id = self.by_entity, self.by_type, self.by_id
-        versions: dict[str, int] = {}
         size = 0
         for ev in events:
             append(ev)
-            key = f"{ev.tenant_id}\x00{ev.entity_id}"  # entity_key, inlined
-            same_entity = by_entity.get(key)
-            if same_entity is None:
-                by_entity[key] = [ev]
-            else:
-                same_entity.append(ev)
-            same_type = by_type.get(ev.event_type)
-            if same_type is None:
-                by_type[ev.event_type] = [ev]
-            else:
-                same_type.append(ev)
+            by_entity.setdefault(entity_key(ev.tenant_id, ev.entity_id), []).append(ev)
+            by_type.setdefault(ev.event_type, []).append(ev)
             by_id[ev.id] = ev
-            meta = ev.metadata
-            size += 200 + len(ev.payload) + len(ev.entity_id) + len(ev.event_type)
-            if meta:
-                size += len(meta)
-            if ev.version > versions.get(key, 0):
-                versions[key] = ev.version
+            size += ev.size_bytes()
         self.bytes += size
-        return versions
 
     def truncate_after(self, lsn: int) -> list[StoredEvent]:
         """Remove the events after ``lsn`` (a WAL group rolled back); returns them in order."""
