@@ -174,6 +174,10 @@ class RecentWrite:
     end_offset: int
 
 
+def _first_lsn(write: RecentWrite) -> int:
+    return write.first_lsn
+
+
 RECENT_WRITES_MAX = 64
 RECENT_BYTES_MAX = 16 << 20
 """How much of what was just written stays in memory for tailing cursors."""
@@ -583,8 +587,7 @@ class Wal:
         caller then reads the files). Only written records are ever in here."""
         with self._lock:
             recent = self._recent
-            firsts = [w.first_lsn for w in recent]
-            k = bisect.bisect_left(firsts, lsn)
+            k = bisect.bisect_left(recent, lsn, key=_first_lsn)
             out: list[RecentWrite] = []
             size = 0
             while k < len(recent) and recent[k].first_lsn == lsn:
