@@ -43,7 +43,7 @@ from walship.replication.stream import MessageStream
 from walship.storage.query import QueryFilter
 from walship.store import Store, StoreConfig
 from walship.wal import FsyncPolicy
-from walship.wal.record import GENESIS_CHAIN
+from walship.wal.record import GENESIS_CHAIN, Record
 
 from .conftest import make_event
 from .fulldisk import FullDisk
@@ -98,6 +98,26 @@ async def write(store: Store, count: int, start: int = 0) -> int:
     ]
     await asyncio.to_thread(store.append_batch, events)
     return store.wal.written_lsn.value
+
+
+def wal_batch(
+    recs: list[Record], first: int, last: int, *, prev_chain: bytes | None = None
+) -> WalBatch:
+    """One leader frame carrying records first..last of ``recs`` (lsn 1 onwards); its
+    ``prev_chain`` is the right one unless given."""
+    prev = recs[first - 2] if first > 1 else None
+    if prev_chain is None:
+        prev_chain = prev.chain if prev else GENESIS_CHAIN
+    (batch,) = batch_records(
+        [r.raw for r in recs[first - 1 : last]],
+        term=recs[last - 1].term,
+        prev_lsn=first - 1,
+        prev_term=prev.term if prev else 0,
+        prev_chain=prev_chain,
+        leader_lsn=recs[-1].lsn,
+        leader_write_ts_us=0,
+    )
+    return batch
 
 
 def raw_records(store: Store, from_lsn: int = 1) -> list[bytes]:
@@ -528,31 +548,20 @@ def test_batches_that_do_not_continue_the_log_are_rejected_never_skipped(
                 source.append(make_event(f"e{i}"))
             recs = list(source.wal.read_from(1))
 
-            def batch(first: int, prev_chain: bytes, term: int = 1) -> WalBatch:
-                prev = recs[first - 2] if first > 1 else None
-                (b,) = batch_records(
-                    [r.raw for r in recs[first - 1 :]],
-                    term=term,
-                    prev_lsn=first - 1,
-                    prev_term=prev.term if prev else 0,
-                    prev_chain=prev_chain,
-                    leader_lsn=4,
-                    leader_write_ts_us=0,
-                )
-                return b
-
             with pytest.raises(FrameRejected, match="does not continue"):
-                await follower.handle(batch(2, recs[0].chain))  # a gap: lsn 1 is missing
+                # a gap: lsn 1 is missing
+                await follower.handle(wal_batch(recs, 2, 4, prev_chain=recs[0].chain))
             with pytest.raises(FrameRejected, match="does not continue"):
-                await follower.handle(batch(1, b"\x01" * 8))  # another history
+                # another history
+                await follower.handle(wal_batch(recs, 1, 4, prev_chain=b"\x01" * 8))
             assert fstore.wal.last_position.lsn.value == 0
 
             follower.known_term = 2
             with pytest.raises(FrameRejected, match="deposed"):
-                await follower.handle(batch(1, GENESIS_CHAIN))
+                await follower.handle(wal_batch(recs, 1, 4))
             follower.known_term = 1
 
-            await follower.handle(batch(1, GENESIS_CHAIN))  # the right one applies
+            await follower.handle(wal_batch(recs, 1, 4))  # the right one applies
             assert fstore.wal.last_position.lsn.value == 4
             await asyncio.to_thread(fstore.wal.sync)
             assert raw_records(fstore) == raw_records(source)
@@ -580,32 +589,23 @@ def test_an_append_split_across_frames_is_held_until_its_last_record_arrives(
             recs = list(source.wal.read_from(1))
             assert [r.batch_left for r in recs] == [0, 4, 3, 2, 1, 0]
 
-            def frame(first: int, last: int) -> WalBatch:
-                prev = recs[first - 2] if first > 1 else None
-                (b,) = batch_records(
-                    [r.raw for r in recs[first - 1 : last]],
-                    term=1,
-                    prev_lsn=first - 1,
-                    prev_term=prev.term if prev else 0,
-                    prev_chain=prev.chain if prev else GENESIS_CHAIN,
-                    leader_lsn=6,
-                    leader_write_ts_us=0,
-                )
-                return b
-
-            await follower.handle(frame(1, 3))  # lsn 1 whole, lsn 2..3 the start of an append
+            # lsn 1 whole, lsn 2..3 the start of an append
+            await follower.handle(wal_batch(recs, 1, 3))
             await asyncio.to_thread(fstore.wal.sync)
             assert fstore.wal.last_position.lsn.value == 1
             assert [e.lsn for e in query_all(fstore)] == [1]
-            await follower.handle(frame(4, 5))  # still open: continues from the held records
+            # still open: continues from the held records
+            await follower.handle(wal_batch(recs, 4, 5))
             await asyncio.to_thread(fstore.wal.sync)
             assert fstore.wal.last_position.lsn.value == 1
             assert [e.lsn for e in query_all(fstore)] == [1]
             with pytest.raises(FrameRejected, match="does not continue"):
-                await follower.handle(frame(2, 6))  # from the log's end, not the held tail
+                # from the log's end, not the held tail
+                await follower.handle(wal_batch(recs, 2, 6))
             follower._begin_session()  # a new connection forgets what was held
-            await follower.handle(frame(2, 4))
-            await follower.handle(frame(5, 6))  # the append's last record: all of it applies
+            await follower.handle(wal_batch(recs, 2, 4))
+            # the append's last record: all of it applies
+            await follower.handle(wal_batch(recs, 5, 6))
             await asyncio.to_thread(fstore.wal.sync)
             assert fstore.wal.last_position.lsn.value == 6
             assert [e.lsn for e in query_all(fstore)] == [1, 2, 3, 4, 5, 6]

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.walfiles import shipped
 from walship.errors import CorruptionError, InvalidInput
 from walship.limits import Limits
 from walship.position import Lsn, Term
@@ -18,7 +19,6 @@ from walship.wal.record import (
     GENESIS_CHAIN,
     RecordIncomplete,
     RecordInvalid,
-    VerifiedRun,
     decode_record,
     encode_record,
     verify_run,
@@ -238,22 +238,15 @@ def test_follower_append_refuses_records_that_do_not_continue_the_log(tmp_path: 
     records = list(src.read_from(1))
     src.close()
 
-    def run(first: int, last: int, prev_chain: bytes | None = None) -> VerifiedRun:
-        """Records first..last as a follower receives them, verified from their predecessor."""
-        before = records[first - 2] if first > 1 else None
-        chain = prev_chain or (before.chain if before else GENESIS_CHAIN)
-        data = b"".join(r.raw for r in records[first - 1 : last])
-        return verify_run(data, first - 1, 1 if before else 0, chain, 1, 1 << 20)
-
     dst = open_wal(tmp_path / "b")
     with pytest.raises(CorruptionError):
-        dst.append_run(run(2, 5))  # gap: starts at lsn 2
-    dst.append_run(run(1, 3)).result()
+        dst.append_run(shipped(records, 2, 5))  # gap: starts at lsn 2
+    dst.append_run(shipped(records, 1, 3)).result()
     with pytest.raises(CorruptionError):
-        dst.append_run(run(5, 5))  # gap: lsn 4 is missing
-    with pytest.raises(CorruptionError, match="chain hash mismatch"):
-        run(4, 5, prev_chain=b"x" * 8)  # another history: its chain does not follow
-    dst.append_run(run(4, 5)).result()
+        dst.append_run(shipped(records, 5, 5))  # gap: lsn 4 is missing
+    with pytest.raises(CorruptionError, match="chain hash mismatch"):  # another history
+        verify_run(b"".join(r.raw for r in records[3:]), 3, 1, b"x" * 8, 1, 1 << 20)
+    dst.append_run(shipped(records, 4, 5)).result()
     assert [r.raw for r in dst.read_from(1)] == [r.raw for r in records]
     dst.close()
 

@@ -25,12 +25,13 @@ import pytest
 import walship.wal.log as wal_log
 from tests.conftest import make_event
 from tests.fulldisk import FullDisk
+from tests.walfiles import shipped
 from walship.errors import StorageFull, VersionConflict, WalFailed
 from walship.limits import Limits
 from walship.position import Lsn, Term
 from walship.store import Store, StoreConfig
 from walship.wal import FsyncPolicy, Wal
-from walship.wal.record import GENESIS_CHAIN, VerifiedRun, next_chain, verify_run
+from walship.wal.record import GENESIS_CHAIN, next_chain
 from walship.wal.segment import (
     SEGMENT_HEADER_BYTES,
     SegmentHeader,
@@ -432,35 +433,21 @@ def test_follower_store_applies_shipped_records_again_after_a_full_disk(
         store.append(make_event("acct-1", payload={"i": i}))
     records = list(store.wal.read_from(1))
 
-    def shipped(first: int) -> VerifiedRun:
-        """Records first..4 as a follower receives them, verified from their predecessor."""
-        prev = records[first - 2] if first > 1 else None
-        data = b"".join(r.raw for r in records[first - 1 :])
-        return verify_run(
-            data,
-            first - 1,
-            prev.term if prev else 0,
-            prev.chain if prev else GENESIS_CHAIN,
-            records[-1].term,
-            LIMITS.record_bytes_max,
-        )
-
     follower = Store.open(
         StoreConfig(tmp_path / "follower", limits=LIMITS, checkpoints=False),
     )
     try:
-        first_two = shipped(1)
-        follower.apply_run(first_two._replace(records=first_two.records[:2])).result(timeout=5)
+        follower.apply_run(shipped(records, 1, 2)).result(timeout=5)
         disk.full = True
         with pytest.raises(StorageFull):
-            follower.apply_run(shipped(3)).result(timeout=5)
+            follower.apply_run(shipped(records, 3, 4)).result(timeout=5)
         assert follower.last_position.lsn == Lsn(2)
         assert follower.entity_version("acct-1") == 2
         with pytest.raises(StorageFull):
-            follower.apply_run(shipped(3))
+            follower.apply_run(shipped(records, 3, 4))
         disk.full = False
         wait_for_space(follower.wal)
-        follower.apply_run(shipped(3)).result(timeout=5)
+        follower.apply_run(shipped(records, 3, 4)).result(timeout=5)
         assert [e.lsn for e in follower.query(_all()).events] == [1, 2, 3, 4]
         assert follower.entity_version("acct-1") == 4
     finally:
@@ -505,29 +492,18 @@ def test_a_term_start_rolled_back_with_its_records_is_forgotten(
     records = list(leader.read_from(1))
     leader.close()
 
-    def shipped(first: int, last: int) -> VerifiedRun:
-        prev = records[first - 2] if first > 1 else None
-        return verify_run(
-            b"".join(r.raw for r in records[first - 1 : last]),
-            first - 1,
-            prev.term if prev else 0,
-            prev.chain if prev else GENESIS_CHAIN,
-            2,
-            LIMITS.record_bytes_max,
-        )
-
     for then in ("follow", "lead"):
         path = tmp_path / f"follower-{then}"
         follower = Wal.open(path, fsync=FsyncPolicy.parse("always"), limits=LIMITS)
-        follower.append_run(shipped(1, 2)).result(timeout=5)
+        follower.append_run(shipped(records, 1, 2)).result(timeout=5)
         disk.full = True
         with pytest.raises(StorageFull):
-            follower.append_run(shipped(3, 6)).result(timeout=5)
+            follower.append_run(shipped(records, 3, 6)).result(timeout=5)
         assert follower.terms.to_list() == [(1, 1)]  # term 2 started at lsn 4, rolled back
         disk.full = False
         wait_for_space(follower)
         if then == "follow":
-            follower.append_run(shipped(3, 6)).result(timeout=5)
+            follower.append_run(shipped(records, 3, 6)).result(timeout=5)
             expected = [(1, 1), (2, 4)]
         else:
             follower.begin_term(Term(3))  # promoted: its term starts after what it wrote

@@ -1,4 +1,4 @@
-"""Helpers for tests that build a WAL on disk and then damage it on purpose."""
+"""Helpers for tests that build a WAL on disk, damage it on purpose, or ship its records."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from tests.conftest import make_event
 from walship.limits import Limits
 from walship.store import Store, StoreConfig
 from walship.wal import FsyncPolicy
-from walship.wal.record import HEADER_BYTES
+from walship.wal.record import GENESIS_CHAIN, HEADER_BYTES, Record, VerifiedRun, verify_run
 from walship.wal.segment import SEGMENT_HEADER_BYTES, list_segments
 
 
@@ -59,3 +59,19 @@ def cut_inside_last_record(segment: Path) -> int:
     with open(segment, "r+b") as f:
         f.truncate(offset + 10)
     return offset
+
+
+def shipped(
+    records: list[Record], first: int, last: int, body_bytes_max: int = 1 << 20
+) -> VerifiedRun:
+    """Records first..last (of ``records``, lsn 1 onwards) as a follower receives them,
+    verified from their predecessor."""
+    prev = records[first - 2] if first > 1 else None
+    return verify_run(
+        b"".join(r.raw for r in records[first - 1 : last]),
+        first - 1,
+        prev.term if prev else 0,
+        prev.chain if prev else GENESIS_CHAIN,
+        records[-1].term,
+        body_bytes_max,
+    )
