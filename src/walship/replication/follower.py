@@ -564,6 +564,13 @@ class Follower:
         self._io = None
         return result
 
+    async def _io_finished(self) -> None:
+        """Wait for the worker-thread job in flight, if any; its error is raised here."""
+        job = self._io
+        if job is not None:
+            await asyncio.shield(job)
+            self._io = None
+
     async def _send(self, msg: Message) -> None:
         stream = self._stream
         invariant(stream is not None, "no connection to send on")
@@ -809,17 +816,22 @@ class Follower:
         await self._send(resume)
 
     async def _on_snapshot_chunk(self, chunk: SnapshotChunk) -> None:
+        """Write ``chunk`` in a worker thread while the next one is received: the write of
+        the chunk before must have finished (and passed) first, so chunks are still written in
+        order, one at a time, and a failed one is reported before anything follows it."""
         staging = self._staging
         if staging is None:
             raise FrameRejected("SnapshotChunk without SnapshotStart")
         with _rejecting():
-            await self._in_thread(staging.write, chunk)
+            await self._io_finished()
+            self._io = asyncio.ensure_future(asyncio.to_thread(staging.write, chunk))
 
     async def _on_snapshot_end(self, end: SnapshotEnd) -> None:
         staging = self._staging
         if staging is None or end.snapshot_id != staging.snapshot_id:
             raise FrameRejected(f"SnapshotEnd for {end.snapshot_id!r}, which is not in progress")
         with _rejecting():
+            await self._io_finished()
             manifest, terms = await self._in_thread(staging.finish)
         invariant(not self._unacked, "records were applied before the snapshot was installed")
         await self._in_thread(self.store.install_snapshot, staging.files_dir, manifest, terms)
