@@ -263,6 +263,12 @@ def test_two_leaders_followers_follow_only_the_higher_term(cluster: FailoverClus
     wait_until(lambda: health(leader)["fenced"], 10, "the old leader to be fenced")
     r = post_event(leader, event(3))
     assert r.status_code == 409 and r.json()["error"] == "fenced"
+    # a restart does not forget it: the newer term is persisted with the node's role
+    leader.stop()
+    leader.start()
+    assert health(leader)["fenced"]
+    r = post_event(leader, event(5))
+    assert r.status_code == 409 and r.json()["error"] == "fenced"
     assert health(f2)["term"] == 2
     assert last_lsn(f2) == last_lsn(f1)
     repoint(f2, answer["replication_address"])

@@ -145,7 +145,7 @@ class Node:
         self.leader: Leader | None = None
         self.follower: Follower | None = None
         if self.role is Role.LEADER:
-            self.leader = Leader(store, self.replication, self.replication_metrics)
+            self.leader = self._new_leader()
         else:
             self.follower = self._new_follower(self.replication.leader, 0)
         self._visible = asyncio.Event()
@@ -156,6 +156,21 @@ class Node:
         self.write_gate: Callable[[], str | None] | None = None
         self.coordinator: Coordinator | None = None
         self.replication_metrics.term.set(store.wal.terms.current.value)
+
+    def _new_leader(self) -> Leader:
+        """A leader of the WAL's current term: fenced from the start when this node has heard
+        of a newer term (a deposed leader that restarted must not take writes again)."""
+        leader = Leader(
+            self.store, self.replication, self.replication_metrics, self.role_state.saw_term
+        )
+        seen = self.role_state.record.term_seen
+        if seen > leader.term:
+            leader.fence(
+                f"term {seen} was seen before this node started (it leads term {leader.term}): "
+                "repoint it to the current leader",
+                seen,
+            )
+        return leader
 
     def _new_follower(self, leader: str | None, known_term: int) -> Follower:
         config = dataclasses.replace(self.replication, leader=leader)
@@ -421,7 +436,7 @@ class Node:
                 await follower.start()
                 raise
             self.role_state.switched(Role.LEADER, None, term)
-            leader = Leader(self.store, self.replication, self.replication_metrics)
+            leader = self._new_leader()
             leader.acks.led(term)
             self.follower = None
             self.leader = leader

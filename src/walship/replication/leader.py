@@ -16,6 +16,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -292,7 +293,10 @@ class FollowerSession:
         except PeerRefused as exc:
             if exc.details.get("refused") == StaleTerm.code:
                 # the follower knows a newer term than the one in our Welcome: we were deposed
-                leader.fence(f"follower {hello.node_id} refused this leader: {exc.message}")
+                # (by at least the next term; the refusal does not say which)
+                leader.fence(
+                    f"follower {hello.node_id} refused this leader: {exc.message}", leader.term + 1
+                )
             raise
         self.sent_lsn = self.durable_lsn = sub.lsn  # it holds these already
         leader.register(self)
@@ -378,7 +382,9 @@ class FollowerSession:
                         )
                 elif isinstance(msg, Refused):
                     if msg.code == StaleTerm.code:
-                        self.leader.fence(f"follower {self.node_id} refused: {msg.message}")
+                        self.leader.fence(
+                            f"follower {self.node_id} refused: {msg.message}", self.leader.term + 1
+                        )
                     raise ProtocolError(
                         f"{self.node_id} refused the stream ({msg.code}): {msg.message}"
                     )
@@ -479,11 +485,16 @@ class Leader:
     """Replication on a leader node: the listener, sessions, acks, in-sync set and retention."""
 
     def __init__(
-        self, store: Store, config: ReplicationConfig, metrics: ReplicationMetrics
+        self,
+        store: Store,
+        config: ReplicationConfig,
+        metrics: ReplicationMetrics,
+        on_fence: Callable[[int], None] | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.metrics = metrics
+        self._on_fence = on_fence  # persists the newer term, so a restart stays fenced
         self.tracker = AckTracker()
         self.lag_clock = LagClock()
         repl_dir = store.data_dir / "replication"
@@ -509,8 +520,15 @@ class Leader:
         """Stop taking writes for good: a newer term exists, so this leader was deposed.
 
         Pending and later acknowledgement waits answer unsatisfied at once (never
-        ``replicated``); the node refuses writes (``Fenced``) from now on.
+        ``replicated``); the node refuses writes (``Fenced``) from now on. ``term`` is the
+        newer term (or a lower bound of it), 0 when the reason is not one; a newer term is
+        persisted (``on_fence``), so the node is still fenced after a restart.
         """
+        if term > self.fenced_term and self._on_fence is not None:
+            try:
+                self._on_fence(term)
+            except OSError as exc:  # fenced all the same, until a restart
+                log.error("replication: could not persist the newer term %d: %s", term, exc)
         self.fenced_term = max(self.fenced_term, term)
         if self.fenced is None:
             self.fenced = reason
