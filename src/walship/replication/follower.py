@@ -332,6 +332,10 @@ class Follower:
             # a repair or an apply still running in its thread: nothing may follow it
             await asyncio.wait({io})
             self._io = None
+            self._report_unawaited(io)
+        if self._staging is not None:
+            self._staging.close()  # when a cancel cut the session's teardown short
+            self._staging = None
         self.state = FollowerState.CLOSED
         self.connected = False
         self._wake_applied()
@@ -539,9 +543,8 @@ class Follower:
         io = self._io
         if io is not None:
             await asyncio.wait({io})
-            if not io.cancelled():
-                io.exception()  # retrieved: it was reported through the session already
             self._io = None
+            self._report_unawaited(io)
         if self._staging is not None:
             self._staging.close()  # what is staged stays, for a resume
             self._staging = None
@@ -555,21 +558,44 @@ class Follower:
             await stream.close()
         self._publish()
 
+    def _report_unawaited(self, job: asyncio.Future[Any]) -> None:
+        """A worker-thread job the session did not wait for to the end (a snapshot chunk's
+        write is awaited only when the next chunk arrives): say how it failed, if it did."""
+        if job.cancelled():
+            return
+        exc = job.exception()  # retrieved either way
+        if exc is not None:
+            log.warning("replication: a write in flight when the link ended failed: %r", exc)
+            if isinstance(exc, (ProtocolError, CorruptionError)):
+                self.frames_rejected += 1
+                self.metrics.frames_rejected.inc()
+            self.last_error = f"{type(exc).__name__}: {exc}"
+
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking ``fn`` in a worker thread; if this task is cancelled, the job still
         finishes and ``_teardown`` waits for it."""
         job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
         self._io = job
-        result: T = await asyncio.shield(job)
-        self._io = None
+        result: T = await self._await_io(job)
         return result
 
     async def _io_finished(self) -> None:
         """Wait for the worker-thread job in flight, if any; its error is raised here."""
         job = self._io
         if job is not None:
-            await asyncio.shield(job)
-            self._io = None
+            await self._await_io(job)
+
+    async def _await_io(self, job: asyncio.Future[T]) -> T:
+        """The result of the job in flight. It is forgotten once done: its error, if any, is
+        raised here and reported by the session; a cancel leaves it for ``_teardown``."""
+        try:
+            result = await asyncio.shield(job)
+        except BaseException:
+            if job.done():
+                self._io = None
+            raise
+        self._io = None
+        return result
 
     async def _send(self, msg: Message) -> None:
         stream = self._stream

@@ -495,6 +495,7 @@ class Leader:
         self.config = config
         self.metrics = metrics
         self._on_fence = on_fence  # persists the newer term, so a restart stays fenced
+        self._fence_saved = 0  # the newer term on_fence last saved
         self.tracker = AckTracker()
         self.lag_clock = LagClock()
         repl_dir = store.data_dir / "replication"
@@ -524,17 +525,20 @@ class Leader:
         newer term (or a lower bound of it), 0 when the reason is not one; a newer term is
         persisted (``on_fence``), so the node is still fenced after a restart.
         """
-        if term > self.fenced_term and self._on_fence is not None:
-            try:
-                self._on_fence(term)
-            except OSError as exc:  # fenced all the same, until a restart
-                log.error("replication: could not persist the newer term %d: %s", term, exc)
         self.fenced_term = max(self.fenced_term, term)
         if self.fenced is None:
             self.fenced = reason
             log.error("replication: this leader (term %d) is fenced: %s", self.term, reason)
             self.metrics.fenced.set(1)
         self.tracker.fail_all(f"this leader is fenced: {reason}")
+        if self.fenced_term > self._fence_saved and self._on_fence is not None:
+            try:
+                self._on_fence(self.fenced_term)
+                self._fence_saved = self.fenced_term
+            except Exception as exc:  # fenced all the same; the next fence tries again
+                log.error(
+                    "replication: could not save the newer term %d: %s", self.fenced_term, exc
+                )
 
     def note_replicated(self, lsn: int) -> None:
         """A write up to ``lsn`` was answered ``replicated`` (kept for lost-and-found)."""
