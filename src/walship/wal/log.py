@@ -23,32 +23,28 @@ the log holds.
 
 from __future__ import annotations
 
-import bisect
 import errno
 import itertools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 from walship.errors import CorruptionError, InvalidInput, StorageFull, WalFailed, invariant
 from walship.fsutil import fsync_dir
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.position import Lsn, Position, Term
+from walship.wal.reading import WalReader, _Segment
 from walship.wal.record import (
     GENESIS_CHAIN,
     HEADER,
     TERM_MAX,
     Record,
-    RecordIncomplete,
-    RecordInvalid,
     VerifiedRun,
-    decode_record,
     encode_record,
 )
 from walship.wal.segment import (
@@ -63,6 +59,28 @@ from walship.wal.segment import (
 )
 from walship.wal.terms import TermHistory
 from walship.wal.truncate import finish_truncation
+from walship.wal.types import (
+    AppendResult,
+    FsyncMode,
+    FsyncPolicy,
+    RecentWrite,
+    RollbackListener,
+    WalListener,
+    WalStatus,
+    WriteOutcome,
+)
+
+__all__ = [
+    "AppendResult",
+    "FsyncMode",
+    "FsyncPolicy",
+    "RecentWrite",
+    "RollbackListener",
+    "Wal",
+    "WalListener",
+    "WalStatus",
+    "WriteOutcome",
+]
 
 log = logging.getLogger(__name__)
 
@@ -71,75 +89,6 @@ NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 PROBE_FILE = "space-probe.wal.tmp"
 """Allocated and removed by the free-space probe (``*.wal.tmp``: a crash leaves it to open)."""
-
-
-class FsyncMode(Enum):
-    ALWAYS = "always"
-    INTERVAL = "interval"
-    NEVER = "never"
-
-
-@dataclass(frozen=True, slots=True)
-class FsyncPolicy:
-    """When the writer fsyncs: after every group commit, at most every ``interval_ms``, or never."""
-
-    mode: FsyncMode = FsyncMode.ALWAYS
-    interval_ms: int = 0
-
-    @classmethod
-    def parse(cls, text: str) -> FsyncPolicy:
-        """Parse ``always``, ``never`` or ``interval:MS``."""
-        if text == "always":
-            return cls(FsyncMode.ALWAYS)
-        if text == "never":
-            return cls(FsyncMode.NEVER)
-        kind, _, ms = text.partition(":")
-        if kind == "interval" and ms.isdigit() and int(ms) > 0:
-            return cls(FsyncMode.INTERVAL, int(ms))
-        raise InvalidInput(f"fsync policy must be always, never or interval:MS, not {text!r}")
-
-    def __str__(self) -> str:
-        if self.mode is FsyncMode.INTERVAL:
-            return f"interval:{self.interval_ms}"
-        return str(self.mode.value)
-
-
-@dataclass(frozen=True, slots=True)
-class WriteOutcome:
-    """What the writer did for a group: up to ``lsn`` written, and whether it was fsynced."""
-
-    lsn: int
-    synced: bool
-
-
-@dataclass(frozen=True, slots=True)
-class AppendResult:
-    """Lsns assigned to one append, and the future of their group commit."""
-
-    first_lsn: Lsn
-    last_lsn: Lsn
-    term: Term
-    chains: list[bytes]
-    done: Future[WriteOutcome]
-
-
-@dataclass(frozen=True, slots=True)
-class WalStatus:
-    last_lsn: int
-    last_term: int
-    written_lsn: int
-    synced_lsn: int
-    segments: int
-    bytes: int
-    failed: str | None
-
-
-@dataclass(slots=True)
-class _Segment:
-    first_lsn: int
-    path: Path
-    bytes: int
-    sparse_index: list[tuple[int, int]]  # (lsn, offset) every ~256 KiB, for readers
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,39 +108,12 @@ class _FsyncFailed(Exception):
         self.error = error
 
 
-@dataclass(frozen=True, slots=True)
-class RecentWrite:
-    """Records the writer just wrote to one segment, kept in memory for cursors tailing the
-    log: ``data`` is exactly the bytes at ``end_offset - len(data)`` of segment
-    ``segment_first``, whole atomic appends ``first_lsn..last_lsn``."""
-
-    first_lsn: int
-    last_lsn: int
-    last_term: int
-    last_chain: bytes
-    data: bytes
-    segment_first: int
-    end_offset: int
-
-
-def _first_lsn(write: RecentWrite) -> int:
-    return write.first_lsn
-
-
 RECENT_WRITES_MAX = 64
 RECENT_BYTES_MAX = 16 << 20
 """How much of what was just written stays in memory for tailing cursors."""
 
 
-WalListener = Callable[[int], None]
-"""Called from the writer thread with the new written lsn after each group commit."""
-
-RollbackListener = Callable[[int], None]
-"""Called from the writer thread after a full disk rolled back everything after this lsn
-(the last written one), before any append can take those lsns again."""
-
-
-class Wal:
+class Wal(WalReader):
     """A directory of segments with one writer thread. Thread-safe."""
 
     def __init__(
@@ -581,25 +503,6 @@ class Wal:
                 except Exception:
                     pass
 
-    def recent_from(self, lsn: int, max_bytes: int) -> list[RecentWrite]:
-        """The writes still in memory that start exactly at ``lsn`` and follow each other,
-        at most ``max_bytes`` together; empty when ``lsn`` is not where one starts (the
-        caller then reads the files). Only written records are ever in here."""
-        with self._lock:
-            recent = self._recent
-            k = bisect.bisect_left(recent, lsn, key=_first_lsn)
-            out: list[RecentWrite] = []
-            size = 0
-            while k < len(recent) and recent[k].first_lsn == lsn:
-                w = recent[k]
-                if size + len(w.data) > max_bytes:
-                    break
-                out.append(w)
-                size += len(w.data)
-                lsn = w.last_lsn + 1
-                k += 1
-            return out
-
     def _forget_recent_locked(self) -> None:
         self._recent = []
         self._recent_bytes = 0
@@ -868,105 +771,6 @@ class Wal:
             if self._failed is None:
                 self._full = None
         log.warning("WAL: space for writes in %s is back; taking writes again", self.directory)
-
-    def _record_before(self, lsn: int) -> tuple[int, bytes]:
-        """(term, chain) of record ``lsn - 1``, read back from the active segment's tail."""
-        for rec in self._iter_segment(self._segments[-1], lsn - 1):
-            if rec.lsn == lsn - 1:
-                return rec.term, rec.chain
-        header = self._read_header(self._segments[-1])
-        return header.prev_term, header.prev_chain
-
-    # ------------------------------------------------------------------ reading
-
-    def first_lsn(self) -> Lsn:
-        """The lowest lsn still held in the WAL (may be one past the end when it is empty)."""
-        with self._lock:
-            return Lsn(self._segments[0].first_lsn)
-
-    def segment_infos(self) -> list[tuple[int, Path, int]]:
-        """``(first_lsn, path, bytes)`` of each segment, oldest first."""
-        with self._lock:
-            return [(s.first_lsn, s.path, s.bytes) for s in self._segments]
-
-    def sparse_index(self, first_lsn: int) -> list[tuple[int, int]]:
-        """``(lsn, offset)`` samples of the segment starting at ``first_lsn`` (may be empty)."""
-        with self._lock:
-            for seg in self._segments:
-                if seg.first_lsn == first_lsn:
-                    return list(seg.sparse_index)
-        return []
-
-    def segment_end(self, first_lsn: int) -> int | None:
-        """Bytes written to the segment starting at ``first_lsn``; None once it is removed."""
-        with self._lock:
-            for seg in self._segments:
-                if seg.first_lsn == first_lsn:
-                    return seg.bytes
-        return None
-
-    def read_from(self, lsn: Lsn | int, *, max_bytes: int | None = None) -> Iterator[Record]:
-        """Records from ``lsn`` up to what the writer has written, verified, in order.
-
-        Raises InvalidInput when ``lsn`` is older than the oldest retained segment. Stops after
-        ``max_bytes`` of records (at least one record is returned when any is available).
-        """
-        start = int(lsn)
-        with self._lock:
-            segments = list(self._segments)
-            limit = self._written_lsn
-        if start < segments[0].first_lsn:
-            raise InvalidInput(
-                f"lsn {start} is no longer in the WAL (oldest retained is {segments[0].first_lsn})"
-            )
-        firsts = [s.first_lsn for s in segments]
-        idx = max(bisect.bisect_right(firsts, start) - 1, 0)
-        total = 0
-        for seg in segments[idx:]:
-            if seg.first_lsn > limit:
-                return  # created by a group still being written (or being rolled back)
-            for rec in self._iter_segment(seg, start, limit):
-                if rec.lsn < start:
-                    continue
-                yield rec
-                total += len(rec.raw)
-                if max_bytes is not None and total >= max_bytes:
-                    return
-
-    def _iter_segment(
-        self, seg: _Segment, from_lsn: int, upto_lsn: int | None = None
-    ) -> Iterator[Record]:
-        """Records of ``seg`` from about ``from_lsn`` (the sparse index's sample before it),
-        stopping after ``upto_lsn``: past it the writer may be writing, or cutting back."""
-        offset = SEGMENT_HEADER_BYTES
-        if seg.sparse_index:
-            lsns = [entry[0] for entry in seg.sparse_index]
-            k = bisect.bisect_right(lsns, from_lsn) - 1
-            if k >= 0:
-                offset = seg.sparse_index[k][1]
-        with open(seg.path, "rb") as f:
-            f.seek(offset)
-            data = f.read(max(seg.bytes - offset, 0))
-        view = memoryview(data)
-        pos = 0
-        while pos < len(view):
-            try:
-                rec = decode_record(view, pos, self.limits.record_bytes_max)
-            except (RecordIncomplete, RecordInvalid) as exc:
-                raise CorruptionError(
-                    f"{seg.path} at offset {offset + pos}: {exc}",
-                    file=str(seg.path),
-                    offset=offset + pos,
-                ) from exc
-            yield rec
-            if upto_lsn is not None and rec.lsn >= upto_lsn:
-                return
-            pos += len(rec.raw)
-
-    @staticmethod
-    def _read_header(seg: _Segment) -> SegmentHeader:
-        with open(seg.path, "rb") as f:
-            return SegmentHeader.decode(f.read(SEGMENT_HEADER_BYTES), seg.path)
 
     # ------------------------------------------------------------------ retention
 
