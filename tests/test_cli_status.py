@@ -308,6 +308,7 @@ def test_demo_runs_a_leader_and_two_followers_and_stops_them(tmp_path: Path) -> 
     assert "walship-2, walship-3" in out  # the write that asked for sync
     assert "(read-your-writes)" in out
     assert "answers 409 read_only, leader=127.0.0.1:" in out
+    assert "(write to http://127.0.0.1:" in out  # the leader's HTTP URL, from its welcome
     assert "from the leader's WAL" in out
     assert "followers of walship-1 (leader's view)" in out
     assert "exit codes: walship-2 0, walship-3 0, walship-1 0" in out

@@ -435,6 +435,14 @@ def test_proofs_are_bound_to_their_nonces_role_and_fields() -> None:
     assert client_proof(SECRET, *args) != server_proof(SECRET, *args, "n2", 0)
     with pytest.raises(AuthenticationError):  # reflecting the follower's proof back
         verify_welcome(SECRET, hello, challenge, Welcome("n1", 3, 0, proof.proof))
+    url = "http://10.0.0.1:3900"
+    welcome = make_welcome(
+        SECRET, hello, challenge, leader_node_id="n1", term=3, leader_last_lsn=0, leader_url=url
+    )
+    verify_welcome(SECRET, hello, challenge, welcome)
+    assert FrameDecoder().feed(encode(welcome)) == [welcome]
+    with pytest.raises(AuthenticationError):  # a man in the middle sending writes elsewhere
+        verify_welcome(SECRET, hello, challenge, Welcome("n1", 3, 0, welcome.leader_proof, "x"))
 
 
 def test_nonces_are_fresh_and_an_empty_secret_is_refused() -> None:

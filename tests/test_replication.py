@@ -513,6 +513,10 @@ def test_follower_refuses_writes_naming_the_leader(cluster: Cluster) -> None:
     body = response.json()
     assert body["error"] == "read_only"
     assert body["leader"] == address
+    # once connected, it also names the URL clients write to (from the leader's Welcome)
+    wait_until(lambda: health(follower)["replication"]["connected"], 10, "f1 to connect")
+    assert health(follower)["replication"]["leader_url"] == leader.url
+    assert post_event(follower, event(0)).json()["leader_url"] == leader.url
     batch = http().post(f"{follower.url}/api/v1/events/batch", json={"events": [event(1)]})
     assert batch.status_code == 409
     assert batch.json()["leader"] == address

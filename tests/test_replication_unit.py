@@ -177,6 +177,7 @@ def test_new_follower_catches_up_from_wal_and_streams_live_writes(tmp_path: Path
             status = follower.status()
             assert set(status) == {
                 "leader",
+                "leader_url",
                 "connected",
                 "state",
                 "durable_lsn",

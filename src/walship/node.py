@@ -115,6 +115,14 @@ class NodeConfig:
         )
 
 
+def http_url(host: str, port: int) -> str | None:
+    """The URL clients reach this node at, or None when the host is a wildcard (which
+    address a client should use is then unknown here)."""
+    if not port or host in ("", "0.0.0.0", "::"):
+        return None
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 class Node:
     """One running node. Thread-safe to read; ``close`` once at the end."""
 
@@ -127,7 +135,11 @@ class Node:
         self._closed = False
         self.replication_metrics = ReplicationMetrics(store.metrics.registry)
         self.role_state = RoleState(config.data_dir)
-        self.replication = config.replication  # the leader address changes on repoint
+        # the leader address changes on repoint; the HTTP URL is what a leader tells followers
+        self.replication = dataclasses.replace(
+            config.replication,
+            http_url=config.replication.http_url or http_url(config.http_host, config.http_port),
+        )
         switched = self.role_state.record
         if switched.role is not None:
             role, leader = Role(switched.role), switched.leader
@@ -141,7 +153,7 @@ class Node:
                     self.role_state.path,
                 )
             self.role = role
-            self.replication = dataclasses.replace(config.replication, leader=leader)
+            self.replication = dataclasses.replace(self.replication, leader=leader)
         self.leader: Leader | None = None
         self.follower: Follower | None = None
         if self.role is Role.LEADER:
@@ -270,9 +282,11 @@ class Node:
         """Raise ReadOnly (409, naming the leader) unless this node accepts writes; Fenced
         (409) on a leader that learned it was deposed."""
         if self.role is not Role.LEADER:
+            follower = self.follower
             raise ReadOnly(
                 f"node {self.node_id} is a {self.role}; write to the leader",
-                leader=None if self.follower is None else self.follower.leader_address,
+                leader=None if follower is None else follower.leader_address,
+                leader_url=None if follower is None else follower.leader_url,
             )
         leader = self.leader
         gate = self.write_gate

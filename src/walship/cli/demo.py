@@ -387,7 +387,7 @@ def _run_steps(cluster: DemoCluster, events: int, ack_mode: str) -> None:
             )
         say(
             f"a write to {follower_a.node_id} answers {refused.status_code} "
-            f"{body['error']}, leader={body.get('leader')}"
+            f"{body['error']}, leader={body.get('leader')} (write to {body.get('leader_url')})"
         )
 
         # 4. a follower that was away catches up from the leader's WAL

@@ -25,6 +25,7 @@ class ReplicationConfig:
     min_in_sync: int = 1
     wal_retention_bytes_max: int = 1 << 30
     leader: str | None = None  # HOST:PORT of the leader's replication listener (followers)
+    http_url: str | None = None  # this node's HTTP URL, told to its followers as a leader
     server_ssl: ssl.SSLContext | None = None
     client_ssl: ssl.SSLContext | None = None
     reconnect_backoff_min_ms: int = 50

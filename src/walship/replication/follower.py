@@ -210,6 +210,7 @@ class Follower:
         self.repairs = 0
         self.last_repair: dict[str, Any] | None = None
         self.leader_lsn = 0
+        self.leader_url: str | None = None  # the leader's HTTP URL, from its Welcome
         self.durable_lsn = store.wal.written_lsn.value
         self.reconnects = 0
         self.snapshots_received = 0
@@ -281,6 +282,7 @@ class Follower:
         staging = self._staging
         return {
             "leader": self.leader_address,
+            "leader_url": self.leader_url,
             "connected": self.connected,
             "state": self.state.value,
             "durable_lsn": self.durable_lsn,
@@ -517,6 +519,7 @@ class Follower:
             raise StaleFrame(stale.message, **stale.details)
         self._note_term(welcome.term)
         self.leader_lsn = welcome.leader_last_lsn
+        self.leader_url = welcome.leader_url or None
         log.info(
             "replication: following %s at %s (term %d, leader lsn %d)",
             welcome.leader_node_id,

@@ -286,6 +286,7 @@ class FollowerSession:
                 leader_node_id=leader.store.config.node_id,
                 term=leader.term,
                 leader_last_lsn=leader.store.wal.written_lsn.value,
+                leader_url=leader.config.http_url or "",
             )
         )
         try:

@@ -88,6 +88,7 @@ Chain = Annotated[bytes, msgspec.Meta(min_length=CHAIN_BYTES, max_length=CHAIN_B
 Nonce = Annotated[bytes, msgspec.Meta(min_length=NONCE_BYTES, max_length=NONCE_BYTES)]
 Digest = Annotated[bytes, msgspec.Meta(min_length=PROOF_BYTES, max_length=PROOF_BYTES)]
 Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+URL_BYTES_MAX: Final = 512
 # A bare file name: no separators, no leading dot (so never "." or ".."), no NUL. Names from
 # the wire are still never joined to a path unchecked (DESIGN 8.10).
 FileName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")]
@@ -127,12 +128,17 @@ class HelloProof(_Wire, frozen=True):
 
 
 class Welcome(_Wire, frozen=True):
-    """L→F: accepted; the leader's identity, term and end of log, and its own proof."""
+    """L→F: accepted; the leader's identity, term and end of log, and its own proof.
+
+    ``leader_url`` is the leader's HTTP URL (empty when it does not know a reachable one): a
+    follower names it when it refuses a write. The proof covers it, so a man in the middle
+    cannot send clients elsewhere."""
 
     leader_node_id: Ident
     term: U64
     leader_last_lsn: U64
     leader_proof: Digest
+    leader_url: Annotated[str, msgspec.Meta(max_length=URL_BYTES_MAX)] = ""
 
 
 class Refused(_Wire, frozen=True):
@@ -552,9 +558,11 @@ def server_proof(
     node_id: str,
     leader_node_id: str,
     term: int,
+    leader_url: str = "",
 ) -> bytes:
-    """The leader's proof: another label (no replay of one for the other), binds id and term."""
-    parts = (client_nonce, server_nonce, cluster_id, node_id, leader_node_id, term)
+    """The leader's proof: another label (no replay of one for the other), binds id, term and
+    the URL it gives for writes."""
+    parts = (client_nonce, server_nonce, cluster_id, node_id, leader_node_id, term, leader_url)
     return _mac(secret, _LEADER_LABEL, *parts)
 
 
@@ -587,16 +595,20 @@ def make_welcome(
     leader_node_id: str,
     term: int,
     leader_last_lsn: int,
+    leader_url: str = "",
 ) -> Welcome:
     """Leader side, once the follower's proof verified: Welcome with the leader's own proof."""
-    proof = server_proof(secret, *_handshake(hello, challenge), leader_node_id, term)
-    return Welcome(leader_node_id, term, leader_last_lsn, proof)
+    handshake = _handshake(hello, challenge)
+    proof = server_proof(secret, *handshake, leader_node_id, term, leader_url)
+    return Welcome(leader_node_id, term, leader_last_lsn, proof, leader_url)
 
 
 def verify_welcome(secret: bytes, hello: Hello, challenge: Challenge, welcome: Welcome) -> None:
     """Follower side: AuthenticationError unless the leader proved it holds the secret."""
     handshake = _handshake(hello, challenge)
-    expected = server_proof(secret, *handshake, welcome.leader_node_id, welcome.term)
+    expected = server_proof(
+        secret, *handshake, welcome.leader_node_id, welcome.term, welcome.leader_url
+    )
     verify_proof(expected, welcome.leader_proof, f"leader {welcome.leader_node_id!r}")
 
 
