@@ -384,3 +384,26 @@ def test_a_promotion_that_cannot_write_its_first_record_leaves_a_follower(
             assert node.role_state.record.role == Role.LEADER
     finally:
         node.close()
+
+
+def test_a_newer_term_that_could_not_be_saved_is_saved_by_the_next_try(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The role record changes only once it is on disk: after a failed save, the same newer
+    term is written again (a fence retries it), never taken as saved."""
+    import walship.role_state as role_state_mod
+    from walship.role_state import RoleState
+
+    state = RoleState(tmp_path)
+    real_write = role_state_mod.atomic_write
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(role_state_mod, "atomic_write", full)
+    with pytest.raises(OSError):
+        state.saw_term(7)
+    assert state.record.term_seen == 0
+    monkeypatch.setattr(role_state_mod, "atomic_write", real_write)
+    state.saw_term(7)
+    assert RoleState(tmp_path).record.term_seen == 7

@@ -41,15 +41,16 @@ class RoleState:
 
     def switched(self, role: str, leader: str | None, term_seen: int) -> None:
         """Record a switch to ``role`` (following ``leader``), persisted before returning."""
-        self.record = RoleRecord(role, leader, max(term_seen, self.record.term_seen), now_us())
-        self._save()
+        self._save(RoleRecord(role, leader, max(term_seen, self.record.term_seen), now_us()))
 
     def saw_term(self, term: int) -> None:
         """Remember the highest term heard of (persisted when it rises)."""
         if term > self.record.term_seen:
-            self.record.term_seen = term
-            self._save()
+            self._save(msgspec.structs.replace(self.record, term_seen=term))
 
-    def _save(self) -> None:
+    def _save(self, record: RoleRecord) -> None:
+        """Persist ``record``, then hold it: when the write fails, the record stays as it was
+        on disk, so the next call writes again."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, msgspec.json.encode(self.record))
+        atomic_write(self.path, msgspec.json.encode(record))
+        self.record = record

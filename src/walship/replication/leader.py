@@ -496,7 +496,6 @@ class Leader:
         self.config = config
         self.metrics = metrics
         self._on_fence = on_fence  # persists the newer term, so a restart stays fenced
-        self._fence_saved = 0  # the newer term on_fence last saved
         self.tracker = AckTracker()
         self.lag_clock = LagClock()
         repl_dir = store.data_dir / "replication"
@@ -532,10 +531,9 @@ class Leader:
             log.error("replication: this leader (term %d) is fenced: %s", self.term, reason)
             self.metrics.fenced.set(1)
         self.tracker.fail_all(f"this leader is fenced: {reason}")
-        if self.fenced_term > self._fence_saved and self._on_fence is not None:
+        if self.fenced_term and self._on_fence is not None:
             try:
-                self._on_fence(self.fenced_term)
-                self._fence_saved = self.fenced_term
+                self._on_fence(self.fenced_term)  # a no-op once this term is saved
             except Exception as exc:  # fenced all the same; the next fence tries again
                 log.error(
                     "replication: could not save the newer term %d: %s", self.fenced_term, exc
