@@ -51,6 +51,7 @@ from walship.events import (
     new_event_ids,
     now_us,
     prepare,
+    stored_from_body,
 )
 from walship.fsutil import atomic_write, fsync_dir
 from walship.limits import DEFAULT_LIMITS, Limits
@@ -655,26 +656,11 @@ class Store:
 
     def _apply_records(self, records: Sequence[Record]) -> None:
         """Add WAL records (recovery or replication) to the memtable and versions."""
-        decode = decode_body
         events = []
         for rec in records:
-            b = decode(rec.body)
-            if b.event_type.startswith(SYSTEM_PREFIX):
-                continue
-            events.append(
-                StoredEvent(
-                    rec.lsn,
-                    rec.term,
-                    b.id,
-                    b.tenant_id,
-                    b.entity_id,
-                    b.event_type,
-                    b.timestamp_us,
-                    b.version,
-                    b.payload,
-                    b.metadata,
-                )
-            )
+            body = decode_body(rec.body)
+            if not body.event_type.startswith(SYSTEM_PREFIX):
+                events.append(stored_from_body(rec.lsn, rec.term, body))
         self._active.add_all(events)
         versions = self._versions
         for ev in events:
