@@ -9,10 +9,11 @@ skipped; plus the pure pieces (Backoff, the staging directory's name checks).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,26 @@ def make_follower(
     return Follower(store, config, ReplicationMetrics(store.metrics.registry), node_id)
 
 
+@contextlib.asynccontextmanager
+async def leader_and_follower(
+    tmp_path: Path, limits: Limits = LIMITS, *, secret: bytes = SECRET
+) -> AsyncIterator[tuple[Store, Store, Leader, Follower]]:
+    """Stores "leader" and "f1" under ``tmp_path``, a started leader, and a follower (not
+    started) pointed at it; afterwards both are stopped and both stores closed."""
+    lstore = open_store(tmp_path / "leader", "leader", limits)
+    fstore = open_store(tmp_path / "f1", "f1", limits)
+    leader = await start_leader(lstore)
+    assert leader.port is not None
+    follower = make_follower(fstore, leader.port, secret=secret)
+    try:
+        yield lstore, fstore, leader, follower
+    finally:
+        await follower.stop()
+        await leader.stop()
+        fstore.close()
+        lstore.close()
+
+
 async def write(store: Store, count: int, start: int = 0) -> int:
     """Append ``count`` events on the leader; returns its last lsn."""
     events = [
@@ -152,12 +173,7 @@ def assert_identical(follower_store: Store, leader_store: Store, from_lsn: int =
 
 def test_new_follower_catches_up_from_wal_and_streams_live_writes(tmp_path: Path) -> None:
     async def scenario() -> None:
-        lstore = open_store(tmp_path / "leader", "leader")
-        fstore = open_store(tmp_path / "f1", "f1")
-        leader = await start_leader(lstore)
-        assert leader.port is not None
-        follower = make_follower(fstore, leader.port)
-        try:
+        async with leader_and_follower(tmp_path) as (lstore, fstore, leader, follower):
             last = await write(lstore, 600)
             await follower.start()
             await follower.wait_applied(last, TIMEOUT_S)
@@ -205,11 +221,6 @@ def test_new_follower_catches_up_from_wal_and_streams_live_writes(tmp_path: Path
             assert status["snapshot"] is None
             assert leader.sessions["f1"].state is leader_mod.FollowerState.STREAMING
             assert "STREAMING" in repr(follower)
-        finally:
-            await follower.stop()
-            await leader.stop()
-            fstore.close()
-            lstore.close()
         assert follower.state is FollowerState.CLOSED
 
     run(scenario)
@@ -380,12 +391,8 @@ def test_interrupted_snapshot_resumes_without_resending_verified_bytes(
 
 def test_wrong_secret_is_refused_before_anything_is_shipped(tmp_path: Path) -> None:
     async def scenario() -> None:
-        lstore = open_store(tmp_path / "leader", "leader")
-        fstore = open_store(tmp_path / "f1", "f1")
-        leader = await start_leader(lstore)
-        assert leader.port is not None
-        follower = make_follower(fstore, leader.port, secret=b"not the secret")
-        try:
+        pair = leader_and_follower(tmp_path, secret=b"not the secret")
+        async with pair as (lstore, fstore, leader, follower):
             await write(lstore, 50)
             await follower.start()
             await eventually(lambda: follower.last_error is not None)
@@ -395,11 +402,6 @@ def test_wrong_secret_is_refused_before_anything_is_shipped(tmp_path: Path) -> N
             assert leader.sessions == {}
             with pytest.raises(WaitTimeout):
                 await follower.wait_applied(1, 0.2)
-        finally:
-            await follower.stop()
-            await leader.stop()
-            fstore.close()
-            lstore.close()
         with pytest.raises(Unavailable):
             await follower.wait_applied(1, 0.2)
 
@@ -466,12 +468,7 @@ def test_corrupted_wal_batch_is_rejected_counted_and_recovered(
     monkeypatch.setattr(MessageStream, "send", corrupting_send)
 
     async def scenario() -> None:
-        lstore = open_store(tmp_path / "leader", "leader")
-        fstore = open_store(tmp_path / "f1", "f1")
-        leader = await start_leader(lstore)
-        assert leader.port is not None
-        follower = make_follower(fstore, leader.port)
-        try:
+        async with leader_and_follower(tmp_path) as (lstore, fstore, _leader, follower):
             last = await write(lstore, 400)
             await follower.start()
             await follower.wait_applied(last, TIMEOUT_S)
@@ -484,11 +481,6 @@ def test_corrupted_wal_batch_is_rejected_counted_and_recovered(
             assert_identical(fstore, lstore)
             registry = fstore.metrics.registry
             assert registry.get_sample_value("walship_replication_frames_rejected_total") == 1
-        finally:
-            await follower.stop()
-            await leader.stop()
-            fstore.close()
-            lstore.close()
 
     run(scenario)
 
@@ -504,12 +496,7 @@ def test_follower_out_of_space_resubscribes_and_catches_up_once_space_is_back(
     limits = dataclasses.replace(LIMITS, storage_full_probe_ms=20)
 
     async def scenario() -> None:
-        lstore = open_store(tmp_path / "leader", "leader", limits)
-        fstore = open_store(tmp_path / "f1", "f1", limits)
-        leader = await start_leader(lstore)
-        assert leader.port is not None
-        follower = make_follower(fstore, leader.port)
-        try:
+        async with leader_and_follower(tmp_path, limits) as (lstore, fstore, _leader, follower):
             before = await write(lstore, 100)
             await follower.start()
             await follower.wait_applied(before, TIMEOUT_S)
@@ -525,11 +512,6 @@ def test_follower_out_of_space_resubscribes_and_catches_up_once_space_is_back(
             await follower.wait_applied(last, TIMEOUT_S)
             assert fstore.wal.failed is None
             assert_identical(fstore, lstore)
-        finally:
-            await follower.stop()
-            await leader.stop()
-            fstore.close()
-            lstore.close()
 
     run(scenario)
 
