@@ -30,7 +30,7 @@ from walship.errors import StorageFull, VersionConflict, WalFailed
 from walship.limits import Limits
 from walship.position import Lsn, Term
 from walship.store import Store, StoreConfig
-from walship.wal import FsyncPolicy, Wal
+from walship.wal import AppendResult, FsyncPolicy, Wal
 from walship.wal.record import GENESIS_CHAIN, next_chain
 from walship.wal.segment import (
     SEGMENT_HEADER_BYTES,
@@ -65,6 +65,22 @@ def body(i: int, size: int = 100) -> bytes:
 def write(wal: Wal, first: int, n: int) -> None:
     for i in range(first, first + n):
         assert wal.append([body(i)]).done.result().lsn == i
+
+
+def append_while_held(wal: Wal, disk: FullDisk, lsn: int) -> AppendResult:
+    """Append record ``lsn`` and wait until the writer is inside its write of it, held there:
+    appends made from now on queue up behind it as the next group."""
+    disk.hold()
+    in_flight = wal.append([body(lsn)])
+    assert disk.held.wait(5)
+    return in_flight
+
+
+def assert_refused(appends: list[AppendResult]) -> None:
+    """The write of each append failed with StorageFull."""
+    for append in appends:
+        with pytest.raises(StorageFull):
+            append.done.result(timeout=5)
 
 
 def wait_for_space(wal: Wal) -> None:
@@ -137,16 +153,12 @@ def test_appends_queued_behind_a_failed_group_fail_with_it(tmp_path: Path, disk:
     """Their lsns were assigned above the failed group, so they cannot be written either."""
     wal = open_wal(tmp_path)
     write(wal, 1, 3)
-    disk.hold()
     disk.full = True
-    in_flight = wal.append([body(4)])
-    assert disk.held.wait(5)  # the writer took lsn 4 as a group and is writing it
+    in_flight = append_while_held(wal, disk, 4)  # the writer took lsn 4 as a group
     queued = [wal.append([body(5)]), wal.append([body(6), body(7)])]
     assert [q.first_lsn.value for q in queued] == [5, 6]
     disk.release()
-    for append in [in_flight, *queued]:
-        with pytest.raises(StorageFull):
-            append.done.result(timeout=5)
+    assert_refused([in_flight, *queued])
     assert wal.last_position.lsn == Lsn(3)
 
     disk.full = False
@@ -161,10 +173,8 @@ def test_sync_and_append_future_report_a_rolled_back_group(tmp_path: Path, disk:
     failure, even when the failed group was already being written."""
     wal = open_wal(tmp_path)
     write(wal, 1, 2)
-    disk.hold()
     disk.full = True
-    wal.append([body(3)])
-    assert disk.held.wait(5)
+    append_while_held(wal, disk, 3)
     everything = wal.append_future()
     assert not everything.done()
     syncing: list[BaseException] = []
@@ -227,16 +237,12 @@ def test_full_disk_while_creating_a_segment_deletes_what_the_group_left(
     monkeypatch.setattr(wal_log, "create_segment", create)
     wal = open_wal(tmp_path, SMALL)
     write(wal, 1, 4)  # 40 + 4 * 132 bytes: room for 3 more records in this segment
-    disk.hold()
-    blocker = wal.append([body(5)])  # written alone; lsn 6..8 queue up as the next group
-    assert disk.held.wait(5)
+    blocker = append_while_held(wal, disk, 5)  # written alone; lsn 6..8 are the next group
     group = [wal.append([body(i)]) for i in (6, 7, 8)]  # 6 and 7 fit, 8 needs a new segment
     create.full = True
     disk.release()
     assert blocker.done.result(timeout=5).lsn == 5
-    for append in group:
-        with pytest.raises(StorageFull):
-            append.done.result(timeout=5)
+    assert_refused(group)
     assert [p.name for _, p in list_segments(tmp_path)] == ["0000000000000001.wal"]
     assert not list(tmp_path.glob("*.tmp"))
     assert (tmp_path / "0000000000000001.wal").stat().st_size == 40 + 5 * RECORD_BYTES
@@ -280,16 +286,12 @@ def test_a_group_that_fails_in_its_new_segment_deletes_it(tmp_path: Path, disk: 
     out of space: the new segment holds only lsns of the group, so it goes."""
     wal = open_wal(tmp_path, SMALL)
     write(wal, 1, 5)
-    disk.hold()
-    blocker = wal.append([body(6)])
-    assert disk.held.wait(5)
+    blocker = append_while_held(wal, disk, 6)
     group = [wal.append([body(i)]) for i in (7, 8)]  # 7 fits, 8 needs a new segment
     disk.writes_left = 2  # lsn 6, then lsn 7 into the old segment; lsn 8 finds the disk full
     disk.release()
     assert blocker.done.result(timeout=5).lsn == 6
-    for append in group:
-        with pytest.raises(StorageFull):
-            append.done.result(timeout=5)
+    assert_refused(group)
     assert [p.name for _, p in list_segments(tmp_path)] == ["0000000000000001.wal"]
     assert (tmp_path / "0000000000000001.wal").stat().st_size == 40 + 6 * RECORD_BYTES
     assert wal.last_position.lsn == Lsn(6)
