@@ -579,6 +579,17 @@ def test_decode_batch_detects_a_gap_a_chain_break_and_a_short_batch() -> None:
         decode_batch(_batch(RECORDS, last_lsn=4))
     with pytest.raises(ProtocolError, match="more bytes"):
         decode_batch(_batch(RECORDS, records=b"".join(RECORDS)[:-1]))
+    with pytest.raises(ProtocolError, match="header needs 32 bytes"):
+        decode_batch(_batch(RECORDS, records=b"".join(RECORDS) + RECORDS[0][:20]))
+
+
+def test_decode_batch_refuses_a_record_longer_than_the_limit() -> None:
+    longer, _ = make_records(2, first_lsn=4, body_bytes=41)  # chained from GENESIS_CHAIN
+    batch = _batch(longer, prev_lsn=3, prev_term=1, first_lsn=4, last_lsn=5)
+    assert decode_batch(batch, record_bytes_max=41).last_lsn == 5
+    with pytest.raises(ProtocolError, match="record length 41 exceeds 40") as info:
+        decode_batch(batch, record_bytes_max=40)
+    assert info.value.details["offset"] == 0
 
 
 def test_decode_batch_refuses_records_from_a_later_term_than_the_batch() -> None:
