@@ -218,25 +218,6 @@ def test_checkpoint_triggers_by_size(tmp_path: Path) -> None:
     store.close()
 
 
-def test_background_checkpoints_hand_the_free_heap_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import time
-
-    import walship.store
-
-    trims: list[int] = []
-    monkeypatch.setattr(walship.store, "release_free_heap", lambda: trims.append(1))
-    store = open_store(tmp_path, memtable_events_max=20)
-    for i in range(50):
-        store.append(make_event(f"e{i % 4}"))
-    deadline = time.monotonic() + 10
-    while not trims and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert trims and store.checkpoints_taken >= 1
-    store.close()
-
-
 def test_memtable_stays_bounded_while_the_store_grows(tmp_path: Path) -> None:
     """Appends wait when the active memtable reaches twice its budget while one is frozen."""
     store = open_store(tmp_path, memtable_events_max=500)

@@ -416,29 +416,6 @@ def test_allocator_tuning_applies_on_glibc() -> None:
     assert tune_allocator() is True
 
 
-def test_releasing_the_free_heap_lowers_the_resident_set_on_glibc() -> None:
-    import os
-    import platform
-
-    from walship.runtime import release_free_heap
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("malloc_trim is glibc's")
-
-    def rss_bytes() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    # 1 KiB blocks come from the heap (not mmap); one in 16 stays, so the freed ones are
-    # holes of whole pages spread through the heap, where trimming its top cannot reach them
-    blocks = [bytes(1024) for _ in range(160_000)]
-    blocks = blocks[::16]
-    before = rss_bytes()
-    release_free_heap()
-    assert before - rss_bytes() > 40 << 20
-    del blocks
-
-
 def test_server_process_tuning_sets_switch_interval_and_collector() -> None:
     import gc
     import sys

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import numpy as np
 import orjson
 
 from walship.errors import (
@@ -58,7 +57,6 @@ from walship.fsutil import atomic_write, fsync_dir
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.metrics import StoreMetrics
 from walship.position import Lsn, Position, Term
-from walship.runtime import release_free_heap
 from walship.storage.manifest import CheckpointManifest, load_manifest, save_manifest
 from walship.storage.memtable import Memtable
 from walship.storage.parquet import PartInfo, PartReader, id_hash, write_part
@@ -852,6 +850,8 @@ class Store:
             )
             reader = PartReader(self.parts_dir / part.file, part)
             hashes = [id_hash(ev.id) for ev in events]
+            import numpy as np
+
             arr = np.array(hashes, dtype=np.int64)
             arr.sort()
             reader.set_id_hashes(arr)
@@ -1009,8 +1009,6 @@ class Store:
                 except Exception:
                     log.exception("checkpoint failed; will retry")
                     self._stop.wait(1.0)
-                else:
-                    release_free_heap()
             self._update_memtable_gauges()
 
     def _update_memtable_gauges(self) -> None:
