@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import orjson
 
 from walship.errors import (
@@ -850,8 +851,6 @@ class Store:
             )
             reader = PartReader(self.parts_dir / part.file, part)
             hashes = [id_hash(ev.id) for ev in events]
-            import numpy as np
-
             arr = np.array(hashes, dtype=np.int64)
             arr.sort()
             reader.set_id_hashes(arr)
