@@ -333,6 +333,54 @@ def test_uuid_column_matches_the_canonical_text(ids: list[bytes]) -> None:
     assert uuid_strings(ids).to_pylist() == [str(uuid.UUID(bytes=i)) for i in ids]
 
 
+@settings(max_examples=30, deadline=None)
+@given(ids=st.lists(st.binary(min_size=16, max_size=16), min_size=1, max_size=50))
+def test_vectorized_id_hashes_match_id_hash(ids: list[bytes]) -> None:
+    """Checkpoints hash ids in one pass, and parts read back hash their id column in one pass
+    (any case); both must give the dedupe index ``id_hash``'s keys."""
+    import pyarrow as pa
+
+    from walship.storage.parquet import id_hash, id_hashes, id_hashes_of_text, uuid_strings
+
+    expected = [id_hash(i) for i in ids]
+    assert id_hashes(ids).tolist() == expected
+    text = uuid_strings(ids)
+    for column in (text, pa.array([s.upper() for s in text.to_pylist()]), text.slice(1)):
+        hashes = id_hashes_of_text(column)
+        assert hashes is not None
+        assert hashes.tolist() == expected[len(ids) - len(column) :]
+
+
+def test_part_ids_not_written_as_walship_writes_them_are_hashed_one_by_one(
+    tmp_path: Path,
+) -> None:
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from walship.storage.parquet import PartReader, id_hash, id_hashes_of_text
+
+    ids = [uuid.uuid4().bytes for _ in range(3)]
+    odd = pa.array([f"{{{uuid.UUID(bytes=ids[0])}}}", ids[1].hex(), str(uuid.UUID(bytes=ids[2]))])
+    assert id_hashes_of_text(odd) is None
+    assert id_hashes_of_text(pa.array(["g" * 36])) is None
+    assert id_hashes_of_text(pa.array([None], pa.string())) is None
+    store = open_store(tmp_path)
+    for i in range(3):
+        store.append(make_event(f"e{i}"))
+    store.checkpoint()
+    part = store.manifest.parts[0]
+    path = store.parts_dir / part.file
+    written = PartReader(path, part).id_hashes()
+    assert written.tolist() == sorted(
+        id_hash(uuid.UUID(s).bytes) for s in pq.read_table(path).column("id").to_pylist()
+    )
+    pq.write_table(pq.read_table(path).set_column(2, "id", odd), path)
+    assert PartReader(path, part).id_hashes().tolist() == sorted(id_hash(i) for i in ids)
+    store.close()
+
+
 def test_an_append_larger_than_followers_hold_is_refused_whole(tmp_path: Path) -> None:
     """Followers hold an atomic append in memory until its last record arrives, so one append
     is bounded in bytes (not only in events) for every caller, HTTP or embedded."""

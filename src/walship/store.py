@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import numpy as np
 import orjson
 
 from walship.errors import (
@@ -60,7 +59,7 @@ from walship.metrics import StoreMetrics
 from walship.position import Lsn, Position, Term
 from walship.storage.manifest import CheckpointManifest, load_manifest, save_manifest
 from walship.storage.memtable import Memtable
-from walship.storage.parquet import PartInfo, PartReader, id_hash, write_part
+from walship.storage.parquet import PartInfo, PartReader, id_hashes, write_part
 from walship.storage.query import QueryFilter, entity_key
 from walship.wal import FsyncPolicy, Record, Wal
 from walship.wal.log import WriteOutcome
@@ -850,8 +849,7 @@ class Store:
                 self.parts_dir, events, first, upto.lsn.value, self.limits.parquet_row_group_rows
             )
             reader = PartReader(self.parts_dir / part.file, part)
-            hashes = [id_hash(ev.id) for ev in events]
-            arr = np.array(hashes, dtype=np.int64)
+            arr = id_hashes([ev.id for ev in events])
             arr.sort()
             reader.set_id_hashes(arr)
             with self._manifest_lock:

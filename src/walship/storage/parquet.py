@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import uuid
 from pathlib import Path
 
 import msgspec
@@ -64,9 +65,48 @@ class PartInfo(msgspec.Struct, frozen=True):
     row_groups: list[tuple[str, str]]  # (first entity key, last entity key) per row group
 
 
+_ID_HASH_MASK = 0x7FFF_FFFF_FFFF_FFFF
+
+
 def id_hash(event_id: bytes) -> int:
     """The 64-bit key of an event id in the dedupe index (low half of the UUID)."""
-    return int.from_bytes(event_id[8:], "little") & 0x7FFF_FFFF_FFFF_FFFF
+    return int.from_bytes(event_id[8:], "little") & _ID_HASH_MASK
+
+
+def id_hashes(ids: list[bytes]) -> np.ndarray:
+    """``id_hash`` of each 16-byte id, as int64 (vectorized)."""
+    raw = np.frombuffer(b"".join(ids), np.uint8).reshape(len(ids), 16)
+    return _low_halves(raw[:, 8:])
+
+
+def _low_halves(tails: np.ndarray) -> np.ndarray:
+    """``(n, 8)`` uint8 UUID tails -> their id hashes."""
+    low = np.ascontiguousarray(tails).view("<u8").ravel()
+    return (low & np.uint64(_ID_HASH_MASK)).astype(np.int64)
+
+
+_HEX_VALUE = np.full(256, 0xFF, np.uint8)
+_HEX_VALUE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
+_HEX_VALUE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+_TAIL_DIGIT_AT = np.array([19, 20, 21, 22, *range(24, 36)])  # UUID bytes 8..15 in its text
+
+
+def id_hashes_of_text(ids: pa.Array) -> np.ndarray | None:
+    """``id_hash`` of each canonical UUID text (``uuid_strings``' column), vectorized; None
+    when some id is not 36 characters of hex and dashes (the caller parses those itself)."""
+    n = len(ids)
+    if n == 0:
+        return np.empty(0, np.int64)
+    if ids.type != pa.string() or ids.null_count:
+        return None
+    offsets = np.frombuffer(ids.buffers()[1], np.int32, n + 1, ids.offset * 4)
+    if int(offsets[-1]) - int(offsets[0]) != 36 * n or not (np.diff(offsets) == 36).all():
+        return None
+    data = np.frombuffer(ids.buffers()[2], np.uint8, 36 * n, int(offsets[0]))
+    digits = _HEX_VALUE[data.reshape(n, 36)[:, _TAIL_DIGIT_AT]]
+    if (digits == 0xFF).any():
+        return None
+    return _low_halves((digits[:, 0::2] << 4) | digits[:, 1::2])
 
 
 DICTIONARY_COLUMNS = ["tenant_id", "entity_id", "event_type"]
@@ -245,10 +285,11 @@ class PartReader:
     def id_hashes(self) -> np.ndarray:
         """Sorted 64-bit id keys of this part (loaded once, 8 bytes per event)."""
         if self._id_hashes is None:
-            import uuid
-
-            ids = self._file.read(columns=["id"]).column("id").to_pylist()
-            arr = np.fromiter((id_hash(uuid.UUID(s).bytes) for s in ids), np.int64, len(ids))
+            column = self._file.read(columns=["id"]).column("id").combine_chunks()
+            arr = id_hashes_of_text(column)
+            if arr is None:  # not as walship writes ids: parse each one
+                ids = column.to_pylist()
+                arr = np.fromiter((id_hash(uuid.UUID(s).bytes) for s in ids), np.int64, len(ids))
             arr.sort()
             self._id_hashes = arr
         return self._id_hashes
@@ -258,8 +299,6 @@ class PartReader:
 
     def find_id(self, event_id: bytes) -> StoredEvent | None:
         """The stored event with this id, or None; the hash index avoids most reads."""
-        import uuid
-
         hashes = self.id_hashes()
         h = id_hash(event_id)
         i = int(np.searchsorted(hashes, h))
