@@ -48,6 +48,7 @@ from walship.replication.protocol import (
     client_proof,
     decode_batch,
     encode,
+    encode_parts,
     hello_error,
     load_secret,
     make_hello_proof,
@@ -58,7 +59,7 @@ from walship.replication.protocol import (
     verify_hello_proof,
     verify_welcome,
 )
-from walship.wal.record import GENESIS_CHAIN, crc32c, encode_record
+from walship.wal.record import GENESIS_CHAIN, HEADER_BYTES, crc32c, encode_record
 
 U64_MAX = (1 << 64) - 1
 SECRET = b"correct horse battery staple"
@@ -287,6 +288,46 @@ def test_frame_exactly_at_the_limit_passes_and_one_byte_more_fails() -> None:
         FrameDecoder(len(frame) - 1).feed(frame[:FRAME_HEADER_BYTES])
     with pytest.raises(ProtocolError, match="exceeds"):
         encode(SnapshotChunk(0, 0, b"x" * 1000), frame_bytes_max=len(frame) - 1)
+
+
+_BULK_SIZES = st.sampled_from([0, 1, 255, 256, 65_535, 65_536, 70_001]) | st.integers(0, 3000)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=_BULK_SIZES,
+    lsn=st.integers(0, 2**64 - 2),
+    ts=st.integers(0, 2**64 - 1),
+    index=st.integers(0, 2**32 - 1),
+)
+def test_frames_in_parts_are_the_same_bytes_with_the_bulk_not_copied(
+    size: int, lsn: int, ts: int, index: int
+) -> None:
+    """``send`` writes a WalBatch or SnapshotChunk as parts whose last is the caller's own
+    bytes; joined, they are exactly ``encode``'s frame, whatever the bin header's width."""
+    records = bytes(range(256)) * (max(size, HEADER_BYTES) // 256) + b"r" * (
+        max(size, HEADER_BYTES) % 256
+    )
+    batch = WalBatch(7, lsn, 3, b"c" * 8, lsn + 1, lsn + 1, lsn + 1, ts, records)
+    chunk = SnapshotChunk(index, lsn, records[:size])
+    for msg, bulk in ((batch, records), (chunk, chunk.data)):
+        parts = encode_parts(msg, 1 << 20)
+        assert b"".join(parts) == encode(msg, 1 << 20)
+        assert parts[-1] is bulk
+        assert FrameDecoder(1 << 20).feed(b"".join(parts)) == [msg]
+
+
+def test_frames_in_parts_keep_the_size_limit_and_other_messages_whole() -> None:
+    for msg in SAMPLES:
+        parts = encode_parts(msg)
+        assert b"".join(parts) == encode(msg)
+        assert len(parts) == (2 if isinstance(msg, WalBatch | SnapshotChunk) else 1)
+    chunk = SnapshotChunk(0, 0, b"x" * 1000)
+    size = len(encode(chunk))
+    assert b"".join(encode_parts(chunk, frame_bytes_max=size)) == encode(chunk)
+    with pytest.raises(ProtocolError, match="exceeds") as info:
+        encode_parts(chunk, frame_bytes_max=size - 1)
+    assert info.value.details["frame_bytes"] == size
 
 
 def test_unknown_message_type_is_rejected() -> None:

@@ -11,7 +11,7 @@ import contextlib
 from typing import TypeVar
 
 from walship.errors import ProtocolError, WaitTimeout
-from walship.replication.protocol import FrameDecoder, Message, Refused, encode
+from walship.replication.protocol import FrameDecoder, Message, Refused, encode_parts
 
 M = TypeVar("M")
 
@@ -71,14 +71,14 @@ class MessageStream:
 
     async def send(self, msg: Message) -> None:
         """Write one frame and drain; ConnectionResetError once the connection is closed."""
-        data = encode(msg, self.frame_bytes_max)
+        parts = encode_parts(msg, self.frame_bytes_max)
         if self.writer.is_closing():
             raise ConnectionResetError(f"the connection to {self.peer} is closed")
         try:
-            self.writer.write(data)
+            self.writer.writelines(parts)
         except RuntimeError as exc:  # uvloop: "the handler is closed"
             raise ConnectionResetError(f"the connection to {self.peer} is closed") from exc
-        self.bytes_out += len(data)
+        self.bytes_out += sum(map(len, parts))
         await self.writer.drain()
 
     async def refuse(self, code: str, message: str) -> None:
