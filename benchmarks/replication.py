@@ -212,21 +212,30 @@ def _time_catch_up(leader: NodeProcess, node: NodeProcess, last: int) -> tuple[f
     return done - connected, done - t0
 
 
-def wait_settled(url: str, timeout_s: float = 120) -> tuple[dict[str, Any], float]:
-    """Wait until the leader's background work after an ingest has stopped: its checkpoint
-    covers all but the last memtable and no checkpoint or compaction ran for a second.
-    Returns its stats and the seconds waited. A follower that starts while the leader still
-    compacts shares the two cores with that merge, which made the catch-up figures depend on
-    when the previous step happened to end (snapshot: 153 to 243 MB/s in three runs)."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_settled(node: NodeProcess, timeout_s: float = 180) -> tuple[dict[str, Any], float]:
+    """Wait until ``node`` is idle after an ingest: under 5 % of a CPU over each of two
+    consecutive seconds, i.e. no checkpoint or compaction still running. Returns its stats and
+    the seconds waited. A follower that starts while the leader still merges parts shares the
+    two cores with that merge, which made the catch-up figures depend on when the previous step
+    happened to end (snapshot: 153 to 243 MB/s in three runs of one build); a merge can run
+    for several seconds without any counter in the stats moving, hence the CPU clock."""
+    assert node.process is not None
+    pid = node.process.pid
     t0 = time.monotonic()
-    seen = None
-    while True:
-        stats = httpx.get(url + "/api/v1/stats").json()
-        now = (stats["checkpoints_taken"], stats["compactions"], stats["checkpoint_lsn"])
-        if now == seen or time.monotonic() - t0 > timeout_s:
-            return stats, round(time.monotonic() - t0, 1)
-        seen = now
+    quiet = 0
+    while quiet < 2 and time.monotonic() - t0 < timeout_s:
+        before = _cpu_seconds(pid)
         time.sleep(1.0)
+        quiet = quiet + 1 if _cpu_seconds(pid) - before < 0.05 else 0
+    stats: dict[str, Any] = httpx.get(node.url + "/api/v1/stats").json()
+    return stats, round(time.monotonic() - t0, 1)
 
 
 def catch_up(root: Path, n: int) -> dict[str, Any]:
@@ -239,7 +248,7 @@ def catch_up(root: Path, n: int) -> dict[str, Any]:
         cluster.wait_in_sync(1)
         follower.stop()
         asyncio.run(post_batches(cluster.leader.url, batches(n)))
-        stats, out["catchup_wal_leader_settle_s"] = wait_settled(cluster.leader.url)
+        stats, out["catchup_wal_leader_settle_s"] = wait_settled(cluster.leader)
         last = stats["last_lsn"]
         elapsed, with_start = _time_catch_up(cluster.leader, follower, last)
         out["catchup_wal_seconds"] = round(elapsed, 3)
@@ -260,7 +269,7 @@ def catch_up(root: Path, n: int) -> dict[str, Any]:
             if stats["checkpoint_lsn"] >= stats["last_lsn"] - 1000 and stats["wal_first_lsn"] > 1:
                 break
             time.sleep(0.2)
-        stats, out["catchup_snapshot_leader_settle_s"] = wait_settled(cluster.leader.url)
+        stats, out["catchup_snapshot_leader_settle_s"] = wait_settled(cluster.leader)
         last = stats["last_lsn"]
         follower = cluster.add_follower("snapshot-follower", start=False)
         elapsed, with_start = _time_catch_up(cluster.leader, follower, last)
