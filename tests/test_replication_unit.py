@@ -226,6 +226,34 @@ def test_new_follower_catches_up_from_wal_and_streams_live_writes(tmp_path: Path
     run(scenario)
 
 
+def test_follower_holds_compaction_back_only_while_it_catches_up(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with leader_and_follower(tmp_path) as (lstore, fstore, _leader, follower):
+            calls: list[tuple[bool, int, FollowerState]] = []
+            hold = fstore.hold_compaction
+
+            def spy(held: bool) -> None:
+                calls.append((held, fstore.wal.written_lsn.value, follower.state))
+                hold(held)
+
+            fstore.hold_compaction = spy  # type: ignore[method-assign]
+            last = await write(lstore, 600)
+            await follower.start()
+            await follower.wait_applied(last, TIMEOUT_S)
+            await eventually(lambda: follower.state is FollowerState.STREAMING)
+            # held from before the first record is replayed, let go once the leader says it
+            # has sent everything
+            assert calls[0] == (True, 0, FollowerState.CATCHING_UP)
+            assert calls[1:] == [(False, calls[1][1], FollowerState.STREAMING)]
+            assert fstore._compaction_held is False
+            await follower.stop()
+            assert calls[-1][0] is False  # and whenever the link ends
+            assert len(calls) == 3
+            assert fstore._compaction_held is False
+
+    run(scenario)
+
+
 def test_follower_restarted_catches_up_without_gap_or_duplicate(tmp_path: Path) -> None:
     async def scenario() -> None:
         lstore = open_store(tmp_path / "leader", "leader")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -299,6 +301,39 @@ def test_compaction_merges_parts_without_changing_any_answer(tmp_path: Path) -> 
     store.close()
     store = open_store(tmp_path, compaction_fanin_min=3, parquet_row_group_rows=16)
     assert [msgspec.to_builtins(e) for e in store.query(QueryFilter(), limit=1000).events] == before
+    store.close()
+
+
+def _wait_for(check: Callable[[], bool], timeout_s: float = 10) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
+def test_held_compaction_waits_for_the_release_or_the_parts_cap(tmp_path: Path) -> None:
+    # parts of one event each, merged two at a time
+    store = open_store(
+        tmp_path, compaction_fanin_min=2, compaction_events_max=2, compaction_held_parts_max=6
+    )
+    store.hold_compaction(True)  # as a follower does while it catches up
+    for round_ in range(5):
+        store.append(make_event(f"e{round_}"))
+        store.checkpoint()
+    time.sleep(1.5)  # the compactor wakes at least once a second on its own
+    assert (len(store.manifest.parts), store.compactions) == (5, 0)
+    store.append(make_event("e5"))
+    store.checkpoint()  # the 6th part reaches the cap: merging starts while still held ...
+    assert _wait_for(lambda: len(store.manifest.parts) == 5)
+    time.sleep(1.5)
+    assert (len(store.manifest.parts), store.compactions) == (5, 1)  # ... and stops below it
+    store.hold_compaction(False)  # caught up: every pair is merged
+    assert _wait_for(lambda: [p.events for p in store.manifest.parts] == [2, 2, 2])
+    assert [e.entity_id for e in store.query(QueryFilter(), limit=10).events] == [
+        f"e{i}" for i in range(6)
+    ]
     store.close()
 
 

@@ -45,6 +45,7 @@ class Limits:
     parquet_row_group_rows: int = 1_024
     compaction_fanin_min: int = 4
     compaction_events_max: int = 500_000
+    compaction_held_parts_max: int = 64  # parts a catching-up follower lets pile up
 
     # replication
     frame_bytes_max: int = 4 * MIB

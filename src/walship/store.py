@@ -57,6 +57,7 @@ from walship.fsutil import atomic_write, fsync_dir
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.metrics import StoreMetrics
 from walship.position import Lsn, Position, Term
+from walship.storage.compaction import merge_parts, pick_run
 from walship.storage.manifest import CheckpointManifest, load_manifest, save_manifest
 from walship.storage.memtable import Memtable
 from walship.storage.parquet import PartInfo, PartReader, id_hashes, write_part
@@ -169,6 +170,7 @@ class Store:
         self._compaction_lock = threading.Lock()
         self._compactor: threading.Thread | None = None
         self._compact_kick = threading.Event()
+        self._compaction_held = False
         self._pins: dict[str, int] = {}
         self._garbage: set[str] = set()
         self.checkpoints_taken = 0
@@ -807,6 +809,7 @@ class Store:
                 "parquet_bytes": sum(p.bytes for p in m.parts),
                 "checkpoints_taken": self.checkpoints_taken,
                 "compactions": self.compactions,
+                "compaction_held": self._compaction_held,
                 "wal_first_lsn": self.wal.first_lsn().value,
                 "wal_segments": wal.segments,
                 "wal_bytes": wal.bytes,
@@ -886,8 +889,6 @@ class Store:
 
     def compact(self) -> PartInfo | None:
         """Merge the next run of small consecutive parts into one; None when there is none."""
-        from walship.storage.compaction import merge_parts, pick_run
-
         with self._compaction_lock:
             with self._lock:
                 parts = list(self._parts)
@@ -955,6 +956,25 @@ class Store:
         if doomed:
             fsync_dir(self.parts_dir)
 
+    def hold_compaction(self, held: bool) -> None:
+        """Hold background compaction back (a follower catching up), or let it go again.
+
+        Like a bulk load into RocksDB: merging parts while a follower replays a long stretch of
+        WAL competes with the replay for the same cores, and merges parts that the next
+        checkpoints would soon merge again. While held, compaction runs only once the parts
+        pile up to ``compaction_held_parts_max``, so queries never face an unbounded count.
+        Explicit ``compact()`` calls are not affected.
+        """
+        self._compaction_held = held
+        if not held:
+            self._compact_kick.set()
+
+    def _may_compact(self) -> bool:
+        if not self._compaction_held:
+            return True
+        with self._lock:
+            return len(self._parts) >= self.limits.compaction_held_parts_max
+
     def _run_compactor(self) -> None:
         while not self._stop.is_set():
             self._compact_kick.wait(1.0)
@@ -962,7 +982,9 @@ class Store:
             if self._stop.is_set():
                 return
             try:
-                while not self._stop.is_set() and self.compact() is not None:
+                while (
+                    not self._stop.is_set() and self._may_compact() and self.compact() is not None
+                ):
                     pass
             except Exception:
                 log.exception("compaction failed; will retry")

@@ -486,6 +486,7 @@ class Follower:
         # the durable (or already queued) end of log, re-read from the WAL on every connect
         await self._send(Subscribe.at(wal.last_position, wal.last_chain))
         self.state = FollowerState.CATCHING_UP
+        self.store.hold_compaction(True)  # until caught up: the replay gets the cores
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._receive_loop(), name=f"follower-recv-{self.node_id}")
@@ -543,6 +544,7 @@ class Follower:
         """Close the link once the worker-thread job in flight (an apply, a snapshot write or
         install) has finished: the next session must start from what it left."""
         self.connected = False
+        self.store.hold_compaction(False)
         io = self._io
         if io is not None:
             await asyncio.wait({io})
@@ -652,6 +654,7 @@ class Follower:
             self._leader_heard(msg.leader_lsn)
             self.state = FollowerState.STREAMING
             self._reached_streaming = True
+            self.store.hold_compaction(False)
             self._ack_wanted = True
             self._ack_wake.set()
         elif isinstance(msg, SnapshotStart):
