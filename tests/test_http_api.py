@@ -198,6 +198,27 @@ def test_malformed_requests_are_refused_and_store_nothing(
     assert store_position(api) == before
 
 
+@pytest.mark.parametrize(
+    ("path", "params", "headers"),
+    [
+        ("/api/v1/events", {"ack_mode": "bogus"}, {}),
+        ("/api/v1/events", {}, {"x-walship-ack-mode": "quorum:0"}),
+        ("/api/v1/events/batch", {"ack_mode": "quorum:x"}, {}),
+    ],
+)
+def test_invalid_ack_mode_is_refused_before_anything_is_written(
+    api: TestClient, path: str, params: dict[str, str], headers: dict[str, str]
+) -> None:
+    # refused after the write, a client's retry would store the event twice
+    body = {"events": [event()]} if path.endswith("batch") else event()
+    response = api.post(path, json=body, params=params, headers=headers)
+    assert "ack mode" in assert_error(response, 400, "invalid_request")["message"]
+    assert store_position(api) == (0, 0)
+    # a valid one is taken (on a node without followers every mode is met locally)
+    assert api.post(path, json=body, params={"ack_mode": "sync"}).status_code == 200
+    assert store_position(api) == (1, 1)
+
+
 def test_oversized_batch_and_request_are_refused(api: TestClient) -> None:
     append(api)
     before = store_position(api)

@@ -304,16 +304,16 @@ class Node:
                 fenced=leader.fenced,
             )
 
-    def ack_mode_for(self, requested: str | None) -> AckMode:
+    def ack_mode_for(self, requested: AckMode | None) -> AckMode:
         """The server's ack mode, or a stricter one a write asked for (never a weaker one)."""
         mode = self.config.replication.ack_mode
-        if not requested:
+        if requested is None:
             return mode
-        asked = AckMode.parse(requested)
+        asked = requested
         in_sync = len(self.leader.tracker.in_sync) if self.leader is not None else 0
         return mode.stricter(asked, in_sync)
 
-    async def confirm(self, pending: PendingAppend, requested: str | None) -> list[Receipt]:
+    async def confirm(self, pending: PendingAppend, requested: AckMode | None) -> list[Receipt]:
         """Wait for the write's acknowledgement mode and fill in the durability receipts.
 
         ``replicated`` when the mode was met; on timeout ``degraded`` (recorded in the

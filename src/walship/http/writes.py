@@ -19,6 +19,7 @@ from walship.errors import LimitExceeded, WalshipError
 from walship.events import EventIn, decode_batch_json, decode_event_json
 from walship.http.errors import encode_error
 from walship.node import Node
+from walship.replication.acks import AckMode
 from walship.store import Receipt
 from walship.wal.log import WriteOutcome
 
@@ -81,7 +82,11 @@ async def append_events(
     node: Node, events: Sequence[EventIn], ack_mode: str | None = None
 ) -> list[Receipt]:
     """Queue events in the WAL, wait until they are written and acknowledged as the write's
-    mode asks (the server's, or a stricter ``ack_mode``); receipts in input order."""
+    mode asks (the server's, or a stricter ``ack_mode``); receipts in input order.
+
+    An ack mode that does not parse is refused (InvalidInput, 400) before anything is written:
+    refused after the write, a retry would store the events twice."""
+    requested = AckMode.parse(ack_mode) if ack_mode else None
     node.check_writable()
     store = node.store
     if store.would_block():
@@ -95,7 +100,7 @@ async def append_events(
     if pending.done is not None:
         outcome = await wait_written(pending.done)
     pending.finish(outcome)
-    return await node.confirm(pending, ack_mode)
+    return await node.confirm(pending, requested)
 
 
 async def answer_event(node: Node, data: bytes, ack_mode: str | None = None) -> bytes:
