@@ -24,6 +24,7 @@ import walship.wal.log as wal_log
 from walship.errors import InvalidInput, ProtocolError, StorageFull, Unavailable, WaitTimeout
 from walship.limits import Limits
 from walship.replication import leader as leader_mod
+from walship.replication.acks import DegradationLedger
 from walship.replication.config import ReplicationConfig
 from walship.replication.follower import Backoff, Follower, FollowerState, FrameRejected
 from walship.replication.leader import Leader
@@ -250,6 +251,43 @@ def test_follower_holds_compaction_back_only_while_it_catches_up(tmp_path: Path)
             assert calls[-1][0] is False  # and whenever the link ends
             assert len(calls) == 3
             assert fstore._compaction_held is False
+
+    run(scenario)
+
+
+def test_every_degraded_answer_is_in_the_saved_ledger_before_it_leaves(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        store = open_store(tmp_path / "leader", "leader")
+        leader = await start_leader(store)
+        saves = 0
+        write = leader.ledger.write
+
+        def counted(data: bytes) -> None:
+            nonlocal saves
+            saves += 1
+            write(data)
+
+        leader.ledger.write = counted  # type: ignore[method-assign]
+        try:
+            # what is on disk once a record_degraded returns, without any stop or flush: a
+            # crash right after the answer must not lose it
+            await leader.record_degraded(1, 1, "timeout")
+            await leader.record_degraded(2, 4, "timeout")  # extends the range just saved
+            on_disk = DegradationLedger.load(leader.ledger.path).ranges
+            assert [(r.first_lsn, r.last_lsn, r.writes) for r in on_disk] == [(1, 4, 2)]
+            # a burst: every answer waits for a save that covers it, and saves are shared
+            saves = 0
+            await asyncio.gather(
+                *(leader.record_degraded(lsn, lsn, "timeout") for lsn in range(5, 105))
+            )
+            on_disk = DegradationLedger.load(leader.ledger.path).ranges
+            assert [(r.first_lsn, r.last_lsn, r.writes) for r in on_disk] == [(1, 104, 102)]
+            assert 1 <= saves < 100
+        finally:
+            await leader.stop()
+            store.close()
 
     run(scenario)
 

@@ -332,7 +332,7 @@ class Node:
             leader.note_replicated(last)
         else:
             reason = outcome.reason or "not confirmed"
-            leader.record_degraded(pending.min_lsn, last, reason)
+            await leader.record_degraded(pending.min_lsn, last, reason)
             if self.config.replication.on_ack_timeout == "fail":
                 raise AckTimeout(
                     f"committed locally at lsn {last} (term {receipts[-1].term}) but not "

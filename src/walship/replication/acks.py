@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,16 +207,15 @@ class LedgerRange(msgspec.Struct):
 class DegradationLedger:
     """Lsn ranges committed without the acknowledgements their mode required; persisted.
 
-    A new range is written to disk before the write's answer leaves; extending the newest
-    range is flushed at most every ``flush_interval_s`` (and on close).
+    ``record`` changes the ledger in memory; the leader saves it (``encode`` + ``write``, one
+    save covering every record made meanwhile) before the write's answer leaves, so after a
+    crash no write answered ``degraded`` is missing from it.
     """
 
     path: Path
-    flush_interval_s: float = 0.2
     ranges: list[LedgerRange] = field(default_factory=list)
-    _dirty: bool = False
-    _last_flush: float = 0.0
-    on_change: Callable[[int], None] | None = None
+    version: int = 0  # bumped by every change; what a save covered is up to its caller
+    saved_version: int = 0
 
     @classmethod
     def load(cls, path: Path) -> DegradationLedger:
@@ -238,22 +236,24 @@ class DegradationLedger:
             last.writes += 1
             last.last_ts_us = now_us
             last.reason = reason
-            self._dirty = True
-            if time.monotonic() - self._last_flush >= self.flush_interval_s:
-                self.flush()
         else:
             self.ranges.append(LedgerRange(first_lsn, last_lsn, 1, now_us, now_us, reason))
-            self._dirty = True
-            self.flush()
-        if self.on_change is not None:
-            self.on_change(self.degraded_writes)
+        self.version += 1
+
+    def encode(self) -> bytes:
+        """The ledger as saved (take it where ``record`` runs, then ``write`` it anywhere)."""
+        return msgspec.json.encode(self.ranges)
+
+    def write(self, data: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, data)
 
     def flush(self) -> None:
-        if self._dirty:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.path, msgspec.json.encode(self.ranges))
-            self._dirty = False
-            self._last_flush = time.monotonic()
+        """Save now if anything changed since the last save (same thread as ``record``)."""
+        if self.saved_version != self.version:
+            version = self.version
+            self.write(self.encode())
+            self.saved_version = version
 
     def to_list(self) -> list[dict[str, object]]:
         return [msgspec.to_builtins(r) for r in self.ranges]
@@ -265,7 +265,7 @@ class DegradationLedger:
         for r in kept:
             r.last_lsn = min(r.last_lsn, lsn)
         self.ranges = kept
-        self._dirty = True
+        self.version += 1
         self.flush()
 
 

@@ -500,6 +500,7 @@ class Leader:
         self.lag_clock = LagClock()
         repl_dir = store.data_dir / "replication"
         self.ledger = DegradationLedger.load(repl_dir / "degraded.json")
+        self._ledger_lock = asyncio.Lock()  # one save at a time; waiters share the next one
         self.acks = AckHistory(repl_dir / "acks.json")
         self.fenced: str | None = None  # why this leader stopped taking writes (deposed)
         self.fenced_term = 0
@@ -582,7 +583,8 @@ class Leader:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
         self.tracker.fail_all("leader stopping")
-        self.ledger.flush()
+        async with self._ledger_lock:
+            self.ledger.flush()
         self.acks.flush()
         self.slots.save()
 
@@ -766,9 +768,25 @@ class Leader:
         self.metrics.ack_wait_seconds.observe(time.perf_counter() - t0)
         return outcome
 
-    def record_degraded(self, first_lsn: int, last_lsn: int, reason: str) -> None:
+    async def record_degraded(self, first_lsn: int, last_lsn: int, reason: str) -> None:
+        """Add the range to the ledger and save it before the write's answer leaves.
+
+        Saves run in a worker thread, one at a time, and a save covers every range recorded
+        before it began: under a burst of degraded writes, one file write answers many.
+        """
         self.ledger.record(first_lsn, last_lsn, reason, now_us())
         self.metrics.degraded_writes.inc()
+        wanted = self.ledger.version
+        async with self._ledger_lock:
+            if self.ledger.saved_version >= wanted:
+                return  # a save that began after this record covered it
+            version, data = self.ledger.version, self.ledger.encode()
+            try:
+                await asyncio.to_thread(self.ledger.write, data)
+            except OSError as exc:  # the answer still says degraded; the next save retries
+                log.error("replication: could not save the degradation ledger: %s", exc)
+                return
+            self.ledger.saved_version = max(self.ledger.saved_version, version)
 
     def status(self) -> dict[str, Any]:
         return {
