@@ -292,6 +292,38 @@ def test_every_degraded_answer_is_in_the_saved_ledger_before_it_leaves(
     run(scenario)
 
 
+def test_a_follower_acknowledges_only_what_it_has_fsynced_whatever_its_policy(
+    tmp_path: Path,
+) -> None:
+    # both stores run fsync "never" (leader_and_follower): the follower must fsync what it
+    # acknowledges all the same, or "replicated" would promise what a power loss takes away
+    async def scenario() -> None:
+        async with leader_and_follower(tmp_path) as (lstore, fstore, leader, follower):
+            assert fstore.wal.fsync.mode.value == "never"
+            synced_at_ack: list[tuple[int, int]] = []
+            send = follower._send_position
+
+            async def spy() -> None:
+                synced_at_ack.append((follower.durable_lsn, fstore.wal.synced_lsn.value))
+                await send()
+
+            follower._send_position = spy  # type: ignore[method-assign]
+            await follower.start()
+            last = 0
+
+            def acked() -> bool:
+                return "f1" in leader.sessions and leader.sessions["f1"].durable_lsn == last
+
+            for k in range(4):
+                last = await write(lstore, 50, start=50 * k)
+                await eventually(acked)
+            assert lstore.wal.synced_lsn.value == 0  # the leader itself never synced
+            assert all(durable <= synced for durable, synced in synced_at_ack)
+            assert max(durable for durable, _ in synced_at_ack) == last
+
+    run(scenario)
+
+
 def test_follower_restarted_catches_up_without_gap_or_duplicate(tmp_path: Path) -> None:
     async def scenario() -> None:
         lstore = open_store(tmp_path / "leader", "leader")

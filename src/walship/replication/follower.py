@@ -556,7 +556,7 @@ class Follower:
         while self._unacked and self._unacked[0].done.done():
             item = self._unacked.popleft()
             if item.done.exception() is None:
-                self.durable_lsn = max(self.durable_lsn, item.last_lsn)
+                self._note_durable(item)
         self._unacked.clear()
         stream, self._stream = self._stream, None
         if stream is not None:
@@ -789,11 +789,18 @@ class Follower:
         progressed = False
         while self._unacked and self._unacked[0].done.done():
             item = self._unacked.popleft()
-            item.done.result()
-            self.durable_lsn = max(self.durable_lsn, item.last_lsn)
+            self._note_durable(item)
             self._newest_ts_us = item.leader_write_ts_us
             progressed = True
         return progressed
+
+    def _note_durable(self, item: _Written) -> None:
+        """A batch's write completed: what it makes durable (fsynced) on this node. Raises the
+        WAL's error when the write failed."""
+        durable = item.last_lsn
+        if not item.done.result().synced:  # append_run always fsyncs; never trust less
+            durable = min(durable, self.store.wal.synced_lsn.value)
+        self.durable_lsn = max(self.durable_lsn, durable)
 
     async def _send_position(self) -> None:
         """An Ack once the leader knows where this session stands; a Heartbeat before (the

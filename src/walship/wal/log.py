@@ -166,6 +166,7 @@ class Wal(WalReader):
         self._written_lsn = self._last_lsn
         self._synced_lsn = self._last_lsn
         self._last_sync = time.monotonic()
+        self._sync_wanted = False  # a queued run must be fsynced whatever the policy
         active = self._segments[-1]
         # writes go at explicit offsets (pwrite): the file is preallocated past its records
         self._fd = os.open(active.path, os.O_WRONLY)
@@ -329,6 +330,7 @@ class Wal(WalReader):
         ``verify_run`` checked every record against the one before, from ``run.prev_*``; the run
         continues this log when that is this log's tail. CorruptionError (and nothing
         appended) otherwise. The records must end an atomic append (``batch_left == 0``).
+        They are fsynced before the returned future completes, whatever the fsync policy.
         """
         records = run.records
         invariant(
@@ -358,6 +360,9 @@ class Wal(WalReader):
                 self._pending_bytes += len(rec.raw)
             last = records[-1]
             self._last_lsn, self._last_term, self._last_chain = last.lsn, last.term, last.chain
+            # a follower acknowledges what it appends as durable: fsynced, whatever its own
+            # policy (which governs the writes it takes once it leads)
+            self._sync_wanted = True
             self._wake.notify()
             return self._pending_future
 
@@ -468,6 +473,7 @@ class Wal(WalReader):
                     batch = None
                 else:
                     batch, future = self._pending, self._pending_future
+                    must_sync, self._sync_wanted = self._sync_wanted, False
                     nbytes = self._pending_bytes
                     self._pending, self._pending_bytes = [], 0
                     self._pending_future = Future()
@@ -483,7 +489,7 @@ class Wal(WalReader):
                     self._probe_space(need)
                 continue
             try:
-                outcome, fsync_s = self._write_batch(batch)
+                outcome, fsync_s = self._write_batch(batch, must_sync)
             except _FsyncFailed as exc:
                 self._fail_for_good(_fsync_error(exc.error, self.directory), future)
                 return
@@ -537,8 +543,9 @@ class Wal(WalReader):
                 self._lock.acquire()
             self._last_sync = time.monotonic()
 
-    def _write_batch(self, batch: list[bytes]) -> tuple[WriteOutcome, float]:
-        """Write a group to the active segment(s), rolling over as needed, then fsync per policy.
+    def _write_batch(self, batch: list[bytes], must_sync: bool) -> tuple[WriteOutcome, float]:
+        """Write a group to the active segment(s), rolling over as needed, then fsync per policy
+        (or at once when ``must_sync``: the group holds replicated records).
 
         An atomic append (records up to one with ``batch_left == 0``) never spans two
         segments, so recovery can always drop a torn one within the last segment. Raises
@@ -588,9 +595,13 @@ class Wal(WalReader):
             u = v
         _, _, last_lsn, last_term, _, last_chain = HEADER.unpack_from(batch[-1], 0)
         synced = False
-        if self.fsync.mode is FsyncMode.ALWAYS or (
-            self.fsync.mode is FsyncMode.INTERVAL
-            and (time.monotonic() - self._last_sync) * 1000 >= self.fsync.interval_ms
+        if (
+            must_sync
+            or self.fsync.mode is FsyncMode.ALWAYS
+            or (
+                self.fsync.mode is FsyncMode.INTERVAL
+                and (time.monotonic() - self._last_sync) * 1000 >= self.fsync.interval_ms
+            )
         ):
             t0 = time.perf_counter()
             _fdatasync(self._fd)
