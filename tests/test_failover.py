@@ -13,18 +13,22 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from tests.cluster import (
+    assert_same_query_results,
     assert_same_wal,
     event,
+    follower_session,
     health,
     last_lsn,
     post_event,
     replication,
     replication_address,
+    stats,
     wait_caught_up,
     wait_until,
     write_events,
@@ -75,6 +79,8 @@ def test_admin_endpoints_need_the_token_and_change_nothing_without_it(
             assert r.status_code == 401, r.text
             assert r.json()["error"] == "unauthorized"
             r = admin_post(node, "/internal/repoint", token=token, leader="127.0.0.1:1")
+            assert r.status_code == 401, r.text
+            r = admin_post(node, "/internal/forget-follower", token=token, node_id="f1")
             assert r.status_code == 401, r.text
     # a node started without a token refuses even a request carrying one
     r = admin_post(bare, "/internal/promote", force="true")
@@ -189,6 +195,44 @@ def test_kill_9_in_sync_mode_promote_the_most_caught_up_and_repair_the_old_leade
     )
     assert exported.exit_code == 0, exported.output
     assert json.loads(out.read_text()) == lost
+
+
+def test_walship_forget_follower_releases_the_wal_a_departed_follower_held(
+    cluster: FailoverCluster,
+) -> None:
+    leader = cluster.start_leader(
+        args=["--segment-bytes-max", "65536", "--checkpoint-interval-ms", "200"]
+    )
+    f1 = cluster.start_follower("f1", replication_address(leader))
+    token = ["--admin-token-file", str(cluster.token_file)]
+    write_events(leader, 200, batch=20)
+    wait_caught_up(leader, f1)
+
+    def forget(node_id: str) -> Any:
+        return runner.invoke(app, ["forget-follower", leader.url, node_id, *token])
+
+    connected = forget("f1")
+    assert connected.exit_code == 1 and "is connected" in connected.output
+    on_follower = runner.invoke(app, ["forget-follower", f1.url, "f1", *token])
+    assert on_follower.exit_code == 1 and "not the leader" in on_follower.output
+    f1.stop()
+    wait_until(lambda: follower_session(leader, "f1") is None, 15, "the leader to see f1 go")
+    write_events(leader, 2_000, start=200, batch=20)
+    wait_until(lambda: stats(leader)["checkpoint_lsn"] >= 2_000, 15, "a checkpoint")
+    assert stats(leader)["wal_first_lsn"] <= 201  # f1's slot keeps the WAL it needs
+
+    forgotten = forget("f1")
+    assert forgotten.exit_code == 0, forgotten.output
+    assert "forgot follower f1" in forgotten.output and "from lsn 201" in forgotten.output
+    write_events(leader, 100, start=2_200, batch=20)
+    wait_until(lambda: stats(leader)["wal_first_lsn"] > 201, 15, "the WAL to be released")
+    unknown = forget("f1")
+    assert unknown.exit_code == 1 and "knows no follower" in unknown.output
+
+    f1.start()  # back after all: a new follower, caught up from a snapshot
+    wait_caught_up(leader, f1)
+    assert replication(f1)["snapshots_received"] == 1
+    assert_same_query_results(leader, f1)
 
 
 def test_kill_9_in_quorum_mode_then_walship_failover(cluster: FailoverCluster) -> None:

@@ -102,6 +102,7 @@ def test_repair_moves_the_tail_to_lost_and_found_with_its_acknowledgement(tmp_pa
     acks.flush()
     ledger = DegradationLedger.load(data / "replication" / "degraded.json")
     ledger.record(81, 90, "not confirmed", 1)
+    ledger.flush()  # as the leader's record_degraded saves it before answering
     result = repair_divergence(store, common_term=1, common_lsn=70)
     assert (result.kept_lsn, result.cut_records, result.reset) == (70, 30, False)
     assert result.lost_found is not None and find_files(data) == [result.lost_found]

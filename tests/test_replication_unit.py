@@ -21,7 +21,15 @@ import msgspec
 import pytest
 
 import walship.wal.log as wal_log
-from walship.errors import InvalidInput, ProtocolError, StorageFull, Unavailable, WaitTimeout
+from walship.errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    ProtocolError,
+    StorageFull,
+    Unavailable,
+    WaitTimeout,
+)
 from walship.limits import Limits
 from walship.replication import leader as leader_mod
 from walship.replication.acks import DegradationLedger
@@ -73,8 +81,8 @@ def open_store(path: Path, node_id: str, limits: Limits = LIMITS) -> Store:
     )
 
 
-async def start_leader(store: Store) -> Leader:
-    config = ReplicationConfig(secret=SECRET, port=0)
+async def start_leader(store: Store, **config_args: Any) -> Leader:
+    config = ReplicationConfig(secret=SECRET, port=0, **config_args)
     leader = Leader(store, config, ReplicationMetrics(store.metrics.registry))
     await leader.start()
     return leader
@@ -406,6 +414,91 @@ def test_follower_needing_a_snapshot_gets_snapshot_then_wal(tmp_path: Path) -> N
             assert progress == [None]  # progress shows only while a transfer runs
         finally:
             await follower.stop()
+            await leader.stop()
+            fstore.close()
+            lstore.close()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("cap", "snapshots"),
+    [(1 << 30, 0), (1024, 1)],
+    ids=["within-the-cap-from-the-wal", "over-the-cap-a-snapshot"],
+)
+def test_a_known_follower_keeps_its_wal_up_to_the_retention_cap(
+    tmp_path: Path, cap: int, snapshots: int
+) -> None:
+    """A follower that was connected once holds a slot: checkpoints keep the WAL it still
+    needs, unless that is more than ``wal_retention_bytes_max``; then it gets a snapshot."""
+
+    async def scenario() -> None:
+        lstore = open_store(tmp_path / "leader", "leader", SNAPSHOT_LIMITS)
+        leader = await start_leader(lstore, wal_retention_bytes_max=cap)
+        assert leader.port is not None
+        fstore = open_store(tmp_path / "f1", "f1", SNAPSHOT_LIMITS)
+        follower = make_follower(fstore, leader.port)
+        try:
+            await follower.start()
+            await follower.wait_applied(await write(lstore, 100), TIMEOUT_S)
+            await eventually(lambda: leader.slots.slots.get("f1") == 100)
+            await follower.stop()
+            await eventually(lambda: "f1" not in leader.sessions)
+            for start in range(100, 400, 10):  # small appends: many WAL segments
+                await write(lstore, 10, start=start)
+            assert await asyncio.to_thread(lstore.checkpoint) is not None
+            kept = lstore.wal.first_lsn().value <= 101
+            assert kept is (snapshots == 0)
+
+            fstore.close()  # the same node restarted
+            fstore = open_store(tmp_path / "f1", "f1", SNAPSHOT_LIMITS)
+            follower = make_follower(fstore, leader.port)
+            await follower.start()
+            last = await write(lstore, 20, start=400)
+            await follower.wait_applied(last, TIMEOUT_S)
+            assert follower.snapshots_received == snapshots
+            both_hold = max(fstore.wal.first_lsn().value, lstore.wal.first_lsn().value)
+            assert_identical(fstore, lstore, from_lsn=both_hold)
+            assert query_all(fstore) == query_all(lstore)
+        finally:
+            await follower.stop()
+            await leader.stop()
+            fstore.close()
+            lstore.close()
+
+    run(scenario)
+
+
+def test_forgetting_a_departed_follower_releases_its_wal(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        lstore = open_store(tmp_path / "leader", "leader", SNAPSHOT_LIMITS)
+        leader = await start_leader(lstore)
+        assert leader.port is not None
+        fstore = open_store(tmp_path / "f1", "f1", SNAPSHOT_LIMITS)
+        follower = make_follower(fstore, leader.port)
+        try:
+            await follower.start()
+            await follower.wait_applied(await write(lstore, 100), TIMEOUT_S)
+            await eventually(lambda: leader.slots.slots.get("f1") == 100)
+            with pytest.raises(Conflict, match="is connected"):
+                leader.forget_follower("f1")
+            await follower.stop()
+            await eventually(lambda: "f1" not in leader.sessions)
+            for start in range(100, 400, 10):
+                await write(lstore, 10, start=start)
+            await asyncio.to_thread(lstore.checkpoint)
+            assert lstore.wal.first_lsn().value <= 101  # the slot holds it
+
+            assert leader.forget_follower("f1") == {"forgotten": "f1", "slot_lsn": 100}
+            assert "f1" not in leader.tracker.acked_by(1)
+            slots_on_disk = msgspec.json.decode(leader.slots.path.read_bytes())
+            assert "f1" not in slots_on_disk
+            with pytest.raises(NotFound):
+                leader.forget_follower("f1")
+            await write(lstore, 20, start=400)
+            await asyncio.to_thread(lstore.checkpoint)
+            assert lstore.wal.first_lsn().value > 101  # released
+        finally:
             await leader.stop()
             fstore.close()
             lstore.close()

@@ -553,6 +553,16 @@ class Node:
         assert self.follower is not None
         return self.follower.status()
 
+    def forget_follower(self, node_id: str) -> dict[str, Any]:
+        """Drop a departed follower's retention slot (see ``Leader.forget_follower``);
+        Conflict (409) on a node that does not lead."""
+        if self.leader is None:
+            raise Conflict(
+                f"{self.node_id} is not the leader: forget followers on the leader",
+                leader=None if self.follower is None else self.follower.leader_address,
+            )
+        return {"node_id": self.node_id, **self.leader.forget_follower(node_id)}
+
     def degraded_ranges(self) -> list[dict[str, object]]:
         """The degradation ledger (a leader's); empty on a follower."""
         return self.leader.ledger.to_list() if self.leader is not None else []

@@ -25,9 +25,9 @@ def delay_wal_writes() -> None:
 def install() -> None:
     write_batch = Wal._write_batch
 
-    def late_write_batch(self: Wal, batch: list[bytes]) -> Any:
+    def late_write_batch(self: Wal, *args: Any) -> Any:
         if _state["on"]:
             time.sleep(WRITE_DELAY_S)
-        return write_batch(self, batch)
+        return write_batch(self, *args)
 
     Wal._write_batch = late_write_batch  # type: ignore[method-assign]

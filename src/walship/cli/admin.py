@@ -1,6 +1,7 @@
-"""``walship promote``, ``walship repoint`` and ``walship failover``: change who leads.
+"""``walship promote``, ``walship repoint`` and ``walship failover``: change who leads;
+``walship forget-follower``: release the WAL a departed follower's slot keeps.
 
-All three call the nodes' admin endpoints with the admin token (``--admin-token-file`` or
+All of them call the nodes' admin endpoints with the admin token (``--admin-token-file`` or
 ``$WALSHIP_ADMIN_TOKEN``) and print what was done, one line per change. ``failover`` reads
 every node's ``/health``, promotes the most caught-up reachable follower by ``(term, lsn)``
 of its last record, and repoints every other reachable node to it; it exits non-zero, saying
@@ -111,6 +112,24 @@ def repoint_command(
     except AdminError as exc:
         fail(f"repoint failed: {exc}")
     say(f"{answer['node_id']} ({answer['was']}) now follows {leader}")
+
+
+def forget_follower_command(
+    url: Annotated[str, typer.Argument(help="HTTP URL of the leader.")],
+    node_id: Annotated[str, typer.Argument(help="The departed follower's node id.")],
+    admin_token_file: TokenFile = None,
+) -> None:
+    """Forget a follower that is gone for good, releasing the WAL its slot kept."""
+    try:
+        answer = admin_call(
+            url, "/internal/forget-follower", _token(admin_token_file), node_id=node_id
+        )
+    except AdminError as exc:
+        fail(f"forget-follower refused: {exc}")
+    say(
+        f"{answer['node_id']} forgot follower {answer['forgotten']} (its slot held WAL from "
+        f"lsn {answer['slot_lsn'] + 1}, released at the next checkpoint)"
+    )
 
 
 def _position(view: PeerView) -> str:

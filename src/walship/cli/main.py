@@ -25,6 +25,7 @@ app.command("demo")(demo.demo_command)
 app.command("promote")(admin.promote_command)
 app.command("repoint")(admin.repoint_command)
 app.command("failover")(admin.failover_command)
+app.command("forget-follower")(admin.forget_follower_command)
 app.add_typer(lostfound.app, name="lost-found")
 app.command("verify")(verify_command)
 

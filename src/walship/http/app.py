@@ -345,6 +345,23 @@ def _add_admin_routes(app: FastAPI, node: Node) -> None:
         return _json(_encoder.encode(answer))
 
     @app.post(
+        "/internal/forget-follower",
+        summary="Forget a departed follower and release the WAL kept for it (admin token)",
+        description="On the leader: drop the retention slot of `node_id`, so the WAL it still "
+        "needed is removed at the next checkpoint. 409 while that follower is connected or on "
+        "a node that does not lead, 404 when the leader knows no such follower.",
+        responses=_responses(None),
+    )
+    async def forget_follower(
+        authorization: _Auth = None,
+        node_id: Annotated[str | None, Query(description="The follower's node id")] = None,
+    ) -> Response:
+        check_admin_token(node, authorization)
+        if not node_id:
+            raise InvalidParameter("forget-follower needs ?node_id=NAME", field="node_id")
+        return _json(_encoder.encode(node.forget_follower(node_id)))
+
+    @app.post(
         "/internal/repoint",
         summary="Follow another leader (admin token)",
         description="On a follower: switch to the leader at `leader`. On a leader: stop taking "

@@ -26,7 +26,9 @@ import msgspec
 
 from walship.errors import (
     AuthenticationError,
+    Conflict,
     InvalidInput,
+    NotFound,
     ProtocolError,
     StaleTerm,
     WaitTimeout,
@@ -704,6 +706,26 @@ class Leader:
             session.in_sync = False
             self.metrics.followers.set(len(self.sessions))
             self.metrics.set_follower(session.node_id, None)
+
+    def forget_follower(self, node_id: str) -> dict[str, Any]:
+        """Forget a follower that is gone for good: its retention slot (the WAL held back for
+        it goes at the next checkpoint) and its acknowledgements. Conflict (409) while it is
+        connected; NotFound (404) when this leader knows no such follower. Should it connect
+        again, it is a new follower: from the WAL if it is still there, else a snapshot."""
+        if node_id in self.sessions:
+            raise Conflict(
+                f"follower {node_id!r} is connected: stop it before forgetting it",
+                node_id=node_id,
+            )
+        slot = self.slots.slots.get(node_id)
+        if slot is None:
+            raise NotFound(f"this leader knows no follower {node_id!r}", field="node_id")
+        self.slots.drop(node_id)
+        self.tracker.forget(node_id)
+        log.warning(
+            "replication: forgot follower %s (its slot held WAL from lsn %d)", node_id, slot + 1
+        )
+        return {"forgotten": node_id, "slot_lsn": slot}
 
     def on_ack(self, session: FollowerSession) -> None:
         self.tracker.update(session.node_id, session.durable_lsn)
