@@ -296,6 +296,15 @@ def test_every_degraded_answer_is_in_the_saved_ledger_before_it_leaves(
         finally:
             await leader.stop()
             store.close()
+        # the metric is the ledger's, so it survives a restart as the ledger does
+        store = open_store(tmp_path / "leader", "leader")
+        leader = await start_leader(store)
+        try:
+            assert metric(store, "walship_replication_degraded_writes") == 102
+            assert metric(store, "walship_replication_degraded_ranges") == 1
+        finally:
+            await leader.stop()
+            store.close()
 
     run(scenario)
 
@@ -328,6 +337,54 @@ def test_a_follower_acknowledges_only_what_it_has_fsynced_whatever_its_policy(
             assert lstore.wal.synced_lsn.value == 0  # the leader itself never synced
             assert all(durable <= synced for durable, synced in synced_at_ack)
             assert max(durable for durable, _ in synced_at_ack) == last
+
+    run(scenario)
+
+
+def metric(store: Store, name: str, **labels: str) -> float | None:
+    """A sample of the node's Prometheus registry; None when absent."""
+    return store.metrics.registry.get_sample_value(name, labels)
+
+
+def test_replication_metrics_on_both_ends_and_labels_gone_with_the_follower(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with leader_and_follower(tmp_path) as (lstore, fstore, leader, follower):
+            await follower.start()
+            last = await write(lstore, 120)
+            await follower.wait_applied(last, TIMEOUT_S)
+            await eventually(lambda: "f1" in leader.sessions and leader.sessions["f1"].in_sync)
+            await eventually(lambda: leader.sessions["f1"].durable_lsn == last)
+            await asyncio.sleep(0.2)  # the in-sync monitor publishes every 50 ms
+
+            f1 = {"node_id": "f1"}
+            assert metric(lstore, "walship_replication_followers") == 1
+            assert metric(lstore, "walship_replication_follower_durable_lsn", **f1) == last
+            assert metric(lstore, "walship_replication_follower_applied_lsn", **f1) == last
+            assert metric(lstore, "walship_replication_follower_sent_lsn", **f1) == last
+            assert metric(lstore, "walship_replication_follower_lag_records", **f1) == 0
+            assert metric(lstore, "walship_replication_follower_in_sync", **f1) == 1
+            lag_ms = metric(lstore, "walship_replication_follower_lag_ms", **f1)
+            assert lag_ms is not None and lag_ms >= 0
+
+            assert metric(fstore, "walship_replication_connected") == 1
+            assert metric(fstore, "walship_replication_durable_lsn") == last
+            assert metric(fstore, "walship_replication_applied_lsn") == last
+            assert metric(fstore, "walship_replication_leader_lsn") == last
+            assert metric(fstore, "walship_replication_lag_records") == 0
+            assert metric(fstore, "walship_replication_snapshots_received_total") == 0
+
+            await leader.record_degraded(last, last, "timeout")
+            assert metric(lstore, "walship_replication_degraded_writes") == 1
+            assert metric(lstore, "walship_replication_degraded_ranges") == 1
+
+            await follower.stop()
+            await eventually(lambda: "f1" not in leader.sessions)
+            assert metric(fstore, "walship_replication_connected") == 0
+            assert metric(lstore, "walship_replication_followers") == 0
+            for name in ("lag_ms", "lag_records", "durable_lsn", "applied_lsn", "in_sync"):
+                assert metric(lstore, f"walship_replication_follower_{name}", **f1) is None
 
     run(scenario)
 

@@ -814,6 +814,11 @@ class Follower:
         await self._send(msg)
 
     def _publish(self) -> None:
+        m = self.metrics
+        m.connected.set(1 if self.connected else 0)
+        m.durable_lsn.set(self.durable_lsn)
+        m.applied_lsn.set(self.applied_lsn)
+        m.leader_lsn.set(self.leader_lsn)
         self.metrics.leader_lag_records.set(self.lag_records())
         lag_ms = self.lag_ms()
         self.metrics.leader_lag_ms.set(math.nan if lag_ms is None else lag_ms)
@@ -877,6 +882,7 @@ class Follower:
         await self._in_thread(staging.discard)
         self._staging = None
         self.snapshots_received += 1
+        self.metrics.snapshots_received.inc()
         self.durable_lsn = self.store.wal.written_lsn.value
         self.state = FollowerState.CATCHING_UP
         self._wake_applied()

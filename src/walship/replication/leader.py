@@ -503,6 +503,7 @@ class Leader:
         repl_dir = store.data_dir / "replication"
         self.ledger = DegradationLedger.load(repl_dir / "degraded.json")
         self._ledger_lock = asyncio.Lock()  # one save at a time; waiters share the next one
+        self._publish_ledger()
         self.acks = AckHistory(repl_dir / "acks.json")
         self.fenced: str | None = None  # why this leader stopped taking writes (deposed)
         self.fenced_term = 0
@@ -797,7 +798,7 @@ class Leader:
         before it began: under a burst of degraded writes, one file write answers many.
         """
         self.ledger.record(first_lsn, last_lsn, reason, now_us())
-        self.metrics.degraded_writes.inc()
+        self._publish_ledger()
         wanted = self.ledger.version
         async with self._ledger_lock:
             if self.ledger.saved_version >= wanted:
@@ -809,6 +810,10 @@ class Leader:
                 log.error("replication: could not save the degradation ledger: %s", exc)
                 return
             self.ledger.saved_version = max(self.ledger.saved_version, version)
+
+    def _publish_ledger(self) -> None:
+        self.metrics.degraded_writes.set(self.ledger.degraded_writes)
+        self.metrics.degraded_ranges.set(len(self.ledger.ranges))
 
     def status(self) -> dict[str, Any]:
         return {

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class _FollowerView(Protocol):
+    sent_lsn: int
     durable_lsn: int
     applied_lsn: int
     in_sync: bool
@@ -42,6 +43,18 @@ class ReplicationMetrics:
             ["node_id"],
             registry=r,
         )
+        self.follower_applied_lsn = Gauge(
+            "walship_replication_follower_applied_lsn",
+            "Highest lsn the follower has applied (readable there)",
+            ["node_id"],
+            registry=r,
+        )
+        self.follower_sent_lsn = Gauge(
+            "walship_replication_follower_sent_lsn",
+            "Highest lsn the leader has sent to the follower",
+            ["node_id"],
+            registry=r,
+        )
         self.follower_in_sync = Gauge(
             "walship_replication_follower_in_sync",
             "1 when in the in-sync set",
@@ -60,9 +73,15 @@ class ReplicationMetrics:
         self.auth_failures = Counter(
             "walship_replication_auth_failures", "Connections refused by authentication", registry=r
         )
-        self.degraded_writes = Counter(
+        self.degraded_writes = Gauge(
             "walship_replication_degraded_writes",
-            "Writes committed without the acknowledgements their mode required",
+            "Writes in the degradation ledger: committed without the acknowledgements their "
+            "mode required (persisted, so it survives a restart)",
+            registry=r,
+        )
+        self.degraded_ranges = Gauge(
+            "walship_replication_degraded_ranges",
+            "Lsn ranges in the degradation ledger",
             registry=r,
         )
         self.ack_wait_seconds = Histogram(
@@ -89,6 +108,27 @@ class ReplicationMetrics:
         self.leader_lag_records = Gauge(
             "walship_replication_lag_records", "Follower: records behind the leader", registry=r
         )
+        self.connected = Gauge(
+            "walship_replication_connected", "Follower: 1 while connected to its leader", registry=r
+        )
+        self.durable_lsn = Gauge(
+            "walship_replication_durable_lsn",
+            "Follower: highest lsn durably written (what it acknowledges)",
+            registry=r,
+        )
+        self.applied_lsn = Gauge(
+            "walship_replication_applied_lsn", "Follower: highest lsn applied", registry=r
+        )
+        self.leader_lsn = Gauge(
+            "walship_replication_leader_lsn",
+            "Follower: the leader's last lsn, as last heard from it",
+            registry=r,
+        )
+        self.snapshots_received = Counter(
+            "walship_replication_snapshots_received",
+            "Follower: snapshots received and installed",
+            registry=r,
+        )
         self.divergence_repairs = Counter(
             "walship_replication_divergence_repairs",
             "Times a follower cut its log back to the leader's history (records to lost-and-found)",
@@ -111,6 +151,8 @@ class ReplicationMetrics:
             self.follower_lag_ms,
             self.follower_lag_records,
             self.follower_durable_lsn,
+            self.follower_applied_lsn,
+            self.follower_sent_lsn,
             self.follower_in_sync,
         )
         if view is None:
@@ -123,4 +165,6 @@ class ReplicationMetrics:
         self.follower_lag_ms.labels(node_id).set(view.lag_ms())
         self.follower_lag_records.labels(node_id).set(view.lag_records())
         self.follower_durable_lsn.labels(node_id).set(view.durable_lsn)
+        self.follower_applied_lsn.labels(node_id).set(view.applied_lsn)
+        self.follower_sent_lsn.labels(node_id).set(view.sent_lsn)
         self.follower_in_sync.labels(node_id).set(1 if view.in_sync else 0)
