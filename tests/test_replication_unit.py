@@ -52,6 +52,7 @@ from walship.replication.staging import STAGING_DIR, SnapshotStaging, checked_ch
 from walship.replication.stream import MessageStream
 from walship.storage.query import QueryFilter
 from walship.store import Store, StoreConfig
+from walship.testing.proxy import FaultProxy
 from walship.wal import FsyncPolicy
 from walship.wal.record import GENESIS_CHAIN, Record
 
@@ -389,6 +390,52 @@ def test_replication_metrics_on_both_ends_and_labels_gone_with_the_follower(
     run(scenario)
 
 
+def test_read_deadlines_drop_a_silent_peer_at_either_end(tmp_path: Path) -> None:
+    """Both ends read with a deadline (``read_timeout_ms``): the leader drops a connection
+    that says nothing, and a follower whose link goes silent (heartbeats and all) drops it
+    and connects again."""
+    limits = dataclasses.replace(LIMITS, read_timeout_ms=500)
+
+    async def scenario() -> None:
+        lstore = open_store(tmp_path / "leader", "leader", limits)
+        fstore = open_store(tmp_path / "f1", "f1", limits)
+        leader = await start_leader(lstore)
+        assert leader.port is not None
+        loop = asyncio.get_running_loop()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", leader.port)
+            t0 = loop.time()
+            while await asyncio.wait_for(reader.read(65536), 5):
+                pass  # until the leader closes it
+            assert 0.45 <= loop.time() - t0 < 3
+            writer.close()
+
+            with FaultProxy(("127.0.0.1", leader.port)) as proxy:
+                follower = make_follower(fstore, proxy.port)
+                await follower.start()
+                try:
+                    await follower.wait_applied(await write(lstore, 10), TIMEOUT_S)
+                    await eventually(lambda: follower.state is FollowerState.STREAMING)
+                    proxy.set_paused(True)  # nothing passes, not even heartbeats
+                    t0 = loop.time()
+                    await eventually(lambda: not follower.connected)
+                    assert 0.45 <= loop.time() - t0 < 3
+                    assert follower.reconnects == 0
+                    assert "within 500 ms" in (follower.status()["last_error"] or "")
+                    proxy.set_paused(False)
+                    await follower.wait_applied(await write(lstore, 10, start=10), TIMEOUT_S)
+                    assert follower.reconnects >= 1
+                    assert_identical(fstore, lstore)
+                finally:
+                    await follower.stop()
+        finally:
+            await leader.stop()
+            fstore.close()
+            lstore.close()
+
+    run(scenario)
+
+
 def test_follower_restarted_catches_up_without_gap_or_duplicate(tmp_path: Path) -> None:
     async def scenario() -> None:
         lstore = open_store(tmp_path / "leader", "leader")
@@ -563,11 +610,13 @@ def test_forgetting_a_departed_follower_releases_its_wal(tmp_path: Path) -> None
     run(scenario)
 
 
+@pytest.mark.parametrize("restart", [False, True], ids=["reconnect", "follower-restart"])
 def test_interrupted_snapshot_resumes_without_resending_verified_bytes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restart: bool
 ) -> None:
     """The link breaks after a few 256-byte chunks; the next SnapshotStart (same snapshot)
-    is answered from the bytes already held, and only the rest is sent."""
+    is answered from the bytes already held, and only the rest is sent: on a reconnect, and
+    after the follower restarted (what it held is read back from its staging directory)."""
     monkeypatch.setattr(leader_mod, "SNAPSHOT_CHUNK_BYTES", 256)
     starts: list[tuple[int, int, int, int]] = []  # (file_index, offset, held, total) per start
     chunks: list[list[tuple[int, int, int]]] = []  # (file_index, offset, size) per start
@@ -601,11 +650,21 @@ def test_interrupted_snapshot_resumes_without_resending_verified_bytes(
         follower = make_follower(fstore, leader.port)
         followers.append(follower)
         try:
+            if restart:
+                follower.backoff = Backoff(60_000, 60_000)  # no reconnect: it is restarted
+                await follower.start()
+                await eventually(lambda: "cut by the test" in (follower.last_error or ""))
+                await follower.stop()
+                fstore.close()
+                fstore = open_store(tmp_path / "f1", "f1", SNAPSHOT_LIMITS)
+                follower = make_follower(fstore, leader.port)
+                followers[0] = follower
             await follower.start()
             await follower.wait_applied(lstore.wal.written_lsn.value, TIMEOUT_S)
             assert follower.snapshots_received == 1
-            assert follower.reconnects == 1
-            assert "cut by the test" in (follower.last_error or "")
+            assert follower.reconnects == (0 if restart else 1)
+            if not restart:
+                assert "cut by the test" in (follower.last_error or "")
             assert_identical(fstore, lstore, from_lsn=snapshot_lsn + 1)
             registry = lstore.metrics.registry
             assert registry.get_sample_value("walship_replication_snapshots_sent_total") == 1

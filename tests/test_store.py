@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import msgspec
@@ -18,7 +20,7 @@ from walship.errors import LimitExceeded, ValidationError, VersionConflict
 from walship.limits import Limits
 from walship.storage.parquet import SCHEMA
 from walship.storage.query import QueryFilter
-from walship.store import Store, StoreConfig
+from walship.store import INSTALL_MARKER, Store, StoreConfig
 from walship.wal import FsyncPolicy
 from walship.wal.record import verify_run
 
@@ -302,6 +304,62 @@ def test_compaction_merges_parts_without_changing_any_answer(tmp_path: Path) -> 
     store = open_store(tmp_path, compaction_fanin_min=3, parquet_row_group_rows=16)
     assert [msgspec.to_builtins(e) for e in store.query(QueryFilter(), limit=1000).events] == before
     store.close()
+
+
+class _Crash(Exception):
+    """Stands for the process dying at this point."""
+
+
+@pytest.mark.parametrize("renames_done", [0, 1, 2, 3])
+def test_a_snapshot_install_cut_short_is_finished_on_the_next_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renames_done: int
+) -> None:
+    """The swap of ``install/`` for ``wal/`` and ``checkpoints/`` is four renames behind a
+    marker file; a crash after any of them leaves a store the next open finishes installing,
+    never half old and half new."""
+    import shutil
+
+    leader = open_store(tmp_path / "leader")
+    for i in range(30):
+        leader.append(make_event(f"e{i % 3}", payload={"i": i}))
+    leader.checkpoint()
+    manifest = leader.manifest
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    for part in manifest.parts:
+        shutil.copy(leader.parts_dir / part.file, staged / part.file)
+    follower_dir = tmp_path / "follower"
+    follower = open_store(follower_dir)
+    for _ in range(5):
+        follower.append(make_event("junk"))  # replaced by the snapshot
+
+    swaps = 0
+    replace = os.replace
+
+    def crashing_replace(src: Any, dst: Any) -> None:
+        nonlocal swaps
+        if Path(src).parent.name == "install" or Path(dst).parent.name == "install-trash":
+            if swaps == renames_done:
+                raise _Crash
+            swaps += 1
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    with pytest.raises(_Crash):
+        follower.install_snapshot(staged, manifest, leader.wal.terms.to_list())
+    monkeypatch.setattr(os, "replace", replace)
+    assert (follower_dir / INSTALL_MARKER).exists()
+
+    again = open_store(follower_dir)  # the "restart"
+    assert not (follower_dir / INSTALL_MARKER).exists()
+    assert not (follower_dir / "install").exists()
+    assert again.manifest == manifest
+    assert again.last_position == leader.manifest_position()
+    assert again.entity_version("junk") == 0
+    assert all_events(again) == list(range(1, 31))
+    assert again.append(make_event("e0")).lsn == 31  # the log continues from the snapshot
+    again.close()
+    leader.close()
 
 
 def _wait_for(check: Callable[[], bool], timeout_s: float = 10) -> bool:
