@@ -436,6 +436,45 @@ def test_read_deadlines_drop_a_silent_peer_at_either_end(tmp_path: Path) -> None
     run(scenario)
 
 
+def test_a_follower_joins_the_in_sync_set_only_once_caught_up(tmp_path: Path) -> None:
+    """After a leader restart every older record counts as written at the start, so lag in
+    time alone would call a follower far behind "in sync"; sync writes would then wait on it.
+    It joins only once it has been sent everything (STREAMING)."""
+
+    async def scenario() -> None:
+        lstore = open_store(tmp_path / "leader", "leader")
+        for start in range(0, 3000, 500):
+            await write(lstore, 500, start=start)
+        lstore.close()
+        lstore = open_store(tmp_path / "leader", "leader")  # the leader restarted
+        leader = await start_leader(lstore)
+        assert leader.port is not None
+        seen: list[tuple[leader_mod.FollowerState, bool]] = []
+        evaluate = leader._evaluate
+
+        def spy(session: leader_mod.FollowerSession) -> None:
+            evaluate(session)
+            seen.append((session.state, session.in_sync))
+
+        leader._evaluate = spy  # type: ignore[method-assign]
+        fstore = open_store(tmp_path / "f1", "f1")
+        follower = make_follower(fstore, leader.port)
+        try:
+            await follower.start()
+            await follower.wait_applied(3000, TIMEOUT_S)
+            await eventually(lambda: "f1" in leader.sessions and leader.sessions["f1"].in_sync)
+            catching_up = [in_sync for state, in_sync in seen if state.name == "CATCHING_UP"]
+            assert catching_up, "acks came while it caught up (small frames)"
+            assert not any(catching_up)
+        finally:
+            await follower.stop()
+            await leader.stop()
+            fstore.close()
+            lstore.close()
+
+    run(scenario)
+
+
 def test_follower_restarted_catches_up_without_gap_or_duplicate(tmp_path: Path) -> None:
     async def scenario() -> None:
         lstore = open_store(tmp_path / "leader", "leader")

@@ -736,9 +736,11 @@ class Leader:
     def _evaluate(self, session: FollowerSession) -> None:
         lag_ms = session.lag_ms()
         was = session.in_sync
-        now = session.state in (FollowerState.CATCHING_UP, FollowerState.STREAMING) and (
-            lag_ms <= self.config.max_lag_ms
-        )
+        # only a follower that has been sent everything once (STREAMING) joins, as a replica
+        # joins Kafka's ISR only once caught up: lag_ms counts from when the leader wrote a
+        # record, and after a leader restart every older record counts as written at the
+        # start, so a follower far behind would otherwise look in sync for max_lag_ms
+        now = session.state is FollowerState.STREAMING and lag_ms <= self.config.max_lag_ms
         if now != was:
             session.in_sync = now
             self.tracker.set_in_sync(session.node_id, now)
