@@ -475,6 +475,55 @@ def test_a_follower_joins_the_in_sync_set_only_once_caught_up(tmp_path: Path) ->
     run(scenario)
 
 
+def test_frames_are_filled_and_a_follower_that_stops_reading_holds_the_leader_back(
+    tmp_path: Path,
+) -> None:
+    """Catch-up frames carry as many records as fit under the frame limit; and a follower
+    that stops reading makes its session wait (``drain``) instead of buffering the WAL in the
+    leader's memory."""
+
+    async def scenario() -> None:
+        async with leader_and_follower(tmp_path) as (lstore, fstore, leader, follower):
+            for start in range(0, 2000, 250):
+                await write(lstore, 250, start=start)
+            frames: list[int] = []
+            handle = follower.handle
+            reading = asyncio.Event()
+            reading.set()
+
+            async def spy(msg: Any) -> None:
+                if isinstance(msg, WalBatch):
+                    frames.append(msg.last_lsn - msg.first_lsn + 1)
+                await reading.wait()
+                await handle(msg)
+
+            follower.handle = spy  # type: ignore[method-assign]
+            await follower.start()
+            await follower.wait_applied(2000, TIMEOUT_S)
+            wal_bytes = sum(len(r.raw) for r in lstore.wal.read_from(1))
+            # frames fill up to frame_bytes_max (and end where an append ends when one fits):
+            # on average at least half full, never a record or an append per frame
+            assert len(frames) <= 2 * wal_bytes // LIMITS.frame_bytes_max + 2
+            assert sum(frames) == 2000
+
+            reading.clear()  # the follower stops reading; the leader writes ~20 MB more
+            payload = "x" * 2000
+            for _ in range(20):
+                events = [make_event(f"big-{i % 7}", payload={"p": payload}) for i in range(500)]
+                await asyncio.to_thread(lstore.append_batch, events)
+            await asyncio.sleep(0.5)
+            session = leader.sessions["f1"]
+            transport = session.stream.writer.transport
+            assert session.sent_lsn < lstore.wal.written_lsn.value  # held back
+            buffered = transport.get_write_buffer_size()
+            assert buffered <= transport.get_write_buffer_limits()[1] + LIMITS.frame_bytes_max
+            reading.set()
+            await follower.wait_applied(lstore.wal.written_lsn.value, TIMEOUT_S)
+            assert_identical(fstore, lstore)
+
+    run(scenario)
+
+
 def test_follower_restarted_catches_up_without_gap_or_duplicate(tmp_path: Path) -> None:
     async def scenario() -> None:
         lstore = open_store(tmp_path / "leader", "leader")
