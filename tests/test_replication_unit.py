@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -271,12 +272,18 @@ def test_every_degraded_answer_is_in_the_saved_ledger_before_it_leaves(
         store = open_store(tmp_path / "leader", "leader")
         leader = await start_leader(store)
         saves = 0
+        writing = 0  # saves in progress at once: never more than one
+        overlapped = False
         write = leader.ledger.write
 
         def counted(data: bytes) -> None:
-            nonlocal saves
+            nonlocal saves, writing, overlapped
             saves += 1
+            writing += 1
+            overlapped = overlapped or writing > 1
+            time.sleep(0.01)
             write(data)
+            writing -= 1
 
         leader.ledger.write = counted  # type: ignore[method-assign]
         try:
@@ -294,6 +301,15 @@ def test_every_degraded_answer_is_in_the_saved_ledger_before_it_leaves(
             on_disk = DegradationLedger.load(leader.ledger.path).ranges
             assert [(r.first_lsn, r.last_lsn, r.writes) for r in on_disk] == [(1, 104, 102)]
             assert 1 <= saves < 100
+            # a request cancelled while its save runs (its client gone): the save goes on,
+            # and the next one waits for it instead of writing the same file beside it
+            cancelled = asyncio.create_task(leader.record_degraded(105, 105, "timeout"))
+            await asyncio.sleep(0.002)
+            cancelled.cancel()
+            await leader.record_degraded(200, 200, "floor")
+            on_disk = DegradationLedger.load(leader.ledger.path).ranges
+            assert [(r.first_lsn, r.last_lsn) for r in on_disk] == [(1, 105), (200, 200)]
+            assert not overlapped
         finally:
             await leader.stop()
             store.close()
@@ -301,8 +317,8 @@ def test_every_degraded_answer_is_in_the_saved_ledger_before_it_leaves(
         store = open_store(tmp_path / "leader", "leader")
         leader = await start_leader(store)
         try:
-            assert metric(store, "walship_replication_degraded_writes") == 102
-            assert metric(store, "walship_replication_degraded_ranges") == 1
+            assert metric(store, "walship_replication_degraded_writes") == 104
+            assert metric(store, "walship_replication_degraded_ranges") == 2
         finally:
             await leader.stop()
             store.close()
@@ -419,7 +435,8 @@ def test_read_deadlines_drop_a_silent_peer_at_either_end(tmp_path: Path) -> None
                     proxy.set_paused(True)  # nothing passes, not even heartbeats
                     t0 = loop.time()
                     await eventually(lambda: not follower.connected)
-                    assert 0.45 <= loop.time() - t0 < 3
+                    # the deadline runs from the last heartbeat (every 100 ms) before the pause
+                    assert 0.35 <= loop.time() - t0 < 3
                     assert follower.reconnects == 0
                     assert "within 500 ms" in (follower.status()["last_error"] or "")
                     proxy.set_paused(False)
@@ -450,13 +467,13 @@ def test_a_follower_joins_the_in_sync_set_only_once_caught_up(tmp_path: Path) ->
         leader = await start_leader(lstore)
         assert leader.port is not None
         seen: list[tuple[leader_mod.FollowerState, bool]] = []
-        evaluate = leader._evaluate
+        evaluate = leader.evaluate
 
         def spy(session: leader_mod.FollowerSession) -> None:
             evaluate(session)
             seen.append((session.state, session.in_sync))
 
-        leader._evaluate = spy  # type: ignore[method-assign]
+        leader.evaluate = spy  # type: ignore[method-assign]
         fstore = open_store(tmp_path / "f1", "f1")
         follower = make_follower(fstore, leader.port)
         try:
@@ -519,6 +536,42 @@ def test_frames_are_filled_and_a_follower_that_stops_reading_holds_the_leader_ba
             assert buffered <= transport.get_write_buffer_limits()[1] + LIMITS.frame_bytes_max
             reading.set()
             await follower.wait_applied(lstore.wal.written_lsn.value, TIMEOUT_S)
+            assert_identical(fstore, lstore)
+
+    run(scenario)
+
+
+def test_a_follower_catches_up_while_writes_keep_landing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Caught up means sent the end of the log as it was when a step began: under a steady
+    load something new is written during every step, and waiting for "nothing new at all"
+    kept such a follower out of the in-sync set (and its compaction held) while it lasted."""
+    writes_max = 300
+    landed = {"writes": 0, "at_caught_up": -1}
+    real_step = leader_mod.FollowerSession.step
+
+    async def step_with_a_write_landing(self: leader_mod.FollowerSession) -> bool:
+        sent = await real_step(self)
+        if self.state is leader_mod.FollowerState.STREAMING and landed["at_caught_up"] < 0:
+            landed["at_caught_up"] = landed["writes"]
+        if sent and landed["writes"] < writes_max:  # one more write after every frame
+            self.leader.store.append(make_event("busy", payload={"n": landed["writes"]}))
+            landed["writes"] += 1
+        return sent
+
+    monkeypatch.setattr(leader_mod.FollowerSession, "step", step_with_a_write_landing)
+
+    async def scenario() -> None:
+        async with leader_and_follower(tmp_path) as (lstore, fstore, leader, follower):
+            await write(lstore, 500)
+            await follower.start()
+            await follower.wait_applied(500 + writes_max, TIMEOUT_S)
+            await eventually(lambda: follower.state is FollowerState.STREAMING)
+            # caught up while the writes still landed, not only once they stopped
+            assert 0 < landed["at_caught_up"] < writes_max
+            assert leader.sessions["f1"].in_sync
+            assert fstore._compaction_held is False
             assert_identical(fstore, lstore)
 
     run(scenario)

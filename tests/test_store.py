@@ -349,6 +349,7 @@ def test_a_snapshot_install_cut_short_is_finished_on_the_next_open(
         follower.install_snapshot(staged, manifest, leader.wal.terms.to_list())
     monkeypatch.setattr(os, "replace", replace)
     assert (follower_dir / INSTALL_MARKER).exists()
+    follower.close()  # what is left of the "dead" process
 
     again = open_store(follower_dir)  # the "restart"
     assert not (follower_dir / INSTALL_MARKER).exists()

@@ -65,6 +65,9 @@ from walship.storage.query import QueryFilter, entity_key
 from walship.wal import FsyncPolicy, Record, Wal
 from walship.wal.log import WriteOutcome
 from walship.wal.record import VerifiedRun
+from walship.wal.segment import SegmentHeader, create_segment
+from walship.wal.terms import FILE_NAME as TERMS_FILE
+from walship.wal.truncate import truncate_wal
 
 log = logging.getLogger(__name__)
 
@@ -189,19 +192,32 @@ class Store:
         """
         store = cls(config, metrics)
         store._recover()
-        if config.checkpoints:
-            store._checkpointer = threading.Thread(
-                target=store._run_checkpointer, name="walship-checkpointer", daemon=True
-            )
-            store._checkpointer.start()
-            store._start_compactor()
+        store._start_background()
         return store
 
-    def _start_compactor(self) -> None:
-        self._compactor = threading.Thread(
-            target=self._run_compactor, name="walship-compactor", daemon=True
-        )
-        self._compactor.start()
+    def _start_background(self) -> None:
+        """Start the checkpointer and the compactor (when checkpoints are on)."""
+        self._stop = threading.Event()
+        if self.config.checkpoints:
+            self._checkpointer = threading.Thread(
+                target=self._run_checkpointer, name="walship-checkpointer", daemon=True
+            )
+            self._checkpointer.start()
+            self._compactor = threading.Thread(
+                target=self._run_compactor, name="walship-compactor", daemon=True
+            )
+            self._compactor.start()
+
+    def _stop_background(self) -> None:
+        """Stop the checkpointer and the compactor and wait for them. Never call it holding a
+        store lock: either thread may be waiting for one, and would never end."""
+        self._stop.set()
+        self._kick.set()
+        self._compact_kick.set()
+        for thread in (self._checkpointer, self._compactor):
+            if thread is not None:
+                thread.join()
+        self._checkpointer = self._compactor = None
 
     def _recover(self) -> None:
         if (self.data_dir / INSTALL_MARKER).exists():
@@ -272,20 +288,12 @@ class Store:
         beside the old one and swapped in by renames behind a marker file, so a crash midway
         is finished on the next open; afterwards the WAL continues at ``manifest.last_lsn + 1``.
         """
-        from walship.wal.segment import SegmentHeader, create_segment
-        from walship.wal.terms import FILE_NAME as TERMS_FILE
 
         for part in manifest.parts:
             if not (staged / part.file).is_file():
                 raise InvalidInput(f"snapshot part {part.file} is missing from {staged}")
+        self._stop_background()  # before the locks: a thread may be waiting for one of them
         with self._checkpoint_lock, self._compaction_lock, self._lock:
-            self._stop.set()
-            self._kick.set()
-            self._compact_kick.set()
-            if self._checkpointer is not None:
-                self._checkpointer.join()
-            if self._compactor is not None:
-                self._compactor.join()
             self.wal.close()
             new = self.data_dir / "install"
             shutil.rmtree(new, ignore_errors=True)
@@ -311,13 +319,7 @@ class Store:
             self._frozen = None
             self._parts = []
             self._recover()
-            self._stop = threading.Event()
-            if self.config.checkpoints:
-                self._checkpointer = threading.Thread(
-                    target=self._run_checkpointer, name="walship-checkpointer", daemon=True
-                )
-                self._checkpointer.start()
-                self._start_compactor()
+        self._start_background()
 
     def _finish_install(self) -> None:
         """Swap ``install/`` in for ``wal/`` and ``checkpoints/``; safe to repeat after a crash."""
@@ -345,17 +347,20 @@ class Store:
         The caller has stopped everything that appends. InvalidInput when ``lsn`` is below the
         checkpoint (Parquet parts are not cut: use ``reset_to_empty`` and a snapshot instead).
         """
-        from walship.wal.truncate import truncate_wal
 
-        with self._checkpoint_lock, self._lock:
-            if lsn < self._manifest.last_lsn:
-                raise InvalidInput(
-                    f"cannot cut after lsn {lsn}: the checkpoint covers up to "
-                    f"{self._manifest.last_lsn}"
-                )
-            if lsn >= self.wal.last_position.lsn.value:
-                return
-            self._reopen(lambda: truncate_wal(self.wal_dir, lsn, self.limits.record_bytes_max))
+        self._stop_background()  # before the locks: a thread may be waiting for one of them
+        try:
+            with self._checkpoint_lock, self._lock:
+                if lsn < self._manifest.last_lsn:
+                    raise InvalidInput(
+                        f"cannot cut after lsn {lsn}: the checkpoint covers up to "
+                        f"{self._manifest.last_lsn}"
+                    )
+                if lsn >= self.wal.last_position.lsn.value:
+                    return
+                self._reopen(lambda: truncate_wal(self.wal_dir, lsn, self.limits.record_bytes_max))
+        finally:
+            self._start_background()
 
     def reset_to_empty(self) -> None:
         """Drop everything this store holds (divergence repair below the checkpoint: the
@@ -370,12 +375,8 @@ class Store:
             self.wal.add_listener(listener)
 
     def _reopen(self, change: Callable[[], None]) -> None:
-        """Stop the checkpointer, close the WAL, apply ``change`` to the files, recover again
-        (listeners carried over). Called with both store locks held."""
-        self._stop.set()
-        self._kick.set()
-        if self._checkpointer is not None:
-            self._checkpointer.join()
+        """Close the WAL, apply ``change`` to the files, recover again (listeners carried
+        over). Called with both store locks held and the background threads stopped."""
         listeners = self.wal.listeners
         self.wal.close()
         change()
@@ -386,12 +387,6 @@ class Store:
         self._recover()
         for listener in listeners:
             self.wal.add_listener(listener)
-        self._stop = threading.Event()
-        if self.config.checkpoints:
-            self._checkpointer = threading.Thread(
-                target=self._run_checkpointer, name="walship-checkpointer", daemon=True
-            )
-            self._checkpointer.start()
 
     def append_system(self, event_type: str, payload: bytes) -> int:
         """Append a record of walship's own (``_system.*``, e.g. the first record of a new
@@ -417,13 +412,7 @@ class Store:
             if self._closed:
                 return
             self._closed = True
-        self._stop.set()
-        self._kick.set()
-        self._compact_kick.set()
-        if self._checkpointer is not None:
-            self._checkpointer.join()
-        if self._compactor is not None:
-            self._compactor.join()
+        self._stop_background()
         self.wal.close()
 
     def __enter__(self) -> Store:
@@ -970,10 +959,10 @@ class Store:
             self._compact_kick.set()
 
     def _may_compact(self) -> bool:
-        if not self._compaction_held:
-            return True
-        with self._lock:
-            return len(self._parts) >= self.limits.compaction_held_parts_max
+        # no lock: len() of the list is atomic, and a stale count costs one pass at most
+        return not self._compaction_held or (
+            len(self._parts) >= self.limits.compaction_held_parts_max
+        )
 
     def _run_compactor(self) -> None:
         while not self._stop.is_set():

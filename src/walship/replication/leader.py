@@ -332,18 +332,22 @@ class FollowerSession:
         try:
             while True:
                 self.wake.clear()
+                end = leader.store.wal.written_lsn.value  # the end of log as this step starts
                 try:
                     sent = await self.step()
                 except WalGone:
                     # retention let the WAL go: restart with a snapshot on the next connect
                     self.close_reason = "needed WAL was removed; reconnect for a snapshot"
                     return
-                if sent:
-                    continue
-                if not self._caught_up_sent:
+                # caught up: sent the log's end as it was when the step began (as Kafka judges
+                # a replica), not "nothing new at all", which a steady load may never allow
+                if not self._caught_up_sent and self.sent_lsn >= end:
                     await self.stream.send(CaughtUp(term=leader.term, leader_lsn=self.sent_lsn))
                     self._caught_up_sent = True
                     self.state = FollowerState.STREAMING
+                    leader.evaluate(self)
+                if sent:
+                    continue
                 try:
                     async with asyncio.timeout(heartbeat_s):
                         await self.wake.wait()
@@ -715,7 +719,9 @@ class Leader:
         again, it is a new follower: from the WAL if it is still there, else a snapshot."""
         if node_id in self.sessions:
             raise Conflict(
-                f"follower {node_id!r} is connected: stop it before forgetting it",
+                f"follower {node_id!r} is connected: stop it before forgetting it (a follower "
+                "that just stopped counts as connected until the leader notices, at most "
+                f"{self.store.limits.read_timeout_ms} ms)",
                 node_id=node_id,
             )
         slot = self.slots.slots.get(node_id)
@@ -731,9 +737,10 @@ class Leader:
     def on_ack(self, session: FollowerSession) -> None:
         self.tracker.update(session.node_id, session.durable_lsn)
         self.slots.update(session.node_id, session.durable_lsn)
-        self._evaluate(session)
+        self.evaluate(session)
 
-    def _evaluate(self, session: FollowerSession) -> None:
+    def evaluate(self, session: FollowerSession) -> None:
+        """Let ``session`` join or leave the in-sync set by its state and lag; publish it."""
         lag_ms = session.lag_ms()
         was = session.in_sync
         # only a follower that has been sent everything once (STREAMING) joins, as a replica
@@ -758,7 +765,7 @@ class Leader:
             await asyncio.sleep(0.05)
             self.acks.flush_due()
             for session in list(self.sessions.values()):
-                self._evaluate(session)
+                self.evaluate(session)
             self.metrics.in_sync.set(len(self.tracker.in_sync))
 
     def retention_floor(self) -> int | None:
@@ -797,18 +804,25 @@ class Leader:
         """Add the range to the ledger and save it before the write's answer leaves.
 
         Saves run in a worker thread, one at a time, and a save covers every range recorded
-        before it began: under a burst of degraded writes, one file write answers many.
+        before it began: under a burst of degraded writes, one file write answers many. The
+        save is shielded: a request cancelled meanwhile (its client gone) neither stops it
+        nor lets the next save start while its thread still writes the file. A save that
+        fails is logged and counted; the answer still says ``degraded``, and the next save
+        (or the leader's stop) writes the range.
         """
         self.ledger.record(first_lsn, last_lsn, reason, now_us())
         self._publish_ledger()
-        wanted = self.ledger.version
+        await asyncio.shield(self._save_ledger(self.ledger.version))
+
+    async def _save_ledger(self, wanted: int) -> None:
         async with self._ledger_lock:
             if self.ledger.saved_version >= wanted:
                 return  # a save that began after this record covered it
             version, data = self.ledger.version, self.ledger.encode()
             try:
                 await asyncio.to_thread(self.ledger.write, data)
-            except OSError as exc:  # the answer still says degraded; the next save retries
+            except OSError as exc:
+                self.metrics.ledger_save_failures.inc()
                 log.error("replication: could not save the degradation ledger: %s", exc)
                 return
             self.ledger.saved_version = max(self.ledger.saved_version, version)

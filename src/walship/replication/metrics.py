@@ -79,6 +79,11 @@ class ReplicationMetrics:
             "mode required (persisted, so it survives a restart)",
             registry=r,
         )
+        self.ledger_save_failures = Counter(
+            "walship_replication_ledger_save_failures",
+            "Degradation ledger saves that failed (the next save writes what they missed)",
+            registry=r,
+        )
         self.degraded_ranges = Gauge(
             "walship_replication_degraded_ranges",
             "Lsn ranges in the degradation ledger",
