@@ -102,6 +102,18 @@ def make_follower(
     return Follower(store, config, ReplicationMetrics(store.metrics.registry), node_id)
 
 
+async def stop_all(
+    leader: Leader, lstore: Store, follower: Follower | None = None, fstore: Store | None = None
+) -> None:
+    """Stop the follower, then the leader, then close their stores."""
+    if follower is not None:
+        await follower.stop()
+    await leader.stop()
+    if fstore is not None:
+        fstore.close()
+    lstore.close()
+
+
 @contextlib.asynccontextmanager
 async def leader_and_follower(
     tmp_path: Path, limits: Limits = LIMITS, *, secret: bytes = SECRET
@@ -116,10 +128,7 @@ async def leader_and_follower(
     try:
         yield lstore, fstore, leader, follower
     finally:
-        await follower.stop()
-        await leader.stop()
-        fstore.close()
-        lstore.close()
+        await stop_all(leader, lstore, follower, fstore)
 
 
 async def write(store: Store, count: int, start: int = 0) -> int:
@@ -484,10 +493,7 @@ def test_a_follower_joins_the_in_sync_set_only_once_caught_up(tmp_path: Path) ->
             assert catching_up, "acks came while it caught up (small frames)"
             assert not any(catching_up)
         finally:
-            await follower.stop()
-            await leader.stop()
-            fstore.close()
-            lstore.close()
+            await stop_all(leader, lstore, follower, fstore)
 
     run(scenario)
 
@@ -658,12 +664,28 @@ def test_follower_needing_a_snapshot_gets_snapshot_then_wal(tmp_path: Path) -> N
             assert not any((fstore.data_dir / STAGING_DIR).iterdir())
             assert progress == [None]  # progress shows only while a transfer runs
         finally:
-            await follower.stop()
-            await leader.stop()
-            fstore.close()
-            lstore.close()
+            await stop_all(leader, lstore, follower, fstore)
 
     run(scenario)
+
+
+async def follow_then_leave(
+    lstore: Store,
+    leader: Leader,
+    follower: Follower,
+    while_connected: Callable[[], None] = lambda: None,
+) -> None:
+    """The follower takes lsns 1..100 and stops (its slot stays at 100); the leader then
+    writes 300 more in small appends (many WAL segments) and checkpoints them."""
+    await follower.start()
+    await follower.wait_applied(await write(lstore, 100), TIMEOUT_S)
+    await eventually(lambda: leader.slots.slots.get("f1") == 100)
+    while_connected()
+    await follower.stop()
+    await eventually(lambda: "f1" not in leader.sessions)
+    for start in range(100, 400, 10):
+        await write(lstore, 10, start=start)
+    assert await asyncio.to_thread(lstore.checkpoint) is not None
 
 
 @pytest.mark.parametrize(
@@ -684,14 +706,7 @@ def test_a_known_follower_keeps_its_wal_up_to_the_retention_cap(
         fstore = open_store(tmp_path / "f1", "f1", SNAPSHOT_LIMITS)
         follower = make_follower(fstore, leader.port)
         try:
-            await follower.start()
-            await follower.wait_applied(await write(lstore, 100), TIMEOUT_S)
-            await eventually(lambda: leader.slots.slots.get("f1") == 100)
-            await follower.stop()
-            await eventually(lambda: "f1" not in leader.sessions)
-            for start in range(100, 400, 10):  # small appends: many WAL segments
-                await write(lstore, 10, start=start)
-            assert await asyncio.to_thread(lstore.checkpoint) is not None
+            await follow_then_leave(lstore, leader, follower)
             kept = lstore.wal.first_lsn().value <= 101
             assert kept is (snapshots == 0)
 
@@ -706,10 +721,7 @@ def test_a_known_follower_keeps_its_wal_up_to_the_retention_cap(
             assert_identical(fstore, lstore, from_lsn=both_hold)
             assert query_all(fstore) == query_all(lstore)
         finally:
-            await follower.stop()
-            await leader.stop()
-            fstore.close()
-            lstore.close()
+            await stop_all(leader, lstore, follower, fstore)
 
     run(scenario)
 
@@ -721,17 +733,13 @@ def test_forgetting_a_departed_follower_releases_its_wal(tmp_path: Path) -> None
         assert leader.port is not None
         fstore = open_store(tmp_path / "f1", "f1", SNAPSHOT_LIMITS)
         follower = make_follower(fstore, leader.port)
-        try:
-            await follower.start()
-            await follower.wait_applied(await write(lstore, 100), TIMEOUT_S)
-            await eventually(lambda: leader.slots.slots.get("f1") == 100)
+
+        def refused_while_connected() -> None:
             with pytest.raises(Conflict, match="is connected"):
                 leader.forget_follower("f1")
-            await follower.stop()
-            await eventually(lambda: "f1" not in leader.sessions)
-            for start in range(100, 400, 10):
-                await write(lstore, 10, start=start)
-            await asyncio.to_thread(lstore.checkpoint)
+
+        try:
+            await follow_then_leave(lstore, leader, follower, refused_while_connected)
             assert lstore.wal.first_lsn().value <= 101  # the slot holds it
 
             assert leader.forget_follower("f1") == {"forgotten": "f1", "slot_lsn": 100}
@@ -810,10 +818,7 @@ def test_interrupted_snapshot_resumes_without_resending_verified_bytes(
             registry = lstore.metrics.registry
             assert registry.get_sample_value("walship_replication_snapshots_sent_total") == 1
         finally:
-            await follower.stop()
-            await leader.stop()
-            fstore.close()
-            lstore.close()
+            await stop_all(leader, lstore, follower, fstore)
 
     run(scenario)
 
