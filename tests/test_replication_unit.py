@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -283,6 +284,8 @@ def test_every_degraded_answer_is_in_the_saved_ledger_before_it_leaves(
         saves = 0
         writing = 0  # saves in progress at once: never more than one
         overlapped = False
+        gate = {"armed": False}
+        started, release = threading.Event(), threading.Event()
         write = leader.ledger.write
 
         def counted(data: bytes) -> None:
@@ -290,7 +293,12 @@ def test_every_degraded_answer_is_in_the_saved_ledger_before_it_leaves(
             saves += 1
             writing += 1
             overlapped = overlapped or writing > 1
-            time.sleep(0.01)
+            if gate["armed"]:  # hold this save in its thread until the test lets it go
+                gate["armed"] = False
+                started.set()
+                release.wait(5)
+            else:
+                time.sleep(0.01)  # a slow disk, so that a burst piles up behind one save
             write(data)
             writing -= 1
 
@@ -312,10 +320,15 @@ def test_every_degraded_answer_is_in_the_saved_ledger_before_it_leaves(
             assert 1 <= saves < 100
             # a request cancelled while its save runs (its client gone): the save goes on,
             # and the next one waits for it instead of writing the same file beside it
+            gate["armed"] = True
             cancelled = asyncio.create_task(leader.record_degraded(105, 105, "timeout"))
-            await asyncio.sleep(0.002)
+            assert await asyncio.to_thread(started.wait, 5)  # its save is in its thread
             cancelled.cancel()
-            await leader.record_degraded(200, 200, "floor")
+            later = asyncio.create_task(leader.record_degraded(200, 200, "floor"))
+            # the later save either waits for the lock (right) or writes beside the held one
+            await eventually(lambda: overlapped or bool(leader._ledger_lock._waiters))
+            release.set()
+            await later
             on_disk = DegradationLedger.load(leader.ledger.path).ranges
             assert [(r.first_lsn, r.last_lsn) for r in on_disk] == [(1, 105), (200, 200)]
             assert not overlapped
@@ -382,9 +395,12 @@ def test_replication_metrics_on_both_ends_and_labels_gone_with_the_follower(
             await follower.wait_applied(last, TIMEOUT_S)
             await eventually(lambda: "f1" in leader.sessions and leader.sessions["f1"].in_sync)
             await eventually(lambda: leader.sessions["f1"].durable_lsn == last)
-            await asyncio.sleep(0.2)  # the in-sync monitor publishes every 50 ms
-
             f1 = {"node_id": "f1"}
+            # published on every ack and by the in-sync monitor
+            await eventually(
+                lambda: metric(lstore, "walship_replication_follower_applied_lsn", **f1) == last
+            )
+
             assert metric(lstore, "walship_replication_followers") == 1
             assert metric(lstore, "walship_replication_follower_durable_lsn", **f1) == last
             assert metric(lstore, "walship_replication_follower_applied_lsn", **f1) == last
@@ -534,12 +550,17 @@ def test_frames_are_filled_and_a_follower_that_stops_reading_holds_the_leader_ba
             for _ in range(20):
                 events = [make_event(f"big-{i % 7}", payload={"p": payload}) for i in range(500)]
                 await asyncio.to_thread(lstore.append_batch, events)
-            await asyncio.sleep(0.5)
             session = leader.sessions["f1"]
             transport = session.stream.writer.transport
+            high_water = transport.get_write_buffer_limits()[1]
+            # the link is full: the kernel's buffers and the transport's, past its high water
+            await eventually(lambda: transport.get_write_buffer_size() > high_water)
+            # not a synchronisation but the window the property is about: a leader without
+            # backpressure keeps buffering, up to all 20 MB, during it
+            await asyncio.sleep(0.5)
             assert session.sent_lsn < lstore.wal.written_lsn.value  # held back
             buffered = transport.get_write_buffer_size()
-            assert buffered <= transport.get_write_buffer_limits()[1] + LIMITS.frame_bytes_max
+            assert buffered <= high_water + LIMITS.frame_bytes_max
             reading.set()
             await follower.wait_applied(lstore.wal.written_lsn.value, TIMEOUT_S)
             assert_identical(fstore, lstore)

@@ -309,9 +309,8 @@ class Node:
         mode = self.config.replication.ack_mode
         if requested is None:
             return mode
-        asked = requested
         in_sync = len(self.leader.tracker.in_sync) if self.leader is not None else 0
-        return mode.stricter(asked, in_sync)
+        return mode.stricter(requested, in_sync)
 
     async def confirm(self, pending: PendingAppend, requested: AckMode | None) -> list[Receipt]:
         """Wait for the write's acknowledgement mode and fill in the durability receipts.
