@@ -19,6 +19,7 @@ from walship.errors import (
     ProtocolError,
     VersionConflict,
 )
+from walship.limits import DEFAULT_LIMITS
 from walship.position import Lsn, Position, Term
 from walship.replication.protocol import (
     FRAME_HEADER_BYTES,
@@ -253,7 +254,7 @@ def _feed_checked(decoder: FrameDecoder, chunks: list[bytes]) -> None:
             decoder.feed(chunk)
         except ProtocolError:
             return
-        assert decoder.buffered_bytes <= decoder.frame_bytes_max
+        assert decoder.buffered_bytes <= decoder.limit_bytes
 
 
 @FAST
@@ -261,6 +262,65 @@ def _feed_checked(decoder: FrameDecoder, chunks: list[bytes]) -> None:
 def test_arbitrary_bytes_give_messages_or_protocol_error(chunks: list[bytes], limit: int) -> None:
     """Garbage never crashes the decoder nor makes it hold more than one frame's worth."""
     _feed_checked(FrameDecoder(limit), chunks)
+
+
+@FAST
+@given(st.lists(st.binary(max_size=600), max_size=8), st.integers(FRAME_HEADER_BYTES + 1, 300))
+def test_before_authentication_garbage_never_makes_the_decoder_hold_more_than_a_handshake_frame(
+    chunks: list[bytes], limit: int
+) -> None:
+    _feed_checked(FrameDecoder(1 << 20, handshake_frame_bytes_max=limit), chunks)
+
+
+@pytest.mark.parametrize("kind", [Hello, HelloProof, Refused, SnapshotChunk, WalBatch])
+def test_before_authentication_a_header_claiming_megabytes_is_refused_before_its_body(
+    kind: type[Message],
+) -> None:
+    """A peer that has not proved the secret cannot make the decoder wait for, or buffer,
+    more than ``handshake_frame_bytes_max``, whatever type its frame claims to be."""
+    code = next(c for c, cls in MESSAGE_TYPES.items() if cls is kind)
+    header = frame_with(b"", code, length=DEFAULT_LIMITS.frame_bytes_max - FRAME_HEADER_BYTES)
+    decoder = FrameDecoder(handshake_frame_bytes_max=DEFAULT_LIMITS.handshake_frame_bytes_max)
+    with pytest.raises(ProtocolError, match=f"{kind.__name__} frame of 4194304 bytes before"):
+        for i in range(len(header)):  # byte by byte: refused as the header completes
+            decoder.feed(header[i : i + 1])
+    assert decoder.buffered_bytes == 0
+    # after authentication the same header is the start of a frame the stream waits for
+    decoder = FrameDecoder(handshake_frame_bytes_max=DEFAULT_LIMITS.handshake_frame_bytes_max)
+    decoder.authenticated()
+    assert decoder.feed(header) == []
+    assert decoder.buffered_bytes == FRAME_HEADER_BYTES
+
+
+def test_the_handshake_frame_limit_is_lifted_once_the_peer_authenticated() -> None:
+    chunk = SnapshotChunk(0, 0, b"x" * 100_000)
+    handshake = [Hello(PROTOCOL_VERSION, "c", "n", "follower", make_nonce()), HelloProof(b"p" * 32)]
+    decoder = FrameDecoder(handshake_frame_bytes_max=4096)
+    assert decoder.feed(b"".join(encode(m) for m in handshake)) == handshake
+    decoder.authenticated()
+    assert decoder.feed(encode(chunk)) == [chunk]
+    with pytest.raises(InvalidInput, match="handshake_frame_bytes_max"):
+        FrameDecoder(1024, handshake_frame_bytes_max=2048)
+
+
+def test_every_handshake_message_at_its_largest_fits_the_handshake_frame_limit() -> None:
+    """Identifiers and URLs of 4-byte characters, at their longest: what a real peer sends
+    before it is authenticated always fits, with room to spare."""
+    wide = "\U0001f600"
+    ident = wide * 128
+    largest: list[Message] = [
+        Hello(2**32 - 1, ident, ident, "follower", make_nonce()),
+        Challenge(make_nonce()),
+        HelloProof(b"p" * 32),
+        Welcome(ident, 2**64 - 1, 2**64 - 1, b"p" * 32, wide * 512),
+        Refused(wide * 64, wide * 500),  # MessageStream.refuse cuts messages at 500 chars
+    ]
+    limit = DEFAULT_LIMITS.handshake_frame_bytes_max
+    for msg in largest:
+        frame = encode(msg)
+        assert len(frame) <= limit * 3 // 4, (type(msg).__name__, len(frame))
+        decoder = FrameDecoder(handshake_frame_bytes_max=limit)
+        assert decoder.feed(frame) == [msg]
 
 
 @FAST

@@ -51,6 +51,11 @@ class Limits:
     frame_bytes_max: int = 4 * MIB
     heartbeat_interval_ms: int = 1_000
     read_timeout_ms: int = 10_000
+    # Until a peer has proved the shared secret it holds a socket and a frame buffer and
+    # nothing more: 24 idle or slow handshakes once held 76 MB of a leader (4 MiB frames).
+    handshake_timeout_ms: int = 5_000  # accept → proof verified, however the bytes trickle
+    handshake_frame_bytes_max: int = 4 * KIB  # every handshake frame is under 3 KiB
+    unauthenticated_connections_max: int = 32  # more are closed at once
 
     def __post_init__(self) -> None:
         from walship.errors import InvalidInput
@@ -64,6 +69,8 @@ class Limits:
             raise InvalidInput("append_bytes_max must hold a record of record_bytes_max")
         if self.record_bytes_max + 4096 > self.frame_bytes_max:
             raise InvalidInput("frame_bytes_max must hold a record of record_bytes_max")
+        if self.handshake_frame_bytes_max > self.frame_bytes_max:
+            raise InvalidInput("handshake_frame_bytes_max cannot exceed frame_bytes_max")
 
 
 DEFAULT_LIMITS = Limits()

@@ -477,7 +477,13 @@ class Follower:
                 ssl=ssl_ctx,
                 server_hostname=self._host if ssl_ctx is not None else None,
             )
-        stream = MessageStream(reader, writer, limits.frame_bytes_max)
+        # whatever answers at that address gets a few KiB of buffer until it proves the secret
+        stream = MessageStream(
+            reader,
+            writer,
+            limits.frame_bytes_max,
+            handshake_frame_bytes_max=limits.handshake_frame_bytes_max,
+        )
         self._stream = stream
         await self._handshake(stream, timeout_s)
         self.connected = True
@@ -513,6 +519,7 @@ class Follower:
         except AuthenticationError as exc:
             await stream.refuse(exc.code, exc.message)
             raise
+        stream.authenticated()
         known = max(self.known_term, self.store.wal.terms.current.value)
         stale = stale_term_error(welcome, known)
         if stale is not None:

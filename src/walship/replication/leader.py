@@ -28,6 +28,7 @@ from walship.errors import (
     AuthenticationError,
     Conflict,
     InvalidInput,
+    LimitExceeded,
     NotFound,
     ProtocolError,
     StaleTerm,
@@ -45,16 +46,14 @@ from walship.replication.acks import (
 )
 from walship.replication.config import ReplicationConfig
 from walship.replication.divergence import common_point
+from walship.replication.handshake import HandshakeGate, HandshakeSlot, authenticate_follower
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import (
     WAL_BATCH_OVERHEAD_BYTES,
     Ack,
     CaughtUp,
-    Challenge,
     Diverged,
     Heartbeat,
-    Hello,
-    HelloProof,
     Refused,
     SnapshotChunk,
     SnapshotEnd,
@@ -63,10 +62,7 @@ from walship.replication.protocol import (
     SnapshotStart,
     Subscribe,
     WalBatch,
-    hello_error,
-    make_nonce,
     make_welcome,
-    verify_hello_proof,
 )
 from walship.replication.stream import MessageStream, PeerRefused
 from walship.store import Store
@@ -265,20 +261,17 @@ class FollowerSession:
 
     # ------------------------------------------------------------------ the loops
 
-    async def run(self) -> None:
+    async def run(self, slot: HandshakeSlot) -> None:
+        """Authenticate, subscribe and serve the follower until the link ends; ``slot`` (its
+        place among the unauthenticated connections) is given back once it authenticated."""
         leader = self.leader
-        limits = leader.store.limits
-        timeout = limits.read_timeout_ms / 1000
+        timeout = leader.store.limits.read_timeout_ms / 1000
         stream = self.stream
-        hello = await stream.expect(Hello, timeout)
-        error = hello_error(hello, leader.config.cluster_id)
-        if error is not None:
-            raise error
-        challenge = Challenge(make_nonce())
-        await stream.send(challenge)
-        proof = await stream.expect(HelloProof, timeout)
         assert leader.config.secret is not None
-        verify_hello_proof(leader.config.secret, hello, challenge, proof)
+        hello, challenge = await authenticate_follower(
+            stream, leader.store.limits, leader.config.cluster_id, leader.config.secret
+        )
+        slot.release()
         self.node_id = hello.node_id
         await stream.send(
             make_welcome(
@@ -519,6 +512,7 @@ class Leader:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._monitor: asyncio.Task[None] | None = None
         self.port: int | None = None
+        self.handshakes = HandshakeGate(store.limits.unauthenticated_connections_max)
         store.set_retention_floor(self.retention_floor)
 
     @property
@@ -566,6 +560,12 @@ class Leader:
                 self.config.host,
                 self.config.port,
                 ssl=self.config.server_ssl,
+                # the TLS handshake happens before _accept sees the connection: bound it too
+                ssl_handshake_timeout=(
+                    self.store.limits.handshake_timeout_ms / 1000
+                    if self.config.server_ssl is not None
+                    else None
+                ),
                 limit=1 << 20,
             )
             sock = self._server.sockets[0].getsockname()
@@ -608,13 +608,30 @@ class Leader:
             session.wake.set()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        limits = self.store.limits
+        stream = MessageStream(
+            reader,
+            writer,
+            limits.frame_bytes_max,
+            handshake_frame_bytes_max=limits.handshake_frame_bytes_max,
+        )
+        slot = self.handshakes.admit()
+        if slot is None:
+            # closed before a byte is read: a flood of idle connections costs a socket each
+            # for handshake_timeout_ms at most, never a frame buffer
+            self.metrics.handshakes_refused.inc()
+            await stream.refuse(
+                LimitExceeded.code,
+                f"more than unauthenticated_connections_max "
+                f"{limits.unauthenticated_connections_max} connections in their handshake",
+            )
+            return
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
-        stream = MessageStream(reader, writer, self.store.limits.frame_bytes_max)
         session = FollowerSession(self, stream)
         try:
-            await session.run()
+            await session.run(slot)
         except AuthenticationError as exc:
             self.metrics.auth_failures.inc()
             log.warning("replication: %s from %s", exc.message, stream.peer)
@@ -628,6 +645,7 @@ class Leader:
         except asyncio.CancelledError:
             pass
         finally:
+            slot.release()
             session.state = FollowerState.CLOSED
             self.unregister(session)
             await stream.close()

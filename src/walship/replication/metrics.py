@@ -55,6 +55,10 @@ class ReplicationMetrics:
         self.snapshots_sent = counter("snapshots_sent", "Snapshots sent to followers")
         self.snapshot_bytes = counter("snapshot_bytes", "Snapshot bytes sent")
         self.auth_failures = counter("auth_failures", "Connections refused by authentication")
+        self.handshakes_refused = counter(
+            "handshakes_refused",
+            "Connections closed at once: unauthenticated_connections_max were in their handshake",
+        )
         self.degraded_writes = gauge(
             "degraded_writes",
             "Writes in the degradation ledger: committed without the acknowledgements their "

@@ -15,7 +15,10 @@ A frame, in network byte order::
     9       4     crc       CRC-32C of type and payload
     13      n     payload   msgpack array of the message's fields, in declaration order
 
-No frame exceeds ``Limits.frame_bytes_max`` (13 + n bytes in all). ``WalBatch.records`` and
+No frame exceeds ``Limits.frame_bytes_max`` (13 + n bytes in all), and until the peer has
+proved the shared secret none exceeds ``Limits.handshake_frame_bytes_max`` (a few KiB: the
+largest handshake message is under 3 KiB), so an unauthenticated peer can make a node buffer
+no more than that. ``WalBatch.records`` and
 ``SnapshotChunk.data`` are msgpack ``bin``: raw WAL records and file bytes travel as they are
 on disk, never re-encoded or base64'd.
 
@@ -410,19 +413,48 @@ class FrameDecoder:
     header (length included) is checked before any of its body is buffered. After a
     ProtocolError the stream is unusable and every later ``feed`` raises again; messages that
     preceded the bad frame in the same ``feed`` are dropped with it (the link closes anyway).
+
+    With ``handshake_frame_bytes_max`` the decoder starts in the handshake: every frame is held
+    to that smaller limit until ``authenticated()`` (the peer proved the shared secret). A
+    header announcing more is refused before a byte of its body is awaited. Neither side sends
+    anything after its last handshake frame until the other answers, so no frame of the
+    authenticated stream can arrive while the small limit still applies.
     """
 
-    def __init__(self, frame_bytes_max: int = DEFAULT_LIMITS.frame_bytes_max) -> None:
+    def __init__(
+        self,
+        frame_bytes_max: int = DEFAULT_LIMITS.frame_bytes_max,
+        *,
+        handshake_frame_bytes_max: int | None = None,
+    ) -> None:
         if frame_bytes_max < FRAME_HEADER_BYTES + 1:
             raise InvalidInput(f"frame_bytes_max {frame_bytes_max} cannot hold a frame")
+        if handshake_frame_bytes_max is not None and not (
+            FRAME_HEADER_BYTES < handshake_frame_bytes_max <= frame_bytes_max
+        ):
+            raise InvalidInput(
+                f"handshake_frame_bytes_max {handshake_frame_bytes_max} must hold a frame and "
+                f"not exceed frame_bytes_max {frame_bytes_max}"
+            )
         self.frame_bytes_max = frame_bytes_max
+        self._handshake_bytes_max = handshake_frame_bytes_max
         self._buf = bytearray()
         self._frame_bytes: int | None = None  # size of the buffered frame, once its header passed
         self._error: ProtocolError | None = None
 
     def __repr__(self) -> str:
         state = "failed" if self._error else f"buffered={len(self._buf)}"
-        return f"<FrameDecoder {state} frame_bytes_max={self.frame_bytes_max}>"
+        phase = " handshake" if self._handshake_bytes_max is not None else ""
+        return f"<FrameDecoder{phase} {state} frame_bytes_max={self.limit_bytes}>"
+
+    @property
+    def limit_bytes(self) -> int:
+        """The largest frame accepted now: the handshake limit until ``authenticated()``."""
+        return self._handshake_bytes_max or self.frame_bytes_max
+
+    def authenticated(self) -> None:
+        """The peer proved the shared secret: frames up to ``frame_bytes_max`` from now on."""
+        self._handshake_bytes_max = None
 
     @property
     def buffered_bytes(self) -> int:
@@ -490,6 +522,13 @@ class FrameDecoder:
                 f"{actual:08x}): corrupt stream, or the peer does not speak walship protocol v1"
             )
         size: int = FRAME_HEADER_BYTES + length
+        if self._handshake_bytes_max is not None and size > self._handshake_bytes_max:
+            kind = MESSAGE_TYPES[code].__name__ if code in MESSAGE_TYPES else f"type {code}"
+            raise ProtocolError(
+                f"{kind} frame of {size} bytes before the peer authenticated exceeds "
+                f"handshake_frame_bytes_max {self._handshake_bytes_max}",
+                frame_bytes=size,
+            )
         if size > self.frame_bytes_max:
             raise ProtocolError(
                 f"frame of {size} bytes exceeds frame_bytes_max {self.frame_bytes_max}",

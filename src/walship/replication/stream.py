@@ -2,6 +2,8 @@
 
 ``MessageStream`` wraps a reader/writer pair with the sans-I/O ``FrameDecoder`` and gives
 ``recv(timeout)`` (read deadline) and ``send`` (always drained, so a slow peer pushes back).
+A stream opened with ``handshake_frame_bytes_max`` holds the peer to small frames until
+``authenticated()``.
 """
 
 from __future__ import annotations
@@ -28,12 +30,19 @@ class MessageStream:
     """One replication connection's framing; not shared between tasks for sending."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frame_bytes_max: int
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        frame_bytes_max: int,
+        *,
+        handshake_frame_bytes_max: int | None = None,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.frame_bytes_max = frame_bytes_max
-        self._decoder = FrameDecoder(frame_bytes_max)
+        self._decoder = FrameDecoder(
+            frame_bytes_max, handshake_frame_bytes_max=handshake_frame_bytes_max
+        )
         self._inbox: list[Message] = []
         self.bytes_in = 0
         self.bytes_out = 0
@@ -59,6 +68,10 @@ class MessageStream:
             self.bytes_in += len(data)
             self._inbox.extend(self._decoder.feed(data))
         return self._inbox.pop(0)
+
+    def authenticated(self) -> None:
+        """The peer proved the shared secret: lift the handshake's frame limit."""
+        self._decoder.authenticated()
 
     async def expect(self, kind: type[M], timeout_s: float) -> M:
         """The next message, which must be a ``kind`` (a Refused raises PeerRefused)."""

@@ -1,0 +1,103 @@
+"""The leader's side of the handshake, and what an unauthenticated peer may hold meanwhile.
+
+Anyone who can reach the replication port may open a connection; until it proves the shared
+secret it holds a socket, a task and a few KiB of frame buffer (``handshake_frame_bytes_max``,
+enforced by the decoder), for ``handshake_timeout_ms`` at most, and at most
+``unauthenticated_connections_max`` such connections exist at once (``HandshakeGate``). A
+follower that authenticated leaves the gate and is bounded by the stream's own limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from walship.errors import ProtocolError
+from walship.limits import Limits
+from walship.replication.protocol import (
+    Challenge,
+    Hello,
+    HelloProof,
+    hello_error,
+    make_nonce,
+    verify_hello_proof,
+)
+from walship.replication.stream import MessageStream
+
+log = logging.getLogger(__name__)
+
+
+class HandshakeGate:
+    """Counts the connections still in their handshake; admits none past ``capacity``.
+
+    Used from the event loop only (no lock).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.open = 0
+        self._full_logged = False
+
+    def __repr__(self) -> str:
+        return f"<HandshakeGate {self.open}/{self.capacity}>"
+
+    def admit(self) -> HandshakeSlot | None:
+        """A slot for one more unauthenticated connection; None when every slot is taken."""
+        if self.open >= self.capacity:
+            if not self._full_logged:  # once per flood, not once per connection
+                self._full_logged = True
+                log.warning(
+                    "replication: %d connections are in their handshake; closing new ones "
+                    "until some authenticate or time out",
+                    self.open,
+                )
+            return None
+        self.open += 1
+        return HandshakeSlot(self)
+
+    def _leave(self) -> None:
+        self.open -= 1
+        if self.open < self.capacity:
+            self._full_logged = False
+
+
+class HandshakeSlot:
+    """One admitted connection's place in the gate until it authenticates or closes."""
+
+    def __init__(self, gate: HandshakeGate) -> None:
+        self._gate: HandshakeGate | None = gate
+
+    def release(self) -> None:
+        """Give the place back; later calls do nothing."""
+        if self._gate is not None:
+            self._gate._leave()
+            self._gate = None
+
+
+async def authenticate_follower(
+    stream: MessageStream, limits: Limits, cluster_id: str, secret: bytes
+) -> tuple[Hello, Challenge]:
+    """Hello → Challenge → HelloProof, the whole exchange within ``handshake_timeout_ms``.
+
+    The deadline covers the exchange, not each read: a peer that trickles a byte of its Hello
+    every second never lets a read time out and would hold its socket for ever. On success
+    the stream takes frames up to ``frame_bytes_max``. ProtocolError for a wrong version or
+    cluster or when the deadline passes, AuthenticationError for a wrong proof.
+    """
+    read_timeout_s = limits.read_timeout_ms / 1000
+    try:
+        async with asyncio.timeout(limits.handshake_timeout_ms / 1000):
+            hello = await stream.expect(Hello, read_timeout_s)
+            error = hello_error(hello, cluster_id)
+            if error is not None:
+                raise error
+            challenge = Challenge(make_nonce())
+            await stream.send(challenge)
+            proof = await stream.expect(HelloProof, read_timeout_s)
+    except TimeoutError as exc:
+        raise ProtocolError(
+            f"handshake not finished within handshake_timeout_ms {limits.handshake_timeout_ms}"
+        ) from exc
+    verify_hello_proof(secret, hello, challenge, proof)
+    stream.authenticated()
+    return hello, challenge
