@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from tests.conftest import make_event
 from tests.walfiles import (
     cut_inside_last_record,
     flip_bit,
@@ -17,6 +19,8 @@ from tests.walfiles import (
     write_store,
 )
 from walship.cli.main import app
+from walship.dirlock import holder_pid
+from walship.store import Store, StoreConfig
 from walship.wal.record import HEADER_BYTES
 
 runner = CliRunner()
@@ -43,6 +47,19 @@ def test_verify_accepts_the_wal_subdirectory(data_dir: Path) -> None:
     result = runner.invoke(app, ["wal", "verify", str(data_dir / "wal")])
     assert result.exit_code == 0, result.output
     assert "WAL OK" in result.output
+
+
+def test_verify_of_a_data_dir_in_use_says_so_and_leaves_the_lock_alone(data_dir: Path) -> None:
+    """Read-only commands take no lock: they work beside a running node and say it is there."""
+    with Store.open(StoreConfig(data_dir)) as store:
+        result = runner.invoke(app, ["wal", "verify", str(data_dir)])
+        assert result.exit_code == 0, result.output
+        assert f"{data_dir} is in use by pid {os.getpid()}" in result.output
+        assert runner.invoke(app, ["wal", "dump", str(data_dir), "--limit", "1"]).exit_code == 0
+        assert holder_pid(data_dir) == os.getpid()
+        assert store.append(make_event()).lsn == 61
+    result = runner.invoke(app, ["wal", "verify", str(data_dir)])
+    assert "in use" not in result.output
 
 
 def test_verify_reports_torn_tail_without_failing_or_truncating(data_dir: Path) -> None:

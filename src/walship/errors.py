@@ -13,8 +13,9 @@
     ├── Unauthorized                an admin request without the right token (401)
     ├── Conflict                    the request is well formed but contradicts stored state
     │   ├── VersionConflict         ``expected_version`` differs from the entity's version
-    │   └── ReadOnly                a write reached a node that is not the leader
-    │       └── Fenced              a write reached a leader that learned it was deposed
+    │   ├── ReadOnly                a write reached a node that is not the leader
+    │   │   └── Fenced              a write reached a leader that learned it was deposed
+    │   └── DataDirLocked           another process (or Store) holds the data dir's lock
     ├── StorageError                the node's own storage failed
     │   ├── CorruptionError         a stored record or file fails its checksum (with location)
     │   ├── WalFailed               the WAL hit a write/fsync error and accepts nothing more
@@ -116,6 +117,14 @@ class Fenced(ReadOnly):
     """A leader that learned of a higher term (it was deposed) accepts no more writes."""
 
     code = "fenced"
+
+
+class DataDirLocked(Conflict):
+    """A data dir is open elsewhere: one process (one ``Store``) per data dir, DESIGN 2.9.
+
+    ``pid`` is the holder's process id when it could be read from the lock file, else None."""
+
+    code = "data_dir_locked"
 
 
 class StorageError(WalshipError):

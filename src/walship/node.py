@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import msgspec
 
 from walship import __version__
+from walship.dirlock import DataDirLock
 from walship.errors import (
     AckTimeout,
     Conflict,
@@ -197,9 +198,16 @@ class Node:
         )
 
     @classmethod
-    def open(cls, config: NodeConfig) -> Node:
-        """Open (and recover) the node's store. Raises CorruptionError on damaged data."""
-        return cls(config, Store.open(config.store_config()))
+    def open(cls, config: NodeConfig, *, dir_lock: DataDirLock | None = None) -> Node:
+        """Open (and recover) the node's store, which takes the data dir's lock (or adopts
+        ``dir_lock``). Raises DataDirLocked when the dir is open elsewhere, CorruptionError on
+        damaged data."""
+        store = Store.open(config.store_config(), dir_lock=dir_lock)
+        try:
+            return cls(config, store)
+        except BaseException:
+            store.close()  # and with it the lock
+            raise
 
     @property
     def node_id(self) -> str:

@@ -8,7 +8,9 @@ disk makes the WAL roll a group back, the WAL calls ``_forget_after`` before any
 take those lsns again: the events after the last written lsn leave the memtables, and their
 entities' versions and ids are as if they were never appended. A background
 thread checkpoints full or old memtables to Parquet parts and removes WAL segments that are
-checkpointed and released by the retention hook.
+checkpointed and released by the retention hook. An open store holds its data dir's lock
+(``dirlock.py``): no other process, and no other ``Store`` in this one, opens that dir until
+``close``.
 
 Usable embedded::
 
@@ -32,6 +34,7 @@ from typing import Any
 import msgspec
 import orjson
 
+from walship.dirlock import DataDirLock
 from walship.errors import (
     InvalidInput,
     StorageFull,
@@ -179,20 +182,41 @@ class Store:
         self.checkpoints_taken = 0
         self.compactions = 0
         self.wal: Wal
+        self._dir_lock: DataDirLock | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    def open(cls, config: StoreConfig, metrics: StoreMetrics | None = None) -> Store:
+    def open(
+        cls,
+        config: StoreConfig,
+        metrics: StoreMetrics | None = None,
+        *,
+        dir_lock: DataDirLock | None = None,
+    ) -> Store:
         """Open or create the store in ``config.data_dir`` and recover it.
 
-        Loads the checkpoint manifest and parts, rebuilds entity versions, then recovers the WAL
-        and replays records after the checkpoint into the memtable. Raises CorruptionError
-        (naming file and offset) when stored data is damaged beyond a torn WAL tail.
+        First takes the data dir's lock (or adopts ``dir_lock``, already taken for that dir);
+        ``close`` releases it. Loads the checkpoint manifest and parts, rebuilds entity
+        versions, then recovers the WAL and replays records after the checkpoint into the
+        memtable. Raises DataDirLocked (naming the holder's pid) when the dir is open elsewhere,
+        CorruptionError (naming file and offset) when stored data is damaged beyond a torn WAL
+        tail; the lock is released when opening fails.
         """
-        store = cls(config, metrics)
-        store._recover()
-        store._start_background()
+        if dir_lock is None:
+            dir_lock = DataDirLock.acquire(config.data_dir)
+        invariant(
+            dir_lock.held and dir_lock.data_dir.resolve() == config.data_dir.resolve(),
+            f"{dir_lock!r} is not a held lock of {config.data_dir}",
+        )
+        try:
+            store = cls(config, metrics)
+            store._dir_lock = dir_lock
+            store._recover()
+            store._start_background()
+        except BaseException:
+            dir_lock.release()
+            raise
         return store
 
     def _start_background(self) -> None:
@@ -407,13 +431,18 @@ class Store:
         return result.last_lsn.value
 
     def close(self) -> None:
-        """Stop the checkpointer, write and fsync what is pending, close the WAL. Idempotent."""
+        """Stop the checkpointer, write and fsync what is pending, close the WAL, release the
+        data dir's lock. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._stop_background()
-        self.wal.close()
+        try:
+            self._stop_background()
+            self.wal.close()
+        finally:
+            if self._dir_lock is not None:
+                self._dir_lock.release()
 
     def __enter__(self) -> Store:
         return self

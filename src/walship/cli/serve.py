@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from walship.cli.output import fail
+from walship.dirlock import DataDirLock
 from walship.errors import CorruptionError, InvalidInput, WalshipError
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.peers import split_urls
@@ -324,7 +325,12 @@ def serve_command(
     if (etcd is None) != (cluster is None):
         fail("automatic failover needs both --etcd and --cluster", 2)
     data_dir = _prepare_data_dir(data_dir)
-    sock = _bind(http_host, http_port)
+    dir_lock = _lock_data_dir(data_dir)  # before binding: a second server says why it stops
+    try:
+        sock = _bind(http_host, http_port)
+    except BaseException:
+        dir_lock.release()
+        raise
     try:
         node = _open_node(
             data_dir,
@@ -337,6 +343,7 @@ def serve_command(
             limits,
             admin_token=admin_token,
             peers=tuple(split_urls(peers)),
+            dir_lock=dir_lock,
         )
     except KeyboardInterrupt:
         sock.close()
@@ -401,6 +408,14 @@ def _prepare_data_dir(path: Path) -> Path:
     except OSError as exc:
         fail(f"data dir {path} is not writable: {exc.strerror or exc}")
     return path.resolve()
+
+
+def _lock_data_dir(path: Path) -> DataDirLock:
+    """Take the data dir's lock for this server; exit 1 naming the holder's pid if it is held."""
+    try:
+        return DataDirLock.acquire(path)
+    except WalshipError as exc:
+        fail(f"cannot start: {exc.message}")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -505,6 +520,7 @@ def _open_node(
     *,
     admin_token: str | None = None,
     peers: tuple[str, ...] = (),
+    dir_lock: DataDirLock | None = None,
 ) -> Node:
     """Open and recover the node; exit 2 naming file and offset when the WAL is corrupt."""
     from walship.node import Node, NodeConfig, Role
@@ -524,7 +540,7 @@ def _open_node(
     )
     tune_process()
     try:
-        return Node.open(config)
+        return Node.open(config, dir_lock=dir_lock)
     except CorruptionError as exc:
         where = ""
         file, offset = exc.details.get("file"), exc.details.get("offset")

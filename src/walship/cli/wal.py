@@ -3,6 +3,9 @@
 Both read the segment files directly (``scan_segment``/``decode_record``) instead of
 ``Wal.open``, because recovery truncates a torn tail and these commands must leave the
 directory exactly as they found it: an operator runs them *before* deciding to start a node.
+They take no data-dir lock (``dirlock.py``), so they can look at a running node's WAL and never
+keep a node from starting; ``verify`` says when the dir is in use, since the node may then be
+writing the last records as they are read.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import typer
 from rich.table import Table
 
 from walship.cli.output import console, fail, say, warn
+from walship.dirlock import holder_pid
 from walship.errors import CorruptionError
 from walship.events import decode_body
 from walship.limits import DEFAULT_LIMITS
@@ -174,6 +178,12 @@ def verify_wal(location: WalLocation) -> VerifyReport:
     _verify_terms(report, last_term)
     if location.data_dir is not None:
         _verify_checkpoint(report)
+        holder = holder_pid(location.data_dir)
+        if holder is not None:
+            report.notes.append(
+                f"{location.data_dir} is in use by pid {holder or '?'}: it may be writing the "
+                "last records as they are read (a torn tail is then expected)"
+            )
     return report
 
 

@@ -1,0 +1,150 @@
+"""One process per data dir (DESIGN invariant 9): an exclusive ``flock`` on ``walship.lock``.
+
+Whatever opens a data dir for writing — ``walship serve``, an embedded ``Store.open`` — takes
+the lock first and keeps it until it closes; a second opener, in another process or in the
+same one, fails at once with ``DataDirLocked`` naming the holder's pid, which the holder
+writes into the lock file. The kernel drops a ``flock`` when its file is closed, so a process
+that is killed (``kill -9``, a crash, the OOM killer) releases the dir with it: there is no
+stale lock to clean up, and a pid left in the file by a dead holder is never believed.
+
+Read-only commands (``walship wal verify|dump``, ``walship lost-found list|export``) take no
+lock, so they can look at a running node's dir and never keep a node from starting;
+``holder_pid`` lets them say that the dir is in use. The lock is advisory: it keeps walship
+processes apart, not other programs. On file systems without working ``flock`` (some network
+file systems) it keeps nothing apart; keep data dirs on local disks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+from types import TracebackType
+
+from walship.errors import DataDirLocked, StorageError
+
+LOCK_FILE = "walship.lock"
+
+# The holder writes its pid just after it took the lock; a reader that lost the race for the
+# lock may look in between and find the file empty.
+_PID_WAIT_S = 0.5
+
+
+class DataDirLock:
+    """The exclusive lock on one data dir, held until ``release()`` (or the process ends)."""
+
+    def __init__(self, data_dir: Path, fd: int) -> None:
+        self.data_dir = data_dir
+        self.path = data_dir / LOCK_FILE
+        self._fd: int | None = fd
+
+    def __repr__(self) -> str:
+        state = "held" if self.held else "released"
+        return f"<DataDirLock {self.data_dir} {state}>"
+
+    @classmethod
+    def acquire(cls, data_dir: Path) -> DataDirLock:
+        """Create ``data_dir`` if needed, lock it and write this process's pid into the lock.
+
+        DataDirLocked (naming the holder's pid) when another process, or another open store
+        in this process, holds it; StorageError when the lock file cannot be opened or locked.
+        Never waits.
+        """
+        path = data_dir / LOCK_FILE
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            # O_CLOEXEC: a child the holder starts must not keep the dir locked after it exits
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StorageError(f"cannot open the lock file {path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _locked_error(data_dir, _read_pid(path, _PID_WAIT_S)) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(f"cannot lock {path}: {exc}") from exc
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)  # and with it the lock
+            raise StorageError(f"cannot write the lock file {path}: {exc}") from exc
+        return cls(data_dir, fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Clear the pid and drop the lock; later calls do nothing."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # while still held: nobody reads a pid that no longer holds
+        os.close(fd)
+
+    def __enter__(self) -> DataDirLock:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def holder_pid(data_dir: Path) -> int | None:
+    """The pid of the process holding ``data_dir``'s lock; None when nobody holds it.
+
+    Takes (and drops at once) a shared lock to find out, so it answers None for a lock file
+    left by a process that died. 0 when the dir is held but the holder's pid is unreadable.
+    """
+    try:
+        fd = os.open(data_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # no lock file: never opened by this version, or not a data dir
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_pid(data_dir / LOCK_FILE, _PID_WAIT_S) or 0
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # drops the shared lock when it was taken
+    return None
+
+
+def _read_pid(path: Path, wait_s: float) -> int | None:
+    """The pid in the lock file, waiting up to ``wait_s`` for the holder to write it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            text = path.read_text(errors="replace").strip()
+        except OSError:
+            text = ""
+        if text.isdigit():
+            return int(text)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)
+
+
+def _locked_error(data_dir: Path, pid: int | None) -> DataDirLocked:
+    if pid == os.getpid():
+        who = f"an open Store of this process (pid {pid})"
+    elif pid is not None:
+        who = f"pid {pid}"
+    else:
+        who = "another process (its pid is not in the lock file yet)"
+    return DataDirLocked(
+        f"data dir {data_dir} is in use by {who}: one process per data dir; stop it first",
+        pid=pid,
+        lock_file=str(data_dir / LOCK_FILE),
+    )
