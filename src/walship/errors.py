@@ -120,7 +120,7 @@ class Fenced(ReadOnly):
 
 
 class DataDirLocked(Conflict):
-    """A data dir is open elsewhere: one process (one ``Store``) per data dir, DESIGN 2.9.
+    """A data dir is open elsewhere: one process (one ``Store``) per data dir, DESIGN invariant 9.
 
     ``pid`` is the holder's process id when it could be read from the lock file, else None."""
 
