@@ -5,7 +5,8 @@ time is closed at ``handshake_timeout_ms`` although no single read times out; a 
 claiming megabytes before authentication is refused as soon as the header is in; more than
 ``unauthenticated_connections_max`` connections in their handshake are closed at once; and
 through all of it a real follower still authenticates and streams frames far larger than the
-handshake limit.
+handshake limit. Last, the field report replayed against a ``walship serve`` leader: 24
+connections pushing most of a 4 MiB frame no longer grow its memory.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import socket
 import struct
 from pathlib import Path
 
 import pytest
 
+from tests.cluster import Cluster, health, replication_address, write_events
+from tests.test_protocol_server_fuzz import rss_bytes
 from walship.errors import InvalidInput
 from walship.limits import DEFAULT_LIMITS, Limits
+from walship.replication.config import parse_address
 from walship.replication.follower import FollowerState
 from walship.replication.protocol import (
     FRAME_HEADER_BYTES,
@@ -263,3 +268,29 @@ def test_a_follower_drops_an_unauthenticated_leader_that_claims_a_huge_frame(
 def test_the_handshake_frame_limit_cannot_exceed_the_frame_limit() -> None:
     with pytest.raises(InvalidInput, match="handshake_frame_bytes_max cannot exceed"):
         Limits(handshake_frame_bytes_max=8 * 1024 * 1024)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_unauthenticated_connections_cannot_make_a_leader_process_grow(tmp_path: Path) -> None:
+    """The field report: 24 connections that each announced a 4 MiB frame and sent most of it
+    added 76 MB to a leader's RSS. Now each is refused after its 13-byte header."""
+    with Cluster(tmp_path) as cluster:
+        leader = cluster.start_leader()
+        write_events(leader, 10)
+        host, port = parse_address(replication_address(leader))
+        before = rss_bytes(leader)
+        peers: list[socket.socket] = []
+        try:
+            for _ in range(24):
+                peer = socket.create_connection((host, port), timeout=10)
+                peers.append(peer)
+                with contextlib.suppress(OSError):  # refused and closed: reset, broken pipe
+                    peer.sendall(header_claiming(Hello, DEFAULT_LIMITS.frame_bytes_max))
+                    peer.sendall(bytes(3 << 20))
+            growth = rss_bytes(leader) - before
+        finally:
+            for peer in peers:
+                peer.close()
+        assert growth < 16 << 20, f"RSS grew by {growth / (1 << 20):.1f} MiB"
+        assert health(leader)["status"] == "healthy"
