@@ -250,6 +250,16 @@ class Writers:
 # ---------------------------------------------------------------------------------- nodes
 
 
+def rss_bytes(node: NodeProcess) -> int:
+    """The node's resident memory now (``VmRSS``)."""
+    assert node.process is not None
+    with open(f"/proc/{node.process.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 def replication_address(node: NodeProcess) -> str:
     """``HOST:PORT`` of a leader's replication listener (AssertionError when it has none)."""
     address = node.replication_address

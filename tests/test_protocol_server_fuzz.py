@@ -26,6 +26,7 @@ from tests.cluster import (
     read_until_closed,
     replication,
     replication_address,
+    rss_bytes,
     wait_caught_up,
     write_events,
 )
@@ -60,15 +61,6 @@ inputs = st.one_of(
         lambda t: frame_with(t[2], t[0], length=t[1])
     ),
 )
-
-
-def rss_bytes(node: NodeProcess) -> int:
-    assert node.process is not None
-    with open(f"/proc/{node.process.pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture(scope="module")

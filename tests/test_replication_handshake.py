@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import Cluster, health, replication_address, write_events
-from tests.test_protocol_server_fuzz import rss_bytes
+from tests.cluster import Cluster, health, replication_address, rss_bytes, write_events
 from walship.errors import InvalidInput
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.replication.config import parse_address
