@@ -445,7 +445,7 @@ class FrameDecoder:
     def __repr__(self) -> str:
         state = "failed" if self._error else f"buffered={len(self._buf)}"
         phase = " handshake" if self._handshake_bytes_max is not None else ""
-        return f"<FrameDecoder{phase} {state} frame_bytes_max={self.limit_bytes}>"
+        return f"<FrameDecoder{phase} {state} limit_bytes={self.limit_bytes}>"
 
     @property
     def limit_bytes(self) -> int:
