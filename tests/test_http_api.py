@@ -515,6 +515,25 @@ def test_failed_wal_makes_health_503_and_refuses_writes(
     assert health["status"] != "healthy"
     assert "EIO" in health["wal_failed"]
     assert_error(api.post("/api/v1/events", json=event()), 503, "wal_failed")
+    not_ready = assert_error(api.get("/health/ready"), 503, "not_ready")
+    assert not_ready["ready"] is False and "EIO" in not_ready["reasons"][0]
+    assert api.get("/health/live").status_code == 200
+
+
+def test_single_async_leader_is_live_and_ready(api: TestClient) -> None:
+    live = api.get("/health/live")
+    assert live.status_code == 200 and live.json()["live"] is True
+    ready = api.get("/health/ready")
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "ready": True,
+        "node_id": "walship-1",
+        "role": "leader",
+        "term": 1,
+        "reasons": [],
+    }
+    health = api.get("/health").json()
+    assert (health["status"], health["ready"], health["not_ready"]) == ("healthy", True, [])
 
 
 def test_metrics_expose_documented_names(api: TestClient) -> None:

@@ -27,6 +27,7 @@
     │   └── AckTimeout              replicas did not confirm a write in time
     ├── Unavailable                 the node cannot serve now (shutting down, still starting)
     │   ├── NotLeaseholder          a leader without a live leader lease (etcd) takes no writes
+    │   ├── NotReady                the node cannot do its job now (``/health/ready``)
     │   └── WaitTimeout             a bounded wait (e.g. ``min_lsn``) expired
     └── InvariantViolation          an internal assumption broke; the operation stopped
 
@@ -183,6 +184,12 @@ class NotLeaseholder(Unavailable):
     """A leader under automatic failover that does not hold a live lease takes no writes."""
 
     code = "no_leader_lease"
+
+
+class NotReady(Unavailable):
+    """The node serves but cannot do its job now; ``reasons`` lists why (``readiness.py``)."""
+
+    code = "not_ready"
 
 
 class WaitTimeout(Unavailable):

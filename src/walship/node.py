@@ -52,6 +52,7 @@ from walship.errors import (
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.peers import PeerView, fetch_views
 from walship.position import Position, Term
+from walship.readiness import readiness
 from walship.replication.acks import AckMode
 from walship.replication.config import ReplicationConfig, parse_address
 from walship.replication.follower import Follower
@@ -86,7 +87,11 @@ class Coordinator(Protocol):
 
 
 class HealthStatus(StrEnum):
+    """``/health``'s ``status``: ready, serving but not ready (``not_ready`` lists why), or
+    unable to store anything (the WAL failed; answered 503)."""
+
     HEALTHY = "healthy"
+    NOT_READY = "not_ready"
     UNHEALTHY = "unhealthy"
 
 
@@ -217,6 +222,10 @@ class Node:
     def limits(self) -> Limits:
         return self.config.limits
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     # ------------------------------------------------------------------ lifecycle on the loop
 
     async def start(self) -> None:
@@ -305,12 +314,34 @@ class Node:
                     f"node {self.node_id} leads term {leader.term} but takes no writes: {reason}"
                 )
         if leader is not None and leader.fenced is not None:
+            newer_term, newer_url = self._newer_leader(leader)
+            if newer_term is None:
+                # fenced without word of a successor (e.g. its etcd lease ran out while etcd
+                # was unreachable): there may be no leader at all yet
+                where = "no newer leader is known to it yet; retry once one is elected or promoted"
+            else:
+                where = f"write to the leader of term {newer_term}" + (
+                    f" at {newer_url}" if newer_url else ""
+                )
             raise Fenced(
                 f"node {self.node_id} was the leader of term {leader.term} but is fenced "
-                f"({leader.fenced}): it accepts no writes; write to the new leader",
+                f"({leader.fenced}): it accepts no writes; {where}",
                 term=leader.term,
                 fenced=leader.fenced,
+                newer_term=newer_term,
+                leader_url=newer_url,
             )
+
+    def _newer_leader(self, leader: Leader) -> tuple[int | None, str | None]:
+        """The term (and HTTP URL, when the election published it) of a leader newer than
+        ``leader``; ``(None, None)`` when this node knows of none."""
+        seen = None if self.coordinator is None else self.coordinator.status().get("leader")
+        if isinstance(seen, dict) and int(seen.get("term") or 0) > leader.term:
+            url = seen.get("url")
+            return int(seen["term"]), None if url is None else str(url)
+        if leader.fenced_term > leader.term:
+            return leader.fenced_term, None
+        return None, None
 
     def ack_mode_for(self, requested: AckMode | None) -> AckMode:
         """The server's ack mode, or a stricter one a write asked for (never a weaker one)."""
@@ -360,13 +391,20 @@ class Node:
         return receipts
 
     def health(self) -> dict[str, Any]:
-        """Liveness and position; ``status`` is unhealthy when the WAL cannot be written."""
+        """Role, position and readiness: ``status`` is unhealthy when the WAL cannot be
+        written, not_ready when ``not_ready`` lists why this node cannot do its job."""
         store = self.store
         wal = store.wal.status()
-        healthy = wal.failed is None and not self._closed
+        reasons = readiness(self)
+        if wal.failed is not None or self._closed:
+            status = HealthStatus.UNHEALTHY
+        else:
+            status = HealthStatus.NOT_READY if reasons else HealthStatus.HEALTHY
         leader = self.leader
         return {
-            "status": HealthStatus.HEALTHY if healthy else HealthStatus.UNHEALTHY,
+            "status": status,
+            "ready": not reasons,
+            "not_ready": reasons,
             "role": self.role,
             "node_id": self.node_id,
             "term": store.wal.terms.current.value,

@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from walship import __version__
-from walship.errors import InvalidParameter, Unauthorized, ValidationError
+from walship.errors import InvalidParameter, NotReady, Unauthorized, ValidationError
 from walship.events import (
     BatchIn,
     EventIn,
@@ -48,6 +48,7 @@ from walship.http.writes import (
 from walship.limits import Limits
 from walship.node import HealthStatus, Node
 from walship.peers import split_urls
+from walship.readiness import readiness
 from walship.storage.query import QueryFilter
 from walship.store import EntityState, Receipt
 
@@ -273,13 +274,40 @@ def _add_ops_routes(app: FastAPI, node: Node) -> None:
     @app.get(
         "/health",
         summary="Health, role and log position",
-        description="503 with `status` other than `healthy` when the WAL cannot be written.",
+        description="`status`: `healthy`, `not_ready` (still 200; `not_ready` lists why) or "
+        "`unhealthy` (503: the WAL cannot be written).",
         responses=_responses(None),
     )
     async def health() -> Response:
         body = node.health()
-        status = 200 if body["status"] == HealthStatus.HEALTHY else 503
+        status = 503 if body["status"] == HealthStatus.UNHEALTHY else 200
         return _json(_encoder.encode(body), status)
+
+    @app.get(
+        "/health/live",
+        summary="Liveness: 200 whenever the process serves HTTP",
+        responses=_responses(None),
+    )
+    async def live() -> Response:
+        return _json(_encoder.encode({"live": True, "node_id": node.node_id, "role": node.role}))
+
+    @app.get(
+        "/health/ready",
+        summary="Readiness for a load balancer: 200 only when this node can do its job",
+        description="A leader: not fenced, holding its etcd lease (if any), with the followers "
+        "in sync its ack mode needs. A follower: connected, within --max-lag-ms. Otherwise 503 "
+        "`not_ready` with the `reasons`.",
+        responses=_responses(None),
+    )
+    async def ready() -> Response:
+        reasons = readiness(node)
+        term = node.store.wal.terms.current.value
+        about = {"node_id": node.node_id, "role": node.role, "term": term}
+        if not reasons:
+            return _json(_encoder.encode({"ready": True, **about, "reasons": []}))
+        error = NotReady(f"{node.node_id} is not ready: " + "; ".join(reasons))
+        body = {**error.to_dict(), "ready": False, **about, "reasons": reasons}
+        return _json(_encoder.encode(body), error.http_status)
 
     @app.get(
         "/api/v1/replication/degraded",
