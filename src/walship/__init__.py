@@ -19,18 +19,30 @@ os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 if TYPE_CHECKING:
     from walship.client import AsyncClient, Client
+    from walship.client_routing import ReadFrom, RetryPolicy
     from walship.events import EventIn
     from walship.store import Store, StoreConfig
 
 _LAZY = {
     "Client": "walship.client",
     "AsyncClient": "walship.client",
+    "ReadFrom": "walship.client_routing",
+    "RetryPolicy": "walship.client_routing",
     "EventIn": "walship.events",
     "Store": "walship.store",
     "StoreConfig": "walship.store",
 }
 
-__all__ = ["AsyncClient", "Client", "EventIn", "Store", "StoreConfig", "__version__"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "EventIn",
+    "ReadFrom",
+    "RetryPolicy",
+    "Store",
+    "StoreConfig",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,16 +1,21 @@
 """Python clients for a node's HTTP API: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
 
-Both are thin: they build the request, send it with httpx and decode the answer with msgspec
-into the small result types below. A non-2xx answer raises the WalshipError subclass named by
-its ``error`` code, with the server's details and the HTTP ``status``; a transport failure
-raises ``Unavailable``.
+Both build the request, send it with httpx and decode the answer with msgspec into the small
+result types below. A non-2xx answer raises the WalshipError subclass named by its ``error``
+code, with the server's details and the HTTP ``status``; a transport failure raises
+``Unavailable``.
 
-``append`` gives every event an id when the caller did not, so sending the same call again
-after a timeout is safe: the server answers a repeated id with the original receipt.
+Given several node URLs, a client finds the leader, follows a 409's ``leader_url`` and keeps
+a write going through a failover (``client_routing.py`` decides where each request goes).
+``append`` gives every event an id when the caller did not, and a write is sent again byte
+for byte, so a write stored before a failure is answered with its original receipt
+(``duplicate``), never stored twice. Reads go to the leader, or with
+``read_from="followers"`` to followers, waiting there for this client's last write
+(``min_lsn``) unless ``read_your_writes=False``.
 
 ::
 
-    with Client("http://127.0.0.1:3900") as client:
+    with Client(["http://10.0.0.1:3900", "http://10.0.0.2:3900"]) as client:
         receipt = client.append("order-1", "order.placed", {"total": 42})
         for event in client.iter_query(entity_id="order-1"):
             ...
@@ -18,8 +23,10 @@ after a timeout is safe: the server answers a repeated id with the original rece
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -28,10 +35,16 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
+from walship.client_routing import ReadFrom, RetryPolicy, Router
 from walship.errors import Unavailable, WalshipError, error_class_for
+from walship.peers import PeerView
 
 DEFAULT_URL = "http://127.0.0.1:3900"
 DEFAULT_TIMEOUT_S = 30.0
+PROBE_TIMEOUT_S = 2.0
+"""How long a client waits for one node's ``/health`` while looking for the leader."""
+PROBE_ROUNDS_MAX = 2
+"""Rounds of ``/health`` per search: the given URLs, then leaders their followers named."""
 
 T = TypeVar("T")
 
@@ -91,7 +104,18 @@ class EntityStateResult(msgspec.Struct, frozen=True):
 _encoder = msgspec.json.Encoder()
 _CT = {"content-type": "application/json"}
 _QUERY_FILTERS = frozenset(
-    {"entity_id", "event_type", "tenant_id", "since", "until", "from_lsn", "to_lsn", "limit"}
+    {
+        "entity_id",
+        "event_type",
+        "tenant_id",
+        "since",
+        "until",
+        "from_lsn",
+        "to_lsn",
+        "limit",
+        "min_lsn",
+        "min_lsn_wait_ms",
+    }
 )
 
 
@@ -148,13 +172,15 @@ def _params(filters: Mapping[str, Any]) -> dict[str, str | int]:
 
 
 def _state_params(
-    tenant_id: str, as_of: str | datetime | None, as_of_lsn: int | None
+    tenant_id: str, as_of: str | datetime | None, as_of_lsn: int | None, min_lsn: int | None
 ) -> dict[str, str | int]:
     params: dict[str, str | int] = {"tenant_id": tenant_id}
     if as_of is not None:
         params["as_of"] = _time(as_of)
     if as_of_lsn is not None:
         params["as_of_lsn"] = as_of_lsn
+    if min_lsn is not None:
+        params["min_lsn"] = min_lsn
     return params
 
 
@@ -195,6 +221,28 @@ def _health(response: httpx.Response) -> dict[str, Any]:
     return _decode(response, dict[str, Any])
 
 
+def _view(url: str, response: httpx.Response) -> PeerView:
+    """A node's ``/health`` answer as a view (an error view when it is not a health body)."""
+    try:
+        body = msgspec.json.decode(response.content)
+    except msgspec.DecodeError:
+        body = None
+    if isinstance(body, dict) and "role" in body:
+        return PeerView(url, health=body)
+    return PeerView(url, error=f"HTTP {response.status_code} without a health document")
+
+
+def _last_lsn(result: AppendReceipt | BatchReceipt) -> int:
+    return result.last_lsn if isinstance(result, BatchReceipt) else result.lsn
+
+
+def _with_min_lsn(params: dict[str, Any], min_lsn: int | None) -> dict[str, Any]:
+    # a min_lsn the caller gave wins over the client's own
+    if min_lsn is None or "min_lsn" in params:
+        return params
+    return {**params, "min_lsn": min_lsn}
+
+
 def _unavailable(exc: httpx.TransportError, url: str) -> Unavailable:
     if isinstance(exc, httpx.TimeoutException):
         return Unavailable(
@@ -204,27 +252,121 @@ def _unavailable(exc: httpx.TransportError, url: str) -> Unavailable:
     return Unavailable(f"{url}: {exc!r}", url=url)
 
 
+W = TypeVar("W", AppendReceipt, BatchReceipt)
+
+
 class Client:
-    """Blocking client for one node. Use as a context manager, or call ``close``."""
+    """Blocking client for one node or a whole cluster. Use as a context manager, or call
+    ``close``. Safe to share between threads.
+
+    ``base_url`` is one URL or several (the nodes of a cluster, in any order). ``read_from``
+    (``"leader"``, ``"followers"``, ``"any"``) and ``read_your_writes`` route reads; ``retry``
+    bounds how long a write keeps trying through a failover (``RetryPolicy(attempts_max=1)``
+    sends it once).
+    """
 
     def __init__(
         self,
-        base_url: str = DEFAULT_URL,
+        base_url: str | Sequence[str] = DEFAULT_URL,
         *,
         timeout: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
         transport: httpx.BaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
+        read_from: ReadFrom | str = ReadFrom.LEADER,
+        read_your_writes: bool = True,
+        retry: RetryPolicy | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(
-            base_url=self.base_url, timeout=timeout, transport=transport, headers=headers
-        )
+        self._router = Router(base_url, read_from=read_from, read_your_writes=read_your_writes)
+        self.base_url = self._router.urls[0]
+        self.retry = retry or RetryPolicy()
+        self._http = httpx.Client(timeout=timeout, transport=transport, headers=headers)
 
-    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    @property
+    def urls(self) -> list[str]:
+        """The node URLs this client was given."""
+        return list(self._router.urls)
+
+    @property
+    def leader_url(self) -> str | None:
+        """The node this client believes leads; None until it knows."""
+        return self._router.leader
+
+    @property
+    def last_write_lsn(self) -> int:
+        """The lsn of this client's last answered write (0 before any): reads wait for it."""
+        return self._router.last_write_lsn
+
+    def _send(self, method: str, url: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            return self._http.request(method, path, **kwargs)
+            return self._http.request(method, url + path, **kwargs)
         except httpx.TransportError as exc:
-            raise _unavailable(exc, self.base_url + path) from exc
+            raise _unavailable(exc, url + path) from exc
+
+    def _probe(self, url: str) -> PeerView:
+        try:
+            return _view(url, self._http.get(url + "/health", timeout=PROBE_TIMEOUT_S))
+        except httpx.TransportError as exc:
+            return PeerView(url, error=repr(exc))
+
+    def find_leader(self) -> str | None:
+        """Ask the nodes' ``/health`` which one leads; its URL, None when none does now."""
+        urls = self._router.probe_urls()
+        for _ in range(PROBE_ROUNDS_MAX):
+            if not urls:
+                break
+            urls = self._router.learn([self._probe(u) for u in urls])
+        return self._router.leader
+
+    def _write(self, path: str, content: bytes, kind: type[W]) -> W:
+        """POST to the leader; through a failover, the same bytes again (see the module)."""
+        policy, router = self.retry, self._router
+        deadline = time.monotonic() + policy.deadline_s
+        url = router.leader or self.find_leader() or router.urls[0]
+        attempt = waits = 0
+        while True:
+            attempt += 1
+            try:
+                response = self._send("POST", url, path, content=content, headers=_CT)
+                result = _decode(response, kind)
+            except WalshipError as exc:
+                retry = router.after_write_error(url, exc)  # raises when sending cannot help
+                if attempt >= policy.attempts_max or time.monotonic() >= deadline:
+                    raise
+                if retry.url is not None:
+                    url = retry.url
+                    continue
+                waits += 1
+                time.sleep(min(policy.backoff_s(waits), max(deadline - time.monotonic(), 0)))
+                url = self.find_leader() or router.urls[waits % len(router.urls)]
+                continue
+            router.wrote(url, _last_lsn(result))
+            return result
+
+    def _read(
+        self,
+        path: str,
+        params: dict[str, Any],
+        kind: type[T],
+        *,
+        waits: bool = True,
+        prefer: str | None = None,
+        floor: int = 0,
+    ) -> tuple[T, str]:
+        """GET from the nodes ``read_from`` names, in turn; the answer and who gave it.
+        ``waits``: the path takes ``min_lsn``; ``floor``: an lsn the answer must reflect."""
+        router = self._router
+        if router.needs_discovery():
+            self.find_leader()
+        last: WalshipError | None = None
+        for url in router.read_targets(prefer):
+            sent = _with_min_lsn(params, router.min_lsn_for(url, floor)) if waits else params
+            try:
+                return _decode(self._send("GET", url, path, params=sent), kind), url
+            except WalshipError as exc:
+                router.read_failed(url, exc)  # raises unless another node may answer
+                last = exc
+        assert last is not None
+        raise last
 
     def append(
         self,
@@ -241,29 +383,34 @@ class Client:
         body = _event(
             entity_id, event_type, payload, tenant_id, metadata, event_id, expected_version
         )
-        response = self._send("POST", "/api/v1/events", content=_encoder.encode(body), headers=_CT)
-        return _decode(response, AppendReceipt)
+        return self._write("/api/v1/events", _encoder.encode(body), AppendReceipt)
 
     def append_batch(self, events: Iterable[Mapping[str, Any]]) -> BatchReceipt:
         """Append events all or nothing; each is a dict of event fields (``id`` or ``event_id``)."""
-        response = self._send("POST", "/api/v1/events/batch", content=_batch(events), headers=_CT)
-        return _decode(response, BatchReceipt)
+        return self._write("/api/v1/events/batch", _batch(events), BatchReceipt)
 
     def query(self, *, cursor: str | None = None, **filters: Any) -> QueryPage:
         """One page of events in lsn order. Filters: entity_id, event_type, tenant_id,
-        since, until (str or datetime), from_lsn, to_lsn, limit."""
+        since, until (str or datetime), from_lsn, to_lsn, limit, min_lsn, min_lsn_wait_ms."""
         params = _params({**filters, "cursor": cursor})
-        return _decode(self._send("GET", "/api/v1/events/query", params=params), QueryPage)
+        return self._read("/api/v1/events/query", params, QueryPage)[0]
 
     def iter_query(self, **filters: Any) -> Iterator[Event]:
-        """Every matching event in lsn order, following cursors page by page."""
+        """Every matching event in lsn order, following cursors page by page (on one node
+        while it answers; another must have reached the last lsn seen)."""
         cursor: str | None = None
+        url: str | None = None
+        seen = 0
         while True:
-            page = self.query(cursor=cursor, **filters)
+            params = _params({**filters, "cursor": cursor})
+            page, url = self._read(
+                "/api/v1/events/query", params, QueryPage, prefer=url, floor=seen
+            )
             yield from page.events
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
+            seen = max(seen, page.events[-1].lsn if page.events else 0)
 
     def entity_state(
         self,
@@ -272,17 +419,19 @@ class Client:
         tenant_id: str = "default",
         as_of: str | datetime | None = None,
         as_of_lsn: int | None = None,
+        min_lsn: int | None = None,
     ) -> EntityStateResult:
         """The entity's merged state; NotFound when it has no events (up to ``as_of``)."""
-        params = _state_params(tenant_id, as_of, as_of_lsn)
-        return _decode(self._send("GET", _state_path(entity_id), params=params), EntityStateResult)
+        params = _state_params(tenant_id, as_of, as_of_lsn, min_lsn)
+        return self._read(_state_path(entity_id), params, EntityStateResult)[0]
 
     def stats(self) -> dict[str, Any]:
-        return _decode(self._send("GET", "/api/v1/stats"), dict[str, Any])
+        return self._read("/api/v1/stats", {}, dict[str, Any], waits=False)[0]
 
-    def health(self) -> dict[str, Any]:
-        """The node's health document, also when it answers 503 (``status`` says why)."""
-        return _health(self._send("GET", "/health"))
+    def health(self, url: str | None = None) -> dict[str, Any]:
+        """The health document of the node at ``url`` (default: the first URL given), also
+        when it answers 503 (``status`` says why)."""
+        return _health(self._send("GET", (url or self.base_url).rstrip("/"), "/health"))
 
     def close(self) -> None:
         self._http.close()
@@ -296,30 +445,110 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Client {self.base_url}>"
+        return f"<Client {' '.join(self._router.urls)} leader={self._router.leader}>"
 
 
 class AsyncClient:
-    """asyncio client for one node; the same methods as ``Client``, awaited."""
+    """asyncio client for one node or a whole cluster; the same methods and options as
+    ``Client``, awaited."""
 
     def __init__(
         self,
-        base_url: str = DEFAULT_URL,
+        base_url: str | Sequence[str] = DEFAULT_URL,
         *,
         timeout: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
         transport: httpx.AsyncBaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
+        read_from: ReadFrom | str = ReadFrom.LEADER,
+        read_your_writes: bool = True,
+        retry: RetryPolicy | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url, timeout=timeout, transport=transport, headers=headers
-        )
+        self._router = Router(base_url, read_from=read_from, read_your_writes=read_your_writes)
+        self.base_url = self._router.urls[0]
+        self.retry = retry or RetryPolicy()
+        self._http = httpx.AsyncClient(timeout=timeout, transport=transport, headers=headers)
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    @property
+    def urls(self) -> list[str]:
+        return list(self._router.urls)
+
+    @property
+    def leader_url(self) -> str | None:
+        return self._router.leader
+
+    @property
+    def last_write_lsn(self) -> int:
+        return self._router.last_write_lsn
+
+    async def _send(self, method: str, url: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            return await self._http.request(method, path, **kwargs)
+            return await self._http.request(method, url + path, **kwargs)
         except httpx.TransportError as exc:
-            raise _unavailable(exc, self.base_url + path) from exc
+            raise _unavailable(exc, url + path) from exc
+
+    async def _probe(self, url: str) -> PeerView:
+        try:
+            return _view(url, await self._http.get(url + "/health", timeout=PROBE_TIMEOUT_S))
+        except httpx.TransportError as exc:
+            return PeerView(url, error=repr(exc))
+
+    async def find_leader(self) -> str | None:
+        urls = self._router.probe_urls()
+        for _ in range(PROBE_ROUNDS_MAX):
+            if not urls:
+                break
+            urls = self._router.learn(await asyncio.gather(*(self._probe(u) for u in urls)))
+        return self._router.leader
+
+    async def _write(self, path: str, content: bytes, kind: type[W]) -> W:
+        policy, router = self.retry, self._router
+        deadline = time.monotonic() + policy.deadline_s
+        url = router.leader or await self.find_leader() or router.urls[0]
+        attempt = waits = 0
+        while True:
+            attempt += 1
+            try:
+                response = await self._send("POST", url, path, content=content, headers=_CT)
+                result = _decode(response, kind)
+            except WalshipError as exc:
+                retry = router.after_write_error(url, exc)
+                if attempt >= policy.attempts_max or time.monotonic() >= deadline:
+                    raise
+                if retry.url is not None:
+                    url = retry.url
+                    continue
+                waits += 1
+                await asyncio.sleep(
+                    min(policy.backoff_s(waits), max(deadline - time.monotonic(), 0))
+                )
+                url = await self.find_leader() or router.urls[waits % len(router.urls)]
+                continue
+            router.wrote(url, _last_lsn(result))
+            return result
+
+    async def _read(
+        self,
+        path: str,
+        params: dict[str, Any],
+        kind: type[T],
+        *,
+        waits: bool = True,
+        prefer: str | None = None,
+        floor: int = 0,
+    ) -> tuple[T, str]:
+        router = self._router
+        if router.needs_discovery():
+            await self.find_leader()
+        last: WalshipError | None = None
+        for url in router.read_targets(prefer):
+            sent = _with_min_lsn(params, router.min_lsn_for(url, floor)) if waits else params
+            try:
+                return _decode(await self._send("GET", url, path, params=sent), kind), url
+            except WalshipError as exc:
+                router.read_failed(url, exc)
+                last = exc
+        assert last is not None
+        raise last
 
     async def append(
         self,
@@ -335,28 +564,30 @@ class AsyncClient:
         body = _event(
             entity_id, event_type, payload, tenant_id, metadata, event_id, expected_version
         )
-        content = _encoder.encode(body)
-        response = await self._send("POST", "/api/v1/events", content=content, headers=_CT)
-        return _decode(response, AppendReceipt)
+        return await self._write("/api/v1/events", _encoder.encode(body), AppendReceipt)
 
     async def append_batch(self, events: Iterable[Mapping[str, Any]]) -> BatchReceipt:
-        content = _batch(events)
-        response = await self._send("POST", "/api/v1/events/batch", content=content, headers=_CT)
-        return _decode(response, BatchReceipt)
+        return await self._write("/api/v1/events/batch", _batch(events), BatchReceipt)
 
     async def query(self, *, cursor: str | None = None, **filters: Any) -> QueryPage:
         params = _params({**filters, "cursor": cursor})
-        return _decode(await self._send("GET", "/api/v1/events/query", params=params), QueryPage)
+        return (await self._read("/api/v1/events/query", params, QueryPage))[0]
 
     async def iter_query(self, **filters: Any) -> AsyncIterator[Event]:
         cursor: str | None = None
+        url: str | None = None
+        seen = 0
         while True:
-            page = await self.query(cursor=cursor, **filters)
+            params = _params({**filters, "cursor": cursor})
+            page, url = await self._read(
+                "/api/v1/events/query", params, QueryPage, prefer=url, floor=seen
+            )
             for event in page.events:
                 yield event
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
+            seen = max(seen, page.events[-1].lsn if page.events else 0)
 
     async def entity_state(
         self,
@@ -365,16 +596,16 @@ class AsyncClient:
         tenant_id: str = "default",
         as_of: str | datetime | None = None,
         as_of_lsn: int | None = None,
+        min_lsn: int | None = None,
     ) -> EntityStateResult:
-        params = _state_params(tenant_id, as_of, as_of_lsn)
-        response = await self._send("GET", _state_path(entity_id), params=params)
-        return _decode(response, EntityStateResult)
+        params = _state_params(tenant_id, as_of, as_of_lsn, min_lsn)
+        return (await self._read(_state_path(entity_id), params, EntityStateResult))[0]
 
     async def stats(self) -> dict[str, Any]:
-        return _decode(await self._send("GET", "/api/v1/stats"), dict[str, Any])
+        return (await self._read("/api/v1/stats", {}, dict[str, Any], waits=False))[0]
 
-    async def health(self) -> dict[str, Any]:
-        return _health(await self._send("GET", "/health"))
+    async def health(self, url: str | None = None) -> dict[str, Any]:
+        return _health(await self._send("GET", (url or self.base_url).rstrip("/"), "/health"))
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -388,4 +619,4 @@ class AsyncClient:
         await self.aclose()
 
     def __repr__(self) -> str:
-        return f"<AsyncClient {self.base_url}>"
+        return f"<AsyncClient {' '.join(self._router.urls)} leader={self._router.leader}>"
