@@ -46,6 +46,10 @@ class Limits:
     compaction_fanin_min: int = 4
     compaction_events_max: int = 500_000
     compaction_held_parts_max: int = 64  # parts a catching-up follower lets pile up
+    # an outside reader pinning the history retries while compactions replace the parts it
+    # read in the manifest; each retry re-reads a newer manifest, so this is only reached when
+    # the data dir is unreadable for that long (a snapshot install that does not end)
+    history_pin_timeout_ms: int = 30_000
 
     # replication
     frame_bytes_max: int = 4 * MIB

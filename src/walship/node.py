@@ -608,6 +608,23 @@ class Node:
             )
         return {"node_id": self.node_id, **self.leader.forget_follower(node_id)}
 
+    def checkpoint(self) -> dict[str, Any]:
+        """Write every event visible now to a Parquet part (blocking: call it off the loop).
+
+        The answer says what the history in Parquet covers afterwards; ``part`` is None when
+        there was nothing new to write.
+        """
+        part = self.store.checkpoint()
+        manifest = self.store.manifest
+        return {
+            "node_id": self.node_id,
+            "part": None if part is None else part.file,
+            "events_written": 0 if part is None else part.events,
+            "checkpoint_lsn": manifest.last_lsn,
+            "checkpoint_term": manifest.last_term,
+            "events": manifest.events,
+        }
+
     def degraded_ranges(self) -> list[dict[str, object]]:
         """The degradation ledger (a leader's); empty on a follower."""
         return self.leader.ledger.to_list() if self.leader is not None else []

@@ -61,9 +61,15 @@ from walship.limits import DEFAULT_LIMITS, Limits
 from walship.metrics import StoreMetrics
 from walship.position import Lsn, Position, Term
 from walship.storage.compaction import merge_parts, pick_run
-from walship.storage.manifest import CheckpointManifest, load_manifest, save_manifest
+from walship.storage.manifest import (
+    INSTALL_MARKER,
+    CheckpointManifest,
+    load_manifest,
+    save_manifest,
+)
 from walship.storage.memtable import Memtable
 from walship.storage.parquet import PartInfo, PartReader, id_hashes, write_part
+from walship.storage.pins import sweep_stale_pins
 from walship.storage.query import QueryFilter, entity_key
 from walship.wal import FsyncPolicy, Record, Wal
 from walship.wal.log import WriteOutcome
@@ -74,7 +80,6 @@ from walship.wal.truncate import truncate_wal
 
 log = logging.getLogger(__name__)
 
-INSTALL_MARKER = "INSTALLING_SNAPSHOT"
 _READERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="walship-parquet")
 
 
@@ -256,6 +261,7 @@ class Store:
                 # written by a checkpoint or compaction that crashed before its manifest swap,
                 # or replaced by a compaction that crashed before deleting it
                 orphan.unlink()
+        sweep_stale_pins(self.data_dir)
         self._parts = [PartReader(self.parts_dir / p.file, p) for p in self._manifest.parts]
         for part in self._parts:
             table = part.entity_versions()
@@ -431,18 +437,38 @@ class Store:
         return result.last_lsn.value
 
     def close(self) -> None:
-        """Stop the checkpointer, write and fsync what is pending, close the WAL, release the
-        data dir's lock. Idempotent."""
+        """Stop the background threads, checkpoint the memtable, close the WAL, release the
+        data dir's lock. Idempotent.
+
+        The checkpoint (when checkpoints are on) leaves every event of a clean stop in Parquet,
+        where outside readers see it and the next start need not replay it; when it cannot be
+        written the WAL still holds the events, so the stop goes on and says why.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         try:
             self._stop_background()
+            if self.config.checkpoints:
+                self._checkpoint_at_close()
             self.wal.close()
         finally:
             if self._dir_lock is not None:
                 self._dir_lock.release()
+
+    def _checkpoint_at_close(self) -> None:
+        if self.wal.failed is not None:
+            log.warning("no checkpoint at close: the WAL has failed (%s)", self.wal.failed)
+            return
+        try:
+            part = self.checkpoint()
+        except Exception as exc:
+            # the events are in the WAL already; the next start replays them
+            log.warning("no checkpoint at close (the WAL keeps the events): %s", exc)
+            return
+        if part is not None:
+            log.info("checkpointed %d events up to lsn %d at close", part.events, part.last_lsn)
 
     def __enter__(self) -> Store:
         return self
@@ -965,7 +991,9 @@ class Store:
         self._collect_garbage()
 
     def _collect_garbage(self) -> None:
-        """Delete replaced part files that no snapshot transfer still reads."""
+        """Delete replaced part files that no snapshot transfer still reads, and the history
+        pins of outside readers that have ended (which free the space of parts deleted while
+        they were pinned)."""
         with self._lock:
             doomed = [n for n in self._garbage if n not in self._pins]
             self._garbage.difference_update(doomed)
@@ -973,6 +1001,7 @@ class Store:
             (self.parts_dir / name).unlink(missing_ok=True)
         if doomed:
             fsync_dir(self.parts_dir)
+        sweep_stale_pins(self.data_dir)
 
     def hold_compaction(self, held: bool) -> None:
         """Hold background compaction back (a follower catching up), or let it go again.

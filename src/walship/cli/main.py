@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from walship import __version__
-from walship.cli import admin, demo, lostfound, serve, status, wal
+from walship.cli import admin, demo, history, lostfound, serve, status, wal
 from walship.cli.verify import verify_command
 
 app = typer.Typer(
@@ -26,6 +26,8 @@ app.command("promote")(admin.promote_command)
 app.command("repoint")(admin.repoint_command)
 app.command("failover")(admin.failover_command)
 app.command("forget-follower")(admin.forget_follower_command)
+app.command("checkpoint")(history.checkpoint_command)
+app.command("sql")(history.sql_command)
 app.add_typer(lostfound.app, name="lost-found")
 app.command("verify")(verify_command)
 

@@ -390,6 +390,18 @@ def _add_admin_routes(app: FastAPI, node: Node) -> None:
         return _json(_encoder.encode(node.forget_follower(node_id)))
 
     @app.post(
+        "/internal/checkpoint",
+        summary="Write the memtable to a Parquet part now (admin token)",
+        description="On any node: every event visible when the request arrived is in the "
+        "Parquet history (readable through `walship sql` and `walship.history`) when it is "
+        "answered. `part` is null when there was nothing new to write.",
+        responses=_responses(None),
+    )
+    async def checkpoint(authorization: _Auth = None) -> Response:
+        check_admin_token(node, authorization)
+        return _json(_encoder.encode(await run_in_threadpool(node.checkpoint)))
+
+    @app.post(
         "/internal/repoint",
         summary="Follow another leader (admin token)",
         description="On a follower: switch to the leader at `leader`. On a leader: stop taking "

@@ -17,6 +17,8 @@ from walship.wal.record import GENESIS_CHAIN
 
 FILE_NAME = "manifest.json"
 FORMAT = 1
+INSTALL_MARKER = "INSTALLING_SNAPSHOT"
+"""In the data dir while a snapshot replaces ``checkpoints/`` (and ``wal/``) by renames."""
 
 
 class CheckpointManifest(msgspec.Struct, frozen=True):
@@ -49,17 +51,34 @@ class CheckpointManifest(msgspec.Struct, frozen=True):
         )
 
 
-def load_manifest(directory: Path) -> CheckpointManifest:
-    """The current manifest; an empty one when no checkpoint has been taken."""
+def read_manifest(directory: Path) -> CheckpointManifest | None:
+    """The manifest as one atomic read of its file, parts not looked at; None when absent.
+
+    What a reader in another process uses: the file is only ever replaced by a rename, so
+    one read sees one whole manifest, though its parts may be deleted a moment later by a
+    compaction (``storage.pins`` keeps them). CorruptionError when it does not decode.
+    """
     path = directory / FILE_NAME
-    if not path.exists():
-        return CheckpointManifest()
     try:
-        manifest = msgspec.json.decode(path.read_bytes(), type=CheckpointManifest)
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        manifest = msgspec.json.decode(data, type=CheckpointManifest)
     except msgspec.DecodeError as exc:
         raise CorruptionError(f"unreadable checkpoint manifest {path}: {exc}") from exc
     if manifest.format != FORMAT:
         raise CorruptionError(f"{path}: unknown manifest format {manifest.format}")
+    return manifest
+
+
+def load_manifest(directory: Path) -> CheckpointManifest:
+    """The current manifest, every part checked present; an empty one when no checkpoint has
+    been taken. For the store that owns ``directory``."""
+    path = directory / FILE_NAME
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return CheckpointManifest()
     previous_last = 0
     for part in manifest.parts:
         if part.first_lsn <= previous_last or part.last_lsn < part.first_lsn:
