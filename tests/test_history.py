@@ -250,6 +250,7 @@ def test_duckdb_counts_through_pins_under_ingest_checkpoints_and_merges(tmp_path
     )
     threads = [threading.Thread(target=f, daemon=True) for f in (write, watch)]
     rounds: list[dict[str, Any]] = []
+    cli_rounds: list[tuple[float, float, int]] = []
     try:
         assert reader.stdout is not None
         assert json.loads(reader.stdout.readline()) == {"ready": True}
@@ -259,10 +260,16 @@ def test_duckdb_counts_through_pins_under_ingest_checkpoints_and_merges(tmp_path
         while True:
             elapsed = time.monotonic() - t0
             if elapsed > 20 or (
-                elapsed > 6 and store.compactions >= 4 and store.checkpoints_taken >= 12
+                elapsed > 6
+                and store.compactions >= 4
+                and store.checkpoints_taken >= 12
+                and len(cli_rounds) >= 2
             ):
                 break
-            time.sleep(0.2)
+            if len(cli_rounds) < 2:
+                cli_rounds.append(count_with_walship_sql(data_dir))
+            else:
+                time.sleep(0.2)
         stop_file.touch()
         out, _ = reader.communicate(timeout=60)
     finally:
@@ -284,6 +291,35 @@ def test_duckdb_counts_through_pins_under_ingest_checkpoints_and_merges(tmp_path
         assert r["rows"] <= written.at(r["t1"]), r
         assert r["rows"] >= checkpointed.at(r["t0"]), r
     assert len({r["last_lsn"] for r in rounds}) >= 3  # the reader followed new checkpoints
+    assert len(cli_rounds) >= 2
+    for t0, t1, n in cli_rounds:
+        assert checkpointed.at(t0) <= n <= written.at(t1), (t0, t1, n)
+
+
+def count_with_walship_sql(data_dir: Path) -> tuple[float, float, int]:
+    """``walship sql`` counting the history in its own process: (start, end, count)."""
+    t0 = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "walship",
+            "sql",
+            str(data_dir),
+            "SELECT count(*) AS n, count(DISTINCT lsn) AS lsns FROM events",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    t1 = time.monotonic()
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert row["n"] == row["lsns"], row
+    return t0, t1, int(row["n"])
 
 
 # ------------------------------------------------------------------ walship sql
