@@ -18,6 +18,7 @@ from typing import Any
 
 import duckdb
 import httpx
+import msgspec
 import pytest
 from typer.testing import CliRunner
 
@@ -183,6 +184,33 @@ def test_a_manifest_whose_parts_never_appear_fails_within_the_timeout(data_dir: 
         pin_history(data_dir, timeout_ms=300)
     assert time.monotonic() - t0 < 10
     assert list((data_dir / READERS_DIR).iterdir()) == []  # the failed pin cleaned up
+
+
+def test_a_pin_taken_when_parts_were_just_replaced_retries_with_the_new_manifest(
+    data_dir: Path,
+) -> None:
+    """What a reader sees when a compaction swaps the manifest and deletes the parts between
+    its read of the manifest and its links: parts that are gone (or not the same file any
+    more). It reads the manifest again and pins that one."""
+    with open_store(data_dir) as store:
+        written = fill(store, 2)
+        good = store.manifest
+    checkpoints = data_dir / "checkpoints"
+    gone = PartInfo("00000000000000ff-00000000000000ff.parquet", 255, 255, 1, 10, "", 0, 0, [])
+    resized = msgspec.structs.replace(good.parts[0], bytes=good.parts[0].bytes + 1)
+    for stale in ([*good.parts, gone], [resized, *good.parts[1:]]):
+        save_manifest(checkpoints, msgspec.structs.replace(good, parts=stale))
+        swap = threading.Timer(0.3, save_manifest, (checkpoints, good))
+        swap.start()
+        try:
+            with pin_history(data_dir, timeout_ms=30_000) as pin:
+                assert pin.manifest == good
+                assert [f.name for f in pin.files] == [p.file for p in good.parts]
+                con = duckdb.connect()
+                listed = ", ".join(f"'{f}'" for f in pin.files)
+                assert duck_count(con, f"read_parquet([{listed}])") == written
+        finally:
+            swap.join()
 
 
 def test_a_directory_that_is_not_a_data_dir_is_refused(tmp_path: Path) -> None:

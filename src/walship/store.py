@@ -964,6 +964,8 @@ class Store:
                     self._garbage.update(names)
                     self.compactions += 1
             self._collect_garbage()
+            # the pins of outside readers that have ended hold parts merged away: free them
+            sweep_stale_pins(self.data_dir)
             log.info(
                 "compacted %d parts (%d events) into %s in %.2f s",
                 len(inputs),
@@ -991,9 +993,7 @@ class Store:
         self._collect_garbage()
 
     def _collect_garbage(self) -> None:
-        """Delete replaced part files that no snapshot transfer still reads, and the history
-        pins of outside readers that have ended (which free the space of parts deleted while
-        they were pinned)."""
+        """Delete replaced part files that no snapshot transfer still reads."""
         with self._lock:
             doomed = [n for n in self._garbage if n not in self._pins]
             self._garbage.difference_update(doomed)
@@ -1001,7 +1001,6 @@ class Store:
             (self.parts_dir / name).unlink(missing_ok=True)
         if doomed:
             fsync_dir(self.parts_dir)
-        sweep_stale_pins(self.data_dir)
 
     def hold_compaction(self, held: bool) -> None:
         """Hold background compaction back (a follower catching up), or let it go again.
