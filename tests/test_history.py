@@ -409,9 +409,14 @@ def test_sql_command_without_duckdb_says_how_to_install_it(data_dir: Path) -> No
 
 
 def test_checkpoint_command_on_a_stopped_data_dir(data_dir: Path, tmp_path: Path) -> None:
-    store = open_store(data_dir)
-    store.append_batch([make_event() for _ in range(5)])
-    store.wal.close()  # a crash: the events are only in the WAL
+    crash = (
+        "import os, sys; from tests.conftest import make_event; "
+        "from tests.test_history import open_store; "
+        "s = open_store(__import__('pathlib').Path(sys.argv[1])); "
+        "s.append_batch([make_event() for _ in range(5)]); os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", crash, str(data_dir)], cwd=ROOT, check=True, timeout=60)
+    assert read_manifest(data_dir / "checkpoints") is None  # the events are only in the WAL
     result = runner.invoke(app, ["checkpoint", "--data-dir", str(data_dir)])
     assert result.exit_code == 0, result.output
     assert "checkpointed 5 events" in result.stdout
@@ -424,6 +429,16 @@ def test_checkpoint_command_on_a_stopped_data_dir(data_dir: Path, tmp_path: Path
     not_data = runner.invoke(app, ["checkpoint", "--data-dir", str(tmp_path / "nowhere")])
     assert not_data.exit_code == 1 and "not a walship data dir" in not_data.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_checkpoint_command_refuses_a_data_dir_a_store_has_open(data_dir: Path) -> None:
+    with open_store(data_dir) as store:
+        store.append(make_event())
+        result = runner.invoke(app, ["checkpoint", "--data-dir", str(data_dir)])
+        assert result.exit_code == 1
+        assert "is in use by" in result.stderr and f"pid {os.getpid()}" in result.stderr
+        assert result.stderr.count("\n") == 1
+        assert store.stats()["memtable_events"] == 1
 
 
 @pytest.fixture
