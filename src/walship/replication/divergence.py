@@ -53,6 +53,40 @@ def end_of_term(history: History, term: int, last_lsn: int) -> int | None:
     return None
 
 
+def on_history(history: History, sub_term: int, sub_lsn: int) -> bool:
+    """Whether a record of ``sub_term`` at ``sub_lsn`` can be on this log, judged by the term
+    history alone (for when the record itself is gone: checkpointed and its WAL removed).
+
+    A term is written by one leader, so a log whose history has ``sub_term`` at ``sub_lsn``
+    holds that very record and everything before it. The chain cannot be compared without the
+    record; two leaders that took one term by mistake are caught where the records remain.
+    """
+    return sub_lsn == 0 or term_at(history, sub_lsn) == sub_term
+
+
+def snapshot_divergence(
+    history: History,
+    last_lsn: int,
+    own_term: int,
+    own_lsn: int,
+    *,
+    chain_differs: bool = False,
+) -> tuple[int, int] | None:
+    """Follower side, before installing a snapshot whose log (``history``) ends at
+    ``last_lsn``: None when this node's end of log ``(own_term, own_lsn)`` is on it, so the
+    snapshot only adds to it; else the common point ``(term, lsn)`` to cut back to first, so
+    this node's own tail goes to lost-and-found rather than being replaced without a trace.
+
+    ``chain_differs``: the snapshot ends exactly at ``own_lsn`` with another chain hash (a
+    term taken twice).
+    """
+    if own_lsn > last_lsn:
+        return common_point(history, last_lsn, own_term, own_lsn)
+    if on_history(history, own_term, own_lsn) and not chain_differs:
+        return None
+    return common_point(history, last_lsn, own_term, own_lsn)
+
+
 def common_point(history: History, last_lsn: int, sub_term: int, sub_lsn: int) -> tuple[int, int]:
     """Leader side: ``(common_term, common_lsn)`` for a follower whose last record
     ``(sub_term, sub_lsn)`` is not on this log (it differs here, or lies past the end).
