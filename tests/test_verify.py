@@ -39,14 +39,16 @@ def test_verify_seed_1_with_every_fault_passes(tmp_path: Path) -> None:
     assert code == 0, output
     assert report["ok"] and report["failed_checks"] == [] and not report["harness_errors"]
     assert report["seed"] == 1 and "PASS" in output
-    assert report["faults_total"] >= 5, report["faults_injected"]
+    # a rejoin holds the schedule for the seconds a new leader needs to remove its WAL
+    assert report["faults_total"] >= 4, report["faults_injected"]
     writes = report["writes"]
     assert writes["receipts_by_durability"].get("replicated", 0) > 1_000
     checks = {c["name"]: c for c in report["checks"]}
     assert checks["replicated_on_every_node"]["checked"] > 1_000
     assert checks["acks_durable_at_crash"]["checked"] >= 1  # at least one kill -9 was checked
     if failover_available():
-        assert report["faults_injected"].get("failover", 0) >= 1
+        injected = report["faults_injected"]
+        assert injected.get("failover", 0) + injected.get("rejoin", 0) >= 1, injected
         # an isolated leader was failed over: its tail went to lost-and-found and was checked
         assert checks["lost_found_accounted"]["checked"] > 0
 
@@ -57,7 +59,8 @@ def test_verify_another_seed_in_quorum_mode_passes(tmp_path: Path) -> None:
     )
     assert code == 0, output
     assert report["settings"]["ack_mode"] == "quorum:2"
-    assert report["faults_total"] >= 3
+    # seed 6 draws a rejoin second, which holds the schedule for ~10 s of its 20
+    assert report["faults_total"] >= 2
 
 
 def test_verify_catches_a_follower_that_acks_before_writing(tmp_path: Path) -> None:
@@ -112,7 +115,7 @@ def test_verify_deposed_leader_rejoining_after_wal_removal_on_a_new_seed_passes(
     )
     assert code == 0, output
     assert report["faults_injected"].get("rejoin", 0) >= 1
-    assert report["settings"]["segment_bytes_max"] <= 256 * 1024
+    assert report["settings"]["segment_bytes_max"] <= 64 * 1024
     checks = {c["name"]: c for c in report["checks"]}
     info = checks["rejoin_tail_accounted"]["info"]
     assert info.get("rejoins_after_wal_removal", 0) >= 1, report["fault_log"]

@@ -21,7 +21,8 @@ sequence of kinds and roles even when a failover changes who leads.
   once the new one has checkpointed and removed the WAL at its end of log (its retention
   slot, if any, forgotten): only the new leader's term history can tell that tail apart, and
   it must still go to lost-and-found. Runs with it checkpoint every second in small WAL
-  segments, so the removal comes within seconds.
+  segments, and the fault writes ballast while it waits, so the removal comes within
+  seconds in every ack mode.
 """
 
 from __future__ import annotations
@@ -29,22 +30,32 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import uuid
 from collections import Counter
+from typing import Any
+
+import httpx
 
 from walship.verify.cluster import ClusterError, Link, VerifyCluster, VerifyNode
 from walship.verify.config import VerifyConfig
 from walship.verify.history import History, Rejoin
+from walship.verify.workload import EVENT_TYPE, Workload
 
 LEADER_SHARE = 0.4
 """How often a node fault (kill, restart, pause) hits the leader rather than a follower."""
 ISOLATE_FIRST_SHARE = 0.5
 """How often a failover first cuts the leader off from every follower, then kills it."""
 REJOIN_CHECKPOINT_INTERVAL_MS = 1_000
-REJOIN_SEGMENT_BYTES_MAX = 256 * 1024
+REJOIN_SEGMENT_BYTES_MAX = 64 * 1024
 """With ``rejoin``: checkpoints and WAL segments small enough that a new leader removes the
 WAL at the old leader's position within seconds of ordinary load."""
-REJOIN_WAL_WAIT_S = 30.0
+REJOIN_WAL_WAIT_S = 20.0
 """How long ``rejoin`` waits for that removal before bringing the old leader back anyway."""
+BALLAST_EVENTS = 16
+BALLAST_PAYLOAD_BYTES = 4 * 1024
+"""``rejoin`` writes batches of this many events this large (a WAL segment a request) while it
+waits: the removal then takes seconds in every ack mode, also where the workload's own
+writes each wait out the ack timeout (quorum:2 with a node down)."""
 
 
 def settings_for(config: VerifyConfig, kinds: tuple[str, ...]) -> VerifyConfig:
@@ -73,6 +84,8 @@ class FaultScheduler:
         self.config = config
         self.kinds = kinds
         self.rng = random.Random(f"{config.seed}/faults")
+        # its own: how much ballast a rejoin writes depends on timing, the schedule must not
+        self.ballast_rng = random.Random(f"{config.seed}/ballast")
         self.injected: Counter[str] = Counter()
         self.harness_errors: list[str] = []
 
@@ -295,12 +308,29 @@ class FaultScheduler:
         )
 
     async def _wal_start_past(self, node: VerifyNode, lsn: int, timeout_s: float) -> int:
-        """Wait until ``node``'s WAL starts after ``lsn``; the start last seen (0: unknown)."""
+        """Write ballast until ``node``'s WAL starts after ``lsn``; the start last seen (0:
+        unknown). The ballast is recorded and checked like every other write."""
         deadline = self.history.now() + timeout_s
         first = 0
-        while True:
-            seen = await asyncio.to_thread(self.cluster.wal_first_lsn, node)
-            first = seen if seen is not None else first
-            if first > lsn + 1 or self.history.now() > deadline:
-                return first
-            await asyncio.sleep(0.2)
+        workload = Workload(self.cluster, self.history, self.config)
+        timeout = httpx.Timeout(self.config.request_timeout_s, connect=2.0)
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            while True:
+                seen = await asyncio.to_thread(self.cluster.wal_first_lsn, node)
+                first = seen if seen is not None else first
+                if first > lsn + 1 or self.history.now() > deadline:
+                    return first
+                await workload.send(client, 0, 1, self._ballast())
+                await asyncio.sleep(0.1)
+
+    def _ballast(self) -> list[dict[str, Any]]:
+        rng = self.ballast_rng
+        return [
+            {
+                "id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                "entity_id": f"e{rng.randrange(self.config.entities)}",
+                "event_type": EVENT_TYPE,
+                "payload": {"writer": 0, "ballast": "b" * BALLAST_PAYLOAD_BYTES},
+            }
+            for _ in range(BALLAST_EVENTS)
+        ]
