@@ -14,6 +14,11 @@ The exchange, repeated until the leader finds the follower's position on its his
 Each round the follower cuts at least one record and never below the true common prefix
 (when terms are unique); with terms taken twice the chain check makes it cut back to before
 the duplicated term. A history is ``[(term, first_lsn), ...]`` in increasing order.
+
+The history outlives the WAL, so where a record is gone (checkpointed, its WAL removed) the
+terms alone decide (``on_history``): on the leader before it offers a snapshot, and on the
+follower before it installs one (``snapshot_divergence``). A snapshot replaces the whole log,
+so without that check a tail off the history would vanish without reaching lost-and-found.
 """
 
 from __future__ import annotations

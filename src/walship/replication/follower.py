@@ -10,8 +10,9 @@ never remembered from the last session), then ``step()`` through the leader's me
   which awaits the futures in order and sends cumulative ``Ack(durable_lsn, applied_lsn)``
   while the receive loop goes on (pipelined, coalesced: one Ack covers every batch written
   since the last one).
-* ``SnapshotStart/Chunk/End``: staged, verified and resumable (``staging.py``), then installed
-  atomically by the store; the stream continues from S+1.
+* ``SnapshotStart/Chunk/End``: staged, verified and resumable (``staging.py``), checked against
+  this node's own end of log (the snapshot's term history must hold it; else repair first),
+  then installed atomically by the store; the stream continues from S+1.
 * Anything wrong -- a gap, a bad checksum, a chain mismatch, a stale term -- rejects the
   frame: the connection closes and the loop resubscribes from the durable position after a
   backoff. Nothing is ever skipped.

@@ -2,9 +2,10 @@
 
 Each session authenticates the follower, checks its position against the leader's history,
 then serves it from the WAL *on disk* (``WalCursor``) from its position -- or first a snapshot
-when that part of the WAL is gone -- and keeps tailing as the WAL advances (woken by the WAL's
-commit listener, never a bounded broadcast that could drop). Acks feed the ``AckTracker`` that
-writes wait on, the in-sync set, the retention slots and the lag figures.
+when that part of the WAL is gone and the term history has the follower's term there -- and
+keeps tailing as the WAL advances (woken by the WAL's commit listener, never a bounded
+broadcast that could drop). Acks feed the ``AckTracker`` that writes wait on, the in-sync
+set, the retention slots and the lag figures.
 """
 
 from __future__ import annotations
@@ -677,12 +678,12 @@ class Leader:
             # outlives the WAL and says which term wrote it here. Another term there means the
             # follower holds records this log does not: a snapshot would replace them without
             # a trace, so it first cuts them to lost-and-found, at a point on both histories
-            if not on_history(wal.terms.to_list(), sub.term, sub.lsn):
+            history = wal.terms.to_list()
+            if not on_history(history, sub.term, sub.lsn):
                 return self._diverged(
                     sub,
-                    f"the leader's term history has term "
-                    f"{term_at(wal.terms.to_list(), sub.lsn)} at the follower's lsn {sub.lsn}, "
-                    f"not {sub.term} (its WAL there was removed)",
+                    f"the leader's term history has term {term_at(history, sub.lsn)} at the "
+                    f"follower's lsn {sub.lsn}, not {sub.term} (its WAL there was removed)",
                 )
             return None  # on this history as far as terms tell; a snapshot replaces it
         if mine != (sub.term, sub.chain):
