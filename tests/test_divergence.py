@@ -13,7 +13,14 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from walship.replication.divergence import common_point, end_of_term, keep_point, term_at
+from walship.replication.divergence import (
+    common_point,
+    end_of_term,
+    keep_point,
+    on_history,
+    snapshot_divergence,
+    term_at,
+)
 
 Log = list[tuple[int, str]]
 
@@ -118,3 +125,90 @@ def test_repair_converges_without_cutting_the_common_prefix(seed: int) -> None:
     assert len(end) == common_prefix(leader, follower)
     terms = len({t for t, _ in follower})
     assert rounds <= terms + 1, f"{rounds} rounds for {terms} terms (seed {seed})"
+
+
+# ------------------------------------------------------------- when the records are gone
+
+
+def test_a_position_is_judged_on_the_term_history_when_its_record_is_gone() -> None:
+    """The new leader's WAL below lsn 400 is gone; its history still says term 1 ended at 100."""
+    h = [(1, 1), (2, 101)]
+    assert on_history(h, 1, 100) and on_history(h, 2, 150) and on_history(h, 0, 0)
+    assert not on_history(h, 1, 110), "a deposed leader's tail of term 1 past lsn 100"
+    assert not on_history(h, 3, 150)
+    assert not on_history(h, 1, 110) and common_point(h, 6000, 1, 110) == (1, 100)
+
+
+def test_a_snapshot_that_would_replace_the_followers_own_tail_is_refused() -> None:
+    h = [(1, 1), (2, 101)]
+    # the deposed leader of term 1 at lsn 110: its records 101..110 are not in the snapshot
+    assert snapshot_divergence(h, 5000, 1, 110) == (1, 100)
+    # on the snapshot's history: the install only adds to this log
+    assert snapshot_divergence(h, 5000, 1, 100) is None
+    assert snapshot_divergence(h, 5000, 2, 4000) is None
+    assert snapshot_divergence(h, 5000, 0, 0) is None
+    # past the snapshot's end, or the same end of another chain (a term taken twice)
+    assert snapshot_divergence(h, 5000, 2, 5001) == (2, 5000)
+    assert snapshot_divergence(h, 5000, 2, 5000, chain_differs=True) == (1, 100)
+
+
+def unique_term_logs(rng: random.Random) -> tuple[Log, Log]:
+    """A leader's and a follower's log under unique terms: a shared prefix, then each side
+    goes on under terms only it holds (cutting back within its own branch now and then)."""
+    term = 0
+    shared: Log = []
+    for _ in range(rng.randint(0, 4)):
+        term += 1
+        shared += [(term, f"w{term}")] * rng.randint(1, 6)
+    logs = {"leader": list(shared), "follower": list(shared)}
+    for _ in range(rng.randint(1, 5)):
+        term += 1
+        log = logs[rng.choice(("leader", "follower"))]
+        del log[rng.randint(len(shared), len(log)) :]
+        log += [(term, f"w{term}")] * rng.randint(1, 6)
+    return logs["leader"], logs["follower"]
+
+
+def rejoin(leader: Log, follower: Log, gone: int, *, leader_checks_terms: bool) -> Log:
+    """Play a rejoin against a leader whose records 1..``gone`` are gone (checkpointed, WAL
+    removed). It offers a snapshot for a position it cannot read, after a term-history check
+    (``leader_checks_terms``) or, as before, blindly; the follower checks a snapshot against
+    the snapshot's term history before installing it. Returns the follower's log as the
+    snapshot or the stream takes over: it must be a prefix of the leader's, every cut having
+    gone to lost-and-found and none into the common prefix."""
+    true_common = common_prefix(leader, follower)
+    h = history(leader)
+    for _ in range(len(follower) + 2):
+        sub_lsn = len(follower)
+        sub_term = follower[-1][0] if follower else 0
+        if sub_lsn > len(leader):
+            cut_to = common_point(h, len(leader), sub_term, sub_lsn)
+        elif sub_lsn <= gone:
+            if leader_checks_terms and not on_history(h, sub_term, sub_lsn):
+                cut_to = common_point(h, len(leader), sub_term, sub_lsn)
+            else:
+                snapshot_cut = snapshot_divergence(h, len(leader), sub_term, sub_lsn)
+                if snapshot_cut is None:
+                    return follower  # installed: replaces the follower's log
+                cut_to = snapshot_cut
+        elif leader[:sub_lsn] == follower:
+            return follower  # streams on from the WAL
+        else:
+            cut_to = common_point(h, len(leader), sub_term, sub_lsn)
+        keep = keep_point(history(follower), len(follower), *cut_to)
+        assert true_common <= keep < sub_lsn, (keep, sub_lsn, true_common)
+        follower = follower[:keep]  # records keep+1.. to lost-and-found
+    raise AssertionError("the rejoin did not end")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(min_value=0, max_value=2**32), st.booleans())
+def test_a_rejoin_through_a_snapshot_never_drops_a_tail_untraced(
+    seed: int, leader_checks_terms: bool
+) -> None:
+    rng = random.Random(seed)
+    leader, follower = unique_term_logs(rng)
+    gone = rng.randint(0, len(leader))
+    end = rejoin(leader, follower, gone, leader_checks_terms=leader_checks_terms)
+    assert end == leader[: len(end)], f"a tail not on the leader's log survived (seed {seed})"
+    assert len(end) >= common_prefix(leader, follower)

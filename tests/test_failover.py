@@ -24,8 +24,11 @@ from tests.cluster import (
     event,
     follower_session,
     health,
+    http,
     last_lsn,
+    post_batch,
     post_event,
+    query_all,
     replication,
     replication_address,
     stats,
@@ -320,3 +323,59 @@ def test_two_leaders_followers_follow_only_the_higher_term(cluster: FailoverClus
     wait_caught_up(f1, f2)
     cluster.stop_all()
     assert_same_wal(cluster.data_dir("f1"), cluster.data_dir("f2"))
+
+
+def test_deposed_leader_rejoining_after_its_wal_position_was_removed_keeps_its_tail(
+    cluster: FailoverCluster,
+) -> None:
+    """1,000 writes reach both followers; cut off, the leader answers 10 more ``degraded``
+    and is killed. f1 is promoted and writes on until it has checkpointed and removed the WAL
+    that covered lsn 1,010. The old leader comes back as a follower: the new leader cannot
+    read its position any more, but its term history says term 1 ended at lsn 1,000 there, so
+    the 10 writes go to lost-and-found (each ``degraded``) before a snapshot replaces the log."""
+    small = ["--segment-bytes-max", "65536", "--memtable-events-max", "500"]
+    small += ["--checkpoint-interval-ms", "200"]
+    leader = cluster.start_leader(args=["--ack-mode", "semi-sync", *FAST_ACKS, *small])
+    address = replication_address(leader)
+    link1, link2 = FaultProxy(parse_address(address)), FaultProxy(parse_address(address))
+    with link1, link2:
+        f1 = cluster.start_follower("f1", f"127.0.0.1:{link1.port}", args=small)
+        f2 = cluster.start_follower("f2", f"127.0.0.1:{link2.port}", args=small)
+        shared = write_events(leader, 1_000)
+        assert shared == list(range(1, 1_001))
+        wait_caught_up(leader, f1, f2)
+        link1.set_refuse(True)
+        link2.set_refuse(True)
+        wait_until(lambda: replication(leader)["in_sync_count"] == 0, 15, "both to leave")
+        tail = post_batch(http(), leader.url, [event(i) for i in range(1_000, 1_010)])
+        receipts = tail["receipts"]
+        assert [r["lsn"] for r in receipts] == list(range(1_001, 1_011))
+        assert {r["durability"] for r in receipts} == {"degraded"}
+        leader.kill()
+    for f in (f1, f2):
+        wait_until(lambda f=f: not replication(f)["connected"], 15, f"{f.node_id} to notice")
+
+    answer = promote(f1, peers=[f2])
+    assert answer["term"] == 2 and answer["first_lsn"] == 1_001
+    new_address = answer["replication_address"]
+    repoint(f2, new_address)
+    write_events(f1, 3_000, start=10_000, batch=100)
+    wait_caught_up(f1, f2)
+    wait_until(lambda: stats(f1)["wal_first_lsn"] > 1_011, 30, "f1 to remove the WAL at lsn 1,010")
+
+    # the old leader comes back as a follower of f1, on its own data dir
+    old = cluster.start_follower("leader", new_address, args=small)
+    wait_caught_up(f1, old)
+    wait_until(lambda: replication(old)["snapshots_received"] >= 1, 15, "the snapshot counted")
+    status = replication(old)
+    repair = status["last_repair"]
+    assert repair is not None, "the tail was replaced by the snapshot without a trace"
+    assert (repair["kept_lsn"], repair["cut_records"]) == (1_000, 10)
+    lost = lost_found(cluster.data_dir("leader"))
+    assert [r["lsn"] for r in lost] == list(range(1_001, 1_011))
+    assert {r["term"] for r in lost} == {1}
+    assert [r["event"]["id"] for r in lost] == [r["event_id"] for r in receipts]
+    assert {r["acknowledged"] for r in lost} == {"degraded"}
+    assert (health(old)["last_term"], last_lsn(old)) == (health(f1)["last_term"], last_lsn(f1))
+    # the same events (f1's query results skip lsn 1,001, the term-start record)
+    assert query_all(old) == query_all(f1)

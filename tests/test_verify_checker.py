@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from walship.verify.checker import CheckResult, FinalView, RunFacts, run_checks, write_summary
 from walship.verify.cluster import NodeFinal
 from walship.verify.config import FAULT_KINDS, VerifyConfig, parse_duration_s, parse_faults
-from walship.verify.history import CrashImage, History, Outcome
+from walship.verify.history import CrashImage, History, Outcome, Rejoin
 from walship.verify.report import EXIT_OK, EXIT_VIOLATION, Report
 
 
@@ -177,6 +177,50 @@ def test_a_record_on_disk_at_a_crash_that_vanished_untraced_is_caught() -> None:
     lost = {"lsn": 11, "term": 1, "acknowledged": "local_or_unanswered", "event": {"id": uid(11)}}
     results = checks(history, [final("n1", LOG, lost_found=[lost]), final("n2", LOG)])
     assert failed(results) == set()
+
+
+def test_a_deposed_leaders_tail_replaced_by_a_snapshot_without_a_trace_is_caught() -> None:
+    """n1 answered lsn 1..10 replicated and 11..12 degraded, then was deposed; n2 took term 2
+    at lsn 11 and removed its WAL up to lsn 49 before n1 rejoined."""
+    history = clean_history()
+    answered(history, "n1", [receipt(11, 11, "degraded"), receipt(12, 12, "degraded")])
+    on_disk = {lsn: (1, uid(lsn)) for lsn in range(1, 13)}
+    image = CrashImage("n1", history.now() + 1, "leader", 1, on_disk)
+    history.crashes.append(image)
+    history.rejoins.append(Rejoin("n1", image, "n2", 50))
+    log = [*LOG, (11, 2, uid(111)), (12, 2, uid(112))]
+    facts = RunFacts(leader_id="n2", converged_s=0.5, converge_timeout_s=60, failover_used=True)
+    tail = [
+        {"lsn": lsn, "term": 1, "acknowledged": "degraded", "event": {"id": uid(lsn)}}
+        for lsn in (11, 12)
+    ]
+    results = checks(history, [final("n1", log, lost_found=tail), final("n2", log)], facts)
+    assert failed(results) == set()
+    assert results["rejoin_tail_accounted"].info == {
+        "rejoins": 1,
+        "rejoins_after_wal_removal": 1,
+        "tail_in_lost_found": 2,
+    }
+
+    results = checks(history, [final("n1", log), final("n2", log)], facts)
+    assert "rejoin_tail_accounted" in failed(results)
+    assert results["rejoin_tail_accounted"].violation_count == 2
+    assert "cut without a trace" in results["rejoin_tail_accounted"].violations[0].message
+
+    understated = [{**tail[0], "acknowledged": "local_or_unanswered"}, tail[1]]
+    results = checks(history, [final("n1", log, lost_found=understated), final("n2", log)], facts)
+    assert failed(results) == {"rejoin_tail_accounted"}
+    assert "answered degraded" in results["rejoin_tail_accounted"].violations[0].message
+
+    # a write n1 had answered replicated that the final leader lacks
+    answered_late = clean_history()
+    answered(answered_late, "n1", [receipt(11, 11, "replicated")])
+    answered_late.crashes.append(image)
+    answered_late.rejoins.append(Rejoin("n1", image, "n2", 50))
+    results = checks(answered_late, [final("n1", log, lost_found=tail), final("n2", log)], facts)
+    assert "rejoin_tail_accounted" in failed(results)
+    messages = [v.message for v in results["rejoin_tail_accounted"].violations]
+    assert any("answered replicated by n1" in m and "is lost" in m for m in messages)
 
 
 def test_no_convergence_fails_and_the_report_exits_non_zero(tmp_path: Path) -> None:

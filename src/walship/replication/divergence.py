@@ -14,6 +14,11 @@ The exchange, repeated until the leader finds the follower's position on its his
 Each round the follower cuts at least one record and never below the true common prefix
 (when terms are unique); with terms taken twice the chain check makes it cut back to before
 the duplicated term. A history is ``[(term, first_lsn), ...]`` in increasing order.
+
+The history outlives the WAL, so where a record is gone (checkpointed, its WAL removed) the
+terms alone decide (``on_history``): on the leader before it offers a snapshot, and on the
+follower before it installs one (``snapshot_divergence``). A snapshot replaces the whole log,
+so without that check a tail off the history would vanish without reaching lost-and-found.
 """
 
 from __future__ import annotations
@@ -51,6 +56,40 @@ def end_of_term(history: History, term: int, last_lsn: int) -> int | None:
                 return min(history[i + 1][1] - 1, last_lsn)
             return last_lsn
     return None
+
+
+def on_history(history: History, sub_term: int, sub_lsn: int) -> bool:
+    """Whether a record of ``sub_term`` at ``sub_lsn`` can be on this log, judged by the term
+    history alone (for when the record itself is gone: checkpointed and its WAL removed).
+
+    A term is written by one leader, so a log whose history has ``sub_term`` at ``sub_lsn``
+    holds that very record and everything before it. The chain cannot be compared without the
+    record; two leaders that took one term by mistake are caught where the records remain.
+    """
+    return sub_lsn == 0 or term_at(history, sub_lsn) == sub_term
+
+
+def snapshot_divergence(
+    history: History,
+    last_lsn: int,
+    own_term: int,
+    own_lsn: int,
+    *,
+    chain_differs: bool = False,
+) -> tuple[int, int] | None:
+    """Follower side, before installing a snapshot whose log (``history``) ends at
+    ``last_lsn``: None when this node's end of log ``(own_term, own_lsn)`` is on it, so the
+    snapshot only adds to it; else the common point ``(term, lsn)`` to cut back to first, so
+    this node's own tail goes to lost-and-found rather than being replaced without a trace.
+
+    ``chain_differs``: the snapshot ends exactly at ``own_lsn`` with another chain hash (a
+    term taken twice).
+    """
+    if own_lsn > last_lsn:
+        return common_point(history, last_lsn, own_term, own_lsn)
+    if on_history(history, own_term, own_lsn) and not chain_differs:
+        return None
+    return common_point(history, last_lsn, own_term, own_lsn)
 
 
 def common_point(history: History, last_lsn: int, sub_term: int, sub_lsn: int) -> tuple[int, int]:

@@ -10,8 +10,9 @@ never remembered from the last session), then ``step()`` through the leader's me
   which awaits the futures in order and sends cumulative ``Ack(durable_lsn, applied_lsn)``
   while the receive loop goes on (pipelined, coalesced: one Ack covers every batch written
   since the last one).
-* ``SnapshotStart/Chunk/End``: staged, verified and resumable (``staging.py``), then installed
-  atomically by the store; the stream continues from S+1.
+* ``SnapshotStart/Chunk/End``: staged, verified and resumable (``staging.py``), checked against
+  this node's own end of log (the snapshot's term history must hold it; else repair first),
+  then installed atomically by the store; the stream continues from S+1.
 * Anything wrong -- a gap, a bad checksum, a chain mismatch, a stale term -- rejects the
   frame: the connection closes and the loop resubscribes from the durable position after a
   backoff. Nothing is ever skipped.
@@ -49,6 +50,7 @@ from walship.errors import (
 )
 from walship.events import now_us
 from walship.replication.config import ReplicationConfig
+from walship.replication.divergence import snapshot_divergence
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import (
     PROTOCOL_VERSION,
@@ -884,6 +886,7 @@ class Follower:
         with _rejecting():
             await self._io_finished()
             manifest, terms = await self._in_thread(staging.finish)
+        self._check_snapshot_history(manifest.last_lsn, manifest.chain_bytes, terms)
         invariant(not self._unacked, "records were applied before the snapshot was installed")
         await self._in_thread(self.store.install_snapshot, staging.files_dir, manifest, terms)
         await self._in_thread(staging.discard)
@@ -899,6 +902,39 @@ class Follower:
             staging.snapshot_id,
             manifest.last_lsn,
             len(manifest.parts),
+        )
+
+    def _check_snapshot_history(
+        self, last_lsn: int, chain: bytes, terms: list[tuple[int, int]]
+    ) -> None:
+        """Before an install: this node's end of log must be on the snapshot's term history.
+
+        An install replaces the whole log, so a tail of this node's own that the snapshot's
+        log lacks (a deposed leader's unreplicated writes) would vanish without a trace. The
+        leader should have said ``Diverged`` first; whatever it did, this node repairs itself
+        (tail to lost-and-found, at the point both histories share) and subscribes again; the
+        staged files stay for a resume. Invariant 12: trust this log, not a file from the wire.
+        """
+        wal = self.store.wal
+        end = wal.last_position
+        own_term, own_lsn = end.term.value, end.lsn.value
+        common = snapshot_divergence(
+            terms,
+            last_lsn,
+            own_term,
+            own_lsn,
+            chain_differs=own_lsn == last_lsn and wal.last_chain != chain,
+        )
+        if common is None:
+            return
+        common_term, common_lsn = common
+        raise LeaderDiverged(
+            f"the snapshot up to lsn {last_lsn} does not hold this follower's record {own_lsn} "
+            f"of term {own_term} (its term history differs there); both hold the same records "
+            f"up to lsn {common_lsn} (term {common_term}): repairing before the install (the "
+            "records after it go to lost-and-found)",
+            common_lsn=common_lsn,
+            common_term=common_term,
         )
 
 

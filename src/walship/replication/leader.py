@@ -2,9 +2,10 @@
 
 Each session authenticates the follower, checks its position against the leader's history,
 then serves it from the WAL *on disk* (``WalCursor``) from its position -- or first a snapshot
-when that part of the WAL is gone -- and keeps tailing as the WAL advances (woken by the WAL's
-commit listener, never a bounded broadcast that could drop). Acks feed the ``AckTracker`` that
-writes wait on, the in-sync set, the retention slots and the lag figures.
+when that part of the WAL is gone and the term history has the follower's term there -- and
+keeps tailing as the WAL advances (woken by the WAL's commit listener, never a bounded
+broadcast that could drop). Acks feed the ``AckTracker`` that writes wait on, the in-sync
+set, the retention slots and the lag figures.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from walship.replication.acks import (
     DegradationLedger,
 )
 from walship.replication.config import ReplicationConfig
-from walship.replication.divergence import common_point
+from walship.replication.divergence import common_point, on_history, term_at
 from walship.replication.handshake import HandshakeGate, HandshakeSlot, authenticate_follower
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import (
@@ -673,7 +674,18 @@ class Leader:
             return self._diverged(sub, "follower has records past the leader's end of log")
         mine = self._term_and_chain_at(sub.lsn)
         if mine is None:
-            return None  # cannot check that far back; a snapshot replaces it
+            # the record itself is gone (checkpointed, its WAL removed), but the term history
+            # outlives the WAL and says which term wrote it here. Another term there means the
+            # follower holds records this log does not: a snapshot would replace them without
+            # a trace, so it first cuts them to lost-and-found, at a point on both histories
+            history = wal.terms.to_list()
+            if not on_history(history, sub.term, sub.lsn):
+                return self._diverged(
+                    sub,
+                    f"the leader's term history has term {term_at(history, sub.lsn)} at the "
+                    f"follower's lsn {sub.lsn}, not {sub.term} (its WAL there was removed)",
+                )
+            return None  # on this history as far as terms tell; a snapshot replaces it
         if mine != (sub.term, sub.chain):
             return self._diverged(sub, f"follower's record {sub.lsn} differs from the leader's")
         if sub.lsn + 1 < wal.first_lsn().value:

@@ -109,6 +109,7 @@ def run_checks(history: History, finals: list[NodeFinal], facts: RunFacts) -> li
         check_acknowledged_survive(history, views, leader),
         check_acks_durable_at_crash(history, views),
         check_lost_found(history, views),
+        check_rejoin_after_wal_removal(history, views, leader),
         check_entity_versions(leader),
     ]
 
@@ -355,6 +356,73 @@ def check_lost_found(history: History, views: dict[str, FinalView]) -> CheckResu
                     [event_id],
                 )
     return result
+
+
+def check_rejoin_after_wal_removal(
+    history: History, views: dict[str, FinalView], leader: FinalView
+) -> CheckResult:
+    """The ``rejoin`` fault: a deposed leader back after the WAL at its position was gone."""
+    result = CheckResult(
+        "rejoin_tail_accounted",
+        "a deposed leader that rejoined (after the new leader removed the WAL at its end of "
+        "log): every write it answered `replicated` is on the final leader, and every record "
+        "of its tail that its final log lacks is in its lost-and-found, each with the "
+        "acknowledgement its client got",
+    )
+    for rejoin in history.rejoins:
+        image = rejoin.image
+        view = views.get(rejoin.node_id)
+        if view is None or image.error is not None:
+            continue
+        _count(result, "rejoins")
+        if rejoin.wal_removed:
+            _count(result, "rejoins_after_wal_removal")
+        levels = {
+            (int(e["lsn"]), int(e["term"]), str(e.get("event", {}).get("id", ""))): str(
+                e.get("acknowledged")
+            )
+            for e in view.final.lost_found
+        }
+        told: dict[tuple[int, int, str], str] = {}
+        for op, receipt in history.answered():
+            if op.node_id == rejoin.node_id and op.finished is not None and op.finished < image.at:
+                key = (receipt["lsn"], receipt["term"], receipt["event_id"])
+                told[key] = receipt["durability"]
+        for key, durability in told.items():
+            if durability == "replicated" and not leader.holds(*key):
+                result.checked += 1
+                result.fail(
+                    f"event {key[2]} answered replicated by {rejoin.node_id} at lsn {key[0]} "
+                    f"term {key[1]} before it was deposed is lost: {leader.describe(key[0])}",
+                    [key[2]],
+                )
+        for lsn, (term, event_id) in sorted(image.records.items()):
+            if not event_id or view.holds(lsn, term, event_id):
+                continue
+            result.checked += 1
+            key = (lsn, term, event_id)
+            level = levels.get(key)
+            if level is None:
+                result.fail(
+                    f"{rejoin.node_id} held event {event_id} at lsn {lsn} term {term} when it was "
+                    f"deposed; after rejoining ({rejoin.new_leader}'s WAL started at lsn "
+                    f"{rejoin.new_wal_first_lsn}) {view.describe(lsn)} and its lost-and-found "
+                    "does not have it: cut without a trace",
+                    [event_id],
+                )
+                continue
+            _count(result, "tail_in_lost_found")
+            if told.get(key) == "degraded" and level != "degraded":
+                result.fail(
+                    f"{rejoin.node_id}'s lost-and-found says {level} for event {event_id} at lsn "
+                    f"{lsn}, which it had answered degraded",
+                    [event_id],
+                )
+    return result
+
+
+def _count(result: CheckResult, name: str) -> None:
+    result.info[name] = result.info.get(name, 0) + 1
 
 
 def check_entity_versions(leader: FinalView) -> CheckResult:

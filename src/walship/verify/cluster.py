@@ -169,6 +169,8 @@ class VerifyCluster:
             str(cfg.segment_bytes_max),
             "--memtable-events-max",
             str(cfg.memtable_events_max),
+            "--checkpoint-interval-ms",
+            str(cfg.checkpoint_interval_ms),
         ]
         if leader is not None:
             args += ["--leader", leader]
@@ -400,6 +402,29 @@ class VerifyCluster:
         if response.status_code != 200:
             raise ClusterError(f"repoint {node.node_id}: {response.status_code} {response.text}")
         node.role = "follower"
+
+    def forget_follower(self, leader: VerifyNode, node_id: str) -> bool:
+        """Have ``leader`` forget follower ``node_id`` (its retention slot holds no WAL back
+        any more); False when it knew no such follower."""
+        response = self._admin(leader, "/internal/forget-follower", node_id=node_id)
+        if response.status_code == 404:
+            return False
+        if response.status_code != 200:
+            raise ClusterError(
+                f"forget {node_id} on {leader.node_id}: {response.status_code} {response.text}"
+            )
+        return True
+
+    def wal_first_lsn(self, node: VerifyNode) -> int | None:
+        """The first lsn still in the node's WAL (older ones are only in Parquet); None when
+        it does not answer."""
+        if node.state is not NodeState.UP or not node.url:
+            return None
+        try:
+            response = self._http.get(f"{node.url}/api/v1/stats", timeout=2.0)
+            return int(response.json()["wal_first_lsn"])
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
 
     # ------------------------------------------------------------------ the end of the run
 

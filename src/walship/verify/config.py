@@ -8,7 +8,16 @@ from pathlib import Path
 
 from walship.errors import InvalidInput
 
-FAULT_KINDS = ("kill", "restart", "partition", "delay", "corrupt", "pause", "failover")
+FAULT_KINDS = (
+    "kill",
+    "restart",
+    "partition",
+    "delay",
+    "corrupt",
+    "pause",
+    "failover",
+    "rejoin",
+)
 """Every fault the scheduler knows, in the order ``--faults`` documents them."""
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
@@ -68,6 +77,7 @@ class VerifyConfig:
     fault_gap_s: tuple[float, float] = (0.3, 1.5)
     segment_bytes_max: int = 4 * 1024 * 1024
     memtable_events_max: int = 5_000
+    checkpoint_interval_ms: int = 60_000
 
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= 9:

@@ -17,22 +17,56 @@ sequence of kinds and roles even when a failover changes who leads.
   for a while, so it holds writes nobody confirmed), promote the most caught-up follower,
   repoint the others; the old leader comes back as a follower and its unreplicated tail must
   go to lost-and-found.
+* ``rejoin``: the same failover of an isolated leader, but the old leader comes back only
+  once the new one has checkpointed and removed the WAL at its end of log (its retention
+  slot, if any, forgotten): only the new leader's term history can tell that tail apart, and
+  it must still go to lost-and-found. Runs with it checkpoint every second in small WAL
+  segments, and the fault writes ballast while it waits, so the removal comes within
+  seconds in every ack mode.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
+import uuid
 from collections import Counter
+from typing import Any
+
+import httpx
 
 from walship.verify.cluster import ClusterError, Link, VerifyCluster, VerifyNode
 from walship.verify.config import VerifyConfig
-from walship.verify.history import History
+from walship.verify.history import History, Rejoin
+from walship.verify.workload import EVENT_TYPE, Workload
 
 LEADER_SHARE = 0.4
 """How often a node fault (kill, restart, pause) hits the leader rather than a follower."""
 ISOLATE_FIRST_SHARE = 0.5
 """How often a failover first cuts the leader off from every follower, then kills it."""
+REJOIN_CHECKPOINT_INTERVAL_MS = 1_000
+REJOIN_SEGMENT_BYTES_MAX = 64 * 1024
+"""With ``rejoin``: checkpoints and WAL segments small enough that a new leader removes the
+WAL at the old leader's position within seconds of ordinary load."""
+REJOIN_WAL_WAIT_S = 20.0
+"""How long ``rejoin`` waits for that removal before bringing the old leader back anyway."""
+BALLAST_EVENTS = 16
+BALLAST_PAYLOAD_BYTES = 4 * 1024
+"""``rejoin`` writes batches of this many events this large (a WAL segment a request) while it
+waits: the removal then takes seconds in every ack mode, also where the workload's own
+writes each wait out the ack timeout (quorum:2 with a node down)."""
+
+
+def settings_for(config: VerifyConfig, kinds: tuple[str, ...]) -> VerifyConfig:
+    """``config`` with the node settings the enabled faults need."""
+    if "rejoin" not in kinds:
+        return config
+    return dataclasses.replace(
+        config,
+        checkpoint_interval_ms=min(config.checkpoint_interval_ms, REJOIN_CHECKPOINT_INTERVAL_MS),
+        segment_bytes_max=min(config.segment_bytes_max, REJOIN_SEGMENT_BYTES_MAX),
+    )
 
 
 class FaultScheduler:
@@ -50,6 +84,8 @@ class FaultScheduler:
         self.config = config
         self.kinds = kinds
         self.rng = random.Random(f"{config.seed}/faults")
+        # its own: how much ballast a rejoin writes depends on timing, the schedule must not
+        self.ballast_rng = random.Random(f"{config.seed}/ballast")
         self.injected: Counter[str] = Counter()
         self.harness_errors: list[str] = []
 
@@ -221,3 +257,80 @@ class FaultScheduler:
         await asyncio.sleep(hold)
         await asyncio.to_thread(cluster.restart, old)
         self.history.fault("failover", self._role(old), "heal", "old leader back, repointed")
+
+    async def _rejoin(self, hold: float) -> None:
+        """Failover of an isolated leader, which rejoins only after the new leader removed
+        the WAL at its end of log."""
+        cluster = self.cluster
+        old = cluster.require_leader()
+        if not cluster.followers():
+            return
+        links = [n.link for n in cluster.followers()]
+        for link in links:
+            await asyncio.to_thread(link.proxy.set_refuse, True)
+        # longer than the ack timeout: the writes it takes meanwhile are answered degraded
+        isolated = self.rng.uniform(1.5, 3.0)
+        self.history.fault("rejoin", self._role(old), "note", f"isolated for {isolated:.1f} s")
+        await asyncio.sleep(isolated)
+        image = await asyncio.to_thread(cluster.kill, old)
+        for link in links:
+            link.proxy.set_refuse(False)
+        self.injected["rejoin"] += 1
+        self.history.fault(
+            "rejoin",
+            self._role(old),
+            "inject",
+            f"SIGKILL of the isolated leader; disk holds lsn {image.wal_first_lsn}.."
+            f"{image.last_lsn}",
+        )
+        try:
+            new, detail = await asyncio.to_thread(cluster.promote_best)
+        except ClusterError:
+            if cluster.leader is old:  # nobody was promoted: bring the old leader back
+                await asyncio.to_thread(cluster.restart, old)
+            raise
+        self.history.fault("rejoin", new.node_id, "note", f"promoted: {detail}")
+        # what lets a leader drop WAL a gone node once needed: the operator forgets it (or it
+        # falls past the retention cap)
+        forgot = await asyncio.to_thread(cluster.forget_follower, new, old.node_id)
+        first = await self._wal_start_past(new, image.last_lsn, max(hold, REJOIN_WAL_WAIT_S))
+        await asyncio.to_thread(cluster.restart, old)
+        rejoin = Rejoin(old.node_id, image, new.node_id, first)
+        self.history.rejoins.append(rejoin)
+        self.history.fault(
+            "rejoin",
+            self._role(old),
+            "heal",
+            f"back as a follower; {new.node_id}'s WAL starts at lsn {first}, "
+            + ("past" if rejoin.wal_removed else "NOT past (waited in vain)")
+            + f" its end of log {image.last_lsn}"
+            + ("; its slot was forgotten" if forgot else ""),
+        )
+
+    async def _wal_start_past(self, node: VerifyNode, lsn: int, timeout_s: float) -> int:
+        """Write ballast until ``node``'s WAL starts after ``lsn``; the start last seen (0:
+        unknown). The ballast is recorded and checked like every other write."""
+        deadline = self.history.now() + timeout_s
+        first = 0
+        workload = Workload(self.cluster, self.history, self.config)
+        timeout = httpx.Timeout(self.config.request_timeout_s, connect=2.0)
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            while True:
+                seen = await asyncio.to_thread(self.cluster.wal_first_lsn, node)
+                first = seen if seen is not None else first
+                if first > lsn + 1 or self.history.now() > deadline:
+                    return first
+                await workload.send(client, 0, 1, self._ballast())
+                await asyncio.sleep(0.1)
+
+    def _ballast(self) -> list[dict[str, Any]]:
+        rng = self.ballast_rng
+        return [
+            {
+                "id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                "entity_id": f"e{rng.randrange(self.config.entities)}",
+                "event_type": EVENT_TYPE,
+                "payload": {"writer": 0, "ballast": "b" * BALLAST_PAYLOAD_BYTES},
+            }
+            for _ in range(BALLAST_EVENTS)
+        ]

@@ -97,6 +97,23 @@ class CrashImage:
         return max(self.records, default=self.wal_first_lsn - 1)
 
 
+@dataclass
+class Rejoin:
+    """A deposed leader that came back as a follower (the ``rejoin`` fault): its crash image,
+    and how far the new leader's WAL reached back when it did. ``wal_removed``: the WAL at
+    its end of log was gone, so only the new leader's term history could tell its tail
+    apart."""
+
+    node_id: str
+    image: CrashImage
+    new_leader: str
+    new_wal_first_lsn: int
+
+    @property
+    def wal_removed(self) -> bool:
+        return self.new_wal_first_lsn > self.image.last_lsn + 1
+
+
 class History:
     """Everything recorded during one run, in the order it happened."""
 
@@ -105,6 +122,7 @@ class History:
         self.ops: list[WriteOp] = []
         self.faults: list[FaultRecord] = []
         self.crashes: list[CrashImage] = []
+        self.rejoins: list[Rejoin] = []
         self._next_op = 0
 
     def now(self) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 from walship.verify.checker import FinalView, RunFacts, run_checks, write_summary
 from walship.verify.cluster import ClusterError, VerifyCluster, failover_available, python_env_for
 from walship.verify.config import VerifyConfig
-from walship.verify.faults import FaultScheduler
+from walship.verify.faults import FaultScheduler, settings_for
 from walship.verify.history import History
 from walship.verify.report import EXIT_OK, Report
 from walship.verify.workload import Workload
@@ -37,8 +37,11 @@ def effective_faults(config: VerifyConfig) -> tuple[tuple[str, ...], list[str]]:
             "failover: not available yet in this build (no promote/repoint endpoints); "
             "left out — a killed leader is restarted instead"
         )
+    if "rejoin" in kinds and not failover_available():
+        kinds.remove("rejoin")
+        notes.append("rejoin: needs promote/repoint endpoints, not in this build; left out")
     if config.nodes == 1:
-        for kind in (*LINK_FAULTS, "failover"):
+        for kind in (*LINK_FAULTS, "failover", "rejoin"):
             if kind in kinds:
                 kinds.remove(kind)
                 notes.append(f"{kind}: needs a follower; left out with --nodes 1")
@@ -48,6 +51,7 @@ def effective_faults(config: VerifyConfig) -> tuple[tuple[str, ...], list[str]]:
 def run_verify(config: VerifyConfig, progress: Progress = _silent) -> Report:
     """Run ``config`` and return its report (the cluster is gone when this returns)."""
     kinds, notes = effective_faults(config)
+    config = settings_for(config, kinds)
     if config.server_module != "walship":
         env = {**python_env_for(config.server_module), **config.server_env}
         config = _with_env(config, env)
@@ -60,6 +64,8 @@ def run_verify(config: VerifyConfig, progress: Progress = _silent) -> Report:
         "ack_mode": config.ack_mode,
         "fsync": config.fsync,
         "writers": config.writers,
+        "checkpoint_interval_ms": config.checkpoint_interval_ms,
+        "segment_bytes_max": config.segment_bytes_max,
         "server_module": config.server_module,
     }
     report = Report(seed=config.seed, settings=settings, root=str(root), notes=notes)

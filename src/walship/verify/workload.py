@@ -60,17 +60,18 @@ class Workload:
                     }
                 )
             for attempt in range(1, ATTEMPTS_MAX + 1):
-                if await self._send(client, writer, attempt, events):
+                if await self.send(client, writer, attempt, events):
                     break
                 if stop.is_set():
                     break
                 await _sleep_unless(stop, rng.uniform(0.05, 0.25))
             await _sleep_unless(stop, rng.uniform(0.001, 0.008))
 
-    async def _send(
+    async def send(
         self, client: httpx.AsyncClient, writer: int, attempt: int, events: list[dict[str, Any]]
     ) -> bool:
-        """One request; True when it was answered 200 (its outcome is in the history)."""
+        """One request to the current leader; True when it was answered 200 (its outcome is
+        in the history). Writer 0 is the fault scheduler's own (``rejoin``'s ballast)."""
         node_id, url = self.cluster.write_target
         op = self.history.begin(
             writer, attempt, node_id, [e["id"] for e in events], [e["entity_id"] for e in events]
