@@ -14,6 +14,7 @@ import bisect
 import contextlib
 import hashlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -508,6 +509,7 @@ class Leader:
         self.sessions: dict[str, FollowerSession] = {}
         self.pins: dict[int, int] = {}
         self._server: asyncio.Server | None = None
+        self._listen_sock: socket.socket | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._monitor: asyncio.Task[None] | None = None
@@ -545,6 +547,12 @@ class Leader:
         """A write up to ``lsn`` was answered ``replicated`` (kept for lost-and-found)."""
         self.acks.replicated(self.term, lsn)
 
+    def adopt_listener(self, sock: socket.socket) -> None:
+        """Listen for followers on ``sock`` (bound and listening) when started, instead of
+        binding then: ``walship serve`` binds before it serves, so that a port in use is a
+        one-line start-up error and not a failure inside the HTTP server's start-up."""
+        self._listen_sock = sock
+
     async def start(self) -> None:
         """Listen for followers (needs a secret) and start the in-sync monitor."""
         self._loop = asyncio.get_running_loop()
@@ -555,10 +563,16 @@ class Leader:
         if self.config.secret is None:
             log.warning("replication listener disabled: no shared secret configured")
         else:
+            # a socket handed over by adopt_listener, else bound here (after a promotion)
+            adopted, self._listen_sock = self._listen_sock, None
+            where: dict[str, Any] = (
+                {"sock": adopted}
+                if adopted is not None
+                else {"host": self.config.host, "port": self.config.port}
+            )
             self._server = await asyncio.start_server(
                 self._accept,
-                self.config.host,
-                self.config.port,
+                **where,
                 ssl=self.config.server_ssl,
                 # the TLS handshake happens before _accept sees the connection: bound it too
                 ssl_handshake_timeout=(
