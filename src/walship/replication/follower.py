@@ -222,6 +222,7 @@ class Follower:
         self._stopping = False
         self._stream: MessageStream | None = None
         self._staging: SnapshotStaging | None = None
+        self._installing = False  # the snapshot in _staging is whole and being installed
         self._send_lock = asyncio.Lock()
         self._last_sent = 0.0
         self._io: asyncio.Future[Any] | None = None  # the worker-thread job in flight
@@ -301,6 +302,7 @@ class Follower:
             if staging is None
             else {
                 "id": staging.snapshot_id,
+                "state": "installing" if self._installing else "receiving",
                 "bytes_done": staging.bytes_done,
                 "bytes_total": staging.bytes_total,
             },
@@ -850,7 +852,7 @@ class Follower:
         self._may_ack = False
         with _rejecting():
             staging = await self._in_thread(SnapshotStaging.open, self.store.data_dir, start)
-        self._staging = staging
+        self._staging, self._installing = staging, False
         resume = staging.resume
         log.info(
             "replication: receiving snapshot %s up to lsn %d (%d bytes in %d files), from file "
@@ -881,6 +883,7 @@ class Follower:
         staging = self._staging
         if staging is None or end.snapshot_id != staging.snapshot_id:
             raise FrameRejected(f"SnapshotEnd for {end.snapshot_id!r}, which is not in progress")
+        self._installing = True
         with _rejecting():
             await self._io_finished()
             manifest, terms = await self._in_thread(staging.finish)
