@@ -309,9 +309,7 @@ def serve_command(
     level = log_level.lower()
     if level not in _LOG_LEVELS:
         fail(f"invalid --log-level: must be one of {', '.join(_LOG_LEVELS)}, not {log_level!r}", 2)
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(level)
     try:
         replication = replication_config(
             role=role,
@@ -384,6 +382,22 @@ def serve_command(
     if etcd is not None and cluster is not None:
         _attach_election(node, etcd, cluster, etcd_ttl_s, etcd_settle_ms, sock)
     _run(node, sock, level)
+
+
+QUIET_LOGGERS = ("httpx", "httpcore")
+"""Libraries that log every request at info: the etcd client polls and renews a few times a
+second (an idle follower logged ~5 lines a second). They speak at ``debug`` only."""
+
+
+def configure_logging(level: str) -> None:
+    """Log lines on stderr at ``level`` and above; info lines say what changed, not what
+    happens on every tick, so the chatty libraries are held to warnings unless debugging."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if level != "debug":
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def apply_config_file(ctx: typer.Context, value: Path | None) -> Path | None:
