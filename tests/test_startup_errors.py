@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from walship.cli.process import NodeProcess
+from walship.dirlock import DataDirLock
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -210,3 +211,14 @@ def test_replication_port_in_use_closes_the_node_it_opened(tmp_path: Path, taken
         assert node.stop() == 0
     finally:
         node.kill()
+
+
+def test_data_dir_held_by_another_process_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    lock = DataDirLock.acquire(tmp_path / "data")
+    try:
+        result = serve(tmp_path, "--data-dir", str(tmp_path / "data"), "--http-port", "0")
+    finally:
+        lock.release()
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("walship: cannot start: data dir") and "in use by pid" in line
