@@ -258,6 +258,17 @@ def test_snapshot_progress_shows_bytes_done_of_total() -> None:
     assert "walship-9" in text and "77 (slot)" in text  # known, not connected, WAL kept
 
 
+def test_snapshot_being_installed_shows_installing_not_a_full_bar() -> None:
+    """Every byte sent, the follower installing: the leader's row says so, not "sending"."""
+    total = 100 * 1024 * 1024
+    progress = {"id": "snap-1", "state": "installing", "bytes_done": total, "bytes_total": total}
+    text = _text([NodeReport(LEADER_URL, _leader_health(snapshot=progress), http_status=200)])
+    assert "installing 1" in text
+    assert "sending" not in text
+    assert "installing 100.0 MiB" in text
+    assert "100%" not in text
+
+
 def test_no_snapshot_column_without_a_transfer() -> None:
     text = _text([NodeReport(FOLLOWER_URL, _follower_health(state="streaming"), http_status=200)])
     assert "snapshot" not in text.splitlines()[2]

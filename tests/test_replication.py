@@ -123,6 +123,14 @@ def test_follower_behind_removed_wal_gets_a_snapshot_then_the_wal(cluster: Clust
     wait_until(
         lambda: replication(follower)["snapshots_received"] >= 1, 30, "the snapshot to install"
     )
+    # the transfer's progress ends with the install, on both ends (it used to stay at
+    # "sending, 100 %" in the leader's view for as long as the follower stayed connected)
+    assert replication(follower)["snapshot"] is None
+    wait_until(
+        lambda: (s := follower_session(leader, "f1")) and "snapshot" not in s,
+        20,
+        "the leader to see the install end",
+    )
     write_events(leader, 2_000, start=6_000)  # streamed from the WAL after the snapshot
     assert wait_caught_up(leader, follower) == 8_000
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 
+try:  # typer 0.2x carries its own copy of click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover (older typer on click)
+    from click.exceptions import ClickException, UsageError  # type: ignore[assignment]
+
 from walship import __version__
 from walship.cli import admin, demo, history, lostfound, serve, status, wal
+from walship.cli.output import error
 from walship.cli.verify import verify_command
 
 app = typer.Typer(
@@ -51,5 +58,25 @@ def root(
 
 
 def main() -> None:
-    """Console-script entry point (``walship``) and ``python -m walship``."""
-    app()
+    """Console-script entry point (``walship``) and ``python -m walship``.
+
+    A usage error (an unknown flag, a value of the wrong type) is one line on stderr and exit
+    2, like the commands' own errors, instead of click's usage box; everything else is as
+    click does it.
+    """
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as exc:
+        if exc.ctx is None or type(exc).__name__ == "NoArgsIsHelpError":
+            if exc.ctx is not None:
+                typer.echo(exc.ctx.get_help())  # `walship` or `walship wal` alone
+            sys.exit(exc.exit_code)
+        path = exc.ctx.command_path
+        sub = path.partition(" ")[2]
+        message = " ".join(exc.format_message().split())
+        error(f"{sub + ': ' if sub else ''}{message} (see {path} --help)")
+        sys.exit(exc.exit_code)
+    except ClickException as exc:
+        error(" ".join(exc.format_message().split()))
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

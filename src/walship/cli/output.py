@@ -21,7 +21,12 @@ def warn(message: str) -> None:
     err_console.print(f"warning: {message}", style="yellow", soft_wrap=True, markup=False)
 
 
+def error(message: str) -> None:
+    """Print ``walship: message`` on stderr, one line whatever the terminal's width."""
+    err_console.print(f"walship: {message}", style="bold red", soft_wrap=True, markup=False)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print ``walship: message`` on stderr and exit with ``code`` (no traceback)."""
-    err_console.print(f"walship: {message}", style="bold red", soft_wrap=True, markup=False)
+    error(message)
     raise typer.Exit(code)

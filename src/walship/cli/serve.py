@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from walship.cli.output import fail
+from walship.cli.config import CONFIG_ENV, EXIT_BAD_CONFIG, load_config, settings_of
+from walship.cli.output import fail, say
 from walship.dirlock import DataDirLock
 from walship.errors import CorruptionError, InvalidInput, WalshipError
 from walship.limits import DEFAULT_LIMITS, Limits
@@ -276,10 +277,30 @@ def serve_command(
             help="How long candidates wait for each other before the best one takes the lead.",
         ),
     ] = 1_000,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar=CONFIG_ENV,
+            is_eager=True,
+            callback=apply_config_file,
+            help="TOML file of settings, each key a flag's name without -- (flags and "
+            "environment variables override it).",
+        ),
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Check the settings and the files they name, print them and exit 0, "
+            "without creating or opening anything.",
+        ),
+    ] = False,
 ) -> None:
     """Run a node: WAL + store + HTTP API, until SIGTERM or Ctrl-C.
 
-    Every flag can also be set from the environment as WALSHIP_<FLAG>, e.g. WALSHIP_DATA_DIR.
+    Every flag can also be set from the environment as WALSHIP_<FLAG>, e.g. WALSHIP_DATA_DIR,
+    or in the --config file; a flag wins over the environment, which wins over the file.
     """
     try:
         policy = FsyncPolicy.parse(fsync)
@@ -288,9 +309,7 @@ def serve_command(
     level = log_level.lower()
     if level not in _LOG_LEVELS:
         fail(f"invalid --log-level: must be one of {', '.join(_LOG_LEVELS)}, not {log_level!r}", 2)
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(level)
     try:
         replication = replication_config(
             role=role,
@@ -324,6 +343,14 @@ def serve_command(
         fail(f"invalid admin token: {exc.message}", 2)
     if (etcd is None) != (cluster is None):
         fail("automatic failover needs both --etcd and --cluster", 2)
+    if check:
+        say(
+            f"walship: settings OK: node {node_id}, data {data_dir}, "
+            f"http {http_host}:{http_port}, role {role}, {_replication_summary(replication)}, "
+            f"fsync {policy}, admin token {'set' if admin_token else 'not set'}"
+            + (f", etcd cluster {cluster}" if cluster else "")
+        )
+        return
     data_dir = _prepare_data_dir(data_dir)
     dir_lock = _lock_data_dir(data_dir)  # before binding: a second server says why it stops
     try:
@@ -351,9 +378,47 @@ def serve_command(
     except BaseException:
         sock.close()
         raise
+    _bind_replication(node, sock)
     if etcd is not None and cluster is not None:
         _attach_election(node, etcd, cluster, etcd_ttl_s, etcd_settle_ms, sock)
     _run(node, sock, level)
+
+
+QUIET_LOGGERS = ("httpx", "httpcore")
+"""Libraries that log every request at info: the etcd client polls and renews a few times a
+second (an idle follower logged ~5 lines a second). They speak at ``debug`` only."""
+
+
+def configure_logging(level: str) -> None:
+    """Log lines on stderr at ``level`` and above; info lines say what changed, not what
+    happens on every tick, so the chatty libraries are held to warnings unless debugging."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if level != "debug":
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def apply_config_file(ctx: typer.Context, value: Path | None) -> Path | None:
+    """``--config``'s callback (eager, so it runs before the other options are read): the
+    file's settings become click's ``default_map``, which flags and environment override."""
+    if value is None:
+        return None
+    try:
+        settings = load_config(value, settings_of(serve_command))
+    except InvalidInput as exc:
+        fail(exc.message, EXIT_BAD_CONFIG)
+    ctx.default_map = {**(ctx.default_map or {}), **settings}
+    return value
+
+
+def _replication_summary(replication: ReplicationConfig) -> str:
+    if replication.leader is not None:
+        return f"follows {replication.leader}"
+    if replication.secret is None:
+        return "replication off (no secret)"
+    return f"replication {replication.host}:{replication.port} ack {replication.ack_mode}"
 
 
 def _attach_election(
@@ -418,12 +483,40 @@ def _lock_data_dir(path: Path) -> DataDirLock:
         fail(f"cannot start: {exc.message}")
 
 
+def _bind_replication(node: Node, http_sock: socket.socket) -> None:
+    """Bind a leader's replication listener now, so that a port in use or a host that does
+    not resolve is a one-line start-up error (exit 1) rather than a failure inside the
+    server's start-up; on failure the node is closed first (its WAL flushed)."""
+    leader = node.leader
+    if leader is None or leader.config.secret is None:
+        return  # a follower listens only once promoted; without a secret nobody connects
+    host, port = leader.config.host, leader.config.port
+    try:
+        leader.adopt_listener(_listen(host, port, "--replication-host", " for replication"))
+    except _BindError as exc:
+        http_sock.close()
+        node.close()
+        fail(exc.message)
+
+
+class _BindError(WalshipError):
+    """A listening socket could not be had (the message says why)."""
+
+
 def _bind(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port``; exit 1 when that is impossible."""
+    """The HTTP listening socket on ``host:port``; exit 1 when that is impossible."""
+    try:
+        return _listen(host, port, "--http-host", "")
+    except _BindError as exc:
+        fail(exc.message)
+
+
+def _listen(host: str, port: int, flag: str, purpose: str) -> socket.socket:
+    """A listening socket on ``host:port``; _BindError saying why when that is impossible."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        fail(f"cannot resolve --http-host {host!r}: {exc.strerror}")
+        raise _BindError(f"cannot resolve {flag} {host!r}: {exc.strerror}") from exc
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -436,7 +529,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.listen(_BACKLOG)
     except OSError as exc:
         sock.close()
-        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+        raise _BindError(f"cannot listen{purpose} on {host}:{port}: {exc.strerror or exc}") from exc
     return sock
 
 
@@ -480,6 +573,9 @@ def replication_config(
             f"a follower needs the replication secret: --replication-secret-file or {SECRET_ENV}"
         )
     cert, key, ca, require = tls
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)):
+        if path is not None and not path.is_file():
+            raise InvalidInput(f"{flag} {path}: no such file")
     server_ssl = client_ssl = None
     try:
         # both ends: a follower may be promoted, a leader repointed
@@ -490,7 +586,12 @@ def replication_config(
         if ca is not None or cert is not None:
             client_ssl = client_ssl_context(ca, cert, key)
     except (OSError, ValueError) as exc:
-        raise InvalidInput(f"cannot load TLS files: {exc}") from exc
+        named = ", ".join(
+            f"{flag} {path}"
+            for flag, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca))
+            if path is not None
+        )
+        raise InvalidInput(f"cannot load TLS files ({named}): {exc}") from exc
     return ReplicationConfig(
         secret=secret,
         cluster_id=cluster_id,

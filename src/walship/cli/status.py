@@ -149,10 +149,13 @@ def format_lag(view: dict[str, Any], sep: str = ", ") -> str:
 
 
 def format_snapshot(progress: Any, sep: str = " ") -> Text:
-    """A bar, the percentage and bytes done/total of a running snapshot transfer."""
+    """A bar, the percentage and bytes done/total of a running snapshot transfer; once every
+    byte is there, ``installing`` and the size until the follower has installed it."""
     if not isinstance(progress, dict):
         return _dash()
     done, total = int(progress.get("bytes_done") or 0), int(progress.get("bytes_total") or 0)
+    if progress.get("state") == "installing":
+        return Text(f"installing{sep}{format_bytes(total)}", style="cyan")
     fraction = min(done / total, 1.0) if total > 0 else 0.0
     filled = round(fraction * _BAR_WIDTH)
     text = Text()
@@ -225,7 +228,12 @@ def _leader_cells(report: NodeReport) -> dict[str, RenderableType]:
     listening = repl.get("listening")
     ledger = repl.get("degraded") or {}
     writes, ranges = int(ledger.get("writes") or 0), int(ledger.get("ranges") or 0)
-    sending = sum(1 for f in followers if f.get("snapshot"))
+    states = [f["snapshot"].get("state") for f in followers if isinstance(f.get("snapshot"), dict)]
+    installing = states.count("installing")
+    sending = len(states) - installing
+    transfers = ", ".join(
+        f"{verb} {n}" for verb, n in (("sending", sending), ("installing", installing)) if n
+    )
     return {
         "in sync": Text(
             f"{count}/{len(followers)} (min {floor})",
@@ -236,7 +244,7 @@ def _leader_cells(report: NodeReport) -> dict[str, RenderableType]:
         "degraded": Text("0")
         if writes == 0
         else Text(f"{_plural(writes, 'write')}\n{_plural(ranges, 'range')}", style="bold yellow"),
-        "snapshot": Text(f"sending {sending}", style="cyan") if sending else _dash(),
+        "snapshot": Text(transfers, style="cyan") if transfers else _dash(),
     }
 
 

@@ -224,6 +224,8 @@ class Follower:
         self._stopping = False
         self._stream: MessageStream | None = None
         self._staging: SnapshotStaging | None = None
+        self._installing = False  # the snapshot in _staging is whole and being installed
+        self._logged_failure: str | None = None  # the last reason logged for a lost link
         self._send_lock = asyncio.Lock()
         self._last_sent = 0.0
         self._io: asyncio.Future[Any] | None = None  # the worker-thread job in flight
@@ -303,6 +305,7 @@ class Follower:
             if staging is None
             else {
                 "id": staging.snapshot_id,
+                "state": "installing" if self._installing else "receiving",
                 "bytes_done": staging.bytes_done,
                 "bytes_total": staging.bytes_total,
             },
@@ -446,26 +449,35 @@ class Follower:
             self.frames_rejected += 1
             self.metrics.frames_rejected.inc()
             self.last_error = f"rejected a frame from the leader: {exc.message}"
-            log.warning("replication: %s", self.last_error)
+            self._log_failure(logging.WARNING, self.last_error)
         elif isinstance(exc, LeaderDiverged):
             self.last_error = exc.message
-            log.error("replication: %s", exc.message)
+            self._log_failure(logging.ERROR, exc.message)
         elif isinstance(exc, PeerRefused):
             code = exc.details.get("refused", "refused")
             self.last_error = f"the leader refused this follower ({code}): {exc.message}"
-            log.warning("replication: %s", self.last_error)
+            self._log_failure(logging.WARNING, self.last_error)
         elif isinstance(exc, AuthenticationError):
             self.last_error = f"authentication failed: {exc.message}"
-            log.warning("replication: %s", self.last_error)
+            self._log_failure(logging.WARNING, self.last_error)
         elif isinstance(exc, WalshipError):
             self.last_error = exc.message
-            log.info("replication: link to %s ended: %s", self.leader_address, exc.message)
+            self._log_failure(logging.INFO, f"link to {self.leader_address} ended: {exc.message}")
         elif isinstance(exc, OSError | TimeoutError):
             self.last_error = f"connection to {self.leader_address} failed: {exc!r}"
-            log.info("replication: %s", self.last_error)
+            self._log_failure(logging.INFO, self.last_error)
         else:
             self.last_error = f"unexpected error: {exc!r}"
             log.exception("replication: follower link failed unexpectedly")
+
+    def _log_failure(self, level: int, message: str) -> None:
+        """Log why the link ended. The same reason again, attempt after attempt while the
+        leader stays away, goes to debug: a line at info or above says what changed (a
+        follower of a dead leader logged a line every backoff, up to every 5 s, forever)."""
+        if message == self._logged_failure:
+            level = logging.DEBUG
+        self._logged_failure = message
+        log.log(level, "replication: %s", message)
 
     async def _connect_and_follow(self) -> None:
         limits = self.store.limits
@@ -530,6 +542,7 @@ class Follower:
         self._note_term(welcome.term)
         self.leader_lsn = welcome.leader_last_lsn
         self.leader_url = welcome.leader_url or None
+        self._logged_failure = None  # connected: the next failure is news again
         log.info(
             "replication: following %s at %s (term %d, leader lsn %d)",
             welcome.leader_node_id,
@@ -852,7 +865,7 @@ class Follower:
         self._may_ack = False
         with _rejecting():
             staging = await self._in_thread(SnapshotStaging.open, self.store.data_dir, start)
-        self._staging = staging
+        self._staging, self._installing = staging, False
         resume = staging.resume
         log.info(
             "replication: receiving snapshot %s up to lsn %d (%d bytes in %d files), from file "
@@ -883,6 +896,7 @@ class Follower:
         staging = self._staging
         if staging is None or end.snapshot_id != staging.snapshot_id:
             raise FrameRejected(f"SnapshotEnd for {end.snapshot_id!r}, which is not in progress")
+        self._installing = True
         with _rejecting():
             await self._io_finished()
             manifest, terms = await self._in_thread(staging.finish)

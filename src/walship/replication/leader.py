@@ -15,6 +15,7 @@ import bisect
 import contextlib
 import hashlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -151,9 +152,23 @@ class RetentionSlots:
 
 @dataclass
 class SnapshotProgress:
+    """A snapshot transfer to one follower: ``sending`` until SnapshotEnd is sent, then
+    ``installing`` until the follower acknowledges ``last_lsn`` (it installed the snapshot),
+    when the session drops it."""
+
     snapshot_id: str
     bytes_done: int
     bytes_total: int
+    last_lsn: int
+    sent: bool = False
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "id": self.snapshot_id,
+            "state": "installing" if self.sent else "sending",
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+        }
 
 
 INLINE_READ_BYTES = 64 * 1024
@@ -211,11 +226,7 @@ class FollowerSession:
             "in_sync": self.in_sync,
         }
         if self.snapshot is not None:
-            out["snapshot"] = {
-                "id": self.snapshot.snapshot_id,
-                "bytes_done": self.snapshot.bytes_done,
-                "bytes_total": self.snapshot.bytes_total,
-            }
+            out["snapshot"] = self.snapshot.status()
         return out
 
     # ------------------------------------------------------------------ one unit of work
@@ -371,6 +382,11 @@ class FollowerSession:
                         )
                     self.durable_lsn = max(self.durable_lsn, msg.durable_lsn)
                     self.applied_lsn = max(self.applied_lsn, msg.applied_lsn)
+                    # the follower acknowledges nothing while it installs: an ack of the
+                    # snapshot's end means the install is over, and so is the transfer
+                    snapshot = self.snapshot
+                    if snapshot and snapshot.sent and self.durable_lsn >= snapshot.last_lsn:
+                        self.snapshot = None
                     self.leader.on_ack(self)
                 elif isinstance(msg, Heartbeat):
                     if msg.term > self.leader.term:
@@ -428,7 +444,7 @@ class FollowerSession:
             total = sum(f.size for f, _ in files)
             digest = hashlib.sha256(extra["manifest.json"]).hexdigest()[:16]
             snapshot_id = f"{manifest.last_lsn:016x}-{digest}"
-            self.snapshot = SnapshotProgress(snapshot_id, 0, total)
+            self.snapshot = SnapshotProgress(snapshot_id, 0, total, manifest.last_lsn)
             await self.stream.send(
                 SnapshotStart(
                     snapshot_id=snapshot_id,
@@ -467,6 +483,8 @@ class FollowerSession:
                     leader.metrics.snapshot_bytes.inc(size)
                     if meta.size == 0:
                         break
+            # before the send: its drain may let the follower's ack of the install in first
+            self.snapshot.sent = True
             await self.stream.send(SnapshotEnd(snapshot_id))
             leader.metrics.snapshots_sent.inc()
             self._prev = (manifest.last_lsn, manifest.last_term, manifest.chain_bytes)
@@ -509,6 +527,7 @@ class Leader:
         self.sessions: dict[str, FollowerSession] = {}
         self.pins: dict[int, int] = {}
         self._server: asyncio.Server | None = None
+        self._listen_sock: socket.socket | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._monitor: asyncio.Task[None] | None = None
@@ -546,6 +565,12 @@ class Leader:
         """A write up to ``lsn`` was answered ``replicated`` (kept for lost-and-found)."""
         self.acks.replicated(self.term, lsn)
 
+    def adopt_listener(self, sock: socket.socket) -> None:
+        """Listen for followers on ``sock`` (bound and listening) when started, instead of
+        binding then: ``walship serve`` binds before it serves, so that a port in use is a
+        one-line start-up error and not a failure inside the HTTP server's start-up."""
+        self._listen_sock = sock
+
     async def start(self) -> None:
         """Listen for followers (needs a secret) and start the in-sync monitor."""
         self._loop = asyncio.get_running_loop()
@@ -556,10 +581,16 @@ class Leader:
         if self.config.secret is None:
             log.warning("replication listener disabled: no shared secret configured")
         else:
+            # a socket handed over by adopt_listener, else bound here (after a promotion)
+            adopted, self._listen_sock = self._listen_sock, None
+            where: dict[str, Any] = (
+                {"sock": adopted}
+                if adopted is not None
+                else {"host": self.config.host, "port": self.config.port}
+            )
             self._server = await asyncio.start_server(
                 self._accept,
-                self.config.host,
-                self.config.port,
+                **where,
                 ssl=self.config.server_ssl,
                 # the TLS handshake happens before _accept sees the connection: bound it too
                 ssl_handshake_timeout=(
