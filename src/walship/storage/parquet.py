@@ -228,16 +228,30 @@ def _sha256(path: Path) -> str:
 
 
 class PartReader:
-    """Reads one part with pruning by lsn range, time range and entity row groups."""
+    """Reads one part with pruning by lsn range, time range and entity row groups.
+
+    Safe from any number of threads at once. pyarrow's ``ParquetFile`` is not: its reader
+    keeps per-read state (the pre-buffer cache), and one reader shared by the HTTP threads
+    answered ``ReadRangeCache did not find matching cache entry`` and then crashed the process
+    (SIGSEGV) under eight concurrent query clients. So each read opens a ``ParquetFile`` of its
+    own over one shared file descriptor, with the footer parsed once here: positional reads
+    (``pread``) of one ``OSFile`` are thread-safe, and the descriptor keeps a part that a merge
+    replaced readable for the queries that still hold it.
+    """
 
     def __init__(self, path: Path, info: PartInfo) -> None:
         self.path = path
         self.info = info
         try:
-            self._file = pq.ParquetFile(path)
+            self._source = pa.OSFile(str(path))
+            self._metadata = pq.ParquetFile(self._source).metadata
         except (OSError, pa.ArrowException) as exc:
             raise CorruptionError(f"cannot open checkpoint part {path}: {exc}") from exc
         self._id_hashes: np.ndarray | None = None
+
+    def _open(self) -> pq.ParquetFile:
+        """A reader for one call (it shares the descriptor, which it leaves open)."""
+        return pq.ParquetFile(self._source, metadata=self._metadata)
 
     def could_match(self, flt: QueryFilter, visible_lsn: int) -> bool:
         info = self.info
@@ -256,9 +270,11 @@ class PartReader:
             groups = [i for i, (lo, hi) in enumerate(self.info.row_groups) if lo <= key <= hi]
             if not groups:
                 return []
-            table = self._file.read_row_groups(groups, use_threads=False)
+            with self._open() as file:
+                table = file.read_row_groups(groups, use_threads=False)
             return _to_events(_filter(table, flt), limit)
-        keys = self._file.read(columns=["lsn", "tenant_id", "event_type", "timestamp"])
+        with self._open() as file:
+            keys = file.read(columns=["lsn", "tenant_id", "event_type", "timestamp"])
         mask = _mask(keys, flt)
         if mask is not None:
             keys = keys.filter(mask)
@@ -270,22 +286,26 @@ class PartReader:
 
     def _rows_by_lsn(self, lsns: np.ndarray) -> pa.Table:
         """Read only the row groups that hold ``lsns`` and keep those rows."""
-        lsn_col = self._file.read(columns=["lsn"]).column("lsn").to_numpy()
-        rows = np.nonzero(np.isin(lsn_col, lsns))[0]
-        group_rows = self._file.metadata.row_group(0).num_rows if self._file.num_row_groups else 1
-        groups = sorted({int(r) // group_rows for r in rows})
-        table = self._file.read_row_groups(groups)
+        meta = self._metadata
+        group_rows = meta.row_group(0).num_rows if meta.num_row_groups else 1
+        with self._open() as file:
+            lsn_col = file.read(columns=["lsn"]).column("lsn").to_numpy()
+            rows = np.nonzero(np.isin(lsn_col, lsns))[0]
+            groups = sorted({int(r) // group_rows for r in rows})
+            table = file.read_row_groups(groups)
         return table.filter(pc.is_in(table.column("lsn"), pa.array(lsns)))
 
     def entity_versions(self) -> pa.Table:
         """(tenant_id, entity_id, version max) per entity in this part."""
-        t = self._file.read(columns=["tenant_id", "entity_id", "version"])
+        with self._open() as file:
+            t = file.read(columns=["tenant_id", "entity_id", "version"])
         return t.group_by(["tenant_id", "entity_id"]).aggregate([("version", "max")])
 
     def id_hashes(self) -> np.ndarray:
         """Sorted 64-bit id keys of this part (loaded once, 8 bytes per event)."""
         if self._id_hashes is None:
-            column = self._file.read(columns=["id"]).column("id").combine_chunks()
+            with self._open() as file:
+                column = file.read(columns=["id"]).column("id").combine_chunks()
             arr = id_hashes_of_text(column)
             if arr is None:  # not as walship writes ids: parse each one
                 ids = column.to_pylist()
@@ -304,7 +324,8 @@ class PartReader:
         i = int(np.searchsorted(hashes, h))
         if i >= len(hashes) or hashes[i] != h:
             return None
-        table = self._file.read()
+        with self._open() as file:
+            table = file.read()
         hit = table.filter(pc.equal(table.column("id"), str(uuid.UUID(bytes=event_id))))
         found = _to_events(hit, 1)
         return found[0] if found else None
