@@ -176,6 +176,49 @@ def test_invalid_event_is_refused_and_stores_nothing(
         assert store_position(api) == before
 
 
+_BAD_UTF8 = [
+    ("payload value", b'{"entity_id":"a","event_type":"t","payload":{"x":"\xff"}}', "payload"),
+    ("payload key", b'{"entity_id":"a","event_type":"t","payload":{"\xc3":1}}', "payload"),
+    ("payload string", b'{"entity_id":"a","event_type":"t","payload":"ok \xc0\xaf"}', "payload"),
+    (
+        "encoded surrogate",
+        b'{"entity_id":"a","event_type":"t","payload":["\xed\xa0\x80"]}',
+        "payload",
+    ),
+    (
+        "metadata value",
+        b'{"entity_id":"a","event_type":"t","payload":1,"metadata":{"k":"\xfe"}}',
+        "metadata",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"), [c[1:] for c in _BAD_UTF8], ids=[c[0] for c in _BAD_UTF8]
+)
+def test_invalid_utf8_inside_payload_or_metadata_is_refused_naming_the_field(
+    api: TestClient, raw: bytes, field: str
+) -> None:
+    """One such event, once stored, made every checkpoint on every node fail for good."""
+    append(api)
+    before = store_position(api)
+    error = assert_error(api.post("/api/v1/events", content=raw), 422, "validation_error")
+    assert error["field"] == field and "UTF-8" in error["message"]
+    batch = b'{"events":[' + raw + b"]}"
+    error = assert_error(api.post("/api/v1/events/batch", content=batch), 422, "validation_error")
+    assert error["field"] == field
+    assert store_position(api) == before
+
+
+def test_lone_surrogate_escapes_are_refused_and_pairs_kept(api: TestClient) -> None:
+    lone = b'{"entity_id":"a","event_type":"t","payload":{"x":"\\udc80"}}'
+    assert_error(api.post("/api/v1/events", content=lone), 400, "malformed_json")
+    pair = b'{"entity_id":"s","event_type":"t","payload":{"x":"\\ud83d\\ude00 \xc3\xa9"}}'
+    assert api.post("/api/v1/events", content=pair).status_code == 200
+    events = api.get("/api/v1/events/query", params={"entity_id": "s"}).json()["events"]
+    assert events[0]["payload"] == {"x": "\U0001f600 \u00e9"}
+
+
 @pytest.mark.parametrize(
     ("raw", "status", "code"),
     [

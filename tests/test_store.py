@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import make_event
 from walship.errors import LimitExceeded, ValidationError, VersionConflict
+from walship.events import EventIn
 from walship.limits import Limits
 from walship.storage.parquet import SCHEMA
 from walship.storage.query import QueryFilter
@@ -488,3 +489,39 @@ def test_an_append_larger_than_followers_hold_is_refused_whole(tmp_path: Path) -
         assert store.append_batch(big[:4])[-1].lsn == 4  # under the limit: stored
     finally:
         store.close()
+
+
+def test_every_payload_intake_accepts_can_be_checkpointed(store: Store) -> None:
+    """What ``prepare`` lets in, Arrow's string columns take: non-ASCII text, escaped
+    surrogate pairs, control characters as escapes; and what Arrow refuses is refused at
+    intake, naming the field, so no event can stop the checkpoints."""
+    good = [
+        b'{"name":"\xc3\xa9t\xc3\xa9 \xf0\x9f\x98\x80"}',
+        b'{"x":"\\ud83d\\ude00","y":"\\u0000\\n"}',
+        b'"\xe2\x82\xac"',
+    ]
+    for i, raw in enumerate(good):
+        store.append(
+            EventIn(
+                entity_id=f"u{i}",
+                event_type="t",
+                payload=msgspec.Raw(raw),
+                metadata=msgspec.Raw(b'{"m":"\xc3\xbc"}'),
+            )
+        )
+    for raw, field in [(b'"\xff"', "payload"), (b'{"k":"\xed\xb2\x80"}', "payload")]:
+        with pytest.raises(ValidationError) as info:
+            store.append(EventIn(entity_id="bad", event_type="t", payload=msgspec.Raw(raw)))
+        assert info.value.details["field"] == field
+    with pytest.raises(ValidationError) as info:
+        store.append(
+            EventIn(
+                entity_id="bad",
+                event_type="t",
+                payload=msgspec.Raw(b"1"),
+                metadata=msgspec.Raw(b'{"k":"\x80"}'),
+            )
+        )
+    assert info.value.details["field"] == "metadata"
+    assert store.checkpoint() is not None
+    assert [ev.payload for ev in store.query(QueryFilter()).events] == good

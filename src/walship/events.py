@@ -260,6 +260,24 @@ def _first_json_byte(raw: bytes) -> int:
     return stripped[0] if stripped else 0
 
 
+def check_utf8(raw: bytes, field: str) -> None:
+    """ValidationError naming ``field`` unless the JSON text ``raw`` is valid UTF-8.
+
+    msgspec checks a ``Raw`` value's syntax and its escapes (a lone ``\\udc80`` is refused) but
+    not the bytes inside its strings; one invalid byte stored made every checkpoint fail
+    (Arrow string columns hold only valid UTF-8) and every reader of it fail too. Python's
+    strict decoder refuses what Arrow refuses (overlong forms, encoded surrogates).
+    """
+    if raw.isascii():
+        return
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValidationError(
+            f"{field} is not valid UTF-8: {exc.reason} at byte {exc.start}", field=field
+        ) from None
+
+
 def prepare(ev: EventIn, limits: Limits) -> tuple[bytes, str, str, str, bytes, bytes | None]:
     """Validate one incoming event.
 
@@ -277,6 +295,7 @@ def prepare(ev: EventIn, limits: Limits) -> tuple[bytes, str, str, str, bytes, b
             field="payload",
             limit=limits.payload_bytes_max,
         )
+    check_utf8(payload, "payload")
     metadata: bytes | None = None
     if ev.metadata is not None:
         metadata = bytes(ev.metadata)
@@ -291,6 +310,8 @@ def prepare(ev: EventIn, limits: Limits) -> tuple[bytes, str, str, str, bytes, b
                 field="metadata",
                 limit=limits.metadata_bytes_max,
             )
+        else:
+            check_utf8(metadata, "metadata")
     if ev.expected_version is not None and ev.expected_version < 0:
         raise ValidationError("expected_version must be >= 0", field="expected_version")
     event_id = ev.id.bytes if ev.id is not None else b""
