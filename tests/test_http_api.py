@@ -579,6 +579,38 @@ def test_single_async_leader_is_live_and_ready(api: TestClient) -> None:
     assert (health["status"], health["ready"], health["not_ready"]) == ("healthy", True, [])
 
 
+def test_failing_checkpoints_make_the_node_not_ready_and_say_why(
+    api: TestClient, node: Node
+) -> None:
+    """A checkpoint that fails (here: the parts directory is a plain file) is an alarm on
+    ``/health/ready``, ``/health`` and in the metrics until one works; writes go on meanwhile
+    (the WAL and the memtable hold them)."""
+    append(api)
+    assert api.get("/health/ready").status_code == 200
+    parts = node.store.parts_dir
+    parts.rmdir()
+    parts.write_text("not a directory\n")
+    with pytest.raises(NotADirectoryError):
+        node.store.checkpoint()
+    ready = api.get("/health/ready")
+    assert ready.status_code == 503
+    assert any("checkpoints are failing" in r for r in ready.json()["reasons"])
+    health = api.get("/health").json()
+    assert health["status"] == "not_ready" and health["wal_failed"] is None
+    assert any("NotADirectoryError" in r for r in health["not_ready"])
+    failing = health["checkpoint_failing"]
+    assert "NotADirectoryError" in failing["error"] and failing["failures"] == 1
+    assert "walship_checkpoint_failing 1.0" in api.get("/metrics").text
+    assert append(api, entity="still-writable")["lsn"] == 2
+    parts.unlink()
+    parts.mkdir()
+    assert node.store.checkpoint() is not None
+    health = api.get("/health").json()
+    assert health["status"] == "healthy" and health["checkpoint_failing"] is None
+    assert health["checkpoint_lsn"] == 2
+    assert api.get("/health/ready").status_code == 200
+
+
 def test_metrics_expose_documented_names(api: TestClient) -> None:
     append(api)
     response = api.get("/metrics")

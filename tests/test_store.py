@@ -525,3 +525,80 @@ def test_every_payload_intake_accepts_can_be_checkpointed(store: Store) -> None:
     assert info.value.details["field"] == "metadata"
     assert store.checkpoint() is not None
     assert [ev.payload for ev in store.query(QueryFilter()).events] == good
+
+
+def _break_parts_dir(store: Store) -> None:
+    """Make every checkpoint fail for real: the parts directory becomes a plain file."""
+    for leftover in store.parts_dir.iterdir():
+        leftover.unlink()
+    store.parts_dir.rmdir()
+    store.parts_dir.write_text("not a directory\n")
+
+
+def _mend_parts_dir(store: Store) -> None:
+    store.parts_dir.unlink()
+    store.parts_dir.mkdir()
+
+
+def test_a_failing_checkpoint_is_an_alarm_until_one_works(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint that keeps failing is kept as ``checkpoint_failure`` (and a metric),
+    logged once rather than at every retry, retried with backoff, and cleared, with a log
+    line, by the first checkpoint that works."""
+    limits = Limits(
+        memtable_events_max=10,
+        checkpoint_retry_ms_min=20,
+        checkpoint_retry_ms_max=100,
+        checkpoint_failure_log_interval_ms=600_000,
+    )
+    store = Store.open(
+        StoreConfig(tmp_path / "data", fsync=FsyncPolicy.parse("never"), limits=limits)
+    )
+    registry = store.metrics.registry
+    try:
+        _break_parts_dir(store)
+        caplog.set_level("WARNING", logger="walship.store")
+        store.append_batch([make_event(f"e{i}") for i in range(15)])
+        deadline = time.monotonic() + 30
+        while (store.checkpoint_failure is None or store.checkpoint_failure.failures < 4) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.02)
+        failure = store.checkpoint_failure
+        assert failure is not None and failure.failures >= 4, failure
+        assert "NotADirectoryError" in failure.error
+        assert store.stats()["checkpoint_failing"] is True
+        assert registry.get_sample_value("walship_checkpoint_failing") == 1
+        assert registry.get_sample_value("walship_checkpoint_failures_total") >= 4
+        alarms = [r for r in caplog.records if "checkpoint failing" in r.getMessage()]
+        assert len(alarms) == 1 and alarms[0].levelname == "ERROR", alarms
+        assert alarms[0].exc_info is not None  # the first one carries the traceback
+        _mend_parts_dir(store)
+        deadline = time.monotonic() + 30
+        while store.checkpoint_failure is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store.checkpoint_failure is None
+        assert store.checkpoints_taken >= 1 and store.manifest.last_lsn >= 15
+        assert registry.get_sample_value("walship_checkpoint_failing") == 0
+        assert any("checkpoints work again" in r.getMessage() for r in caplog.records)
+    finally:
+        store.close()
+
+
+def test_checkpoint_alarm_backs_off_and_logs_on_change_or_interval() -> None:
+    from walship.storage.alarm import CheckpointAlarm
+
+    alarm = CheckpointAlarm(retry_ms_min=1_000, retry_ms_max=8_000, log_interval_ms=60_000)
+    assert alarm.state(0.0) is None and alarm.retry_due(0.0)
+    logged = [alarm.failed("disk", now=float(t), wall=100.0) for t in range(5)]
+    assert logged == [True, False, False, False, False]  # not at every retry
+    state = alarm.state(4.0)
+    assert state is not None and state.failures == 5 and state.since_s == 100.0
+    assert state.retry_in_ms == 8_000  # 1, 2, 4, 8, then capped at 8 s
+    assert not alarm.retry_due(11.9) and alarm.retry_due(12.0)
+    assert alarm.failed("other error", now=12.0, wall=112.0)  # a new error is said at once
+    assert not alarm.failed("other error", now=13.0, wall=113.0)
+    assert alarm.failed("other error", now=73.0, wall=173.0)  # and again after the interval
+    assert alarm.succeeded() == 8 and alarm.state(74.0) is None and alarm.retry_due(74.0)
+    assert alarm.succeeded() == 0

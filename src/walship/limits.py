@@ -50,6 +50,11 @@ class Limits:
     # read in the manifest; each retry re-reads a newer manifest, so this is only reached when
     # the data dir is unreadable for that long (a snapshot install that does not end)
     history_pin_timeout_ms: int = 30_000
+    # a failing checkpoint is retried with exponential backoff between these, and logged
+    # when it starts, changes or ends, and every log interval while it lasts (storage/alarm.py)
+    checkpoint_retry_ms_min: int = 1_000
+    checkpoint_retry_ms_max: int = 60_000
+    checkpoint_failure_log_interval_ms: int = 300_000
 
     # replication
     frame_bytes_max: int = 4 * MIB
@@ -71,6 +76,8 @@ class Limits:
             raise InvalidInput("query_limit_default cannot exceed query_limit_max")
         if self.append_bytes_max < self.record_bytes_max:
             raise InvalidInput("append_bytes_max must hold a record of record_bytes_max")
+        if self.checkpoint_retry_ms_min > self.checkpoint_retry_ms_max:
+            raise InvalidInput("checkpoint_retry_ms_min cannot exceed checkpoint_retry_ms_max")
         if self.record_bytes_max + 4096 > self.frame_bytes_max:
             raise InvalidInput("frame_bytes_max must hold a record of record_bytes_max")
         if self.handshake_frame_bytes_max > self.frame_bytes_max:

@@ -42,6 +42,14 @@ class StoreMetrics:
         self.checkpoint_events = Counter(
             "walship_checkpointed_events", "Events written to Parquet parts", registry=r
         )
+        self.checkpoint_failures = Counter(
+            "walship_checkpoint_failures", "Checkpoints that failed (each retry counts)", registry=r
+        )
+        self.checkpoint_failing = Gauge(
+            "walship_checkpoint_failing",
+            "1 while checkpoints fail (the memtable and the WAL grow until one works)",
+            registry=r,
+        )
         self.memtable_events = Gauge(
             "walship_memtable_events", "Events held in memtables", registry=r
         )

@@ -395,6 +395,7 @@ class Node:
         written, not_ready when ``not_ready`` lists why this node cannot do its job."""
         store = self.store
         wal = store.wal.status()
+        checkpoint_failure = store.checkpoint_failure
         reasons = readiness(self)
         if wal.failed is not None or self._closed:
             status = HealthStatus.UNHEALTHY
@@ -416,6 +417,9 @@ class Node:
             "synced_lsn": wal.synced_lsn,
             "wal_failed": wal.failed,
             "checkpoint_lsn": store.manifest.last_lsn,
+            "checkpoint_failing": None
+            if checkpoint_failure is None
+            else checkpoint_failure.to_dict(),
             "uptime_s": round(time.monotonic() - self._started_monotonic, 3),
             "version": __version__,
             "replication": self.replication_status(),

@@ -4,7 +4,8 @@ A load balancer sends traffic only to nodes whose readiness list is empty. The l
 small checks, each naming one condition in words an operator can act on; a new condition (a
 store alarm, say) is one more check appended to ``CHECKS``.
 
-* Every node: its WAL must be writable and the node open.
+* Every node: its WAL must be writable, its checkpoints working (while they fail, memory and
+  the WAL grow until writes are refused) and the node open.
 * A leader: not fenced, allowed to write by its election (holds a live etcd lease), and with
   as many followers in sync as its ack mode needs (``--min-in-sync``, ``semi-sync`` one,
   ``quorum:N`` N). An ``async`` leader waits for nobody, so followers do not count for it.
@@ -48,6 +49,13 @@ def _storage(node: Node) -> list[str]:
         return ["the node is closed"]
     failed = node.store.wal.failed
     return [] if failed is None else [f"the WAL accepts no writes: {failed.message}"]
+
+
+def _checkpoints(node: Node) -> list[str]:
+    failure = node.store.checkpoint_failure
+    if failure is None:
+        return []
+    return [f"checkpoints are failing ({failure.failures} attempts): {failure.error}"]
 
 
 def _leader(node: Node) -> list[str]:
@@ -96,5 +104,5 @@ def _follower(node: Node) -> list[str]:
     return []
 
 
-CHECKS: list[Check] = [_storage, _leader, _follower]
+CHECKS: list[Check] = [_storage, _checkpoints, _leader, _follower]
 """Every readiness check, in the order their reasons are listed."""

@@ -60,6 +60,7 @@ from walship.fsutil import atomic_write, fsync_dir
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.metrics import StoreMetrics
 from walship.position import Lsn, Position, Term
+from walship.storage.alarm import CheckpointAlarm, CheckpointFailure
 from walship.storage.compaction import merge_parts, pick_run
 from walship.storage.manifest import (
     INSTALL_MARKER,
@@ -186,6 +187,11 @@ class Store:
         self._garbage: set[str] = set()
         self.checkpoints_taken = 0
         self.compactions = 0
+        self._alarm = CheckpointAlarm(
+            self.limits.checkpoint_retry_ms_min,
+            self.limits.checkpoint_retry_ms_max,
+            self.limits.checkpoint_failure_log_interval_ms,
+        )
         self.wal: Wal
         self._dir_lock: DataDirLock | None = None
 
@@ -638,7 +644,13 @@ class Store:
             self._kick.set()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise Unavailable("checkpointing is behind; try again", retry_after_ms=1000)
+                failure = self.checkpoint_failure
+                raise Unavailable(
+                    "checkpointing is behind; try again"
+                    if failure is None
+                    else f"checkpoints are failing ({failure.error}); the memtable is full",
+                    retry_after_ms=1000,
+                )
             self._checkpoint_done.wait(min(remaining, 0.1))
 
     def _receipt_of(self, ev: StoredEvent, *, duplicate: bool = False) -> Receipt:
@@ -854,6 +866,7 @@ class Store:
                 "checkpoints_taken": self.checkpoints_taken,
                 "compactions": self.compactions,
                 "compaction_held": self._compaction_held,
+                "checkpoint_failing": self.checkpoint_failure is not None,
                 "wal_first_lsn": self.wal.first_lsn().value,
                 "wal_segments": wal.segments,
                 "wal_bytes": wal.bytes,
@@ -866,10 +879,45 @@ class Store:
     def checkpoint(self) -> PartInfo | None:
         """Write everything visible in memtables to a Parquet part now.
 
-        Returns the part written, or None when there was nothing to checkpoint.
+        Returns the part written, or None when there was nothing to checkpoint. A failure is
+        raised to the caller and also kept as ``checkpoint_failure`` until one works.
         """
         with self._checkpoint_lock:
-            return self._checkpoint_once()
+            try:
+                part = self._checkpoint_once()
+            except (WalFailed, StorageFull):
+                raise  # the WAL's own state says it (a full disk's rollback retries at once)
+            except Exception as exc:
+                self._checkpoint_failed(exc)
+                raise
+        ended = self._alarm.succeeded()
+        self.metrics.checkpoint_failing.set(0)
+        if ended:
+            log.warning("checkpoints work again after %d failed attempts", ended)
+        return part
+
+    def _checkpoint_failed(self, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        self.metrics.checkpoint_failures.inc()
+        self.metrics.checkpoint_failing.set(1)
+        if self._alarm.failed(error, time.monotonic(), time.time()):
+            failure = self._alarm.state(time.monotonic())
+            assert failure is not None
+            log.error(
+                "checkpoint failing (%d attempts since %s; next in %d ms): %s -- every event "
+                "is still in the WAL, but the memtable grows until writes are refused; see "
+                "the README, 'When checkpoints fail'",
+                failure.failures,
+                format_timestamp(int(failure.since_s * 1_000_000)),
+                failure.retry_in_ms,
+                error,
+                exc_info=failure.failures == 1,
+            )
+
+    @property
+    def checkpoint_failure(self) -> CheckpointFailure | None:
+        """Why checkpoints fail now; None when the last one worked (or none has failed)."""
+        return self._alarm.state(time.monotonic())
 
     def _checkpoint_once(self) -> PartInfo | None:
         t0 = time.perf_counter()
@@ -1064,7 +1112,7 @@ class Store:
                 return
             if self.wal.failed is not None:
                 continue
-            if self._due_for_checkpoint():
+            if self._due_for_checkpoint() and self._alarm.retry_due(time.monotonic()):
                 try:
                     self.checkpoint()
                 except WalFailed:
@@ -1072,8 +1120,7 @@ class Store:
                 except StorageFull as exc:
                     log.warning("checkpoint skipped: %s", exc.message)
                 except Exception:
-                    log.exception("checkpoint failed; will retry")
-                    self._stop.wait(1.0)
+                    pass  # logged and kept by the alarm; retried after its backoff
             self._update_memtable_gauges()
 
     def _update_memtable_gauges(self) -> None:
