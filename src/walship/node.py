@@ -295,9 +295,12 @@ class Node:
 
     # ------------------------------------------------------------------ writes
 
-    def check_writable(self) -> None:
-        """Raise ReadOnly (409, naming the leader) unless this node accepts writes; Fenced
-        (409) on a leader that learned it was deposed."""
+    def check_writable(self) -> Leader:
+        """The leader end that takes this write; ReadOnly (409, naming the leader) unless this
+        node accepts writes; Fenced (409) on a leader that learned it was deposed.
+
+        The write is confirmed by the leader returned here, whatever happens to the node's
+        role meanwhile (``confirm``)."""
         if self.role is not Role.LEADER:
             follower = self.follower
             raise ReadOnly(
@@ -331,6 +334,9 @@ class Node:
                 newer_term=newer_term,
                 leader_url=newer_url,
             )
+        invariant(leader is not None, f"{self.node_id} is a leader without a leader end")
+        assert leader is not None
+        return leader
 
     def _newer_leader(self, leader: Leader) -> tuple[int | None, str | None]:
         """The term (and HTTP URL, when the election published it) of a leader newer than
@@ -343,25 +349,29 @@ class Node:
             return leader.fenced_term, None
         return None, None
 
-    def ack_mode_for(self, requested: AckMode | None) -> AckMode:
+    def ack_mode_for(self, requested: AckMode | None, leader: Leader | None = None) -> AckMode:
         """The server's ack mode, or a stricter one a write asked for (never a weaker one)."""
         mode = self.config.replication.ack_mode
         if requested is None:
             return mode
-        in_sync = len(self.leader.tracker.in_sync) if self.leader is not None else 0
+        leader = leader or self.leader
+        in_sync = len(leader.tracker.in_sync) if leader is not None else 0
         return mode.stricter(requested, in_sync)
 
-    async def confirm(self, pending: PendingAppend, requested: AckMode | None) -> list[Receipt]:
+    async def confirm(
+        self, pending: PendingAppend, requested: AckMode | None, leader: Leader
+    ) -> list[Receipt]:
         """Wait for the write's acknowledgement mode and fill in the durability receipts.
 
-        ``replicated`` when the mode was met; on timeout ``degraded`` (recorded in the
-        ledger) or, with ``on_ack_timeout=fail``, AckTimeout (503) saying the write is
-        committed locally at its lsn but not confirmed by replicas.
+        ``leader`` is the one ``check_writable`` gave the write: a write in a waiting mode is
+        answered ``replicated``, ``degraded`` (recorded in that leader's ledger) or, with
+        ``on_ack_timeout=fail``, AckTimeout (503) saying the write is committed locally at its
+        lsn but not confirmed by replicas -- never ``local``, even when the node was demoted
+        (its leader end stopped: nothing more can confirm) while the write waited.
         """
         receipts = pending.receipts
-        mode = self.ack_mode_for(requested)
-        leader = self.leader  # a demotion while waiting must not change whose ledger it is
-        if leader is None or not mode.waits or not receipts:
+        mode = self.ack_mode_for(requested, leader)
+        if not mode.waits or not receipts:
             return receipts
         last = pending.max_lsn
         outcome = await leader.confirm(last, mode)

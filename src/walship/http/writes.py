@@ -87,7 +87,7 @@ async def append_events(
     An ack mode that does not parse is refused (InvalidInput, 400) before anything is written:
     refused after the write, a retry would store the events twice."""
     requested = AckMode.parse(ack_mode) if ack_mode else None
-    node.check_writable()
+    leader = node.check_writable()
     store = node.store
     if store.would_block():
         # backpressure (checkpoints or the WAL writer behind): wait in a thread, not the loop
@@ -100,7 +100,7 @@ async def append_events(
     if pending.done is not None:
         outcome = await wait_written(pending.done)
     pending.finish(outcome)
-    return await node.confirm(pending, requested)
+    return await node.confirm(pending, requested, leader)
 
 
 async def answer_event(node: Node, data: bytes, ack_mode: str | None = None) -> bytes:

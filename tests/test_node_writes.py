@@ -1,0 +1,121 @@
+"""The write path of a node (``check_writable`` → ``Store.submit`` → WAL → ``confirm``) against
+a real store and a real leader end, in-process: what a write in a waiting ack mode is answered
+when the node's role changes under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from walship.errors import AckTimeout
+from walship.events import EventIn
+from walship.http.writes import append_events, wait_written
+from walship.node import Node, NodeConfig, Role
+from walship.replication.acks import AckMode, DegradationLedger
+from walship.replication.config import ReplicationConfig
+from walship.store import PendingAppend
+from walship.wal import FsyncPolicy
+from walship.wal.log import WriteOutcome
+
+SECRET = b"walship-test-secret"
+
+
+def leader_node(path: Path, **replication: Any) -> Node:
+    config = NodeConfig(
+        path,
+        fsync=FsyncPolicy.parse("always"),
+        checkpoints=False,
+        replication=ReplicationConfig(secret=SECRET, port=0, **replication),
+    )
+    return Node.open(config)
+
+
+def an_event(entity: str = "order-1") -> EventIn:
+    return EventIn(entity_id=entity, event_type="order.placed", payload=msgspec.Raw(b"{}"))
+
+
+async def demoted_while_written(
+    node: Node, monkeypatch: pytest.MonkeyPatch, ack_mode: str | None
+) -> asyncio.Task[Any]:
+    """Start a write, and demote the node (repoint it) after the write was queued in the WAL
+    but before its answer was worked out; the write's task, let go after the demotion."""
+    real_submit = node.store.submit
+    queued = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    held: list[tuple[Future[WriteOutcome], Future[WriteOutcome]]] = []
+
+    def submit_and_hold(events: Any) -> PendingAppend:
+        pending = real_submit(events)
+        assert pending.done is not None
+        gate: Future[WriteOutcome] = Future()
+        held.append((pending.done, gate))
+        pending.done = gate  # the WAL writes it as usual; the write sees it only when let go
+        loop.call_soon_threadsafe(queued.set)
+        return pending
+
+    monkeypatch.setattr(node.store, "submit", submit_and_hold)
+    task = asyncio.create_task(append_events(node, [an_event()], ack_mode))
+    await queued.wait()
+    await node.repoint("127.0.0.1:9")  # a new leader elsewhere; nothing listens there
+    assert node.role is Role.FOLLOWER and node.leader is None
+    written, gate = held[0]
+    gate.set_result(await wait_written(written))
+    return task
+
+
+@pytest.mark.parametrize("how", ["server mode", "asked for"])
+def test_a_write_demoted_while_it_waits_is_degraded_and_ledgered_never_local(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The leader is repointed after the write entered the WAL: nothing can confirm it any
+    more, so the answer is ``degraded`` with the range in the ledger -- not ``local``, which
+    would claim the mode asked for none."""
+    server = "semi-sync" if how == "server mode" else "async"
+    node = leader_node(tmp_path / "n", ack_mode=AckMode.parse(server))
+
+    async def scenario() -> list[Any]:
+        await node.start()
+        try:
+            task = await demoted_while_written(
+                node, monkeypatch, None if how == "server mode" else "quorum:1"
+            )
+            return list(await task)
+        finally:
+            await node.stop()
+
+    try:
+        receipts = asyncio.run(scenario())
+    finally:
+        node.close()
+    assert [r.durability for r in receipts] == ["degraded"]
+    assert receipts[0].required == 1 and receipts[0].acked_by == []
+    ledger = DegradationLedger.load(tmp_path / "n" / "replication" / "degraded.json")
+    assert [(r.first_lsn, r.last_lsn) for r in ledger.ranges] == [(receipts[0].lsn,) * 2]
+
+
+def test_a_write_demoted_while_it_waits_is_503_under_on_ack_timeout_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = leader_node(tmp_path / "n", ack_mode=AckMode.parse("semi-sync"), on_ack_timeout="fail")
+
+    async def scenario() -> None:
+        await node.start()
+        try:
+            task = await demoted_while_written(node, monkeypatch, None)
+            with pytest.raises(AckTimeout) as info:
+                await task
+            assert info.value.details["committed_locally"] is True
+            assert info.value.http_status == 503
+        finally:
+            await node.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        node.close()
