@@ -20,7 +20,7 @@ def test_ack_modes_parse_and_compare() -> None:
     server = AckMode.parse("semi-sync")
     assert server.stricter(AckMode.parse("async"), 2) == server
     assert server.stricter(AckMode.parse("quorum:2"), 2) == AckMode.parse("quorum:2")
-    for bad in ("quorum:0", "quorum:x", "most", ""):
+    for bad in ("quorum:0", "quorum:x", "most", "", "quorum:" + "9" * 40, "quorum:1001"):
         with pytest.raises(InvalidInput):
             AckMode.parse(bad)
 

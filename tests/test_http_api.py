@@ -257,9 +257,35 @@ def test_invalid_ack_mode_is_refused_before_anything_is_written(
     response = api.post(path, json=body, params=params, headers=headers)
     assert "ack mode" in assert_error(response, 400, "invalid_request")["message"]
     assert store_position(api) == (0, 0)
-    # a valid one is taken (on a node without followers every mode is met locally)
-    assert api.post(path, json=body, params={"ack_mode": "sync"}).status_code == 200
+    # a valid one is taken
+    assert api.post(path, json=body, params={"ack_mode": "async"}).status_code == 200
     assert store_position(api) == (1, 1)
+
+
+@pytest.mark.parametrize("mode", ["semi-sync", "sync", "quorum:1", "quorum:" + "9" * 40])
+@pytest.mark.parametrize("path", ["/api/v1/events", "/api/v1/events/batch"])
+def test_ack_mode_no_configured_follower_can_meet_is_refused_at_once(
+    api: TestClient, node: Node, path: str, mode: str
+) -> None:
+    """A node with no follower (none known, no --peers) cannot confirm a
+    write with any follower: asking for one is refused before the write, not answered
+    ``degraded`` after the whole timeout with a ledger entry for ever."""
+    body = {"events": [event()]} if path.endswith("batch") else event()
+    started = time.monotonic()
+    for response in (
+        api.post(path, json=body, params={"ack_mode": mode}),
+        api.post(path, json=body, headers={"x-walship-ack-mode": mode}),
+    ):
+        error = response.json()
+        assert response.status_code == 400, response.text
+        assert error["error"] in ("unmeetable_ack_mode", "invalid_request")
+        assert error["field"] == "ack_mode" and "ack mode" in error["message"]
+    assert time.monotonic() - started < 5
+    assert store_position(api) == (0, 0)
+    assert api.get("/api/v1/replication/degraded").json()["ranges"] == []
+    if not mode.startswith("quorum:9"):
+        assert error["error"] == "unmeetable_ack_mode"
+        assert (error["followers_asked"], error["followers_configured"]) == (1, 0)
 
 
 def test_oversized_batch_and_request_are_refused(api: TestClient) -> None:

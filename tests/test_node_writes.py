@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from walship.errors import AckTimeout
+from walship.errors import AckTimeout, UnmeetableAckMode
 from walship.events import EventIn
 from walship.http.writes import append_events, wait_written
 from walship.node import Node, NodeConfig, Role
@@ -27,10 +27,12 @@ SECRET = b"walship-test-secret"
 
 
 def leader_node(path: Path, **replication: Any) -> Node:
+    """A leader with no follower connected, in a cluster of two (``--peers``)."""
     config = NodeConfig(
         path,
         fsync=FsyncPolicy.parse("always"),
         checkpoints=False,
+        peers=("http://127.0.0.2:3900",),
         replication=ReplicationConfig(secret=SECRET, port=0, **replication),
     )
     return Node.open(config)
@@ -61,7 +63,11 @@ async def demoted_while_written(
 
     monkeypatch.setattr(node.store, "submit", submit_and_hold)
     task = asyncio.create_task(append_events(node, [an_event()], ack_mode))
-    await queued.wait()
+    queued_wait = asyncio.create_task(queued.wait())
+    await asyncio.wait([task, queued_wait], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if not queued.is_set():
+        queued_wait.cancel()
+        raise AssertionError(f"the write never reached the WAL: {task}")
     await node.repoint("127.0.0.1:9")  # a new leader elsewhere; nothing listens there
     assert node.role is Role.FOLLOWER and node.leader is None
     written, gate = held[0]
@@ -112,6 +118,39 @@ def test_a_write_demoted_while_it_waits_is_503_under_on_ack_timeout_fail(
                 await task
             assert info.value.details["committed_locally"] is True
             assert info.value.http_status == 503
+        finally:
+            await node.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        node.close()
+
+
+def test_peers_configure_how_many_followers_a_write_may_ask_for(tmp_path: Path) -> None:
+    """No follower has connected yet, but ``--peers`` names two other nodes (and this one,
+    which does not count): quorum:2 is taken (and degraded: nobody is in sync), quorum:3 is
+    refused before anything is written."""
+    config = NodeConfig(
+        tmp_path / "n",
+        fsync=FsyncPolicy.parse("never"),
+        checkpoints=False,
+        http_port=3999,
+        peers=("http://127.0.0.1:3999", "http://127.0.0.2:3999", "http://127.0.0.3:3999/"),
+        replication=ReplicationConfig(secret=SECRET, port=0),
+    )
+    node = Node.open(config)
+
+    async def scenario() -> None:
+        await node.start()
+        try:
+            (taken,) = await append_events(node, [an_event()], "quorum:2")
+            assert taken.durability == "degraded" and taken.required == 2
+            with pytest.raises(UnmeetableAckMode) as info:
+                await append_events(node, [an_event()], "quorum:3")
+            assert info.value.details["followers_configured"] == 2
+            assert node.store.last_position.lsn.value == taken.lsn
+            assert [r["last_lsn"] for r in node.degraded_ranges()] == [taken.lsn]
         finally:
             await node.stop()
 

@@ -418,11 +418,16 @@ def test_a_write_may_ask_for_a_stricter_ack_mode_but_not_a_weaker_one(cluster: C
         f"{leader.url}/api/v1/events", params={"ack_mode": "quorum:2"}, json=event(3)
     )
     for response in (by_header, by_query):
-        assert response.status_code == 200, response.text
-        stricter = response.json()
-        assert stricter["durability"] == "degraded"  # only one follower exists
-        assert stricter["required"] == 2
-        assert stricter["acked_by"] == ["f1"]
+        # only one follower exists: refused at once, nothing written, nothing in the ledger
+        assert response.status_code == 400, response.text
+        refusal = response.json()
+        assert refusal["error"] == "unmeetable_ack_mode"
+        assert (refusal["followers_asked"], refusal["followers_configured"]) == (2, 1)
+    assert last_lsn(leader) == weaker["lsn"]
+    assert get_json(leader, "/api/v1/replication/degraded")["ranges"] == []
+
+    stricter = post_event(leader, event(4), headers={"X-Walship-Ack-Mode": "sync"}).json()
+    assert stricter["durability"] == "replicated" and stricter["acked_by"] == ["f1"]
 
 
 # ---------------------------------------------------------------------------------- faults

@@ -8,11 +8,13 @@
     │   ├── ValidationError         an event field breaks a rule of the event model
     │   ├── LimitExceeded           a size or count crosses a named limit in ``limits.py``
     │   ├── InvalidParameter        a query or path parameter of an HTTP request is malformed
+    │   │   └── UnmeetableAckMode   a write asks for more followers than the cluster has
     │   ├── MethodNotAllowed        an HTTP path exists but not for that method
     │   └── NotFound                the thing asked for does not exist
     ├── Unauthorized                an admin request without the right token (401)
     ├── Conflict                    the request is well formed but contradicts stored state
     │   ├── VersionConflict         ``expected_version`` differs from the entity's version
+    │   ├── IdConflict              an event id is stored (or in the batch) with another body
     │   ├── ReadOnly                a write reached a node that is not the leader
     │   │   └── Fenced              a write reached a leader that learned it was deposed
     │   └── DataDirLocked           another process (or Store) holds the data dir's lock
@@ -84,6 +86,10 @@ class InvalidParameter(InvalidInput):
     code = "invalid_parameter"
 
 
+class UnmeetableAckMode(InvalidParameter):
+    code = "unmeetable_ack_mode"
+
+
 class MethodNotAllowed(InvalidInput):
     code = "method_not_allowed"
     http_status = 405
@@ -108,6 +114,10 @@ class Conflict(WalshipError):
 
 class VersionConflict(Conflict):
     code = "version_conflict"
+
+
+class IdConflict(Conflict):
+    code = "id_conflict"
 
 
 class ReadOnly(Conflict):

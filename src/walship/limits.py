@@ -11,6 +11,12 @@ from dataclasses import dataclass
 KIB = 1024
 MIB = 1024 * KIB
 
+LSN_MAX = (1 << 63) - 1
+"""The highest lsn a query may name: the Parquet ``lsn`` column is int64."""
+
+QUORUM_FOLLOWERS_MAX = 1_000
+"""The largest N of ``quorum:N`` that parses at all (a cluster's own size bounds it further)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:

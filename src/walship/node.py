@@ -46,6 +46,7 @@ from walship.errors import (
     NotLeaseholder,
     ReadOnly,
     Unavailable,
+    UnmeetableAckMode,
     WaitTimeout,
     invariant,
 )
@@ -357,6 +358,39 @@ class Node:
         leader = leader or self.leader
         in_sync = len(leader.tracker.in_sync) if leader is not None else 0
         return mode.stricter(requested, in_sync)
+
+    def check_ack_mode(self, requested: AckMode | None, leader: Leader) -> None:
+        """UnmeetableAckMode (400) when a write asks for a stricter mode than the server's that
+        needs more followers than the cluster is configured for; before anything is written,
+        so it leaves no ledger entry and a retry stores nothing twice.
+
+        The cluster is configured for as many followers as the more of: the followers this
+        leader knows (connected, or holding a retention slot, which persists until
+        ``forget-follower``) and the other nodes in ``--peers``. (``--min-in-sync`` is a floor
+        for waiting, not a count of followers: its default of 1 is set on single nodes too.)
+        The server's own mode is never refused here: it is what the operator chose, and a
+        fresh cluster's followers connect after its leader starts.
+        """
+        # ``stricter`` hands back the very object asked for only when it raises the server's
+        # mode; a request equal to it or weaker is the server's own mode
+        if requested is None or self.ack_mode_for(requested, leader) is not requested:
+            return
+        replication = self.config.replication
+        asked = requested.followers_asked(replication.min_in_sync)
+        known = leader.known_followers()
+        own_url = self.replication.http_url
+        peers = [p for p in self.config.peers if p.rstrip("/") != (own_url or "").rstrip("/")]
+        configured = max(len(known), len(peers))
+        if asked > configured:
+            raise UnmeetableAckMode(
+                f"ack mode {requested} asks for {asked} follower{'s' * (asked != 1)}, but this "
+                f"cluster is configured for {configured} (followers known to {self.node_id}: "
+                f"{len(known)}; other nodes in --peers: {len(peers)})",
+                field="ack_mode",
+                ack_mode=str(requested),
+                followers_asked=asked,
+                followers_configured=configured,
+            )
 
     async def confirm(
         self, pending: PendingAppend, requested: AckMode | None, leader: Leader

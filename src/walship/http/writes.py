@@ -88,6 +88,7 @@ async def append_events(
     refused after the write, a retry would store the events twice."""
     requested = AckMode.parse(ack_mode) if ack_mode else None
     leader = node.check_writable()
+    node.check_ack_mode(requested, leader)
     store = node.store
     if store.would_block():
         # backpressure (checkpoints or the WAL writer behind): wait in a thread, not the loop

@@ -18,6 +18,7 @@ import msgspec
 
 from walship.errors import InvalidInput
 from walship.fsutil import atomic_write
+from walship.limits import QUORUM_FOLLOWERS_MAX
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +38,16 @@ class AckMode:
         if text in ("sync", "all"):
             return cls("sync", 0)
         kind, _, n = text.partition(":")
-        if kind == "quorum" and n.isdigit() and int(n) >= 1:
+        if kind == "quorum" and n.isdigit() and n.isascii():
+            if len(n) > 6 or not 1 <= int(n) <= QUORUM_FOLLOWERS_MAX:
+                raise InvalidInput(
+                    f"ack mode quorum:N needs 1 <= N <= {QUORUM_FOLLOWERS_MAX}, not {n[:20]!r}",
+                    field="ack_mode",
+                )
             return cls("quorum", int(n))
         raise InvalidInput(
-            f"ack mode must be async, semi-sync, quorum:N or sync, not {text!r}", field="ack_mode"
+            f"ack mode must be async, semi-sync, quorum:N or sync, not {text[:40]!r}",
+            field="ack_mode",
         )
 
     def __str__(self) -> str:
@@ -55,6 +62,10 @@ class AckMode:
         if self.kind == "sync":
             return max(in_sync_count, min_in_sync, 1)
         return self.count
+
+    def followers_asked(self, min_in_sync: int = 1) -> int:
+        """The fewest followers this mode can be met with (``sync``: the in-sync floor)."""
+        return max(min_in_sync, 1) if self.kind == "sync" else self.count
 
     def stricter(self, other: AckMode, in_sync_count: int) -> AckMode:
         """The stricter of two modes (a request may only raise the server's level)."""

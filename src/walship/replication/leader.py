@@ -773,6 +773,11 @@ class Leader:
             self.metrics.followers.set(len(self.sessions))
             self.metrics.set_follower(session.node_id, None)
 
+    def known_followers(self) -> set[str]:
+        """Every follower this leader knows: connected, or holding a retention slot (which
+        persists until ``forget_follower``)."""
+        return set(self.sessions) | set(self.slots.slots)
+
     def forget_follower(self, node_id: str) -> dict[str, Any]:
         """Forget a follower that is gone for good: its retention slot (the WAL held back for
         it goes at the next checkpoint) and its acknowledgements. Conflict (409) while it is
