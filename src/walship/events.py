@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -329,12 +330,24 @@ def _decode_error(exc: msgspec.DecodeError) -> ValidationError | MalformedJson:
     return ValidationError(text)
 
 
+def _too_deep() -> ValidationError:
+    # msgspec recurses once per level, also to skip over a Raw value, and gives up at Python's
+    # recursion limit (~1,000 levels less the caller's stack): a body that deep is refused as
+    # a whole (which field is unknown), however deep the stack happened to be
+    return ValidationError(
+        f"JSON nested too deeply (Python's limit is {sys.getrecursionlimit()} levels, less "
+        "what the server's own calls use)"
+    )
+
+
 def decode_event_json(data: bytes) -> EventIn:
     """Decode one event from JSON; ValidationError with a clear message on any defect."""
     try:
         return _json_decoder_event.decode(data)
     except msgspec.DecodeError as exc:
         raise _decode_error(exc) from exc
+    except RecursionError:
+        raise _too_deep() from None
 
 
 def decode_batch_json(data: bytes) -> BatchIn:
@@ -342,3 +355,5 @@ def decode_batch_json(data: bytes) -> BatchIn:
         return _json_decoder_batch.decode(data)
     except msgspec.DecodeError as exc:
         raise _decode_error(exc) from exc
+    except RecursionError:
+        raise _too_deep() from None
