@@ -645,6 +645,36 @@ def test_single_async_leader_is_live_and_ready(api: TestClient) -> None:
     assert (health["status"], health["ready"], health["not_ready"]) == ("healthy", True, [])
 
 
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/api/v1/events/query", {"to_lsn": 2**63}),
+        ("/api/v1/events/query", {"to_lsn": 10**40}),
+        ("/api/v1/events/query", {"from_lsn": 2**63}),
+        ("/api/v1/events/query", {"min_lsn": 2**64}),
+        ("/api/v1/events/query", {"cursor": str(2**63)}),
+        ("/api/v1/events/query", {"cursor": "9" * 30}),
+        ("/api/v1/entities/order-1/state", {"as_of_lsn": 2**63}),
+        ("/api/v1/entities/order-1/state", {"min_lsn": 2**63}),
+    ],
+)
+def test_lsn_parameters_past_int64_are_a_400_on_a_node_with_parquet_parts(
+    api: TestClient, node: Node, path: str, params: dict[str, Any]
+) -> None:
+    """A pyarrow TypeError in the lsn filter used to answer these 500 once parts existed."""
+    append(api)
+    assert node.store.checkpoint() is not None
+    error = (
+        assert_error(api.get(path, params=params), 400, "invalid_parameter")
+        if "cursor" not in params
+        else assert_error(api.get(path, params=params), 400, "invalid_request")
+    )
+    assert error.get("field") in (*params, None)
+    largest = {name: (2**63 - 1 if name != "cursor" else str(2**63 - 2)) for name in params}
+    if "min_lsn" not in params:
+        assert api.get(path, params=largest).status_code == 200
+
+
 def test_failing_checkpoints_make_the_node_not_ready_and_say_why(
     api: TestClient, node: Node
 ) -> None:

@@ -57,7 +57,7 @@ from walship.events import (
     stored_from_body,
 )
 from walship.fsutil import atomic_write, fsync_dir
-from walship.limits import DEFAULT_LIMITS, Limits
+from walship.limits import DEFAULT_LIMITS, LSN_MAX, Limits
 from walship.metrics import StoreMetrics
 from walship.position import Lsn, Position, Term
 from walship.storage.alarm import CheckpointAlarm, CheckpointFailure
@@ -761,12 +761,16 @@ class Store:
             raise InvalidInput(f"limit must be 1..{self.limits.query_limit_max}", field="limit")
         if flt.entity_id is not None and flt.tenant_id is None:
             flt = _replace(flt, tenant_id="default")
+        for name, lsn in (("from_lsn", flt.from_lsn), ("to_lsn", flt.to_lsn)):
+            # the Parquet lsn column is int64: pyarrow cannot even compare it with a larger int
+            if lsn is not None and not 0 <= lsn <= LSN_MAX:
+                raise InvalidInput(f"{name} must be 0..{LSN_MAX}", field=name)
         if cursor is not None:
             try:
                 after = int(cursor)
             except ValueError as exc:
                 raise InvalidInput(f"invalid cursor {cursor!r}", field="cursor") from exc
-            if after < 0:
+            if not 0 <= after < LSN_MAX:
                 raise InvalidInput(f"invalid cursor {cursor!r}", field="cursor")
             flt = _replace(flt, from_lsn=max(flt.from_lsn, after + 1))
         visible = self.visible_lsn

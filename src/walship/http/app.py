@@ -45,7 +45,7 @@ from walship.http.writes import (
     receive_body,
     requested_ack_mode,
 )
-from walship.limits import Limits
+from walship.limits import LSN_MAX, Limits
 from walship.node import HealthStatus, Node
 from walship.peers import split_urls
 from walship.readiness import readiness
@@ -168,6 +168,7 @@ _MinLsn = Annotated[
     int | None,
     Query(
         ge=0,
+        le=LSN_MAX,
         description="Wait until this node has applied this lsn before reading "
         "(read-your-writes on a follower)",
     ),
@@ -206,8 +207,12 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
         ] = None,
         since: Annotated[str | None, Query(description="ISO 8601 time, inclusive")] = None,
         until: Annotated[str | None, Query(description="ISO 8601 time, exclusive")] = None,
-        from_lsn: Annotated[int, Query(ge=0, description="Lowest lsn, inclusive")] = 1,
-        to_lsn: Annotated[int | None, Query(ge=0, description="Highest lsn, inclusive")] = None,
+        from_lsn: Annotated[
+            int, Query(ge=0, le=LSN_MAX, description="Lowest lsn, inclusive")
+        ] = 1,
+        to_lsn: Annotated[
+            int | None, Query(ge=0, le=LSN_MAX, description="Highest lsn, inclusive")
+        ] = None,
         limit: Annotated[
             int, Query(ge=1, le=limits.query_limit_max, description="Events per page")
         ] = limits.query_limit_default,
@@ -250,7 +255,7 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
             str | None, Query(description="ISO 8601 time: state as of then (inclusive)")
         ] = None,
         as_of_lsn: Annotated[
-            int | None, Query(ge=0, description="State as of this lsn (inclusive)")
+            int | None, Query(ge=0, le=LSN_MAX, description="State as of this lsn (inclusive)")
         ] = None,
         min_lsn: _MinLsn = None,
         min_lsn_wait_ms: _MinLsnWait = 5_000,
