@@ -664,11 +664,8 @@ def test_lsn_parameters_past_int64_are_a_400_on_a_node_with_parquet_parts(
     """A pyarrow TypeError in the lsn filter used to answer these 500 once parts existed."""
     append(api)
     assert node.store.checkpoint() is not None
-    error = (
-        assert_error(api.get(path, params=params), 400, "invalid_parameter")
-        if "cursor" not in params
-        else assert_error(api.get(path, params=params), 400, "invalid_request")
-    )
+    code = "invalid_request" if "cursor" in params else "invalid_parameter"
+    error = assert_error(api.get(path, params=params), 400, code)
     assert error.get("field") in (*params, None)
     largest = {name: (2**63 - 1 if name != "cursor" else str(2**63 - 2)) for name in params}
     if "min_lsn" not in params:
