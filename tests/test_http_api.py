@@ -373,7 +373,7 @@ def test_repeated_event_id_returns_original_receipt(api: TestClient) -> None:
     first = append(api, id=event_id)
     append(api, entity="other")
     before = store_position(api)
-    again = append(api, id=event_id, payload={"different": True})
+    again = append(api, id=event_id)
     assert again["duplicate"] is True
     assert {k: again[k] for k in ("event_id", "lsn", "term", "version", "timestamp")} == {
         k: first[k] for k in ("event_id", "lsn", "term", "version", "timestamp")
@@ -383,6 +383,36 @@ def test_repeated_event_id_returns_original_receipt(api: TestClient) -> None:
     receipts = api.post("/api/v1/events/batch", json=batch).json()["receipts"]
     assert receipts[0]["lsn"] == first["lsn"] and receipts[0]["duplicate"] is True
     assert receipts[1]["lsn"] == before[0] + 1
+
+
+def test_an_id_sent_again_with_another_body_is_a_409_naming_the_stored_event(
+    api: TestClient,
+) -> None:
+    event_id = str(uuid.uuid4())
+    first = append(api, entity="cart", id=event_id, payload={"sku": "a"})
+    before = store_position(api)
+    response = api.post("/api/v1/events", json=event("cart", id=event_id, payload={"sku": "b"}))
+    error = assert_error(response, 409, "id_conflict")
+    assert error["event_id"] == event_id and str(first["lsn"]) in error["message"]
+    stored = error["stored"]
+    assert (stored["lsn"], stored["term"], stored["entity_id"], stored["event_type"]) == (
+        first["lsn"],
+        first["term"],
+        "cart",
+        "order.placed",
+    )
+    # inside a batch: the whole batch is refused, naming the event's index
+    batch = {"events": [event("x"), event("cart", id=event_id, payload={"sku": "c"})]}
+    error = assert_error(api.post("/api/v1/events/batch", json=batch), 409, "id_conflict")
+    assert error["index"] == 1 and error["stored"]["lsn"] == first["lsn"]
+    # one id twice in a batch with different bodies: nothing is stored
+    fresh = str(uuid.uuid4())
+    batch = {"events": [event("p", id=fresh), event("p", id=fresh, payload={"n": 2})]}
+    error = assert_error(api.post("/api/v1/events/batch", json=batch), 409, "id_conflict")
+    assert (error["event_id"], error["first_index"], error["index"]) == (fresh, 0, 1)
+    assert store_position(api) == before
+    query = api.get("/api/v1/events/query", params={"entity_id": "cart"}).json()
+    assert [e["payload"] for e in query["events"]] == [{"sku": "a"}]
 
 
 def test_concurrent_appends_get_distinct_gapless_lsns(node: Node) -> None:

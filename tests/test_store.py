@@ -84,13 +84,69 @@ def test_repeated_event_id_returns_the_original_receipt(store: Store) -> None:
 
     eid = uuid.uuid4()
     first = store.append(make_event("a", id=eid))
-    again = store.append(make_event("a", id=eid, payload={"other": True}))
+    again = store.append(
+        EventIn(
+            entity_id="a",
+            event_type="acct.credited",
+            payload=msgspec.Raw(b'{ "amount" : 1 }'),  # the same JSON value, spaced otherwise
+            id=eid,
+        )
+    )
     assert (again.lsn, again.version, again.event_id) == (first.lsn, first.version, str(eid))
     assert again.duplicate
     assert store.last_position.lsn.value == 1
     store.checkpoint()
     third = store.append(make_event("a", id=eid))
     assert third.lsn == first.lsn
+    assert store.last_position.lsn.value == 1
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_an_id_reused_for_other_contents_is_refused_naming_the_stored_event(
+    store: Store, checkpointed: bool
+) -> None:
+    """A retry (same id, same contents) is answered with the original receipt; the same id
+    with anything else different is a 409 that names the stored event, never a 200 that
+    silently drops the new contents."""
+    import uuid
+
+    from walship.errors import IdConflict
+
+    eid = uuid.uuid4()
+    first = store.append(make_event("a", id=eid, payload={"x": 1, "y": [1, 2]}, metadata=None))
+    if checkpointed:
+        assert store.checkpoint() is not None  # found through the part, not the memtable
+    for other in (
+        make_event("a", id=eid, payload={"x": 2, "y": [1, 2]}),
+        make_event("b", id=eid, payload={"x": 1, "y": [1, 2]}),
+        make_event("a", "acct.debited", id=eid, payload={"x": 1, "y": [1, 2]}),
+        make_event("a", id=eid, payload={"x": 1, "y": [1, 2]}, tenant_id="t2"),
+        make_event("a", id=eid, payload={"x": 1, "y": [1, 2]}, metadata=msgspec.Raw(b"{}")),
+    ):
+        with pytest.raises(IdConflict) as info:
+            store.append(other)
+        assert info.value.http_status == 409
+        assert info.value.details["event_id"] == str(eid)
+        stored = info.value.details["stored"]
+        assert (stored["lsn"], stored["entity_id"], stored["version"]) == (1, "a", 1)
+    again = store.append(make_event("a", id=eid, payload={"y": [1, 2], "x": 1}))
+    assert again.duplicate and again.lsn == first.lsn
+    assert store.last_position.lsn.value == 1
+
+
+def test_a_batch_repeating_an_id_with_other_contents_is_refused_whole(store: Store) -> None:
+    import uuid
+
+    from walship.errors import IdConflict
+
+    eid = uuid.uuid4()
+    batch = [make_event("a", id=eid), make_event("z"), make_event("a", id=eid, payload=[2])]
+    with pytest.raises(IdConflict) as info:
+        store.append_batch(batch)
+    assert info.value.details == {"event_id": str(eid), "index": 2, "first_index": 0}
+    assert store.last_position.lsn.value == 0
+    same = store.append_batch([make_event("a", id=eid), make_event("a", id=eid)])
+    assert [r.lsn for r in same] == [1, 1]
     assert store.last_position.lsn.value == 1
 
 

@@ -148,6 +148,34 @@ def stored_from_body(lsn: int, term: int, body: EventBody) -> StoredEvent:
     )
 
 
+def _same_json(a: bytes | None, b: bytes | None) -> bool:
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    # the same value written another way (spacing, key order) is the same event
+    return bool(msgspec.json.decode(a) == msgspec.json.decode(b))
+
+
+def same_content(
+    ev: StoredEvent,
+    tenant_id: str,
+    entity_id: str,
+    event_type: str,
+    payload: bytes,
+    metadata: bytes | None,
+) -> bool:
+    """Whether an event sent again with ``ev``'s id says what ``ev`` says (a retry), rather
+    than reusing the id for something else. Payload and metadata compare as JSON values."""
+    return (
+        ev.tenant_id == tenant_id
+        and ev.entity_id == entity_id
+        and ev.event_type == event_type
+        and _same_json(ev.payload, payload)
+        and _same_json(ev.metadata, metadata)
+    )
+
+
 def format_uuid(raw: bytes) -> str:
     """The canonical text of a 16-byte UUID (faster than ``str(uuid.UUID(bytes=...))``)."""
     h = raw.hex()

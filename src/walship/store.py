@@ -36,6 +36,7 @@ import orjson
 
 from walship.dirlock import DataDirLock
 from walship.errors import (
+    IdConflict,
     InvalidInput,
     StorageFull,
     Unavailable,
@@ -54,6 +55,7 @@ from walship.events import (
     new_event_ids,
     now_us,
     prepare,
+    same_content,
     stored_from_body,
 )
 from walship.fsutil import atomic_write, fsync_dir
@@ -539,7 +541,7 @@ class Store:
             bodies: list[bytes] = []
             new_events: list[StoredEvent] = []
             batch_versions: dict[str, int] = {}
-            batch_ids: dict[bytes, int] = {}
+            batch_ids: dict[bytes, tuple[int, int]] = {}  # id -> its receipt, its new event
             waits_on: list[Future[WriteOutcome]] = []
             generated = new_event_ids(len(events))
             for n, ((given_id, tenant, entity, etype, payload, meta), ev) in enumerate(
@@ -548,16 +550,43 @@ class Store:
                 event_id = given_id or generated[n]
                 if ev.id is not None:
                     if event_id in batch_ids:
-                        receipts.append(receipts[batch_ids[event_id]])
+                        first, at = batch_ids[event_id]
+                        if not same_content(new_events[at], tenant, entity, etype, payload, meta):
+                            raise IdConflict(
+                                f"event id {format_uuid(event_id)} appears twice in the batch "
+                                f"(at {first} and {n}) with different contents",
+                                event_id=format_uuid(event_id),
+                                index=n,
+                                first_index=first,
+                            )
+                        receipts.append(receipts[first])
                         continue
                     existing = self._find_id_locked(event_id)
                     if existing is not None:
+                        if not same_content(existing, tenant, entity, etype, payload, meta):
+                            raise IdConflict(
+                                f"event id {format_uuid(event_id)} is already stored at lsn "
+                                f"{existing.lsn} as {existing.event_type!r} of entity "
+                                f"{existing.entity_id!r} with other contents: a new event "
+                                "needs a new id",
+                                event_id=format_uuid(event_id),
+                                stored={
+                                    "lsn": existing.lsn,
+                                    "term": existing.term,
+                                    "tenant_id": existing.tenant_id,
+                                    "entity_id": existing.entity_id,
+                                    "event_type": existing.event_type,
+                                    "version": existing.version,
+                                    "timestamp": format_timestamp(existing.timestamp_us),
+                                },
+                                **({"index": n} if len(events) > 1 else {}),
+                            )
                         self.metrics.duplicates.inc()
                         receipts.append(self._receipt_of(existing, duplicate=True))
                         if existing.lsn > self.wal.written_lsn.value:
                             waits_on.append(self.wal.append_future())
                         continue
-                    batch_ids[event_id] = len(receipts)
+                    batch_ids[event_id] = (len(receipts), len(new_events))
                 key = entity_key(tenant, entity)
                 current = batch_versions.get(key)
                 if current is None:

@@ -207,9 +207,7 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
         ] = None,
         since: Annotated[str | None, Query(description="ISO 8601 time, inclusive")] = None,
         until: Annotated[str | None, Query(description="ISO 8601 time, exclusive")] = None,
-        from_lsn: Annotated[
-            int, Query(ge=0, le=LSN_MAX, description="Lowest lsn, inclusive")
-        ] = 1,
+        from_lsn: Annotated[int, Query(ge=0, le=LSN_MAX, description="Lowest lsn, inclusive")] = 1,
         to_lsn: Annotated[
             int | None, Query(ge=0, le=LSN_MAX, description="Highest lsn, inclusive")
         ] = None,
