@@ -20,6 +20,7 @@ from fastapi import FastAPI
 import walship
 from walship.client import AsyncClient, Client
 from walship.errors import (
+    IdConflict,
     InvalidParameter,
     LimitExceeded,
     NotFound,
@@ -110,9 +111,14 @@ def test_append_and_read_back(client: Client) -> None:
 
 def test_resending_an_append_returns_the_original_receipt(client: Client) -> None:
     event_id = uuid.uuid4()
-    first = client.append(fresh("pay"), "payment.made", {"cents": 100}, event_id=event_id)
-    again = client.append("whatever", "payment.made", {"cents": 100}, event_id=str(event_id))
+    entity = fresh("pay")
+    first = client.append(entity, "payment.made", {"cents": 100}, event_id=event_id)
+    again = client.append(entity, "payment.made", {"cents": 100}, event_id=str(event_id))
     assert again.duplicate and (again.lsn, again.event_id) == (first.lsn, str(event_id))
+    # the id of a stored event reused for another one is refused, naming what is stored
+    with pytest.raises(IdConflict) as info:
+        client.append("whatever", "payment.made", {"cents": 100}, event_id=str(event_id))
+    assert info.value.status == 409 and info.value.details["stored"]["lsn"] == first.lsn
     # without an explicit id every call still carries a fresh one
     a = client.append(fresh("x"), "t", 1)
     b = client.append(fresh("x"), "t", 1)

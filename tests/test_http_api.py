@@ -702,6 +702,41 @@ def test_lsn_parameters_past_int64_are_a_400_on_a_node_with_parquet_parts(
         assert api.get(path, params=largest).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "params", "unknown"),
+    [
+        ("GET", "/api/v1/events/query", {"as_of": "2026-01-01T00:00:00Z"}, ["as_of"]),
+        ("GET", "/api/v1/events/query", {"entity_id": "order-1", "entity": "x"}, ["entity"]),
+        ("GET", "/api/v1/entities/order-1/state", {"as_of_time": "2026-01-01"}, ["as_of_time"]),
+        ("GET", "/api/v1/entities/order-1/state", {"since": "2026-01-01"}, ["since"]),
+        ("GET", "/api/v1/stats", {"verbose": "1"}, ["verbose"]),
+        ("GET", "/health", {"ready": ""}, ["ready"]),
+        ("GET", "/health/ready", {"verbose": "1"}, ["verbose"]),
+        ("GET", "/health/live", {"x": "1"}, ["x"]),
+        ("GET", "/api/v1/replication/degraded", {"limit": "5"}, ["limit"]),
+        ("GET", "/metrics", {"name[]": "x", "b": "2"}, ["b", "name[]"]),
+        ("POST", "/api/v1/events", {"ackmode": "sync"}, ["ackmode"]),
+        ("POST", "/api/v1/events/batch", {"ack_mode": "async", "sync": "1"}, ["sync"]),
+        ("POST", "/internal/promote", {"forse": "true"}, ["forse"]),
+    ],
+)
+def test_unknown_query_parameters_are_a_400_naming_them(
+    api: TestClient, method: str, path: str, params: dict[str, str], unknown: list[str]
+) -> None:
+    """A misspelt parameter used to be ignored: ``?as_of=`` on a query answered the whole
+    log, ``?ackmode=sync`` a write in the server's weaker mode."""
+    append(api)
+    before = store_position(api)
+    body = {"events": [event()]} if path.endswith("batch") else event()
+    response = api.request(method, path, params=params, json=body if method == "POST" else None)
+    error = assert_error(response, 400, "invalid_parameter")
+    assert error["unknown"] == unknown and all(name in error["message"] for name in unknown)
+    assert store_position(api) == before
+    if method == "GET":  # the parameters the route takes are still taken
+        known = {k: v for k, v in params.items() if k not in unknown}
+        assert api.get(path, params=known).status_code == 200
+
+
 def test_failing_checkpoints_make_the_node_not_ready_and_say_why(
     api: TestClient, node: Node
 ) -> None:

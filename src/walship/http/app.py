@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -35,6 +35,7 @@ from walship.events import (
     to_out,
 )
 from walship.http.errors import ErrorBody, install_error_handlers
+from walship.http.params import reject_unknown_params
 from walship.http.writes import (
     BATCH_PATH,
     EVENTS_PATH,
@@ -118,6 +119,7 @@ def create_app(node: Node, *, write_fast_lane: bool = True) -> FastAPI:
         version=__version__,
         summary="A replicated event store: durable WAL, shipped to followers, Parquet history.",
         lifespan=lifespan,
+        dependencies=[Depends(reject_unknown_params)],
     )
     app.state.node = node
     if write_fast_lane:

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from walship.errors import LimitExceeded, WalshipError
 from walship.events import EventIn, decode_batch_json, decode_event_json
 from walship.http.errors import encode_error
+from walship.http.params import check_names
 from walship.node import Node
 from walship.replication.acks import AckMode
 from walship.store import Receipt
@@ -117,19 +118,26 @@ async def answer_batch(node: Node, data: bytes, ack_mode: str | None = None) -> 
     return _encoder.encode(BatchReceipts(receipts, len(receipts), min(lsns), max(lsns)))
 
 
+_WRITE_PARAMS = frozenset({ACK_PARAM})
+
+
 def requested_ack_mode(scope: Scope) -> str | None:
-    """A stricter ack mode asked for by header ``X-Walship-Ack-Mode`` or ``?ack_mode=``."""
-    for name, value in scope.get("headers", ()):
-        if name == ACK_HEADER.encode():
-            return bytes(value).decode("latin-1")
+    """A stricter ack mode asked for by header ``X-Walship-Ack-Mode`` or ``?ack_mode=``;
+    InvalidParameter (400) for any other query parameter."""
     query = scope.get("query_string", b"")
+    from_query: str | None = None
     if query:
         from urllib.parse import parse_qs
 
-        values = parse_qs(bytes(query).decode("latin-1")).get(ACK_PARAM)
+        pairs = parse_qs(bytes(query).decode("latin-1"), keep_blank_values=True)
+        check_names(pairs, _WRITE_PARAMS, _route_path(scope))
+        values = pairs.get(ACK_PARAM)
         if values:
-            return str(values[-1])
-    return None
+            from_query = str(values[-1])
+    for name, value in scope.get("headers", ()):
+        if name == ACK_HEADER.encode():
+            return bytes(value).decode("latin-1")
+    return from_query
 
 
 def _route_path(scope: Scope) -> str:
@@ -166,10 +174,11 @@ class WriteFastLane:
             await self.app(scope, receive, send)
             return
         try:
+            ack_mode = requested_ack_mode(scope)  # before the body: a bad parameter stores nothing
             data = await receive_body(scope, receive, self.bytes_max)
             if data is None:
                 return  # the client is gone; nothing was appended
-            status, content = 200, await handler(self.node, data, requested_ack_mode(scope))
+            status, content = 200, await handler(self.node, data, ack_mode)
         except WalshipError as exc:
             status, content = exc.http_status, encode_error(exc)
         headers = [_JSON_HEADER, (b"content-length", str(len(content)).encode())]
