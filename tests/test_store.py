@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import make_event
-from walship.errors import LimitExceeded, ValidationError, VersionConflict
+from walship.errors import IdConflict, LimitExceeded, ValidationError, VersionConflict
 from walship.events import EventIn
 from walship.limits import Limits
 from walship.storage.parquet import SCHEMA
@@ -110,8 +110,6 @@ def test_an_id_reused_for_other_contents_is_refused_naming_the_stored_event(
     silently drops the new contents."""
     import uuid
 
-    from walship.errors import IdConflict
-
     eid = uuid.uuid4()
     first = store.append(make_event("a", id=eid, payload={"x": 1, "y": [1, 2]}, metadata=None))
     if checkpointed:
@@ -136,8 +134,6 @@ def test_an_id_reused_for_other_contents_is_refused_naming_the_stored_event(
 
 def test_a_batch_repeating_an_id_with_other_contents_is_refused_whole(store: Store) -> None:
     import uuid
-
-    from walship.errors import IdConflict
 
     eid = uuid.uuid4()
     batch = [make_event("a", id=eid), make_event("z"), make_event("a", id=eid, payload=[2])]
@@ -351,7 +347,9 @@ def test_compaction_merges_parts_without_changing_any_answer(tmp_path: Path) -> 
     assert after == before
     assert all_events(store, entity_id="e3") == by_entity
     # ids stay deduplicated through the merged part
-    assert store.append(make_event("e0", id=ids[7])).lsn == 8
+    assert store.append(make_event("e1", id=ids[7], payload={"r": 0, "i": 7})).lsn == 8
+    with pytest.raises(IdConflict):  # and the merged part's copy is what a reuse is checked with
+        store.append(make_event("e0", id=ids[7]))
     rows = duckdb.sql(
         f"select count(*), count(distinct lsn), min(lsn), max(lsn) "
         f"from read_parquet('{store.parts_dir / merged.file}')"
