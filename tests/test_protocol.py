@@ -35,6 +35,8 @@ from walship.replication.protocol import (
     Heartbeat,
     Hello,
     HelloProof,
+    InSyncSet,
+    InSyncStored,
     Message,
     Refused,
     SnapshotChunk,
@@ -121,6 +123,8 @@ SAMPLES: list[Message] = [
     Ack(durable_lsn=3, applied_lsn=2),
     Heartbeat(term=U64_MAX, last_lsn=U64_MAX, ts_us=0),
     SnapshotResume(snapshot_id="0000000000000010-abcdef", file_index=2, offset=4096),
+    InSyncSet(term=2, version=7, lsn=4096, members=["f1", "f2"], ack_mode="semi-sync"),
+    InSyncStored(term=2, version=7),
 ]
 STREAM = b"".join(encode(m) for m in SAMPLES)
 
@@ -190,6 +194,8 @@ messages: st.SearchStrategy[Message] = st.one_of(
     wal_batches(),
     st.builds(Ack, u64, u64),
     st.builds(Heartbeat, u64, u64, u64),
+    st.builds(InSyncSet, u64, u64, u64, st.lists(ident, max_size=5), st.sampled_from(["sync"])),
+    st.builds(InSyncStored, u64, u64),
 )
 
 

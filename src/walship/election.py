@@ -16,6 +16,13 @@ etcd does the consensus; walship only uses its lease, transaction and range prim
   or changed since it read them. So only the most caught-up live follower can win; it
   promotes itself (term = etcd term + 1, above anything it has seen), and the others
   repoint to the address in the key.
+* ``/walship/NAME/in_sync`` holds the leader's newest in-sync set (``replication/insync.py``),
+  written (while it holds the key) before the set counts for any write. A candidate also
+  publishes the set it stored; the best candidate takes the key only when it can prove it
+  holds every write answered ``replicated`` -- every member of the newest set it sees, in
+  etcd or among the candidates, is a live candidate -- unless the node runs with
+  ``--unclean-election``. Otherwise nobody is elected until a member is back (Kafka's
+  ``unclean.leader.election.enable=false``).
 """
 
 from __future__ import annotations
@@ -31,11 +38,20 @@ import msgspec
 from walship.errors import WalshipError
 from walship.etcd import (
     EtcdClient,
+    EtcdError,
     EtcdUnavailable,
     compare_absent,
+    compare_lease,
     compare_mod_below,
     prefix_end,
     put_op,
+)
+from walship.replication.insync import (
+    InSyncRecord,
+    Witness,
+    decode_record,
+    may_lose,
+    unclean_reason,
 )
 
 if TYPE_CHECKING:
@@ -55,6 +71,10 @@ class Candidate(msgspec.Struct):
     node_id: str
     last_term: int
     last_lsn: int
+    in_sync: InSyncRecord | None = None  # the newest in-sync set it stored
+
+    def witness(self) -> Witness:
+        return Witness(self.node_id, (self.last_term, self.last_lsn), self.in_sync)
 
     @property
     def rank(self) -> tuple[int, int, str]:
@@ -74,6 +94,7 @@ class EtcdElection:
         settle_s: float = 1.0,
         poll_s: float = 0.2,
         url: str | None = None,
+        unclean: bool = False,
     ) -> None:
         self.node = node
         self.client = client
@@ -82,10 +103,13 @@ class EtcdElection:
         self.settle_s = settle_s
         self.poll_s = poll_s
         self.url = url
+        self.unclean = unclean  # elect a candidate that may lack replicated writes
+        self.refusing: str | None = None  # why the best candidate (this node) does not run
         base = f"/walship/{cluster}/".encode()
         self.leader_key = base + b"leader"
         self.term_key = base + b"term"
         self.candidates = base + b"candidates/"
+        self.in_sync_key = base + b"in_sync"
         self.margin_s = min(1.0, ttl_s / 4)
         self.lease = 0
         self.lease_deadline = 0.0  # monotonic: writes stop before this
@@ -135,7 +159,22 @@ class EtcdElection:
             else None,
             "leader": None if self.leader_seen is None else msgspec.to_builtins(self.leader_seen),
             "last_error": self.last_error,
+            "refusing": self.refusing,
+            "unclean_election": self.unclean,
         }
+
+    async def publish_in_sync(self, record: InSyncRecord) -> None:
+        """Put the leader's new in-sync set in etcd, only while this node holds the leader
+        key with its lease (a deposed leader's stale set never lands). EtcdError otherwise:
+        the leader tries again, and the set does not count until then."""
+        if not self.holding or not self.lease:
+            raise EtcdError("this node does not hold the leader key: the in-sync set waits")
+        ok = await self.client.txn(
+            [compare_lease(self.leader_key, self.lease)],
+            [put_op(self.in_sync_key, msgspec.json.encode(record))],
+        )
+        if not ok:
+            raise EtcdError("the leader key is no longer this node's: in-sync set not stored")
 
     # ------------------------------------------------------------------ the loop
 
@@ -294,7 +333,7 @@ class EtcdElection:
         key = self.candidates + node.node_id.encode()
         try:
             pos = node.position()
-            me = Candidate(node.node_id, pos.term.value, pos.lsn.value)
+            me = Candidate(node.node_id, pos.term.value, pos.lsn.value, node.in_sync_file.record)
             await self.client.put(key, msgspec.json.encode(me), lease)
             log.info(
                 "etcd: no leader in %s; candidate at %d/%d", self.cluster, me.last_term, me.last_lsn
@@ -309,13 +348,40 @@ class EtcdElection:
                 rivals = [msgspec.json.decode(kv.value, type=Candidate) for kv in found.kvs]
                 best = max(rivals, key=lambda c: c.rank, default=None)
                 mine = best is not None and best.node_id == node.node_id
-                if mine and await self._take(found.revision):
+                if mine and await self._may_run(rivals) and await self._take(found.revision):
                     return
                 await self.client.keepalive(lease)
                 await asyncio.sleep(self.poll_s)
         finally:
             with contextlib.suppress(WalshipError):
                 await self.client.revoke(lease)
+
+    async def _may_run(self, rivals: list[Candidate]) -> bool:
+        """Whether this node, the best candidate, may take the key: it can prove it holds
+        every write answered ``replicated`` (``unclean_reason``), or runs ``--unclean-election``
+        (and says what may be lost)."""
+        found = await self.client.get(self.in_sync_key)
+        in_etcd = decode_record(found.kvs[0].value) if found.kvs else None
+        me = self.node.witness()
+        others = [c.witness() for c in rivals if c.node_id != me.node_id]
+        reason = unclean_reason(me, others, [in_etcd])
+        if reason is None:
+            self.refusing = None
+            return True
+        if self.unclean:
+            log.error("etcd: %s", may_lose(me, reason))
+            return True
+        if reason != self.refusing:
+            log.error(
+                "etcd: not taking the leader key of %s: %s cannot prove it holds every write "
+                "answered replicated: %s (start it with --unclean-election to elect it anyway)",
+                self.cluster,
+                me.node_id,
+                reason,
+            )
+        self.refusing = reason
+        self.state = "refusing"
+        return False
 
     async def _take(self, candidates_revision: int) -> bool:
         """The compare-and-swap; on success, promote this node. True when it won."""

@@ -70,6 +70,11 @@ def compare_value(key: bytes, value: bytes) -> dict[str, Any]:
     return {"key": _b64(key), "result": "EQUAL", "target": "VALUE", "value": _b64(value)}
 
 
+def compare_lease(key: bytes, lease: int) -> dict[str, Any]:
+    """Txn compare: ``key`` is attached to ``lease``."""
+    return {"key": _b64(key), "result": "EQUAL", "target": "LEASE", "lease": str(lease)}
+
+
 def compare_mod_below(key: bytes, revision: int, range_end: bytes | None = None) -> dict[str, Any]:
     """Txn compare: no key in ``[key, range_end)`` was modified at or after ``revision``."""
     out: dict[str, Any] = {

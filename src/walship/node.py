@@ -57,6 +57,7 @@ from walship.readiness import readiness
 from walship.replication.acks import AckMode
 from walship.replication.config import ReplicationConfig, parse_address
 from walship.replication.follower import Follower
+from walship.replication.insync import InSyncFile, InSyncRecord, Witness, may_lose, unclean_reason
 from walship.replication.leader import Leader
 from walship.replication.metrics import ReplicationMetrics
 from walship.role_state import RoleState
@@ -85,6 +86,10 @@ class Coordinator(Protocol):
     async def stop(self) -> None: ...
 
     def status(self) -> dict[str, Any]: ...
+
+    async def publish_in_sync(self, record: InSyncRecord) -> None:
+        """Store the leader's new in-sync set where elections read it, before it counts."""
+        ...
 
 
 class HealthStatus(StrEnum):
@@ -142,6 +147,7 @@ class Node:
         self._closed = False
         self.replication_metrics = ReplicationMetrics(store.metrics.registry)
         self.role_state = RoleState(config.data_dir)
+        self.in_sync_file = InSyncFile(config.data_dir)  # the leader's, or the one it sent
         # the leader address changes on repoint; the HTTP URL is what a leader tells followers
         self.replication = dataclasses.replace(
             config.replication,
@@ -180,8 +186,13 @@ class Node:
         """A leader of the WAL's current term: fenced from the start when this node has heard
         of a newer term (a deposed leader that restarted must not take writes again)."""
         leader = Leader(
-            self.store, self.replication, self.replication_metrics, self.role_state.saw_term
+            self.store,
+            self.replication,
+            self.replication_metrics,
+            self.role_state.saw_term,
+            self.in_sync_file,
         )
+        leader.insync.hook = self._publish_in_sync
         seen = self.role_state.record.term_seen
         if seen > leader.term:
             leader.fence(
@@ -201,7 +212,12 @@ class Node:
             self.config.node_id,
             known_term=max(known_term, self.role_state.record.term_seen),
             on_term=self.role_state.saw_term,
+            in_sync_file=self.in_sync_file,
         )
+
+    async def _publish_in_sync(self, record: InSyncRecord) -> None:
+        if self.coordinator is not None:
+            await self.coordinator.publish_in_sync(record)
 
     @classmethod
     def open(cls, config: NodeConfig, *, dir_lock: DataDirLock | None = None) -> Node:
@@ -468,7 +484,17 @@ class Node:
             "version": __version__,
             "replication": self.replication_status(),
             "election": None if self.coordinator is None else self.coordinator.status(),
+            "in_sync_set": self._in_sync_builtins(),
         }
+
+    def _in_sync_builtins(self) -> dict[str, Any] | None:
+        record = self.in_sync_file.record
+        return None if record is None else msgspec.to_builtins(record)
+
+    def witness(self) -> Witness:
+        """This node as failover sees it: its end of log and newest in-sync record."""
+        pos = self.position()
+        return Witness(self.node_id, (pos.term.value, pos.lsn.value), self.in_sync_file.record)
 
     def replication_address(self) -> str | None:
         """Where this node listens (a leader) or will listen once promoted (a follower with
@@ -486,15 +512,24 @@ class Node:
     # ------------------------------------------------------------------ role switches
 
     async def promote(
-        self, *, force: bool = False, peers: Sequence[str] | None = None, term: int | None = None
+        self,
+        *,
+        force: bool = False,
+        unclean: bool = False,
+        peers: Sequence[str] | None = None,
+        term: int | None = None,
     ) -> dict[str, Any]:
         """Make this follower the leader of a new term (see the module docstring).
 
         Conflict (409) without ``force`` when it is still connected to its leader, when one
         of ``peers`` (default: the configured ones) is a live leader or is further ahead;
-        Conflict on a fenced leader (repoint it instead). A leader that is not fenced answers
-        that it already leads. ``term`` (from an election) is the term to start; Conflict
-        when this node has already seen that term or a later one.
+        without ``force`` or ``unclean`` when it cannot prove it holds every write answered
+        ``replicated`` (``insync.unclean_reason``: a member of the last in-sync set does not
+        answer, or it lacks that set's lsn). Conflict on a fenced leader (repoint it
+        instead). A leader that is not fenced answers that it already leads. ``term`` (from
+        an election, which checks the in-sync set itself) is the term to start; Conflict
+        when this node has already seen that term or a later one. The answer's ``unclean``
+        says what a forced or unclean promotion may have lost.
         """
         async with self._switch:
             if self.role is Role.LEADER:
@@ -511,6 +546,15 @@ class Node:
             views = [v for v in await fetch_views(urls) if v.answered and v.node_id != self.node_id]
             if not force:
                 self._check_promotable(follower, views)
+            reason = None if term is not None else self._unclean_reason(views)
+            if reason is not None and not (force or unclean):
+                raise Conflict(
+                    f"{self.node_id} cannot prove it holds every write answered replicated: "
+                    f"{reason}. Bring those nodes back (or name them in peers), or promote "
+                    "with unclean=true (CLI: --unclean), losing what only they hold",
+                    unclean=reason,
+                )
+            warning = None if reason is None else may_lose(self.witness(), reason)
             await follower.stop("promoted to leader")  # nothing is applied after this
             wal = self.store.wal
             above = 1 + max(
@@ -530,6 +574,7 @@ class Node:
                     "node_id": self.node_id,
                     "previous_leader": follower.leader_address,
                     "forced": force,
+                    "unclean": warning,
                 }
             )
             try:
@@ -561,9 +606,20 @@ class Node:
                 follower.leader_address,
                 ", forced" if force else "",
             )
+            if warning is not None:
+                log.error("%s", warning)
             if leader.fenced is not None:
                 raise Unavailable(f"promoted to term {term}, but {leader.fenced}")
-            return {**self._role_answer(), "changed": True, "first_lsn": first_lsn}
+            return {
+                **self._role_answer(),
+                "changed": True,
+                "first_lsn": first_lsn,
+                "unclean": warning,
+            }
+
+    def _unclean_reason(self, views: list[PeerView]) -> str | None:
+        """Why this follower may lack a write answered ``replicated`` (None: it cannot)."""
+        return unclean_reason(self.witness(), [v.witness() for v in views])
 
     def _check_promotable(self, follower: Follower, views: list[PeerView]) -> None:
         if follower.connected:

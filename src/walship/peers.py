@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 
+from walship.replication.insync import InSyncRecord, Witness, decode_record
+
 CONNECT_TIMEOUT_S = 1.0
 READ_TIMEOUT_S = 2.0
 
@@ -55,6 +57,14 @@ class PeerView:
     def fenced(self) -> str | None:
         fenced = self._get("fenced")
         return None if fenced is None else str(fenced)
+
+    @property
+    def in_sync_record(self) -> InSyncRecord | None:
+        """The newest in-sync set this node made (a leader) or stored (a follower)."""
+        return decode_record(self._get("in_sync_set"))
+
+    def witness(self) -> Witness:
+        return Witness(self.node_id, self.position, self.in_sync_record)
 
     @property
     def replication_address(self) -> str | None:

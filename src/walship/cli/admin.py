@@ -5,7 +5,9 @@ All of them call the nodes' admin endpoints with the admin token (``--admin-toke
 ``$WALSHIP_ADMIN_TOKEN``) and print what was done, one line per change. ``failover`` reads
 every node's ``/health``, promotes the most caught-up reachable follower by ``(term, lsn)``
 of its last record, and repoints every other reachable node to it; it exits non-zero, saying
-why, when there is no candidate or the promotion is refused.
+why, when there is no candidate or the promotion is refused -- among others when the
+candidate cannot prove it holds every write answered ``replicated`` (a member of the last
+in-sync set is unreachable), unless ``--unclean``, which then says what may be lost.
 """
 
 from __future__ import annotations
@@ -30,6 +32,17 @@ TokenFile = Annotated[
         "--admin-token-file",
         envvar="WALSHIP_ADMIN_TOKEN_FILE",
         help=f"File holding the admin token (else ${ADMIN_TOKEN_ENV}).",
+    ),
+]
+
+
+UncleanFlag = Annotated[
+    bool,
+    typer.Option(
+        "--unclean",
+        help="Promote although the candidate cannot prove it holds every write answered "
+        "replicated (a member of the last in-sync set is unreachable): what only that member "
+        "holds is lost. The command says what.",
     ),
 ]
 
@@ -79,10 +92,11 @@ def promote_command(
         str | None,
         typer.Option("--peers", help="URLs of the other nodes to compare with (comma-separated)."),
     ] = None,
+    unclean: UncleanFlag = False,
     admin_token_file: TokenFile = None,
 ) -> None:
     """Promote a follower to leader of a new term."""
-    params = {"force": "true" if force else "false"}
+    params = {"force": "true" if force else "false", "unclean": "true" if unclean else "false"}
     if peers:
         params["peers"] = ",".join(split_urls(peers))
     try:
@@ -92,6 +106,8 @@ def promote_command(
     if not answer.get("changed", True):
         say(f"{answer['node_id']} already leads term {answer['term']}")
         return
+    if answer.get("unclean"):
+        warn(str(answer["unclean"]))
     say(
         f"promoted {answer['node_id']} to leader of term {answer['term']} from lsn "
         f"{answer['first_lsn']}; followers connect to {answer['replication_address']}"
@@ -150,6 +166,7 @@ def failover_command(
             "is still connected to it.",
         ),
     ] = False,
+    unclean: UncleanFlag = False,
     admin_token_file: TokenFile = None,
 ) -> None:
     """Promote the most caught-up reachable follower and repoint every other node to it."""
@@ -177,11 +194,17 @@ def failover_command(
     best = max(followers, key=lambda v: v.position)  # the first given wins a tie
     say(f"promoting {best.node_id} ({best.url}) at {_position(best)}")
     others = [v.url for v in views if v.url != best.url]
-    params = {"force": "true" if force else "false", "peers": ",".join(others)}
+    params = {
+        "force": "true" if force else "false",
+        "unclean": "true" if unclean else "false",
+        "peers": ",".join(others),
+    }
     try:
         answer = admin_call(best.url, "/internal/promote", token, **params)
     except AdminError as exc:
         fail(f"promotion refused, nothing changed: {exc}")
+    if answer.get("unclean"):
+        warn(str(answer["unclean"]))
     address = answer.get("replication_address")
     say(
         f"promoted {answer['node_id']} to leader of term {answer['term']} from lsn "

@@ -296,6 +296,16 @@ def serve_command(
             "without creating or opening anything.",
         ),
     ] = False,
+    unclean_election: Annotated[
+        bool,
+        typer.Option(
+            "--unclean-election",
+            envvar="WALSHIP_UNCLEAN_ELECTION",
+            help="Automatic failover: let this node be elected although it cannot prove it "
+            "holds every write answered replicated (a member of the last in-sync set is "
+            "down); what only that member holds is lost. Off: the election waits for it.",
+        ),
+    ] = False,
 ) -> None:
     """Run a node: WAL + store + HTTP API, until SIGTERM or Ctrl-C.
 
@@ -380,7 +390,9 @@ def serve_command(
         raise
     _bind_replication(node, sock)
     if etcd is not None and cluster is not None:
-        _attach_election(node, etcd, cluster, etcd_ttl_s, etcd_settle_ms, sock)
+        _attach_election(
+            node, etcd, cluster, etcd_ttl_s, etcd_settle_ms, sock, unclean=unclean_election
+        )
     _run(node, sock, level)
 
 
@@ -422,7 +434,14 @@ def _replication_summary(replication: ReplicationConfig) -> str:
 
 
 def _attach_election(
-    node: Node, endpoints: str, cluster: str, ttl_s: int, settle_ms: int, sock: socket.socket
+    node: Node,
+    endpoints: str,
+    cluster: str,
+    ttl_s: int,
+    settle_ms: int,
+    sock: socket.socket,
+    *,
+    unclean: bool = False,
 ) -> None:
     from walship.election import EtcdElection
     from walship.etcd import EtcdClient
@@ -435,6 +454,7 @@ def _attach_election(
         ttl_s=ttl_s,
         settle_s=settle_ms / 1000,
         url=_url(host, port),
+        unclean=unclean,
     )
     node.coordinator = election
     node.write_gate = election.write_block

@@ -362,19 +362,28 @@ def _add_admin_routes(app: FastAPI, node: Node) -> None:
         summary="Promote this follower to leader of a new term (admin token)",
         description="Stops following, starts a new term, listens for followers, then accepts "
         "writes. 409 when the node is still connected to its leader, or a peer is a live "
-        "leader or further ahead, unless `force`.",
+        "leader or further ahead, unless `force`; 409 when it cannot prove it holds every "
+        "write answered `replicated` (a member of the last in-sync set does not answer, or "
+        "it lacks that set's lsn), unless `unclean` or `force`. The answer's `unclean` says "
+        "what such a promotion may have lost.",
         responses=_responses(None),
     )
     async def promote(
         authorization: _Auth = None,
         force: Annotated[bool, Query(description="Skip the safety checks")] = False,
+        unclean: Annotated[
+            bool,
+            Query(description="Promote although writes answered `replicated` may be lost"),
+        ] = False,
         peers: Annotated[
             str | None,
             Query(description="Comma-separated URLs of the other nodes (default: --peers)"),
         ] = None,
     ) -> Response:
         check_admin_token(node, authorization)
-        answer = await node.promote(force=force, peers=None if peers is None else split_urls(peers))
+        answer = await node.promote(
+            force=force, unclean=unclean, peers=None if peers is None else split_urls(peers)
+        )
         return _json(_encoder.encode(answer))
 
     @app.post(

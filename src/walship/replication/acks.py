@@ -4,7 +4,9 @@ writes committed without the acknowledgements their mode asked for.
 ``AckTracker`` lives on the leader's event loop. Followers' sessions report each durable lsn
 with ``update``; a write waits with ``wait(lsn, ...)`` for its *own* lsn (not "the last
 shipped offset", the reference's bug): the condition is checked when the wait starts and on
-every update and in-sync change, so a wake-up cannot be missed.
+every update and in-sync change, so a wake-up cannot be missed. Only the acks of the
+*counting* followers (``insync.py``: members of an in-sync set every member has stored) meet
+a mode; ``acked_by`` on a receipt still names every follower that held the write.
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ class AckTracker:
 
     def __init__(self) -> None:
         self._durable: dict[str, int] = {}
-        self._in_sync: set[str] = set()
+        self._in_sync: set[str] = set()  # the counting followers
+        self._pending = False  # a change of the counting set is on its way
         self._waiters: list[_Waiter] = []
         self._closed: str | None = None  # set by fail_all: no wait can succeed any more
 
@@ -113,14 +116,19 @@ class AckTracker:
             self._durable[node_id] = durable_lsn
             self._wake()
 
-    def set_in_sync(self, node_id: str, in_sync: bool) -> None:
-        changed = (node_id in self._in_sync) != in_sync
-        if in_sync:
-            self._in_sync.add(node_id)
-        else:
-            self._in_sync.discard(node_id)
-        if changed:
+    def set_counting(self, members: set[str], pending: bool = False) -> None:
+        """The followers whose acks meet a mode from now on (the in-sync set every member has
+        stored); ``pending`` while a change of that set is on its way, so a wait below the
+        floor waits for it instead of failing at once."""
+        self._pending = pending
+        if members != self._in_sync:
+            self._in_sync = set(members)
             self._wake()
+
+    def set_in_sync(self, node_id: str, in_sync: bool) -> None:
+        """One follower joins or leaves the counting set."""
+        members = self._in_sync | {node_id} if in_sync else self._in_sync - {node_id}
+        self.set_counting(members, self._pending)
 
     def forget(self, node_id: str) -> None:
         self._durable.pop(node_id, None)
@@ -131,7 +139,7 @@ class AckTracker:
         return sorted(n for n, d in self._durable.items() if d >= lsn)
 
     def _met(self, w: _Waiter) -> bool:
-        acked = [n for n, d in self._durable.items() if d >= w.lsn]
+        acked = [n for n in self._in_sync if self._durable.get(n, -1) >= w.lsn]
         if w.mode.kind == "sync":
             return len(self._in_sync) >= max(w.min_in_sync, 1) and all(
                 self._durable.get(n, -1) >= w.lsn for n in self._in_sync
@@ -163,7 +171,7 @@ class AckTracker:
         required = mode.required(len(self._in_sync), min_in_sync)
         if not mode.waits:
             return AckOutcome(True, self.acked_by(lsn), required)
-        if len(self._in_sync) < min_in_sync:
+        if len(self._in_sync) < min_in_sync and not self._pending:
             return AckOutcome(
                 False,
                 self.acked_by(lsn),

@@ -17,6 +17,10 @@ never remembered from the last session), then ``step()`` through the leader's me
   frame: the connection closes and the loop resubscribes from the durable position after a
   backoff. Nothing is ever skipped.
 
+* ``InSyncSet``: the leader's in-sync set, stored durably (``insync.py``) and confirmed with
+  ``InSyncStored`` -- by a member only once it holds the record's lsn -- so that a failover
+  can tell whether this node may be missing writes answered ``replicated``.
+
 The ack loop also keeps the link alive: at least one Ack (or, while a snapshot is in flight,
 a Heartbeat) per ``heartbeat_interval_ms``, so the leader's read deadline never fires on an
 idle follower.
@@ -37,6 +41,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final, TypeVar
 
+import msgspec
+
 from walship.errors import (
     AuthenticationError,
     CorruptionError,
@@ -51,6 +57,7 @@ from walship.errors import (
 from walship.events import now_us
 from walship.replication.config import ReplicationConfig
 from walship.replication.divergence import snapshot_divergence
+from walship.replication.insync import InSyncFile, InSyncRecord, stored_message
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import (
     PROTOCOL_VERSION,
@@ -60,6 +67,7 @@ from walship.replication.protocol import (
     Diverged,
     Heartbeat,
     Hello,
+    InSyncSet,
     Message,
     Refused,
     SnapshotChunk,
@@ -196,6 +204,7 @@ class Follower:
         *,
         known_term: int = 0,
         on_term: Callable[[int], None] | None = None,
+        in_sync_file: InSyncFile | None = None,
     ) -> None:
         if not config.secret:
             raise InvalidInput("a follower needs the replication secret to authenticate")
@@ -213,6 +222,9 @@ class Follower:
         self.last_repair: dict[str, Any] | None = None
         self.leader_lsn = 0
         self.leader_url: str | None = None  # the leader's HTTP URL, from its Welcome
+        self.leader_node_id = ""
+        self.in_sync_file = in_sync_file or InSyncFile(store.data_dir)
+        self._in_sync_held: InSyncRecord | None = None  # a member's, until it holds its lsn
         self.durable_lsn = store.wal.written_lsn.value
         self.reconnects = 0
         self.snapshots_received = 0
@@ -299,6 +311,9 @@ class Follower:
             "frames_rejected": self.frames_rejected,
             "last_error": self.last_error,
             "known_term": self.known_term,
+            "in_sync_set": None
+            if self.in_sync_file.record is None
+            else msgspec.to_builtins(self.in_sync_file.record),
             "repairs": self.repairs,
             "last_repair": self.last_repair,
             "snapshot": None
@@ -543,6 +558,7 @@ class Follower:
         self.leader_lsn = welcome.leader_last_lsn
         self.leader_url = welcome.leader_url or None
         self._logged_failure = None  # connected: the next failure is news again
+        self.leader_node_id = welcome.leader_node_id
         log.info(
             "replication: following %s at %s (term %d, leader lsn %d)",
             welcome.leader_node_id,
@@ -560,6 +576,7 @@ class Follower:
         self._batches = 0
         self._held = []
         self._newest_ts_us = None
+        self._in_sync_held = None
         self.durable_lsn = self.store.wal.written_lsn.value
 
     async def _teardown(self) -> None:
@@ -685,6 +702,8 @@ class Follower:
             await self._on_snapshot_chunk(msg)
         elif isinstance(msg, SnapshotEnd):
             await self._on_snapshot_end(msg)
+        elif isinstance(msg, InSyncSet):
+            await self._on_in_sync(InSyncRecord.from_wire(msg, self.leader_node_id))
         elif isinstance(msg, Diverged):
             raise LeaderDiverged(
                 f"this follower's log is not on the leader's history ({msg.reason}); both "
@@ -782,6 +801,19 @@ class Follower:
             done = self.store.apply_run(VerifiedRun(*prev, records[:k]))
             return k, records[k - 1].lsn, done
 
+    async def _on_in_sync(self, record: InSyncRecord) -> None:
+        """Store the leader's in-sync set and confirm it; a member first waits until it holds
+        the record's lsn (so every member of a record holds what was answered before it)."""
+        if self.node_id in record.members and self.durable_lsn < record.lsn:
+            self._in_sync_held = record
+            return
+        self._in_sync_held = None
+        await self._store_in_sync(record)
+
+    async def _store_in_sync(self, record: InSyncRecord) -> None:
+        await asyncio.to_thread(self.in_sync_file.store, record)
+        await self._send(stored_message(record))
+
     # ------------------------------------------------------------------ acknowledging
 
     async def _ack_loop(self) -> None:
@@ -794,6 +826,10 @@ class Follower:
                 self._wake_applied()
                 self._publish()
                 await self._send_position()
+                held = self._in_sync_held
+                if held is not None and self.durable_lsn >= held.lsn:
+                    self._in_sync_held = None
+                    await self._store_in_sync(held)
                 continue
             idle_s = time.monotonic() - self._last_sent
             if self._ack_wanted or idle_s >= heartbeat_s:

@@ -5,7 +5,8 @@ then serves it from the WAL *on disk* (``WalCursor``) from its position -- or fi
 when that part of the WAL is gone and the term history has the follower's term there -- and
 keeps tailing as the WAL advances (woken by the WAL's commit listener, never a bounded
 broadcast that could drop). Acks feed the ``AckTracker`` that writes wait on, the in-sync
-set, the retention slots and the lag figures.
+set (published to the followers by ``InSyncPublisher``), the retention slots and the lag
+figures.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from walship.replication.acks import (
 from walship.replication.config import ReplicationConfig
 from walship.replication.divergence import common_point, on_history, term_at
 from walship.replication.handshake import HandshakeGate, HandshakeSlot, authenticate_follower
+from walship.replication.insync import InSyncFile, InSyncPublisher
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import (
     WAL_BATCH_OVERHEAD_BYTES,
@@ -56,6 +58,7 @@ from walship.replication.protocol import (
     CaughtUp,
     Diverged,
     Heartbeat,
+    InSyncStored,
     Refused,
     SnapshotChunk,
     SnapshotEnd,
@@ -171,6 +174,9 @@ class SnapshotProgress:
         }
 
 
+IN_SYNC_RETRY_S = 0.5
+"""How soon a leader tries again to publish an in-sync set it could not (etcd unreachable)."""
+
 INLINE_READ_BYTES = 64 * 1024
 """A session reads at most this much WAL on the event loop; larger reads (catch-up) go to a
 worker thread so other sessions and the HTTP API are not held up."""
@@ -197,6 +203,7 @@ class FollowerSession:
         self._prev: tuple[int, int, bytes] = (0, 0, GENESIS_CHAIN)
         self._cursor: WalCursor | None = None
         self._caught_up_sent = False
+        self._in_sync_sent: tuple[int, int] | None = None  # the newest record sent to it
         self._resume: asyncio.Queue[SnapshotResume] = asyncio.Queue(maxsize=1)
 
     def __repr__(self) -> str:
@@ -223,7 +230,7 @@ class FollowerSession:
             "applied_lsn": self.applied_lsn,
             "lag_records": self.lag_records(),
             "lag_ms": round(self.lag_ms(), 3),
-            "in_sync": self.in_sync,
+            "in_sync": self.node_id in self.leader.tracker.in_sync,
         }
         if self.snapshot is not None:
             out["snapshot"] = self.snapshot.status()
@@ -337,6 +344,7 @@ class FollowerSession:
         try:
             while True:
                 self.wake.clear()
+                await self._send_in_sync()
                 end = leader.store.wal.written_lsn.value  # the end of log as this step starts
                 try:
                     sent = await self.step()
@@ -367,6 +375,14 @@ class FollowerSession:
         finally:
             if self._cursor is not None:
                 self._cursor.close()
+
+    async def _send_in_sync(self) -> None:
+        """The leader's newest in-sync record, when this follower has not been sent it: after
+        the WAL already sent, so a member that stores it holds what it covers soon."""
+        record = self.leader.insync.current
+        if record is not None and record.order != self._in_sync_sent:
+            await self.stream.send(record.to_wire())
+            self._in_sync_sent = record.order
 
     async def _receive(self, timeout: float) -> None:
         """Acks and heartbeats from the follower; a silent follower is dropped at the deadline."""
@@ -405,6 +421,8 @@ class FollowerSession:
                     raise ProtocolError(
                         f"{self.node_id} refused the stream ({msg.code}): {msg.message}"
                     )
+                elif isinstance(msg, InSyncStored):
+                    self.leader.insync.confirm(self.node_id, msg.term, msg.version)
                 elif isinstance(msg, SnapshotResume):
                     if self.state is not FollowerState.SNAPSHOT or self._resume.full():
                         raise ProtocolError("SnapshotResume outside a snapshot transfer")
@@ -509,6 +527,7 @@ class Leader:
         config: ReplicationConfig,
         metrics: ReplicationMetrics,
         on_fence: Callable[[int], None] | None = None,
+        in_sync_file: InSyncFile | None = None,
     ) -> None:
         self.store = store
         self.config = config
@@ -533,6 +552,15 @@ class Leader:
         self._monitor: asyncio.Task[None] | None = None
         self.port: int | None = None
         self.handshakes = HandshakeGate(store.limits.unauthenticated_connections_max)
+        self.insync = InSyncPublisher(
+            in_sync_file or InSyncFile(store.data_dir),
+            leader_id=store.config.node_id,
+            term=self.term,
+            ack_mode=str(config.ack_mode),
+            end_lsn=lambda: self.store.wal.written_lsn.value,
+            on_change=self.tracker.set_counting,
+        )
+        self._publisher: asyncio.Task[None] | None = None
         store.set_retention_floor(self.retention_floor)
 
     @property
@@ -604,13 +632,15 @@ class Leader:
             self.port = int(sock[1])
             log.info("replication listening on %s:%s", sock[0], sock[1])
         self._monitor = asyncio.create_task(self._monitor_in_sync(), name="in-sync-monitor")
+        self._publisher = asyncio.create_task(self._publish_in_sync(), name="in-sync-publisher")
 
     async def stop(self) -> None:
         self.store.wal.remove_listener(self._on_wal_commit)
         if self._server is not None:
             self._server.close()
-        if self._monitor is not None:
-            self._monitor.cancel()
+        for task in (self._monitor, self._publisher):
+            if task is not None:
+                task.cancel()
         for session in list(self.sessions.values()):
             await session.stream.close()
         for task in list(self._tasks):
@@ -768,7 +798,7 @@ class Leader:
     def unregister(self, session: FollowerSession) -> None:
         if self.sessions.get(session.node_id) is session:
             del self.sessions[session.node_id]
-            self.tracker.set_in_sync(session.node_id, False)
+            self.insync.want(session.node_id, False)
             session.in_sync = False
             self.metrics.followers.set(len(self.sessions))
             self.metrics.set_follower(session.node_id, None)
@@ -795,6 +825,7 @@ class Leader:
             raise NotFound(f"this leader knows no follower {node_id!r}", field="node_id")
         self.slots.drop(node_id)
         self.tracker.forget(node_id)
+        self.insync.forget(node_id)
         log.warning(
             "replication: forgot follower %s (its slot held WAL from lsn %d)", node_id, slot + 1
         )
@@ -816,7 +847,7 @@ class Leader:
         now = session.state is FollowerState.STREAMING and lag_ms <= self.config.max_lag_ms
         if now != was:
             session.in_sync = now
-            self.tracker.set_in_sync(session.node_id, now)
+            self.insync.want(session.node_id, now)
             log.warning(
                 "replication: %s %s the in-sync set (lag %.0f ms, %d records)",
                 session.node_id,
@@ -833,6 +864,23 @@ class Leader:
             for session in list(self.sessions.values()):
                 self.evaluate(session)
             self.metrics.in_sync.set(len(self.tracker.in_sync))
+
+    async def _publish_in_sync(self) -> None:
+        """Hand out a new in-sync record whenever the set changes (one at a time; a failed
+        hand-out, etcd unreachable, is tried again while the old record stays in force)."""
+        while True:
+            await self.insync.changed.wait()
+            try:
+                published = await self.insync.publish_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("replication: could not publish the in-sync set: %s", exc)
+                self.insync.changed.set()
+                await asyncio.sleep(IN_SYNC_RETRY_S)
+                continue
+            if published is not None:
+                self._wake_sessions()
 
     def retention_floor(self) -> int | None:
         """The lowest lsn a follower or a snapshot transfer still needs from the WAL."""
@@ -904,6 +952,7 @@ class Leader:
             "listening": None if self.port is None else f"{self.config.host}:{self.port}",
             "followers": [s.status() for s in self.sessions.values()],
             "in_sync_count": len(self.tracker.in_sync),
+            "in_sync_set": self.insync.status(),
             "min_in_sync": self.config.min_in_sync,
             "degraded": {
                 "writes": self.ledger.degraded_writes,

@@ -35,6 +35,8 @@ Message flow (F = follower, L = leader)::
     F ◀── WalBatch… CaughtUp WalBatch…                catch-up from disk, then live tail
     all along
     F ── Ack(durable_lsn, applied_lsn) ──▶ L          F ◀── Heartbeat(term, …) ──▶ L
+    F ◀── InSyncSet(term, version, lsn, members)      when the in-sync set changes
+    F ── InSyncStored(term, version) ──▶ L            once it is durably stored
 
 Either side may answer with ``Refused(code, message)`` and close. A frame whose sender term is
 lower than the receiver's known term is refused (fencing, see ``stale_term_error``).
@@ -96,6 +98,8 @@ URL_BYTES_MAX: Final = 512
 # the wire are still never joined to a path unchecked (DESIGN 8.10).
 FileName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")]
 Role = Literal["leader", "follower"]
+IN_SYNC_MEMBERS_MAX: Final = 255  # followers named in one in-sync set
+AckModeName = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -314,6 +318,29 @@ class Heartbeat(_Wire, frozen=True):
     ts_us: U64
 
 
+class InSyncSet(_Wire, frozen=True):
+    """L→F: the leader's in-sync set, the followers whose acks count towards ``replicated``.
+
+    Ordered by ``(term, version)``; ``lsn`` was the leader's end of log when it was made, so
+    every write answered before it is at or below it. A follower stores it durably and
+    answers ``InSyncStored`` (a member only once it holds ``lsn``): failover reads it to
+    refuse a candidate that cannot prove it holds every ``replicated`` write
+    (``replication/insync.py``)."""
+
+    term: U64
+    version: U64
+    lsn: U64
+    members: Annotated[list[Ident], msgspec.Meta(max_length=IN_SYNC_MEMBERS_MAX)]
+    ack_mode: AckModeName
+
+
+class InSyncStored(_Wire, frozen=True):
+    """F→L: the in-sync set ``(term, version)`` is durably stored here."""
+
+    term: U64
+    version: U64
+
+
 # A message's type byte is its 1-based position in this union: never reorder, only append.
 Message: TypeAlias = (
     Hello
@@ -331,6 +358,8 @@ Message: TypeAlias = (
     | Ack
     | Heartbeat
     | SnapshotResume
+    | InSyncSet
+    | InSyncStored
 )
 
 
@@ -579,9 +608,10 @@ def hello_error(hello: Hello, cluster_id: str) -> ProtocolError | None:
 def stale_term_error(msg: Message, known_term: int) -> StaleTerm | None:
     """A StaleTerm error when ``msg`` comes from a lower term than ``known_term`` (fencing).
 
-    The sender's term is in Welcome, WalBatch, CaughtUp and Heartbeat; other messages pass.
+    The sender's term is in Welcome, WalBatch, CaughtUp, Heartbeat and InSyncSet; other
+    messages pass.
     """
-    if not isinstance(msg, Welcome | WalBatch | CaughtUp | Heartbeat):
+    if not isinstance(msg, Welcome | WalBatch | CaughtUp | Heartbeat | InSyncSet):
         return None
     term = msg.term
     if term < known_term:
