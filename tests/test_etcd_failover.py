@@ -2,7 +2,9 @@
 
 Checked: a leader killed with kill -9 is replaced by the most caught-up follower within the
 lease TTL plus a few seconds, every ``replicated`` write survives and the other follower
-follows; a leader cut off from etcd stops taking writes before anyone else is elected.
+follows; a leader cut off from etcd stops taking writes before anyone else is elected; a
+candidate that cannot prove it holds every ``replicated`` write is not elected unless it runs
+with ``--unclean-election``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from tests.cluster import (
     wait_until,
 )
 from tests.etcd_server import EtcdServer, running_etcd
-from tests.failover_cluster import FailoverCluster, ReceiptWriters, assert_receipts_held
+from tests.failover_cluster import (
+    FailoverCluster,
+    ReceiptWriters,
+    assert_receipts_held,
+    events_by_id,
+    pause,
+    resume,
+)
 from walship.replication.config import parse_address
 from walship.testing.proxy import FaultProxy
 
@@ -153,3 +162,59 @@ def test_leader_cut_off_from_etcd_stops_writes_before_a_new_leader_is_elected(
         etcd_link.heal()
         wait_until(lambda: health(leader)["role"] == "follower", 10, "the old leader to follow")
         wait_caught_up(f1, leader)
+
+
+@pytest.mark.parametrize("unclean", [False, True])
+def test_election_refuses_a_candidate_out_of_the_in_sync_set_etcd_holds(
+    etcd: EtcdServer, cluster: FailoverCluster, unclean: bool
+) -> None:
+    """The double fault on etcd: f2 is cut off past --max-lag-ms (f1 alone acknowledges),
+    f1 is paused and the leader killed. f2, the only live candidate, is not in the in-sync
+    set in etcd: it is not elected, and the election waits until f1 is back -- unless f2 runs
+    with --unclean-election, which elects it and says what is lost."""
+    args = election_args(etcd.url)
+    leader = cluster.start_leader(args=[*args, "--ack-mode", "semi-sync", *FAST_ACKS])
+    wait_until(lambda: election(leader)["holding"], 10, "the leader to hold the etcd key")
+    address = replication_address(leader)
+    with FaultProxy(parse_address(address)) as link2:
+        f1 = cluster.start_follower("f1", address, args=args)
+        f2_args = [*args, "--unclean-election"] if unclean else args
+        f2 = cluster.start_follower("f2", f"127.0.0.1:{link2.port}", args=f2_args)
+        wait_until(lambda: replication(leader)["in_sync_count"] == 2, 20, "both in sync")
+        writers = ReceiptWriters(leader.url).start()
+        writers.wait_for("replicated", 200)
+        link2.set_refuse(True)
+        wait_until(
+            lambda: replication(leader)["in_sync_set"]["counting"] == ["f1"], 20, "f2 to leave"
+        )
+        mark = writers.count("replicated")
+        writers.wait_for("replicated", mark + 300)
+        pause(f1)
+        leader.kill()
+        receipts = writers.stop()
+    replicated = [r for r in receipts if r["durability"] == "replicated"]
+    on_f2 = events_by_id(f2)
+    only_f1 = [r for r in replicated if r["event_id"] not in on_f2]
+    assert only_f1, "the scenario needs writes acknowledged by f1 alone"
+
+    if unclean:
+        wait_until(lambda: health(f2)["role"] == "leader", TTL_S + 10, "f2 to be elected")
+        resume(f1)
+        assert "unclean promotion of f2" in f2.log_path.read_text()
+        return
+
+    wait_until(
+        lambda: election(f2)["refusing"] or health(f2)["role"] == "leader",
+        TTL_S + 10,
+        "f2 to refuse to run (or be elected)",
+    )
+    time.sleep(TTL_S + 1)  # well past a lease and a settle period: still nobody leads
+    assert health(f2)["role"] == "follower" and health(f2)["term"] == 1, "f2 was elected"
+    assert "f1 of the last in-sync set" in election(f2)["refusing"]
+    resume(f1)
+    wait_until(lambda: health(f1)["role"] == "leader", TTL_S + 15, "f1 to be elected")
+    assert health(f1)["term"] == 2
+    assert_receipts_held(f1, replicated)
+    wait_until(lambda: replication(f2)["connected"], 15, "f2 to follow f1")
+    wait_caught_up(f1, f2)
+    assert_receipts_held(f2, replicated)
