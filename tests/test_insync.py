@@ -41,9 +41,11 @@ def test_a_candidate_is_clean_only_when_every_member_of_the_newest_set_answers()
 
 
 def test_a_candidate_that_lacks_the_sets_lsn_or_knows_no_set_is_refused() -> None:
-    empty = rec(5, lsn=200)  # no follower in sync when it was made
-    assert "before lsn 200" in (unclean_reason(w("f1", 150, empty), []) or "")
-    assert unclean_reason(w("f1", 200, empty), []) is None
+    assert "before lsn 200" in (unclean_reason(w("f1", 150, rec(5, "f1", lsn=200)), []) or "")
+    assert unclean_reason(w("f1", 200, rec(5, "f1", lsn=200)), []) is None
+    # a set naming nobody: a follower may have joined since, unseen by every node here
+    empty = rec(6, lsn=200)
+    assert "names no follower" in (unclean_reason(w("f1", 900, empty), [w("f2", 5, None)]) or "")
     assert "no in-sync set" in (unclean_reason(w("f1", 10, None), [w("f2", 5, None)]) or "")
 
 

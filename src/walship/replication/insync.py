@@ -16,15 +16,18 @@ DCS. walship does the same with an ``InSyncRecord``:
   when a write is answered ``replicated``, each follower that acked it has stored a record
   naming it, and so has every other member of that record.
 * A candidate is *clean* (``unclean_reason`` returns None) when, with ``R`` the newest record
-  it or any node it can reach (or etcd) knows: every member of ``R`` answers, the candidate
-  is at least as far as each node that answers, and it holds ``R.lsn``. Then each
-  ``replicated`` write is either at or below ``R.lsn`` or was acked by a member of ``R``
-  (``R`` or a newer record would otherwise be known), and so is on the candidate.
+  it or any node it can reach (or etcd) knows: ``R`` names a follower, every member of ``R``
+  answers, the candidate is at least as far as each node that answers, and it holds
+  ``R.lsn``. Then each ``replicated`` write is at or below ``R.lsn``, or was acked by a
+  member of ``R`` under ``R``, or under a newer record -- which every member of ``R`` that
+  the newer one keeps has stored, so it would have been seen, unless it dropped them all.
+  A record that names nobody proves nothing about later ones: a follower may have joined
+  without any node here hearing of it.
 
-Without etcd the records live only on the nodes: a follower dropped from the set while it
-could hear nothing (paused, cut off) still holds the older record that names it, and if
-every node that knows the newer one is gone too, nothing tells it. etcd closes that gap: a
-record is effective only once etcd has it. The README's ack-mode table says what each mode
+Without etcd the records live only on the nodes: members dropped from the set while they
+could hear nothing (paused, cut off) still hold the older record that names them, and if
+every node that knows a newer one is gone too, nothing tells them. etcd closes that gap: a
+record counts only once etcd has it, and an election reads it there. The README's ack-mode table says what each mode
 promises.
 """
 
@@ -145,6 +148,13 @@ def unclean_reason(
         return (
             "no in-sync set is known (no node that answers ever stored one): which followers "
             "hold the writes answered replicated cannot be told"
+        )
+    if not latest.members:
+        # no follower counted then; one that joined later without this node hearing of it
+        # may hold writes answered replicated (as Kafka, whose ISR shrank to the dead leader)
+        return (
+            f"the last in-sync set known ({latest.describe()}) names no follower: one that "
+            "joined it later may hold writes answered replicated that no node here has"
         )
     missing = [m for m in latest.members if m not in answered]
     if missing:
