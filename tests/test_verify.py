@@ -139,3 +139,39 @@ def test_verify_catches_a_snapshot_that_replaces_a_deposed_leaders_tail(tmp_path
     assert code == 1, output
     assert {"rejoin_tail_accounted", "lost_found_accounted"} <= set(report["failed_checks"])
     assert "cut without a trace" in output
+
+
+def test_verify_acker_down_refuses_the_follower_that_lacks_replicated_writes(
+    tmp_path: Path,
+) -> None:
+    """Seed 12, fault ``acker_down`` only: the leader is killed while the follower that
+    acknowledged its latest writes is paused; the other follower's promotion is refused and
+    the acker, once back, leads with every ``replicated`` write."""
+    code, report, output = verify(
+        tmp_path, "--duration", "8s", "--seed", "12", "--faults", "acker_down"
+    )
+    assert code == 0, output
+    assert report["faults_injected"].get("acker_down", 0) >= 1, report["fault_log"]
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["no_unclean_promotion"]["checked"] >= 1
+    assert any("refused (409)" in line for line in report["fault_log"]), report["fault_log"]
+    assert checks["replicated_on_every_node"]["checked"] > 100
+
+
+def test_verify_catches_a_promotion_that_loses_replicated_writes(tmp_path: Path) -> None:
+    """Mutant: promotion without the in-sync check (walship before clean failover). The same
+    seed promotes the lagging follower, and the writes only the acker held are flagged."""
+    code, report, output = verify(
+        tmp_path,
+        "--duration",
+        "8s",
+        "--seed",
+        "11",
+        "--faults",
+        "acker_down",
+        "--server-module",
+        "tests.mutants.unclean_promotion",
+    )
+    assert code == 1, output
+    assert {"no_unclean_promotion", "replicated_on_every_node"} <= set(report["failed_checks"])
+    assert "answered replicated before it were beyond its log" in output

@@ -20,6 +20,9 @@ from walship.verify.cluster import NodeFinal
 from walship.verify.history import History, Outcome
 
 VIOLATIONS_KEPT = 20
+ACKER_DOWN = "acker_down"
+"""The fault kind ``acker_down.py`` injects, whose promotions ``check_no_unclean_promotion``
+reads from the history."""
 """Violations kept per check (all are counted)."""
 
 
@@ -111,6 +114,7 @@ def run_checks(history: History, finals: list[NodeFinal], facts: RunFacts) -> li
         check_lost_found(history, views),
         check_rejoin_after_wal_removal(history, views, leader),
         check_entity_versions(leader),
+        check_no_unclean_promotion(history),
     ]
 
 
@@ -445,6 +449,46 @@ def check_entity_versions(leader: FinalView) -> CheckResult:
 
 
 # ---------------------------------------------------------------------------------- summaries
+
+
+def check_no_unclean_promotion(history: History) -> CheckResult:
+    """Every ``acker_down`` failover (``acker_down.py``) refused the follower that lacked the
+    acker's writes; a promotion that was accepted is a violation naming the ``replicated``
+    writes it cut."""
+    result = CheckResult(
+        "no_unclean_promotion",
+        "a failover while the follower that acknowledged the latest writes was unreachable "
+        "refused to promote a follower lacking writes answered `replicated`",
+    )
+    for fault in history.faults:
+        if fault.kind != ACKER_DOWN or fault.phase != "note":
+            continue
+        if "refused" in fault.data:
+            result.checked += 1
+            if not fault.data.get("unclean"):
+                result.info["refused_for_another_reason"] = (
+                    result.info.get("refused_for_another_reason", 0) + 1
+                )
+            continue
+        if "promoted" not in fault.data:
+            continue
+        result.checked += 1
+        term, lsn = int(fault.data["term"]), int(fault.data["lsn"])
+        cut = sorted(
+            receipt["event_id"]
+            for op, receipt in history.answered()
+            if receipt["durability"] == "replicated"
+            and op.finished is not None
+            and op.finished <= fault.at
+            and (receipt["term"], receipt["lsn"]) > (term, lsn)
+        )
+        result.fail(
+            f"{fault.data['promoted']} was promoted at {term}/{lsn} while the follower that "
+            f"acknowledged later writes was unreachable: {len(cut)} writes answered "
+            "replicated before it were beyond its log",
+            cut,
+        )
+    return result
 
 
 def _never_answered(history: History) -> set[str]:

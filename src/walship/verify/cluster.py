@@ -344,23 +344,31 @@ class VerifyCluster:
             timeout=30.0,
         )
 
+    def wait_disconnected(self, nodes: list[VerifyNode]) -> dict[str, dict[str, Any] | None]:
+        """Wait until none of ``nodes`` thinks it is connected to the (dead) leader, which
+        would refuse its promotion; their ``/health`` documents by node id."""
+        deadline = time.monotonic() + 15.0
+        while True:
+            views = {n.node_id: self.health(n) for n in nodes}
+            if all(v is not None and not v["replication"].get("connected") for v in views.values()):
+                return views
+            if time.monotonic() > deadline:
+                raise ClusterError(f"followers still think they are connected: {views}")
+            time.sleep(0.05)
+
+    def try_promote(self, node: VerifyNode, peers: list[VerifyNode]) -> httpx.Response:
+        """Ask ``node`` to promote itself, comparing with ``peers``, without forcing."""
+        urls = ",".join(n.url for n in peers if n is not node)
+        return self._admin(node, "/internal/promote", peers=urls, force="false")
+
     def promote_best(self) -> tuple[VerifyNode, str]:
         """With the leader down: promote the most caught-up live follower by (term, lsn),
         point every link at it and repoint the other followers. Returns the new leader and
         what was done."""
-        old = self.require_leader()
         live = [n for n in self.followers() if n.state is NodeState.UP]
         if not live:
             raise ClusterError("no live follower to promote")
-        deadline = time.monotonic() + 15.0
-        # a follower still connected to the (dead) leader's proxy would refuse promotion
-        while True:
-            views = {n.node_id: self.health(n) for n in live}
-            if all(v is not None and not v["replication"].get("connected") for v in views.values()):
-                break
-            if time.monotonic() > deadline:
-                raise ClusterError(f"followers still think they are connected: {views}")
-            time.sleep(0.05)
+        views = self.wait_disconnected(live)
 
         def position(n: VerifyNode) -> tuple[int, int, str]:
             view = views[n.node_id]
@@ -380,6 +388,14 @@ class VerifyCluster:
         if response.status_code != 200:
             raise ClusterError(f"promote {best.node_id}: {response.status_code} {response.text}")
         answer: dict[str, Any] = response.json()
+        self.adopt(best, answer)
+        position_text = f"{answer.get('term')}/{answer.get('first_lsn')}"
+        return best, f"term/first lsn {position_text}{' (forced)' if forced else ''}"
+
+    def adopt(self, best: VerifyNode, answer: dict[str, Any]) -> None:
+        """``best`` was promoted (its promote ``answer``): it leads, the old leader is deposed,
+        every link points at it and every other live follower is repointed."""
+        old = self.require_leader()
         address = answer.get("replication_address")
         if not address:
             raise ClusterError(f"promoted {best.node_id} does not listen: {answer}")
@@ -390,11 +406,9 @@ class VerifyCluster:
         self._set_leader(best)
         for other in self.nodes:
             other.link.retarget(target)
-        for other in live:
-            if other is not best:
+        for other in self.followers():
+            if other is not old and other.state is NodeState.UP:
                 self.repoint(other)
-        position_text = f"{answer.get('term')}/{answer.get('first_lsn')}"
-        return best, f"term/first lsn {position_text}{' (forced)' if forced else ''}"
 
     def repoint(self, node: VerifyNode) -> None:
         """Make ``node`` follow the current leader through its own link."""

@@ -17,6 +17,7 @@ FAULT_KINDS = (
     "pause",
     "failover",
     "rejoin",
+    "acker_down",
 )
 """Every fault the scheduler knows, in the order ``--faults`` documents them."""
 

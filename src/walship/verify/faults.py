@@ -23,6 +23,8 @@ sequence of kinds and roles even when a failover changes who leads.
   it must still go to lost-and-found. Runs with it checkpoint every second in small WAL
   segments, and the fault writes ballast while it waits, so the removal comes within
   seconds in every ack mode.
+* ``acker_down``: a failover while the follower that acknowledged the latest writes is
+  unreachable (``acker_down.py``): the follower that lacks them must not be promoted.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 
 import httpx
 
+from walship.verify import acker_down
 from walship.verify.cluster import ClusterError, Link, VerifyCluster, VerifyNode
 from walship.verify.config import VerifyConfig
 from walship.verify.history import History, Rejoin
@@ -217,6 +220,9 @@ class FaultScheduler:
         await asyncio.sleep(hold)
         self.cluster.resume(node)
         self.history.fault("pause", self._role(node), "heal", "SIGCONT")
+
+    async def _acker_down(self, hold: float) -> None:
+        await acker_down.inject(self, hold)
 
     async def _failover(self, hold: float, via: str = "failover") -> None:
         cluster = self.cluster

@@ -72,6 +72,7 @@ class FaultRecord:
     target: str
     phase: str  # inject | heal | note
     detail: str = ""
+    data: dict[str, Any] = field(default_factory=dict)  # facts a check reads back
 
     def brief(self) -> str:
         return f"{self.at:8.3f} fault {self.kind} {self.phase} {self.target} {self.detail}".rstrip()

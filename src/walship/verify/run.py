@@ -40,6 +40,9 @@ def effective_faults(config: VerifyConfig) -> tuple[tuple[str, ...], list[str]]:
     if "rejoin" in kinds and not failover_available():
         kinds.remove("rejoin")
         notes.append("rejoin: needs promote/repoint endpoints, not in this build; left out")
+    if "acker_down" in kinds and (config.nodes < 3 or not failover_available()):
+        kinds.remove("acker_down")
+        notes.append("acker_down: needs two followers and promote/repoint; left out")
     if config.nodes == 1:
         for kind in (*LINK_FAULTS, "failover", "rejoin"):
             if kind in kinds:
