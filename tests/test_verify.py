@@ -34,8 +34,16 @@ def verify(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
     return result.exit_code, json.loads(report.read_text()), result.output
 
 
-def test_verify_seed_1_with_every_fault_passes(tmp_path: Path) -> None:
-    code, report, output = verify(tmp_path, "--duration", "30s", "--seed", "1")
+SEED_1_FAULTS = "kill,restart,partition,delay,corrupt,pause,failover"
+"""The kinds seed 1 picks from. A seed's schedule depends on the list it chooses in, so it is
+named here: seed 1 keeps failing over an isolated leader when kinds are added, and each new
+kind runs on a seed of its own."""
+
+
+def test_verify_seed_1_with_every_process_and_link_fault_passes(tmp_path: Path) -> None:
+    code, report, output = verify(
+        tmp_path, "--duration", "30s", "--seed", "1", "--faults", SEED_1_FAULTS
+    )
     assert code == 0, output
     assert report["ok"] and report["failed_checks"] == [] and not report["harness_errors"]
     assert report["seed"] == 1 and "PASS" in output
