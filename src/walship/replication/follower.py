@@ -41,8 +41,6 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final, TypeVar
 
-import msgspec
-
 from walship.errors import (
     AuthenticationError,
     CorruptionError,
@@ -225,6 +223,8 @@ class Follower:
         self.leader_node_id = ""
         self.in_sync_file = in_sync_file or InSyncFile(store.data_dir)
         self._in_sync_held: InSyncRecord | None = None  # a member's, until it holds its lsn
+        self._in_sync_due: InSyncRecord | None = None  # to store and confirm
+        self._in_sync_wake = asyncio.Event()
         self.durable_lsn = store.wal.written_lsn.value
         self.reconnects = 0
         self.snapshots_received = 0
@@ -311,9 +311,6 @@ class Follower:
             "frames_rejected": self.frames_rejected,
             "last_error": self.last_error,
             "known_term": self.known_term,
-            "in_sync_set": None
-            if self.in_sync_file.record is None
-            else msgspec.to_builtins(self.in_sync_file.record),
             "repairs": self.repairs,
             "last_repair": self.last_repair,
             "snapshot": None
@@ -526,6 +523,7 @@ class Follower:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._receive_loop(), name=f"follower-recv-{self.node_id}")
                 group.create_task(self._ack_loop(), name=f"follower-ack-{self.node_id}")
+                group.create_task(self._in_sync_loop(), name=f"follower-isr-{self.node_id}")
         except BaseExceptionGroup as errors:
             exc = _first_error(errors)
             if isinstance(exc, FrameRejected):
@@ -577,6 +575,7 @@ class Follower:
         self._held = []
         self._newest_ts_us = None
         self._in_sync_held = None
+        self._in_sync_due = None
         self.durable_lsn = self.store.wal.written_lsn.value
 
     async def _teardown(self) -> None:
@@ -703,7 +702,7 @@ class Follower:
         elif isinstance(msg, SnapshotEnd):
             await self._on_snapshot_end(msg)
         elif isinstance(msg, InSyncSet):
-            await self._on_in_sync(InSyncRecord.from_wire(msg, self.leader_node_id))
+            self._on_in_sync(InSyncRecord.from_wire(msg, self.leader_node_id))
         elif isinstance(msg, Diverged):
             raise LeaderDiverged(
                 f"this follower's log is not on the leader's history ({msg.reason}); both "
@@ -801,18 +800,27 @@ class Follower:
             done = self.store.apply_run(VerifiedRun(*prev, records[:k]))
             return k, records[k - 1].lsn, done
 
-    async def _on_in_sync(self, record: InSyncRecord) -> None:
-        """Store the leader's in-sync set and confirm it; a member first waits until it holds
-        the record's lsn (so every member of a record holds what was answered before it)."""
+    def _on_in_sync(self, record: InSyncRecord) -> None:
+        """Have the leader's in-sync set stored and confirmed; a member first waits until it
+        holds the record's lsn (so every member of a record holds what was answered before
+        it)."""
         if self.node_id in record.members and self.durable_lsn < record.lsn:
             self._in_sync_held = record
             return
         self._in_sync_held = None
-        await self._store_in_sync(record)
+        self._in_sync_due = record
+        self._in_sync_wake.set()
 
-    async def _store_in_sync(self, record: InSyncRecord) -> None:
-        await asyncio.to_thread(self.in_sync_file.store, record)
-        await self._send(stored_message(record))
+    async def _in_sync_loop(self) -> None:
+        """Store each in-sync set due (the newest, when several came meanwhile) and confirm
+        it: beside the receive loop, whose WAL batches must not wait for this fsync."""
+        while True:
+            await self._in_sync_wake.wait()
+            self._in_sync_wake.clear()
+            record, self._in_sync_due = self._in_sync_due, None
+            if record is not None:
+                await asyncio.to_thread(self.in_sync_file.store, record)
+                await self._send(stored_message(record))
 
     # ------------------------------------------------------------------ acknowledging
 
@@ -828,8 +836,7 @@ class Follower:
                 await self._send_position()
                 held = self._in_sync_held
                 if held is not None and self.durable_lsn >= held.lsn:
-                    self._in_sync_held = None
-                    await self._store_in_sync(held)
+                    self._on_in_sync(held)
                 continue
             idle_s = time.monotonic() - self._last_sent
             if self._ack_wanted or idle_s >= heartbeat_s:
