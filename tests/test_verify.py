@@ -34,7 +34,7 @@ def verify(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
     return result.exit_code, json.loads(report.read_text()), result.output
 
 
-SEED_1_FAULTS = "kill,restart,partition,delay,corrupt,pause,failover"
+SEED_1_FAULTS = "kill,restart,partition,delay,corrupt,pause,failover,rejoin"
 """The kinds seed 1 picks from. A seed's schedule depends on the list it chooses in, so it is
 named here: seed 1 keeps failing over an isolated leader when kinds are added, and each new
 kind runs on a seed of its own."""
@@ -174,7 +174,7 @@ def test_verify_catches_a_promotion_that_loses_replicated_writes(tmp_path: Path)
         "--duration",
         "8s",
         "--seed",
-        "11",
+        "12",
         "--faults",
         "acker_down",
         "--server-module",
