@@ -165,10 +165,14 @@ class EtcdElection:
 
     async def publish_in_sync(self, record: InSyncRecord) -> None:
         """Put the leader's new in-sync set in etcd, only while this node holds the leader
-        key with its lease (a deposed leader's stale set never lands). EtcdError otherwise:
-        the leader tries again, and the set does not count until then."""
-        if not self.holding or not self.lease:
-            raise EtcdError("this node does not hold the leader key: the in-sync set waits")
+        key with its lease (a deposed leader's stale set never lands). A leader that has not
+        taken the key yet (it is starting) waits for it; EtcdError when it is fenced or etcd
+        refuses: the leader tries again, and the set does not count until then."""
+        while not self.holding or not self.lease:
+            leader = self.node.leader
+            if leader is None or leader.fenced is not None:
+                raise EtcdError("this node does not hold the leader key: the in-sync set waits")
+            await asyncio.sleep(self.poll_s)
         ok = await self.client.txn(
             [compare_lease(self.leader_key, self.lease)],
             [put_op(self.in_sync_key, msgspec.json.encode(record))],

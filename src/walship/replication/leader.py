@@ -868,17 +868,25 @@ class Leader:
     async def _publish_in_sync(self) -> None:
         """Hand out a new in-sync record whenever the set changes (one at a time; a failed
         hand-out, etcd unreachable, is tried again while the old record stays in force)."""
+        failing: str | None = None  # the last failure, logged once until it changes
         while True:
             await self.insync.changed.wait()
+            if self.fenced is not None:
+                return  # a deposed leader's set counts for nothing any more
             try:
                 published = await self.insync.publish_due()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("replication: could not publish the in-sync set: %s", exc)
+                if str(exc) != failing:
+                    failing = str(exc)
+                    log.warning("replication: could not publish the in-sync set: %s", exc)
                 self.insync.changed.set()
                 await asyncio.sleep(IN_SYNC_RETRY_S)
                 continue
+            if failing is not None:
+                log.info("replication: in-sync set published again")
+                failing = None
             if published is not None:
                 self._wake_sessions()
 
