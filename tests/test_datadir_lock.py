@@ -9,7 +9,9 @@ is refused; a server killed with ``kill -9`` leaves no lock behind.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,6 +75,24 @@ def test_a_lock_taken_first_is_handed_to_the_store_and_released_by_close(tmp_pat
     assert holder_pid(data) == os.getpid()
     store.close()
     assert not lock.held and holder_pid(data) is None
+
+
+def test_a_look_at_the_lock_does_not_keep_a_store_from_opening(tmp_path: Path) -> None:
+    """``holder_pid`` (``walship wal verify`` on the dir) holds a shared lock while it looks;
+    an opener that comes just then waits the look out instead of failing to start."""
+    data = tmp_path / "data"
+    open_store(data).close()
+    looking = os.open(data / LOCK_FILE, os.O_RDONLY)
+    fcntl.flock(looking, fcntl.LOCK_SH)  # what holder_pid holds for a moment
+    done_looking = threading.Timer(0.05, os.close, [looking])
+    done_looking.start()
+    try:
+        with open_store(data):
+            assert holder_pid(data) == os.getpid()
+    finally:
+        done_looking.join()
+    with open_store(data), pytest.raises(DataDirLocked):
+        open_store(data)  # while the dir is open, a second opener is still refused
 
 
 # ---------------------------------------------------------------------------------- processes

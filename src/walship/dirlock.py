@@ -9,7 +9,8 @@ stale lock to clean up, and a pid left in the file by a dead holder is never bel
 
 Read-only commands (``walship wal verify|dump``, ``walship lost-found list|export``) take no
 lock, so they can look at a running node's dir and never keep a node from starting;
-``holder_pid`` lets them say that the dir is in use. The lock is advisory: it keeps walship
+``holder_pid`` lets them say that the dir is in use (its shared lock lasts a moment, and an
+opener that meets only such a look waits it out). The lock is advisory: it keeps walship
 processes apart, not other programs. On file systems without working ``flock`` (some network
 file systems) it keeps nothing apart; keep data dirs on local disks.
 """
@@ -30,6 +31,9 @@ LOCK_FILE = "walship.lock"
 # The holder writes its pid just after it took the lock; a reader that lost the race for the
 # lock may look in between and find the file empty.
 _PID_WAIT_S = 0.5
+# ``holder_pid`` holds a shared lock for the microseconds of its look; an opener that meets
+# only such looks tries again for this long (a real holder is refused at once)
+_LOOK_WAIT_S = 1.0
 
 
 class DataDirLock:
@@ -60,13 +64,13 @@ class DataDirLock:
         except OSError as exc:
             raise StorageError(f"cannot open the lock file {path}: {exc}") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise _locked_error(data_dir, _read_pid(path, _PID_WAIT_S)) from None
+            taken = _lock_exclusive(fd)
         except OSError as exc:
             os.close(fd)
             raise StorageError(f"cannot lock {path}: {exc}") from exc
+        if not taken:
+            os.close(fd)
+            raise _locked_error(data_dir, _read_pid(path, _PID_WAIT_S))
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -98,6 +102,27 @@ class DataDirLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _lock_exclusive(fd: int) -> bool:
+    """Take the exclusive lock on ``fd``; False when another opener holds it. Never waits for
+    an opener, only (``_LOOK_WAIT_S`` at most) for a ``holder_pid`` look: its shared lock
+    lasts a moment, and a node must not fail to start because someone looked just then."""
+    deadline = time.monotonic() + _LOOK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # an exclusive holder: the dir is open elsewhere
+        fcntl.flock(fd, fcntl.LOCK_UN)  # only looks hold it: try again in a moment
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
 
 
 def holder_pid(data_dir: Path) -> int | None:
