@@ -22,6 +22,7 @@ import msgspec
 import pytest
 from typer.testing import CliRunner
 
+from tests.cluster import wal_records
 from tests.conftest import make_event
 from walship import history
 from walship.cli.main import app
@@ -429,6 +430,24 @@ def test_checkpoint_command_on_a_stopped_data_dir(data_dir: Path, tmp_path: Path
     not_data = runner.invoke(app, ["checkpoint", "--data-dir", str(tmp_path / "nowhere")])
     assert not_data.exit_code == 1 and "not a walship data dir" in not_data.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_checkpoint_command_keeps_every_wal_segment(data_dir: Path) -> None:
+    """Which WAL a follower still needs is known to the leader (its retention slots), not to
+    a store opened offline: a checkpoint taken by ``walship checkpoint --data-dir`` removes no
+    segment, or the leader's followers would need a snapshot when it starts again (DESIGN
+    invariant 6). The node removes them at its own next checkpoint, slots in hand."""
+    store = open_store(data_dir, limits=Limits(segment_bytes_max=4096))
+    for _ in range(10):
+        store.append_batch([make_event() for _ in range(10)])
+    store.close()  # checkpoints off: every event is in the WAL only
+    segments = sorted(p.name for p in (data_dir / "wal").glob("*.wal"))
+    assert len(segments) > 2
+    result = runner.invoke(app, ["checkpoint", "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    assert "checkpointed 100 events" in result.stdout
+    assert sorted(p.name for p in (data_dir / "wal").glob("*.wal")) == segments
+    assert [r.lsn for r in wal_records(data_dir)] == list(range(1, 101))
 
 
 def test_checkpoint_command_refuses_a_data_dir_a_store_has_open(data_dir: Path) -> None:

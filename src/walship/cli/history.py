@@ -138,6 +138,10 @@ def _checkpoint_offline(data_dir: Path) -> dict[str, Any]:
         store = Store.open(StoreConfig(data_dir, checkpoints=False))
     except WalshipError as exc:
         fail(exc.message)
+    # which WAL the node's followers still need is in its retention slots, which only the
+    # running leader weighs: remove no segment here ("lsn 1 is still needed"); the node
+    # removes them at its next checkpoint
+    store.set_retention_floor(lambda: 1)
     try:
         part = store.checkpoint()
         manifest = store.manifest
