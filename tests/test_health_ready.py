@@ -87,6 +87,26 @@ def test_follower_is_ready_only_while_connected_to_its_leader(cluster: FailoverC
     wait_ready(follower, timeout_s=30)
 
 
+def test_follower_behind_a_silent_link_is_not_ready_before_its_read_deadline(
+    cluster: FailoverCluster,
+) -> None:
+    """A partition that drops packets without closing the connection (a proxy that stops
+    forwarding): the follower stays connected until its read deadline (10 s) and, hearing
+    nothing, counts 0 records of lag while the leader writes on. Readiness must not wait for
+    the deadline: past --max-lag-ms (and two heartbeats) of silence the lag is unknown."""
+    leader = cluster.start_leader()
+    with FaultProxy(parse_address(replication_address(leader))) as proxy:
+        follower = cluster.start_follower(
+            "f1", f"127.0.0.1:{proxy.port}", args=["--max-lag-ms", "1000"]
+        )
+        wait_ready(follower)
+        proxy.set_paused(True)
+        assert post_event(leader, event(1)).status_code == 200  # the follower cannot know
+        wait_not_ready(follower, "nothing heard from its leader", timeout_s=30)
+        proxy.set_paused(False)
+        wait_ready(follower, timeout_s=30)
+
+
 def test_semi_sync_leader_is_ready_only_with_a_follower_in_sync(
     cluster: FailoverCluster,
 ) -> None:

@@ -222,6 +222,7 @@ def test_new_follower_catches_up_from_wal_and_streams_live_writes(tmp_path: Path
                 "leader_lsn",
                 "lag_records",
                 "lag_ms",
+                "silence_ms",
                 "reconnects",
                 "snapshots_received",
                 "frames_rejected",

@@ -10,7 +10,7 @@ store alarm, say) is one more check appended to ``CHECKS``.
   as many followers in sync as its ack mode needs (``--min-in-sync``, ``semi-sync`` one,
   ``quorum:N`` N). An ``async`` leader waits for nobody, so followers do not count for it.
 * A follower: connected to its leader, not installing a snapshot, and known to be within
-  ``--max-lag-ms`` of it.
+  ``--max-lag-ms`` of it: behind by no more, and not silent for longer (a quiet link).
 """
 
 from __future__ import annotations
@@ -93,6 +93,16 @@ def _follower(node: Node) -> list[str]:
     if follower.state is FollowerState.SNAPSHOT:
         return [f"installing a snapshot from its leader at {follower.leader_address}"]
     max_lag_ms = node.config.replication.max_lag_ms
+    # a link that went quiet without closing keeps ``connected`` and a lag of 0 records until
+    # the read deadline (10 s by default); the leader heartbeats an idle link, so a silence
+    # longer than --max-lag-ms (and than two heartbeats) means the lag is no longer known
+    silence_ms = follower.silence_ms()
+    silence_max_ms = max(max_lag_ms, 2 * node.limits.heartbeat_interval_ms)
+    if silence_ms is not None and silence_ms > silence_max_ms:
+        return [
+            f"nothing heard from its leader at {follower.leader_address} for "
+            f"{silence_ms:.0f} ms (over {silence_max_ms} ms): it may be that far behind"
+        ]
     lag_ms = follower.lag_ms()
     if lag_ms is None:
         return [f"{follower.lag_records()} records behind its leader, for an unknown time"]

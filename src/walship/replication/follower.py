@@ -256,6 +256,7 @@ class Follower:
         self._held_bytes_max = limits.append_bytes_max + limits.batch_events_max * HEADER_BYTES
         self._reached_streaming = False
         self._newest_ts_us: int | None = None
+        self._heard_at: float | None = None  # monotonic time of the leader's last frame
         self._applied = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -293,8 +294,21 @@ class Follower:
             return None
         return max(now_us() - self._newest_ts_us, 0) / 1000
 
+    def silence_ms(self) -> float | None:
+        """How long ago this session last heard from the leader (any frame); None while not
+        connected.
+
+        ``lag_records`` counts against the leader's end of log as last heard: through a link
+        that went quiet without closing (a partition, a paused leader) it stays 0 until the
+        read deadline, while the leader may be writing. The silence bounds what is unknown.
+        """
+        if not self.connected or self._heard_at is None:
+            return None
+        return max(time.monotonic() - self._heard_at, 0.0) * 1000
+
     def status(self) -> dict[str, Any]:
         lag_ms = self.lag_ms()
+        silence_ms = self.silence_ms()
         staging = self._staging
         return {
             "leader": self.leader_address,
@@ -306,6 +320,7 @@ class Follower:
             "leader_lsn": self.leader_lsn,
             "lag_records": self.lag_records(),
             "lag_ms": None if lag_ms is None else round(lag_ms, 3),
+            "silence_ms": None if silence_ms is None else round(silence_ms, 3),
             "reconnects": self.reconnects,
             "snapshots_received": self.snapshots_received,
             "frames_rejected": self.frames_rejected,
@@ -576,6 +591,7 @@ class Follower:
         self._newest_ts_us = None
         self._in_sync_held = None
         self._in_sync_due = None
+        self._heard_at = time.monotonic()  # the Welcome just came
         self.durable_lsn = self.store.wal.written_lsn.value
 
     async def _teardown(self) -> None:
@@ -720,6 +736,7 @@ class Follower:
         if self._staging is not None:
             raise FrameRejected("the leader streams before the snapshot it sent has ended")
         self._may_ack = True
+        self._heard_at = time.monotonic()
         self.leader_lsn = max(self.leader_lsn, leader_lsn)
         self._publish()
 
