@@ -77,6 +77,28 @@ def test_a_lock_taken_first_is_handed_to_the_store_and_released_by_close(tmp_pat
     assert not lock.held and holder_pid(data) is None
 
 
+def test_a_close_interrupted_in_its_checkpoint_closes_the_wal_before_the_lock_goes(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C while a clean stop checkpoints: the close ends with the WAL closed (its writer
+    stopped) before the lock is released, so the next opener is never a second writer of a
+    WAL that this store may still be writing."""
+    data = tmp_path / "data"
+    store = Store.open(StoreConfig(data, fsync=FsyncPolicy.parse("never"), checkpoints=True))
+    receipt = store.append(make_event())
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    store.checkpoint = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        store.close()
+    assert store.wal.closing, "the lock was released with the WAL still open"
+    assert holder_pid(data) is None
+    with open_store(data) as again:
+        assert again.wal.written_lsn.value == receipt.lsn
+
+
 def test_a_look_at_the_lock_does_not_keep_a_store_from_opening(tmp_path: Path) -> None:
     """``holder_pid`` (``walship wal verify`` on the dir) holds a shared lock while it looks;
     an opener that comes just then waits the look out instead of failing to start."""

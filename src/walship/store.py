@@ -450,18 +450,21 @@ class Store:
 
         The checkpoint (when checkpoints are on) leaves every event of a clean stop in Parquet,
         where outside readers see it and the next start need not replay it; when it cannot be
-        written the WAL still holds the events, so the stop goes on and says why.
+        written the WAL still holds the events, so the stop goes on and says why. The WAL is
+        closed however the checkpoint ends (an interrupt included), and the lock goes only
+        once nothing of this store can write to the dir any more: a close interrupted before
+        that keeps it until the process ends.
         """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+        self._stop_background()
         try:
-            self._stop_background()
             if self.config.checkpoints:
                 self._checkpoint_at_close()
-            self.wal.close()
         finally:
+            self.wal.close()
             if self._dir_lock is not None:
                 self._dir_lock.release()
 
