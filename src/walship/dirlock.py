@@ -5,7 +5,9 @@ the lock first and keeps it until it closes; a second opener, in another process
 same one, fails at once with ``DataDirLocked`` naming the holder's pid, which the holder
 writes into the lock file. The kernel drops a ``flock`` when its file is closed, so a process
 that is killed (``kill -9``, a crash, the OOM killer) releases the dir with it: there is no
-stale lock to clean up, and a pid left in the file by a dead holder is never believed.
+stale lock to clean up, and a pid left in the file by a dead holder is never believed. A
+child forked by the holder closes its copies of the lock files at once, so the lock goes when
+the holder releases it (not when the last forked worker ends).
 
 Read-only commands (``walship wal verify|dump``, ``walship lost-found list|export``) take no
 lock, so they can look at a running node's dir and never keep a node from starting;
@@ -21,6 +23,7 @@ import contextlib
 import fcntl
 import os
 import time
+import weakref
 from pathlib import Path
 from types import TracebackType
 
@@ -77,7 +80,9 @@ class DataDirLock:
         except OSError as exc:
             os.close(fd)  # and with it the lock
             raise StorageError(f"cannot write the lock file {path}: {exc}") from exc
-        return cls(data_dir, fd)
+        lock = cls(data_dir, fd)
+        _HELD.add(lock)
+        return lock
 
     @property
     def held(self) -> bool:
@@ -86,6 +91,7 @@ class DataDirLock:
     def release(self) -> None:
         """Clear the pid and drop the lock; later calls do nothing."""
         fd, self._fd = self._fd, None
+        _HELD.discard(self)
         if fd is None:
             return
         with contextlib.suppress(OSError):
@@ -102,6 +108,28 @@ class DataDirLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+# every lock this process holds, so that a forked child can let go of its copies
+_HELD: weakref.WeakSet[DataDirLock] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    """In a child just forked: close its copies of the parent's lock files, held no more.
+
+    A ``flock`` belongs to the open file, which a fork shares: were the child to keep its
+    copy, the dir would stay locked after the parent released it, for as long as the child
+    (a worker pool, say) lives; were it to release it, it would clear the parent's pid.
+    """
+    for lock in list(_HELD):
+        fd, lock._fd = lock._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # the parent's copy keeps the lock
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _lock_exclusive(fd: int) -> bool:

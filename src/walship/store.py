@@ -160,6 +160,9 @@ class Store:
 
     def __init__(self, config: StoreConfig, metrics: StoreMetrics | None) -> None:
         self.config = config
+        # the data dir, its WAL and its lock belong to the process that opened it: a child
+        # forked with the store open inherits the object, not the dir (see ``close``)
+        self._owner_pid = os.getpid()
         self.limits = config.limits
         self.metrics = metrics or StoreMetrics()
         self.data_dir = config.data_dir
@@ -455,6 +458,12 @@ class Store:
         once nothing of this store can write to the dir any more: a close interrupted before
         that keeps it until the process ends.
         """
+        if os.getpid() != self._owner_pid:
+            # a forked child leaving a ``with Store.open(...)`` block: the parent still writes
+            # the dir, and a checkpoint or the WAL's close (which cuts the segment to the end
+            # this copy knows) from here would destroy what the parent wrote since the fork
+            self._closed = True
+            return
         with self._lock:
             if self._closed:
                 return
@@ -531,6 +540,7 @@ class Store:
                 if len(events) > 1:
                     exc.details["index"] = i
                 raise
+        self._check_owner()  # before any lock: one a lost thread held at the fork never frees
         self.metrics.append_requests.inc()
         with self._lock:
             self._check_writable()
@@ -653,11 +663,20 @@ class Store:
     def _check_writable(self) -> None:
         if self._closed:
             raise Unavailable("the store is closed")
+        self._check_owner()
         failed = self.wal.failed
         if failed is not None:
             if isinstance(failed, StorageFull):
                 raise StorageFull(failed.message)  # passes; a fresh error each time
             raise failed
+
+    def _check_owner(self) -> None:
+        if os.getpid() != self._owner_pid:
+            # its WAL writer thread did not survive the fork: an append would wait for ever
+            raise Unavailable(
+                f"this store was opened by pid {self._owner_pid}: a forked process cannot "
+                "write to it (open the data dir in the process that writes)"
+            )
 
     def _throttle_locked(self) -> None:
         """Wake the checkpointer when the active memtable is full; block appends while it holds

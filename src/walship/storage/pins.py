@@ -59,7 +59,7 @@ class HistoryPin:
         self.path = path
         self.manifest = manifest
         self.files = files
-        self._finalizer = weakref.finalize(self, _release, path, fd)
+        self._finalizer = weakref.finalize(self, _release, path, fd, os.getpid())
 
     @property
     def released(self) -> bool:
@@ -83,9 +83,12 @@ class HistoryPin:
         )
 
 
-def _release(path: Path, fd: int) -> None:
-    # links first, lock last: a sweeper that sees the directory unlocked may delete it too
-    shutil.rmtree(path, ignore_errors=True)
+def _release(path: Path, fd: int, owner_pid: int) -> None:
+    # links first, lock last: a sweeper that sees the directory unlocked may delete it too.
+    # A forked child (its copy of the pin collected, or at its exit) only closes its copy of
+    # the fd: the pin, and the parent's reads through it, are the parent's
+    if os.getpid() == owner_pid:
+        shutil.rmtree(path, ignore_errors=True)
     os.close(fd)
 
 
@@ -122,7 +125,7 @@ def pin_history(data_dir: Path, timeout_ms: int) -> HistoryPin:
                 )
             time.sleep(_RETRY_S)
     except BaseException:
-        _release(path, fd)
+        _release(path, fd, os.getpid())
         raise
 
 
