@@ -220,7 +220,14 @@ def _write_copy(pin: Path, manifest: CheckpointManifest) -> None:
 
 def _storage_error(what: str, exc: OSError) -> StorageError:
     hint = ""
-    if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+    if exc.errno == errno.EPERM:
+        # most Linux systems set fs.protected_hardlinks: only a file's owner (or whoever may
+        # write it) may link it, so a reader runs as the node's user
+        hint = (
+            " (pins hard-link the node's part files: run as the user that owns them, the "
+            "node's, on a file system with hard links)"
+        )
+    elif exc.errno in (errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
         hint = " (pins need hard links within the data dir's file system)"
     elif exc.errno in (errno.EACCES, errno.EROFS):
         hint = " (a reader needs write access to DATA_DIR/readers/)"
