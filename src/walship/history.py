@@ -20,7 +20,8 @@ part sits beside the parts it replaced for a moment (rows counted twice), and a 
 deleted between the listing and the read.
 
 Reading needs write access to ``DATA_DIR/readers/`` (where the pins live), not the data dir's
-lock: a node keeps running while its history is read.
+lock: a node keeps running while its history is read. Where ``fs.protected_hardlinks`` is on
+(most Linux systems) the reader runs as the node's user, who owns the part files it links.
 """
 
 from __future__ import annotations
