@@ -693,6 +693,7 @@ class Follower:
 
     async def handle(self, msg: Message) -> None:
         """Act on one message from the leader. FrameRejected when it fails a check."""
+        self._heard_at = time.monotonic()  # snapshot chunks count: the link is alive
         stale = stale_term_error(msg, self.known_term)
         if stale is not None:
             raise StaleFrame(stale.message, **stale.details)
@@ -736,7 +737,6 @@ class Follower:
         if self._staging is not None:
             raise FrameRejected("the leader streams before the snapshot it sent has ended")
         self._may_ack = True
-        self._heard_at = time.monotonic()
         self.leader_lsn = max(self.leader_lsn, leader_lsn)
         self._publish()
 
