@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,27 @@ def test_compaction_sweeps_the_pins_of_dead_readers(data_dir: Path) -> None:
         os.link(data_dir / "checkpoints" / "parts" / store.manifest.parts[0].file, stale / "x")
         assert store.compact() is not None
         assert not stale.exists()
+
+
+def test_an_idle_store_sweeps_the_pins_of_dead_readers(data_dir: Path) -> None:
+    """A reader killed while its pin held parts that were merged away keeps their space
+    until someone sweeps; a node that no longer merges (idle) does it in the background."""
+    limits = Limits(compaction_fanin_min=2, pin_sweep_interval_ms=100)
+    with open_store(data_dir, checkpoints=True, limits=limits) as store:
+        fill(store, 2)
+        wait_for(lambda: store.compactions >= 1 and len(store.manifest.parts) == 1)
+        stale = data_dir / READERS_DIR / "12345-dead"
+        stale.mkdir(parents=True)
+        os.link(data_dir / "checkpoints" / "parts" / store.manifest.parts[0].file, stale / "x")
+        wait_for(lambda: not stale.exists())
+        assert store.compactions == 1  # swept with no merge since
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
 
 
 def test_a_manifest_whose_parts_never_appear_fails_within_the_timeout(data_dir: Path) -> None:

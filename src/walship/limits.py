@@ -61,6 +61,8 @@ class Limits:
     checkpoint_retry_ms_min: int = 1_000
     checkpoint_retry_ms_max: int = 60_000
     checkpoint_failure_log_interval_ms: int = 300_000
+    # how often the store deletes the pins of readers that ended (besides after each merge)
+    pin_sweep_interval_ms: int = 60_000
 
     # replication
     frame_bytes_max: int = 4 * MIB

@@ -1125,11 +1125,20 @@ class Store:
         )
 
     def _run_compactor(self) -> None:
+        swept_at = time.monotonic()
         while not self._stop.is_set():
             self._compact_kick.wait(1.0)
             self._compact_kick.clear()
             if self._stop.is_set():
                 return
+            if time.monotonic() - swept_at >= self.limits.pin_sweep_interval_ms / 1000:
+                # a merge sweeps too, but an idle node may not merge again for days, while a
+                # dead reader's pin holds the space of every part merged away under it
+                swept_at = time.monotonic()
+                try:
+                    sweep_stale_pins(self.data_dir)
+                except OSError as exc:
+                    log.warning("could not sweep the pins of ended readers: %s", exc)
             try:
                 while (
                     not self._stop.is_set() and self._may_compact() and self.compact() is not None

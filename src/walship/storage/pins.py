@@ -22,8 +22,8 @@ refilled by a snapshot) is never mixed with parts of another manifest.
 
 The holder keeps an exclusive ``flock`` on the pin directory, which the kernel drops when the
 process ends however it ends. A pin whose lock can be taken is stale; whoever finds it (the
-next reader, or the store after each compaction) deletes it, which frees the disk space of
-parts compacted away meanwhile.
+next reader, or the store after each compaction and every ``pin_sweep_interval_ms``) deletes
+it, which frees the disk space of parts compacted away meanwhile.
 """
 
 from __future__ import annotations
