@@ -36,9 +36,10 @@ class ReadFrom(StrEnum):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How long a write keeps trying through a failover: at most ``attempts_max`` sends and
-    ``deadline_s`` seconds, sleeping ``backoff_min_s`` doubling up to ``backoff_max_s`` (full
-    jitter) between rounds. ``RetryPolicy(attempts_max=1)`` sends once."""
+    """How long a write keeps trying through a failover: at most ``attempts_max`` sends, none
+    started after ``deadline_s`` seconds (one already sent may wait up to the client's
+    ``timeout``), sleeping ``backoff_min_s`` doubling up to ``backoff_max_s`` (full jitter)
+    between rounds. ``RetryPolicy(attempts_max=1)`` sends once."""
 
     attempts_max: int = 20
     deadline_s: float = 30.0
