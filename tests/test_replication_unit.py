@@ -408,8 +408,8 @@ def test_replication_metrics_on_both_ends_and_labels_gone_with_the_follower(
             assert metric(lstore, "walship_replication_follower_sent_lsn", **f1) == last
             assert metric(lstore, "walship_replication_follower_lag_records", **f1) == 0
             assert metric(lstore, "walship_replication_follower_in_sync", **f1) == 1
-            lag_ms = metric(lstore, "walship_replication_follower_lag_ms", **f1)
-            assert lag_ms is not None and lag_ms >= 0
+            lag_s = metric(lstore, "walship_replication_follower_lag_seconds", **f1)
+            assert lag_s is not None and lag_s >= 0
 
             assert metric(fstore, "walship_replication_connected") == 1
             assert metric(fstore, "walship_replication_durable_lsn") == last
@@ -426,7 +426,7 @@ def test_replication_metrics_on_both_ends_and_labels_gone_with_the_follower(
             await eventually(lambda: "f1" not in leader.sessions)
             assert metric(fstore, "walship_replication_connected") == 0
             assert metric(lstore, "walship_replication_followers") == 0
-            for name in ("lag_ms", "lag_records", "durable_lsn", "applied_lsn", "in_sync"):
+            for name in ("lag_seconds", "lag_records", "durable_lsn", "applied_lsn", "in_sync"):
                 assert metric(lstore, f"walship_replication_follower_{name}", **f1) is None
 
     run(scenario)

@@ -53,7 +53,7 @@ from walship.errors import (
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.peers import PeerView, fetch_views
 from walship.position import Position, Term
-from walship.readiness import readiness
+from walship.readiness import in_sync_floor, readiness
 from walship.replication.acks import AckMode
 from walship.replication.config import ReplicationConfig, parse_address
 from walship.replication.follower import Follower
@@ -181,6 +181,28 @@ class Node:
         self.write_gate: Callable[[], str | None] | None = None
         self.coordinator: Coordinator | None = None
         self.replication_metrics.term.set(store.wal.terms.current.value)
+        self._bind_role_metrics()
+
+    def _bind_role_metrics(self) -> None:
+        """Gauges read from the node's current role at each scrape.
+
+        A role switch replaces the Leader or Follower object, so figures one of them set would
+        outlive it (a deposed leader repointed to follow would report itself fenced for ever).
+        """
+        m = self.replication_metrics
+
+        def fenced() -> float:
+            return 1.0 if self.leader is not None and self.leader.fenced is not None else 0.0
+
+        def slots() -> float:
+            return 0.0 if self.leader is None else float(len(self.leader.slots.slots))
+
+        m.is_leader.set_function(lambda: 1.0 if self.leader is not None else 0.0)
+        m.fenced.set_function(fenced)
+        # the floor is the ack mode's, which only a leader has
+        m.in_sync_required.set_function(lambda: float(in_sync_floor(self)) if self.leader else 0.0)
+        m.retention_slots.set_function(slots)
+        m.max_lag_seconds.set(self.replication.max_lag_ms / 1000)
 
     def _new_leader(self) -> Leader:
         """A leader of the WAL's current term: fenced from the start when this node has heard

@@ -903,7 +903,7 @@ class Follower:
         m.leader_lsn.set(self.leader_lsn)
         self.metrics.leader_lag_records.set(self.lag_records())
         lag_ms = self.lag_ms()
-        self.metrics.leader_lag_ms.set(math.nan if lag_ms is None else lag_ms)
+        self.metrics.leader_lag_seconds.set(math.nan if lag_ms is None else lag_ms / 1000)
 
     # ------------------------------------------------------------------ snapshots
 

@@ -579,7 +579,6 @@ class Leader:
         if self.fenced is None:
             self.fenced = reason
             log.error("replication: this leader (term %d) is fenced: %s", self.term, reason)
-            self.metrics.fenced.set(1)
         self.tracker.fail_all(f"this leader is fenced: {reason}")
         if self.fenced_term and self._on_fence is not None:
             try:

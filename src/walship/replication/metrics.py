@@ -1,5 +1,10 @@
 """Prometheus metrics of replication, in the node's registry. Follower label values are
-bounded to known node ids and removed when a follower is forgotten."""
+bounded to known node ids and removed when a follower is forgotten.
+
+Names follow Prometheus' conventions so that ``promtool check metrics`` passes: base units
+(seconds, bytes) named last, ``_total`` on counters. The figures kept in milliseconds inside
+walship (``lag_ms``) are published divided by 1000.
+"""
 
 from __future__ import annotations
 
@@ -29,8 +34,8 @@ class ReplicationMetrics:
         # leader side
         self.followers = gauge("followers", "Connected followers")
         self.in_sync = gauge("in_sync", "Followers in the in-sync set")
-        self.follower_lag_ms = gauge(
-            "follower_lag_ms",
+        self.follower_lag_seconds = gauge(
+            "follower_lag_seconds",
             "How long ago the leader wrote the oldest record the follower has not acked",
             "node_id",
         )
@@ -75,14 +80,28 @@ class ReplicationMetrics:
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1.0, 5.0),
             registry=registry,
         )
-        self.fenced = gauge("fenced", "1 while this leader is fenced (deposed)")
+        self.fenced = gauge("fenced", "1 while this node is a fenced (deposed) leader")
+        self.in_sync_required = gauge(
+            "in_sync_required",
+            "Followers that must be in sync for the leader's ack mode to be met "
+            "(0 on a follower and on an async leader)",
+        )
+        self.max_lag_seconds = gauge(
+            "max_lag_seconds", "--max-lag-ms: a follower further behind leaves the in-sync set"
+        )
+        self.retention_slots = gauge(
+            "retention_slots",
+            "Followers the leader keeps WAL for (connected or not); 0 on a follower",
+        )
         # follower side
         self.frames_rejected = counter(
             "frames_rejected", "Frames a follower rejected (checksum, gap, chain)"
         )
         self.reconnects = counter("reconnects", "Follower reconnects to its leader")
         self.applied_records = counter("applied_records", "Records a follower applied")
-        self.leader_lag_ms = gauge("lag_ms", "Follower: time lag behind the leader")
+        self.leader_lag_seconds = gauge(
+            "lag_seconds", "Follower: time lag behind the leader (NaN while unknown)"
+        )
         self.leader_lag_records = gauge("lag_records", "Follower: records behind the leader")
         self.connected = gauge("connected", "Follower: 1 while connected to its leader")
         self.durable_lsn = gauge(
@@ -104,12 +123,17 @@ class ReplicationMetrics:
         )
         # both
         self.term = gauge("term", "The node's current term")
+        self.is_leader = Gauge(
+            "walship_is_leader",
+            "1 while this node is the leader, 0 as a follower",
+            registry=registry,
+        )
         self._labels: set[str] = set()
 
     def set_follower(self, node_id: str, view: _FollowerView | Any | None) -> None:
         """Publish one follower's figures; ``None`` removes its label values."""
         gauges = (
-            self.follower_lag_ms,
+            self.follower_lag_seconds,
             self.follower_lag_records,
             self.follower_durable_lsn,
             self.follower_applied_lsn,
@@ -123,7 +147,7 @@ class ReplicationMetrics:
                 self._labels.discard(node_id)
             return
         self._labels.add(node_id)
-        self.follower_lag_ms.labels(node_id).set(view.lag_ms())
+        self.follower_lag_seconds.labels(node_id).set(view.lag_ms() / 1000)
         self.follower_lag_records.labels(node_id).set(view.lag_records())
         self.follower_durable_lsn.labels(node_id).set(view.durable_lsn)
         self.follower_applied_lsn.labels(node_id).set(view.applied_lsn)
