@@ -293,6 +293,99 @@ def test_follower_its_leader_has_no_session_for_is_not_connected() -> None:
     assert "connection refused" in text
 
 
+# ------------------------------------------------------------------ fitting the terminal
+
+
+def _render(reports: list[NodeReport], width: int, layout: str = "auto") -> str:
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(render_status(reports, width=width, layout=layout))  # type: ignore[arg-type]
+    return console.export_text()
+
+
+def _troubled_cluster() -> list[NodeReport]:
+    """A leader sending a snapshot, its follower installing it, and a node that is down."""
+    progress = {"id": "snap-1", "bytes_done": 36 * 1024 * 1024, "bytes_total": 100 * 1024 * 1024}
+    return [
+        NodeReport(LEADER_URL, _leader_health(snapshot=progress), http_status=200),
+        NodeReport(FOLLOWER_URL, _follower_health(snapshot=progress), http_status=200),
+        NodeReport(DEAD_URL, error="unreachable: [Errno 111] Connection refused"),
+    ]
+
+
+# every figure, each as one piece: folded letter by letter, none would be found
+WHOLE_FIGURES = (
+    "walship-1",
+    "127.0.0.1:3900",
+    "healthy",
+    "0/1 (min 1)",
+    "quorum:1",
+    "listening on 127.0.0.1:3910",
+    "4 writes",
+    "2 ranges",
+    "sending 1",
+    "120000 rec",
+    "5.3 s",
+    "from 127.0.0.1:3910",
+    "36.0 MiB/100.0 MiB",
+    "unreachable: [Errno 111] Connection refused",
+    "followers of walship-1 (leader's view)",
+    "127.0.0.1:50000",
+    "77 (slot)",
+    "walship-9",
+)
+
+
+def test_status_at_80_columns_wraps_by_rows_not_by_letters() -> None:
+    """At 80 columns the tables would fold every cell letter by letter ("st/at/us"); the
+    cards put one figure per row instead, and every figure stays whole on its line."""
+    text = _render(_troubled_cluster(), 80)
+    lines = text.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    for figure in WHOLE_FIGURES:
+        assert any(figure in line for line in lines), f"{figure!r} not whole in:\n{text}"
+    # a row per figure under each node's headline
+    head = next(line for line in lines if line.startswith("walship-2"))
+    assert head.split()[:3] == ["walship-2", "follower", "healthy"]
+    assert any(line.split()[:3] == ["lag", "(leader)", "120000"] for line in lines)
+    assert "…" not in text
+
+
+def test_status_uses_the_tables_when_the_terminal_is_wide_enough() -> None:
+    text = _render(_troubled_cluster(), 250)
+    header = next(line for line in text.splitlines() if "last lsn" in line)
+    for column in ("node", "role", "status", "term", "lag (own)", "lag (leader)", "in sync"):
+        assert column in header, header
+    assert not any(line.startswith("   position") for line in text.splitlines())
+
+
+def test_status_layout_can_be_forced() -> None:
+    cards = _render(_troubled_cluster(), 250, "narrow")
+    assert "   position" in cards and "last lsn" not in cards.splitlines()[1]
+    with pytest.raises(ValueError, match="layout must be one of"):
+        _render(_troubled_cluster(), 80, "tall")
+
+
+def test_status_in_a_pipe_fits_COLUMNS_and_is_wide_without_it(pair: Pair) -> None:
+    urls = [pair.leader.url, pair.follower.url]
+    narrow = runner.invoke(app, ["status", *urls], env={"COLUMNS": "80"})
+    assert narrow.exit_code == 0, narrow.output
+    assert max(len(line) for line in narrow.output.splitlines()) <= 80, narrow.output
+    for figure in ("lead-1", "follow-1", "1/1 (min 1)", "0 rec, 0 ms", "semi-sync"):
+        assert figure in narrow.output, f"{figure!r} not in:\n{narrow.output}"
+    assert f"listening on {pair.leader.replication_address}" in narrow.output
+    wide = runner.invoke(app, ["status", "--layout", "wide", *urls], env={"COLUMNS": "80"})
+    assert wide.exit_code == 0, wide.output
+    assert max(len(line) for line in wide.output.splitlines()) > 80  # the tables, whole
+    assert "lag (leader)" in next(line for line in wide.output.splitlines() if "term" in line)
+
+
+def test_status_refuses_an_unknown_layout_in_one_line() -> None:
+    result = runner.invoke(app, ["status", "--layout", "tall", DEAD_URL])
+    assert result.exit_code == 2
+    assert "--layout must be one of auto, wide, narrow, not 'tall'" in result.output
+    assert "Traceback" not in result.output
+
+
 # ------------------------------------------------------------------ the demo
 
 

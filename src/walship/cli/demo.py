@@ -30,9 +30,9 @@ import httpx
 import typer
 from rich.table import Table
 
-from walship.cli.output import console, fail, say
+from walship.cli.output import console, fail, print_renderable, say
 from walship.cli.process import NodeProcess, NodeStartError
-from walship.cli.status import collect, make_client, print_renderable, render_status
+from walship.cli.status import collect, make_client, render_status
 
 REQUEST_TIMEOUT_S = 10.0
 IN_SYNC_TIMEOUT_S = 20.0

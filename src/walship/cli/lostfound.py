@@ -1,7 +1,8 @@
 """``walship lost-found list|export DIR``: the records divergence repair cut from a node.
 
 ``DIR`` is a node's data dir or its ``lost-found/`` directory. ``list`` shows one row per
-file (how many records, their lsn range and terms, and how they were acknowledged); ``export``
+file (how many records, their lsn range and terms, and how they were acknowledged), with the
+file's whole name, on a terminal of any width; ``export``
 writes every record, with the file it came from, as JSON lines or one JSON array.
 """
 
@@ -10,13 +11,15 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.padding import Padding
 from rich.table import Table
 
-from walship.cli.output import console, fail, say
+from walship.cli.output import available_width, console, fail, natural_width, print_renderable, say
 from walship.errors import InvalidInput
 from walship.replication.lostfound import find_files, read_file, to_builtins
 
@@ -36,35 +39,71 @@ def _files(where: Path) -> list[Path]:
         fail(exc.message)
 
 
+@dataclass(frozen=True)
+class _FileSummary:
+    name: str
+    records: int
+    lsns: str
+    terms: str
+    acknowledged: str
+
+
+def _summary(path: Path) -> _FileSummary:
+    try:
+        records = list(read_file(path))
+    except InvalidInput as exc:
+        fail(exc.message)
+    acks = Counter(r.acknowledged for r in records)
+    return _FileSummary(
+        name=path.name,
+        records=len(records),
+        lsns=f"{records[0].lsn}..{records[-1].lsn}" if records else "-",
+        terms=",".join(str(t) for t in sorted({r.term for r in records})) or "-",
+        acknowledged=", ".join(f"{n} {level}" for level, n in sorted(acks.items())) or "-",
+    )
+
+
+def _table(summaries: list[_FileSummary]) -> Table:
+    table = Table()
+    for column in ("file", "records", "lsns", "terms", "acknowledged"):
+        # the file name is what one copies into the next command: never cut or folded
+        table.add_column(
+            column, justify="right" if column == "records" else "left", no_wrap=column == "file"
+        )
+    for f in summaries:
+        table.add_row(f.name, str(f.records), f.lsns, f.terms, f.acknowledged)
+    return table
+
+
+def _print_rows(summaries: list[_FileSummary], width: int) -> None:
+    """For a narrow terminal: each file's whole name on a line of its own (longer than the
+    terminal, it runs on rather than being cut), its figures in rows under it."""
+    for f in summaries:
+        say(f.name, style="bold")
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="dim", no_wrap=True)
+        grid.add_column(overflow="fold")  # a word longer than the line is folded, never cut
+        grid.add_row("records", f"{f.records}, lsns {f.lsns}, terms {f.terms}")
+        grid.add_row("acknowledged", f.acknowledged)
+        print_renderable(console, Padding(grid, (0, 0, 0, 3)), width)
+
+
 @app.command("list")
 def list_command(directory: Dir) -> None:
-    """One row per lost-and-found file."""
+    """One row per lost-and-found file, its whole name first (a table when it fits)."""
     files = _files(directory)
     if not files:
         say(f"no lost-and-found records under {directory}")
         return
-    table = Table(title=f"lost-and-found in {directory}")
-    for column in ("file", "records", "lsns", "terms", "acknowledged"):
-        table.add_column(column, justify="right" if column == "records" else "left")
-    total = 0
-    for path in files:
-        try:
-            records = list(read_file(path))
-        except InvalidInput as exc:
-            fail(exc.message)
-        total += len(records)
-        lsns = f"{records[0].lsn}..{records[-1].lsn}" if records else "-"
-        terms = ",".join(str(t) for t in sorted({r.term for r in records})) or "-"
-        acks = Counter(r.acknowledged for r in records)
-        table.add_row(
-            path.name,
-            str(len(records)),
-            lsns,
-            terms,
-            ", ".join(f"{n} {level}" for level, n in sorted(acks.items())) or "-",
-        )
-    console.print(table)
-    say(f"{total} records in {len(files)} files")
+    summaries = [_summary(path) for path in files]
+    say(f"lost-and-found in {directory}", style="italic")
+    table = _table(summaries)
+    width = available_width(console)
+    if width is None or natural_width(table) <= width:
+        print_renderable(console, table)
+    else:
+        _print_rows(summaries, width)
+    say(f"{sum(f.records for f in summaries)} records in {len(files)} files")
 
 
 @app.command("export")

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import io
+import os
 from typing import NoReturn
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
+
+_NATURAL_WIDTH_MAX = 400
+
+
+def available_width(out: Console) -> int | None:
+    """The columns output to ``out`` may use: the terminal's width; for a pipe or a file,
+    ``COLUMNS`` when it is set, else None (no limit: a log line can be as long as it needs)."""
+    if out.is_terminal:
+        return out.width
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else None
+
+
+def natural_width(renderable: RenderableType) -> int:
+    """How wide ``renderable`` is when nothing makes it wrap (at most 400 columns)."""
+    probe = Console(width=_NATURAL_WIDTH_MAX, file=io.StringIO())
+    return probe.measure(renderable).maximum
 
 
 def say(message: str, *, style: str | None = None) -> None:
@@ -30,3 +49,29 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """Print ``walship: message`` on stderr and exit with ``code`` (no traceback)."""
     error(message)
     raise typer.Exit(code)
+
+
+def print_renderable(out: Console, renderable: RenderableType, width: int | None = None) -> None:
+    """Print to a terminal as rich does; elsewhere at ``width`` (None: the natural width),
+    lines right-stripped.
+
+    A pipe or a log file has no width: rich would assume 80 columns and cut the table's cells
+    to ``…``, which is useless in CI logs and greps. Tables pad every line to their width,
+    which only makes diffs and logs noisy.
+    """
+    if out.is_terminal:
+        out.print(renderable)
+        return
+    if width is None:
+        width = max(out.width, natural_width(renderable))
+    buffer = io.StringIO()
+    # Console.print clamps a width argument to the console's own, so: a console that wide
+    sized = Console(
+        file=buffer,
+        width=width,
+        color_system=out.color_system,  # type: ignore[arg-type]  # rich returns the name as str
+        highlight=False,
+    )
+    sized.print(renderable)
+    out.file.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
+    out.file.flush()

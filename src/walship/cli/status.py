@@ -13,30 +13,40 @@ them without a terminal.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpx
 import typer
 from rich import box
-from rich.console import Console, Group, JustifyMethod, RenderableType
+from rich.console import Group, JustifyMethod, RenderableType
 from rich.live import Live
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from walship.cli.output import console
+from walship.cli.output import (
+    available_width,
+    console,
+    fail,
+    natural_width,
+    print_renderable,
+)
 
 CONNECT_TIMEOUT_S = 1.0
 READ_TIMEOUT_S = 2.0
 _FETCH_THREADS_MAX = 16
 _BAR_WIDTH = 10
 _REASON_CHARS_MAX = 80
-_PIPE_WIDTH_MAX = 400
+_CARD_INDENT = 3
+_CARD_LABEL_WIDTH = len("lag (leader)")
+
+Layout = Literal["auto", "wide", "narrow"]
+LAYOUTS: tuple[Layout, ...] = ("auto", "wide", "narrow")
 
 
 @dataclass(frozen=True)
@@ -218,7 +228,8 @@ def _leader_view(reports: Sequence[NodeReport], follower: NodeReport) -> dict[st
     return {} if seen_by_its_leader else None
 
 
-def _leader_cells(report: NodeReport) -> dict[str, RenderableType]:
+def _leader_cells(report: NodeReport, sep: str = "\n") -> dict[str, RenderableType]:
+    """The leader's cells; ``sep`` joins the two parts of a cell (a line break in the table)."""
     repl = report.replication
     if not repl:
         return {}
@@ -239,38 +250,42 @@ def _leader_cells(report: NodeReport) -> dict[str, RenderableType]:
             f"{count}/{len(followers)} (min {floor})",
             style="green" if count >= floor else "bold yellow",
         ),
-        "replication": f"{repl.get('mode', '?')}\n"
+        "replication": f"{repl.get('mode', '?')}{sep}"
         + (f"listening on {listening}" if listening else "not listening"),
         "degraded": Text("0")
         if writes == 0
-        else Text(f"{_plural(writes, 'write')}\n{_plural(ranges, 'range')}", style="bold yellow"),
+        else Text(
+            f"{_plural(writes, 'write')}{sep}{_plural(ranges, 'range')}", style="bold yellow"
+        ),
         "snapshot": Text(transfers, style="cyan") if transfers else _dash(),
     }
 
 
-def _follower_cells(reports: Sequence[NodeReport], report: NodeReport) -> dict[str, RenderableType]:
+def _follower_cells(
+    reports: Sequence[NodeReport], report: NodeReport, sep: str = "\n"
+) -> dict[str, RenderableType]:
     repl = report.replication
     if not repl:
         return {}
     session = _leader_view(reports, report)
-    cells: dict[str, RenderableType] = {"lag (own)": format_lag(repl, "\n")}
+    cells: dict[str, RenderableType] = {"lag (own)": format_lag(repl, sep)}
     if session == {}:
         cells["lag (leader)"] = Text("not connected", style="bold yellow")
         cells["in sync"] = _yes_no(False)
     elif session is not None:
-        cells["lag (leader)"] = format_lag(session, "\n")
+        cells["lag (leader)"] = format_lag(session, sep)
         cells["in sync"] = _yes_no(session.get("in_sync"))
     state, leader = str(repl.get("state", "?")), repl.get("leader", "?")
     if repl.get("connected"):
-        cells["replication"] = f"{state}\nfrom {leader}"
+        cells["replication"] = f"{state}{sep}from {leader}"
     else:
         error = repl.get("last_error")
         cells["replication"] = Text(
-            f"{state}\nnot connected to {leader}" + (f": {error}" if error else ""),
+            f"{state}{sep}not connected to {leader}" + (f": {error}" if error else ""),
             style="bold yellow",
         )
     progress = repl.get("snapshot") or (session or {}).get("snapshot")
-    cells["snapshot"] = format_snapshot(progress, "\n")
+    cells["snapshot"] = format_snapshot(progress, "\n" if sep == "\n" else " ")
     return cells
 
 
@@ -379,40 +394,131 @@ def followers_table(leader: NodeReport) -> Table:
     return table
 
 
-def render_status(reports: Sequence[NodeReport], *, heading: str | None = None) -> Group:
-    """The whole picture: an optional heading, the nodes table, each leader's follower table."""
-    parts: list[RenderableType] = []
-    if heading:
-        parts.append(Text(heading, style="dim"))
-    parts.append(nodes_table(reports))
-    for report in reports:
-        if report.role == "leader" and report.replication:
-            parts.append(followers_table(report))
+# ---------------------------------------------------------------------- narrow: cards
+
+
+def _card(head: Text, fields: Sequence[tuple[str, RenderableType]]) -> RenderableType:
+    """A headline, then one ``label value`` row per field under it; a value too long for the
+    line wraps by words inside its own column, so nothing is ever cut letter by letter."""
+    grid = Table.grid(padding=(0, 2))
+    # one label width for every card, so the values line up down the page
+    grid.add_column(style="dim", no_wrap=True, min_width=_CARD_LABEL_WIDTH)
+    grid.add_column(overflow="fold")
+    for label, value in fields:
+        grid.add_row(label, value)
+    return Group(head, Padding(grid, (0, 0, 0, _CARD_INDENT)))
+
+
+def _head(name: str, *words: str | Text) -> Text:
+    text = Text(name, style="bold")
+    for word in words:
+        text.append("  ")
+        text.append(word if isinstance(word, Text) else Text(word))
+    return text
+
+
+def _node_card(reports: Sequence[NodeReport], report: NodeReport) -> RenderableType:
+    address = Text(report.url.removeprefix("http://"), style="dim")
+    health = report.health
+    if health is None:
+        return _card(_head(report.node_id, address), [("status", _status_text(report))])
+    head = _head(report.node_id, str(health.get("role", "?")), _status_text(report), address)
+    fields: list[tuple[str, RenderableType]] = [
+        ("position", f"term {health.get('term', '?')}, last lsn {health.get('last_lsn', '?')}")
+    ]
+    if report.role == "leader":
+        cells = _leader_cells(report, ", ")
+    elif report.role == "follower":
+        cells = _follower_cells(reports, report, ", ")
+    else:
+        cells = {}
+    for name, _, _ in _NODE_COLUMNS:
+        value = cells.get(name)
+        # an empty snapshot cell is noise on a card: the column only exists during a transfer
+        if value is not None and not (name == "snapshot" and str(value) == "-"):
+            fields.append((name, value))
+    return _card(head, fields)
+
+
+def nodes_cards(reports: Sequence[NodeReport]) -> Group:
+    """``nodes_table`` for a narrow terminal: a card per URL, the table's cells as its rows."""
+    parts: list[RenderableType] = [Text("cluster", style="italic")]
+    parts.extend(_node_card(reports, report) for report in reports)
+    parts.append(
+        Text(
+            "lag: records behind and for how long; (own) as the follower sees it, "
+            "(leader) as its leader does",
+            style="dim",
+        )
+    )
     return Group(*parts)
 
 
-def print_renderable(out: Console, renderable: RenderableType) -> None:
-    """Print to a terminal as rich does; elsewhere at the natural width, lines right-stripped.
+def followers_cards(leader: NodeReport) -> Group:
+    """``followers_table`` for a narrow terminal: a card per follower session or slot."""
+    repl = leader.replication
+    parts: list[RenderableType] = [
+        Text(f"followers of {leader.node_id} (leader's view)", style="italic")
+    ]
+    sessions = [s for s in repl.get("followers") or [] if isinstance(s, dict)]
+    for session in sessions:
+        head = _head(
+            str(session.get("node_id", "?")),
+            str(session.get("state", "?")),
+            Text(str(session.get("address", "?")), style="dim"),
+        )
+        fields: list[tuple[str, RenderableType]] = [
+            (
+                "lsns",
+                f"sent {session.get('sent_lsn', '?')}, durable {session.get('durable_lsn', '?')}, "
+                f"applied {session.get('applied_lsn', '?')}",
+            ),
+            ("lag", format_lag(session)),
+            ("in sync", _yes_no(session.get("in_sync"))),
+        ]
+        if session.get("snapshot"):
+            fields.append(("snapshot", format_snapshot(session.get("snapshot"))))
+        parts.append(_card(head, fields))
+    slots = repl.get("retention_slots")
+    seen = {s.get("node_id") for s in sessions}
+    for node_id, slot_lsn in sorted(slots.items()) if isinstance(slots, dict) else []:
+        if node_id not in seen:
+            head = _head(str(node_id), Text("not connected", style="bold yellow"))
+            parts.append(_card(head, [("durable", f"{slot_lsn} (slot)"), ("in sync", "no")]))
+    return Group(*parts)
 
-    A pipe or a log file has no width: rich would assume 80 columns and cut the table's cells
-    to ``…``, which is useless in CI logs and greps. Tables pad every line to their width,
-    which only makes diffs and logs noisy.
+
+# ---------------------------------------------------------------------- the whole picture
+
+
+def render_status(
+    reports: Sequence[NodeReport],
+    *,
+    heading: str | None = None,
+    width: int | None = None,
+    layout: Layout = "auto",
+) -> Group:
+    """The whole picture: an optional heading, the nodes, each leader's followers.
+
+    ``wide`` is a table per part, a column per figure; ``narrow`` a card per node, a row per
+    figure, for terminals too narrow for the tables (at 80 columns the tables would fold every
+    cell letter by letter). ``auto`` takes the tables when they fit in ``width`` (None: no
+    limit, as in a pipe) and the cards otherwise.
     """
-    if out.is_terminal:
-        out.print(renderable)
-        return
-    natural = out.measure(renderable, options=out.options.update_width(_PIPE_WIDTH_MAX)).maximum
-    buffer = io.StringIO()
-    # Console.print clamps a width argument to the console's own, so: a console that wide
-    wide = Console(
-        file=buffer,
-        width=max(out.width, natural),
-        color_system=out.color_system,  # type: ignore[arg-type]  # rich returns the name as str
-        highlight=False,
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    leaders = [r for r in reports if r.role == "leader" and r.replication]
+    tables: list[RenderableType] = [nodes_table(reports), *map(followers_table, leaders)]
+    narrow = layout == "narrow" or (
+        layout == "auto" and width is not None and natural_width(Group(*tables)) > width
     )
-    wide.print(renderable)
-    out.file.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
-    out.file.flush()
+    parts: list[RenderableType] = [Text(heading, style="dim")] if heading else []
+    if narrow:
+        parts.append(nodes_cards(reports))
+        parts.extend(Group(Text(""), followers_cards(r)) for r in leaders)
+    else:
+        parts.extend(tables)
+    return Group(*parts)
 
 
 def _heading(reports: Sequence[NodeReport], interval_s: float | None) -> str:
@@ -454,11 +560,21 @@ def status_command(
             help="Print the raw health documents as JSON (with --watch: one line per refresh).",
         ),
     ] = False,
+    layout: Annotated[
+        str,
+        typer.Option(
+            "--layout",
+            help="wide (tables, a column per figure), narrow (a card per node, a row per "
+            "figure) or auto: the tables when they fit the terminal (or COLUMNS in a pipe).",
+        ),
+    ] = "auto",
 ) -> None:
     """Show each node's role, term, lsn, lag, in-sync state, degraded writes and snapshots.
 
     Exits 1 when no URL answered (in the last refresh, with --watch).
     """
+    if layout not in LAYOUTS:
+        fail(f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}", 2)
     targets = [normalize_url(u) for u in urls]
     watching = watch or count is not None
     limit = count if count is not None else (None if watching else 1)
@@ -469,13 +585,18 @@ def status_command(
         latest[:] = reports
         if as_json:
             _print_json(reports, compact=watching)
-        else:
-            print_renderable(console, render_status(reports, heading=_heading(reports, every)))
+            return
+        # forced wide in a pipe: the tables at their full width, whatever COLUMNS says
+        width = None if layout == "wide" else available_width(console)
+        picture = render_status(
+            reports, heading=_heading(reports, every), width=width, layout=layout
+        )
+        print_renderable(console, picture, width)
 
     with make_client() as client:
         try:
             if watching and not as_json and console.is_terminal:
-                _live_loop(client, targets, limit, interval, latest)
+                _live_loop(client, targets, limit, interval, latest, layout)
             else:
                 # a pipe or a file: each refresh printed below the previous one
                 _loop(client, targets, limit, interval, show)
@@ -507,12 +628,15 @@ def _live_loop(
     limit: int | None,
     interval_s: float,
     latest: list[NodeReport],
+    layout: Layout,
 ) -> None:
-    """On a terminal: redraw the tables in place."""
+    """On a terminal: redraw the tables in place (the layout follows a resized terminal)."""
     with Live(console=console, auto_refresh=False, redirect_stdout=False) as live:
 
         def show(reports: list[NodeReport]) -> None:
             latest[:] = reports
-            live.update(render_status(reports, heading=_heading(reports, interval_s)), refresh=True)
+            heading = _heading(reports, interval_s)
+            picture = render_status(reports, heading=heading, width=console.width, layout=layout)
+            live.update(picture, refresh=True)
 
         _loop(client, targets, limit, interval_s, show)
