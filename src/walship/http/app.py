@@ -36,6 +36,7 @@ from walship.events import (
 )
 from walship.http.errors import ErrorBody, install_error_handlers
 from walship.http.params import reject_unknown_params
+from walship.http.ui import add_ui_routes
 from walship.http.writes import (
     BATCH_PATH,
     EVENTS_PATH,
@@ -120,6 +121,10 @@ def create_app(node: Node, *, write_fast_lane: bool = True) -> FastAPI:
         summary="A replicated event store: durable WAL, shipped to followers, Parquet history.",
         lifespan=lifespan,
         dependencies=[Depends(reject_unknown_params)],
+        # Swagger UI and ReDoc load their scripts from a CDN: blank without internet. /docs is
+        # walship's own page (http/ui.py); the schema stays at /openapi.json
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.node = node
     if write_fast_lane:
@@ -129,6 +134,7 @@ def create_app(node: Node, *, write_fast_lane: bool = True) -> FastAPI:
     _add_read_routes(app, node)
     _add_ops_routes(app, node)
     _add_admin_routes(app, node)
+    add_ui_routes(app)
     _install_openapi(app, node.limits)
     return app
 

@@ -1,0 +1,234 @@
+"""The status page (``/ui``, ``/`` redirecting to it) and the API reference (``/docs``): served
+whole by the node, with nothing from the internet, and, in a headless Chromium against a real
+three-node cluster, showing what the cluster does while it does it.
+
+The browser test saves screenshots of each step under ``artifacts/ui-screenshots/`` (or
+``$WALSHIP_UI_SCREENSHOTS``), which CI keeps. Chromium comes from Debian's ``chromium`` package
+(``.ci/run`` installs it when it may); without it that test skips, saying so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.browser import CHROMIUM, Browser
+from tests.cluster import (
+    Cluster,
+    Writers,
+    event,
+    post_event,
+    replication_address,
+    wait_caught_up,
+    wait_until,
+    write_events,
+)
+from walship.http import create_app
+from walship.http.ui import CONTENT_SECURITY_POLICY, UI_ROUTES
+from walship.node import Node, NodeConfig
+from walship.wal import FsyncPolicy
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOTS = Path(
+    os.environ.get("WALSHIP_UI_SCREENSHOTS") or ROOT / "artifacts" / "ui-screenshots"
+)
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[TestClient]:
+    node = Node.open(NodeConfig(tmp_path / "data", fsync=FsyncPolicy.parse("never")))
+    try:
+        with TestClient(create_app(node)) as client:
+            yield client
+    finally:
+        node.close()
+
+
+# ---------------------------------------------------------------------- served whole
+
+
+def test_root_redirects_to_the_status_page(api: TestClient) -> None:
+    response = api.get("/", follow_redirects=False)
+    assert response.status_code == 307
+    assert response.headers["location"] == "/ui"
+
+
+@pytest.mark.parametrize("path", ["/ui", "/docs"])
+def test_pages_load_nothing_from_elsewhere(api: TestClient, path: str) -> None:
+    """Every script and style inline, every link to this node; the CSP forbids the rest."""
+    response = api.get(path)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert response.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert "default-src 'none'" in CONTENT_SECURITY_POLICY
+    html = response.text
+    links = re.findall(r"""\b(?:src|href|action)\s*=\s*["']([^"']*)["']""", html)
+    assert links, "the page links to its own endpoints"
+    assert all(link.startswith("/") and not link.startswith("//") for link in links), links
+    assert "<link" not in html  # no stylesheet, font or icon to fetch
+    assert not re.search(r"<script[^>]*\bsrc=", html)
+    assert not re.search(r"cdn\.|jsdelivr|unpkg|googleapis|cloudflare", html, re.IGNORECASE)
+    # any URL in the text is the SVG namespace, which is a name and never fetched
+    assert set(re.findall(r"https?://[^\s\"'<>)]+", html)) <= {"http://www.w3.org/2000/svg"}
+
+
+def test_swagger_ui_and_redoc_from_a_cdn_are_off_and_the_schema_stays(api: TestClient) -> None:
+    assert api.get("/redoc").status_code == 404
+    assert "swagger-ui" not in api.get("/docs").text.lower()
+    schema = api.get("/openapi.json").json()
+    assert "/api/v1/events" in schema["paths"]
+    # the pages are not part of the JSON API the schema describes
+    assert not set(UI_ROUTES) & set(schema["paths"])
+
+
+@pytest.mark.parametrize("path", UI_ROUTES)
+def test_the_pages_are_read_only(api: TestClient, path: str) -> None:
+    for method in ("POST", "PUT", "DELETE"):
+        response = api.request(method, path)
+        assert response.status_code == 405, (method, path)
+        assert response.json()["error"] == "method_not_allowed"
+
+
+# ---------------------------------------------------------------------- in a browser
+
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium not installed (Debian's chromium package; .ci/run installs it as root)",
+)
+
+ROWS = "document.querySelectorAll('#followers tr[data-follower]')"
+
+
+def row_state(follower: str) -> str:
+    row = f"document.querySelector('#followers tr[data-follower=\"{follower}\"]')"
+    return f"{row}?.dataset.state"
+
+
+def lag_points(follower: str) -> str:
+    return (
+        f"Number((document.querySelector('#lag-ms-chart polyline[data-series=\"{follower}\"]')"
+        " || {dataset: {points: 0}}).dataset.points)"
+    )
+
+
+@needs_chromium
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_status_page_in_chromium_follows_a_three_node_cluster(tmp_path: Path) -> None:
+    """The page renders the cluster; its lag chart grows while writes run; a stopped follower
+    shows as not connected within seconds; a degraded range appears at risk and turns to
+    "since replicated" once a follower holding it returns; a follower's page and /docs
+    render too. Nothing the browser loads comes from anywhere but the nodes."""
+    shots = SCREENSHOTS
+    for old in shots.glob("*.png") if shots.is_dir() else []:
+        old.unlink()
+    with Cluster(tmp_path / "cluster") as cluster:
+        leader = cluster.start_leader(
+            "n1", args=["--ack-mode", "semi-sync", "--ack-timeout-ms", "300"]
+        )
+        address = replication_address(leader)
+        n2 = cluster.start_follower("n2", address)
+        n3 = cluster.start_follower("n3", address)
+        write_events(leader, 200)
+        wait_caught_up(leader, n2, n3)
+        origins = {node.url for node in (leader, n2, n3)}
+
+        with Browser(tmp_path / "chromium") as browser:
+            # 1. the cluster as the leader sees it
+            browser.open(f"{leader.url}/")  # redirected to /ui
+            assert browser.evaluate("location.pathname") == "/ui"
+            browser.wait_for(f"{ROWS}.length === 2", 30, "both followers' rows")
+            for follower in ("n2", "n3"):
+                browser.wait_for(
+                    f"{row_state(follower)} === 'streaming'", 30, f"{follower} streaming"
+                )
+            assert browser.evaluate("document.getElementById('node-id').textContent") == "n1"
+            assert browser.evaluate("document.getElementById('role').textContent") == "leader"
+            cluster_text = browser.evaluate("document.getElementById('cluster').innerText")
+            assert "semi-sync" in cluster_text and "2/2 (min 1)" in cluster_text
+            browser.screenshot(shots / "01-cluster.png")
+
+            # 2. the lag chart and the ingest rate move while writes run
+            before = browser.evaluate(lag_points("n2"))
+            writers = Writers(leader.url, threads=1, batch=100).start()
+            try:
+                browser.wait_for(f"{lag_points('n2')} >= {before + 4}", 30, "the lag chart to grow")
+                browser.wait_for(
+                    "window.walshipUi.rates['events/s'].some(([, v]) => v > 0)",
+                    30,
+                    "an ingest rate above 0",
+                )
+                browser.screenshot(shots / "02-writes-running.png")
+            finally:
+                writers.stop()
+            assert browser.evaluate("window.walshipUi.lagRecords.n2.length") >= before + 4
+
+            # 3. a stopped follower shows as not connected within seconds
+            n3.stop()
+            t0 = time.monotonic()
+            browser.wait_for(f"{row_state('n3')} === 'not connected'", 15, "n3 not connected")
+            assert time.monotonic() - t0 < 10
+            browser.screenshot(shots / "03-follower-stopped.png")
+
+            # 4. with no follower, writes degrade: the range appears, at risk
+            n2.stop()
+            browser.wait_for(f"{row_state('n2')} === 'not connected'", 15, "n2 not connected")
+            receipts = [post_event(leader, event(10_000 + i)).json() for i in range(3)]
+            assert {r["durability"] for r in receipts} == {"degraded"}, receipts
+            last = receipts[-1]["lsn"]
+            degraded_row = "document.querySelector('#degraded-ranges tr[data-range]')"
+            browser.wait_for(f"{degraded_row}?.dataset.state === 'at risk'", 15, "a range at risk")
+            assert str(last) in browser.evaluate(f"{degraded_row}.dataset.range")
+            browser.screenshot(shots / "04-degraded-at-risk.png")
+
+            # 5. the follower returns, catches up: the range is since replicated
+            cluster.restart(n2)
+            origins.add(n2.url)  # a new HTTP port
+            wait_until(
+                lambda: browser.evaluate(f"{degraded_row}?.dataset.state") == "since replicated",
+                30,
+                "the degraded range to turn since replicated",
+            )
+            assert "n2" in browser.evaluate(f"{degraded_row}.innerText")
+            assert browser.evaluate("window.walshipUi.errors") == 0
+            browser.screenshot(shots / "05-since-replicated.png")
+
+            # 6. a follower's own page
+            browser.open(f"{n2.url}/ui")
+            browser.wait_for(
+                "document.getElementById('role').textContent === 'follower'", 30, "n2's page"
+            )
+            browser.wait_for(
+                "document.getElementById('cluster').innerText.includes('connected yes')",
+                30,
+                "n2 connected to its leader",
+            )
+            follower_text = browser.evaluate("document.getElementById('cluster').innerText")
+            assert address in follower_text
+            browser.screenshot(shots / "06-follower-page.png")
+
+            # 7. the API reference, drawn from /openapi.json
+            browser.open(f"{leader.url}/docs")
+            operations = browser.wait_for("window.walshipDocs?.operations", 30, "the API docs")
+            assert operations >= 10
+            docs_text = browser.evaluate("document.body.innerText")
+            assert "/api/v1/events/query" in docs_text and "Append one event" in docs_text
+            browser.screenshot(shots / "07-docs.png")
+
+            fetched = [url for url in browser.requests if "://" in url]
+            assert fetched, "the browser recorded its requests"
+            foreign = [u for u in fetched if not any(u.startswith(o) for o in origins)]
+            assert not foreign, f"loaded from elsewhere: {foreign}"
+    for name in ("01-cluster", "03-follower-stopped", "05-since-replicated", "07-docs"):
+        png = shots / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
