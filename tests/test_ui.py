@@ -29,8 +29,10 @@ from tests.cluster import (
     wait_until,
     write_events,
 )
+from tests.test_cli_lostfound import lost_files
 from walship.http import create_app
 from walship.http.ui import CONTENT_SECURITY_POLICY, UI_ROUTES
+from walship.limits import Limits
 from walship.node import Node, NodeConfig
 from walship.wal import FsyncPolicy
 
@@ -99,6 +101,42 @@ def test_the_pages_are_read_only(api: TestClient, path: str) -> None:
         assert response.json()["error"] == "method_not_allowed"
 
 
+def test_lost_found_listing_summarizes_each_file_and_names_a_damaged_one(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    config = NodeConfig(
+        data_dir,
+        fsync=FsyncPolicy.parse("never"),
+        limits=Limits(lost_found_files_listed_max=2),
+    )
+    node = Node.open(config)
+    try:
+        with TestClient(create_app(node)) as api:
+            assert api.get("/api/v1/replication/lost-found").json() == {
+                "files": [],
+                "total_files": 0,
+            }
+            first, second = lost_files(data_dir)
+            body = api.get("/api/v1/replication/lost-found").json()
+            assert body["total_files"] == 2
+            assert [f["name"] for f in body["files"]] == [first, second]
+            summary = body["files"][0]
+            assert summary["records"] == 3
+            assert (summary["first_lsn"], summary["last_lsn"]) == (101, 103)
+            assert summary["terms"] == [1]
+            assert summary["acknowledged"] == {"degraded": 2, "local_or_unanswered": 1}
+            assert summary["error"] is None and summary["bytes"] > 0
+            # a third file, damaged: listed with what is wrong, the oldest beyond the limit
+            damaged = data_dir / "lost-found" / "zzzz-damaged.jsonl"
+            damaged.write_text('{"lsn": 1}\n')
+            body = api.get("/api/v1/replication/lost-found").json()
+            assert body["total_files"] == 3
+            assert [f["name"] for f in body["files"]] == [second, damaged.name]
+            assert "line 1" in body["files"][1]["error"]
+            assert body["files"][1]["records"] == 0
+    finally:
+        node.close()
+
+
 # ---------------------------------------------------------------------- in a browser
 
 needs_chromium = pytest.mark.skipif(
@@ -127,8 +165,9 @@ def lag_points(follower: str) -> str:
 def test_status_page_in_chromium_follows_a_three_node_cluster(tmp_path: Path) -> None:
     """The page renders the cluster; its lag chart grows while writes run; a stopped follower
     shows as not connected within seconds; a degraded range appears at risk and turns to
-    "since replicated" once a follower holding it returns; a follower's page and /docs
-    render too. Nothing the browser loads comes from anywhere but the nodes."""
+    "since replicated" once a follower holding it returns; a follower's page lists its
+    lost-and-found files; /docs renders. Nothing the browser loads comes from anywhere but
+    the nodes."""
     shots = SCREENSHOTS
     for old in shots.glob("*.png") if shots.is_dir() else []:
         old.unlink()
@@ -215,6 +254,14 @@ def test_status_page_in_chromium_follows_a_three_node_cluster(tmp_path: Path) ->
             )
             follower_text = browser.evaluate("document.getElementById('cluster').innerText")
             assert address in follower_text
+            # records a repair cut from this node: the page lists the files by whole name
+            names = lost_files(cluster.data_dir("n2"))
+            for name in names:
+                browser.wait_for(
+                    f"!!document.querySelector('#lost-found-files tr[data-file=\"{name}\"]')",
+                    30,
+                    f"lost-and-found file {name} on the page",
+                )
             browser.screenshot(shots / "06-follower-page.png")
 
             # 7. the API reference, drawn from /openapi.json

@@ -74,6 +74,9 @@ class Limits:
     handshake_frame_bytes_max: int = 4 * KIB  # every handshake frame is under 3 KiB
     unauthenticated_connections_max: int = 32  # more are closed at once
 
+    # operators
+    lost_found_files_listed_max: int = 100  # newest files GET .../lost-found summarizes
+
     def __post_init__(self) -> None:
         from walship.errors import InvalidInput
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,7 +20,7 @@ from rich.table import Table
 
 from walship.cli.output import available_width, console, fail, natural_width, print_renderable, say
 from walship.errors import InvalidInput
-from walship.replication.lostfound import find_files, read_file, to_builtins
+from walship.replication.lostfound import find_files, read_file, summarize, to_builtins
 
 app = typer.Typer(
     name="lost-found",
@@ -40,7 +39,7 @@ def _files(where: Path) -> list[Path]:
 
 
 @dataclass(frozen=True)
-class _FileSummary:
+class _FileRow:
     name: str
     records: int
     lsns: str
@@ -48,22 +47,21 @@ class _FileSummary:
     acknowledged: str
 
 
-def _summary(path: Path) -> _FileSummary:
-    try:
-        records = list(read_file(path))
-    except InvalidInput as exc:
-        fail(exc.message)
-    acks = Counter(r.acknowledged for r in records)
-    return _FileSummary(
-        name=path.name,
-        records=len(records),
-        lsns=f"{records[0].lsn}..{records[-1].lsn}" if records else "-",
-        terms=",".join(str(t) for t in sorted({r.term for r in records})) or "-",
-        acknowledged=", ".join(f"{n} {level}" for level, n in sorted(acks.items())) or "-",
+def _summary(path: Path) -> _FileRow:
+    summary = summarize(path)
+    if summary.error is not None:
+        fail(summary.error)
+    return _FileRow(
+        name=summary.name,
+        records=summary.records,
+        lsns="-" if summary.first_lsn is None else f"{summary.first_lsn}..{summary.last_lsn}",
+        terms=",".join(str(t) for t in summary.terms) or "-",
+        acknowledged=", ".join(f"{n} {level}" for level, n in sorted(summary.acknowledged.items()))
+        or "-",
     )
 
 
-def _table(summaries: list[_FileSummary]) -> Table:
+def _table(summaries: list[_FileRow]) -> Table:
     table = Table()
     for column in ("file", "records", "lsns", "terms", "acknowledged"):
         # the file name is what one copies into the next command: never cut or folded
@@ -75,7 +73,7 @@ def _table(summaries: list[_FileSummary]) -> Table:
     return table
 
 
-def _print_rows(summaries: list[_FileSummary], width: int) -> None:
+def _print_rows(summaries: list[_FileRow], width: int) -> None:
     """For a narrow terminal: each file's whole name on a line of its own (longer than the
     terminal, it runs on rather than being cut), its figures in rows under it."""
     for f in summaries:

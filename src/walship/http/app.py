@@ -12,6 +12,7 @@ keeps accepting writes meanwhile.
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route signatures at run
 # time, and their ``Query`` bounds refer to the node's limits in the enclosing function.
+import asyncio
 import contextlib
 import hmac
 from collections.abc import AsyncIterator
@@ -51,6 +52,7 @@ from walship.limits import LSN_MAX, Limits
 from walship.node import HealthStatus, Node
 from walship.peers import split_urls
 from walship.readiness import readiness
+from walship.replication.lostfound import SummaryCache
 from walship.storage.query import QueryFilter
 from walship.store import EntityState, Receipt
 
@@ -331,6 +333,23 @@ def _add_ops_routes(app: FastAPI, node: Node) -> None:
         ranges = node.degraded_ranges()
         body = {"ranges": ranges, "writes": sum(int(str(r["writes"])) for r in ranges)}
         return _json(_encoder.encode(body))
+
+    lost_found = SummaryCache(node.config.data_dir)
+    lost_found_lock = asyncio.Lock()  # one reader of the files at a time, the cache with it
+
+    @app.get(
+        "/api/v1/replication/lost-found",
+        summary="Lost-and-found files",
+        description="The newest files of records divergence repair cut from this node's log "
+        "(`lost_found_files_listed_max` of them): name, size, records, lsn range, terms and how "
+        "the records were acknowledged. `walship lost-found export` reads the records.",
+        responses=_responses(None),
+    )
+    async def lost_and_found() -> Response:
+        count_max = node.limits.lost_found_files_listed_max
+        async with lost_found_lock:
+            files, total = await run_in_threadpool(lost_found.newest, count_max)
+        return _json(_encoder.encode({"files": files, "total_files": total}))
 
     @app.get(
         "/metrics",

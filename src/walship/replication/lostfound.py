@@ -132,3 +132,65 @@ def to_builtins(rec: LostRecord, file: Path | None = None) -> dict[str, Any]:
     if file is not None:
         out["file"] = file.name
     return out
+
+
+class FileSummary(msgspec.Struct, frozen=True):
+    """What one lost-and-found file holds, without its records; ``error`` when it could not
+    be read (the other fields are then empty)."""
+
+    name: str
+    bytes: int
+    records: int = 0
+    first_lsn: int | None = None
+    last_lsn: int | None = None
+    terms: list[int] = msgspec.field(default_factory=list)
+    acknowledged: dict[str, int] = msgspec.field(default_factory=dict)
+    error: str | None = None
+
+
+def summarize(path: Path) -> FileSummary:
+    """Count ``path``'s records by term and acknowledgement; a damaged file gives a summary
+    with ``error`` set, never an exception (one bad file must not hide the others)."""
+    try:
+        size = path.stat().st_size
+        terms: set[int] = set()
+        acknowledged: dict[str, int] = {}
+        first = last = None
+        count = 0
+        for rec in read_file(path):
+            first = rec.lsn if first is None else first
+            last = rec.lsn
+            count += 1
+            terms.add(rec.term)
+            acknowledged[rec.acknowledged] = acknowledged.get(rec.acknowledged, 0) + 1
+    except (InvalidInput, OSError) as exc:
+        message = exc.message if isinstance(exc, InvalidInput) else str(exc)
+        return FileSummary(path.name, 0, error=message)
+    return FileSummary(path.name, size, count, first, last, sorted(terms), acknowledged)
+
+
+class SummaryCache:
+    """Summaries of a data dir's lost-and-found files, each read once: a file is written
+    whole and renamed into place, so its name, size and mtime identify its contents."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._known: dict[tuple[str, int, int], FileSummary] = {}
+
+    def newest(self, count_max: int) -> tuple[list[FileSummary], int]:
+        """The ``count_max`` newest files' summaries, oldest first, and how many files there
+        are in all."""
+        files = find_files(self.data_dir)
+        kept: dict[tuple[str, int, int], FileSummary] = {}
+        out = []
+        for path in files[-count_max:]:
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # removed by the operator meanwhile
+            key = (path.name, st.st_size, st.st_mtime_ns)
+            summary = self._known.get(key) or summarize(path)
+            kept[key] = summary
+            out.append(summary)
+        self._known = kept  # forget the files that are gone
+        return out, len(files)
