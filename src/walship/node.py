@@ -197,10 +197,13 @@ class Node:
         def slots() -> float:
             return 0.0 if self.leader is None else float(len(self.leader.slots.slots))
 
+        def required() -> float:
+            # the floor is the ack mode's, which only a leader has
+            return 0.0 if self.leader is None else float(in_sync_floor(self))
+
         m.is_leader.set_function(lambda: 1.0 if self.leader is not None else 0.0)
         m.fenced.set_function(fenced)
-        # the floor is the ack mode's, which only a leader has
-        m.in_sync_required.set_function(lambda: float(in_sync_floor(self)) if self.leader else 0.0)
+        m.in_sync_required.set_function(required)
         m.retention_slots.set_function(slots)
         m.max_lag_seconds.set(self.replication.max_lag_ms / 1000)
 
