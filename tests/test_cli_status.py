@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 from walship.cli.main import app
 from walship.cli.process import NodeProcess
 from walship.cli.status import NodeReport, render_status
+from walship.errors import InvalidInput
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -361,7 +362,7 @@ def test_status_uses_the_tables_when_the_terminal_is_wide_enough() -> None:
 def test_status_layout_can_be_forced() -> None:
     cards = _render(_troubled_cluster(), 250, "narrow")
     assert "   position" in cards and "last lsn" not in cards.splitlines()[1]
-    with pytest.raises(ValueError, match="layout must be one of"):
+    with pytest.raises(InvalidInput, match="layout must be one of"):
         _render(_troubled_cluster(), 80, "tall")
 
 

@@ -36,6 +36,7 @@ from walship.cli.output import (
     natural_width,
     print_renderable,
 )
+from walship.errors import InvalidInput
 
 CONNECT_TIMEOUT_S = 1.0
 READ_TIMEOUT_S = 2.0
@@ -506,7 +507,7 @@ def render_status(
     limit, as in a pipe) and the cards otherwise.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+        raise InvalidInput(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
     leaders = [r for r in reports if r.role == "leader" and r.replication]
     tables: list[RenderableType] = [nodes_table(reports), *map(followers_table, leaders)]
     narrow = layout == "narrow" or (
