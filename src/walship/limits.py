@@ -37,6 +37,12 @@ class Limits:
     query_limit_max: int = 10_000
     min_lsn_wait_ms_max: int = 30_000
 
+    # subscriptions (SSE): a subscriber costs one page of events in memory while it is sent,
+    # never a queue; the next page is read only when the last one left for the socket
+    subscription_page_events: int = 500
+    subscription_heartbeat_ms: int = 15_000  # a comment on an idle stream, under proxy timeouts
+    subscriptions_max: int = 10_000  # open streams per node; more are answered 503
+
     # WAL
     segment_bytes_max: int = 64 * MIB
     record_bytes_max: int = 2 * MIB

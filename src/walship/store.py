@@ -64,6 +64,7 @@ from walship.metrics import StoreMetrics
 from walship.position import Lsn, Position, Term
 from walship.storage.alarm import CheckpointAlarm, CheckpointFailure
 from walship.storage.compaction import merge_parts, pick_run
+from walship.storage.entity_reads import EntityReader, ReadView
 from walship.storage.manifest import (
     INSTALL_MARKER,
     CheckpointManifest,
@@ -199,6 +200,7 @@ class Store:
         )
         self.wal: Wal
         self._dir_lock: DataDirLock | None = None
+        self.entities = EntityReader(self.read_view)  # stream reads by version, reads by id
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -799,6 +801,22 @@ class Store:
     @property
     def last_position(self) -> Position:
         return self.wal.last_position
+
+    def read_view(self) -> ReadView:
+        """What a read may see now: parts, memtables, checkpointed and visible lsn."""
+        with self._lock:
+            memtables = [m for m in (self._frozen, self._active) if m is not None]
+            # read under the lock, after the parts: every part listed was written (synced)
+            # before it was added, so it holds nothing past this
+            visible = self.visible_lsn
+            return ReadView(
+                list(self._parts),
+                memtables,
+                self._manifest.last_lsn,
+                visible,
+                self._lock,
+                self._versions,
+            )
 
     def query(
         self, flt: QueryFilter, limit: int | None = None, cursor: str | None = None

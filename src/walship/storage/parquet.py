@@ -295,6 +295,22 @@ class PartReader:
             table = file.read_row_groups(groups)
         return table.filter(pc.is_in(table.column("lsn"), pa.array(lsns)))
 
+    def read_columns(self, columns: list[str]) -> pa.Table:
+        """These columns of every row, in file order."""
+        with self._open() as file:
+            return file.read(columns=columns, use_threads=False)
+
+    def read_row_groups(self, groups: list[int]) -> pa.Table:
+        """Every column of these row groups, in file order."""
+        with self._open() as file:
+            return file.read_row_groups(groups, use_threads=False)
+
+    def row_group_starts(self) -> np.ndarray:
+        """The first row of each row group (file order), then the row count."""
+        meta = self._metadata
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        return np.concatenate(([0], np.cumsum(sizes, dtype=np.int64))).astype(np.int64)
+
     def entity_versions(self) -> pa.Table:
         """(tenant_id, entity_id, version max) per entity in this part."""
         with self._open() as file:
@@ -344,6 +360,8 @@ def _mask(table: pa.Table, flt: QueryFilter) -> pa.ChunkedArray | None:
         conds.append(pc.equal(col("entity_id"), flt.entity_id))
     if flt.event_type is not None:
         conds.append(pc.equal(col("event_type"), flt.event_type))
+    if flt.event_type_prefix is not None:
+        conds.append(pc.starts_with(col("event_type"), flt.event_type_prefix))
     if flt.since_us is not None:
         conds.append(pc.greater_equal(col("timestamp").cast(pa.int64()), flt.since_us))
     if flt.until_us is not None:
@@ -390,3 +408,7 @@ def _to_events(table: pa.Table, limit: int) -> list[StoredEvent]:
             )
         )
     return out
+
+
+to_events = _to_events
+"""Rows of the part schema to StoredEvents in lsn order (public name for other readers)."""

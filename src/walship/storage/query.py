@@ -19,6 +19,7 @@ class QueryFilter:
     tenant_id: str | None = None
     entity_id: str | None = None
     event_type: str | None = None
+    event_type_prefix: str | None = None  # e.g. "order." for every order event type
     since_us: int | None = None
     until_us: int | None = None
     from_lsn: int = 1
@@ -31,6 +32,7 @@ class QueryFilter:
             and (self.entity_id is None or ev.entity_id == self.entity_id)
             and (self.tenant_id is None or ev.tenant_id == self.tenant_id)
             and (self.event_type is None or ev.event_type == self.event_type)
+            and (self.event_type_prefix is None or ev.event_type.startswith(self.event_type_prefix))
             and (self.since_us is None or ev.timestamp_us >= self.since_us)
             and (self.until_us is None or ev.timestamp_us < self.until_us)
         )
