@@ -816,7 +816,7 @@ def test_openapi_describes_paths_and_request_bodies(api: TestClient) -> None:
     assert "durability" in resolve(ok["schema"])["properties"]
     params = {p["name"] for p in paths["/api/v1/events/query"]["get"]["parameters"]}
     assert params == {
-        "entity_id", "event_type", "tenant_id", "since", "until",
+        "entity_id", "event_type", "event_type_prefix", "tenant_id", "since", "until",
         "from_lsn", "to_lsn", "limit", "cursor", "min_lsn", "min_lsn_wait_ms",
     }  # fmt: skip
     ack_params = {p["name"] for p in paths["/api/v1/events"]["post"]["parameters"]}

@@ -174,6 +174,7 @@ class Node:
         else:
             self.follower = self._new_follower(self.replication.leader, 0)
         self._visible = asyncio.Event()
+        self.subscriptions_ended = False  # set when the server drains: open streams finish
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._switch = asyncio.Lock()
@@ -307,6 +308,31 @@ class Node:
     def _pulse(self) -> None:
         self._visible.set()
         self._visible = asyncio.Event()
+
+    async def wait_past(self, lsn: int, timeout_s: float) -> bool:
+        """Wait until an lsn above ``lsn`` is visible here; False when ``timeout_s`` passes
+        first or the node ends its subscriptions (``end_subscriptions``).
+
+        Every waiter waits on the one event the WAL's commits pulse, so a thousand idle
+        subscribers cost a thousand parked coroutines and nothing per commit but one wake-up.
+        """
+        deadline = time.monotonic() + timeout_s
+        # before ``start`` nothing pulses: poll; after it, the tick only bounds a stale wait
+        tick = 1.0 if self._started else 0.05
+        while self.store.visible_lsn <= lsn:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.subscriptions_ended:
+                return False
+            event = self._visible
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, tick)):
+                    await event.wait()
+        return not self.subscriptions_ended
+
+    def end_subscriptions(self) -> None:
+        """Make open subscriptions finish (the server is draining); call on the loop."""
+        self.subscriptions_ended = True
+        self._pulse()
 
     async def wait_visible(self, lsn: int, timeout_ms: int) -> None:
         """Wait until ``lsn`` is applied here (read-your-writes on a follower).

@@ -722,7 +722,7 @@ def _run(node: Node, sock: socket.socket, log_level: str) -> None:
         timeout_graceful_shutdown=10,
         server_header=False,
     )
-    server = NodeServer(config, started)
+    server = NodeServer(config, started, node.end_subscriptions)
     code = 0
     try:
         server.run(sockets=[sock])

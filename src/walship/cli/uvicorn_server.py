@@ -25,15 +25,28 @@ class NodeServer(uvicorn.Server):
     signal is only recorded in ``stop_signal``; the caller closes the node and exits 0.
     """
 
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_started: Callable[[], None],
+        on_draining: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(config)
         self._on_started = on_started
+        self._on_draining = on_draining
         self.stop_signal: int | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         if not self.should_exit:
             self._on_started()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn waits for open responses to finish before the node stops, and a
+        # subscription never finishes on its own: tell them to end first
+        if self._on_draining is not None:
+            self._on_draining()
+        await super().shutdown(sockets=sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:

@@ -37,6 +37,7 @@ from walship.events import (
 )
 from walship.http.errors import ErrorBody, install_error_handlers
 from walship.http.params import reject_unknown_params
+from walship.http.stream import add_stream_routes
 from walship.http.ui import add_ui_routes
 from walship.http.writes import (
     BATCH_PATH,
@@ -134,6 +135,7 @@ def create_app(node: Node, *, write_fast_lane: bool = True) -> FastAPI:
     install_error_handlers(app)  # after: its catch-all must wrap the fast lane too
     _add_write_routes(app, node)
     _add_read_routes(app, node)
+    add_stream_routes(app, node)  # after the query route: /events/{id} must not shadow it
     _add_ops_routes(app, node)
     _add_admin_routes(app, node)
     add_ui_routes(app)
@@ -212,6 +214,9 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
     async def query_events(
         entity_id: Annotated[str | None, Query(description="Only this entity")] = None,
         event_type: Annotated[str | None, Query(description="Only this event type")] = None,
+        event_type_prefix: Annotated[
+            str | None, Query(description="Only event types that start with this")
+        ] = None,
         tenant_id: Annotated[
             str | None, Query(description="Only this tenant (default when entity_id is given)")
         ] = None,
@@ -236,6 +241,7 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
             tenant_id=tenant_id,
             entity_id=entity_id,
             event_type=event_type,
+            event_type_prefix=event_type_prefix,
             since_us=_time_param(since, "since"),
             until_us=_time_param(until, "until"),
             from_lsn=max(from_lsn, 1),
@@ -278,7 +284,9 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
 
     @app.get("/api/v1/stats", summary="Store statistics", responses=_responses(None))
     async def stats() -> Response:
-        return _json(_encoder.encode(await run_in_threadpool(store.stats)))
+        body = await run_in_threadpool(store.stats)
+        body["subscriptions"] = app.state.subscriptions.open  # open event streams (SSE)
+        return _json(_encoder.encode(body))
 
 
 def _add_ops_routes(app: FastAPI, node: Node) -> None:

@@ -1,0 +1,276 @@
+"""Catch-up subscriptions over SSE (``GET /api/v1/events/stream``): every matching event
+exactly once, in lsn order, from history (Parquet parts, memtables) into live tailing while
+writers run, across client reconnects (``Last-Event-ID``), a server restart and on a follower
+that only shows what it has applied; bad input is a 4xx JSON error."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from tests.cluster import Cluster, Writers, query_all, replication_address, stats, wait_until
+from tests.sse_reader import SseReader
+from walship.cli.uvicorn_server import NodeServer
+from walship.http import create_app
+from walship.limits import Limits
+from walship.node import Node, NodeConfig
+from walship.replication.config import parse_address
+from walship.testing.proxy import FaultProxy
+from walship.wal import FsyncPolicy
+
+STREAM = "/api/v1/events/stream"
+LIMITS = Limits(
+    memtable_events_max=200,
+    parquet_row_group_rows=64,
+    subscription_page_events=50,
+    subscription_heartbeat_ms=300,
+    compaction_fanin_min=1_000,  # keep the parts apart
+)
+
+
+@contextmanager
+def serving(node: Node) -> Iterator[str]:
+    """The node's app under uvicorn in a thread (lifespan on: the node's commit pulses run,
+    and draining ends open subscriptions as ``walship serve`` does)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(node), log_level="warning", timeout_graceful_shutdown=10)
+    server = NodeServer(config, lambda: None, node.end_subscriptions)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started or not thread.is_alive(), 10, "the server to start")
+    assert thread.is_alive()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+        assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = Node.open(NodeConfig(tmp_path / "data", fsync=FsyncPolicy.parse("never"), limits=LIMITS))
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+@pytest.fixture
+def url(node: Node) -> Iterator[str]:
+    with serving(node) as base:
+        yield base
+
+
+def write(url: str, first: int, count: int, **fields: Any) -> list[int]:
+    events = [
+        {"entity_id": f"e-{i % 7}", "event_type": "t.a" if i % 2 else "t.b", "payload": {"i": i}}
+        | fields
+        for i in range(first, first + count)
+    ]
+    response = httpx.post(f"{url}/api/v1/events/batch", json={"events": events})
+    assert response.status_code == 200, response.text
+    return [r["lsn"] for r in response.json()["receipts"]]
+
+
+def all_events(url: str, **params: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        page = httpx.get(
+            f"{url}/api/v1/events/query",
+            params={**params, "limit": 10_000, **({"cursor": cursor} if cursor else {})},
+        ).json()
+        out.extend(page["events"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return out
+
+
+def test_subscription_from_zero_gets_every_event_once_across_live_switch_and_reconnect(
+    node: Node, url: str
+) -> None:
+    """History in several Parquet parts and the memtable, then writers running while the
+    subscriber reads; the client drops the connection midway and resumes with Last-Event-ID:
+    together the two connections deliver the log exactly, in lsn order."""
+    for first in range(0, 450, 150):
+        write(url, first, 150)
+        node.store.checkpoint()
+    write(url, 450, 50)  # and some in the memtable
+    assert len(node.store.manifest.parts) >= 2
+    writers = Writers(url, threads=2, batch=25, first=1_000, events_max=1_500).start()
+    try:
+        first = SseReader(f"{url}{STREAM}?from_lsn=0")
+        got = first.take(700)
+        first.close()
+        assert first.error is not None or first.events.empty()  # it was cut, not finished
+        got += first.drain()
+        second = SseReader(f"{url}{STREAM}", last_event_id=got[-1]["lsn"])
+        lsns = writers.join()
+        got += second.take_until(lsns[-1], got[-1]["lsn"])
+        time.sleep(0.3)  # anything extra would be a duplicate or an event from nowhere
+        got += second.drain()
+        second.close()
+    finally:
+        writers.stop()
+    assert len(node.store.manifest.parts) >= 4  # checkpoints ran while the stream was read
+    assert got == all_events(url)
+    assert len(got) == 500 + 1_500
+
+
+def test_filters_apply_to_history_and_live(url: str) -> None:
+    write(url, 0, 60)
+    write(url, 0, 10, tenant_id="other")
+    by_entity = SseReader(f"{url}{STREAM}?entity_id=e-3&event_type_prefix=t.")
+    by_tenant = SseReader(f"{url}{STREAM}?tenant_id=other&event_type=t.a")
+    try:
+        write(url, 60, 60)
+        write(url, 10, 10, tenant_id="other")
+        want = all_events(url, entity_id="e-3")
+        assert by_entity.take(len(want)) == want
+        want = all_events(url, tenant_id="other", event_type="t.a")
+        assert by_tenant.take(len(want)) == want
+        time.sleep(0.3)
+        assert by_entity.drain() == [] and by_tenant.drain() == []
+    finally:
+        by_entity.close()
+        by_tenant.close()
+
+
+def test_idle_subscription_gets_keepalive_comments(url: str) -> None:
+    with SseReader(f"{url}{STREAM}?from_lsn=1") as reader:
+        wait_until(lambda: reader.comments >= 3, 10, "keepalive comments")
+        write(url, 0, 1)
+        assert reader.take(1)[0]["lsn"] == 1
+
+
+def test_many_idle_subscribers_share_one_wakeup(node: Node, url: str) -> None:
+    """Forty idle streams cost nothing per commit beyond a wake-up: each gets the next write."""
+    readers = [SseReader(f"{url}{STREAM}?from_lsn=1") for _ in range(40)]
+    try:
+        lsns = write(url, 0, 3)
+        for reader in readers:
+            assert [e["lsn"] for e in reader.take(3)] == lsns
+    finally:
+        for reader in readers:
+            reader.close()
+    wait_until(lambda: node_open_streams(url) == 0, 10, "the streams to be released")
+
+
+def node_open_streams(url: str) -> int:
+    return int(httpx.get(f"{url}/api/v1/stats").json().get("subscriptions", -1))
+
+
+def test_stopping_the_server_ends_open_subscriptions(tmp_path: Path) -> None:
+    """uvicorn waits for open responses before it stops: a subscription must end on drain,
+    not hold the shutdown for its full grace period."""
+    n = Node.open(NodeConfig(tmp_path / "d", fsync=FsyncPolicy.parse("never"), limits=LIMITS))
+    try:
+        with serving(n) as base:
+            reader = SseReader(f"{base}{STREAM}")
+            t0 = time.monotonic()
+        assert time.monotonic() - t0 < 5
+        reader.close()
+    finally:
+        n.close()
+
+
+@pytest.mark.parametrize(
+    ("params", "headers"),
+    [
+        ({"from_lsn": -1}, {}),
+        ({"from_lsn": 2**63}, {}),
+        ({"from_lsn": "x"}, {}),
+        ({"form_lsn": 3}, {}),
+        ({"event_typ": "t.a"}, {}),
+        ({"entity_id": ""}, {}),
+        ({"event_type_prefix": "x" * 1000}, {}),
+        ({}, {"Last-Event-ID": "abc"}),
+        ({}, {"Last-Event-ID": "-5"}),
+        ({}, {"Last-Event-ID": "1.5"}),
+        ({}, {"Last-Event-ID": "9" * 40}),
+        ({}, {"Last-Event-ID": "0x10"}),
+    ],
+)
+def test_bad_subscription_input_is_a_4xx_json_error(
+    url: str, params: dict[str, Any], headers: dict[str, str]
+) -> None:
+    response = httpx.get(f"{url}{STREAM}", params=params, headers=headers)
+    assert 400 <= response.status_code < 500, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"] == "invalid_parameter"
+
+
+def test_last_event_id_wins_over_from_lsn(url: str) -> None:
+    write(url, 0, 10)
+    with SseReader(f"{url}{STREAM}?from_lsn=1", last_event_id=7) as reader:
+        assert [e["lsn"] for e in reader.take(3)] == [8, 9, 10]
+
+
+# ------------------------------------------------------------------ real servers
+
+
+def test_subscription_resumes_after_a_server_restart(tmp_path: Path) -> None:
+    """The subscriber drops out midway through a write load; the server is stopped (with
+    another subscription open, which must not hold the shutdown) and started again; resuming
+    from the last lsn received delivers the rest from disk, then live, exactly once."""
+    with Cluster(tmp_path) as cluster:
+        leader = cluster.start_leader(args=["--memtable-events-max", "300"])
+        writers = Writers(leader.url, threads=2, batch=50, events_max=1_000).start()
+        reader = SseReader(f"{leader.url}{STREAM}?from_lsn=0")
+        got = reader.take(400)
+        reader.close()
+        got += reader.drain()
+        lsns = writers.join()
+        assert got[-1]["lsn"] < lsns[-1]
+        idle = SseReader(f"{leader.url}{STREAM}?from_lsn=999999")
+        t0 = time.monotonic()
+        assert leader.stop() == 0  # the WAL flushed: a clean stop
+        assert time.monotonic() - t0 < 8, "the open subscription held the shutdown"
+        idle.close()
+        leader = cluster.restart(leader)
+        again = SseReader(f"{leader.url}{STREAM}", last_event_id=got[-1]["lsn"])
+        got += again.take_until(lsns[-1], got[-1]["lsn"])
+        got += again.take(20) if write(leader.url, 5_000, 20) else []
+        again.close()
+        assert got == query_all(leader)
+        assert len(got) == 1_020
+
+
+def test_follower_subscription_shows_only_what_it_applied(tmp_path: Path) -> None:
+    """Cut off from its leader, a follower's subscription stops at the follower's applied
+    lsn while the leader goes on; once the link heals, the rest arrives, once, in order."""
+    with Cluster(tmp_path) as cluster:
+        leader = cluster.start_leader()
+        with FaultProxy(parse_address(replication_address(leader))) as proxy:
+            follower = cluster.start_follower("f1", f"127.0.0.1:{proxy.port}")
+            before = write(leader.url, 0, 200)
+            wait_until(lambda: stats(follower)["visible_lsn"] >= before[-1], 30, "the follower")
+            reader = SseReader(f"{follower.url}{STREAM}?from_lsn=1")
+            try:
+                assert [e["lsn"] for e in reader.take(200)] == before
+                proxy.set_refuse(True)  # cut off: the leader goes on alone
+                after = write(leader.url, 200, 100)
+                time.sleep(1.0)
+                applied = stats(follower)["visible_lsn"]
+                assert applied < after[-1]
+                early = reader.drain()
+                assert all(e["lsn"] <= applied for e in early), (applied, early[-1:])
+                proxy.heal()
+                rest = reader.take_until(after[-1], early[-1]["lsn"] if early else before[-1])
+            finally:
+                reader.close()
+            assert [e["lsn"] for e in early + rest] == after
+            assert early + rest == query_all(leader, from_lsn=after[0])
