@@ -274,3 +274,47 @@ def test_follower_subscription_shows_only_what_it_applied(tmp_path: Path) -> Non
                 reader.close()
             assert [e["lsn"] for e in early + rest] == after
             assert early + rest == query_all(leader, from_lsn=after[0])
+
+
+def test_a_consumer_that_does_not_read_is_paced_by_tcp(
+    node: Node, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscriber that stops reading holds the server to what the socket buffers take: the
+    stream reads its next page only once the last one went out, so ~32 MB of events behind it
+    cost a few pages of reads, not a queue of the whole backlog. Reading again then delivers
+    every event."""
+    pages: list[int] = []
+    query = node.store.query
+
+    def counting(flt: Any, limit: Any = None, cursor: Any = None) -> Any:
+        pages.append(flt.from_lsn)
+        return query(flt, limit, cursor)
+
+    monkeypatch.setattr(node.store, "query", counting)
+    blob = "x" * 16_000
+    for _ in range(20):
+        events = [{"entity_id": f"e{i}", "event_type": "big", "payload": blob} for i in range(100)]
+        response = httpx.post(f"{url}/api/v1/events/batch", json={"events": events}, timeout=60)
+        assert response.status_code == 200
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.connect((host, int(port)))
+    try:
+        sock.sendall(f"GET {STREAM}?from_lsn=1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        wait_until(lambda: len(pages) >= 2, 10, "the stream to start")
+        time.sleep(1.5)  # unpaced, it would read all 40 pages of 50 events meanwhile
+        assert len(pages) <= 15, pages
+        received = 0
+        sock.settimeout(30)
+        buffer = b""
+        while received < 2_000:
+            chunk = sock.recv(1 << 20)
+            assert chunk, "the stream ended"
+            buffer += chunk
+            *done, buffer = buffer.split(b"\n\n")
+            received += sum(1 for frame in done if b"\ndata: " in frame)
+        assert received == 2_000
+        assert len(pages) >= 40
+    finally:
+        sock.close()

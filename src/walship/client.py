@@ -35,6 +35,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
+from walship import subscriber
 from walship.client_routing import ReadFrom, RetryPolicy, Router
 from walship.errors import Unavailable, WalshipError, error_class_for
 from walship.peers import PeerView
@@ -87,6 +88,18 @@ class QueryPage(msgspec.Struct, frozen=True):
     events: list[Event]
     next_cursor: str | None
     count: int
+
+
+class EntityEventsPage(msgspec.Struct, frozen=True):
+    """A page of one entity's events by version; ``next_version`` continues in ``direction``."""
+
+    tenant_id: str
+    entity_id: str
+    version: int
+    direction: str
+    events: list[Event]
+    count: int
+    next_version: int | None
 
 
 class EntityStateResult(msgspec.Struct, frozen=True):
@@ -187,6 +200,29 @@ def _state_params(
 def _state_path(entity_id: str) -> str:
     # the entity id may contain '/' and '?': quote everything but unreserved characters
     return f"/api/v1/entities/{quote(entity_id, safe='')}/state"
+
+
+def _entity_path(entity_id: str, what: str) -> str:
+    return f"/api/v1/entities/{quote(entity_id, safe='')}/{what}"
+
+
+def _entity_events_params(
+    tenant_id: str, from_version: int, to_version: int | None, direction: str, limit: int | None
+) -> dict[str, str | int]:
+    params: dict[str, str | int] = {
+        "tenant_id": tenant_id,
+        "from_version": from_version,
+        "direction": direction,
+    }
+    if to_version is not None:
+        params["to_version"] = to_version
+    if limit is not None:
+        params["limit"] = limit
+    return params
+
+
+def _event_path(event_id: str | uuid.UUID) -> str:
+    return f"/api/v1/events/{uuid.UUID(str(event_id))}"
 
 
 def _error(response: httpx.Response) -> WalshipError:
@@ -425,6 +461,45 @@ class Client:
         params = _state_params(tenant_id, as_of, as_of_lsn, min_lsn)
         return self._read(_state_path(entity_id), params, EntityStateResult)[0]
 
+    def subscribe(
+        self,
+        *,
+        from_lsn: int = 1,
+        give_up_after_s: float = subscriber.GIVE_UP_AFTER_S,
+        **filters: Any,
+    ) -> Iterator[Event]:
+        """Every matching event from ``from_lsn`` on (history, then live), in lsn order, each
+        once; reconnects after the last event delivered when the connection drops. Filters:
+        tenant_id, entity_id, event_type, event_type_prefix. Never ends by itself: break out."""
+        # every node given, in turn: a follower serves what it has applied, from the same lsn
+        return subscriber.subscribe(
+            self._http, self.urls, Event, from_lsn, filters, give_up_after_s
+        )
+
+    def entity_events(
+        self,
+        entity_id: str,
+        *,
+        tenant_id: str = "default",
+        from_version: int = 1,
+        to_version: int | None = None,
+        direction: str = "forward",
+        limit: int | None = None,
+    ) -> EntityEventsPage:
+        """One page of the entity's events by version (``direction`` forward or backward)."""
+        params = _entity_events_params(tenant_id, from_version, to_version, direction, limit)
+        return self._read(_entity_path(entity_id, "events"), params, EntityEventsPage)[0]
+
+    def entity_version(self, entity_id: str, *, tenant_id: str = "default") -> int:
+        """The entity's current version (0: no event)."""
+        path = _entity_path(entity_id, "version")
+        body = self._read(path, {"tenant_id": tenant_id}, dict[str, Any])[0]
+        return int(body["version"])
+
+    def event(self, event_id: str | uuid.UUID) -> Event:
+        """The event with this id; NotFound when there is none."""
+        return self._read(_event_path(event_id), {}, Event)[0]
+
     def stats(self) -> dict[str, Any]:
         return self._read("/api/v1/stats", {}, dict[str, Any], waits=False)[0]
 
@@ -600,6 +675,39 @@ class AsyncClient:
     ) -> EntityStateResult:
         params = _state_params(tenant_id, as_of, as_of_lsn, min_lsn)
         return (await self._read(_state_path(entity_id), params, EntityStateResult))[0]
+
+    def subscribe(
+        self,
+        *,
+        from_lsn: int = 1,
+        give_up_after_s: float = subscriber.GIVE_UP_AFTER_S,
+        **filters: Any,
+    ) -> AsyncIterator[Event]:
+        """``Client.subscribe`` as an async iterator (``async for event in client.subscribe()``)."""
+        return subscriber.subscribe_async(
+            self._http, self.urls, Event, from_lsn, filters, give_up_after_s
+        )
+
+    async def entity_events(
+        self,
+        entity_id: str,
+        *,
+        tenant_id: str = "default",
+        from_version: int = 1,
+        to_version: int | None = None,
+        direction: str = "forward",
+        limit: int | None = None,
+    ) -> EntityEventsPage:
+        params = _entity_events_params(tenant_id, from_version, to_version, direction, limit)
+        return (await self._read(_entity_path(entity_id, "events"), params, EntityEventsPage))[0]
+
+    async def entity_version(self, entity_id: str, *, tenant_id: str = "default") -> int:
+        path = _entity_path(entity_id, "version")
+        body = (await self._read(path, {"tenant_id": tenant_id}, dict[str, Any]))[0]
+        return int(body["version"])
+
+    async def event(self, event_id: str | uuid.UUID) -> Event:
+        return (await self._read(_event_path(event_id), {}, Event))[0]
 
     async def stats(self) -> dict[str, Any]:
         return (await self._read("/api/v1/stats", {}, dict[str, Any], waits=False))[0]

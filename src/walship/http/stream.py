@@ -34,6 +34,13 @@ CHUNK_BYTES = 64 * 1024  # frames go to the socket in pieces of about this, so T
 
 _encoder = msgspec.json.Encoder()
 _JSON = "application/json"
+_MinLsn = Annotated[
+    int | None,
+    Query(
+        ge=0, le=LSN_MAX, description="Wait until this node has applied this lsn (read-your-writes)"
+    ),
+]
+_MinLsnWait = Annotated[int, Query(ge=0, description="How long to wait for `min_lsn`, in ms")]
 
 
 class EntityEvents(msgspec.Struct):
@@ -195,8 +202,8 @@ def add_stream_routes(app: FastAPI, node: Node) -> None:
         limit: Annotated[
             int, Query(ge=1, le=limits.query_limit_max, description="Events per page")
         ] = limits.query_limit_default,
-        min_lsn: Annotated[int | None, Query(ge=0, le=LSN_MAX)] = None,
-        min_lsn_wait_ms: Annotated[int, Query(ge=0)] = 5_000,
+        min_lsn: _MinLsn = None,
+        min_lsn_wait_ms: _MinLsnWait = 5_000,
     ) -> Response:
         if min_lsn is not None:
             await node.wait_visible(min_lsn, min_lsn_wait_ms)
@@ -236,7 +243,11 @@ def add_stream_routes(app: FastAPI, node: Node) -> None:
     async def entity_version(
         entity_id: str,
         tenant_id: Annotated[str, Query(max_length=limits.tenant_id_chars_max)] = "default",
+        min_lsn: _MinLsn = None,
+        min_lsn_wait_ms: _MinLsnWait = 5_000,
     ) -> Response:
+        if min_lsn is not None:
+            await node.wait_visible(min_lsn, min_lsn_wait_ms)
         version = store.entities.current_version(entity_id, tenant_id)
         return _json(_encoder.encode(EntityVersion(tenant_id, entity_id, version)))
 
@@ -245,7 +256,11 @@ def add_stream_routes(app: FastAPI, node: Node) -> None:
         summary="One event by its id",
         description="404 when no visible event here has this id.",
     )
-    async def event_by_id(event_id: str) -> Response:
+    async def event_by_id(
+        event_id: str, min_lsn: _MinLsn = None, min_lsn_wait_ms: _MinLsnWait = 5_000
+    ) -> Response:
+        if min_lsn is not None:
+            await node.wait_visible(min_lsn, min_lsn_wait_ms)
         try:
             raw = uuid.UUID(event_id).bytes
         except ValueError as exc:
