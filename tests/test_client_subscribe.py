@@ -22,6 +22,19 @@ from walship.testing.proxy import FaultProxy
 from walship.wal import FsyncPolicy
 
 
+class RecordingTransport(httpx.HTTPTransport):
+    """Keeps the Last-Event-ID each subscription request carried (None: none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resumed_after: list[str | None] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/events/stream"):
+            self.resumed_after.append(request.headers.get("last-event-id"))
+        return super().handle_request(request)
+
+
 def open_node(path: Path) -> Node:
     return Node.open(NodeConfig(path, fsync=FsyncPolicy.parse("never"), limits=LIMITS))
 
@@ -79,7 +92,8 @@ def test_subscribe_resumes_after_a_cut_and_a_server_restart(tmp_path: Path) -> N
     iterator delivers the log exactly once, in order."""
     with contextlib.ExitStack() as stack:
         proxy = stack.enter_context(FaultProxy(("127.0.0.1", 1)))
-        client = stack.enter_context(Client(f"http://127.0.0.1:{proxy.port}"))
+        transport = RecordingTransport()
+        client = stack.enter_context(Client(f"http://127.0.0.1:{proxy.port}", transport=transport))
         node = open_node(tmp_path / "d")
         try:
             with serving(node) as url:
@@ -88,7 +102,8 @@ def test_subscribe_resumes_after_a_cut_and_a_server_restart(tmp_path: Path) -> N
                 node.store.checkpoint()
                 collector = Collector(client, from_lsn=0)
                 collector.wait_for(300)
-                write(url, 300, 100)
+                before_cut = write(url, 300, 100)
+                collector.wait_for(before_cut[-1])
                 proxy.cut()  # the connection drops under the subscriber
                 lsns = write(url, 400, 100)
                 collector.wait_for(lsns[-1])
@@ -103,6 +118,10 @@ def test_subscribe_resumes_after_a_cut_and_a_server_restart(tmp_path: Path) -> N
         log = log_of(url)
     got = as_dicts(collector.events)
     assert len(got) >= 550 and got == log[: len(got)]
+    # it resumed where it was, not from the start (the server sent nothing twice)
+    assert transport.resumed_after[0] is None
+    assert transport.resumed_after[1] == str(before_cut[-1])
+    assert all(after is not None for after in transport.resumed_after[1:])
 
 
 def test_async_subscribe_and_filters(tmp_path: Path) -> None:

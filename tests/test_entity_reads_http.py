@@ -81,13 +81,15 @@ def test_pages_forward_and_backward_equal_the_filtered_full_scan(
     ]:
         got: list[dict[str, Any]] = []
         body = read(api, direction=direction, limit=7, **params)
-        while True:
+        for _ in range(100):  # bounded: a wrong next_version must fail, not loop
             assert body["version"] == 80 and body["direction"] == direction
             got.extend(body["events"])
             if body["next_version"] is None:
                 break
             key = "from_version" if direction == "forward" else "to_version"
             body = read(api, direction=direction, limit=7, **{**params, key: body["next_version"]})
+        else:
+            raise AssertionError(f"paging {direction} {params} did not end")
         assert got == want, (direction, params)
 
 

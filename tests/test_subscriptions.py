@@ -5,6 +5,7 @@ that only shows what it has applied; bad input is a 4xx JSON error."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -207,10 +208,11 @@ def test_stopping_the_server_ends_open_subscriptions(tmp_path: Path) -> None:
 def test_bad_subscription_input_is_a_4xx_json_error(
     url: str, params: dict[str, Any], headers: dict[str, str]
 ) -> None:
-    response = httpx.get(f"{url}{STREAM}", params=params, headers=headers)
-    assert 400 <= response.status_code < 500, response.text
-    assert response.headers["content-type"] == "application/json"
-    assert response.json()["error"] == "invalid_parameter"
+    # streamed: a stream wrongly opened must fail the test, not hang it
+    with httpx.stream("GET", f"{url}{STREAM}", params=params, headers=headers) as response:
+        assert 400 <= response.status_code < 500, response.status_code
+        assert response.headers["content-type"] == "application/json"
+        assert json.loads(response.read())["error"] == "invalid_parameter"
 
 
 def test_last_event_id_wins_over_from_lsn(url: str) -> None:
