@@ -320,3 +320,34 @@ def test_a_consumer_that_does_not_read_is_paced_by_tcp(
         assert len(pages) >= 40
     finally:
         sock.close()
+
+
+def test_subscriptions_over_the_limit_are_503(tmp_path: Path) -> None:
+    limits = Limits(subscriptions_max=2, subscription_heartbeat_ms=300)
+    n = Node.open(NodeConfig(tmp_path / "d", fsync=FsyncPolicy.parse("never"), limits=limits))
+    try:
+        with serving(n) as base:
+            readers = [SseReader(f"{base}{STREAM}") for _ in range(2)]
+            wait_until(lambda: node_open_streams(base) == 2, 10, "two open streams")
+            with httpx.stream("GET", f"{base}{STREAM}") as response:
+                assert response.status_code == 503
+                assert json.loads(response.read())["error"] == "unavailable"
+            readers.pop().close()
+            wait_until(lambda: node_open_streams(base) == 1, 10, "a stream released")
+            readers.append(SseReader(f"{base}{STREAM}"))
+            for reader in readers:
+                reader.close()
+    finally:
+        n.close()
+
+
+def test_query_and_stream_share_the_type_prefix_filter(node: Node, url: str) -> None:
+    write(url, 0, 6)
+    write(url, 0, 2, event_type="u.x")
+    node.store.checkpoint()  # the prefix is matched in Parquet parts and in the memtable
+    write(url, 6, 4)
+    write(url, 2, 2, event_type="u.x")
+    want = [e for e in all_events(url) if e["event_type"].startswith("t.")]
+    assert all_events(url, event_type_prefix="t.") == want and len(want) == 10
+    with SseReader(f"{url}{STREAM}?event_type_prefix=u.") as reader:
+        assert [e["event_type"] for e in reader.take(4)] == ["u.x"] * 4
