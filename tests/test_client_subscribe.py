@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,19 @@ def test_client_stream_reads(tmp_path: Path) -> None:
         assert client.event(page.events[0].id) == page.events[0]
         with pytest.raises(NotFound):
             client.event("00000000-0000-7000-8000-000000000000")
+
+
+def test_subscribe_moves_to_the_next_url_when_one_is_down(tmp_path: Path) -> None:
+    """A client given a dead URL first subscribes through the live one, from the start."""
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    with contextlib.closing(dead), open_node(tmp_path / "d") as node, serving(node) as url:
+        lsns = write(url, 0, 5)
+        with Client([f"http://127.0.0.1:{dead.getsockname()[1]}", url]) as client:
+            got = []
+            for ev in client.subscribe(from_lsn=1):
+                got.append(ev.lsn)
+                if len(got) == 5:
+                    break
+            assert got == lsns
+            assert [e.lsn for e in client.iter_query(event_type_prefix="t.")] == lsns

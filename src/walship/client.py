@@ -120,6 +120,7 @@ _QUERY_FILTERS = frozenset(
     {
         "entity_id",
         "event_type",
+        "event_type_prefix",
         "tenant_id",
         "since",
         "until",
