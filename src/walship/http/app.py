@@ -39,6 +39,7 @@ from walship.http.errors import ErrorBody, install_error_handlers
 from walship.http.params import reject_unknown_params
 from walship.http.stream import add_stream_routes
 from walship.http.ui import add_ui_routes
+from walship.http.websocket import add_websocket_route
 from walship.http.writes import (
     BATCH_PATH,
     EVENTS_PATH,
@@ -135,7 +136,8 @@ def create_app(node: Node, *, write_fast_lane: bool = True) -> FastAPI:
     install_error_handlers(app)  # after: its catch-all must wrap the fast lane too
     _add_write_routes(app, node)
     _add_read_routes(app, node)
-    add_stream_routes(app, node)  # after the query route: /events/{id} must not shadow it
+    # after the query route: /events/{id} must not shadow it
+    add_websocket_route(app, add_stream_routes(app, node))
     _add_ops_routes(app, node)
     _add_admin_routes(app, node)
     add_ui_routes(app)

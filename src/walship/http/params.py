@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fastapi import Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from starlette.requests import HTTPConnection
 
 from walship.errors import InvalidParameter
 
@@ -46,8 +46,12 @@ def check_names(given: Iterable[str], allowed: frozenset[str], path: str) -> Non
         )
 
 
-async def reject_unknown_params(request: Request) -> None:
-    """App-wide dependency: 400 for a query parameter the matched route does not declare."""
+async def reject_unknown_params(request: HTTPConnection) -> None:
+    """App-wide dependency: 400 for a query parameter the matched route does not declare.
+
+    Typed ``HTTPConnection`` so FastAPI can also run it for WebSocket routes (which check
+    their own parameters before the upgrade: only HTTP routes are looked at here).
+    """
     if not request.scope.get("query_string"):
         return
     route = request.scope.get("route")

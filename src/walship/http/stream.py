@@ -11,10 +11,11 @@ waits for the peer (TCP pacing), never an in-memory queue of events per subscrib
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures at run time.
+import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Annotated, Literal
 
 import msgspec
@@ -81,8 +82,10 @@ class Subscriptions:
                 retry_after_ms=1_000,
             )
 
-    async def frames(self, flt: QueryFilter, after: int) -> AsyncIterator[bytes]:
-        """The subscription's bytes: events after lsn ``after`` matching ``flt``, forever."""
+    async def pages(self, flt: QueryFilter, after: int) -> AsyncGenerator[list[StoredEvent], None]:
+        """Pages of events after lsn ``after`` matching ``flt``, in lsn order, until the node
+        ends its subscriptions; an empty page means nothing was sent for a heartbeat interval
+        (time for a keepalive). The next page is read only when the caller asks for it."""
         node = self.node
         store = node.store
         limits = node.limits
@@ -92,7 +95,6 @@ class Subscriptions:
         # first) never runs this generator, so its ``finally`` could not give the count back
         self.open += 1
         try:
-            yield b"retry: %d\n: subscribed after lsn %d\n\n" % (RETRY_MS, after)
             sent_at = time.monotonic()
             while not node.subscriptions_ended:
                 visible = store.visible_lsn
@@ -102,20 +104,31 @@ class Subscriptions:
                     # a full page says where it stopped; a short one covered all up to visible
                     after = result.events[-1].lsn if result.next_cursor else visible
                     if result.events:
-                        for chunk in _chunks(result.events):
-                            yield chunk
+                        yield result.events
                         sent_at = time.monotonic()
                     elif time.monotonic() - sent_at >= heartbeat_s:
                         # writes run but none matches: still show the proxy a live stream
-                        yield KEEPALIVE
+                        yield []
                         sent_at = time.monotonic()
                     continue
                 idle_s = max(0.0, heartbeat_s - (time.monotonic() - sent_at))
                 if not await node.wait_past(after, idle_s) and not node.subscriptions_ended:
-                    yield KEEPALIVE
+                    yield []
                     sent_at = time.monotonic()
         finally:
             self.open -= 1
+
+    async def frames(self, flt: QueryFilter, after: int) -> AsyncIterator[bytes]:
+        """The subscription as Server-Sent Events."""
+        yield b"retry: %d\n: subscribed after lsn %d\n\n" % (RETRY_MS, after)
+        # closed with this generator, wherever it stops: the count must come back at once
+        async with contextlib.aclosing(self.pages(flt, after)) as pages:
+            async for events in pages:
+                if events:
+                    for chunk in _chunks(events):
+                        yield chunk
+                else:
+                    yield KEEPALIVE
 
 
 def _chunks(events: list[StoredEvent]) -> Iterable[bytes]:
@@ -132,8 +145,9 @@ def _chunks(events: list[StoredEvent]) -> Iterable[bytes]:
         yield b"".join(parts)
 
 
-def add_stream_routes(app: FastAPI, node: Node) -> None:
-    """Subscriptions and entity stream reads; after the query route, whose path is fixed."""
+def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
+    """Subscriptions and entity stream reads; after the query route, whose path is fixed.
+    Returns the node's subscription counter (the WebSocket route shares it)."""
     store = node.store
     limits = node.limits
     subscriptions = Subscriptions(node)
@@ -269,3 +283,5 @@ def add_stream_routes(app: FastAPI, node: Node) -> None:
         if found is None:
             raise NotFound(f"no event with id {event_id} on {node.node_id}", event_id=event_id)
         return _json(_encoder.encode(to_out(found)))
+
+    return subscriptions

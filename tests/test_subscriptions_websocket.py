@@ -1,0 +1,110 @@
+"""The subscription as a WebSocket on the same path: the same events, once, in lsn order,
+from history into live; resume by ``from_lsn``; paced by the socket; bad input refused before
+the upgrade as a 4xx JSON answer."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import httpx
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from tests.cluster import wait_until
+from tests.test_subscriptions import STREAM, all_events, node, url, write
+from walship.node import Node
+
+__all__ = ["node", "url"]  # fixtures
+
+
+def ws(url: str, query: str = "", **kw: Any) -> Any:
+    return connect(f"ws://{url.removeprefix('http://')}{STREAM}{query}", **kw)
+
+
+def receive(conn: Any, count: int) -> list[dict[str, Any]]:
+    return [json.loads(conn.recv(timeout=30)) for _ in range(count)]
+
+
+def test_websocket_delivers_history_then_live_and_resumes(node: Node, url: str) -> None:
+    write(url, 0, 120)
+    node.store.checkpoint()
+    write(url, 120, 30)
+    with ws(url, "?from_lsn=0") as conn:
+        got = receive(conn, 150)
+        write(url, 150, 20)
+        got += receive(conn, 10)
+    # the client left after 160 events: it resumes after the last one it has
+    with ws(url, f"?from_lsn={got[-1]['lsn'] + 1}") as conn:
+        got += receive(conn, 10)
+        with pytest.raises(TimeoutError):
+            conn.recv(timeout=0.5)  # nothing more, nothing twice
+    assert got == all_events(url)
+
+
+def test_websocket_filters(url: str) -> None:
+    write(url, 0, 20)
+    with ws(url, "?entity_id=e-1&event_type=t.a") as conn:
+        want = all_events(url, entity_id="e-1", event_type="t.a")
+        assert receive(conn, len(want)) == want
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["?from_lsn=-1", "?from_lsn=abc", f"?from_lsn={2**63}", "?form_lsn=1", "?entity_id="],
+)
+def test_bad_websocket_input_is_a_4xx_json_answer(url: str, query: str) -> None:
+    with pytest.raises(InvalidStatus) as caught:
+        ws(url, query).close()
+    response = caught.value.response
+    assert 400 <= response.status_code < 500
+    assert json.loads(response.body)["error"] == "invalid_parameter"
+
+
+def test_websocket_consumer_that_does_not_read_is_paced(
+    node: Node, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pages: list[int] = []
+    query = node.store.query
+
+    def counting(flt: Any, limit: Any = None, cursor: Any = None) -> Any:
+        pages.append(flt.from_lsn)
+        return query(flt, limit, cursor)
+
+    monkeypatch.setattr(node.store, "query", counting)
+    blob = "x" * 16_000
+    for _ in range(20):
+        events = [{"entity_id": f"e{i}", "event_type": "big", "payload": blob} for i in range(100)]
+        response = httpx.post(f"{url}/api/v1/events/batch", json={"events": events}, timeout=60)
+        assert response.status_code == 200
+    # a raw client that completes the upgrade and then reads nothing (a library client
+    # would read on in a background thread)
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.connect((host, int(port)))
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            f"GET {STREAM} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        wait_until(lambda: len(pages) >= 2, 10, "the stream to start")
+        time.sleep(1.5)  # unpaced, it would read all 40 pages of 50 events meanwhile
+        assert len(pages) <= 15, pages
+        sock.settimeout(30)
+        total = 0
+        while total < 2_000 * 16_000:
+            chunk = sock.recv(1 << 20)
+            assert chunk, "the stream ended"
+            total += len(chunk)
+        assert len(pages) >= 40
+    finally:
+        sock.close()
+    wait_until(lambda: httpx.get(f"{url}/api/v1/stats").json()["subscriptions"] == 0, 10, "release")
