@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,3 +148,33 @@ def test_find_by_id_in_parts_and_memtable(spread: Store) -> None:
     for ev in (events[0], events[100], events[-1]):
         assert spread.entities.find(ev.id) == ev
     assert spread.entities.find(b"\x01" * 16) is None
+
+
+def test_commit_listeners_survive_a_snapshot_install(tmp_path: Path) -> None:
+    """The node's "visible lsn advanced" pulse (what read-your-writes waits and subscriptions
+    wake on) is a WAL commit listener: a follower that installs a snapshot gets a new WAL and
+    must keep its listeners, or every waiter falls back to polling."""
+    source = Store.open(StoreConfig(tmp_path / "src", fsync=FsyncPolicy.parse("never")))
+    try:
+        for i in range(5):
+            source.append(make_event(f"e{i}"))
+        source.checkpoint()
+        manifest = source.manifest
+        staged = tmp_path / "staged"
+        staged.mkdir()
+        for part in manifest.parts:
+            shutil.copy(source.parts_dir / part.file, staged / part.file)
+    finally:
+        source.close()
+    target = Store.open(StoreConfig(tmp_path / "dst", fsync=FsyncPolicy.parse("never")))
+    try:
+        heard: list[int] = []
+        target.wal.add_listener(heard.append)
+        target.install_snapshot(staged, manifest, [(1, 1)])
+        assert target.wal.listeners == [heard.append]
+        target.append(make_event("after"))
+        assert heard and heard[-1] == manifest.last_lsn + 1
+        target.reset_to_empty()  # the other path through install_snapshot: still once
+        assert target.wal.listeners == [heard.append]
+    finally:
+        target.close()

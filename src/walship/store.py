@@ -337,6 +337,9 @@ class Store:
                 raise InvalidInput(f"snapshot part {part.file} is missing from {staged}")
         self._stop_background()  # before the locks: a thread may be waiting for one of them
         with self._checkpoint_lock, self._compaction_lock, self._lock:
+            # carried over to the new WAL: the node's commit pulse wakes read-your-writes
+            # waiters and subscriptions, which otherwise fall back to polling
+            listeners = self.wal.listeners
             self.wal.close()
             new = self.data_dir / "install"
             shutil.rmtree(new, ignore_errors=True)
@@ -362,6 +365,8 @@ class Store:
             self._frozen = None
             self._parts = []
             self._recover()
+            for listener in listeners:
+                self.wal.add_listener(listener)
         self._start_background()
 
     def _finish_install(self) -> None:
@@ -411,11 +416,8 @@ class Store:
         empty = self.data_dir / "install-empty"
         shutil.rmtree(empty, ignore_errors=True)
         empty.mkdir()
-        listeners = self.wal.listeners
-        self.install_snapshot(empty, CheckpointManifest(), [])
+        self.install_snapshot(empty, CheckpointManifest(), [])  # listeners carried over
         shutil.rmtree(empty, ignore_errors=True)
-        for listener in listeners:
-            self.wal.add_listener(listener)
 
     def _reopen(self, change: Callable[[], None]) -> None:
         """Close the WAL, apply ``change`` to the files, recover again (listeners carried
