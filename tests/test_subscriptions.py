@@ -351,3 +351,17 @@ def test_query_and_stream_share_the_type_prefix_filter(node: Node, url: str) -> 
     assert all_events(url, event_type_prefix="t.") == want and len(want) == 10
     with SseReader(f"{url}{STREAM}?event_type_prefix=u.") as reader:
         assert [e["event_type"] for e in reader.take(4)] == ["u.x"] * 4
+
+
+def test_keepalives_flow_while_writes_run_that_the_filter_skips(url: str) -> None:
+    """Commits keep waking the stream, but none matches: a proxy must still see traffic."""
+    with SseReader(f"{url}{STREAM}?entity_id=nobody") as reader:
+        start = reader.comments
+        deadline = time.monotonic() + 2.0
+        n = 0
+        while time.monotonic() < deadline:
+            write(url, n, 1)
+            n += 1
+            time.sleep(0.02)
+        assert reader.comments - start >= 3, reader.comments
+        assert reader.drain() == []
