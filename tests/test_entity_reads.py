@@ -178,3 +178,24 @@ def test_commit_listeners_survive_a_snapshot_install(tmp_path: Path) -> None:
         assert target.wal.listeners == [heard.append]
     finally:
         target.close()
+
+
+def test_find_by_id_in_a_part_reads_the_id_column_and_one_row_group(
+    spread: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading an event (or checking a resent id) never reads a part's payloads whole."""
+    import pyarrow.parquet as pq
+
+    reads: list[object] = []
+    original = pq.ParquetFile.read
+
+    def recording(self: pq.ParquetFile, columns: object = None, **kw: object) -> object:
+        reads.append(columns)
+        return original(self, columns=columns, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pq.ParquetFile, "read", recording)
+    spread.checkpoint()
+    target = full_scan(spread)[77]
+    reads.clear()
+    assert spread.entities.find(target.id) == target
+    assert reads and all(columns == ["id"] for columns in reads), reads

@@ -340,9 +340,16 @@ class PartReader:
         i = int(np.searchsorted(hashes, h))
         if i >= len(hashes) or hashes[i] != h:
             return None
+        text = str(uuid.UUID(bytes=event_id))
         with self._open() as file:
-            table = file.read()
-        hit = table.filter(pc.equal(table.column("id"), str(uuid.UUID(bytes=event_id))))
+            # the id column, then the one row group holding the row: not every payload
+            ids = file.read(columns=["id"], use_threads=False).column("id")
+            row = pc.index(ids, text).as_py()
+            if row < 0:
+                return None
+            group = int(np.searchsorted(self.row_group_starts(), row, side="right")) - 1
+            table = file.read_row_group(group, use_threads=False)
+        hit = table.filter(pc.equal(table.column("id"), text))
         found = _to_events(hit, 1)
         return found[0] if found else None
 
