@@ -212,6 +212,56 @@ def test_invalid_utf8_inside_payload_or_metadata_is_refused_naming_the_field(
     assert store_position(api) == before
 
 
+_NUMBERS_PAST_A_DOUBLE = [
+    ("exponent", b"1e999", "payload"),
+    ("negative", b'{"a":[-1.8e308]}', "payload"),
+    ("capital E", b'{"a":1E+400}', "payload"),
+    ("digits", b'{"a":1' + b"0" * 400 + b"}", "payload"),
+    ("digits and exponent", b'{"a":' + b"9" * 300 + b"e9}", "payload"),
+    ("metadata", b'{"a":1e309}', "metadata"),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [c[1:] for c in _NUMBERS_PAST_A_DOUBLE],
+    ids=[c[0] for c in _NUMBERS_PAST_A_DOUBLE],
+)
+def test_a_number_past_the_range_of_a_double_is_refused_naming_the_field(
+    api: TestClient, value: bytes, field: str
+) -> None:
+    """``1e999`` is JSON syntax but no reader can hold it: accepted, it made the entity's state
+    answer 500 for ever (and an id retry of it compared as 500)."""
+    append(api, entity="e")
+    before = store_position(api)
+    body = {"payload": value, "metadata": None}
+    if field == "metadata":
+        body = {"payload": b"{}", "metadata": value}
+    raw = b'{"entity_id":"e","event_type":"t.a","payload":%s,"metadata":%s}' % (
+        body["payload"],
+        body["metadata"] or b"null",
+    )
+    error = assert_error(api.post("/api/v1/events", content=raw), 422, "validation_error")
+    assert error["field"] == field and "range" in error["message"]
+    error = assert_error(
+        api.post("/api/v1/events/batch", content=b'{"events":[' + raw + b"]}"),
+        422,
+        "validation_error",
+    )
+    assert error["field"] == field
+    assert store_position(api) == before
+    assert api.get("/api/v1/entities/e/state").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "value", [b"1e308", b"-1.7976931348623157e308", b"1e-999", b"12345678901234567890123"]
+)
+def test_numbers_a_double_holds_are_accepted(api: TestClient, value: bytes) -> None:
+    raw = b'{"entity_id":"e","event_type":"t.a","payload":{"a":%s,"s":"1e999"}}' % value
+    assert api.post("/api/v1/events", content=raw).status_code == 200
+    assert api.get("/api/v1/entities/e/state").status_code == 200
+
+
 def _nested(depth: int) -> bytes:
     return b'{"a":' * depth + b"1" + b"}" * depth
 

@@ -18,6 +18,7 @@ import uuid
 from datetime import UTC, datetime
 
 import msgspec
+import orjson
 
 from walship.errors import LimitExceeded, MalformedJson, ValidationError
 from walship.limits import Limits
@@ -27,6 +28,10 @@ _TENANT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TYPE_RE = re.compile(r"[a-z0-9._]{1,128}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _JSON_WS = b" \t\r\n"
+# where a JSON number might not fit a double: an exponent of 2+ digits, or 290+ digits in a
+# row (a mantissa that long overflows with a 1-digit exponent). Inside strings it only costs
+# the full parse that tells
+_WIDE_NUMBER_RE = re.compile(rb"[eE]\+?\d\d|\d{290}")
 
 
 def _json_null() -> msgspec.Raw:
@@ -310,6 +315,26 @@ def check_utf8(raw: bytes, field: str) -> None:
         ) from None
 
 
+def check_numbers(raw: bytes, field: str) -> None:
+    """ValidationError naming ``field`` when the JSON text ``raw`` holds a number past the
+    range of a double (``1e999``, 400 digits).
+
+    That is JSON syntax, so msgspec keeps it in a ``Raw``, but no reader holds it: the
+    entity's state (orjson) answered 500 for every read from then on, and an id retry of it
+    failed to compare. Only a text that could hold such a number is parsed.
+    """
+    if _WIDE_NUMBER_RE.search(raw) is None:
+        return
+    try:
+        orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationError(
+            f"{field} is JSON that readers cannot hold ({exc.msg}): numbers must be in the "
+            "range of a 64-bit float",
+            field=field,
+        ) from None
+
+
 def prepare(ev: EventIn, limits: Limits) -> tuple[bytes, str, str, str, bytes, bytes | None]:
     """Validate one incoming event.
 
@@ -328,6 +353,7 @@ def prepare(ev: EventIn, limits: Limits) -> tuple[bytes, str, str, str, bytes, b
             limit=limits.payload_bytes_max,
         )
     check_utf8(payload, "payload")
+    check_numbers(payload, "payload")
     metadata: bytes | None = None
     if ev.metadata is not None:
         metadata = bytes(ev.metadata)
@@ -344,6 +370,7 @@ def prepare(ev: EventIn, limits: Limits) -> tuple[bytes, str, str, str, bytes, b
             )
         else:
             check_utf8(metadata, "metadata")
+            check_numbers(metadata, "metadata")
     if ev.expected_version is not None and ev.expected_version < 0:
         raise ValidationError("expected_version must be >= 0", field="expected_version")
     event_id = ev.id.bytes if ev.id is not None else b""
