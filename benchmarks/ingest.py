@@ -60,7 +60,7 @@ def in_process(n: int, data_dir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     inflight = []
     for b in range(n // 1000):
-        inflight.append(store.submit(pool[b % len(pool)]))
+        inflight.append(store.submit(pool[b % len(pool)], json_checked=True))  # decoded above
         if len(inflight) >= 4:
             p = inflight.pop(0)
             assert p.done is not None

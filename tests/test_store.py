@@ -656,3 +656,43 @@ def test_checkpoint_alarm_backs_off_and_logs_on_change_or_interval() -> None:
     assert alarm.failed("other error", now=73.0, wall=173.0)  # and again after the interval
     assert alarm.succeeded() == 8 and alarm.state(74.0) is None and alarm.retry_due(74.0)
     assert alarm.succeeded() == 0
+
+
+_NOT_JSON_A_READER_TAKES = [
+    ("syntax", b"{not json"),
+    ("two values", b"{} {}"),
+    ("empty", b""),
+    ("lone surrogate escape", b'{"\\ud800":1}'),
+    ("invalid UTF-8", b'"\xff"'),
+    ("past a double", b"[1e999]"),
+]
+
+
+@pytest.mark.parametrize("field", ["payload", "metadata"])
+@pytest.mark.parametrize(
+    "raw", [c[1] for c in _NOT_JSON_A_READER_TAKES], ids=[c[0] for c in _NOT_JSON_A_READER_TAKES]
+)
+def test_the_embedded_store_refuses_raw_json_no_reader_takes(
+    store: Store, field: str, raw: bytes
+) -> None:
+    """The embedded API takes ``msgspec.Raw`` from the caller, which nothing had parsed: invalid
+    JSON was stored, shipped to followers and put in every query page (an HTTP body that is
+    not JSON), and the entity's state failed for good."""
+    store.append(make_event("e", payload={"a": 1}))
+    before = store.wal.last_position
+    event = make_event("e", payload={"a": 2})
+    event = msgspec.structs.replace(event, **{field: msgspec.Raw(raw)})
+    with pytest.raises(ValidationError) as info:
+        store.append(event)
+    assert info.value.details["field"] == field
+    assert store.wal.last_position == before
+    assert store.entity_state("e").state == {"a": 1}
+
+
+def test_the_embedded_store_refuses_an_entity_id_utf8_cannot_encode(store: Store) -> None:
+    """A lone surrogate in a Python str: it failed with a UnicodeEncodeError from the encoder
+    instead of a ValidationError naming the field."""
+    with pytest.raises(ValidationError) as info:
+        store.append(make_event("order-\udc80"))
+    assert info.value.details["field"] == "entity_id"
+    assert store.wal.last_position.lsn.value == 0

@@ -267,6 +267,15 @@ def validate_entity_id(entity_id: str, limits: Limits) -> str:
         raise ValidationError("entity_id must not be blank", field="entity_id")
     if _CONTROL_RE.search(entity_id):
         raise ValidationError("entity_id must not contain control characters", field="entity_id")
+    if not entity_id.isascii():
+        try:
+            entity_id.encode()
+        except UnicodeEncodeError:
+            # only a Python caller can send one (a JSON decoder refuses a lone surrogate)
+            raise ValidationError(
+                "entity_id must be Unicode text UTF-8 can encode (no lone surrogate)",
+                field="entity_id",
+            ) from None
     return entity_id
 
 
@@ -335,12 +344,30 @@ def check_numbers(raw: bytes, field: str) -> None:
         ) from None
 
 
-def prepare(ev: EventIn, limits: Limits) -> tuple[bytes, str, str, str, bytes, bytes | None]:
+def check_json(raw: bytes, field: str) -> None:
+    """ValidationError naming ``field`` unless ``raw`` is one JSON value the readers take.
+
+    For a ``Raw`` no decoder has seen: the embedded ``Store`` takes ``msgspec.Raw`` from the
+    caller, and ``{not json`` was stored, shipped to followers and served inside query pages
+    (an HTTP body that is not JSON) while the entity's state failed for good. orjson is the
+    reader that builds entity state, and refuses what it cannot hold (invalid UTF-8, a lone
+    surrogate escape, a number past a double).
+    """
+    try:
+        orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationError(f"{field} is not valid JSON: {exc.msg}", field=field) from None
+
+
+def prepare(
+    ev: EventIn, limits: Limits, *, json_checked: bool = False
+) -> tuple[bytes, str, str, str, bytes, bytes | None]:
     """Validate one incoming event.
 
     Returns ``(id_bytes, tenant_id, entity_id, event_type, payload, metadata)``; the id is
     empty when the client gave none (the store assigns one). Raises ValidationError or
-    LimitExceeded naming the field.
+    LimitExceeded naming the field. ``json_checked``: payload and metadata come from
+    msgspec's decoder, which checked their syntax (the HTTP routes); else they are parsed.
     """
     validate_tenant_id(ev.tenant_id)
     validate_entity_id(ev.entity_id, limits)
@@ -352,11 +379,15 @@ def prepare(ev: EventIn, limits: Limits) -> tuple[bytes, str, str, str, bytes, b
             field="payload",
             limit=limits.payload_bytes_max,
         )
+    if not json_checked:
+        check_json(payload, "payload")
     check_utf8(payload, "payload")
     check_numbers(payload, "payload")
     metadata: bytes | None = None
     if ev.metadata is not None:
         metadata = bytes(ev.metadata)
+        if not json_checked and len(metadata) <= limits.metadata_bytes_max:
+            check_json(metadata, "metadata")
         first = _first_json_byte(metadata)
         if first == ord("n"):
             metadata = None

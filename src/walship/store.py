@@ -520,11 +520,13 @@ class Store:
             outcome = pending.done.result()
         return pending.finish(outcome)
 
-    def submit(self, events: Sequence[EventIn]) -> PendingAppend:
+    def submit(self, events: Sequence[EventIn], *, json_checked: bool = False) -> PendingAppend:
         """Validate and queue events without waiting for the disk.
 
         All-or-nothing: a validation error or a version conflict anywhere queues nothing.
         Events whose id is already stored are answered with their original receipt.
+        ``json_checked``: the events were decoded from JSON, so their payload and metadata
+        need no second parse (the HTTP routes); a caller's own ``Raw`` is parsed.
         """
         limits = self.limits
         if not events:
@@ -539,7 +541,7 @@ class Store:
         prepared = []
         for i, ev in enumerate(events):
             try:
-                prepared.append(prepare(ev, limits))
+                prepared.append(prepare(ev, limits, json_checked=json_checked))
             except InvalidInput as exc:
                 if len(events) > 1:
                     exc.details["index"] = i

@@ -93,9 +93,9 @@ async def append_events(
     store = node.store
     if store.would_block():
         # backpressure (checkpoints or the WAL writer behind): wait in a thread, not the loop
-        pending = await asyncio.to_thread(store.submit, events)
+        pending = await asyncio.to_thread(store.submit, events, json_checked=True)
     else:
-        pending = store.submit(events)
+        pending = store.submit(events, json_checked=True)  # decoded: the syntax is checked
     outcome: WriteOutcome | None = None
     for fut in pending.waits_on:
         outcome = await wait_written(fut)
