@@ -90,6 +90,17 @@ def test_a_bad_file_is_one_line_and_exit_2(tmp_path: Path, text: str, says: str)
     assert out.count("\n") == 1 and out.startswith(f"walship: config file {config}")
 
 
+def test_a_file_that_is_not_utf8_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """tomllib decodes the file before it parses it: a Latin-1 file (or a binary one) was a
+    UnicodeDecodeError traceback."""
+    config = tmp_path / "latin1.toml"
+    config.write_bytes('node-id = "k\xf6ln"\n'.encode("latin-1"))
+    code, out = check(config)
+    assert code == 2, out
+    assert out.count("\n") == 1 and out.startswith(f"walship: config file {config}")
+    assert "UTF-8" in out
+
+
 def test_a_missing_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
     code, out = check(tmp_path / "nope.toml")
     assert code == 2, out

@@ -80,6 +80,10 @@ def load_config(path: Path, settings: Mapping[str, Setting]) -> dict[str, Any]:
         raise InvalidInput(f"cannot read config file {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInput(f"config file {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # tomllib decodes the whole file first
+        raise InvalidInput(
+            f"config file {path} is not UTF-8 text (TOML must be): {exc.reason} at byte {exc.start}"
+        ) from exc
     out: dict[str, Any] = {}
     for key, value in table.items():
         setting = settings.get(key)
