@@ -182,3 +182,20 @@ def test_serve_refuses_a_port_in_use(tmp_path: Path) -> None:
         )
     assert result.exit_code == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.output
+
+
+@pytest.mark.parametrize("command", ["serve", "promote"])
+def test_an_admin_token_file_that_is_not_utf8_is_a_one_line_error(
+    tmp_path: Path, command: str
+) -> None:
+    """It was a UnicodeDecodeError traceback from serve (and from the admin commands)."""
+    token = tmp_path / "admin.token"
+    token.write_bytes(b"\xff\xfe tok\n")
+    if command == "serve":
+        args = ["serve", "--data-dir", str(tmp_path / "data"), "--check"]
+    else:
+        args = ["promote", "http://127.0.0.1:9"]
+    result = runner.invoke(app, [*args, "--admin-token-file", str(token)])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1, result.output
+    assert f"admin token file {token}" in result.output and "UTF-8" in result.output

@@ -470,6 +470,11 @@ def load_admin_token(
             token = path.read_text().strip()
         except OSError as exc:
             raise InvalidInput(f"cannot read admin token file {path}: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(
+                f"cannot read admin token file {path}: not UTF-8 text ({exc.reason} at byte "
+                f"{exc.start})"
+            ) from exc
         source = f"file {path}"
     else:
         value = (os.environ if environ is None else environ).get(ADMIN_TOKEN_ENV)
