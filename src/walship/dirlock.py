@@ -96,6 +96,10 @@ class DataDirLock:
             return
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)  # while still held: nobody reads a pid that no longer holds
+        # Unlock the open file itself, not just this fd: a child forked a moment ago shares
+        # it and may not have closed its copy yet (its at-fork hook runs when it is scheduled).
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
     def __enter__(self) -> DataDirLock:
