@@ -15,10 +15,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
-from tests.cluster import health, replication, wait_caught_up, wait_until
+from tests.cluster import event, health, replication, wait_caught_up, wait_until
 from tests.failover_cluster import ReceiptWriters, assert_receipts_held
 from tests.fixed_cluster import AnyNodeWriter, FixedCluster, start_all
 from walship.cli.main import app
@@ -112,3 +113,24 @@ def test_restart_every_node_after_failover_leaves_one_leader_and_keeps_the_ack_m
     wait_caught_up(new, other, a)
     for node in (new, other, a):
         assert_receipts_held(node, replicated)
+
+
+def test_a_leader_whose_peers_do_not_answer_takes_no_writes_until_one_does(
+    cluster: FixedCluster,
+) -> None:
+    """What happens when no peer is reachable at start: 503 ``leadership_unconfirmed`` (and
+    ``/health`` says why) for as long as it lasts; the first answer lets writes in."""
+    b, b_ports = cluster.add("b", ["--role", "leader"])
+    a, _ = cluster.add("a", ["--role", "leader", "--peers", f"http://127.0.0.1:{b_ports.http}"])
+    a.start()
+    r = httpx.post(f"{a.url}/api/v1/events", json=event(1), timeout=10)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "leadership_unconfirmed"
+    assert "no answer from" in r.json()["message"]
+    leadership = health(a)["leadership"]
+    assert leadership["state"] == "confirming" and leadership["peers"][0]["error"]
+
+    b.start()  # a peer of the same term answers: nobody knows a newer one
+    wait_until(lambda: health(a)["leadership"]["state"] == "confirmed", 15, "a to be confirmed")
+    r = httpx.post(f"{a.url}/api/v1/events", json=event(2), timeout=10)
+    assert r.status_code == 200, r.text
