@@ -129,6 +129,9 @@ def test_a_leader_whose_peers_do_not_answer_takes_no_writes_until_one_does(
     assert "no answer from" in r.json()["message"]
     leadership = health(a)["leadership"]
     assert leadership["state"] == "confirming" and leadership["peers"][0]["error"]
+    not_ready = httpx.get(f"{a.url}/health/ready", timeout=10)
+    assert not_ready.status_code == 503
+    assert any("takes no writes yet" in r for r in not_ready.json()["reasons"]), not_ready.text
 
     b.start()  # a peer of the same term answers: nobody knows a newer one
     wait_until(lambda: health(a)["leadership"]["state"] == "confirmed", 15, "a to be confirmed")
