@@ -18,10 +18,12 @@ the followers that ever subscribed to it, whose advertised URLs it keeps in
   no writes. A leader that knows no peer at all (one node; or no follower ever subscribed
   and no ``--peers``) takes writes at once -- there is nobody to ask.
 
-Once confirmed it keeps asking every ``WATCH_POLL_S``, so a leader that was deposed while it
-ran (and that no follower tells) follows the new one within seconds. A promotion confirms
-the new leader (it started a term above every term it or its peers had seen). Under
-automatic failover (etcd) the lease decides and this check stays off.
+Once confirmed it stops asking: a leader deposed while it runs learns it from its followers
+(fencing, ``replication/leader.py``) and stays fenced until repointed, as before. A leader
+that starts fenced (it saved the newer term before it stopped) stays fenced too, and is not
+asked about. A promotion confirms the new leader (it started a term above every term it or
+its peers had seen). Under automatic failover (etcd) the lease decides and this check stays
+off.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ log = logging.getLogger(__name__)
 
 FILE_NAME = "peers.json"
 CONFIRM_POLL_S = 0.5
-WATCH_POLL_S = 2.0
 
 
 class KnownPeers:
@@ -193,7 +194,7 @@ class LeadershipGuard:
             self.state = LeadershipState.CONFIRMING
             self.reason = "asking its peers whether a newer term exists"
             await self.check_once()
-        self._task = asyncio.create_task(self._run(), name="leadership-guard")
+            self._task = asyncio.create_task(self._run(), name="leadership-guard")
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -213,11 +214,12 @@ class LeadershipGuard:
         return {"state": self.state, "reason": self.reason, "peers": self.last_round}
 
     async def _run(self) -> None:
-        while True:
-            pause = CONFIRM_POLL_S
-            if self.state in (LeadershipState.CONFIRMED, LeadershipState.UNCHECKED):
-                pause = WATCH_POLL_S
-            await asyncio.sleep(pause)
+        # until confirmed, or deposed and following the newer term's leader
+        while self.state in (LeadershipState.CONFIRMING, LeadershipState.DEPOSED):
+            if self.node.leader is None:
+                self.idle()
+                return
+            await asyncio.sleep(CONFIRM_POLL_S)
             try:
                 await self.check_once()
             except asyncio.CancelledError:
