@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,24 @@ def test_serve_refuses_a_wildcard_advertised_address_in_one_line(tmp_path: Path)
         assert result.exit_code == 2, result.output
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and "wildcard" in lines[0], result.output
+
+
+def test_serve_on_a_wildcard_without_a_usable_name_refuses_to_start_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No advertise flag, a wildcard bind and a machine without a host name: exit 1, one line
+    naming the flags, nothing left bound or locked (a second try gets the same answer)."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "")
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    args = ["serve", "--data-dir", str(tmp_path / "d"), "--http-host", "0.0.0.0"]
+    args += ["--http-port", "0", "--replication-secret-file", str(secret)]
+    for _ in range(2):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1, result.output
+        assert "--advertise-http-url" in lines[0] and "0.0.0.0" in lines[0]
 
 
 # ---------------------------------------------------------------------------------- clusters

@@ -129,6 +129,8 @@ def test_a_leader_whose_peers_do_not_answer_takes_no_writes_until_one_does(
     assert "no answer from" in r.json()["message"]
     leadership = health(a)["leadership"]
     assert leadership["state"] == "confirming" and leadership["peers"][0]["error"]
+    shown = runner.invoke(app, ["status", a.url])
+    assert shown.exit_code == 0 and "leader (unconfirmed)" in shown.output, shown.output
     not_ready = httpx.get(f"{a.url}/health/ready", timeout=10)
     assert not_ready.status_code == 503
     assert any("takes no writes yet" in r for r in not_ready.json()["reasons"]), not_ready.text
