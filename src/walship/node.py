@@ -11,12 +11,16 @@ Roles switch at run time (``promote``, ``repoint``; one switch at a time):
 * promote (follower → leader): the follower stream is stopped first, so nothing more is
   applied; then a new term starts (above every term this node or the peers it was given have
   seen, persisted in the term history) with a ``_system.term_started`` record, the leader
-  listener starts, and only then are writes accepted. The configured ack mode stays.
+  listener starts, and only then are writes accepted. It leads with the cluster's ack
+  settings, learned from its last leader's Welcome and kept in ``role.json`` (unless its own
+  ack flags were given on purpose: ``NodeConfig.ack_pinned``).
 * repoint (follower → follower of another leader, or a deposed leader → follower): the old
   end is stopped (a leader stops taking writes first; its pending acknowledgement waits are
   answered, never ``replicated``), then a follower of the new address starts. A tail the new
   leader does not have is cut by divergence repair, into lost-and-found.
 * fencing: a leader that learns of a higher term from a follower refuses writes (``Fenced``).
+* start-up: a leader asks its peers whether a newer term exists before its first write and
+  follows the newer leader if so (``leadership.py``; off under etcd, whose lease decides).
 
 A switch is recorded in ``replication/role.json`` (``role_state.py``) so a restart keeps it.
 """
