@@ -51,8 +51,8 @@ from walship.errors import (
     NotLeaseholder,
     ReadOnly,
     Unavailable,
-    UnmeetableAckMode,
     Unconfirmed,
+    UnmeetableAckMode,
     WaitTimeout,
     invariant,
 )
