@@ -184,7 +184,11 @@ class LeadershipGuard:
         return None
 
     async def start(self) -> None:
-        """On a leader: one round now (writes wait for it), then the loop in the background."""
+        """On a leader: one round now (writes wait for it), then the loop in the background.
+        Nothing to do when already confirmed (by a promotion, or by code that embeds the node
+        and knows nobody else leads)."""
+        if self.state is LeadershipState.CONFIRMED and self.node.leader is not None:
+            return
         if self.node.leader is None or self.node.leader.fenced is not None:
             self.state = LeadershipState.IDLE
         elif not self.peer_urls():
