@@ -56,8 +56,8 @@ async def demoted_while_written(
     loop = asyncio.get_running_loop()
     held: list[tuple[Future[WriteOutcome], Future[WriteOutcome]]] = []
 
-    def submit_and_hold(events: Any) -> PendingAppend:
-        pending = real_submit(events)
+    def submit_and_hold(events: Any, **options: Any) -> PendingAppend:
+        pending = real_submit(events, **options)
         assert pending.done is not None
         gate: Future[WriteOutcome] = Future()
         held.append((pending.done, gate))
