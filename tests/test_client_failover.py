@@ -143,7 +143,13 @@ def test_client_with_every_url_writes_and_reads_through_kill_9_and_failover(
         assert by_id[x.event_id]["lsn"] == x.receipt.lsn, x
     # a write in flight at the kill was retried until the new leader answered it (stored
     # there anew, or answered duplicate when it had been replicated before the kill)
-    carried = [x for x in written if x.started < killed and x.ended > failed_over]
+    # (answered by the new leader: the moment `walship failover` returns is no bound, as the
+    # new leader may answer before the CLI has repointed the other follower and returned)
+    carried = [
+        x
+        for x in written
+        if x.started < killed < x.ended and (x.receipt.term >= 2 or x.receipt.duplicate)
+    ]
     assert carried, "no write was in flight across the failover"
     print(
         f"{len(written)} writes, {len(carried)} carried across a failover of "

@@ -34,6 +34,7 @@ from tests.cluster import (
     stats,
     wait_caught_up,
     wait_until,
+    wal_records,
     write_events,
 )
 from tests.failover_cluster import (
@@ -156,13 +157,14 @@ def test_kill_9_in_sync_mode_promote_the_most_caught_up_and_repair_the_old_leade
     assert_receipts_held(f2, replicated)
     assert health(f2)["term"] == 2
 
-    # the old leader comes back (as its flags say, a leader of term 1) and is repointed: its
-    # tail that f1 never had goes to lost-and-found, then it follows f1
-    leader.start()
-    old_tail = last_lsn(leader)
+    # the old leader comes back (as its flags say, a leader of term 1); before taking writes
+    # it asks the followers it knows, learns of term 2 and follows f1 by itself: its tail
+    # that f1 never had goes to lost-and-found
+    old_tail = wal_records(cluster.data_dir("leader"))[-1].lsn
     assert old_tail > old_end, "the old leader should hold writes nobody confirmed"
-    repoint(leader, new_address)
+    leader.start()
     wait_until(lambda: replication(leader)["repairs"] == 1, 15, "the old leader's repair")
+    assert replication(leader)["leader"] == new_address
     wait_caught_up(f1, leader)
     lost = lost_found(cluster.data_dir("leader"))
     assert [r["lsn"] for r in lost] == list(range(old_end + 1, old_tail + 1))

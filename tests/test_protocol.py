@@ -21,6 +21,8 @@ from walship.errors import (
 )
 from walship.limits import DEFAULT_LIMITS
 from walship.position import Lsn, Position, Term
+from walship.replication.acks import AckMode
+from walship.replication.config import AckSettings, ReplicationConfig
 from walship.replication.protocol import (
     FRAME_HEADER_BYTES,
     MESSAGE_TYPES,
@@ -550,6 +552,38 @@ def test_proofs_are_bound_to_their_nonces_role_and_fields() -> None:
     assert FrameDecoder().feed(encode(welcome)) == [welcome]
     with pytest.raises(AuthenticationError):  # a man in the middle sending writes elsewhere
         verify_welcome(SECRET, hello, challenge, Welcome("n1", 3, 0, welcome.leader_proof, "x"))
+    settings = AckSettings.of(ReplicationConfig(ack_mode=AckMode.parse("semi-sync"))).encode()
+    welcome = make_welcome(
+        SECRET,
+        hello,
+        challenge,
+        leader_node_id="n1",
+        term=3,
+        leader_last_lsn=0,
+        leader_url=url,
+        ack_settings=settings,
+    )
+    verify_welcome(SECRET, hello, challenge, welcome)
+    assert FrameDecoder().feed(encode(welcome)) == [welcome]
+    assert AckSettings.decode(welcome.ack_settings).ack_mode == "semi-sync"
+    weakened = AckSettings.of(ReplicationConfig()).encode()  # async
+    with pytest.raises(AuthenticationError):  # a man in the middle weakening the guarantee
+        verify_welcome(
+            SECRET, hello, challenge, Welcome("n1", 3, 0, welcome.leader_proof, url, weakened)
+        )
+
+
+def test_subscribe_carries_the_followers_advertised_url() -> None:
+    sub = Subscribe.at(Position(Term(2), Lsn(9)), b"c" * 8, "http://127.0.0.3:3901")
+    assert FrameDecoder().feed(encode(sub)) == [sub]
+    assert sub.http_url == "http://127.0.0.3:3901"
+    assert Subscribe(term=2, lsn=9, chain=b"c" * 8).http_url == ""  # a follower that did not say
+
+
+def test_ack_settings_refuse_what_a_leader_could_not_run_with() -> None:
+    for bad in ('{"ack_mode": "most"}', '{"on_ack_timeout": "shrug"}', "[", '{"x": 1}'):
+        with pytest.raises(InvalidInput):
+            AckSettings.decode(bad)
 
 
 def test_nonces_are_fresh_and_an_empty_secret_is_refused() -> None:

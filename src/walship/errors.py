@@ -30,6 +30,7 @@
     ├── Unavailable                 the node cannot serve now (shutting down, still starting)
     │   ├── NotLeaseholder          a leader without a live leader lease (etcd) takes no writes
     │   ├── NotReady                the node cannot do its job now (``/health/ready``)
+    │   ├── Unconfirmed             a leader that has not yet heard enough peers takes no writes
     │   └── WaitTimeout             a bounded wait (e.g. ``min_lsn``) expired
     └── InvariantViolation          an internal assumption broke; the operation stopped
 
@@ -200,6 +201,13 @@ class NotReady(Unavailable):
     """The node serves but cannot do its job now; ``reasons`` lists why (``readiness.py``)."""
 
     code = "not_ready"
+
+
+class Unconfirmed(Unavailable):
+    """A leader that started again asks its peers whether a newer term exists before it
+    takes writes (DESIGN invariant 10); until enough of them answered it takes none."""
+
+    code = "leadership_unconfirmed"
 
 
 class WaitTimeout(Unavailable):

@@ -11,12 +11,16 @@ Roles switch at run time (``promote``, ``repoint``; one switch at a time):
 * promote (follower → leader): the follower stream is stopped first, so nothing more is
   applied; then a new term starts (above every term this node or the peers it was given have
   seen, persisted in the term history) with a ``_system.term_started`` record, the leader
-  listener starts, and only then are writes accepted. The configured ack mode stays.
+  listener starts, and only then are writes accepted. It leads with the cluster's ack
+  settings, learned from its last leader's Welcome and kept in ``role.json`` (unless its own
+  ack flags were given on purpose: ``NodeConfig.ack_pinned``).
 * repoint (follower → follower of another leader, or a deposed leader → follower): the old
   end is stopped (a leader stops taking writes first; its pending acknowledgement waits are
   answered, never ``replicated``), then a follower of the new address starts. A tail the new
   leader does not have is cut by divergence repair, into lost-and-found.
 * fencing: a leader that learns of a higher term from a follower refuses writes (``Fenced``).
+* start-up: a leader asks its peers whether a newer term exists before its first write and
+  follows the newer leader if so (``leadership.py``; off under etcd, whose lease decides).
 
 A switch is recorded in ``replication/role.json`` (``role_state.py``) so a restart keeps it.
 """
@@ -37,6 +41,7 @@ from typing import Any, Protocol
 import msgspec
 
 from walship import __version__
+from walship.advertise import bracket, is_wildcard
 from walship.dirlock import DataDirLock
 from walship.errors import (
     AckTimeout,
@@ -46,16 +51,18 @@ from walship.errors import (
     NotLeaseholder,
     ReadOnly,
     Unavailable,
+    Unconfirmed,
     UnmeetableAckMode,
     WaitTimeout,
     invariant,
 )
+from walship.leadership import KnownPeers, LeadershipGuard
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.peers import PeerView, fetch_views
 from walship.position import Position, Term
 from walship.readiness import in_sync_floor, readiness
 from walship.replication.acks import AckMode
-from walship.replication.config import ReplicationConfig, parse_address
+from walship.replication.config import AckSettings, ReplicationConfig, parse_address
 from walship.replication.follower import Follower
 from walship.replication.insync import InSyncFile, InSyncRecord, Witness, may_lose, unclean_reason
 from walship.replication.leader import Leader
@@ -116,6 +123,9 @@ class NodeConfig:
     checkpoints: bool = True
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     peers: tuple[str, ...] = ()  # HTTP URLs of the other nodes, asked before a promotion
+    # the ack settings were given on purpose (flags): they win over the cluster's settings
+    # learned from a leader (``role.json``), which a promoted node otherwise leads with
+    ack_pinned: bool = False
 
     def store_config(self) -> StoreConfig:
         return StoreConfig(
@@ -129,10 +139,10 @@ class NodeConfig:
 
 def http_url(host: str, port: int) -> str | None:
     """The URL clients reach this node at, or None when the host is a wildcard (which
-    address a client should use is then unknown here)."""
-    if not port or host in ("", "0.0.0.0", "::"):
+    address a client should use is then unknown here: serve resolves it, ``advertise.py``)."""
+    if not port or is_wildcard(host):
         return None
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"http://{bracket(host)}:{port}"
 
 
 class Node:
@@ -154,6 +164,11 @@ class Node:
             http_url=config.replication.http_url or http_url(config.http_host, config.http_port),
         )
         switched = self.role_state.record
+        if switched.ack_settings is not None and not config.ack_pinned:
+            learned = switched.ack_settings
+            if learned != AckSettings.of(self.replication):
+                log.info("ack settings %s, as the cluster's leader last said", learned)
+            self.replication = learned.apply(self.replication)
         if switched.role is not None:
             role, leader = Role(switched.role), switched.leader
             if role is not self.role or (
@@ -167,6 +182,8 @@ class Node:
                 )
             self.role = role
             self.replication = dataclasses.replace(self.replication, leader=leader)
+        self.known_peers = KnownPeers(config.data_dir)
+        self.leadership = LeadershipGuard(self, self.known_peers)
         self.leader: Leader | None = None
         self.follower: Follower | None = None
         if self.role is Role.LEADER:
@@ -217,6 +234,7 @@ class Node:
             self.replication_metrics,
             self.role_state.saw_term,
             self.in_sync_file,
+            on_follower=self.known_peers.remember,
         )
         leader.insync.hook = self._publish_in_sync
         seen = self.role_state.record.term_seen
@@ -239,7 +257,15 @@ class Node:
             known_term=max(known_term, self.role_state.record.term_seen),
             on_term=self.role_state.saw_term,
             in_sync_file=self.in_sync_file,
+            on_settings=self._learn_settings,
         )
+
+    def _learn_settings(self, settings: AckSettings) -> None:
+        """The leader said the cluster's ack settings: keep them for a promotion."""
+        if self.role_state.learned(settings):
+            log.info("the cluster's ack settings are %s", settings)
+        if not self.config.ack_pinned:
+            self.replication = settings.apply(self.replication)
 
     async def _publish_in_sync(self, record: InSyncRecord) -> None:
         if self.coordinator is not None:
@@ -284,13 +310,16 @@ class Node:
         if self.follower is not None:
             await self.follower.start()
         if self.coordinator is not None:
-            await self.coordinator.start()
+            await self.coordinator.start()  # etcd's lease decides who may write
+        else:
+            await self.leadership.start()  # before any write: is a newer term known?
 
     async def stop(self) -> None:
         """Stop replication (before ``close``)."""
         if not self._started:
             return
         self._started = False
+        await self.leadership.stop()
         if self.coordinator is not None:
             await self.coordinator.stop()
         self.store.wal.remove_listener(self._on_commit)
@@ -402,6 +431,9 @@ class Node:
                 newer_term=newer_term,
                 leader_url=newer_url,
             )
+        block = self.leadership.write_block()
+        if block is not None:
+            raise Unconfirmed(f"node {self.node_id}: {block}")
         invariant(leader is not None, f"{self.node_id} is a leader without a leader end")
         assert leader is not None
         return leader
@@ -413,13 +445,16 @@ class Node:
         if isinstance(seen, dict) and int(seen.get("term") or 0) > leader.term:
             url = seen.get("url")
             return int(seen["term"]), None if url is None else str(url)
+        newer = self.leadership.newer  # a peer named the newer term (and its leader)
+        if newer is not None and newer[0] > leader.term:
+            return newer
         if leader.fenced_term > leader.term:
             return leader.fenced_term, None
         return None, None
 
     def ack_mode_for(self, requested: AckMode | None, leader: Leader | None = None) -> AckMode:
         """The server's ack mode, or a stricter one a write asked for (never a weaker one)."""
-        mode = self.config.replication.ack_mode
+        mode = self.replication.ack_mode
         if requested is None:
             return mode
         leader = leader or self.leader
@@ -442,7 +477,7 @@ class Node:
         # mode; a request equal to it or weaker is the server's own mode
         if requested is None or self.ack_mode_for(requested, leader) is not requested:
             return
-        replication = self.config.replication
+        replication = self.replication
         asked = requested.followers_asked(replication.min_in_sync)
         known = leader.known_followers()
         own_url = self.replication.http_url
@@ -482,7 +517,7 @@ class Node:
         else:
             reason = outcome.reason or "not confirmed"
             await leader.record_degraded(pending.min_lsn, last, reason)
-            if self.config.replication.on_ack_timeout == "fail":
+            if leader.config.on_ack_timeout == "fail":
                 raise AckTimeout(
                     f"committed locally at lsn {last} (term {receipts[-1].term}) but not "
                     f"confirmed by replicas: {reason}",
@@ -520,6 +555,8 @@ class Node:
             "role": self.role,
             "node_id": self.node_id,
             "term": store.wal.terms.current.value,
+            "term_seen": self.term_seen(),
+            "url": self.replication.http_url,
             "last_term": wal.last_term,
             "last_lsn": wal.last_lsn,
             "fenced": None if leader is None else leader.fenced,
@@ -536,6 +573,7 @@ class Node:
             "replication": self.replication_status(),
             "election": None if self.coordinator is None else self.coordinator.status(),
             "in_sync_set": self._in_sync_builtins(),
+            "leadership": self.leadership.status(),
         }
 
     def _in_sync_builtins(self) -> dict[str, Any] | None:
@@ -547,14 +585,24 @@ class Node:
         pos = self.position()
         return Witness(self.node_id, (pos.term.value, pos.lsn.value), self.in_sync_file.record)
 
+    def term_seen(self) -> int:
+        """The newest term this node has heard of: its own, or one a peer told it of."""
+        leader, follower = self.leader, self.follower
+        return max(
+            self.store.wal.terms.current.value,
+            self.role_state.record.term_seen,
+            0 if leader is None else leader.fenced_term,
+            0 if follower is None else follower.known_term,
+        )
+
     def replication_address(self) -> str | None:
-        """Where this node listens (a leader) or will listen once promoted (a follower with
-        a fixed ``--replication-port``) for followers; None when unknown or off."""
+        """Where followers reach this node's replication listener (a leader) or will once it
+        is promoted (a follower with a fixed or advertised port): the advertised address,
+        never a wildcard; None when unknown or off."""
         config = self.replication
-        host = f"[{config.host}]" if ":" in config.host else config.host
         if self.leader is not None:
-            return None if self.leader.port is None else f"{host}:{self.leader.port}"
-        return f"{host}:{config.port}" if config.port and config.secret else None
+            return None if self.leader.port is None else config.published_address(self.leader.port)
+        return config.published_address(config.port) if config.secret else None
 
     def position(self) -> Position:
         """The term and lsn of this node's last record."""
@@ -649,6 +697,7 @@ class Node:
                     await leader.start()
                 except OSError as exc:
                     leader.fence(f"the replication listener could not start: {exc}")
+            self.leadership.confirmed(f"promoted to term {term}, above every term it had seen")
             self.role = Role.LEADER  # writes are accepted from here on
             log.warning(
                 "promoted to leader of term %d at lsn %d (previous leader %s%s)",
@@ -729,6 +778,7 @@ class Node:
                 known = follower.known_term
                 was = f"follower of {follower.leader_address}"
             self.role_state.switched(Role.FOLLOWER, leader_address, known)
+            self.leadership.idle()
             self.follower = self._new_follower(leader_address, known)
             if self._started:
                 await self.follower.start()
@@ -761,7 +811,9 @@ class Node:
                 f"{self.node_id} is not the leader: forget followers on the leader",
                 leader=None if self.follower is None else self.follower.leader_address,
             )
-        return {"node_id": self.node_id, **self.leader.forget_follower(node_id)}
+        answer = self.leader.forget_follower(node_id)
+        self.known_peers.forget(node_id)  # not asked before writes after a restart either
+        return {"node_id": self.node_id, **answer}
 
     def checkpoint(self) -> dict[str, Any]:
         """Write every event visible now to a Parquet part (blocking: call it off the loop).

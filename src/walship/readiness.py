@@ -6,7 +6,8 @@ store alarm, say) is one more check appended to ``CHECKS``.
 
 * Every node: its WAL must be writable, its checkpoints working (while they fail, memory and
   the WAL grow until writes are refused) and the node open.
-* A leader: not fenced, allowed to write by its election (holds a live etcd lease), and with
+* A leader: not fenced, allowed to write by its election (holds a live etcd lease) or, after
+  a start, confirmed by its peers (``leadership.py``), and with
   as many followers in sync as its ack mode needs (``--min-in-sync``, ``semi-sync`` one,
   ``quorum:N`` N). An ``async`` leader waits for nobody, so followers do not count for it.
 * A follower: connected to its leader, not installing a snapshot, and known to be within
@@ -36,7 +37,7 @@ def readiness(node: Node) -> list[str]:
 
 def in_sync_floor(node: Node) -> int:
     """How many followers must be in sync for the leader's ack mode to be met at all."""
-    config = node.config.replication
+    config = node.replication  # the cluster's settings when learned from a leader
     mode = config.ack_mode
     if not mode.waits:
         return 0
@@ -69,10 +70,13 @@ def _leader(node: Node) -> list[str]:
     blocked = None if gate is None else gate()
     if blocked is not None:
         reasons.append(f"this leader takes no writes: {blocked}")
+    unconfirmed = node.leadership.write_block()
+    if unconfirmed is not None:
+        reasons.append(f"this leader takes no writes yet: {unconfirmed}")
     floor = in_sync_floor(node)
     in_sync = len(leader.tracker.in_sync)
     if in_sync < floor:
-        config = node.config.replication
+        config = node.replication
         reasons.append(
             f"{in_sync} of {len(leader.sessions)} connected followers in sync, fewer than the "
             f"{floor} that ack mode {config.ack_mode} needs (--min-in-sync {config.min_in_sync})"
@@ -92,7 +96,7 @@ def _follower(node: Node) -> list[str]:
         ]
     if follower.state is FollowerState.SNAPSHOT:
         return [f"installing a snapshot from its leader at {follower.leader_address}"]
-    max_lag_ms = node.config.replication.max_lag_ms
+    max_lag_ms = node.replication.max_lag_ms
     # a link that went quiet without closing keeps ``connected`` and a lag of 0 records until
     # the read deadline (10 s by default); the leader heartbeats an idle link, so a silence
     # longer than --max-lag-ms (and than two heartbeats) means the lag is no longer known

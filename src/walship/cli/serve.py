@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from walship.advertise import AdvertisedAddress, AdvertisedUrl, advertised_host, bracket
 from walship.cli.config import CONFIG_ENV, EXIT_BAD_CONFIG, load_config, settings_of
 from walship.cli.output import fail, say
 from walship.dirlock import DataDirLock
@@ -46,6 +47,7 @@ log = logging.getLogger("walship.serve")
 
 
 def serve_command(
+    ctx: typer.Context,
     data_dir: Annotated[
         Path,
         typer.Option(
@@ -102,6 +104,26 @@ def serve_command(
             envvar="WALSHIP_REPLICATION_HOST",
             help="Address of the replication listener of a leader, or of a follower once "
             "promoted (default: --http-host).",
+        ),
+    ] = None,
+    advertise_http_url: Annotated[
+        str | None,
+        typer.Option(
+            "--advertise-http-url",
+            envvar="WALSHIP_ADVERTISE_HTTP_URL",
+            help="The URL other nodes and clients reach this node at, http://HOST[:PORT] "
+            "(default: --http-host, or the machine's host name when that is a wildcard; the "
+            "port defaults to the listening one).",
+        ),
+    ] = None,
+    advertise_replication_address: Annotated[
+        str | None,
+        typer.Option(
+            "--advertise-replication-address",
+            envvar="WALSHIP_ADVERTISE_REPLICATION_ADDRESS",
+            help="HOST[:PORT] followers reach this node's replication listener at (default: "
+            "--replication-host, else the host of --advertise-http-url, else the machine's "
+            "host name; the port defaults to the listening one).",
         ),
     ] = None,
     replication_port: Annotated[
@@ -241,7 +263,8 @@ def serve_command(
             "--peers",
             envvar="WALSHIP_PEERS",
             help="HTTP URLs of the other nodes, comma-separated: a promotion asks them first "
-            "and refuses when one is further ahead.",
+            "and refuses when one is further ahead; a leader asks them (and the followers it "
+            "knows) before it takes writes after a start, and follows a newer leader.",
         ),
     ] = None,
     etcd: Annotated[
@@ -353,6 +376,15 @@ def serve_command(
         fail(f"invalid admin token: {exc.message}", 2)
     if (etcd is None) != (cluster is None):
         fail("automatic failover needs both --etcd and --cluster", 2)
+    try:
+        adv_url = None if not advertise_http_url else AdvertisedUrl.parse(advertise_http_url)
+        adv_repl = (
+            None
+            if not advertise_replication_address
+            else AdvertisedAddress.parse(advertise_replication_address)
+        )
+    except InvalidInput as exc:
+        fail(f"invalid advertised address: {exc.message}", 2)
     if check:
         say(
             f"walship: settings OK: node {node_id}, data {data_dir}, "
@@ -369,6 +401,14 @@ def serve_command(
         dir_lock.release()
         raise
     try:
+        replication = _advertise(
+            replication, http_host, sock.getsockname()[1], adv_url, adv_repl, etcd is not None
+        )
+    except InvalidInput as exc:
+        sock.close()
+        dir_lock.release()
+        fail(f"cannot start: {exc.message}")
+    try:
         node = _open_node(
             data_dir,
             node_id,
@@ -381,6 +421,7 @@ def serve_command(
             admin_token=admin_token,
             peers=tuple(split_urls(peers)),
             dir_lock=dir_lock,
+            ack_pinned=any(_given(ctx, name) for name in ACK_FLAGS),
         )
     except KeyboardInterrupt:
         sock.close()
@@ -433,6 +474,54 @@ def _replication_summary(replication: ReplicationConfig) -> str:
     return f"replication {replication.host}:{replication.port} ack {replication.ack_mode}"
 
 
+ACK_FLAGS = ("ack_mode", "ack_timeout_ms", "on_ack_timeout", "min_in_sync", "max_lag_ms")
+"""The cluster's write guarantee: given on purpose, they win over what a leader said."""
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """True when the flag ``name`` was set (command line, environment), not defaulted."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
+def _advertise(
+    replication: ReplicationConfig,
+    http_host: str,
+    http_port: int,
+    adv_url: AdvertisedUrl | None,
+    adv_repl: AdvertisedAddress | None,
+    elected: bool,
+) -> ReplicationConfig:
+    """``replication`` with the addresses this node publishes (``advertise.py``).
+
+    A node that replicates (it has the secret) or is elected must publish usable addresses:
+    InvalidInput when a wildcard bind leaves none. A standalone node bound to a wildcard
+    without a usable name publishes no URL.
+    """
+    url_host, repl_host = (
+        None if adv_url is None else adv_url.host,
+        None if adv_repl is None else adv_repl.host,
+    )
+    needed = replication.secret is not None or elected
+    try:
+        host = advertised_host(http_host, url_host, repl_host, "--http-host")
+    except InvalidInput:
+        if needed:
+            raise
+        return replication
+    scheme = "http" if adv_url is None else adv_url.scheme
+    port = http_port if adv_url is None or adv_url.port is None else adv_url.port
+    url = f"{scheme}://{bracket(host)}:{port}"
+    if replication.secret is None:
+        return dataclasses.replace(replication, http_url=url)
+    return dataclasses.replace(
+        replication,
+        http_url=url,
+        advertise_host=advertised_host(replication.host, repl_host, url_host, "--replication-host"),
+        advertise_port=None if adv_repl is None else adv_repl.port,
+    )
+
+
 def _attach_election(
     node: Node,
     endpoints: str,
@@ -453,7 +542,7 @@ def _attach_election(
         cluster,
         ttl_s=ttl_s,
         settle_s=settle_ms / 1000,
-        url=_url(host, port),
+        url=node.replication.http_url or _url(host, port),
         unclean=unclean,
     )
     node.coordinator = election
@@ -647,6 +736,7 @@ def _open_node(
     admin_token: str | None = None,
     peers: tuple[str, ...] = (),
     dir_lock: DataDirLock | None = None,
+    ack_pinned: bool = False,
 ) -> Node:
     """Open and recover the node; exit 2 naming file and offset when the WAL is corrupt."""
     from walship.node import Node, NodeConfig, Role
@@ -663,6 +753,7 @@ def _open_node(
         limits=limits,
         admin_token=admin_token,
         peers=peers,
+        ack_pinned=ack_pinned,
     )
     tune_process()
     try:
@@ -689,7 +780,7 @@ def _replication_note(node: Node) -> str:
     if node.leader is not None:
         if node.leader.port is None:
             return " replication=off"
-        return f" replication={node.config.replication.host}:{node.leader.port}"
+        return f" replication={node.replication_address()}"
     assert node.follower is not None
     return f" leader={node.follower.leader_address}"
 
@@ -711,8 +802,11 @@ def _run(node: Node, sock: socket.socket, log_level: str) -> None:
     def started() -> None:
         settle()  # everything the server needs is loaded: keep it out of later collections
         health = node.health()
+        bound = _url(host, port)
+        published = node.replication.http_url or bound
+        listen = "" if published == bound else f" listen={bound.removeprefix('http://')}"
         print(
-            f"walship {node.node_id} {START_LINE_MARK}{_url(host, port)} "
+            f"walship {node.node_id} {START_LINE_MARK}{published}{listen} "
             f"role={health['role']} term={health['term']} last_lsn={health['last_lsn']} "
             f"fsync={node.config.fsync} data={node.config.data_dir}{_replication_note(node)}",
             flush=True,

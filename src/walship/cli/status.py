@@ -191,6 +191,18 @@ def _status_text(report: NodeReport) -> Text:
     return Text(status, style="green" if status == "healthy" else "bold yellow")
 
 
+def _role_text(health: dict[str, Any]) -> Text:
+    """The role; a leader that takes no writes says why in a word (fenced, unconfirmed)."""
+    role = str(health.get("role", "?"))
+    leadership = health.get("leadership")
+    confirming = isinstance(leadership, dict) and leadership.get("state") == "confirming"
+    if role == "leader" and health.get("fenced"):
+        return Text("leader (fenced)", style="bold yellow")
+    if role == "leader" and confirming:
+        return Text("leader (unconfirmed)", style="bold yellow")
+    return Text(role)
+
+
 def _yes_no(value: Any) -> Text:
     if value is True:
         return Text("yes", style="green")
@@ -328,7 +340,7 @@ def nodes_table(reports: Sequence[NodeReport]) -> Table:
         cells: dict[str, RenderableType] = {"node": _node_cell(report)}
         cells["status"] = _status_text(report)
         if health is not None:
-            cells["role"] = str(health.get("role", "?"))
+            cells["role"] = _role_text(health)
             cells["term"] = str(health.get("term", "?"))
             cells["last lsn"] = str(health.get("last_lsn", "?"))
             if report.role == "leader":

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
+from walship.advertise import bracket, is_wildcard
 from walship.errors import InvalidInput
 from walship.replication.acks import AckMode
 
@@ -25,7 +29,11 @@ class ReplicationConfig:
     min_in_sync: int = 1
     wal_retention_bytes_max: int = 1 << 30
     leader: str | None = None  # HOST:PORT of the leader's replication listener (followers)
-    http_url: str | None = None  # this node's HTTP URL, told to its followers as a leader
+    http_url: str | None = None  # this node's advertised HTTP URL (told to followers, peers)
+    # what this node publishes as its replication address (``advertise.py``): the bind host
+    # and the listening port unless given
+    advertise_host: str | None = None
+    advertise_port: int | None = None
     server_ssl: ssl.SSLContext | None = None
     client_ssl: ssl.SSLContext | None = None
     reconnect_backoff_min_ms: int = 50
@@ -37,9 +45,70 @@ class ReplicationConfig:
         if self.ack_timeout_ms <= 0 or self.max_lag_ms <= 0 or self.min_in_sync < 0:
             raise InvalidInput("replication timeouts must be positive and min-in-sync >= 0")
 
+    def published_address(self, listening_port: int | None) -> str | None:
+        """``HOST:PORT`` other nodes reach this node's replication listener at; None when it
+        does not listen, or listens on a wildcard with nothing to advertise instead."""
+        port = self.advertise_port or listening_port
+        host = self.advertise_host or self.host
+        if not port or is_wildcard(host):
+            return None
+        return f"{bracket(host)}:{port}"
+
     def leader_address(self) -> tuple[str, int]:
         """``(host, port)`` of the leader; InvalidInput when unset or malformed."""
         return parse_address(self.leader or "", "leader")
+
+
+class AckSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The cluster's write guarantee: what a leader's writes wait for and what happens when
+    they cannot. A leader tells its followers (in its Welcome) so that a promoted follower
+    leads with the same settings, not with its own flags' defaults."""
+
+    ack_mode: str = "async"
+    ack_timeout_ms: int = 5_000
+    on_ack_timeout: str = "degrade"
+    min_in_sync: int = 1
+    max_lag_ms: int = 5_000
+
+    @classmethod
+    def of(cls, config: ReplicationConfig) -> AckSettings:
+        return cls(
+            str(config.ack_mode),
+            config.ack_timeout_ms,
+            config.on_ack_timeout,
+            config.min_in_sync,
+            config.max_lag_ms,
+        )
+
+    def apply(self, config: ReplicationConfig) -> ReplicationConfig:
+        """``config`` with these settings; InvalidInput when one is out of range."""
+        return dataclasses.replace(
+            config,
+            ack_mode=AckMode.parse(self.ack_mode),
+            ack_timeout_ms=self.ack_timeout_ms,
+            on_ack_timeout=self.on_ack_timeout,
+            min_in_sync=self.min_in_sync,
+            max_lag_ms=self.max_lag_ms,
+        )
+
+    def encode(self) -> str:
+        return msgspec.json.encode(self).decode()
+
+    @classmethod
+    def decode(cls, text: str) -> AckSettings:
+        """InvalidInput unless ``text`` is settings ``encode`` wrote (and they are valid)."""
+        try:
+            found = msgspec.json.decode(text, type=cls)
+        except msgspec.DecodeError as exc:
+            raise InvalidInput(f"unreadable ack settings: {exc}") from exc
+        found.apply(ReplicationConfig())  # checks every value
+        return found
+
+    def __str__(self) -> str:
+        return (
+            f"{self.ack_mode} (timeout {self.ack_timeout_ms} ms: {self.on_ack_timeout}, "
+            f"min-in-sync {self.min_in_sync}, max-lag {self.max_lag_ms} ms)"
+        )
 
 
 def parse_address(text: str, what: str = "address") -> tuple[str, int]:

@@ -53,7 +53,7 @@ from walship.errors import (
     invariant,
 )
 from walship.events import now_us
-from walship.replication.config import ReplicationConfig
+from walship.replication.config import AckSettings, ReplicationConfig
 from walship.replication.divergence import snapshot_divergence
 from walship.replication.insync import InSyncFile, InSyncRecord, stored_message
 from walship.replication.metrics import ReplicationMetrics
@@ -203,6 +203,7 @@ class Follower:
         known_term: int = 0,
         on_term: Callable[[int], None] | None = None,
         in_sync_file: InSyncFile | None = None,
+        on_settings: Callable[[AckSettings], None] | None = None,
     ) -> None:
         if not config.secret:
             raise InvalidInput("a follower needs the replication secret to authenticate")
@@ -216,6 +217,7 @@ class Follower:
         # the highest term seen; frames from below are refused. ``on_term`` persists a rise
         self.known_term = max(known_term, store.wal.terms.current.value)
         self._on_term = on_term
+        self._on_settings = on_settings  # the leader's ack settings, kept for a promotion
         self.repairs = 0
         self.last_repair: dict[str, Any] | None = None
         self.leader_lsn = 0
@@ -531,7 +533,8 @@ class Follower:
         self._begin_session()
         wal = self.store.wal
         # the durable (or already queued) end of log, re-read from the WAL on every connect
-        await self._send(Subscribe.at(wal.last_position, wal.last_chain))
+        subscribe = Subscribe.at(wal.last_position, wal.last_chain, self.config.http_url or "")
+        await self._send(subscribe)
         self.state = FollowerState.CATCHING_UP
         self.store.hold_compaction(True)  # until caught up: the replay gets the cores
         try:
@@ -572,6 +575,11 @@ class Follower:
         self.leader_url = welcome.leader_url or None
         self._logged_failure = None  # connected: the next failure is news again
         self.leader_node_id = welcome.leader_node_id
+        if welcome.ack_settings and self._on_settings is not None:
+            try:
+                self._on_settings(AckSettings.decode(welcome.ack_settings))
+            except InvalidInput as exc:  # authenticated but unusable: keep what it had
+                log.warning("replication: ignoring the leader's ack settings: %s", exc.message)
         log.info(
             "replication: following %s at %s (term %d, leader lsn %d)",
             welcome.leader_node_id,

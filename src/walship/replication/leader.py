@@ -47,7 +47,7 @@ from walship.replication.acks import (
     AckTracker,
     DegradationLedger,
 )
-from walship.replication.config import ReplicationConfig
+from walship.replication.config import AckSettings, ReplicationConfig
 from walship.replication.divergence import common_point, on_history, term_at
 from walship.replication.handshake import HandshakeGate, HandshakeSlot, authenticate_follower
 from walship.replication.insync import InSyncFile, InSyncPublisher
@@ -301,6 +301,7 @@ class FollowerSession:
                 term=leader.term,
                 leader_last_lsn=leader.store.wal.written_lsn.value,
                 leader_url=leader.config.http_url or "",
+                ack_settings=AckSettings.of(leader.config).encode(),
             )
         )
         try:
@@ -314,6 +315,7 @@ class FollowerSession:
                 )
             raise
         self.sent_lsn = self.durable_lsn = sub.lsn  # it holds these already
+        leader.note_follower(self.node_id, sub.http_url)
         leader.register(self)
         receiver = asyncio.create_task(self._receive(timeout), name=f"recv-{self.node_id}")
         try:
@@ -528,11 +530,13 @@ class Leader:
         metrics: ReplicationMetrics,
         on_fence: Callable[[int], None] | None = None,
         in_sync_file: InSyncFile | None = None,
+        on_follower: Callable[[str, str], None] | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.metrics = metrics
         self._on_fence = on_fence  # persists the newer term, so a restart stays fenced
+        self._on_follower = on_follower  # remembers followers' URLs (asked after a restart)
         self.tracker = AckTracker()
         self.lag_clock = LagClock()
         repl_dir = store.data_dir / "replication"
@@ -587,6 +591,14 @@ class Leader:
                 log.error(
                     "replication: could not save the newer term %d: %s", self.fenced_term, exc
                 )
+
+    def note_follower(self, node_id: str, http_url: str) -> None:
+        """A follower subscribed, reachable at ``http_url`` (empty: it did not say)."""
+        if http_url and self._on_follower is not None:
+            try:
+                self._on_follower(node_id, http_url)
+            except OSError as exc:  # only a later restart check misses it; replication goes on
+                log.error("replication: could not remember follower %s: %s", node_id, exc)
 
     def note_replicated(self, lsn: int) -> None:
         """A write up to ``lsn`` was answered ``replicated`` (kept for lost-and-found)."""
@@ -956,7 +968,7 @@ class Leader:
         return {
             "mode": str(self.config.ack_mode),
             "fenced": self.fenced,
-            "listening": None if self.port is None else f"{self.config.host}:{self.port}",
+            "listening": None if self.port is None else self.config.published_address(self.port),
             "followers": [s.status() for s in self.sessions.values()],
             "in_sync_count": len(self.tracker.in_sync),
             "in_sync_set": self.insync.status(),

@@ -27,8 +27,8 @@ Message flow (F = follower, L = leader)::
     F ── Hello(version, cluster_id, node_id, role, client_nonce) ──▶ L
     F ◀── Challenge(server_nonce) ───────────────────────────────── L
     F ── HelloProof(HMAC "follower proof") ────────────────────────▶ L
-    F ◀── Welcome(leader_node_id, term, last_lsn, HMAC "leader proof") L
-    F ── Subscribe(term, lsn, chain) ──────────────────────────────▶ L
+    F ◀── Welcome(leader_node_id, term, last_lsn, HMAC "leader proof", url, ack settings) L
+    F ── Subscribe(term, lsn, chain, http_url) ────────────────────▶ L
     then one of
     F ◀── Diverged(common_term, common_lsn)          F truncates, lost-and-found, resubscribes
     F ◀── SnapshotStart, SnapshotChunk…, SnapshotEnd  F installs S, then WAL from S+1
@@ -94,6 +94,7 @@ Nonce = Annotated[bytes, msgspec.Meta(min_length=NONCE_BYTES, max_length=NONCE_B
 Digest = Annotated[bytes, msgspec.Meta(min_length=PROOF_BYTES, max_length=PROOF_BYTES)]
 Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 URL_BYTES_MAX: Final = 512
+SETTINGS_BYTES_MAX: Final = 512
 # A bare file name: no separators, no leading dot (so never "." or ".."), no NUL. Names from
 # the wire are still never joined to a path unchecked (DESIGN 8.10).
 FileName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")]
@@ -138,14 +139,17 @@ class Welcome(_Wire, frozen=True):
     """L→F: accepted; the leader's identity, term and end of log, and its own proof.
 
     ``leader_url`` is the leader's HTTP URL (empty when it does not know a reachable one): a
-    follower names it when it refuses a write. The proof covers it, so a man in the middle
-    cannot send clients elsewhere."""
+    follower names it when it refuses a write. ``ack_settings`` is the cluster's write
+    guarantee (``AckSettings`` as JSON; empty: not told), which a follower keeps and leads
+    with once promoted. The proof covers both, so a man in the middle cannot send clients
+    elsewhere or weaken the guarantee."""
 
     leader_node_id: Ident
     term: U64
     leader_last_lsn: U64
     leader_proof: Digest
     leader_url: Annotated[str, msgspec.Meta(max_length=URL_BYTES_MAX)] = ""
+    ack_settings: Annotated[str, msgspec.Meta(max_length=SETTINGS_BYTES_MAX)] = ""
 
 
 class Refused(_Wire, frozen=True):
@@ -164,15 +168,18 @@ class Refused(_Wire, frozen=True):
 
 
 class Subscribe(_Wire, frozen=True):
-    """F→L: the follower's durable end of log ``(term, lsn)`` and the chain hash there."""
+    """F→L: the follower's durable end of log ``(term, lsn)`` and the chain hash there, and
+    its advertised HTTP URL (empty: unknown), which the leader keeps to ask before it takes
+    writes again after a restart (``leadership.py``)."""
 
     term: U64
     lsn: U64
     chain: Chain
+    http_url: Annotated[str, msgspec.Meta(max_length=URL_BYTES_MAX)] = ""
 
     @classmethod
-    def at(cls, position: Position, chain: bytes) -> Subscribe:
-        return cls(term=int(position.term), lsn=int(position.lsn), chain=chain)
+    def at(cls, position: Position, chain: bytes, http_url: str = "") -> Subscribe:
+        return cls(term=int(position.term), lsn=int(position.lsn), chain=chain, http_url=http_url)
 
     @property
     def position(self) -> Position:
@@ -669,11 +676,12 @@ def server_proof(
     leader_node_id: str,
     term: int,
     leader_url: str = "",
+    ack_settings: str = "",
 ) -> bytes:
-    """The leader's proof: another label (no replay of one for the other), binds id, term and
-    the URL it gives for writes."""
+    """The leader's proof: another label (no replay of one for the other), binds id, term,
+    the URL it gives for writes and the ack settings it passes on."""
     parts = (client_nonce, server_nonce, cluster_id, node_id, leader_node_id, term, leader_url)
-    return _mac(secret, _LEADER_LABEL, *parts)
+    return _mac(secret, _LEADER_LABEL, *parts, ack_settings)
 
 
 def verify_proof(expected: bytes, proof: bytes, who: str) -> None:
@@ -706,18 +714,24 @@ def make_welcome(
     term: int,
     leader_last_lsn: int,
     leader_url: str = "",
+    ack_settings: str = "",
 ) -> Welcome:
     """Leader side, once the follower's proof verified: Welcome with the leader's own proof."""
     handshake = _handshake(hello, challenge)
-    proof = server_proof(secret, *handshake, leader_node_id, term, leader_url)
-    return Welcome(leader_node_id, term, leader_last_lsn, proof, leader_url)
+    proof = server_proof(secret, *handshake, leader_node_id, term, leader_url, ack_settings)
+    return Welcome(leader_node_id, term, leader_last_lsn, proof, leader_url, ack_settings)
 
 
 def verify_welcome(secret: bytes, hello: Hello, challenge: Challenge, welcome: Welcome) -> None:
     """Follower side: AuthenticationError unless the leader proved it holds the secret."""
     handshake = _handshake(hello, challenge)
     expected = server_proof(
-        secret, *handshake, welcome.leader_node_id, welcome.term, welcome.leader_url
+        secret,
+        *handshake,
+        welcome.leader_node_id,
+        welcome.term,
+        welcome.leader_url,
+        welcome.ack_settings,
     )
     verify_proof(expected, welcome.leader_proof, f"leader {welcome.leader_node_id!r}")
 
