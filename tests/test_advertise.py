@@ -21,7 +21,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from tests.cluster import event, health, replication, wait_caught_up, wait_until
+from tests.client_writer import ClientWriter, check_held
+from tests.cluster import event, health, query_all, replication, wait_caught_up, wait_until
 from tests.etcd_server import EtcdServer, running_etcd
 from tests.failover_cluster import assert_receipts_held
 from tests.fixed_cluster import AnyNodeWriter, FixedCluster, Ports, free_port, start_all
@@ -204,7 +205,10 @@ def test_wildcard_nodes_publish_only_advertised_addresses_through_a_manual_failo
     assert read_only_leader_url(f2) == leader.url
 
     writer = AnyNodeWriter([n.url for n in nodes]).start()
+    # and a Client given the three advertised URLs, the leader not first
+    clients = [ClientWriter([f1.url, f2.url, leader.url], f"client-{n}").start() for n in (1, 2)]
     wait_until(lambda: len(writer.accepted()) >= 20, 20, "writes")
+    wait_until(lambda: all(c.count() >= 10 for c in clients), 30, "client writes")
     leader.kill()
     failover = runner.invoke(
         app,
@@ -229,6 +233,7 @@ def test_wildcard_nodes_publish_only_advertised_addresses_through_a_manual_failo
     assert read_only_leader_url(other) == new.url
     mark = len(writer.accepted())
     wait_until(lambda: len(writer.accepted()) >= mark + 20, 20, "writes on the new leader")
+    wait_until(lambda: all(c.count(term=2) >= 10 for c in clients), 60, "client writes after")
 
     # the old leader comes back with its command line and follows, by advertised addresses
     leader.start()
@@ -236,7 +241,11 @@ def test_wildcard_nodes_publish_only_advertised_addresses_through_a_manual_failo
     assert replication(leader)["leader"] == new_address
     assert read_only_leader_url(leader) == new.url
     writer.stop()
+    for c in clients:
+        c.join()
     check_published(nodes, advertised)
+    wait_caught_up(new, other, leader)
+    check_held(clients, query_all(leader))
     receipts = writer.receipts()
     ids = [r["event_id"] for r in receipts]
     assert len(ids) == len(set(ids))
@@ -288,7 +297,9 @@ def test_wildcard_nodes_publish_only_advertised_addresses_through_an_etcd_failov
     check_published(nodes, advertised)
 
     writer = AnyNodeWriter([n.url for n in nodes]).start()
+    clients = [ClientWriter([f2.url, leader.url, f1.url], f"client-{n}").start() for n in (1, 2)]
     wait_until(lambda: len(writer.accepted()) >= 20, 20, "writes")
+    wait_until(lambda: all(c.count() >= 10 for c in clients), 30, "client writes")
     leader.kill()
     new = wait_until(
         lambda: next((n for n in (f1, f2) if health(n)["role"] == "leader"), None),
@@ -308,8 +319,14 @@ def test_wildcard_nodes_publish_only_advertised_addresses_through_an_etcd_failov
     assert read_only_leader_url(other) == new.url
     mark = len(writer.accepted())
     wait_until(lambda: len(writer.accepted()) >= mark + 20, 20, "writes on the new leader")
+    term = health(new)["term"]
+    wait_until(lambda: all(c.count(term=term) >= 10 for c in clients), 60, "client writes after")
     writer.stop()
+    for c in clients:
+        c.join()
     check_published([new, other], advertised)
+    wait_caught_up(new, other)
+    check_held(clients, query_all(other))
     receipts = writer.receipts()
     ids = [r["event_id"] for r in receipts]
     assert len(ids) == len(set(ids))
