@@ -253,16 +253,23 @@ class FaultScheduler:
             f"SIGKILL of the leader ({via}); disk holds lsn "
             f"{image.wal_first_lsn}..{image.last_lsn}",
         )
-        try:
-            new, detail = await asyncio.to_thread(cluster.promote_best)
-        except ClusterError:
-            if cluster.leader is old:  # nobody was promoted: bring the old leader back
-                await asyncio.to_thread(cluster.restart, old)
-            raise
-        self.history.fault("failover", new.node_id, "note", f"promoted: {detail}")
+        await self._promote_after_kill("failover", old)
         await asyncio.sleep(hold)
         await asyncio.to_thread(cluster.restart, old)
         self.history.fault("failover", self._role(old), "heal", "old leader back, repointed")
+
+    async def _promote_after_kill(self, kind: str, old: VerifyNode) -> VerifyNode:
+        """Promote the best follower once ``old`` (the leader) was killed; when nobody could
+        be promoted, bring the old leader back and raise."""
+        cluster = self.cluster
+        try:
+            new, detail = await asyncio.to_thread(cluster.promote_best)
+        except ClusterError:
+            if cluster.leader is old:
+                await asyncio.to_thread(cluster.restart, old)
+            raise
+        self.history.fault(kind, new.node_id, "note", f"promoted: {detail}")
+        return new
 
     async def _rejoin(self, hold: float) -> None:
         """Failover of an isolated leader, which rejoins only after the new leader removed
@@ -289,13 +296,7 @@ class FaultScheduler:
             f"SIGKILL of the isolated leader; disk holds lsn {image.wal_first_lsn}.."
             f"{image.last_lsn}",
         )
-        try:
-            new, detail = await asyncio.to_thread(cluster.promote_best)
-        except ClusterError:
-            if cluster.leader is old:  # nobody was promoted: bring the old leader back
-                await asyncio.to_thread(cluster.restart, old)
-            raise
-        self.history.fault("rejoin", new.node_id, "note", f"promoted: {detail}")
+        new = await self._promote_after_kill("rejoin", old)
         # what lets a leader drop WAL a gone node once needed: the operator forgets it (or it
         # falls past the retention cap)
         forgot = await asyncio.to_thread(cluster.forget_follower, new, old.node_id)
