@@ -24,10 +24,12 @@ for byte, so a write stored before a failure is answered with its original recei
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -38,6 +40,7 @@ import msgspec
 from walship import subscriber
 from walship.client_routing import ReadFrom, RetryPolicy, Router
 from walship.errors import Unavailable, WalshipError, error_class_for
+from walship.httptls import httpx_verify
 from walship.peers import PeerView
 
 DEFAULT_URL = "http://127.0.0.1:3900"
@@ -226,6 +229,13 @@ def _event_path(event_id: str | uuid.UUID) -> str:
     return f"/api/v1/events/{uuid.UUID(str(event_id))}"
 
 
+def _auth_headers(headers: Mapping[str, str] | None, api_key: str | None) -> dict[str, str]:
+    out = dict(headers or {})
+    if api_key is not None:
+        out["Authorization"] = f"Bearer {api_key.strip()}"
+    return out
+
+
 def _error(response: httpx.Response) -> WalshipError:
     """The WalshipError an error answer stands for, with its details and HTTP status."""
     try:
@@ -299,7 +309,10 @@ class Client:
     ``base_url`` is one URL or several (the nodes of a cluster, in any order). ``read_from``
     (``"leader"``, ``"followers"``, ``"any"``) and ``read_your_writes`` route reads; ``retry``
     bounds how long a write keeps trying through a failover (``RetryPolicy(attempts_max=1)``
-    sends it once).
+    sends it once). ``api_key`` (``wsk_…``) is sent as ``Authorization: Bearer``; for HTTPS,
+    ``ca_file`` names the CA that signed the nodes' certificates (``verify`` takes an
+    ``ssl.SSLContext`` or False instead) and ``cert`` a client certificate (path, or
+    ``(cert, key)``) for nodes that require one.
     """
 
     def __init__(
@@ -312,11 +325,19 @@ class Client:
         read_from: ReadFrom | str = ReadFrom.LEADER,
         read_your_writes: bool = True,
         retry: RetryPolicy | None = None,
+        api_key: str | None = None,
+        ca_file: str | Path | None = None,
+        verify: bool | ssl.SSLContext = True,
+        cert: tuple[str | Path, str | Path] | str | Path | None = None,
     ) -> None:
         self._router = Router(base_url, read_from=read_from, read_your_writes=read_your_writes)
         self.base_url = self._router.urls[0]
         self.retry = retry or RetryPolicy()
-        self._http = httpx.Client(timeout=timeout, transport=transport, headers=headers)
+        headers = _auth_headers(headers, api_key)
+        verify = httpx_verify(verify, ca_file, cert)
+        self._http = httpx.Client(
+            timeout=timeout, transport=transport, headers=headers, verify=verify
+        )
 
     @property
     def urls(self) -> list[str]:
@@ -538,11 +559,19 @@ class AsyncClient:
         read_from: ReadFrom | str = ReadFrom.LEADER,
         read_your_writes: bool = True,
         retry: RetryPolicy | None = None,
+        api_key: str | None = None,
+        ca_file: str | Path | None = None,
+        verify: bool | ssl.SSLContext = True,
+        cert: tuple[str | Path, str | Path] | str | Path | None = None,
     ) -> None:
         self._router = Router(base_url, read_from=read_from, read_your_writes=read_your_writes)
         self.base_url = self._router.urls[0]
         self.retry = retry or RetryPolicy()
-        self._http = httpx.AsyncClient(timeout=timeout, transport=transport, headers=headers)
+        headers = _auth_headers(headers, api_key)
+        verify = httpx_verify(verify, ca_file, cert)
+        self._http = httpx.AsyncClient(
+            timeout=timeout, transport=transport, headers=headers, verify=verify
+        )
 
     @property
     def urls(self) -> list[str]:

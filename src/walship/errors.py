@@ -11,7 +11,8 @@
     │   │   └── UnmeetableAckMode   a write asks for more followers than the cluster has
     │   ├── MethodNotAllowed        an HTTP path exists but not for that method
     │   └── NotFound                the thing asked for does not exist
-    ├── Unauthorized                an admin request without the right token (401)
+    ├── Unauthorized                no credentials, or ones no key/token matches (401)
+    ├── Forbidden                   valid credentials without the role or tenant asked for (403)
     ├── Conflict                    the request is well formed but contradicts stored state
     │   ├── VersionConflict         ``expected_version`` differs from the entity's version
     │   ├── IdConflict              an event id is stored (or in the batch) with another body
@@ -102,10 +103,19 @@ class NotFound(InvalidInput):
 
 
 class Unauthorized(WalshipError):
-    """An admin endpoint was called without the admin token, or with a wrong one."""
+    """A request without credentials, or with ones that match no API key or admin token.
+
+    Its message never repeats what was presented."""
 
     code = "unauthorized"
     http_status = 401
+
+
+class Forbidden(WalshipError):
+    """Valid credentials whose role or tenants do not cover the request."""
+
+    code = "forbidden"
+    http_status = 403
 
 
 class Conflict(WalshipError):

@@ -83,6 +83,10 @@ class Limits:
     # operators
     lost_found_files_listed_max: int = 100  # newest files GET .../lost-found summarizes
 
+    # HTTP authentication: a server looks at its API key file's mtime at most this often, so
+    # a key created or revoked is in force about this long after the file changes
+    api_keys_check_ms: int = 1_000
+
     def __post_init__(self) -> None:
         from walship.errors import InvalidInput
 

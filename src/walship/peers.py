@@ -8,6 +8,7 @@ Used by ``promote`` (refuse a candidate that another node it can see is ahead of
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,10 +85,10 @@ def split_urls(text: str | None) -> list[str]:
     return [normalize_url(u) for u in (text or "").split(",") if u.strip()]
 
 
-async def fetch_views(urls: Sequence[str]) -> list[PeerView]:
-    """``/health`` of every URL at once, in the order given."""
+async def fetch_views(urls: Sequence[str], verify: bool | ssl.SSLContext = True) -> list[PeerView]:
+    """``/health`` of every URL at once, in the order given (``verify``: HTTPS trust)."""
     timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-    async with httpx.AsyncClient(timeout=timeout) as client:
+    async with httpx.AsyncClient(timeout=timeout, verify=verify) as client:
 
         async def one(url: str) -> PeerView:
             try:

@@ -19,6 +19,16 @@ from typing import Annotated, Any
 import httpx
 import typer
 
+from walship.cli.connect import (
+    AdminAccess,
+    AllowInsecureAdmin,
+    ApiKeyFile,
+    CaFile,
+    ClientCert,
+    ClientKey,
+    read_api_key,
+    tls_verify,
+)
 from walship.cli.output import fail, say, warn
 from walship.cli.serve import ADMIN_TOKEN_ENV, load_admin_token
 from walship.errors import InvalidInput
@@ -51,24 +61,57 @@ class AdminError(Exception):
     """An admin call failed; the message says how."""
 
 
-def _token(path: Path | None) -> str:
+def _token(path: Path | None, api_key_file: Path | None = None) -> str:
+    """The admin credential: the admin token (file or environment), else an admin API key."""
+    if api_key_file is not None:
+        if path is not None:
+            fail("give --admin-token-file or --api-key-file, not both", 2)
+        return read_api_key(api_key_file)
     try:
         token = load_admin_token(path)
     except InvalidInput as exc:
         fail(exc.message, 2)
     if token is None:
-        fail(f"no admin token: pass --admin-token-file or set {ADMIN_TOKEN_ENV}", 2)
+        fail(
+            f"no admin credential: pass --admin-token-file, set {ADMIN_TOKEN_ENV}, or pass "
+            "--api-key-file with an admin key",
+            2,
+        )
     return token
 
 
-def admin_call(url: str, path: str, token: str, **params: str) -> dict[str, Any]:
-    """POST an admin endpoint; its JSON answer, or AdminError with the node's message."""
+def admin_access(
+    token_file: Path | None,
+    api_key_file: Path | None,
+    ca_file: Path | None,
+    client_cert: Path | None,
+    client_key: Path | None,
+    allow_insecure: bool,
+) -> AdminAccess:
+    """The admin options of a command, checked (exit 2 when wrong)."""
+    return AdminAccess(
+        _token(token_file, api_key_file),
+        tls_verify(ca_file, client_cert, client_key),
+        allow_insecure,
+    )
+
+
+def admin_call(url: str, path: str, access: AdminAccess, **params: str) -> dict[str, Any]:
+    """POST an admin endpoint; its JSON answer, or AdminError with the node's message.
+
+    Refused before anything is sent when the credential would travel in the clear."""
+    target = normalize_url(url)
+    try:
+        access.check_url(target)
+    except InvalidInput as exc:
+        raise AdminError(exc.message) from exc
     try:
         response = httpx.post(
-            f"{normalize_url(url)}{path}",
+            f"{target}{path}",
             params=params,
-            headers={"Authorization": f"Bearer {token}"},
+            headers={"Authorization": f"Bearer {access.credential}"},
             timeout=ADMIN_TIMEOUT_S,
+            verify=access.verify,
         )
     except httpx.HTTPError as exc:
         raise AdminError(f"{url}: {type(exc).__name__}: {exc}") from exc
@@ -94,13 +137,21 @@ def promote_command(
     ] = None,
     unclean: UncleanFlag = False,
     admin_token_file: TokenFile = None,
+    api_key_file: ApiKeyFile = None,
+    ca_file: CaFile = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
+    allow_insecure_admin: AllowInsecureAdmin = False,
 ) -> None:
     """Promote a follower to leader of a new term."""
+    access = admin_access(
+        admin_token_file, api_key_file, ca_file, client_cert, client_key, allow_insecure_admin
+    )
     params = {"force": "true" if force else "false", "unclean": "true" if unclean else "false"}
     if peers:
         params["peers"] = ",".join(split_urls(peers))
     try:
-        answer = admin_call(url, "/internal/promote", _token(admin_token_file), **params)
+        answer = admin_call(url, "/internal/promote", access, **params)
     except AdminError as exc:
         fail(f"promote refused: {exc}")
     if not answer.get("changed", True):
@@ -120,11 +171,19 @@ def repoint_command(
         str, typer.Option("--leader", help="The new leader's replication HOST:PORT.")
     ],
     admin_token_file: TokenFile = None,
+    api_key_file: ApiKeyFile = None,
+    ca_file: CaFile = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
+    allow_insecure_admin: AllowInsecureAdmin = False,
 ) -> None:
     """Make a node follow another leader (a leader is demoted; its unreplicated tail goes to
     lost-and-found)."""
+    access = admin_access(
+        admin_token_file, api_key_file, ca_file, client_cert, client_key, allow_insecure_admin
+    )
     try:
-        answer = admin_call(url, "/internal/repoint", _token(admin_token_file), leader=leader)
+        answer = admin_call(url, "/internal/repoint", access, leader=leader)
     except AdminError as exc:
         fail(f"repoint failed: {exc}")
     say(f"{answer['node_id']} ({answer['was']}) now follows {leader}")
@@ -134,12 +193,18 @@ def forget_follower_command(
     url: Annotated[str, typer.Argument(help="HTTP URL of the leader.")],
     node_id: Annotated[str, typer.Argument(help="The departed follower's node id.")],
     admin_token_file: TokenFile = None,
+    api_key_file: ApiKeyFile = None,
+    ca_file: CaFile = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
+    allow_insecure_admin: AllowInsecureAdmin = False,
 ) -> None:
     """Forget a follower that is gone for good, releasing the WAL its slot kept."""
+    access = admin_access(
+        admin_token_file, api_key_file, ca_file, client_cert, client_key, allow_insecure_admin
+    )
     try:
-        answer = admin_call(
-            url, "/internal/forget-follower", _token(admin_token_file), node_id=node_id
-        )
+        answer = admin_call(url, "/internal/forget-follower", access, node_id=node_id)
     except AdminError as exc:
         fail(f"forget-follower refused: {exc}")
     say(
@@ -168,13 +233,25 @@ def failover_command(
     ] = False,
     unclean: UncleanFlag = False,
     admin_token_file: TokenFile = None,
+    api_key_file: ApiKeyFile = None,
+    ca_file: CaFile = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
+    allow_insecure_admin: AllowInsecureAdmin = False,
 ) -> None:
     """Promote the most caught-up reachable follower and repoint every other node to it."""
-    token = _token(admin_token_file)
+    access = admin_access(
+        admin_token_file, api_key_file, ca_file, client_cert, client_key, allow_insecure_admin
+    )
     urls = split_urls(nodes)
     if not urls:
         fail("--nodes needs at least one URL", 2)
-    views = asyncio.run(fetch_views(urls))
+    for url in urls:  # before anything is asked: refuse the whole run, not half of it
+        try:
+            access.check_url(url)
+        except InvalidInput as exc:
+            fail(exc.message, 2)
+    views = asyncio.run(fetch_views(urls, verify=access.verify))
     for view in views:
         if view.answered:
             extra = f", fenced: {view.fenced}" if view.fenced else ""
@@ -200,7 +277,7 @@ def failover_command(
         "peers": ",".join(others),
     }
     try:
-        answer = admin_call(best.url, "/internal/promote", token, **params)
+        answer = admin_call(best.url, "/internal/promote", access, **params)
     except AdminError as exc:
         fail(f"promotion refused, nothing changed: {exc}")
     if answer.get("unclean"):
@@ -223,7 +300,7 @@ def failover_command(
             )
             continue
         try:
-            answer = admin_call(view.url, "/internal/repoint", token, leader=str(address))
+            answer = admin_call(view.url, "/internal/repoint", access, leader=str(address))
         except AdminError as exc:
             warn(f"repoint of {view.node_id} failed: {exc}")
             failed += 1

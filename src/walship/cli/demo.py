@@ -320,6 +320,10 @@ def _run_steps(cluster: DemoCluster, events: int, ack_mode: str) -> None:
     follower_a, follower_b = followers
     secret_mode = cluster.secret_file.stat().st_mode & 0o777
     say(f"shared replication secret: {cluster.secret_file} (mode {secret_mode:04o})")
+    say(
+        "HTTP API keys and TLS are off in this demo (--auth none): the nodes listen on "
+        "127.0.0.1 only; see README 'Security' to turn them on"
+    )
 
     with httpx.Client(base_url=leader.url, timeout=REQUEST_TIMEOUT_S) as client:
         took = wait_for(

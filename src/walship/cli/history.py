@@ -17,7 +17,8 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from walship.cli.admin import AdminError, TokenFile, _token, admin_call
+from walship.cli.admin import AdminError, TokenFile, admin_access, admin_call
+from walship.cli.connect import AllowInsecureAdmin, ApiKeyFile, CaFile, ClientCert, ClientKey
 from walship.cli.output import fail, say
 from walship.errors import WalshipError
 
@@ -113,13 +114,26 @@ def checkpoint_command(
         typer.Option("--data-dir", help="A stopped node's data dir, checkpointed in place."),
     ] = None,
     admin_token_file: TokenFile = None,
+    api_key_file: ApiKeyFile = None,
+    ca_file: CaFile = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
+    allow_insecure_admin: AllowInsecureAdmin = False,
 ) -> None:
     """Write a node's memtable to a Parquet part now, so history readers see every event."""
     if (url is None) == (data_dir is None):
         fail("give the URL of a running node or --data-dir of a stopped one (one of them)", 2)
     if url is not None:
         try:
-            answer = admin_call(url, "/internal/checkpoint", _token(admin_token_file))
+            access = admin_access(
+                admin_token_file,
+                api_key_file,
+                ca_file,
+                client_cert,
+                client_key,
+                allow_insecure_admin,
+            )
+            answer = admin_call(url, "/internal/checkpoint", access)
         except AdminError as exc:
             fail(f"checkpoint failed: {exc}")
     else:

@@ -13,7 +13,7 @@ except ImportError:  # pragma: no cover (older typer on click)
     from click.exceptions import ClickException, UsageError  # type: ignore[assignment]
 
 from walship import __version__
-from walship.cli import admin, demo, history, lostfound, serve, status, wal
+from walship.cli import admin, demo, history, keys, lostfound, serve, status, wal
 from walship.cli.output import error
 from walship.cli.verify import verify_command
 
@@ -36,6 +36,7 @@ app.command("forget-follower")(admin.forget_follower_command)
 app.command("checkpoint")(history.checkpoint_command)
 app.command("sql")(history.sql_command)
 app.add_typer(lostfound.app, name="lost-found")
+app.add_typer(keys.app, name="keys")
 app.command("verify")(verify_command)
 
 

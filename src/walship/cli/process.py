@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -44,8 +45,10 @@ class NodeProcess:
         extra_args: Sequence[str] = (),
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
+        verify: bool | ssl.SSLContext = True,
     ) -> None:
         self.data_dir = data_dir
+        self.verify = verify  # HTTPS trust for its /health (a node with --http-tls-cert)
         self.node_id = node_id
         self.host = host
         self.port = port
@@ -124,7 +127,7 @@ class NodeProcess:
                     f"{self.node_id}: no start line after {timeout_s} s{self._tail()}"
                 )
             time.sleep(0.02)
-        with httpx.Client(timeout=2.0) as client:
+        with httpx.Client(timeout=2.0, verify=self.verify) as client:
             while True:
                 try:
                     if client.get(f"{self.url}/health").status_code == 200:

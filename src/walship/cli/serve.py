@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -23,7 +24,14 @@ import typer
 
 from walship.advertise import AdvertisedAddress, AdvertisedUrl, advertised_host, bracket
 from walship.cli.config import CONFIG_ENV, EXIT_BAD_CONFIG, load_config, settings_of
-from walship.cli.output import fail, say
+from walship.cli.output import fail, say, warn
+from walship.cli.serve_security import (
+    HttpTls,
+    auth_settings,
+    http_tls,
+    reload_keys_on_sighup,
+    unauthenticated_refusal,
+)
 from walship.dirlock import DataDirLock
 from walship.errors import CorruptionError, InvalidInput, WalshipError
 from walship.limits import DEFAULT_LIMITS, Limits
@@ -32,6 +40,7 @@ from walship.runtime import settle, tune_process
 from walship.wal import FsyncPolicy
 
 if TYPE_CHECKING:
+    from walship.http.auth import AuthSettings
     from walship.node import Node
     from walship.replication.config import ReplicationConfig
 
@@ -257,6 +266,53 @@ def serve_command(
             "Without one, admin endpoints answer 401.",
         ),
     ] = None,
+    api_keys_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--api-keys-file",
+            envvar="WALSHIP_API_KEYS_FILE",
+            help="API keys (from `walship keys create`) that may call the HTTP API; re-read "
+            "when the file changes or on SIGHUP. Given, --auth defaults to required.",
+        ),
+    ] = None,
+    auth: Annotated[
+        str | None,
+        typer.Option(
+            "--auth",
+            envvar="WALSHIP_AUTH",
+            help="required (every route but /health* needs a key) or none (warned about; "
+            "loopback only unless --allow-unauthenticated). Default: required with "
+            "--api-keys-file, else none.",
+        ),
+    ] = None,
+    allow_unauthenticated: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unauthenticated",
+            envvar="WALSHIP_ALLOW_UNAUTHENTICATED",
+            help="Let a node with --auth none listen on a non-loopback address.",
+        ),
+    ] = False,
+    http_tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--http-tls-cert", envvar="WALSHIP_HTTP_TLS_CERT", help="Serve HTTPS: certificate."
+        ),
+    ] = None,
+    http_tls_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--http-tls-key", envvar="WALSHIP_HTTP_TLS_KEY", help="Serve HTTPS: private key."
+        ),
+    ] = None,
+    http_tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--http-tls-client-ca",
+            envvar="WALSHIP_HTTP_TLS_CLIENT_CA",
+            help="Mutual TLS: refuse HTTPS clients without a certificate signed by this CA.",
+        ),
+    ] = None,
     peers: Annotated[
         str | None,
         typer.Option(
@@ -374,6 +430,15 @@ def serve_command(
         admin_token = load_admin_token(admin_token_file)
     except InvalidInput as exc:
         fail(f"invalid admin token: {exc.message}", 2)
+    try:
+        auth_mode = auth_settings(auth, api_keys_file, admin_token)
+        tls = http_tls(http_tls_cert, http_tls_key, http_tls_client_ca)
+    except InvalidInput as exc:
+        fail(exc.message, 2)
+    if not auth_mode.required:
+        refusal = unauthenticated_refusal(http_host, http_port, allow_unauthenticated)
+        if refusal is not None:
+            fail(refusal, 2)
     if (etcd is None) != (cluster is None):
         fail("automatic failover needs both --etcd and --cluster", 2)
     try:
@@ -388,9 +453,10 @@ def serve_command(
     if check:
         say(
             f"walship: settings OK: node {node_id}, data {data_dir}, "
-            f"http {http_host}:{http_port}, role {role}, {_replication_summary(replication)}, "
-            f"fsync {policy}, admin token {'set' if admin_token else 'not set'}"
-            + (f", etcd cluster {cluster}" if cluster else "")
+            f"http{'s' if tls else ''} {http_host}:{http_port}, role {role}, "
+            f"{_replication_summary(replication)}, fsync {policy}, "
+            f"admin token {'set' if admin_token else 'not set'}, "
+            f"auth {_auth_summary(auth_mode)}" + (f", etcd cluster {cluster}" if cluster else "")
         )
         return
     data_dir = _prepare_data_dir(data_dir)
@@ -402,7 +468,13 @@ def serve_command(
         raise
     try:
         replication = _advertise(
-            replication, http_host, sock.getsockname()[1], adv_url, adv_repl, etcd is not None
+            replication,
+            http_host,
+            sock.getsockname()[1],
+            adv_url,
+            adv_repl,
+            etcd is not None,
+            https=tls is not None,
         )
     except InvalidInput as exc:
         sock.close()
@@ -432,9 +504,9 @@ def serve_command(
     _bind_replication(node, sock)
     if etcd is not None and cluster is not None:
         _attach_election(
-            node, etcd, cluster, etcd_ttl_s, etcd_settle_ms, sock, unclean=unclean_election
+            node, etcd, cluster, etcd_ttl_s, etcd_settle_ms, sock, tls, unclean=unclean_election
         )
-    _run(node, sock, level)
+    _run(node, sock, level, auth_mode, tls)
 
 
 QUIET_LOGGERS = ("httpx", "httpcore")
@@ -466,6 +538,11 @@ def apply_config_file(ctx: typer.Context, value: Path | None) -> Path | None:
     return value
 
 
+def _auth_summary(settings: AuthSettings) -> str:
+    keys = f" with {len(settings.keys)} API keys" if settings.keys is not None else ""
+    return ("required" if settings.required else "none") + keys
+
+
 def _replication_summary(replication: ReplicationConfig) -> str:
     if replication.leader is not None:
         return f"follows {replication.leader}"
@@ -491,6 +568,8 @@ def _advertise(
     adv_url: AdvertisedUrl | None,
     adv_repl: AdvertisedAddress | None,
     elected: bool,
+    *,
+    https: bool = False,
 ) -> ReplicationConfig:
     """``replication`` with the addresses this node publishes (``advertise.py``).
 
@@ -509,7 +588,7 @@ def _advertise(
         if needed:
             raise
         return replication
-    scheme = "http" if adv_url is None else adv_url.scheme
+    scheme = ("https" if https else "http") if adv_url is None else adv_url.scheme
     port = http_port if adv_url is None or adv_url.port is None else adv_url.port
     url = f"{scheme}://{bracket(host)}:{port}"
     if replication.secret is None:
@@ -529,6 +608,7 @@ def _attach_election(
     ttl_s: int,
     settle_ms: int,
     sock: socket.socket,
+    tls: HttpTls | None,
     *,
     unclean: bool = False,
 ) -> None:
@@ -542,7 +622,7 @@ def _attach_election(
         cluster,
         ttl_s=ttl_s,
         settle_s=settle_ms / 1000,
-        url=node.replication.http_url or _url(host, port),
+        url=node.replication.http_url or _url(host, port, tls is not None),
         unclean=unclean,
     )
     node.coordinator = election
@@ -785,12 +865,18 @@ def _replication_note(node: Node) -> str:
     return f" leader={node.follower.leader_address}"
 
 
-def _url(host: str, port: int) -> str:
+def _url(host: str, port: int, https: bool = False) -> str:
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
+    return f"{'https' if https else 'http'}://{shown}:{port}"
 
 
-def _run(node: Node, sock: socket.socket, log_level: str) -> None:
+def _run(
+    node: Node,
+    sock: socket.socket,
+    log_level: str,
+    auth: AuthSettings,
+    tls: HttpTls | None,
+) -> None:
     """Serve until a signal; always close the node (WAL written and fsynced) afterwards."""
     import uvicorn
 
@@ -802,9 +888,14 @@ def _run(node: Node, sock: socket.socket, log_level: str) -> None:
     def started() -> None:
         settle()  # everything the server needs is loaded: keep it out of later collections
         health = node.health()
-        bound = _url(host, port)
+        bound = _url(host, port, tls is not None)
         published = node.replication.http_url or bound
-        listen = "" if published == bound else f" listen={bound.removeprefix('http://')}"
+        listen = "" if published == bound else f" listen={bound.split('://', 1)[1]}"
+        if not auth.required:
+            warn(
+                f"authentication is off (--auth none): anyone who can reach {bound} reads "
+                "and writes every tenant"
+            )
         print(
             f"walship {node.node_id} {START_LINE_MARK}{published}{listen} "
             f"role={health['role']} term={health['term']} last_lsn={health['last_lsn']} "
@@ -812,14 +903,19 @@ def _run(node: Node, sock: socket.socket, log_level: str) -> None:
             flush=True,
         )
 
+    reload_keys_on_sighup(auth)
     config = uvicorn.Config(
-        create_app(node),
+        create_app(node, auth=auth),
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         http="httptools" if importlib.util.find_spec("httptools") else "h11",
         access_log=False,
         log_level=log_level,
         timeout_graceful_shutdown=10,
         server_header=False,
+        ssl_certfile=None if tls is None else tls.cert,
+        ssl_keyfile=None if tls is None else tls.key,
+        ssl_ca_certs=None if tls is None or tls.client_ca is None else str(tls.client_ca),
+        ssl_cert_reqs=ssl.CERT_NONE if tls is None else tls.cert_reqs,
     )
     server = NodeServer(config, started, node.end_subscriptions)
     code = 0

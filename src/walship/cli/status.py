@@ -14,6 +14,7 @@ them without a terminal.
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from walship.cli.connect import CaFile, ClientCert, ClientKey, tls_verify
 from walship.cli.output import (
     available_width,
     console,
@@ -125,9 +127,9 @@ def collect(client: httpx.Client, urls: Sequence[str]) -> list[NodeReport]:
         return list(pool.map(lambda url: fetch_health(client, url), urls))
 
 
-def make_client() -> httpx.Client:
+def make_client(verify: bool | ssl.SSLContext = True) -> httpx.Client:
     timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-    return httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False)
+    return httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False, verify=verify)
 
 
 # ---------------------------------------------------------------------- formatting cells
@@ -581,6 +583,9 @@ def status_command(
             "figure) or auto: the tables when they fit the terminal (or COLUMNS in a pipe).",
         ),
     ] = "auto",
+    ca_file: CaFile = None,
+    client_cert: ClientCert = None,
+    client_key: ClientKey = None,
 ) -> None:
     """Show each node's role, term, lsn, lag, in-sync state, degraded writes and snapshots.
 
@@ -606,7 +611,7 @@ def status_command(
         )
         print_renderable(console, picture, width)
 
-    with make_client() as client:
+    with make_client(tls_verify(ca_file, client_cert, client_key)) as client:
         try:
             if watching and not as_json and console.is_terminal:
                 _live_loop(client, targets, limit, interval, latest, layout)

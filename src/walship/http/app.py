@@ -14,12 +14,11 @@ keeps accepting writes meanwhile.
 # time, and their ``Query`` bounds refer to the node's limits in the enclosing function.
 import asyncio
 import contextlib
-import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -27,7 +26,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from walship import __version__
-from walship.errors import InvalidParameter, NotReady, Unauthorized, ValidationError
+from walship.errors import InvalidParameter, NotReady, ValidationError
 from walship.events import (
     BatchIn,
     EventIn,
@@ -35,7 +34,17 @@ from walship.events import (
     parse_timestamp,
     to_out,
 )
+from walship.http.auth import (
+    Authenticator,
+    AuthSettings,
+    check_tenant,
+    install_auth,
+    principal_of,
+    require_classified,
+    scoped_tenants,
+)
 from walship.http.errors import ErrorBody, install_error_handlers
+from walship.http.openapi_security import describe_security
 from walship.http.params import reject_unknown_params
 from walship.http.stream import add_stream_routes
 from walship.http.ui import add_ui_routes
@@ -105,10 +114,14 @@ def _time_param(text: str | None, name: str) -> int | None:
         raise InvalidParameter(exc.message, field=name) from exc
 
 
-def create_app(node: Node, *, write_fast_lane: bool = True) -> FastAPI:
+def create_app(
+    node: Node, *, write_fast_lane: bool = True, auth: AuthSettings | None = None
+) -> FastAPI:
     """The FastAPI application serving ``node``; it does not close the node.
 
     ``write_fast_lane`` serves the append paths ahead of FastAPI's routing (same answers).
+    ``auth``: how requests authenticate (default: ``--auth none``, admin routes behind the
+    node's admin token); see ``http/auth.py``.
     """
 
     @contextlib.asynccontextmanager
@@ -133,6 +146,8 @@ def create_app(node: Node, *, write_fast_lane: bool = True) -> FastAPI:
     app.state.node = node
     if write_fast_lane:
         app.add_middleware(WriteFastLane, node=node)
+    # after the fast lane (middleware added later runs first): every request is authorized
+    install_auth(app, Authenticator(auth or AuthSettings(), node.config.admin_token))
     install_error_handlers(app)  # after: its catch-all must wrap the fast lane too
     _add_write_routes(app, node)
     _add_read_routes(app, node)
@@ -141,6 +156,7 @@ def create_app(node: Node, *, write_fast_lane: bool = True) -> FastAPI:
     _add_ops_routes(app, node)
     _add_admin_routes(app, node)
     add_ui_routes(app)
+    require_classified(app.routes)
     _install_openapi(app, node.limits)
     return app
 
@@ -164,7 +180,8 @@ def _add_write_routes(app: FastAPI, node: Node) -> None:
     )
     async def append_event(request: Request) -> Response:
         ack = requested_ack_mode(request.scope)
-        return _json(await answer_event(node, await body_of(request), ack))
+        principal = principal_of(request.scope)
+        return _json(await answer_event(node, await body_of(request), principal, ack))
 
     @app.post(
         BATCH_PATH,
@@ -175,7 +192,8 @@ def _add_write_routes(app: FastAPI, node: Node) -> None:
     )
     async def append_batch(request: Request) -> Response:
         ack = requested_ack_mode(request.scope)
-        return _json(await answer_batch(node, await body_of(request), ack))
+        principal = principal_of(request.scope)
+        return _json(await answer_batch(node, await body_of(request), principal, ack))
 
 
 _MinLsn = Annotated[
@@ -214,6 +232,7 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
         responses=_responses("QueryPage"),
     )
     async def query_events(
+        request: Request,
         entity_id: Annotated[str | None, Query(description="Only this entity")] = None,
         event_type: Annotated[str | None, Query(description="Only this event type")] = None,
         event_type_prefix: Annotated[
@@ -237,10 +256,18 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
         min_lsn: _MinLsn = None,
         min_lsn_wait_ms: _MinLsnWait = 5_000,
     ) -> Response:
+        principal = principal_of(request.scope)
+        tenants = scoped_tenants(principal, tenant_id)
+        if tenant_id is None and tenants is not None and (len(tenants) == 1 or entity_id):
+            # a key of one tenant reads that one; an entity lives in one tenant ("default"
+            # unless named), which the key must cover
+            tenant_id = next(iter(tenants)) if len(tenants) == 1 else "default"
+            check_tenant(principal, tenant_id)
         if min_lsn is not None:
             await node.wait_visible(min_lsn, min_lsn_wait_ms)
         flt = QueryFilter(
             tenant_id=tenant_id,
+            tenant_ids=tenants if tenant_id is None else None,
             entity_id=entity_id,
             event_type=event_type,
             event_type_prefix=event_type_prefix,
@@ -265,6 +292,7 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
         responses=_responses("EntityState"),
     )
     async def entity_state(
+        request: Request,
         entity_id: str,
         tenant_id: Annotated[str, Query(description="The entity's tenant")] = "default",
         as_of: Annotated[
@@ -276,6 +304,7 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
         min_lsn: _MinLsn = None,
         min_lsn_wait_ms: _MinLsnWait = 5_000,
     ) -> Response:
+        scoped_tenants(principal_of(request.scope), tenant_id)
         if min_lsn is not None:
             await node.wait_visible(min_lsn, min_lsn_wait_ms)
         as_of_us = _time_param(as_of, "as_of")
@@ -370,28 +399,7 @@ def _add_ops_routes(app: FastAPI, node: Node) -> None:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def check_admin_token(node: Node, authorization: str | None) -> None:
-    """Unauthorized (401) unless ``authorization`` is ``Bearer <the node's admin token>``.
-
-    A node started without an admin token refuses every admin request: admin endpoints are
-    never open.
-    """
-    expected = node.config.admin_token
-    if not expected:
-        raise Unauthorized(
-            f"admin endpoints are disabled on {node.node_id}: it was started without an admin "
-            "token (--admin-token-file or WALSHIP_ADMIN_TOKEN)"
-        )
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), expected.encode()
-    ):
-        raise Unauthorized("missing or wrong admin token (Authorization: Bearer TOKEN)")
-
-
 def _add_admin_routes(app: FastAPI, node: Node) -> None:
-    _Auth = Annotated[str | None, Header(description="`Bearer` and the node's admin token")]
-
     @app.post(
         "/internal/promote",
         summary="Promote this follower to leader of a new term (admin token)",
@@ -404,7 +412,6 @@ def _add_admin_routes(app: FastAPI, node: Node) -> None:
         responses=_responses(None),
     )
     async def promote(
-        authorization: _Auth = None,
         force: Annotated[bool, Query(description="Skip the safety checks")] = False,
         unclean: Annotated[
             bool,
@@ -415,7 +422,6 @@ def _add_admin_routes(app: FastAPI, node: Node) -> None:
             Query(description="Comma-separated URLs of the other nodes (default: --peers)"),
         ] = None,
     ) -> Response:
-        check_admin_token(node, authorization)
         answer = await node.promote(
             force=force, unclean=unclean, peers=None if peers is None else split_urls(peers)
         )
@@ -430,10 +436,8 @@ def _add_admin_routes(app: FastAPI, node: Node) -> None:
         responses=_responses(None),
     )
     async def forget_follower(
-        authorization: _Auth = None,
         node_id: Annotated[str | None, Query(description="The follower's node id")] = None,
     ) -> Response:
-        check_admin_token(node, authorization)
         if not node_id:
             raise InvalidParameter("forget-follower needs ?node_id=NAME", field="node_id")
         return _json(_encoder.encode(node.forget_follower(node_id)))
@@ -446,8 +450,7 @@ def _add_admin_routes(app: FastAPI, node: Node) -> None:
         "answered. `part` is null when there was nothing new to write.",
         responses=_responses(None),
     )
-    async def checkpoint(authorization: _Auth = None) -> Response:
-        check_admin_token(node, authorization)
+    async def checkpoint() -> Response:
         return _json(_encoder.encode(await run_in_threadpool(node.checkpoint)))
 
     @app.post(
@@ -458,12 +461,10 @@ def _add_admin_routes(app: FastAPI, node: Node) -> None:
         responses=_responses(None),
     )
     async def repoint(
-        authorization: _Auth = None,
         leader: Annotated[
             str | None, Query(description="The new leader's replication HOST:PORT")
         ] = None,
     ) -> Response:
-        check_admin_token(node, authorization)  # before anything else is looked at
         if not leader:
             raise InvalidParameter("repoint needs ?leader=HOST:PORT", field="leader")
         return _json(_encoder.encode(await node.repoint(leader)))
@@ -509,6 +510,7 @@ def _install_openapi(app: FastAPI, limits: Limits) -> None:
                 title=app.title, version=app.version, summary=app.summary, routes=app.routes
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            describe_security(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -15,8 +15,10 @@ from concurrent.futures import Future
 import msgspec
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from walship.apikeys import Principal
 from walship.errors import LimitExceeded, WalshipError
 from walship.events import EventIn, decode_batch_json, decode_event_json
+from walship.http.auth import check_tenant, principal_of, route_path
 from walship.http.errors import encode_error
 from walship.http.params import check_names
 from walship.node import Node
@@ -105,15 +107,31 @@ async def append_events(
     return await node.confirm(pending, requested, leader)
 
 
-async def answer_event(node: Node, data: bytes, ack_mode: str | None = None) -> bytes:
-    """Append the event in a JSON body; the encoded receipt."""
-    receipts = await append_events(node, (decode_event_json(data),), ack_mode)
+def _check_tenants(principal: Principal, events: Sequence[EventIn]) -> None:
+    """Forbidden (nothing stored) when an event is for a tenant the principal may not use."""
+    if principal.tenants is None:
+        return
+    for event in events:
+        check_tenant(principal, event.tenant_id)
+
+
+async def answer_event(
+    node: Node, data: bytes, principal: Principal, ack_mode: str | None = None
+) -> bytes:
+    """Append the event in a JSON body for ``principal``; the encoded receipt."""
+    event = decode_event_json(data)
+    _check_tenants(principal, (event,))
+    receipts = await append_events(node, (event,), ack_mode)
     return _encoder.encode(receipts[0])
 
 
-async def answer_batch(node: Node, data: bytes, ack_mode: str | None = None) -> bytes:
-    """Append the batch in a JSON body; the encoded receipts."""
-    receipts = await append_events(node, decode_batch_json(data).events, ack_mode)
+async def answer_batch(
+    node: Node, data: bytes, principal: Principal, ack_mode: str | None = None
+) -> bytes:
+    """Append the batch in a JSON body for ``principal``, all or nothing; the receipts."""
+    events = decode_batch_json(data).events
+    _check_tenants(principal, events)
+    receipts = await append_events(node, events, ack_mode)
     lsns = [r.lsn for r in receipts]
     return _encoder.encode(BatchReceipts(receipts, len(receipts), min(lsns), max(lsns)))
 
@@ -140,13 +158,6 @@ def requested_ack_mode(scope: Scope) -> str | None:
     return from_query
 
 
-def _route_path(scope: Scope) -> str:
-    """The path the app routes on: without the ``root_path`` it is mounted under."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
-
-
 _WRITE_HANDLERS = {EVENTS_PATH: answer_event, BATCH_PATH: answer_batch}
 _JSON_HEADER = (b"content-type", _JSON.encode())
 
@@ -169,7 +180,7 @@ class WriteFastLane:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = None
         if scope["type"] == "http" and scope["method"] == "POST":
-            handler = _WRITE_HANDLERS.get(_route_path(scope))
+            handler = _WRITE_HANDLERS.get(route_path(scope))
         if handler is None:
             await self.app(scope, receive, send)
             return
@@ -178,7 +189,8 @@ class WriteFastLane:
             data = await receive_body(scope, receive, self.bytes_max)
             if data is None:
                 return  # the client is gone; nothing was appended
-            status, content = 200, await handler(self.node, data, ack_mode)
+            principal = principal_of(scope)
+            status, content = 200, await handler(self.node, data, principal, ack_mode)
         except WalshipError as exc:
             status, content = exc.http_status, encode_error(exc)
         headers = [_JSON_HEADER, (b"content-length", str(len(content)).encode())]

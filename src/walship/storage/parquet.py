@@ -363,6 +363,9 @@ def _mask(table: pa.Table, flt: QueryFilter) -> pa.ChunkedArray | None:
         conds.append(pc.less_equal(col("lsn"), flt.to_lsn))
     if flt.tenant_id is not None:
         conds.append(pc.equal(col("tenant_id"), flt.tenant_id))
+    if flt.tenant_ids is not None:
+        wanted = pa.array(sorted(flt.tenant_ids), pa.string())
+        conds.append(pc.is_in(col("tenant_id"), value_set=wanted))
     if flt.entity_id is not None and "entity_id" in table.column_names:
         conds.append(pc.equal(col("entity_id"), flt.entity_id))
     if flt.event_type is not None:

@@ -17,6 +17,7 @@ class QueryFilter:
     """Conjunction of optional predicates; lsn bounds are inclusive, times in µs since epoch."""
 
     tenant_id: str | None = None
+    tenant_ids: frozenset[str] | None = None  # any of these (a key's tenants); None: any
     entity_id: str | None = None
     event_type: str | None = None
     event_type_prefix: str | None = None  # e.g. "order." for every order event type
@@ -31,6 +32,7 @@ class QueryFilter:
             and (self.to_lsn is None or ev.lsn <= self.to_lsn)
             and (self.entity_id is None or ev.entity_id == self.entity_id)
             and (self.tenant_id is None or ev.tenant_id == self.tenant_id)
+            and (self.tenant_ids is None or ev.tenant_id in self.tenant_ids)
             and (self.event_type is None or ev.event_type == self.event_type)
             and (self.event_type_prefix is None or ev.event_type.startswith(self.event_type_prefix))
             and (self.since_us is None or ev.timestamp_us >= self.since_us)
