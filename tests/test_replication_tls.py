@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from walship.replication.follower import Follower
 from walship.replication.leader import Leader
 from walship.replication.metrics import ReplicationMetrics
 
+from .pki import HAVE_OPENSSL, make_pki
 from .test_replication_unit import (
     LIMITS,
     SECRET,
@@ -30,30 +29,13 @@ from .test_replication_unit import (
     write,
 )
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+pytestmark = pytest.mark.skipif(not HAVE_OPENSSL, reason="needs openssl")
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A throwaway CA, a leader certificate for 127.0.0.1 and a follower client certificate."""
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-             "/CN=walship-test-ca", "-keyout", "ca.key", "-out", "ca.pem", cwd=d)  # fmt: skip
-    for name, ext in (
-        ("leader", "subjectAltName=IP:127.0.0.1"),
-        ("follower", "extendedKeyUsage=clientAuth"),
-    ):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)  # fmt: skip
-        (d / f"{name}.ext").write_text(ext + "\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "1", "-extfile", f"{name}.ext",
-                 "-out", f"{name}.pem", cwd=d)  # fmt: skip
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _follower(store_path: Path, port: int, client_ssl: object, node_id: str) -> Follower:

@@ -23,7 +23,7 @@ import httpx
 
 from walship.cli.serve import START_LINE_MARK
 
-_URL_RE = re.compile(re.escape(START_LINE_MARK) + r"(http://\S+)")
+_URL_RE = re.compile(re.escape(START_LINE_MARK) + r"(https?://\S+)")
 _REPLICATION_RE = re.compile(r" replication=(\S+)")
 
 
