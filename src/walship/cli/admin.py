@@ -73,8 +73,8 @@ def _token(path: Path | None, api_key_file: Path | None = None) -> str:
         fail(exc.message, 2)
     if token is None:
         fail(
-            f"no admin credential: pass --admin-token-file, set {ADMIN_TOKEN_ENV}, or pass "
-            "--api-key-file with an admin key",
+            f"no admin token: pass --admin-token-file or set {ADMIN_TOKEN_ENV} (or "
+            "--api-key-file with an admin key)",
             2,
         )
     return token

@@ -80,13 +80,13 @@ def http_tls(cert: Path | None, key: Path | None, client_ca: Path | None) -> Htt
     return HttpTls(cert, key, client_ca)
 
 
-def is_loopback(host: str, port: int) -> bool:
-    """Whether every address ``host`` resolves to for listening is a loopback address (one
-    that does not resolve counts as not: binding it fails later with its own message)."""
+def is_loopback(host: str, port: int) -> bool | None:
+    """Whether every address ``host`` resolves to for listening is a loopback address; None
+    when it does not resolve (binding it then fails with its own message)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror:
-        return False
+        return None
     for *_, address in infos:
         ip = ipaddress.ip_address(address[0])
         mapped = getattr(ip, "ipv4_mapped", None)
@@ -97,7 +97,7 @@ def is_loopback(host: str, port: int) -> bool:
 
 def unauthenticated_refusal(host: str, port: int, allow: bool) -> str | None:
     """Why a node with ``--auth none`` must not listen on ``host``; None when it may."""
-    if allow or is_loopback(host, port):
+    if allow or is_loopback(host, port) is not False:
         return None
     return (
         f"refusing to serve without authentication on {host}, which is not a loopback "
