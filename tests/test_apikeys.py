@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from walship.apikeys import ApiKeyFile, ApiKeyRing, Role, parse_tenants
 from walship.cli.main import app
 from walship.cli.process import NodeProcess
-from walship.errors import InvalidInput
+from walship.client import Client
+from walship.errors import Forbidden, InvalidInput, Unauthorized
 
 runner = CliRunner()
 
@@ -137,6 +138,14 @@ def test_serve_requires_keys_reloads_them_on_change_and_on_sighup(tmp_path: Path
         url = f"{node.url}/api/v1/events/query"
         assert httpx.get(url).status_code == 401
         assert httpx.get(url, headers={"X-API-Key": reader}).status_code == 200
+        with Client(node.url, api_key=reader) as client:
+            assert client.query(tenant_id="acme").count == 0
+            with pytest.raises(Forbidden, match="tenant 'globex'"):
+                client.query(tenant_id="globex")
+            with pytest.raises(Forbidden, match="role read"):
+                client.append("e", "t", 1, tenant_id="acme")
+        with Client(node.url) as client, pytest.raises(Unauthorized):
+            client.query()
         writer = _create(file, "--tenant", "acme", "--role", "write")
         deadline = time.monotonic() + 30
         event = {"tenant_id": "acme", "entity_id": "e", "event_type": "t", "payload": 1}
