@@ -148,7 +148,7 @@ def requested_ack_mode(scope: Scope) -> str | None:
         from urllib.parse import parse_qs
 
         pairs = parse_qs(bytes(query).decode("latin-1"), keep_blank_values=True)
-        check_names(pairs, _WRITE_PARAMS, _route_path(scope))
+        check_names(pairs, _WRITE_PARAMS, route_path(scope))
         values = pairs.get(ACK_PARAM)
         if values:
             from_query = str(values[-1])
