@@ -359,6 +359,19 @@ def test_without_auth_data_routes_stay_open_and_admin_needs_credentials(tmp_path
         node.close()
 
 
+def test_credentials_are_checked_before_parameters(api: TestClient, keys: Keys) -> None:
+    """Nothing about a route's parameters is told to a caller without credentials."""
+    params = {"forse": "true"}
+    _assert_error(api.post("/internal/promote", params=params), 401, "unauthorized")
+    r = api.post("/internal/promote", params=params, headers=_bearer(ADMIN_TOKEN))
+    _assert_error(r, 400, "invalid_parameter")
+    assert r.json()["unknown"] == ["forse"]
+    r = api.get("/api/v1/events/query", params={"as_of": "x"})
+    _assert_error(r, 401, "unauthorized")
+    r = api.get("/api/v1/events/query", params={"as_of": "x"}, headers=_bearer(keys.read_a))
+    _assert_error(r, 400, "invalid_parameter")
+
+
 def test_openapi_documents_the_security_schemes(api: TestClient) -> None:
     schema = api.get("/openapi.json").json()
     assert set(schema["components"]["securitySchemes"]) == {"bearer", "apiKey"}
