@@ -86,6 +86,7 @@ class Limits:
     # HTTP authentication: a server looks at its API key file's mtime at most this often, so
     # a key created or revoked is in force about this long after the file changes
     api_keys_check_ms: int = 1_000
+    jwt_clock_skew_ms: int = 10_000  # exp/nbf tolerance for clocks that disagree a little
 
     def __post_init__(self) -> None:
         from walship.errors import InvalidInput

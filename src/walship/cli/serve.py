@@ -26,7 +26,17 @@ from walship.advertise import AdvertisedAddress, AdvertisedUrl, advertised_host,
 from walship.cli.config import CONFIG_ENV, EXIT_BAD_CONFIG, load_config, settings_of
 from walship.cli.output import fail, say, warn
 from walship.cli.serve_security import (
+    AllowUnauthenticatedFlag,
+    ApiKeysFileFlag,
+    AuthFlag,
     HttpTls,
+    HttpTlsCertFlag,
+    HttpTlsClientCaFlag,
+    HttpTlsKeyFlag,
+    JwtAudienceFlag,
+    JwtFlags,
+    JwtIssuerFlag,
+    JwtKeyFileFlag,
     auth_settings,
     http_tls,
     reload_keys_on_sighup,
@@ -266,53 +276,15 @@ def serve_command(
             "Without one, admin endpoints answer 401.",
         ),
     ] = None,
-    api_keys_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--api-keys-file",
-            envvar="WALSHIP_API_KEYS_FILE",
-            help="API keys (from `walship keys create`) that may call the HTTP API; re-read "
-            "when the file changes or on SIGHUP. Given, --auth defaults to required.",
-        ),
-    ] = None,
-    auth: Annotated[
-        str | None,
-        typer.Option(
-            "--auth",
-            envvar="WALSHIP_AUTH",
-            help="required (every route but /health* needs a key) or none (warned about; "
-            "loopback only unless --allow-unauthenticated). Default: required with "
-            "--api-keys-file, else none.",
-        ),
-    ] = None,
-    allow_unauthenticated: Annotated[
-        bool,
-        typer.Option(
-            "--allow-unauthenticated",
-            envvar="WALSHIP_ALLOW_UNAUTHENTICATED",
-            help="Let a node with --auth none listen on a non-loopback address.",
-        ),
-    ] = False,
-    http_tls_cert: Annotated[
-        Path | None,
-        typer.Option(
-            "--http-tls-cert", envvar="WALSHIP_HTTP_TLS_CERT", help="Serve HTTPS: certificate."
-        ),
-    ] = None,
-    http_tls_key: Annotated[
-        Path | None,
-        typer.Option(
-            "--http-tls-key", envvar="WALSHIP_HTTP_TLS_KEY", help="Serve HTTPS: private key."
-        ),
-    ] = None,
-    http_tls_client_ca: Annotated[
-        Path | None,
-        typer.Option(
-            "--http-tls-client-ca",
-            envvar="WALSHIP_HTTP_TLS_CLIENT_CA",
-            help="Mutual TLS: refuse HTTPS clients without a certificate signed by this CA.",
-        ),
-    ] = None,
+    api_keys_file: ApiKeysFileFlag = None,
+    auth: AuthFlag = None,
+    allow_unauthenticated: AllowUnauthenticatedFlag = False,
+    jwt_key_file: JwtKeyFileFlag = None,
+    jwt_audience: JwtAudienceFlag = None,
+    jwt_issuer: JwtIssuerFlag = None,
+    http_tls_cert: HttpTlsCertFlag = None,
+    http_tls_key: HttpTlsKeyFlag = None,
+    http_tls_client_ca: HttpTlsClientCaFlag = None,
     peers: Annotated[
         str | None,
         typer.Option(
@@ -431,7 +403,9 @@ def serve_command(
     except InvalidInput as exc:
         fail(f"invalid admin token: {exc.message}", 2)
     try:
-        auth_mode = auth_settings(auth, api_keys_file, admin_token)
+        auth_mode = auth_settings(
+            auth, api_keys_file, admin_token, JwtFlags(jwt_key_file, jwt_audience, jwt_issuer)
+        )
         tls = http_tls(http_tls_cert, http_tls_key, http_tls_client_ca)
     except InvalidInput as exc:
         fail(exc.message, 2)
@@ -540,7 +514,8 @@ def apply_config_file(ctx: typer.Context, value: Path | None) -> Path | None:
 
 def _auth_summary(settings: AuthSettings) -> str:
     keys = f" with {len(settings.keys)} API keys" if settings.keys is not None else ""
-    return ("required" if settings.required else "none") + keys
+    tokens = " and JWT" if settings.jwt is not None else ""
+    return ("required" if settings.required else "none") + keys + tokens
 
 
 def _replication_summary(replication: ReplicationConfig) -> str:

@@ -1,4 +1,4 @@
-"""``walship serve``'s HTTP security flags: ``--auth``, ``--api-keys-file``, HTTPS.
+"""``walship serve``'s HTTP security flags: ``--auth``, ``--api-keys-file``, JWT, HTTPS.
 
 Checked before anything is opened, like the other flags (one line, exit 2 when wrong). The
 safe default: a node given a key file requires credentials; one given none runs with
@@ -14,12 +14,80 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from walship.apikeys import ApiKeyRing
 from walship.errors import InvalidInput
 from walship.http.auth import AuthSettings
+from walship.jwtauth import JwtVerifier
 
 AUTH_MODES = ("required", "none")
+
+# the flags of `walship serve` that this module checks
+ApiKeysFileFlag = Annotated[
+    Path | None,
+    typer.Option(
+        "--api-keys-file",
+        envvar="WALSHIP_API_KEYS_FILE",
+        help="API keys (from `walship keys create`) that may call the HTTP API; re-read "
+        "when the file changes or on SIGHUP. Given, --auth defaults to required.",
+    ),
+]
+AuthFlag = Annotated[
+    str | None,
+    typer.Option(
+        "--auth",
+        envvar="WALSHIP_AUTH",
+        help="required (every route but /health* needs a key) or none (warned about; "
+        "loopback only unless --allow-unauthenticated). Default: required with "
+        "--api-keys-file, else none.",
+    ),
+]
+AllowUnauthenticatedFlag = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unauthenticated",
+        envvar="WALSHIP_ALLOW_UNAUTHENTICATED",
+        help="Let a node with --auth none listen on a non-loopback address.",
+    ),
+]
+JwtKeyFileFlag = Annotated[
+    Path | None,
+    typer.Option(
+        "--jwt-key-file",
+        envvar="WALSHIP_JWT_KEY_FILE",
+        help="Accept JWT bearer tokens verified with this file's key: a JWKS, a PEM public "
+        "key (RS256/ES256) or an HS256 secret; re-read on change or SIGHUP.",
+    ),
+]
+JwtAudienceFlag = Annotated[
+    str | None,
+    typer.Option("--jwt-audience", envvar="WALSHIP_JWT_AUDIENCE", help="Required `aud`."),
+]
+JwtIssuerFlag = Annotated[
+    str | None,
+    typer.Option("--jwt-issuer", envvar="WALSHIP_JWT_ISSUER", help="Required `iss`."),
+]
+HttpTlsCertFlag = Annotated[
+    Path | None,
+    typer.Option(
+        "--http-tls-cert", envvar="WALSHIP_HTTP_TLS_CERT", help="Serve HTTPS: certificate."
+    ),
+]
+HttpTlsKeyFlag = Annotated[
+    Path | None,
+    typer.Option("--http-tls-key", envvar="WALSHIP_HTTP_TLS_KEY", help="Serve HTTPS: private key."),
+]
+HttpTlsClientCaFlag = Annotated[
+    Path | None,
+    typer.Option(
+        "--http-tls-client-ca",
+        envvar="WALSHIP_HTTP_TLS_CLIENT_CA",
+        help="Mutual TLS: refuse HTTPS clients without a certificate signed by this CA.",
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -35,15 +103,40 @@ class HttpTls:
         return ssl.CERT_NONE if self.client_ca is None else ssl.CERT_REQUIRED
 
 
+@dataclass(frozen=True)
+class JwtFlags:
+    """``--jwt-key-file``, ``--jwt-audience``, ``--jwt-issuer``."""
+
+    key_file: Path | None = None
+    audience: str | None = None
+    issuer: str | None = None
+
+
 def auth_settings(
-    mode: str | None, keys_file: Path | None, admin_token: str | None
+    mode: str | None,
+    keys_file: Path | None,
+    admin_token: str | None,
+    jwt_flags: JwtFlags | None = None,
 ) -> AuthSettings:
     """The auth settings the flags ask for; InvalidInput naming the flag when they clash."""
+    jwt_flags = jwt_flags or JwtFlags()
     if mode is not None and mode not in AUTH_MODES:
         raise InvalidInput(f"--auth must be required or none, not {mode!r}")
-    required = (keys_file is not None) if mode is None else mode == "required"
-    if required and keys_file is None and admin_token is None:
-        raise InvalidInput("--auth required needs --api-keys-file (or at least an admin token)")
+    given = keys_file is not None or jwt_flags.key_file is not None
+    required = given if mode is None else mode == "required"
+    if required and not given and admin_token is None:
+        raise InvalidInput(
+            "--auth required needs --api-keys-file or --jwt-key-file (or at least an admin token)"
+        )
+    if jwt_flags.key_file is None and (jwt_flags.audience or jwt_flags.issuer):
+        raise InvalidInput("--jwt-audience and --jwt-issuer need --jwt-key-file")
+    verifier = None
+    if jwt_flags.key_file is not None:
+        if not jwt_flags.key_file.is_file():
+            raise InvalidInput(f"--jwt-key-file {jwt_flags.key_file}: no such file")
+        verifier = JwtVerifier(
+            jwt_flags.key_file, audience=jwt_flags.audience, issuer=jwt_flags.issuer
+        )
     ring = None
     if keys_file is not None:
         if not keys_file.is_file():
@@ -52,7 +145,7 @@ def auth_settings(
                 f"create --file {keys_file} ...`)"
             )
         ring = ApiKeyRing(keys_file)  # InvalidInput when it is not a key file
-    return AuthSettings(required=required, keys=ring)
+    return AuthSettings(required=required, keys=ring, jwt=verifier)
 
 
 def http_tls(cert: Path | None, key: Path | None, client_ca: Path | None) -> HttpTls | None:
@@ -108,7 +201,13 @@ def unauthenticated_refusal(host: str, port: int, allow: bool) -> str | None:
 
 def reload_keys_on_sighup(settings: AuthSettings) -> None:
     """``kill -HUP`` makes the server read its key file again at once."""
-    ring = settings.keys
-    if ring is None or not hasattr(signal, "SIGHUP"):
+    ring, verifier = settings.keys, settings.jwt
+    if (ring is None and verifier is None) or not hasattr(signal, "SIGHUP"):
         return
-    signal.signal(signal.SIGHUP, lambda signum, frame: ring.reload())
+
+    def reload(signum: int, frame: object) -> None:
+        for source in (ring, verifier):
+            if source is not None:
+                source.reload()
+
+    signal.signal(signal.SIGHUP, reload)

@@ -5,7 +5,8 @@ refuses to build an app with a route that is missing from it, so a new route can
 without a decision (tests/test_http_auth.py walks the OpenAPI schema against it too).
 
 ``AuthMiddleware`` runs ahead of everything else (also ahead of the write fast lane): it finds
-the request's route, reads the credentials (``Authorization: Bearer …`` or ``X-API-Key``),
+the request's route, reads the credentials (``Authorization: Bearer …`` with an API key, a JWT
+(``jwtauth.py``) or the admin token, or ``X-API-Key``),
 answers 401 (none, or unknown) or 403 (a role below the route's) itself, and leaves the
 ``Principal`` in the ASGI scope. Handlers then narrow to the principal's tenants
 (``principal_of``, ``check_tenant``, ``scoped_tenants``): a write for a tenant the key does not
@@ -33,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from walship.apikeys import ApiKeyRing, Principal, Role, split_key
 from walship.errors import Forbidden, Unauthorized, WalshipError
 from walship.http.errors import encode_error
+from walship.jwtauth import JwtVerifier
 
 
 class TenantScope(enum.Enum):
@@ -138,6 +140,7 @@ class AuthSettings:
 
     required: bool = False
     keys: ApiKeyRing | None = None
+    jwt: JwtVerifier | None = None
 
 
 class Authenticator:
@@ -146,6 +149,7 @@ class Authenticator:
     def __init__(self, settings: AuthSettings, admin_token: str | None) -> None:
         self.required = settings.required
         self.keys = settings.keys
+        self.jwt = settings.jwt
         self._admin_token = admin_token.encode() if admin_token else None
 
     def _credential(self, scope: Scope) -> str | None:
@@ -169,6 +173,8 @@ class Authenticator:
         given = self._credential(scope)
         if given is None:
             return None
+        if self.jwt is not None and given.count(".") == 2:
+            return self.jwt.verify(given)
         if split_key(given) is not None:
             found = self.keys.verify(given) if self.keys is not None else None
             if found is None:
@@ -176,7 +182,7 @@ class Authenticator:
             return found
         if self._admin_token is not None and hmac.compare_digest(given.encode(), self._admin_token):
             return ADMIN_TOKEN
-        if self._admin_token is None and self.keys is None:
+        if self._admin_token is None and self.keys is None and self.jwt is None:
             raise Unauthorized(
                 "this node accepts no credentials: it was started without an admin token "
                 "(--admin-token-file or WALSHIP_ADMIN_TOKEN) and without --api-keys-file"
