@@ -13,6 +13,7 @@
     │   └── NotFound                the thing asked for does not exist
     ├── Unauthorized                no credentials, or ones no key/token matches (401)
     ├── Forbidden                   valid credentials without the role or tenant asked for (403)
+    ├── RateLimited                 a key over its request rate or concurrency limit (429)
     ├── Conflict                    the request is well formed but contradicts stored state
     │   ├── VersionConflict         ``expected_version`` differs from the entity's version
     │   ├── IdConflict              an event id is stored (or in the batch) with another body
@@ -116,6 +117,14 @@ class Forbidden(WalshipError):
 
     code = "forbidden"
     http_status = 403
+
+
+class RateLimited(WalshipError):
+    """A key sent more requests than its limits allow; ``retry_after_s`` says when to retry."""
+
+    code = "rate_limited"
+    http_status = 429
+    retriable = True
 
 
 class Conflict(WalshipError):

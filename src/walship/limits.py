@@ -87,6 +87,9 @@ class Limits:
     # a key created or revoked is in force about this long after the file changes
     api_keys_check_ms: int = 1_000
     jwt_clock_skew_ms: int = 10_000  # exp/nbf tolerance for clocks that disagree a little
+    # per-key request limits keep one state per credential seen; JWT subjects are not a closed
+    # set, so the oldest states are dropped past this many
+    rate_limited_principals_max: int = 100_000
 
     def __post_init__(self) -> None:
         from walship.errors import InvalidInput

@@ -29,6 +29,7 @@ from walship.cli.serve_security import (
     AllowUnauthenticatedFlag,
     ApiKeysFileFlag,
     AuthFlag,
+    ConcurrentFlag,
     HttpTls,
     HttpTlsCertFlag,
     HttpTlsClientCaFlag,
@@ -37,6 +38,8 @@ from walship.cli.serve_security import (
     JwtFlags,
     JwtIssuerFlag,
     JwtKeyFileFlag,
+    RateBurstFlag,
+    RateLimitFlag,
     auth_settings,
     http_tls,
     reload_keys_on_sighup,
@@ -282,6 +285,9 @@ def serve_command(
     jwt_key_file: JwtKeyFileFlag = None,
     jwt_audience: JwtAudienceFlag = None,
     jwt_issuer: JwtIssuerFlag = None,
+    rate_limit_per_key: RateLimitFlag = 0.0,
+    rate_burst_per_key: RateBurstFlag = 0,
+    concurrent_per_key: ConcurrentFlag = 0,
     http_tls_cert: HttpTlsCertFlag = None,
     http_tls_key: HttpTlsKeyFlag = None,
     http_tls_client_ca: HttpTlsClientCaFlag = None,
@@ -404,7 +410,17 @@ def serve_command(
         fail(f"invalid admin token: {exc.message}", 2)
     try:
         auth_mode = auth_settings(
-            auth, api_keys_file, admin_token, JwtFlags(jwt_key_file, jwt_audience, jwt_issuer)
+            auth,
+            api_keys_file,
+            admin_token,
+            JwtFlags(
+                jwt_key_file,
+                jwt_audience,
+                jwt_issuer,
+                rate_limit_per_key,
+                rate_burst_per_key,
+                concurrent_per_key,
+            ),
         )
         tls = http_tls(http_tls_cert, http_tls_key, http_tls_client_ca)
     except InvalidInput as exc:

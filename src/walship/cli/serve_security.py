@@ -14,16 +14,45 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from walship.apikeys import ApiKeyRing
 from walship.errors import InvalidInput
-from walship.http.auth import AuthSettings
-from walship.jwtauth import JwtVerifier
+
+if TYPE_CHECKING:  # imported when used: other commands do not pay for FastAPI and PyJWT
+    from walship.http.auth import AuthSettings
 
 AUTH_MODES = ("required", "none")
+
+RateLimitFlag = Annotated[
+    float,
+    typer.Option(
+        "--rate-limit-per-key",
+        envvar="WALSHIP_RATE_LIMIT_PER_KEY",
+        min=0,
+        help="Requests a second each API key or JWT subject may send on average (0: no limit); "
+        "past it, 429 with Retry-After.",
+    ),
+]
+RateBurstFlag = Annotated[
+    int,
+    typer.Option(
+        "--rate-burst-per-key",
+        envvar="WALSHIP_RATE_BURST_PER_KEY",
+        min=0,
+        help="Requests a key may send at once above its rate (default: one second's worth).",
+    ),
+]
+ConcurrentFlag = Annotated[
+    int,
+    typer.Option(
+        "--concurrent-per-key",
+        envvar="WALSHIP_CONCURRENT_PER_KEY",
+        min=0,
+        help="Requests each key may have in flight (0: no limit); more get 429 at once.",
+    ),
+]
 
 # the flags of `walship serve` that this module checks
 ApiKeysFileFlag = Annotated[
@@ -105,11 +134,14 @@ class HttpTls:
 
 @dataclass(frozen=True)
 class JwtFlags:
-    """``--jwt-key-file``, ``--jwt-audience``, ``--jwt-issuer``."""
+    """``--jwt-key-file``, ``--jwt-audience``, ``--jwt-issuer``, and the per-key limits."""
 
     key_file: Path | None = None
     audience: str | None = None
     issuer: str | None = None
+    rate_per_s: float = 0.0
+    burst: int = 0
+    concurrent: int = 0
 
 
 def auth_settings(
@@ -119,6 +151,11 @@ def auth_settings(
     jwt_flags: JwtFlags | None = None,
 ) -> AuthSettings:
     """The auth settings the flags ask for; InvalidInput naming the flag when they clash."""
+    from walship.apikeys import ApiKeyRing
+    from walship.http.auth import AuthSettings
+    from walship.http.ratelimit import RateLimits
+    from walship.jwtauth import JwtVerifier
+
     jwt_flags = jwt_flags or JwtFlags()
     if mode is not None and mode not in AUTH_MODES:
         raise InvalidInput(f"--auth must be required or none, not {mode!r}")
@@ -145,7 +182,8 @@ def auth_settings(
                 f"create --file {keys_file} ...`)"
             )
         ring = ApiKeyRing(keys_file)  # InvalidInput when it is not a key file
-    return AuthSettings(required=required, keys=ring, jwt=verifier)
+    limits = RateLimits(jwt_flags.rate_per_s, jwt_flags.burst, jwt_flags.concurrent)
+    return AuthSettings(required=required, keys=ring, jwt=verifier, rate_limits=limits)
 
 
 def http_tls(cert: Path | None, key: Path | None, client_ca: Path | None) -> HttpTls | None:

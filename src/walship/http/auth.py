@@ -25,15 +25,16 @@ import enum
 import hmac
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from starlette.routing import BaseRoute, compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from walship.apikeys import ApiKeyRing, Principal, Role, split_key
-from walship.errors import Forbidden, Unauthorized, WalshipError
+from walship.errors import Forbidden, RateLimited, Unauthorized, WalshipError
 from walship.http.errors import encode_error
+from walship.http.ratelimit import RateLimiter, RateLimits
 from walship.jwtauth import JwtVerifier
 
 
@@ -141,6 +142,7 @@ class AuthSettings:
     required: bool = False
     keys: ApiKeyRing | None = None
     jwt: JwtVerifier | None = None
+    rate_limits: RateLimits = field(default_factory=RateLimits)
 
 
 class Authenticator:
@@ -150,6 +152,8 @@ class Authenticator:
         self.required = settings.required
         self.keys = settings.keys
         self.jwt = settings.jwt
+        limits = settings.rate_limits
+        self.limiter = RateLimiter(limits) if limits.enabled else None
         self._admin_token = admin_token.encode() if admin_token else None
 
     def _credential(self, scope: Scope) -> str | None:
@@ -270,11 +274,22 @@ class AuthMiddleware:
                     raise Unauthorized("this needs credentials")
             else:
                 principal = self.auth.authorize(scope, access)
+            limiter = self.auth.limiter
+            if access is None or access.role is None or principal.anonymous:
+                limiter = None  # health checks, 404s and --auth none callers: not limited
+            if limiter is not None:
+                limiter.admit(principal.name)  # before the body is read
         except WalshipError as exc:
             await _answer(exc, send)
             return
         scope[PRINCIPAL_KEY] = principal
-        await self.app(scope, receive, send)
+        if limiter is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            limiter.release(principal.name)
 
 
 async def _answer(exc: WalshipError, send: Send) -> None:
@@ -282,6 +297,8 @@ async def _answer(exc: WalshipError, send: Send) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if isinstance(exc, Unauthorized):
         headers.append(_WWW_AUTHENTICATE)
+    if isinstance(exc, RateLimited):
+        headers.append((b"retry-after", str(exc.details.get("retry_after_s", 1)).encode()))
     await send({"type": "http.response.start", "status": exc.http_status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
