@@ -15,7 +15,8 @@ _SCHEMES = {
     "bearer": {
         "type": "http",
         "scheme": "bearer",
-        "description": "An API key (`wsk_…`, from `walship keys create`) or the admin token.",
+        "description": "An API key (`wsk_…`, from `walship keys create`), a JWT (with "
+        "`--jwt-key-file`) or the admin token.",
     },
     "apiKey": {
         "type": "apiKey",
@@ -50,6 +51,11 @@ def describe_security(schema: dict[str, Any]) -> None:
             responses = operation.setdefault("responses", {})
             responses["401"] = {
                 "description": "No credentials, or unknown ones (`unauthorized`)",
+                "content": {"application/json": {"schema": _ERROR}},
+            }
+            responses["429"] = {
+                "description": "The key is over its rate or in-flight limit (`rate_limited`); "
+                "`Retry-After` says when to try again",
                 "content": {"application/json": {"schema": _ERROR}},
             }
             responses["403"] = {
