@@ -409,6 +409,7 @@ def test_demo_runs_a_leader_and_two_followers_and_stops_them(tmp_path: Path) -> 
         assert f"walship {node} serving http://127.0.0.1:" in out
     assert "role=leader" in out and out.count("role=follower") == 2
     assert "mode 0600" in out
+    assert "API keys and TLS are off in this demo" in out  # and the nodes are on loopback
     assert "receipts: 80 replicated" in out
     assert "walship-2, walship-3" in out  # the write that asked for sync
     assert "(read-your-writes)" in out

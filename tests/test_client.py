@@ -225,3 +225,26 @@ def test_async_client_in_process(tmp_path: Path) -> None:
                 assert (await c.entity_state("e/1")).state == {"a": 1}
 
         asyncio.run(run())
+
+
+def test_the_client_sends_its_api_key_and_trusts_the_ca_it_is_given(tmp_path: Path) -> None:
+    """``api_key`` travels as ``Authorization: Bearer``; ``ca_file`` that is not a CA file is
+    a clear error, not a silent fallback to the system's CAs."""
+    from walship.client import Client
+    from walship.errors import InvalidInput
+
+    seen: list[str | None] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200, json={"events": [], "next_cursor": None, "count": 0})
+
+    transport = httpx.MockTransport(handle)
+    with Client("http://n1:3900", api_key="wsk_0123456789ab_secret", transport=transport) as c:
+        c.query(tenant_id="acme", min_lsn=0)
+        assert "secret" not in repr(c)
+    assert seen == ["Bearer wsk_0123456789ab_secret"]
+    bogus = tmp_path / "not-a-ca.pem"
+    bogus.write_text("nope")
+    with pytest.raises(InvalidInput, match=r"not-a-ca\.pem"):
+        Client("https://n1:3900", ca_file=bogus)
