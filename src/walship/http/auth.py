@@ -70,16 +70,18 @@ ROUTE_ACCESS: dict[str, RouteAccess] = {
     # node-wide numbers: operators only
     "GET /api/v1/stats": _ADMIN,
     "GET /api/v1/replication/degraded": _ADMIN,
+    "GET /api/v1/replication/lost-found": _ADMIN,
     "GET /metrics": _ADMIN,
     # load balancers and peers (promotion compares positions) must reach these unauthenticated
     "GET /health": OPEN,
     "GET /health/live": OPEN,
     "GET /health/ready": OPEN,
-    # the API's description is public
+    # the API's description and the pages (static files; the data they show comes from the
+    # routes above, each with its own rule) are public
     "GET /openapi.json": OPEN,
     "GET /docs": OPEN,
-    "GET /docs/oauth2-redirect": OPEN,
-    "GET /redoc": OPEN,
+    "GET /": OPEN,
+    "GET /ui": OPEN,
     # admin
     "POST /internal/promote": _INTERNAL,
     "POST /internal/forget-follower": _INTERNAL,
