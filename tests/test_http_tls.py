@@ -151,3 +151,51 @@ def test_serve_refuses_bad_tls_flags_in_one_line(tmp_path: Path, pki: Path) -> N
         assert says in result.output
     result = runner.invoke(app, [*base, "--http-tls-cert", cert, "--http-tls-key", key])
     assert result.exit_code == 0 and "https 127.0.0.1" in result.output
+
+
+def test_a_promotion_sees_its_https_peers_through_http_tls_ca(tmp_path: Path, pki: Path) -> None:
+    """A follower asks its ``--peers`` before it takes the lead; over HTTPS it must trust their
+    CA, or a live leader would look unreachable and be ignored (two leaders)."""
+    secret = tmp_path / "replication.secret"
+    secret.write_text("a-replication-secret-for-tls-tests")
+    (tmp_path / "l").mkdir()
+    (tmp_path / "f").mkdir()
+    leader = _node(
+        tmp_path / "l", pki, "--replication-secret-file", str(secret), "--replication-port", "0"
+    )
+    leader.start()
+    try:
+        follower = _node(
+            tmp_path / "f",
+            pki,
+            "--role",
+            "follower",
+            "--leader",
+            "127.0.0.1:1",  # not connected: only --peers can show the leader is alive
+            "--replication-secret-file",
+            str(secret),
+            "--peers",
+            leader.url,
+            "--http-tls-ca",
+            str(pki / "ca.pem"),
+        )
+        follower.node_id = "f1"
+        follower.start()
+        try:
+            result = runner.invoke(
+                app,
+                [
+                    "promote",
+                    follower.url,
+                    "--ca-file",
+                    str(pki / "ca.pem"),
+                    "--admin-token-file",
+                    str(tmp_path / "f" / "admin.token"),
+                ],
+            )
+            assert result.exit_code == 1, result.output
+            assert "is a live leader" in result.output
+        finally:
+            assert follower.stop() == 0
+    finally:
+        assert leader.stop() == 0

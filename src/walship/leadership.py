@@ -244,7 +244,7 @@ class LeadershipGuard:
             elif self.state is LeadershipState.CONFIRMING:  # its peers were all forgotten
                 self.state, self.reason = LeadershipState.UNCHECKED, "no peer known"
             return
-        views = await fetch_views(urls)
+        views = await fetch_views(urls, verify=node.config.peer_verify)  # --http-tls-ca
         self.last_round = [
             {"url": v.url, "node_id": v.node_id, "term": known_term(v), "error": v.error}
             for v in views

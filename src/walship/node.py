@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,8 @@ class NodeConfig:
     # the ack settings were given on purpose (flags): they win over the cluster's settings
     # learned from a leader (``role.json``), which a promoted node otherwise leads with
     ack_pinned: bool = False
+    # how their HTTPS is trusted (an ssl context from --http-tls-ca); True: the system's CAs
+    peer_verify: bool | ssl.SSLContext = True
 
     def store_config(self) -> StoreConfig:
         return StoreConfig(
@@ -642,7 +645,8 @@ class Node:
             follower = self.follower
             assert follower is not None
             urls = list(self.config.peers if peers is None else peers)
-            views = [v for v in await fetch_views(urls) if v.answered and v.node_id != self.node_id]
+            found = await fetch_views(urls, verify=self.config.peer_verify)
+            views = [v for v in found if v.answered and v.node_id != self.node_id]
             if not force:
                 self._check_promotable(follower, views)
             reason = None if term is not None else self._unclean_reason(views)

@@ -31,6 +31,7 @@ from walship.cli.serve_security import (
     AuthFlag,
     ConcurrentFlag,
     HttpTls,
+    HttpTlsCaFlag,
     HttpTlsCertFlag,
     HttpTlsClientCaFlag,
     HttpTlsKeyFlag,
@@ -42,6 +43,7 @@ from walship.cli.serve_security import (
     RateLimitFlag,
     auth_settings,
     http_tls,
+    peer_verify,
     reload_keys_on_sighup,
     unauthenticated_refusal,
 )
@@ -291,6 +293,7 @@ def serve_command(
     http_tls_cert: HttpTlsCertFlag = None,
     http_tls_key: HttpTlsKeyFlag = None,
     http_tls_client_ca: HttpTlsClientCaFlag = None,
+    http_tls_ca: HttpTlsCaFlag = None,
     peers: Annotated[
         str | None,
         typer.Option(
@@ -423,6 +426,7 @@ def serve_command(
             ),
         )
         tls = http_tls(http_tls_cert, http_tls_key, http_tls_client_ca)
+        peers_verify = peer_verify(tls, http_tls_ca)
     except InvalidInput as exc:
         fail(exc.message, 2)
     if not auth_mode.required:
@@ -482,6 +486,7 @@ def serve_command(
             limits,
             admin_token=admin_token,
             peers=tuple(split_urls(peers)),
+            peer_verify=peers_verify,
             dir_lock=dir_lock,
             ack_pinned=any(_given(ctx, name) for name in ACK_FLAGS),
         )
@@ -806,6 +811,7 @@ def _open_node(
     *,
     admin_token: str | None = None,
     peers: tuple[str, ...] = (),
+    peer_verify: bool | ssl.SSLContext = True,
     dir_lock: DataDirLock | None = None,
     ack_pinned: bool = False,
 ) -> Node:
@@ -825,6 +831,7 @@ def _open_node(
         admin_token=admin_token,
         peers=peers,
         ack_pinned=ack_pinned,
+        peer_verify=peer_verify,
     )
     tune_process()
     try:

@@ -99,6 +99,15 @@ JwtIssuerFlag = Annotated[
     str | None,
     typer.Option("--jwt-issuer", envvar="WALSHIP_JWT_ISSUER", help="Required `iss`."),
 ]
+HttpTlsCaFlag = Annotated[
+    Path | None,
+    typer.Option(
+        "--http-tls-ca",
+        envvar="WALSHIP_HTTP_TLS_CA",
+        help="CA that signed the other nodes' HTTPS certificates: a promotion asks --peers' "
+        "/health over HTTPS trusting it (default: the system's CAs).",
+    ),
+]
 HttpTlsCertFlag = Annotated[
     Path | None,
     typer.Option(
@@ -209,6 +218,21 @@ def http_tls(cert: Path | None, key: Path | None, client_ca: Path | None) -> Htt
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise InvalidInput(f"cannot load the HTTP TLS files: {exc}") from exc
     return HttpTls(cert, key, client_ca)
+
+
+def peer_verify(tls: HttpTls | None, ca: Path | None) -> bool | ssl.SSLContext:
+    """How a node trusts its peers' HTTPS: ``ca`` (``--http-tls-ca``), presenting its own
+    certificate when it has one (peers may require client certificates). InvalidInput naming
+    the file when it cannot be loaded."""
+    if ca is None:
+        return True
+    if not ca.is_file():
+        raise InvalidInput(f"--http-tls-ca {ca}: no such file")
+    from walship.httptls import client_ssl_context
+
+    if tls is None:
+        return client_ssl_context(ca)
+    return client_ssl_context(ca, tls.cert, tls.key)
 
 
 def is_loopback(host: str, port: int) -> bool | None:
