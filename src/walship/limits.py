@@ -30,6 +30,9 @@ class Limits:
     event_type_chars_max: int = 128
     batch_events_max: int = 10_000
     request_bytes_max: int = 32 * MIB
+    # request line and headers together, counted as they arrive: past it 431 and the
+    # connection is closed (the HTTP parser otherwise buffered a 20 MB header whole)
+    request_head_bytes_max: int = 64 * KIB
     append_bytes_max: int = 64 * MIB  # the records of one atomic append, together
 
     # queries

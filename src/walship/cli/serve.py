@@ -878,7 +878,7 @@ def _run(
     """Serve until a signal; always close the node (WAL written and fsynced) afterwards."""
     import uvicorn
 
-    from walship.cli.uvicorn_server import NodeServer
+    from walship.cli.uvicorn_server import NodeServer, head_bytes_max_protocol
     from walship.http.app import create_app
 
     host, port = sock.getsockname()[:2]
@@ -905,7 +905,11 @@ def _run(
     config = uvicorn.Config(
         create_app(node, auth=auth),
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        # the request head is bounded either way: by our protocol on httptools, by h11's own
+        http=head_bytes_max_protocol(node.limits.request_head_bytes_max)
+        if importlib.util.find_spec("httptools")
+        else "h11",
+        h11_max_incomplete_event_size=node.limits.request_head_bytes_max,
         access_log=False,
         log_level=log_level,
         timeout_graceful_shutdown=10,

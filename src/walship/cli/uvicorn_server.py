@@ -1,4 +1,5 @@
-"""A uvicorn server that reports when it is ready and lets its caller finish the shutdown.
+"""A uvicorn server that reports when it is ready and lets its caller finish the shutdown,
+and an HTTP protocol that bounds a request's head before the parser buffers it.
 
 Imported only by ``walship serve``, so the other commands do not pay for importing uvicorn.
 """
@@ -13,6 +14,13 @@ from collections.abc import Callable, Generator
 from types import FrameType
 
 import uvicorn
+
+from walship.limits import DEFAULT_LIMITS
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # pragma: no cover (httptools is part of uvicorn[standard])
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -65,3 +73,52 @@ class NodeServer(uvicorn.Server):
             self.stop_signal = sig
         # a second Ctrl-C skips waiting for open connections (uvicorn's own behaviour)
         self.handle_exit(sig, frame)
+
+
+_HEAD_END = b"\r\n\r\n"
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
+
+
+def head_bytes_max_protocol(head_bytes_max: int = DEFAULT_LIMITS.request_head_bytes_max) -> type:
+    """uvicorn's httptools protocol, refusing (431, connection closed) a request whose line
+    and headers exceed ``head_bytes_max`` before its bytes reach the parser: httptools keeps
+    a header value whole until it ends, so a 20 MB header was held in memory and accepted."""
+    if HttpToolsProtocol is None:  # pragma: no cover
+        raise RuntimeError("httptools is not installed")
+
+    class BoundedHeadProtocol(HttpToolsProtocol):
+        _in_head = True
+        _head_bytes = 0
+        _tail = b""
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_head, self._head_bytes, self._tail = True, 0, b""
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_head:
+                budget = head_bytes_max - self._head_bytes
+                seen = self._tail + data
+                end = seen.find(_HEAD_END)
+                head_here = len(data) if end < 0 else end + len(_HEAD_END) - len(self._tail)
+                if head_here > budget:
+                    body = (
+                        b'{"error":"limit_exceeded","message":"request line and headers exceed '
+                        b'%d bytes","limit":%d}' % (head_bytes_max, head_bytes_max)
+                    )
+                    self.transport.write(_TOO_LARGE % (len(body), body))
+                    self.transport.close()
+                    return
+                if end < 0:
+                    self._head_bytes += len(data)
+                    self._tail = seen[-3:]
+            super().data_received(data)
+
+    return BoundedHeadProtocol
