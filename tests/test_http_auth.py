@@ -390,3 +390,29 @@ def test_a_batch_with_one_event_of_another_tenant_stores_nothing(
     _assert_error(r, 403, "forbidden")
     assert r.json()["tenant_id"] == B
     assert (_events_of(api, A), _events_of(api, B)) == before
+
+
+@pytest.mark.parametrize("metrics_role", [None, Role.READ])
+def test_metrics_can_be_opened_to_a_scraper_or_a_read_key(
+    tmp_path: Path, keys: Keys, metrics_role: Role | None
+) -> None:
+    """``--metrics-auth none|read``: the operator's choice for /metrics, nothing else."""
+    read_all = ApiKeyFile(tmp_path / "keys.json").create(Role.READ, None)[1]
+    node = Node.open(NodeConfig(tmp_path / "data", checkpoints=False))
+    auth = AuthSettings(
+        required=True, keys=ApiKeyRing(tmp_path / "keys.json"), metrics_role=metrics_role
+    )
+    try:
+        with TestClient(create_app(node, auth=auth)) as api:
+            bare = api.get("/metrics")
+            if metrics_role is None:
+                assert bare.status_code == 200 and "walship" in bare.text
+            else:
+                _assert_error(bare, 401, "unauthorized")
+                _assert_error(api.get("/metrics", headers=_bearer(keys.read_a)), 403, "forbidden")
+                assert api.get("/metrics", headers=_bearer(read_all)).status_code == 200
+            _assert_error(api.get("/api/v1/stats"), 401, "unauthorized")
+            r = api.get("/api/v1/stats", headers=_bearer(read_all))
+            _assert_error(r, 403, "forbidden")
+    finally:
+        node.close()

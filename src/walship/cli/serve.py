@@ -39,6 +39,7 @@ from walship.cli.serve_security import (
     JwtFlags,
     JwtIssuerFlag,
     JwtKeyFileFlag,
+    MetricsAuthFlag,
     RateBurstFlag,
     RateLimitFlag,
     auth_settings,
@@ -290,6 +291,7 @@ def serve_command(
     rate_limit_per_key: RateLimitFlag = 0.0,
     rate_burst_per_key: RateBurstFlag = 0,
     concurrent_per_key: ConcurrentFlag = 0,
+    metrics_auth: MetricsAuthFlag = "admin",
     http_tls_cert: HttpTlsCertFlag = None,
     http_tls_key: HttpTlsKeyFlag = None,
     http_tls_client_ca: HttpTlsClientCaFlag = None,
@@ -423,6 +425,7 @@ def serve_command(
                 rate_limit_per_key,
                 rate_burst_per_key,
                 concurrent_per_key,
+                metrics_auth,
             ),
         )
         tls = http_tls(http_tls_cert, http_tls_key, http_tls_client_ca)

@@ -99,6 +99,15 @@ JwtIssuerFlag = Annotated[
     str | None,
     typer.Option("--jwt-issuer", envvar="WALSHIP_JWT_ISSUER", help="Required `iss`."),
 ]
+MetricsAuthFlag = Annotated[
+    str,
+    typer.Option(
+        "--metrics-auth",
+        envvar="WALSHIP_METRICS_AUTH",
+        help="What /metrics needs under --auth required: admin, read (a key of every tenant) "
+        "or none (open to a scraper that reaches the node).",
+    ),
+]
 HttpTlsCaFlag = Annotated[
     Path | None,
     typer.Option(
@@ -151,6 +160,7 @@ class JwtFlags:
     rate_per_s: float = 0.0
     burst: int = 0
     concurrent: int = 0
+    metrics_auth: str = "admin"
 
 
 def auth_settings(
@@ -160,7 +170,7 @@ def auth_settings(
     jwt_flags: JwtFlags | None = None,
 ) -> AuthSettings:
     """The auth settings the flags ask for; InvalidInput naming the flag when they clash."""
-    from walship.apikeys import ApiKeyRing
+    from walship.apikeys import ApiKeyRing, Role
     from walship.http.auth import AuthSettings
     from walship.http.ratelimit import RateLimits
     from walship.jwtauth import JwtVerifier
@@ -192,7 +202,18 @@ def auth_settings(
             )
         ring = ApiKeyRing(keys_file)  # InvalidInput when it is not a key file
     limits = RateLimits(jwt_flags.rate_per_s, jwt_flags.burst, jwt_flags.concurrent)
-    return AuthSettings(required=required, keys=ring, jwt=verifier, rate_limits=limits)
+    if jwt_flags.metrics_auth not in ("admin", "read", "none"):
+        raise InvalidInput(
+            f"--metrics-auth must be admin, read or none, not {jwt_flags.metrics_auth!r}"
+        )
+    metrics_role = None if jwt_flags.metrics_auth == "none" else Role.parse(jwt_flags.metrics_auth)
+    return AuthSettings(
+        required=required,
+        keys=ring,
+        jwt=verifier,
+        rate_limits=limits,
+        metrics_role=metrics_role,
+    )
 
 
 def http_tls(cert: Path | None, key: Path | None, client_ca: Path | None) -> HttpTls | None:

@@ -90,6 +90,7 @@ ROUTE_ACCESS: dict[str, RouteAccess] = {
 }
 """Every route, by ``"METHOD path"`` as FastAPI declares it. Add a route here when adding it."""
 
+METRICS_KEY = "GET /metrics"
 ANONYMOUS = Principal("anonymous", Role.ADMIN, None, anonymous=True)
 ADMIN_TOKEN = Principal("admin token", Role.ADMIN, None)
 PRINCIPAL_KEY = "walship.principal"
@@ -145,6 +146,7 @@ class AuthSettings:
     keys: ApiKeyRing | None = None
     jwt: JwtVerifier | None = None
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    metrics_role: Role | None = Role.ADMIN  # --metrics-auth: None opens /metrics to scrapers
 
 
 class Authenticator:
@@ -154,6 +156,12 @@ class Authenticator:
         self.required = settings.required
         self.keys = settings.keys
         self.jwt = settings.jwt
+        self.overrides: dict[str, RouteAccess] = {}
+        if settings.metrics_role != Role.ADMIN:
+            role = settings.metrics_role
+            self.overrides[METRICS_KEY] = (
+                OPEN if role is None else RouteAccess(role, tenants_all=True)
+            )
         limits = settings.rate_limits
         self.limiter = RateLimiter(limits) if limits.enabled else None
         self._admin_token = admin_token.encode() if admin_token else None
@@ -244,7 +252,8 @@ class AuthMiddleware:
         for method, path in flat_routes(self.routes):
             # a route without a rule cannot be built (require_classified); should one appear
             # anyway, it is closed to all but admins rather than open
-            access = ROUTE_ACCESS.get(f"{method} {path}", _UNCLASSIFIED)
+            key = f"{method} {path}"
+            access = self.auth.overrides.get(key) or ROUTE_ACCESS.get(key, _UNCLASSIFIED)
             if "{" in path:
                 self._templated.append((compile_path(path)[0], method, access))
             else:
