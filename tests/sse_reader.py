@@ -19,8 +19,16 @@ from walship.sse import SseDecoder
 class SseReader:
     """One open subscription at ``url`` (a full URL with its query), read in a thread."""
 
-    def __init__(self, url: str, *, last_event_id: int | None = None) -> None:
-        headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+    def __init__(
+        self,
+        url: str,
+        *,
+        last_event_id: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        headers = dict(headers or {})
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
         self._client = httpx.Client(timeout=httpx.Timeout(30.0, read=None))
         self._request = self._client.build_request("GET", url, headers=headers)
         self._response: httpx.Response | None = None

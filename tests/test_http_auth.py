@@ -9,6 +9,7 @@ the right key → the route's own answer.
 
 from __future__ import annotations
 
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -32,6 +33,8 @@ with warnings.catch_warnings():
 A, B = "acme", "globex"
 SECRET_A = f"A-SECRET-{uuid.uuid4().hex}"  # in every event of tenant A: must never leak
 ADMIN_TOKEN = "admin-token-for-auth-tests"
+EVENT_ID_A = str(uuid.uuid4())  # the id of tenant A's first event
+STREAM = "/api/v1/events/stream"
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,13 @@ class RouteCase:
     role: Role | None  # None: open to anyone
     requests: tuple[Request, ...]  # each one touches tenant A (or everything)
     ok: frozenset[int] = frozenset({200})  # the route's own answers with the right key
+    streams: bool = False  # its 200 never ends: only the refusals are sent here
 
 
-def _case(role: Role | None, *requests: Request, ok: tuple[int, ...] = (200,)) -> RouteCase:
-    return RouteCase(role, requests, frozenset(ok))
+def _case(
+    role: Role | None, *requests: Request, ok: tuple[int, ...] = (200,), streams: bool = False
+) -> RouteCase:
+    return RouteCase(role, requests, frozenset(ok), streams)
 
 
 def _get(path: str, **params: Any) -> Request:
@@ -88,6 +94,16 @@ CASES: dict[str, RouteCase] = {
     "GET /api/v1/entities/{entity_id:path}/state": _case(
         Role.READ, _get("/api/v1/entities/acct-1/state", tenant_id=A)
     ),
+    "GET /api/v1/entities/{entity_id:path}/events": _case(
+        Role.READ, _get("/api/v1/entities/acct-1/events", tenant_id=A)
+    ),
+    "GET /api/v1/entities/{entity_id:path}/version": _case(
+        Role.READ, _get("/api/v1/entities/acct-1/version", tenant_id=A)
+    ),
+    "GET /api/v1/events/{event_id}": _case(Role.READ, _get(f"/api/v1/events/{EVENT_ID_A}")),
+    # SSE (and the WebSocket on the same path): its answers are checked on a real server in
+    # test_subscriptions_see_only_their_tenants
+    "GET /api/v1/events/stream": _case(Role.READ, _get(STREAM, tenant_id=A), streams=True),
     "GET /api/v1/stats": _case(Role.ADMIN, _get("/api/v1/stats")),
     "GET /api/v1/replication/degraded": _case(Role.ADMIN, _get("/api/v1/replication/degraded")),
     "GET /api/v1/replication/lost-found": _case(Role.ADMIN, _get("/api/v1/replication/lost-found")),
@@ -157,7 +173,12 @@ def api(tmp_path: Path, keys: Keys, request: pytest.FixtureRequest) -> Iterator[
     app = create_app(node, write_fast_lane=request.param == "fast-lane", auth=auth)
     try:
         with TestClient(app) as client:
-            seed = [_event(A), _event(A, "acct-2"), _event(B), _event(B, "b-2")]
+            seed = [
+                {**_event(A), "id": EVENT_ID_A},
+                _event(A, "acct-2"),
+                _event(B),
+                _event(B, "b-2"),
+            ]
             for ev in seed:
                 r = client.post("/api/v1/events", json=ev, headers=_bearer(keys.admin_all))
                 assert r.status_code == 200, r.text
@@ -269,6 +290,10 @@ def test_route_answers_each_credential_as_its_role_and_tenants_say(
             # admin of one tenant only: node-wide routes refuse it
             _assert_error(_send(api, req, _bearer(keys.admin_a)), 403, "forbidden")
         # a key of another tenant: refused, or answered without tenant A's data
+        if case.streams:
+            other = _send(api, req, {"X-API-Key": _other_tenant_key(keys, case.role)})
+            _assert_error(other, 403, "forbidden")  # it names tenant A
+            continue
         other = _send(api, req, {"X-API-Key": _other_tenant_key(keys, case.role)})
         assert other.status_code in (200, 403), other.text
         assert SECRET_A not in other.text
@@ -415,4 +440,66 @@ def test_metrics_can_be_opened_to_a_scraper_or_a_read_key(
             r = api.get("/api/v1/stats", headers=_bearer(read_all))
             _assert_error(r, 403, "forbidden")
     finally:
+        node.close()
+
+
+def test_subscriptions_see_only_their_tenants(tmp_path: Path, keys: Keys) -> None:
+    """SSE and WebSocket on a real server: no credentials refused, a tenant-scoped key's
+    unscoped subscription gets its own tenant's events only, naming another tenant is 403."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from tests.sse_reader import SseReader
+    from walship.cli.uvicorn_server import NodeServer
+
+    node = Node.open(NodeConfig(tmp_path / "data", checkpoints=False, admin_token=ADMIN_TOKEN))
+    auth = AuthSettings(required=True, keys=ApiKeyRing(tmp_path / "keys.json"))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    config = uvicorn.Config(create_app(node, auth=auth), log_level="warning")
+    server = NodeServer(config, lambda: None, node.end_subscriptions)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.02)
+        batch = {"events": [_event(A), _event(B), _event(A, "acct-2"), _event(B, "b-2")]}
+        r = httpx.post(f"{url}/api/v1/events/batch", json=batch, headers=_bearer(keys.admin_all))
+        assert r.status_code == 200, r.text
+        assert httpx.get(f"{url}{STREAM}").status_code == 401
+        r = httpx.get(f"{url}{STREAM}", params={"tenant_id": A}, headers=_bearer(keys.read_b))
+        assert r.status_code == 403 and r.json()["error"] == "forbidden"
+        # a subscription of B's key: B's events only, tenant A's never
+        reader = SseReader(f"{url}{STREAM}?from_lsn=1", headers={"X-API-Key": keys.read_b})
+        try:
+            got = reader.take(2, 15)
+            assert {e["tenant_id"] for e in got} == {B}
+            r = httpx.post(f"{url}/api/v1/events", json=_event(A), headers=_bearer(keys.write_a))
+            assert r.status_code == 200
+            r = httpx.post(f"{url}/api/v1/events", json=_event(B), headers=_bearer(keys.write_b))
+            assert r.status_code == 200
+            assert reader.take(1, 15)[0]["tenant_id"] == B  # the live A event was skipped
+            assert reader.drain() == []
+        finally:
+            reader.close()
+        # the WebSocket on the same path refuses the upgrade without credentials
+        ws = httpx.get(
+            f"{url}{STREAM}",
+            headers={
+                "Connection": "Upgrade",
+                "Upgrade": "websocket",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            },
+        )
+        assert ws.status_code in (401, 403), ws.text
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
         node.close()

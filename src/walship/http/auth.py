@@ -21,6 +21,7 @@ either mode. Nothing here logs or echoes a presented secret.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hmac
 import re
@@ -36,6 +37,7 @@ from walship.errors import Forbidden, RateLimited, Unauthorized, WalshipError
 from walship.http.errors import encode_error
 from walship.http.ratelimit import RateLimiter, RateLimits
 from walship.jwtauth import JwtVerifier
+from walship.storage.query import QueryFilter
 
 
 class TenantScope(enum.Enum):
@@ -67,6 +69,11 @@ ROUTE_ACCESS: dict[str, RouteAccess] = {
     "POST /api/v1/events/batch": RouteAccess(Role.WRITE, TenantScope.BODY),
     "GET /api/v1/events/query": RouteAccess(Role.READ, TenantScope.FILTER),
     "GET /api/v1/entities/{entity_id:path}/state": RouteAccess(Role.READ, TenantScope.FILTER),
+    "GET /api/v1/entities/{entity_id:path}/events": RouteAccess(Role.READ, TenantScope.FILTER),
+    "GET /api/v1/entities/{entity_id:path}/version": RouteAccess(Role.READ, TenantScope.FILTER),
+    "GET /api/v1/events/{event_id}": RouteAccess(Role.READ, TenantScope.FILTER),
+    # the SSE stream and the WebSocket on the same path (a WebSocket counts as GET)
+    "GET /api/v1/events/stream": RouteAccess(Role.READ, TenantScope.FILTER),
     # node-wide numbers: operators only
     "GET /api/v1/stats": _ADMIN,
     "GET /api/v1/replication/degraded": _ADMIN,
@@ -263,7 +270,9 @@ class AuthMiddleware:
     def _access(self, scope: Scope) -> RouteAccess | None:
         if self._exact is None:
             self._exact = self._build()
-        method = "GET" if scope["method"] == "HEAD" else scope["method"]
+        # a WebSocket upgrade is a GET; HEAD is answered by the GET route
+        method = scope.get("method", "GET")
+        method = "GET" if method == "HEAD" else method
         path = route_path(scope)
         found = self._exact.get((method, path))
         if found is not None:
@@ -274,8 +283,8 @@ class AuthMiddleware:
         return None  # no such route: routing answers 404/405
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)  # lifespan
             return
         access = self._access(scope)
         try:
@@ -291,7 +300,10 @@ class AuthMiddleware:
             if limiter is not None:
                 limiter.admit(principal.name)  # before the body is read
         except WalshipError as exc:
-            await _answer(exc, send)
+            if scope["type"] == "websocket":
+                await _refuse_websocket(exc, scope, receive, send)
+            else:
+                await _answer(exc, send)
             return
         scope[PRINCIPAL_KEY] = principal
         if limiter is None:
@@ -301,6 +313,24 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
         finally:
             limiter.release(principal.name)
+
+
+async def _refuse_websocket(exc: WalshipError, scope: Scope, receive: Receive, send: Send) -> None:
+    """Refuse a WebSocket before it is accepted: the JSON error as an HTTP answer where the
+    server can send one, else a close with code 1008 (the server answers the upgrade 403)."""
+    await receive()  # websocket.connect
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = encode_error(exc)
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": exc.http_status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+        return
+    await send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
 
 
 async def _answer(exc: WalshipError, send: Send) -> None:
@@ -341,6 +371,17 @@ def scoped_tenants(principal: Principal, tenant_id: str | None) -> frozenset[str
         check_tenant(principal, tenant_id)
         return frozenset((tenant_id,))
     return principal.tenants
+
+
+def scope_filter(principal: Principal, flt: QueryFilter) -> QueryFilter:
+    """``flt`` narrowed to the principal's tenants: Forbidden when it names another; an
+    unscoped filter of a tenant-scoped principal keeps to its tenants."""
+    tenants = scoped_tenants(principal, flt.tenant_id)
+    if flt.tenant_id is not None or tenants is None:
+        return flt
+    if len(tenants) == 1:
+        return dataclasses.replace(flt, tenant_id=next(iter(tenants)))
+    return dataclasses.replace(flt, tenant_ids=tenants)
 
 
 def install_auth(app: FastAPI, auth: Authenticator) -> None:

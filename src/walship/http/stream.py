@@ -19,12 +19,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Annotated, Literal
 
 import msgspec
-from fastapi import FastAPI, Header, Query
+from fastapi import FastAPI, Header, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
 from walship.errors import InvalidParameter, NotFound, Unavailable
 from walship.events import EventOut, StoredEvent, to_out
+from walship.http.auth import check_tenant, principal_of, scope_filter
 from walship.limits import LSN_MAX
 from walship.node import Node
 from walship.sse import KEEPALIVE, MEDIA_TYPE, RETRY_MS, encode_event, parse_last_event_id
@@ -168,6 +169,7 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
         },
     )
     async def subscribe(
+        request: Request,
         from_lsn: Annotated[int, Query(ge=0, le=LSN_MAX, description="First lsn, inclusive")] = 1,
         tenant_id: _Text = None,
         entity_id: _Text = None,
@@ -186,6 +188,7 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
             event_type=event_type,
             event_type_prefix=event_type_prefix,
         )
+        flt = scope_filter(principal_of(request.scope), flt)
         subscriptions.admit()
         return StreamingResponse(
             subscriptions.frames(flt, after),
@@ -203,6 +206,7 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
         "`to_version` going backward), null when the range is done.",
     )
     async def entity_events(
+        request: Request,
         entity_id: str,
         tenant_id: Annotated[str, Query(max_length=limits.tenant_id_chars_max)] = "default",
         from_version: Annotated[
@@ -219,6 +223,7 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
         min_lsn: _MinLsn = None,
         min_lsn_wait_ms: _MinLsnWait = 5_000,
     ) -> Response:
+        check_tenant(principal_of(request.scope), tenant_id)
         if min_lsn is not None:
             await node.wait_visible(min_lsn, min_lsn_wait_ms)
         backward = direction == "backward"
@@ -255,11 +260,13 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
         summary="An entity's current version (0 when it has no event), in constant time",
     )
     async def entity_version(
+        request: Request,
         entity_id: str,
         tenant_id: Annotated[str, Query(max_length=limits.tenant_id_chars_max)] = "default",
         min_lsn: _MinLsn = None,
         min_lsn_wait_ms: _MinLsnWait = 5_000,
     ) -> Response:
+        check_tenant(principal_of(request.scope), tenant_id)
         if min_lsn is not None:
             await node.wait_visible(min_lsn, min_lsn_wait_ms)
         version = store.entities.current_version(entity_id, tenant_id)
@@ -271,7 +278,10 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
         description="404 when no visible event here has this id.",
     )
     async def event_by_id(
-        event_id: str, min_lsn: _MinLsn = None, min_lsn_wait_ms: _MinLsnWait = 5_000
+        request: Request,
+        event_id: str,
+        min_lsn: _MinLsn = None,
+        min_lsn_wait_ms: _MinLsnWait = 5_000,
     ) -> Response:
         if min_lsn is not None:
             await node.wait_visible(min_lsn, min_lsn_wait_ms)
@@ -282,6 +292,7 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
         found = await run_in_threadpool(store.entities.find, raw)
         if found is None:
             raise NotFound(f"no event with id {event_id} on {node.node_id}", event_id=event_id)
+        check_tenant(principal_of(request.scope), found.tenant_id)
         return _json(_encoder.encode(to_out(found)))
 
     return subscriptions

@@ -20,6 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from walship.errors import InvalidParameter, WalshipError
 from walship.events import to_out
+from walship.http.auth import principal_of, scope_filter
 from walship.http.errors import encode_error
 from walship.http.stream import STREAM_PATH, Subscriptions
 from walship.limits import LSN_MAX, Limits
@@ -82,6 +83,7 @@ def add_websocket_route(app: FastAPI, subscriptions: Subscriptions) -> None:
     async def subscribe_websocket(websocket: WebSocket) -> None:
         try:
             flt, after = parse_subscription(websocket, node.limits)
+            flt = scope_filter(principal_of(websocket.scope), flt)
             subscriptions.admit()
         except WalshipError as exc:
             await _refuse(websocket, exc)
