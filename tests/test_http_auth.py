@@ -497,7 +497,7 @@ def test_subscriptions_see_only_their_tenants(tmp_path: Path, keys: Keys) -> Non
                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
             },
         )
-        assert ws.status_code in (401, 403), ws.text
+        assert ws.status_code == 401 and ws.json()["error"] == "unauthorized", ws.text
     finally:
         server.should_exit = True
         thread.join(15)
