@@ -99,6 +99,7 @@ def test_serve_on_a_wildcard_without_a_usable_name_refuses_to_start_in_one_line(
     secret.write_text("s3cret\n")
     args = ["serve", "--data-dir", str(tmp_path / "d"), "--http-host", "0.0.0.0"]
     args += ["--http-port", "0", "--replication-secret-file", str(secret)]
+    args += ["--allow-unauthenticated"]  # a wildcard bind without keys is refused otherwise
     for _ in range(2):
         result = runner.invoke(app, args)
         assert result.exit_code == 1, result.output
@@ -134,6 +135,7 @@ def wildcard_node(
     }
     flags = [] if by_env else ["--advertise-http-url", advertise["WALSHIP_ADVERTISE_HTTP_URL"]]
     flags += [] if by_env else ["--advertise-replication-address", host]
+    flags += ["--allow-unauthenticated"]  # a wildcard bind without API keys: on purpose here
     node, _ = cluster.add(f"n{index}", [*flags, *args], bind="0.0.0.0", ports=ports)
     if by_env:
         node.env = advertise
