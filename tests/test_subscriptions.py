@@ -365,3 +365,23 @@ def test_keepalives_flow_while_writes_run_that_the_filter_skips(url: str) -> Non
             time.sleep(0.02)
         assert reader.comments - start >= 3, reader.comments
         assert reader.drain() == []
+
+
+def test_a_query_limit_below_the_subscription_page_still_streams_everything(
+    tmp_path: Path,
+) -> None:
+    """A deployment may set ``query_limit_max`` under ``subscription_page_events``: the stream
+    pages at the smaller size instead of failing after its answer started."""
+    limits = Limits(query_limit_max=20, query_limit_default=10, subscription_page_events=500)
+    small = Node.open(NodeConfig(tmp_path / "d", fsync=FsyncPolicy.parse("never"), limits=limits))
+    try:
+        with serving(small) as base:
+            lsns = write(base, 0, 30) + write(base, 30, 30)
+            reader = SseReader(f"{base}{STREAM}?from_lsn=0")
+            try:
+                got = reader.take(60)
+            finally:
+                reader.close()
+            assert [e["lsn"] for e in got] == lsns
+    finally:
+        small.close()

@@ -90,7 +90,8 @@ class Subscriptions:
         node = self.node
         store = node.store
         limits = node.limits
-        page = limits.subscription_page_events
+        # the query path refuses pages over query_limit_max, which a deployment may set lower
+        page = min(limits.subscription_page_events, limits.query_limit_max)
         heartbeat_s = limits.subscription_heartbeat_ms / 1000
         # counted here, not in ``admit``: a response whose body never starts (the client left
         # first) never runs this generator, so its ``finally`` could not give the count back
