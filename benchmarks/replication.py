@@ -165,6 +165,11 @@ def throughput(root: Path, n: int) -> dict[str, Any]:
                 cluster.wait_in_sync(2)
             elapsed = asyncio.run(post_batches(cluster.leader.url, batches(n)))
             out[f"{mode}_batch_events_per_s"] = round(n / elapsed)
+            # Parquet writes per event on each node (checkpoints + merges) after this ingest
+            for node in [cluster.leader, *cluster.followers]:
+                stats = httpx.get(node.url + "/api/v1/stats").json()
+                key = f"{mode}_{node.node_id.replace('-', '_')}_write_amplification"
+                out[key] = stats.get("write_amplification")
         finally:
             cluster.close()
         print(f"  {mode}: {out[f'{mode}_batch_events_per_s']} events/s", flush=True)

@@ -75,6 +75,7 @@ from walship.storage.memtable import Memtable
 from walship.storage.parquet import PartInfo, PartReader, id_hashes, write_part
 from walship.storage.pins import sweep_stale_pins
 from walship.storage.query import QueryFilter, entity_key
+from walship.storage.write_amp import WriteAmplification
 from walship.wal import FsyncPolicy, Record, Wal
 from walship.wal.log import WriteOutcome
 from walship.wal.record import VerifiedRun
@@ -193,6 +194,7 @@ class Store:
         self._garbage: set[str] = set()
         self.checkpoints_taken = 0
         self.compactions = 0
+        self.write_amp = WriteAmplification()
         self._alarm = CheckpointAlarm(
             self.limits.checkpoint_retry_ms_min,
             self.limits.checkpoint_retry_ms_max,
@@ -949,6 +951,7 @@ class Store:
                 "wal_bytes": wal.bytes,
                 "fsync": str(self.config.fsync),
                 "wal_failed": wal.failed,
+                **self.write_amp.as_stats(),
             }
 
     # ------------------------------------------------------------------ checkpoints
@@ -1044,6 +1047,7 @@ class Store:
                 self._frozen = None
                 self._checkpoint_done.notify_all()
             raise
+        self.write_amp.checkpointed(part)
         with self._lock:
             self.checkpoints_taken += 1
             self._checkpoint_done.notify_all()
@@ -1088,6 +1092,7 @@ class Store:
                     self._parts = readers
                     self._garbage.update(names)
                     self.compactions += 1
+            self.write_amp.compacted(info)
             self._collect_garbage()
             # the pins of outside readers that have ended hold parts merged away: free them
             sweep_stale_pins(self.data_dir)
