@@ -72,6 +72,7 @@ from walship.storage.manifest import (
     save_manifest,
 )
 from walship.storage.memtable import Memtable
+from walship.storage.merge_worker import MergeWorker
 from walship.storage.parquet import PartInfo, PartReader, id_hashes, write_part
 from walship.storage.pins import sweep_stale_pins
 from walship.storage.query import QueryFilter, entity_key
@@ -97,6 +98,8 @@ class StoreConfig:
     fsync: FsyncPolicy = field(default_factory=FsyncPolicy)
     limits: Limits = DEFAULT_LIMITS
     checkpoints: bool = True
+    # merge parts in a worker process, off this process's GIL (storage.merge_worker)
+    merge_worker: bool = False
 
 
 class Receipt(msgspec.Struct):
@@ -195,6 +198,7 @@ class Store:
         self.checkpoints_taken = 0
         self.compactions = 0
         self.write_amp = WriteAmplification()
+        self._merge_worker = MergeWorker() if config.merge_worker else None
         self._alarm = CheckpointAlarm(
             self.limits.checkpoint_retry_ms_min,
             self.limits.checkpoint_retry_ms_max,
@@ -475,6 +479,8 @@ class Store:
                 return
             self._closed = True
         self._stop_background()
+        if self._merge_worker is not None:
+            self._merge_worker.close()  # the compactor has stopped: no merge runs
         try:
             if self.config.checkpoints:
                 self._checkpoint_at_close()
@@ -1074,7 +1080,11 @@ class Store:
                 return None
             t0 = time.perf_counter()
             inputs = parts[run[0] : run[1]]
-            info, hashes = merge_parts(self.parts_dir, inputs, self.limits.parquet_row_group_rows)
+            rows = self.limits.parquet_row_group_rows
+            if self._merge_worker is not None:
+                info, hashes = self._merge_worker.merge(self.parts_dir, inputs, rows)
+            else:
+                info, hashes = merge_parts(self.parts_dir, inputs, rows)
             reader = PartReader(self.parts_dir / info.file, info)
             reader.set_id_hashes(hashes)
             names = {p.info.file for p in inputs}

@@ -249,6 +249,15 @@ def serve_command(
             help="Checkpoint recent events at least this often.",
         ),
     ] = DEFAULT_LIMITS.checkpoint_interval_ms,
+    merge_worker: Annotated[
+        bool,
+        typer.Option(
+            "--merge-worker/--no-merge-worker",
+            envvar="WALSHIP_MERGE_WORKER",
+            help="Merge Parquet parts in a worker process at lower priority, off the GIL of "
+            "the process that serves and replicates.",
+        ),
+    ] = False,
     tls_cert: Annotated[
         Path | None,
         typer.Option("--tls-cert", envvar="WALSHIP_TLS_CERT", help="TLS certificate (PEM)."),
@@ -492,6 +501,7 @@ def serve_command(
             peer_verify=peers_verify,
             dir_lock=dir_lock,
             ack_pinned=any(_given(ctx, name) for name in ACK_FLAGS),
+            merge_worker=merge_worker,
         )
     except KeyboardInterrupt:
         sock.close()
@@ -817,6 +827,7 @@ def _open_node(
     peer_verify: bool | ssl.SSLContext = True,
     dir_lock: DataDirLock | None = None,
     ack_pinned: bool = False,
+    merge_worker: bool = False,
 ) -> Node:
     """Open and recover the node; exit 2 naming file and offset when the WAL is corrupt."""
     from walship.node import Node, NodeConfig, Role
@@ -835,6 +846,7 @@ def _open_node(
         peers=peers,
         ack_pinned=ack_pinned,
         peer_verify=peer_verify,
+        merge_worker=merge_worker,
     )
     tune_process()
     try:

@@ -64,6 +64,25 @@ def merge_parts(
     Returns its manifest entry and the sorted id-hash index of the merged part. The inputs are
     left in place; the caller swaps the manifest and removes them.
     """
+    info = write_merged(directory, readers, row_group_rows)
+    return info, merged_id_hashes(readers)
+
+
+def merged_id_hashes(readers: list[PartReader]) -> np.ndarray:
+    """The sorted id-hash index of the part merged from ``readers``."""
+    hashes = np.concatenate([r.id_hashes() for r in readers])
+    hashes.sort()
+    return hashes
+
+
+def merge_files(directory: str, inputs: list[PartInfo], row_group_rows: int) -> PartInfo:
+    """``write_merged`` from plain values, for a worker process (``storage.merge_worker``)."""
+    path = Path(directory)
+    return write_merged(path, [PartReader(path / i.file, i) for i in inputs], row_group_rows)
+
+
+def write_merged(directory: Path, readers: list[PartReader], row_group_rows: int) -> PartInfo:
+    """Write the part merged from ``readers`` (tmp, fsync, rename, fsync dir): its entry."""
     first = readers[0].info.first_lsn
     last = readers[-1].info.last_lsn
 
@@ -135,9 +154,7 @@ def merge_parts(
     digest = _sha256(tmp)
     os.replace(tmp, path)
     fsync_dir(directory)
-    hashes = np.concatenate([r.id_hashes() for r in readers])
-    hashes.sort()
-    info = PartInfo(
+    return PartInfo(
         file=name,
         first_lsn=first,
         last_lsn=last,
@@ -148,7 +165,6 @@ def merge_parts(
         max_ts_us=max_ts or 0,
         row_groups=groups,
     )
-    return info, hashes
 
 
 def pick_run(parts: list[PartInfo], fanin_min: int, events_max: int) -> tuple[int, int] | None:
