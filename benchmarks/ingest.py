@@ -161,11 +161,11 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="seconds of load: proves it runs")
     # scripts/bench passes its arguments to both benchmarks: the peer is replication.py's
     ap.add_argument("--peer", choices=["postgres", "none"], help="(replication.py only)")
-    ap.add_argument("--merge-worker", action="store_true",
-                    help="the HTTP servers merge Parquet parts in a worker process")  # fmt: skip
+    ap.add_argument("--part-worker", action="store_true",
+                    help="the HTTP servers write Parquet parts in a worker process")  # fmt: skip
     args = ap.parse_args()
-    if args.merge_worker:
-        os.environ["WALSHIP_MERGE_WORKER"] = "1"  # inherited by `walship serve` below
+    if args.part_worker:
+        os.environ["WALSHIP_PART_WORKER"] = "1"  # inherited by `walship serve` below
     if args.quick:
         args.events, args.http_events, args.seconds = 50_000, 20_000, 3
     if args.tiny:

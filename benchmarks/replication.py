@@ -379,11 +379,11 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="seconds of load: proves it runs")
     ap.add_argument("--peer", choices=["postgres", "none"], default="postgres",
                     help="also measure PostgreSQL streaming replication (pg_peer.py)")  # fmt: skip
-    ap.add_argument("--merge-worker", action="store_true",
-                    help="every node merges Parquet parts in a worker process")  # fmt: skip
+    ap.add_argument("--part-worker", action="store_true",
+                    help="every node writes Parquet parts in a worker process")  # fmt: skip
     args = ap.parse_args()
-    if args.merge_worker:
-        os.environ["WALSHIP_MERGE_WORKER"] = "1"  # inherited by every node started below
+    if args.part_worker:
+        os.environ["WALSHIP_PART_WORKER"] = "1"  # inherited by every node started below
     lag_s, latency_count, single_s = 15.0, 2000, 10.0
     if args.quick:
         args.events, args.catchup_events = 20_000, 50_000
@@ -411,7 +411,7 @@ def main() -> None:
                             latency_count=latency_count, single_seconds=single_s)  # fmt: skip
         results.update(found)
         results["peer"] = peer_ratios(results)
-    results["merge_worker"] = bool(os.environ.get("WALSHIP_MERGE_WORKER"))
+    results["part_worker"] = bool(os.environ.get("WALSHIP_PART_WORKER"))
     if args.tiny:
         results["note"] = "--tiny: proves the benchmark runs; the figures mean nothing"
     path = save("replication", results)

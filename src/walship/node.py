@@ -129,7 +129,7 @@ class NodeConfig:
     ack_pinned: bool = False
     # how their HTTPS is trusted (an ssl context from --http-tls-ca); True: the system's CAs
     peer_verify: bool | ssl.SSLContext = True
-    merge_worker: bool = False  # merges in a worker process (storage.merge_worker)
+    part_worker: bool = False  # merges in a worker process (storage.part_worker)
 
     def store_config(self) -> StoreConfig:
         return StoreConfig(
@@ -138,7 +138,7 @@ class NodeConfig:
             fsync=self.fsync,
             limits=self.limits,
             checkpoints=self.checkpoints,
-            merge_worker=self.merge_worker,
+            part_worker=self.part_worker,
         )
 
 

@@ -72,8 +72,8 @@ from walship.storage.manifest import (
     save_manifest,
 )
 from walship.storage.memtable import Memtable
-from walship.storage.merge_worker import MergeWorker
 from walship.storage.parquet import PartInfo, PartReader, id_hashes, write_part
+from walship.storage.part_worker import PartWorker
 from walship.storage.pins import sweep_stale_pins
 from walship.storage.query import QueryFilter, entity_key
 from walship.storage.write_amp import WriteAmplification
@@ -98,8 +98,9 @@ class StoreConfig:
     fsync: FsyncPolicy = field(default_factory=FsyncPolicy)
     limits: Limits = DEFAULT_LIMITS
     checkpoints: bool = True
-    # merge parts in a worker process, off this process's GIL (storage.merge_worker)
-    merge_worker: bool = False
+    # checkpoint and merge parts in a worker process, off this process's GIL
+    # (storage.part_worker)
+    part_worker: bool = False
 
 
 class Receipt(msgspec.Struct):
@@ -198,7 +199,7 @@ class Store:
         self.checkpoints_taken = 0
         self.compactions = 0
         self.write_amp = WriteAmplification()
-        self._merge_worker = MergeWorker() if config.merge_worker else None
+        self._part_worker = PartWorker() if config.part_worker else None
         self._alarm = CheckpointAlarm(
             self.limits.checkpoint_retry_ms_min,
             self.limits.checkpoint_retry_ms_max,
@@ -479,12 +480,12 @@ class Store:
                 return
             self._closed = True
         self._stop_background()
-        if self._merge_worker is not None:
-            self._merge_worker.close()  # the compactor has stopped: no merge runs
         try:
             if self.config.checkpoints:
                 self._checkpoint_at_close()
         finally:
+            if self._part_worker is not None:
+                self._part_worker.close()  # the checkpointer and compactor have stopped
             self.wal.close()
             if self._dir_lock is not None:
                 self._dir_lock.release()
@@ -1026,9 +1027,13 @@ class Store:
             events = frozen.events
             invariant(events[-1].lsn <= upto.lsn.value, "memtable holds records past the WAL's end")
             first = self._manifest.last_lsn + 1
-            part = write_part(
-                self.parts_dir, events, first, upto.lsn.value, self.limits.parquet_row_group_rows
-            )
+            rows = self.limits.parquet_row_group_rows
+            if self._part_worker is not None:
+                part = self._part_worker.checkpoint(
+                    self.parts_dir, events, first, upto.lsn.value, rows
+                )
+            else:
+                part = write_part(self.parts_dir, events, first, upto.lsn.value, rows)
             reader = PartReader(self.parts_dir / part.file, part)
             arr = id_hashes([ev.id for ev in events])
             arr.sort()
@@ -1081,8 +1086,8 @@ class Store:
             t0 = time.perf_counter()
             inputs = parts[run[0] : run[1]]
             rows = self.limits.parquet_row_group_rows
-            if self._merge_worker is not None:
-                info, hashes = self._merge_worker.merge(self.parts_dir, inputs, rows)
+            if self._part_worker is not None:
+                info, hashes = self._part_worker.merge(self.parts_dir, inputs, rows)
             else:
                 info, hashes = merge_parts(self.parts_dir, inputs, rows)
             reader = PartReader(self.parts_dir / info.file, info)

@@ -249,13 +249,13 @@ def serve_command(
             help="Checkpoint recent events at least this often.",
         ),
     ] = DEFAULT_LIMITS.checkpoint_interval_ms,
-    merge_worker: Annotated[
+    part_worker: Annotated[
         bool,
         typer.Option(
-            "--merge-worker/--no-merge-worker",
-            envvar="WALSHIP_MERGE_WORKER",
-            help="Merge Parquet parts in a worker process at lower priority, off the GIL of "
-            "the process that serves and replicates.",
+            "--part-worker/--no-part-worker",
+            envvar="WALSHIP_PART_WORKER",
+            help="Write checkpoint and merged Parquet parts in a worker process at lower "
+            "priority, off the GIL of the process that serves and replicates.",
         ),
     ] = False,
     tls_cert: Annotated[
@@ -501,7 +501,7 @@ def serve_command(
             peer_verify=peers_verify,
             dir_lock=dir_lock,
             ack_pinned=any(_given(ctx, name) for name in ACK_FLAGS),
-            merge_worker=merge_worker,
+            part_worker=part_worker,
         )
     except KeyboardInterrupt:
         sock.close()
@@ -827,7 +827,7 @@ def _open_node(
     peer_verify: bool | ssl.SSLContext = True,
     dir_lock: DataDirLock | None = None,
     ack_pinned: bool = False,
-    merge_worker: bool = False,
+    part_worker: bool = False,
 ) -> Node:
     """Open and recover the node; exit 2 naming file and offset when the WAL is corrupt."""
     from walship.node import Node, NodeConfig, Role
@@ -846,7 +846,7 @@ def _open_node(
         peers=peers,
         ack_pinned=ack_pinned,
         peer_verify=peer_verify,
-        merge_worker=merge_worker,
+        part_worker=part_worker,
     )
     tune_process()
     try:

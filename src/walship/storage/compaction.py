@@ -76,7 +76,7 @@ def merged_id_hashes(readers: list[PartReader]) -> np.ndarray:
 
 
 def merge_files(directory: str, inputs: list[PartInfo], row_group_rows: int) -> PartInfo:
-    """``write_merged`` from plain values, for a worker process (``storage.merge_worker``)."""
+    """``write_merged`` from plain values, for a worker process (``storage.part_worker``)."""
     path = Path(directory)
     return write_merged(path, [PartReader(path / i.file, i) for i in inputs], row_group_rows)
 

@@ -1,17 +1,21 @@
-"""Merges of Parquet parts in a worker process, off the serving process's GIL (issue 15, item 4).
+"""Parquet parts written by a worker process, off the serving process's GIL (issue 15, item 4).
 
-A merge is Arrow and Parquet work that mostly holds the GIL of the process running it; run in
-the node's own process, it takes turns with the event loop that ships WAL records and answers
+Building a part is Python-to-Arrow conversion and Parquet encoding (a checkpoint: 4-5 us per
+event) or Arrow glue around Parquet reads and writes (a merge); run in the node's own process,
+it takes turns for the GIL with the event loop that ships WAL records and answers
 acknowledgements, which showed as stalls of 50-300 ms (README, "Where the time goes"). Here a
-single worker process, started on the first merge with ``spawn`` (never ``fork``: the node's
-threads hold locks a forked child would inherit held) and at a lower CPU priority, writes the
-merged part file -- tmp, fsync, rename, fsync dir, as ``compaction.write_merged`` always did --
-and returns its manifest entry; the store then builds the id index and swaps the manifest
-itself, so the part is installed atomically or not at all.
+single worker process, started on first use with ``spawn`` (never ``fork``: the node's threads
+hold locks a forked child would inherit held) and at a lower CPU priority, writes the part file
+-- tmp, fsync, rename, fsync dir, as ``parquet.write_part`` and ``compaction.write_merged``
+always did -- and returns its manifest entry; the store then builds the id index and swaps the
+manifest itself, so a part is installed atomically or not at all. A checkpoint's events go to
+the worker as one msgpack buffer (~1 us per event to encode, against the 4-5 it saves).
 
-If the worker dies (killed, out of memory), the merge fails with a ``StorageError``, the file
-it may have left (``.tmp`` or renamed, but never in a manifest) is removed, and the next merge
-starts a new worker; the store's compactor retries as after any failed merge.
+If the worker dies (killed, out of memory), that checkpoint or merge fails with a
+``StorageError``, the file it may have left (``.tmp`` or renamed, but never in a manifest) is
+removed, and the next one starts a new worker: a failed checkpoint keeps its events in the
+memtable and is retried with backoff, a failed merge is retried by the compactor. A worker whose
+node was killed exits by itself.
 """
 
 from __future__ import annotations
@@ -24,14 +28,17 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import numpy as np
 
 from walship.errors import StorageError
+from walship.events import StoredEvent
 from walship.storage.compaction import merge_files, merged_id_hashes
-from walship.storage.parquet import PartInfo, PartReader, part_name
+from walship.storage.parquet import PartInfo, PartReader, part_name, write_part
 
-WORKER_NICENESS = 10  # under the serving process: shipping and acks first, merges when idle
+WORKER_NICENESS = 10  # under the serving process: shipping and acks first, parts when idle
 PARENT_POLL_S = 0.5
 
 
@@ -52,7 +59,7 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(0)
 
 
-class MergeWorker:
+class PartWorker:
     """One worker process that writes merged parts; started lazily, restarted after a death."""
 
     def __init__(self, niceness: int = WORKER_NICENESS) -> None:
@@ -71,25 +78,35 @@ class MergeWorker:
                 )
             return self._pool
 
+    def checkpoint(
+        self, directory: Path, events: list[StoredEvent], first: int, last: int, rows: int
+    ) -> PartInfo:
+        """``parquet.write_part`` in the worker: the new part's entry. StorageError when the
+        worker died; nothing of the part is left."""
+        body = _ENCODER.encode(events)
+        return self._run(directory, first, last, _checkpoint_file, str(directory), body, first,
+                         last, rows)  # fmt: skip
+
     def merge(
-        self, directory: Path, readers: list[PartReader], row_group_rows: int
+        self, directory: Path, readers: list[PartReader], rows: int
     ) -> tuple[PartInfo, np.ndarray]:
         """``compaction.merge_parts`` with the file written by the worker: the merged part's
         entry and id index. StorageError when the worker died; nothing of the merge is left."""
         inputs = [r.info for r in readers]
+        first, last = inputs[0].first_lsn, inputs[-1].last_lsn
+        info = self._run(directory, first, last, merge_files, str(directory), inputs, rows)
+        return info, merged_id_hashes(readers)
+
+    def _run(self, directory: Path, first: int, last: int, fn: Any, *args: Any) -> PartInfo:
         try:
-            info = (
-                self._executor()
-                .submit(merge_files, str(directory), inputs, row_group_rows)
-                .result()
-            )
+            info: PartInfo = self._executor().submit(fn, *args).result()
         except BrokenProcessPool as exc:
             self._broken()
-            _remove_leftovers(directory, part_name(inputs[0].first_lsn, inputs[-1].last_lsn))
+            _remove_leftovers(directory, part_name(first, last))
             raise StorageError(
-                "the merge worker process died; the merge will be retried in a new one"
+                "the Parquet worker process died; the part will be written again by a new one"
             ) from exc
-        return info, merged_id_hashes(readers)
+        return info
 
     def pid(self) -> int:
         """The worker's process id (starts it when none runs)."""
@@ -107,6 +124,15 @@ class MergeWorker:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(list[StoredEvent])
+
+
+def _checkpoint_file(directory: str, body: bytes, first: int, last: int, rows: int) -> PartInfo:
+    """In the worker: the checkpoint part of the events in ``body``."""
+    return write_part(Path(directory), _DECODER.decode(body), first, last, rows)
 
 
 def _remove_leftovers(directory: Path, name: str) -> None:
