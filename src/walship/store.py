@@ -99,7 +99,9 @@ class StoreConfig:
     limits: Limits = DEFAULT_LIMITS
     checkpoints: bool = True
     # checkpoint and merge parts in a worker process, off this process's GIL
-    # (storage.part_worker)
+    # (storage.part_worker); it is started with ``spawn``, which imports the program's main
+    # module again: a script embedding the store keeps its own work under
+    # ``if __name__ == "__main__":``, as multiprocessing asks
     part_worker: bool = False
 
 
