@@ -40,17 +40,12 @@ from walship.errors import (
 )
 from walship.events import now_us
 from walship.fsutil import atomic_write
-from walship.replication.acks import (
-    AckHistory,
-    AckMode,
-    AckOutcome,
-    AckTracker,
-    DegradationLedger,
-)
+from walship.replication.acks import AckHistory, AckMode, AckOutcome, AckTracker
 from walship.replication.config import AckSettings, ReplicationConfig
 from walship.replication.divergence import common_point, on_history, term_at
 from walship.replication.handshake import HandshakeGate, HandshakeSlot, authenticate_follower
 from walship.replication.insync import InSyncFile, InSyncPublisher
+from walship.replication.ledger import DegradationLedger, LedgerKeeper
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import (
     WAL_BATCH_OVERHEAD_BYTES,
@@ -540,9 +535,7 @@ class Leader:
         self.tracker = AckTracker()
         self.lag_clock = LagClock()
         repl_dir = store.data_dir / "replication"
-        self.ledger = DegradationLedger.load(repl_dir / "degraded.json")
-        self._ledger_lock = asyncio.Lock()  # one save at a time; waiters share the next one
-        self._publish_ledger()
+        self.ledger_keeper = LedgerKeeper(repl_dir / "degraded.json", metrics)
         self.acks = AckHistory(repl_dir / "acks.json")
         self.fenced: str | None = None  # why this leader stopped taking writes (deposed)
         self.fenced_term = 0
@@ -570,6 +563,10 @@ class Leader:
     @property
     def term(self) -> int:
         return self.store.wal.terms.current.value
+
+    @property
+    def ledger(self) -> DegradationLedger:
+        return self.ledger_keeper.ledger
 
     def fence(self, reason: str, term: int = 0) -> None:
         """Stop taking writes for good: a newer term exists, so this leader was deposed.
@@ -663,8 +660,7 @@ class Leader:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
         self.tracker.fail_all("leader stopping")
-        async with self._ledger_lock:
-            self.ledger.flush()
+        await self.ledger_keeper.flush()
         self.acks.flush()
         self.slots.save()
 
@@ -875,6 +871,22 @@ class Leader:
             for session in list(self.sessions.values()):
                 self.evaluate(session)
             self.metrics.in_sync.set(len(self.tracker.in_sync))
+            await self.ledger_keeper.heal(self.durable_positions(), self.followers_needed())
+
+    def durable_positions(self) -> dict[str, int]:
+        """The durable lsn of every known follower: connected (its last ack) or not (its
+        retention slot keeps the last one it acknowledged)."""
+        durable = dict(self.slots.slots)
+        for node_id, lsn in self.tracker.followers.items():
+            durable[node_id] = max(lsn, durable.get(node_id, 0))
+        return durable
+
+    def followers_needed(self) -> int:
+        """How many followers must hold a write for it not to be at risk: as many as the ack
+        mode asks of a write (``sync``: the in-sync floor), at least ``--min-in-sync``, and
+        at least one."""
+        mode, floor = self.config.ack_mode, self.config.min_in_sync
+        return max(mode.followers_asked(floor), floor, 1)
 
     async def _publish_in_sync(self) -> None:
         """Hand out a new in-sync record whenever the set changes (one at a time; a failed
@@ -934,35 +946,8 @@ class Leader:
         return outcome
 
     async def record_degraded(self, first_lsn: int, last_lsn: int, reason: str) -> None:
-        """Add the range to the ledger and save it before the write's answer leaves.
-
-        Saves run in a worker thread, one at a time, and a save covers every range recorded
-        before it began: under a burst of degraded writes, one file write answers many. The
-        save is shielded: a request cancelled meanwhile (its client gone) neither stops it
-        nor lets the next save start while its thread still writes the file. A save that
-        fails is logged and counted; the answer still says ``degraded``, and the next save
-        (or the leader's stop) writes the range.
-        """
-        self.ledger.record(first_lsn, last_lsn, reason, now_us())
-        self._publish_ledger()
-        await asyncio.shield(self._save_ledger(self.ledger.version))
-
-    async def _save_ledger(self, wanted: int) -> None:
-        async with self._ledger_lock:
-            if self.ledger.saved_version >= wanted:
-                return  # a save that began after this record covered it
-            version, data = self.ledger.version, self.ledger.encode()
-            try:
-                await asyncio.to_thread(self.ledger.write, data)
-            except OSError as exc:
-                self.metrics.ledger_save_failures.inc()
-                log.error("replication: could not save the degradation ledger: %s", exc)
-                return
-            self.ledger.saved_version = max(self.ledger.saved_version, version)
-
-    def _publish_ledger(self) -> None:
-        self.metrics.degraded_writes.set(self.ledger.degraded_writes)
-        self.metrics.degraded_ranges.set(len(self.ledger.ranges))
+        """Add the range to the ledger and save it before the write's answer leaves."""
+        await self.ledger_keeper.record(first_lsn, last_lsn, reason)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -973,9 +958,6 @@ class Leader:
             "in_sync_count": len(self.tracker.in_sync),
             "in_sync_set": self.insync.status(),
             "min_in_sync": self.config.min_in_sync,
-            "degraded": {
-                "writes": self.ledger.degraded_writes,
-                "ranges": len(self.ledger.ranges),
-            },
+            "degraded": self.ledger_keeper.summary(),
             "retention_slots": dict(self.slots.slots),
         }

@@ -74,6 +74,14 @@ class ReplicationMetrics:
             "Degradation ledger saves that failed (the next save writes what they missed)",
         )
         self.degraded_ranges = gauge("degraded_ranges", "Lsn ranges in the degradation ledger")
+        self.at_risk_writes = gauge(
+            "at_risk_writes",
+            "Degraded writes not yet held by as many followers as the ack mode asks: lost "
+            "with the leader (persisted with the ledger)",
+        )
+        self.at_risk_ranges = gauge(
+            "at_risk_ranges", "Lsn ranges of the degradation ledger still at risk"
+        )
         self.ack_wait_seconds = Histogram(
             "walship_replication_ack_wait_seconds",
             "Time writes waited for follower acknowledgements",
