@@ -160,96 +160,114 @@ def replay(
 ) -> list[ReplayResult]:
     """Replay ``records`` (in order) through ``client`` to the leader; one result each.
 
-    ``advance(n)`` is called as each ``n`` records are done (a progress bar). Errors other
-    than the conflicts (the leader unreachable, a key without write access, a record the
-    leader finds invalid) propagate: the records before them are stored, and replaying the
-    file again stores each of those nothing twice.
+    Once a record of an entity is not replayed (a conflict), no later record of that entity
+    is either: it followed the one held back, and would land after whatever the new leader
+    wrote instead. ``advance(n)`` is called as each ``n`` records are done (a progress bar).
+    Errors other than the conflicts (the leader unreachable, a key without write access, a
+    record the leader finds invalid) propagate: the records before them are stored, and
+    replaying the file again stores each of those nothing twice.
     """
-    results: list[ReplayResult] = []
+    state = _Replay(client, advance)
     if dry_run:
-        versions: dict[tuple[str, str], int] = {}
         for rec in records:
-            results.append(_dry_run_one(client, rec, versions))
+            state.results.append(state.held_back(rec) or state.dry_run_one(rec))
             advance(1)
-        return results
+        return state.results
     todo: list[ReplayRecord] = []
     for rec in records:
-        if rec.system:
-            results.append(ReplayResult(rec, Outcome.SKIPPED))
+        held = state.held_back(rec)
+        if held is not None:
+            state.results.append(held)
             advance(1)
             continue
         todo.append(rec)
         if len(todo) >= batch_events:
-            results.extend(_send(client, todo, advance))
+            state.send(todo)
             todo = []
     if todo:
-        results.extend(_send(client, todo, advance))
-    results.sort(key=lambda r: r.record.lsn)
-    return results
+        state.send(todo)
+    state.results.sort(key=lambda r: r.record.lsn)
+    return state.results
 
 
-def _send(
-    client: Client, batch: list[ReplayRecord], advance: Callable[[int], None]
-) -> list[ReplayResult]:
-    try:
-        answer = client.append_batch([r.request() for r in batch])
-    except (VersionConflict, IdConflict):
-        # one record holds the batch back: each on its own, so only the conflicts stay out
-        out = []
-        for rec in batch:
-            out.append(_send_one(client, rec))
-            advance(1)
-        return out
-    advance(len(batch))
-    return [
-        ReplayResult(rec, Outcome.ALREADY_STORED if r.duplicate else Outcome.STORED, r.lsn)
-        for rec, r in zip(batch, answer.receipts, strict=True)
-    ]
+def _key(rec: ReplayRecord) -> tuple[str, str]:
+    return rec.event.tenant_id, rec.event.entity_id
 
 
-def _send_one(client: Client, rec: ReplayRecord) -> ReplayResult:
-    try:
-        (receipt,) = client.append_batch([rec.request()]).receipts
-    except VersionConflict as exc:
-        now = exc.details.get("current_version")
-        return ReplayResult(rec, Outcome.VERSION_CONFLICT, detail={"current_version": now})
-    except IdConflict as exc:
-        return ReplayResult(rec, Outcome.ID_CONFLICT, detail={"stored": exc.details.get("stored")})
-    outcome = Outcome.ALREADY_STORED if receipt.duplicate else Outcome.STORED
-    return ReplayResult(rec, outcome, receipt.lsn)
+class _Replay:
+    """One replay's progress: its results and the entities held back by a conflict."""
 
+    def __init__(self, client: Client, advance: Callable[[int], None]) -> None:
+        self.client = client
+        self.advance = advance
+        self.results: list[ReplayResult] = []
+        self.blocked: dict[tuple[str, str], int] = {}  # entity -> lsn of its first conflict
+        self.versions: dict[tuple[str, str], int] = {}  # dry run: each entity's version
 
-def _dry_run_one(
-    client: Client, rec: ReplayRecord, versions: dict[tuple[str, str], int]
-) -> ReplayResult:
-    """What a replay would do with ``rec``, given the leader's state and the records before
-    it that a replay would store (``versions``: each entity's version after them)."""
-    if rec.system:
-        return ReplayResult(rec, Outcome.SKIPPED)
-    ev = rec.event
-    try:
-        held = client.event(ev.id)
-    except NotFound:
-        held = None
-    if held is not None:
-        same = (held.tenant_id, held.entity_id, held.event_type) == (
-            ev.tenant_id,
-            ev.entity_id,
-            ev.event_type,
-        )
-        if same:
-            return ReplayResult(rec, Outcome.ALREADY_STORED, held.lsn)
-        stored = {"lsn": held.lsn, "entity_id": held.entity_id, "event_type": held.event_type}
-        return ReplayResult(rec, Outcome.ID_CONFLICT, detail={"stored": stored})
-    key = (ev.tenant_id, ev.entity_id)
-    if key not in versions:
-        versions[key] = client.entity_version(ev.entity_id, tenant_id=ev.tenant_id)
-    if versions[key] != ev.version - 1:
-        return ReplayResult(
-            rec, Outcome.VERSION_CONFLICT, detail={"current_version": versions[key]}
-        )
-    versions[key] = ev.version
-    return ReplayResult(rec, Outcome.WOULD_STORE)
+    def held_back(self, rec: ReplayRecord) -> ReplayResult | None:
+        """The result of a record that is not sent: a system record, or one of an entity
+        an earlier conflict held back."""
+        if rec.system:
+            return ReplayResult(rec, Outcome.SKIPPED)
+        first = self.blocked.get(_key(rec))
+        if first is None:
+            return None
+        return ReplayResult(rec, Outcome.VERSION_CONFLICT, detail={"after_conflict_lsn": first})
+
+    def _note(self, result: ReplayResult) -> ReplayResult:
+        if result.outcome in CONFLICTS:
+            self.blocked.setdefault(_key(result.record), result.record.lsn)
+        return result
+
+    def send(self, batch: list[ReplayRecord]) -> None:
+        try:
+            answer = self.client.append_batch([r.request() for r in batch])
+        except (VersionConflict, IdConflict):
+            # one record holds the batch back: each on its own, so only the conflicts (and
+            # the later records of their entities) stay out
+            for rec in batch:
+                self.results.append(self.held_back(rec) or self._note(self.send_one(rec)))
+                self.advance(1)
+            return
+        self.advance(len(batch))
+        for rec, r in zip(batch, answer.receipts, strict=True):
+            outcome = Outcome.ALREADY_STORED if r.duplicate else Outcome.STORED
+            self.results.append(ReplayResult(rec, outcome, r.lsn))
+
+    def send_one(self, rec: ReplayRecord) -> ReplayResult:
+        try:
+            (receipt,) = self.client.append_batch([rec.request()]).receipts
+        except VersionConflict as exc:
+            now = exc.details.get("current_version")
+            return ReplayResult(rec, Outcome.VERSION_CONFLICT, detail={"current_version": now})
+        except IdConflict as exc:
+            stored = exc.details.get("stored")
+            return ReplayResult(rec, Outcome.ID_CONFLICT, detail={"stored": stored})
+        outcome = Outcome.ALREADY_STORED if receipt.duplicate else Outcome.STORED
+        return ReplayResult(rec, outcome, receipt.lsn)
+
+    def dry_run_one(self, rec: ReplayRecord) -> ReplayResult:
+        """What a replay would do with ``rec``, given the leader's state and the records
+        before it that a replay would store."""
+        ev = rec.event
+        try:
+            held = self.client.event(ev.id)
+        except NotFound:
+            held = None
+        if held is not None:
+            ours = (ev.tenant_id, ev.entity_id, ev.event_type)
+            if (held.tenant_id, held.entity_id, held.event_type) == ours:
+                return ReplayResult(rec, Outcome.ALREADY_STORED, held.lsn)
+            stored = {"lsn": held.lsn, "entity_id": held.entity_id, "event_type": held.event_type}
+            return self._note(ReplayResult(rec, Outcome.ID_CONFLICT, detail={"stored": stored}))
+        key = _key(rec)
+        if key not in self.versions:
+            self.versions[key] = self.client.entity_version(ev.entity_id, tenant_id=ev.tenant_id)
+        if self.versions[key] != ev.version - 1:
+            detail = {"current_version": self.versions[key]}
+            return self._note(ReplayResult(rec, Outcome.VERSION_CONFLICT, detail=detail))
+        self.versions[key] = ev.version
+        return ReplayResult(rec, Outcome.WOULD_STORE)
 
 
 def counts(results: Sequence[ReplayResult]) -> dict[str, int]:

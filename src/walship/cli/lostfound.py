@@ -229,7 +229,9 @@ def _report(file: Path, to: str, dry_run: bool, results: list[ReplayResult], as_
         table.add_column(column, no_wrap=column == "id")
     for r in conflicts:
         ev = r.record.event
-        if r.outcome is Outcome.VERSION_CONFLICT:
+        if "after_conflict_lsn" in r.detail:
+            why = f"follows lost lsn {r.detail['after_conflict_lsn']}, not replayed"
+        elif r.outcome is Outcome.VERSION_CONFLICT:
             why = f"entity moved on: at version {r.detail.get('current_version')} now"
         else:
             stored = r.detail.get("stored") or {}
