@@ -37,9 +37,9 @@ needs_promtool = pytest.mark.skipif(
     reason="promtool not installed (Debian's prometheus package; .ci/run installs it as root)",
 )
 
-# the alerts the operators' issue asks for, by what they watch (retention exhaustion has no
-# forecast metric yet, so no rule)
+# the alerts the operators' issue asks for, by what they watch
 REQUIRED_ALERTS = {
+    "WalshipRetentionExhaustionSoon",
     "WalshipFollowerLagOverBudget",
     "WalshipNoFollowerInSync",
     "WalshipWritesDegraded",

@@ -39,7 +39,6 @@ from walship.errors import (
     WalshipError,
 )
 from walship.events import now_us
-from walship.fsutil import atomic_write
 from walship.replication.acks import AckHistory, AckMode, AckOutcome, AckTracker
 from walship.replication.config import AckSettings, ReplicationConfig
 from walship.replication.divergence import common_point, on_history, term_at
@@ -64,6 +63,7 @@ from walship.replication.protocol import (
     WalBatch,
     make_welcome,
 )
+from walship.replication.retention import RetentionForecaster, RetentionSlots, slot_bytes
 from walship.replication.stream import MessageStream, PeerRefused
 from walship.store import Store
 from walship.wal.cursor import WalCursor, WalGone
@@ -118,34 +118,6 @@ class LagClock:
             return 0.0
         written = self.write_time_us(durable_lsn + 1)
         return 0.0 if written is None else max(now_us() - written, 0) / 1000
-
-
-class RetentionSlots:
-    """The last durable lsn of each known follower, persisted, so WAL they need is kept."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.slots: dict[str, int] = {}
-        if path.exists():
-            self.slots = msgspec.json.decode(path.read_bytes(), type=dict[str, int])
-        self._saved = dict(self.slots)
-        self._last_save = 0.0
-
-    def update(self, node_id: str, durable_lsn: int, *, force: bool = False) -> None:
-        self.slots[node_id] = max(durable_lsn, self.slots.get(node_id, 0))
-        if force or time.monotonic() - self._last_save > 1.0:
-            self.save()
-
-    def drop(self, node_id: str) -> None:
-        if self.slots.pop(node_id, None) is not None:
-            self.save()
-
-    def save(self) -> None:
-        if self.slots != self._saved:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.path, msgspec.json.encode(self.slots))
-            self._saved = dict(self.slots)
-        self._last_save = time.monotonic()
 
 
 @dataclass
@@ -540,6 +512,11 @@ class Leader:
         self.fenced: str | None = None  # why this leader stopped taking writes (deposed)
         self.fenced_term = 0
         self.slots = RetentionSlots(repl_dir / "slots.json")
+        self.retention = RetentionForecaster(
+            config.wal_retention_bytes_max,
+            metrics,
+            warn_s=store.limits.retention_exhaustion_warn_ms / 1000,
+        )
         self.sessions: dict[str, FollowerSession] = {}
         self.pins: dict[int, int] = {}
         self._server: asyncio.Server | None = None
@@ -872,6 +849,12 @@ class Leader:
                 self.evaluate(session)
             self.metrics.in_sync.set(len(self.tracker.in_sync))
             await self.ledger_keeper.heal(self.durable_positions(), self.followers_needed())
+            self.retention.sample(
+                dict(self.slots.slots),
+                self.store.wal.written_lsn.value,
+                self.store.wal.segment_infos(),
+                time.monotonic(),
+            )
 
     def durable_positions(self) -> dict[str, int]:
         """The durable lsn of every known follower: connected (its last ack) or not (its
@@ -917,12 +900,9 @@ class Leader:
         """The lowest lsn a follower or a snapshot transfer still needs from the WAL."""
         # called from the checkpointer thread: work on copies of loop-owned dicts
         needs = list(dict(self.pins).values())
-        wal_bytes = {first: size for first, _, size in self.store.wal.segment_infos()}
-        firsts = sorted(wal_bytes)
+        segments = self.store.wal.segment_infos()
         for node_id, durable in dict(self.slots.slots).items():
-            # bytes of WAL from this follower's position to the end
-            i = max(bisect.bisect_right(firsts, durable + 1) - 1, 0)
-            behind = sum(wal_bytes[f] for f in firsts[i:])
+            behind = slot_bytes(segments, durable)  # WAL from this follower's position on
             if behind <= self.config.wal_retention_bytes_max:
                 needs.append(durable + 1)
             else:
@@ -960,4 +940,5 @@ class Leader:
             "min_in_sync": self.config.min_in_sync,
             "degraded": self.ledger_keeper.summary(),
             "retention_slots": dict(self.slots.slots),
+            "retention": self.retention.status(),
         }

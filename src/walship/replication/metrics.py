@@ -97,6 +97,21 @@ class ReplicationMetrics:
         self.max_lag_seconds = gauge(
             "max_lag_seconds", "--max-lag-ms: a follower further behind leaves the in-sync set"
         )
+        self.follower_retention_bytes = gauge(
+            "follower_retention_bytes",
+            "WAL bytes the leader keeps for the follower (its retention slot, connected or not)",
+            "node_id",
+        )
+        self.follower_retention_exhaustion_seconds = gauge(
+            "follower_retention_exhaustion_seconds",
+            "When the follower's retention slot reaches the retention cap at the current ingest "
+            "rate and lag (+Inf while its lag does not grow; 0 at the cap)",
+            "node_id",
+        )
+        self.retention_bytes_max = gauge(
+            "retention_bytes_max",
+            "--wal-retention-bytes-max: a slot past it no longer holds WAL back (snapshot)",
+        )
         self.retention_slots = gauge(
             "retention_slots",
             "Followers the leader keeps WAL for (connected or not); 0 on a follower",
