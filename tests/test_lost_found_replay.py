@@ -126,6 +126,9 @@ def test_replay_after_a_forced_divergence_puts_every_cut_record_back_exactly_onc
         assert "0 stored, 9 already stored, 3 version conflicts" in text.stdout
         for r in conflicts:
             assert r["id"] in text.stdout
+        # and the progress bar, on stderr, went through every record
+        bars = [line for line in text.output.splitlines() if line.startswith("replay ")]
+        assert len(bars) == 1 and "12/12" in bars[0] and "100%" in bars[0], text.output
 
 
 def test_replay_refuses_bad_input_in_one_line_before_sending_anything(tmp_path: Path) -> None:
