@@ -174,7 +174,11 @@ def test_status_page_in_chromium_follows_a_three_node_cluster(tmp_path: Path) ->
         old.unlink()
     with Cluster(tmp_path / "cluster") as cluster:
         leader = cluster.start_leader(
-            "n1", args=["--ack-mode", "semi-sync", "--ack-timeout-ms", "300"]
+            "n1",
+            args=[
+                *("--ack-mode", "semi-sync", "--ack-timeout-ms", "300"),
+                *("--max-replication-lag-ms", "3000"),
+            ],
         )
         address = replication_address(leader)
         n2 = cluster.start_follower("n2", address)
@@ -196,6 +200,7 @@ def test_status_page_in_chromium_follows_a_three_node_cluster(tmp_path: Path) ->
             assert browser.evaluate("document.getElementById('role').textContent") == "leader"
             cluster_text = browser.evaluate("document.getElementById('cluster').innerText")
             assert "semi-sync" in cluster_text and "2/2 (min 1)" in cluster_text
+            assert "lag budget 3.0 s (within" in cluster_text, cluster_text
             browser.screenshot(shots / "01-cluster.png")
 
             # 2. the lag chart and the ingest rate move while writes run

@@ -44,6 +44,7 @@ from walship.replication.config import AckSettings, ReplicationConfig
 from walship.replication.divergence import common_point, on_history, term_at
 from walship.replication.handshake import HandshakeGate, HandshakeSlot, authenticate_follower
 from walship.replication.insync import InSyncFile, InSyncPublisher
+from walship.replication.lagbudget import AckRate, LagBudget, held_to_ms
 from walship.replication.ledger import DegradationLedger, LedgerKeeper
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import (
@@ -165,6 +166,7 @@ class FollowerSession:
         self.connected_at = time.time()
         self.last_heard = time.monotonic()
         self.snapshot: SnapshotProgress | None = None
+        self.ack_rate = AckRate()
         self.close_reason: str | None = None
         self.wake = asyncio.Event()
         self._prev: tuple[int, int, bytes] = (0, 0, GENESIS_CHAIN)
@@ -367,6 +369,7 @@ class FollowerSession:
                         )
                     self.durable_lsn = max(self.durable_lsn, msg.durable_lsn)
                     self.applied_lsn = max(self.applied_lsn, msg.applied_lsn)
+                    self.ack_rate.note(self.durable_lsn, time.monotonic())
                     # the follower acknowledges nothing while it installs: an ack of the
                     # snapshot's end means the install is over, and so is the transfer
                     snapshot = self.snapshot
@@ -512,6 +515,9 @@ class Leader:
         self.fenced: str | None = None  # why this leader stopped taking writes (deposed)
         self.fenced_term = 0
         self.slots = RetentionSlots(repl_dir / "slots.json")
+        self.lag_budget = LagBudget(
+            config.max_replication_lag_ms, config.max_lag_ms, metrics, self.in_sync_lag_ms
+        )
         self.retention = RetentionForecaster(
             config.wal_retention_bytes_max,
             metrics,
@@ -819,6 +825,20 @@ class Leader:
         self.tracker.update(session.node_id, session.durable_lsn)
         self.slots.update(session.node_id, session.durable_lsn)
         self.evaluate(session)
+        self.lag_budget.acked()
+
+    def in_sync_lag_ms(self) -> float:
+        """The lag the in-sync followers are held to by the lag budget: the highest of
+        their lags, or of the lags their backlogs will make (0 with none in sync)."""
+        now = time.monotonic()
+        return max(
+            (
+                held_to_ms(s.lag_ms(), s.lag_records(), s.ack_rate.per_s(now))
+                for s in self.sessions.values()
+                if s.in_sync
+            ),
+            default=0.0,
+        )
 
     def evaluate(self, session: FollowerSession) -> None:
         """Let ``session`` join or leave the in-sync set by its state and lag; publish it."""
@@ -941,4 +961,5 @@ class Leader:
             "degraded": self.ledger_keeper.summary(),
             "retention_slots": dict(self.slots.slots),
             "retention": self.retention.status(),
+            "lag_budget": self.lag_budget.status(),
         }

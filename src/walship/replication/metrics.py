@@ -88,6 +88,20 @@ class ReplicationMetrics:
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1.0, 5.0),
             registry=registry,
         )
+        self.lag_budget_seconds = gauge(
+            "lag_budget_seconds",
+            "--max-replication-lag-ms: writes slow down to keep in-sync followers within it "
+            "(0: off)",
+        )
+        self.lag_budget_waiting = gauge(
+            "lag_budget_waiting", "Writes held back now by the replication lag budget"
+        )
+        self.lag_budget_wait_seconds = Histogram(
+            "walship_replication_lag_budget_wait_seconds",
+            "How long writes the replication lag budget held back waited",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=registry,
+        )
         self.fenced = gauge("fenced", "1 while this node is a fenced (deposed) leader")
         self.in_sync_required = gauge(
             "in_sync_required",
