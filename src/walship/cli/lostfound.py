@@ -188,6 +188,10 @@ def replay_command(
     # with the same bytes by the client, within its usual deadline
     with Client(to, api_key=key, verify=verify) as client:
         try:
+            client.health()  # a node that does not answer is one line now, not after retries
+        except WalshipError as exc:
+            fail(f"cannot reach {to}: {exc.message}", 2)
+        try:
             with progress_bar(len(records), "dry run" if dry_run else "replay") as bar:
                 results = replay(client, records, dry_run=dry_run, advance=bar.advance)
         except WalshipError as exc:

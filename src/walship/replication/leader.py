@@ -862,19 +862,25 @@ class Leader:
         self.metrics.set_follower(session.node_id, session)
 
     async def _monitor_in_sync(self) -> None:
+        reported: str | None = None  # the last failure of the reports, logged once
         while True:
             await asyncio.sleep(0.05)
             self.acks.flush_due()
             for session in list(self.sessions.values()):
                 self.evaluate(session)
             self.metrics.in_sync.set(len(self.tracker.in_sync))
-            await self.ledger_keeper.heal(self.durable_positions(), self.followers_needed())
-            self.retention.sample(
-                dict(self.slots.slots),
-                self.store.wal.written_lsn.value,
-                self.store.wal.segment_infos(),
-                time.monotonic(),
-            )
+            try:
+                await self.ledger_keeper.heal(self.durable_positions(), self.followers_needed())
+                self.retention.sample(
+                    dict(self.slots.slots),
+                    self.store.wal.written_lsn.value,
+                    self.store.wal.segment_infos(),
+                    time.monotonic(),
+                )
+            except Exception as exc:  # reports only: the in-sync set above must go on
+                if str(exc) != reported:
+                    reported = str(exc)
+                    log.exception("replication: ledger healing or retention forecast failed")
 
     def durable_positions(self) -> dict[str, int]:
         """The durable lsn of every known follower: connected (its last ack) or not (its
