@@ -16,7 +16,7 @@ import msgspec
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from walship.apikeys import Principal
-from walship.errors import LimitExceeded, WalshipError
+from walship.errors import IdConflict, LimitExceeded, WalshipError
 from walship.events import EventIn, decode_batch_json, decode_event_json
 from walship.http.auth import check_tenant, principal_of, route_path
 from walship.http.errors import encode_error
@@ -107,6 +107,28 @@ async def append_events(
     return await node.confirm(pending, requested, leader)
 
 
+async def append_for(
+    node: Node, principal: Principal, events: Sequence[EventIn], ack_mode: str | None
+) -> list[Receipt]:
+    """``append_events`` for ``principal``, whose tenants the events are checked to be in.
+
+    An id already taken by another tenant's event is refused without a word about that event:
+    the store's ``IdConflict`` names what it stored under the id (its tenant, entity, type)."""
+    _check_tenants(principal, events)
+    try:
+        return await append_events(node, events, ack_mode)
+    except IdConflict as exc:
+        stored = exc.details.get("stored")
+        if not isinstance(stored, dict) or principal.may_use(str(stored.get("tenant_id"))):
+            raise
+        event_id = exc.details.get("event_id")
+        raise IdConflict(
+            f"event id {event_id} is already taken: a new event needs a new id",
+            event_id=event_id,
+            **({"index": exc.details["index"]} if "index" in exc.details else {}),
+        ) from None
+
+
 def _check_tenants(principal: Principal, events: Sequence[EventIn]) -> None:
     """Forbidden (nothing stored) when an event is for a tenant the principal may not use."""
     if principal.tenants is None:
@@ -120,8 +142,7 @@ async def answer_event(
 ) -> bytes:
     """Append the event in a JSON body for ``principal``; the encoded receipt."""
     event = decode_event_json(data)
-    _check_tenants(principal, (event,))
-    receipts = await append_events(node, (event,), ack_mode)
+    receipts = await append_for(node, principal, (event,), ack_mode)
     return _encoder.encode(receipts[0])
 
 
@@ -130,8 +151,7 @@ async def answer_batch(
 ) -> bytes:
     """Append the batch in a JSON body for ``principal``, all or nothing; the receipts."""
     events = decode_batch_json(data).events
-    _check_tenants(principal, events)
-    receipts = await append_events(node, events, ack_mode)
+    receipts = await append_for(node, principal, events, ack_mode)
     lsns = [r.lsn for r in receipts]
     return _encoder.encode(BatchReceipts(receipts, len(receipts), min(lsns), max(lsns)))
 
