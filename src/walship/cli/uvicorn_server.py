@@ -6,11 +6,12 @@ Imported only by ``walship serve``, so the other commands do not pay for importi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import socket
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from types import FrameType
 
 import uvicorn
@@ -38,18 +39,34 @@ class NodeServer(uvicorn.Server):
         config: uvicorn.Config,
         on_started: Callable[[], None],
         on_draining: Callable[[], None] | None = None,
+        companions: Sequence[tuple[CompanionServer, socket.socket]] = (),
     ) -> None:
         super().__init__(config)
         self._on_started = on_started
         self._on_draining = on_draining
+        self._companions = companions
+        self._companion_tasks: list[asyncio.Task[None]] = []
         self.stop_signal: int | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
-        if not self.should_exit:
-            self._on_started()
+        if self.should_exit:
+            return
+        # on the node's event loop, started once the API listens, stopped when it stops
+        for companion, sock in self._companions:
+            self._companion_tasks.append(asyncio.create_task(companion.serve(sockets=[sock])))
+        for companion, _ in self._companions:
+            while not companion.started:
+                if companion.should_exit or any(t.done() for t in self._companion_tasks):
+                    self.should_exit = True  # it could not start: neither serves
+                    return
+                await asyncio.sleep(0.01)
+        self._on_started()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for companion, _ in self._companions:
+            companion.should_exit = True
+        await asyncio.gather(*self._companion_tasks, return_exceptions=True)
         # uvicorn waits for open responses to finish before the node stops, and a
         # subscription never finishes on its own: tell them to end first
         if self._on_draining is not None:
@@ -73,6 +90,15 @@ class NodeServer(uvicorn.Server):
             self.stop_signal = sig
         # a second Ctrl-C skips waiting for open connections (uvicorn's own behaviour)
         self.handle_exit(sig, frame)
+
+
+class CompanionServer(uvicorn.Server):
+    """A second listener of the node's process (``--metrics-listen``), run by ``NodeServer``
+    on its event loop: the node's server owns the signals, and stops this one with itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
 
 
 _HEAD_END = b"\r\n\r\n"
