@@ -901,29 +901,13 @@ def _run(
     """Serve until a signal; always close the node (WAL written and fsynced) afterwards."""
     import uvicorn
 
-    from walship.cli.uvicorn_server import CompanionServer, NodeServer, head_bytes_max_protocol
+    from walship.cli.uvicorn_server import NodeServer, http_protocol, metrics_server
     from walship.http.app import create_app
-    from walship.http.metrics_listener import metrics_app
 
     host, port = sock.getsockname()[:2]
-    http_protocol = (
-        head_bytes_max_protocol(node.limits.request_head_bytes_max)
-        if importlib.util.find_spec("httptools")
-        else "h11"
-    )
-    companions = []
-    metrics_note = ""
-    if metrics_sock is not None:
-        metrics_config = uvicorn.Config(
-            metrics_app(node.store.metrics.registry),
-            http=http_protocol,
-            h11_max_incomplete_event_size=node.limits.request_head_bytes_max,
-            lifespan="off",
-            access_log=False,
-            log_level=log_level,
-            server_header=False,
-        )
-        companions.append((CompanionServer(metrics_config), metrics_sock))
+    companions, metrics_note = [], ""
+    if metrics_sock is not None:  # --metrics-listen
+        companions.append((metrics_server(node, log_level), metrics_sock))
         metrics_note = f" metrics={_url(*metrics_sock.getsockname()[:2])}/metrics"
 
     def started() -> None:
@@ -950,7 +934,7 @@ def _run(
         create_app(node, auth=auth),
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         # the request head is bounded either way: by our protocol on httptools, by h11's own
-        http=http_protocol,
+        http=http_protocol(node.limits.request_head_bytes_max),
         h11_max_incomplete_event_size=node.limits.request_head_bytes_max,
         access_log=False,
         log_level=log_level,

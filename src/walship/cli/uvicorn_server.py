@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import signal
 import socket
 import threading
 from collections.abc import Callable, Generator, Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from walship.limits import DEFAULT_LIMITS
+
+if TYPE_CHECKING:
+    from walship.node import Node
 
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -148,3 +153,28 @@ def head_bytes_max_protocol(head_bytes_max: int = DEFAULT_LIMITS.request_head_by
             super().data_received(data)
 
     return BoundedHeadProtocol
+
+
+def http_protocol(head_bytes_max: int) -> type | str:
+    """The HTTP protocol of a node's listeners: httptools with the request head bounded
+    (``head_bytes_max_protocol``) when it is installed, else h11 (bounded by its own limit)."""
+    if importlib.util.find_spec("httptools"):
+        return head_bytes_max_protocol(head_bytes_max)
+    return "h11"
+
+
+def metrics_server(node: Node, log_level: str) -> CompanionServer:
+    """The ``--metrics-listen`` server: ``GET /metrics`` of ``node`` alone, no credentials."""
+    from walship.http.metrics_listener import metrics_app
+
+    head_bytes_max = node.limits.request_head_bytes_max
+    config = uvicorn.Config(
+        metrics_app(node.store.metrics.registry),
+        http=http_protocol(head_bytes_max),
+        h11_max_incomplete_event_size=head_bytes_max,
+        lifespan="off",  # the node's own server runs its lifespan
+        access_log=False,
+        log_level=log_level,
+        server_header=False,
+    )
+    return CompanionServer(config)
