@@ -69,6 +69,9 @@ class EventBody(msgspec.Struct, array_like=True, gc=False, frozen=True):
     version: int
     payload: bytes
     metadata: bytes | None
+    # trailing and defaulted: records written before positions existed still decode (as 0,
+    # "no position"); the leader assigns it, followers take it from the record
+    tenant_position: int = 0
 
 
 class StoredEvent(msgspec.Struct, gc=False, frozen=True):
@@ -84,6 +87,7 @@ class StoredEvent(msgspec.Struct, gc=False, frozen=True):
     version: int
     payload: bytes
     metadata: bytes | None
+    tenant_position: int = 0  # gapless 1, 2, 3 ... within the tenant; 0: written before them
 
     @property
     def event_id(self) -> uuid.UUID:
@@ -108,6 +112,7 @@ class EventOut(msgspec.Struct):
     version: int
     lsn: int
     term: int
+    position: int
 
 
 _body_encoder = msgspec.msgpack.Encoder()
@@ -127,10 +132,21 @@ def encode_body_fields(
     version: int,
     payload: bytes,
     metadata: bytes | None,
+    tenant_position: int = 0,
 ) -> bytes:
     """The same bytes as ``encode_body(EventBody(...))`` without building the Struct."""
     return _body_encoder.encode(
-        (event_id, tenant_id, entity_id, event_type, timestamp_us, version, payload, metadata)
+        (
+            event_id,
+            tenant_id,
+            entity_id,
+            event_type,
+            timestamp_us,
+            version,
+            payload,
+            metadata,
+            tenant_position,
+        )
     )
 
 
@@ -150,6 +166,7 @@ def stored_from_body(lsn: int, term: int, body: EventBody) -> StoredEvent:
         body.version,
         body.payload,
         body.metadata,
+        body.tenant_position,
     )
 
 
@@ -213,6 +230,7 @@ def to_out(ev: StoredEvent) -> EventOut:
         version=ev.version,
         lsn=ev.lsn,
         term=ev.term,
+        position=ev.tenant_position,
     )
 
 
