@@ -11,7 +11,8 @@ Replay is idempotent and never forces anything:
   leader took other writes for it), the leader refuses it with ``version_conflict`` and the
   record is *listed*, with the entity's version now, for the operator to decide;
 - an id the leader holds with other contents is refused (``id_conflict``) and listed too;
-- the leader's own records (``_system.`` types, e.g. a term's first record) are skipped.
+- walship's own records (``_system.`` types: a term's first record, a consumer's tracked
+  position) are skipped.
 
 Records go in batches in their log order; a batch the leader refuses for a conflict is sent
 again one record at a time, so one conflict holds back no other record. A dry run asks the
