@@ -43,7 +43,7 @@ def test_a_client_shared_by_100_threads_stores_every_event_once(server: NodeProc
                         written.append(event_id)
                     if i % 5 == 0:  # reads share the pool too
                         client.entity_version(f"t{n}")
-            except BaseException as exc:  # noqa: BLE001 -- collected and reported below
+            except BaseException as exc:  # collected and reported below
                 errors.append(exc)
 
         threads = [threading.Thread(target=work, args=(n,)) for n in range(THREADS)]

@@ -629,34 +629,9 @@ class Store:
                 version = current + 1
                 batch_versions[key] = version
                 lsn = next_lsn + len(new_events)
-                new_events.append(
-                    StoredEvent(
-                        lsn,
-                        term,
-                        event_id,
-                        tenant,
-                        entity,
-                        etype,
-                        ts,
-                        version,
-                        payload,
-                        meta,
-                        payload_binary=binary,
-                    )
-                )
-                bodies.append(
-                    encode_body_fields(
-                        event_id,
-                        tenant,
-                        entity,
-                        etype,
-                        ts,
-                        version,
-                        payload,
-                        meta,
-                        payload_binary=binary,
-                    )
-                )
+                fields = (event_id, tenant, entity, etype, ts, version, payload, meta)
+                new_events.append(StoredEvent(lsn, term, *fields, payload_binary=binary))
+                bodies.append(encode_body_fields(*fields, payload_binary=binary))
                 receipts.append(Receipt(format_uuid(event_id), lsn, term, version, timestamp))
             if not bodies:
                 return PendingAppend(
