@@ -35,6 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -92,6 +93,7 @@ class BatchReceipt(msgspec.Struct, frozen=True):
     count: int
     first_lsn: int
     last_lsn: int
+    tracking: dict[str, Any] | None = None  # the receipt of the batch's tracking, if any
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -149,6 +151,23 @@ class EntityStateResult(msgspec.Struct, frozen=True):
     def __post_init__(self) -> None:
         if self.state_encoding == "base64":
             msgspec.structs.force_setattr(self, "state", unbase64(self.state))
+
+
+class TenantPositionResult(msgspec.Struct, frozen=True):
+    """A tenant's last position visible on the node that answered (0: none), and its lsn."""
+
+    tenant_id: str
+    position: int
+    lsn: int
+
+
+class ConsumerPositionResult(msgspec.Struct, frozen=True):
+    """The last position a consumer tracked with a batch, and the lsn of that append."""
+
+    consumer: str
+    tenant_id: str
+    position: int
+    lsn: int
 
 
 W = TypeVar("W", AppendReceipt, BatchReceipt)
@@ -214,9 +233,11 @@ class _Calls:
         self,
         events: Iterable[Mapping[str, Any]],
         ack_mode: str | None,
+        tracking: Mapping[str, Any] | None,
         extra: Mapping[str, Any] | None,
     ) -> Plan[BatchReceipt]:
-        content = encode_batch(events, extra)
+        fields = {**(extra or {}), **({} if tracking is None else {"tracking": dict(tracking)})}
+        content = encode_batch(events, fields)
         return self._write_plan("/api/v1/events/batch", content, BatchReceipt, ack_mode)
 
     def _read(
@@ -241,6 +262,14 @@ class _Calls:
 
     def _event_plan(self, event_id: str | uuid.UUID, **params: Any) -> Plan[Event]:
         return self._read(event_path(event_id), optional(**params), Event)
+
+    def _tenant_position_plan(self, tenant_id: str) -> Plan[TenantPositionResult]:
+        path = f"/api/v1/tenants/{quote(tenant_id, safe='')}/position"
+        return self._read(path, {}, TenantPositionResult, waits=False)
+
+    def _consumer_plan(self, name: str, tenant_id: str) -> Plan[ConsumerPositionResult]:
+        path = f"/api/v1/consumers/{quote(name, safe='')}"
+        return self._read(path, {"tenant_id": tenant_id}, ConsumerPositionResult, waits=False)
 
     def _stats_plan(self) -> Plan[dict[str, Any]]:
         return self._read("/api/v1/stats", {}, dict[str, Any], waits=False)
@@ -403,12 +432,15 @@ class Client(_Calls):
         events: Iterable[Mapping[str, Any]],
         *,
         ack_mode: str | None = None,
+        tracking: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> BatchReceipt:
         """Append events all or nothing; each is a dict of event fields (``id`` or
-        ``event_id``; a ``bytes`` payload is binary). ``extra``: more top-level fields of the
-        batch body (e.g. ``tracking``)."""
-        return self._run(self._batch_plan(events, ack_mode, extra))
+        ``event_id``; a ``bytes`` payload is binary). ``tracking``: ``{"consumer", "position",
+        "tenant_id"}`` stored in the same append (TrackingConflict, nothing stored, unless
+        above the consumer's stored position); ``events`` may then be empty. ``extra``: more
+        top-level fields of the batch body."""
+        return self._run(self._batch_plan(events, ack_mode, tracking, extra))
 
     def query(self, *, cursor: str | None = None, **filters: Any) -> QueryPage:
         """One page of events in lsn order. Filters: entity_id, event_type,
@@ -456,7 +488,8 @@ class Client(_Calls):
     ) -> Iterator[Event]:
         """Every matching event from ``from_lsn`` on (history, then live), in lsn order, each
         once; reconnects after the last event delivered when the connection drops. Filters:
-        tenant_id, entity_id, event_type, event_type_prefix. Never ends by itself: break out.
+        tenant_id, entity_id, event_type, event_type_prefix, from_position (with tenant_id:
+        events from that tenant position on). Never ends by itself: break out.
         Iterate it from one thread."""
         # every node given, in turn: a follower serves what it has applied, from the same lsn
         return subscriber.subscribe(
@@ -513,6 +546,14 @@ class Client(_Calls):
         """The event with this id; NotFound when there is none."""
         plan = self._event_plan(event_id, min_lsn=min_lsn, min_lsn_wait_ms=min_lsn_wait_ms)
         return self._run(plan)
+
+    def tenant_position(self, tenant_id: str = "default") -> TenantPositionResult:
+        """The tenant's last position visible on the node that answers (0: none yet)."""
+        return self._run(self._tenant_position_plan(tenant_id))
+
+    def consumer_position(self, name: str, *, tenant_id: str = "default") -> ConsumerPositionResult:
+        """The consumer's last tracked position; NotFound when it has tracked none."""
+        return self._run(self._consumer_plan(name, tenant_id))
 
     def stats(self) -> dict[str, Any]:
         return self._run(self._stats_plan())
@@ -624,9 +665,10 @@ class AsyncClient(_Calls):
         events: Iterable[Mapping[str, Any]],
         *,
         ack_mode: str | None = None,
+        tracking: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> BatchReceipt:
-        return await self._run(self._batch_plan(events, ack_mode, extra))
+        return await self._run(self._batch_plan(events, ack_mode, tracking, extra))
 
     async def query(self, *, cursor: str | None = None, **filters: Any) -> QueryPage:
         return await self._run(self._query_plan(cursor, filters))
@@ -719,6 +761,14 @@ class AsyncClient(_Calls):
     ) -> Event:
         plan = self._event_plan(event_id, min_lsn=min_lsn, min_lsn_wait_ms=min_lsn_wait_ms)
         return await self._run(plan)
+
+    async def tenant_position(self, tenant_id: str = "default") -> TenantPositionResult:
+        return await self._run(self._tenant_position_plan(tenant_id))
+
+    async def consumer_position(
+        self, name: str, *, tenant_id: str = "default"
+    ) -> ConsumerPositionResult:
+        return await self._run(self._consumer_plan(name, tenant_id))
 
     async def stats(self) -> dict[str, Any]:
         return await self._run(self._stats_plan())
