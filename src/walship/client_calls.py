@@ -61,6 +61,20 @@ class Send:
     headers: Mapping[str, str] | None = None
     timeout: float | None = None
 
+    @property
+    def target(self) -> str:
+        return self.url + self.path
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of ``httpx``'s ``request`` for this send."""
+        timeout = self.timeout if self.timeout is not None else httpx.USE_CLIENT_DEFAULT
+        return {
+            "params": self.params,
+            "content": self.content,
+            "headers": self.headers,
+            "timeout": timeout,
+        }
+
 
 @dataclass(frozen=True)
 class Sleep:
