@@ -131,6 +131,12 @@ def test_every_read_takes_min_lsn_and_a_write_its_ack_mode(url: str, node: Node)
             with pytest.raises(WaitTimeout):
                 call()
         assert client.entity_version("p", min_lsn=r.lsn) == 1
+    with Client(url) as client:  # retries do not repeat a wait that expired: raised at once
+        started = time.monotonic()
+        with pytest.raises(WaitTimeout):
+            client.event(r.event_id, **wait)
+        assert time.monotonic() - started < 5
+    with Client(url, retry=ONCE) as client:
         with pytest.raises(UnmeetableAckMode):  # the mode reached the server, nothing stored
             client.append("p", "t", 2, ack_mode="quorum:5")
         with pytest.raises(InvalidInput):
