@@ -5,6 +5,8 @@
     WalshipError                    every error walship raises on purpose
     ├── InvalidInput                a request, event, frame or argument is malformed (4xx)
     │   ├── MalformedJson           the body is not JSON at all
+    │   ├── MalformedMsgpack        the body is not msgpack at all
+    │   ├── UnsupportedMediaType    a body in a format the route does not read (415)
     │   ├── ValidationError         an event field breaks a rule of the event model
     │   ├── LimitExceeded           a size or count crosses a named limit in ``limits.py``
     │   ├── InvalidParameter        a query or path parameter of an HTTP request is malformed
@@ -17,6 +19,7 @@
     ├── Conflict                    the request is well formed but contradicts stored state
     │   ├── VersionConflict         ``expected_version`` differs from the entity's version
     │   ├── IdConflict              an event id is stored (or in the batch) with another body
+    │   ├── TrackingConflict        a batch's tracked position is not above the consumer's
     │   ├── ReadOnly                a write reached a node that is not the leader
     │   │   └── Fenced              a write reached a leader that learned it was deposed
     │   └── DataDirLocked           another process (or Store) holds the data dir's lock
@@ -73,6 +76,15 @@ class InvalidInput(WalshipError):
 
 class MalformedJson(InvalidInput):
     code = "malformed_json"
+
+
+class MalformedMsgpack(InvalidInput):
+    code = "malformed_msgpack"
+
+
+class UnsupportedMediaType(InvalidInput):
+    code = "unsupported_media_type"
+    http_status = 415
 
 
 class ValidationError(InvalidInput):
@@ -138,6 +150,13 @@ class VersionConflict(Conflict):
 
 class IdConflict(Conflict):
     code = "id_conflict"
+
+
+class TrackingConflict(Conflict):
+    """A batch's ``tracking`` position is not above the consumer's stored one: nothing of the
+    batch was stored (``stored_position`` says where the consumer is)."""
+
+    code = "tracking_conflict"
 
 
 class ReadOnly(Conflict):

@@ -27,7 +27,7 @@ class Limits:
     metadata_bytes_max: int = 64 * KIB
     tenant_id_chars_max: int = 64
     entity_id_chars_max: int = 128
-    event_type_chars_max: int = 128
+    event_type_chars_max: int = 256  # topic names: module path, class, event name
     batch_events_max: int = 10_000
     request_bytes_max: int = 32 * MIB
     # request line and headers together, counted as they arrive: past it 431 and the
@@ -39,6 +39,14 @@ class Limits:
     query_limit_default: int = 100
     query_limit_max: int = 10_000
     min_lsn_wait_ms_max: int = 30_000
+    # a query by tenant position reads at most this many of the tenant's events before the
+    # range (the position index keeps one anchor per this many positions: 16 bytes each)
+    tenant_position_index_stride: int = 256
+
+    # consumers (tracked positions): the table is held in memory and in every checkpoint
+    # manifest (about 100 bytes an entry), so its size is bounded
+    consumer_name_chars_max: int = 128
+    consumers_max: int = 100_000
 
     # subscriptions (SSE): a subscriber costs one page of events in memory while it is sent,
     # never a queue; the next page is read only when the last one left for the socket
@@ -86,6 +94,9 @@ class Limits:
 
     # operators
     lost_found_files_listed_max: int = 100  # newest files GET .../lost-found summarizes
+    # a leader logs a warning when a follower's retention slot is forecast to reach
+    # --wal-retention-bytes-max sooner than this (and /health, the metric say it always)
+    retention_exhaustion_warn_ms: int = 15 * 60_000
 
     # HTTP authentication: a server looks at its API key file's mtime at most this often, so
     # a key created or revoked is in force about this long after the file changes

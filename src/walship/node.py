@@ -511,8 +511,9 @@ class Node:
         (its leader end stopped: nothing more can confirm) while the write waited.
         """
         receipts = pending.receipts
+        answers = pending.answers  # with the batch's tracking receipt
         mode = self.ack_mode_for(requested, leader)
-        if not mode.waits or not receipts:
+        if not mode.waits or not answers:
             return receipts
         last = pending.max_lsn
         outcome = await leader.confirm(last, mode)
@@ -524,18 +525,18 @@ class Node:
             await leader.record_degraded(pending.min_lsn, last, reason)
             if leader.config.on_ack_timeout == "fail":
                 raise AckTimeout(
-                    f"committed locally at lsn {last} (term {receipts[-1].term}) but not "
+                    f"committed locally at lsn {last} (term {answers[-1].term}) but not "
                     f"confirmed by replicas: {reason}",
                     lsn=last,
                     first_lsn=pending.min_lsn,
-                    term=receipts[-1].term,
+                    term=answers[-1].term,
                     ack_mode=str(mode),
                     required=outcome.required,
                     acked_by=outcome.acked_by,
                     committed_locally=True,
                 )
             durability = "degraded"
-        for r in receipts:
+        for r in answers:
             r.durability = durability
             r.required = outcome.required
             r.acked_by = outcome.acked_by
@@ -838,9 +839,12 @@ class Node:
             "events": manifest.events,
         }
 
-    def degraded_ranges(self) -> list[dict[str, object]]:
-        """The degradation ledger (a leader's); empty on a follower."""
-        return self.leader.ledger.to_list() if self.leader is not None else []
+    def degraded_ranges(self, *, at_risk_only: bool = False) -> list[dict[str, object]]:
+        """The degradation ledger's ranges (a leader's), each with its state; only those
+        still at risk with ``at_risk_only``. Empty on a follower."""
+        if self.leader is None:
+            return []
+        return self.leader.ledger.to_list(at_risk_only=at_risk_only)
 
     def close(self) -> None:
         """Close the store (flushing the WAL). Idempotent."""

@@ -25,6 +25,7 @@ from walship.storage.parquet import (
     PartInfo,
     PartReader,
     _sha256,
+    conform,
     part_name,
 )
 
@@ -53,6 +54,7 @@ class _RowSource:
                 self.cache[g] = self.file.read_row_group(g, use_threads=False)
             tables.append(self.cache[g])
         window = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        window = conform(window)  # an input written before tenant positions: 0s
         return window.take(pa.array(rows - self.group_starts[first_group]))
 
 
@@ -131,13 +133,13 @@ def write_merged(directory: Path, readers: list[PartReader], row_group_rows: int
             positions = []
             for i in np.unique(chunk_src):
                 mask = chunk_src == i
-                pieces.append(sources[int(i)].take(chunk_rows[mask]))
+                pieces.append(conform(sources[int(i)].take(chunk_rows[mask])))
                 positions.append(np.nonzero(mask)[0])
             table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
             # restore the merged order within the chunk
             inverse = np.empty(end - start, dtype=np.int64)
             inverse[np.concatenate(positions)] = np.arange(end - start)
-            table = table.take(pa.array(inverse))
+            table = conform(table.take(pa.array(inverse)))  # inputs may predate columns
             writer.write_table(table, row_group_size=row_group_rows)
             groups.append(
                 (
