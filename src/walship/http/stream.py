@@ -11,6 +11,7 @@ waits for the peer (TCP pacing), never an in-memory queue of events per subscrib
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures at run time.
+import asyncio
 import contextlib
 import dataclasses
 import time
@@ -23,12 +24,20 @@ from fastapi import FastAPI, Header, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
-from walship.errors import InvalidParameter, NotFound, Unavailable
+from walship.errors import InvalidParameter, LogCut, NotFound, Unavailable
 from walship.events import EventOut, StoredEvent, to_out
 from walship.http.auth import check_tenant, principal_of, scope_filter
 from walship.limits import LSN_MAX
 from walship.node import Node
-from walship.sse import KEEPALIVE, MEDIA_TYPE, RETRY_MS, encode_event, parse_last_event_id
+from walship.sse import (
+    KEEPALIVE,
+    MEDIA_TYPE,
+    RETRY_MS,
+    ResumePoint,
+    encode_cut,
+    encode_event,
+    parse_last_event_id,
+)
 from walship.storage.query import QueryFilter
 
 STREAM_PATH = "/api/v1/events/stream"
@@ -67,6 +76,58 @@ def _json(body: bytes) -> Response:
     return Response(body, media_type=_JSON)
 
 
+@dataclasses.dataclass(frozen=True)
+class CutNotice:
+    """The stream's last item: a repair cut the log behind what the stream had sent (or
+    the resume position's term is not this log's); the consumer's position is gone."""
+
+    error: LogCut
+
+
+def check_resume(node: Node, point: ResumePoint) -> None:
+    """LogCut (409) when a resume position names an event this node's log cannot hold: a
+    term that differs from this log's at that lsn, or (on the leader, whose log is the
+    cluster's) an lsn past its end. A follower may just be behind: its stream waits, and
+    checks the term once it has the lsn."""
+    store = node.store
+    if point.lsn == 0:
+        return
+    visible = store.visible_lsn
+    if point.lsn <= visible:
+        if point.term is not None and (term := store.term_at(point.lsn)) != point.term:
+            raise _term_differs(node, point, term)
+    elif node.leader is not None:
+        raise LogCut(
+            f"Last-Event-ID names lsn {point.lsn}, past the end of the log on the leader "
+            f"{node.node_id} (lsn {visible}): a failover repair cut the events it had; "
+            "rebuild from a position you trust",
+            last_event_lsn=point.lsn,
+            log_end_lsn=visible,
+        )
+
+
+def _term_differs(node: Node, point: ResumePoint, term: int) -> LogCut:
+    return LogCut(
+        f"lsn {point.lsn} was written in term {term} on {node.node_id}, not in term "
+        f"{point.term} as the consumer had it: a failover repair cut the events it had; "
+        "rebuild from a position you trust",
+        last_event_lsn=point.lsn,
+        last_event_term=point.term,
+        log_term=term,
+    )
+
+
+def _cut_under(node: Node, kept: int, after: int) -> CutNotice:
+    return CutNotice(
+        LogCut(
+            f"a failover repair cut the log of {node.node_id} after lsn {kept}; this stream "
+            f"had sent up to lsn {after}, events the log does not hold any more",
+            kept_lsn=kept,
+            last_event_lsn=after,
+        )
+    )
+
+
 class Subscriptions:
     """Counts a node's open subscriptions against ``subscriptions_max``."""
 
@@ -83,13 +144,24 @@ class Subscriptions:
                 retry_after_ms=1_000,
             )
 
-    async def pages(self, flt: QueryFilter, after: int) -> AsyncGenerator[list[StoredEvent], None]:
-        """Pages of events after lsn ``after`` matching ``flt``, in lsn order, until the node
+    async def pages(
+        self, flt: QueryFilter, point: ResumePoint, cuts_seen: int
+    ) -> AsyncGenerator[list[StoredEvent] | CutNotice, None]:
+        """Pages of events after ``point`` matching ``flt``, in lsn order, until the node
         ends its subscriptions; an empty page means nothing was sent for a heartbeat interval
-        (time for a keepalive). The next page is read only when the caller asks for it."""
+        (time for a keepalive). The next page is read only when the caller asks for it.
+
+        ``cuts_seen`` is the store's cut ``seq`` when ``point`` was checked: a repair cut
+        after it that falls below what the stream stands at ends the stream with a
+        ``CutNotice``; a page read while a cut ran is never sent.
+        """
         node = self.node
         store = node.store
+        cuts = store.cuts
         limits = node.limits
+        after = point.lsn
+        # a follower may not have had the resume lsn yet: its term is checked once it has
+        term_due = point.term if point.lsn > store.visible_lsn else None
         # the query path refuses pages over query_limit_max, which a deployment may set lower
         page = min(limits.subscription_page_events, limits.query_limit_max)
         heartbeat_s = limits.subscription_heartbeat_ms / 1000
@@ -99,10 +171,29 @@ class Subscriptions:
         try:
             sent_at = time.monotonic()
             while not node.subscriptions_ended:
+                seq = cuts.seq
+                if seq != cuts_seen:
+                    kept = cuts.lowest_since(cuts_seen)
+                    if kept is not None and after > kept:
+                        yield _cut_under(node, kept, after)
+                        return
+                    if seq % 2:  # a cut runs: read nothing until it is done
+                        await asyncio.sleep(0.05)
+                        continue
+                    cuts_seen = seq
                 visible = store.visible_lsn
+                if term_due is not None and visible >= point.lsn:
+                    if (term := store.term_at(point.lsn)) != term_due:
+                        if cuts.seq == seq:
+                            yield CutNotice(_term_differs(node, point, term))
+                            return
+                        continue
+                    term_due = None
                 if visible > after:
                     window = dataclasses.replace(flt, from_lsn=after + 1, to_lsn=visible)
                     result = await run_in_threadpool(store.query, window, page)
+                    if cuts.seq != seq:
+                        continue  # read across a cut: maybe records that are gone now
                     # a full page says where it stopped; a short one covered all up to visible
                     after = result.events[-1].lsn if result.next_cursor else visible
                     if result.events:
@@ -120,13 +211,17 @@ class Subscriptions:
         finally:
             self.open -= 1
 
-    async def frames(self, flt: QueryFilter, after: int) -> AsyncIterator[bytes]:
+    async def frames(
+        self, flt: QueryFilter, point: ResumePoint, cuts_seen: int
+    ) -> AsyncIterator[bytes]:
         """The subscription as Server-Sent Events."""
-        yield b"retry: %d\n: subscribed after lsn %d\n\n" % (RETRY_MS, after)
+        yield b"retry: %d\n: subscribed after lsn %d\n\n" % (RETRY_MS, point.lsn)
         # closed with this generator, wherever it stops: the count must come back at once
-        async with contextlib.aclosing(self.pages(flt, after)) as pages:
+        async with contextlib.aclosing(self.pages(flt, point, cuts_seen)) as pages:
             async for events in pages:
-                if events:
+                if isinstance(events, CutNotice):
+                    yield encode_cut(_encoder.encode(events.error.to_dict()))
+                elif events:
                     for chunk in _chunks(events):
                         yield chunk
                 else:
@@ -137,7 +232,7 @@ def _chunks(events: list[StoredEvent]) -> Iterable[bytes]:
     parts: list[bytes] = []
     size = 0
     for ev in events:
-        frame = encode_event(ev.lsn, _encoder.encode(to_out(ev)))
+        frame = encode_event(ev.lsn, ev.term, _encoder.encode(to_out(ev)))
         parts.append(frame)
         size += len(frame)
         if size >= CHUNK_BYTES:
@@ -159,11 +254,16 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
     @app.get(
         STREAM_PATH,
         summary="Subscribe: matching events from a position, history then live (SSE)",
-        description="Server-Sent Events: each event is `id: <lsn>` and `data: <event JSON>`, in "
-        "lsn order, every matching event exactly once: first the stored history, then live "
-        "as events become visible on this node (a follower sends only what it has applied). "
-        "Reconnect with `Last-Event-ID` (it wins over `from_lsn`) to resume after that lsn. "
-        f"Idle streams get a `: keepalive` comment every {limits.subscription_heartbeat_ms} ms.",
+        description="Server-Sent Events: each event is `id: <lsn>:<term>` and `data: <event "
+        "JSON>`, in lsn order, every matching event exactly once: first the stored history, "
+        "then live as events become visible on this node (a follower sends only what it has "
+        "applied). Reconnect with `Last-Event-ID` (it wins over `from_lsn`; a plain `<lsn>` is "
+        "taken too) to resume after that event. "
+        f"Idle streams get a `: keepalive` comment every {limits.subscription_heartbeat_ms} ms. "
+        "When a failover repair cuts this node's log below what the stream sent, the stream "
+        "ends with an `event: cut` frame (data: a `log_cut` error with `kept_lsn`); a resume "
+        "whose event this log does not hold (another term at that lsn, or past the leader's "
+        "end) is answered 409 `log_cut`.",
         responses={
             200: {"description": "An event stream", "content": {MEDIA_TYPE: {}}},
             "default": {"description": "Error", "content": {_JSON: {}}},
@@ -180,9 +280,11 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
             str | None, Header(description="The lsn of the last event received: resume after it")
         ] = None,
     ) -> Response:
-        after = max(from_lsn, 1) - 1
+        cuts_seen = store.cuts.seq  # before the check: a cut from here on is seen by the stream
+        point = ResumePoint(max(from_lsn, 1) - 1)
         if last_event_id is not None:
-            after = parse_last_event_id(last_event_id.strip())
+            point = parse_last_event_id(last_event_id.strip())
+            check_resume(node, point)  # ``from_lsn`` is where to start, not what was had
         flt = QueryFilter(
             tenant_id=tenant_id if tenant_id or not entity_id else "default",
             entity_id=entity_id,
@@ -192,7 +294,7 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
         flt = scope_filter(principal_of(request.scope), flt)
         subscriptions.admit()
         return StreamingResponse(
-            subscriptions.frames(flt, after),
+            subscriptions.frames(flt, point, cuts_seen),
             media_type=MEDIA_TYPE,
             # proxies (nginx) must pass each piece on at once, not buffer the stream
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
