@@ -330,7 +330,8 @@ def ingest_ratio(root: Path, n: int, live: int) -> dict[str, Any]:
 def idle_rss(root: Path, idle: int) -> dict[str, Any]:
     node = start_node(root, "idle")
     try:
-        load(node.url, 1_000)
+        load(node.url, 1_000)  # warm up
+        alone = load(node.url, 10_000, offset=4 * 10**7)
         before = rss_mb(node)
         kids, _ = _subscribers(node.url, idle, "tenant_id=quiet", per_child=250)
         deadline = time.monotonic() + 60
@@ -340,16 +341,16 @@ def idle_rss(root: Path, idle: int) -> dict[str, Any]:
             time.sleep(0.1)
         time.sleep(1.0)
         with_idle = rss_mb(node)
-        t0 = time.perf_counter()
-        load(node.url, 10_000, offset=3 * 10**7)  # the idle ones are woken by every commit
-        ingest_idle = 10_000 / (time.perf_counter() - t0)
+        with_idle_rate = load(node.url, 10_000, offset=3 * 10**7)  # every commit wakes them
         _finish(kids, 0)
     finally:
         node.stop()
     return {"idle_subscribers": idle, "rss_before_idle_mb": round(before, 1),
             "rss_idle_subscribers_mb": round(with_idle, 1),
             "rss_per_idle_subscriber_kb": round((with_idle - before) * 1024 / idle, 1),
-            "ingest_with_idle_events_per_s": round(ingest_idle)}  # fmt: skip
+            "ingest_before_idle_events_per_s": round(alone),
+            "ingest_with_idle_events_per_s": round(with_idle_rate),
+            "ingest_ratio_idle": round(with_idle_rate / alone, 3)}  # fmt: skip
 
 
 def main() -> None:

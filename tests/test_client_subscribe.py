@@ -121,7 +121,7 @@ def test_subscribe_resumes_after_a_cut_and_a_server_restart(tmp_path: Path) -> N
     assert len(got) >= 550 and got == log[: len(got)]
     # it resumed where it was, not from the start (the server sent nothing twice)
     assert transport.resumed_after[0] is None
-    assert transport.resumed_after[1] == str(before_cut[-1])
+    assert transport.resumed_after[1] == f"{before_cut[-1]}:1"  # lsn:term of the last one
     assert all(after is not None for after in transport.resumed_after[1:])
 
 

@@ -385,3 +385,43 @@ def test_a_query_limit_below_the_subscription_page_still_streams_everything(
             assert [e["lsn"] for e in got] == lsns
     finally:
         small.close()
+
+
+def test_caught_up_subscribers_share_each_commits_read(
+    node: Node, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thirty caught-up streams (ten per filter) get each commit's events from one shared
+    read of the live tail, not thirty queries; each still gets exactly what its filter says."""
+    write(url, 0, 20)
+    everything = [SseReader(f"{url}{STREAM}?from_lsn=1") for _ in range(10)]
+    by_entity = [SseReader(f"{url}{STREAM}?entity_id=e-3") for _ in range(10)]
+    by_tenant = [SseReader(f"{url}{STREAM}?tenant_id=other") for _ in range(10)]
+    readers = everything + by_entity + by_tenant
+    try:
+        for reader in everything:
+            assert len(reader.take(20)) == 20
+        for reader in by_entity:
+            assert len(reader.take(3)) == 3  # e-3 of 0..19: 3, 10, 17
+        wait_until(lambda: node_open_streams(url) == 30, 10, "thirty open streams")
+        time.sleep(0.3)  # the tenant streams' first read has run too
+        reads: list[int] = []
+        query = node.store.query
+
+        def counting(flt: Any, limit: Any = None, cursor: Any = None) -> Any:
+            reads.append(flt.from_lsn)
+            return query(flt, limit, cursor)
+
+        monkeypatch.setattr(node.store, "query", counting)
+        lsns = write(url, 20, 14) + write(url, 0, 5, tenant_id="other")
+        for reader in everything:
+            assert [e["lsn"] for e in reader.take(19)] == lsns
+        for reader in by_entity:
+            assert [e["lsn"] for e in reader.take(2)] == [lsns[4], lsns[11]]  # 24 and 31
+        for reader in by_tenant:
+            assert [e["lsn"] for e in reader.take(5)] == lsns[14:]
+        assert len(reads) <= 6, reads  # two commits, one read each (and a straggler or two)
+        time.sleep(0.3)
+        assert all(reader.drain() == [] for reader in readers)
+    finally:
+        for reader in readers:
+            reader.close()

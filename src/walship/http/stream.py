@@ -27,6 +27,7 @@ from starlette.responses import Response, StreamingResponse
 from walship.errors import InvalidParameter, LogCut, NotFound, Unavailable
 from walship.events import EventOut, StoredEvent, to_out
 from walship.http.auth import check_tenant, principal_of, scope_filter
+from walship.http.live_tail import LiveTail, TailWindow
 from walship.limits import LSN_MAX
 from walship.node import Node
 from walship.sse import (
@@ -128,12 +129,31 @@ def _cut_under(node: Node, kept: int, after: int) -> CutNotice:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class SharedPage:
+    """A page taken from the live tail: its events and their encoded forms are shared."""
+
+    window: TailWindow
+    flt: QueryFilter
+
+    @property
+    def events(self) -> list[StoredEvent]:
+        return self.window.select(self.flt)
+
+
+Page = list[StoredEvent] | SharedPage | CutNotice
+
+
 class Subscriptions:
-    """Counts a node's open subscriptions against ``subscriptions_max``."""
+    """Counts a node's open subscriptions against ``subscriptions_max``; the live tail
+    they share once caught up."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self.open = 0
+        limits = node.limits
+        window = min(limits.subscription_tail_events_max, limits.query_limit_max)
+        self.tail = LiveTail(node.store, window)
 
     def admit(self) -> None:
         """Unavailable (503) when the node serves as many as it may."""
@@ -146,7 +166,7 @@ class Subscriptions:
 
     async def pages(
         self, flt: QueryFilter, point: ResumePoint, cuts_seen: int
-    ) -> AsyncGenerator[list[StoredEvent] | CutNotice, None]:
+    ) -> AsyncGenerator[Page, None]:
         """Pages of events after ``point`` matching ``flt``, in lsn order, until the node
         ends its subscriptions; an empty page means nothing was sent for a heartbeat interval
         (time for a keepalive). The next page is read only when the caller asks for it.
@@ -168,6 +188,9 @@ class Subscriptions:
         # counted here, not in ``admit``: a response whose body never starts (the client left
         # first) never runs this generator, so its ``finally`` could not give the count back
         self.open += 1
+        # history is read page by page from the store; once a read reached what was visible,
+        # the stream takes each commit's events from the live tail it shares with the others
+        caught_up = False
         try:
             sent_at = time.monotonic()
             while not node.subscriptions_ended:
@@ -189,6 +212,21 @@ class Subscriptions:
                             return
                         continue
                     term_due = None
+                if (
+                    caught_up
+                    and visible > after
+                    and (tail := await self.tail.window(after, visible, seq))
+                ):
+                    if cuts.seq != seq:
+                        continue  # read across a cut: maybe records that are gone now
+                    after = tail.hi
+                    if tail.select(flt):
+                        yield SharedPage(tail, flt)
+                        sent_at = time.monotonic()
+                    elif time.monotonic() - sent_at >= heartbeat_s:
+                        yield []
+                        sent_at = time.monotonic()
+                    continue
                 if visible > after:
                     window = dataclasses.replace(flt, from_lsn=after + 1, to_lsn=visible)
                     result = await run_in_threadpool(store.query, window, page)
@@ -196,6 +234,7 @@ class Subscriptions:
                         continue  # read across a cut: maybe records that are gone now
                     # a full page says where it stopped; a short one covered all up to visible
                     after = result.events[-1].lsn if result.next_cursor else visible
+                    caught_up = not result.next_cursor
                     if result.events:
                         yield result.events
                         sent_at = time.monotonic()
@@ -221,6 +260,8 @@ class Subscriptions:
             async for events in pages:
                 if isinstance(events, CutNotice):
                     yield encode_cut(_encoder.encode(events.error.to_dict()))
+                elif isinstance(events, SharedPage):
+                    yield events.window.sse(events.flt)
                 elif events:
                     for chunk in _chunks(events):
                         yield chunk

@@ -25,7 +25,13 @@ from walship.errors import InvalidParameter, LogCut, WalshipError
 from walship.events import to_out
 from walship.http.auth import principal_of, scope_filter
 from walship.http.errors import encode_error
-from walship.http.stream import STREAM_PATH, CutNotice, Subscriptions, check_resume
+from walship.http.stream import (
+    STREAM_PATH,
+    CutNotice,
+    SharedPage,
+    Subscriptions,
+    check_resume,
+)
 from walship.limits import LSN_MAX
 from walship.node import Node
 from walship.sse import ResumePoint, parse_last_event_id
@@ -112,6 +118,10 @@ def add_websocket_route(app: FastAPI, subscriptions: Subscriptions) -> None:
                 async for events in pages:
                     if isinstance(events, CutNotice):
                         return events
+                    if isinstance(events, SharedPage):  # the live tail: JSON encoded once
+                        for ev in events.events:
+                            await websocket.send_text(events.window.json_of(ev).decode())
+                        continue
                     for ev in events:  # an empty page: the server's pings keep it alive
                         await websocket.send_text(_encoder.encode(to_out(ev)).decode())
             return None
