@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from tests.cluster import (
@@ -161,6 +161,9 @@ def test_a_repair_cut_ends_open_subscriptions_and_refuses_resumes_it_cut_away(
 
             wait_caught_up(f1, leader)
             resume = f"{last['lsn']}:{last['term']}"
+            with pytest.raises(InvalidStatus) as refused:  # a WebSocket resume, as a browser's
+                connect(f"ws://{f1.url.removeprefix('http://')}{STREAM}?last_event_id={resume}")
+            assert refused.value.response.status_code == 409
             for node in (leader, f1):
                 with httpx.stream(
                     "GET", f"{node.url}{STREAM}", headers={"Last-Event-ID": resume}

@@ -203,6 +203,11 @@ def test_stopping_the_server_ends_open_subscriptions(tmp_path: Path) -> None:
         ({}, {"Last-Event-ID": "1.5"}),
         ({}, {"Last-Event-ID": "9" * 40}),
         ({}, {"Last-Event-ID": "0x10"}),
+        ({}, {"Last-Event-ID": "5:"}),
+        ({}, {"Last-Event-ID": ":5"}),
+        ({}, {"Last-Event-ID": "5:x"}),
+        ({}, {"Last-Event-ID": "5:1:2"}),
+        ({}, {"Last-Event-ID": "5:-1"}),
     ],
 )
 def test_bad_subscription_input_is_a_4xx_json_error(
@@ -219,6 +224,20 @@ def test_last_event_id_wins_over_from_lsn(url: str) -> None:
     write(url, 0, 10)
     with SseReader(f"{url}{STREAM}?from_lsn=1", last_event_id=7) as reader:
         assert [e["lsn"] for e in reader.take(3)] == [8, 9, 10]
+    with SseReader(f"{url}{STREAM}", headers={"Last-Event-ID": "8:1"}) as reader:
+        assert [e["lsn"] for e in reader.take(2)] == [9, 10]
+
+
+@pytest.mark.parametrize("last_event_id", ["8:2", "11", "11:1", "99:1"])
+def test_a_resume_from_an_event_this_log_does_not_hold_is_409(url: str, last_event_id: str) -> None:
+    """Another term at that lsn, or past the end of the leader's log: the consumer's position
+    was repaired away (or never was on this history), which it must be told, not skipped."""
+    write(url, 0, 10)
+    with httpx.stream(
+        "GET", f"{url}{STREAM}", headers={"Last-Event-ID": last_event_id}
+    ) as response:
+        assert response.status_code == 409
+        assert json.loads(response.read())["error"] == "log_cut"
 
 
 # ------------------------------------------------------------------ real servers
