@@ -228,7 +228,16 @@ def test_last_event_id_wins_over_from_lsn(url: str) -> None:
         assert [e["lsn"] for e in reader.take(2)] == [9, 10]
 
 
-@pytest.mark.parametrize("last_event_id", ["8:2", "11", "11:1", "99:1"])
+def test_a_resume_from_a_term_the_node_has_not_seen_is_not_called_a_cut(url: str) -> None:
+    """The consumer read from a newer leader: this node is the one behind, so it says 503
+    (try another node), not that the consumer's position was repaired away."""
+    write(url, 0, 10)
+    with httpx.stream("GET", f"{url}{STREAM}", headers={"Last-Event-ID": "5:2"}) as response:
+        assert response.status_code == 503
+        assert json.loads(response.read())["error"] == "unavailable"
+
+
+@pytest.mark.parametrize("last_event_id", ["8:0", "11", "11:1", "99:1"])
 def test_a_resume_from_an_event_this_log_does_not_hold_is_409(url: str, last_event_id: str) -> None:
     """Another term at that lsn, or past the end of the leader's log: the consumer's position
     was repaired away (or never was on this history), which it must be told, not skipped."""

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Header, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
-from walship.errors import InvalidParameter, LogCut, NotFound, Unavailable
+from walship.errors import InvalidParameter, LogCut, NotFound, Unavailable, WalshipError
 from walship.events import EventOut, StoredEvent, to_out
 from walship.http.auth import check_tenant, principal_of, scope_filter
 from walship.http.live_tail import LiveTail, TailWindow
@@ -40,6 +40,7 @@ from walship.sse import (
     parse_last_event_id,
 )
 from walship.storage.query import QueryFilter
+from walship.store import Store
 
 STREAM_PATH = "/api/v1/events/stream"
 CHUNK_BYTES = 64 * 1024  # frames go to the socket in pieces of about this, so TCP paces us
@@ -87,17 +88,27 @@ class CutNotice:
 
 def check_resume(node: Node, point: ResumePoint) -> None:
     """LogCut (409) when a resume position names an event this node's log cannot hold: a
-    term that differs from this log's at that lsn, or (on the leader, whose log is the
-    cluster's) an lsn past its end. A follower may just be behind: its stream waits, and
-    checks the term once it has the lsn."""
+    term that differs from this log's at that lsn, or (on a leader that takes writes, whose
+    log is the cluster's) an lsn past its end. A node that has not seen the position's term
+    is behind, not the consumer: a leader answers Unavailable (503, try another node), a
+    follower's stream waits and checks the term once it has the lsn, as it does for an lsn
+    it has not applied yet."""
     store = node.store
     if point.lsn == 0:
         return
     visible = store.visible_lsn
+    if point.term is not None and point.term > store.last_position.term.value:
+        if node.leader is not None and _takes_writes(node):
+            raise Unavailable(
+                f"Last-Event-ID names term {point.term}, which {node.node_id} has not seen: "
+                "it is not the cluster's leader any more; subscribe to another node",
+                retry_after_ms=1_000,
+            )
+        return
     if point.lsn <= visible:
         if point.term is not None and (term := store.term_at(point.lsn)) != point.term:
             raise _term_differs(node, point, term)
-    elif node.leader is not None:
+    elif node.leader is not None and _takes_writes(node):
         raise LogCut(
             f"Last-Event-ID names lsn {point.lsn}, past the end of the log on the leader "
             f"{node.node_id} (lsn {visible}): a failover repair cut the events it had; "
@@ -105,6 +116,21 @@ def check_resume(node: Node, point: ResumePoint) -> None:
             last_event_lsn=point.lsn,
             log_end_lsn=visible,
         )
+
+
+def _holds(store: Store, point: ResumePoint) -> bool:
+    """Whether this node's log reaches ``point`` and has seen its term (so it can judge it)."""
+    term = point.term or 0
+    return store.visible_lsn >= point.lsn and store.last_position.term.value >= term
+
+
+def _takes_writes(node: Node) -> bool:
+    """Whether this leader's log is the cluster's now (not fenced, not waiting for a lease)."""
+    try:
+        node.check_writable()
+    except WalshipError:
+        return False
+    return True
 
 
 def _term_differs(node: Node, point: ResumePoint, term: int) -> LogCut:
@@ -180,8 +206,10 @@ class Subscriptions:
         cuts = store.cuts
         limits = node.limits
         after = point.lsn
-        # a follower may not have had the resume lsn yet: its term is checked once it has
-        term_due = point.term if point.lsn > store.visible_lsn else None
+        # a follower may not have the resume lsn or its term yet: checked once it has them
+        term_due = None
+        if point.term is not None and not _holds(store, point):
+            term_due = point.term
         # the query path refuses pages over query_limit_max, which a deployment may set lower
         page = min(limits.subscription_page_events, limits.query_limit_max)
         heartbeat_s = limits.subscription_heartbeat_ms / 1000
@@ -205,7 +233,13 @@ class Subscriptions:
                         continue
                     cuts_seen = seq
                 visible = store.visible_lsn
-                if term_due is not None and visible >= point.lsn:
+                if term_due is not None:
+                    if not _holds(store, point):  # send nothing before it has: wait for more
+                        idle_s = max(0.0, heartbeat_s - (time.monotonic() - sent_at))
+                        if not await node.wait_past(visible, idle_s):
+                            yield []
+                            sent_at = time.monotonic()
+                        continue
                     if (term := store.term_at(point.lsn)) != term_due:
                         if cuts.seq == seq:
                             yield CutNotice(_term_differs(node, point, term))
