@@ -142,3 +142,31 @@ def test_a_node_holds_a_thousand_idle_and_a_hundred_live_subscribers(
         print("many subscribers:", json.dumps(record))
         (tmp_path / "many_subscribers.json").write_text(json.dumps(record))
         assert rss["live"] - rss["before"] < RSS_GROWTH_MAX, record
+
+
+def test_a_node_started_under_a_low_open_file_limit_raises_it(
+    tmp_path: Path, enough_files: None
+) -> None:
+    """Started with a soft limit of 256 descriptors (as systems with 1,024 start services,
+    scaled down), ``walship serve`` raises it to the hard limit and holds 400 streams."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1_024:
+        pytest.skip(f"the hard open-file limit ({hard}) leaves nothing to raise")
+    with Cluster(tmp_path) as cluster:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        try:
+            node = cluster.start_leader()  # inherits the low limit
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        host, port = node.url.removeprefix("http://").rsplit(":", 1)
+
+        async def hold() -> None:
+            streams = [await Stream.open(host, int(port), "tenant_id=quiet") for _ in range(400)]
+            try:
+                wait_until(lambda: stats(node)["subscriptions"] == 400, 30, "400 open streams")
+                assert write_batches(node.url, 0)[-1] == EVENTS
+            finally:
+                for stream in streams:
+                    stream.close()
+
+        asyncio.run(hold())
