@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import re
 import resource
 import sys
@@ -68,6 +69,22 @@ def rss_mb(node: NodeProcess) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
+
+
+def cpu_s(node: NodeProcess) -> float:
+    """CPU seconds the node's process has used (user + system): a figure the other load on a
+    shared machine disturbs far less than a rate."""
+    assert node.process is not None
+    with open(f"/proc/{node.process.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_load(node: NodeProcess, n: int, offset: int) -> tuple[float, float]:
+    """Load ``n`` events: (events/s, the node's CPU µs per event)."""
+    cpu = cpu_s(node)
+    rate = load(node.url, n, offset)
+    return rate, (cpu_s(node) - cpu) * 1e6 / n
 
 
 def batches(n: int, offset: int = 0, size: int = 1_000) -> list[bytes]:
@@ -310,11 +327,11 @@ def ingest_ratio(root: Path, n: int, live: int) -> dict[str, Any]:
     node = start_node(root, "ingest")
     try:
         load(node.url, 1_000)  # warm up
-        alone = load(node.url, n, offset=10**7)
+        alone, alone_cpu = timed_load(node, n, 10**7)
         print(f"  no subscribers: {alone:,.0f} events/s", flush=True)
         start = last_lsn(node.url) + 1
         kids, _ = _subscribers(node.url, live, f"from_lsn={start}", per_child=25)
-        watched = load(node.url, n, offset=2 * 10**7)
+        watched, watched_cpu = timed_load(node, n, 2 * 10**7)
         last = last_lsn(node.url)
         got = _finish(kids, last)
         print(f"  {live} live subscribers: {watched:,.0f} events/s", flush=True)
@@ -324,14 +341,16 @@ def ingest_ratio(root: Path, n: int, live: int) -> dict[str, Any]:
         raise RuntimeError(f"live subscribers read {sorted(set(got))} events, not {n}")
     return {"ingest_events": n, "ingest_no_subscribers_events_per_s": round(alone),
             "ingest_live_subscribers": live, "ingest_live_events_per_s": round(watched),
-            "ingest_ratio_100_live": round(watched / alone, 3)}  # fmt: skip
+            "ingest_ratio_100_live": round(watched / alone, 3),
+            "node_cpu_us_per_event_no_subscribers": round(alone_cpu, 1),
+            "node_cpu_us_per_event_live_subscribers": round(watched_cpu, 1)}  # fmt: skip
 
 
 def idle_rss(root: Path, idle: int) -> dict[str, Any]:
     node = start_node(root, "idle")
     try:
         load(node.url, 1_000)  # warm up
-        alone = load(node.url, 10_000, offset=4 * 10**7)
+        alone, alone_cpu = timed_load(node, 10_000, 4 * 10**7)
         before = rss_mb(node)
         kids, _ = _subscribers(node.url, idle, "tenant_id=quiet", per_child=250)
         deadline = time.monotonic() + 60
@@ -341,16 +360,19 @@ def idle_rss(root: Path, idle: int) -> dict[str, Any]:
             time.sleep(0.1)
         time.sleep(1.0)
         with_idle = rss_mb(node)
-        with_idle_rate = load(node.url, 10_000, offset=3 * 10**7)  # every commit wakes them
+        # every commit wakes them all
+        with_idle_rate, with_idle_cpu = timed_load(node, 10_000, 3 * 10**7)
         _finish(kids, 0)
     finally:
         node.stop()
     return {"idle_subscribers": idle, "rss_before_idle_mb": round(before, 1),
             "rss_idle_subscribers_mb": round(with_idle, 1),
-            "rss_per_idle_subscriber_kb": round((with_idle - before) * 1024 / idle, 1),
+            "rss_per_idle_subscriber_kb": round((with_idle - before) * 1024 / max(idle, 1), 1),
             "ingest_before_idle_events_per_s": round(alone),
             "ingest_with_idle_events_per_s": round(with_idle_rate),
-            "ingest_ratio_idle": round(with_idle_rate / alone, 3)}  # fmt: skip
+            "ingest_ratio_idle": round(with_idle_rate / alone, 3),
+            "node_cpu_us_per_event_before_idle": round(alone_cpu, 1),
+            "node_cpu_us_per_event_with_idle": round(with_idle_cpu, 1)}  # fmt: skip
 
 
 def main() -> None:
