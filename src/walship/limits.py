@@ -47,7 +47,7 @@ class Limits:
     subscriptions_max: int = 10_000  # open streams per node; more are answered 503
     # caught-up streams share each commit's events (read and encoded once); one further
     # behind than this reads the store itself (http/live_tail.py)
-    subscription_tail_events_max: int = 2_000
+    subscription_tail_events_max: int = 10_000
 
     # WAL
     segment_bytes_max: int = 64 * MIB

@@ -29,7 +29,7 @@ from walship.sse import encode_event
 from walship.storage.query import QueryFilter
 from walship.store import Store
 
-WINDOWS_KEPT = 8  # subscribers a few commits apart still share; older ones read the store
+WINDOWS_KEPT = 4  # subscribers a few commits apart still share; older ones read the store
 _encoder = msgspec.json.Encoder()
 
 
