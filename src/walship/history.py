@@ -121,7 +121,9 @@ class HistorySnapshot:
             )
             return f"SELECT {columns} WHERE false"
         paths = ", ".join(_quote_text(str(f)) for f in self._pin.files)
-        return f"SELECT * FROM read_parquet([{paths}])"  # noqa: S608 -- our own file names
+        # by name: a part written before a column existed (tenant_position) lacks it, and
+        # DuckDB otherwise takes the first file's columns and drops the newer ones
+        return f"SELECT * FROM read_parquet([{paths}], union_by_name=true)"  # noqa: S608
 
     def close(self) -> None:
         """Release the pin: the files may go once no other snapshot holds them. Idempotent."""

@@ -48,6 +48,7 @@ from walship.events import (
     SYSTEM_PREFIX,
     EventIn,
     StoredEvent,
+    TrackingIn,
     decode_body,
     encode_body_fields,
     format_timestamp,
@@ -57,6 +58,7 @@ from walship.events import (
     prepare,
     same_content,
     stored_from_body,
+    validate_tracking,
 )
 from walship.fsutil import atomic_write, fsync_dir
 from walship.limits import DEFAULT_LIMITS, LSN_MAX, Limits
@@ -64,6 +66,13 @@ from walship.metrics import StoreMetrics
 from walship.position import Lsn, Position, Term
 from walship.storage.alarm import CheckpointAlarm, CheckpointFailure
 from walship.storage.compaction import merge_parts, pick_run
+from walship.storage.consumers import (
+    TRACKING_TYPE,
+    ConsumerPosition,
+    ConsumerTable,
+    decode_tracking_payload,
+    tracking_body,
+)
 from walship.storage.cuts import LogCuts
 from walship.storage.entity_reads import EntityReader, ReadView
 from walship.storage.manifest import (
@@ -75,6 +84,7 @@ from walship.storage.manifest import (
 from walship.storage.memtable import Memtable
 from walship.storage.parquet import PartInfo, PartReader, id_hashes, write_part
 from walship.storage.pins import sweep_stale_pins
+from walship.storage.positions import TenantPositions
 from walship.storage.query import QueryFilter, entity_key
 from walship.wal import FsyncPolicy, Record, Wal
 from walship.wal.log import WriteOutcome
@@ -111,6 +121,20 @@ class Receipt(msgspec.Struct):
     required: int = 0
     acked_by: list[str] = msgspec.field(default_factory=list)
     duplicate: bool = False
+    position: int = 0  # the event's position in its tenant (0: written before positions)
+
+
+class TrackingReceipt(msgspec.Struct):
+    """The answer for a batch's tracking: the consumer's new position and its record's lsn."""
+
+    consumer: str
+    tenant_id: str
+    position: int
+    lsn: int
+    term: int
+    durability: str = "local"
+    required: int = 0
+    acked_by: list[str] = msgspec.field(default_factory=list)
 
 
 class QueryResult(msgspec.Struct):
@@ -128,22 +152,31 @@ class PendingAppend:
     waits_on: list[Future[WriteOutcome]] = field(default_factory=list)
 
     synced_lsn: int = 0
+    tracking: TrackingReceipt | None = None  # the batch's tracking record, when it had one
 
     def finish(self, outcome: WriteOutcome | None) -> list[Receipt]:
         """Receipts with durability set from the WAL outcome (``local`` only when fsynced)."""
         synced = outcome.synced if outcome is not None else self.synced_lsn >= self.max_lsn
         if not synced:
-            for r in self.receipts:
+            for r in self.answers:
                 r.durability = "buffered"
         return self.receipts
 
     @property
+    def answers(self) -> list[Receipt | TrackingReceipt]:
+        """Every receipt of the append, its tracking's included."""
+        out: list[Receipt | TrackingReceipt] = list(self.receipts)
+        if self.tracking is not None:
+            out.append(self.tracking)
+        return out
+
+    @property
     def max_lsn(self) -> int:
-        return max((r.lsn for r in self.receipts), default=0)
+        return max((r.lsn for r in self.answers), default=0)
 
     @property
     def min_lsn(self) -> int:
-        return min((r.lsn for r in self.receipts), default=0)
+        return min((r.lsn for r in self.answers), default=0)
 
 
 @dataclass(frozen=True)
@@ -175,6 +208,8 @@ class Store:
         self._checkpoint_done = threading.Condition(self._lock)
         self._applied = threading.Condition(threading.Lock())
         self._versions: dict[str, int] = {}
+        self._positions = TenantPositions(self.limits.tenant_position_index_stride)
+        self._consumers = ConsumerTable()
         self._active = Memtable()
         self._frozen: Memtable | None = None
         self._parts: list[PartReader] = []
@@ -270,6 +305,7 @@ class Store:
         for stale in self.parts_dir.glob("*.tmp"):
             stale.unlink()
         self._manifest = load_manifest(self.checkpoint_dir)
+        self._consumers = ConsumerTable(self._manifest.consumers)
         referenced = {p.file for p in self._manifest.parts}
         for orphan in self.parts_dir.glob("*.parquet"):
             if orphan.name not in referenced:
@@ -278,6 +314,9 @@ class Store:
                 orphan.unlink()
         sweep_stale_pins(self.data_dir)
         self._parts = [PartReader(self.parts_dir / p.file, p) for p in self._manifest.parts]
+        self._positions = TenantPositions(self.limits.tenant_position_index_stride)
+        for part in self._parts:
+            self._recover_positions(part)
         for part in self._parts:
             table = part.entity_versions()
             tenants = table.column("tenant_id").to_pylist()
@@ -321,6 +360,35 @@ class Store:
             self.wal.begin_term(Term(1))
         self.metrics.last_lsn.set(last)
         self._update_memtable_gauges()
+
+    def _recover_positions(self, part: PartReader) -> None:
+        """Tenant positions and position-index anchors from a part (parts in lsn order)."""
+        table = part.tenant_positions()
+        if table is None or table.num_rows == 0:
+            return
+        import pyarrow as pa
+
+        stride = self._positions.stride
+        positions = table.column("tenant_position").to_numpy()
+        anchors = table.filter(pa.array((positions - 1) % stride == 0)).sort_by(
+            [("tenant_id", "ascending"), ("tenant_position", "ascending")]
+        )
+        for t, p, lsn in zip(
+            anchors.column("tenant_id").to_pylist(),
+            anchors.column("tenant_position").to_pylist(),
+            anchors.column("lsn").to_pylist(),
+            strict=True,
+        ):
+            self._positions.observe_anchor(t, p, lsn)
+        last = table.group_by("tenant_id").aggregate([("tenant_position", "max"), ("lsn", "max")])
+        # positions grow with lsn within a tenant: the highest position is at the highest lsn
+        for t, p, lsn in zip(
+            last.column("tenant_id").to_pylist(),
+            last.column("tenant_position_max").to_pylist(),
+            last.column("lsn_max").to_pylist(),
+            strict=True,
+        ):
+            self._positions.observe_last(t, p, lsn)
 
     # ------------------------------------------------------------------ snapshots
 
@@ -512,9 +580,13 @@ class Store:
         """Append one event and wait until it is as durable as the fsync policy makes it."""
         return self.append_batch([event])[0]
 
-    def append_batch(self, events: Sequence[EventIn]) -> list[Receipt]:
-        """Append events all-or-nothing and wait for durability; receipts in input order."""
-        pending = self.submit(events)
+    def append_batch(
+        self, events: Sequence[EventIn], *, tracking: TrackingIn | None = None
+    ) -> list[Receipt]:
+        """Append events all-or-nothing and wait for durability; receipts in input order.
+
+        ``tracking``: a consumer's position stored in the same append (see ``submit``)."""
+        pending = self.submit(events, tracking=tracking)
         outcome = None
         for fut in pending.waits_on:
             outcome = fut.result()
@@ -522,17 +594,27 @@ class Store:
             outcome = pending.done.result()
         return pending.finish(outcome)
 
-    def submit(self, events: Sequence[EventIn], *, json_checked: bool = False) -> PendingAppend:
+    def submit(
+        self,
+        events: Sequence[EventIn],
+        *,
+        json_checked: bool = False,
+        tracking: TrackingIn | None = None,
+    ) -> PendingAppend:
         """Validate and queue events without waiting for the disk.
 
         All-or-nothing: a validation error or a version conflict anywhere queues nothing.
         Events whose id is already stored are answered with their original receipt.
         ``json_checked``: the events were decoded from JSON, so their payload and metadata
         need no second parse (the HTTP routes); a caller's own ``Raw`` is parsed.
+        ``tracking``: a consumer's position, stored in the same WAL append (``events`` may
+        then be empty); TrackingConflict, and nothing queued, unless it is above the stored one.
         """
         limits = self.limits
-        if not events:
-            raise InvalidInput("a batch needs at least one event")
+        if tracking is not None:
+            validate_tracking(tracking, limits)
+        elif not events:
+            raise InvalidInput("a batch needs at least one event (or a tracking)")
         if len(events) > limits.batch_events_max:
             from walship.errors import LimitExceeded
 
@@ -553,6 +635,8 @@ class Store:
         with self._lock:
             self._check_writable()
             self._throttle_locked()
+            if tracking is not None:
+                self._consumers.check(tracking, limits.consumers_max)  # before anything queues
             ts = now_us()
             timestamp = format_timestamp(ts)
             # the store lock serializes every append, so the WAL will assign exactly these
@@ -562,6 +646,7 @@ class Store:
             bodies: list[bytes] = []
             new_events: list[StoredEvent] = []
             batch_versions: dict[str, int] = {}
+            batch_positions: dict[str, int] = {}  # tenant -> the next position it gets
             batch_ids: dict[bytes, tuple[int, int]] = {}  # id -> its receipt, its new event
             waits_on: list[Future[WriteOutcome]] = []
             generated = new_event_ids(len(events))
@@ -624,16 +709,44 @@ class Store:
                     )
                 version = current + 1
                 batch_versions[key] = version
+                # under the store lock like lsns: a batch's positions are consecutive per
+                # tenant, and a refused batch (raised above or below) takes none
+                position = batch_positions.get(tenant) or self._positions.next_position(tenant)
+                batch_positions[tenant] = position + 1
                 lsn = next_lsn + len(new_events)
                 new_events.append(
                     StoredEvent(
-                        lsn, term, event_id, tenant, entity, etype, ts, version, payload, meta
+                        lsn,
+                        term,
+                        event_id,
+                        tenant,
+                        entity,
+                        etype,
+                        ts,
+                        version,
+                        payload,
+                        meta,
+                        position,
                     )
                 )
                 bodies.append(
-                    encode_body_fields(event_id, tenant, entity, etype, ts, version, payload, meta)
+                    encode_body_fields(
+                        event_id, tenant, entity, etype, ts, version, payload, meta, position
+                    )
                 )
-                receipts.append(Receipt(format_uuid(event_id), lsn, term, version, timestamp))
+                receipts.append(
+                    Receipt(format_uuid(event_id), lsn, term, version, timestamp, position=position)
+                )
+            track: ConsumerPosition | None = None
+            if tracking is not None:
+                # last in the append: it commits with (never before) the events it follows
+                track = ConsumerPosition(
+                    tracking.tenant_id,
+                    tracking.consumer,
+                    tracking.position,
+                    next_lsn + len(new_events),
+                )
+                bodies.append(tracking_body(tracking, ts))
             if not bodies:
                 return PendingAppend(
                     receipts, None, 0, waits_on, synced_lsn=self.wal.synced_lsn.value
@@ -655,9 +768,19 @@ class Store:
             )
             self._active.add_all(new_events)
             self._versions.update(batch_versions)
+            observe = self._positions.observe
+            for stored in new_events:
+                observe(stored.tenant_id, stored.tenant_position, stored.lsn)
+            if track is not None:
+                self._consumers.apply(track, self.wal.written_lsn.value)
             self.metrics.appends.inc(len(bodies))
             self.metrics.last_lsn.set(result.last_lsn.value)
-        return PendingAppend(receipts, result.done, result.last_lsn.value, waits_on)
+        pending = PendingAppend(receipts, result.done, result.last_lsn.value, waits_on)
+        if track is not None:
+            pending.tracking = TrackingReceipt(
+                track.consumer, track.tenant_id, track.position, track.lsn, term
+            )
+        return pending
 
     def would_block(self) -> bool:
         """True when ``submit`` would wait for a checkpoint (memtables over twice their budget)
@@ -720,6 +843,7 @@ class Store:
             ev.version,
             format_timestamp(ev.timestamp_us),
             duplicate=duplicate,
+            position=ev.tenant_position,
         )
 
     def _find_id_locked(self, event_id: bytes) -> StoredEvent | None:
@@ -747,9 +871,16 @@ class Store:
             if self._frozen is not None:
                 removed += self._frozen.truncate_after(lsn)
             lowest: dict[str, int] = {}
+            lowest_positions: dict[str, int] = {}
             for ev in removed:
                 key = entity_key(ev.tenant_id, ev.entity_id)
                 lowest[key] = min(ev.version, lowest.get(key, ev.version))
+                if ev.tenant_position > 0:
+                    was = lowest_positions.get(ev.tenant_id, ev.tenant_position)
+                    lowest_positions[ev.tenant_id] = min(was, ev.tenant_position)
+            # the rolled-back positions are given again, as the lsns are
+            self._positions.forget_after(lsn, lowest_positions)
+            self._consumers.forget_after(lsn)
             for key, version in lowest.items():
                 # an entity's versions run 1, 2, 3 ... in lsn order: the removed ones are its last
                 if version > 1:
@@ -769,29 +900,39 @@ class Store:
 
     def _apply_record(self, rec: Record) -> None:
         """Add a WAL record (recovery) to the memtable and versions."""
-        self._apply_records((rec,))
+        self._apply_records((rec,), None)
 
-    def _apply_records(self, records: Sequence[Record]) -> None:
-        """Add WAL records (recovery or replication) to the memtable and versions."""
+    def _apply_records(self, records: Sequence[Record], written_lsn: int | None) -> None:
+        """Add WAL records (recovery or replication) to the memtable and versions, and
+        tracking records to the consumer table (``written_lsn``: what the WAL has written,
+        None in recovery)."""
         events = []
         for rec in records:
             body = decode_body(rec.body)
             if not body.event_type.startswith(SYSTEM_PREFIX):
                 events.append(stored_from_body(rec.lsn, rec.term, body))
+            elif body.event_type == TRACKING_TYPE:
+                position = decode_tracking_payload(body.payload)
+                entry = ConsumerPosition(body.tenant_id, body.entity_id, position, rec.lsn)
+                self._consumers.apply(entry, written_lsn)
         self._active.add_all(events)
         versions = self._versions
+        observe = self._positions.observe
         for ev in events:
             key = entity_key(ev.tenant_id, ev.entity_id)
             if ev.version > versions.get(key, 0):
                 versions[key] = ev.version
+            # taken from the record the leader wrote, never assigned here
+            observe(ev.tenant_id, ev.tenant_position, ev.lsn)
 
     def apply_run(self, run: VerifiedRun) -> Future[WriteOutcome]:
         """Append records another node wrote (a follower) and index them; returns the write."""
         records = run.records
         with self._lock:
             self._check_writable()
+            written = self.wal.written_lsn.value
             fut = self.wal.append_run(run)
-            self._apply_records(records)
+            self._apply_records(records, written)
             if records:
                 self.metrics.appends.inc(len(records))
                 self.metrics.last_lsn.set(records[-1].lsn)
@@ -853,6 +994,8 @@ class Store:
             if not 0 <= after < LSN_MAX:
                 raise InvalidInput(f"invalid cursor {cursor!r}", field="cursor")
             flt = _replace(flt, from_lsn=max(flt.from_lsn, after + 1))
+        if flt.by_position:
+            flt = self._narrow_by_position(flt)
         visible = self.visible_lsn
         with self._lock:
             parts = list(self._parts)
@@ -882,6 +1025,61 @@ class Store:
         more = len(out) > lim
         out = out[:lim]
         return QueryResult(out, str(out[-1].lsn) if more and out else None)
+
+    def _narrow_by_position(self, flt: QueryFilter) -> QueryFilter:
+        """``flt`` with its lsn bounds narrowed to the window the position index gives for
+        its tenant positions (the position predicates stay: they are exact)."""
+        if flt.tenant_id is None:
+            raise InvalidInput(
+                "from_position/to_position count within one tenant: name tenant_id",
+                field="tenant_id",
+            )
+        for name, pos in (("from_position", flt.from_position), ("to_position", flt.to_position)):
+            if pos is not None and not 0 <= pos <= LSN_MAX:
+                raise InvalidInput(f"{name} must be 0..{LSN_MAX}", field=name)
+        with self._lock:
+            lo, hi = self._positions.lsn_window(
+                flt.tenant_id, flt.from_position or 0, flt.to_position
+            )
+        to_lsn = flt.to_lsn if hi is None or (flt.to_lsn is not None and flt.to_lsn < hi) else hi
+        return _replace(flt, from_lsn=max(flt.from_lsn, lo), to_lsn=to_lsn)
+
+    def tenant_position(self, tenant_id: str) -> tuple[int, int]:
+        """``(position, lsn)`` of the tenant's last event visible here; ``(0, 0)`` for none.
+
+        The last one assigned may not be written yet: then the last visible one is read
+        through the position index (a few of the tenant's events at most)."""
+        with self._lock:
+            position, lsn = self._positions.last(tenant_id)
+        if position == 0 or (lsn != 0 and lsn <= self.visible_lsn):
+            return position, lsn
+        visible = self.visible_lsn
+        lo = max(1, position - self.limits.tenant_position_index_stride)
+        found = self._last_event(QueryFilter(tenant_id=tenant_id, from_position=lo, to_lsn=visible))
+        if found is None and lo > 1:
+            # none visible in the last stride: older writes still in flight (rare)
+            found = self._last_event(
+                QueryFilter(tenant_id=tenant_id, from_position=1, to_position=lo, to_lsn=visible)
+            )
+        return (0, 0) if found is None else (found.tenant_position, found.lsn)
+
+    def consumer_position(self, tenant_id: str, consumer: str) -> ConsumerPosition | None:
+        """The consumer's last tracked position visible here; None when it has none."""
+        visible = self.visible_lsn
+        with self._lock:
+            return self._consumers.visible(tenant_id, consumer, visible)
+
+    def _last_event(self, flt: QueryFilter) -> StoredEvent | None:
+        """The last event ``flt`` matches, read page by page; None when none does."""
+        last: StoredEvent | None = None
+        cursor: str | None = None
+        while True:
+            page = self.query(flt, self.limits.query_limit_max, cursor)
+            if page.events:
+                last = page.events[-1]
+            if page.next_cursor is None:
+                return last
+            cursor = page.next_cursor
 
     def entity_state(
         self,
@@ -1015,6 +1213,7 @@ class Store:
             upto = self.wal.last_position
             chain = self.wal.last_chain
             rollback_seq = self.wal.rollback_seq
+            consumers = self._consumers.entries()  # as of ``upto``, like the memtable
         try:
             self.wal.sync()
             if rollback_seq % 2 or self.wal.rollback_seq != rollback_seq:
@@ -1033,7 +1232,7 @@ class Store:
             reader.set_id_hashes(arr)
             with self._manifest_lock:
                 manifest = self._manifest.advanced(
-                    part, upto.lsn.value, upto.term.value, chain, now_us()
+                    part, upto.lsn.value, upto.term.value, chain, now_us(), consumers
                 )
                 save_manifest(self.checkpoint_dir, manifest)
                 with self._lock:

@@ -26,7 +26,8 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from walship import __version__
-from walship.errors import InvalidParameter, NotReady, ValidationError
+from walship.apikeys import Role
+from walship.errors import Forbidden, InvalidParameter, NotReady, ValidationError
 from walship.events import (
     BatchIn,
     EventIn,
@@ -43,6 +44,7 @@ from walship.http.auth import (
     require_classified,
     scoped_tenants,
 )
+from walship.http.consumers import add_consumer_routes, check_position_params
 from walship.http.errors import ErrorBody, install_error_handlers
 from walship.http.openapi_security import describe_security
 from walship.http.params import reject_unknown_params
@@ -65,6 +67,7 @@ from walship.peers import split_urls
 from walship.readiness import readiness
 from walship.replication.lostfound import SummaryCache
 from walship.storage.query import QueryFilter
+from walship.storage.tenant_stats import tenant_counts
 from walship.store import EntityState, Receipt
 
 
@@ -153,6 +156,7 @@ def create_app(
     _add_read_routes(app, node)
     # after the query route: /events/{id} must not shadow it
     add_websocket_route(app, add_stream_routes(app, node))
+    add_consumer_routes(app, node)
     _add_ops_routes(app, node)
     _add_admin_routes(app, node)
     add_ui_routes(app)
@@ -208,6 +212,14 @@ _MinLsn = Annotated[
 _MinLsnWait = Annotated[
     int, Query(ge=0, description="How long to wait for `min_lsn`, in ms (504 when it expires)")
 ]
+_FromPosition = Annotated[
+    int | None,
+    Query(ge=0, le=LSN_MAX, description="Lowest tenant position, inclusive (needs tenant_id)"),
+]
+_ToPosition = Annotated[
+    int | None,
+    Query(ge=0, le=LSN_MAX, description="Highest tenant position, inclusive (needs tenant_id)"),
+]
 _ACK_PARAMETERS: dict[str, Any] = {
     "parameters": [
         {
@@ -253,9 +265,12 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
         cursor: Annotated[
             str | None, Query(max_length=32, description="`next_cursor` of the previous page")
         ] = None,
+        from_position: _FromPosition = None,
+        to_position: _ToPosition = None,
         min_lsn: _MinLsn = None,
         min_lsn_wait_ms: _MinLsnWait = 5_000,
     ) -> Response:
+        check_position_params(tenant_id, from_position, to_position)
         principal = principal_of(request.scope)
         tenants = scoped_tenants(principal, tenant_id)
         if tenant_id is None and tenants is not None and (len(tenants) == 1 or entity_id):
@@ -275,6 +290,8 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
             until_us=_time_param(until, "until"),
             from_lsn=max(from_lsn, 1),
             to_lsn=to_lsn,
+            from_position=from_position,
+            to_position=to_position,
         )
 
         def run() -> bytes:
@@ -313,10 +330,47 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
         )
         return _json(_encoder.encode(state))
 
-    @app.get("/api/v1/stats", summary="Store statistics", responses=_responses(None))
-    async def stats() -> Response:
-        body = await run_in_threadpool(store.stats)
-        body["subscriptions"] = app.state.subscriptions.open  # open event streams (SSE)
+    @app.get(
+        "/api/v1/stats",
+        summary="Store statistics: the node's, or some tenants'",
+        description="An admin key of every tenant (or `--auth none`) gets the node's figures. "
+        "Any other key, or `tenant_id`, gets `tenants`: the events and entities of each of the "
+        "key's tenants (or of `tenant_id`), beside the node's id, term and lsns; never another "
+        "tenant's figures or name. A key of every tenant without the admin role must name one.",
+        responses=_responses(None),
+    )
+    async def stats(
+        request: Request,
+        tenant_id: Annotated[
+            str | None,
+            Query(
+                max_length=limits.tenant_id_chars_max,
+                description="Only this tenant's figures (it must be one of the key's)",
+            ),
+        ] = None,
+    ) -> Response:
+        principal = principal_of(request.scope)
+        if tenant_id is None and principal.tenants is None:
+            if not principal.may(Role.ADMIN):
+                raise Forbidden(
+                    f"{principal.name} has role {principal.role}: the node's figures need "
+                    "an admin key of every tenant; name tenant_id=T for one tenant's",
+                    needs=str(Role.ADMIN),
+                )
+            body = await run_in_threadpool(store.stats)
+            body["subscriptions"] = app.state.subscriptions.open  # open event streams (SSE)
+            return _json(_encoder.encode(body))
+        tenants = scoped_tenants(principal, tenant_id)
+        assert tenants is not None  # a tenant named, or the key's own
+        counts = await run_in_threadpool(tenant_counts, store.read_view(), sorted(tenants))
+        # lsns and the term are in every receipt and event too: nothing of another tenant's
+        body = {
+            "node_id": node.node_id,
+            "term": store.wal.terms.current.value,
+            "last_lsn": store.last_position.lsn.value,
+            "visible_lsn": store.visible_lsn,
+            "tenants": counts,
+        }
         return _json(_encoder.encode(body))
 
 

@@ -27,6 +27,7 @@ from starlette.responses import Response, StreamingResponse
 from walship.errors import InvalidParameter, LogCut, NotFound, Unavailable, WalshipError
 from walship.events import EventOut, StoredEvent, to_out
 from walship.http.auth import check_tenant, principal_of, scope_filter
+from walship.http.consumers import check_position_params
 from walship.http.live_tail import LiveTail, TailWindow
 from walship.limits import LSN_MAX
 from walship.node import Node
@@ -347,6 +348,10 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
     async def subscribe(
         request: Request,
         from_lsn: Annotated[int, Query(ge=0, le=LSN_MAX, description="First lsn, inclusive")] = 1,
+        from_position: Annotated[
+            int | None,
+            Query(ge=0, le=LSN_MAX, description="First tenant position (needs tenant_id)"),
+        ] = None,
         tenant_id: _Text = None,
         entity_id: _Text = None,
         event_type: _Text = None,
@@ -355,6 +360,7 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
             str | None, Header(description="The lsn of the last event received: resume after it")
         ] = None,
     ) -> Response:
+        check_position_params(tenant_id, from_position, None)
         cuts_seen = store.cuts.seq  # before the check: a cut from here on is seen by the stream
         point = ResumePoint(max(from_lsn, 1) - 1)
         if last_event_id is not None:
@@ -365,6 +371,7 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
             entity_id=entity_id,
             event_type=event_type,
             event_type_prefix=event_type_prefix,
+            from_position=from_position,
         )
         flt = scope_filter(principal_of(request.scope), flt)
         subscriptions.admit()
@@ -453,7 +460,8 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
     @app.get(
         "/api/v1/events/{event_id}",
         summary="One event by its id",
-        description="404 when no visible event here has this id.",
+        description="404 when no visible event here has this id, or when it is in a "
+        "tenant the key does not cover (the same answer: a 403 would confirm the id).",
     )
     async def event_by_id(
         request: Request,
@@ -468,9 +476,10 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
         except ValueError as exc:
             raise InvalidParameter(f"not a UUID: {event_id[:64]!r}", field="event_id") from exc
         found = await run_in_threadpool(store.entities.find, raw)
-        if found is None:
+        # another tenant's event is answered as if it did not exist: a 403 would tell the
+        # caller the id is taken, and in which tenant
+        if found is None or not principal_of(request.scope).may_use(found.tenant_id):
             raise NotFound(f"no event with id {event_id} on {node.node_id}", event_id=event_id)
-        check_tenant(principal_of(request.scope), found.tenant_id)
         return _json(_encoder.encode(to_out(found)))
 
     return subscriptions

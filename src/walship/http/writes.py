@@ -16,14 +16,14 @@ import msgspec
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from walship.apikeys import Principal
-from walship.errors import LimitExceeded, WalshipError
-from walship.events import EventIn, decode_batch_json, decode_event_json
+from walship.errors import IdConflict, LimitExceeded, WalshipError
+from walship.events import EventIn, TrackingIn, decode_batch_json, decode_event_json
 from walship.http.auth import check_tenant, principal_of, route_path
 from walship.http.errors import encode_error
 from walship.http.params import check_names
 from walship.node import Node
 from walship.replication.acks import AckMode
-from walship.store import Receipt
+from walship.store import PendingAppend, Receipt, TrackingReceipt
 from walship.wal.log import WriteOutcome
 
 EVENTS_PATH = "/api/v1/events"
@@ -32,13 +32,15 @@ _JSON = "application/json"
 _encoder = msgspec.json.Encoder()
 
 
-class BatchReceipts(msgspec.Struct):
-    """The answer to a batch append: one receipt per event, in input order."""
+class BatchReceipts(msgspec.Struct, omit_defaults=True):
+    """The answer to a batch append: one receipt per event, in input order (and the receipt
+    of its tracking, when it had one)."""
 
     receipts: list[Receipt]
     count: int
     first_lsn: int
     last_lsn: int
+    tracking: TrackingReceipt | None = None
 
 
 async def receive_body(scope: Scope, receive: Receive, bytes_max: int) -> bytes | None:
@@ -84,6 +86,17 @@ ACK_PARAM = "ack_mode"
 async def append_events(
     node: Node, events: Sequence[EventIn], ack_mode: str | None = None
 ) -> list[Receipt]:
+    """``append_pending``'s receipts."""
+    pending = await append_pending(node, events, ack_mode)
+    return pending.receipts
+
+
+async def append_pending(
+    node: Node,
+    events: Sequence[EventIn],
+    ack_mode: str | None = None,
+    tracking: TrackingIn | None = None,
+) -> PendingAppend:
     """Queue events in the WAL, wait until they are written and acknowledged as the write's
     mode asks (the server's, or a stricter ``ack_mode``); receipts in input order.
 
@@ -95,16 +108,49 @@ async def append_events(
     store = node.store
     if store.would_block():
         # backpressure (checkpoints or the WAL writer behind): wait in a thread, not the loop
-        pending = await asyncio.to_thread(store.submit, events, json_checked=True)
+        pending = await asyncio.to_thread(
+            store.submit, events, json_checked=True, tracking=tracking
+        )
     else:
-        pending = store.submit(events, json_checked=True)  # decoded: the syntax is checked
+        # decoded: the syntax is checked
+        pending = store.submit(events, json_checked=True, tracking=tracking)
     outcome: WriteOutcome | None = None
     for fut in pending.waits_on:
         outcome = await wait_written(fut)
     if pending.done is not None:
         outcome = await wait_written(pending.done)
     pending.finish(outcome)
-    return await node.confirm(pending, requested, leader)
+    await node.confirm(pending, requested, leader)
+    return pending
+
+
+async def append_for(
+    node: Node,
+    principal: Principal,
+    events: Sequence[EventIn],
+    ack_mode: str | None,
+    tracking: TrackingIn | None = None,
+) -> PendingAppend:
+    """``append_pending`` for ``principal``, whose tenants the events (and the tracked
+    consumer's) are checked to be in.
+
+    An id already taken by another tenant's event is refused without a word about that event:
+    the store's ``IdConflict`` names what it stored under the id (its tenant, entity, type)."""
+    _check_tenants(principal, events)
+    if tracking is not None:
+        check_tenant(principal, tracking.tenant_id)
+    try:
+        return await append_pending(node, events, ack_mode, tracking)
+    except IdConflict as exc:
+        stored = exc.details.get("stored")
+        if not isinstance(stored, dict) or principal.may_use(str(stored.get("tenant_id"))):
+            raise
+        event_id = exc.details.get("event_id")
+        raise IdConflict(
+            f"event id {event_id} is already taken: a new event needs a new id",
+            event_id=event_id,
+            **({"index": exc.details["index"]} if "index" in exc.details else {}),
+        ) from None
 
 
 def _check_tenants(principal: Principal, events: Sequence[EventIn]) -> None:
@@ -120,20 +166,21 @@ async def answer_event(
 ) -> bytes:
     """Append the event in a JSON body for ``principal``; the encoded receipt."""
     event = decode_event_json(data)
-    _check_tenants(principal, (event,))
-    receipts = await append_events(node, (event,), ack_mode)
-    return _encoder.encode(receipts[0])
+    pending = await append_for(node, principal, (event,), ack_mode)
+    return _encoder.encode(pending.receipts[0])
 
 
 async def answer_batch(
     node: Node, data: bytes, principal: Principal, ack_mode: str | None = None
 ) -> bytes:
     """Append the batch in a JSON body for ``principal``, all or nothing; the receipts."""
-    events = decode_batch_json(data).events
-    _check_tenants(principal, events)
-    receipts = await append_events(node, events, ack_mode)
-    lsns = [r.lsn for r in receipts]
-    return _encoder.encode(BatchReceipts(receipts, len(receipts), min(lsns), max(lsns)))
+    batch = decode_batch_json(data)
+    pending = await append_for(node, principal, batch.events, ack_mode, batch.tracking)
+    receipts = pending.receipts
+    lsns = [r.lsn for r in pending.answers]
+    return _encoder.encode(
+        BatchReceipts(receipts, len(receipts), min(lsns), max(lsns), pending.tracking)
+    )
 
 
 _WRITE_PARAMS = frozenset({ACK_PARAM})

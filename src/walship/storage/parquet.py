@@ -43,9 +43,21 @@ SCHEMA = pa.schema(
         pa.field("payload", pa.string(), nullable=False),
         pa.field("metadata", pa.string(), nullable=True),
         pa.field("version", pa.int64(), nullable=False),
+        pa.field("tenant_position", pa.int64(), nullable=False),
     ]
 )
 """The documented schema: standard types only; payload and metadata are JSON text."""
+
+POSITION_COLUMN = "tenant_position"
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """``table`` with every column of ``SCHEMA``: a part written before tenant positions
+    existed has no ``tenant_position`` column, read as 0 (no position)."""
+    if POSITION_COLUMN in table.column_names or "lsn" not in table.column_names:
+        return table
+    zeros = pa.array(np.zeros(table.num_rows, np.int64), pa.int64())
+    return table.append_column(SCHEMA.field(POSITION_COLUMN), zeros)
 
 
 def part_name(first_lsn: int, last_lsn: int) -> str:
@@ -153,6 +165,7 @@ def _table(events: list[StoredEvent]) -> pa.Table:
             "payload": pa.array([e.payload for e in events], pa.binary()).cast(pa.string()),
             "metadata": pa.array([e.metadata for e in events], pa.binary()).cast(pa.string()),
             "version": pa.array([e.version for e in events], pa.int64()),
+            "tenant_position": pa.array([e.tenant_position for e in events], pa.int64()),
         },
         schema=SCHEMA,
     )
@@ -284,10 +297,13 @@ class PartReader:
             if not groups:
                 return []
             with self._open() as file:
-                table = file.read_row_groups(groups, use_threads=False)
+                table = conform(file.read_row_groups(groups, use_threads=False))
             return _to_events(_filter(table, flt), limit)
+        columns = ["lsn", "tenant_id", "event_type", "timestamp"]
+        if flt.by_position and self.has_positions:
+            columns.append(POSITION_COLUMN)
         with self._open() as file:
-            keys = file.read(columns=["lsn", "tenant_id", "event_type", "timestamp"])
+            keys = conform(file.read(columns=columns))
         mask = _mask(keys, flt)
         if mask is not None:
             keys = keys.filter(mask)
@@ -349,7 +365,7 @@ class PartReader:
             lsn_col = file.read(columns=["lsn"]).column("lsn").to_numpy()
             rows = np.nonzero(np.isin(lsn_col, lsns))[0]
             groups = sorted({int(r) // group_rows for r in rows})
-            table = file.read_row_groups(groups)
+            table = conform(file.read_row_groups(groups))
         return table.filter(pc.is_in(table.column("lsn"), pa.array(lsns)))
 
     def read_columns(self, columns: list[str]) -> pa.Table:
@@ -357,10 +373,23 @@ class PartReader:
         with self._open() as file:
             return file.read(columns=columns, use_threads=False)
 
+    @property
+    def has_positions(self) -> bool:
+        """Whether the part has a ``tenant_position`` column (written since they exist)."""
+        return POSITION_COLUMN in self._metadata.schema.names
+
+    def tenant_positions(self) -> pa.Table | None:
+        """``tenant_id``, ``tenant_position`` and ``lsn`` of every row with a position;
+        None for a part written before positions existed."""
+        if not self.has_positions:
+            return None
+        t = self.read_columns(["tenant_id", POSITION_COLUMN, "lsn"])
+        return t.filter(pc.greater(t.column(POSITION_COLUMN), 0))
+
     def read_row_groups(self, groups: list[int]) -> pa.Table:
         """Every column of these row groups, in file order."""
         with self._open() as file:
-            return file.read_row_groups(groups, use_threads=False)
+            return conform(file.read_row_groups(groups, use_threads=False))
 
     def row_group_starts(self) -> np.ndarray:
         """The first row of each row group (file order), then the row count."""
@@ -405,7 +434,7 @@ class PartReader:
             if row < 0:
                 return None
             group = int(np.searchsorted(self.row_group_starts(), row, side="right")) - 1
-            table = file.read_row_group(group, use_threads=False)
+            table = conform(file.read_row_group(group, use_threads=False))
         hit = table.filter(pc.equal(table.column("id"), text))
         found = _to_events(hit, 1)
         return found[0] if found else None
@@ -433,6 +462,10 @@ def _mask(table: pa.Table, flt: QueryFilter) -> pa.ChunkedArray | None:
         conds.append(pc.greater_equal(col("timestamp").cast(pa.int64()), flt.since_us))
     if flt.until_us is not None:
         conds.append(pc.less(col("timestamp").cast(pa.int64()), flt.until_us))
+    if flt.from_position is not None:
+        conds.append(pc.greater_equal(col(POSITION_COLUMN), flt.from_position))
+    if flt.to_position is not None:
+        conds.append(pc.less_equal(col(POSITION_COLUMN), flt.to_position))
     if not conds:
         return None
     mask = conds[0]
@@ -454,7 +487,7 @@ def _to_events(table: pa.Table, limit: int) -> list[StoredEvent]:
 
     if table.num_rows == 0:
         return []
-    table = table.sort_by("lsn").slice(0, limit)
+    table = conform(table).sort_by("lsn").slice(0, limit)
     cols = {name: table.column(name).to_pylist() for name in SCHEMA.names if name != "timestamp"}
     ts = table.column("timestamp").cast(pa.int64()).to_pylist()
     out = []
@@ -472,6 +505,7 @@ def _to_events(table: pa.Table, limit: int) -> list[StoredEvent]:
                 cols["version"][i],
                 cols["payload"][i].encode(),
                 None if meta is None else meta.encode(),
+                cols[POSITION_COLUMN][i],
             )
         )
     return out
