@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 import httpx
 import msgspec
 
+from walship.client_calls import error_of
 from walship.errors import Unavailable, WalshipError, error_class_for
 from walship.sse import CUT_EVENT, SseDecoder, SseEvent
 
@@ -29,7 +30,7 @@ STREAM_READ_TIMEOUT_S = 60.0  # several server keepalives (15 s): silence this l
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 2.0
 GIVE_UP_AFTER_S = 60.0
-FILTERS = frozenset({"tenant_id", "entity_id", "event_type", "event_type_prefix"})
+FILTERS = frozenset({"tenant_id", "entity_id", "event_type", "event_type_prefix", "from_position"})
 
 
 class HasLsn(Protocol):
@@ -56,20 +57,13 @@ def stream_params(from_lsn: int, filters: Mapping[str, Any]) -> dict[str, str | 
     return params
 
 
-def _refusal(response: httpx.Response) -> WalshipError:
-    try:
-        body = msgspec.json.decode(response.content)
-    except msgspec.DecodeError:
-        body = None
-    return _refusal_of(body, response.status_code)
-
-
 def _refusal_of(body: Any, status: int) -> WalshipError:
+    """The error a ``cut`` frame's JSON stands for (LogCut), with ``status`` as its HTTP one."""
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         details = {k: v for k, v in body.items() if k not in ("error", "message")}
         exc = error_class_for(body["error"])(str(body.get("message", body["error"])), **details)
     else:
-        exc = WalshipError(f"HTTP {status} answering a subscription")
+        exc = WalshipError(f"a subscription ended with an unreadable cut frame: {body!r:.200}")
     exc.status = status
     return exc
 
@@ -79,7 +73,7 @@ def _check(response: httpx.Response) -> None:
     if response.status_code >= 500:
         raise _Reconnect(f"HTTP {response.status_code}")
     if response.status_code >= 400:
-        raise _refusal(response)
+        raise error_of(response)
 
 
 class _Resume:
