@@ -73,6 +73,7 @@ from walship.storage.consumers import (
     decode_tracking_payload,
     tracking_body,
 )
+from walship.storage.cuts import LogCuts
 from walship.storage.entity_reads import EntityReader, ReadView
 from walship.storage.manifest import (
     INSTALL_MARKER,
@@ -224,6 +225,7 @@ class Store:
         self._frozen: Memtable | None = None
         self._parts: list[PartReader] = []
         self._manifest = CheckpointManifest()
+        self.cuts = LogCuts()  # divergence-repair cuts, for subscriptions following the log
         self._retention_floor: Callable[[], int | None] = lambda: None
         self._closed = False
         self._stop = threading.Event()
@@ -946,6 +948,11 @@ class Store:
     @property
     def last_position(self) -> Position:
         return self.wal.last_position
+
+    def term_at(self, lsn: int) -> int:
+        """The term that wrote ``lsn`` by this node's term history (0 for lsn 0); meaningful
+        for an lsn this node holds (at most ``last_position``)."""
+        return self.wal.terms.term_at(Lsn(lsn)).value
 
     def read_view(self) -> ReadView:
         """What a read may see now: parts, memtables, checkpointed and visible lsn."""
