@@ -21,7 +21,7 @@ import uvicorn
 from tests.cluster import Cluster, Writers, query_all, replication_address, stats, wait_until
 from tests.sse_reader import SseReader
 from walship.cli.uvicorn_server import NodeServer
-from walship.http import create_app
+from walship.http import create_app, stream
 from walship.limits import Limits
 from walship.node import Node, NodeConfig
 from walship.replication.config import parse_address
@@ -314,13 +314,13 @@ def test_a_consumer_that_does_not_read_is_paced_by_tcp(
     cost a few pages of reads, not a queue of the whole backlog. Reading again then delivers
     every event."""
     pages: list[int] = []
-    query = node.store.query
+    read_page = stream.frame_page  # an unfiltered stream reads its history as frame pages
 
-    def counting(flt: Any, limit: Any = None, cursor: Any = None) -> Any:
-        pages.append(flt.from_lsn)
-        return query(flt, limit, cursor)
+    def counting(view: Any, from_lsn: int, to_lsn: int, limit: int) -> Any:
+        pages.append(from_lsn)
+        return read_page(view, from_lsn, to_lsn, limit)
 
-    monkeypatch.setattr(node.store, "query", counting)
+    monkeypatch.setattr(stream, "frame_page", counting)
     blob = "x" * 16_000
     for _ in range(20):
         events = [{"entity_id": f"e{i}", "event_type": "big", "payload": blob} for i in range(100)]

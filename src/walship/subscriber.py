@@ -164,10 +164,10 @@ def _follow(
                 _check(r)
                 state.connected()
                 decoder = SseDecoder()
-                for line in r.iter_lines():
-                    sse = decoder.feed_line(line)
-                    if sse is not None and (event := state.accept(sse, kind)) is not None:
-                        yield event
+                for chunk in r.iter_bytes():
+                    for sse in decoder.feed(chunk):
+                        if (event := state.accept(sse, kind)) is not None:
+                            yield event
             why = "the server ended the stream"
         except (httpx.TransportError, _Reconnect) as exc:
             why = repr(exc)
@@ -200,10 +200,10 @@ async def _follow_async(
                 _check(r)
                 state.connected()
                 decoder = SseDecoder()
-                async for line in r.aiter_lines():
-                    sse = decoder.feed_line(line)
-                    if sse is not None and (event := state.accept(sse, kind)) is not None:
-                        yield event
+                async for chunk in r.aiter_bytes():
+                    for sse in decoder.feed(chunk):
+                        if (event := state.accept(sse, kind)) is not None:
+                            yield event
             why = "the server ended the stream"
         except (httpx.TransportError, _Reconnect) as exc:
             why = repr(exc)

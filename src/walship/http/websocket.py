@@ -139,6 +139,7 @@ def add_websocket_route(app: FastAPI, subscriptions: Subscriptions) -> None:
                         for ev in events.events:
                             await websocket.send_text(events.window.json_of(ev).decode())
                         continue
+                    assert isinstance(events, list)  # frame pages are for SSE streams only
                     for ev in events:  # an empty page: the server's pings keep it alive
                         await websocket.send_text(_encoder.encode(to_out(ev)).decode())
             return None

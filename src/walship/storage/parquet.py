@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from walship.errors import CorruptionError
+from walship.event_frames import EventFrames, FrameSpan, frames_of_table
 from walship.events import StoredEvent
 from walship.fsutil import fsync_dir
 from walship.storage.query import QueryFilter, entity_key
@@ -279,6 +280,33 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class _Slab:
+    """Rows of a part in lsn order, with their events and their subscription frames made
+    when first asked for (a query wants the one, a catching-up stream the other)."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self._events: list[StoredEvent] | None = None
+        self._frames: EventFrames | None = None
+        self._lock = threading.Lock()
+
+    def events(self) -> list[StoredEvent]:
+        with self._lock:
+            if self._events is None:
+                self._events = _to_events(self.table, self.table.num_rows)
+            return self._events
+
+    def frames(self) -> EventFrames:
+        with self._lock:
+            if self._frames is None:
+                built = frames_of_table(self.table)
+                if built is None:  # a row the vectorized builder does not vouch for
+                    events = _to_events(self.table, self.table.num_rows)
+                    built = EventFrames.of_events(events)
+                self._frames = built
+            return self._frames
+
+
 class PartReader:
     """Reads one part with pruning by lsn range, time range and entity row groups.
 
@@ -302,7 +330,7 @@ class PartReader:
         self._id_hashes: np.ndarray | None = None
         self._scan_lock = threading.Lock()
         self._lsns: np.ndarray | None = None  # every lsn of the part, sorted (8 bytes a row)
-        self._slabs: dict[int, list[StoredEvent]] = {}  # slab number -> its events, oldest first
+        self._slabs: dict[int, _Slab] = {}  # slab number -> its rows, oldest first
 
     def _open(self) -> pq.ParquetFile:
         """A reader for one call (it shares the descriptor, which it leaves open)."""
@@ -346,18 +374,36 @@ class PartReader:
 
     def _scan(self, from_lsn: int, to_lsn: int | None, limit: int) -> list[StoredEvent]:
         """Every event from ``from_lsn`` through ``to_lsn`` (at most ``limit``), by slabs."""
+        out: list[StoredEvent] = []
+        for slab, start, stop in self._slab_runs(from_lsn, to_lsn, limit):
+            out.extend(slab.events()[start:stop])
+        return out
+
+    def scan_frames(self, from_lsn: int, to_lsn: int | None, limit: int) -> list[FrameSpan]:
+        """The subscription frames of every event from ``from_lsn`` through ``to_lsn`` (at
+        most ``limit``), as spans of each slab's frames (built once per slab, vectorized)."""
+        return [
+            slab.frames().span(start, stop)
+            for slab, start, stop in self._slab_runs(from_lsn, to_lsn, limit)
+        ]
+
+    def _slab_runs(
+        self, from_lsn: int, to_lsn: int | None, limit: int
+    ) -> list[tuple[_Slab, int, int]]:
+        """``(slab, first row, end row)`` runs, within each slab, of the lsns asked for."""
         lsns = self._sorted_lsns()
         i = int(np.searchsorted(lsns, from_lsn))
         end = len(lsns) if to_lsn is None else int(np.searchsorted(lsns, to_lsn, side="right"))
         end = min(end, i + limit)
-        out: list[StoredEvent] = []
+        runs = []
         while i < end:
             slab = i // SCAN_SLAB_ROWS
             first = slab * SCAN_SLAB_ROWS
-            events = self._slab(slab, lsns)
-            out.extend(events[i - first : end - first])
+            runs.append(
+                (self._slab(slab, lsns), i - first, min(end, first + SCAN_SLAB_ROWS) - first)
+            )
             i = first + SCAN_SLAB_ROWS
-        return out
+        return runs
 
     def _sorted_lsns(self) -> np.ndarray:
         with self._scan_lock:
@@ -367,12 +413,12 @@ class PartReader:
                 self._lsns = np.sort(column.to_numpy())
             return self._lsns
 
-    def _slab(self, slab: int, lsns: np.ndarray) -> list[StoredEvent]:
-        """The events of rows ``slab * SCAN_SLAB_ROWS`` on in lsn order, decoded one row
-        group at a time (never the whole part in memory at once)."""
+    def _slab(self, slab: int, lsns: np.ndarray) -> _Slab:
+        """The rows ``slab * SCAN_SLAB_ROWS`` on in lsn order, decoded one row group at a
+        time (never the whole part in memory at once)."""
         with self._scan_lock:
-            events = self._slabs.pop(slab, None)
-            if events is None:
+            found = self._slabs.pop(slab, None)
+            if found is None:
                 lo = int(lsns[slab * SCAN_SLAB_ROWS])
                 hi = int(lsns[min((slab + 1) * SCAN_SLAB_ROWS, len(lsns)) - 1])
                 kept = []
@@ -382,11 +428,11 @@ class PartReader:
                         col = table.column("lsn")
                         mask = pc.and_(pc.greater_equal(col, lo), pc.less_equal(col, hi))
                         kept.append(table.filter(mask))
-                events = _to_events(pa.concat_tables(kept), SCAN_SLAB_ROWS)
-            self._slabs[slab] = events  # the newest last
+                found = _Slab(conform(pa.concat_tables(kept)).sort_by("lsn"))
+            self._slabs[slab] = found  # the newest last
             while len(self._slabs) > SCAN_SLABS_KEPT:
                 del self._slabs[next(iter(self._slabs))]
-            return events
+            return found
 
     def _rows_by_lsn(self, lsns: np.ndarray) -> pa.Table:
         """Read only the row groups that hold ``lsns`` and keep those rows."""
