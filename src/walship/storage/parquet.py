@@ -15,10 +15,12 @@ current schema (no binary payloads), and DuckDB reads a mix with ``union_by_name
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -281,11 +283,12 @@ def _sha256(path: Path) -> str:
 
 
 class _Slab:
-    """Rows of a part in lsn order, with their events and their subscription frames made
-    when first asked for (a query wants the one, a catching-up stream the other)."""
+    """Rows of a part in lsn order, kept as the form they were first asked for: events (a
+    query) or subscription frames (a stream catching up). The decoded rows themselves are
+    not kept, so a slab holds about what the events alone held before frames existed."""
 
-    def __init__(self, table: pa.Table) -> None:
-        self.table = table
+    def __init__(self, load: Callable[[], pa.Table]) -> None:
+        self._load = load
         self._events: list[StoredEvent] | None = None
         self._frames: EventFrames | None = None
         self._lock = threading.Lock()
@@ -293,16 +296,17 @@ class _Slab:
     def events(self) -> list[StoredEvent]:
         with self._lock:
             if self._events is None:
-                self._events = _to_events(self.table, self.table.num_rows)
+                table = self._load()
+                self._events = _to_events(table, table.num_rows)
             return self._events
 
     def frames(self) -> EventFrames:
         with self._lock:
             if self._frames is None:
-                built = frames_of_table(self.table)
+                table = self._load()
+                built = frames_of_table(table)
                 if built is None:  # a row the vectorized builder does not vouch for
-                    events = _to_events(self.table, self.table.num_rows)
-                    built = EventFrames.of_events(events)
+                    built = EventFrames.of_events(_to_events(table, table.num_rows))
                 self._frames = built
             return self._frames
 
@@ -421,18 +425,23 @@ class PartReader:
             if found is None:
                 lo = int(lsns[slab * SCAN_SLAB_ROWS])
                 hi = int(lsns[min((slab + 1) * SCAN_SLAB_ROWS, len(lsns)) - 1])
-                kept = []
-                with self._open() as file:
-                    for group in range(file.metadata.num_row_groups):
-                        table = file.read_row_group(group, use_threads=False)
-                        col = table.column("lsn")
-                        mask = pc.and_(pc.greater_equal(col, lo), pc.less_equal(col, hi))
-                        kept.append(table.filter(mask))
-                found = _Slab(conform(pa.concat_tables(kept)).sort_by("lsn"))
+                found = _Slab(functools.partial(self._read_lsns, lo, hi))
             self._slabs[slab] = found  # the newest last
             while len(self._slabs) > SCAN_SLABS_KEPT:
                 del self._slabs[next(iter(self._slabs))]
             return found
+
+    def _read_lsns(self, lo: int, hi: int) -> pa.Table:
+        """Every row with an lsn in ``lo..hi``, in lsn order, one row group at a time."""
+        kept = []
+        with self._open() as file:
+            for group in range(file.metadata.num_row_groups):
+                table = file.read_row_group(group, use_threads=False)
+                col = table.column("lsn")
+                kept.append(
+                    table.filter(pc.and_(pc.greater_equal(col, lo), pc.less_equal(col, hi)))
+                )
+        return conform(pa.concat_tables(kept)).sort_by("lsn")
 
     def _rows_by_lsn(self, lsns: np.ndarray) -> pa.Table:
         """Read only the row groups that hold ``lsns`` and keep those rows."""
