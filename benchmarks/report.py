@@ -58,10 +58,36 @@ def table(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def peer_table() -> str:
+    """walship beside PostgreSQL (one run of replication.py with ``--peer postgres``)."""
+    path = RESULTS / "replication.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    rows = data.get("peer")
+    if not rows:
+        return "_no PostgreSQL figures: run benchmarks/replication.py --peer postgres_\n"
+    lines = [
+        f"Measured {data.get('when', '?')}, {data.get('pg_version', 'PostgreSQL')}"
+        + (f" -- {data['note']}" if data.get("note") else "") + ".",
+        "",
+        "| figure | walship | PostgreSQL | walship / PG | target | met |",
+        "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for row in rows:
+        target = "" if row["target_ratio"] is None else f"{row['op']} {row['target_ratio']}"
+        met = {True: "yes", False: "**no**", None: ""}[row["met"]]
+        lines.append(
+            f"| {row['figure']} | {_fmt(row['walship'])} {row['unit']} | "
+            f"{_fmt(row['postgres'])} {row['unit']} | {_fmt(row['ratio'])} | {target} | {met} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     for name in ROWS:
         print(f"### {name}\n")
         print(table(name))
+    print("### walship and PostgreSQL\n")
+    print(peer_table())
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ class Limits:
     memtable_bytes_max: int = 32 * MIB
     checkpoint_interval_ms: int = 60_000
     parquet_row_group_rows: int = 1_024
-    compaction_fanin_min: int = 4
+    # merges of 16 similar parts: each event rewritten ~once (storage.compaction.pick_run)
+    compaction_fanin_min: int = 16
     compaction_events_max: int = 500_000
     compaction_held_parts_max: int = 64  # parts a catching-up follower lets pile up
     # an outside reader pinning the history retries while compactions replace the parts it

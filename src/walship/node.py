@@ -129,6 +129,7 @@ class NodeConfig:
     ack_pinned: bool = False
     # how their HTTPS is trusted (an ssl context from --http-tls-ca); True: the system's CAs
     peer_verify: bool | ssl.SSLContext = True
+    part_worker: bool = False  # merges in a worker process (storage.part_worker)
 
     def store_config(self) -> StoreConfig:
         return StoreConfig(
@@ -137,6 +138,7 @@ class NodeConfig:
             fsync=self.fsync,
             limits=self.limits,
             checkpoints=self.checkpoints,
+            part_worker=self.part_worker,
         )
 
 

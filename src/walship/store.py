@@ -84,9 +84,11 @@ from walship.storage.manifest import (
 )
 from walship.storage.memtable import Memtable
 from walship.storage.parquet import PartInfo, PartReader, id_hashes, write_part
+from walship.storage.part_worker import PartWorker
 from walship.storage.pins import sweep_stale_pins
 from walship.storage.positions import TenantPositions
 from walship.storage.query import QueryFilter, entity_key
+from walship.storage.write_amp import WriteAmplification
 from walship.wal import FsyncPolicy, Record, Wal
 from walship.wal.log import WriteOutcome
 from walship.wal.record import VerifiedRun
@@ -108,6 +110,11 @@ class StoreConfig:
     fsync: FsyncPolicy = field(default_factory=FsyncPolicy)
     limits: Limits = DEFAULT_LIMITS
     checkpoints: bool = True
+    # checkpoint and merge parts in a worker process, off this process's GIL
+    # (storage.part_worker); it is started with ``spawn``, which imports the program's main
+    # module again: a script embedding the store keeps its own work under
+    # ``if __name__ == "__main__":``, as multiprocessing asks
+    part_worker: bool = False
 
 
 class Receipt(msgspec.Struct):
@@ -235,6 +242,8 @@ class Store:
         self._garbage: set[str] = set()
         self.checkpoints_taken = 0
         self.compactions = 0
+        self.write_amp = WriteAmplification()
+        self._part_worker = PartWorker() if config.part_worker else None
         self._alarm = CheckpointAlarm(
             self.limits.checkpoint_retry_ms_min,
             self.limits.checkpoint_retry_ms_max,
@@ -552,6 +561,8 @@ class Store:
             if self.config.checkpoints:
                 self._checkpoint_at_close()
         finally:
+            if self._part_worker is not None:
+                self._part_worker.close()  # the checkpointer and compactor have stopped
             self.wal.close()
             if self._dir_lock is not None:
                 self._dir_lock.release()
@@ -1169,6 +1180,7 @@ class Store:
                 "wal_bytes": wal.bytes,
                 "fsync": str(self.config.fsync),
                 "wal_failed": wal.failed,
+                **self.write_amp.as_stats(),
             }
 
     # ------------------------------------------------------------------ checkpoints
@@ -1238,9 +1250,13 @@ class Store:
             events = frozen.events
             invariant(events[-1].lsn <= upto.lsn.value, "memtable holds records past the WAL's end")
             first = self._manifest.last_lsn + 1
-            part = write_part(
-                self.parts_dir, events, first, upto.lsn.value, self.limits.parquet_row_group_rows
-            )
+            rows = self.limits.parquet_row_group_rows
+            if self._part_worker is not None:
+                part = self._part_worker.checkpoint(
+                    self.parts_dir, events, first, upto.lsn.value, rows
+                )
+            else:
+                part = write_part(self.parts_dir, events, first, upto.lsn.value, rows)
             reader = PartReader(self.parts_dir / part.file, part)
             arr = id_hashes([ev.id for ev in events])
             arr.sort()
@@ -1265,6 +1281,7 @@ class Store:
                 self._frozen = None
                 self._checkpoint_done.notify_all()
             raise
+        self.write_amp.checkpointed(part)
         with self._lock:
             self.checkpoints_taken += 1
             self._checkpoint_done.notify_all()
@@ -1291,7 +1308,11 @@ class Store:
                 return None
             t0 = time.perf_counter()
             inputs = parts[run[0] : run[1]]
-            info, hashes = merge_parts(self.parts_dir, inputs, self.limits.parquet_row_group_rows)
+            rows = self.limits.parquet_row_group_rows
+            if self._part_worker is not None:
+                info, hashes = self._part_worker.merge(self.parts_dir, inputs, rows)
+            else:
+                info, hashes = merge_parts(self.parts_dir, inputs, rows)
             reader = PartReader(self.parts_dir / info.file, info)
             reader.set_id_hashes(hashes)
             names = {p.info.file for p in inputs}
@@ -1309,6 +1330,7 @@ class Store:
                     self._parts = readers
                     self._garbage.update(names)
                     self.compactions += 1
+            self.write_amp.compacted(info)
             self._collect_garbage()
             # the pins of outside readers that have ended hold parts merged away: free them
             sweep_stale_pins(self.data_dir)
