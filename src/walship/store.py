@@ -71,7 +71,9 @@ from walship.storage.consumers import (
     ConsumerPosition,
     ConsumerTable,
     decode_tracking_payload,
+    repeated_batch,
     tracking_body,
+    tracking_conflict,
 )
 from walship.storage.cuts import LogCuts
 from walship.storage.entity_reads import EntityReader, ReadView
@@ -142,6 +144,7 @@ class TrackingReceipt(msgspec.Struct):
     durability: str = "local"
     required: int = 0
     acked_by: list[str] = msgspec.field(default_factory=list)
+    duplicate: bool = False  # a repeat of the batch that stored it: nothing stored again
 
 
 class QueryResult(msgspec.Struct):
@@ -623,7 +626,8 @@ class Store:
         ``json_checked``: the events were decoded from JSON, so their payload and metadata
         need no second parse (the HTTP routes); a caller's own ``Raw`` is parsed.
         ``tracking``: a consumer's position, stored in the same WAL append (``events`` may
-        then be empty); TrackingConflict, and nothing queued, unless it is above the stored one.
+        then be empty); TrackingConflict, and nothing queued, unless it is above the stored one
+        or the batch repeats the one that stored it (answered as a duplicate, ``_repeat_locked``).
         """
         limits = self.limits
         if tracking is not None:
@@ -651,7 +655,11 @@ class Store:
             self._check_writable()
             self._throttle_locked()
             if tracking is not None:
-                self._consumers.check(tracking, limits.consumers_max)  # before anything queues
+                # before anything queues; a tracking equal to the stored one passes only as
+                # an exact repeat of its batch (a retry after a lost answer): a duplicate
+                repeat_of = self._consumers.check(tracking, limits.consumers_max)
+                if repeat_of is not None:
+                    return self._repeat_locked(tracking, prepared, repeat_of)
             ts = now_us()
             timestamp = format_timestamp(ts)
             # the store lock serializes every append, so the WAL will assign exactly these
@@ -780,6 +788,30 @@ class Store:
             pending.tracking = TrackingReceipt(
                 track.consumer, track.tenant_id, track.position, track.lsn, term
             )
+        return pending
+
+    def _repeat_locked(
+        self,
+        tracking: TrackingIn,
+        prepared: list[tuple[bytes, str, str, str, bytes, bytes | None, bool]],
+        stored: ConsumerPosition,
+    ) -> PendingAppend:
+        """The answer to a batch whose tracking equals the stored one: its original receipts
+        and tracking receipt marked duplicate, nothing queued; TrackingConflict unless it is
+        an exact repeat of the batch that stored it (``repeated_batch``)."""
+        found = repeated_batch(prepared, stored, self._find_id_locked)
+        if found is None:
+            raise tracking_conflict(tracking, stored)
+        self.metrics.duplicates.inc(len(found))
+        receipts = [self._receipt_of(ev, duplicate=True) for ev in found]
+        term = self.wal.terms.term_at(Lsn(stored.lsn)).value
+        waits_on: list[Future[WriteOutcome]] = []
+        if stored.lsn > self.wal.written_lsn.value:  # the original is still being written
+            waits_on.append(self.wal.append_future())
+        pending = PendingAppend(receipts, None, 0, waits_on, synced_lsn=self.wal.synced_lsn.value)
+        pending.tracking = TrackingReceipt(
+            stored.consumer, stored.tenant_id, stored.position, stored.lsn, term, duplicate=True
+        )
         return pending
 
     def would_block(self) -> bool:
