@@ -1097,9 +1097,11 @@ class Store:
 
     def consumer_position(self, tenant_id: str, consumer: str) -> ConsumerPosition | None:
         """The consumer's last tracked position visible here; None when it has none."""
-        visible = self.visible_lsn
         with self._lock:
-            return self._consumers.visible(tenant_id, consumer, visible)
+            # under the lock: the undo log is trimmed (under it) only below what the WAL had
+            # written then, so an entry past this visible lsn still has its undo record; read
+            # before the lock, a tracking written and trimmed meanwhile hid the consumer (404)
+            return self._consumers.visible(tenant_id, consumer, self.visible_lsn)
 
     def _last_event(self, flt: QueryFilter) -> StoredEvent | None:
         """The last event ``flt`` matches, read page by page; None when none does."""
