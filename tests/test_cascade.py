@@ -166,3 +166,41 @@ def test_catch_up_from_a_source_that_is_down_falls_back_to_the_leader(cluster: C
     assert assert_same_query_results(leader, f2) == 7_000
     assert_clean_stop(cluster)
     assert assert_same_wal(cluster.data_dir("leader"), cluster.data_dir("f2"), whole=False) >= 1
+
+
+def test_a_source_off_the_leaders_history_is_not_installed(cluster: Cluster) -> None:
+    """The source named by ``--catch-up-from`` follows another leader (same secret, another
+    history): its snapshot stages fine (every sha256 matches) but the leader does not vouch
+    for its position, so f2 drops it unused, falls back to the leader's own snapshot and ends
+    with the leader's records only."""
+    leader, _ = leader_without_early_wal(cluster, serving=False)
+    other = cluster.start_leader("other", args=SMALL)
+    rogue = cluster.start_follower(
+        "rogue",
+        replication_address(other),
+        args=[*SMALL, "--serve-snapshots", "--replication-port", "0"],
+    )
+    # as many records as the leader: the source's checkpoint ends at an lsn the leader holds
+    # in its WAL, with the same term and another chain
+    write_events(other, 6_000, start=50_000)
+    wait_caught_up(other, rogue)
+
+    f2 = cluster.start_follower(
+        "f2", replication_address(leader), args=[*SMALL, "--catch-up-from", serving_address(rogue)]
+    )
+    wait_until(lambda: replication(f2)["snapshots_received"] >= 1, 60, "f2 to install a snapshot")
+    status = replication(f2)
+    assert status["snapshot_source"] == "leader"
+    assert status["snapshot_fallbacks"] >= 1
+    assert replication(rogue)["serving_snapshots"]["snapshots_served"] >= 1  # it did send one
+    assert metric(f2, "walship_replication_snapshots_from_followers_total") == 0
+    assert metric(leader, "walship_replication_snapshots_confirmed_total") == 0
+    log = (cluster.root / "f2.log").read_text()
+    assert "the leader does not vouch for the snapshot" in log
+    assert "differs from the leader's" in log
+
+    write_events(leader, 500, start=6_000)
+    assert wait_caught_up(leader, f2) == 6_500
+    assert assert_same_query_results(leader, f2) == 6_500
+    assert_clean_stop(cluster)
+    assert assert_same_wal(cluster.data_dir("leader"), cluster.data_dir("f2"), whole=False) >= 1

@@ -225,10 +225,10 @@ def serve_command(
     serve_snapshots: Annotated[
         bool,
         typer.Option(
-            "--serve-snapshots/--no-serve-snapshots",
+            "--serve-snapshots",
             envvar="WALSHIP_SERVE_SNAPSHOTS",
-            help="Follower: serve snapshots to other followers on --replication-port while "
-            "caught up, so the leader need not (its leader redirects followers here).",
+            help="While a follower: serve snapshots to other followers on --replication-port "
+            "while caught up, so the leader need not (the leader redirects followers here).",
         ),
     ] = False,
     catch_up_from: Annotated[
@@ -792,8 +792,6 @@ def replication_config(
         parse_address(leader, "--leader")
     if catch_up_from:
         parse_address(catch_up_from, "--catch-up-from")
-    if (serve_snapshots or catch_up_from) and role != "follower":
-        raise InvalidInput("--serve-snapshots and --catch-up-from are for followers")
     secret = None
     if secret_file is not None or os.environ.get(SECRET_ENV):
         secret = load_secret(secret_file)
