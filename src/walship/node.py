@@ -295,7 +295,7 @@ class Node:
             self.snapshot_server = self._new_snapshot_server()
         if self.snapshot_server.port is None:
             await self.snapshot_server.start()
-        self.follower.serve_address = self.snapshot_server.address or ""
+        self.follower.cascade.serve_address = self.snapshot_server.address or ""
 
     async def _stop_snapshot_server(self) -> None:
         server, self.snapshot_server = self.snapshot_server, None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 from collections.abc import Callable
@@ -45,8 +46,12 @@ from walship.replication.config import ReplicationConfig, parse_address
 from walship.replication.handshake import HandshakeGate, authenticate_follower, authenticate_to
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import (
+    REDIRECT_ANY,
+    REDIRECT_AUTO,
+    REDIRECT_NO,
     Refused,
     SnapshotChunk,
+    SnapshotConfirmed,
     SnapshotEnd,
     SnapshotResume,
     SnapshotStart,
@@ -267,6 +272,166 @@ class SnapshotServer:
 
 
 # ---------------------------------------------------------------------- the fetching side
+
+
+class CascadeClient:
+    """A follower's side of cascading: how it subscribes, the snapshot it fetched from a
+    serving follower (staged until the leader vouches for it), and when it falls back.
+
+    One per ``Follower``, used from its event loop. ``failed`` (a source failed: the next
+    snapshot comes from the leader) is cleared by any snapshot installed.
+    """
+
+    def __init__(
+        self, store: Store, config: ReplicationConfig, metrics: ReplicationMetrics, node_id: str
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+        self.node_id = node_id
+        self.serve_address = ""  # where this node serves snapshots (set by the node)
+        self.snapshot_source: str | None = None  # who sent the last snapshot installed
+        self.fallbacks = 0
+        self.staged: StagedSnapshot | None = None
+        self.staged_sent = False  # this session subscribed at the staged position
+        self.failed = False
+        self._fetching: tuple[str, SnapshotStaging] | None = None
+
+    def __repr__(self) -> str:
+        return f"<CascadeClient staged={self.staged!r} failed={self.failed}>"
+
+    def subscription(self, http_url: str) -> Subscribe:
+        """Where a session starts: the durable (or already queued) end of log, re-read from
+        the WAL on every connect -- or the staged snapshot, for the leader to vouch for."""
+        if self.failed:
+            redirect = REDIRECT_NO  # a source failed: this snapshot comes from the leader
+        else:
+            redirect = REDIRECT_ANY if self.config.catch_up_from else REDIRECT_AUTO
+        staged = self.staged
+        self.staged_sent = staged is not None
+        if staged is not None:
+            position, chain = staged.position, staged.manifest.chain_bytes
+        else:
+            position, chain = self.store.wal.last_position, self.store.wal.last_chain
+        return Subscribe.at(
+            position,
+            chain,
+            http_url,
+            redirect=redirect,
+            serve_address=self.serve_address,
+            staged=staged is not None,
+        )
+
+    async def fetch(self, redirect: SnapshotRedirected, known_term: int) -> str | None:
+        """Fetch the snapshot from ``--catch-up-from``, else the sources the leader named, in
+        order, and stage it; None when staged, else why none served one (a fallback: the
+        next snapshot comes from the leader)."""
+        min_lsn = int(redirect.details["min_lsn"])
+        sources = [self.config.catch_up_from or "", *redirect.details["sources"]]
+        tried: list[str] = []
+        for source in dict.fromkeys(s for s in sources if s and s != self.serve_address):
+            try:
+                staged = await fetch_snapshot(
+                    source,
+                    store=self.store,
+                    config=self.config,
+                    node_id=self.node_id,
+                    known_term=known_term,
+                    min_lsn=min_lsn,
+                    on_staging=functools.partial(self._on_fetching, source),
+                )
+            except (WalshipError, OSError, TimeoutError) as exc:
+                why = exc.message if isinstance(exc, WalshipError) else repr(exc)
+                tried.append(f"{source}: {why}")
+                log.warning("replication: no snapshot from %s: %s", source, why)
+                continue
+            self.staged = staged
+            log.info(
+                "replication: fetched snapshot %s up to lsn %d from %s; asking the leader "
+                "to vouch for it",
+                staged.staging.snapshot_id,
+                staged.manifest.last_lsn,
+                source,
+            )
+            return None
+        self.give_up()
+        return "no follower served a snapshot: " + ("; ".join(tried) or "none named")
+
+    def _on_fetching(self, source: str, staging: SnapshotStaging | None) -> None:
+        self._fetching = None if staging is None else (source, staging)
+
+    def give_up(self) -> None:
+        """The next snapshot comes from the leader: a source failed or none was usable."""
+        self.failed = True
+        self.fallbacks += 1
+        self.metrics.snapshot_fallbacks.inc()
+        log.warning("replication: falling back to the leader for a snapshot")
+
+    def drop_staged(self, why: str) -> None:
+        """Forget the staged snapshot and delete its files."""
+        staged, self.staged, self.staged_sent = self.staged, None, False
+        if staged is not None:
+            log.info("replication: dropping the snapshot from %s: %s", staged.source, why)
+            staged.staging.discard()
+
+    def refused(self, reason: str) -> SourceUnusable:
+        """The leader answered the staged position with Diverged: the source is given up
+        (this node's own log is not in question, so no repair)."""
+        source = "?" if self.staged is None else self.staged.source
+        self.drop_staged(f"not on the leader's history ({reason})")
+        self.give_up()
+        return SourceUnusable(f"the leader does not vouch for the snapshot from {source}: {reason}")
+
+    def confirmed(self, msg: SnapshotConfirmed) -> tuple[StagedSnapshot, list[tuple[int, int]]]:
+        """The staged snapshot the leader vouched for, and the term history to install it
+        with: the leader's. ProtocolError when the leader names another position;
+        SourceUnusable (the snapshot dropped) when the source's history differs from it."""
+        staged = self.staged
+        if staged is None or not self.staged_sent:
+            raise ProtocolError("SnapshotConfirmed without a staged snapshot")
+        manifest = staged.manifest
+        if (msg.lsn, msg.last_term, msg.chain) != (
+            manifest.last_lsn,
+            manifest.last_term,
+            manifest.chain_bytes,
+        ):
+            raise ProtocolError("SnapshotConfirmed names another position than the staged one")
+        terms = [(int(t), int(lsn)) for t, lsn in msg.term_history]
+        upto = manifest.last_lsn
+        if [e for e in staged.terms if e[1] <= upto] != [e for e in terms if e[1] <= upto]:
+            self.drop_staged("its term history differs from the leader's")
+            self.give_up()
+            raise SourceUnusable(
+                f"the snapshot from {staged.source} carries another term history than the "
+                "leader's up to its lsn"
+            )
+        return staged, terms
+
+    def installed(self, source: str) -> None:
+        """A snapshot from ``source`` (``leader`` or a serving follower) was installed."""
+        self.snapshot_source = source
+        self.failed = False
+        if source != "leader":
+            self.staged, self.staged_sent = None, False
+            self.metrics.snapshots_from_followers.inc()
+
+    def transfer_status(self, installing: bool) -> dict[str, Any] | None:
+        """The fetch in progress, or the staged snapshot waiting for the leader."""
+        if self._fetching is not None:
+            source, staging = self._fetching
+            done, state = staging.bytes_done, "receiving"
+        elif self.staged is not None:
+            source, staging = self.staged.source, self.staged.staging
+            done, state = staging.bytes_total, "installing" if installing else "confirming"
+        else:
+            return None
+        return {
+            "id": staging.snapshot_id,
+            "state": state,
+            "source": source,
+            "bytes_done": done,
+            "bytes_total": staging.bytes_total,
+        }
 
 
 async def fetch_snapshot(

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import math
 import random
@@ -54,21 +53,13 @@ from walship.errors import (
     invariant,
 )
 from walship.events import now_us
-from walship.replication.cascade import (
-    SnapshotRedirected,
-    SourceUnusable,
-    StagedSnapshot,
-    fetch_snapshot,
-)
+from walship.replication.cascade import CascadeClient, SnapshotRedirected
 from walship.replication.config import AckSettings, ReplicationConfig
 from walship.replication.divergence import snapshot_divergence
 from walship.replication.handshake import authenticate_to
 from walship.replication.insync import InSyncFile, InSyncRecord, stored_message
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import (
-    REDIRECT_ANY,
-    REDIRECT_AUTO,
-    REDIRECT_NO,
     Ack,
     CaughtUp,
     Diverged,
@@ -81,7 +72,6 @@ from walship.replication.protocol import (
     SnapshotEnd,
     SnapshotRedirect,
     SnapshotStart,
-    Subscribe,
     WalBatch,
     Welcome,
     decode_batch,
@@ -267,14 +257,7 @@ class Follower:
         self._newest_ts_us: int | None = None
         self._heard_at: float | None = None  # monotonic time of the leader's last frame
         self._applied = asyncio.Event()
-        # cascading (``cascade.py``)
-        self.serve_address = ""  # where this node serves snapshots (set by the node)
-        self.snapshot_source: str | None = None  # who sent the last snapshot installed
-        self.snapshot_fallbacks = 0
-        self._staged: StagedSnapshot | None = None  # fetched from a follower, to be vouched
-        self._staged_sent = False  # this session subscribed at the staged position
-        self._cascade_failed = False  # the next snapshot comes from the leader itself
-        self._fetching: tuple[str, SnapshotStaging] | None = None
+        self.cascade = CascadeClient(store, config, metrics, node_id)  # ``cascade.py``
 
     def __repr__(self) -> str:
         return (
@@ -345,33 +328,21 @@ class Follower:
             "repairs": self.repairs,
             "last_repair": self.last_repair,
             "snapshot": self._snapshot_status(),
-            "snapshot_source": self.snapshot_source,
-            "snapshot_fallbacks": self.snapshot_fallbacks,
+            "snapshot_source": self.cascade.snapshot_source,
+            "snapshot_fallbacks": self.cascade.fallbacks,
         }
 
     def _snapshot_status(self) -> dict[str, Any] | None:
-        """The snapshot transfer in progress: from the leader, or from a serving follower
-        (``source``), or staged and waiting for the leader to vouch for it."""
-        staging, source = self._staging, "leader"
-        if self._fetching is not None:
-            source, staging = self._fetching
-        if staging is not None:
-            return {
-                "id": staging.snapshot_id,
-                "state": "installing" if self._installing else "receiving",
-                "source": source,
-                "bytes_done": staging.bytes_done,
-                "bytes_total": staging.bytes_total,
-            }
-        staged = self._staged
-        if staged is None:
-            return None
+        """The snapshot transfer in progress: from the leader, or from a serving follower."""
+        staging = self._staging
+        if staging is None:
+            return self.cascade.transfer_status(self._installing)
         return {
-            "id": staged.staging.snapshot_id,
-            "state": "installing" if self._installing else "confirming",
-            "source": staged.source,
-            "bytes_done": staged.staging.bytes_total,
-            "bytes_total": staged.staging.bytes_total,
+            "id": staging.snapshot_id,
+            "state": "installing" if self._installing else "receiving",
+            "source": "leader",
+            "bytes_done": staging.bytes_done,
+            "bytes_total": staging.bytes_total,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -470,7 +441,10 @@ class Follower:
             if diverged is not None and await self._repair(diverged):
                 continue  # resubscribe at once from the repaired end of log
             if redirected is not None:
-                await self._fetch_elsewhere(redirected)
+                self.state = FollowerState.SNAPSHOT
+                failed = await self.cascade.fetch(redirected, self.known_term)
+                if failed is not None:
+                    self.last_error = failed
                 continue  # back to the leader at once: with a staged snapshot, or without
             if self._reached_streaming or time.monotonic() - started > HEALTHY_CONNECTION_S:
                 self.backoff.reset()
@@ -571,7 +545,7 @@ class Follower:
         await self._handshake(stream, timeout_s)
         self.connected = True
         self._begin_session()
-        await self._send(self._subscription())
+        await self._send(self.cascade.subscription(self.config.http_url or ""))
         self.state = FollowerState.CATCHING_UP
         self.store.hold_compaction(True)  # until caught up: the replay gets the cores
         try:
@@ -616,28 +590,6 @@ class Follower:
         )
         return welcome
 
-    def _subscription(self) -> Subscribe:
-        """Where this session starts: the durable (or already queued) end of log, re-read
-        from the WAL on every connect -- or a snapshot staged from a serving follower, which
-        the leader must vouch for before it is installed."""
-        wal = self.store.wal
-        if self._cascade_failed:
-            redirect = REDIRECT_NO  # a source failed: this snapshot comes from the leader
-        else:
-            redirect = REDIRECT_ANY if self.config.catch_up_from else REDIRECT_AUTO
-        more: dict[str, Any] = {"redirect": redirect, "serve_address": self.serve_address}
-        staged = self._staged
-        self._staged_sent = staged is not None
-        if staged is not None:
-            return Subscribe.at(
-                staged.position,
-                staged.manifest.chain_bytes,
-                self.config.http_url or "",
-                staged=True,
-                **more,
-            )
-        return Subscribe.at(wal.last_position, wal.last_chain, self.config.http_url or "", **more)
-
     def _begin_session(self) -> None:
         """Forget everything of the last session; positions come from the store again."""
         self._unacked.clear()
@@ -649,7 +601,7 @@ class Follower:
         self._in_sync_held = None
         self._in_sync_due = None
         self._heard_at = time.monotonic()  # the Welcome just came
-        self._staged_sent = False
+        self.cascade.staged_sent = False
         self.durable_lsn = self.store.wal.written_lsn.value
 
     async def _teardown(self) -> None:
@@ -771,8 +723,8 @@ class Follower:
             self._ack_wanted = True
             self._ack_wake.set()
         elif isinstance(msg, SnapshotStart):
-            if self._staged_sent:
-                self._drop_staged("the leader sends a snapshot of its own instead")
+            if self.cascade.staged_sent:
+                self.cascade.drop_staged("the leader sends a snapshot of its own instead")
             await self._on_snapshot_start(msg)
         elif isinstance(msg, SnapshotConfirmed):
             await self._install_staged(msg)
@@ -788,15 +740,8 @@ class Follower:
             await self._on_snapshot_end(msg)
         elif isinstance(msg, InSyncSet):
             self._on_in_sync(InSyncRecord.from_wire(msg, self.leader_node_id))
-        elif isinstance(msg, Diverged) and self._staged_sent:
-            # the staged snapshot is not on the leader's history: this node's own log is not
-            # in question, so no repair -- the source is given up, the leader sends one
-            source = self._staged.source if self._staged else "?"
-            self._drop_staged(f"not on the leader's history ({msg.reason})")
-            self._give_up_cascade()
-            raise SourceUnusable(
-                f"the leader does not vouch for the snapshot from {source}: {msg.reason}"
-            )
+        elif isinstance(msg, Diverged) and self.cascade.staged_sent:
+            raise self.cascade.refused(msg.reason)  # about the staged position, not this log
         elif isinstance(msg, Diverged):
             raise LeaderDiverged(
                 f"this follower's log is not on the leader's history ({msg.reason}); both "
@@ -1043,8 +988,7 @@ class Follower:
         await self._in_thread(staging.discard)
         self._staging = None
         self.snapshots_received += 1
-        self.snapshot_source = "leader"
-        self._cascade_failed = False
+        self.cascade.installed("leader")
         self.metrics.snapshots_received.inc()
         self.durable_lsn = self.store.wal.written_lsn.value
         self.state = FollowerState.CATCHING_UP
@@ -1057,85 +1001,13 @@ class Follower:
             len(manifest.parts),
         )
 
-    # ------------------------------------------------------------------ cascading
-
-    async def _fetch_elsewhere(self, redirect: SnapshotRedirected) -> None:
-        """Fetch the snapshot from ``--catch-up-from``, else the sources the leader named, in
-        order, and stage it for the leader to vouch for; when none serves one, the next
-        snapshot comes from the leader (a fallback)."""
-        min_lsn = int(redirect.details["min_lsn"])
-        sources = [self.config.catch_up_from or "", *redirect.details["sources"]]
-        tried: list[str] = []
-        for source in dict.fromkeys(s for s in sources if s and s != self.serve_address):
-            self.state = FollowerState.SNAPSHOT
-            try:
-                staged = await fetch_snapshot(
-                    source,
-                    store=self.store,
-                    config=self.config,
-                    node_id=self.node_id,
-                    known_term=self.known_term,
-                    min_lsn=min_lsn,
-                    on_staging=functools.partial(self._on_fetching, source),
-                )
-            except asyncio.CancelledError:
-                raise
-            except (WalshipError, OSError, TimeoutError) as exc:
-                why = exc.message if isinstance(exc, WalshipError) else repr(exc)
-                tried.append(f"{source}: {why}")
-                log.warning("replication: no snapshot from %s: %s", source, why)
-                continue
-            self._staged = staged
-            log.info(
-                "replication: fetched snapshot %s up to lsn %d from %s; asking the leader "
-                "to vouch for it",
-                staged.staging.snapshot_id,
-                staged.manifest.last_lsn,
-                source,
-            )
-            return
-        self.last_error = "no follower served a snapshot: " + ("; ".join(tried) or "none named")
-        self._give_up_cascade()
-
-    def _on_fetching(self, source: str, staging: SnapshotStaging | None) -> None:
-        self._fetching = None if staging is None else (source, staging)
-
-    def _give_up_cascade(self) -> None:
-        """The next snapshot comes from the leader: a source failed or none was usable."""
-        self._cascade_failed = True
-        self.snapshot_fallbacks += 1
-        self.metrics.snapshot_fallbacks.inc()
-        log.warning("replication: falling back to the leader for a snapshot")
-
-    def _drop_staged(self, why: str) -> None:
-        staged, self._staged, self._staged_sent = self._staged, None, False
-        if staged is not None:
-            log.info("replication: dropping the snapshot from %s: %s", staged.source, why)
-            staged.staging.discard()
-
-    async def _install_staged(self, confirmed: SnapshotConfirmed) -> None:
-        """The leader vouched for the staged snapshot's position: install it with the
-        leader's term history (not the source's), then WAL follows from the leader."""
-        staged = self._staged
-        if staged is None or not self._staged_sent:
-            raise FrameRejected("SnapshotConfirmed without a staged snapshot")
+    async def _install_staged(self, msg: SnapshotConfirmed) -> None:
+        """The leader vouched for the snapshot staged from a serving follower: install it
+        with the leader's term history (not the source's); WAL follows from the leader."""
+        with _rejecting():
+            staged, terms = self.cascade.confirmed(msg)
         manifest = staged.manifest
-        if (confirmed.lsn, confirmed.last_term, confirmed.chain) != (
-            manifest.last_lsn,
-            manifest.last_term,
-            manifest.chain_bytes,
-        ):
-            raise FrameRejected("SnapshotConfirmed names another position than the staged one")
-        terms = [(int(t), int(lsn)) for t, lsn in confirmed.term_history]
-        upto = manifest.last_lsn
-        if [e for e in staged.terms if e[1] <= upto] != [e for e in terms if e[1] <= upto]:
-            self._drop_staged("its term history differs from the leader's")
-            self._give_up_cascade()
-            raise SourceUnusable(
-                f"the snapshot from {staged.source} carries another term history than the "
-                "leader's up to its lsn"
-            )
-        self._check_snapshot_history(upto, manifest.chain_bytes, terms)
+        self._check_snapshot_history(manifest.last_lsn, manifest.chain_bytes, terms)
         invariant(not self._unacked, "records were applied before the snapshot was installed")
         self.state = FollowerState.SNAPSHOT
         self._installing = True
@@ -1146,12 +1018,9 @@ class Follower:
             await self._in_thread(staged.staging.discard)
         finally:
             self._installing = False
-        self._staged, self._staged_sent = None, False
-        self._cascade_failed = False
+        self.cascade.installed(staged.source)
         self.snapshots_received += 1
-        self.snapshot_source = staged.source
         self.metrics.snapshots_received.inc()
-        self.metrics.snapshots_from_followers.inc()
         self.durable_lsn = self.store.wal.written_lsn.value
         self.state = FollowerState.CATCHING_UP
         self._wake_applied()
