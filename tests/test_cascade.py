@@ -20,8 +20,12 @@ from tests.cluster import (
     Cluster,
     assert_same_query_results,
     assert_same_wal,
+    handshake_with_secret,
     health,
     http,
+    raw_connection,
+    read_until_closed,
+    refusal,
     replication,
     replication_address,
     stats,
@@ -29,6 +33,7 @@ from tests.cluster import (
     wait_until,
     write_events,
 )
+from tests.failover_cluster import FailoverCluster, promote
 from walship.cli.process import NodeProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -133,6 +138,13 @@ def test_new_follower_catches_up_from_a_followers_snapshot_without_the_leader_se
     assert stats(f2)["checkpoint_lsn"] >= 1_000
     assert assert_same_query_results(leader, f2) == 8_000
 
+    # the serving follower authenticates peers as the leader does: a wrong secret is refused
+    with raw_connection(source) as sock:
+        handshake_with_secret(sock, b"not-the-secret", "intruder")
+        refused = refusal(read_until_closed(sock))
+        assert refused is not None and refused.code == "authentication_failed", refused
+    assert metric(f1, "walship_replication_auth_failures_total") == 1
+
     assert_clean_stop(cluster)
     compared = assert_same_wal(cluster.data_dir("leader"), cluster.data_dir("f2"), whole=False)
     assert compared >= 1
@@ -204,3 +216,28 @@ def test_a_source_off_the_leaders_history_is_not_installed(cluster: Cluster) -> 
     assert assert_same_query_results(leader, f2) == 6_500
     assert_clean_stop(cluster)
     assert assert_same_wal(cluster.data_dir("leader"), cluster.data_dir("f2"), whole=False) >= 1
+
+
+def test_a_serving_follower_promoted_leads_on_its_replication_port(tmp_path: Path) -> None:
+    """The snapshot server holds the follower's replication port; a promotion hands that port
+    to the leader's listener (it stops serving first), and the new leader takes writes."""
+    with FailoverCluster(tmp_path / "cluster") as cluster:
+        leader = cluster.start_leader()
+        port = free_port()
+        f1 = cluster.start_follower(
+            "f1",
+            replication_address(leader),
+            args=["--serve-snapshots", "--replication-port", str(port)],
+        )
+        assert serving_address(f1) == f"127.0.0.1:{port}"
+        write_events(leader, 100)
+        wait_caught_up(leader, f1)
+        assert leader.stop() == 0
+
+        answer = promote(f1, force=True)
+        assert answer["role"] == "leader"
+        assert answer["replication_address"] == f"127.0.0.1:{port}"
+        assert health(f1)["fenced"] is None
+        assert "serving_snapshots" not in replication(f1)
+        assert write_events(f1, 10, start=100)[-1] > 100
+        assert_clean_stop(cluster)

@@ -294,7 +294,12 @@ class Node:
         if self.snapshot_server is None:
             self.snapshot_server = self._new_snapshot_server()
         if self.snapshot_server.port is None:
-            await self.snapshot_server.start()
+            try:
+                await self.snapshot_server.start()
+            except OSError as exc:  # following matters more than serving: go on without
+                log.error("cannot serve snapshots on the replication port: %s", exc)
+                self.snapshot_server = None
+                return
         self.follower.cascade.serve_address = self.snapshot_server.address or ""
 
     async def _stop_snapshot_server(self) -> None:
