@@ -27,7 +27,7 @@ class Limits:
     metadata_bytes_max: int = 64 * KIB
     tenant_id_chars_max: int = 64
     entity_id_chars_max: int = 128
-    event_type_chars_max: int = 128
+    event_type_chars_max: int = 256  # topic names: module path, class, event name
     batch_events_max: int = 10_000
     request_bytes_max: int = 32 * MIB
     # request line and headers together, counted as they arrive: past it 431 and the
@@ -93,6 +93,9 @@ class Limits:
 
     # operators
     lost_found_files_listed_max: int = 100  # newest files GET .../lost-found summarizes
+    # a leader logs a warning when a follower's retention slot is forecast to reach
+    # --wal-retention-bytes-max sooner than this (and /health, the metric say it always)
+    retention_exhaustion_warn_ms: int = 15 * 60_000
 
     # HTTP authentication: a server looks at its API key file's mtime at most this often, so
     # a key created or revoked is in force about this long after the file changes

@@ -26,13 +26,15 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from walship import __version__
-from walship.errors import InvalidParameter, NotReady, ValidationError
+from walship.apikeys import Role
+from walship.errors import Forbidden, InvalidParameter, NotReady, ValidationError
 from walship.events import (
     BatchIn,
     EventIn,
     EventOut,
     parse_timestamp,
     to_out,
+    to_plain,
 )
 from walship.http.auth import (
     Authenticator,
@@ -45,6 +47,7 @@ from walship.http.auth import (
 )
 from walship.http.consumers import add_consumer_routes, check_position_params
 from walship.http.errors import ErrorBody, install_error_handlers
+from walship.http.media import Media, response_media
 from walship.http.openapi_security import describe_security
 from walship.http.params import reject_unknown_params
 from walship.http.stream import add_stream_routes
@@ -54,6 +57,7 @@ from walship.http.writes import (
     BATCH_PATH,
     EVENTS_PATH,
     BatchReceipts,
+    BodyFormat,
     WriteFastLane,
     answer_batch,
     answer_event,
@@ -66,6 +70,7 @@ from walship.peers import split_urls
 from walship.readiness import readiness
 from walship.replication.lostfound import SummaryCache
 from walship.storage.query import QueryFilter
+from walship.storage.tenant_stats import tenant_counts
 from walship.store import EntityState, Receipt
 
 
@@ -182,8 +187,10 @@ def _add_write_routes(app: FastAPI, node: Node) -> None:
     )
     async def append_event(request: Request) -> Response:
         ack = requested_ack_mode(request.scope)
+        body_format = BodyFormat.of(request.scope)
         principal = principal_of(request.scope)
-        return _json(await answer_event(node, await body_of(request), principal, ack))
+        content = await answer_event(node, await body_of(request), principal, ack, body_format)
+        return Response(content, media_type=body_format.response.value)
 
     @app.post(
         BATCH_PATH,
@@ -194,8 +201,10 @@ def _add_write_routes(app: FastAPI, node: Node) -> None:
     )
     async def append_batch(request: Request) -> Response:
         ack = requested_ack_mode(request.scope)
+        body_format = BodyFormat.of(request.scope)
         principal = principal_of(request.scope)
-        return _json(await answer_batch(node, await body_of(request), principal, ack))
+        content = await answer_batch(node, await body_of(request), principal, ack, body_format)
+        return Response(content, media_type=body_format.response.value)
 
 
 _MinLsn = Annotated[
@@ -292,12 +301,19 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
             to_position=to_position,
         )
 
+        media = response_media(request.scope["headers"])
+
         def run() -> bytes:
             result = store.query(flt, limit, cursor)
+            if media is Media.MSGPACK:
+                plain = [to_plain(ev) for ev in result.events]
+                return media.encode(
+                    {"events": plain, "next_cursor": result.next_cursor, "count": len(plain)}
+                )
             events = [to_out(ev) for ev in result.events]
             return _encoder.encode(QueryPage(events, result.next_cursor, len(events)))
 
-        return _json(await run_in_threadpool(run))
+        return Response(await run_in_threadpool(run), media_type=media.value)
 
     @app.get(
         "/api/v1/entities/{entity_id:path}/state",
@@ -326,12 +342,52 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
         state = await run_in_threadpool(
             store.entity_state, entity_id, tenant_id, as_of_us, as_of_lsn
         )
-        return _json(_encoder.encode(state))
+        media = response_media(request.scope["headers"])
+        if media is Media.MSGPACK:  # bytes are msgpack's own bin: no encoding to name
+            state = msgspec.structs.replace(state, state_encoding=None)
+        return Response(media.encode(state), media_type=media.value)
 
-    @app.get("/api/v1/stats", summary="Store statistics", responses=_responses(None))
-    async def stats() -> Response:
-        body = await run_in_threadpool(store.stats)
-        body["subscriptions"] = app.state.subscriptions.open  # open event streams (SSE)
+    @app.get(
+        "/api/v1/stats",
+        summary="Store statistics: the node's, or some tenants'",
+        description="An admin key of every tenant (or `--auth none`) gets the node's figures. "
+        "Any other key, or `tenant_id`, gets `tenants`: the events and entities of each of the "
+        "key's tenants (or of `tenant_id`), beside the node's id, term and lsns; never another "
+        "tenant's figures or name. A key of every tenant without the admin role must name one.",
+        responses=_responses(None),
+    )
+    async def stats(
+        request: Request,
+        tenant_id: Annotated[
+            str | None,
+            Query(
+                max_length=limits.tenant_id_chars_max,
+                description="Only this tenant's figures (it must be one of the key's)",
+            ),
+        ] = None,
+    ) -> Response:
+        principal = principal_of(request.scope)
+        if tenant_id is None and principal.tenants is None:
+            if not principal.may(Role.ADMIN):
+                raise Forbidden(
+                    f"{principal.name} has role {principal.role}: the node's figures need "
+                    "an admin key of every tenant; name tenant_id=T for one tenant's",
+                    needs=str(Role.ADMIN),
+                )
+            body = await run_in_threadpool(store.stats)
+            body["subscriptions"] = app.state.subscriptions.open  # open event streams (SSE)
+            return _json(_encoder.encode(body))
+        tenants = scoped_tenants(principal, tenant_id)
+        assert tenants is not None  # a tenant named, or the key's own
+        counts = await run_in_threadpool(tenant_counts, store.read_view(), sorted(tenants))
+        # lsns and the term are in every receipt and event too: nothing of another tenant's
+        body = {
+            "node_id": node.node_id,
+            "term": store.wal.terms.current.value,
+            "last_lsn": store.last_position.lsn.value,
+            "visible_lsn": store.visible_lsn,
+            "tenants": counts,
+        }
         return _json(_encoder.encode(body))
 
 
@@ -378,14 +434,35 @@ def _add_ops_routes(app: FastAPI, node: Node) -> None:
 
     @app.get(
         "/api/v1/replication/degraded",
-        summary="The degradation ledger",
+        summary="The degradation ledger: writes at risk",
         description="Lsn ranges committed without the acknowledgements their mode required "
-        "(answered `degraded`). Empty on a follower.",
+        "(answered `degraded`) that are still *at risk*: fewer followers than the leader's "
+        "ack mode asks for hold them, so they are lost with the leader. With `all=true`, "
+        "every range, each with its `state` (`at_risk` or `since_replicated`) and, once "
+        "replicated, when (`replicated_ts_us`) and to whom (`replicated_to`). `writes` counts "
+        "the listed ranges' writes; `at_risk` and `total` count the whole ledger. Empty on a "
+        "follower.",
         responses=_responses(None),
     )
-    async def degraded() -> Response:
-        ranges = node.degraded_ranges()
-        body = {"ranges": ranges, "writes": sum(int(str(r["writes"])) for r in ranges)}
+    async def degraded(
+        all_ranges: Annotated[
+            bool,
+            Query(alias="all", description="Every range, the since-replicated ones too"),
+        ] = False,
+    ) -> Response:
+        ranges = node.degraded_ranges(at_risk_only=not all_ranges)
+        every = ranges if all_ranges else node.degraded_ranges()
+        risky = [r for r in every if r["state"] == "at_risk"]
+
+        def writes(rs: list[dict[str, object]]) -> int:
+            return sum(int(str(r["writes"])) for r in rs)
+
+        body = {
+            "ranges": ranges,
+            "writes": writes(ranges),
+            "at_risk": {"writes": writes(risky), "ranges": len(risky)},
+            "total": {"writes": writes(every), "ranges": len(every)},
+        }
         return _json(_encoder.encode(body))
 
     lost_found = SummaryCache(node.config.data_dir)
@@ -497,12 +574,20 @@ def _describe_event_rules(event_in: dict[str, Any], limits: Limits) -> None:
         description="Not blank, no control characters.",
     )
     props["event_type"].update(
-        pattern=r"^(?!_system\.)[a-z0-9_]+(\.[a-z0-9_]+)*$",
+        pattern=r"^(?!_system\.)[A-Za-z0-9_:-]+(\.[A-Za-z0-9_:-]+)*$",
         maxLength=limits.event_type_chars_max,
-        description="No leading or trailing '.', no '..'; the `_system.` prefix is reserved.",
+        description="Topic names such as `bank.domain:Account.Opened`. No leading or trailing "
+        "'.', no '..'; the `_system.` prefix is reserved.",
     )
     props["payload"]["description"] = (
-        f"Any JSON value, at most {limits.payload_bytes_max} bytes as sent."
+        f"Any JSON value, at most {limits.payload_bytes_max} bytes as sent; with "
+        '`payload_encoding: "base64"` a string of the base64 of binary bytes (at most '
+        f"{limits.payload_bytes_max} of them). A msgpack body (`Content-Type: "
+        "application/msgpack`) may send those bytes as a `bin` value instead."
+    )
+    props["payload_encoding"].update(
+        enum=["json", "base64"],
+        description="How `payload` is given: a JSON value, or the base64 of bytes.",
     )
     props["metadata"] = {
         "anyOf": [{"type": "object"}, {"type": "null"}],

@@ -24,9 +24,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
 from walship.errors import InvalidParameter, NotFound, Unavailable
-from walship.events import EventOut, StoredEvent, to_out
+from walship.events import EventOut, StoredEvent, to_out, to_plain
 from walship.http.auth import check_tenant, principal_of, scope_filter
 from walship.http.consumers import check_position_params
+from walship.http.media import Media, response_media
 from walship.limits import LSN_MAX
 from walship.node import Node
 from walship.sse import KEEPALIVE, MEDIA_TYPE, RETRY_MS, encode_event, parse_last_event_id
@@ -156,6 +157,7 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
     subscriptions = Subscriptions(node)
     app.state.subscriptions = subscriptions
     _Text = Annotated[str | None, Query(min_length=1, max_length=limits.entity_id_chars_max)]
+    _Type = Annotated[str | None, Query(min_length=1, max_length=limits.event_type_chars_max)]
 
     @app.get(
         STREAM_PATH,
@@ -179,8 +181,8 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
         ] = None,
         tenant_id: _Text = None,
         entity_id: _Text = None,
-        event_type: _Text = None,
-        event_type_prefix: _Text = None,
+        event_type: _Type = None,
+        event_type_prefix: _Type = None,
         last_event_id: Annotated[
             str | None, Header(description="The lsn of the last event received: resume after it")
         ] = None,
@@ -252,6 +254,14 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
             top = current if to_version is None else min(to_version, current)
             if not backward and events[-1].version + 1 <= top:
                 next_version = events[-1].version + 1
+        media = response_media(request.scope["headers"])
+        if media is Media.MSGPACK:
+            plain = msgspec.structs.asdict(
+                EntityEvents(tenant_id, entity_id, current, direction, [], 0, next_version)
+            )
+            plain["events"] = [to_plain(ev) for ev in events]
+            plain["count"] = len(events)
+            return Response(media.encode(plain), media_type=media.value)
         body = EntityEvents(
             tenant_id,
             entity_id,
@@ -283,7 +293,8 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
     @app.get(
         "/api/v1/events/{event_id}",
         summary="One event by its id",
-        description="404 when no visible event here has this id.",
+        description="404 when no visible event here has this id, or when it is in a "
+        "tenant the key does not cover (the same answer: a 403 would confirm the id).",
     )
     async def event_by_id(
         request: Request,
@@ -298,9 +309,13 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
         except ValueError as exc:
             raise InvalidParameter(f"not a UUID: {event_id[:64]!r}", field="event_id") from exc
         found = await run_in_threadpool(store.entities.find, raw)
-        if found is None:
+        # another tenant's event is answered as if it did not exist: a 403 would tell the
+        # caller the id is taken, and in which tenant
+        if found is None or not principal_of(request.scope).may_use(found.tenant_id):
             raise NotFound(f"no event with id {event_id} on {node.node_id}", event_id=event_id)
-        check_tenant(principal_of(request.scope), found.tenant_id)
+        media = response_media(request.scope["headers"])
+        if media is Media.MSGPACK:
+            return Response(media.encode(to_plain(found)), media_type=media.value)
         return _json(_encoder.encode(to_out(found)))
 
     return subscriptions

@@ -4,6 +4,12 @@ A part holds the events of one lsn range, named ``{first:016x}-{last:016x}.parqu
 sorted by (tenant_id, entity_id, lsn) in row groups of ``parquet_row_group_rows``, and the
 manifest keeps each row group's first and last entity key, so a query by entity reads one or
 two row groups per part without trusting writer statistics.
+
+Payloads: a JSON payload is text in ``payload`` (so ``payload::JSON`` and ``json_extract`` work
+in DuckDB, ``str.json_decode`` in Polars); a binary one is null there, its bytes are in
+``payload_bytes`` (BINARY: DuckDB's BLOB, Polars' Binary) and ``payload_binary`` is true.
+Parts written before these columns existed lack them; ``conform`` gives their tables the
+current schema (no binary payloads), and DuckDB reads a mix with ``union_by_name``.
 """
 
 from __future__ import annotations
@@ -39,24 +45,43 @@ SCHEMA = pa.schema(
         pa.field("entity_id", pa.string(), nullable=False),
         pa.field("event_type", pa.string(), nullable=False),
         pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("payload", pa.string(), nullable=False),
+        # null when the payload is binary: a JSON column keeps only JSON, not base64 guesswork
+        pa.field("payload", pa.string(), nullable=True),
         pa.field("metadata", pa.string(), nullable=True),
         pa.field("version", pa.int64(), nullable=False),
         pa.field("tenant_position", pa.int64(), nullable=False),
+        pa.field("payload_binary", pa.bool_(), nullable=False),
+        pa.field("payload_bytes", pa.binary(), nullable=True),  # only for binary payloads
     ]
 )
 """The documented schema: standard types only; payload and metadata are JSON text."""
 
 POSITION_COLUMN = "tenant_position"
+_BINARY_COLUMNS = {"payload_binary", "payload_bytes"}
+
+
+def _missing_column(name: str, rows: int) -> pa.Array:
+    """A column a part written before it existed reads as: no position, no binary payload."""
+    if name == POSITION_COLUMN:
+        return pa.array(np.zeros(rows, np.int64), pa.int64())
+    if name == "payload_binary":
+        return pa.array(np.zeros(rows, np.bool_), pa.bool_())
+    return pa.nulls(rows, pa.binary())
 
 
 def conform(table: pa.Table) -> pa.Table:
-    """``table`` with every column of ``SCHEMA``: a part written before tenant positions
-    existed has no ``tenant_position`` column, read as 0 (no position)."""
-    if POSITION_COLUMN in table.column_names or "lsn" not in table.column_names:
+    """``table`` (all or some columns of a part's rows) with the columns added to ``SCHEMA``
+    since its part was written: ``tenant_position`` 0 (no position), ``payload_binary``
+    false, ``payload_bytes`` null; a table of every column gets ``SCHEMA`` exactly (order,
+    ``payload`` nullable), as a merge writes it."""
+    if "lsn" not in table.column_names:
         return table
-    zeros = pa.array(np.zeros(table.num_rows, np.int64), pa.int64())
-    return table.append_column(SCHEMA.field(POSITION_COLUMN), zeros)
+    for name in (POSITION_COLUMN, *sorted(_BINARY_COLUMNS)):
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), _missing_column(name, table.num_rows))
+    if table.num_columns == len(SCHEMA) and not table.schema.equals(SCHEMA):
+        table = table.select(SCHEMA.names).cast(SCHEMA)
+    return table
 
 
 def part_name(first_lsn: int, last_lsn: int) -> str:
@@ -154,10 +179,16 @@ def _table(events: list[StoredEvent]) -> pa.Table:
             "entity_id": pa.array([e.entity_id for e in events], pa.string()),
             "event_type": pa.array([e.event_type for e in events], pa.string()),
             "timestamp": pa.array([e.timestamp_us for e in events], pa.timestamp("us", tz="UTC")),
-            "payload": pa.array([e.payload for e in events], pa.binary()).cast(pa.string()),
+            "payload": pa.array(
+                [None if e.payload_binary else e.payload for e in events], pa.binary()
+            ).cast(pa.string()),
             "metadata": pa.array([e.metadata for e in events], pa.binary()).cast(pa.string()),
             "version": pa.array([e.version for e in events], pa.int64()),
             "tenant_position": pa.array([e.tenant_position for e in events], pa.int64()),
+            "payload_binary": pa.array([e.payload_binary for e in events], pa.bool_()),
+            "payload_bytes": pa.array(
+                [e.payload if e.payload_binary else None for e in events], pa.binary()
+            ),
         },
         schema=SCHEMA,
     )
@@ -431,11 +462,16 @@ def _to_events(table: pa.Table, limit: int) -> list[StoredEvent]:
     if table.num_rows == 0:
         return []
     table = conform(table).sort_by("lsn").slice(0, limit)
-    cols = {name: table.column(name).to_pylist() for name in SCHEMA.names if name != "timestamp"}
+    names = [n for n in SCHEMA.names if n != "timestamp" and n not in _BINARY_COLUMNS]
+    cols = {name: table.column(name).to_pylist() for name in names}
     ts = table.column("timestamp").cast(pa.int64()).to_pylist()
+    binary = table.column("payload_binary").to_pylist()  # conform: false in older parts
+    blobs = table.column("payload_bytes").to_pylist()
     out = []
     for i in range(table.num_rows):
         meta = cols["metadata"][i]
+        blob = blobs[i]
+        payload = blob if binary[i] and blob is not None else cols["payload"][i].encode()
         out.append(
             StoredEvent(
                 cols["lsn"][i],
@@ -446,9 +482,10 @@ def _to_events(table: pa.Table, limit: int) -> list[StoredEvent]:
                 cols["event_type"][i],
                 ts[i],
                 cols["version"][i],
-                cols["payload"][i].encode(),
+                payload,
                 None if meta is None else meta.encode(),
                 cols[POSITION_COLUMN][i],
+                payload_binary=bool(binary[i]),
             )
         )
     return out
