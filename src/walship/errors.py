@@ -5,6 +5,8 @@
     WalshipError                    every error walship raises on purpose
     ├── InvalidInput                a request, event, frame or argument is malformed (4xx)
     │   ├── MalformedJson           the body is not JSON at all
+    │   ├── MalformedMsgpack        the body is not msgpack at all
+    │   ├── UnsupportedMediaType    a body in a format the route does not read (415)
     │   ├── ValidationError         an event field breaks a rule of the event model
     │   ├── LimitExceeded           a size or count crosses a named limit in ``limits.py``
     │   ├── InvalidParameter        a query or path parameter of an HTTP request is malformed
@@ -73,6 +75,15 @@ class InvalidInput(WalshipError):
 
 class MalformedJson(InvalidInput):
     code = "malformed_json"
+
+
+class MalformedMsgpack(InvalidInput):
+    code = "malformed_msgpack"
+
+
+class UnsupportedMediaType(InvalidInput):
+    code = "unsupported_media_type"
+    http_status = 415
 
 
 class ValidationError(InvalidInput):

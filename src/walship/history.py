@@ -50,6 +50,8 @@ _DUCKDB_TYPES = {
     pa.int64(): "BIGINT",
     pa.string(): "VARCHAR",
     pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
+    pa.bool_(): "BOOLEAN",
+    pa.binary(): "BLOB",
 }
 
 # the snapshots behind each DuckDB connection's views, by view name: a view lives as long as
@@ -121,7 +123,8 @@ class HistorySnapshot:
             )
             return f"SELECT {columns} WHERE false"
         paths = ", ".join(_quote_text(str(f)) for f in self._pin.files)
-        return f"SELECT * FROM read_parquet([{paths}])"  # noqa: S608 -- our own file names
+        # by name: parts written before the binary payload columns lack them (null there)
+        return f"SELECT * FROM read_parquet([{paths}], union_by_name = true)"  # noqa: S608
 
     def close(self) -> None:
         """Release the pin: the files may go once no other snapshot holds them. Idempotent."""

@@ -27,7 +27,7 @@ class Limits:
     metadata_bytes_max: int = 64 * KIB
     tenant_id_chars_max: int = 64
     entity_id_chars_max: int = 128
-    event_type_chars_max: int = 128
+    event_type_chars_max: int = 256  # topic names: module path, class, event name
     batch_events_max: int = 10_000
     request_bytes_max: int = 32 * MIB
     # request line and headers together, counted as they arrive: past it 431 and the

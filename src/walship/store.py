@@ -145,8 +145,9 @@ class PendingAppend:
         return min((r.lsn for r in self.receipts), default=0)
 
 
-@dataclass(frozen=True)
-class EntityState:
+class EntityState(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An entity's payloads merged in lsn order (``state_encoding`` only when it is bytes)."""
+
     tenant_id: str
     entity_id: str
     version: int
@@ -154,6 +155,9 @@ class EntityState:
     last_lsn: int
     updated: str | None
     events: int
+    # "base64" when the last event's payload was bytes: ``state`` is those bytes (a binary
+    # payload replaces the state, as any non-object does), base64 text in a JSON answer
+    state_encoding: str | None = None
 
 
 class Store:
@@ -563,14 +567,16 @@ class Store:
             batch_ids: dict[bytes, tuple[int, int]] = {}  # id -> its receipt, its new event
             waits_on: list[Future[WriteOutcome]] = []
             generated = new_event_ids(len(events))
-            for n, ((given_id, tenant, entity, etype, payload, meta), ev) in enumerate(
+            for n, ((given_id, tenant, entity, etype, payload, meta, binary), ev) in enumerate(
                 zip(prepared, events, strict=True)
             ):
                 event_id = given_id or generated[n]
                 if ev.id is not None:
                     if event_id in batch_ids:
                         first, at = batch_ids[event_id]
-                        if not same_content(new_events[at], tenant, entity, etype, payload, meta):
+                        if not same_content(
+                            new_events[at], tenant, entity, etype, payload, meta, binary
+                        ):
                             raise IdConflict(
                                 f"event id {format_uuid(event_id)} appears twice in the batch "
                                 f"(at {first} and {n}) with different contents",
@@ -582,7 +588,7 @@ class Store:
                         continue
                     existing = self._find_id_locked(event_id)
                     if existing is not None:
-                        if not same_content(existing, tenant, entity, etype, payload, meta):
+                        if not same_content(existing, tenant, entity, etype, payload, meta, binary):
                             raise IdConflict(
                                 f"event id {format_uuid(event_id)} is already stored at lsn "
                                 f"{existing.lsn} as {existing.event_type!r} of entity "
@@ -625,11 +631,31 @@ class Store:
                 lsn = next_lsn + len(new_events)
                 new_events.append(
                     StoredEvent(
-                        lsn, term, event_id, tenant, entity, etype, ts, version, payload, meta
+                        lsn,
+                        term,
+                        event_id,
+                        tenant,
+                        entity,
+                        etype,
+                        ts,
+                        version,
+                        payload,
+                        meta,
+                        payload_binary=binary,
                     )
                 )
                 bodies.append(
-                    encode_body_fields(event_id, tenant, entity, etype, ts, version, payload, meta)
+                    encode_body_fields(
+                        event_id,
+                        tenant,
+                        entity,
+                        etype,
+                        ts,
+                        version,
+                        payload,
+                        meta,
+                        payload_binary=binary,
+                    )
                 )
                 receipts.append(Receipt(format_uuid(event_id), lsn, term, version, timestamp))
             if not bodies:
@@ -902,7 +928,7 @@ class Store:
         while True:
             page = self.query(flt, self.limits.query_limit_max, cursor)
             for ev in page.events:
-                value = orjson.loads(ev.payload)
+                value = ev.payload if ev.payload_binary else orjson.loads(ev.payload)
                 if isinstance(value, dict) and isinstance(state, dict):
                     state = {**state, **value}
                 else:
@@ -914,7 +940,8 @@ class Store:
             cursor = page.next_cursor
         if count == 0:
             raise NotFound(f"entity {entity_id!r} has no events", entity_id=entity_id)
-        return EntityState(tenant_id, entity_id, version, state, last_lsn, updated, count)
+        encoding = "base64" if isinstance(state, bytes) else None
+        return EntityState(tenant_id, entity_id, version, state, last_lsn, updated, count, encoding)
 
     def entity_version(self, entity_id: str, tenant_id: str = "default") -> int:
         with self._lock:

@@ -24,8 +24,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
 from walship.errors import InvalidParameter, NotFound, Unavailable
-from walship.events import EventOut, StoredEvent, to_out
+from walship.events import EventOut, StoredEvent, to_out, to_plain
 from walship.http.auth import check_tenant, principal_of, scope_filter
+from walship.http.media import Media, response_media
 from walship.limits import LSN_MAX
 from walship.node import Node
 from walship.sse import KEEPALIVE, MEDIA_TYPE, RETRY_MS, encode_event, parse_last_event_id
@@ -245,6 +246,14 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
             top = current if to_version is None else min(to_version, current)
             if not backward and events[-1].version + 1 <= top:
                 next_version = events[-1].version + 1
+        media = response_media(request.scope["headers"])
+        if media is Media.MSGPACK:
+            plain = msgspec.structs.asdict(
+                EntityEvents(tenant_id, entity_id, current, direction, [], 0, next_version)
+            )
+            plain["events"] = [to_plain(ev) for ev in events]
+            plain["count"] = len(events)
+            return Response(media.encode(plain), media_type=media.value)
         body = EntityEvents(
             tenant_id,
             entity_id,
@@ -294,6 +303,9 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
         if found is None:
             raise NotFound(f"no event with id {event_id} on {node.node_id}", event_id=event_id)
         check_tenant(principal_of(request.scope), found.tenant_id)
+        media = response_media(request.scope["headers"])
+        if media is Media.MSGPACK:
+            return Response(media.encode(to_plain(found)), media_type=media.value)
         return _json(_encoder.encode(to_out(found)))
 
     return subscriptions

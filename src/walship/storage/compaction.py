@@ -25,6 +25,7 @@ from walship.storage.parquet import (
     PartInfo,
     PartReader,
     _sha256,
+    conform,
     part_name,
 )
 
@@ -112,13 +113,13 @@ def merge_parts(
             positions = []
             for i in np.unique(chunk_src):
                 mask = chunk_src == i
-                pieces.append(sources[int(i)].take(chunk_rows[mask]))
+                pieces.append(conform(sources[int(i)].take(chunk_rows[mask])))
                 positions.append(np.nonzero(mask)[0])
             table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
             # restore the merged order within the chunk
             inverse = np.empty(end - start, dtype=np.int64)
             inverse[np.concatenate(positions)] = np.arange(end - start)
-            table = table.take(pa.array(inverse))
+            table = conform(table.take(pa.array(inverse)))  # inputs may predate columns
             writer.write_table(table, row_group_size=row_group_rows)
             groups.append(
                 (

@@ -4,6 +4,12 @@ A part holds the events of one lsn range, named ``{first:016x}-{last:016x}.parqu
 sorted by (tenant_id, entity_id, lsn) in row groups of ``parquet_row_group_rows``, and the
 manifest keeps each row group's first and last entity key, so a query by entity reads one or
 two row groups per part without trusting writer statistics.
+
+Payloads: a JSON payload is text in ``payload`` (so ``payload::JSON`` and ``json_extract`` work
+in DuckDB, ``str.json_decode`` in Polars); a binary one is null there, its bytes are in
+``payload_bytes`` (BINARY: DuckDB's BLOB, Polars' Binary) and ``payload_binary`` is true.
+Parts written before these columns existed lack them; ``conform`` gives their tables the
+current schema (no binary payloads), and DuckDB reads a mix with ``union_by_name``.
 """
 
 from __future__ import annotations
@@ -39,12 +45,34 @@ SCHEMA = pa.schema(
         pa.field("entity_id", pa.string(), nullable=False),
         pa.field("event_type", pa.string(), nullable=False),
         pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("payload", pa.string(), nullable=False),
+        # null when the payload is binary: a JSON column keeps only JSON, not base64 guesswork
+        pa.field("payload", pa.string(), nullable=True),
         pa.field("metadata", pa.string(), nullable=True),
         pa.field("version", pa.int64(), nullable=False),
+        pa.field("payload_binary", pa.bool_(), nullable=False),
+        pa.field("payload_bytes", pa.binary(), nullable=True),  # only for binary payloads
     ]
 )
 """The documented schema: standard types only; payload and metadata are JSON text."""
+
+_ADDED_COLUMNS = {"payload_binary", "payload_bytes"}
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """``table`` (rows of a part) with the current ``SCHEMA``: a part written before the
+    binary payload columns gets them (no binary payloads), and ``payload`` nullable."""
+    if table.schema.equals(SCHEMA):
+        return table
+    n = table.num_rows
+    columns = []
+    for field in SCHEMA:
+        if field.name in table.column_names:
+            columns.append(table.column(field.name).cast(field.type))
+        elif field.name == "payload_binary":
+            columns.append(pa.chunked_array([pa.array(np.zeros(n, np.bool_))], pa.bool_()))
+        else:
+            columns.append(pa.chunked_array([pa.nulls(n, field.type)], field.type))
+    return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
 def part_name(first_lsn: int, last_lsn: int) -> str:
@@ -142,9 +170,15 @@ def _table(events: list[StoredEvent]) -> pa.Table:
             "entity_id": pa.array([e.entity_id for e in events], pa.string()),
             "event_type": pa.array([e.event_type for e in events], pa.string()),
             "timestamp": pa.array([e.timestamp_us for e in events], pa.timestamp("us", tz="UTC")),
-            "payload": pa.array([e.payload for e in events], pa.binary()).cast(pa.string()),
+            "payload": pa.array(
+                [None if e.payload_binary else e.payload for e in events], pa.binary()
+            ).cast(pa.string()),
             "metadata": pa.array([e.metadata for e in events], pa.binary()).cast(pa.string()),
             "version": pa.array([e.version for e in events], pa.int64()),
+            "payload_binary": pa.array([e.payload_binary for e in events], pa.bool_()),
+            "payload_bytes": pa.array(
+                [e.payload if e.payload_binary else None for e in events], pa.binary()
+            ),
         },
         schema=SCHEMA,
     )
@@ -398,11 +432,19 @@ def _to_events(table: pa.Table, limit: int) -> list[StoredEvent]:
     if table.num_rows == 0:
         return []
     table = table.sort_by("lsn").slice(0, limit)
-    cols = {name: table.column(name).to_pylist() for name in SCHEMA.names if name != "timestamp"}
+    names = [n for n in SCHEMA.names if n != "timestamp" and n not in _ADDED_COLUMNS]
+    cols = {name: table.column(name).to_pylist() for name in names}
     ts = table.column("timestamp").cast(pa.int64()).to_pylist()
+    binary: list[bool] = [False] * table.num_rows
+    blobs: list[bytes | None] = [None] * table.num_rows
+    if "payload_binary" in table.column_names:  # a part written before it: all JSON
+        binary = table.column("payload_binary").to_pylist()
+        blobs = table.column("payload_bytes").to_pylist()
     out = []
     for i in range(table.num_rows):
         meta = cols["metadata"][i]
+        blob = blobs[i]
+        payload = blob if binary[i] and blob is not None else cols["payload"][i].encode()
         out.append(
             StoredEvent(
                 cols["lsn"][i],
@@ -413,8 +455,9 @@ def _to_events(table: pa.Table, limit: int) -> list[StoredEvent]:
                 cols["event_type"][i],
                 ts[i],
                 cols["version"][i],
-                cols["payload"][i].encode(),
+                payload,
                 None if meta is None else meta.encode(),
+                payload_binary=bool(binary[i]),
             )
         )
     return out
