@@ -21,6 +21,7 @@ event and tries again; a version that is then already taken is eventsourcing's
 from __future__ import annotations
 
 import base64
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -180,7 +181,7 @@ class WalshipAggregateRecorder(WalshipRecorder, AggregateRecorder):
         for se in stored_events:
             runs.setdefault(str(se.originator_id), []).append(se)
         for entity_id, run in runs.items():
-            for a, b in zip(run, run[1:], strict=False):
+            for a, b in itertools.pairwise(run):
                 step = b.originator_version - a.originator_version
                 if step != 1 and (self.contiguous or step <= 0):
                     raise IntegrityError(
@@ -230,9 +231,7 @@ class WalshipAggregateRecorder(WalshipRecorder, AggregateRecorder):
             )
         return out
 
-    def _insert(
-        self, stored_events: Sequence[StoredEvent], tracking: Tracking | None
-    ) -> list[int]:
+    def _insert(self, stored_events: Sequence[StoredEvent], tracking: Tracking | None) -> list[int]:
         if not stored_events and tracking is None:
             return []
         runs = self._runs(stored_events)
@@ -275,9 +274,7 @@ class WalshipAggregateRecorder(WalshipRecorder, AggregateRecorder):
             state=row.payload,
         )
 
-    def _pages(
-        self, entity_id: str, lo: int, hi: int | None, *, desc: bool
-    ) -> Iterator[list[Row]]:
+    def _pages(self, entity_id: str, lo: int, hi: int | None, *, desc: bool) -> Iterator[list[Row]]:
         """The entity's events with walship versions lo..hi, a page at a time."""
         while hi is None or lo <= hi:
             with translated():
@@ -429,7 +426,5 @@ class WalshipTrackingRecorder(WalshipRecorder, TrackingRecorder):
             return self.backend.consumer_position(self.tenant_id, application_name)
 
 
-class WalshipProcessRecorder(
-    WalshipTrackingRecorder, WalshipApplicationRecorder, ProcessRecorder
-):
+class WalshipProcessRecorder(WalshipTrackingRecorder, WalshipApplicationRecorder, ProcessRecorder):
     """Events and the tracking object that caused them, in one atomic append."""

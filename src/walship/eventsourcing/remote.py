@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import orjson
 
-from walship.client import Client
+from walship.client import AppendReceipt, BatchReceipt, Client
 from walship.errors import NotFound, WaitTimeout
 from walship.eventsourcing.backend import ORIGINATOR_VERSION_KEY, NewEvent, Row
 
@@ -26,6 +26,17 @@ from walship.eventsourcing.backend import ORIGINATOR_VERSION_KEY, NewEvent, Row
 _LONG_POLL_MS = 500
 # The most events one request asks for (the server's ``query_limit_max`` is 10,000).
 _PAGE_EVENTS_MAX = 1_000
+
+
+class _Receipt(AppendReceipt, frozen=True):
+    position: int = 0  # the event's position in its tenant
+
+
+class _BatchAnswer(BatchReceipt, frozen=True):
+    """The answer to a batch, with each event's tenant position (a ``BatchReceipt``, so the
+    client learns the lsn it wrote, for reading its own writes on followers)."""
+
+    receipts: list[_Receipt]
 
 
 def _payload(event: dict[str, Any]) -> bytes:
@@ -89,8 +100,8 @@ class HttpBackend:
                 "position": tracking[1],
                 "tenant_id": tenant_id,
             }
-        answer = self.client._write("/api/v1/events/batch", orjson.dumps(body), dict[str, Any])
-        return [(int(r["version"]), int(r.get("position", 0))) for r in answer["receipts"]]
+        answer = self.client._write("/api/v1/events/batch", orjson.dumps(body), _BatchAnswer)
+        return [(r.version, r.position) for r in answer.receipts]
 
     def entity_events(
         self,

@@ -1,0 +1,282 @@
+"""The ``eventsourcing`` library's own test cases against ``walship.eventsourcing``.
+
+Every test case here is one of the library's, imported from the installed package
+(``eventsourcing.tests.persistence`` and ``eventsourcing.tests.application``) and run
+unchanged: the subclasses only say how to make a recorder or a factory. Each runs twice, on a
+store embedded in the test process (``WALSHIP_DATA_DIR``) and over HTTP on one real
+``walship serve`` (``WALSHIP_URLS``). Every test takes a tenant of its own on that one store
+and that one node, so the notification ids the library checks (1, 2, 3 …) are the tenant
+positions of applications sharing a node.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import ClassVar
+
+from eventsourcing.tests import application as es_application
+from eventsourcing.tests import persistence as es_persistence
+from eventsourcing.utils import Environment, get_topic
+
+from walship.cli.process import NodeProcess
+from walship.eventsourcing import (
+    WalshipAggregateRecorder,
+    WalshipApplicationRecorder,
+    WalshipFactory,
+    WalshipProcessRecorder,
+    WalshipTrackingRecorder,
+)
+
+MODULE = "walship.eventsourcing"
+
+_root: Path | None = None
+_node: NodeProcess | None = None
+
+
+def setUpModule() -> None:
+    global _root, _node
+    _root = Path(tempfile.mkdtemp(prefix="walship-es-"))
+    _node = NodeProcess(_root / "node", node_id="es-node", fsync="never").start()
+
+
+def tearDownModule() -> None:
+    if _node is not None:
+        _node.stop()
+    if _root is not None:
+        shutil.rmtree(_root, ignore_errors=True)
+
+
+def new_tenant() -> str:
+    return f"es-{uuid.uuid4().hex[:16]}"
+
+
+class Embedded:
+    """Settings for a store embedded in this process (one data dir for every test)."""
+
+    @staticmethod
+    def settings() -> dict[str, str]:
+        assert _root is not None
+        return {"WALSHIP_DATA_DIR": str(_root / "embedded"), "WALSHIP_FSYNC": "never"}
+
+
+class OverHttp:
+    """Settings for the node started by ``setUpModule``."""
+
+    @staticmethod
+    def settings() -> dict[str, str]:
+        assert _node is not None
+        return {"WALSHIP_URLS": _node.url}
+
+
+class WithFactory:
+    """Makes the factories of a test (a tenant of its own) and closes them after it."""
+
+    factories: list[WalshipFactory]
+
+    @staticmethod
+    def settings() -> dict[str, str]:
+        raise NotImplementedError
+
+    def factory(self, **more: str) -> WalshipFactory:
+        env = {"PERSISTENCE_MODULE": MODULE, "WALSHIP_TENANT_ID": new_tenant()}
+        factory = WalshipFactory.construct(Environment(env={**env, **self.settings(), **more}))
+        if not hasattr(self, "factories"):
+            self.factories = []
+        self.factories.append(factory)
+        return factory
+
+    def tearDown(self) -> None:
+        for factory in getattr(self, "factories", []):
+            factory.close()
+        self.factories = []
+
+
+# ---------------------------------------------------------------------- the recorder test cases
+
+
+class AggregateRecorderCases(WithFactory, es_persistence.AggregateRecorderTestCase):
+    def create_recorder(self) -> WalshipAggregateRecorder:
+        recorder = self.factory().aggregate_recorder()
+        assert isinstance(recorder, WalshipAggregateRecorder)
+        return recorder
+
+
+class SnapshotRecorderCases(WithFactory, es_persistence.AggregateRecorderTestCase):
+    """The aggregate recorder contract for the snapshot recorder too (versions with gaps)."""
+
+    def create_recorder(self) -> WalshipAggregateRecorder:
+        recorder = self.factory().aggregate_recorder(purpose="snapshots")
+        assert isinstance(recorder, WalshipAggregateRecorder)
+        return recorder
+
+
+class ApplicationRecorderCases(WithFactory, es_persistence.ApplicationRecorderTestCase):
+    def create_recorder(self) -> WalshipApplicationRecorder:
+        recorder = self.factory().application_recorder()
+        assert isinstance(recorder, WalshipApplicationRecorder)
+        return recorder
+
+    def test_insert_subscribe(self) -> None:
+        self.optional_test_insert_subscribe()
+
+
+class TrackingRecorderCases(WithFactory, es_persistence.TrackingRecorderTestCase):
+    def create_recorder(self) -> WalshipTrackingRecorder:
+        return self.factory().tracking_recorder()
+
+
+class ProcessRecorderCases(WithFactory, es_persistence.ProcessRecorderTestCase):
+    def create_recorder(self) -> WalshipProcessRecorder:
+        recorder = self.factory().process_recorder()
+        assert isinstance(recorder, WalshipProcessRecorder)
+        return recorder
+
+
+class NonInterleavingCases(WithFactory, es_persistence.NonInterleavingNotificationIDsBaseCase):
+    def create_recorder(self) -> WalshipApplicationRecorder:
+        recorder = self.factory().application_recorder()
+        assert isinstance(recorder, WalshipApplicationRecorder)
+        return recorder
+
+
+class TrackingRecorderSubclass(WalshipTrackingRecorder):
+    pass
+
+
+class InfrastructureFactoryCases(es_persistence.InfrastructureFactoryTestCase[WalshipFactory]):
+    @staticmethod
+    def settings() -> dict[str, str]:
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        self.env = Environment("TestCase")
+        self.env[WalshipFactory.PERSISTENCE_MODULE] = MODULE
+        self.env[WalshipFactory.WALSHIP_TENANT_ID] = new_tenant()
+        self.env.update(self.settings())
+        super().setUp()
+
+    def expected_factory_class(self) -> type[WalshipFactory]:
+        return WalshipFactory
+
+    def expected_aggregate_recorder_class(self) -> type[WalshipAggregateRecorder]:
+        return WalshipAggregateRecorder
+
+    def expected_application_recorder_class(self) -> type[WalshipApplicationRecorder]:
+        return WalshipApplicationRecorder
+
+    def expected_tracking_recorder_class(self) -> type[WalshipTrackingRecorder]:
+        return WalshipTrackingRecorder
+
+    def tracking_recorder_subclass(self) -> type[WalshipTrackingRecorder]:
+        return TrackingRecorderSubclass
+
+    def expected_process_recorder_class(self) -> type[WalshipProcessRecorder]:
+        return WalshipProcessRecorder
+
+
+class ExampleApplicationCases(es_application.ExampleApplicationTestCase):
+    """The library's example application (a bank account, snapshots, the notification log),
+    configured the way a user would: through the process environment."""
+
+    expected_factory_topic = get_topic(WalshipFactory)
+    saved_env: ClassVar[dict[str, str | None]] = {}
+
+    @staticmethod
+    def settings() -> dict[str, str]:
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        super().setUp()
+        env = {
+            "PERSISTENCE_MODULE": MODULE,
+            # the application's own key (<APPNAME>_…) as a user would set it per application
+            "BANKACCOUNTS_WALSHIP_TENANT_ID": new_tenant(),
+            **self.settings(),
+        }
+        self.saved_env = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+
+    def tearDown(self) -> None:
+        for key, value in self.saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        super().tearDown()
+
+
+# ------------------------------------------------------------ embedded, then over HTTP
+
+
+class TestEmbeddedAggregateRecorder(Embedded, AggregateRecorderCases):
+    pass
+
+
+class TestEmbeddedSnapshotRecorder(Embedded, SnapshotRecorderCases):
+    pass
+
+
+class TestEmbeddedApplicationRecorder(Embedded, ApplicationRecorderCases):
+    pass
+
+
+class TestEmbeddedTrackingRecorder(Embedded, TrackingRecorderCases):
+    pass
+
+
+class TestEmbeddedProcessRecorder(Embedded, ProcessRecorderCases):
+    pass
+
+
+class TestEmbeddedNonInterleaving(Embedded, NonInterleavingCases):
+    pass
+
+
+class TestEmbeddedInfrastructureFactory(Embedded, InfrastructureFactoryCases):
+    pass
+
+
+class TestEmbeddedExampleApplication(Embedded, ExampleApplicationCases):
+    pass
+
+
+class TestHttpAggregateRecorder(OverHttp, AggregateRecorderCases):
+    pass
+
+
+class TestHttpSnapshotRecorder(OverHttp, SnapshotRecorderCases):
+    pass
+
+
+class TestHttpApplicationRecorder(OverHttp, ApplicationRecorderCases):
+    pass
+
+
+class TestHttpTrackingRecorder(OverHttp, TrackingRecorderCases):
+    pass
+
+
+class TestHttpProcessRecorder(OverHttp, ProcessRecorderCases):
+    pass
+
+
+class TestHttpNonInterleaving(OverHttp, NonInterleavingCases):
+    pass
+
+
+class TestHttpInfrastructureFactory(OverHttp, InfrastructureFactoryCases):
+    pass
+
+
+class TestHttpExampleApplication(OverHttp, ExampleApplicationCases):
+    pass
+
+
+# the bases above are not tests by themselves (pytest would collect them)
+del AggregateRecorderCases, SnapshotRecorderCases, ApplicationRecorderCases
+del TrackingRecorderCases, ProcessRecorderCases, NonInterleavingCases
+del InfrastructureFactoryCases, ExampleApplicationCases
