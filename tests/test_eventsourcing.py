@@ -18,8 +18,10 @@ import uuid
 from pathlib import Path
 from typing import ClassVar
 
+from eventsourcing.persistence import Tracking
 from eventsourcing.tests import application as es_application
 from eventsourcing.tests import persistence as es_persistence
+from eventsourcing.tests import projection as es_projection
 from eventsourcing.utils import Environment, get_topic
 
 from walship.cli.process import NodeProcess
@@ -30,6 +32,7 @@ from walship.eventsourcing import (
     WalshipProcessRecorder,
     WalshipTrackingRecorder,
 )
+from walship.eventsourcing.backend import NewEvent
 
 MODULE = "walship.eventsourcing"
 
@@ -209,6 +212,80 @@ class ExampleApplicationCases(es_application.ExampleApplicationTestCase):
         super().tearDown()
 
 
+class WalshipEventCounters(WalshipTrackingRecorder, es_projection.EventCountersView):
+    """The materialised view the library's projection test cases ask for, kept in walship: a
+    counter is an entity whose version is the count, and each increment is appended in one
+    atomic append with the tracking object of the event that caused it (so an event is
+    counted once, however often it is delivered)."""
+
+    CREATED = "created-events"
+    SUBSEQUENT = "subsequent-events"
+
+    def _count(self, counter: str) -> int:
+        rows = self.backend.entity_events(self.tenant_id, counter, 1, None, backward=True, limit=1)
+        return rows[0].version if rows else 0
+
+    def _increment(self, counter: str, tracking: Tracking) -> None:
+        self._append([NewEvent(counter, "counter.incremented", b"", None, None)], tracking)
+
+    def get_created_event_counter(self) -> int:
+        return self._count(self.CREATED)
+
+    def get_subsequent_event_counter(self) -> int:
+        return self._count(self.SUBSEQUENT)
+
+    def incr_created_event_counter(self, tracking: Tracking) -> None:
+        self._increment(self.CREATED, tracking)
+
+    def incr_subsequent_event_counter(self, tracking: Tracking) -> None:
+        self._increment(self.SUBSEQUENT, tracking)
+
+
+class EventCountersViewCases(WithFactory, es_projection.EventCountersViewTestCase):
+    def construct_event_counters_view(self) -> WalshipEventCounters:
+        view = self.factory().tracking_recorder(WalshipEventCounters)
+        assert isinstance(view, WalshipEventCounters)
+        return view
+
+
+class AggregateEventCountersProjectionCases(es_projection.AggregateEventCountersProjectionTestCase):
+    """An application and a projection of it into the view above, each its own tenant on
+    the one node (the projection subscribes to the application's notifications)."""
+
+    view_class = WalshipEventCounters
+
+    @staticmethod
+    def settings() -> dict[str, str]:
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.env = {
+            "PERSISTENCE_MODULE": MODULE,
+            "APPLICATION_WALSHIP_TENANT_ID": new_tenant(),
+            "EVENTCOUNTERS_WALSHIP_TENANT_ID": new_tenant(),
+            **self.settings(),
+        }
+
+
+class EventSourcedProjectionCases(es_projection.EventSourcedProjectionTestCase):
+    """An application and an event-sourced projection of it (a process recorder: its events
+    and the tracking object in one append), each its own tenant on the one node."""
+
+    @staticmethod
+    def settings() -> dict[str, str]:
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.env = {
+            "PERSISTENCE_MODULE": MODULE,
+            "APPLICATION_WALSHIP_TENANT_ID": new_tenant(),
+            "COUNTERS_WALSHIP_TENANT_ID": new_tenant(),
+            **self.settings(),
+        }
+
+
 # ------------------------------------------------------------ embedded, then over HTTP
 
 
@@ -244,6 +321,18 @@ class TestEmbeddedExampleApplication(Embedded, ExampleApplicationCases):
     pass
 
 
+class TestEmbeddedEventCountersView(Embedded, EventCountersViewCases):
+    pass
+
+
+class TestEmbeddedAggregateEventCountersProjection(Embedded, AggregateEventCountersProjectionCases):
+    pass
+
+
+class TestEmbeddedEventSourcedProjection(Embedded, EventSourcedProjectionCases):
+    pass
+
+
 class TestHttpAggregateRecorder(OverHttp, AggregateRecorderCases):
     pass
 
@@ -276,7 +365,20 @@ class TestHttpExampleApplication(OverHttp, ExampleApplicationCases):
     pass
 
 
+class TestHttpEventCountersView(OverHttp, EventCountersViewCases):
+    pass
+
+
+class TestHttpAggregateEventCountersProjection(OverHttp, AggregateEventCountersProjectionCases):
+    pass
+
+
+class TestHttpEventSourcedProjection(OverHttp, EventSourcedProjectionCases):
+    pass
+
+
 # the bases above are not tests by themselves (pytest would collect them)
 del AggregateRecorderCases, SnapshotRecorderCases, ApplicationRecorderCases
 del TrackingRecorderCases, ProcessRecorderCases, NonInterleavingCases
-del InfrastructureFactoryCases, ExampleApplicationCases
+del InfrastructureFactoryCases, ExampleApplicationCases, EventCountersViewCases
+del AggregateEventCountersProjectionCases, EventSourcedProjectionCases
