@@ -16,9 +16,13 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
+from unittest import TestCase
+from uuid import UUID
 
-from eventsourcing.persistence import Tracking
+from eventsourcing.application import Application
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import IntegrityError, StoredEvent, Tracking
 from eventsourcing.tests import application as es_application
 from eventsourcing.tests import persistence as es_persistence
 from eventsourcing.tests import projection as es_projection
@@ -33,20 +37,27 @@ from walship.eventsourcing import (
     WalshipTrackingRecorder,
 )
 from walship.eventsourcing.backend import NewEvent
+from walship.eventsourcing.embedded import acquire_store, release
 
 MODULE = "walship.eventsourcing"
 
 _root: Path | None = None
 _node: NodeProcess | None = None
+_embedded: Any = None
 
 
 def setUpModule() -> None:
-    global _root, _node
+    global _root, _node, _embedded
     _root = Path(tempfile.mkdtemp(prefix="walship-es-"))
     _node = NodeProcess(_root / "node", node_id="es-node", fsync="never").start()
+    # held open for the whole module: each test's factories would otherwise open and close
+    # the embedded store (replaying what the tests before wrote) once per test
+    _embedded = acquire_store(_root / "embedded", "never")
 
 
 def tearDownModule() -> None:
+    if _embedded is not None:
+        release(_embedded)
     if _node is not None:
         _node.stop()
     if _root is not None:
@@ -286,6 +297,76 @@ class EventSourcedProjectionCases(es_projection.EventSourcedProjectionTestCase):
         }
 
 
+# ------------------------------------------------------- walship's own cases for the module
+
+
+class Orders(Application[UUID]):
+    pass
+
+
+class Invoices(Application[UUID]):
+    pass
+
+
+class ModuleCases(WithFactory, TestCase):
+    """What the library's cases do not pin down about this module."""
+
+    def test_two_applications_on_one_node_each_number_their_own_notifications(self) -> None:
+        # tenants from the applications' names, as a user who sets none gets them
+        env = {"PERSISTENCE_MODULE": MODULE, **self.settings()}
+        apps = [Orders(env=env), Invoices(env=env)]
+        try:
+            tenants = [app.factory.tenant_id for app in apps]  # type: ignore[attr-defined]
+            self.assertEqual(tenants, ["Orders", "Invoices"])
+            ids: dict[str, list[int]] = {"Orders": [], "Invoices": []}
+            for _ in range(3):
+                for app in apps:  # interleaved on the one node
+                    recordings = app.save(Aggregate())
+                    ids[app.name].extend(r.notification.id for r in recordings)
+            start = {name: got[0] - 1 for name, got in ids.items()}  # 0 unless run before
+            for app in apps:
+                self.assertEqual(ids[app.name], [start[app.name] + n for n in (1, 2, 3)])
+                items = app.notification_log.select(start=start[app.name] + 1, limit=10)
+                self.assertEqual([n.id for n in items], ids[app.name])
+                self.assertEqual(app.recorder.max_notification_id(), ids[app.name][-1])
+        finally:
+            for app in apps:
+                app.close()
+
+    def test_a_recorder_that_knew_an_aggregate_wrongly_retries_or_refuses(self) -> None:
+        """Another writer (another process) moved the aggregate: an insert that follows the
+        new last version is stored after one refused try, one that repeats a version is an
+        IntegrityError, and the aggregate's events are exactly what was stored."""
+        tenant = new_tenant()
+        mine = self.factory(WALSHIP_TENANT_ID=tenant).application_recorder()
+        other = self.factory(WALSHIP_TENANT_ID=tenant).application_recorder()
+        originator = uuid.uuid4()
+
+        def ev(version: int) -> StoredEvent:
+            return StoredEvent(originator, version, "topic", f"state{version}".encode())
+
+        mine.insert_events([ev(1)])
+        other.insert_events([ev(2)])  # knows nothing of it: tried as new, refused, retried
+        with self.assertRaises(IntegrityError):
+            mine.insert_events([ev(2)])  # it believed the aggregate at version 1
+        mine.insert_events([ev(3)])
+        stored = mine.select_events(originator)
+        self.assertEqual([(e.originator_version, e.state) for e in stored],
+                         [(1, b"state1"), (2, b"state2"), (3, b"state3")])  # fmt: skip
+        self.assertEqual(mine.max_notification_id(), 3)
+
+    def test_a_topic_walship_cannot_spell_is_stored_and_read_back(self) -> None:
+        # a class defined in a function (its topic holds "<locals>")
+        topic = "tests.test_eventsourcing:f.<locals>.Thing.Created"
+        recorder = self.factory().application_recorder()
+        originator = uuid.uuid4()
+        recorder.insert_events([StoredEvent(originator, 1, topic, b"x")])
+        recorder.insert_events([StoredEvent(uuid.uuid4(), 1, "other", b"y")])
+        self.assertEqual([e.topic for e in recorder.select_events(originator)], [topic])
+        found = recorder.select_notifications(None, 10, topics=[topic])
+        self.assertEqual([(n.id, n.topic, n.state) for n in found], [(1, topic, b"x")])
+
+
 # ------------------------------------------------------------ embedded, then over HTTP
 
 
@@ -333,6 +414,10 @@ class TestEmbeddedEventSourcedProjection(Embedded, EventSourcedProjectionCases):
     pass
 
 
+class TestEmbeddedModule(Embedded, ModuleCases):
+    pass
+
+
 class TestHttpAggregateRecorder(OverHttp, AggregateRecorderCases):
     pass
 
@@ -377,8 +462,12 @@ class TestHttpEventSourcedProjection(OverHttp, EventSourcedProjectionCases):
     pass
 
 
+class TestHttpModule(OverHttp, ModuleCases):
+    pass
+
+
 # the bases above are not tests by themselves (pytest would collect them)
 del AggregateRecorderCases, SnapshotRecorderCases, ApplicationRecorderCases
 del TrackingRecorderCases, ProcessRecorderCases, NonInterleavingCases
 del InfrastructureFactoryCases, ExampleApplicationCases, EventCountersViewCases
-del AggregateEventCountersProjectionCases, EventSourcedProjectionCases
+del AggregateEventCountersProjectionCases, EventSourcedProjectionCases, ModuleCases
