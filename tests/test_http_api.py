@@ -561,7 +561,7 @@ def test_query_returns_every_model_field_in_lsn_order(
     first = body["events"][0]
     assert set(first) == {
         "id", "tenant_id", "entity_id", "event_type", "payload", "metadata",
-        "timestamp", "version", "lsn", "term",
+        "timestamp", "version", "lsn", "term", "position",
     }  # fmt: skip
     assert first["id"] == history[0]["event_id"] and first["payload"] == {"n": 1}
 
@@ -873,6 +873,7 @@ def test_openapi_describes_paths_and_request_bodies(api: TestClient) -> None:
     assert params == {
         "entity_id", "event_type", "event_type_prefix", "tenant_id", "since", "until",
         "from_lsn", "to_lsn", "limit", "cursor", "min_lsn", "min_lsn_wait_ms",
+        "from_position", "to_position",
     }  # fmt: skip
     ack_params = {p["name"] for p in paths["/api/v1/events"]["post"]["parameters"]}
     assert ack_params == {"ack_mode"}

@@ -104,6 +104,9 @@ CASES: dict[str, RouteCase] = {
     # SSE (and the WebSocket on the same path): its answers are checked on a real server in
     # test_subscriptions_see_only_their_tenants
     "GET /api/v1/events/stream": _case(Role.READ, _get(STREAM, tenant_id=A), streams=True),
+    "GET /api/v1/tenants/{tenant_id}/position": _case(
+        Role.READ, _get(f"/api/v1/tenants/{A}/position")
+    ),
     "GET /api/v1/stats": _case(Role.ADMIN, _get("/api/v1/stats")),
     "GET /api/v1/replication/degraded": _case(Role.ADMIN, _get("/api/v1/replication/degraded")),
     "GET /api/v1/replication/lost-found": _case(Role.ADMIN, _get("/api/v1/replication/lost-found")),

@@ -76,7 +76,8 @@ class EventBody(msgspec.Struct, array_like=True, gc=False, frozen=True):
     version: int
     payload: bytes
     metadata: bytes | None
-    # trailing fields with defaults: records written before them still decode
+    # trailing fields with defaults: records written before them still decode (a position of
+    # 0 is "no position"); the leader assigns the position, followers take it from the record
     tenant_position: int = 0
     payload_binary: bool = False  # ``payload`` is the caller's bytes, not JSON text
 
@@ -94,7 +95,7 @@ class StoredEvent(msgspec.Struct, gc=False, frozen=True):
     version: int
     payload: bytes
     metadata: bytes | None
-    tenant_position: int = 0
+    tenant_position: int = 0  # gapless 1, 2, 3 ... within the tenant; 0: written before them
     payload_binary: bool = False
 
     @property
@@ -123,6 +124,7 @@ class EventOut(msgspec.Struct, omit_defaults=True):
     version: int
     lsn: int
     term: int
+    position: int
     payload_encoding: str | None = None
 
 
@@ -268,6 +270,7 @@ def to_out(ev: StoredEvent) -> EventOut:
         version=ev.version,
         lsn=ev.lsn,
         term=ev.term,
+        position=ev.tenant_position,
         payload_encoding=encoding,
     )
 

@@ -39,6 +39,9 @@ class Limits:
     query_limit_default: int = 100
     query_limit_max: int = 10_000
     min_lsn_wait_ms_max: int = 30_000
+    # a query by tenant position reads at most this many of the tenant's events before the
+    # range (the position index keeps one anchor per this many positions: 16 bytes each)
+    tenant_position_index_stride: int = 256
 
     # subscriptions (SSE): a subscriber costs one page of events in memory while it is sent,
     # never a queue; the next page is read only when the last one left for the socket

@@ -74,6 +74,7 @@ from walship.storage.manifest import (
 from walship.storage.memtable import Memtable
 from walship.storage.parquet import PartInfo, PartReader, id_hashes, write_part
 from walship.storage.pins import sweep_stale_pins
+from walship.storage.positions import TenantPositions
 from walship.storage.query import QueryFilter, entity_key
 from walship.wal import FsyncPolicy, Record, Wal
 from walship.wal.log import WriteOutcome
@@ -110,6 +111,7 @@ class Receipt(msgspec.Struct):
     required: int = 0
     acked_by: list[str] = msgspec.field(default_factory=list)
     duplicate: bool = False
+    position: int = 0  # the event's position in its tenant (0: written before positions)
 
 
 class QueryResult(msgspec.Struct):
@@ -178,6 +180,7 @@ class Store:
         self._checkpoint_done = threading.Condition(self._lock)
         self._applied = threading.Condition(threading.Lock())
         self._versions: dict[str, int] = {}
+        self._positions = TenantPositions(self.limits.tenant_position_index_stride)
         self._active = Memtable()
         self._frozen: Memtable | None = None
         self._parts: list[PartReader] = []
@@ -280,6 +283,9 @@ class Store:
                 orphan.unlink()
         sweep_stale_pins(self.data_dir)
         self._parts = [PartReader(self.parts_dir / p.file, p) for p in self._manifest.parts]
+        self._positions = TenantPositions(self.limits.tenant_position_index_stride)
+        for part in self._parts:
+            self._recover_positions(part)
         for part in self._parts:
             table = part.entity_versions()
             tenants = table.column("tenant_id").to_pylist()
@@ -323,6 +329,35 @@ class Store:
             self.wal.begin_term(Term(1))
         self.metrics.last_lsn.set(last)
         self._update_memtable_gauges()
+
+    def _recover_positions(self, part: PartReader) -> None:
+        """Tenant positions and position-index anchors from a part (parts in lsn order)."""
+        table = part.tenant_positions()
+        if table is None or table.num_rows == 0:
+            return
+        import pyarrow as pa
+
+        stride = self._positions.stride
+        positions = table.column("tenant_position").to_numpy()
+        anchors = table.filter(pa.array((positions - 1) % stride == 0)).sort_by(
+            [("tenant_id", "ascending"), ("tenant_position", "ascending")]
+        )
+        for t, p, lsn in zip(
+            anchors.column("tenant_id").to_pylist(),
+            anchors.column("tenant_position").to_pylist(),
+            anchors.column("lsn").to_pylist(),
+            strict=True,
+        ):
+            self._positions.observe_anchor(t, p, lsn)
+        last = table.group_by("tenant_id").aggregate([("tenant_position", "max"), ("lsn", "max")])
+        # positions grow with lsn within a tenant: the highest position is at the highest lsn
+        for t, p, lsn in zip(
+            last.column("tenant_id").to_pylist(),
+            last.column("tenant_position_max").to_pylist(),
+            last.column("lsn_max").to_pylist(),
+            strict=True,
+        ):
+            self._positions.observe_last(t, p, lsn)
 
     # ------------------------------------------------------------------ snapshots
 
@@ -564,6 +599,7 @@ class Store:
             bodies: list[bytes] = []
             new_events: list[StoredEvent] = []
             batch_versions: dict[str, int] = {}
+            batch_positions: dict[str, int] = {}  # tenant -> the next position it gets
             batch_ids: dict[bytes, tuple[int, int]] = {}  # id -> its receipt, its new event
             waits_on: list[Future[WriteOutcome]] = []
             generated = new_event_ids(len(events))
@@ -628,6 +664,10 @@ class Store:
                     )
                 version = current + 1
                 batch_versions[key] = version
+                # under the store lock like lsns: a batch's positions are consecutive per
+                # tenant, and a refused batch (raised above or below) takes none
+                position = batch_positions.get(tenant) or self._positions.next_position(tenant)
+                batch_positions[tenant] = position + 1
                 lsn = next_lsn + len(new_events)
                 new_events.append(
                     StoredEvent(
@@ -641,7 +681,8 @@ class Store:
                         version,
                         payload,
                         meta,
-                        payload_binary=binary,
+                        position,
+                        binary,
                     )
                 )
                 bodies.append(
@@ -654,10 +695,13 @@ class Store:
                         version,
                         payload,
                         meta,
-                        payload_binary=binary,
+                        position,
+                        binary,
                     )
                 )
-                receipts.append(Receipt(format_uuid(event_id), lsn, term, version, timestamp))
+                receipts.append(
+                    Receipt(format_uuid(event_id), lsn, term, version, timestamp, position=position)
+                )
             if not bodies:
                 return PendingAppend(
                     receipts, None, 0, waits_on, synced_lsn=self.wal.synced_lsn.value
@@ -679,6 +723,9 @@ class Store:
             )
             self._active.add_all(new_events)
             self._versions.update(batch_versions)
+            observe = self._positions.observe
+            for stored in new_events:
+                observe(stored.tenant_id, stored.tenant_position, stored.lsn)
             self.metrics.appends.inc(len(bodies))
             self.metrics.last_lsn.set(result.last_lsn.value)
         return PendingAppend(receipts, result.done, result.last_lsn.value, waits_on)
@@ -744,6 +791,7 @@ class Store:
             ev.version,
             format_timestamp(ev.timestamp_us),
             duplicate=duplicate,
+            position=ev.tenant_position,
         )
 
     def _find_id_locked(self, event_id: bytes) -> StoredEvent | None:
@@ -771,9 +819,15 @@ class Store:
             if self._frozen is not None:
                 removed += self._frozen.truncate_after(lsn)
             lowest: dict[str, int] = {}
+            lowest_positions: dict[str, int] = {}
             for ev in removed:
                 key = entity_key(ev.tenant_id, ev.entity_id)
                 lowest[key] = min(ev.version, lowest.get(key, ev.version))
+                if ev.tenant_position > 0:
+                    was = lowest_positions.get(ev.tenant_id, ev.tenant_position)
+                    lowest_positions[ev.tenant_id] = min(was, ev.tenant_position)
+            # the rolled-back positions are given again, as the lsns are
+            self._positions.forget_after(lsn, lowest_positions)
             for key, version in lowest.items():
                 # an entity's versions run 1, 2, 3 ... in lsn order: the removed ones are its last
                 if version > 1:
@@ -804,10 +858,13 @@ class Store:
                 events.append(stored_from_body(rec.lsn, rec.term, body))
         self._active.add_all(events)
         versions = self._versions
+        observe = self._positions.observe
         for ev in events:
             key = entity_key(ev.tenant_id, ev.entity_id)
             if ev.version > versions.get(key, 0):
                 versions[key] = ev.version
+            # taken from the record the leader wrote, never assigned here
+            observe(ev.tenant_id, ev.tenant_position, ev.lsn)
 
     def apply_run(self, run: VerifiedRun) -> Future[WriteOutcome]:
         """Append records another node wrote (a follower) and index them; returns the write."""
@@ -872,6 +929,8 @@ class Store:
             if not 0 <= after < LSN_MAX:
                 raise InvalidInput(f"invalid cursor {cursor!r}", field="cursor")
             flt = _replace(flt, from_lsn=max(flt.from_lsn, after + 1))
+        if flt.by_position:
+            flt = self._narrow_by_position(flt)
         visible = self.visible_lsn
         with self._lock:
             parts = list(self._parts)
@@ -901,6 +960,55 @@ class Store:
         more = len(out) > lim
         out = out[:lim]
         return QueryResult(out, str(out[-1].lsn) if more and out else None)
+
+    def _narrow_by_position(self, flt: QueryFilter) -> QueryFilter:
+        """``flt`` with its lsn bounds narrowed to the window the position index gives for
+        its tenant positions (the position predicates stay: they are exact)."""
+        if flt.tenant_id is None:
+            raise InvalidInput(
+                "from_position/to_position count within one tenant: name tenant_id",
+                field="tenant_id",
+            )
+        for name, pos in (("from_position", flt.from_position), ("to_position", flt.to_position)):
+            if pos is not None and not 0 <= pos <= LSN_MAX:
+                raise InvalidInput(f"{name} must be 0..{LSN_MAX}", field=name)
+        with self._lock:
+            lo, hi = self._positions.lsn_window(
+                flt.tenant_id, flt.from_position or 0, flt.to_position
+            )
+        to_lsn = flt.to_lsn if hi is None or (flt.to_lsn is not None and flt.to_lsn < hi) else hi
+        return _replace(flt, from_lsn=max(flt.from_lsn, lo), to_lsn=to_lsn)
+
+    def tenant_position(self, tenant_id: str) -> tuple[int, int]:
+        """``(position, lsn)`` of the tenant's last event visible here; ``(0, 0)`` for none.
+
+        The last one assigned may not be written yet: then the last visible one is read
+        through the position index (a few of the tenant's events at most)."""
+        with self._lock:
+            position, lsn = self._positions.last(tenant_id)
+        if position == 0 or (lsn != 0 and lsn <= self.visible_lsn):
+            return position, lsn
+        visible = self.visible_lsn
+        lo = max(1, position - self.limits.tenant_position_index_stride)
+        found = self._last_event(QueryFilter(tenant_id=tenant_id, from_position=lo, to_lsn=visible))
+        if found is None and lo > 1:
+            # none visible in the last stride: older writes still in flight (rare)
+            found = self._last_event(
+                QueryFilter(tenant_id=tenant_id, from_position=1, to_position=lo, to_lsn=visible)
+            )
+        return (0, 0) if found is None else (found.tenant_position, found.lsn)
+
+    def _last_event(self, flt: QueryFilter) -> StoredEvent | None:
+        """The last event ``flt`` matches, read page by page; None when none does."""
+        last: StoredEvent | None = None
+        cursor: str | None = None
+        while True:
+            page = self.query(flt, self.limits.query_limit_max, cursor)
+            if page.events:
+                last = page.events[-1]
+            if page.next_cursor is None:
+                return last
+            cursor = page.next_cursor
 
     def entity_state(
         self,

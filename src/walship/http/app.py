@@ -44,6 +44,7 @@ from walship.http.auth import (
     require_classified,
     scoped_tenants,
 )
+from walship.http.consumers import add_consumer_routes, check_position_params
 from walship.http.errors import ErrorBody, install_error_handlers
 from walship.http.media import Media, response_media
 from walship.http.openapi_security import describe_security
@@ -156,6 +157,7 @@ def create_app(
     _add_read_routes(app, node)
     # after the query route: /events/{id} must not shadow it
     add_websocket_route(app, add_stream_routes(app, node))
+    add_consumer_routes(app, node)
     _add_ops_routes(app, node)
     _add_admin_routes(app, node)
     add_ui_routes(app)
@@ -215,6 +217,14 @@ _MinLsn = Annotated[
 _MinLsnWait = Annotated[
     int, Query(ge=0, description="How long to wait for `min_lsn`, in ms (504 when it expires)")
 ]
+_FromPosition = Annotated[
+    int | None,
+    Query(ge=0, le=LSN_MAX, description="Lowest tenant position, inclusive (needs tenant_id)"),
+]
+_ToPosition = Annotated[
+    int | None,
+    Query(ge=0, le=LSN_MAX, description="Highest tenant position, inclusive (needs tenant_id)"),
+]
 _ACK_PARAMETERS: dict[str, Any] = {
     "parameters": [
         {
@@ -260,9 +270,12 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
         cursor: Annotated[
             str | None, Query(max_length=32, description="`next_cursor` of the previous page")
         ] = None,
+        from_position: _FromPosition = None,
+        to_position: _ToPosition = None,
         min_lsn: _MinLsn = None,
         min_lsn_wait_ms: _MinLsnWait = 5_000,
     ) -> Response:
+        check_position_params(tenant_id, from_position, to_position)
         principal = principal_of(request.scope)
         tenants = scoped_tenants(principal, tenant_id)
         if tenant_id is None and tenants is not None and (len(tenants) == 1 or entity_id):
@@ -282,6 +295,8 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
             until_us=_time_param(until, "until"),
             from_lsn=max(from_lsn, 1),
             to_lsn=to_lsn,
+            from_position=from_position,
+            to_position=to_position,
         )
 
         media = response_media(request.scope["headers"])

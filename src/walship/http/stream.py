@@ -26,6 +26,7 @@ from starlette.responses import Response, StreamingResponse
 from walship.errors import InvalidParameter, NotFound, Unavailable
 from walship.events import EventOut, StoredEvent, to_out, to_plain
 from walship.http.auth import check_tenant, principal_of, scope_filter
+from walship.http.consumers import check_position_params
 from walship.http.media import Media, response_media
 from walship.limits import LSN_MAX
 from walship.node import Node
@@ -173,6 +174,10 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
     async def subscribe(
         request: Request,
         from_lsn: Annotated[int, Query(ge=0, le=LSN_MAX, description="First lsn, inclusive")] = 1,
+        from_position: Annotated[
+            int | None,
+            Query(ge=0, le=LSN_MAX, description="First tenant position (needs tenant_id)"),
+        ] = None,
         tenant_id: _Text = None,
         entity_id: _Text = None,
         event_type: _Text = None,
@@ -181,6 +186,7 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
             str | None, Header(description="The lsn of the last event received: resume after it")
         ] = None,
     ) -> Response:
+        check_position_params(tenant_id, from_position, None)
         after = max(from_lsn, 1) - 1
         if last_event_id is not None:
             after = parse_last_event_id(last_event_id.strip())
@@ -189,6 +195,7 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
             entity_id=entity_id,
             event_type=event_type,
             event_type_prefix=event_type_prefix,
+            from_position=from_position,
         )
         flt = scope_filter(principal_of(request.scope), flt)
         subscriptions.admit()

@@ -8,8 +8,9 @@ two row groups per part without trusting writer statistics.
 Payloads: a JSON payload is text in ``payload`` (so ``payload::JSON`` and ``json_extract`` work
 in DuckDB, ``str.json_decode`` in Polars); a binary one is null there, its bytes are in
 ``payload_bytes`` (BINARY: DuckDB's BLOB, Polars' Binary) and ``payload_binary`` is true.
-Parts written before these columns existed lack them; ``conform`` gives their tables the
-current schema (no binary payloads), and DuckDB reads a mix with ``union_by_name``.
+Each row has its ``tenant_position`` (1, 2, 3 … per tenant). Parts written before these
+columns existed lack them; ``conform`` gives their tables the current schema (no binary
+payloads, position 0), and DuckDB reads a mix with ``union_by_name``.
 """
 
 from __future__ import annotations
@@ -51,28 +52,42 @@ SCHEMA = pa.schema(
         pa.field("version", pa.int64(), nullable=False),
         pa.field("payload_binary", pa.bool_(), nullable=False),
         pa.field("payload_bytes", pa.binary(), nullable=True),  # only for binary payloads
+        pa.field("tenant_position", pa.int64(), nullable=False),
     ]
 )
 """The documented schema: standard types only; payload and metadata are JSON text."""
 
-_ADDED_COLUMNS = {"payload_binary", "payload_bytes"}
+POSITION_COLUMN = "tenant_position"
+_ADDED_COLUMNS = {"payload_binary", "payload_bytes", POSITION_COLUMN}
+
+
+def _missing_column(field: pa.Field, n: int) -> pa.ChunkedArray:
+    if field.name == "payload_binary":  # a part written before binary payloads: all JSON
+        return pa.chunked_array([pa.array(np.zeros(n, np.bool_))], pa.bool_())
+    if field.name == POSITION_COLUMN:  # written before tenant positions: 0, no position
+        return pa.chunked_array([pa.array(np.zeros(n, np.int64), pa.int64())], pa.int64())
+    return pa.chunked_array([pa.nulls(n, field.type)], field.type)
 
 
 def conform(table: pa.Table) -> pa.Table:
-    """``table`` (rows of a part) with the current ``SCHEMA``: a part written before the
-    binary payload columns gets them (no binary payloads), and ``payload`` nullable."""
-    if table.schema.equals(SCHEMA):
+    """``table`` (rows of a part, or some of their columns with ``lsn``) with the columns
+    added since parts were first written, typed as ``SCHEMA`` says (``payload`` nullable): a
+    part written before binary payloads has none, one written before tenant positions reads
+    them as 0 (no position). Columns a partial read left out stay out."""
+    if table.schema.equals(SCHEMA) or "lsn" not in table.column_names:
         return table
     n = table.num_rows
+    fields = []
     columns = []
     for field in SCHEMA:
         if field.name in table.column_names:
             columns.append(table.column(field.name).cast(field.type))
-        elif field.name == "payload_binary":
-            columns.append(pa.chunked_array([pa.array(np.zeros(n, np.bool_))], pa.bool_()))
+        elif field.name in _ADDED_COLUMNS:
+            columns.append(_missing_column(field, n))
         else:
-            columns.append(pa.chunked_array([pa.nulls(n, field.type)], field.type))
-    return pa.Table.from_arrays(columns, schema=SCHEMA)
+            continue
+        fields.append(field)
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
 def part_name(first_lsn: int, last_lsn: int) -> str:
@@ -179,6 +194,7 @@ def _table(events: list[StoredEvent]) -> pa.Table:
             "payload_bytes": pa.array(
                 [e.payload if e.payload_binary else None for e in events], pa.binary()
             ),
+            "tenant_position": pa.array([e.tenant_position for e in events], pa.int64()),
         },
         schema=SCHEMA,
     )
@@ -305,10 +321,13 @@ class PartReader:
             if not groups:
                 return []
             with self._open() as file:
-                table = file.read_row_groups(groups, use_threads=False)
+                table = conform(file.read_row_groups(groups, use_threads=False))
             return _to_events(_filter(table, flt), limit)
+        columns = ["lsn", "tenant_id", "event_type", "timestamp"]
+        if flt.by_position and self.has_positions:
+            columns.append(POSITION_COLUMN)
         with self._open() as file:
-            keys = file.read(columns=["lsn", "tenant_id", "event_type", "timestamp"])
+            keys = conform(file.read(columns=columns))
         mask = _mask(keys, flt)
         if mask is not None:
             keys = keys.filter(mask)
@@ -326,7 +345,7 @@ class PartReader:
             lsn_col = file.read(columns=["lsn"]).column("lsn").to_numpy()
             rows = np.nonzero(np.isin(lsn_col, lsns))[0]
             groups = sorted({int(r) // group_rows for r in rows})
-            table = file.read_row_groups(groups)
+            table = conform(file.read_row_groups(groups))
         return table.filter(pc.is_in(table.column("lsn"), pa.array(lsns)))
 
     def read_columns(self, columns: list[str]) -> pa.Table:
@@ -334,10 +353,23 @@ class PartReader:
         with self._open() as file:
             return file.read(columns=columns, use_threads=False)
 
+    @property
+    def has_positions(self) -> bool:
+        """Whether the part has a ``tenant_position`` column (written since they exist)."""
+        return POSITION_COLUMN in self._metadata.schema.names
+
+    def tenant_positions(self) -> pa.Table | None:
+        """``tenant_id``, ``tenant_position`` and ``lsn`` of every row with a position;
+        None for a part written before positions existed."""
+        if not self.has_positions:
+            return None
+        t = self.read_columns(["tenant_id", POSITION_COLUMN, "lsn"])
+        return t.filter(pc.greater(t.column(POSITION_COLUMN), 0))
+
     def read_row_groups(self, groups: list[int]) -> pa.Table:
         """Every column of these row groups, in file order."""
         with self._open() as file:
-            return file.read_row_groups(groups, use_threads=False)
+            return conform(file.read_row_groups(groups, use_threads=False))
 
     def row_group_starts(self) -> np.ndarray:
         """The first row of each row group (file order), then the row count."""
@@ -382,7 +414,7 @@ class PartReader:
             if row < 0:
                 return None
             group = int(np.searchsorted(self.row_group_starts(), row, side="right")) - 1
-            table = file.read_row_group(group, use_threads=False)
+            table = conform(file.read_row_group(group, use_threads=False))
         hit = table.filter(pc.equal(table.column("id"), text))
         found = _to_events(hit, 1)
         return found[0] if found else None
@@ -410,6 +442,10 @@ def _mask(table: pa.Table, flt: QueryFilter) -> pa.ChunkedArray | None:
         conds.append(pc.greater_equal(col("timestamp").cast(pa.int64()), flt.since_us))
     if flt.until_us is not None:
         conds.append(pc.less(col("timestamp").cast(pa.int64()), flt.until_us))
+    if flt.from_position is not None:
+        conds.append(pc.greater_equal(col(POSITION_COLUMN), flt.from_position))
+    if flt.to_position is not None:
+        conds.append(pc.less_equal(col(POSITION_COLUMN), flt.to_position))
     if not conds:
         return None
     mask = conds[0]
@@ -431,10 +467,11 @@ def _to_events(table: pa.Table, limit: int) -> list[StoredEvent]:
 
     if table.num_rows == 0:
         return []
-    table = table.sort_by("lsn").slice(0, limit)
+    table = conform(table).sort_by("lsn").slice(0, limit)
     names = [n for n in SCHEMA.names if n != "timestamp" and n not in _ADDED_COLUMNS]
     cols = {name: table.column(name).to_pylist() for name in names}
     ts = table.column("timestamp").cast(pa.int64()).to_pylist()
+    positions = table.column(POSITION_COLUMN).to_pylist()
     binary: list[bool] = [False] * table.num_rows
     blobs: list[bytes | None] = [None] * table.num_rows
     if "payload_binary" in table.column_names:  # a part written before it: all JSON
@@ -457,6 +494,7 @@ def _to_events(table: pa.Table, limit: int) -> list[StoredEvent]:
                 cols["version"][i],
                 payload,
                 None if meta is None else meta.encode(),
+                positions[i],
                 payload_binary=bool(binary[i]),
             )
         )

@@ -25,6 +25,10 @@ class QueryFilter:
     until_us: int | None = None
     from_lsn: int = 1
     to_lsn: int | None = None
+    # tenant positions, inclusive (with ``tenant_id``): the store narrows the lsn bounds to
+    # the window its position index gives, these keep the exact range
+    from_position: int | None = None
+    to_position: int | None = None
 
     def matches(self, ev: StoredEvent) -> bool:
         return (
@@ -37,4 +41,10 @@ class QueryFilter:
             and (self.event_type_prefix is None or ev.event_type.startswith(self.event_type_prefix))
             and (self.since_us is None or ev.timestamp_us >= self.since_us)
             and (self.until_us is None or ev.timestamp_us < self.until_us)
+            and (self.from_position is None or ev.tenant_position >= self.from_position)
+            and (self.to_position is None or ev.tenant_position <= self.to_position)
         )
+
+    @property
+    def by_position(self) -> bool:
+        return self.from_position is not None or self.to_position is not None

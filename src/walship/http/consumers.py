@@ -1,0 +1,69 @@
+"""The consumer side of the HTTP API: tenant positions and consumers' tracked positions.
+
+A tenant's position is the gapless count of its events (assigned by the leader, stored in the
+record); ``GET /api/v1/tenants/{tenant_id}/position`` answers the last one visible on this
+node. Queries and subscriptions by position (``from_position``/``to_position``) count within
+one tenant, so they need ``tenant_id``: ``check_position_params`` says so before anything runs.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from walship.errors import InvalidParameter
+from walship.events import validate_tenant_id
+from walship.http.auth import check_tenant, principal_of
+from walship.limits import LSN_MAX
+from walship.node import Node
+
+_JSON = "application/json"
+_encoder = msgspec.json.Encoder()
+
+TENANT_POSITION_PATH = "/api/v1/tenants/{tenant_id}/position"
+
+
+class TenantPosition(msgspec.Struct):
+    tenant_id: str
+    position: int  # of the tenant's last event visible on this node; 0: none
+    lsn: int  # that event's lsn (0: none)
+
+
+def check_position_params(
+    tenant_id: str | None, from_position: int | None, to_position: int | None
+) -> None:
+    """InvalidParameter (400) for positions without a tenant or out of range."""
+    if from_position is None and to_position is None:
+        return
+    if tenant_id is None:
+        raise InvalidParameter(
+            "from_position/to_position count within one tenant: name tenant_id too",
+            field="tenant_id",
+        )
+    for name, value in (("from_position", from_position), ("to_position", to_position)):
+        if value is not None and not 0 <= value <= LSN_MAX:
+            raise InvalidParameter(f"{name} must be 0..{LSN_MAX}", field=name)
+
+
+def _json(body: bytes) -> Response:
+    return Response(body, media_type=_JSON)
+
+
+def add_consumer_routes(app: FastAPI, node: Node) -> None:
+    """The tenant position route."""
+    store = node.store
+
+    @app.get(
+        TENANT_POSITION_PATH,
+        summary="A tenant's last position visible on this node",
+        description="Positions are gapless per tenant (1, 2, 3 ...), assigned by the leader "
+        "and the same on every node. `position` 0: no event of the tenant is visible here.",
+        responses={200: {"description": "OK"}},
+    )
+    async def tenant_position(request: Request, tenant_id: str) -> Response:
+        validate_tenant_id(tenant_id)
+        check_tenant(principal_of(request.scope), tenant_id)
+        position, lsn = await run_in_threadpool(store.tenant_position, tenant_id)
+        return _json(_encoder.encode(TenantPosition(tenant_id, position, lsn)))
