@@ -118,7 +118,7 @@ class EmbeddedBackend:
             track = TrackingIn(tracking[0], tracking[1], tenant_id)
             receipts = self.store.append_batch(batch, tracking=track)
         self.notify()
-        return [(r.version, getattr(r, "position", 0)) for r in receipts]  # TEMP
+        return [(r.version, r.position) for r in receipts]
 
     def entity_events(
         self,
@@ -166,7 +166,7 @@ class EmbeddedBackend:
         return out
 
     def tenant_position(self, tenant_id: str) -> int:
-        return self.store.tenant_position(tenant_id)
+        return self.store.tenant_position(tenant_id)[0]
 
     def consumer_position(self, tenant_id: str, consumer: str) -> int | None:
         try:
@@ -181,7 +181,7 @@ class EmbeddedBackend:
         waiting = self._shared.waiting
         waiting.add(wake)
         try:
-            while self.store.tenant_position(tenant_id) <= after_position:
+            while self.store.tenant_position(tenant_id)[0] <= after_position:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or wake.wait(min(remaining, _POLL_INTERVAL_S)):
                     return
