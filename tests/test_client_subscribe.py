@@ -84,7 +84,12 @@ def log_of(url: str) -> list[dict[str, Any]]:
 def as_dicts(events: list[Event]) -> list[dict[str, Any]]:
     import msgspec
 
-    return [msgspec.to_builtins(ev) for ev in events]
+    # fields the server leaves out at their defaults (payload_encoding of a JSON payload)
+    defaults = {"payload_encoding": None, "position": 0}
+    return [
+        {k: v for k, v in msgspec.to_builtins(ev).items() if k not in defaults or v != defaults[k]}
+        for ev in events
+    ]
 
 
 def test_subscribe_resumes_after_a_cut_and_a_server_restart(tmp_path: Path) -> None:
