@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from eventsourcing.persistence import (
     AggregateRecorder,
@@ -134,7 +135,7 @@ class WalshipFactory(InfrastructureFactory[WalshipTrackingRecorder]):
 
     def _http_backend(self, urls: list[str]) -> Backend:
         from walship.client import Client
-        from walship.client_routing import ReadFrom
+        from walship.client_routing import ReadFrom, RetryPolicy
         from walship.eventsourcing.remote import HttpBackend
 
         cert_file = self.env.get(self.WALSHIP_CLIENT_CERT)
@@ -148,15 +149,16 @@ class WalshipFactory(InfrastructureFactory[WalshipTrackingRecorder]):
             read_from = ReadFrom(self.env.get(self.WALSHIP_READ_FROM) or "leader")
         except ValueError as exc:
             raise OSError(f"walship client setting: {exc}") from None
-        client = Client(
-            urls,
-            timeout=timeout,
-            read_from=read_from,
-            api_key=self.env.get(self.WALSHIP_API_KEY) or None,
-            ca_file=self.env.get(self.WALSHIP_CA_FILE) or None,
-            cert=cert,
+        settings: dict[str, Any] = {
+            "timeout": timeout,
+            "read_from": read_from,
+            "api_key": self.env.get(self.WALSHIP_API_KEY) or None,
+            "ca_file": self.env.get(self.WALSHIP_CA_FILE) or None,
+            "cert": cert,
+        }
+        return HttpBackend(
+            Client(urls, **settings), Client(urls, retry=RetryPolicy(attempts_max=1), **settings)
         )
-        return HttpBackend(client)
 
     def aggregate_recorder(self, purpose: str = "events") -> AggregateRecorder:
         if purpose == "events":

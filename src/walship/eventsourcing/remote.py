@@ -8,7 +8,6 @@ twice), so the recorders inherit that. Payloads travel as base64 with
 
 from __future__ import annotations
 
-import base64
 import threading
 import uuid
 from collections.abc import Sequence
@@ -17,8 +16,8 @@ from urllib.parse import quote
 
 import orjson
 
-from walship.client import AppendReceipt, BatchReceipt, Client
-from walship.errors import NotFound, WaitTimeout
+from walship.client import Client, Event
+from walship.errors import NotFound, Unavailable
 from walship.eventsourcing.backend import ORIGINATOR_VERSION_KEY, NewEvent, Row
 
 # How long one idle subscription's long poll waits for the node to move (then asks again).
@@ -28,39 +27,20 @@ _LONG_POLL_MS = 500
 _PAGE_EVENTS_MAX = 1_000
 
 
-class _Receipt(AppendReceipt, frozen=True):
-    position: int = 0  # the event's position in its tenant
-
-
-class _BatchAnswer(BatchReceipt, frozen=True):
-    """The answer to a batch, with each event's tenant position (a ``BatchReceipt``, so the
-    client learns the lsn it wrote, for reading its own writes on followers)."""
-
-    receipts: list[_Receipt]
-
-
-def _payload(event: dict[str, Any]) -> bytes:
-    """The bytes a payload was written as (a JSON payload: its JSON text)."""
-    payload = event["payload"]
-    if event.get("payload_encoding") == "base64":
-        return base64.b64decode(payload)
-    return orjson.dumps(payload)
-
-
-def row_of(event: dict[str, Any]) -> Row:
-    version = int(event["version"])
-    meta = event.get("metadata")
-    originator_version = version
-    if isinstance(meta, dict):
-        originator_version = int(meta.get(ORIGINATOR_VERSION_KEY, version))
+def row_of(event: Event) -> Row:
+    """An event as the recorders read it (a JSON payload is its JSON text)."""
+    payload = event.payload if isinstance(event.payload, bytes) else orjson.dumps(event.payload)
+    originator_version = event.version
+    if event.metadata is not None:
+        originator_version = int(event.metadata.get(ORIGINATOR_VERSION_KEY, event.version))
     return Row(
-        event["entity_id"],
-        version,
+        event.entity_id,
+        event.version,
         originator_version,
-        event["event_type"],
-        _payload(event),
-        int(event.get("position", 0)),
-        int(event["lsn"]),
+        event.event_type,
+        payload,
+        event.position,
+        event.lsn,
     )
 
 
@@ -71,8 +51,7 @@ def _event_json(tenant_id: str, ev: NewEvent) -> dict[str, Any]:
         "tenant_id": tenant_id,
         "entity_id": ev.entity_id,
         "event_type": ev.event_type,
-        "payload": base64.b64encode(ev.payload).decode("ascii"),
-        "payload_encoding": "base64",
+        "payload": ev.payload,  # bytes: a binary payload
     }
     if ev.originator_version is not None:
         out["metadata"] = {ORIGINATOR_VERSION_KEY: ev.originator_version}
@@ -82,25 +61,37 @@ def _event_json(tenant_id: str, ev: NewEvent) -> dict[str, Any]:
 
 
 class HttpBackend:
-    """``Backend`` over one or more walship nodes."""
+    """``Backend`` over one or more walship nodes.
 
-    def __init__(self, client: Client) -> None:
+    ``client`` does the work (it retries through a failover); ``poller``, a client with the
+    same settings that sends once, runs the subscriptions' long polls, which end by timing out
+    and must not be retried for the client's whole deadline."""
+
+    def __init__(self, client: Client, poller: Client) -> None:
         self.client = client
+        self.poller = poller
 
-    def _get(self, path: str, params: dict[str, Any]) -> Any:
-        return self.client._read(path, params, dict[str, Any])[0]
+    @staticmethod
+    def _get(client: Client, path: str, params: dict[str, Any]) -> dict[str, Any]:
+        # the client has no method for these routes yet: its own read plan, retries included
+        answer: dict[str, Any] = client._run(client._read(path, params, dict[str, Any]))
+        return answer
 
     def append(
         self, tenant_id: str, events: Sequence[NewEvent], tracking: tuple[str, int] | None
     ) -> list[tuple[int, int]]:
-        body: dict[str, Any] = {"events": [_event_json(tenant_id, ev) for ev in events]}
+        extra = None
         if tracking is not None:
-            body["tracking"] = {
-                "consumer": tracking[0],
-                "position": tracking[1],
-                "tenant_id": tenant_id,
+            extra = {
+                "tracking": {
+                    "consumer": tracking[0],
+                    "position": tracking[1],
+                    "tenant_id": tenant_id,
+                }
             }
-        answer = self.client._write("/api/v1/events/batch", orjson.dumps(body), _BatchAnswer)
+        answer = self.client.append_batch(
+            [_event_json(tenant_id, ev) for ev in events], extra=extra
+        )
         return [(r.version, r.position) for r in answer.receipts]
 
     def entity_events(
@@ -113,16 +104,15 @@ class HttpBackend:
         backward: bool,
         limit: int,
     ) -> list[Row]:
-        params: dict[str, Any] = {
-            "tenant_id": tenant_id,
-            "from_version": from_version,
-            "direction": "backward" if backward else "forward",
-            "limit": min(limit, _PAGE_EVENTS_MAX),
-        }
-        if to_version is not None:
-            params["to_version"] = to_version
-        page = self._get(f"/api/v1/entities/{quote(entity_id, safe='')}/events", params)
-        return [row_of(ev) for ev in page["events"]]
+        page = self.client.entity_events(
+            entity_id,
+            tenant_id=tenant_id,
+            from_version=from_version,
+            to_version=to_version,
+            direction="backward" if backward else "forward",
+            limit=min(limit, _PAGE_EVENTS_MAX),
+        )
+        return [row_of(ev) for ev in page.events]
 
     def by_position(
         self,
@@ -133,38 +123,34 @@ class HttpBackend:
         event_type: str | None,
     ) -> list[Row]:
         out: list[Row] = []
+        filters: dict[str, Any] = {"tenant_id": tenant_id}
+        if to_position is not None:
+            filters["to_position"] = to_position
+        if event_type is not None:
+            filters["event_type"] = event_type
         while len(out) < limit:
-            params: dict[str, Any] = {
-                "tenant_id": tenant_id,
-                "from_position": from_position,
-                "limit": min(limit - len(out), _PAGE_EVENTS_MAX),
-            }
-            if to_position is not None:
-                params["to_position"] = to_position
-            if event_type is not None:
-                params["event_type"] = event_type
-            page = self._get("/api/v1/events/query", params)
-            rows = [row_of(ev) for ev in page["events"]]
+            page = self.client.query(
+                from_position=from_position,
+                limit=min(limit - len(out), _PAGE_EVENTS_MAX),
+                **filters,
+            )
+            rows = [row_of(ev) for ev in page.events]
             out.extend(rows)
-            if page.get("next_cursor") is None or not rows:
+            if page.next_cursor is None or not rows:
                 break
             from_position = rows[-1].position + 1
         return out
 
-    def _position(self, tenant_id: str) -> dict[str, Any]:
-        answer: dict[str, Any] = self._get(
-            f"/api/v1/tenants/{quote(tenant_id, safe='')}/position", {}
-        )
-        return answer
+    def _position(self, client: Client, tenant_id: str) -> dict[str, Any]:
+        return self._get(client, f"/api/v1/tenants/{quote(tenant_id, safe='')}/position", {})
 
     def tenant_position(self, tenant_id: str) -> int:
-        return int(self._position(tenant_id)["position"])
+        return int(self._position(self.client, tenant_id)["position"])
 
     def consumer_position(self, tenant_id: str, consumer: str) -> int | None:
+        path = f"/api/v1/consumers/{quote(consumer, safe='')}"
         try:
-            answer = self._get(
-                f"/api/v1/consumers/{quote(consumer, safe='')}", {"tenant_id": tenant_id}
-            )
+            answer = self._get(self.client, path, {"tenant_id": tenant_id})
         except NotFound:
             return None
         return int(answer["position"])
@@ -172,27 +158,26 @@ class HttpBackend:
     def wait_for_more(
         self, tenant_id: str, after_position: int, timeout_s: float, wake: threading.Event
     ) -> None:
-        now = self._position(tenant_id)
-        if int(now["position"]) > after_position or wake.is_set():
-            return
-        # a long poll: the query waits (``min_lsn``) until the node has made anything past
-        # the lsn it showed visible, then the caller reads its tenant's events again
-        lsn = int(now["lsn"]) + 1
-        wait_ms = max(1, min(_LONG_POLL_MS, int(timeout_s * 1000)))
-        params = {
-            "tenant_id": tenant_id,
-            "from_lsn": lsn,
-            "limit": 1,
-            "min_lsn": lsn,
-            "min_lsn_wait_ms": wait_ms,
-        }
         try:
-            self._get("/api/v1/events/query", params)
-        except WaitTimeout:
-            return
+            now = self._position(self.poller, tenant_id)
+            if int(now["position"]) > after_position or wake.is_set():
+                return
+            # a long poll: the query waits (``min_lsn``) until the node has made anything past
+            # the lsn it showed visible, then the caller reads its tenant's events again
+            lsn = int(now["lsn"]) + 1
+            self.poller.query(
+                tenant_id=tenant_id,
+                from_lsn=lsn,
+                limit=1,
+                min_lsn=lsn,
+                min_lsn_wait_ms=max(1, min(_LONG_POLL_MS, int(timeout_s * 1000))),
+            )
+        except Unavailable:
+            return  # timed out, or no node answered: the caller reads (and retries) anyway
 
     def notify(self) -> None:
         """Nothing to do: the long polls see every writer's events."""
 
     def close(self) -> None:
         self.client.close()
+        self.poller.close()
