@@ -266,9 +266,9 @@ class WalshipAggregateRecorder(WalshipRecorder, AggregateRecorder):
 
     # ---------------------------------------------------------------------------- reading
 
-    def _stored(self, row: Row) -> StoredEvent:
+    def _stored(self, row: Row, originator_id: UUID | str) -> StoredEvent:
         return StoredEvent(
-            originator_id=self._originator_id(row.entity_id),
+            originator_id=originator_id,
             originator_version=row.originator_version,
             topic=topic_of(row.event_type),
             state=row.payload,
@@ -327,7 +327,7 @@ class WalshipAggregateRecorder(WalshipRecorder, AggregateRecorder):
                         continue
                     if lte is not None and v > lte:
                         return out
-                out.append(self._stored(row))
+                out.append(self._stored(row, originator_id))
                 if limit is not None and len(out) >= limit:
                     return out
         return out
