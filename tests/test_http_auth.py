@@ -107,6 +107,7 @@ CASES: dict[str, RouteCase] = {
     "GET /api/v1/tenants/{tenant_id}/position": _case(
         Role.READ, _get(f"/api/v1/tenants/{A}/position")
     ),
+    "GET /api/v1/consumers/{name}": _case(Role.READ, _get("/api/v1/consumers/proj", tenant_id=A)),
     "GET /api/v1/stats": _case(Role.ADMIN, _get("/api/v1/stats")),
     "GET /api/v1/replication/degraded": _case(Role.ADMIN, _get("/api/v1/replication/degraded")),
     "GET /api/v1/replication/lost-found": _case(Role.ADMIN, _get("/api/v1/replication/lost-found")),
@@ -185,6 +186,11 @@ def api(tmp_path: Path, keys: Keys, request: pytest.FixtureRequest) -> Iterator[
             for ev in seed:
                 r = client.post("/api/v1/events", json=ev, headers=_bearer(keys.admin_all))
                 assert r.status_code == 200, r.text
+            tracking = {"consumer": "proj", "position": 1, "tenant_id": A}
+            r = client.post(
+                "/api/v1/events/batch", json={"tracking": tracking}, headers=_bearer(keys.admin_all)
+            )
+            assert r.status_code == 200, r.text
             yield client
     finally:
         node.close()
@@ -314,6 +320,21 @@ def test_route_answers_each_credential_as_its_role_and_tenants_say(
         writes = 2 * sum(len(r.json.get("events", [r.json])) for r in case.requests)
     assert after[1] == before[1], "a refused write for another tenant stored something"
     assert after[0] - before[0] == writes, "only the right key's writes are stored"
+
+
+def test_a_tracking_needs_write_on_its_tenant(api: TestClient, keys: Keys) -> None:
+    """A key may commit a consumer position only in a tenant it writes: events of its own
+    tenant with another tenant's tracking store nothing."""
+    mine = [_event(B, "b-9")]
+    for key, tenant in ((keys.write_b, A), (keys.read_a, A)):
+        body = {"events": mine, "tracking": {"consumer": "c", "position": 5, "tenant_id": tenant}}
+        r = api.post("/api/v1/events/batch", json=body, headers=_bearer(key))
+        _assert_error(r, 403, "forbidden")
+    assert _events_of(api, B) == 2
+    r = api.get("/api/v1/consumers/c", params={"tenant_id": A}, headers=_bearer(keys.read_a))
+    _assert_error(r, 404, "not_found")
+    body = {"events": mine, "tracking": {"consumer": "c", "position": 5, "tenant_id": B}}
+    assert api.post("/api/v1/events/batch", json=body, headers=_bearer(keys.write_b)).is_success
 
 
 def test_scoped_reads_see_only_their_tenants(api: TestClient, keys: Keys) -> None:

@@ -142,3 +142,63 @@ def test_positions_are_gapless_and_identical_on_every_node(cluster: Cluster) -> 
         assert receipt["position"] == len(beta) + 1
         live = sub.take(1)[0]
         assert (live["position"], live["lsn"]) == (len(beta) + 1, receipt["lsn"])
+
+
+def consumer(node: NodeProcess, name: str, tenant: str) -> dict[str, Any]:
+    body: dict[str, Any] = get_json(node, f"/api/v1/consumers/{name}", tenant_id=tenant)
+    return body
+
+
+def test_consumer_positions_replicate_and_survive_restart_and_snapshot(cluster: Cluster) -> None:
+    """Tracking records go to followers in the WAL; one that the leader's WAL no longer
+    holds reaches a late follower inside the snapshot's manifest. A refused tracking stores
+    nothing on any node."""
+    leader = cluster.start_leader(args=SMALL)
+    f1 = cluster.start_follower("f1", replication_address(leader), args=SMALL)
+    client = httpx.Client(timeout=HTTP_TIMEOUT_S)
+    early = {"consumer": "early", "position": 42, "tenant_id": "beta"}
+    response = client.post(f"{leader.url}/api/v1/events/batch", json={"tracking": early})
+    assert response.status_code == 200, response.text
+    early_lsn = response.json()["tracking"]["lsn"]
+    for n in range(1, 61):
+        events = [
+            {"entity_id": f"acct-{n % 5}", "event_type": "acct.credited",
+             "payload": {"n": n, "pad": "x" * 300}, "tenant_id": "alpha"}
+            for _ in range(10)
+        ]  # fmt: skip
+        body = {
+            "events": events,
+            "tracking": {"consumer": "proj", "position": n, "tenant_id": "beta"},
+        }
+        response = client.post(f"{leader.url}/api/v1/events/batch", json=body)
+        assert response.status_code == 200, response.text
+    refused = client.post(
+        f"{leader.url}/api/v1/events/batch",
+        json={
+            "events": events,
+            "tracking": {"consumer": "proj", "position": 60, "tenant_id": "beta"},
+        },
+    )
+    assert refused.status_code == 409 and refused.json()["stored_position"] == 60
+    wait_until(
+        lambda: stats(leader)["wal_first_lsn"] > early_lsn,
+        60,
+        "checkpoints to remove the early tracking record from the leader's WAL",
+    )
+    f1.stop()
+    cluster.restart(f1)
+    f2 = cluster.start_follower("f2", replication_address(leader), args=SMALL)
+    wait_until(lambda: replication(f2)["snapshots_received"] >= 1, 60, "f2's snapshot")
+    wait_caught_up(leader, f1, f2, timeout_s=60)
+    want_early = {**early, "lsn": early_lsn}
+    want_proj = consumer(leader, "proj", "beta")
+    assert want_proj["position"] == 60
+    for node in (leader, f1, f2):
+        assert consumer(node, "early", "beta") == want_early, node.node_id
+        assert consumer(node, "proj", "beta") == want_proj, node.node_id
+        # the refused batch took nothing: 600 events, positions 1..600, none from it
+        alpha = query_all(node, tenant_id="alpha")
+        assert [e["position"] for e in alpha] == list(range(1, 601)), node.node_id
+        missing = client.get(f"{node.url}/api/v1/consumers/proj", params={"tenant_id": "alpha"})
+        assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    client.close()

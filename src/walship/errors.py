@@ -19,6 +19,7 @@
     ├── Conflict                    the request is well formed but contradicts stored state
     │   ├── VersionConflict         ``expected_version`` differs from the entity's version
     │   ├── IdConflict              an event id is stored (or in the batch) with another body
+    │   ├── TrackingConflict        a batch's tracked position is not above the consumer's
     │   ├── ReadOnly                a write reached a node that is not the leader
     │   │   └── Fenced              a write reached a leader that learned it was deposed
     │   └── DataDirLocked           another process (or Store) holds the data dir's lock
@@ -149,6 +150,13 @@ class VersionConflict(Conflict):
 
 class IdConflict(Conflict):
     code = "id_conflict"
+
+
+class TrackingConflict(Conflict):
+    """A batch's ``tracking`` position is not above the consumer's stored one: nothing of the
+    batch was stored (``stored_position`` says where the consumer is)."""
+
+    code = "tracking_conflict"
 
 
 class ReadOnly(Conflict):

@@ -24,13 +24,14 @@ import msgspec
 import orjson
 
 from walship.errors import LimitExceeded, MalformedJson, ValidationError
-from walship.limits import Limits
+from walship.limits import LSN_MAX, Limits
 
 SYSTEM_PREFIX = "_system."
 _TENANT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # topic names such as ``bank.domain:Account.Opened`` or ``order-v2.placed``
 _TYPE_RE = re.compile(r"[A-Za-z0-9._:-]+")
 PAYLOAD_ENCODINGS = ("json", "base64")
+_CONSUMER_RE = re.compile(r"[A-Za-z0-9._:-]+")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _JSON_WS = b" \t\r\n"
 # where a JSON number might not fit a double: an exponent of 2+ digits, or 290+ digits in a
@@ -59,10 +60,19 @@ class EventIn(msgspec.Struct, forbid_unknown_fields=True):
     payload_encoding: str = "json"
 
 
-class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
-    """A batch: stored all together or not at all."""
+class TrackingIn(msgspec.Struct, forbid_unknown_fields=True):
+    """A consumer's position, committed in the same atomic append as a batch's events."""
 
-    events: list[EventIn]
+    consumer: str
+    position: int
+    tenant_id: str = "default"
+
+
+class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
+    """A batch: stored all together or not at all (its tracking too)."""
+
+    events: list[EventIn] = msgspec.field(default_factory=list)
+    tracking: TrackingIn | None = None
 
 
 class EventBody(msgspec.Struct, array_like=True, gc=False, frozen=True):
@@ -325,6 +335,28 @@ def validate_tenant_id(tenant_id: str) -> str:
     if len(_valid_tenants) < _VALID_CACHE_MAX:
         _valid_tenants.add(tenant_id)
     return tenant_id
+
+
+def validate_consumer_name(name: str, limits: Limits, field: str = "consumer") -> str:
+    if not 1 <= len(name) <= limits.consumer_name_chars_max or not _CONSUMER_RE.fullmatch(name):
+        raise ValidationError(
+            f"a consumer name must be 1-{limits.consumer_name_chars_max} characters of "
+            "A-Z, a-z, 0-9, '.', '_', ':' or '-'",
+            field=field,
+        )
+    return name
+
+
+def validate_tracking(tracking: TrackingIn, limits: Limits) -> None:
+    """ValidationError naming the field of a bad ``tracking`` object."""
+    validate_consumer_name(tracking.consumer, limits, "tracking.consumer")
+    try:
+        validate_tenant_id(tracking.tenant_id)
+    except ValidationError as exc:
+        exc.details["field"] = "tracking.tenant_id"
+        raise
+    if not 1 <= tracking.position <= LSN_MAX:
+        raise ValidationError(f"tracking.position must be 1..{LSN_MAX}", field="tracking.position")
 
 
 def validate_entity_id(entity_id: str, limits: Limits) -> str:

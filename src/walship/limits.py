@@ -43,6 +43,11 @@ class Limits:
     # range (the position index keeps one anchor per this many positions: 16 bytes each)
     tenant_position_index_stride: int = 256
 
+    # consumers (tracked positions): the table is held in memory and in every checkpoint
+    # manifest (about 100 bytes an entry), so its size is bounded
+    consumer_name_chars_max: int = 128
+    consumers_max: int = 100_000
+
     # subscriptions (SSE): a subscriber costs one page of events in memory while it is sent,
     # never a queue; the next page is read only when the last one left for the socket
     subscription_page_events: int = 500

@@ -509,8 +509,9 @@ class Node:
         (its leader end stopped: nothing more can confirm) while the write waited.
         """
         receipts = pending.receipts
+        answers = pending.answers  # with the batch's tracking receipt
         mode = self.ack_mode_for(requested, leader)
-        if not mode.waits or not receipts:
+        if not mode.waits or not answers:
             return receipts
         last = pending.max_lsn
         outcome = await leader.confirm(last, mode)
@@ -522,18 +523,18 @@ class Node:
             await leader.record_degraded(pending.min_lsn, last, reason)
             if leader.config.on_ack_timeout == "fail":
                 raise AckTimeout(
-                    f"committed locally at lsn {last} (term {receipts[-1].term}) but not "
+                    f"committed locally at lsn {last} (term {answers[-1].term}) but not "
                     f"confirmed by replicas: {reason}",
                     lsn=last,
                     first_lsn=pending.min_lsn,
-                    term=receipts[-1].term,
+                    term=answers[-1].term,
                     ack_mode=str(mode),
                     required=outcome.required,
                     acked_by=outcome.acked_by,
                     committed_locally=True,
                 )
             durability = "degraded"
-        for r in receipts:
+        for r in answers:
             r.durability = durability
             r.required = outcome.required
             r.acked_by = outcome.acked_by

@@ -48,6 +48,7 @@ from walship.events import (
     SYSTEM_PREFIX,
     EventIn,
     StoredEvent,
+    TrackingIn,
     decode_body,
     encode_body_fields,
     format_timestamp,
@@ -57,6 +58,7 @@ from walship.events import (
     prepare,
     same_content,
     stored_from_body,
+    validate_tracking,
 )
 from walship.fsutil import atomic_write, fsync_dir
 from walship.limits import DEFAULT_LIMITS, LSN_MAX, Limits
@@ -64,6 +66,13 @@ from walship.metrics import StoreMetrics
 from walship.position import Lsn, Position, Term
 from walship.storage.alarm import CheckpointAlarm, CheckpointFailure
 from walship.storage.compaction import merge_parts, pick_run
+from walship.storage.consumers import (
+    TRACKING_TYPE,
+    ConsumerPosition,
+    ConsumerTable,
+    decode_tracking_payload,
+    tracking_body,
+)
 from walship.storage.entity_reads import EntityReader, ReadView
 from walship.storage.manifest import (
     INSTALL_MARKER,
@@ -114,6 +123,19 @@ class Receipt(msgspec.Struct):
     position: int = 0  # the event's position in its tenant (0: written before positions)
 
 
+class TrackingReceipt(msgspec.Struct):
+    """The answer for a batch's tracking: the consumer's new position and its record's lsn."""
+
+    consumer: str
+    tenant_id: str
+    position: int
+    lsn: int
+    term: int
+    durability: str = "local"
+    required: int = 0
+    acked_by: list[str] = msgspec.field(default_factory=list)
+
+
 class QueryResult(msgspec.Struct):
     events: list[StoredEvent]
     next_cursor: str | None
@@ -129,22 +151,31 @@ class PendingAppend:
     waits_on: list[Future[WriteOutcome]] = field(default_factory=list)
 
     synced_lsn: int = 0
+    tracking: TrackingReceipt | None = None  # the batch's tracking record, when it had one
 
     def finish(self, outcome: WriteOutcome | None) -> list[Receipt]:
         """Receipts with durability set from the WAL outcome (``local`` only when fsynced)."""
         synced = outcome.synced if outcome is not None else self.synced_lsn >= self.max_lsn
         if not synced:
-            for r in self.receipts:
+            for r in self.answers:
                 r.durability = "buffered"
         return self.receipts
 
     @property
+    def answers(self) -> list[Receipt | TrackingReceipt]:
+        """Every receipt of the append, its tracking's included."""
+        out: list[Receipt | TrackingReceipt] = list(self.receipts)
+        if self.tracking is not None:
+            out.append(self.tracking)
+        return out
+
+    @property
     def max_lsn(self) -> int:
-        return max((r.lsn for r in self.receipts), default=0)
+        return max((r.lsn for r in self.answers), default=0)
 
     @property
     def min_lsn(self) -> int:
-        return min((r.lsn for r in self.receipts), default=0)
+        return min((r.lsn for r in self.answers), default=0)
 
 
 class EntityState(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -181,6 +212,7 @@ class Store:
         self._applied = threading.Condition(threading.Lock())
         self._versions: dict[str, int] = {}
         self._positions = TenantPositions(self.limits.tenant_position_index_stride)
+        self._consumers = ConsumerTable()
         self._active = Memtable()
         self._frozen: Memtable | None = None
         self._parts: list[PartReader] = []
@@ -275,6 +307,7 @@ class Store:
         for stale in self.parts_dir.glob("*.tmp"):
             stale.unlink()
         self._manifest = load_manifest(self.checkpoint_dir)
+        self._consumers = ConsumerTable(self._manifest.consumers)
         referenced = {p.file for p in self._manifest.parts}
         for orphan in self.parts_dir.glob("*.parquet"):
             if orphan.name not in referenced:
@@ -559,17 +592,27 @@ class Store:
             outcome = pending.done.result()
         return pending.finish(outcome)
 
-    def submit(self, events: Sequence[EventIn], *, json_checked: bool = False) -> PendingAppend:
+    def submit(
+        self,
+        events: Sequence[EventIn],
+        *,
+        json_checked: bool = False,
+        tracking: TrackingIn | None = None,
+    ) -> PendingAppend:
         """Validate and queue events without waiting for the disk.
 
         All-or-nothing: a validation error or a version conflict anywhere queues nothing.
         Events whose id is already stored are answered with their original receipt.
         ``json_checked``: the events were decoded from JSON, so their payload and metadata
         need no second parse (the HTTP routes); a caller's own ``Raw`` is parsed.
+        ``tracking``: a consumer's position, stored in the same WAL append (``events`` may
+        then be empty); TrackingConflict, and nothing queued, unless it is above the stored one.
         """
         limits = self.limits
-        if not events:
-            raise InvalidInput("a batch needs at least one event")
+        if tracking is not None:
+            validate_tracking(tracking, limits)
+        elif not events:
+            raise InvalidInput("a batch needs at least one event (or a tracking)")
         if len(events) > limits.batch_events_max:
             from walship.errors import LimitExceeded
 
@@ -590,6 +633,8 @@ class Store:
         with self._lock:
             self._check_writable()
             self._throttle_locked()
+            if tracking is not None:
+                self._consumers.check(tracking, limits.consumers_max)  # before anything queues
             ts = now_us()
             timestamp = format_timestamp(ts)
             # the store lock serializes every append, so the WAL will assign exactly these
@@ -702,6 +747,16 @@ class Store:
                 receipts.append(
                     Receipt(format_uuid(event_id), lsn, term, version, timestamp, position=position)
                 )
+            track: ConsumerPosition | None = None
+            if tracking is not None:
+                # last in the append: it commits with (never before) the events it follows
+                track = ConsumerPosition(
+                    tracking.tenant_id,
+                    tracking.consumer,
+                    tracking.position,
+                    next_lsn + len(new_events),
+                )
+                bodies.append(tracking_body(tracking, ts))
             if not bodies:
                 return PendingAppend(
                     receipts, None, 0, waits_on, synced_lsn=self.wal.synced_lsn.value
@@ -726,9 +781,16 @@ class Store:
             observe = self._positions.observe
             for stored in new_events:
                 observe(stored.tenant_id, stored.tenant_position, stored.lsn)
+            if track is not None:
+                self._consumers.apply(track, self.wal.written_lsn.value)
             self.metrics.appends.inc(len(bodies))
             self.metrics.last_lsn.set(result.last_lsn.value)
-        return PendingAppend(receipts, result.done, result.last_lsn.value, waits_on)
+        pending = PendingAppend(receipts, result.done, result.last_lsn.value, waits_on)
+        if track is not None:
+            pending.tracking = TrackingReceipt(
+                track.consumer, track.tenant_id, track.position, track.lsn, term
+            )
+        return pending
 
     def would_block(self) -> bool:
         """True when ``submit`` would wait for a checkpoint (memtables over twice their budget)
@@ -828,6 +890,7 @@ class Store:
                     lowest_positions[ev.tenant_id] = min(was, ev.tenant_position)
             # the rolled-back positions are given again, as the lsns are
             self._positions.forget_after(lsn, lowest_positions)
+            self._consumers.forget_after(lsn)
             for key, version in lowest.items():
                 # an entity's versions run 1, 2, 3 ... in lsn order: the removed ones are its last
                 if version > 1:
@@ -847,15 +910,21 @@ class Store:
 
     def _apply_record(self, rec: Record) -> None:
         """Add a WAL record (recovery) to the memtable and versions."""
-        self._apply_records((rec,))
+        self._apply_records((rec,), None)
 
-    def _apply_records(self, records: Sequence[Record]) -> None:
-        """Add WAL records (recovery or replication) to the memtable and versions."""
+    def _apply_records(self, records: Sequence[Record], written_lsn: int | None) -> None:
+        """Add WAL records (recovery or replication) to the memtable and versions, and
+        tracking records to the consumer table (``written_lsn``: what the WAL has written,
+        None in recovery)."""
         events = []
         for rec in records:
             body = decode_body(rec.body)
             if not body.event_type.startswith(SYSTEM_PREFIX):
                 events.append(stored_from_body(rec.lsn, rec.term, body))
+            elif body.event_type == TRACKING_TYPE:
+                position = decode_tracking_payload(body.payload)
+                entry = ConsumerPosition(body.tenant_id, body.entity_id, position, rec.lsn)
+                self._consumers.apply(entry, written_lsn)
         self._active.add_all(events)
         versions = self._versions
         observe = self._positions.observe
@@ -871,8 +940,9 @@ class Store:
         records = run.records
         with self._lock:
             self._check_writable()
+            written = self.wal.written_lsn.value
             fut = self.wal.append_run(run)
-            self._apply_records(records)
+            self._apply_records(records, written)
             if records:
                 self.metrics.appends.inc(len(records))
                 self.metrics.last_lsn.set(records[-1].lsn)
@@ -997,6 +1067,12 @@ class Store:
                 QueryFilter(tenant_id=tenant_id, from_position=1, to_position=lo, to_lsn=visible)
             )
         return (0, 0) if found is None else (found.tenant_position, found.lsn)
+
+    def consumer_position(self, tenant_id: str, consumer: str) -> ConsumerPosition | None:
+        """The consumer's last tracked position visible here; None when it has none."""
+        visible = self.visible_lsn
+        with self._lock:
+            return self._consumers.visible(tenant_id, consumer, visible)
 
     def _last_event(self, flt: QueryFilter) -> StoredEvent | None:
         """The last event ``flt`` matches, read page by page; None when none does."""
@@ -1143,6 +1219,7 @@ class Store:
             upto = self.wal.last_position
             chain = self.wal.last_chain
             rollback_seq = self.wal.rollback_seq
+            consumers = self._consumers.entries()  # as of ``upto``, like the memtable
         try:
             self.wal.sync()
             if rollback_seq % 2 or self.wal.rollback_seq != rollback_seq:
@@ -1161,7 +1238,7 @@ class Store:
             reader.set_id_hashes(arr)
             with self._manifest_lock:
                 manifest = self._manifest.advanced(
-                    part, upto.lsn.value, upto.term.value, chain, now_us()
+                    part, upto.lsn.value, upto.term.value, chain, now_us(), consumers
                 )
                 save_manifest(self.checkpoint_dir, manifest)
                 with self._lock:

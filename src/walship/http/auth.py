@@ -76,6 +76,7 @@ ROUTE_ACCESS: dict[str, RouteAccess] = {
     "GET /api/v1/events/stream": RouteAccess(Role.READ, TenantScope.FILTER),
     # the tenant is in the path and checked against the key (a consumer's tenant: its query)
     "GET /api/v1/tenants/{tenant_id}/position": RouteAccess(Role.READ, TenantScope.FILTER),
+    "GET /api/v1/consumers/{name}": RouteAccess(Role.READ, TenantScope.FILTER),
     # node-wide numbers: operators only
     "GET /api/v1/stats": _ADMIN,
     "GET /api/v1/replication/degraded": _ADMIN,

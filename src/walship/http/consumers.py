@@ -1,5 +1,9 @@
 """The consumer side of the HTTP API: tenant positions and consumers' tracked positions.
 
+A consumer commits its position with the batch of results it wrote (``tracking`` in the batch
+body, see ``writes.py``); ``GET /api/v1/consumers/{name}?tenant_id=`` answers where it is, on
+the leader and on followers (from what they applied).
+
 A tenant's position is the gapless count of its events (assigned by the leader, stored in the
 record); ``GET /api/v1/tenants/{tenant_id}/position`` answers the last one visible on this
 node. Queries and subscriptions by position (``from_position``/``to_position``) count within
@@ -8,13 +12,15 @@ one tenant, so they need ``tenant_id``: ``check_position_params`` says so before
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from walship.errors import InvalidParameter
-from walship.events import validate_tenant_id
+from walship.errors import InvalidParameter, NotFound
+from walship.events import validate_consumer_name, validate_tenant_id
 from walship.http.auth import check_tenant, principal_of
 from walship.limits import LSN_MAX
 from walship.node import Node
@@ -23,12 +29,20 @@ _JSON = "application/json"
 _encoder = msgspec.json.Encoder()
 
 TENANT_POSITION_PATH = "/api/v1/tenants/{tenant_id}/position"
+CONSUMER_PATH = "/api/v1/consumers/{name}"
 
 
 class TenantPosition(msgspec.Struct):
     tenant_id: str
     position: int  # of the tenant's last event visible on this node; 0: none
     lsn: int  # that event's lsn (0: none)
+
+
+class ConsumerAnswer(msgspec.Struct):
+    consumer: str
+    tenant_id: str
+    position: int  # the last position the consumer tracked (visible on this node)
+    lsn: int  # the lsn of the append that tracked it
 
 
 def check_position_params(
@@ -52,8 +66,38 @@ def _json(body: bytes) -> Response:
 
 
 def add_consumer_routes(app: FastAPI, node: Node) -> None:
-    """The tenant position route."""
+    """The tenant position and consumer routes."""
     store = node.store
+    limits = node.limits
+
+    @app.get(
+        CONSUMER_PATH,
+        summary="A consumer's last tracked position",
+        description="The position the consumer last committed with a batch's `tracking` "
+        "(stored in the same atomic append as the batch's events), as this node has applied "
+        "it; followers answer too. 404 when the consumer has tracked nothing in the tenant.",
+        responses={200: {"description": "OK"}, 404: {"description": "Unknown consumer"}},
+    )
+    async def consumer_position(
+        request: Request,
+        name: str,
+        tenant_id: Annotated[str, Query(description="The consumer's tenant")] = "default",
+    ) -> Response:
+        validate_consumer_name(name, limits, "name")
+        validate_tenant_id(tenant_id)
+        check_tenant(principal_of(request.scope), tenant_id)
+        found = store.consumer_position(tenant_id, name)
+        if found is None:
+            raise NotFound(
+                f"consumer {name!r} has tracked no position in tenant {tenant_id!r} here",
+                consumer=name,
+                tenant_id=tenant_id,
+            )
+        return _json(
+            _encoder.encode(
+                ConsumerAnswer(found.consumer, found.tenant_id, found.position, found.lsn)
+            )
+        )
 
     @app.get(
         TENANT_POSITION_PATH,

@@ -18,27 +18,29 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from walship.apikeys import Principal
 from walship.errors import LimitExceeded, WalshipError
-from walship.events import EventIn, decode_batch_json, decode_event_json
+from walship.events import EventIn, TrackingIn, decode_batch_json, decode_event_json
 from walship.http.auth import check_tenant, principal_of, route_path
 from walship.http.errors import encode_error
 from walship.http.media import JSON, Media, msgpack_to_json, request_media, response_media
 from walship.http.params import check_names
 from walship.node import Node
 from walship.replication.acks import AckMode
-from walship.store import Receipt
+from walship.store import PendingAppend, Receipt, TrackingReceipt
 from walship.wal.log import WriteOutcome
 
 EVENTS_PATH = "/api/v1/events"
 BATCH_PATH = "/api/v1/events/batch"
 
 
-class BatchReceipts(msgspec.Struct):
-    """The answer to a batch append: one receipt per event, in input order."""
+class BatchReceipts(msgspec.Struct, omit_defaults=True):
+    """The answer to a batch append: one receipt per event, in input order (and the receipt
+    of its tracking, when it had one)."""
 
     receipts: list[Receipt]
     count: int
     first_lsn: int
     last_lsn: int
+    tracking: TrackingReceipt | None = None
 
 
 async def receive_body(scope: Scope, receive: Receive, bytes_max: int) -> bytes | None:
@@ -84,6 +86,17 @@ ACK_PARAM = "ack_mode"
 async def append_events(
     node: Node, events: Sequence[EventIn], ack_mode: str | None = None
 ) -> list[Receipt]:
+    """``append_pending``'s receipts."""
+    pending = await append_pending(node, events, ack_mode)
+    return pending.receipts
+
+
+async def append_pending(
+    node: Node,
+    events: Sequence[EventIn],
+    ack_mode: str | None = None,
+    tracking: TrackingIn | None = None,
+) -> PendingAppend:
     """Queue events in the WAL, wait until they are written and acknowledged as the write's
     mode asks (the server's, or a stricter ``ack_mode``); receipts in input order.
 
@@ -95,16 +108,20 @@ async def append_events(
     store = node.store
     if store.would_block():
         # backpressure (checkpoints or the WAL writer behind): wait in a thread, not the loop
-        pending = await asyncio.to_thread(store.submit, events, json_checked=True)
+        pending = await asyncio.to_thread(
+            store.submit, events, json_checked=True, tracking=tracking
+        )
     else:
-        pending = store.submit(events, json_checked=True)  # decoded: the syntax is checked
+        # decoded: the syntax is checked
+        pending = store.submit(events, json_checked=True, tracking=tracking)
     outcome: WriteOutcome | None = None
     for fut in pending.waits_on:
         outcome = await wait_written(fut)
     if pending.done is not None:
         outcome = await wait_written(pending.done)
     pending.finish(outcome)
-    return await node.confirm(pending, requested, leader)
+    await node.confirm(pending, requested, leader)
+    return pending
 
 
 def _check_tenants(principal: Principal, events: Sequence[EventIn]) -> None:
@@ -157,11 +174,17 @@ async def answer_batch(
     body_format: BodyFormat = _AS_SENT,
 ) -> bytes:
     """Append the batch in a body for ``principal``, all or nothing; the receipts."""
-    events = decode_batch_json(body_format.json_body(data, batch=True)).events
+    batch = decode_batch_json(body_format.json_body(data, batch=True))
+    events = batch.events
     _check_tenants(principal, events)
-    receipts = await append_events(node, events, ack_mode)
-    lsns = [r.lsn for r in receipts]
-    return body_format.response.encode(BatchReceipts(receipts, len(receipts), min(lsns), max(lsns)))
+    if batch.tracking is not None:
+        check_tenant(principal, batch.tracking.tenant_id)
+    pending = await append_pending(node, events, ack_mode, batch.tracking)
+    receipts = pending.receipts
+    lsns = [r.lsn for r in pending.answers]
+    return body_format.response.encode(
+        BatchReceipts(receipts, len(receipts), min(lsns), max(lsns), pending.tracking)
+    )
 
 
 _WRITE_PARAMS = frozenset({ACK_PARAM})

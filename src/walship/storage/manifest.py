@@ -12,6 +12,7 @@ import msgspec
 
 from walship.errors import CorruptionError
 from walship.fsutil import atomic_write
+from walship.storage.consumers import ConsumerPosition
 from walship.storage.parquet import PartInfo
 from walship.wal.record import GENESIS_CHAIN
 
@@ -28,6 +29,9 @@ class CheckpointManifest(msgspec.Struct, frozen=True):
     chain: str = GENESIS_CHAIN.hex()
     parts: list[PartInfo] = msgspec.field(default_factory=list)
     created_us: int = 0
+    # consumers' tracked positions as of ``last_lsn``: their records leave with the WAL the
+    # checkpoint covers, so the table travels here (restarts, snapshots, compactions keep it)
+    consumers: list[ConsumerPosition] = msgspec.field(default_factory=list)
 
     @property
     def chain_bytes(self) -> bytes:
@@ -38,9 +42,16 @@ class CheckpointManifest(msgspec.Struct, frozen=True):
         return sum(p.events for p in self.parts)
 
     def advanced(
-        self, part: PartInfo | None, last_lsn: int, last_term: int, chain: bytes, created_us: int
+        self,
+        part: PartInfo | None,
+        last_lsn: int,
+        last_term: int,
+        chain: bytes,
+        created_us: int,
+        consumers: list[ConsumerPosition] | None = None,
     ) -> CheckpointManifest:
-        """The manifest after a checkpoint up to ``last_lsn`` (``part`` None: no events in it)."""
+        """The manifest after a checkpoint up to ``last_lsn`` (``part`` None: no events in it;
+        ``consumers`` None: the table did not change)."""
         return CheckpointManifest(
             format=FORMAT,
             last_lsn=last_lsn,
@@ -48,6 +59,7 @@ class CheckpointManifest(msgspec.Struct, frozen=True):
             chain=chain.hex(),
             parts=[*self.parts, part] if part is not None else list(self.parts),
             created_us=created_us,
+            consumers=list(self.consumers) if consumers is None else consumers,
         )
 
 
@@ -88,6 +100,12 @@ def load_manifest(directory: Path) -> CheckpointManifest:
         previous_last = part.last_lsn
     if previous_last > manifest.last_lsn:
         raise CorruptionError(f"{path}: parts go past the manifest's last lsn")
+    for entry in manifest.consumers:
+        if entry.lsn > manifest.last_lsn:
+            raise CorruptionError(
+                f"{path}: consumer {entry.consumer!r} was tracked at lsn {entry.lsn}, past "
+                "the manifest's last lsn"
+            )
     return manifest
 
 
