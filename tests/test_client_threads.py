@@ -43,7 +43,7 @@ def test_a_client_shared_by_100_threads_stores_every_event_once(server: NodeProc
                         written.append(event_id)
                     if i % 5 == 0:  # reads share the pool too
                         client.entity_version(f"t{n}")
-            except BaseException as exc:  # noqa: BLE001 -- collected and reported below
+            except BaseException as exc:  # collected and reported below
                 errors.append(exc)
 
         threads = [threading.Thread(target=work, args=(n,)) for n in range(THREADS)]
@@ -56,3 +56,29 @@ def test_a_client_shared_by_100_threads_stores_every_event_once(server: NodeProc
         stored = [e.id for e in client.iter_query(limit=1000)]
     assert len(stored) == THREADS * WRITES_PER_THREAD
     assert sorted(stored) == sorted(written)
+
+
+def test_each_thread_has_its_own_pool_and_ended_threads_give_theirs_back() -> None:
+    client = Client("http://127.0.0.1:9")
+    pools: list[object] = []
+    for _ in range(3):
+        t = threading.Thread(target=lambda: pools.append(client._http))
+        t.start()
+        t.join()
+    main = client._http
+    assert len({id(p) for p in [*pools, main]}) == 4 and main is client._http
+    assert all(p.is_closed for p in pools)  # type: ignore[attr-defined]
+    client.close()
+    assert main.is_closed
+    refused: list[BaseException] = []
+
+    def late() -> None:
+        try:
+            client._http  # noqa: B018 -- a new thread asks for its pool
+        except RuntimeError as exc:
+            refused.append(exc)
+
+    t = threading.Thread(target=late)
+    t.start()
+    t.join()
+    assert refused

@@ -256,16 +256,21 @@ class _ThreadClients:
     Why: the issue behind this saw ``EBADF`` from the connection pool of one ``httpx.Client``
     shared by 100 threads. With a pool per thread no socket is ever used by two threads;
     the pools of threads that ended are closed as new threads come (and all by ``close``).
+    A caller's own ``transport`` is one pool already (and closing any client closes it):
+    then every thread shares one client.
     """
 
     def __init__(self, **options: Any) -> None:
         self._options = options
+        self._shared = httpx.Client(**options) if options.get("transport") else None
         self._local = threading.local()
         self._lock = threading.Lock()
         self._all: list[tuple[threading.Thread, httpx.Client]] = []
         self._closed = False
 
     def get(self) -> httpx.Client:
+        if self._shared is not None:
+            return self._shared
         http: httpx.Client | None = getattr(self._local, "http", None)
         if http is not None:
             return http
@@ -288,6 +293,8 @@ class _ThreadClients:
             clients, self._all = self._all, []
         for _, http in clients:
             http.close()
+        if self._shared is not None:
+            self._shared.close()
 
 
 class Client(_Calls):

@@ -19,7 +19,8 @@ from typing import Any, Protocol, TypeVar
 import httpx
 import msgspec
 
-from walship.errors import Unavailable, WalshipError, error_class_for
+from walship.client_calls import error_of
+from walship.errors import Unavailable
 from walship.sse import SseDecoder
 
 STREAM_PATH = "/api/v1/events/stream"
@@ -54,26 +55,12 @@ def stream_params(from_lsn: int, filters: Mapping[str, Any]) -> dict[str, str | 
     return params
 
 
-def _refusal(response: httpx.Response) -> WalshipError:
-    try:
-        body = msgspec.json.decode(response.content)
-    except msgspec.DecodeError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        details = {k: v for k, v in body.items() if k not in ("error", "message")}
-        exc = error_class_for(body["error"])(str(body.get("message", body["error"])), **details)
-    else:
-        exc = WalshipError(f"HTTP {response.status_code} answering a subscription")
-    exc.status = response.status_code
-    return exc
-
-
 def _check(response: httpx.Response) -> None:
     """Raise a 4xx refusal; _Reconnect for a 5xx (a node starting, draining, overloaded)."""
     if response.status_code >= 500:
         raise _Reconnect(f"HTTP {response.status_code}")
     if response.status_code >= 400:
-        raise _refusal(response)
+        raise error_of(response)
 
 
 class _Resume:
