@@ -582,9 +582,12 @@ class Store:
         """Append one event and wait until it is as durable as the fsync policy makes it."""
         return self.append_batch([event])[0]
 
-    def append_batch(self, events: Sequence[EventIn]) -> list[Receipt]:
-        """Append events all-or-nothing and wait for durability; receipts in input order."""
-        pending = self.submit(events)
+    def append_batch(
+        self, events: Sequence[EventIn], *, tracking: TrackingIn | None = None
+    ) -> list[Receipt]:
+        """Append events all-or-nothing and wait for durability; receipts in input order.
+        ``tracking``: a consumer's position, in the same append (see ``submit``)."""
+        pending = self.submit(events, tracking=tracking)
         outcome = None
         for fut in pending.waits_on:
             outcome = fut.result()

@@ -16,8 +16,7 @@ from pathlib import Path
 import msgspec
 import orjson
 
-from walship.errors import NotFound
-from walship.events import EventIn, StoredEvent, base64_json
+from walship.events import EventIn, StoredEvent, TrackingIn, base64_json
 from walship.eventsourcing.backend import ORIGINATOR_VERSION_KEY, NewEvent, Row
 from walship.storage.query import QueryFilter
 from walship.store import Store, StoreConfig
@@ -110,13 +109,8 @@ class EmbeddedBackend:
             )
             for ev in events
         ]
-        if tracking is None:
-            receipts = self.store.append_batch(batch)
-        else:
-            from walship.store import TrackingIn
-
-            track = TrackingIn(tracking[0], tracking[1], tenant_id)
-            receipts = self.store.append_batch(batch, tracking=track)
+        track = None if tracking is None else TrackingIn(tracking[0], tracking[1], tenant_id)
+        receipts = self.store.append_batch(batch, tracking=track)
         self.notify()
         return [(r.version, r.position) for r in receipts]
 
@@ -169,10 +163,8 @@ class EmbeddedBackend:
         return self.store.tenant_position(tenant_id)[0]
 
     def consumer_position(self, tenant_id: str, consumer: str) -> int | None:
-        try:
-            return self.store.consumer_position(consumer, tenant_id)
-        except NotFound:
-            return None
+        found = self.store.consumer_position(tenant_id, consumer)
+        return None if found is None else found.position
 
     def wait_for_more(
         self, tenant_id: str, after_position: int, timeout_s: float, wake: threading.Event
