@@ -224,6 +224,36 @@ class ExampleApplicationCases(es_application.ExampleApplicationTestCase):
         super().tearDown()
 
 
+class ApplicationCases(es_application.ApplicationTestCase):
+    """The library's application cases (the notification ids of saves, the aggregate cache and
+    its fast-forwarding under contention, the application log), on walship through the
+    process environment; ``Application`` gets a tenant of its own per test."""
+
+    saved_env: ClassVar[dict[str, str | None]] = {}
+
+    @staticmethod
+    def settings() -> dict[str, str]:
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        super().setUp()
+        env = {
+            "PERSISTENCE_MODULE": MODULE,
+            "APPLICATION_WALSHIP_TENANT_ID": new_tenant(),
+            **self.settings(),
+        }
+        self.saved_env = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+
+    def tearDown(self) -> None:
+        for key, value in self.saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        super().tearDown()
+
+
 class WalshipEventCounters(WalshipTrackingRecorder, es_projection.EventCountersView):
     """The materialised view the library's projection test cases ask for, kept in walship: a
     counter is an entity whose version is the count, and each increment is appended in one
@@ -403,6 +433,10 @@ class TestEmbeddedExampleApplication(Embedded, ExampleApplicationCases):
     pass
 
 
+class TestEmbeddedApplication(Embedded, ApplicationCases):
+    pass
+
+
 class TestEmbeddedEventCountersView(Embedded, EventCountersViewCases):
     pass
 
@@ -451,6 +485,10 @@ class TestHttpExampleApplication(OverHttp, ExampleApplicationCases):
     pass
 
 
+class TestHttpApplication(OverHttp, ApplicationCases):
+    pass
+
+
 class TestHttpEventCountersView(OverHttp, EventCountersViewCases):
     pass
 
@@ -470,5 +508,5 @@ class TestHttpModule(OverHttp, ModuleCases):
 # the bases above are not tests by themselves (pytest would collect them)
 del AggregateRecorderCases, SnapshotRecorderCases, ApplicationRecorderCases
 del TrackingRecorderCases, ProcessRecorderCases, NonInterleavingCases
-del InfrastructureFactoryCases, ExampleApplicationCases, EventCountersViewCases
+del InfrastructureFactoryCases, ExampleApplicationCases, EventCountersViewCases, ApplicationCases
 del AggregateEventCountersProjectionCases, EventSourcedProjectionCases, ModuleCases
