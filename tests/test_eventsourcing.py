@@ -7,7 +7,8 @@ the projection cases ask for. Each runs twice, on a
 store embedded in the test process (``WALSHIP_DATA_DIR``) and over HTTP on one real
 ``walship serve`` (``WALSHIP_URLS``). Every test takes a tenant of its own on that one store
 and that one node, so the notification ids the library checks (1, 2, 3 …) are the tenant
-positions of applications sharing a node.
+positions of applications sharing a node. A few cases run a third time on that node and its
+follower, reading from the follower.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from eventsourcing.tests import persistence as es_persistence
 from eventsourcing.tests import projection as es_projection
 from eventsourcing.utils import Environment, get_topic
 
+from tests.cluster import Cluster, replication_address
 from walship.cli.process import NodeProcess
 from walship.eventsourcing import (
     WalshipAggregateRecorder,
@@ -43,14 +45,18 @@ from walship.eventsourcing.embedded import acquire_store, release
 MODULE = "walship.eventsourcing"
 
 _root: Path | None = None
-_node: NodeProcess | None = None
+_cluster: Cluster | None = None
+_node: NodeProcess | None = None  # the leader
+_follower: NodeProcess | None = None
 _embedded: Any = None
 
 
 def setUpModule() -> None:
-    global _root, _node, _embedded
+    global _root, _cluster, _node, _follower, _embedded
     _root = Path(tempfile.mkdtemp(prefix="walship-es-"))
-    _node = NodeProcess(_root / "node", node_id="es-node", fsync="never").start()
+    _cluster = Cluster(_root / "cluster")
+    _node = _cluster.start_leader("es-leader")
+    _follower = _cluster.start_follower("es-follower", replication_address(_node))
     # held open for the whole module: each test's factories would otherwise open and close
     # the embedded store (replaying what the tests before wrote) once per test
     _embedded = acquire_store(_root / "embedded", "never")
@@ -59,8 +65,8 @@ def setUpModule() -> None:
 def tearDownModule() -> None:
     if _embedded is not None:
         release(_embedded)
-    if _node is not None:
-        _node.stop()
+    if _cluster is not None:
+        _cluster.close()
     if _root is not None:
         shutil.rmtree(_root, ignore_errors=True)
 
@@ -85,6 +91,19 @@ class OverHttp:
     def settings() -> dict[str, str]:
         assert _node is not None
         return {"WALSHIP_URLS": _node.url}
+
+
+class OverClusterReadingFollowers:
+    """Settings for the leader and its follower, the follower named first and read from: the
+    client finds the leader for writes, and reads its own writes on the follower."""
+
+    @staticmethod
+    def settings() -> dict[str, str]:
+        assert _node is not None and _follower is not None
+        return {
+            "WALSHIP_URLS": f"{_follower.url},{_node.url}",
+            "WALSHIP_READ_FROM": "followers",
+        }
 
 
 class WithFactory:
@@ -502,6 +521,18 @@ class TestHttpEventSourcedProjection(OverHttp, EventSourcedProjectionCases):
 
 
 class TestHttpModule(OverHttp, ModuleCases):
+    pass
+
+
+class TestClusterApplicationRecorder(OverClusterReadingFollowers, ApplicationRecorderCases):
+    pass
+
+
+class TestClusterProcessRecorder(OverClusterReadingFollowers, ProcessRecorderCases):
+    pass
+
+
+class TestClusterEventSourcedProjection(OverClusterReadingFollowers, EventSourcedProjectionCases):
     pass
 
 
