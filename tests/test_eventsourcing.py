@@ -3,12 +3,11 @@
 Every test case here but ``ModuleCases`` is one of the library's, imported from the installed
 package (``eventsourcing.tests.persistence``, ``.application`` and ``.projection``) and run
 unchanged: the subclasses only say how to make a recorder, a factory or the materialised view
-the projection cases ask for. Each runs twice, on a
-store embedded in the test process (``WALSHIP_DATA_DIR``) and over HTTP on one real
-``walship serve`` (``WALSHIP_URLS``). Every test takes a tenant of its own on that one store
-and that one node, so the notification ids the library checks (1, 2, 3 …) are the tenant
-positions of applications sharing a node. A few cases run a third time on that node and its
-follower, reading from the follower.
+the projection cases ask for. Each runs twice: on a store embedded in the test process
+(``WALSHIP_DATA_DIR``) and over HTTP on a real ``walship serve`` leader (``WALSHIP_URLS``).
+Every test takes a tenant of its own on that one store and that one node, so the notification
+ids the library checks (1, 2, 3 …) are the tenant positions of applications sharing a node. A
+few cases run a third time on the leader and its follower, reading from the follower.
 """
 
 from __future__ import annotations
