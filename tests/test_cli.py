@@ -127,6 +127,7 @@ def test_dump_json_with_limit(data_dir: Path) -> None:
     assert [r["lsn"] for r in rows] == list(range(10, 61))
     assert {r["entity_id"] for r in rows} == {"acct-0", "acct-1", "acct-2", "acct-3"}
     assert all(r["event_type"] == "acct.credited" and r["term"] == 1 for r in rows)
+    assert [r["position"] for r in rows] == list(range(10, 61))  # one tenant: lsn order
     limited = runner.invoke(app, ["wal", "dump", str(data_dir), "--json", "--limit", "3"])
     assert [json.loads(line)["lsn"] for line in limited.stdout.splitlines()] == [1, 2, 3]
 

@@ -54,9 +54,28 @@ def test_websocket_filters(url: str) -> None:
         assert receive(conn, len(want)) == want
 
 
+def test_websocket_from_a_tenant_position(url: str) -> None:
+    write(url, 0, 10, tenant_id="t1")
+    write(url, 10, 10, tenant_id="t2")
+    write(url, 20, 10, tenant_id="t1")
+    want = [e for e in all_events(url, tenant_id="t1") if e["position"] >= 8]
+    assert [e["position"] for e in want] == list(range(8, 21))
+    with ws(url, "?tenant_id=t1&from_position=8") as conn:
+        assert receive(conn, len(want)) == want
+
+
 @pytest.mark.parametrize(
     "query",
-    ["?from_lsn=-1", "?from_lsn=abc", f"?from_lsn={2**63}", "?form_lsn=1", "?entity_id="],
+    [
+        "?from_lsn=-1",
+        "?from_lsn=abc",
+        f"?from_lsn={2**63}",
+        "?form_lsn=1",
+        "?entity_id=",
+        "?from_position=1",
+        "?tenant_id=t1&from_position=-1",
+        f"?tenant_id=t1&from_position={2**63}",
+    ],
 )
 def test_bad_websocket_input_is_a_4xx_json_answer(url: str, query: str) -> None:
     with pytest.raises(InvalidStatus) as caught:

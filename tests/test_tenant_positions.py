@@ -236,3 +236,52 @@ def test_bad_position_input_is_a_4xx_json_error(
     assert 400 <= response.status_code < 500, response.text
     assert response.headers["content-type"] == "application/json"
     assert response.json()["error"] in ("invalid_parameter", "validation_error")
+
+
+def _make_part_old(data_dir: Path) -> None:
+    """Rewrite the one Parquet part as walship wrote it before positions existed (no
+    ``tenant_position`` column), its manifest entry to match."""
+    import pyarrow.parquet as pq
+
+    from walship.storage.manifest import load_manifest, save_manifest
+    from walship.storage.parquet import _sha256
+
+    checkpoints = data_dir / "checkpoints"
+    manifest = load_manifest(checkpoints)
+    (info,) = manifest.parts
+    path = checkpoints / "parts" / info.file
+    table = pq.read_table(path).drop_columns(["tenant_position"])
+    pq.write_table(table, path, row_group_size=LIMITS.parquet_row_group_rows)
+    old = msgspec.structs.replace(info, bytes=path.stat().st_size, sha256=_sha256(path))
+    save_manifest(checkpoints, msgspec.structs.replace(manifest, parts=[old]))
+
+
+def test_parts_written_before_positions_are_read_merged_and_queried(tmp_path: Path) -> None:
+    """An upgrade: old parts hold no position column. Their events read as position 0, the
+    tenant's positions start at 1 with the first new event, a merge of old and new parts
+    keeps both, and DuckDB sees the column (NULL in the old rows)."""
+    import duckdb
+
+    from walship import history
+
+    data = tmp_path / "d"
+    with open_store(data) as store:
+        store.append_batch([make_event("a", tenant_id="t1") for _ in range(3)])
+        store.checkpoint()
+    _make_part_old(data)
+    with open_store(data) as store:
+        assert [e.tenant_position for e in scan(store)] == [0, 0, 0]
+        assert store.tenant_position("t1") == (0, 0)
+        assert store.append(make_event("b", tenant_id="t1")).position == 1
+        store.checkpoint()
+        con = duckdb.connect()
+        history.duckdb_view(con, data)
+        rows = con.execute("SELECT lsn, tenant_position FROM events ORDER BY lsn").fetchall()
+        assert rows == [(1, None), (2, None), (3, None), (4, 1)]
+        con.close()
+        assert store.compact() is not None
+        assert [e.tenant_position for e in scan(store)] == [0, 0, 0, 1]
+        assert [e.lsn for e in scan(store, tenant_id="t1", from_position=1)] == [4]
+        assert len(scan(store, tenant_id="t1", from_position=0)) == 4
+    with open_store(data) as store:
+        assert store.append(make_event("c", tenant_id="t1")).position == 2

@@ -229,3 +229,17 @@ def test_bad_consumer_input_is_a_4xx_json_error(
     assert response.headers["content-type"] == "application/json"
     assert response.json()["error"]
     assert api.get("/api/v1/events/query").json()["count"] == 0  # nothing stored
+
+
+def test_a_cut_tail_gives_its_positions_again_and_takes_its_tracking_back(tmp_path: Path) -> None:
+    """A divergence repair cuts a deposed leader's unreplicated tail: what the tail held
+    (tenant positions, a tracked position) is as if never written, as the README says."""
+    with open_store(tmp_path / "d") as store:
+        append(store, [make_event("a", tenant_id="t1") for _ in range(3)], track(3))  # lsn 1-4
+        append(store, [make_event("a", tenant_id="t1") for _ in range(2)], track(5))  # lsn 5-7
+        assert store.tenant_position("t1") == (5, 6)
+        store.truncate_after(4)
+        assert store.tenant_position("t1") == (3, 3)
+        assert store.consumer_position("t1", "proj") == ConsumerPosition("t1", "proj", 3, 4)
+        again = append(store, [make_event("b", tenant_id="t1")], track(4))
+        assert (again.receipts[0].lsn, again.receipts[0].position) == (5, 4)

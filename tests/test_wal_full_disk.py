@@ -26,9 +26,11 @@ import walship.wal.log as wal_log
 from tests.conftest import make_event
 from tests.fulldisk import FullDisk
 from tests.walfiles import shipped
-from walship.errors import StorageFull, VersionConflict, WalFailed
+from walship.errors import StorageFull, TrackingConflict, VersionConflict, WalFailed
+from walship.events import TrackingIn
 from walship.limits import Limits
 from walship.position import Lsn, Term
+from walship.storage.consumers import ConsumerPosition
 from walship.store import Store, StoreConfig
 from walship.wal import AppendResult, FsyncPolicy, Wal
 from walship.wal.record import GENESIS_CHAIN, next_chain
@@ -403,6 +405,36 @@ def test_store_forgets_refused_events_and_a_retry_with_the_same_id_is_stored_onc
         store.append(make_event("acct-1", expected_version=1))
     assert store.append(make_event("acct-2")).version == 1
     assert [e.lsn for e in store.query(_all()).events] == [1, 2, 3]
+
+
+def test_a_rolled_back_group_gives_back_its_positions_and_its_tracking(
+    store: Store, disk: FullDisk
+) -> None:
+    track = TrackingIn(consumer="proj", position=1, tenant_id="t1")
+    pending = store.submit([make_event("a", tenant_id="t1")], tracking=track)
+    assert pending.done is not None
+    pending.done.result()
+    disk.full = True
+    with pytest.raises(StorageFull):
+        pending = store.submit(
+            [make_event("a", tenant_id="t1") for _ in range(3)],
+            tracking=TrackingIn(consumer="proj", position=9, tenant_id="t1"),
+        )
+        assert pending.done is not None
+        pending.done.result()
+    assert store.tenant_position("t1") == (1, 1)
+    assert store.consumer_position("t1", "proj") == ConsumerPosition("t1", "proj", 1, 2)
+    disk.full = False
+    wait_for_space(store.wal)
+    with pytest.raises(TrackingConflict):  # 1 is stored, 9 was rolled back
+        store.submit([make_event("b", tenant_id="t1")], tracking=track)
+    again = TrackingIn(consumer="proj", position=2, tenant_id="t1")
+    pending = store.submit([make_event("b", tenant_id="t1")], tracking=again)
+    assert pending.done is not None
+    pending.done.result()
+    # the rolled-back lsns and positions are given again
+    assert (pending.receipts[0].lsn, pending.receipts[0].position) == (3, 2)
+    assert store.consumer_position("t1", "proj") == ConsumerPosition("t1", "proj", 2, 4)
 
 
 def test_duplicate_of_an_event_in_a_failed_group_is_not_acknowledged(

@@ -123,8 +123,9 @@ class HistorySnapshot:
             )
             return f"SELECT {columns} WHERE false"
         paths = ", ".join(_quote_text(str(f)) for f in self._pin.files)
-        # by name: parts written before the binary payload columns lack them (null there)
-        return f"SELECT * FROM read_parquet([{paths}], union_by_name = true)"  # noqa: S608
+        # by name: a part written before a column existed (tenant_position) lacks it, and
+        # DuckDB otherwise takes the first file's columns and drops the newer ones
+        return f"SELECT * FROM read_parquet([{paths}], union_by_name=true)"  # noqa: S608
 
     def close(self) -> None:
         """Release the pin: the files may go once no other snapshot holds them. Idempotent."""

@@ -586,7 +586,8 @@ class Store:
         self, events: Sequence[EventIn], *, tracking: TrackingIn | None = None
     ) -> list[Receipt]:
         """Append events all-or-nothing and wait for durability; receipts in input order.
-        ``tracking``: a consumer's position, in the same append (see ``submit``)."""
+
+        ``tracking``: a consumer's position stored in the same append (see ``submit``)."""
         pending = self.submit(events, tracking=tracking)
         outcome = None
         for fut in pending.waits_on:

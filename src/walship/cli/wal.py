@@ -359,6 +359,7 @@ def describe_record(rec: Record) -> dict[str, Any]:
         event_id=str(uuid.UUID(bytes=body.id)) if len(body.id) == 16 else body.id.hex(),
         version=body.version,
         timestamp_us=body.timestamp_us,
+        position=body.tenant_position,
     )
     return out
 

@@ -21,6 +21,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from walship.errors import InvalidParameter, WalshipError
 from walship.events import to_out
 from walship.http.auth import principal_of, scope_filter
+from walship.http.consumers import check_position_params
 from walship.http.errors import encode_error
 from walship.http.stream import STREAM_PATH, Subscriptions
 from walship.limits import LSN_MAX, Limits
@@ -36,7 +37,7 @@ _encoder = msgspec.json.Encoder()
 def parse_subscription(websocket: WebSocket, limits: Limits) -> tuple[QueryFilter, int]:
     """The filter and the lsn to resume after; InvalidParameter for anything off."""
     params = websocket.query_params
-    unknown = sorted(set(params.keys()) - {"from_lsn", *_FILTERS})
+    unknown = sorted(set(params.keys()) - {"from_lsn", "from_position", *_FILTERS})
     if unknown:
         raise InvalidParameter(
             f"unknown query parameters {', '.join(unknown)} for {STREAM_PATH}",
@@ -58,12 +59,24 @@ def parse_subscription(websocket: WebSocket, limits: Limits) -> tuple[QueryFilte
                 f"{name} must be 1..{limits.entity_id_chars_max} characters", field=name
             )
         values[name] = value
+    from_position: int | None = None
+    position_text = params.get("from_position")
+    if position_text is not None:
+        if not (position_text.isascii() and position_text.isdigit()) or (
+            int(position_text) > LSN_MAX
+        ):
+            raise InvalidParameter(
+                f"from_position must be a position 0..{LSN_MAX}", field="from_position"
+            )
+        from_position = int(position_text)
+        check_position_params(values["tenant_id"], from_position, None)
     entity = values["entity_id"]
     flt = QueryFilter(
         tenant_id=values["tenant_id"] or ("default" if entity else None),
         entity_id=entity,
         event_type=values["event_type"],
         event_type_prefix=values["event_type_prefix"],
+        from_position=from_position,
     )
     return flt, after
 
