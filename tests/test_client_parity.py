@@ -23,6 +23,8 @@ from walship.client_routing import RetryPolicy
 from walship.errors import (
     InvalidInput,
     InvalidParameter,
+    NotFound,
+    TrackingConflict,
     Unavailable,
     UnmeetableAckMode,
     ValidationError,
@@ -129,6 +131,12 @@ def test_every_read_takes_min_lsn_and_a_write_its_ack_mode(url: str, node: Node)
             with pytest.raises(WaitTimeout):
                 call()
         assert client.entity_version("p", min_lsn=r.lsn) == 1
+    with Client(url) as client:  # retries do not repeat a wait that expired: raised at once
+        started = time.monotonic()
+        with pytest.raises(WaitTimeout):
+            client.event(r.event_id, **wait)
+        assert time.monotonic() - started < 5
+    with Client(url, retry=ONCE) as client:
         with pytest.raises(UnmeetableAckMode):  # the mode reached the server, nothing stored
             client.append("p", "t", 2, ack_mode="quorum:5")
         with pytest.raises(InvalidInput):
@@ -231,3 +239,39 @@ def test_a_bare_503_is_retried_and_a_4xx_never(url: str, node: Node) -> None:
         calls = [r for r in transport.sent if r.url.path != "/health"]
         assert len(calls) == 3  # one request each
     assert stored(node, "503") == 1
+
+
+def test_tenant_positions_and_tracking_through_the_client(url: str) -> None:
+    with Client(url) as client:
+        for i in range(5):
+            client.append(f"e{i}", "t", i, tenant_id="app")
+        assert client.tenant_position("app").position == 5
+        assert [e.position for e in client.iter_query(tenant_id="app", from_position=3)] == [
+            3,
+            4,
+            5,
+        ]
+        page = client.query(tenant_id="app", from_position=2, to_position=3)
+        assert [e.payload for e in page.events] == [1, 2]
+        stream = client.subscribe(tenant_id="app", from_position=4)
+        assert [next(stream).position, next(stream).position] == [4, 5]
+        stream.close()  # type: ignore[attr-defined]
+        track = {"consumer": "projector", "position": 5, "tenant_id": "app"}
+        done = client.append_batch(
+            [{"entity_id": "out", "event_type": "t", "payload": 1, "tenant_id": "app"}],
+            tracking=track,
+        )
+        assert done.tracking is not None and done.receipts[0].position == 6
+        assert client.consumer_position("projector", tenant_id="app").position == 5
+        with pytest.raises(TrackingConflict):
+            client.append_batch([], tracking=track)
+        with pytest.raises(NotFound):
+            client.consumer_position("nobody", tenant_id="app")
+
+    async def run() -> None:
+        async with AsyncClient(url) as client:
+            assert (await client.tenant_position("app")).position == 6
+            await client.append_batch([], tracking={**track, "position": 6})
+            assert (await client.consumer_position("projector", tenant_id="app")).position == 6
+
+    asyncio.run(run())

@@ -26,15 +26,26 @@ for byte, so a write stored before a failure is answered with its original recei
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import ssl
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -92,6 +103,7 @@ class BatchReceipt(msgspec.Struct, frozen=True):
     count: int
     first_lsn: int
     last_lsn: int
+    tracking: dict[str, Any] | None = None  # the receipt of the batch's tracking, if any
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -151,15 +163,28 @@ class EntityStateResult(msgspec.Struct, frozen=True):
             msgspec.structs.force_setattr(self, "state", unbase64(self.state))
 
 
+class TenantPositionResult(msgspec.Struct, frozen=True):
+    """A tenant's last position visible on the node that answered (0: none), and its lsn."""
+
+    tenant_id: str
+    position: int
+    lsn: int
+
+
+class ConsumerPositionResult(msgspec.Struct, frozen=True):
+    """The last position a consumer tracked with a batch, and the lsn of that append."""
+
+    consumer: str
+    tenant_id: str
+    position: int
+    lsn: int
+
+
 W = TypeVar("W", AppendReceipt, BatchReceipt)
 
 
 def _last_lsn(result: AppendReceipt | BatchReceipt) -> int:
     return result.last_lsn if isinstance(result, BatchReceipt) else result.lsn
-
-
-def _version(body: dict[str, Any]) -> int:
-    return int(body["version"])
 
 
 def _auth_headers(headers: Mapping[str, str] | None, api_key: str | None) -> dict[str, str]:
@@ -171,7 +196,8 @@ def _auth_headers(headers: Mapping[str, str] | None, api_key: str | None) -> dic
 
 class _Calls:
     """The request side both clients share: routing state, retry policy, and a plan for
-    each call (run by the subclass's ``_run``)."""
+    each call with its public signature. ``_blocking``/``_awaited`` turn a plan into the
+    method of ``Client``/``AsyncClient``, so each call is written once."""
 
     def __init__(
         self,
@@ -199,25 +225,10 @@ class _Calls:
         """The lsn of this client's last answered write (0 before any): reads wait for it."""
         return self._router.last_write_lsn
 
-    def _write_plan(
-        self, path: str, content: bytes, kind: type[W], ack_mode: str | None
-    ) -> Plan[W]:
+    def _write(self, path: str, content: bytes, kind: type[W], ack_mode: str | None) -> Plan[W]:
         return write_plan(
             self._router, self.retry, path, content, kind, write_params(ack_mode), _last_lsn
         )
-
-    def _append_plan(self, *event: Any, ack_mode: str | None) -> Plan[AppendReceipt]:
-        # encoded once, before the first send: every retry carries the same event id
-        return self._write_plan("/api/v1/events", encode_event(*event), AppendReceipt, ack_mode)
-
-    def _batch_plan(
-        self,
-        events: Iterable[Mapping[str, Any]],
-        ack_mode: str | None,
-        extra: Mapping[str, Any] | None,
-    ) -> Plan[BatchReceipt]:
-        content = encode_batch(events, extra)
-        return self._write_plan("/api/v1/events/batch", content, BatchReceipt, ack_mode)
 
     def _read(
         self, path: str, params: Mapping[str, Any], kind: type[T], *, waits: bool = True
@@ -225,29 +236,184 @@ class _Calls:
         found, _ = yield from read_plan(self._router, self.retry, path, params, kind, waits=waits)
         return found
 
-    def _query_plan(self, cursor: str | None, filters: Mapping[str, Any]) -> Plan[QueryPage]:
+    def _plan_find_leader(self) -> Plan[str | None]:
+        """Ask the nodes' ``/health`` which one leads; its URL, None when none does now."""
+        return find_leader_plan(self._router)
+
+    def _plan_append(
+        self,
+        entity_id: str,
+        event_type: str,
+        payload: Any,
+        *,
+        tenant_id: str = "default",
+        metadata: Mapping[str, Any] | None = None,
+        event_id: str | uuid.UUID | None = None,
+        expected_version: int | None = None,
+        ack_mode: str | None = None,
+    ) -> Plan[AppendReceipt]:
+        """Append one event (a ``bytes`` payload is stored as binary); VersionConflict when
+        ``expected_version`` does not match. ``ack_mode``: a stricter acknowledgement for
+        this write (``semi-sync``, ``quorum:N``, ``sync``)."""
+        # encoded once, before the first send: every retry carries the same event id
+        content = encode_event(
+            entity_id, event_type, payload, tenant_id, metadata, event_id, expected_version
+        )
+        return self._write("/api/v1/events", content, AppendReceipt, ack_mode)
+
+    def _plan_append_batch(
+        self,
+        events: Iterable[Mapping[str, Any]],
+        *,
+        ack_mode: str | None = None,
+        tracking: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Plan[BatchReceipt]:
+        """Append events all or nothing; each is a dict of event fields (``id`` or
+        ``event_id``; a ``bytes`` payload is binary). ``tracking``: ``{"consumer", "position",
+        "tenant_id"}`` stored in the same append (TrackingConflict, nothing stored, unless
+        above the consumer's stored position); ``events`` may then be empty. ``extra``: more
+        top-level fields of the batch body."""
+        fields = {**(extra or {}), **({} if tracking is None else {"tracking": dict(tracking)})}
+        content = encode_batch(events, fields)
+        return self._write("/api/v1/events/batch", content, BatchReceipt, ack_mode)
+
+    def _plan_query(self, /, *, cursor: str | None = None, **filters: Any) -> Plan[QueryPage]:
+        """One page of events in lsn order. Filters: entity_id, event_type,
+        event_type_prefix, tenant_id, since, until (str or datetime), from_lsn, to_lsn,
+        from_position, to_position (with tenant_id), limit, min_lsn, min_lsn_wait_ms."""
         params = query_params({**filters, "cursor": cursor})
         return self._read("/api/v1/events/query", params, QueryPage)
 
-    def _state_plan(self, entity_id: str, **params: Any) -> Plan[EntityStateResult]:
-        return self._read(entity_path(entity_id, "state"), optional(**params), EntityStateResult)
+    def _plan_entity_state(
+        self,
+        entity_id: str,
+        *,
+        tenant_id: str = "default",
+        as_of: str | datetime | None = None,
+        as_of_lsn: int | None = None,
+        min_lsn: int | None = None,
+        min_lsn_wait_ms: int | None = None,
+    ) -> Plan[EntityStateResult]:
+        """The entity's merged state; NotFound when it has no events (up to ``as_of``)."""
+        params = optional(
+            tenant_id=tenant_id,
+            as_of=as_of,
+            as_of_lsn=as_of_lsn,
+            min_lsn=min_lsn,
+            min_lsn_wait_ms=min_lsn_wait_ms,
+        )
+        return self._read(entity_path(entity_id, "state"), params, EntityStateResult)
 
-    def _entity_events_plan(self, entity_id: str, **params: Any) -> Plan[EntityEventsPage]:
-        path = entity_path(entity_id, "events")
-        return self._read(path, optional(**params), EntityEventsPage)
+    def _plan_entity_events(
+        self,
+        entity_id: str,
+        *,
+        tenant_id: str = "default",
+        from_version: int = 1,
+        to_version: int | None = None,
+        direction: str = "forward",
+        limit: int | None = None,
+        min_lsn: int | None = None,
+        min_lsn_wait_ms: int | None = None,
+    ) -> Plan[EntityEventsPage]:
+        """One page of the entity's events by version (``direction`` forward or backward)."""
+        params = optional(
+            tenant_id=tenant_id,
+            from_version=from_version,
+            to_version=to_version,
+            direction=direction,
+            limit=limit,
+            min_lsn=min_lsn,
+            min_lsn_wait_ms=min_lsn_wait_ms,
+        )
+        return self._read(entity_path(entity_id, "events"), params, EntityEventsPage)
 
-    def _version_plan(self, entity_id: str, **params: Any) -> Plan[dict[str, Any]]:
-        return self._read(entity_path(entity_id, "version"), optional(**params), dict[str, Any])
+    def _plan_entity_version(
+        self,
+        entity_id: str,
+        *,
+        tenant_id: str = "default",
+        min_lsn: int | None = None,
+        min_lsn_wait_ms: int | None = None,
+    ) -> Plan[int]:
+        """The entity's current version (0: no event)."""
+        params = optional(tenant_id=tenant_id, min_lsn=min_lsn, min_lsn_wait_ms=min_lsn_wait_ms)
+        body = yield from self._read(entity_path(entity_id, "version"), params, dict[str, Any])
+        return int(body["version"])
 
-    def _event_plan(self, event_id: str | uuid.UUID, **params: Any) -> Plan[Event]:
-        return self._read(event_path(event_id), optional(**params), Event)
+    def _plan_event(
+        self,
+        event_id: str | uuid.UUID,
+        *,
+        min_lsn: int | None = None,
+        min_lsn_wait_ms: int | None = None,
+    ) -> Plan[Event]:
+        """The event with this id; NotFound when there is none."""
+        params = optional(min_lsn=min_lsn, min_lsn_wait_ms=min_lsn_wait_ms)
+        return self._read(event_path(event_id), params, Event)
 
-    def _stats_plan(self) -> Plan[dict[str, Any]]:
+    def _plan_tenant_position(self, tenant_id: str = "default") -> Plan[TenantPositionResult]:
+        """The tenant's last position visible on the node that answers (0: none yet)."""
+        path = f"/api/v1/tenants/{quote(tenant_id, safe='')}/position"
+        # with min_lsn on a follower: a position read after a write counts that write
+        return self._read(path, {}, TenantPositionResult)
+
+    def _plan_consumer_position(
+        self, name: str, *, tenant_id: str = "default"
+    ) -> Plan[ConsumerPositionResult]:
+        """The consumer's last tracked position; NotFound when it has tracked none."""
+        path = f"/api/v1/consumers/{quote(name, safe='')}"
+        return self._read(path, {"tenant_id": tenant_id}, ConsumerPositionResult)
+
+    def _plan_stats(self) -> Plan[dict[str, Any]]:
+        """The statistics of the node that answers."""
         return self._read("/api/v1/stats", {}, dict[str, Any], waits=False)
 
-    def _health_plan(self, url: str | None) -> Plan[dict[str, Any]]:
+    def _plan_health(self, url: str | None = None) -> Plan[dict[str, Any]]:
+        """The health document of the node at ``url`` (default: the first URL given), also
+        when it answers 503 (``status`` says why)."""
         answer = yield Send("GET", (url or self.base_url).rstrip("/"), "/health")
         return health_of(answer)
+
+
+P = ParamSpec("P")
+
+
+def _named(method: Callable[..., Any], plan: Callable[..., Any]) -> None:
+    """Give ``method`` the plan's name (less ``_plan_``), docstring and signature, with the
+    plan's result as what it returns (``help`` and IDEs show the call, not the plan)."""
+    functools.update_wrapper(method, plan)
+    del method.__wrapped__  # type: ignore[attr-defined]
+    method.__name__ = plan.__name__.removeprefix("_plan_")
+    method.__qualname__ = method.__name__
+    signature = inspect.signature(plan)
+    returns = signature.return_annotation
+    if isinstance(returns, str) and returns.startswith("Plan[") and returns.endswith("]"):
+        signature = signature.replace(return_annotation=returns[5:-1])
+    method.__signature__ = signature  # type: ignore[attr-defined]
+
+
+def _blocking(plan: Callable[Concatenate[Any, P], Plan[T]]) -> Callable[Concatenate[Client, P], T]:
+    """The ``Client`` method that runs ``plan`` with blocking I/O."""
+
+    def method(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._run(plan(self, *args, **kwargs))
+
+    _named(method, plan)
+    return method
+
+
+def _awaited(
+    plan: Callable[Concatenate[Any, P], Plan[T]],
+) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]]:
+    """The ``AsyncClient`` method that runs ``plan`` with asyncio."""
+
+    async def method(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._run(plan(self, *args, **kwargs))
+
+    _named(method, plan)
+    return method
 
 
 class _ThreadClients:
@@ -359,62 +525,26 @@ class Client(_Calls):
         return self._send(action)
 
     def _send(self, send: Send) -> httpx.Response | WalshipError:
-        url = send.url + send.path
-        timeout = send.timeout if send.timeout is not None else httpx.USE_CLIENT_DEFAULT
         try:
-            return self._http.request(
-                send.method,
-                url,
-                params=send.params,
-                content=send.content,
-                headers=send.headers,
-                timeout=timeout,
-            )
+            return self._http.request(send.method, send.target, **send.options())
         except (httpx.TransportError, OSError) as exc:
-            return transport_failure(exc, url)
+            return transport_failure(exc, send.target)
 
     def _probe(self, url: str) -> PeerView:
         return peer_view(url, self._send(Send("GET", url, "/health", timeout=PROBE_TIMEOUT_S)))
 
-    def find_leader(self) -> str | None:
-        """Ask the nodes' ``/health`` which one leads; its URL, None when none does now."""
-        return self._run(find_leader_plan(self._router))
-
-    def append(
-        self,
-        entity_id: str,
-        event_type: str,
-        payload: Any,
-        *,
-        tenant_id: str = "default",
-        metadata: Mapping[str, Any] | None = None,
-        event_id: str | uuid.UUID | None = None,
-        expected_version: int | None = None,
-        ack_mode: str | None = None,
-    ) -> AppendReceipt:
-        """Append one event (a ``bytes`` payload is stored as binary); VersionConflict when
-        ``expected_version`` does not match. ``ack_mode``: a stricter acknowledgement for
-        this write (``semi-sync``, ``quorum:N``, ``sync``)."""
-        event = (entity_id, event_type, payload, tenant_id, metadata, event_id, expected_version)
-        return self._run(self._append_plan(*event, ack_mode=ack_mode))
-
-    def append_batch(
-        self,
-        events: Iterable[Mapping[str, Any]],
-        *,
-        ack_mode: str | None = None,
-        extra: Mapping[str, Any] | None = None,
-    ) -> BatchReceipt:
-        """Append events all or nothing; each is a dict of event fields (``id`` or
-        ``event_id``; a ``bytes`` payload is binary). ``extra``: more top-level fields of the
-        batch body (e.g. ``tracking``)."""
-        return self._run(self._batch_plan(events, ack_mode, extra))
-
-    def query(self, *, cursor: str | None = None, **filters: Any) -> QueryPage:
-        """One page of events in lsn order. Filters: entity_id, event_type,
-        event_type_prefix, tenant_id, since, until (str or datetime), from_lsn, to_lsn,
-        from_position, to_position, limit, min_lsn, min_lsn_wait_ms."""
-        return self._run(self._query_plan(cursor, filters))
+    find_leader = _blocking(_Calls._plan_find_leader)
+    append = _blocking(_Calls._plan_append)
+    append_batch = _blocking(_Calls._plan_append_batch)
+    query = _blocking(_Calls._plan_query)
+    entity_state = _blocking(_Calls._plan_entity_state)
+    entity_events = _blocking(_Calls._plan_entity_events)
+    entity_version = _blocking(_Calls._plan_entity_version)
+    event = _blocking(_Calls._plan_event)
+    tenant_position = _blocking(_Calls._plan_tenant_position)
+    consumer_position = _blocking(_Calls._plan_consumer_position)
+    stats = _blocking(_Calls._plan_stats)
+    health = _blocking(_Calls._plan_health)
 
     def iter_query(self, **filters: Any) -> Iterator[Event]:
         """Every matching event in lsn order, following cursors page by page (on one node
@@ -425,28 +555,6 @@ class Client(_Calls):
             pages.advance(page.next_cursor, page.events[-1].lsn if page.events else None, url)
             yield from page.events
 
-    def entity_state(
-        self,
-        entity_id: str,
-        *,
-        tenant_id: str = "default",
-        as_of: str | datetime | None = None,
-        as_of_lsn: int | None = None,
-        min_lsn: int | None = None,
-        min_lsn_wait_ms: int | None = None,
-    ) -> EntityStateResult:
-        """The entity's merged state; NotFound when it has no events (up to ``as_of``)."""
-        return self._run(
-            self._state_plan(
-                entity_id,
-                tenant_id=tenant_id,
-                as_of=as_of,
-                as_of_lsn=as_of_lsn,
-                min_lsn=min_lsn,
-                min_lsn_wait_ms=min_lsn_wait_ms,
-            )
-        )
-
     def subscribe(
         self,
         *,
@@ -456,71 +564,13 @@ class Client(_Calls):
     ) -> Iterator[Event]:
         """Every matching event from ``from_lsn`` on (history, then live), in lsn order, each
         once; reconnects after the last event delivered when the connection drops. Filters:
-        tenant_id, entity_id, event_type, event_type_prefix. Never ends by itself: break out.
-        Iterate it from one thread."""
+        tenant_id, entity_id, event_type, event_type_prefix, from_position (with tenant_id:
+        events from that tenant position on). Never ends by itself: break out. Iterate it
+        from one thread."""
         # every node given, in turn: a follower serves what it has applied, from the same lsn
         return subscriber.subscribe(
             self._http, self.urls, Event, from_lsn, filters, give_up_after_s
         )
-
-    def entity_events(
-        self,
-        entity_id: str,
-        *,
-        tenant_id: str = "default",
-        from_version: int = 1,
-        to_version: int | None = None,
-        direction: str = "forward",
-        limit: int | None = None,
-        min_lsn: int | None = None,
-        min_lsn_wait_ms: int | None = None,
-    ) -> EntityEventsPage:
-        """One page of the entity's events by version (``direction`` forward or backward)."""
-        return self._run(
-            self._entity_events_plan(
-                entity_id,
-                tenant_id=tenant_id,
-                from_version=from_version,
-                to_version=to_version,
-                direction=direction,
-                limit=limit,
-                min_lsn=min_lsn,
-                min_lsn_wait_ms=min_lsn_wait_ms,
-            )
-        )
-
-    def entity_version(
-        self,
-        entity_id: str,
-        *,
-        tenant_id: str = "default",
-        min_lsn: int | None = None,
-        min_lsn_wait_ms: int | None = None,
-    ) -> int:
-        """The entity's current version (0: no event)."""
-        plan = self._version_plan(
-            entity_id, tenant_id=tenant_id, min_lsn=min_lsn, min_lsn_wait_ms=min_lsn_wait_ms
-        )
-        return _version(self._run(plan))
-
-    def event(
-        self,
-        event_id: str | uuid.UUID,
-        *,
-        min_lsn: int | None = None,
-        min_lsn_wait_ms: int | None = None,
-    ) -> Event:
-        """The event with this id; NotFound when there is none."""
-        plan = self._event_plan(event_id, min_lsn=min_lsn, min_lsn_wait_ms=min_lsn_wait_ms)
-        return self._run(plan)
-
-    def stats(self) -> dict[str, Any]:
-        return self._run(self._stats_plan())
-
-    def health(self, url: str | None = None) -> dict[str, Any]:
-        """The health document of the node at ``url`` (default: the first URL given), also
-        when it answers 503 (``status`` says why)."""
-        return self._run(self._health_plan(url))
 
     def close(self) -> None:
         self._clients.close()
@@ -583,82 +633,36 @@ class AsyncClient(_Calls):
         return await self._send(action)
 
     async def _send(self, send: Send) -> httpx.Response | WalshipError:
-        url = send.url + send.path
-        timeout = send.timeout if send.timeout is not None else httpx.USE_CLIENT_DEFAULT
         try:
-            return await self._http.request(
-                send.method,
-                url,
-                params=send.params,
-                content=send.content,
-                headers=send.headers,
-                timeout=timeout,
-            )
+            return await self._http.request(send.method, send.target, **send.options())
         except (httpx.TransportError, OSError) as exc:
-            return transport_failure(exc, url)
+            return transport_failure(exc, send.target)
 
     async def _probe(self, url: str) -> PeerView:
         answer = await self._send(Send("GET", url, "/health", timeout=PROBE_TIMEOUT_S))
         return peer_view(url, answer)
 
-    async def find_leader(self) -> str | None:
-        return await self._run(find_leader_plan(self._router))
-
-    async def append(
-        self,
-        entity_id: str,
-        event_type: str,
-        payload: Any,
-        *,
-        tenant_id: str = "default",
-        metadata: Mapping[str, Any] | None = None,
-        event_id: str | uuid.UUID | None = None,
-        expected_version: int | None = None,
-        ack_mode: str | None = None,
-    ) -> AppendReceipt:
-        event = (entity_id, event_type, payload, tenant_id, metadata, event_id, expected_version)
-        return await self._run(self._append_plan(*event, ack_mode=ack_mode))
-
-    async def append_batch(
-        self,
-        events: Iterable[Mapping[str, Any]],
-        *,
-        ack_mode: str | None = None,
-        extra: Mapping[str, Any] | None = None,
-    ) -> BatchReceipt:
-        return await self._run(self._batch_plan(events, ack_mode, extra))
-
-    async def query(self, *, cursor: str | None = None, **filters: Any) -> QueryPage:
-        return await self._run(self._query_plan(cursor, filters))
+    find_leader = _awaited(_Calls._plan_find_leader)
+    append = _awaited(_Calls._plan_append)
+    append_batch = _awaited(_Calls._plan_append_batch)
+    query = _awaited(_Calls._plan_query)
+    entity_state = _awaited(_Calls._plan_entity_state)
+    entity_events = _awaited(_Calls._plan_entity_events)
+    entity_version = _awaited(_Calls._plan_entity_version)
+    event = _awaited(_Calls._plan_event)
+    tenant_position = _awaited(_Calls._plan_tenant_position)
+    consumer_position = _awaited(_Calls._plan_consumer_position)
+    stats = _awaited(_Calls._plan_stats)
+    health = _awaited(_Calls._plan_health)
 
     async def iter_query(self, **filters: Any) -> AsyncIterator[Event]:
+        """``Client.iter_query`` as an async iterator."""
         pages = QueryPages(filters)
         while not pages.done:
             page, url = await self._run(pages.plan(self._router, self.retry, QueryPage))
             pages.advance(page.next_cursor, page.events[-1].lsn if page.events else None, url)
             for event in page.events:
                 yield event
-
-    async def entity_state(
-        self,
-        entity_id: str,
-        *,
-        tenant_id: str = "default",
-        as_of: str | datetime | None = None,
-        as_of_lsn: int | None = None,
-        min_lsn: int | None = None,
-        min_lsn_wait_ms: int | None = None,
-    ) -> EntityStateResult:
-        return await self._run(
-            self._state_plan(
-                entity_id,
-                tenant_id=tenant_id,
-                as_of=as_of,
-                as_of_lsn=as_of_lsn,
-                min_lsn=min_lsn,
-                min_lsn_wait_ms=min_lsn_wait_ms,
-            )
-        )
 
     def subscribe(
         self,
@@ -671,60 +675,6 @@ class AsyncClient(_Calls):
         return subscriber.subscribe_async(
             self._http, self.urls, Event, from_lsn, filters, give_up_after_s
         )
-
-    async def entity_events(
-        self,
-        entity_id: str,
-        *,
-        tenant_id: str = "default",
-        from_version: int = 1,
-        to_version: int | None = None,
-        direction: str = "forward",
-        limit: int | None = None,
-        min_lsn: int | None = None,
-        min_lsn_wait_ms: int | None = None,
-    ) -> EntityEventsPage:
-        return await self._run(
-            self._entity_events_plan(
-                entity_id,
-                tenant_id=tenant_id,
-                from_version=from_version,
-                to_version=to_version,
-                direction=direction,
-                limit=limit,
-                min_lsn=min_lsn,
-                min_lsn_wait_ms=min_lsn_wait_ms,
-            )
-        )
-
-    async def entity_version(
-        self,
-        entity_id: str,
-        *,
-        tenant_id: str = "default",
-        min_lsn: int | None = None,
-        min_lsn_wait_ms: int | None = None,
-    ) -> int:
-        plan = self._version_plan(
-            entity_id, tenant_id=tenant_id, min_lsn=min_lsn, min_lsn_wait_ms=min_lsn_wait_ms
-        )
-        return _version(await self._run(plan))
-
-    async def event(
-        self,
-        event_id: str | uuid.UUID,
-        *,
-        min_lsn: int | None = None,
-        min_lsn_wait_ms: int | None = None,
-    ) -> Event:
-        plan = self._event_plan(event_id, min_lsn=min_lsn, min_lsn_wait_ms=min_lsn_wait_ms)
-        return await self._run(plan)
-
-    async def stats(self) -> dict[str, Any]:
-        return await self._run(self._stats_plan())
-
-    async def health(self, url: str | None = None) -> dict[str, Any]:
-        return await self._run(self._health_plan(url))
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -31,7 +31,7 @@ import httpx
 import msgspec
 
 from walship.client_routing import RetryPolicy, Router
-from walship.errors import Unavailable, WalshipError, error_class_for
+from walship.errors import Unavailable, WaitTimeout, WalshipError, error_class_for
 from walship.peers import PeerView
 
 T = TypeVar("T")
@@ -60,6 +60,20 @@ class Send:
     content: bytes | None = None
     headers: Mapping[str, str] | None = None
     timeout: float | None = None
+
+    @property
+    def target(self) -> str:
+        return self.url + self.path
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of ``httpx``'s ``request`` for this send."""
+        timeout = self.timeout if self.timeout is not None else httpx.USE_CLIENT_DEFAULT
+        return {
+            "params": self.params,
+            "content": self.content,
+            "headers": self.headers,
+            "timeout": timeout,
+        }
 
 
 @dataclass(frozen=True)
@@ -338,8 +352,9 @@ def read_plan(
     floor: int = 0,
 ) -> Plan[tuple[T, str]]:
     """GET from the nodes ``read_from`` names, in turn, and in rounds with backoff while
-    none can answer (transport errors, 503s; reads are idempotent); the answer and who gave
-    it. ``waits``: the path takes ``min_lsn``; ``floor``: an lsn the answer must reflect."""
+    none can answer (transport errors, 503s; reads are idempotent; not a ``min_lsn`` wait
+    that expired everywhere: each node waited as asked); the answer and who gave it.
+    ``waits``: the path takes ``min_lsn``; ``floor``: an lsn the answer must reflect."""
     attempts = _Attempts(policy)
     while True:
         if router.needs_discovery():
@@ -362,7 +377,8 @@ def read_plan(
             if not attempts.may_retry():
                 break
         assert last is not None
-        if not attempts.may_retry():
+        # a node that did not reach min_lsn in time already waited as long as asked
+        if isinstance(last, WaitTimeout) or not attempts.may_retry():
             raise last
         yield attempts.backoff()
 

@@ -86,8 +86,8 @@ class EventBody(msgspec.Struct, array_like=True, gc=False, frozen=True):
     version: int
     payload: bytes
     metadata: bytes | None
-    # trailing fields with defaults: records written before them still decode (a position of
-    # 0 is "no position"); the leader assigns the position, followers take it from the record
+    # trailing and defaulted: records written before positions existed still decode (as 0,
+    # "no position"); the leader assigns it, followers take it from the record
     tenant_position: int = 0
     payload_binary: bool = False  # ``payload`` is the caller's bytes, not JSON text
 

@@ -718,36 +718,9 @@ class Store:
                 position = batch_positions.get(tenant) or self._positions.next_position(tenant)
                 batch_positions[tenant] = position + 1
                 lsn = next_lsn + len(new_events)
-                new_events.append(
-                    StoredEvent(
-                        lsn,
-                        term,
-                        event_id,
-                        tenant,
-                        entity,
-                        etype,
-                        ts,
-                        version,
-                        payload,
-                        meta,
-                        position,
-                        binary,
-                    )
-                )
-                bodies.append(
-                    encode_body_fields(
-                        event_id,
-                        tenant,
-                        entity,
-                        etype,
-                        ts,
-                        version,
-                        payload,
-                        meta,
-                        position,
-                        binary,
-                    )
-                )
+                fields = (event_id, tenant, entity, etype, ts, version, payload, meta, position)
+                new_events.append(StoredEvent(lsn, term, *fields, payload_binary=binary))
+                bodies.append(encode_body_fields(*fields, payload_binary=binary))
                 receipts.append(
                     Receipt(format_uuid(event_id), lsn, term, version, timestamp, position=position)
                 )

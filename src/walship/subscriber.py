@@ -28,7 +28,7 @@ STREAM_READ_TIMEOUT_S = 60.0  # several server keepalives (15 s): silence this l
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 2.0
 GIVE_UP_AFTER_S = 60.0
-FILTERS = frozenset({"tenant_id", "entity_id", "event_type", "event_type_prefix"})
+FILTERS = frozenset({"tenant_id", "entity_id", "event_type", "event_type_prefix", "from_position"})
 
 
 class HasLsn(Protocol):

@@ -12,7 +12,6 @@ import threading
 import uuid
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote
 
 import orjson
 
@@ -70,12 +69,6 @@ class HttpBackend:
     def __init__(self, client: Client, poller: Client) -> None:
         self.client = client
         self.poller = poller
-
-    @staticmethod
-    def _get(client: Client, path: str, params: dict[str, Any]) -> dict[str, Any]:
-        # the client has no method for these routes yet: its own read plan, retries included
-        answer: dict[str, Any] = client._run(client._read(path, params, dict[str, Any]))
-        return answer
 
     def append(
         self, tenant_id: str, events: Sequence[NewEvent], tracking: tuple[str, int] | None
@@ -141,30 +134,28 @@ class HttpBackend:
             from_position = rows[-1].position + 1
         return out
 
-    def _position(self, client: Client, tenant_id: str) -> dict[str, Any]:
-        return self._get(client, f"/api/v1/tenants/{quote(tenant_id, safe='')}/position", {})
-
     def tenant_position(self, tenant_id: str) -> int:
-        return int(self._position(self.client, tenant_id)["position"])
+        return self.client.tenant_position(tenant_id).position
 
     def consumer_position(self, tenant_id: str, consumer: str) -> int | None:
-        path = f"/api/v1/consumers/{quote(consumer, safe='')}"
         try:
-            answer = self._get(self.client, path, {"tenant_id": tenant_id})
+            return self.client.consumer_position(consumer, tenant_id=tenant_id).position
         except NotFound:
             return None
-        return int(answer["position"])
 
     def wait_for_more(
         self, tenant_id: str, after_position: int, timeout_s: float, wake: threading.Event
     ) -> None:
         try:
-            now = self._position(self.poller, tenant_id)
-            if int(now["position"]) > after_position or wake.is_set():
+            # the node's visible lsn first, then the tenant's position: an event of the tenant
+            # stored after the first read is past that lsn, so the long poll below sees it
+            url = self.poller.leader_url or self.poller.urls[0]
+            visible = int(self.poller.health(url).get("visible_lsn", 0))
+            if self.poller.tenant_position(tenant_id).position > after_position or wake.is_set():
                 return
-            # a long poll: the query waits (``min_lsn``) until the node has made anything past
-            # the lsn it showed visible, then the caller reads its tenant's events again
-            lsn = int(now["lsn"]) + 1
+            # a long poll: the query waits (``min_lsn``) until the node has made visible
+            # anything past what it had, then the caller reads its tenant's events again
+            lsn = visible + 1
             self.poller.query(
                 tenant_id=tenant_id,
                 from_lsn=lsn,

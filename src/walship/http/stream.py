@@ -157,6 +157,7 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
     subscriptions = Subscriptions(node)
     app.state.subscriptions = subscriptions
     _Text = Annotated[str | None, Query(min_length=1, max_length=limits.entity_id_chars_max)]
+    _Type = Annotated[str | None, Query(min_length=1, max_length=limits.event_type_chars_max)]
 
     @app.get(
         STREAM_PATH,
@@ -180,8 +181,8 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
         ] = None,
         tenant_id: _Text = None,
         entity_id: _Text = None,
-        event_type: _Text = None,
-        event_type_prefix: _Text = None,
+        event_type: _Type = None,
+        event_type_prefix: _Type = None,
         last_event_id: Annotated[
             str | None, Header(description="The lsn of the last event received: resume after it")
         ] = None,

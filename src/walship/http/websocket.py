@@ -54,10 +54,14 @@ def parse_subscription(websocket: WebSocket, limits: Limits) -> tuple[QueryFilte
     values: dict[str, str | None] = {}
     for name in _FILTERS:
         value = params.get(name)
-        if value is not None and not 1 <= len(value) <= limits.entity_id_chars_max:
-            raise InvalidParameter(
-                f"{name} must be 1..{limits.entity_id_chars_max} characters", field=name
-            )
+        # event types (topic names) may be longer than entity ids
+        chars_max = (
+            limits.event_type_chars_max
+            if name.startswith("event_type")
+            else limits.entity_id_chars_max
+        )
+        if value is not None and not 1 <= len(value) <= chars_max:
+            raise InvalidParameter(f"{name} must be 1..{chars_max} characters", field=name)
         values[name] = value
     from_position: int | None = None
     position_text = params.get("from_position")

@@ -8,9 +8,8 @@ two row groups per part without trusting writer statistics.
 Payloads: a JSON payload is text in ``payload`` (so ``payload::JSON`` and ``json_extract`` work
 in DuckDB, ``str.json_decode`` in Polars); a binary one is null there, its bytes are in
 ``payload_bytes`` (BINARY: DuckDB's BLOB, Polars' Binary) and ``payload_binary`` is true.
-Each row has its ``tenant_position`` (1, 2, 3 … per tenant). Parts written before these
-columns existed lack them; ``conform`` gives their tables the current schema (no binary
-payloads, position 0), and DuckDB reads a mix with ``union_by_name``.
+Parts written before these columns existed lack them; ``conform`` gives their tables the
+current schema (no binary payloads), and DuckDB reads a mix with ``union_by_name``.
 """
 
 from __future__ import annotations
@@ -50,44 +49,39 @@ SCHEMA = pa.schema(
         pa.field("payload", pa.string(), nullable=True),
         pa.field("metadata", pa.string(), nullable=True),
         pa.field("version", pa.int64(), nullable=False),
+        pa.field("tenant_position", pa.int64(), nullable=False),
         pa.field("payload_binary", pa.bool_(), nullable=False),
         pa.field("payload_bytes", pa.binary(), nullable=True),  # only for binary payloads
-        pa.field("tenant_position", pa.int64(), nullable=False),
     ]
 )
 """The documented schema: standard types only; payload and metadata are JSON text."""
 
 POSITION_COLUMN = "tenant_position"
-_ADDED_COLUMNS = {"payload_binary", "payload_bytes", POSITION_COLUMN}
+_BINARY_COLUMNS = {"payload_binary", "payload_bytes"}
 
 
-def _missing_column(field: pa.Field, n: int) -> pa.ChunkedArray:
-    if field.name == "payload_binary":  # a part written before binary payloads: all JSON
-        return pa.chunked_array([pa.array(np.zeros(n, np.bool_))], pa.bool_())
-    if field.name == POSITION_COLUMN:  # written before tenant positions: 0, no position
-        return pa.chunked_array([pa.array(np.zeros(n, np.int64), pa.int64())], pa.int64())
-    return pa.chunked_array([pa.nulls(n, field.type)], field.type)
+def _missing_column(name: str, rows: int) -> pa.Array:
+    """A column a part written before it existed reads as: no position, no binary payload."""
+    if name == POSITION_COLUMN:
+        return pa.array(np.zeros(rows, np.int64), pa.int64())
+    if name == "payload_binary":
+        return pa.array(np.zeros(rows, np.bool_), pa.bool_())
+    return pa.nulls(rows, pa.binary())
 
 
 def conform(table: pa.Table) -> pa.Table:
-    """``table`` (rows of a part, or some of their columns with ``lsn``) with the columns
-    added since parts were first written, typed as ``SCHEMA`` says (``payload`` nullable): a
-    part written before binary payloads has none, one written before tenant positions reads
-    them as 0 (no position). Columns a partial read left out stay out."""
-    if table.schema.equals(SCHEMA) or "lsn" not in table.column_names:
+    """``table`` (all or some columns of a part's rows) with the columns added to ``SCHEMA``
+    since its part was written: ``tenant_position`` 0 (no position), ``payload_binary``
+    false, ``payload_bytes`` null; a table of every column gets ``SCHEMA`` exactly (order,
+    ``payload`` nullable), as a merge writes it."""
+    if "lsn" not in table.column_names:
         return table
-    n = table.num_rows
-    fields = []
-    columns = []
-    for field in SCHEMA:
-        if field.name in table.column_names:
-            columns.append(table.column(field.name).cast(field.type))
-        elif field.name in _ADDED_COLUMNS:
-            columns.append(_missing_column(field, n))
-        else:
-            continue
-        fields.append(field)
-    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+    for name in (POSITION_COLUMN, *sorted(_BINARY_COLUMNS)):
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), _missing_column(name, table.num_rows))
+    if table.num_columns == len(SCHEMA) and not table.schema.equals(SCHEMA):
+        table = table.select(SCHEMA.names).cast(SCHEMA)
+    return table
 
 
 def part_name(first_lsn: int, last_lsn: int) -> str:
@@ -190,11 +184,11 @@ def _table(events: list[StoredEvent]) -> pa.Table:
             ).cast(pa.string()),
             "metadata": pa.array([e.metadata for e in events], pa.binary()).cast(pa.string()),
             "version": pa.array([e.version for e in events], pa.int64()),
+            "tenant_position": pa.array([e.tenant_position for e in events], pa.int64()),
             "payload_binary": pa.array([e.payload_binary for e in events], pa.bool_()),
             "payload_bytes": pa.array(
                 [e.payload if e.payload_binary else None for e in events], pa.binary()
             ),
-            "tenant_position": pa.array([e.tenant_position for e in events], pa.int64()),
         },
         schema=SCHEMA,
     )
@@ -468,15 +462,11 @@ def _to_events(table: pa.Table, limit: int) -> list[StoredEvent]:
     if table.num_rows == 0:
         return []
     table = conform(table).sort_by("lsn").slice(0, limit)
-    names = [n for n in SCHEMA.names if n != "timestamp" and n not in _ADDED_COLUMNS]
+    names = [n for n in SCHEMA.names if n != "timestamp" and n not in _BINARY_COLUMNS]
     cols = {name: table.column(name).to_pylist() for name in names}
     ts = table.column("timestamp").cast(pa.int64()).to_pylist()
-    positions = table.column(POSITION_COLUMN).to_pylist()
-    binary: list[bool] = [False] * table.num_rows
-    blobs: list[bytes | None] = [None] * table.num_rows
-    if "payload_binary" in table.column_names:  # a part written before it: all JSON
-        binary = table.column("payload_binary").to_pylist()
-        blobs = table.column("payload_bytes").to_pylist()
+    binary = table.column("payload_binary").to_pylist()  # conform: false in older parts
+    blobs = table.column("payload_bytes").to_pylist()
     out = []
     for i in range(table.num_rows):
         meta = cols["metadata"][i]
@@ -494,7 +484,7 @@ def _to_events(table: pa.Table, limit: int) -> list[StoredEvent]:
                 cols["version"][i],
                 payload,
                 None if meta is None else meta.encode(),
-                positions[i],
+                cols[POSITION_COLUMN][i],
                 payload_binary=bool(binary[i]),
             )
         )
