@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,6 +41,7 @@ from walship.eventsourcing import (
 )
 from walship.eventsourcing.backend import NewEvent
 from walship.eventsourcing.embedded import acquire_store, release
+from walship.eventsourcing.remote import HttpBackend
 
 MODULE = "walship.eventsourcing"
 
@@ -414,6 +416,31 @@ class ModuleCases(WithFactory, TestCase):
         self.assertEqual([e.topic for e in recorder.select_events(originator)], [topic])
         found = recorder.select_notifications(None, 10, topics=[topic])
         self.assertEqual([(n.id, n.topic, n.state) for n in found], [(1, topic, b"x")])
+
+
+class TestHttpSubscriptionIdle(OverHttp, WithFactory, TestCase):
+    def test_an_idle_subscription_waits_while_other_tenants_events_are_newer(self) -> None:
+        """A subscription to a tenant with nothing new long-polls (one request per wait of
+        about half a second), though the node holds newer events of other tenants."""
+        other = self.factory().application_recorder()
+        other.insert_events([StoredEvent(uuid.uuid4(), 1, "t", b"x") for _ in range(10)])
+        factory = self.factory()
+        recorder = factory.application_recorder()
+        backend = factory.backend
+        assert isinstance(backend, HttpBackend)
+        polls = []
+        query = backend.poller.query
+
+        def counted(**params: Any) -> Any:
+            polls.append(params)
+            return query(**params)
+
+        backend.poller.query = counted  # type: ignore[method-assign]
+        with recorder.subscribe(gt=None) as subscription:
+            time.sleep(1.5)
+            subscription.stop()
+        self.assertLessEqual(len(polls), 6, "the long poll returned at once: a busy loop")
+        self.assertGreaterEqual(len(polls), 1)
 
 
 # ------------------------------------------------------------ embedded, then over HTTP
