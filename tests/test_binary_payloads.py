@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 
 from tests.cluster import Cluster, query_all, replication_address, stats, wait_until
 from tests.sse_reader import SseReader
+from walship.errors import ValidationError
 from walship.events import StoredEvent
 from walship.http import create_app
 from walship.limits import Limits
@@ -425,3 +426,27 @@ def test_bytes_reach_a_follower_and_its_subscribers_through_parquet(tmp_path: Pa
                     r = http.post(f"{follower.url}/internal/checkpoint", headers=admin)
                     assert r.status_code == 200, r.text
                     assert stats(follower)["parquet_events"] == 2
+
+
+def test_an_embedded_store_keeps_bytes_across_a_restart(tmp_path: Path) -> None:
+    """Through ``Store`` (no HTTP): base64 in, bytes stored; after a restart (WAL replay)
+    and a checkpoint, the event is still binary with the same bytes."""
+    from walship.events import EventIn
+    from walship.store import Store, StoreConfig
+
+    config = StoreConfig(tmp_path / "s", fsync=FsyncPolicy.parse("never"))
+    event = EventIn(
+        entity_id="e",
+        event_type="x:y",
+        payload=msgspec.Raw(msgspec.json.encode(BLOB)),  # bytes encode as base64 text
+        payload_encoding="base64",
+    )
+    with Store.open(config) as store:
+        store.append(event)
+        with pytest.raises(ValidationError):
+            store.append(msgspec.structs.replace(event, payload=msgspec.Raw(b'"%%%"')))
+    for _ in range(2):
+        with Store.open(config) as store:
+            (ev,) = store.query(QueryFilter(entity_id="e"), limit=10).events
+            assert (ev.payload, ev.payload_binary) == (BLOB, True)
+            store.checkpoint()

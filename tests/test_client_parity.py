@@ -275,3 +275,34 @@ def test_tenant_positions_and_tracking_through_the_client(url: str) -> None:
             assert (await client.consumer_position("projector", tenant_id="app")).position == 6
 
     asyncio.run(run())
+
+
+def test_async_subscribe_resumes_after_the_connection_is_cut(proxy: FaultProxy, url: str) -> None:
+    """The async iterator reconnects after a cut and goes on after the last event it
+    yielded: every event once, in lsn order (the sync one is tested in
+    test_client_subscribe)."""
+    with Client(url) as writer:
+        first = writer.append_batch(
+            [{"entity_id": "s", "event_type": "t", "payload": i} for i in range(20)]
+        )
+
+        async def run() -> list[int]:
+            got: list[int] = []
+            async with AsyncClient(via(proxy)) as client:
+                async for event in client.subscribe(entity_id="s"):
+                    got.append(event.lsn)
+                    if len(got) == 10:
+                        proxy.cut()  # under the reader, in the middle of the history
+                    if len(got) == 15:
+                        await asyncio.to_thread(
+                            writer.append_batch,
+                            [{"entity_id": "s", "event_type": "t", "payload": b"x"}] * 5,
+                        )
+                    if len(got) == 25:
+                        return got
+            raise AssertionError("the subscription ended")
+
+        got = asyncio.run(asyncio.wait_for(run(), 60))
+        assert got == [e.lsn for e in writer.iter_query(entity_id="s")]
+    assert proxy.state.connections >= 2  # it did connect again
+    assert got[:20] == [r.lsn for r in first.receipts]

@@ -35,6 +35,7 @@ class FaultState:
     paused: bool = False
     refuse: bool = False
     answers_to_cut: int = 0  # connections to cut as their first answer byte arrives
+    connections: int = 0  # accepted so far (refused ones too)
     flipped: int = 0
     dropped_connections: int = 0
     bytes_up: int = 0
@@ -139,6 +140,7 @@ class FaultProxy:
         if handler is not None:
             self._handlers.add(handler)
             handler.add_done_callback(self._handlers.discard)
+        self.state.connections += 1
         if self.state.refuse:
             writer.transport.abort()
             return
