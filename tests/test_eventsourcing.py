@@ -418,6 +418,34 @@ class ModuleCases(WithFactory, TestCase):
         self.assertEqual([(n.id, n.topic, n.state) for n in found], [(1, topic, b"x")])
 
 
+class TestFactorySettings(TestCase):
+    def test_bad_settings_are_refused_naming_the_setting(self) -> None:
+        assert _root is not None and _node is not None
+        base = {"PERSISTENCE_MODULE": MODULE}
+        cases = [
+            ({}, "WALSHIP_URLS"),  # neither
+            ({"WALSHIP_URLS": _node.url, "WALSHIP_DATA_DIR": str(_root / "x")}, "exactly one"),
+            ({"WALSHIP_URLS": _node.url, "WALSHIP_TENANT_ID": "no spaces"}, "WALSHIP_TENANT_ID"),
+            ({"WALSHIP_URLS": _node.url, "WALSHIP_TENANT_ID": "t" * 60}, "WALSHIP_TENANT_ID"),
+            ({"WALSHIP_URLS": _node.url, "ORIGINATOR_ID_TYPE": "int"}, "ORIGINATOR_ID_TYPE"),
+            ({"WALSHIP_URLS": _node.url, "WALSHIP_READ_FROM": "nearest"}, "nearest"),
+            ({"WALSHIP_URLS": _node.url, "WALSHIP_TIMEOUT": "soon"}, "soon"),
+        ]
+        for settings, named in cases:
+            with self.subTest(settings=settings), self.assertRaises(OSError) as caught:
+                WalshipFactory.construct(Environment("MyApp", {**base, **settings}))
+            self.assertIn(named, str(caught.exception))
+
+    def test_an_application_named_with_odd_characters_gets_a_tenant_it_can_hold(self) -> None:
+        assert _node is not None
+        env = Environment("My App/v2", {"PERSISTENCE_MODULE": MODULE, "WALSHIP_URLS": _node.url})
+        factory = WalshipFactory.construct(env)
+        try:
+            self.assertEqual(factory.tenant_id, "My_App_v2")
+        finally:
+            factory.close()
+
+
 class TestHttpSubscriptionIdle(OverHttp, WithFactory, TestCase):
     def test_an_idle_subscription_waits_while_other_tenants_events_are_newer(self) -> None:
         """A subscription to a tenant with nothing new long-polls (one request per wait of
