@@ -40,6 +40,7 @@ class Browser:
             raise BrowserError("chromium is not installed")
         profile.mkdir(parents=True, exist_ok=True)
         self.requests: list[str] = []
+        self.request_headers: list[tuple[str, dict[str, str]]] = []  # (url, headers) of each
         self._ids = itertools.count(1)
         self._stack = contextlib.ExitStack()  # the websocket
         self._log = open(profile / "chromium.log", "wb")  # noqa: SIM115  # closed in close()
@@ -102,7 +103,9 @@ class Browser:
                 raise BrowserError(f"no answer to {method} within {CALL_TIMEOUT_S} s")
             message = json.loads(self._ws.recv(timeout=left))
             if message.get("method") == "Network.requestWillBeSent":
-                self.requests.append(message["params"]["request"]["url"])
+                request = message["params"]["request"]
+                self.requests.append(request["url"])
+                self.request_headers.append((request["url"], dict(request.get("headers", {}))))
             if message.get("id") == call_id:
                 if "error" in message:
                     raise BrowserError(f"{method}: {message['error']}")

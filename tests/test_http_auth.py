@@ -108,7 +108,10 @@ CASES: dict[str, RouteCase] = {
         Role.READ, _get(f"/api/v1/tenants/{A}/position")
     ),
     "GET /api/v1/consumers/{name}": _case(Role.READ, _get("/api/v1/consumers/proj", tenant_id=A)),
-    "GET /api/v1/stats": _case(Role.ADMIN, _get("/api/v1/stats")),
+    # a key of other tenants gets its own tenants' figures (test_stats_of_a_scoped_key_...)
+    "GET /api/v1/stats": _case(
+        Role.READ, _get("/api/v1/stats"), _get("/api/v1/stats", tenant_id=A)
+    ),
     "GET /api/v1/replication/degraded": _case(Role.ADMIN, _get("/api/v1/replication/degraded")),
     "GET /api/v1/replication/lost-found": _case(Role.ADMIN, _get("/api/v1/replication/lost-found")),
     "GET /metrics": _case(Role.ADMIN, _get("/metrics")),
@@ -218,11 +221,13 @@ def _other_tenant_key(keys: Keys, role: Role) -> str:
     return {Role.READ: keys.read_b, Role.WRITE: keys.write_b, Role.ADMIN: keys.admin_b}[role]
 
 
-def _assert_error(r: httpx.Response, status: int, code: str) -> None:
+def _assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
     assert r.json()["error"] == code, r.text
     assert SECRET_A not in r.text
+    body: dict[str, Any] = r.json()
+    return body
 
 
 def test_every_route_has_a_case_and_an_access_rule(tmp_path: Path) -> None:
@@ -304,8 +309,12 @@ def test_route_answers_each_credential_as_its_role_and_tenants_say(
             _assert_error(other, 403, "forbidden")  # it names tenant A
             continue
         other = _send(api, req, {"X-API-Key": _other_tenant_key(keys, case.role)})
-        assert other.status_code in (200, 403), other.text
+        assert other.status_code in (200, 403, 404), other.text
         assert SECRET_A not in other.text
+        if other.status_code == 200:
+            assert A not in other.text, "an answer to another tenant's key names tenant A"
+        if other.status_code == 404:  # as if it did not exist
+            assert other.json()["error"] == "not_found" and A not in other.text
         if other.status_code == 403:
             assert other.json()["error"] == "forbidden"
         # the right key, in either header
@@ -361,9 +370,80 @@ def test_scoped_reads_see_only_their_tenants(api: TestClient, keys: Keys) -> Non
     assert {e["tenant_id"] for e in r.json()["events"]} == {A, B, "initech"}
 
 
+def test_stats_of_a_scoped_key_are_its_tenants_figures_only(api: TestClient, keys: Keys) -> None:
+    """A key of some tenants sees the events and entities of each of them, and neither the
+    node's storage figures nor another tenant's name or numbers."""
+    for _ in range(3):  # B: 2 seeded events of 2 entities, 3 more of one; initech: one
+        api.post("/api/v1/events", json=_event(B, "b-3"), headers=_bearer(keys.write_b))
+    api.post("/api/v1/events", json=_event("initech"), headers=_bearer(keys.write_b))
+    r = api.get("/api/v1/stats", headers=_bearer(keys.write_b))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tenants"] == {
+        B: {"events": 5, "entities": 3},
+        "initech": {"events": 1, "entities": 1},
+    }
+    assert body["last_lsn"] == body["visible_lsn"] >= 8  # and the seeded tracking record
+    assert A not in r.text and "wal_bytes" not in body and "subscriptions" not in body
+    # one of its tenants by name; another tenant's by name: refused
+    r = api.get("/api/v1/stats", params={"tenant_id": B}, headers=_bearer(keys.read_b))
+    assert r.json()["tenants"] == {B: {"events": 5, "entities": 3}}
+    r = api.get("/api/v1/stats", params={"tenant_id": A}, headers=_bearer(keys.read_b))
+    _assert_error(r, 403, "forbidden")
+    # an admin key of one tenant is still one tenant's
+    r = api.get("/api/v1/stats", headers=_bearer(keys.admin_a))
+    assert r.json()["tenants"] == {A: {"events": 2, "entities": 2}}
+    # the admin of every tenant: the node's figures, or one tenant's when it names it
+    whole = api.get("/api/v1/stats", headers=_bearer(keys.admin_all)).json()
+    assert whole["events"] == 8 and "wal_bytes" in whole
+    r = api.get("/api/v1/stats", params={"tenant_id": A}, headers=_bearer(keys.admin_all))
+    assert r.json()["tenants"] == {A: {"events": 2, "entities": 2}}
+    r = api.get("/api/v1/stats", params={"tenant_id": "nobody"}, headers=_bearer(keys.admin_all))
+    assert r.json()["tenants"] == {"nobody": {"events": 0, "entities": 0}}
+
+
+def test_another_tenants_event_by_id_is_not_found(api: TestClient, keys: Keys) -> None:
+    """A 403 would confirm the id exists, and the error named the tenant it is in."""
+    r = api.get(f"/api/v1/events/{EVENT_ID_A}", headers=_bearer(keys.read_b))
+    error = _assert_error(r, 404, "not_found")
+    unknown = _assert_error(
+        api.get(f"/api/v1/events/{uuid.uuid4()}", headers=_bearer(keys.read_b)), 404, "not_found"
+    )
+    assert set(error) == set(unknown) and A not in r.text
+    r = api.get(f"/api/v1/events/{EVENT_ID_A}", headers=_bearer(keys.read_a))
+    assert r.status_code == 200 and r.json()["tenant_id"] == A
+
+
+def test_an_id_taken_by_another_tenant_is_refused_without_describing_its_event(
+    api: TestClient, keys: Keys
+) -> None:
+    """The conflict names the stored event (tenant, entity, type, lsn) to its own tenant
+    only: to another it says the id is taken, nothing more."""
+    mine = {**_event(B, "b-9"), "id": EVENT_ID_A}
+    for body, path in (
+        (mine, "/api/v1/events"),
+        ({"events": [_event(B, "b-8"), mine]}, "/api/v1/events/batch"),
+    ):
+        r = api.post(path, json=body, headers=_bearer(keys.write_b))
+        error = _assert_error(r, 409, "id_conflict")
+        assert error["event_id"] == EVENT_ID_A and "stored" not in error
+        for told in (A, "acct-1", "acct.credited"):
+            assert told not in r.text, told
+    assert _events_of(api, B) == 2
+    # the event's own tenant is told what is stored
+    r = api.post(
+        "/api/v1/events",
+        json={**_event(A, "acct-5"), "id": EVENT_ID_A},
+        headers=_bearer(keys.write_a),
+    )
+    error = _assert_error(r, 409, "id_conflict")
+    assert error["stored"]["entity_id"] == "acct-1"
+
+
 def test_the_admin_token_counts_as_admin(api: TestClient) -> None:
     for path in ("/api/v1/stats", "/metrics", "/api/v1/events/query"):
         assert api.get(path, headers=_bearer(ADMIN_TOKEN)).status_code == 200
+    assert "wal_bytes" in api.get("/api/v1/stats", headers=_bearer(ADMIN_TOKEN)).json()
     assert api.post("/internal/checkpoint", headers=_bearer(ADMIN_TOKEN)).status_code == 200
     # but not through X-API-Key's sibling header with a different value
     r = api.get("/api/v1/stats", headers={**_bearer(ADMIN_TOKEN), "X-API-Key": "other"})
@@ -461,8 +541,11 @@ def test_metrics_can_be_opened_to_a_scraper_or_a_read_key(
                 _assert_error(api.get("/metrics", headers=_bearer(keys.read_a)), 403, "forbidden")
                 assert api.get("/metrics", headers=_bearer(read_all)).status_code == 200
             _assert_error(api.get("/api/v1/stats"), 401, "unauthorized")
+            # the node's figures need an admin key; one tenant's it may ask for
             r = api.get("/api/v1/stats", headers=_bearer(read_all))
             _assert_error(r, 403, "forbidden")
+            r = api.get("/api/v1/stats", params={"tenant_id": B}, headers=_bearer(read_all))
+            assert r.status_code == 200 and set(r.json()["tenants"]) == {B}
     finally:
         node.close()
 

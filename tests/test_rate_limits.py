@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from statistics import median
 
 import httpx
 import pytest
@@ -94,17 +95,30 @@ def test_a_flooding_key_gets_429_while_another_keys_writes_go_on(tmp_path: Path)
                         assert r.json()["error"] == "rate_limited"
                         retry_after.add(r.headers["retry-after"])
 
-        flooders = [threading.Thread(target=flood) for _ in range(2)]
-        for t in flooders:
-            t.start()
-        with httpx.Client(headers={"X-API-Key": calm}, timeout=30) as client:
-            for _ in range(10):  # 10 a second: within its own limit
+        def calm_writes(client: httpx.Client) -> list[float]:
+            """Ten writes at 10 a second, within the calm key's limit: each one's latency."""
+            took = []
+            for _ in range(10):
+                t0 = time.perf_counter()
                 calm_codes.append(client.post(url, json=event).status_code)
+                took.append(time.perf_counter() - t0)
                 time.sleep(0.1)
+            return took
+
+        flooders = [threading.Thread(target=flood) for _ in range(2)]
+        with httpx.Client(headers={"X-API-Key": calm}, timeout=30) as client:
+            alone = calm_writes(client)  # the same connection, before the flood
+            for t in flooders:
+                t.start()
+            flooded = calm_writes(client)
         stop.set()
         for t in flooders:
             t.join(30)
-        assert calm_codes == [200] * 10
+        assert calm_codes == [200] * 20
+        # the other key's latency stays of its own order: a 429 costs the node little and
+        # never waits (the flooders and this test share the node's two cores, hence the slack)
+        assert median(flooded) < 4 * median(alone) + 0.025, (alone, flooded)
+        assert max(flooded) < 2.0, flooded
         assert 429 in codes and 200 in codes
         ok = codes.count(200)
         # ~20/s plus the first second's burst over the test's ~1-2 s: far below what was sent

@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -279,3 +280,107 @@ def test_status_page_in_chromium_follows_a_three_node_cluster(tmp_path: Path) ->
     for name in ("01-cluster", "03-follower-stopped", "05-since-replicated", "07-docs"):
         png = shots / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+@needs_chromium
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_status_page_under_auth_required_asks_for_a_key_and_sends_it_as_a_header(
+    tmp_path: Path,
+) -> None:
+    """With ``--auth required`` the page shows what /health tells anyone and asks for a key;
+    a key it is given is kept for the tab (a reload keeps it) and sent as ``X-API-Key`` on its
+    data calls, never in a URL; a read key of one tenant shows that tenant's figures and says
+    which parts it may not see; an admin key of every tenant shows everything."""
+    from walship.apikeys import ApiKeyFile, Role
+    from walship.cli.process import NodeProcess
+
+    keys = ApiKeyFile(tmp_path / "keys.json")
+    read_acme = keys.create(Role.READ, frozenset({"acme"}))[1]
+    admin = keys.create(Role.ADMIN, None)[1]
+    node = NodeProcess(
+        tmp_path / "data",
+        fsync="never",
+        extra_args=["--api-keys-file", str(tmp_path / "keys.json")],
+    ).start()
+    shots = SCREENSHOTS
+    try:
+        for tenant, count in (("acme", 3), ("globex", 5)):
+            for i in range(count):
+                body = {**event(i), "tenant_id": tenant}
+                r = post_event(node, body, headers={"X-API-Key": admin})
+                assert r.status_code == 200, r.text
+
+        def use_key(key: str) -> None:
+            browser.evaluate(
+                f"document.getElementById('key-input').value = {key!r};"
+                "document.getElementById('key-use').click(); true"
+            )
+
+        def auth_state() -> Any:
+            return browser.evaluate("window.walshipUi.auth")
+
+        with Browser(tmp_path / "chromium") as browser:
+            # 1. no key: the open /health renders, the page asks for a key
+            browser.open(f"{node.url}/ui")
+            browser.wait_for("window.walshipUi.auth.needed === true", 30, "the page to ask")
+            assert browser.evaluate("getComputedStyle(document.getElementById('auth')).display")
+            assert browser.evaluate("document.getElementById('node-id').textContent") == (
+                node.node_id
+            )
+            browser.screenshot(shots / "auth-01-key-asked.png")
+
+            # 2. a wrong key: still asked, saying it was not accepted
+            use_key("wsk_000000000000_not-a-key")
+            browser.wait_for(
+                "document.getElementById('auth-why').textContent.includes('did not accept')",
+                30,
+                "the wrong key to be refused",
+            )
+
+            # 3. a read key of tenant acme: its figures, and what it may not see
+            use_key(read_acme)
+            browser.wait_for(
+                "window.walshipUi.auth.needed === false && "
+                "window.walshipUi.stats?.tenants?.acme?.events === 3",
+                30,
+                "acme's figures with the read key",
+            )
+            state = auth_state()
+            assert {"/metrics", "/api/v1/replication/degraded"} <= set(state["refused"]), state
+            figures = browser.evaluate("document.getElementById('write-figures').innerText")
+            assert "events of acme" in figures and "globex" not in figures, figures
+            assert "globex" not in browser.evaluate("document.body.innerText")
+            browser.screenshot(shots / "auth-02-read-key-of-one-tenant.png")
+
+            # 4. the tab keeps the key: a reload asks nothing
+            browser.open(f"{node.url}/ui")
+            browser.wait_for(
+                "window.walshipUi.polls > 1 && window.walshipUi.stats?.tenants?.acme", 30, "reload"
+            )
+            assert auth_state()["needed"] is False
+
+            # 5. an admin key of every tenant: everything, nothing refused
+            browser.evaluate("document.getElementById('key-forget').click(); true")
+            use_key(admin)
+            browser.wait_for(
+                "window.walshipUi.stats?.events === 8 && window.walshipUi.auth.refused.length "
+                "=== 0 && window.walshipUi.auth.needed === false && "
+                "getComputedStyle(document.getElementById('auth')).display === 'none'",
+                30,
+                "the node's figures with the admin key",
+            )
+            browser.wait_for(
+                "window.walshipUi.rates['events/s'].length > 0", 30, "rates from /metrics"
+            )
+            browser.screenshot(shots / "auth-03-admin-key.png")
+
+            # the keys went in headers to this node only, never in a URL or the page
+            for key in (read_acme, admin):
+                assert not [u for u in browser.requests if key in u or key[-20:] in u]
+                assert key not in browser.evaluate("document.documentElement.outerHTML")
+            sent = {h.get("X-API-Key") for u, h in browser.request_headers if "/api/v1/" in u}
+            assert {read_acme, admin} <= sent, sent
+            assert all(u.startswith(node.url) for u in browser.requests if "://" in u)
+    finally:
+        assert node.stop() == 0

@@ -40,10 +40,12 @@ from walship.cli.serve_security import (
     JwtIssuerFlag,
     JwtKeyFileFlag,
     MetricsAuthFlag,
+    MetricsListenFlag,
     RateBurstFlag,
     RateLimitFlag,
     auth_settings,
     http_tls,
+    metrics_address,
     peer_verify,
     reload_keys_on_sighup,
     unauthenticated_refusal,
@@ -292,6 +294,7 @@ def serve_command(
     rate_burst_per_key: RateBurstFlag = 0,
     concurrent_per_key: ConcurrentFlag = 0,
     metrics_auth: MetricsAuthFlag = "admin",
+    metrics_listen: MetricsListenFlag = None,
     http_tls_cert: HttpTlsCertFlag = None,
     http_tls_key: HttpTlsKeyFlag = None,
     http_tls_client_ca: HttpTlsClientCaFlag = None,
@@ -436,6 +439,12 @@ def serve_command(
         refusal = unauthenticated_refusal(http_host, http_port, allow_unauthenticated)
         if refusal is not None:
             fail(refusal, 2)
+    metrics_at = None
+    if metrics_listen:
+        try:
+            metrics_at = metrics_address(metrics_listen)
+        except InvalidInput as exc:
+            fail(exc.message, 2)
     if (etcd is None) != (cluster is None):
         fail("automatic failover needs both --etcd and --cluster", 2)
     try:
@@ -453,7 +462,9 @@ def serve_command(
             f"http{'s' if tls else ''} {http_host}:{http_port}, role {role}, "
             f"{_replication_summary(replication)}, fsync {policy}, "
             f"admin token {'set' if admin_token else 'not set'}, "
-            f"auth {_auth_summary(auth_mode)}" + (f", etcd cluster {cluster}" if cluster else "")
+            f"auth {_auth_summary(auth_mode)}"
+            + (f", metrics listener {metrics_listen}" if metrics_at else "")
+            + (f", etcd cluster {cluster}" if cluster else "")
         )
         return
     data_dir = _prepare_data_dir(data_dir)
@@ -463,6 +474,14 @@ def serve_command(
     except BaseException:
         dir_lock.release()
         raise
+    metrics_sock = None
+    if metrics_at is not None:
+        try:
+            metrics_sock = _listen(*metrics_at, "--metrics-listen", " for metrics")
+        except _BindError as exc:
+            sock.close()
+            dir_lock.release()
+            fail(exc.message)
     try:
         replication = _advertise(
             replication,
@@ -504,7 +523,7 @@ def serve_command(
         _attach_election(
             node, etcd, cluster, etcd_ttl_s, etcd_settle_ms, sock, tls, unclean=unclean_election
         )
-    _run(node, sock, level, auth_mode, tls)
+    _run(node, sock, level, auth_mode, tls, metrics_sock)
 
 
 QUIET_LOGGERS = ("httpx", "httpcore")
@@ -877,14 +896,19 @@ def _run(
     log_level: str,
     auth: AuthSettings,
     tls: HttpTls | None,
+    metrics_sock: socket.socket | None = None,
 ) -> None:
     """Serve until a signal; always close the node (WAL written and fsynced) afterwards."""
     import uvicorn
 
-    from walship.cli.uvicorn_server import NodeServer, head_bytes_max_protocol
+    from walship.cli.uvicorn_server import NodeServer, http_protocol, metrics_server
     from walship.http.app import create_app
 
     host, port = sock.getsockname()[:2]
+    companions, metrics_note = [], ""
+    if metrics_sock is not None:  # --metrics-listen
+        companions.append((metrics_server(node, log_level), metrics_sock))
+        metrics_note = f" metrics={_url(*metrics_sock.getsockname()[:2])}/metrics"
 
     def started() -> None:
         settle()  # everything the server needs is loaded: keep it out of later collections
@@ -900,7 +924,8 @@ def _run(
         print(
             f"walship {node.node_id} {START_LINE_MARK}{published}{listen} "
             f"role={health['role']} term={health['term']} last_lsn={health['last_lsn']} "
-            f"fsync={node.config.fsync} data={node.config.data_dir}{_replication_note(node)}",
+            f"fsync={node.config.fsync} data={node.config.data_dir}{_replication_note(node)}"
+            f"{metrics_note}",
             flush=True,
         )
 
@@ -909,9 +934,7 @@ def _run(
         create_app(node, auth=auth),
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         # the request head is bounded either way: by our protocol on httptools, by h11's own
-        http=head_bytes_max_protocol(node.limits.request_head_bytes_max)
-        if importlib.util.find_spec("httptools")
-        else "h11",
+        http=http_protocol(node.limits.request_head_bytes_max),
         h11_max_incomplete_event_size=node.limits.request_head_bytes_max,
         access_log=False,
         log_level=log_level,
@@ -922,7 +945,7 @@ def _run(
         ssl_ca_certs=None if tls is None or tls.client_ca is None else str(tls.client_ca),
         ssl_cert_reqs=ssl.CERT_NONE if tls is None else tls.cert_reqs,
     )
-    server = NodeServer(config, started, node.end_subscriptions)
+    server = NodeServer(config, started, node.end_subscriptions, companions)
     code = 0
     try:
         server.run(sockets=[sock])
@@ -930,6 +953,8 @@ def _run(
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
         sock.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
         try:
             node.close()
         except Exception as exc:

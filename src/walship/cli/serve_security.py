@@ -108,6 +108,16 @@ MetricsAuthFlag = Annotated[
         "or none (open to a scraper that reaches the node).",
     ),
 ]
+MetricsListenFlag = Annotated[
+    str | None,
+    typer.Option(
+        "--metrics-listen",
+        envvar="WALSHIP_METRICS_LISTEN",
+        help="Also serve GET /metrics, without credentials and nothing else, on this "
+        "HOST:PORT (plain HTTP): for Prometheus on an internal address, while /metrics on "
+        "the API port keeps needing --metrics-auth.",
+    ),
+]
 HttpTlsCaFlag = Annotated[
     Path | None,
     typer.Option(
@@ -214,6 +224,15 @@ def auth_settings(
         rate_limits=limits,
         metrics_role=metrics_role,
     )
+
+
+def metrics_address(text: str) -> tuple[str, int]:
+    """``--metrics-listen HOST:PORT`` (port 0: any free one, shown in the start line)."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise InvalidInput(f"--metrics-listen must be HOST:PORT, not {text!r}")
+    return host, int(port)
 
 
 def http_tls(cert: Path | None, key: Path | None, client_ca: Path | None) -> HttpTls | None:

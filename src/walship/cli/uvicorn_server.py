@@ -6,16 +6,22 @@ Imported only by ``walship serve``, so the other commands do not pay for importi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import importlib.util
 import signal
 import socket
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from walship.limits import DEFAULT_LIMITS
+
+if TYPE_CHECKING:
+    from walship.node import Node
 
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -38,18 +44,34 @@ class NodeServer(uvicorn.Server):
         config: uvicorn.Config,
         on_started: Callable[[], None],
         on_draining: Callable[[], None] | None = None,
+        companions: Sequence[tuple[CompanionServer, socket.socket]] = (),
     ) -> None:
         super().__init__(config)
         self._on_started = on_started
         self._on_draining = on_draining
+        self._companions = companions
+        self._companion_tasks: list[asyncio.Task[None]] = []
         self.stop_signal: int | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
-        if not self.should_exit:
-            self._on_started()
+        if self.should_exit:
+            return
+        # on the node's event loop, started once the API listens, stopped when it stops
+        for companion, sock in self._companions:
+            self._companion_tasks.append(asyncio.create_task(companion.serve(sockets=[sock])))
+        for companion, _ in self._companions:
+            while not companion.started:
+                if companion.should_exit or any(t.done() for t in self._companion_tasks):
+                    self.should_exit = True  # it could not start: neither serves
+                    return
+                await asyncio.sleep(0.01)
+        self._on_started()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for companion, _ in self._companions:
+            companion.should_exit = True
+        await asyncio.gather(*self._companion_tasks, return_exceptions=True)
         # uvicorn waits for open responses to finish before the node stops, and a
         # subscription never finishes on its own: tell them to end first
         if self._on_draining is not None:
@@ -73,6 +95,15 @@ class NodeServer(uvicorn.Server):
             self.stop_signal = sig
         # a second Ctrl-C skips waiting for open connections (uvicorn's own behaviour)
         self.handle_exit(sig, frame)
+
+
+class CompanionServer(uvicorn.Server):
+    """A second listener of the node's process (``--metrics-listen``), run by ``NodeServer``
+    on its event loop: the node's server owns the signals, and stops this one with itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
 
 
 _HEAD_END = b"\r\n\r\n"
@@ -122,3 +153,28 @@ def head_bytes_max_protocol(head_bytes_max: int = DEFAULT_LIMITS.request_head_by
             super().data_received(data)
 
     return BoundedHeadProtocol
+
+
+def http_protocol(head_bytes_max: int) -> type | str:
+    """The HTTP protocol of a node's listeners: httptools with the request head bounded
+    (``head_bytes_max_protocol``) when it is installed, else h11 (bounded by its own limit)."""
+    if importlib.util.find_spec("httptools"):
+        return head_bytes_max_protocol(head_bytes_max)
+    return "h11"
+
+
+def metrics_server(node: Node, log_level: str) -> CompanionServer:
+    """The ``--metrics-listen`` server: ``GET /metrics`` of ``node`` alone, no credentials."""
+    from walship.http.metrics_listener import metrics_app
+
+    head_bytes_max = node.limits.request_head_bytes_max
+    config = uvicorn.Config(
+        metrics_app(node.store.metrics.registry),
+        http=http_protocol(head_bytes_max),
+        h11_max_incomplete_event_size=head_bytes_max,
+        lifespan="off",  # the node's own server runs its lifespan
+        access_log=False,
+        log_level=log_level,
+        server_header=False,
+    )
+    return CompanionServer(config)

@@ -26,7 +26,8 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from walship import __version__
-from walship.errors import InvalidParameter, NotReady, ValidationError
+from walship.apikeys import Role
+from walship.errors import Forbidden, InvalidParameter, NotReady, ValidationError
 from walship.events import (
     BatchIn,
     EventIn,
@@ -69,6 +70,7 @@ from walship.peers import split_urls
 from walship.readiness import readiness
 from walship.replication.lostfound import SummaryCache
 from walship.storage.query import QueryFilter
+from walship.storage.tenant_stats import tenant_counts
 from walship.store import EntityState, Receipt
 
 
@@ -345,10 +347,47 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
             state = msgspec.structs.replace(state, state_encoding=None)
         return Response(media.encode(state), media_type=media.value)
 
-    @app.get("/api/v1/stats", summary="Store statistics", responses=_responses(None))
-    async def stats() -> Response:
-        body = await run_in_threadpool(store.stats)
-        body["subscriptions"] = app.state.subscriptions.open  # open event streams (SSE)
+    @app.get(
+        "/api/v1/stats",
+        summary="Store statistics: the node's, or some tenants'",
+        description="An admin key of every tenant (or `--auth none`) gets the node's figures. "
+        "Any other key, or `tenant_id`, gets `tenants`: the events and entities of each of the "
+        "key's tenants (or of `tenant_id`), beside the node's id, term and lsns; never another "
+        "tenant's figures or name. A key of every tenant without the admin role must name one.",
+        responses=_responses(None),
+    )
+    async def stats(
+        request: Request,
+        tenant_id: Annotated[
+            str | None,
+            Query(
+                max_length=limits.tenant_id_chars_max,
+                description="Only this tenant's figures (it must be one of the key's)",
+            ),
+        ] = None,
+    ) -> Response:
+        principal = principal_of(request.scope)
+        if tenant_id is None and principal.tenants is None:
+            if not principal.may(Role.ADMIN):
+                raise Forbidden(
+                    f"{principal.name} has role {principal.role}: the node's figures need "
+                    "an admin key of every tenant; name tenant_id=T for one tenant's",
+                    needs=str(Role.ADMIN),
+                )
+            body = await run_in_threadpool(store.stats)
+            body["subscriptions"] = app.state.subscriptions.open  # open event streams (SSE)
+            return _json(_encoder.encode(body))
+        tenants = scoped_tenants(principal, tenant_id)
+        assert tenants is not None  # a tenant named, or the key's own
+        counts = await run_in_threadpool(tenant_counts, store.read_view(), sorted(tenants))
+        # lsns and the term are in every receipt and event too: nothing of another tenant's
+        body = {
+            "node_id": node.node_id,
+            "term": store.wal.terms.current.value,
+            "last_lsn": store.last_position.lsn.value,
+            "visible_lsn": store.visible_lsn,
+            "tenants": counts,
+        }
         return _json(_encoder.encode(body))
 
 

@@ -77,8 +77,9 @@ ROUTE_ACCESS: dict[str, RouteAccess] = {
     # the tenant is in the path and checked against the key (a consumer's tenant: its query)
     "GET /api/v1/tenants/{tenant_id}/position": RouteAccess(Role.READ, TenantScope.FILTER),
     "GET /api/v1/consumers/{name}": RouteAccess(Role.READ, TenantScope.FILTER),
+    # the node's figures for an admin key of every tenant, else those of the key's tenants
+    "GET /api/v1/stats": RouteAccess(Role.READ, TenantScope.FILTER),
     # node-wide numbers: operators only
-    "GET /api/v1/stats": _ADMIN,
     "GET /api/v1/replication/degraded": _ADMIN,
     "GET /api/v1/replication/lost-found": _ADMIN,
     "GET /metrics": _ADMIN,

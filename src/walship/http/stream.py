@@ -293,7 +293,8 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
     @app.get(
         "/api/v1/events/{event_id}",
         summary="One event by its id",
-        description="404 when no visible event here has this id.",
+        description="404 when no visible event here has this id, or when it is in a "
+        "tenant the key does not cover (the same answer: a 403 would confirm the id).",
     )
     async def event_by_id(
         request: Request,
@@ -308,9 +309,10 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
         except ValueError as exc:
             raise InvalidParameter(f"not a UUID: {event_id[:64]!r}", field="event_id") from exc
         found = await run_in_threadpool(store.entities.find, raw)
-        if found is None:
+        # another tenant's event is answered as if it did not exist: a 403 would tell the
+        # caller the id is taken, and in which tenant
+        if found is None or not principal_of(request.scope).may_use(found.tenant_id):
             raise NotFound(f"no event with id {event_id} on {node.node_id}", event_id=event_id)
-        check_tenant(principal_of(request.scope), found.tenant_id)
         media = response_media(request.scope["headers"])
         if media is Media.MSGPACK:
             return Response(media.encode(to_plain(found)), media_type=media.value)

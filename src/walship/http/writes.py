@@ -17,7 +17,7 @@ import msgspec
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from walship.apikeys import Principal
-from walship.errors import LimitExceeded, WalshipError
+from walship.errors import IdConflict, LimitExceeded, WalshipError
 from walship.events import EventIn, TrackingIn, decode_batch_json, decode_event_json
 from walship.http.auth import check_tenant, principal_of, route_path
 from walship.http.errors import encode_error
@@ -124,6 +124,35 @@ async def append_pending(
     return pending
 
 
+async def append_for(
+    node: Node,
+    principal: Principal,
+    events: Sequence[EventIn],
+    ack_mode: str | None,
+    tracking: TrackingIn | None = None,
+) -> PendingAppend:
+    """``append_pending`` for ``principal``, whose tenants the events (and the tracked
+    consumer's) are checked to be in.
+
+    An id already taken by another tenant's event is refused without a word about that event:
+    the store's ``IdConflict`` names what it stored under the id (its tenant, entity, type)."""
+    _check_tenants(principal, events)
+    if tracking is not None:
+        check_tenant(principal, tracking.tenant_id)
+    try:
+        return await append_pending(node, events, ack_mode, tracking)
+    except IdConflict as exc:
+        stored = exc.details.get("stored")
+        if not isinstance(stored, dict) or principal.may_use(str(stored.get("tenant_id"))):
+            raise
+        event_id = exc.details.get("event_id")
+        raise IdConflict(
+            f"event id {event_id} is already taken: a new event needs a new id",
+            event_id=event_id,
+            **({"index": exc.details["index"]} if "index" in exc.details else {}),
+        ) from None
+
+
 def _check_tenants(principal: Principal, events: Sequence[EventIn]) -> None:
     """Forbidden (nothing stored) when an event is for a tenant the principal may not use."""
     if principal.tenants is None:
@@ -161,9 +190,8 @@ async def answer_event(
 ) -> bytes:
     """Append the event in a body for ``principal``; the encoded receipt."""
     event = decode_event_json(body_format.json_body(data, batch=False))
-    _check_tenants(principal, (event,))
-    receipts = await append_events(node, (event,), ack_mode)
-    return body_format.response.encode(receipts[0])
+    pending = await append_for(node, principal, (event,), ack_mode)
+    return body_format.response.encode(pending.receipts[0])
 
 
 async def answer_batch(
@@ -175,11 +203,7 @@ async def answer_batch(
 ) -> bytes:
     """Append the batch in a body for ``principal``, all or nothing; the receipts."""
     batch = decode_batch_json(body_format.json_body(data, batch=True))
-    events = batch.events
-    _check_tenants(principal, events)
-    if batch.tracking is not None:
-        check_tenant(principal, batch.tracking.tenant_id)
-    pending = await append_pending(node, events, ack_mode, batch.tracking)
+    pending = await append_for(node, principal, batch.events, ack_mode, batch.tracking)
     receipts = pending.receipts
     lsns = [r.lsn for r in pending.answers]
     return body_format.response.encode(
