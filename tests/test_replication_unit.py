@@ -327,7 +327,7 @@ def test_every_degraded_answer_is_in_the_saved_ledger_before_it_leaves(
             cancelled.cancel()
             later = asyncio.create_task(leader.record_degraded(200, 200, "floor"))
             # the later save either waits for the lock (right) or writes beside the held one
-            await eventually(lambda: overlapped or bool(leader._ledger_lock._waiters))
+            await eventually(lambda: overlapped or bool(leader.ledger_keeper._lock._waiters))
             release.set()
             await later
             on_disk = DegradationLedger.load(leader.ledger.path).ranges

@@ -164,6 +164,12 @@ CASES: list[tuple[str, Case, int, str]] = [
         "a follower needs --leader HOST:PORT",
     ),
     (
+        "a replication lag budget the in-sync set cannot hold",
+        lambda d, p: ["--data-dir", str(d / "data"), "--max-replication-lag-ms", "5000"],
+        2,
+        "--max-replication-lag-ms 5000 must be below --max-lag-ms 5000",
+    ),
+    (
         "an unknown key in the config file",
         lambda d, p: ["--config", str(_file(d / "c.toml", "http-prot = 1\n"))],
         2,

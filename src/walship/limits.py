@@ -93,6 +93,9 @@ class Limits:
 
     # operators
     lost_found_files_listed_max: int = 100  # newest files GET .../lost-found summarizes
+    # a leader logs a warning when a follower's retention slot is forecast to reach
+    # --wal-retention-bytes-max sooner than this (and /health, the metric say it always)
+    retention_exhaustion_warn_ms: int = 15 * 60_000
 
     # HTTP authentication: a server looks at its API key file's mtime at most this often, so
     # a key created or revoked is in force about this long after the file changes

@@ -837,9 +837,12 @@ class Node:
             "events": manifest.events,
         }
 
-    def degraded_ranges(self) -> list[dict[str, object]]:
-        """The degradation ledger (a leader's); empty on a follower."""
-        return self.leader.ledger.to_list() if self.leader is not None else []
+    def degraded_ranges(self, *, at_risk_only: bool = False) -> list[dict[str, object]]:
+        """The degradation ledger's ranges (a leader's), each with its state; only those
+        still at risk with ``at_risk_only``. Empty on a follower."""
+        if self.leader is None:
+            return []
+        return self.leader.ledger.to_list(at_risk_only=at_risk_only)
 
     def close(self) -> None:
         """Close the store (flushing the WAL). Idempotent."""

@@ -206,6 +206,16 @@ def serve_command(
             help="A follower further behind than this leaves the in-sync set.",
         ),
     ] = 5_000,
+    max_replication_lag_ms: Annotated[
+        int,
+        typer.Option(
+            "--max-replication-lag-ms",
+            envvar="WALSHIP_MAX_REPLICATION_LAG_MS",
+            min=0,
+            help="Recovery-point budget: slow writes down (never fail them) so that in-sync "
+            "followers lag less than this; below --max-lag-ms. 0: off.",
+        ),
+    ] = 0,
     min_in_sync: Annotated[
         int,
         typer.Option(
@@ -399,6 +409,7 @@ def serve_command(
             max_lag_ms=max_lag_ms,
             min_in_sync=min_in_sync,
             wal_retention_bytes_max=wal_retention_bytes_max,
+            max_replication_lag_ms=max_replication_lag_ms,
             tls=(tls_cert, tls_key, tls_ca, tls_require_client_cert),
         )
     except InvalidInput as exc:
@@ -760,6 +771,7 @@ def replication_config(
     min_in_sync: int,
     wal_retention_bytes_max: int,
     tls: tuple[Path | None, Path | None, Path | None, bool],
+    max_replication_lag_ms: int = 0,
 ) -> ReplicationConfig:
     """Check the replication flags together; InvalidInput naming the first bad one."""
     from walship.replication.acks import AckMode
@@ -773,6 +785,13 @@ def replication_config(
 
     if role not in ("leader", "follower"):
         raise InvalidInput(f"--role must be leader or follower, not {role!r}")
+    if max_replication_lag_ms >= max_lag_ms:
+        # a follower that far behind has left the in-sync set: the budget would hold nothing
+        raise InvalidInput(
+            f"--max-replication-lag-ms {max_replication_lag_ms} must be below --max-lag-ms "
+            f"{max_lag_ms} (a follower further behind leaves the in-sync set and is not held "
+            "to the budget)"
+        )
     if role == "follower":
         if not leader:
             raise InvalidInput("a follower needs --leader HOST:PORT")
@@ -815,6 +834,7 @@ def replication_config(
         max_lag_ms=max_lag_ms,
         min_in_sync=min_in_sync,
         wal_retention_bytes_max=wal_retention_bytes_max,
+        max_replication_lag_ms=max_replication_lag_ms,
         leader=leader,
         server_ssl=server_ssl,
         client_ssl=client_ssl,

@@ -434,14 +434,35 @@ def _add_ops_routes(app: FastAPI, node: Node) -> None:
 
     @app.get(
         "/api/v1/replication/degraded",
-        summary="The degradation ledger",
+        summary="The degradation ledger: writes at risk",
         description="Lsn ranges committed without the acknowledgements their mode required "
-        "(answered `degraded`). Empty on a follower.",
+        "(answered `degraded`) that are still *at risk*: fewer followers than the leader's "
+        "ack mode asks for hold them, so they are lost with the leader. With `all=true`, "
+        "every range, each with its `state` (`at_risk` or `since_replicated`) and, once "
+        "replicated, when (`replicated_ts_us`) and to whom (`replicated_to`). `writes` counts "
+        "the listed ranges' writes; `at_risk` and `total` count the whole ledger. Empty on a "
+        "follower.",
         responses=_responses(None),
     )
-    async def degraded() -> Response:
-        ranges = node.degraded_ranges()
-        body = {"ranges": ranges, "writes": sum(int(str(r["writes"])) for r in ranges)}
+    async def degraded(
+        all_ranges: Annotated[
+            bool,
+            Query(alias="all", description="Every range, the since-replicated ones too"),
+        ] = False,
+    ) -> Response:
+        ranges = node.degraded_ranges(at_risk_only=not all_ranges)
+        every = ranges if all_ranges else node.degraded_ranges()
+        risky = [r for r in every if r["state"] == "at_risk"]
+
+        def writes(rs: list[dict[str, object]]) -> int:
+            return sum(int(str(r["writes"])) for r in rs)
+
+        body = {
+            "ranges": ranges,
+            "writes": writes(ranges),
+            "at_risk": {"writes": writes(risky), "ranges": len(risky)},
+            "total": {"writes": writes(every), "ranges": len(every)},
+        }
         return _json(_encoder.encode(body))
 
     lost_found = SummaryCache(node.config.data_dir)

@@ -105,6 +105,12 @@ async def append_pending(
     requested = AckMode.parse(ack_mode) if ack_mode else None
     leader = node.check_writable()
     node.check_ack_mode(requested, leader)
+    # the recovery-point budget: while in-sync followers lag too far, writes wait here,
+    # before the WAL (so a client gone meanwhile left nothing behind)
+    if await leader.lag_budget.admit():
+        # it waited: this node may have been demoted or fenced meanwhile
+        leader = node.check_writable()
+        node.check_ack_mode(requested, leader)
     store = node.store
     if store.would_block():
         # backpressure (checkpoints or the WAL writer behind): wait in a thread, not the loop

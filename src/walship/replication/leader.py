@@ -39,18 +39,13 @@ from walship.errors import (
     WalshipError,
 )
 from walship.events import now_us
-from walship.fsutil import atomic_write
-from walship.replication.acks import (
-    AckHistory,
-    AckMode,
-    AckOutcome,
-    AckTracker,
-    DegradationLedger,
-)
+from walship.replication.acks import AckHistory, AckMode, AckOutcome, AckTracker
 from walship.replication.config import AckSettings, ReplicationConfig
 from walship.replication.divergence import common_point, on_history, term_at
 from walship.replication.handshake import HandshakeGate, HandshakeSlot, authenticate_follower
 from walship.replication.insync import InSyncFile, InSyncPublisher
+from walship.replication.lagbudget import AckRate, LagBudget, held_to_ms
+from walship.replication.ledger import DegradationLedger, LedgerKeeper
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import (
     WAL_BATCH_OVERHEAD_BYTES,
@@ -69,6 +64,7 @@ from walship.replication.protocol import (
     WalBatch,
     make_welcome,
 )
+from walship.replication.retention import RetentionForecaster, RetentionSlots, slot_bytes
 from walship.replication.stream import MessageStream, PeerRefused
 from walship.store import Store
 from walship.wal.cursor import WalCursor, WalGone
@@ -125,34 +121,6 @@ class LagClock:
         return 0.0 if written is None else max(now_us() - written, 0) / 1000
 
 
-class RetentionSlots:
-    """The last durable lsn of each known follower, persisted, so WAL they need is kept."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.slots: dict[str, int] = {}
-        if path.exists():
-            self.slots = msgspec.json.decode(path.read_bytes(), type=dict[str, int])
-        self._saved = dict(self.slots)
-        self._last_save = 0.0
-
-    def update(self, node_id: str, durable_lsn: int, *, force: bool = False) -> None:
-        self.slots[node_id] = max(durable_lsn, self.slots.get(node_id, 0))
-        if force or time.monotonic() - self._last_save > 1.0:
-            self.save()
-
-    def drop(self, node_id: str) -> None:
-        if self.slots.pop(node_id, None) is not None:
-            self.save()
-
-    def save(self) -> None:
-        if self.slots != self._saved:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.path, msgspec.json.encode(self.slots))
-            self._saved = dict(self.slots)
-        self._last_save = time.monotonic()
-
-
 @dataclass
 class SnapshotProgress:
     """A snapshot transfer to one follower: ``sending`` until SnapshotEnd is sent, then
@@ -198,6 +166,7 @@ class FollowerSession:
         self.connected_at = time.time()
         self.last_heard = time.monotonic()
         self.snapshot: SnapshotProgress | None = None
+        self.ack_rate = AckRate()
         self.close_reason: str | None = None
         self.wake = asyncio.Event()
         self._prev: tuple[int, int, bytes] = (0, 0, GENESIS_CHAIN)
@@ -400,6 +369,7 @@ class FollowerSession:
                         )
                     self.durable_lsn = max(self.durable_lsn, msg.durable_lsn)
                     self.applied_lsn = max(self.applied_lsn, msg.applied_lsn)
+                    self.ack_rate.note(self.durable_lsn, time.monotonic())
                     # the follower acknowledges nothing while it installs: an ack of the
                     # snapshot's end means the install is over, and so is the transfer
                     snapshot = self.snapshot
@@ -540,13 +510,19 @@ class Leader:
         self.tracker = AckTracker()
         self.lag_clock = LagClock()
         repl_dir = store.data_dir / "replication"
-        self.ledger = DegradationLedger.load(repl_dir / "degraded.json")
-        self._ledger_lock = asyncio.Lock()  # one save at a time; waiters share the next one
-        self._publish_ledger()
+        self.ledger_keeper = LedgerKeeper(repl_dir / "degraded.json", metrics)
         self.acks = AckHistory(repl_dir / "acks.json")
         self.fenced: str | None = None  # why this leader stopped taking writes (deposed)
         self.fenced_term = 0
         self.slots = RetentionSlots(repl_dir / "slots.json")
+        self.lag_budget = LagBudget(
+            config.max_replication_lag_ms, config.max_lag_ms, metrics, self.in_sync_lag_ms
+        )
+        self.retention = RetentionForecaster(
+            config.wal_retention_bytes_max,
+            metrics,
+            warn_s=store.limits.retention_exhaustion_warn_ms / 1000,
+        )
         self.sessions: dict[str, FollowerSession] = {}
         self.pins: dict[int, int] = {}
         self._server: asyncio.Server | None = None
@@ -570,6 +546,10 @@ class Leader:
     @property
     def term(self) -> int:
         return self.store.wal.terms.current.value
+
+    @property
+    def ledger(self) -> DegradationLedger:
+        return self.ledger_keeper.ledger
 
     def fence(self, reason: str, term: int = 0) -> None:
         """Stop taking writes for good: a newer term exists, so this leader was deposed.
@@ -663,8 +643,7 @@ class Leader:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
         self.tracker.fail_all("leader stopping")
-        async with self._ledger_lock:
-            self.ledger.flush()
+        await self.ledger_keeper.flush()
         self.acks.flush()
         self.slots.save()
 
@@ -846,6 +825,20 @@ class Leader:
         self.tracker.update(session.node_id, session.durable_lsn)
         self.slots.update(session.node_id, session.durable_lsn)
         self.evaluate(session)
+        self.lag_budget.acked()
+
+    def in_sync_lag_ms(self) -> float:
+        """The lag the in-sync followers are held to by the lag budget: the highest of
+        their lags, or of the lags their backlogs will make (0 with none in sync)."""
+        now = time.monotonic()
+        return max(
+            (
+                held_to_ms(s.lag_ms(), s.lag_records(), s.ack_rate.per_s(now))
+                for s in self.sessions.values()
+                if s.in_sync
+            ),
+            default=0.0,
+        )
 
     def evaluate(self, session: FollowerSession) -> None:
         """Let ``session`` join or leave the in-sync set by its state and lag; publish it."""
@@ -869,12 +862,40 @@ class Leader:
         self.metrics.set_follower(session.node_id, session)
 
     async def _monitor_in_sync(self) -> None:
+        reported: str | None = None  # the last failure of the reports, logged once
         while True:
             await asyncio.sleep(0.05)
             self.acks.flush_due()
             for session in list(self.sessions.values()):
                 self.evaluate(session)
             self.metrics.in_sync.set(len(self.tracker.in_sync))
+            try:
+                await self.ledger_keeper.heal(self.durable_positions(), self.followers_needed())
+                self.retention.sample(
+                    dict(self.slots.slots),
+                    self.store.wal.written_lsn.value,
+                    self.store.wal.segment_infos(),
+                    time.monotonic(),
+                )
+            except Exception as exc:  # reports only: the in-sync set above must go on
+                if str(exc) != reported:
+                    reported = str(exc)
+                    log.exception("replication: ledger healing or retention forecast failed")
+
+    def durable_positions(self) -> dict[str, int]:
+        """The durable lsn of every known follower: connected (its last ack) or not (its
+        retention slot keeps the last one it acknowledged)."""
+        durable = dict(self.slots.slots)
+        for node_id, lsn in self.tracker.followers.items():
+            durable[node_id] = max(lsn, durable.get(node_id, 0))
+        return durable
+
+    def followers_needed(self) -> int:
+        """How many followers must hold a write for it not to be at risk: as many as the ack
+        mode asks of a write (``sync``: the in-sync floor), at least ``--min-in-sync``, and
+        at least one."""
+        mode, floor = self.config.ack_mode, self.config.min_in_sync
+        return max(mode.followers_asked(floor), floor, 1)
 
     async def _publish_in_sync(self) -> None:
         """Hand out a new in-sync record whenever the set changes (one at a time; a failed
@@ -905,12 +926,9 @@ class Leader:
         """The lowest lsn a follower or a snapshot transfer still needs from the WAL."""
         # called from the checkpointer thread: work on copies of loop-owned dicts
         needs = list(dict(self.pins).values())
-        wal_bytes = {first: size for first, _, size in self.store.wal.segment_infos()}
-        firsts = sorted(wal_bytes)
+        segments = self.store.wal.segment_infos()
         for node_id, durable in dict(self.slots.slots).items():
-            # bytes of WAL from this follower's position to the end
-            i = max(bisect.bisect_right(firsts, durable + 1) - 1, 0)
-            behind = sum(wal_bytes[f] for f in firsts[i:])
+            behind = slot_bytes(segments, durable)  # WAL from this follower's position on
             if behind <= self.config.wal_retention_bytes_max:
                 needs.append(durable + 1)
             else:
@@ -934,35 +952,8 @@ class Leader:
         return outcome
 
     async def record_degraded(self, first_lsn: int, last_lsn: int, reason: str) -> None:
-        """Add the range to the ledger and save it before the write's answer leaves.
-
-        Saves run in a worker thread, one at a time, and a save covers every range recorded
-        before it began: under a burst of degraded writes, one file write answers many. The
-        save is shielded: a request cancelled meanwhile (its client gone) neither stops it
-        nor lets the next save start while its thread still writes the file. A save that
-        fails is logged and counted; the answer still says ``degraded``, and the next save
-        (or the leader's stop) writes the range.
-        """
-        self.ledger.record(first_lsn, last_lsn, reason, now_us())
-        self._publish_ledger()
-        await asyncio.shield(self._save_ledger(self.ledger.version))
-
-    async def _save_ledger(self, wanted: int) -> None:
-        async with self._ledger_lock:
-            if self.ledger.saved_version >= wanted:
-                return  # a save that began after this record covered it
-            version, data = self.ledger.version, self.ledger.encode()
-            try:
-                await asyncio.to_thread(self.ledger.write, data)
-            except OSError as exc:
-                self.metrics.ledger_save_failures.inc()
-                log.error("replication: could not save the degradation ledger: %s", exc)
-                return
-            self.ledger.saved_version = max(self.ledger.saved_version, version)
-
-    def _publish_ledger(self) -> None:
-        self.metrics.degraded_writes.set(self.ledger.degraded_writes)
-        self.metrics.degraded_ranges.set(len(self.ledger.ranges))
+        """Add the range to the ledger and save it before the write's answer leaves."""
+        await self.ledger_keeper.record(first_lsn, last_lsn, reason)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -973,9 +964,8 @@ class Leader:
             "in_sync_count": len(self.tracker.in_sync),
             "in_sync_set": self.insync.status(),
             "min_in_sync": self.config.min_in_sync,
-            "degraded": {
-                "writes": self.ledger.degraded_writes,
-                "ranges": len(self.ledger.ranges),
-            },
+            "degraded": self.ledger_keeper.summary(),
             "retention_slots": dict(self.slots.slots),
+            "retention": self.retention.status(),
+            "lag_budget": self.lag_budget.status(),
         }

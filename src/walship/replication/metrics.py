@@ -74,10 +74,32 @@ class ReplicationMetrics:
             "Degradation ledger saves that failed (the next save writes what they missed)",
         )
         self.degraded_ranges = gauge("degraded_ranges", "Lsn ranges in the degradation ledger")
+        self.at_risk_writes = gauge(
+            "at_risk_writes",
+            "Degraded writes not yet held by as many followers as the ack mode asks: lost "
+            "with the leader (persisted with the ledger)",
+        )
+        self.at_risk_ranges = gauge(
+            "at_risk_ranges", "Lsn ranges of the degradation ledger still at risk"
+        )
         self.ack_wait_seconds = Histogram(
             "walship_replication_ack_wait_seconds",
             "Time writes waited for follower acknowledgements",
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1.0, 5.0),
+            registry=registry,
+        )
+        self.lag_budget_seconds = gauge(
+            "lag_budget_seconds",
+            "--max-replication-lag-ms: writes slow down to keep in-sync followers within it "
+            "(0: off)",
+        )
+        self.lag_budget_waiting = gauge(
+            "lag_budget_waiting", "Writes held back now by the replication lag budget"
+        )
+        self.lag_budget_wait_seconds = Histogram(
+            "walship_replication_lag_budget_wait_seconds",
+            "How long writes the replication lag budget held back waited",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=registry,
         )
         self.fenced = gauge("fenced", "1 while this node is a fenced (deposed) leader")
@@ -88,6 +110,21 @@ class ReplicationMetrics:
         )
         self.max_lag_seconds = gauge(
             "max_lag_seconds", "--max-lag-ms: a follower further behind leaves the in-sync set"
+        )
+        self.follower_retention_bytes = gauge(
+            "follower_retention_bytes",
+            "WAL bytes the leader keeps for the follower (its retention slot, connected or not)",
+            "node_id",
+        )
+        self.follower_retention_exhaustion_seconds = gauge(
+            "follower_retention_exhaustion_seconds",
+            "When the follower's retention slot reaches the retention cap at the current ingest "
+            "rate and lag (+Inf while its lag does not grow; 0 at the cap)",
+            "node_id",
+        )
+        self.retention_bytes_max = gauge(
+            "retention_bytes_max",
+            "--wal-retention-bytes-max: a slot past it no longer holds WAL back (snapshot)",
         )
         self.retention_slots = gauge(
             "retention_slots",
