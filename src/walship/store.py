@@ -39,6 +39,7 @@ from walship.errors import (
     IdConflict,
     InvalidInput,
     StorageFull,
+    TrackingConflict,
     Unavailable,
     VersionConflict,
     WalFailed,
@@ -71,6 +72,7 @@ from walship.storage.consumers import (
     ConsumerPosition,
     ConsumerTable,
     decode_tracking_payload,
+    is_retry_of,
     tracking_body,
 )
 from walship.storage.entity_reads import EntityReader, ReadView
@@ -638,7 +640,13 @@ class Store:
             self._check_writable()
             self._throttle_locked()
             if tracking is not None:
-                self._consumers.check(tracking, limits.consumers_max)  # before anything queues
+                try:
+                    self._consumers.check(tracking, limits.consumers_max)  # before anything
+                except TrackingConflict:
+                    retried = self._tracked_retry_locked(prepared, events, tracking)
+                    if retried is None:
+                        raise
+                    return retried
             ts = now_us()
             timestamp = format_timestamp(ts)
             # the store lock serializes every append, so the WAL will assign exactly these
@@ -767,6 +775,42 @@ class Store:
             pending.tracking = TrackingReceipt(
                 track.consumer, track.tenant_id, track.position, track.lsn, term
             )
+        return pending
+
+    def _tracked_retry_locked(
+        self,
+        prepared: Sequence[tuple[bytes, str, str, str, bytes, bytes | None, bool]],
+        events: Sequence[EventIn],
+        tracking: TrackingIn,
+    ) -> PendingAppend | None:
+        """The answer to a tracked batch sent again after it was stored (``is_retry_of``):
+        its original receipts, as duplicates; None when it is not that batch."""
+        found: list[StoredEvent | None] = []
+        for (event_id, tenant, entity, etype, payload, meta, binary), ev in zip(
+            prepared, events, strict=True
+        ):
+            existing = None if ev.id is None else self._find_id_locked(event_id)
+            if existing is not None and not same_content(
+                existing, tenant, entity, etype, payload, meta, binary
+            ):
+                existing = None
+            found.append(existing)
+        stored = self._consumers.stored(tracking.tenant_id, tracking.consumer)
+        if stored is None or not is_retry_of(stored, tracking, found):
+            return None
+        originals = [ev for ev in found if ev is not None]
+        self.metrics.duplicates.inc(len(originals))
+        waits_on = [self.wal.append_future()] if stored.lsn > self.wal.written_lsn.value else []
+        pending = PendingAppend(
+            [self._receipt_of(ev, duplicate=True) for ev in originals],
+            None,
+            0,
+            waits_on,
+            synced_lsn=self.wal.synced_lsn.value,
+        )
+        pending.tracking = TrackingReceipt(
+            stored.consumer, stored.tenant_id, stored.position, stored.lsn, originals[-1].term
+        )
         return pending
 
     def would_block(self) -> bool:

@@ -15,11 +15,12 @@ rolled back (a full disk) puts the previous entries back.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 import msgspec
 
 from walship.errors import LimitExceeded, TrackingConflict
-from walship.events import TrackingIn, encode_body_fields, new_event_ids
+from walship.events import StoredEvent, TrackingIn, encode_body_fields, new_event_ids
 
 TRACKING_TYPE = "_system.tracking"
 
@@ -151,3 +152,17 @@ def tracking_body(tracking: TrackingIn, timestamp_us: int) -> bytes:
         encode_tracking_payload(tracking.position),
         None,
     )
+
+
+def is_retry_of(
+    stored: ConsumerPosition | None, tracking: TrackingIn, found: Sequence[StoredEvent | None]
+) -> bool:
+    """Whether a tracked batch refused for its position is that very append sent again (a
+    client retrying with the same ids after its answer was lost): every event is stored with
+    its id and content (``found``), and the consumer is at this position by the tracking
+    record of their append (written right after its events). A batch of no events cannot
+    tell, and stays refused."""
+    if stored is None or stored.position != tracking.position or not found:
+        return False
+    lsns = [ev.lsn for ev in found if ev is not None]
+    return len(lsns) == len(found) and stored.lsn == max(lsns) + 1
