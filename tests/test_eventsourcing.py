@@ -24,13 +24,14 @@ from uuid import UUID
 
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import IntegrityError, StoredEvent, Tracking
+from eventsourcing.persistence import IntegrityError, PersistenceError, StoredEvent, Tracking
 from eventsourcing.tests import application as es_application
 from eventsourcing.tests import persistence as es_persistence
 from eventsourcing.tests import projection as es_projection
 from eventsourcing.utils import Environment, get_topic
 
 from tests.cluster import Cluster, replication_address
+from walship.apikeys import ApiKeyFile, Role
 from walship.cli.process import NodeProcess
 from walship.eventsourcing import (
     WalshipAggregateRecorder,
@@ -444,6 +445,61 @@ class TestFactorySettings(TestCase):
             self.assertEqual(factory.tenant_id, "My_App_v2")
         finally:
             factory.close()
+
+
+class Ledger(Application[UUID]):
+    is_snapshotting_enabled = True
+
+
+class TestHttpWithApiKey(TestCase):
+    def test_an_application_with_a_key_of_its_own_tenants(self) -> None:
+        """A node that requires keys, and a write key scoped to the application's tenant and
+        its snapshots' (``<tenant>-snapshots``): saves, snapshots, the notification log, a
+        subscription and a tracking all work, and a key without the snapshots' tenant is
+        refused when the application takes a snapshot."""
+        assert _root is not None
+        keys = _root / "keys.json"
+        tenant = new_tenant()
+        key_file = ApiKeyFile(keys)
+        key = key_file.create(Role.WRITE, frozenset({tenant, f"{tenant}-snapshots"}))[1]
+        narrow = key_file.create(Role.WRITE, frozenset({tenant}))[1]
+        with NodeProcess(
+            _root / f"keyed-{tenant}",
+            fsync="never",
+            extra_args=["--api-keys-file", str(keys)],
+        ).start() as node:
+            env = {
+                "PERSISTENCE_MODULE": MODULE,
+                "WALSHIP_URLS": node.url,
+                "LEDGER_WALSHIP_TENANT_ID": tenant,
+                "WALSHIP_API_KEY": key,
+            }
+            app = Ledger(env=env)
+            try:
+                aggregate = Aggregate()
+                aggregate.trigger_event(Aggregate.Event)
+                recordings = app.save(aggregate)
+                self.assertEqual([r.notification.id for r in recordings], [1, 2])
+                app.take_snapshot(aggregate.id)
+                self.assertEqual(app.repository.get(aggregate.id).version, 2)
+                self.assertEqual(len(app.notification_log.select(start=1, limit=10)), 2)
+                with app.recorder.subscribe(gt=2) as subscription:
+                    app.save(Aggregate())
+                    self.assertEqual(next(iter(subscription)).id, 3)
+                process = app.factory.process_recorder()
+                process.insert_events([], tracking=Tracking("upstream", 5))
+                self.assertEqual(process.max_tracking_id("upstream"), 5)
+            finally:
+                app.close()
+            app = Ledger(env={**env, "WALSHIP_API_KEY": narrow})
+            try:
+                aggregate = Aggregate()
+                app.save(aggregate)
+                with self.assertRaises(PersistenceError) as caught:
+                    app.take_snapshot(aggregate.id)
+                self.assertIn("snapshots", str(caught.exception))
+            finally:
+                app.close()
 
 
 class TestHttpSubscriptionIdle(OverHttp, WithFactory, TestCase):
