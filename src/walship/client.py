@@ -272,8 +272,9 @@ class _Calls:
         """Append events all or nothing; each is a dict of event fields (``id`` or
         ``event_id``; a ``bytes`` payload is binary). ``tracking``: ``{"consumer", "position",
         "tenant_id"}`` stored in the same append (TrackingConflict, nothing stored, unless
-        above the consumer's stored position); ``events`` may then be empty. ``extra``: more
-        top-level fields of the batch body."""
+        above the consumer's stored position; a retry of the batch that stored it, same ids,
+        is answered as a duplicate); ``events`` may then be empty. ``extra``: more top-level
+        fields of the batch body."""
         fields = {**(extra or {}), **({} if tracking is None else {"tracking": dict(tracking)})}
         content = encode_batch(events, fields)
         return self._write("/api/v1/events/batch", content, BatchReceipt, ack_mode)
