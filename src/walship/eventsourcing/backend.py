@@ -45,15 +45,25 @@ class Row:
     lsn: int
 
 
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """What an append stored: each event's ``(walship version, tenant position)`` in order,
+    and whether its tracking repeated the consumer's stored position (the batch that stored
+    it sent again: nothing was stored again)."""
+
+    placed: list[tuple[int, int]]
+    tracking_repeated: bool = False
+
+
 class Backend(Protocol):
     """The operations the recorders use; every one may raise a ``WalshipError``."""
 
     def append(
         self, tenant_id: str, events: Sequence[NewEvent], tracking: tuple[str, int] | None
-    ) -> list[tuple[int, int]]:
-        """Append ``events`` (and the consumer position ``tracking``) in one atomic append;
-        each event's ``(walship version, tenant position)``, in order. VersionConflict or a
-        ``tracking_conflict`` Conflict when refused (then nothing is stored)."""
+    ) -> Appended:
+        """Append ``events`` (and the consumer position ``tracking``) in one atomic append.
+        VersionConflict or a ``tracking_conflict`` Conflict when refused (then nothing is
+        stored)."""
         ...
 
     def entity_events(

@@ -17,7 +17,7 @@ import msgspec
 import orjson
 
 from walship.events import EventIn, StoredEvent, TrackingIn, base64_json
-from walship.eventsourcing.backend import ORIGINATOR_VERSION_KEY, NewEvent, Row
+from walship.eventsourcing.backend import ORIGINATOR_VERSION_KEY, Appended, NewEvent, Row
 from walship.storage.query import QueryFilter
 from walship.store import Store, StoreConfig
 from walship.wal import FsyncPolicy
@@ -96,7 +96,7 @@ class EmbeddedBackend:
 
     def append(
         self, tenant_id: str, events: Sequence[NewEvent], tracking: tuple[str, int] | None
-    ) -> list[tuple[int, int]]:
+    ) -> Appended:
         batch = [
             EventIn(
                 entity_id=ev.entity_id,
@@ -110,9 +110,17 @@ class EmbeddedBackend:
             for ev in events
         ]
         track = None if tracking is None else TrackingIn(tracking[0], tracking[1], tenant_id)
-        receipts = self.store.append_batch(batch, tracking=track)
+        # ``append_batch`` without dropping the tracking's receipt: whether it repeated
+        pending = self.store.submit(batch, tracking=track)
+        outcome = None
+        for fut in pending.waits_on:
+            outcome = fut.result()
+        if pending.done is not None:
+            outcome = pending.done.result()
+        receipts = pending.finish(outcome)
         self.notify()
-        return [(r.version, r.position) for r in receipts]
+        repeated = pending.tracking is not None and pending.tracking.duplicate
+        return Appended([(r.version, r.position) for r in receipts], repeated)
 
     def entity_events(
         self,

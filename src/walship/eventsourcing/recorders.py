@@ -47,7 +47,7 @@ from eventsourcing.persistence import (
 
 from walship.errors import Conflict, InvalidInput, Unavailable, VersionConflict, WalshipError
 from walship.events import validate_event_type
-from walship.eventsourcing.backend import Backend, NewEvent, Row
+from walship.eventsourcing.backend import Appended, Backend, NewEvent, Row
 from walship.limits import DEFAULT_LIMITS
 
 # Entities whose last (walship version, originator version) a recorder remembers, so that an
@@ -98,6 +98,22 @@ def translated() -> Iterator[None]:
         raise DatabaseError(exc.message) from exc
 
 
+def refuse_repeated_tracking(
+    events: Sequence[NewEvent], tracking: Tracking | None, appended: Appended
+) -> None:
+    """IntegrityError for a tracking object recorded again on its own.
+
+    walship answers a tracked batch that repeats the consumer's stored position as the
+    duplicate of the batch that stored it (a client's retry after a lost answer). With events
+    that can only be that retry (this module gives every event a fresh id); without, it is the
+    same tracking object recorded twice, which the library refuses (a retry after a lost
+    answer is then refused too, the position being stored)."""
+    if tracking is not None and not events and appended.tracking_repeated:
+        raise IntegrityError(
+            f"tracking {tracking.application_name}:{tracking.notification_id} is already recorded"
+        )
+
+
 class WalshipRecorder:
     """What every walship recorder has: a backend and the tenant it writes to."""
 
@@ -114,12 +130,12 @@ class WalshipRecorder:
                 return entity_id  # not written by this module: left as it is
         return entity_id
 
-    def _append(
-        self, events: Sequence[NewEvent], tracking: Tracking | None
-    ) -> list[tuple[int, int]]:
+    def _append(self, events: Sequence[NewEvent], tracking: Tracking | None) -> Appended:
         track = None if tracking is None else (tracking.application_name, tracking.notification_id)
         with translated():
-            return self.backend.append(self.tenant_id, events, track)
+            appended = self.backend.append(self.tenant_id, events, track)
+        refuse_repeated_tracking(events, tracking, appended)
+        return appended
 
 
 class WalshipAggregateRecorder(WalshipRecorder, AggregateRecorder):
@@ -238,26 +254,22 @@ class WalshipAggregateRecorder(WalshipRecorder, AggregateRecorder):
         for attempt in range(CONFLICT_RETRIES_MAX + 1):
             events = self._plan(stored_events, runs)
             try:
-                with translated():
-                    try:
-                        placed = self.backend.append(
-                            self.tenant_id,
-                            events,
-                            None
-                            if tracking is None
-                            else (tracking.application_name, tracking.notification_id),
-                        )
-                    except VersionConflict:
-                        if attempt == CONFLICT_RETRIES_MAX:
-                            raise
-                        for entity_id in runs:
-                            self._look_up(entity_id)
-                        continue
+                try:
+                    appended = self._append(events, tracking)
+                except IntegrityError as exc:
+                    if not isinstance(exc.__cause__, VersionConflict):
+                        raise
+                    if attempt == CONFLICT_RETRIES_MAX:
+                        raise
+                    for entity_id in runs:
+                        self._look_up(entity_id)
+                    continue
             except IntegrityError:
                 for entity_id in runs:
                     with self._known_lock:
                         self._known.pop(entity_id, None)
                 raise
+            placed = appended.placed
             for se, (version, _) in zip(stored_events, placed, strict=True):
                 self._remember(str(se.originator_id), version, se.originator_version)
             self.backend.notify()

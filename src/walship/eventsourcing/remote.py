@@ -17,7 +17,7 @@ import orjson
 
 from walship.client import Client, Event
 from walship.errors import NotFound, Unavailable
-from walship.eventsourcing.backend import ORIGINATOR_VERSION_KEY, NewEvent, Row
+from walship.eventsourcing.backend import ORIGINATOR_VERSION_KEY, Appended, NewEvent, Row
 
 # How long one idle subscription's long poll waits for the node to move (then asks again).
 # Leaving a subscription waits for the poll under way, so this bounds how long that takes.
@@ -72,20 +72,15 @@ class HttpBackend:
 
     def append(
         self, tenant_id: str, events: Sequence[NewEvent], tracking: tuple[str, int] | None
-    ) -> list[tuple[int, int]]:
-        extra = None
+    ) -> Appended:
+        track = None
         if tracking is not None:
-            extra = {
-                "tracking": {
-                    "consumer": tracking[0],
-                    "position": tracking[1],
-                    "tenant_id": tenant_id,
-                }
-            }
+            track = {"consumer": tracking[0], "position": tracking[1], "tenant_id": tenant_id}
         answer = self.client.append_batch(
-            [_event_json(tenant_id, ev) for ev in events], extra=extra
+            [_event_json(tenant_id, ev) for ev in events], tracking=track
         )
-        return [(r.version, r.position) for r in answer.receipts]
+        repeated = bool(answer.tracking and answer.tracking.get("duplicate"))
+        return Appended([(r.version, r.position) for r in answer.receipts], repeated)
 
     def entity_events(
         self,
