@@ -71,8 +71,11 @@ from walship.storage.consumers import (
     ConsumerPosition,
     ConsumerTable,
     decode_tracking_payload,
+    repeated_batch,
     tracking_body,
+    tracking_conflict,
 )
+from walship.storage.cuts import LogCuts
 from walship.storage.entity_reads import EntityReader, ReadView
 from walship.storage.manifest import (
     INSTALL_MARKER,
@@ -82,9 +85,11 @@ from walship.storage.manifest import (
 )
 from walship.storage.memtable import Memtable
 from walship.storage.parquet import PartInfo, PartReader, id_hashes, write_part
+from walship.storage.part_worker import PartWorker
 from walship.storage.pins import sweep_stale_pins
 from walship.storage.positions import TenantPositions
 from walship.storage.query import QueryFilter, entity_key
+from walship.storage.write_amp import WriteAmplification
 from walship.wal import FsyncPolicy, Record, Wal
 from walship.wal.log import WriteOutcome
 from walship.wal.record import VerifiedRun
@@ -106,6 +111,11 @@ class StoreConfig:
     fsync: FsyncPolicy = field(default_factory=FsyncPolicy)
     limits: Limits = DEFAULT_LIMITS
     checkpoints: bool = True
+    # checkpoint and merge parts in a worker process, off this process's GIL
+    # (storage.part_worker); it is started with ``spawn``, which imports the program's main
+    # module again: a script embedding the store keeps its own work under
+    # ``if __name__ == "__main__":``, as multiprocessing asks
+    part_worker: bool = False
 
 
 class Receipt(msgspec.Struct):
@@ -134,6 +144,7 @@ class TrackingReceipt(msgspec.Struct):
     durability: str = "local"
     required: int = 0
     acked_by: list[str] = msgspec.field(default_factory=list)
+    duplicate: bool = False  # a repeat of the batch that stored it: nothing stored again
 
 
 class QueryResult(msgspec.Struct):
@@ -217,6 +228,7 @@ class Store:
         self._frozen: Memtable | None = None
         self._parts: list[PartReader] = []
         self._manifest = CheckpointManifest()
+        self.cuts = LogCuts()  # divergence-repair cuts, for subscriptions following the log
         self._retention_floor: Callable[[], int | None] = lambda: None
         self._closed = False
         self._stop = threading.Event()
@@ -232,6 +244,8 @@ class Store:
         self._garbage: set[str] = set()
         self.checkpoints_taken = 0
         self.compactions = 0
+        self.write_amp = WriteAmplification()
+        self._part_worker = PartWorker() if config.part_worker else None
         self._alarm = CheckpointAlarm(
             self.limits.checkpoint_retry_ms_min,
             self.limits.checkpoint_retry_ms_max,
@@ -549,6 +563,8 @@ class Store:
             if self.config.checkpoints:
                 self._checkpoint_at_close()
         finally:
+            if self._part_worker is not None:
+                self._part_worker.close()  # the checkpointer and compactor have stopped
             self.wal.close()
             if self._dir_lock is not None:
                 self._dir_lock.release()
@@ -610,7 +626,8 @@ class Store:
         ``json_checked``: the events were decoded from JSON, so their payload and metadata
         need no second parse (the HTTP routes); a caller's own ``Raw`` is parsed.
         ``tracking``: a consumer's position, stored in the same WAL append (``events`` may
-        then be empty); TrackingConflict, and nothing queued, unless it is above the stored one.
+        then be empty); TrackingConflict, and nothing queued, unless it is above the stored one
+        or the batch repeats the one that stored it (answered as a duplicate, ``_repeat_locked``).
         """
         limits = self.limits
         if tracking is not None:
@@ -638,7 +655,11 @@ class Store:
             self._check_writable()
             self._throttle_locked()
             if tracking is not None:
-                self._consumers.check(tracking, limits.consumers_max)  # before anything queues
+                # before anything queues; a tracking equal to the stored one passes only as
+                # an exact repeat of its batch (a retry after a lost answer): a duplicate
+                repeat_of = self._consumers.check(tracking, limits.consumers_max)
+                if repeat_of is not None:
+                    return self._repeat_locked(tracking, prepared, repeat_of)
             ts = now_us()
             timestamp = format_timestamp(ts)
             # the store lock serializes every append, so the WAL will assign exactly these
@@ -767,6 +788,30 @@ class Store:
             pending.tracking = TrackingReceipt(
                 track.consumer, track.tenant_id, track.position, track.lsn, term
             )
+        return pending
+
+    def _repeat_locked(
+        self,
+        tracking: TrackingIn,
+        prepared: list[tuple[bytes, str, str, str, bytes, bytes | None, bool]],
+        stored: ConsumerPosition,
+    ) -> PendingAppend:
+        """The answer to a batch whose tracking equals the stored one: its original receipts
+        and tracking receipt marked duplicate, nothing queued; TrackingConflict unless it is
+        an exact repeat of the batch that stored it (``repeated_batch``)."""
+        found = repeated_batch(prepared, stored, self._find_id_locked)
+        if found is None:
+            raise tracking_conflict(tracking, stored)
+        self.metrics.duplicates.inc(len(found))
+        receipts = [self._receipt_of(ev, duplicate=True) for ev in found]
+        term = self.wal.terms.term_at(Lsn(stored.lsn)).value
+        waits_on: list[Future[WriteOutcome]] = []
+        if stored.lsn > self.wal.written_lsn.value:  # the original is still being written
+            waits_on.append(self.wal.append_future())
+        pending = PendingAppend(receipts, None, 0, waits_on, synced_lsn=self.wal.synced_lsn.value)
+        pending.tracking = TrackingReceipt(
+            stored.consumer, stored.tenant_id, stored.position, stored.lsn, term, duplicate=True
+        )
         return pending
 
     def would_block(self) -> bool:
@@ -935,6 +980,11 @@ class Store:
     @property
     def last_position(self) -> Position:
         return self.wal.last_position
+
+    def term_at(self, lsn: int) -> int:
+        """The term that wrote ``lsn`` by this node's term history (0 for lsn 0); meaningful
+        for an lsn this node holds (at most ``last_position``)."""
+        return self.wal.terms.term_at(Lsn(lsn)).value
 
     def read_view(self) -> ReadView:
         """What a read may see now: parts, memtables, checkpointed and visible lsn."""
@@ -1137,6 +1187,7 @@ class Store:
                 "wal_bytes": wal.bytes,
                 "fsync": str(self.config.fsync),
                 "wal_failed": wal.failed,
+                **self.write_amp.as_stats(),
             }
 
     # ------------------------------------------------------------------ checkpoints
@@ -1206,9 +1257,13 @@ class Store:
             events = frozen.events
             invariant(events[-1].lsn <= upto.lsn.value, "memtable holds records past the WAL's end")
             first = self._manifest.last_lsn + 1
-            part = write_part(
-                self.parts_dir, events, first, upto.lsn.value, self.limits.parquet_row_group_rows
-            )
+            rows = self.limits.parquet_row_group_rows
+            if self._part_worker is not None:
+                part = self._part_worker.checkpoint(
+                    self.parts_dir, events, first, upto.lsn.value, rows
+                )
+            else:
+                part = write_part(self.parts_dir, events, first, upto.lsn.value, rows)
             reader = PartReader(self.parts_dir / part.file, part)
             arr = id_hashes([ev.id for ev in events])
             arr.sort()
@@ -1233,6 +1288,7 @@ class Store:
                 self._frozen = None
                 self._checkpoint_done.notify_all()
             raise
+        self.write_amp.checkpointed(part)
         with self._lock:
             self.checkpoints_taken += 1
             self._checkpoint_done.notify_all()
@@ -1259,7 +1315,11 @@ class Store:
                 return None
             t0 = time.perf_counter()
             inputs = parts[run[0] : run[1]]
-            info, hashes = merge_parts(self.parts_dir, inputs, self.limits.parquet_row_group_rows)
+            rows = self.limits.parquet_row_group_rows
+            if self._part_worker is not None:
+                info, hashes = self._part_worker.merge(self.parts_dir, inputs, rows)
+            else:
+                info, hashes = merge_parts(self.parts_dir, inputs, rows)
             reader = PartReader(self.parts_dir / info.file, info)
             reader.set_id_hashes(hashes)
             names = {p.info.file for p in inputs}
@@ -1277,6 +1337,7 @@ class Store:
                     self._parts = readers
                     self._garbage.update(names)
                     self.compactions += 1
+            self.write_amp.compacted(info)
             self._collect_garbage()
             # the pins of outside readers that have ended hold parts merged away: free them
             sweep_stale_pins(self.data_dir)
