@@ -9,6 +9,7 @@ real processes.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import pytest
 
 from walship.errors import AuthenticationError
 from walship.replication.cascade import (
+    CascadeClient,
+    SnapshotRedirected,
     SnapshotServer,
     SourceUnusable,
     StagedSnapshot,
@@ -23,6 +26,7 @@ from walship.replication.cascade import (
 )
 from walship.replication.config import ReplicationConfig
 from walship.replication.metrics import ReplicationMetrics
+from walship.replication.protocol import REDIRECT_ANY, REDIRECT_NO
 from walship.replication.stream import PeerRefused
 from walship.store import Store, StoreConfig
 from walship.wal import FsyncPolicy
@@ -121,5 +125,46 @@ def test_a_snapshot_server_and_its_peer_prove_the_secret(tmp_path: Path) -> None
             await fetch_from(server, joiner, min_lsn=1, secret=b"another-secret")
         assert refused.value.details["refused"] == AuthenticationError.code
         assert server.served == 0
+
+    scenario(tmp_path, body)
+
+
+def free_address() -> str:
+    """An address nobody listens on (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_a_joining_follower_tries_its_sources_in_order_then_falls_back(tmp_path: Path) -> None:
+    """``--catch-up-from`` first, then the leader's sources: a source that is down is skipped
+    for the next; when none serves, the client gives up and its next Subscribe takes no
+    redirect (the leader sends its own snapshot)."""
+
+    async def body(
+        source: Store, joiner: Store, server: SnapshotServer, _: list[str | None]
+    ) -> None:
+        assert server.address is not None
+        down = free_address()
+        config = ReplicationConfig(secret=SECRET, catch_up_from=down)
+        metrics = ReplicationMetrics(joiner.metrics.registry)
+        client = CascadeClient(joiner, config, metrics, "f2")
+        assert client.subscription("").redirect == REDIRECT_ANY
+
+        redirect = SnapshotRedirected("redirected", sources=[server.address], min_lsn=100)
+        assert await client.fetch(redirect, known_term=1) is None
+        assert client.staged is not None and client.staged.source == server.address
+        assert client.fallbacks == 0
+        staged = client.subscription("")
+        assert staged.staged and staged.lsn == source.manifest.last_lsn == 300
+        client.drop_staged("the test is done with it")
+
+        why = await client.fetch(
+            SnapshotRedirected("redirected", sources=[down], min_lsn=100), known_term=1
+        )
+        assert why is not None and down in why
+        assert client.failed and client.fallbacks == 1
+        after = client.subscription("")
+        assert after.redirect == REDIRECT_NO and not after.staged
 
     scenario(tmp_path, body)
