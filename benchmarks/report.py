@@ -1,6 +1,7 @@
 """Render benchmarks/results/*.json as the README's Markdown tables (figure beside target).
 
-Run: ``python benchmarks/report.py`` after ``ingest.py`` and ``replication.py``.
+Run: ``python benchmarks/report.py`` after ``ingest.py``, ``replication.py`` and
+``subscriptions.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ ROWS = {
         ("catch-up of an empty follower via WAL", "catchup_wal_records_per_s", ">=", "records/s"),
         ("catch-up via snapshot", "catchup_snapshot_mb_per_s", ">=", "MB/s"),
         ("single write p50, semi-sync", "semi_sync_single_p50_ms", "<=", "ms"),
+    ],
+    "subscriptions": [
+        ("catch-up of one subscriber from lsn 0", "catchup_events_per_s", ">=", "events/s"),
+        ("live delivery p99 at 10,000 events/s", "live_latency_p99_ms", "<=", "ms"),
+        ("ingest with 100 live subscribers / none", "ingest_ratio_100_live", ">=", "x"),
+        ("RSS with 1,000 idle subscribers", "rss_idle_subscribers_mb", "", "MB"),
     ],
 }
 
@@ -52,9 +59,34 @@ def table(name: str) -> str:
     for label, key, op, unit in ROWS[name]:
         value, target = data.get(key), targets.get(key)
         met = ""
-        if isinstance(value, int | float) and isinstance(target, int | float):
+        if op and isinstance(value, int | float) and isinstance(target, int | float):
             met = "yes" if (value >= target if op == ">=" else value <= target) else "**no**"
-        lines.append(f"| {label} | {op} {_fmt(target)} {unit} | {_fmt(value)} {unit} | {met} |")
+        goal = f"{op} {_fmt(target)} {unit}" if op else "recorded"
+        lines.append(f"| {label} | {goal} | {_fmt(value)} {unit} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def peer_table() -> str:
+    """walship beside PostgreSQL (one run of replication.py with ``--peer postgres``)."""
+    path = RESULTS / "replication.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    rows = data.get("peer")
+    if not rows:
+        return "_no PostgreSQL figures: run benchmarks/replication.py --peer postgres_\n"
+    lines = [
+        f"Measured {data.get('when', '?')}, {data.get('pg_version', 'PostgreSQL')}"
+        + (f" -- {data['note']}" if data.get("note") else "") + ".",
+        "",
+        "| figure | walship | PostgreSQL | walship / PG | target | met |",
+        "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for row in rows:
+        target = "" if row["target_ratio"] is None else f"{row['op']} {row['target_ratio']}"
+        met = {True: "yes", False: "**no**", None: ""}[row["met"]]
+        lines.append(
+            f"| {row['figure']} | {_fmt(row['walship'])} {row['unit']} | "
+            f"{_fmt(row['postgres'])} {row['unit']} | {_fmt(row['ratio'])} | {target} | {met} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -62,6 +94,8 @@ def main() -> None:
     for name in ROWS:
         print(f"### {name}\n")
         print(table(name))
+    print("### walship and PostgreSQL\n")
+    print(peer_table())
 
 
 if __name__ == "__main__":

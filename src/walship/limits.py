@@ -27,7 +27,7 @@ class Limits:
     metadata_bytes_max: int = 64 * KIB
     tenant_id_chars_max: int = 64
     entity_id_chars_max: int = 128
-    event_type_chars_max: int = 128
+    event_type_chars_max: int = 256  # topic names: module path, class, event name
     batch_events_max: int = 10_000
     request_bytes_max: int = 32 * MIB
     # request line and headers together, counted as they arrive: past it 431 and the
@@ -53,6 +53,9 @@ class Limits:
     subscription_page_events: int = 500
     subscription_heartbeat_ms: int = 15_000  # a comment on an idle stream, under proxy timeouts
     subscriptions_max: int = 10_000  # open streams per node; more are answered 503
+    # caught-up streams share each commit's events (read and encoded once); one further
+    # behind than this reads the store itself (http/live_tail.py)
+    subscription_tail_events_max: int = 10_000
 
     # WAL
     segment_bytes_max: int = 64 * MIB
@@ -66,7 +69,8 @@ class Limits:
     memtable_bytes_max: int = 32 * MIB
     checkpoint_interval_ms: int = 60_000
     parquet_row_group_rows: int = 1_024
-    compaction_fanin_min: int = 4
+    # merges of 16 similar parts: each event rewritten ~once (storage.compaction.pick_run)
+    compaction_fanin_min: int = 16
     compaction_events_max: int = 500_000
     compaction_held_parts_max: int = 64  # parts a catching-up follower lets pile up
     # an outside reader pinning the history retries while compactions replace the parts it

@@ -129,6 +129,7 @@ class NodeConfig:
     ack_pinned: bool = False
     # how their HTTPS is trusted (an ssl context from --http-tls-ca); True: the system's CAs
     peer_verify: bool | ssl.SSLContext = True
+    part_worker: bool = False  # merges in a worker process (storage.part_worker)
 
     def store_config(self) -> StoreConfig:
         return StoreConfig(
@@ -137,6 +138,7 @@ class NodeConfig:
             fsync=self.fsync,
             limits=self.limits,
             checkpoints=self.checkpoints,
+            part_worker=self.part_worker,
         )
 
 
@@ -308,6 +310,7 @@ class Node:
         self._loop = asyncio.get_running_loop()
         self._visible = asyncio.Event()
         self.store.wal.add_listener(self._on_commit)
+        self.store.cuts.add_listener(self._on_cut)
         if self.leader is not None:
             await self.leader.start()
         if self.follower is not None:
@@ -326,6 +329,7 @@ class Node:
         if self.coordinator is not None:
             await self.coordinator.stop()
         self.store.wal.remove_listener(self._on_commit)
+        self.store.cuts.remove_listener(self._on_cut)
         if self.leader is not None:
             await self.leader.stop()
         if self.follower is not None:
@@ -337,13 +341,17 @@ class Node:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._pulse)
 
+    def _on_cut(self) -> None:
+        # a repair cut the log (any thread): subscriptions waiting for the next lsn must look
+        self._on_commit(0)
+
     def _pulse(self) -> None:
         self._visible.set()
         self._visible = asyncio.Event()
 
     async def wait_past(self, lsn: int, timeout_s: float) -> bool:
-        """Wait until an lsn above ``lsn`` is visible here; False when ``timeout_s`` passes
-        first or the node ends its subscriptions (``end_subscriptions``).
+        """Wait until an lsn above ``lsn`` is visible here or a repair cuts the log; False
+        when ``timeout_s`` passes first or the node ends its subscriptions.
 
         Every waiter waits on the one event the WAL's commits pulse, so a thousand idle
         subscribers cost a thousand parked coroutines and nothing per commit but one wake-up.
@@ -351,7 +359,8 @@ class Node:
         deadline = time.monotonic() + timeout_s
         # before ``start`` nothing pulses: poll; after it, the tick only bounds a stale wait
         tick = 1.0 if self._started else 0.05
-        while self.store.visible_lsn <= lsn:
+        cuts = self.store.cuts.seq
+        while self.store.visible_lsn <= lsn and self.store.cuts.seq == cuts:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.subscriptions_ended:
                 return False

@@ -71,8 +71,11 @@ from walship.storage.consumers import (
     ConsumerPosition,
     ConsumerTable,
     decode_tracking_payload,
+    repeated_batch,
     tracking_body,
+    tracking_conflict,
 )
+from walship.storage.cuts import LogCuts
 from walship.storage.entity_reads import EntityReader, ReadView
 from walship.storage.manifest import (
     INSTALL_MARKER,
@@ -82,9 +85,11 @@ from walship.storage.manifest import (
 )
 from walship.storage.memtable import Memtable
 from walship.storage.parquet import PartInfo, PartReader, id_hashes, write_part
+from walship.storage.part_worker import PartWorker
 from walship.storage.pins import sweep_stale_pins
 from walship.storage.positions import TenantPositions
 from walship.storage.query import QueryFilter, entity_key
+from walship.storage.write_amp import WriteAmplification
 from walship.wal import FsyncPolicy, Record, Wal
 from walship.wal.log import WriteOutcome
 from walship.wal.record import VerifiedRun
@@ -106,6 +111,11 @@ class StoreConfig:
     fsync: FsyncPolicy = field(default_factory=FsyncPolicy)
     limits: Limits = DEFAULT_LIMITS
     checkpoints: bool = True
+    # checkpoint and merge parts in a worker process, off this process's GIL
+    # (storage.part_worker); it is started with ``spawn``, which imports the program's main
+    # module again: a script embedding the store keeps its own work under
+    # ``if __name__ == "__main__":``, as multiprocessing asks
+    part_worker: bool = False
 
 
 class Receipt(msgspec.Struct):
@@ -134,6 +144,7 @@ class TrackingReceipt(msgspec.Struct):
     durability: str = "local"
     required: int = 0
     acked_by: list[str] = msgspec.field(default_factory=list)
+    duplicate: bool = False  # a repeat of the batch that stored it: nothing stored again
 
 
 class QueryResult(msgspec.Struct):
@@ -178,8 +189,9 @@ class PendingAppend:
         return min((r.lsn for r in self.answers), default=0)
 
 
-@dataclass(frozen=True)
-class EntityState:
+class EntityState(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An entity's payloads merged in lsn order (``state_encoding`` only when it is bytes)."""
+
     tenant_id: str
     entity_id: str
     version: int
@@ -187,6 +199,9 @@ class EntityState:
     last_lsn: int
     updated: str | None
     events: int
+    # "base64" when the last event's payload was bytes: ``state`` is those bytes (a binary
+    # payload replaces the state, as any non-object does), base64 text in a JSON answer
+    state_encoding: str | None = None
 
 
 class Store:
@@ -213,6 +228,7 @@ class Store:
         self._frozen: Memtable | None = None
         self._parts: list[PartReader] = []
         self._manifest = CheckpointManifest()
+        self.cuts = LogCuts()  # divergence-repair cuts, for subscriptions following the log
         self._retention_floor: Callable[[], int | None] = lambda: None
         self._closed = False
         self._stop = threading.Event()
@@ -228,6 +244,8 @@ class Store:
         self._garbage: set[str] = set()
         self.checkpoints_taken = 0
         self.compactions = 0
+        self.write_amp = WriteAmplification()
+        self._part_worker = PartWorker() if config.part_worker else None
         self._alarm = CheckpointAlarm(
             self.limits.checkpoint_retry_ms_min,
             self.limits.checkpoint_retry_ms_max,
@@ -545,6 +563,8 @@ class Store:
             if self.config.checkpoints:
                 self._checkpoint_at_close()
         finally:
+            if self._part_worker is not None:
+                self._part_worker.close()  # the checkpointer and compactor have stopped
             self.wal.close()
             if self._dir_lock is not None:
                 self._dir_lock.release()
@@ -606,7 +626,8 @@ class Store:
         ``json_checked``: the events were decoded from JSON, so their payload and metadata
         need no second parse (the HTTP routes); a caller's own ``Raw`` is parsed.
         ``tracking``: a consumer's position, stored in the same WAL append (``events`` may
-        then be empty); TrackingConflict, and nothing queued, unless it is above the stored one.
+        then be empty); TrackingConflict, and nothing queued, unless it is above the stored one
+        or the batch repeats the one that stored it (answered as a duplicate, ``_repeat_locked``).
         """
         limits = self.limits
         if tracking is not None:
@@ -634,7 +655,11 @@ class Store:
             self._check_writable()
             self._throttle_locked()
             if tracking is not None:
-                self._consumers.check(tracking, limits.consumers_max)  # before anything queues
+                # before anything queues; a tracking equal to the stored one passes only as
+                # an exact repeat of its batch (a retry after a lost answer): a duplicate
+                repeat_of = self._consumers.check(tracking, limits.consumers_max)
+                if repeat_of is not None:
+                    return self._repeat_locked(tracking, prepared, repeat_of)
             ts = now_us()
             timestamp = format_timestamp(ts)
             # the store lock serializes every append, so the WAL will assign exactly these
@@ -648,14 +673,16 @@ class Store:
             batch_ids: dict[bytes, tuple[int, int]] = {}  # id -> its receipt, its new event
             waits_on: list[Future[WriteOutcome]] = []
             generated = new_event_ids(len(events))
-            for n, ((given_id, tenant, entity, etype, payload, meta), ev) in enumerate(
+            for n, ((given_id, tenant, entity, etype, payload, meta, binary), ev) in enumerate(
                 zip(prepared, events, strict=True)
             ):
                 event_id = given_id or generated[n]
                 if ev.id is not None:
                     if event_id in batch_ids:
                         first, at = batch_ids[event_id]
-                        if not same_content(new_events[at], tenant, entity, etype, payload, meta):
+                        if not same_content(
+                            new_events[at], tenant, entity, etype, payload, meta, binary
+                        ):
                             raise IdConflict(
                                 f"event id {format_uuid(event_id)} appears twice in the batch "
                                 f"(at {first} and {n}) with different contents",
@@ -667,7 +694,7 @@ class Store:
                         continue
                     existing = self._find_id_locked(event_id)
                     if existing is not None:
-                        if not same_content(existing, tenant, entity, etype, payload, meta):
+                        if not same_content(existing, tenant, entity, etype, payload, meta, binary):
                             raise IdConflict(
                                 f"event id {format_uuid(event_id)} is already stored at lsn "
                                 f"{existing.lsn} as {existing.event_type!r} of entity "
@@ -712,26 +739,9 @@ class Store:
                 position = batch_positions.get(tenant) or self._positions.next_position(tenant)
                 batch_positions[tenant] = position + 1
                 lsn = next_lsn + len(new_events)
-                new_events.append(
-                    StoredEvent(
-                        lsn,
-                        term,
-                        event_id,
-                        tenant,
-                        entity,
-                        etype,
-                        ts,
-                        version,
-                        payload,
-                        meta,
-                        position,
-                    )
-                )
-                bodies.append(
-                    encode_body_fields(
-                        event_id, tenant, entity, etype, ts, version, payload, meta, position
-                    )
-                )
+                fields = (event_id, tenant, entity, etype, ts, version, payload, meta, position)
+                new_events.append(StoredEvent(lsn, term, *fields, payload_binary=binary))
+                bodies.append(encode_body_fields(*fields, payload_binary=binary))
                 receipts.append(
                     Receipt(format_uuid(event_id), lsn, term, version, timestamp, position=position)
                 )
@@ -778,6 +788,30 @@ class Store:
             pending.tracking = TrackingReceipt(
                 track.consumer, track.tenant_id, track.position, track.lsn, term
             )
+        return pending
+
+    def _repeat_locked(
+        self,
+        tracking: TrackingIn,
+        prepared: list[tuple[bytes, str, str, str, bytes, bytes | None, bool]],
+        stored: ConsumerPosition,
+    ) -> PendingAppend:
+        """The answer to a batch whose tracking equals the stored one: its original receipts
+        and tracking receipt marked duplicate, nothing queued; TrackingConflict unless it is
+        an exact repeat of the batch that stored it (``repeated_batch``)."""
+        found = repeated_batch(prepared, stored, self._find_id_locked)
+        if found is None:
+            raise tracking_conflict(tracking, stored)
+        self.metrics.duplicates.inc(len(found))
+        receipts = [self._receipt_of(ev, duplicate=True) for ev in found]
+        term = self.wal.terms.term_at(Lsn(stored.lsn)).value
+        waits_on: list[Future[WriteOutcome]] = []
+        if stored.lsn > self.wal.written_lsn.value:  # the original is still being written
+            waits_on.append(self.wal.append_future())
+        pending = PendingAppend(receipts, None, 0, waits_on, synced_lsn=self.wal.synced_lsn.value)
+        pending.tracking = TrackingReceipt(
+            stored.consumer, stored.tenant_id, stored.position, stored.lsn, term, duplicate=True
+        )
         return pending
 
     def would_block(self) -> bool:
@@ -947,6 +981,11 @@ class Store:
     def last_position(self) -> Position:
         return self.wal.last_position
 
+    def term_at(self, lsn: int) -> int:
+        """The term that wrote ``lsn`` by this node's term history (0 for lsn 0); meaningful
+        for an lsn this node holds (at most ``last_position``)."""
+        return self.wal.terms.term_at(Lsn(lsn)).value
+
     def read_view(self) -> ReadView:
         """What a read may see now: parts, memtables, checkpointed and visible lsn."""
         with self._lock:
@@ -1100,7 +1139,7 @@ class Store:
         while True:
             page = self.query(flt, self.limits.query_limit_max, cursor)
             for ev in page.events:
-                value = orjson.loads(ev.payload)
+                value = ev.payload if ev.payload_binary else orjson.loads(ev.payload)
                 if isinstance(value, dict) and isinstance(state, dict):
                     state = {**state, **value}
                 else:
@@ -1112,7 +1151,8 @@ class Store:
             cursor = page.next_cursor
         if count == 0:
             raise NotFound(f"entity {entity_id!r} has no events", entity_id=entity_id)
-        return EntityState(tenant_id, entity_id, version, state, last_lsn, updated, count)
+        encoding = "base64" if isinstance(state, bytes) else None
+        return EntityState(tenant_id, entity_id, version, state, last_lsn, updated, count, encoding)
 
     def entity_version(self, entity_id: str, tenant_id: str = "default") -> int:
         with self._lock:
@@ -1147,6 +1187,7 @@ class Store:
                 "wal_bytes": wal.bytes,
                 "fsync": str(self.config.fsync),
                 "wal_failed": wal.failed,
+                **self.write_amp.as_stats(),
             }
 
     # ------------------------------------------------------------------ checkpoints
@@ -1216,9 +1257,13 @@ class Store:
             events = frozen.events
             invariant(events[-1].lsn <= upto.lsn.value, "memtable holds records past the WAL's end")
             first = self._manifest.last_lsn + 1
-            part = write_part(
-                self.parts_dir, events, first, upto.lsn.value, self.limits.parquet_row_group_rows
-            )
+            rows = self.limits.parquet_row_group_rows
+            if self._part_worker is not None:
+                part = self._part_worker.checkpoint(
+                    self.parts_dir, events, first, upto.lsn.value, rows
+                )
+            else:
+                part = write_part(self.parts_dir, events, first, upto.lsn.value, rows)
             reader = PartReader(self.parts_dir / part.file, part)
             arr = id_hashes([ev.id for ev in events])
             arr.sort()
@@ -1243,6 +1288,7 @@ class Store:
                 self._frozen = None
                 self._checkpoint_done.notify_all()
             raise
+        self.write_amp.checkpointed(part)
         with self._lock:
             self.checkpoints_taken += 1
             self._checkpoint_done.notify_all()
@@ -1269,7 +1315,11 @@ class Store:
                 return None
             t0 = time.perf_counter()
             inputs = parts[run[0] : run[1]]
-            info, hashes = merge_parts(self.parts_dir, inputs, self.limits.parquet_row_group_rows)
+            rows = self.limits.parquet_row_group_rows
+            if self._part_worker is not None:
+                info, hashes = self._part_worker.merge(self.parts_dir, inputs, rows)
+            else:
+                info, hashes = merge_parts(self.parts_dir, inputs, rows)
             reader = PartReader(self.parts_dir / info.file, info)
             reader.set_id_hashes(hashes)
             names = {p.info.file for p in inputs}
@@ -1287,6 +1337,7 @@ class Store:
                     self._parts = readers
                     self._garbage.update(names)
                     self.compactions += 1
+            self.write_amp.compacted(info)
             self._collect_garbage()
             # the pins of outside readers that have ended hold parts merged away: free them
             sweep_stale_pins(self.data_dir)

@@ -261,6 +261,15 @@ def serve_command(
             help="Checkpoint recent events at least this often.",
         ),
     ] = DEFAULT_LIMITS.checkpoint_interval_ms,
+    part_worker: Annotated[
+        bool,
+        typer.Option(
+            "--part-worker/--no-part-worker",
+            envvar="WALSHIP_PART_WORKER",
+            help="Write checkpoint and merged Parquet parts in a worker process at lower "
+            "priority, off the GIL of the process that serves and replicates.",
+        ),
+    ] = False,
     tls_cert: Annotated[
         Path | None,
         typer.Option("--tls-cert", envvar="WALSHIP_TLS_CERT", help="TLS certificate (PEM)."),
@@ -522,6 +531,7 @@ def serve_command(
             peer_verify=peers_verify,
             dir_lock=dir_lock,
             ack_pinned=any(_given(ctx, name) for name in ACK_FLAGS),
+            part_worker=part_worker,
         )
     except KeyboardInterrupt:
         sock.close()
@@ -856,6 +866,7 @@ def _open_node(
     peer_verify: bool | ssl.SSLContext = True,
     dir_lock: DataDirLock | None = None,
     ack_pinned: bool = False,
+    part_worker: bool = False,
 ) -> Node:
     """Open and recover the node; exit 2 naming file and offset when the WAL is corrupt."""
     from walship.node import Node, NodeConfig, Role
@@ -874,6 +885,7 @@ def _open_node(
         peers=peers,
         ack_pinned=ack_pinned,
         peer_verify=peer_verify,
+        part_worker=part_worker,
     )
     tune_process()
     try:
