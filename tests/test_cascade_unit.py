@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from walship.errors import AuthenticationError
+from walship.errors import AuthenticationError, WalshipError
 from walship.replication.cascade import (
     CascadeClient,
     SnapshotRedirected,
@@ -24,7 +25,11 @@ from walship.replication.cascade import (
     StagedSnapshot,
     fetch_snapshot,
 )
-from walship.replication.config import ReplicationConfig
+from walship.replication.config import (
+    ReplicationConfig,
+    client_ssl_context,
+    server_ssl_context,
+)
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import REDIRECT_ANY, REDIRECT_NO
 from walship.replication.stream import PeerRefused
@@ -32,6 +37,7 @@ from walship.store import Store, StoreConfig
 from walship.wal import FsyncPolicy
 
 from .conftest import make_event
+from .pki import HAVE_OPENSSL, make_pki
 
 SECRET = b"cascade-secret"
 
@@ -43,13 +49,17 @@ def open_store(path: Path, node_id: str) -> Store:
 
 
 async def fetch_from(
-    server: SnapshotServer, joiner: Store, min_lsn: int, secret: bytes = SECRET
+    server: SnapshotServer,
+    joiner: Store,
+    min_lsn: int,
+    secret: bytes = SECRET,
+    client_ssl: ssl.SSLContext | None = None,
 ) -> StagedSnapshot:
     assert server.address is not None
     return await fetch_snapshot(
         server.address,
         store=joiner,
-        config=ReplicationConfig(secret=secret),
+        config=ReplicationConfig(secret=secret, client_ssl=client_ssl),
         node_id="f2",
         known_term=1,
         min_lsn=min_lsn,
@@ -60,7 +70,7 @@ async def fetch_from(
 Body = Callable[[Store, Store, SnapshotServer, list[str | None]], Awaitable[None]]
 
 
-def scenario(tmp_path: Path, body: Body) -> None:
+def scenario(tmp_path: Path, body: Body, server_config: ReplicationConfig | None = None) -> None:
     async def run() -> None:
         source = open_store(tmp_path / "f1", "f1")
         joiner = open_store(tmp_path / "f2", "f2")
@@ -70,7 +80,7 @@ def scenario(tmp_path: Path, body: Body) -> None:
         readiness: list[str | None] = [None]
         server = SnapshotServer(
             source,
-            ReplicationConfig(secret=SECRET, port=0),
+            server_config or ReplicationConfig(secret=SECRET, port=0),
             ReplicationMetrics(source.metrics.registry),
             lambda: readiness[0],
         )
@@ -168,3 +178,28 @@ def test_a_joining_follower_tries_its_sources_in_order_then_falls_back(tmp_path:
         assert after.redirect == REDIRECT_NO and not after.staged
 
     scenario(tmp_path, body)
+
+
+@pytest.mark.skipif(not HAVE_OPENSSL, reason="needs openssl")
+def test_a_snapshot_server_takes_tls_peers_as_the_leader_does(tmp_path: Path) -> None:
+    """With ``--tls-require-client-cert`` the serving follower refuses a peer without a client
+    certificate before the handshake, and serves one that has it."""
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki")
+    server_ssl = server_ssl_context(
+        pki / "leader.pem", pki / "leader.key", pki / "ca.pem", require_client_cert=True
+    )
+
+    async def body(
+        source: Store, joiner: Store, server: SnapshotServer, _: list[str | None]
+    ) -> None:
+        with pytest.raises((OSError, WalshipError)):
+            await fetch_from(server, joiner, 1, client_ssl=client_ssl_context(pki / "ca.pem"))
+        with pytest.raises((OSError, WalshipError)):
+            await fetch_from(server, joiner, 1)  # no TLS at all
+        assert server.served == 0
+        good = client_ssl_context(pki / "ca.pem", pki / "follower.pem", pki / "follower.key")
+        staged = await fetch_from(server, joiner, 1, client_ssl=good)
+        assert staged.manifest == source.manifest and server.served == 1
+
+    scenario(tmp_path, body, ReplicationConfig(secret=SECRET, port=0, server_ssl=server_ssl))
