@@ -84,3 +84,40 @@ def test_a_msgpack_bomb_is_refused_before_it_is_decoded(
     # the body and a copy at most; decoded whole it took 80-100 MB for these 1-7 MB bodies
     assert peak < 2 * len(body) + 4 * 1024 * 1024, (bomb, path, peak)
     assert api.get("/api/v1/events/query").json()["count"] == 0
+
+
+DEEP = b"\x91" * 100_000 + b"\xc0"
+BAD = {
+    "deep payload": (_event(DEEP), 422),
+    "deep metadata": (
+        b"\x84"
+        + _str("entity_id")
+        + _str("e")
+        + _str("event_type")
+        + _str("t")
+        + _str("payload")
+        + b"\x01"
+        + _str("metadata")
+        + b"\x91" * 3000
+        + b"\xc0",
+        422,
+    ),
+    "a deep body": (DEEP, 422),
+    "not a map": (b"\x92\x01\x02", 422),
+    "trailing bytes": (b"\x80\x00", 400),
+    "an int key": (b"\x81\x01\x02", 422),
+    "truncated": (b"\x83" + _str("entity_id"), 400),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+@pytest.mark.parametrize("batch", [False, True])
+def test_bad_msgpack_is_a_4xx_json_error(api: TestClient, case: str, batch: bool) -> None:
+    body, status = BAD[case]
+    if batch and case in ("deep payload", "deep metadata", "an int key"):
+        body = b"\x81" + _str("events") + b"\x91" + body
+    r = api.post(
+        "/api/v1/events/batch" if batch else "/api/v1/events", content=body, headers=MSGPACK
+    )
+    assert r.status_code == status, r.text
+    assert r.json()["error"] in ("validation_error", "malformed_msgpack")

@@ -184,15 +184,16 @@ def _shallow(
             limit=count_max,
         )
     try:
-        return decoder.decode(raw)
-    except msgspec.ValidationError:
-        try:  # one msgpack value of another shape, or not msgpack at all (JSON sent as it)?
+        try:
+            return decoder.decode(raw)
+        except msgspec.ValidationError:
+            # one msgpack value of another shape, or not msgpack at all (JSON sent as it)?
             _raw_decoder.decode(raw)  # skips the value: no object is built
-        except msgspec.DecodeError as exc:
-            raise MalformedMsgpack(f"malformed msgpack: {exc}") from None
-        raise ValidationError(f"{field} must be a msgpack {shape}", field=field) from None
+            raise ValidationError(f"{field} must be a msgpack {shape}", field=field) from None
     except msgspec.DecodeError as exc:
         raise MalformedMsgpack(f"malformed msgpack: {exc}") from None
+    except RecursionError:  # skipping a nested value recurses too
+        raise ValidationError(f"msgpack nested too deeply in {field}", field=field) from None
 
 
 def _map_json(raw: bytes | msgspec.Raw, field: str, limits: Limits, *, event: bool) -> msgspec.Raw:
