@@ -359,7 +359,15 @@ def _compare_one(leader: NodeProcess, follower: NodeProcess, start: int) -> tupl
     compared = 0
     last = None
     expected = start
-    for (_, _, a), (_, _, b) in zip(mine, theirs, strict=False):
+    while True:
+        # not zip(): it would drop the leader's next record when the follower's log ends first
+        x, y = next(mine, None), next(theirs, None)
+        if x is None and y is None:
+            return compared, last, None
+        if x is None or y is None:
+            name, extra = ("follower", y) if x is None else ("leader", x)
+            return compared, last, f"the {name}'s WAL goes on at lsn {extra[2].lsn}"
+        a, b = x[2], y[2]
         if a.lsn != expected or b.lsn != expected:
             return compared, last, f"gap: lsn {expected} expected, leader {a.lsn}, follower {b.lsn}"
         if (a.term, a.chain) != (b.term, b.chain) or a.raw != b.raw:
@@ -367,11 +375,6 @@ def _compare_one(leader: NodeProcess, follower: NodeProcess, start: int) -> tupl
         compared += 1
         expected += 1
         last = (a.lsn, a.term, a.chain)
-    for name, rest in (("leader", mine), ("follower", theirs)):
-        extra = next(rest, None)
-        if extra is not None:
-            return compared, last, f"the {name}'s WAL goes on at lsn {extra[2].lsn}"
-    return compared, last, None
 
 
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
