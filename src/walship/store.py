@@ -1222,7 +1222,7 @@ class Store:
             log.error(
                 "checkpoint failing (%d attempts since %s; next in %d ms): %s -- every event "
                 "is still in the WAL, but the memtable grows until writes are refused; see "
-                "the README, 'When checkpoints fail'",
+                "docs/operations.md, 'Checkpoints failing'",
                 failure.failures,
                 format_timestamp(int(failure.since_s * 1_000_000)),
                 failure.retry_in_ms,
