@@ -217,6 +217,7 @@ class Progress:
     acked: int = 0
     boundaries: list[float] = field(default_factory=list)  # monotonic time of each window end
     stopped: str | None = None
+    ended_window: threading.Event = field(default_factory=threading.Event)  # wakes the sampler
 
 
 class Sampler(threading.Thread):
@@ -237,11 +238,16 @@ class Sampler(threading.Thread):
         self._client = httpx.Client(timeout=10, verify=False)
 
     def run(self) -> None:
-        while not self.stop.wait(self.interval):
-            self.tick()
+        while not self.stop.is_set():
+            # a window's row is read as soon as it ends, not up to ``interval`` later
+            self.progress.ended_window.wait(self.interval)
+            self.progress.ended_window.clear()
+            if not self.stop.is_set():
+                self.tick()
 
     def close(self) -> None:
         self.stop.set()
+        self.progress.ended_window.set()
         if self.is_alive():
             self.join(timeout=30)
         self._client.close()
@@ -298,13 +304,18 @@ async def ingest(url: str, total: int, connections: int, batch: int, progress: P
                 b = next_batch
                 next_batch += 1
                 body = msgspec.json.encode({"events": [event(b * batch + i) for i in range(batch)]})
-                r = await client.post("/api/v1/events/batch", content=body, headers=headers)
+                try:
+                    r = await client.post("/api/v1/events/batch", content=body, headers=headers)
+                except httpx.HTTPError as exc:  # a timeout, a node gone: report what was done
+                    progress.stopped = f"{type(exc).__name__}: {exc}"
+                    return
                 if r.status_code != 200:
                     progress.stopped = f"HTTP {r.status_code}: {r.text[:300]}"
                     return
                 progress.acked += batch
                 while progress.acked >= progress.window * (len(progress.boundaries) + 1):
                     progress.boundaries.append(time.monotonic())
+                    progress.ended_window.set()
 
     t0 = time.monotonic()
     progress.boundaries.clear()
@@ -424,6 +435,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             )
         )
         sampler.stop.set()
+        progress.ended_window.set()
         sampler.join(timeout=30)
         sampler.tick()  # the last window's row, and /proc as the ingest ended
         after = {n.node_id: sampler.watch[n.node_id].snapshot() for n in nodes}
