@@ -657,7 +657,9 @@ class Store:
             if tracking is not None:
                 # before anything queues; a tracking equal to the stored one passes only as
                 # an exact repeat of its batch (a retry after a lost answer): a duplicate
-                repeat_of = self._consumers.check(tracking, limits.consumers_max)
+                repeat_of = self._consumers.check(
+                    tracking, limits.consumers_max, limits.consumers_per_tenant_max
+                )
                 if repeat_of is not None:
                     return self._repeat_locked(tracking, prepared, repeat_of)
             ts = now_us()
