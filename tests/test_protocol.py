@@ -28,6 +28,7 @@ from walship.replication.protocol import (
     MESSAGE_TYPES,
     NONCE_BYTES,
     PROTOCOL_VERSION,
+    REDIRECT_ANY,
     SECRET_ENV,
     Ack,
     CaughtUp,
@@ -42,8 +43,10 @@ from walship.replication.protocol import (
     Message,
     Refused,
     SnapshotChunk,
+    SnapshotConfirmed,
     SnapshotEnd,
     SnapshotFile,
+    SnapshotRedirect,
     SnapshotResume,
     SnapshotStart,
     Subscribe,
@@ -127,6 +130,20 @@ SAMPLES: list[Message] = [
     SnapshotResume(snapshot_id="0000000000000010-abcdef", file_index=2, offset=4096),
     InSyncSet(term=2, version=7, lsn=4096, members=["f1", "f2"], ack_mode="semi-sync"),
     InSyncStored(term=2, version=7),
+    SnapshotRedirect(term=7, sources=["127.0.0.2:3911", "[::1]:3912"], min_lsn=4_000),
+    SnapshotConfirmed(
+        term=7, lsn=4_500, last_term=6, chain=b"k" * 8, term_history=[(1, 1), (6, 4_001)]
+    ),
+    Subscribe(
+        term=6,
+        lsn=4_500,
+        chain=b"k" * 8,
+        http_url="http://127.0.0.1:3901",
+        redirect=REDIRECT_ANY,
+        serve_address="127.0.0.1:3911",
+        staged=True,
+        snapshot_min_lsn=4_000,
+    ),
 ]
 STREAM = b"".join(encode(m) for m in SAMPLES)
 

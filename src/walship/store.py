@@ -71,7 +71,9 @@ from walship.storage.consumers import (
     ConsumerPosition,
     ConsumerTable,
     decode_tracking_payload,
+    repeated_batch,
     tracking_body,
+    tracking_conflict,
 )
 from walship.storage.cuts import LogCuts
 from walship.storage.entity_reads import EntityReader, ReadView
@@ -142,6 +144,7 @@ class TrackingReceipt(msgspec.Struct):
     durability: str = "local"
     required: int = 0
     acked_by: list[str] = msgspec.field(default_factory=list)
+    duplicate: bool = False  # a repeat of the batch that stored it: nothing stored again
 
 
 class QueryResult(msgspec.Struct):
@@ -623,7 +626,8 @@ class Store:
         ``json_checked``: the events were decoded from JSON, so their payload and metadata
         need no second parse (the HTTP routes); a caller's own ``Raw`` is parsed.
         ``tracking``: a consumer's position, stored in the same WAL append (``events`` may
-        then be empty); TrackingConflict, and nothing queued, unless it is above the stored one.
+        then be empty); TrackingConflict, and nothing queued, unless it is above the stored one
+        or the batch repeats the one that stored it (answered as a duplicate, ``_repeat_locked``).
         """
         limits = self.limits
         if tracking is not None:
@@ -651,7 +655,13 @@ class Store:
             self._check_writable()
             self._throttle_locked()
             if tracking is not None:
-                self._consumers.check(tracking, limits.consumers_max)  # before anything queues
+                # before anything queues; a tracking equal to the stored one passes only as
+                # an exact repeat of its batch (a retry after a lost answer): a duplicate
+                repeat_of = self._consumers.check(
+                    tracking, limits.consumers_max, limits.consumers_per_tenant_max
+                )
+                if repeat_of is not None:
+                    return self._repeat_locked(tracking, prepared, repeat_of)
             ts = now_us()
             timestamp = format_timestamp(ts)
             # the store lock serializes every append, so the WAL will assign exactly these
@@ -780,6 +790,30 @@ class Store:
             pending.tracking = TrackingReceipt(
                 track.consumer, track.tenant_id, track.position, track.lsn, term
             )
+        return pending
+
+    def _repeat_locked(
+        self,
+        tracking: TrackingIn,
+        prepared: list[tuple[bytes, str, str, str, bytes, bytes | None, bool]],
+        stored: ConsumerPosition,
+    ) -> PendingAppend:
+        """The answer to a batch whose tracking equals the stored one: its original receipts
+        and tracking receipt marked duplicate, nothing queued; TrackingConflict unless it is
+        an exact repeat of the batch that stored it (``repeated_batch``)."""
+        found = repeated_batch(prepared, stored, self._find_id_locked)
+        if found is None:
+            raise tracking_conflict(tracking, stored)
+        self.metrics.duplicates.inc(len(found))
+        receipts = [self._receipt_of(ev, duplicate=True) for ev in found]
+        term = self.wal.terms.term_at(Lsn(stored.lsn)).value
+        waits_on: list[Future[WriteOutcome]] = []
+        if stored.lsn > self.wal.written_lsn.value:  # the original is still being written
+            waits_on.append(self.wal.append_future())
+        pending = PendingAppend(receipts, None, 0, waits_on, synced_lsn=self.wal.synced_lsn.value)
+        pending.tracking = TrackingReceipt(
+            stored.consumer, stored.tenant_id, stored.position, stored.lsn, term, duplicate=True
+        )
         return pending
 
     def would_block(self) -> bool:
@@ -1065,9 +1099,11 @@ class Store:
 
     def consumer_position(self, tenant_id: str, consumer: str) -> ConsumerPosition | None:
         """The consumer's last tracked position visible here; None when it has none."""
-        visible = self.visible_lsn
         with self._lock:
-            return self._consumers.visible(tenant_id, consumer, visible)
+            # under the lock: the undo log is trimmed (under it) only below what the WAL had
+            # written then, so an entry past this visible lsn still has its undo record; read
+            # before the lock, a tracking written and trimmed meanwhile hid the consumer (404)
+            return self._consumers.visible(tenant_id, consumer, self.visible_lsn)
 
     def _last_event(self, flt: QueryFilter) -> StoredEvent | None:
         """The last event ``flt`` matches, read page by page; None when none does."""
@@ -1190,7 +1226,7 @@ class Store:
             log.error(
                 "checkpoint failing (%d attempts since %s; next in %d ms): %s -- every event "
                 "is still in the WAL, but the memtable grows until writes are refused; see "
-                "the README, 'When checkpoints fail'",
+                "docs/operations.md, 'Checkpoints failing'",
                 failure.failures,
                 format_timestamp(int(failure.since_s * 1_000_000)),
                 failure.retry_in_ms,
