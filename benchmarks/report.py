@@ -29,6 +29,9 @@ ROWS = {
     ],
     "subscriptions": [
         ("catch-up of one subscriber from lsn 0", "catchup_events_per_s", ">=", "events/s"),
+        ("  node CPU per event (raw reader)", "catchup_node_cpu_us_per_event", "", "µs"),
+        ("  the same through Client.subscribe", "catchup_client_events_per_s", "", "events/s"),
+        ("  Client.subscribe CPU per event", "catchup_client_cpu_us_per_event", "", "µs"),
         ("live delivery p99 at 10,000 events/s", "live_latency_p99_ms", "<=", "ms"),
         ("ingest with 100 live subscribers / none", "ingest_ratio_100_live", ">=", "x"),
         ("RSS with 1,000 idle subscribers", "rss_idle_subscribers_mb", "", "MB"),
