@@ -488,9 +488,9 @@ def test_positions_read_as_value_types() -> None:
 def test_hello_with_another_protocol_version_is_refusable() -> None:
     ok = Hello(PROTOCOL_VERSION, "cluster-a", "n2", "follower", make_nonce())
     assert hello_error(ok, "cluster-a") is None
-    error = hello_error(Hello(2, "cluster-a", "n2", "follower", make_nonce()), "cluster-a")
+    error = hello_error(Hello(3, "cluster-a", "n2", "follower", make_nonce()), "cluster-a")
     assert isinstance(error, ProtocolError)
-    assert "version 2 is not supported" in error.message
+    assert "version 3 is not supported" in error.message
     refused = Refused.from_error(error)
     assert isinstance(refused.to_error(), ProtocolError)
     assert isinstance(hello_error(ok, "cluster-b"), ProtocolError)

@@ -270,6 +270,16 @@ def serve_command(
             "priority, off the GIL of the process that serves and replicates.",
         ),
     ] = False,
+    physical_followers: Annotated[
+        bool,
+        typer.Option(
+            "--physical-followers/--no-physical-followers",
+            envvar="WALSHIP_PHYSICAL_FOLLOWERS",
+            help="A leader ships its Parquet parts to followers, which install them verified "
+            "instead of encoding their own (replication protocol v2: every node must run a "
+            "walship that speaks it).",
+        ),
+    ] = False,
     tls_cert: Annotated[
         Path | None,
         typer.Option("--tls-cert", envvar="WALSHIP_TLS_CERT", help="TLS certificate (PEM)."),
@@ -420,6 +430,7 @@ def serve_command(
             wal_retention_bytes_max=wal_retention_bytes_max,
             max_replication_lag_ms=max_replication_lag_ms,
             tls=(tls_cert, tls_key, tls_ca, tls_require_client_cert),
+            physical_followers=physical_followers,
         )
     except InvalidInput as exc:
         fail(f"invalid replication flags: {exc.message}", 2)
@@ -782,6 +793,7 @@ def replication_config(
     wal_retention_bytes_max: int,
     tls: tuple[Path | None, Path | None, Path | None, bool],
     max_replication_lag_ms: int = 0,
+    physical_followers: bool = False,
 ) -> ReplicationConfig:
     """Check the replication flags together; InvalidInput naming the first bad one."""
     from walship.replication.acks import AckMode
@@ -848,6 +860,7 @@ def replication_config(
         leader=leader,
         server_ssl=server_ssl,
         client_ssl=client_ssl,
+        physical_followers=physical_followers,
     )
 
 

@@ -41,6 +41,8 @@ class ReplicationConfig:
     client_ssl: ssl.SSLContext | None = None
     reconnect_backoff_min_ms: int = 50
     reconnect_backoff_max_ms: int = 5_000
+    # ship Parquet parts to followers / install the leader's (replication/physical.py)
+    physical_followers: bool = False
 
     def __post_init__(self) -> None:
         if self.on_ack_timeout not in ("degrade", "fail"):
