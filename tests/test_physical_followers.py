@@ -72,11 +72,13 @@ def write_and_checkpoint(leader: NodeProcess, rounds: int, per_round: int, start
 
 
 def test_followers_install_the_leaders_parts_byte_for_byte(cluster: FailoverCluster) -> None:
-    """Past 17 checkpoints and a merge of 16 of them, both followers hold exactly the
-    leader's part files and encoded no Parquet themselves."""
+    """Past 17 checkpoints and a merge of 16 of them, both physical followers hold exactly
+    the leader's part files and encoded no Parquet themselves; a follower without the flag
+    (protocol v1) follows the same leader as before."""
     leader = cluster.start_leader(args=PHYSICAL)
     address = replication_address(leader)
     followers = [cluster.start_follower(f"f{i}", address, args=PHYSICAL) for i in (1, 2)]
+    plain = cluster.start_follower("f3", address)  # protocol v1: never sent a part
     write_and_checkpoint(leader, 17, 40, 0)
     wait_until(lambda: stats(leader)["compactions"] >= 1, 60, "the leader merges its parts")
     wait_caught_up(leader, *followers)
@@ -90,6 +92,10 @@ def test_followers_install_the_leaders_parts_byte_for_byte(cluster: FailoverClus
         assert status["refused"] == 0 and status["installed"] >= 18, status
         assert_same_query_results(leader, follower)
     assert stats(leader)["parquet_encodes"] >= 18
+    wait_caught_up(leader, plain)
+    assert parts_status(plain) == {}
+    assert stats(plain)["parts_from_leader"] is False
+    assert_same_query_results(leader, plain)
 
 
 def test_a_corrupted_part_is_refused_and_rebuilt_from_the_wal(cluster: FailoverCluster) -> None:

@@ -583,7 +583,7 @@ class Follower:
         self.leader_url = welcome.leader_url or None
         self._logged_failure = None  # connected: the next failure is news again
         self.leader_node_id = welcome.leader_node_id
-        if welcome.ships_parts:
+        if welcome.offers_parts:
             self.parts = PartReceiver(self.store, self.metrics)
             self.store.parts_from_leader = True  # the leader's parts instead of its own
         if welcome.ack_settings and self._on_settings is not None:

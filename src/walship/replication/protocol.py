@@ -140,16 +140,14 @@ class HelloProof(_Wire, frozen=True):
     proof: Digest
 
 
-class Welcome(_Wire, frozen=True, omit_defaults=True):
+class Welcome(_Wire, frozen=True):
     """L→F: accepted; the leader's identity, term and end of log, and its own proof.
 
     ``leader_url`` is the leader's HTTP URL (empty when it does not know a reachable one): a
     follower names it when it refuses a write. ``ack_settings`` is the cluster's write
     guarantee (``AckSettings`` as JSON; empty: not told), which a follower keeps and leads
-    with once promoted. ``ships_parts``: the leader will send its Parquet parts (only ever
-    to a follower that said version 2; left out of the frame when false, so a version-1
-    follower decodes the Welcome it always did). The proof covers all three, so a man in the
-    middle cannot send clients elsewhere or weaken the guarantee."""
+    with once promoted. The proof covers both, so a man in the middle cannot send clients
+    elsewhere or weaken the guarantee."""
 
     leader_node_id: Ident
     term: U64
@@ -157,7 +155,25 @@ class Welcome(_Wire, frozen=True, omit_defaults=True):
     leader_proof: Digest
     leader_url: Annotated[str, msgspec.Meta(max_length=URL_BYTES_MAX)] = ""
     ack_settings: Annotated[str, msgspec.Meta(max_length=SETTINGS_BYTES_MAX)] = ""
-    ships_parts: bool = False
+
+    @property
+    def offers_parts(self) -> bool:
+        """The leader will ship its Parquet parts (``PartsWelcome``)."""
+        return False
+
+
+class PartsWelcome(Welcome, frozen=True):
+    """L→F (protocol v2): ``Welcome`` from a leader that will ship its Parquet parts.
+
+    A message of its own (not a field added to Welcome, whose array a version-1 follower
+    decodes with no room for more): only ever sent to a follower that said version 2, and
+    the offer is under the leader's proof like the rest."""
+
+    ships_parts: bool = True
+
+    @property
+    def offers_parts(self) -> bool:
+        return self.ships_parts
 
 
 class Refused(_Wire, frozen=True):
@@ -418,6 +434,7 @@ Message: TypeAlias = (
     | PartStart
     | PartChunk
     | PartEnd
+    | PartsWelcome
 )
 
 
@@ -781,9 +798,9 @@ def make_welcome(
     proof = server_proof(
         secret, *handshake, leader_node_id, term, leader_url, ack_settings, ships_parts
     )
-    return Welcome(
-        leader_node_id, term, leader_last_lsn, proof, leader_url, ack_settings, ships_parts
-    )
+    if ships_parts:
+        return PartsWelcome(leader_node_id, term, leader_last_lsn, proof, leader_url, ack_settings)
+    return Welcome(leader_node_id, term, leader_last_lsn, proof, leader_url, ack_settings)
 
 
 def verify_welcome(secret: bytes, hello: Hello, challenge: Challenge, welcome: Welcome) -> None:
@@ -796,7 +813,7 @@ def verify_welcome(secret: bytes, hello: Hello, challenge: Challenge, welcome: W
         welcome.term,
         welcome.leader_url,
         welcome.ack_settings,
-        welcome.ships_parts,
+        welcome.offers_parts,
     )
     verify_proof(expected, welcome.leader_proof, f"leader {welcome.leader_node_id!r}")
 
