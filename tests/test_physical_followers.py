@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,8 @@ def test_waiting_for_parts_is_bounded_and_promotion_resumes_local_checkpoints(
     write_events(leader, 120, batch=120)
     wait_caught_up(leader, follower)
     assert stats(follower)["parts_from_leader"] is True
+    time.sleep(1.0)  # ten turns of its checkpointer: 120 events are over 100 but under 150
+    assert stats(follower)["parquet_encodes"] == 0
     write_events(leader, 60, start=120, batch=60)  # 180 >= 150: parts stopped coming
     wait_until(lambda: stats(follower)["parquet_encodes"] == 1, 30, "the fallback checkpoint")
     leader.stop()
