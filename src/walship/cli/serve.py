@@ -264,7 +264,7 @@ def serve_command(
     part_worker: Annotated[
         bool,
         typer.Option(
-            "--part-worker/--no-part-worker",
+            "--part-worker",
             envvar="WALSHIP_PART_WORKER",
             help="Write checkpoint and merged Parquet parts in a worker process at lower "
             "priority, off the GIL of the process that serves and replicates.",
@@ -273,7 +273,7 @@ def serve_command(
     physical_followers: Annotated[
         bool,
         typer.Option(
-            "--physical-followers/--no-physical-followers",
+            "--physical-followers",
             envvar="WALSHIP_PHYSICAL_FOLLOWERS",
             help="A leader ships its Parquet parts to followers, which install them verified "
             "instead of encoding their own (replication protocol v2: every node must run a "
