@@ -138,6 +138,13 @@ def test_a_follower_restarted_mid_transfer_ends_correct(cluster: FailoverCluster
     start += 300
     checkpoint(leader)
     follower.kill()  # likely while that part is on its way
+    # what a kill in the middle of a transfer leaves, whether or not this one did: the
+    # leader's next part half staged, not in the manifest
+    incoming = follower.data_dir / "parts-incoming"
+    incoming.mkdir(exist_ok=True)
+    leader_parts = follower.data_dir.parent / "leader" / "checkpoints" / "parts"
+    newest = leader_parts / parts_of(leader)[-1][0]
+    (incoming / newest.name).write_bytes(newest.read_bytes()[:1000])
     start = write_and_checkpoint(leader, 2, 100, start)
     follower = cluster.restart(follower)
     start = write_and_checkpoint(leader, 2, 100, start)
@@ -145,6 +152,8 @@ def test_a_follower_restarted_mid_transfer_ends_correct(cluster: FailoverCluster
     assert assert_same_query_results(leader, follower) == start
     want = parts_of(leader)[-1]
     wait_until(lambda: parts_of(follower)[-1] == want, 60, "the newest part installed")
+    assert not (follower.data_dir / "parts-incoming" / newest.name).exists()
+    assert parts_status(follower)["refused"] == 0
 
 
 def test_waiting_for_parts_is_bounded_and_promotion_resumes_local_checkpoints(
