@@ -264,7 +264,10 @@ def test_tenant_positions_and_tracking_through_the_client(url: str) -> None:
         assert done.tracking is not None and done.receipts[0].position == 6
         assert client.consumer_position("projector", tenant_id="app").position == 5
         with pytest.raises(TrackingConflict):
-            client.append_batch([], tracking=track)
+            client.append_batch([], tracking={**track, "position": 4})
+        repeat = client.append_batch([], tracking=track)  # a retry: answered as before
+        assert repeat.tracking is not None and repeat.tracking["duplicate"]
+        assert repeat.tracking["lsn"] == done.tracking["lsn"]
         with pytest.raises(NotFound):
             client.consumer_position("nobody", tenant_id="app")
 

@@ -34,6 +34,7 @@ from walship.errors import (
 )
 from walship.limits import Limits
 from walship.replication import leader as leader_mod
+from walship.replication import snapshot_send
 from walship.replication.acks import DegradationLedger
 from walship.replication.config import ReplicationConfig
 from walship.replication.follower import Backoff, Follower, FollowerState, FrameRejected
@@ -232,6 +233,8 @@ def test_new_follower_catches_up_from_wal_and_streams_live_writes(tmp_path: Path
                 "repairs",
                 "last_repair",
                 "snapshot",
+                "snapshot_source",
+                "snapshot_fallbacks",
             }
             assert status["leader"] == f"127.0.0.1:{leader.port}"
             assert status["connected"] is True
@@ -789,7 +792,7 @@ def test_interrupted_snapshot_resumes_without_resending_verified_bytes(
     """The link breaks after a few 256-byte chunks; the next SnapshotStart (same snapshot)
     is answered from the bytes already held, and only the rest is sent: on a reconnect, and
     after the follower restarted (what it held is read back from its staging directory)."""
-    monkeypatch.setattr(leader_mod, "SNAPSHOT_CHUNK_BYTES", 256)
+    monkeypatch.setattr(snapshot_send, "SNAPSHOT_CHUNK_BYTES", 256)
     starts: list[tuple[int, int, int, int]] = []  # (file_index, offset, held, total) per start
     chunks: list[list[tuple[int, int, int]]] = []  # (file_index, offset, size) per start
     progress: list[dict[str, Any]] = []

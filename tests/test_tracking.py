@@ -127,7 +127,9 @@ def test_consumer_positions_survive_restart_checkpoint_compaction_and_wal_cut(
         assert got == want
         assert got[("t1", "big")] is not None and got[("t1", "big")].position == 49
         with pytest.raises(TrackingConflict):
-            append(store, [], track(7, tenant="t2"))
+            append(store, [], track(6, tenant="t2"))
+        repeat = append(store, [], track(7, tenant="t2")).tracking  # its answer lost: again
+        assert repeat.duplicate and (repeat.position, repeat.lsn) == (7, 4)
 
 
 def test_the_table_answers_only_what_the_wal_wrote_and_rolls_back() -> None:

@@ -272,8 +272,9 @@ class _Calls:
         """Append events all or nothing; each is a dict of event fields (``id`` or
         ``event_id``; a ``bytes`` payload is binary). ``tracking``: ``{"consumer", "position",
         "tenant_id"}`` stored in the same append (TrackingConflict, nothing stored, unless
-        above the consumer's stored position); ``events`` may then be empty. ``extra``: more
-        top-level fields of the batch body."""
+        above the consumer's stored position; a retry of the batch that stored it, same ids,
+        is answered as a duplicate); ``events`` may then be empty. ``extra``: more top-level
+        fields of the batch body."""
         fields = {**(extra or {}), **({} if tracking is None else {"tracking": dict(tracking)})}
         content = encode_batch(events, fields)
         return self._write("/api/v1/events/batch", content, BatchReceipt, ack_mode)
@@ -356,14 +357,15 @@ class _Calls:
     def _plan_tenant_position(self, tenant_id: str = "default") -> Plan[TenantPositionResult]:
         """The tenant's last position visible on the node that answers (0: none yet)."""
         path = f"/api/v1/tenants/{quote(tenant_id, safe='')}/position"
-        return self._read(path, {}, TenantPositionResult, waits=False)
+        # with min_lsn on a follower: a position read after a write counts that write
+        return self._read(path, {}, TenantPositionResult)
 
     def _plan_consumer_position(
         self, name: str, *, tenant_id: str = "default"
     ) -> Plan[ConsumerPositionResult]:
         """The consumer's last tracked position; NotFound when it has tracked none."""
         path = f"/api/v1/consumers/{quote(name, safe='')}"
-        return self._read(path, {"tenant_id": tenant_id}, ConsumerPositionResult, waits=False)
+        return self._read(path, {"tenant_id": tenant_id}, ConsumerPositionResult)
 
     def _plan_stats(self) -> Plan[dict[str, Any]]:
         """The statistics of the node that answers."""

@@ -13,6 +13,7 @@ same bytes (base64 in JSON answers, ``bin`` in msgpack ones).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -302,7 +303,13 @@ def now_us() -> int:
 def format_timestamp(us: int) -> str:
     """RFC 3339 UTC with microseconds, e.g. ``2026-11-26T09:00:00.123456Z``."""
     secs, micros = divmod(us, 1_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{micros:06d}Z"
+    return f"{_second_text(secs)}.{micros:06d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _second_text(secs: int) -> str:
+    # events come in runs of the same second: strftime was half of encoding a stream's event
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
 
 
 def parse_timestamp(text: str, field: str = "time") -> int:

@@ -71,8 +71,11 @@ from walship.storage.consumers import (
     ConsumerPosition,
     ConsumerTable,
     decode_tracking_payload,
+    repeated_batch,
     tracking_body,
+    tracking_conflict,
 )
+from walship.storage.cuts import LogCuts
 from walship.storage.entity_reads import EntityReader, ReadView
 from walship.storage.manifest import (
     INSTALL_MARKER,
@@ -141,6 +144,7 @@ class TrackingReceipt(msgspec.Struct):
     durability: str = "local"
     required: int = 0
     acked_by: list[str] = msgspec.field(default_factory=list)
+    duplicate: bool = False  # a repeat of the batch that stored it: nothing stored again
 
 
 class QueryResult(msgspec.Struct):
@@ -224,6 +228,7 @@ class Store:
         self._frozen: Memtable | None = None
         self._parts: list[PartReader] = []
         self._manifest = CheckpointManifest()
+        self.cuts = LogCuts()  # divergence-repair cuts, for subscriptions following the log
         self._retention_floor: Callable[[], int | None] = lambda: None
         self._closed = False
         self._stop = threading.Event()
@@ -633,7 +638,8 @@ class Store:
         ``json_checked``: the events were decoded from JSON, so their payload and metadata
         need no second parse (the HTTP routes); a caller's own ``Raw`` is parsed.
         ``tracking``: a consumer's position, stored in the same WAL append (``events`` may
-        then be empty); TrackingConflict, and nothing queued, unless it is above the stored one.
+        then be empty); TrackingConflict, and nothing queued, unless it is above the stored one
+        or the batch repeats the one that stored it (answered as a duplicate, ``_repeat_locked``).
         """
         limits = self.limits
         if tracking is not None:
@@ -661,7 +667,11 @@ class Store:
             self._check_writable()
             self._throttle_locked()
             if tracking is not None:
-                self._consumers.check(tracking, limits.consumers_max)  # before anything queues
+                # before anything queues; a tracking equal to the stored one passes only as
+                # an exact repeat of its batch (a retry after a lost answer): a duplicate
+                repeat_of = self._consumers.check(tracking, limits.consumers_max)
+                if repeat_of is not None:
+                    return self._repeat_locked(tracking, prepared, repeat_of)
             ts = now_us()
             timestamp = format_timestamp(ts)
             # the store lock serializes every append, so the WAL will assign exactly these
@@ -790,6 +800,30 @@ class Store:
             pending.tracking = TrackingReceipt(
                 track.consumer, track.tenant_id, track.position, track.lsn, term
             )
+        return pending
+
+    def _repeat_locked(
+        self,
+        tracking: TrackingIn,
+        prepared: list[tuple[bytes, str, str, str, bytes, bytes | None, bool]],
+        stored: ConsumerPosition,
+    ) -> PendingAppend:
+        """The answer to a batch whose tracking equals the stored one: its original receipts
+        and tracking receipt marked duplicate, nothing queued; TrackingConflict unless it is
+        an exact repeat of the batch that stored it (``repeated_batch``)."""
+        found = repeated_batch(prepared, stored, self._find_id_locked)
+        if found is None:
+            raise tracking_conflict(tracking, stored)
+        self.metrics.duplicates.inc(len(found))
+        receipts = [self._receipt_of(ev, duplicate=True) for ev in found]
+        term = self.wal.terms.term_at(Lsn(stored.lsn)).value
+        waits_on: list[Future[WriteOutcome]] = []
+        if stored.lsn > self.wal.written_lsn.value:  # the original is still being written
+            waits_on.append(self.wal.append_future())
+        pending = PendingAppend(receipts, None, 0, waits_on, synced_lsn=self.wal.synced_lsn.value)
+        pending.tracking = TrackingReceipt(
+            stored.consumer, stored.tenant_id, stored.position, stored.lsn, term, duplicate=True
+        )
         return pending
 
     def would_block(self) -> bool:
@@ -958,6 +992,11 @@ class Store:
     @property
     def last_position(self) -> Position:
         return self.wal.last_position
+
+    def term_at(self, lsn: int) -> int:
+        """The term that wrote ``lsn`` by this node's term history (0 for lsn 0); meaningful
+        for an lsn this node holds (at most ``last_position``)."""
+        return self.wal.terms.term_at(Lsn(lsn)).value
 
     def read_view(self) -> ReadView:
         """What a read may see now: parts, memtables, checkpointed and visible lsn."""
@@ -1198,7 +1237,7 @@ class Store:
             log.error(
                 "checkpoint failing (%d attempts since %s; next in %d ms): %s -- every event "
                 "is still in the WAL, but the memtable grows until writes are refused; see "
-                "the README, 'When checkpoints fail'",
+                "docs/operations.md, 'Checkpoints failing'",
                 failure.failures,
                 format_timestamp(int(failure.since_s * 1_000_000)),
                 failure.retry_in_ms,

@@ -234,6 +234,25 @@ def serve_command(
             help="WAL kept for a lagging follower, at most; past it the follower needs a snapshot.",
         ),
     ] = 1 << 30,
+    serve_snapshots: Annotated[
+        bool,
+        typer.Option(
+            "--serve-snapshots",
+            envvar="WALSHIP_SERVE_SNAPSHOTS",
+            help="While a follower: serve snapshots to other followers on --replication-port "
+            "while caught up, so the leader need not (the leader redirects followers here).",
+        ),
+    ] = False,
+    catch_up_from: Annotated[
+        str | None,
+        typer.Option(
+            "--catch-up-from",
+            envvar="WALSHIP_CATCH_UP_FROM",
+            help="Follower: when a snapshot is needed, fetch it from the follower serving "
+            "snapshots at this replication HOST:PORT first (the leader still vouches for it; "
+            "falls back to the leader).",
+        ),
+    ] = None,
     segment_bytes_max: Annotated[
         int,
         typer.Option(
@@ -430,6 +449,8 @@ def serve_command(
             wal_retention_bytes_max=wal_retention_bytes_max,
             max_replication_lag_ms=max_replication_lag_ms,
             tls=(tls_cert, tls_key, tls_ca, tls_require_client_cert),
+            serve_snapshots=serve_snapshots,
+            catch_up_from=catch_up_from,
             physical_followers=physical_followers,
         )
     except InvalidInput as exc:
@@ -595,7 +616,8 @@ def _auth_summary(settings: AuthSettings) -> str:
 
 def _replication_summary(replication: ReplicationConfig) -> str:
     if replication.leader is not None:
-        return f"follows {replication.leader}"
+        serves = ", serves snapshots" if replication.serve_snapshots else ""
+        return f"follows {replication.leader}{serves}"
     if replication.secret is None:
         return "replication off (no secret)"
     return f"replication {replication.host}:{replication.port} ack {replication.ack_mode}"
@@ -728,15 +750,23 @@ def _lock_data_dir(path: Path) -> DataDirLock:
 
 
 def _bind_replication(node: Node, http_sock: socket.socket) -> None:
-    """Bind a leader's replication listener now, so that a port in use or a host that does
+    """Bind a leader's replication listener (or a follower's that serves snapshots) now, so
+    that a port in use or a host that does
     not resolve is a one-line start-up error (exit 1) rather than a failure inside the
     server's start-up; on failure the node is closed first (its WAL flushed)."""
-    leader = node.leader
-    if leader is None or leader.config.secret is None:
-        return  # a follower listens only once promoted; without a secret nobody connects
-    host, port = leader.config.host, leader.config.port
+    leader, server = node.leader, node.snapshot_server
+    if leader is None and server is None:
+        return  # a follower listens only once promoted or to serve snapshots
+    config = node.replication
+    if config.secret is None:
+        return  # without a secret nobody connects
+    host, port = config.host, config.port
     try:
-        leader.adopt_listener(_listen(host, port, "--replication-host", " for replication"))
+        sock = _listen(host, port, "--replication-host", " for replication")
+        if leader is not None:
+            leader.adopt_listener(sock)
+        elif server is not None:
+            server.adopt_listener(sock)
     except _BindError as exc:
         http_sock.close()
         node.close()
@@ -792,6 +822,8 @@ def replication_config(
     min_in_sync: int,
     wal_retention_bytes_max: int,
     tls: tuple[Path | None, Path | None, Path | None, bool],
+    serve_snapshots: bool = False,
+    catch_up_from: str | None = None,
     max_replication_lag_ms: int = 0,
     physical_followers: bool = False,
 ) -> ReplicationConfig:
@@ -818,6 +850,8 @@ def replication_config(
         if not leader:
             raise InvalidInput("a follower needs --leader HOST:PORT")
         parse_address(leader, "--leader")
+    if catch_up_from:
+        parse_address(catch_up_from, "--catch-up-from")
     secret = None
     if secret_file is not None or os.environ.get(SECRET_ENV):
         secret = load_secret(secret_file)
@@ -860,6 +894,8 @@ def replication_config(
         leader=leader,
         server_ssl=server_ssl,
         client_ssl=client_ssl,
+        serve_snapshots=serve_snapshots,
+        catch_up_from=catch_up_from or None,
         physical_followers=physical_followers,
     )
 
@@ -927,7 +963,9 @@ def _replication_note(node: Node) -> str:
             return " replication=off"
         return f" replication={node.replication_address()}"
     assert node.follower is not None
-    return f" leader={node.follower.leader_address}"
+    server = node.snapshot_server
+    serves = "" if server is None or server.address is None else f" snapshots={server.address}"
+    return f" leader={node.follower.leader_address}{serves}"
 
 
 def _url(host: str, port: int, https: bool = False) -> str:

@@ -41,6 +41,10 @@ class ReplicationConfig:
     client_ssl: ssl.SSLContext | None = None
     reconnect_backoff_min_ms: int = 50
     reconnect_backoff_max_ms: int = 5_000
+    # cascading (``cascade.py``): a follower serves snapshots on its replication port; a
+    # follower that needs one asks this serving follower (``HOST:PORT``) first
+    serve_snapshots: bool = False
+    catch_up_from: str | None = None
     # ship Parquet parts to followers / install the leader's (replication/physical.py)
     physical_followers: bool = False
 

@@ -14,28 +14,21 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import hashlib
 import logging
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import Any
-
-import msgspec
 
 from walship.errors import (
     AuthenticationError,
     Conflict,
-    InvalidInput,
     LimitExceeded,
     NotFound,
     ProtocolError,
     StaleTerm,
-    WaitTimeout,
     WalshipError,
 )
 from walship.events import now_us
@@ -49,6 +42,9 @@ from walship.replication.ledger import DegradationLedger, LedgerKeeper
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.physical import OutgoingPart, PartShipper
 from walship.replication.protocol import (
+    REDIRECT_ANY,
+    REDIRECT_NO,
+    SOURCES_MAX,
     WAL_BATCH_OVERHEAD_BYTES,
     Ack,
     CaughtUp,
@@ -56,16 +52,15 @@ from walship.replication.protocol import (
     Heartbeat,
     InSyncStored,
     Refused,
-    SnapshotChunk,
-    SnapshotEnd,
-    SnapshotFile,
+    SnapshotConfirmed,
+    SnapshotRedirect,
     SnapshotResume,
-    SnapshotStart,
     Subscribe,
     WalBatch,
     make_welcome,
 )
 from walship.replication.retention import RetentionForecaster, RetentionSlots, slot_bytes
+from walship.replication.snapshot_send import SnapshotProgress, send_snapshot
 from walship.replication.stream import MessageStream, PeerRefused
 from walship.storage.manifest import CheckpointManifest
 from walship.storage.parquet import PartInfo
@@ -75,11 +70,6 @@ from walship.wal.record import GENESIS_CHAIN
 from walship.wal.segment import SEGMENT_HEADER_BYTES, SegmentHeader
 
 log = logging.getLogger(__name__)
-
-# Well under the allocator's 1 MiB mmap threshold (runtime.py): each chunk is copied a few
-# times on both ends, and buffers of 1 MiB or more are fresh pages every time, faulted in
-# again at each copy. 1 MiB chunks shipped snapshots at ~145 MB/s here, 256 KiB at ~250.
-SNAPSHOT_CHUNK_BYTES = 256 << 10
 
 
 class FollowerState(Enum):
@@ -124,27 +114,6 @@ class LagClock:
         return 0.0 if written is None else max(now_us() - written, 0) / 1000
 
 
-@dataclass
-class SnapshotProgress:
-    """A snapshot transfer to one follower: ``sending`` until SnapshotEnd is sent, then
-    ``installing`` until the follower acknowledges ``last_lsn`` (it installed the snapshot),
-    when the session drops it."""
-
-    snapshot_id: str
-    bytes_done: int
-    bytes_total: int
-    last_lsn: int
-    sent: bool = False
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "id": self.snapshot_id,
-            "state": "installing" if self.sent else "sending",
-            "bytes_done": self.bytes_done,
-            "bytes_total": self.bytes_total,
-        }
-
-
 IN_SYNC_RETRY_S = 0.5
 """How soon a leader tries again to publish an in-sync set it could not (etcd unreachable)."""
 
@@ -169,6 +138,7 @@ class FollowerSession:
         self.connected_at = time.time()
         self.last_heard = time.monotonic()
         self.snapshot: SnapshotProgress | None = None
+        self.serve_address = ""  # where it serves snapshots to other followers (empty: not)
         self.ack_rate = AckRate()
         self.close_reason: str | None = None
         self.wake = asyncio.Event()
@@ -207,6 +177,8 @@ class FollowerSession:
         }
         if self.snapshot is not None:
             out["snapshot"] = self.snapshot.status()
+        if self.serve_address:
+            out["serves_snapshots"] = self.serve_address
         return out
 
     # ------------------------------------------------------------------ one unit of work
@@ -291,7 +263,9 @@ class FollowerSession:
                     f"follower {hello.node_id} refused this leader: {exc.message}", leader.term + 1
                 )
             raise
-        self.sent_lsn = self.durable_lsn = sub.lsn  # it holds these already
+        # it holds these already (a staged snapshot: once it installed it, before any ack)
+        self.sent_lsn = self.durable_lsn = sub.lsn
+        self.serve_address = sub.serve_address
         leader.note_follower(self.node_id, sub.http_url)
         leader.register(self)
         receiver = asyncio.create_task(self._receive(timeout), name=f"recv-{self.node_id}")
@@ -311,10 +285,13 @@ class FollowerSession:
             return
         next_lsn = decision
         if next_lsn is None:
-            next_lsn = await self._send_snapshot()
-            if next_lsn is None:
+            # a staged snapshot too old for this WAL gets one from here, not another redirect
+            if not sub.staged and await self._redirect(sub):
                 return
+            next_lsn = await self._send_snapshot()
         else:
+            if sub.staged:
+                await self._confirm_staged(sub)
             self._prev = (sub.lsn, sub.term, sub.chain)
         self.sent_lsn = next_lsn - 1
         self._cursor = WalCursor(leader.store.wal, next_lsn)
@@ -424,89 +401,68 @@ class FollowerSession:
             self.close_reason = exc.message
             await self.stream.close()
 
-    async def _send_snapshot(self) -> int | None:
-        """Send the pinned checkpoint; returns the lsn to stream from (S+1)."""
+    async def _send_snapshot(self) -> int:
+        """Send the pinned checkpoint (``snapshot_send.py``); returns the lsn to stream from
+        (S+1). The WAL after S is pinned too, until the transfer ends."""
         leader = self.leader
         store = leader.store
         manifest = store.manifest
-        if manifest.last_lsn == 0:
-            raise InvalidInput("the follower needs a snapshot but none exists yet")
         self.state = FollowerState.SNAPSHOT
         pin_id = id(self)
         leader.pins[pin_id] = manifest.last_lsn + 1
-        pinned = store.pin_parts([p.file for p in manifest.parts])
         try:
-            files: list[tuple[SnapshotFile, Path | bytes]] = []
-            for part in manifest.parts:
-                files.append(
-                    (
-                        SnapshotFile(part.file, part.bytes, bytes.fromhex(part.sha256)),
-                        store.parts_dir / part.file,
-                    )
-                )
-            extra = {
-                "manifest.json": msgspec.json.encode(manifest),
-                "term_history.json": msgspec.json.encode(store.wal.terms.to_list()),
-            }
-            for name, data in extra.items():
-                files.append((SnapshotFile(name, len(data), hashlib.sha256(data).digest()), data))
-            total = sum(f.size for f, _ in files)
-            digest = hashlib.sha256(extra["manifest.json"]).hexdigest()[:16]
-            snapshot_id = f"{manifest.last_lsn:016x}-{digest}"
-            self.snapshot = SnapshotProgress(snapshot_id, 0, total, manifest.last_lsn)
-            await self.stream.send(
-                SnapshotStart(
-                    snapshot_id=snapshot_id,
-                    last_lsn=manifest.last_lsn,
-                    last_term=manifest.last_term,
-                    chain=manifest.chain_bytes,
-                    files=[f for f, _ in files],
-                    total_bytes=total,
-                )
+            await send_snapshot(
+                store,
+                manifest,
+                self.stream,
+                self._resume.get,
+                leader.metrics,
+                self._snapshot_started,
             )
-            timeout = store.limits.read_timeout_ms / 1000
-            try:
-                async with asyncio.timeout(timeout):
-                    resume = await self._resume.get()
-            except TimeoutError as exc:
-                raise WaitTimeout("the follower did not answer SnapshotStart") from exc
-            if resume.snapshot_id != snapshot_id or resume.file_index > len(files):
-                raise ProtocolError("SnapshotResume names another snapshot or file")
-            done = sum(f.size for f, _ in files[: resume.file_index]) + resume.offset
-            self.snapshot.bytes_done = done
-            for index in range(resume.file_index, len(files)):
-                meta, source = files[index]
-                offset = resume.offset if index == resume.file_index else 0
-                if offset > meta.size:
-                    raise ProtocolError("SnapshotResume offset is past the end of the file")
-                while offset < meta.size or (meta.size == 0 and offset == 0):
-                    size = min(SNAPSHOT_CHUNK_BYTES, meta.size - offset)
-                    data = (
-                        source[offset : offset + size]
-                        if isinstance(source, bytes)
-                        else await asyncio.to_thread(_read_chunk, source, offset, size)
-                    )
-                    await self.stream.send(SnapshotChunk(index, offset, data))
-                    offset += size
-                    self.snapshot.bytes_done += size
-                    leader.metrics.snapshot_bytes.inc(size)
-                    if meta.size == 0:
-                        break
-            # before the send: its drain may let the follower's ack of the install in first
-            self.snapshot.sent = True
-            await self.stream.send(SnapshotEnd(snapshot_id))
-            leader.metrics.snapshots_sent.inc()
-            self._prev = (manifest.last_lsn, manifest.last_term, manifest.chain_bytes)
-            return manifest.last_lsn + 1
         finally:
             leader.pins.pop(pin_id, None)
-            store.unpin_parts(pinned)
+        self._prev = (manifest.last_lsn, manifest.last_term, manifest.chain_bytes)
+        return manifest.last_lsn + 1
 
+    def _snapshot_started(self, progress: SnapshotProgress) -> None:
+        self.snapshot = progress
 
-def _read_chunk(path: Path, offset: int, size: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
+    async def _redirect(self, sub: Subscribe) -> bool:
+        """Send a follower that needs a snapshot to caught-up followers that serve them,
+        when it takes redirects; True when it was redirected (the session then ends)."""
+        if sub.redirect == REDIRECT_NO:
+            return False
+        leader = self.leader
+        sources = leader.snapshot_sources(self.node_id)
+        if not sources and sub.redirect != REDIRECT_ANY:
+            return False
+        min_lsn = leader.store.wal.first_lsn().value - 1
+        await self.stream.send(SnapshotRedirect(term=leader.term, sources=sources, min_lsn=min_lsn))
+        leader.metrics.snapshots_redirected.inc()
+        self.close_reason = f"redirected for a snapshot to {', '.join(sources) or 'its own source'}"
+        log.info(
+            "replication: %s needs a snapshot: redirected to %s (it must reach lsn %d)",
+            self.node_id,
+            ", ".join(sources) or "the source it names itself",
+            min_lsn,
+        )
+        return True
+
+    async def _confirm_staged(self, sub: Subscribe) -> None:
+        """Vouch for a snapshot the follower fetched from another follower and has not
+        installed (``locate`` found this very record -- term and chain -- in this log, and
+        the WAL after it): the follower installs it with this leader's term history."""
+        leader = self.leader
+        await self.stream.send(
+            SnapshotConfirmed(
+                term=leader.term,
+                lsn=sub.lsn,
+                last_term=sub.term,
+                chain=sub.chain,
+                term_history=leader.store.wal.terms.to_list(),
+            )
+        )
+        leader.metrics.snapshots_confirmed.inc()
 
 
 class Leader:
@@ -839,6 +795,18 @@ class Leader:
             session.in_sync = False
             self.metrics.followers.set(len(self.sessions))
             self.metrics.set_follower(session.node_id, None)
+
+    def snapshot_sources(self, asking: str) -> list[str]:
+        """Where a follower that needs a snapshot can fetch it instead of from here: the
+        serving addresses of followers in the in-sync set (caught up, lag under
+        ``max_lag_ms``), least lagging first; never ``asking`` itself."""
+        ready = [
+            s
+            for s in self.sessions.values()
+            if s.serve_address and s.node_id != asking and s.in_sync
+        ]
+        ready.sort(key=lambda s: s.lag_records())
+        return [s.serve_address for s in ready][:SOURCES_MAX]
 
     def known_followers(self) -> set[str]:
         """Every follower this leader knows: connected, or holding a retention slot (which

@@ -59,6 +59,14 @@ class ReplicationMetrics:
         self.shipped_records = counter("shipped_records", "WAL records sent to followers")
         self.snapshots_sent = counter("snapshots_sent", "Snapshots sent to followers")
         self.snapshot_bytes = counter("snapshot_bytes", "Snapshot bytes sent")
+        self.snapshots_redirected = counter(
+            "snapshots_redirected",
+            "Leader: followers needing a snapshot sent to a serving follower instead",
+        )
+        self.snapshots_confirmed = counter(
+            "snapshots_confirmed",
+            "Leader: snapshots fetched from a serving follower that it vouched for",
+        )
         # physical followers (replication/physical.py)
         self.parts_sent = counter("parts_sent", "Parquet parts shipped to followers")
         self.part_bytes_sent = counter("part_bytes_sent", "Parquet part bytes shipped")
@@ -158,6 +166,15 @@ class ReplicationMetrics:
         self.applied_lsn = gauge("applied_lsn", "Follower: highest lsn applied")
         self.leader_lsn = gauge(
             "leader_lsn", "Follower: the leader's last lsn, as last heard from it"
+        )
+        self.snapshots_from_followers = counter(
+            "snapshots_from_followers",
+            "Follower: snapshots installed that a serving follower sent (not the leader)",
+        )
+        self.snapshot_fallbacks = counter(
+            "snapshot_fallbacks",
+            "Follower: redirects for a snapshot given up (no source served one the leader "
+            "vouched for): the next one comes from the leader",
         )
         self.snapshots_received = counter(
             "snapshots_received", "Follower: snapshots received and installed"

@@ -33,6 +33,11 @@ Message flow (F = follower, L = leader)::
     F ◀── Diverged(common_term, common_lsn)          F truncates, lost-and-found, resubscribes
     F ◀── SnapshotStart, SnapshotChunk…, SnapshotEnd  F installs S, then WAL from S+1
     F ◀── WalBatch… CaughtUp WalBatch…                catch-up from disk, then live tail
+    F ◀── SnapshotRedirect(sources, min_lsn)          F fetches the snapshot from a serving
+                                                      follower (same handshake, Subscribe,
+                                                      SnapshotStart…End), then subscribes here
+                                                      with ``staged``; L vouches with
+    F ◀── SnapshotConfirmed(lsn, term, chain, terms)  and WAL follows from lsn + 1
     all along
     F ── Ack(durable_lsn, applied_lsn) ──▶ L          F ◀── Heartbeat(term, …) ──▶ L
     F ◀── InSyncSet(term, version, lsn, members)      when the in-sync set changes
@@ -191,19 +196,43 @@ class Refused(_Wire, frozen=True):
         return error_class_for(self.code)(f"refused by peer: {self.message}", refused=self.code)
 
 
+REDIRECT_NO: Final = 0
+"""Subscribe.redirect: send the snapshot yourself (what followers before cascading expect)."""
+REDIRECT_AUTO: Final = 1
+"""Subscribe.redirect: redirect me to a caught-up follower that serves snapshots, if any."""
+REDIRECT_ANY: Final = 2
+"""Subscribe.redirect: redirect me even when you know none: I have a source of my own."""
+SOURCES_MAX: Final = 16  # snapshot sources named in one SnapshotRedirect
+
+
 class Subscribe(_Wire, frozen=True):
     """F→L: the follower's durable end of log ``(term, lsn)`` and the chain hash there, and
     its advertised HTTP URL (empty: unknown), which the leader keeps to ask before it takes
-    writes again after a restart (``leadership.py``)."""
+    writes again after a restart (``leadership.py``).
+
+    Cascading (``cascade.py``) adds, all trailing with defaults (so this leader reads a
+    Subscribe from a follower before them; a leader before them refuses theirs, hence leaders
+    are upgraded first): ``redirect`` (one of the
+    ``REDIRECT_*``: may the leader answer ``SnapshotRedirect`` instead of sending a snapshot),
+    ``serve_address`` (``HOST:PORT`` where this follower serves snapshots; empty: it does not),
+    ``staged`` (the position is a snapshot fetched from another follower and not installed:
+    the leader must vouch for it, ``SnapshotConfirmed``, or refuse) and ``snapshot_min_lsn``
+    (to a serving follower: the snapshot must reach at least this lsn)."""
 
     term: U64
     lsn: U64
     chain: Chain
     http_url: Annotated[str, msgspec.Meta(max_length=URL_BYTES_MAX)] = ""
+    redirect: Annotated[int, msgspec.Meta(ge=0, le=REDIRECT_ANY)] = REDIRECT_NO
+    serve_address: Annotated[str, msgspec.Meta(max_length=URL_BYTES_MAX)] = ""
+    staged: bool = False
+    snapshot_min_lsn: U64 = 0
 
     @classmethod
-    def at(cls, position: Position, chain: bytes, http_url: str = "") -> Subscribe:
-        return cls(term=int(position.term), lsn=int(position.lsn), chain=chain, http_url=http_url)
+    def at(cls, position: Position, chain: bytes, http_url: str = "", **more: Any) -> Subscribe:
+        return cls(
+            term=int(position.term), lsn=int(position.lsn), chain=chain, http_url=http_url, **more
+        )
 
     @property
     def position(self) -> Position:
@@ -271,6 +300,31 @@ class SnapshotEnd(_Wire, frozen=True):
     """L→F: every chunk of the snapshot was sent; verify sha256s, install, stream from S+1."""
 
     snapshot_id: Ident
+
+
+class SnapshotRedirect(_Wire, frozen=True):
+    """L→F: fetch the snapshot from one of ``sources`` (caught-up followers' replication
+    addresses, in order of preference); it must reach at least ``min_lsn`` for the leader to
+    go on from its WAL. Then subscribe again with the staged position (``Subscribe.staged``)."""
+
+    term: U64
+    sources: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=URL_BYTES_MAX)]],
+        msgspec.Meta(max_length=SOURCES_MAX),
+    ]
+    min_lsn: U64
+
+
+class SnapshotConfirmed(_Wire, frozen=True):
+    """L→F, the answer to a staged Subscribe: the leader's record ``lsn`` has this term and
+    chain (it checked them), and its term history up to there; the follower installs the
+    staged snapshot with this history and WAL follows from ``lsn + 1``."""
+
+    term: U64
+    lsn: U64
+    last_term: U64
+    chain: Chain
+    term_history: list[tuple[U64, U64]]  # bounded by the frame size
 
 
 class CaughtUp(_Wire, frozen=True):
@@ -431,6 +485,8 @@ Message: TypeAlias = (
     | SnapshotResume
     | InSyncSet
     | InSyncStored
+    | SnapshotRedirect
+    | SnapshotConfirmed
     | PartStart
     | PartChunk
     | PartEnd
@@ -683,10 +739,12 @@ def hello_error(hello: Hello, cluster_id: str) -> ProtocolError | None:
 def stale_term_error(msg: Message, known_term: int) -> StaleTerm | None:
     """A StaleTerm error when ``msg`` comes from a lower term than ``known_term`` (fencing).
 
-    The sender's term is in Welcome, WalBatch, CaughtUp, Heartbeat and InSyncSet; other
-    messages pass.
+    The sender's term is in Welcome, WalBatch, CaughtUp, Heartbeat, InSyncSet and
+    SnapshotRedirect; other messages pass.
     """
-    if not isinstance(msg, Welcome | WalBatch | CaughtUp | Heartbeat | InSyncSet):
+    if not isinstance(
+        msg, Welcome | WalBatch | CaughtUp | Heartbeat | InSyncSet | SnapshotRedirect
+    ):
         return None
     term = msg.term
     if term < known_term:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import threading
 import uuid
 from pathlib import Path
 
@@ -166,6 +167,13 @@ def uuid_strings(ids: list[bytes]) -> pa.StringArray:
 
 
 BUILD_ROWS = 2048
+# A part's rows are sorted by entity, so any run of consecutive lsns is spread over every
+# row group: a subscription catching up in lsn order read the whole part for each page of
+# 500 (measured: ~13,000 events/s over 100,000 events). An lsn scan decodes the part once per
+# slab of this many rows in lsn order instead, and keeps the last slabs for the next page.
+SCAN_SLAB_ROWS = 16_384
+SCAN_SLABS_KEPT = 2  # per part: two consumers catching up a slab apart both hit
+_EVERYTHING = QueryFilter()
 """Events converted to Arrow per call while a part is built (a few ms of GIL each)."""
 
 
@@ -292,6 +300,9 @@ class PartReader:
         except (OSError, pa.ArrowException) as exc:
             raise CorruptionError(f"cannot open checkpoint part {path}: {exc}") from exc
         self._id_hashes: np.ndarray | None = None
+        self._scan_lock = threading.Lock()
+        self._lsns: np.ndarray | None = None  # every lsn of the part, sorted (8 bytes a row)
+        self._slabs: dict[int, list[StoredEvent]] = {}  # slab number -> its events, oldest first
 
     def _open(self) -> pq.ParquetFile:
         """A reader for one call (it shares the descriptor, which it leaves open)."""
@@ -309,6 +320,8 @@ class PartReader:
 
     def select(self, flt: QueryFilter, limit: int) -> list[StoredEvent]:
         """Up to ``limit`` matching events of this part, in lsn order."""
+        if dataclasses.replace(flt, from_lsn=1, to_lsn=None) == _EVERYTHING:
+            return self._scan(flt.from_lsn, flt.to_lsn, limit)
         if flt.entity_id is not None:
             key = entity_key(flt.tenant_id or "default", flt.entity_id)
             groups = [i for i, (lo, hi) in enumerate(self.info.row_groups) if lo <= key <= hi]
@@ -330,6 +343,50 @@ class PartReader:
         wanted = np.sort(keys.column("lsn").to_numpy())[:limit]
         table = self._rows_by_lsn(wanted)
         return _to_events(table, limit)
+
+    def _scan(self, from_lsn: int, to_lsn: int | None, limit: int) -> list[StoredEvent]:
+        """Every event from ``from_lsn`` through ``to_lsn`` (at most ``limit``), by slabs."""
+        lsns = self._sorted_lsns()
+        i = int(np.searchsorted(lsns, from_lsn))
+        end = len(lsns) if to_lsn is None else int(np.searchsorted(lsns, to_lsn, side="right"))
+        end = min(end, i + limit)
+        out: list[StoredEvent] = []
+        while i < end:
+            slab = i // SCAN_SLAB_ROWS
+            first = slab * SCAN_SLAB_ROWS
+            events = self._slab(slab, lsns)
+            out.extend(events[i - first : end - first])
+            i = first + SCAN_SLAB_ROWS
+        return out
+
+    def _sorted_lsns(self) -> np.ndarray:
+        with self._scan_lock:
+            if self._lsns is None:
+                with self._open() as file:
+                    column = file.read(columns=["lsn"], use_threads=False).column("lsn")
+                self._lsns = np.sort(column.to_numpy())
+            return self._lsns
+
+    def _slab(self, slab: int, lsns: np.ndarray) -> list[StoredEvent]:
+        """The events of rows ``slab * SCAN_SLAB_ROWS`` on in lsn order, decoded one row
+        group at a time (never the whole part in memory at once)."""
+        with self._scan_lock:
+            events = self._slabs.pop(slab, None)
+            if events is None:
+                lo = int(lsns[slab * SCAN_SLAB_ROWS])
+                hi = int(lsns[min((slab + 1) * SCAN_SLAB_ROWS, len(lsns)) - 1])
+                kept = []
+                with self._open() as file:
+                    for group in range(file.metadata.num_row_groups):
+                        table = file.read_row_group(group, use_threads=False)
+                        col = table.column("lsn")
+                        mask = pc.and_(pc.greater_equal(col, lo), pc.less_equal(col, hi))
+                        kept.append(table.filter(mask))
+                events = _to_events(pa.concat_tables(kept), SCAN_SLAB_ROWS)
+            self._slabs[slab] = events  # the newest last
+            while len(self._slabs) > SCAN_SLABS_KEPT:
+                del self._slabs[next(iter(self._slabs))]
+            return events
 
     def _rows_by_lsn(self, lsns: np.ndarray) -> pa.Table:
         """Read only the row groups that hold ``lsns`` and keep those rows."""
