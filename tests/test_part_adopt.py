@@ -154,3 +154,25 @@ def test_a_part_that_does_not_match_is_refused_and_nothing_changes(
     adopt(leader, follower, nxt, staged_copy(leader, nxt, tmp_path / "next"))
     assert [p.file for p in follower.manifest.parts] == [p.file for p in leader.manifest.parts]
     assert follower.parquet_encodes == 1 and follower.parts_adopted == 1
+
+
+def test_a_read_view_taken_before_an_install_still_sees_every_event(
+    pair: tuple[Store, Store], tmp_path: Path
+) -> None:
+    """An install swaps in new memtables and leaves the old ones alone: a read that took its
+    view before (parts before the install, the old memtable) still finds every event."""
+    leader, follower = pair
+    write(leader, 0, 10)
+    part = leader.checkpoint()
+    assert part is not None
+    write(leader, 10, 5)
+    ship_wal(leader, follower)
+    view = follower.read_view()
+    adopt(leader, follower, part, staged_copy(leader, part, tmp_path / "in"))
+    in_memory = sorted(ev.lsn for m in view.memtables for ev in m.events)
+    assert not view.parts and in_memory == list(range(1, 16))
+    write(leader, 15, 5)
+    ship_wal(leader, follower)
+    assert follower.checkpoint_through(17) is not None
+    assert sorted(ev.lsn for m in view.memtables for ev in m.events) == list(range(1, 16))
+    assert all_events(follower) == list(range(1, 21))

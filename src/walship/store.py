@@ -20,6 +20,7 @@ Usable embedded::
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import shutil
@@ -1280,19 +1281,22 @@ class Store:
             if len(self._active) == 0:
                 return None
             frozen = self._active
-            self._active = Memtable()
-            self._active.created_us = now_us()
             if split is not None:
                 assert through is not None
                 upto, chain, consumers = split
-                cut = frozen.truncate_after(through)
-                self._active.created_us = frozen.created_us
-                self._active.add_all(cut)
-                if len(frozen) == 0:
-                    self._active = frozen
-                    self._active.add_all(cut)
+                # two new memtables, the old one left as it is: a reader's view holds it
+                events = frozen.events
+                cut = bisect.bisect_right(events, through, key=_lsn_of)
+                if cut == 0:
                     return None
+                frozen, rest = Memtable(), Memtable()
+                frozen.created_us = rest.created_us = self._active.created_us
+                frozen.add_all(events[:cut])
+                rest.add_all(events[cut:])
+                self._active = rest
             else:
+                self._active = Memtable()
+                self._active.created_us = now_us()
                 upto = self.wal.last_position
                 chain = self.wal.last_chain
                 consumers = self._consumers.entries()  # as of ``upto``, like the memtable
@@ -1549,6 +1553,10 @@ class Store:
     def __repr__(self) -> str:
         state = "CLOSED" if self._closed else "OPEN"
         return f"<Store {self.config.node_id} {state} {self.data_dir}>"
+
+
+def _lsn_of(ev: StoredEvent) -> int:
+    return ev.lsn
 
 
 def _replace(flt: QueryFilter, **changes: Any) -> QueryFilter:

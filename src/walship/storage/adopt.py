@@ -90,11 +90,12 @@ def adopt_checkpoint(
 
             save_manifest(store.checkpoint_dir, manifest)
             with store._lock:
-                old = store._active
-                rest = old.truncate_after(last)
+                # a new memtable for what follows the part; the old one is left as it is,
+                # for the readers whose view holds it (with the parts before this one)
+                old = store._active.events
                 fresh = Memtable()
                 fresh.created_us = now_us()
-                fresh.add_all(rest)
+                fresh.add_all(old[bisect.bisect_right(old, last, key=lambda ev: ev.lsn) :])
                 store._active = fresh
                 store._manifest = manifest
                 store._parts.append(reader)
