@@ -88,6 +88,13 @@ class Cluster:
         self.secret.write_text(secrets.token_hex(16))
         os.chmod(self.secret, 0o600)
         self.stack = ExitStack()
+        try:
+            self._start(root, mode, followers, extra)
+        except BaseException:
+            self.stack.close()  # a node that did start must not outlive a failed start
+            raise
+
+    def _start(self, root: Path, mode: str, followers: int, extra: tuple[str, ...]) -> None:
         self.leader = NodeProcess(
             root / "leader",
             node_id="leader",

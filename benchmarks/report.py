@@ -1,7 +1,7 @@
 """Render benchmarks/results/*.json as the README's Markdown tables (figure beside target).
 
-Run: ``python benchmarks/report.py`` after ``ingest.py``, ``replication.py`` and
-``subscriptions.py``.
+Run: ``python benchmarks/report.py`` after ``ingest.py``, ``replication.py``,
+``subscriptions.py`` (and ``sustained.py``, which ``scripts/bench --sustained`` runs).
 """
 
 from __future__ import annotations
@@ -33,10 +33,33 @@ ROWS = {
         ("ingest with 100 live subscribers / none", "ingest_ratio_100_live", ">=", "x"),
         ("RSS with 1,000 idle subscribers", "rss_idle_subscribers_mb", "", "MB"),
     ],
-}
+    "sustained": [
+        ("throughput, last / second million (tenth of the run)", "last_to_second_window_ratio",
+         ">=", "x"),
+        ("sync ingest over the whole run", "events_per_s", "", "events/s"),
+        ("write amplification (Parquet writes per event), leader",
+         "leader_write_amplification", "", "x"),
+        ("write amplification, follower-1", "follower_1_write_amplification", "", "x"),
+        ("write amplification, follower-2", "follower_2_write_amplification", "", "x"),
+        ("peak RSS (VmHWM), leader", "leader_peak_rss_mb", "", "MB"),
+        ("peak RSS, follower-1", "follower_1_peak_rss_mb", "", "MB"),
+        ("peak RSS, follower-2", "follower_2_peak_rss_mb", "", "MB"),
+        ("CPU per event, leader", "leader_cpu_us_per_event", "", "µs"),
+        ("CPU per event, follower-1", "follower_1_cpu_us_per_event", "", "µs"),
+        ("CPU per event, follower-2", "follower_2_cpu_us_per_event", "", "µs"),
+        ("CPU per event, three nodes and the load generator",
+         "cpu_us_per_event_with_load_generator", "", "µs"),
+        ("disk per event at the end, leader", "leader_disk_bytes_per_event", "", "bytes"),
+        ("followers' logs identical to the leader's", "followers_identical", "", ""),
+    ],
+}  # fmt: skip
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
     if isinstance(value, float):
         return f"{value:,.2f}"
     if isinstance(value, int):
@@ -50,8 +73,10 @@ def table(name: str) -> str:
         return f"_{path.name} not found: run benchmarks/{name}.py_\n"
     data = json.loads(path.read_text())
     targets = data.get("targets", {})
+    note = f" -- {data['note']}" if data.get("note") else ""
     lines = [
-        f"Measured {data.get('when', '?')} ({data.get('machine', {}).get('cpus', '?')} CPUs).",
+        f"Measured {data.get('when', '?')} ({data.get('machine', {}).get('cpus', '?')} CPUs)"
+        f"{note}.",
         "",
         "| benchmark | target | walship | met |",
         "|---|---|---|---|",
@@ -62,7 +87,8 @@ def table(name: str) -> str:
         if op and isinstance(value, int | float) and isinstance(target, int | float):
             met = "yes" if (value >= target if op == ">=" else value <= target) else "**no**"
         goal = f"{op} {_fmt(target)} {unit}" if op else "recorded"
-        lines.append(f"| {label} | {goal} | {_fmt(value)} {unit} | {met} |")
+        shown = _fmt(value) if value is None or isinstance(value, bool) else f"{_fmt(value)} {unit}"
+        lines.append(f"| {label} | {goal} | {shown} | {met} |")
     return "\n".join(lines) + "\n"
 
 
@@ -90,10 +116,37 @@ def peer_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def sustained_detail() -> str:
+    """The sustained run per window (events/s, each node's CPU per event and RSS) and each
+    node's CPU per event per thread."""
+    path = RESULTS / "sustained.json"
+    if not path.exists():
+        return ""
+    data = json.loads(path.read_text())
+    nodes = list(data.get("nodes", {}))
+    head = " | ".join(f"{n} µs/event, RSS MB" for n in nodes)
+    lines = [f"| window ({_fmt(data.get('window_events'))} events) | events/s | {head} |",
+             "|---" * (2 + len(nodes)) + "|"]  # fmt: skip
+    for w in data.get("windows", []):
+        cells = " | ".join(
+            f"{_fmt(w.get(f'{n}_cpu_us_per_event'))}, {_fmt(w.get(f'{n}_rss_mb'))}" for n in nodes
+        )
+        lines.append(f"| {w['window']} | {_fmt(w['events_per_s'])} | {cells} |")
+    lines += ["", "| node | CPU µs per event, per thread |", "|---|---|"]
+    for node, figures in data.get("nodes", {}).items():
+        threads = ", ".join(
+            f"{name} {_fmt(us)}" for name, us in figures["cpu_us_per_event_by_thread"].items()
+        )
+        lines.append(f"| {node} | {threads} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     for name in ROWS:
         print(f"### {name}\n")
         print(table(name))
+        if name == "sustained":
+            print(sustained_detail())
     print("### walship and PostgreSQL\n")
     print(peer_table())
 

@@ -483,7 +483,9 @@ def test_read_deadlines_drop_a_silent_peer_at_either_end(tmp_path: Path) -> None
     run(scenario)
 
 
-def test_a_follower_joins_the_in_sync_set_only_once_caught_up(tmp_path: Path) -> None:
+def test_a_follower_joins_the_in_sync_set_only_once_caught_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After a leader restart every older record counts as written at the start, so lag in
     time alone would call a follower far behind "in sync"; sync writes would then wait on it.
     It joins only once it has been sent everything (STREAMING)."""
@@ -498,12 +500,27 @@ def test_a_follower_joins_the_in_sync_set_only_once_caught_up(tmp_path: Path) ->
         assert leader.port is not None
         seen: list[tuple[leader_mod.FollowerState, bool]] = []
         evaluate = leader.evaluate
+        judged_catching_up = asyncio.Event()
 
         def spy(session: leader_mod.FollowerSession) -> None:
             evaluate(session)
             seen.append((session.state, session.in_sync))
+            if session.state is leader_mod.FollowerState.CATCHING_UP:
+                judged_catching_up.set()
 
         leader.evaluate = spy  # type: ignore[method-assign]
+        # the whole catch-up may fit in the socket buffers and be sent before the first ack
+        # comes back; hold it after its first step until an ack has been judged mid-catch-up
+        step = leader_mod.FollowerSession.step
+
+        async def held_step(session: leader_mod.FollowerSession) -> bool:
+            sent = await step(session)
+            if session.state is leader_mod.FollowerState.CATCHING_UP:
+                async with asyncio.timeout(TIMEOUT_S):
+                    await judged_catching_up.wait()
+            return sent
+
+        monkeypatch.setattr(leader_mod.FollowerSession, "step", held_step)
         fstore = open_store(tmp_path / "f1", "f1")
         follower = make_follower(fstore, leader.port)
         try:

@@ -47,6 +47,8 @@ class Limits:
     # manifest (about 100 bytes an entry), so its size is bounded
     consumer_name_chars_max: int = 128
     consumers_max: int = 100_000
+    # and per tenant, so one tenant's write key cannot take every other tenant's consumers
+    consumers_per_tenant_max: int = 10_000
 
     # subscriptions (SSE): a subscriber costs one page of events in memory while it is sent,
     # never a queue; the next page is read only when the last one left for the socket

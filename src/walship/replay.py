@@ -146,7 +146,9 @@ def _record(path: Path, n: int, rec: LostRecord) -> ReplayRecord:
         event = _event_decoder.decode(rec.event)
     except msgspec.DecodeError as exc:
         raise InvalidInput(f"{where}: not a lost event: {exc}") from exc
-    if event.version < 1:
+    # walship's own records (a consumer's tracking, a term's first record) have version 0:
+    # repair cuts whole WAL records, so a file holds them too, and replay skips them
+    if event.version < 1 and not event.event_type.startswith(SYSTEM_PREFIX):
         raise InvalidInput(f"{where}: version {event.version} is not a stored version")
     return ReplayRecord(rec.lsn, rec.term, event)
 

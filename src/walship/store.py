@@ -670,7 +670,9 @@ class Store:
             if tracking is not None:
                 # before anything queues; a tracking equal to the stored one passes only as
                 # an exact repeat of its batch (a retry after a lost answer): a duplicate
-                repeat_of = self._consumers.check(tracking, limits.consumers_max)
+                repeat_of = self._consumers.check(
+                    tracking, limits.consumers_max, limits.consumers_per_tenant_max
+                )
                 if repeat_of is not None:
                     return self._repeat_locked(tracking, prepared, repeat_of)
             ts = now_us()
@@ -1110,9 +1112,11 @@ class Store:
 
     def consumer_position(self, tenant_id: str, consumer: str) -> ConsumerPosition | None:
         """The consumer's last tracked position visible here; None when it has none."""
-        visible = self.visible_lsn
         with self._lock:
-            return self._consumers.visible(tenant_id, consumer, visible)
+            # under the lock: the undo log is trimmed (under it) only below what the WAL had
+            # written then, so an entry past this visible lsn still has its undo record; read
+            # before the lock, a tracking written and trimmed meanwhile hid the consumer (404)
+            return self._consumers.visible(tenant_id, consumer, self.visible_lsn)
 
     def _last_event(self, flt: QueryFilter) -> StoredEvent | None:
         """The last event ``flt`` matches, read page by page; None when none does."""

@@ -19,8 +19,9 @@ from typing import Any
 
 import msgspec
 
-from walship.errors import MalformedMsgpack, UnsupportedMediaType, ValidationError
+from walship.errors import LimitExceeded, MalformedMsgpack, UnsupportedMediaType, ValidationError
 from walship.events import base64_json
+from walship.limits import Limits
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -31,6 +32,14 @@ _JSON_TYPES = frozenset({"", JSON, "application/x-www-form-urlencoded"})
 _json_encoder = msgspec.json.Encoder()
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _msgpack_decoder = msgspec.msgpack.Decoder()
+_shallow_map = msgspec.msgpack.Decoder(dict[str, msgspec.Raw])
+_shallow_list = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_raw_decoder = msgspec.msgpack.Decoder(msgspec.Raw)
+
+FIELD_BYTES_MAX = 64 * 1024
+"""The msgpack of a body's value other than a payload or metadata (ids, names, a tracking)."""
+MAP_FIELDS_MAX = 256
+"""Fields of a body or an event map (it has about ten; each costs objects before any check)."""
 
 
 class Media(enum.Enum):
@@ -117,34 +126,132 @@ def _check_json_form(value: object, field: str) -> None:
         raise _no_json_form(field, item)
 
 
-def _binary_payload(event: dict[str, Any]) -> None:
-    """A ``bin`` payload becomes the JSON body's base64 payload, in place."""
-    payload = event.get("payload")
-    if not isinstance(payload, bytes | bytearray | memoryview):
-        return
-    encoding = event.get("payload_encoding", "base64")
-    if encoding != "base64":
+def _binary_as_base64(payload: object, encoding: object) -> str:
+    """A ``bin`` payload as the JSON body's base64 text (``payload_encoding`` must allow it)."""
+    if encoding is not None and encoding != "base64":
         raise ValidationError(
             f"a bin payload is binary; payload_encoding {str(encoding)[:32]!r} says otherwise",
             field="payload_encoding",
         )
-    event["payload"] = base64_json(bytes(payload))[1:-1].decode("ascii")
-    event["payload_encoding"] = "base64"
+    assert isinstance(payload, bytes | bytearray | memoryview)
+    return base64_json(bytes(payload))[1:-1].decode("ascii")
 
 
-def msgpack_to_json(data: bytes, *, batch: bool) -> bytes:
-    """The JSON body a msgpack write body stands for (see the module); MalformedMsgpack when
-    it is not one msgpack value, ValidationError when a value has no JSON form."""
+def _value(raw: msgspec.Raw, field: str, bytes_max: int) -> Any:
+    """One value of the body, decoded only when its msgpack is within ``bytes_max``: a byte of
+    msgpack (an empty map) becomes a ~64-byte object, so a whole 32 MiB body decoded at once
+    took gigabytes before any limit was looked at."""
+    if len(raw) > bytes_max:
+        raise LimitExceeded(
+            f"{field} takes {len(raw)} bytes of msgpack, over the limit of {bytes_max}",
+            field=field,
+            limit=bytes_max,
+        )
     try:
-        body = _msgpack_decoder.decode(data)
+        return _msgpack_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise MalformedMsgpack(f"malformed msgpack in {field}: {exc}") from None
+    except RecursionError:
+        raise ValidationError(f"msgpack nested too deeply in {field}", field=field) from None
+
+
+def _length(data: bytes | msgspec.Raw) -> int:
+    """The element count a msgpack map or array header says; 0 for any other value."""
+    raw = memoryview(data)
+    first = raw[0] if raw.nbytes else 0
+    if 0x80 <= first <= 0x9F:
+        return first & 0x0F
+    if first in (0xDC, 0xDE):
+        return int.from_bytes(raw[1:3], "big")
+    if first in (0xDD, 0xDF):
+        return int.from_bytes(raw[1:5], "big")
+    return 0
+
+
+def _shallow(
+    decoder: msgspec.msgpack.Decoder[Any],
+    raw: bytes | msgspec.Raw,
+    field: str,
+    shape: str,
+    count_max: int,
+) -> Any:
+    """A map or array whose values stay msgpack (``Raw``); LimitExceeded, before decoding,
+    for more elements than ``count_max`` (each would take a ``Raw`` object)."""
+    if _length(raw) > count_max:
+        raise LimitExceeded(
+            f"{field} has {_length(raw)} elements, over the limit of {count_max}",
+            field=field,
+            limit=count_max,
+        )
+    try:
+        try:
+            return decoder.decode(raw)
+        except msgspec.ValidationError:
+            # one msgpack value of another shape, or not msgpack at all (JSON sent as it)?
+            _raw_decoder.decode(raw)  # skips the value: no object is built
+            raise ValidationError(f"{field} must be a msgpack {shape}", field=field) from None
     except msgspec.DecodeError as exc:
         raise MalformedMsgpack(f"malformed msgpack: {exc}") from None
-    except RecursionError:
-        raise ValidationError("msgpack nested too deeply") from None
-    events = body.get("events") if batch and isinstance(body, dict) else [body]
-    if isinstance(events, list):
-        for event in events:
-            if isinstance(event, dict):
-                _binary_payload(event)
-    _check_json_form(body, "body")
-    return _json_encoder.encode(body)
+    except RecursionError:  # skipping a nested value recurses too
+        raise ValidationError(f"msgpack nested too deeply in {field}", field=field) from None
+
+
+def _map_json(raw: bytes | msgspec.Raw, field: str, limits: Limits, *, event: bool) -> msgspec.Raw:
+    """The JSON of a msgpack map (the body, or an event), one value at a time."""
+    fields: dict[str, msgspec.Raw] = _shallow(
+        _shallow_map, raw, field, "map with string keys", MAP_FIELDS_MAX
+    )
+    out: dict[str, msgspec.Raw] = {}
+    binary: str | None = None
+    for key, value in fields.items():
+        name = f"{field}.{key}"[:64]
+        if event and key == "payload":
+            # base64 text of a 1 MiB payload, or floats (9 bytes each) take more than its JSON
+            decoded = _value(value, name, 2 * limits.payload_bytes_max)
+            if isinstance(decoded, bytes | bytearray | memoryview):
+                encoding = fields.get("payload_encoding")
+                binary = _binary_as_base64(
+                    decoded,
+                    None if encoding is None else _value(encoding, name, FIELD_BYTES_MAX),
+                )
+                continue
+        elif event and key == "metadata":
+            decoded = _value(value, name, 2 * limits.metadata_bytes_max)
+        else:
+            decoded = _value(value, name, FIELD_BYTES_MAX)
+        _check_json_form(decoded, "body")
+        out[key] = msgspec.Raw(_json_encoder.encode(decoded))
+    if binary is not None:
+        out["payload"] = msgspec.Raw(_json_encoder.encode(binary))
+        out["payload_encoding"] = msgspec.Raw(b'"base64"')
+    return msgspec.Raw(_json_encoder.encode(out))
+
+
+def msgpack_to_json(data: bytes, *, batch: bool, limits: Limits) -> bytes:
+    """The JSON body a msgpack write body stands for (see the module); MalformedMsgpack when
+    it is not one msgpack value, ValidationError when a value has no JSON form or the body is
+    not a map, LimitExceeded when a value's msgpack is over its field's limit (checked before
+    it is decoded: the body is decoded value by value, never whole)."""
+    if not batch:
+        return bytes(_map_json(data, "body", limits, event=True))
+    fields: dict[str, msgspec.Raw] = _shallow(
+        _shallow_map, data, "body", "map with string keys", MAP_FIELDS_MAX
+    )
+    out: dict[str, msgspec.Raw] = {}
+    for key, value in fields.items():
+        if key == "events":
+            items: list[msgspec.Raw] = _shallow(
+                _shallow_list, value, "events", "array", limits.batch_events_max
+            )
+            out[key] = msgspec.Raw(
+                b"[%s]"
+                % b",".join(
+                    bytes(_map_json(item, f"events[{i}]", limits, event=True))
+                    for i, item in enumerate(items)
+                )
+            )
+        else:
+            decoded = _value(value, f"body.{key}"[:64], FIELD_BYTES_MAX)
+            _check_json_form(decoded, "body")
+            out[key] = msgspec.Raw(_json_encoder.encode(decoded))
+    return _json_encoder.encode(out)

@@ -23,6 +23,7 @@ from walship.http.auth import check_tenant, principal_of, route_path
 from walship.http.errors import encode_error
 from walship.http.media import JSON, Media, msgpack_to_json, request_media, response_media
 from walship.http.params import check_names
+from walship.limits import Limits
 from walship.node import Node
 from walship.replication.acks import AckMode
 from walship.store import PendingAppend, Receipt, TrackingReceipt
@@ -180,8 +181,10 @@ class BodyFormat(msgspec.Struct, frozen=True):
         headers = scope.get("headers", ())
         return cls(request_media(headers), response_media(headers))
 
-    def json_body(self, data: bytes, *, batch: bool) -> bytes:
-        return msgpack_to_json(data, batch=batch) if self.request is Media.MSGPACK else data
+    def json_body(self, data: bytes, *, batch: bool, limits: Limits) -> bytes:
+        if self.request is Media.MSGPACK:
+            return msgpack_to_json(data, batch=batch, limits=limits)
+        return data
 
 
 _AS_SENT = BodyFormat()
@@ -195,7 +198,7 @@ async def answer_event(
     body_format: BodyFormat = _AS_SENT,
 ) -> bytes:
     """Append the event in a body for ``principal``; the encoded receipt."""
-    event = decode_event_json(body_format.json_body(data, batch=False))
+    event = decode_event_json(body_format.json_body(data, batch=False, limits=node.limits))
     pending = await append_for(node, principal, (event,), ack_mode)
     return body_format.response.encode(pending.receipts[0])
 
@@ -208,7 +211,7 @@ async def answer_batch(
     body_format: BodyFormat = _AS_SENT,
 ) -> bytes:
     """Append the batch in a body for ``principal``, all or nothing; the receipts."""
-    batch = decode_batch_json(body_format.json_body(data, batch=True))
+    batch = decode_batch_json(body_format.json_body(data, batch=True, limits=node.limits))
     pending = await append_for(node, principal, batch.events, ack_mode, batch.tracking)
     receipts = pending.receipts
     lsns = [r.lsn for r in pending.answers]

@@ -16,7 +16,7 @@ rolled back (a full disk) puts the previous entries back.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 
 import msgspec
@@ -70,8 +70,10 @@ class ConsumerTable:
         self._entries: dict[_Key, ConsumerPosition] = {}
         # (lsn, key, the entry it replaced) for entries the WAL may not have written yet
         self._undo: deque[tuple[int, _Key, ConsumerPosition | None]] = deque()
+        self._per_tenant: Counter[str] = Counter()  # consumers of each tenant
         for entry in entries or ():
             self._entries[(entry.tenant_id, entry.consumer)] = entry
+            self._per_tenant[entry.tenant_id] += 1
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -101,6 +103,8 @@ class ConsumerTable:
         if previous is not None and previous.lsn >= entry.lsn:
             return  # seen already (a replay over a manifest that covers it)
         self._entries[key] = entry
+        if previous is None:
+            self._per_tenant[entry.tenant_id] += 1
         if written_lsn is None:
             return
         undo = self._undo
@@ -109,13 +113,22 @@ class ConsumerTable:
         if entry.lsn > written_lsn:
             undo.append((entry.lsn, key, previous))
 
-    def check(self, tracking: TrackingIn, entries_max: int) -> ConsumerPosition | None:
+    def check(
+        self, tracking: TrackingIn, entries_max: int, per_tenant_max: int
+    ) -> ConsumerPosition | None:
         """None when ``tracking`` is above the consumer's stored position (or the consumer is
         new); the stored entry when it equals it (only an exact repeat of the batch that stored
         it may pass: see ``repeated_batch``); TrackingConflict when it is below; LimitExceeded
-        for a new consumer past ``entries_max``. Under the store lock."""
+        for a new consumer past ``entries_max`` (or ``per_tenant_max`` of its tenant). Under
+        the store lock."""
         stored = self.stored(tracking.tenant_id, tracking.consumer)
         if stored is None:
+            if self._per_tenant[tracking.tenant_id] >= per_tenant_max:
+                raise LimitExceeded(
+                    f"tenant {tracking.tenant_id!r} has {self._per_tenant[tracking.tenant_id]} "
+                    "tracked consumers, the most a tenant may have",
+                    limit=per_tenant_max,
+                )
             if len(self._entries) >= entries_max:
                 raise LimitExceeded(
                     f"{len(self._entries)} consumers are tracked, the most this node keeps",
@@ -132,7 +145,8 @@ class ConsumerTable:
         while undo and undo[-1][0] > lsn:
             _, key, previous = undo.pop()
             if previous is None:
-                self._entries.pop(key, None)
+                if self._entries.pop(key, None) is not None:
+                    self._per_tenant[key[0]] -= 1
             else:
                 self._entries[key] = previous
 
