@@ -280,6 +280,16 @@ def serve_command(
             help="Checkpoint recent events at least this often.",
         ),
     ] = DEFAULT_LIMITS.checkpoint_interval_ms,
+    compaction_fanin_min: Annotated[
+        int,
+        typer.Option(
+            "--compaction-fanin-min",
+            envvar="WALSHIP_COMPACTION_FANIN_MIN",
+            min=2,
+            help="Parquet parts of one size class merged together; more parts per query, "
+            "fewer rewrites of each event.",
+        ),
+    ] = DEFAULT_LIMITS.compaction_fanin_min,
     part_worker: Annotated[
         bool,
         typer.Option(
@@ -461,6 +471,7 @@ def serve_command(
             segment_bytes_max=segment_bytes_max,
             memtable_events_max=memtable_events_max,
             checkpoint_interval_ms=checkpoint_interval_ms,
+            compaction_fanin_min=compaction_fanin_min,
         )
     except InvalidInput as exc:
         fail(f"invalid limits: {exc.message}", 2)
