@@ -402,6 +402,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "ack_mode": "sync",
         "followers": 2,
         "part_worker": bool(os.environ.get("WALSHIP_PART_WORKER")),
+        "physical_followers": bool(os.environ.get("WALSHIP_PHYSICAL_FOLLOWERS")),
     }
     cluster = Cluster(root, "sync", 2)
     sampler: Sampler | None = None
@@ -610,6 +611,8 @@ def main() -> None:
     ap.add_argument("--peer", choices=["postgres", "none"], help="(replication.py only)")
     ap.add_argument("--part-worker", action="store_true",
                     help="every node writes Parquet parts in a worker process")  # fmt: skip
+    ap.add_argument("--physical-followers", action="store_true",
+                    help="followers install the leader's Parquet parts")  # fmt: skip
     args = ap.parse_args()
     if args.quick:
         args.events = 1_000_000
@@ -619,6 +622,8 @@ def main() -> None:
         ap.error("--events must be at least three batches, --batch and --connections >= 1")
     if args.part_worker:
         os.environ["WALSHIP_PART_WORKER"] = "1"  # inherited by every node started below
+    if args.physical_followers:
+        os.environ["WALSHIP_PHYSICAL_FOLLOWERS"] = "1"  # likewise
     # the nodes name their threads (threadnames/sitecustomize.py) for CPU per thread
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(THREAD_NAMES), os.environ.get("PYTHONPATH", "")) if p

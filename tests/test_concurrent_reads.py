@@ -32,8 +32,9 @@ READ_FOR_S = 6.0
 
 @pytest.fixture
 def busy_node(tmp_path: Path) -> Iterator[NodeProcess]:
-    """A node that checkpoints every 250 events (so merges run too), started empty."""
+    """A node that checkpoints every 250 events and merges every few parts, started empty."""
     args = ["--memtable-events-max", "250", "--checkpoint-interval-ms", "500"]
+    args += ["--compaction-fanin-min", "2"]
     with NodeProcess(tmp_path / "data", fsync="never", extra_args=args) as node:
         node.start()
         yield node

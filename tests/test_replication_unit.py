@@ -226,6 +226,7 @@ def test_new_follower_catches_up_from_wal_and_streams_live_writes(tmp_path: Path
                 "silence_ms",
                 "reconnects",
                 "snapshots_received",
+                "parts",
                 "frames_rejected",
                 "last_error",
                 "known_term",

@@ -75,6 +75,10 @@ class Limits:
     compaction_fanin_min: int = 16
     compaction_events_max: int = 500_000
     compaction_held_parts_max: int = 64  # parts a catching-up follower lets pile up
+    # a physical follower waits for the leader's parts until its memtable holds this percent
+    # of the memtable budget (events, bytes or age), then checkpoints itself; below the 200 %
+    # at which appends block (Store._throttle_locked)
+    physical_fallback_percent: int = 150
     # an outside reader pinning the history retries while compactions replace the parts it
     # read in the manifest; each retry re-reads a newer manifest, so this is only reached when
     # the data dir is unreadable for that long (a snapshot install that does not end)

@@ -20,6 +20,7 @@ Usable embedded::
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import shutil
@@ -244,6 +245,18 @@ class Store:
         self._garbage: set[str] = set()
         self.checkpoints_taken = 0
         self.compactions = 0
+        # Parquet encodes this node did itself (checkpoints and merges); a physical follower
+        # installs the leader's parts instead (replication/physical.py) and keeps it at 0
+        self.parquet_encodes = 0
+        self.parts_adopted = 0
+        # set while a leader ships its parts here: no local checkpoints or merges, until the
+        # memtable outgrows ``physical_fallback_percent`` of its budget (``_due_for_checkpoint``)
+        self.parts_from_leader = False
+        # called with (kind, part, replaced parts, manifest) after each local checkpoint or
+        # merge is in the manifest, from the thread that made it (a leader ships it on)
+        self.on_part: Callable[[str, PartInfo, list[PartInfo], CheckpointManifest], None] | None = (
+            None
+        )
         self.write_amp = WriteAmplification()
         self._part_worker = PartWorker() if config.part_worker else None
         self._alarm = CheckpointAlarm(
@@ -1184,6 +1197,9 @@ class Store:
                 "parquet_bytes": sum(p.bytes for p in m.parts),
                 "checkpoints_taken": self.checkpoints_taken,
                 "compactions": self.compactions,
+                "parquet_encodes": self.parquet_encodes,
+                "parts_adopted": self.parts_adopted,
+                "parts_from_leader": self.parts_from_leader,
                 "compaction_held": self._compaction_held,
                 "checkpoint_failing": self.checkpoint_failure is not None,
                 "wal_first_lsn": self.wal.first_lsn().value,
@@ -1239,19 +1255,57 @@ class Store:
         """Why checkpoints fail now; None when the last one worked (or none has failed)."""
         return self._alarm.state(time.monotonic())
 
-    def _checkpoint_once(self) -> PartInfo | None:
+    def checkpoint_through(self, lsn: int) -> PartInfo | None:
+        """Checkpoint exactly the events up to ``lsn`` (written here already): a physical
+        follower rebuilding from its own WAL the range of a leader's part it refused, so that
+        the next part lines up again. A whole checkpoint instead when the consumer table
+        changed after ``lsn`` (its state at ``lsn`` is no longer known here)."""
+        with self._checkpoint_lock:
+            if lsn <= self._manifest.last_lsn:
+                return None
+            return self._checkpoint_once(through=lsn)
+
+    def _split_at(self, lsn: int) -> tuple[Position, bytes, list[Any]] | None:
+        """Position, chain and consumer table at ``lsn`` for a checkpoint through it; None
+        when the consumer table at ``lsn`` is unknown (or ``lsn`` is not written here)."""
+        if any(c.lsn > lsn for c in self._consumers.entries()):
+            return None
+        if lsn > self.wal.written_lsn.value:
+            return None
+        for rec in self.wal.read_from(Lsn(lsn)):
+            return Position(Term(rec.term), Lsn(lsn)), rec.chain, self._consumers.entries()
+        return None
+
+    def _checkpoint_once(self, through: int | None = None) -> PartInfo | None:
         t0 = time.perf_counter()
+        split = None
+        if through is not None and through < self.wal.last_position.lsn.value:
+            split = self._split_at(through)
         with self._lock:
             if len(self._active) == 0:
                 return None
             frozen = self._active
+            if split is not None:
+                assert through is not None
+                upto, chain, consumers = split
+                # two new memtables, the old one left as it is: a reader's view holds it
+                events = frozen.events
+                cut = bisect.bisect_right(events, through, key=_lsn_of)
+                if cut == 0:
+                    return None
+                frozen, rest = Memtable(), Memtable()
+                frozen.created_us = rest.created_us = self._active.created_us
+                frozen.add_all(events[:cut])
+                rest.add_all(events[cut:])
+                self._active = rest
+            else:
+                self._active = Memtable()
+                self._active.created_us = now_us()
+                upto = self.wal.last_position
+                chain = self.wal.last_chain
+                consumers = self._consumers.entries()  # as of ``upto``, like the memtable
             self._frozen = frozen
-            self._active = Memtable()
-            self._active.created_us = now_us()
-            upto = self.wal.last_position
-            chain = self.wal.last_chain
             rollback_seq = self.wal.rollback_seq
-            consumers = self._consumers.entries()  # as of ``upto``, like the memtable
         try:
             self.wal.sync()
             if rollback_seq % 2 or self.wal.rollback_seq != rollback_seq:
@@ -1268,6 +1322,7 @@ class Store:
                 )
             else:
                 part = write_part(self.parts_dir, events, first, upto.lsn.value, rows)
+            self.parquet_encodes += 1
             reader = PartReader(self.parts_dir / part.file, part)
             arr = id_hashes([ev.id for ev in events])
             arr.sort()
@@ -1296,6 +1351,7 @@ class Store:
         with self._lock:
             self.checkpoints_taken += 1
             self._checkpoint_done.notify_all()
+        self._announce("checkpoint", part, [], manifest)
         self._compact_kick.set()
         self.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
         self.metrics.checkpoint_events.inc(len(events))
@@ -1324,6 +1380,7 @@ class Store:
                 info, hashes = self._part_worker.merge(self.parts_dir, inputs, rows)
             else:
                 info, hashes = merge_parts(self.parts_dir, inputs, rows)
+            self.parquet_encodes += 1
             reader = PartReader(self.parts_dir / info.file, info)
             reader.set_id_hashes(hashes)
             names = {p.info.file for p in inputs}
@@ -1342,6 +1399,7 @@ class Store:
                     self._garbage.update(names)
                     self.compactions += 1
             self.write_amp.compacted(info)
+            self._announce("merge", info, [p.info for p in inputs], manifest)
             self._collect_garbage()
             # the pins of outside readers that have ended hold parts merged away: free them
             sweep_stale_pins(self.data_dir)
@@ -1353,6 +1411,16 @@ class Store:
                 time.perf_counter() - t0,
             )
             return info
+
+    def _announce(
+        self, kind: str, part: PartInfo, replaced: list[PartInfo], manifest: CheckpointManifest
+    ) -> None:
+        hook = self.on_part
+        if hook is not None:
+            try:
+                hook(kind, part, replaced, manifest)
+            except Exception:
+                log.exception("shipping %s part %s failed", kind, part.file)
 
     def pin_parts(self, names: Sequence[str]) -> list[str]:
         """Keep these part files on disk until ``unpin_parts`` (a snapshot being sent)."""
@@ -1395,6 +1463,8 @@ class Store:
             self._compact_kick.set()
 
     def _may_compact(self) -> bool:
+        if self.parts_from_leader:
+            return False  # the leader's merges arrive as parts (replication/physical.py)
         # no lock: len() of the list is atomic, and a stale count costs one pass at most
         return not self._compaction_held or (
             len(self._parts) >= self.limits.compaction_held_parts_max
@@ -1438,10 +1508,14 @@ class Store:
             if len(active) == 0:
                 return False
             age_ms = (now_us() - active.created_us) / 1000
+            limits = self.limits
+            # while the leader's parts arrive, wait for them up to a larger budget: past it
+            # they stopped coming (or lag), and memory is bounded by checkpointing here
+            scale = limits.physical_fallback_percent / 100 if self.parts_from_leader else 1
             return (
-                len(active) >= self.limits.memtable_events_max
-                or active.bytes >= self.limits.memtable_bytes_max
-                or age_ms >= self.limits.checkpoint_interval_ms
+                len(active) >= limits.memtable_events_max * scale
+                or active.bytes >= limits.memtable_bytes_max * scale
+                or age_ms >= limits.checkpoint_interval_ms * scale
             )
 
     def _run_checkpointer(self) -> None:
@@ -1483,6 +1557,10 @@ class Store:
     def __repr__(self) -> str:
         state = "CLOSED" if self._closed else "OPEN"
         return f"<Store {self.config.node_id} {state} {self.data_dir}>"
+
+
+def _lsn_of(ev: StoredEvent) -> int:
+    return ev.lsn
 
 
 def _replace(flt: QueryFilter, **changes: Any) -> QueryFilter:

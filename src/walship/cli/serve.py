@@ -280,13 +280,33 @@ def serve_command(
             help="Checkpoint recent events at least this often.",
         ),
     ] = DEFAULT_LIMITS.checkpoint_interval_ms,
+    compaction_fanin_min: Annotated[
+        int,
+        typer.Option(
+            "--compaction-fanin-min",
+            envvar="WALSHIP_COMPACTION_FANIN_MIN",
+            min=2,
+            help="Parquet parts of one size class merged together; more parts per query, "
+            "fewer rewrites of each event.",
+        ),
+    ] = DEFAULT_LIMITS.compaction_fanin_min,
     part_worker: Annotated[
         bool,
         typer.Option(
-            "--part-worker/--no-part-worker",
+            "--part-worker",
             envvar="WALSHIP_PART_WORKER",
             help="Write checkpoint and merged Parquet parts in a worker process at lower "
             "priority, off the GIL of the process that serves and replicates.",
+        ),
+    ] = False,
+    physical_followers: Annotated[
+        bool,
+        typer.Option(
+            "--physical-followers",
+            envvar="WALSHIP_PHYSICAL_FOLLOWERS",
+            help="A leader ships its Parquet parts to followers, which install them verified "
+            "instead of encoding their own (replication protocol v2: every node must run a "
+            "walship that speaks it).",
         ),
     ] = False,
     tls_cert: Annotated[
@@ -441,6 +461,7 @@ def serve_command(
             tls=(tls_cert, tls_key, tls_ca, tls_require_client_cert),
             serve_snapshots=serve_snapshots,
             catch_up_from=catch_up_from,
+            physical_followers=physical_followers,
         )
     except InvalidInput as exc:
         fail(f"invalid replication flags: {exc.message}", 2)
@@ -450,6 +471,7 @@ def serve_command(
             segment_bytes_max=segment_bytes_max,
             memtable_events_max=memtable_events_max,
             checkpoint_interval_ms=checkpoint_interval_ms,
+            compaction_fanin_min=compaction_fanin_min,
         )
     except InvalidInput as exc:
         fail(f"invalid limits: {exc.message}", 2)
@@ -814,6 +836,7 @@ def replication_config(
     serve_snapshots: bool = False,
     catch_up_from: str | None = None,
     max_replication_lag_ms: int = 0,
+    physical_followers: bool = False,
 ) -> ReplicationConfig:
     """Check the replication flags together; InvalidInput naming the first bad one."""
     from walship.replication.acks import AckMode
@@ -884,6 +907,7 @@ def replication_config(
         client_ssl=client_ssl,
         serve_snapshots=serve_snapshots,
         catch_up_from=catch_up_from or None,
+        physical_followers=physical_followers,
     )
 
 

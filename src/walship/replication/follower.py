@@ -59,13 +59,19 @@ from walship.replication.divergence import snapshot_divergence
 from walship.replication.handshake import authenticate_to
 from walship.replication.insync import InSyncFile, InSyncRecord, stored_message
 from walship.replication.metrics import ReplicationMetrics
+from walship.replication.physical import PartReceiver
 from walship.replication.protocol import (
+    PROTOCOL_VERSION,
+    PROTOCOL_VERSION_PARTS,
     Ack,
     CaughtUp,
     Diverged,
     Heartbeat,
     InSyncSet,
     Message,
+    PartChunk,
+    PartEnd,
+    PartStart,
     Refused,
     SnapshotChunk,
     SnapshotConfirmed,
@@ -235,6 +241,9 @@ class Follower:
         self._stopping = False
         self._stream: MessageStream | None = None
         self._staging: SnapshotStaging | None = None
+        # the leader's Parquet parts, when it ships them (replication/physical.py)
+        self.parts: PartReceiver | None = None
+        self.parts_stats: dict[str, Any] = {}
         self._installing = False  # the snapshot in _staging is whole and being installed
         self._logged_failure: str | None = None  # the last reason logged for a lost link
         self._send_lock = asyncio.Lock()
@@ -322,6 +331,7 @@ class Follower:
             "silence_ms": None if silence_ms is None else round(silence_ms, 3),
             "reconnects": self.reconnects,
             "snapshots_received": self.snapshots_received,
+            "parts": self.parts_status(),
             "frames_rejected": self.frames_rejected,
             "last_error": self.last_error,
             "known_term": self.known_term,
@@ -562,8 +572,14 @@ class Follower:
     async def _handshake(self, stream: MessageStream, timeout_s: float) -> Welcome:
         """Hello → Challenge → HelloProof → Welcome; both sides prove the shared secret."""
         assert self.config.secret is not None
+        version = PROTOCOL_VERSION_PARTS if self.config.physical_followers else PROTOCOL_VERSION
         welcome = await authenticate_to(
-            stream, self.config.secret, self.config.cluster_id, self.node_id, timeout_s
+            stream,
+            self.config.secret,
+            self.config.cluster_id,
+            self.node_id,
+            timeout_s,
+            version=version,
         )
         self._last_sent = time.monotonic()
         known = max(self.known_term, self.store.wal.terms.current.value)
@@ -576,6 +592,9 @@ class Follower:
         self.leader_url = welcome.leader_url or None
         self._logged_failure = None  # connected: the next failure is news again
         self.leader_node_id = welcome.leader_node_id
+        if welcome.offers_parts:
+            self.parts = PartReceiver(self.store, self.metrics)
+            self.store.parts_from_leader = True  # the leader's parts instead of its own
         if welcome.ack_settings and self._on_settings is not None:
             try:
                 self._on_settings(AckSettings.decode(welcome.ack_settings))
@@ -609,6 +628,7 @@ class Follower:
         install) has finished: the next session must start from what it left."""
         self.connected = False
         self.store.hold_compaction(False)
+        self.store.parts_from_leader = False  # checkpoints and merges are this node's again
         io = self._io
         if io is not None:
             await asyncio.wait({io})
@@ -617,6 +637,10 @@ class Follower:
         if self._staging is not None:
             self._staging.close()  # what is staged stays, for a resume
             self._staging = None
+        if self.parts is not None:
+            self.parts.close()  # a part cut off is not resumed: the next one lines up again
+            self.parts_stats = _add_stats(self.parts_stats, self.parts.status())
+            self.parts = None
         while self._unacked and self._unacked[0].done.done():
             item = self._unacked.popleft()
             if item.done.exception() is None:
@@ -738,6 +762,8 @@ class Follower:
             await self._on_snapshot_chunk(msg)
         elif isinstance(msg, SnapshotEnd):
             await self._on_snapshot_end(msg)
+        elif isinstance(msg, PartStart | PartChunk | PartEnd):
+            await self._on_part(msg)
         elif isinstance(msg, InSyncSet):
             self._on_in_sync(InSyncRecord.from_wire(msg, self.leader_node_id))
         elif isinstance(msg, Diverged) and self.cascade.staged_sent:
@@ -754,6 +780,26 @@ class Follower:
             raise PeerRefused(f"the leader refused: {msg.message}", refused=msg.code)
         else:
             raise FrameRejected(f"unexpected {type(msg).__name__} from the leader")
+
+    async def _on_part(self, msg: PartStart | PartChunk | PartEnd) -> None:
+        """Stage the leader's part as it arrives, then verify and install it in a worker
+        thread (refused: rebuilt from this node's WAL there); the link goes on either way."""
+        receiver = self.parts
+        if receiver is None:
+            raise FrameRejected(f"{type(msg).__name__} from a leader that did not offer parts")
+        with _rejecting():
+            if isinstance(msg, PartStart):
+                receiver.start(msg)
+            elif isinstance(msg, PartChunk):
+                receiver.chunk(msg)
+            else:
+                part = receiver.end(msg)
+                await self._in_thread(receiver.install, part)
+
+    def parts_status(self) -> dict[str, Any]:
+        """Parts received, installed and refused over every session, this one included."""
+        current = self.parts.status() if self.parts is not None else {}
+        return _add_stats(self.parts_stats, current)
 
     def _leader_heard(self, leader_lsn: int) -> None:
         if self._staging is not None:
@@ -1064,6 +1110,16 @@ class Follower:
             common_lsn=common_lsn,
             common_term=common_term,
         )
+
+
+def _add_stats(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    out = dict(total)
+    for key, value in more.items():
+        if isinstance(value, int):
+            out[key] = out.get(key, 0) + value
+        elif value is not None:
+            out[key] = value
+    return out
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:

@@ -112,12 +112,19 @@ async def authenticate_follower(
 
 
 async def authenticate_to(
-    stream: MessageStream, secret: bytes, cluster_id: str, node_id: str, timeout_s: float
+    stream: MessageStream,
+    secret: bytes,
+    cluster_id: str,
+    node_id: str,
+    timeout_s: float,
+    *,
+    version: int = PROTOCOL_VERSION,
 ) -> Welcome:
     """Hello → Challenge → HelloProof → Welcome, as a follower: both sides prove the shared
     secret. AuthenticationError (after refusing the peer) when the Welcome's proof is wrong;
-    on success the stream takes frames up to ``frame_bytes_max``."""
-    hello = Hello(PROTOCOL_VERSION, cluster_id, node_id, "follower", make_nonce())
+    on success the stream takes frames up to ``frame_bytes_max``. ``version`` 2
+    (``PROTOCOL_VERSION_PARTS``) asks for the leader's Parquet parts (a ``PartsWelcome``)."""
+    hello = Hello(version, cluster_id, node_id, "follower", make_nonce())
     await stream.send(hello)
     challenge = await stream.expect(Challenge, timeout_s)
     await stream.send(make_hello_proof(secret, hello, challenge))

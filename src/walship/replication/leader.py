@@ -40,6 +40,7 @@ from walship.replication.insync import InSyncFile, InSyncPublisher
 from walship.replication.lagbudget import AckRate, LagBudget, held_to_ms
 from walship.replication.ledger import DegradationLedger, LedgerKeeper
 from walship.replication.metrics import ReplicationMetrics
+from walship.replication.physical import OutgoingPart, PartShipper
 from walship.replication.protocol import (
     REDIRECT_ANY,
     REDIRECT_NO,
@@ -61,6 +62,8 @@ from walship.replication.protocol import (
 from walship.replication.retention import RetentionForecaster, RetentionSlots, slot_bytes
 from walship.replication.snapshot_send import SnapshotProgress, send_snapshot
 from walship.replication.stream import MessageStream, PeerRefused
+from walship.storage.manifest import CheckpointManifest
+from walship.storage.parquet import PartInfo
 from walship.store import Store
 from walship.wal.cursor import WalCursor, WalGone
 from walship.wal.record import GENESIS_CHAIN
@@ -144,6 +147,7 @@ class FollowerSession:
         self._caught_up_sent = False
         self._in_sync_sent: tuple[int, int] | None = None  # the newest record sent to it
         self._resume: asyncio.Queue[SnapshotResume] = asyncio.Queue(maxsize=1)
+        self.parts: PartShipper | None = None  # a physical follower's (replication/physical)
 
     def __repr__(self) -> str:
         return (
@@ -233,6 +237,9 @@ class FollowerSession:
         )
         slot.release()
         self.node_id = hello.node_id
+        ships_parts = leader.config.physical_followers and hello.protocol_version >= 2
+        if ships_parts:
+            self.parts = PartShipper(leader.store, leader.metrics)
         await stream.send(
             make_welcome(
                 leader.config.secret,
@@ -243,6 +250,7 @@ class FollowerSession:
                 leader_last_lsn=leader.store.wal.written_lsn.value,
                 leader_url=leader.config.http_url or "",
                 ack_settings=AckSettings.of(leader.config).encode(),
+                ships_parts=ships_parts,
             )
         )
         try:
@@ -307,6 +315,13 @@ class FollowerSession:
                     self._caught_up_sent = True
                     self.state = FollowerState.STREAMING
                     leader.evaluate(self)
+                if self.parts is not None and self.parts.due(self.durable_lsn):
+                    part_msg = await self.parts.next_message(self.durable_lsn)
+                    if part_msg is not None:
+                        # one chunk per turn, between WAL batches: the log never waits
+                        # for a whole part
+                        await self.stream.send(part_msg)
+                        sent = True
                 if sent:
                     continue
                 try:
@@ -323,6 +338,8 @@ class FollowerSession:
         finally:
             if self._cursor is not None:
                 self._cursor.close()
+            if self.parts is not None:
+                self.parts.close()
 
     async def _send_in_sync(self) -> None:
         """The leader's newest in-sync record, when this follower has not been sent it: after
@@ -352,6 +369,8 @@ class FollowerSession:
                     snapshot = self.snapshot
                     if snapshot and snapshot.sent and self.durable_lsn >= snapshot.last_lsn:
                         self.snapshot = None
+                    if self.parts is not None and self.parts.waiting:
+                        self.wake.set()  # a part may be due now
                     self.leader.on_ack(self)
                 elif isinstance(msg, Heartbeat):
                     if msg.term > self.leader.term:
@@ -553,6 +572,8 @@ class Leader:
         # records written before this start count as written now (lag is measured from here)
         self.lag_clock.written(self.store.wal.written_lsn.value)
         self.store.wal.add_listener(self._on_wal_commit)
+        if self.config.physical_followers:
+            self.store.on_part = self._on_part
         if self.config.secret is None:
             log.warning("replication listener disabled: no shared secret configured")
         else:
@@ -583,6 +604,8 @@ class Leader:
 
     async def stop(self) -> None:
         self.store.wal.remove_listener(self._on_wal_commit)
+        if self.store.on_part == self._on_part:
+            self.store.on_part = None
         if self._server is not None:
             self._server.close()
         for task in (self._monitor, self._publisher):
@@ -610,6 +633,30 @@ class Leader:
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._wake_sessions)
+
+    def _on_part(
+        self, kind: str, info: PartInfo, replaces: list[PartInfo], manifest: CheckpointManifest
+    ) -> None:
+        """A checkpoint or merge thread made a part: queue it for every physical follower."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        part = OutgoingPart.of(kind, info, replaces, manifest)
+        pinned = self.store.pin_parts([info.file])  # until each session pinned it for itself
+
+        def offer() -> None:
+            try:
+                for session in self.sessions.values():
+                    if session.parts is not None:
+                        session.parts.offer(part)
+                        session.wake.set()
+            finally:
+                self.store.unpin_parts(pinned)
+
+        try:
+            loop.call_soon_threadsafe(offer)
+        except RuntimeError:
+            self.store.unpin_parts(pinned)
 
     def _wake_sessions(self) -> None:
         for session in self.sessions.values():

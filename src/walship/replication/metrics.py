@@ -67,6 +67,17 @@ class ReplicationMetrics:
             "snapshots_confirmed",
             "Leader: snapshots fetched from a serving follower that it vouched for",
         )
+        # physical followers (replication/physical.py)
+        self.parts_sent = counter("parts_sent", "Parquet parts shipped to followers")
+        self.part_bytes_sent = counter("part_bytes_sent", "Parquet part bytes shipped")
+        self.parts_received = counter("parts_received", "Parquet parts received from the leader")
+        self.parts_installed = counter("parts_installed", "Leader's parts verified and installed")
+        self.parts_refused = counter(
+            "parts_refused", "Leader's parts that failed verification (rebuilt from the WAL)"
+        )
+        self.part_bytes_received = counter(
+            "part_bytes_received", "Parquet part bytes received from the leader"
+        )
         self.auth_failures = counter("auth_failures", "Connections refused by authentication")
         self.handshakes_refused = counter(
             "handshakes_refused",

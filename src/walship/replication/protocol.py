@@ -83,6 +83,11 @@ from walship.wal.record import (
 )
 
 PROTOCOL_VERSION: Final = 1
+# A follower that takes the leader's Parquet parts (``PartStart``/``PartChunk``/``PartEnd``)
+# says version 2 in its Hello; a leader that does not know it refuses the Hello cleanly, and a
+# version-1 follower is never sent a part.
+PROTOCOL_VERSION_PARTS: Final = 2
+SUPPORTED_VERSIONS: Final = (PROTOCOL_VERSION, PROTOCOL_VERSION_PARTS)
 SECRET_ENV: Final = "WALSHIP_REPLICATION_SECRET"  # noqa: S105 (a variable name)
 NONCE_BYTES: Final = 32
 PROOF_BYTES: Final = hashlib.sha256().digest_size
@@ -155,6 +160,25 @@ class Welcome(_Wire, frozen=True):
     leader_proof: Digest
     leader_url: Annotated[str, msgspec.Meta(max_length=URL_BYTES_MAX)] = ""
     ack_settings: Annotated[str, msgspec.Meta(max_length=SETTINGS_BYTES_MAX)] = ""
+
+    @property
+    def offers_parts(self) -> bool:
+        """The leader will ship its Parquet parts (``PartsWelcome``)."""
+        return False
+
+
+class PartsWelcome(Welcome, frozen=True):
+    """L→F (protocol v2): ``Welcome`` from a leader that will ship its Parquet parts.
+
+    A message of its own (not a field added to Welcome, whose array a version-1 follower
+    decodes with no room for more): only ever sent to a follower that said version 2, and
+    the offer is under the leader's proof like the rest."""
+
+    ships_parts: bool = True
+
+    @property
+    def offers_parts(self) -> bool:
+        return self.ships_parts
 
 
 class Refused(_Wire, frozen=True):
@@ -402,6 +426,46 @@ class InSyncStored(_Wire, frozen=True):
     version: U64
 
 
+PART_INFO_BYTES_MAX: Final = 1 << 20
+PartKind = Literal["checkpoint", "merge"]
+
+
+class PartStart(_Wire, frozen=True):
+    """L→F (protocol v2): one Parquet part of the leader's, its bytes follow in ``PartChunk``s.
+
+    ``info`` is the leader's ``PartInfo`` as JSON (file name, lsn range, rows, size, sha256);
+    ``kind`` says whether it is a checkpoint (appended after the follower's parts, covering
+    up to ``last_term``/``chain`` at its last lsn) or a merge replacing the parts named in
+    ``replaces`` (their ``PartInfo``s as JSON, which the follower must hold exactly).
+    ``consumers`` is the checkpoint manifest's consumer table as JSON. Sent only after the
+    follower acked the part's last lsn; nothing in it is trusted before it is verified
+    against the follower's own WAL (``replication/physical.py``).
+    """
+
+    kind: PartKind
+    info: Annotated[bytes, msgspec.Meta(max_length=PART_INFO_BYTES_MAX)]
+    last_term: U64
+    chain: Chain
+    replaces: Annotated[bytes, msgspec.Meta(max_length=PART_INFO_BYTES_MAX)] = b"[]"
+    consumers: Annotated[bytes, msgspec.Meta(max_length=PART_INFO_BYTES_MAX)] = b"[]"
+
+
+class PartChunk(_Wire, frozen=True):
+    """L→F: ``data`` of the part in transfer at ``offset`` (chunks come in order)."""
+
+    offset: U64
+    data: bytes
+
+    def __repr__(self) -> str:
+        return f"PartChunk(offset={self.offset}, data=<{len(self.data)} bytes>)"
+
+
+class PartEnd(_Wire, frozen=True):
+    """L→F: every chunk of part ``file`` was sent: verify, then install or refuse it."""
+
+    file: FileName
+
+
 # A message's type byte is its 1-based position in this union: never reorder, only append.
 Message: TypeAlias = (
     Hello
@@ -423,6 +487,10 @@ Message: TypeAlias = (
     | InSyncStored
     | SnapshotRedirect
     | SnapshotConfirmed
+    | PartStart
+    | PartChunk
+    | PartEnd
+    | PartsWelcome
 )
 
 
@@ -479,7 +547,7 @@ def encode_parts(
     the caller's own bytes object: a leader shipping a batch to each follower copied it twice
     per follower otherwise (into the frame, then out of the bytearray), ~1 MB per 1,000 events.
     """
-    if not isinstance(msg, WalBatch | SnapshotChunk):
+    if not isinstance(msg, WalBatch | SnapshotChunk | PartChunk):
         return [encode(msg, frame_bytes_max)]
     fields = msgspec.structs.astuple(msg)
     bulk: bytes = fields[-1]
@@ -655,11 +723,11 @@ def _decode_frame(buf: bytearray | memoryview, pos: int, size: int) -> Message:
 
 def hello_error(hello: Hello, cluster_id: str) -> ProtocolError | None:
     """Why the leader must refuse ``hello`` (wrong version or cluster); None when it may go on."""
-    if hello.protocol_version != PROTOCOL_VERSION:
+    if hello.protocol_version not in SUPPORTED_VERSIONS:
         return ProtocolError(
             f"protocol version {hello.protocol_version} is not supported; this node speaks "
-            f"version {PROTOCOL_VERSION}",
-            supported=[PROTOCOL_VERSION],
+            f"versions {', '.join(map(str, SUPPORTED_VERSIONS))}",
+            supported=list(SUPPORTED_VERSIONS),
         )
     if hello.cluster_id != cluster_id:
         return ProtocolError(
@@ -735,11 +803,14 @@ def server_proof(
     term: int,
     leader_url: str = "",
     ack_settings: str = "",
+    ships_parts: bool = False,
 ) -> bytes:
     """The leader's proof: another label (no replay of one for the other), binds id, term,
-    the URL it gives for writes and the ack settings it passes on."""
+    the URL it gives for writes, the ack settings it passes on and whether it ships parts
+    (bound only when it does, so a version-1 proof is unchanged)."""
     parts = (client_nonce, server_nonce, cluster_id, node_id, leader_node_id, term, leader_url)
-    return _mac(secret, _LEADER_LABEL, *parts, ack_settings)
+    more = (b"ships parts",) if ships_parts else ()
+    return _mac(secret, _LEADER_LABEL, *parts, ack_settings, *more)
 
 
 def verify_proof(expected: bytes, proof: bytes, who: str) -> None:
@@ -773,10 +844,20 @@ def make_welcome(
     leader_last_lsn: int,
     leader_url: str = "",
     ack_settings: str = "",
+    ships_parts: bool = False,
 ) -> Welcome:
-    """Leader side, once the follower's proof verified: Welcome with the leader's own proof."""
+    """Leader side, once the follower's proof verified: Welcome with the leader's own proof.
+    ``ships_parts`` only for a follower that said version 2."""
+    invariant(
+        not ships_parts or hello.protocol_version >= PROTOCOL_VERSION_PARTS,
+        "parts offered to a version-1 follower",
+    )
     handshake = _handshake(hello, challenge)
-    proof = server_proof(secret, *handshake, leader_node_id, term, leader_url, ack_settings)
+    proof = server_proof(
+        secret, *handshake, leader_node_id, term, leader_url, ack_settings, ships_parts
+    )
+    if ships_parts:
+        return PartsWelcome(leader_node_id, term, leader_last_lsn, proof, leader_url, ack_settings)
     return Welcome(leader_node_id, term, leader_last_lsn, proof, leader_url, ack_settings)
 
 
@@ -790,6 +871,7 @@ def verify_welcome(secret: bytes, hello: Hello, challenge: Challenge, welcome: W
         welcome.term,
         welcome.leader_url,
         welcome.ack_settings,
+        welcome.offers_parts,
     )
     verify_proof(expected, welcome.leader_proof, f"leader {welcome.leader_node_id!r}")
 
