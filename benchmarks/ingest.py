@@ -8,7 +8,8 @@ Measures, with ``fsync always`` and ~1 KB events:
   (e) peak RSS of a process ingesting 1,000,000 events
 
 Run: ``python benchmarks/ingest.py [--events N] [--quick]``. Results go to
-``benchmarks/results/ingest.json``; ``benchmarks/report.py`` renders the README table.
+``benchmarks/results/ingest.json``; ``benchmarks/report.py`` renders the table of
+docs/benchmarks.md.
 """
 
 from __future__ import annotations

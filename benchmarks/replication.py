@@ -365,7 +365,7 @@ def latency(root: Path, count: int, seconds: float) -> dict[str, Any]:
 
 
 def peer_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The README's walship-vs-PostgreSQL rows: both figures, their ratio, the target."""
+    """docs/benchmarks.md's walship-vs-PostgreSQL rows: both figures, their ratio, the target."""
     rows = []
     for label, key, pg_key, op, target, unit in PEER_TARGETS:
         ours, theirs = results.get(key), results.get(pg_key)

@@ -1,4 +1,5 @@
-"""Render benchmarks/results/*.json as the README's Markdown tables (figure beside target).
+"""Render benchmarks/results/*.json as the Markdown tables of docs/benchmarks.md (figure beside
+target); the README summarises their headline figures.
 
 Run: ``python benchmarks/report.py`` after ``ingest.py``, ``replication.py``,
 ``subscriptions.py`` (and ``sustained.py``, which ``scripts/bench --sustained`` runs).

@@ -14,7 +14,8 @@ once per connection, and what is measured is the per-request cost (checking a ke
 encrypting the bytes).
 
 Run: ``python benchmarks/security.py [--quick]``. Results go to
-``benchmarks/results/security.json`` (not for ``--quick``), and the README table is printed.
+``benchmarks/results/security.json`` (not for ``--quick``), and the table of docs/benchmarks.md
+is printed.
 The figures mean something only on an otherwise idle machine; ``--quick`` only shows that it
 runs.
 """
@@ -280,7 +281,7 @@ def ratios(results: dict[str, dict[str, Any]]) -> None:
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    """The README table: each setup's figures and their ratios to ``none/http``."""
+    """docs/benchmarks.md's table: each setup's figures and their ratios to ``none/http``."""
     out = [
         "| setup | HTTP batches of 1,000 | HTTP single events, 64 clients "
         "| single write p50 / p99 |",

@@ -18,11 +18,11 @@ memory), and records:
     chain covers every record before it), byte-identical records over the lsns all three WALs
     still hold (checkpoints remove older segments), the same event and entity counts
 
-Results in ``results/sustained.json`` (``report.py`` prints the README table). The run stops
-by itself: the ingest ends at ``--time-limit`` seconds (the windows done so far are reported
-and the results say so), every later wait is bounded, and a watchdog ends the process
-``--time-limit`` + 10 minutes after it started. The nodes and the data directory are removed
-on every exit, Ctrl-C and SIGTERM included (``--keep`` keeps the data). Run:
+Results in ``results/sustained.json`` (``report.py`` prints the table of docs/benchmarks.md).
+The run stops by itself: the ingest ends at ``--time-limit`` seconds (the windows done so far
+are reported and the results say so), every later wait is bounded, and a watchdog ends the
+process ``--time-limit`` + 10 minutes after it started. The nodes and the data directory are
+removed on every exit, Ctrl-C and SIGTERM included (``--keep`` keeps the data). Run:
 ``python benchmarks/sustained.py [--events N] [--dir PARENT]`` or ``scripts/bench
 --sustained``; ``--tiny`` (100,000 events) and ``--quick`` (1,000,000) only prove it runs.
 """

@@ -244,7 +244,7 @@ def test_bad_consumer_input_is_a_4xx_json_error(
 
 def test_a_cut_tail_gives_its_positions_again_and_takes_its_tracking_back(tmp_path: Path) -> None:
     """A divergence repair cuts a deposed leader's unreplicated tail: what the tail held
-    (tenant positions, a tracked position) is as if never written, as the README says."""
+    (tenant positions, a tracked position) is as if never written, as docs/http-api.md says."""
     with open_store(tmp_path / "d") as store:
         append(store, [make_event("a", tenant_id="t1") for _ in range(3)], track(3))  # lsn 1-4
         append(store, [make_event("a", tenant_id="t1") for _ in range(2)], track(5))  # lsn 5-7

@@ -27,8 +27,8 @@ DCS. walship does the same with an ``InSyncRecord``:
 Without etcd the records live only on the nodes: members dropped from the set while they
 could hear nothing (paused, cut off) still hold the older record that names them, and if
 every node that knows a newer one is gone too, nothing tells them. etcd closes that gap: a
-record counts only once etcd has it, and an election reads it there. The README's ack-mode
-table says what each mode promises.
+record counts only once etcd has it, and an election reads it there. The ack-mode table of
+docs/replication.md ("What each mode promises") says what each mode promises.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Building a part is Python-to-Arrow conversion and Parquet encoding (a checkpoint: 4-5 us per
 event) or Arrow glue around Parquet reads and writes (a merge); run in the node's own process,
 it takes turns for the GIL with the event loop that ships WAL records and answers
-acknowledgements, which showed as stalls of 50-300 ms (README, "Where the time goes"). Here a
+acknowledgements, which showed as stalls of 50-300 ms (docs/benchmarks.md, "Where the time
+goes"). Here a
 single worker process, started on first use with ``spawn`` (never ``fork``: the node's threads
 hold locks a forked child would inherit held) and at a lower CPU priority, writes the part file
 -- tmp, fsync, rename, fsync dir, as ``parquet.write_part`` and ``compaction.write_merged``
