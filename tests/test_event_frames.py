@@ -23,7 +23,8 @@ ENTITIES = ["plain", 'quote"d', "back\\slash", "ünïcode-✓", "line\u2028sep",
 
 
 def mixed_events(count: int) -> list[EventIn]:
-    """JSON and binary payloads, metadata null or not, awkward entity ids, three tenants."""
+    """JSON and binary payloads, metadata null or not, awkward entity ids, three tenants,
+    JSON spread over lines."""
     out = []
     for i in range(count):
         kind = i % 5
@@ -42,6 +43,14 @@ def mixed_events(count: int) -> list[EventIn]:
                 tenant_id=ev.tenant_id,
                 metadata=ev.metadata,
                 payload_encoding="base64",
+            )
+        if kind == 4:  # JSON as a client may send it: spread over lines (CR, LF)
+            ev = EventIn(
+                entity_id=ev.entity_id,
+                event_type=ev.event_type,
+                payload=msgspec.Raw(b'{\n "n": %d,\r\n "l": [1,\r2]\n\n}' % i),
+                tenant_id=ev.tenant_id,
+                metadata=msgspec.Raw(b'{"k":\n1}'),
             )
         out.append(ev)
     return out
@@ -92,6 +101,7 @@ def test_vectorized_frames_are_the_per_event_bytes() -> None:
     assert list(frames.lsns) == [ev.lsn for ev in events]
     for i, ev in enumerate(events):
         assert bytes(frames.span(i, i + 1).data) == frame_of(ev), ev
+        assert frame_of(ev).count(b"\n") == 3 and b"\r" not in frame_of(ev)  # id, data, end
     assert bytes(frames.span(0, len(events)).data) == bytes(EventFrames.of_events(events).data)
 
 

@@ -114,6 +114,15 @@ def _timestamps(ts_us: pa.ChunkedArray) -> pa.Array:
     )
 
 
+def _one_line(text: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """JSON text with each CR and LF made a space, as ``sse.one_line`` does per event (a
+    stored payload or metadata is the client's text, which may spread over lines)."""
+    for brk in ("\n", "\r"):
+        if pc.any(pc.match_substring(text, brk)).as_py():
+            text = pc.replace_substring(text, brk, " ")
+    return text
+
+
 def _decimal(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.cast(column, _TEXT)
 
@@ -133,7 +142,7 @@ def frames_of_table(table: pa.Table) -> EventFrames | None:
             return None
     stamps = _timestamps(ts_us)
     binary = col("payload_binary")
-    payload = pc.cast(col("payload"), _TEXT)
+    payload = _one_line(pc.cast(col("payload"), _TEXT))
     has_binary = n and pc.any(binary).as_py()
     if has_binary:
         blobs = col("payload_bytes").to_pylist()
@@ -164,7 +173,7 @@ def frames_of_table(table: pa.Table) -> EventFrames | None:
         ',"payload":',
         payload,
         ',"metadata":',
-        pc.fill_null(pc.cast(col("metadata"), _TEXT), "null"),
+        pc.fill_null(_one_line(pc.cast(col("metadata"), _TEXT)), "null"),
         ',"timestamp":"',
         stamps,
         'Z","version":',

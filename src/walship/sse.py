@@ -26,8 +26,21 @@ LINE_BYTES_MAX = 8 * 1024 * 1024  # a client refuses longer lines (an event is a
 
 
 def encode_event(lsn: int, term: int, data: bytes) -> bytes:
-    """One event frame; ``data`` is one line of JSON (msgspec never writes a newline)."""
-    return b"id: %d:%d\ndata: %s\n\n" % (lsn, term, data)
+    """One event frame; ``data`` is the event's JSON, put on one line (``one_line``)."""
+    return b"id: %d:%d\ndata: %s\n\n" % (lsn, term, one_line(data))
+
+
+def one_line(data: bytes) -> bytes:
+    """JSON text on one line, the same JSON value.
+
+    msgspec writes no line break, but a payload or metadata is stored as its client sent it
+    (``events.py``), and JSON allows CR and LF between tokens: a pretty-printed payload. In an
+    event stream each of them ends the ``data`` line (two, the event), so the consumer got
+    JSON cut short. Inside a JSON string they must be escaped, and in UTF-8 their bytes are
+    no part of another character: a raw one is whitespace, and a space does as well."""
+    if b"\n" in data or b"\r" in data:
+        return data.replace(b"\n", b" ").replace(b"\r", b" ")
+    return data
 
 
 def encode_cut(data: bytes) -> bytes:
