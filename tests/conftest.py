@@ -28,3 +28,44 @@ def store(tmp_path: Path) -> Iterator[Store]:
         yield s
     finally:
         s.close()
+
+
+# ---------------------------------------------------------------------------------- xdist
+
+# scripts/check runs the tests on several pytest-xdist workers (--dist loadgroup). Every test
+# is put in the group of its file, unless it names one itself: a worker takes a whole file, so
+# a module's fixtures (a node, a cluster) start once and its tests keep their order, and the
+# files that must not overlap share a group. The files are handed out in collection order
+# (--no-loadscope-reorder), which puts the longest files first: started last, one of them
+# would leave the other workers idle while it finishes. The longest measured (2 cores) lead,
+# then the other files with a ``slow`` test, then the rest, each in file order.
+LONGEST_FILES_FIRST = (
+    "test_verify",
+    "test_failover",
+    "test_ui",
+    "test_clean_failover",
+    "test_deploy",
+    "test_tenant_positions_cluster",
+    "test_etcd_failover",
+    "test_replication",
+    "test_advertise",
+    "test_run_it_yourself",
+    "test_cli_status",
+    "test_http_tls",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: n for n, name in enumerate(LONGEST_FILES_FIRST)}
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+
+    def order(item: pytest.Item) -> int:
+        if item.path.stem in rank:
+            return rank[item.path.stem]
+        return len(rank) + (item.path not in slow_files)
+
+    items.sort(key=order)  # stable: the tests of a file keep their order
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
