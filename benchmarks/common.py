@@ -6,10 +6,12 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,3 +143,50 @@ def save(name: str, results: dict[str, Any]) -> Path:
                "machine": machine(), **results}  # fmt: skip
     path.write_text(json.dumps(results, indent=2) + "\n")
     return path
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+counter = 0
+request = function()
+  counter = counter + 1
+  local body = string.format('{"entity_id":"acct-%d","event_type":"account.credited",'
+    .. '"payload":{"amount":%d,"note":"%s"}}', counter % 10000, counter, string.rep("x", 900))
+  return wrk.format(nil, "/api/v1/events", nil, body)
+end
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %d %d %d %d\\n", summary.requests, summary.duration,
+    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write
+      + summary.errors.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def wrk_single(url: str, seconds: float, clients: int = 64) -> dict[str, Any]:
+    """Single-event POSTs from ``clients`` wrk connections for ``seconds``: requests, errors,
+    events/s and latency p50/p99. Needs ``wrk`` (``apt-get install wrk``)."""
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk not installed (apt-get install wrk)")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT)
+        script = f.name
+    try:
+        out = subprocess.run(
+            ["wrk", "-t2", f"-c{clients}", f"-d{max(1, round(seconds))}s", "-s", script, url],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        os.unlink(script)
+    line = next(x for x in out.splitlines() if x.startswith("RESULT"))
+    requests, duration_us, errors, p50, p99 = map(int, line.split()[1:])
+    return {
+        "requests": requests,
+        "errors": errors,
+        "events_per_s": round(requests / (duration_us / 1e6)),
+        "p50_ms": round(p50 / 1000, 3),
+        "p99_ms": round(p99 / 1000, 3),
+    }

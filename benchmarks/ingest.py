@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -29,7 +30,7 @@ import httpx
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import event, percentile, save, server
+from common import event, percentile, save, server, wrk_single
 
 TARGETS = {
     "inprocess_batch_events_per_s": 150_000,
@@ -92,6 +93,9 @@ def in_process(n: int, data_dir: Path) -> dict[str, Any]:
         "query_entity_p99_ms": round(percentile(times, 99), 3),
         "stored_events": stats["events"],
         "parquet_parts": stats["parquet_parts"],
+        # each event written to Parquet by its checkpoint and again by each merge (issue 15)
+        "write_amplification": stats["write_amplification"],
+        "compaction_rewrites_per_event": stats["compaction_rewrites_per_event"],
     }
 
 
@@ -140,47 +144,12 @@ def http_batch(n: int, data_dir: Path) -> dict[str, Any]:
     return {"http_batch_events": n, "http_batch_events_per_s": round(n / elapsed)}
 
 
-WRK_SCRIPT = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-counter = 0
-request = function()
-  counter = counter + 1
-  local body = string.format('{"entity_id":"acct-%d","event_type":"account.credited",'
-    .. '"payload":{"amount":%d,"note":"%s"}}', counter %% 10000, counter, string.rep("x", 900))
-  return wrk.format(nil, "/api/v1/events", nil, body)
-end
-done = function(summary, latency, requests)
-  io.write(string.format("RESULT %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
-    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write
-      + summary.errors.timeout,
-    latency:percentile(50), latency:percentile(99)))
-end
-"""
-
-
 def http_single(data_dir: Path, seconds: int) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         return {"http_single_error": "wrk not installed (apt-get install wrk)"}
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(WRK_SCRIPT.replace("%%", "%"))
-        script = f.name
     with server(data_dir) as url:
-        out = subprocess.run(
-            ["wrk", "-t2", "-c64", f"-d{seconds}s", "-s", script, url],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    line = next(x for x in out.splitlines() if x.startswith("RESULT"))
-    requests, duration_us, errors, p50, p99 = map(int, line.split()[1:])
-    return {
-        "http_single_requests": requests,
-        "http_single_errors": errors,
-        "http_single_events_per_s": round(requests / (duration_us / 1e6)),
-        "http_single_p50_ms": round(p50 / 1000, 3),
-        "http_single_p99_ms": round(p99 / 1000, 3),
-    }
+        found = wrk_single(url, seconds)
+    return {f"http_single_{k}": v for k, v in found.items()}
 
 
 def main() -> None:
@@ -189,9 +158,19 @@ def main() -> None:
     ap.add_argument("--http-events", type=int, default=300_000)
     ap.add_argument("--seconds", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--tiny", action="store_true", help="seconds of load: proves it runs")
+    # scripts/bench passes its arguments to both benchmarks: the peer is replication.py's
+    ap.add_argument("--peer", choices=["postgres", "none"], help="(replication.py only)")
+    ap.add_argument("--part-worker", action="store_true",
+                    help="the HTTP servers write Parquet parts in a worker process")  # fmt: skip
+    ap.add_argument("--physical-followers", action="store_true", help="(replication.py only)")
     args = ap.parse_args()
+    if args.part_worker:
+        os.environ["WALSHIP_PART_WORKER"] = "1"  # inherited by `walship serve` below
     if args.quick:
         args.events, args.http_events, args.seconds = 50_000, 20_000, 3
+    if args.tiny:
+        args.events, args.http_events, args.seconds = 10_000, 2_000, 1  # 10,000 entities
     results: dict[str, Any] = {"targets": TARGETS}
     with tempfile.TemporaryDirectory(prefix="walship-bench-") as tmp:
         root = Path(tmp)

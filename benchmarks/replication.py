@@ -7,10 +7,16 @@ Measures:
   (c) catch-up of an empty follower through the WAL (records/s) and through a snapshot (MB/s),
       started once the leader has finished checkpointing and compacting what it ingested
   (d) single-write latency p50/p99 per ack mode (one client, sequential, on a raw socket:
-      httpx would add ~0.5 ms of its own to each request)
+      httpx would add ~0.5 ms of its own to each request), and single writes from 64 wrk
+      clients per ack mode (events/s)
+  (e) with ``--peer postgres`` (the default): the same figures from PostgreSQL, a primary and
+      two streaming standbys (``pg_peer.py``), and the ratio walship / PostgreSQL per figure
+      against the issue-15 targets (``PEER_TARGETS``)
 
 All three nodes share the machine's two cores, so (a) is the whole machine's work per event.
-Run: ``python benchmarks/replication.py [--quick]``; results in results/replication.json.
+Run: ``python benchmarks/replication.py [--quick | --tiny] [--peer none]``; results in
+results/replication.json. ``--tiny`` only proves that everything runs (seconds of load, no
+meaningful figure); real figures need the default sizes on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import httpx
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RawHttp, event, percentile, save
+import pg_peer
+from common import RawHttp, event, percentile, save, wrk_single
 from walship.cli.process import NodeProcess
 
 TARGETS = {
@@ -43,6 +50,31 @@ TARGETS = {
     "semi_sync_single_p50_ms": 0.75,
 }
 MODES = ["async", "semi-sync", "quorum:2", "sync"]
+# issue 15: walship / PostgreSQL, each from this run. (label, walship key, PostgreSQL key,
+# op, target ratio, unit); for times the ratio must stay at or under the target.
+PEER_TARGETS = [
+    ("batch ingest, no replicas", "none_batch_events_per_s", "pg_none_batch_events_per_s",
+     ">=", None, "events/s"),
+    ("batch ingest, async (2 replicas)", "async_batch_events_per_s",
+     "pg_async_batch_events_per_s", ">=", 1.5, "events/s"),
+    ("batch ingest, semi-sync / ANY 1", "semi-sync_batch_events_per_s",
+     "pg_semi_sync_batch_events_per_s", ">=", None, "events/s"),
+    ("batch ingest, sync / ANY 2", "sync_batch_events_per_s", "pg_sync_batch_events_per_s",
+     ">=", 1.5, "events/s"),
+    ("single writes, 64 clients, semi-sync / ANY 1", "semi_sync_single64_events_per_s",
+     "pg_semi_sync_single64_events_per_s", ">=", 1.5, "events/s"),
+    ("single write p50, semi-sync / ANY 1", "semi_sync_single_p50_ms",
+     "pg_semi_sync_single_p50_ms", "<=", 1.0, "ms"),
+    ("single write p50, sync / ANY 2", "sync_single_p50_ms", "pg_sync_single_p50_ms",
+     "<=", None, "ms"),
+    ("replication lag p99 at half load (walship async; PG ANY 2 flush_lag)", "lag_p99_ms",
+     "pg_lag_p99_ms", "<=", 1.0, "ms"),
+    ("catch-up of a stopped replica through the log", "catchup_wal_records_per_s",
+     "pg_catchup_wal_records_per_s", ">=", 2.0, "events/s"),
+    ("catch-up of an empty replica from a base copy", "catchup_snapshot_records_per_s",
+     "pg_base_copy_records_per_s", ">=", None, "events/s"),
+]  # fmt: skip
+
 JSON_HEADERS = {"content-type": "application/json"}
 
 
@@ -56,6 +88,13 @@ class Cluster:
         self.secret.write_text(secrets.token_hex(16))
         os.chmod(self.secret, 0o600)
         self.stack = ExitStack()
+        try:
+            self._start(root, mode, followers, extra)
+        except BaseException:
+            self.stack.close()  # a node that did start must not outlive a failed start
+            raise
+
+    def _start(self, root: Path, mode: str, followers: int, extra: tuple[str, ...]) -> None:
         self.leader = NodeProcess(
             root / "leader",
             node_id="leader",
@@ -133,6 +172,11 @@ def throughput(root: Path, n: int) -> dict[str, Any]:
                 cluster.wait_in_sync(2)
             elapsed = asyncio.run(post_batches(cluster.leader.url, batches(n)))
             out[f"{mode}_batch_events_per_s"] = round(n / elapsed)
+            # Parquet writes per event on each node (checkpoints + merges) after this ingest
+            for node in [cluster.leader, *cluster.followers]:
+                stats = httpx.get(node.url + "/api/v1/stats").json()
+                key = f"{mode}_{node.node_id.replace('-', '_')}_write_amplification"
+                out[key] = stats.get("write_amplification")
         finally:
             cluster.close()
         print(f"  {mode}: {out[f'{mode}_batch_events_per_s']} events/s", flush=True)
@@ -288,7 +332,8 @@ def catch_up(root: Path, n: int) -> dict[str, Any]:
     return out
 
 
-def latency(root: Path, count: int) -> dict[str, Any]:
+def latency(root: Path, count: int, seconds: float) -> dict[str, Any]:
+    """Per ack mode: one client's write latency, then 64 wrk clients' events/s."""
     out: dict[str, Any] = {}
     for mode in MODES:
         cluster = Cluster(root / f"lat-{mode.replace(':', '')}", mode)
@@ -309,31 +354,78 @@ def latency(root: Path, count: int) -> dict[str, Any]:
             key = mode.replace("-", "_").replace(":", "")
             out[f"{key}_single_p50_ms"] = round(percentile(times, 50), 3)
             out[f"{key}_single_p99_ms"] = round(percentile(times, 99), 3)
-            print(f"  {mode}: p50 {out[f'{key}_single_p50_ms']} ms", flush=True)
+            many = wrk_single(cluster.leader.url, seconds)
+            for k in ("events_per_s", "p50_ms", "p99_ms", "errors"):
+                out[f"{key}_single64_{k}"] = many[k]
+            print(f"  {mode}: p50 {out[f'{key}_single_p50_ms']} ms, 64 clients "
+                  f"{many['events_per_s']} events/s", flush=True)  # fmt: skip
         finally:
             cluster.close()
     return out
+
+
+def peer_ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The README's walship-vs-PostgreSQL rows: both figures, their ratio, the target."""
+    rows = []
+    for label, key, pg_key, op, target, unit in PEER_TARGETS:
+        ours, theirs = results.get(key), results.get(pg_key)
+        ratio = round(ours / theirs, 3) if ours is not None and theirs else None
+        met = None
+        if ratio is not None and target is not None:
+            met = ratio >= target if op == ">=" else ratio <= target
+        rows.append({"figure": label, "walship": ours, "postgres": theirs, "ratio": ratio,
+                     "op": op, "target_ratio": target, "unit": unit, "met": met})  # fmt: skip
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--catchup-events", type=int, default=1_000_000)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--tiny", action="store_true", help="seconds of load: proves it runs")
+    ap.add_argument("--peer", choices=["postgres", "none"], default="postgres",
+                    help="also measure PostgreSQL streaming replication (pg_peer.py)")  # fmt: skip
+    ap.add_argument("--part-worker", action="store_true",
+                    help="every node writes Parquet parts in a worker process")  # fmt: skip
+    ap.add_argument("--physical-followers", action="store_true",
+                    help="followers install the leader's Parquet parts")  # fmt: skip
     args = ap.parse_args()
+    if args.part_worker:
+        os.environ["WALSHIP_PART_WORKER"] = "1"  # inherited by every node started below
+    if args.physical_followers:
+        os.environ["WALSHIP_PHYSICAL_FOLLOWERS"] = "1"  # likewise
+    lag_s, latency_count, single_s = 15.0, 2000, 10.0
     if args.quick:
         args.events, args.catchup_events = 20_000, 50_000
+        lag_s, latency_count, single_s = 5.0, 300, 3.0
+    if args.tiny:
+        args.events, args.catchup_events = 2_000, 5_000
+        lag_s, latency_count, single_s = 1.0, 50, 1.0
+    if args.peer == "postgres":
+        pg_peer.pg_bindir()  # fail before walship's part when PostgreSQL is missing
+        pg_peer.PgCluster.check_driver()
     results: dict[str, Any] = {"targets": TARGETS}
     with tempfile.TemporaryDirectory(prefix="walship-repl-bench-") as tmp:
         root = Path(tmp)
         print("throughput per mode ...", flush=True)
         results.update(throughput(root, args.events))
         print("lag at half the async rate ...", flush=True)
-        results.update(lag(root, results["async_batch_events_per_s"] / 2, 5 if args.quick else 15))
+        results.update(lag(root, results["async_batch_events_per_s"] / 2, lag_s))
         print("single-write latency ...", flush=True)
-        results.update(latency(root, 300 if args.quick else 2000))
+        results.update(latency(root, latency_count, single_s))
         print("catch-up ...", flush=True)
         results.update(catch_up(root, args.catchup_events))
+    if args.peer == "postgres":
+        print("PostgreSQL peer ...", flush=True)
+        found = pg_peer.run(args.events, args.catchup_events, lag_seconds=lag_s,
+                            latency_count=latency_count, single_seconds=single_s)  # fmt: skip
+        results.update(found)
+        results["peer"] = peer_ratios(results)
+    results["part_worker"] = bool(os.environ.get("WALSHIP_PART_WORKER"))
+    results["physical_followers"] = bool(os.environ.get("WALSHIP_PHYSICAL_FOLLOWERS"))
+    if args.tiny:
+        results["note"] = "--tiny: proves the benchmark runs; the figures mean nothing"
     path = save("replication", results)
     print(json.dumps(results, indent=2))
     print(f"written to {path}")

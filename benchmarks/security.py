@@ -304,7 +304,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=10, help="of each wrk run")
     ap.add_argument("--writes", type=int, default=3_000, help="single writes timed one by one")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: shows that it runs")
+    # scripts/bench passes its arguments to every benchmark: --tiny is --quick here, and the
+    # peer and the part worker are replication.py's and ingest.py's
+    ap.add_argument("--tiny", action="store_true", help="the same as --quick")
+    ap.add_argument("--peer", choices=["postgres", "none"], help="(replication.py only)")
+    ap.add_argument("--part-worker", action="store_true", help="(ingest/replication only)")
+    ap.add_argument("--physical-followers", action="store_true", help="(replication only)")
     args = ap.parse_args()
+    args.quick = args.quick or args.tiny
     if args.quick:
         args.batch_events, args.seconds, args.writes = 4_000, 1, 200
     if shutil.which("openssl") is None:

@@ -34,27 +34,33 @@ class SseReader:
         self._response: httpx.Response | None = None
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.comments = 0
+        self.cut: dict[str, Any] | None = None  # the ``event: cut`` frame that ended the stream
         self.error: BaseException | None = None
         self.status: int | None = None
+        self.refusal = ""  # the body of an answer other than 200
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         assert self._started.wait(30), "the subscription did not start"
-        assert self.status == 200, f"subscription answered {self.status}"
+        assert self.status == 200, f"subscription answered {self.status}: {self.refusal}"
 
     def _run(self) -> None:
         decoder = SseDecoder()
         try:
             self._response = self._client.send(self._request, stream=True)
             self.status = self._response.status_code
+            if self.status != 200:
+                self.refusal = self._response.read().decode(errors="replace")
             self._started.set()
             for line in self._response.iter_lines():
                 if line.startswith(":"):
                     self.comments += 1
                 ev = decoder.feed_line(line)
-                if ev is not None:
+                if ev is not None and ev.event == "cut":
+                    self.cut = msgspec.json.decode(ev.data)
+                elif ev is not None:
                     body = msgspec.json.decode(ev.data)
-                    assert ev.id == str(body["lsn"]), (ev.id, body["lsn"])
+                    assert ev.id == f"{body['lsn']}:{body['term']}", (ev.id, body)
                     self.events.put(body)
         except (httpx.HTTPError, RuntimeError) as exc:  # closed under us: the test cut it
             self.error = exc

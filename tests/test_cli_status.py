@@ -270,6 +270,20 @@ def test_snapshot_being_installed_shows_installing_not_a_full_bar() -> None:
     assert "100%" not in text
 
 
+def test_a_snapshot_from_a_serving_follower_names_its_source() -> None:
+    """Cascading: the follower fetches from another follower, and its row says which."""
+    progress = {
+        "id": "snap-1",
+        "state": "receiving",
+        "source": "127.0.0.2:3911",
+        "bytes_done": 10 * 1024 * 1024,
+        "bytes_total": 40 * 1024 * 1024,
+    }
+    text = _text([NodeReport(FOLLOWER_URL, _follower_health(snapshot=progress), http_status=200)])
+    assert "25%" in text
+    assert "from 127.0.0.2:3911" in text
+
+
 def test_no_snapshot_column_without_a_transfer() -> None:
     text = _text([NodeReport(FOLLOWER_URL, _follower_health(state="streaming"), http_status=200)])
     assert "snapshot" not in text.splitlines()[2]

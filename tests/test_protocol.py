@@ -7,6 +7,7 @@ import os
 import struct
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,6 +29,7 @@ from walship.replication.protocol import (
     MESSAGE_TYPES,
     NONCE_BYTES,
     PROTOCOL_VERSION,
+    REDIRECT_ANY,
     SECRET_ENV,
     Ack,
     CaughtUp,
@@ -40,10 +42,16 @@ from walship.replication.protocol import (
     InSyncSet,
     InSyncStored,
     Message,
+    PartChunk,
+    PartEnd,
+    PartStart,
+    PartsWelcome,
     Refused,
     SnapshotChunk,
+    SnapshotConfirmed,
     SnapshotEnd,
     SnapshotFile,
+    SnapshotRedirect,
     SnapshotResume,
     SnapshotStart,
     Subscribe,
@@ -127,6 +135,24 @@ SAMPLES: list[Message] = [
     SnapshotResume(snapshot_id="0000000000000010-abcdef", file_index=2, offset=4096),
     InSyncSet(term=2, version=7, lsn=4096, members=["f1", "f2"], ack_mode="semi-sync"),
     InSyncStored(term=2, version=7),
+    SnapshotRedirect(term=7, sources=["127.0.0.2:3911", "[::1]:3912"], min_lsn=4_000),
+    SnapshotConfirmed(
+        term=7, lsn=4_500, last_term=6, chain=b"k" * 8, term_history=[(1, 1), (6, 4_001)]
+    ),
+    Subscribe(
+        term=6,
+        lsn=4_500,
+        chain=b"k" * 8,
+        http_url="http://127.0.0.1:3901",
+        redirect=REDIRECT_ANY,
+        serve_address="127.0.0.1:3911",
+        staged=True,
+        snapshot_min_lsn=4_000,
+    ),
+    PartStart(kind="checkpoint", info=b'{"file":"p"}', last_term=2, chain=b"k" * 8),
+    PartChunk(offset=262144, data=bytes(range(256)) * 3),
+    PartEnd("0000000000000001-00000000000001f4.parquet"),
+    PartsWelcome("node-1", 7, 1_000, b"w" * 32, "http://l", ""),
 ]
 STREAM = b"".join(encode(m) for m in SAMPLES)
 
@@ -198,6 +224,18 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Heartbeat, u64, u64, u64),
     st.builds(InSyncSet, u64, u64, u64, st.lists(ident, max_size=5), st.sampled_from(["sync"])),
     st.builds(InSyncStored, u64, u64),
+    st.builds(
+        PartStart,
+        st.sampled_from(["checkpoint", "merge"]),
+        st.binary(max_size=300),
+        u64,
+        chain,
+        st.binary(max_size=300),
+        st.binary(max_size=300),
+    ),
+    st.builds(PartChunk, u64, st.binary(max_size=3000)),
+    st.builds(PartEnd, st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True)),
+    st.builds(PartsWelcome, ident, u64, u64, nonce),
 )
 
 
@@ -389,7 +427,7 @@ def test_frames_in_parts_keep_the_size_limit_and_other_messages_whole() -> None:
     for msg in SAMPLES:
         parts = encode_parts(msg)
         assert b"".join(parts) == encode(msg)
-        assert len(parts) == (2 if isinstance(msg, WalBatch | SnapshotChunk) else 1)
+        assert len(parts) == (2 if isinstance(msg, WalBatch | SnapshotChunk | PartChunk) else 1)
     chunk = SnapshotChunk(0, 0, b"x" * 1000)
     size = len(encode(chunk))
     assert b"".join(encode_parts(chunk, frame_bytes_max=size)) == encode(chunk)
@@ -488,9 +526,9 @@ def test_positions_read_as_value_types() -> None:
 def test_hello_with_another_protocol_version_is_refusable() -> None:
     ok = Hello(PROTOCOL_VERSION, "cluster-a", "n2", "follower", make_nonce())
     assert hello_error(ok, "cluster-a") is None
-    error = hello_error(Hello(2, "cluster-a", "n2", "follower", make_nonce()), "cluster-a")
+    error = hello_error(Hello(3, "cluster-a", "n2", "follower", make_nonce()), "cluster-a")
     assert isinstance(error, ProtocolError)
-    assert "version 2 is not supported" in error.message
+    assert "version 3 is not supported" in error.message
     refused = Refused.from_error(error)
     assert isinstance(refused.to_error(), ProtocolError)
     assert isinstance(hello_error(ok, "cluster-b"), ProtocolError)
@@ -737,3 +775,56 @@ def test_decode_batch_refuses_records_from_a_later_term_than_the_batch() -> None
     later, _ = make_records(2, term=5)
     with pytest.raises(ProtocolError, match="term 5"):
         decode_batch(_batch(later, term=4))
+
+
+class _WelcomeV1(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """Welcome as a version-1 node decodes it."""
+
+    leader_node_id: str
+    term: int
+    leader_last_lsn: int
+    leader_proof: bytes
+    leader_url: str = ""
+    ack_settings: str = ""
+
+
+def test_a_welcome_without_parts_is_what_a_version_1_follower_decodes() -> None:
+    """Parts are negotiated: a v1 follower is never offered them and decodes its Welcome as
+    before; a Welcome offering parts would not decode there (so one is never sent to it)."""
+    plain = Welcome("node-1", 7, 1_000, b"w" * 32, "http://l", '{"ack_mode":"sync"}')
+    old = msgspec.msgpack.decode(msgspec.msgpack.encode(plain), type=_WelcomeV1)
+    assert (old.leader_node_id, old.ack_settings) == ("node-1", '{"ack_mode":"sync"}')
+    offering = PartsWelcome(*msgspec.structs.astuple(plain))
+    assert offering.offers_parts and not plain.offers_parts
+    # a message type a version-1 node does not have (its last was InSyncStored, 17), sent
+    # only to a follower that said version 2
+    code = {cls: code for code, cls in MESSAGE_TYPES.items()}
+    assert code[PartsWelcome] > code[InSyncStored] == 17
+    assert FrameDecoder().feed(encode(offering)) == [offering]
+    hello_v1 = Hello(PROTOCOL_VERSION, "c", "n", "follower", b"n" * NONCE_BYTES)
+    challenge = Challenge(b"s" * NONCE_BYTES)
+    with pytest.raises(InvariantViolation):
+        make_welcome(
+            b"secret",
+            hello_v1,
+            challenge,
+            leader_node_id="l",
+            term=1,
+            leader_last_lsn=0,
+            ships_parts=True,
+        )
+    # the offer is under the leader's proof: a man in the middle cannot add or strip it
+    hello_v2 = msgspec.structs.replace(hello_v1, protocol_version=2)
+    welcome = make_welcome(
+        b"secret",
+        hello_v2,
+        challenge,
+        leader_node_id="l",
+        term=1,
+        leader_last_lsn=0,
+        ships_parts=True,
+    )
+    verify_welcome(b"secret", hello_v2, challenge, welcome)
+    with pytest.raises(AuthenticationError):
+        stripped = msgspec.structs.replace(welcome, ships_parts=False)
+        verify_welcome(b"secret", hello_v2, challenge, stripped)

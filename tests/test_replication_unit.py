@@ -34,6 +34,7 @@ from walship.errors import (
 )
 from walship.limits import Limits
 from walship.replication import leader as leader_mod
+from walship.replication import snapshot_send
 from walship.replication.acks import DegradationLedger
 from walship.replication.config import ReplicationConfig
 from walship.replication.follower import Backoff, Follower, FollowerState, FrameRejected
@@ -225,12 +226,15 @@ def test_new_follower_catches_up_from_wal_and_streams_live_writes(tmp_path: Path
                 "silence_ms",
                 "reconnects",
                 "snapshots_received",
+                "parts",
                 "frames_rejected",
                 "last_error",
                 "known_term",
                 "repairs",
                 "last_repair",
                 "snapshot",
+                "snapshot_source",
+                "snapshot_fallbacks",
             }
             assert status["leader"] == f"127.0.0.1:{leader.port}"
             assert status["connected"] is True
@@ -327,7 +331,7 @@ def test_every_degraded_answer_is_in_the_saved_ledger_before_it_leaves(
             cancelled.cancel()
             later = asyncio.create_task(leader.record_degraded(200, 200, "floor"))
             # the later save either waits for the lock (right) or writes beside the held one
-            await eventually(lambda: overlapped or bool(leader._ledger_lock._waiters))
+            await eventually(lambda: overlapped or bool(leader.ledger_keeper._lock._waiters))
             release.set()
             await later
             on_disk = DegradationLedger.load(leader.ledger.path).ranges
@@ -479,7 +483,9 @@ def test_read_deadlines_drop_a_silent_peer_at_either_end(tmp_path: Path) -> None
     run(scenario)
 
 
-def test_a_follower_joins_the_in_sync_set_only_once_caught_up(tmp_path: Path) -> None:
+def test_a_follower_joins_the_in_sync_set_only_once_caught_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After a leader restart every older record counts as written at the start, so lag in
     time alone would call a follower far behind "in sync"; sync writes would then wait on it.
     It joins only once it has been sent everything (STREAMING)."""
@@ -494,12 +500,27 @@ def test_a_follower_joins_the_in_sync_set_only_once_caught_up(tmp_path: Path) ->
         assert leader.port is not None
         seen: list[tuple[leader_mod.FollowerState, bool]] = []
         evaluate = leader.evaluate
+        judged_catching_up = asyncio.Event()
 
         def spy(session: leader_mod.FollowerSession) -> None:
             evaluate(session)
             seen.append((session.state, session.in_sync))
+            if session.state is leader_mod.FollowerState.CATCHING_UP:
+                judged_catching_up.set()
 
         leader.evaluate = spy  # type: ignore[method-assign]
+        # the whole catch-up may fit in the socket buffers and be sent before the first ack
+        # comes back; hold it after its first step until an ack has been judged mid-catch-up
+        step = leader_mod.FollowerSession.step
+
+        async def held_step(session: leader_mod.FollowerSession) -> bool:
+            sent = await step(session)
+            if session.state is leader_mod.FollowerState.CATCHING_UP:
+                async with asyncio.timeout(TIMEOUT_S):
+                    await judged_catching_up.wait()
+            return sent
+
+        monkeypatch.setattr(leader_mod.FollowerSession, "step", held_step)
         fstore = open_store(tmp_path / "f1", "f1")
         follower = make_follower(fstore, leader.port)
         try:
@@ -788,7 +809,7 @@ def test_interrupted_snapshot_resumes_without_resending_verified_bytes(
     """The link breaks after a few 256-byte chunks; the next SnapshotStart (same snapshot)
     is answered from the bytes already held, and only the rest is sent: on a reconnect, and
     after the follower restarted (what it held is read back from its staging directory)."""
-    monkeypatch.setattr(leader_mod, "SNAPSHOT_CHUNK_BYTES", 256)
+    monkeypatch.setattr(snapshot_send, "SNAPSHOT_CHUNK_BYTES", 256)
     starts: list[tuple[int, int, int, int]] = []  # (file_index, offset, held, total) per start
     chunks: list[list[tuple[int, int, int]]] = []  # (file_index, offset, size) per start
     progress: list[dict[str, Any]] = []

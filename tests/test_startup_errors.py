@@ -1,6 +1,7 @@
-"""Every way `walship serve` can fail to start is one line on stderr and the README's exit
-code: 1 for the machine (data dir, ports, host names), 2 for what the operator wrote (flags,
-config file, the secret/token/TLS files they name, corrupt data).
+"""Every way `walship serve` can fail to start is one line on stderr and the exit code that
+docs/configuration.md ("Exit codes") gives: 1 for the machine (data dir, ports, host names), 2
+for what the operator wrote (flags, config file, the secret/token/TLS files they name, corrupt
+data).
 
 Each case runs the real `walship` command in a child process, as an operator would: the
 one-line promise covers click's usage errors and the HTTP server's start-up too.
@@ -162,6 +163,12 @@ CASES: list[tuple[str, Case, int, str]] = [
         lambda d, p: ["--data-dir", str(d / "data"), "--role", "follower"],
         2,
         "a follower needs --leader HOST:PORT",
+    ),
+    (
+        "a replication lag budget the in-sync set cannot hold",
+        lambda d, p: ["--data-dir", str(d / "data"), "--max-replication-lag-ms", "5000"],
+        2,
+        "--max-replication-lag-ms 5000 must be below --max-lag-ms 5000",
     ),
     (
         "an unknown key in the config file",

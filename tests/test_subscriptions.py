@@ -203,6 +203,11 @@ def test_stopping_the_server_ends_open_subscriptions(tmp_path: Path) -> None:
         ({}, {"Last-Event-ID": "1.5"}),
         ({}, {"Last-Event-ID": "9" * 40}),
         ({}, {"Last-Event-ID": "0x10"}),
+        ({}, {"Last-Event-ID": "5:"}),
+        ({}, {"Last-Event-ID": ":5"}),
+        ({}, {"Last-Event-ID": "5:x"}),
+        ({}, {"Last-Event-ID": "5:1:2"}),
+        ({}, {"Last-Event-ID": "5:-1"}),
     ],
 )
 def test_bad_subscription_input_is_a_4xx_json_error(
@@ -219,6 +224,29 @@ def test_last_event_id_wins_over_from_lsn(url: str) -> None:
     write(url, 0, 10)
     with SseReader(f"{url}{STREAM}?from_lsn=1", last_event_id=7) as reader:
         assert [e["lsn"] for e in reader.take(3)] == [8, 9, 10]
+    with SseReader(f"{url}{STREAM}", headers={"Last-Event-ID": "8:1"}) as reader:
+        assert [e["lsn"] for e in reader.take(2)] == [9, 10]
+
+
+def test_a_resume_from_a_term_the_node_has_not_seen_is_not_called_a_cut(url: str) -> None:
+    """The consumer read from a newer leader: this node is the one behind, so it says 503
+    (try another node), not that the consumer's position was repaired away."""
+    write(url, 0, 10)
+    with httpx.stream("GET", f"{url}{STREAM}", headers={"Last-Event-ID": "5:2"}) as response:
+        assert response.status_code == 503
+        assert json.loads(response.read())["error"] == "unavailable"
+
+
+@pytest.mark.parametrize("last_event_id", ["8:0", "11", "11:1", "99:1"])
+def test_a_resume_from_an_event_this_log_does_not_hold_is_409(url: str, last_event_id: str) -> None:
+    """Another term at that lsn, or past the end of the leader's log: the consumer's position
+    was repaired away (or never was on this history), which it must be told, not skipped."""
+    write(url, 0, 10)
+    with httpx.stream(
+        "GET", f"{url}{STREAM}", headers={"Last-Event-ID": last_event_id}
+    ) as response:
+        assert response.status_code == 409
+        assert json.loads(response.read())["error"] == "log_cut"
 
 
 # ------------------------------------------------------------------ real servers
@@ -385,3 +413,43 @@ def test_a_query_limit_below_the_subscription_page_still_streams_everything(
             assert [e["lsn"] for e in got] == lsns
     finally:
         small.close()
+
+
+def test_caught_up_subscribers_share_each_commits_read(
+    node: Node, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thirty caught-up streams (ten per filter) get each commit's events from one shared
+    read of the live tail, not thirty queries; each still gets exactly what its filter says."""
+    write(url, 0, 20)
+    everything = [SseReader(f"{url}{STREAM}?from_lsn=1") for _ in range(10)]
+    by_entity = [SseReader(f"{url}{STREAM}?entity_id=e-3") for _ in range(10)]
+    by_tenant = [SseReader(f"{url}{STREAM}?tenant_id=other") for _ in range(10)]
+    readers = everything + by_entity + by_tenant
+    try:
+        for reader in everything:
+            assert len(reader.take(20)) == 20
+        for reader in by_entity:
+            assert len(reader.take(3)) == 3  # e-3 of 0..19: 3, 10, 17
+        wait_until(lambda: node_open_streams(url) == 30, 10, "thirty open streams")
+        time.sleep(0.3)  # the tenant streams' first read has run too
+        reads: list[int] = []
+        query = node.store.query
+
+        def counting(flt: Any, limit: Any = None, cursor: Any = None) -> Any:
+            reads.append(flt.from_lsn)
+            return query(flt, limit, cursor)
+
+        monkeypatch.setattr(node.store, "query", counting)
+        lsns = write(url, 20, 14) + write(url, 0, 5, tenant_id="other")
+        for reader in everything:
+            assert [e["lsn"] for e in reader.take(19)] == lsns
+        for reader in by_entity:
+            assert [e["lsn"] for e in reader.take(2)] == [lsns[4], lsns[11]]  # 24 and 31
+        for reader in by_tenant:
+            assert [e["lsn"] for e in reader.take(5)] == lsns[14:]
+        assert len(reads) <= 6, reads  # two commits, one read each (and a straggler or two)
+        time.sleep(0.3)
+        assert all(reader.drain() == [] for reader in readers)
+    finally:
+        for reader in readers:
+            reader.close()

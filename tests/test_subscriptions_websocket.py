@@ -17,6 +17,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from tests.cluster import wait_until
+from tests.sse_reader import SseReader
 from tests.test_subscriptions import STREAM, all_events, node, url, write
 from walship.node import Node
 
@@ -127,3 +128,21 @@ def test_websocket_consumer_that_does_not_read_is_paced(
     finally:
         sock.close()
     wait_until(lambda: httpx.get(f"{url}/api/v1/stats").json()["subscriptions"] == 0, 10, "release")
+
+
+def test_topic_event_types_longer_than_an_entity_id_filter_both_streams(url: str) -> None:
+    """Event types are topic names up to ``event_type_chars_max`` (256), longer than entity
+    ids (128): the stream filters take them (they were capped at 128), and bytes stay bytes."""
+    topic = "bank.domain:" + "A" * 200 + ".Opened-v2"
+    events = [
+        {"entity_id": "acct", "event_type": topic, "payload": "AAH/", "payload_encoding": "base64"},
+        {"entity_id": "acct", "event_type": "bank.other", "payload": 1},
+    ]
+    r = httpx.post(f"{url}/api/v1/events/batch", json={"events": events})
+    assert r.status_code == 200, r.text
+    with ws(url, f"?event_type={topic}") as conn:
+        (got,) = receive(conn, 1)
+    assert got["event_type"] == topic and base64.b64decode(got["payload"]) == b"\x00\x01\xff"
+    prefix = "bank.domain:" + "A" * 150
+    with SseReader(f"{url}{STREAM}?event_type_prefix={prefix}") as reader:
+        assert [e["lsn"] for e in reader.take(1)] == [got["lsn"]]

@@ -23,7 +23,9 @@ from walship.storage.query import QueryFilter
 from walship.store import Store, StoreConfig
 from walship.wal import FsyncPolicy
 
-LIMITS = Limits(segment_bytes_max=4096, compaction_fanin_min=2, consumers_max=3)
+LIMITS = Limits(
+    segment_bytes_max=4096, compaction_fanin_min=2, consumers_max=3, consumers_per_tenant_max=2
+)
 
 
 def open_store(path: Path) -> Store:
@@ -96,11 +98,18 @@ def test_the_consumer_table_is_bounded(tmp_path: Path) -> None:
     from walship.errors import LimitExceeded
 
     with open_store(tmp_path / "d") as store:
-        for name in ("a", "b", "c"):
+        for name in ("a", "b"):
             append(store, [], track(1, consumer=name))
-        with pytest.raises(LimitExceeded):
-            append(store, [], track(1, consumer="d"))
+        # one tenant cannot take every consumer of the node: t1 is full, t2 is not
+        with pytest.raises(LimitExceeded, match="tenant 't1'"):
+            append(store, [], track(1, consumer="c"))
+        append(store, [], track(1, consumer="c", tenant="t2"))
+        with pytest.raises(LimitExceeded, match="consumers are tracked"):
+            append(store, [], track(1, consumer="d", tenant="t3"))
         append(store, [], track(2, consumer="a"))  # a known consumer still moves on
+    # the counts are rebuilt at recovery
+    with open_store(tmp_path / "d") as store, pytest.raises(LimitExceeded, match="tenant 't1'"):
+        append(store, [], track(1, consumer="e"))
 
 
 def test_consumer_positions_survive_restart_checkpoint_compaction_and_wal_cut(
@@ -127,7 +136,9 @@ def test_consumer_positions_survive_restart_checkpoint_compaction_and_wal_cut(
         assert got == want
         assert got[("t1", "big")] is not None and got[("t1", "big")].position == 49
         with pytest.raises(TrackingConflict):
-            append(store, [], track(7, tenant="t2"))
+            append(store, [], track(6, tenant="t2"))
+        repeat = append(store, [], track(7, tenant="t2")).tracking  # its answer lost: again
+        assert repeat.duplicate and (repeat.position, repeat.lsn) == (7, 4)
 
 
 def test_the_table_answers_only_what_the_wal_wrote_and_rolls_back() -> None:

@@ -165,7 +165,8 @@ def lag_points(follower: str) -> str:
 @pytest.mark.timeout(300)
 def test_status_page_in_chromium_follows_a_three_node_cluster(tmp_path: Path) -> None:
     """The page renders the cluster; its lag chart grows while writes run; a stopped follower
-    shows as not connected within seconds; a degraded range appears at risk and turns to
+    shows as not connected within seconds, and while writes run its retention slot gets a
+    forecast; a degraded range appears at risk and turns to
     "since replicated" once a follower holding it returns; a follower's page lists its
     lost-and-found files; /docs renders. Nothing the browser loads comes from anywhere but
     the nodes."""
@@ -174,7 +175,11 @@ def test_status_page_in_chromium_follows_a_three_node_cluster(tmp_path: Path) ->
         old.unlink()
     with Cluster(tmp_path / "cluster") as cluster:
         leader = cluster.start_leader(
-            "n1", args=["--ack-mode", "semi-sync", "--ack-timeout-ms", "300"]
+            "n1",
+            args=[
+                *("--ack-mode", "semi-sync", "--ack-timeout-ms", "300"),
+                *("--max-replication-lag-ms", "3000"),
+            ],
         )
         address = replication_address(leader)
         n2 = cluster.start_follower("n2", address)
@@ -196,6 +201,7 @@ def test_status_page_in_chromium_follows_a_three_node_cluster(tmp_path: Path) ->
             assert browser.evaluate("document.getElementById('role').textContent") == "leader"
             cluster_text = browser.evaluate("document.getElementById('cluster').innerText")
             assert "semi-sync" in cluster_text and "2/2 (min 1)" in cluster_text
+            assert "lag budget 3.0 s (within" in cluster_text, cluster_text
             browser.screenshot(shots / "01-cluster.png")
 
             # 2. the lag chart and the ingest rate move while writes run
@@ -220,6 +226,18 @@ def test_status_page_in_chromium_follows_a_three_node_cluster(tmp_path: Path) ->
             assert time.monotonic() - t0 < 10
             browser.screenshot(shots / "03-follower-stopped.png")
 
+            # 3b. writes run while n3 is away: its retention slot gets a forecast
+            slot_row = "document.querySelector('#slots tr[data-slot=\"n3\"]')"
+            writers = Writers(leader.url, threads=1, batch=100).start()
+            try:
+                browser.wait_for(
+                    f"Number({slot_row}?.dataset.exhaustion) > 0", 30, "n3's retention forecast"
+                )
+            finally:
+                writers.stop()
+            assert "not growing" not in browser.evaluate(f"{slot_row}.innerText")
+            browser.screenshot(shots / "03b-retention-forecast.png")
+
             # 4. with no follower, writes degrade: the range appears, at risk
             n2.stop()
             browser.wait_for(f"{row_state('n2')} === 'not connected'", 15, "n2 not connected")
@@ -239,7 +257,8 @@ def test_status_page_in_chromium_follows_a_three_node_cluster(tmp_path: Path) ->
                 30,
                 "the degraded range to turn since replicated",
             )
-            assert "n2" in browser.evaluate(f"{degraded_row}.innerText")
+            # the ledger's own record: when, and to whom
+            assert "to n2" in browser.evaluate(f"{degraded_row}.innerText")
             assert browser.evaluate("window.walshipUi.errors") == 0
             browser.screenshot(shots / "05-since-replicated.png")
 

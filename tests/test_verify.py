@@ -183,3 +183,16 @@ def test_verify_catches_a_promotion_that_loses_replicated_writes(tmp_path: Path)
     assert code == 1, output
     assert {"no_unclean_promotion", "replicated_on_every_node"} <= set(report["failed_checks"])
     assert "answered replicated before it were beyond its log" in output
+
+
+@pytest.mark.timeout(60)
+def test_verify_shows_a_progress_bar_of_the_workload(tmp_path: Path) -> None:
+    """A short run on one node: the bar (on stderr, so the report on stdout stays clean)
+    follows the seconds written under faults and the requests so far, to 100%."""
+    code, report, output = verify(
+        tmp_path, "--nodes", "1", "--duration", "2s", "--faults", "none", "--seed", "3"
+    )
+    assert code == 0, output
+    (bar,) = [line for line in output.splitlines() if line.startswith("writing under faults")]
+    assert "2/2 s" in bar and "100%" in bar, bar
+    assert f"({report['writes']['requests']} requests, 0 faults)" in bar, bar

@@ -1,9 +1,11 @@
 """Python clients for a node's HTTP API: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
 
 Both build the request, send it with httpx and decode the answer with msgspec into the small
-result types below. A non-2xx answer raises the WalshipError subclass named by its ``error``
-code, with the server's details and the HTTP ``status``; a transport failure raises
-``Unavailable``.
+result types below; what a call does (where it goes, what it retries) is one plan in
+``client_calls.py`` that each runs with its own I/O. A non-2xx answer raises the WalshipError
+subclass named by its ``error`` code, with the server's details and the HTTP ``status``; a
+transport failure raises ``Unavailable`` once retries are spent. A ``bytes`` payload is sent
+as binary and read back as ``bytes``.
 
 Given several node URLs, a client finds the leader, follows a 409's ``leader_url`` and keeps
 a write going through a failover (``client_routing.py`` decides where each request goes).
@@ -24,31 +26,61 @@ for byte, so a write stored before a failure is answered with its original recei
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import ssl
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import quote
 
 import httpx
 import msgspec
 
 from walship import subscriber
+from walship.client_calls import (
+    PROBE_TIMEOUT_S,
+    Action,
+    Plan,
+    Probe,
+    QueryPages,
+    Send,
+    Sleep,
+    encode_batch,
+    encode_event,
+    entity_path,
+    event_path,
+    find_leader_plan,
+    health_of,
+    optional,
+    peer_view,
+    query_params,
+    read_plan,
+    transport_failure,
+    unbase64,
+    write_params,
+    write_plan,
+)
 from walship.client_routing import ReadFrom, RetryPolicy, Router
-from walship.errors import Unavailable, WalshipError, error_class_for
+from walship.errors import WalshipError
 from walship.httptls import httpx_verify
 from walship.peers import PeerView
 
 DEFAULT_URL = "http://127.0.0.1:3900"
 DEFAULT_TIMEOUT_S = 30.0
-PROBE_TIMEOUT_S = 2.0
-"""How long a client waits for one node's ``/health`` while looking for the leader."""
-PROBE_ROUNDS_MAX = 2
-"""Rounds of ``/health`` per search: the given URLs, then leaders their followers named."""
 
 T = TypeVar("T")
 
@@ -63,6 +95,7 @@ class AppendReceipt(msgspec.Struct, frozen=True):
     timestamp: str
     durability: str
     duplicate: bool = False
+    position: int = 0  # the event's position in its tenant (0: a server without positions)
 
 
 class BatchReceipt(msgspec.Struct, frozen=True):
@@ -70,10 +103,11 @@ class BatchReceipt(msgspec.Struct, frozen=True):
     count: int
     first_lsn: int
     last_lsn: int
+    tracking: dict[str, Any] | None = None  # the receipt of the batch's tracking, if any
 
 
 class Event(msgspec.Struct, frozen=True):
-    """A stored event as queries return it."""
+    """A stored event as queries return it; a binary payload is ``bytes``."""
 
     id: str
     tenant_id: str
@@ -85,6 +119,12 @@ class Event(msgspec.Struct, frozen=True):
     version: int
     lsn: int
     term: int
+    payload_encoding: str | None = None  # "base64": ``payload`` was sent as bytes
+    position: int = 0
+
+    def __post_init__(self) -> None:
+        if self.payload_encoding == "base64":
+            msgspec.structs.force_setattr(self, "payload", unbase64(self.payload))
 
 
 class QueryPage(msgspec.Struct, frozen=True):
@@ -106,7 +146,8 @@ class EntityEventsPage(msgspec.Struct, frozen=True):
 
 
 class EntityStateResult(msgspec.Struct, frozen=True):
-    """An entity's payloads merged in lsn order, up to its ``version``/``last_lsn``."""
+    """An entity's payloads merged in lsn order, up to its ``version``/``last_lsn``; a
+    binary last payload makes ``state`` its ``bytes``."""
 
     tenant_id: str
     entity_id: str
@@ -115,118 +156,35 @@ class EntityStateResult(msgspec.Struct, frozen=True):
     last_lsn: int
     updated: str | None
     events: int
+    state_encoding: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.state_encoding == "base64":
+            msgspec.structs.force_setattr(self, "state", unbase64(self.state))
 
 
-_encoder = msgspec.json.Encoder()
-_CT = {"content-type": "application/json"}
-_QUERY_FILTERS = frozenset(
-    {
-        "entity_id",
-        "event_type",
-        "event_type_prefix",
-        "tenant_id",
-        "since",
-        "until",
-        "from_lsn",
-        "to_lsn",
-        "limit",
-        "min_lsn",
-        "min_lsn_wait_ms",
-    }
-)
+class TenantPositionResult(msgspec.Struct, frozen=True):
+    """A tenant's last position visible on the node that answered (0: none), and its lsn."""
+
+    tenant_id: str
+    position: int
+    lsn: int
 
 
-def _event(
-    entity_id: str,
-    event_type: str,
-    payload: Any,
-    tenant_id: str,
-    metadata: Mapping[str, Any] | None,
-    event_id: str | uuid.UUID | None,
-    expected_version: int | None,
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": str(event_id or uuid.uuid4()),
-        "tenant_id": tenant_id,
-        "entity_id": entity_id,
-        "event_type": event_type,
-        "payload": payload,
-    }
-    if metadata is not None:
-        body["metadata"] = metadata
-    if expected_version is not None:
-        body["expected_version"] = expected_version
-    return body
+class ConsumerPositionResult(msgspec.Struct, frozen=True):
+    """The last position a consumer tracked with a batch, and the lsn of that append."""
+
+    consumer: str
+    tenant_id: str
+    position: int
+    lsn: int
 
 
-def _batch(events: Iterable[Mapping[str, Any]]) -> bytes:
-    """Encode a batch; ``event_id`` is accepted for ``id``, and a missing id is generated."""
-    out = []
-    for ev in events:
-        item = dict(ev)
-        if "event_id" in item:
-            item["id"] = item.pop("event_id")
-        if item.get("id") is None:
-            item["id"] = uuid.uuid4()
-        out.append(item)
-    return _encoder.encode({"events": out})
+W = TypeVar("W", AppendReceipt, BatchReceipt)
 
 
-def _time(value: str | datetime) -> str:
-    return value.isoformat() if isinstance(value, datetime) else value
-
-
-def _params(filters: Mapping[str, Any]) -> dict[str, str | int]:
-    unknown = set(filters) - _QUERY_FILTERS - {"cursor"}
-    if unknown:
-        raise TypeError(f"unknown query filters: {sorted(unknown)}")
-    params: dict[str, str | int] = {}
-    for key, value in filters.items():
-        if value is None:
-            continue
-        params[key] = _time(value) if key in ("since", "until") else value
-    return params
-
-
-def _state_params(
-    tenant_id: str, as_of: str | datetime | None, as_of_lsn: int | None, min_lsn: int | None
-) -> dict[str, str | int]:
-    params: dict[str, str | int] = {"tenant_id": tenant_id}
-    if as_of is not None:
-        params["as_of"] = _time(as_of)
-    if as_of_lsn is not None:
-        params["as_of_lsn"] = as_of_lsn
-    if min_lsn is not None:
-        params["min_lsn"] = min_lsn
-    return params
-
-
-def _state_path(entity_id: str) -> str:
-    # the entity id may contain '/' and '?': quote everything but unreserved characters
-    return f"/api/v1/entities/{quote(entity_id, safe='')}/state"
-
-
-def _entity_path(entity_id: str, what: str) -> str:
-    return f"/api/v1/entities/{quote(entity_id, safe='')}/{what}"
-
-
-def _entity_events_params(
-    tenant_id: str, from_version: int, to_version: int | None, direction: str, limit: int | None
-) -> dict[str, str | int]:
-    params: dict[str, str | int] = {
-        "tenant_id": tenant_id,
-        "from_version": from_version,
-        "direction": direction,
-    }
-    if to_version is not None:
-        params["to_version"] = to_version
-    if limit is not None:
-        params["limit"] = limit
-    return params
-
-
-def _event_path(event_id: str | uuid.UUID) -> str:
-    return f"/api/v1/events/{uuid.UUID(str(event_id))}"
+def _last_lsn(result: AppendReceipt | BatchReceipt) -> int:
+    return result.last_lsn if isinstance(result, BatchReceipt) else result.lsn
 
 
 def _auth_headers(headers: Mapping[str, str] | None, api_key: str | None) -> dict[str, str]:
@@ -236,83 +194,287 @@ def _auth_headers(headers: Mapping[str, str] | None, api_key: str | None) -> dic
     return out
 
 
-def _error(response: httpx.Response) -> WalshipError:
-    """The WalshipError an error answer stands for, with its details and HTTP status."""
-    try:
-        body = msgspec.json.decode(response.content)
-    except msgspec.DecodeError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        details = {k: v for k, v in body.items() if k not in ("error", "message")}
-        message = str(body.get("message", body["error"]))
-        exc = error_class_for(body["error"])(message, **details)
-    else:
-        text = response.text[:200]
-        exc = WalshipError(f"HTTP {response.status_code} without a walship error body: {text}")
-    exc.status = response.status_code
-    return exc
+class _Calls:
+    """The request side both clients share: routing state, retry policy, and a plan for
+    each call with its public signature. ``_blocking``/``_awaited`` turn a plan into the
+    method of ``Client``/``AsyncClient``, so each call is written once."""
 
+    def __init__(
+        self,
+        base_url: str | Sequence[str],
+        read_from: ReadFrom | str,
+        read_your_writes: bool,
+        retry: RetryPolicy | None,
+    ) -> None:
+        self._router = Router(base_url, read_from=read_from, read_your_writes=read_your_writes)
+        self.base_url = self._router.urls[0]
+        self.retry = retry or RetryPolicy()
 
-def _decode(response: httpx.Response, kind: type[T]) -> T:
-    if response.status_code >= 400:
-        raise _error(response)
-    return msgspec.json.decode(response.content, type=kind)
+    @property
+    def urls(self) -> list[str]:
+        """The node URLs this client was given."""
+        return list(self._router.urls)
 
+    @property
+    def leader_url(self) -> str | None:
+        """The node this client believes leads; None until it knows."""
+        return self._router.leader
 
-def _health(response: httpx.Response) -> dict[str, Any]:
-    # an unhealthy node answers 503 with its health document, not an error body
-    if response.status_code == 503:
-        body = msgspec.json.decode(response.content)
-        if isinstance(body, dict) and "status" in body:
-            return body
-    return _decode(response, dict[str, Any])
+    @property
+    def last_write_lsn(self) -> int:
+        """The lsn of this client's last answered write (0 before any): reads wait for it."""
+        return self._router.last_write_lsn
 
-
-def _view(url: str, response: httpx.Response) -> PeerView:
-    """A node's ``/health`` answer as a view (an error view when it is not a health body)."""
-    try:
-        body = msgspec.json.decode(response.content)
-    except msgspec.DecodeError:
-        body = None
-    if isinstance(body, dict) and "role" in body:
-        return PeerView(url, health=body)
-    return PeerView(url, error=f"HTTP {response.status_code} without a health document")
-
-
-def _last_lsn(result: AppendReceipt | BatchReceipt) -> int:
-    return result.last_lsn if isinstance(result, BatchReceipt) else result.lsn
-
-
-def _with_min_lsn(params: dict[str, Any], min_lsn: int | None) -> dict[str, Any]:
-    # a min_lsn the caller gave wins over the client's own
-    if min_lsn is None or "min_lsn" in params:
-        return params
-    return {**params, "min_lsn": min_lsn}
-
-
-def _unavailable(exc: httpx.TransportError, url: str) -> Unavailable:
-    if isinstance(exc, httpx.TimeoutException):
-        return Unavailable(
-            f"{url}: no answer in time ({exc!r}); a write may or may not have been stored",
-            url=url,
+    def _write(self, path: str, content: bytes, kind: type[W], ack_mode: str | None) -> Plan[W]:
+        return write_plan(
+            self._router, self.retry, path, content, kind, write_params(ack_mode), _last_lsn
         )
-    return Unavailable(f"{url}: {exc!r}", url=url)
+
+    def _read(
+        self, path: str, params: Mapping[str, Any], kind: type[T], *, waits: bool = True
+    ) -> Plan[T]:
+        found, _ = yield from read_plan(self._router, self.retry, path, params, kind, waits=waits)
+        return found
+
+    def _plan_find_leader(self) -> Plan[str | None]:
+        """Ask the nodes' ``/health`` which one leads; its URL, None when none does now."""
+        return find_leader_plan(self._router)
+
+    def _plan_append(
+        self,
+        entity_id: str,
+        event_type: str,
+        payload: Any,
+        *,
+        tenant_id: str = "default",
+        metadata: Mapping[str, Any] | None = None,
+        event_id: str | uuid.UUID | None = None,
+        expected_version: int | None = None,
+        ack_mode: str | None = None,
+    ) -> Plan[AppendReceipt]:
+        """Append one event (a ``bytes`` payload is stored as binary); VersionConflict when
+        ``expected_version`` does not match. ``ack_mode``: a stricter acknowledgement for
+        this write (``semi-sync``, ``quorum:N``, ``sync``)."""
+        # encoded once, before the first send: every retry carries the same event id
+        content = encode_event(
+            entity_id, event_type, payload, tenant_id, metadata, event_id, expected_version
+        )
+        return self._write("/api/v1/events", content, AppendReceipt, ack_mode)
+
+    def _plan_append_batch(
+        self,
+        events: Iterable[Mapping[str, Any]],
+        *,
+        ack_mode: str | None = None,
+        tracking: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Plan[BatchReceipt]:
+        """Append events all or nothing; each is a dict of event fields (``id`` or
+        ``event_id``; a ``bytes`` payload is binary). ``tracking``: ``{"consumer", "position",
+        "tenant_id"}`` stored in the same append (TrackingConflict, nothing stored, unless
+        above the consumer's stored position; a retry of the batch that stored it, same ids,
+        is answered as a duplicate); ``events`` may then be empty. ``extra``: more top-level
+        fields of the batch body."""
+        fields = {**(extra or {}), **({} if tracking is None else {"tracking": dict(tracking)})}
+        content = encode_batch(events, fields)
+        return self._write("/api/v1/events/batch", content, BatchReceipt, ack_mode)
+
+    def _plan_query(self, /, *, cursor: str | None = None, **filters: Any) -> Plan[QueryPage]:
+        """One page of events in lsn order. Filters: entity_id, event_type,
+        event_type_prefix, tenant_id, since, until (str or datetime), from_lsn, to_lsn,
+        from_position, to_position (with tenant_id), limit, min_lsn, min_lsn_wait_ms."""
+        params = query_params({**filters, "cursor": cursor})
+        return self._read("/api/v1/events/query", params, QueryPage)
+
+    def _plan_entity_state(
+        self,
+        entity_id: str,
+        *,
+        tenant_id: str = "default",
+        as_of: str | datetime | None = None,
+        as_of_lsn: int | None = None,
+        min_lsn: int | None = None,
+        min_lsn_wait_ms: int | None = None,
+    ) -> Plan[EntityStateResult]:
+        """The entity's merged state; NotFound when it has no events (up to ``as_of``)."""
+        params = optional(
+            tenant_id=tenant_id,
+            as_of=as_of,
+            as_of_lsn=as_of_lsn,
+            min_lsn=min_lsn,
+            min_lsn_wait_ms=min_lsn_wait_ms,
+        )
+        return self._read(entity_path(entity_id, "state"), params, EntityStateResult)
+
+    def _plan_entity_events(
+        self,
+        entity_id: str,
+        *,
+        tenant_id: str = "default",
+        from_version: int = 1,
+        to_version: int | None = None,
+        direction: str = "forward",
+        limit: int | None = None,
+        min_lsn: int | None = None,
+        min_lsn_wait_ms: int | None = None,
+    ) -> Plan[EntityEventsPage]:
+        """One page of the entity's events by version (``direction`` forward or backward)."""
+        params = optional(
+            tenant_id=tenant_id,
+            from_version=from_version,
+            to_version=to_version,
+            direction=direction,
+            limit=limit,
+            min_lsn=min_lsn,
+            min_lsn_wait_ms=min_lsn_wait_ms,
+        )
+        return self._read(entity_path(entity_id, "events"), params, EntityEventsPage)
+
+    def _plan_entity_version(
+        self,
+        entity_id: str,
+        *,
+        tenant_id: str = "default",
+        min_lsn: int | None = None,
+        min_lsn_wait_ms: int | None = None,
+    ) -> Plan[int]:
+        """The entity's current version (0: no event)."""
+        params = optional(tenant_id=tenant_id, min_lsn=min_lsn, min_lsn_wait_ms=min_lsn_wait_ms)
+        body = yield from self._read(entity_path(entity_id, "version"), params, dict[str, Any])
+        return int(body["version"])
+
+    def _plan_event(
+        self,
+        event_id: str | uuid.UUID,
+        *,
+        min_lsn: int | None = None,
+        min_lsn_wait_ms: int | None = None,
+    ) -> Plan[Event]:
+        """The event with this id; NotFound when there is none."""
+        params = optional(min_lsn=min_lsn, min_lsn_wait_ms=min_lsn_wait_ms)
+        return self._read(event_path(event_id), params, Event)
+
+    def _plan_tenant_position(self, tenant_id: str = "default") -> Plan[TenantPositionResult]:
+        """The tenant's last position visible on the node that answers (0: none yet)."""
+        path = f"/api/v1/tenants/{quote(tenant_id, safe='')}/position"
+        # with min_lsn on a follower: a position read after a write counts that write
+        return self._read(path, {}, TenantPositionResult)
+
+    def _plan_consumer_position(
+        self, name: str, *, tenant_id: str = "default"
+    ) -> Plan[ConsumerPositionResult]:
+        """The consumer's last tracked position; NotFound when it has tracked none."""
+        path = f"/api/v1/consumers/{quote(name, safe='')}"
+        return self._read(path, {"tenant_id": tenant_id}, ConsumerPositionResult)
+
+    def _plan_stats(self) -> Plan[dict[str, Any]]:
+        """The statistics of the node that answers."""
+        return self._read("/api/v1/stats", {}, dict[str, Any], waits=False)
+
+    def _plan_health(self, url: str | None = None) -> Plan[dict[str, Any]]:
+        """The health document of the node at ``url`` (default: the first URL given), also
+        when it answers 503 (``status`` says why)."""
+        answer = yield Send("GET", (url or self.base_url).rstrip("/"), "/health")
+        return health_of(answer)
 
 
-W = TypeVar("W", AppendReceipt, BatchReceipt)
+P = ParamSpec("P")
 
 
-class Client:
+def _named(method: Callable[..., Any], plan: Callable[..., Any]) -> None:
+    """Give ``method`` the plan's name (less ``_plan_``), docstring and signature, with the
+    plan's result as what it returns (``help`` and IDEs show the call, not the plan)."""
+    functools.update_wrapper(method, plan)
+    del method.__wrapped__  # type: ignore[attr-defined]
+    method.__name__ = plan.__name__.removeprefix("_plan_")
+    method.__qualname__ = method.__name__
+    signature = inspect.signature(plan)
+    returns = signature.return_annotation
+    if isinstance(returns, str) and returns.startswith("Plan[") and returns.endswith("]"):
+        signature = signature.replace(return_annotation=returns[5:-1])
+    method.__signature__ = signature  # type: ignore[attr-defined]
+
+
+def _blocking(plan: Callable[Concatenate[Any, P], Plan[T]]) -> Callable[Concatenate[Client, P], T]:
+    """The ``Client`` method that runs ``plan`` with blocking I/O."""
+
+    def method(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._run(plan(self, *args, **kwargs))
+
+    _named(method, plan)
+    return method
+
+
+def _awaited(
+    plan: Callable[Concatenate[Any, P], Plan[T]],
+) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]]:
+    """The ``AsyncClient`` method that runs ``plan`` with asyncio."""
+
+    async def method(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._run(plan(self, *args, **kwargs))
+
+    _named(method, plan)
+    return method
+
+
+class _ThreadClients:
+    """One ``httpx.Client`` per thread that uses a ``Client``.
+
+    Why: the issue behind this saw ``EBADF`` from the connection pool of one ``httpx.Client``
+    shared by 100 threads. With a pool per thread no socket is ever used by two threads;
+    the pools of threads that ended are closed as new threads come (and all by ``close``).
+    A caller's own ``transport`` is one pool already (and closing any client closes it):
+    then every thread shares one client.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._shared = httpx.Client(**options) if options.get("transport") else None
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[tuple[threading.Thread, httpx.Client]] = []
+        self._closed = False
+
+    def get(self) -> httpx.Client:
+        if self._shared is not None:
+            return self._shared
+        http: httpx.Client | None = getattr(self._local, "http", None)
+        if http is not None:
+            return http
+        http = httpx.Client(**self._options)
+        with self._lock:
+            if self._closed:
+                http.close()
+                raise RuntimeError("the client is closed")
+            ended = [other for thread, other in self._all if not thread.is_alive()]
+            self._all = [(t, c) for t, c in self._all if t.is_alive()]
+            self._all.append((threading.current_thread(), http))
+        for other in ended:
+            other.close()
+        self._local.http = http
+        return http
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            clients, self._all = self._all, []
+        for _, http in clients:
+            http.close()
+        if self._shared is not None:
+            self._shared.close()
+
+
+class Client(_Calls):
     """Blocking client for one node or a whole cluster. Use as a context manager, or call
-    ``close``. Safe to share between threads.
+    ``close``. Safe to share between threads (each has its own connection pool).
 
     ``base_url`` is one URL or several (the nodes of a cluster, in any order). ``read_from``
     (``"leader"``, ``"followers"``, ``"any"``) and ``read_your_writes`` route reads; ``retry``
-    bounds how long a write keeps trying through a failover (``RetryPolicy(attempts_max=1)``
-    sends it once). ``api_key`` (``wsk_…``) is sent as ``Authorization: Bearer``; for HTTPS,
-    ``ca_file`` names the CA that signed the nodes' certificates (``verify`` takes an
-    ``ssl.SSLContext`` or False instead) and ``cert`` a client certificate (path, or
-    ``(cert, key)``) for nodes that require one.
+    bounds how long a call keeps trying through transport errors, 503s and a failover
+    (``RetryPolicy(attempts_max=1)`` sends once). ``api_key`` (``wsk_…``) is sent as
+    ``Authorization: Bearer``; for HTTPS, ``ca_file`` names the CA that signed the nodes'
+    certificates (``verify`` takes an ``ssl.SSLContext`` or False instead) and ``cert`` a
+    client certificate (path, or ``(cert, key)``) for nodes that require one.
     """
 
     def __init__(
@@ -330,158 +492,69 @@ class Client:
         verify: bool | ssl.SSLContext = True,
         cert: tuple[str | Path, str | Path] | str | Path | None = None,
     ) -> None:
-        self._router = Router(base_url, read_from=read_from, read_your_writes=read_your_writes)
-        self.base_url = self._router.urls[0]
-        self.retry = retry or RetryPolicy()
-        headers = _auth_headers(headers, api_key)
+        super().__init__(base_url, read_from, read_your_writes, retry)
         verify = httpx_verify(verify, ca_file, cert)
-        self._http = httpx.Client(
-            timeout=timeout, transport=transport, headers=headers, verify=verify
+        if verify is True:  # one context for every thread's pool, not one load each
+            verify = ssl.create_default_context()
+        self._clients = _ThreadClients(
+            timeout=timeout,
+            transport=transport,
+            headers=_auth_headers(headers, api_key),
+            verify=verify,
         )
 
     @property
-    def urls(self) -> list[str]:
-        """The node URLs this client was given."""
-        return list(self._router.urls)
+    def _http(self) -> httpx.Client:
+        return self._clients.get()
 
-    @property
-    def leader_url(self) -> str | None:
-        """The node this client believes leads; None until it knows."""
-        return self._router.leader
+    def _run(self, plan: Plan[T]) -> T:
+        """Run a plan with blocking I/O."""
+        answer: Any = None
+        while True:
+            try:
+                action = plan.send(answer)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            answer = self._do(action)
 
-    @property
-    def last_write_lsn(self) -> int:
-        """The lsn of this client's last answered write (0 before any): reads wait for it."""
-        return self._router.last_write_lsn
+    def _do(self, action: Action) -> Any:
+        if isinstance(action, Sleep):
+            time.sleep(action.seconds)
+            return None
+        if isinstance(action, Probe):
+            return [self._probe(url) for url in action.urls]
+        return self._send(action)
 
-    def _send(self, method: str, url: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _send(self, send: Send) -> httpx.Response | WalshipError:
         try:
-            return self._http.request(method, url + path, **kwargs)
-        except httpx.TransportError as exc:
-            raise _unavailable(exc, url + path) from exc
+            return self._http.request(send.method, send.target, **send.options())
+        except (httpx.TransportError, OSError) as exc:
+            return transport_failure(exc, send.target)
 
     def _probe(self, url: str) -> PeerView:
-        try:
-            return _view(url, self._http.get(url + "/health", timeout=PROBE_TIMEOUT_S))
-        except httpx.TransportError as exc:
-            return PeerView(url, error=repr(exc))
+        return peer_view(url, self._send(Send("GET", url, "/health", timeout=PROBE_TIMEOUT_S)))
 
-    def find_leader(self) -> str | None:
-        """Ask the nodes' ``/health`` which one leads; its URL, None when none does now."""
-        urls = self._router.probe_urls()
-        for _ in range(PROBE_ROUNDS_MAX):
-            if not urls:
-                break
-            urls = self._router.learn([self._probe(u) for u in urls])
-        return self._router.leader
-
-    def _write(self, path: str, content: bytes, kind: type[W]) -> W:
-        """POST to the leader; through a failover, the same bytes again (see the module)."""
-        policy, router = self.retry, self._router
-        deadline = time.monotonic() + policy.deadline_s
-        url = router.leader or self.find_leader() or router.urls[0]
-        attempt = waits = 0
-        while True:
-            attempt += 1
-            try:
-                response = self._send("POST", url, path, content=content, headers=_CT)
-                result = _decode(response, kind)
-            except WalshipError as exc:
-                retry = router.after_write_error(url, exc)  # raises when sending cannot help
-                if attempt >= policy.attempts_max or time.monotonic() >= deadline:
-                    raise
-                if retry.url is not None:
-                    url = retry.url
-                    continue
-                waits += 1
-                time.sleep(min(policy.backoff_s(waits), max(deadline - time.monotonic(), 0)))
-                url = self.find_leader() or router.urls[waits % len(router.urls)]
-                continue
-            router.wrote(url, _last_lsn(result))
-            return result
-
-    def _read(
-        self,
-        path: str,
-        params: dict[str, Any],
-        kind: type[T],
-        *,
-        waits: bool = True,
-        prefer: str | None = None,
-        floor: int = 0,
-    ) -> tuple[T, str]:
-        """GET from the nodes ``read_from`` names, in turn; the answer and who gave it.
-        ``waits``: the path takes ``min_lsn``; ``floor``: an lsn the answer must reflect."""
-        router = self._router
-        if router.needs_discovery():
-            self.find_leader()
-        last: WalshipError | None = None
-        for url in router.read_targets(prefer):
-            sent = _with_min_lsn(params, router.min_lsn_for(url, floor)) if waits else params
-            try:
-                return _decode(self._send("GET", url, path, params=sent), kind), url
-            except WalshipError as exc:
-                router.read_failed(url, exc)  # raises unless another node may answer
-                last = exc
-        assert last is not None
-        raise last
-
-    def append(
-        self,
-        entity_id: str,
-        event_type: str,
-        payload: Any,
-        *,
-        tenant_id: str = "default",
-        metadata: Mapping[str, Any] | None = None,
-        event_id: str | uuid.UUID | None = None,
-        expected_version: int | None = None,
-    ) -> AppendReceipt:
-        """Append one event; VersionConflict when ``expected_version`` does not match."""
-        body = _event(
-            entity_id, event_type, payload, tenant_id, metadata, event_id, expected_version
-        )
-        return self._write("/api/v1/events", _encoder.encode(body), AppendReceipt)
-
-    def append_batch(self, events: Iterable[Mapping[str, Any]]) -> BatchReceipt:
-        """Append events all or nothing; each is a dict of event fields (``id`` or ``event_id``)."""
-        return self._write("/api/v1/events/batch", _batch(events), BatchReceipt)
-
-    def query(self, *, cursor: str | None = None, **filters: Any) -> QueryPage:
-        """One page of events in lsn order. Filters: entity_id, event_type, tenant_id,
-        since, until (str or datetime), from_lsn, to_lsn, limit, min_lsn, min_lsn_wait_ms."""
-        params = _params({**filters, "cursor": cursor})
-        return self._read("/api/v1/events/query", params, QueryPage)[0]
+    find_leader = _blocking(_Calls._plan_find_leader)
+    append = _blocking(_Calls._plan_append)
+    append_batch = _blocking(_Calls._plan_append_batch)
+    query = _blocking(_Calls._plan_query)
+    entity_state = _blocking(_Calls._plan_entity_state)
+    entity_events = _blocking(_Calls._plan_entity_events)
+    entity_version = _blocking(_Calls._plan_entity_version)
+    event = _blocking(_Calls._plan_event)
+    tenant_position = _blocking(_Calls._plan_tenant_position)
+    consumer_position = _blocking(_Calls._plan_consumer_position)
+    stats = _blocking(_Calls._plan_stats)
+    health = _blocking(_Calls._plan_health)
 
     def iter_query(self, **filters: Any) -> Iterator[Event]:
         """Every matching event in lsn order, following cursors page by page (on one node
         while it answers; another must have reached the last lsn seen)."""
-        cursor: str | None = None
-        url: str | None = None
-        seen = 0
-        while True:
-            params = _params({**filters, "cursor": cursor})
-            page, url = self._read(
-                "/api/v1/events/query", params, QueryPage, prefer=url, floor=seen
-            )
+        pages = QueryPages(filters)
+        while not pages.done:
+            page, url = self._run(pages.plan(self._router, self.retry, QueryPage))
+            pages.advance(page.next_cursor, page.events[-1].lsn if page.events else None, url)
             yield from page.events
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
-            seen = max(seen, page.events[-1].lsn if page.events else 0)
-
-    def entity_state(
-        self,
-        entity_id: str,
-        *,
-        tenant_id: str = "default",
-        as_of: str | datetime | None = None,
-        as_of_lsn: int | None = None,
-        min_lsn: int | None = None,
-    ) -> EntityStateResult:
-        """The entity's merged state; NotFound when it has no events (up to ``as_of``)."""
-        params = _state_params(tenant_id, as_of, as_of_lsn, min_lsn)
-        return self._read(_state_path(entity_id), params, EntityStateResult)[0]
 
     def subscribe(
         self,
@@ -492,46 +565,16 @@ class Client:
     ) -> Iterator[Event]:
         """Every matching event from ``from_lsn`` on (history, then live), in lsn order, each
         once; reconnects after the last event delivered when the connection drops. Filters:
-        tenant_id, entity_id, event_type, event_type_prefix. Never ends by itself: break out."""
+        tenant_id, entity_id, event_type, event_type_prefix, from_position (with tenant_id:
+        events from that tenant position on). Never ends by itself: break out. Iterate it
+        from one thread."""
         # every node given, in turn: a follower serves what it has applied, from the same lsn
         return subscriber.subscribe(
             self._http, self.urls, Event, from_lsn, filters, give_up_after_s
         )
 
-    def entity_events(
-        self,
-        entity_id: str,
-        *,
-        tenant_id: str = "default",
-        from_version: int = 1,
-        to_version: int | None = None,
-        direction: str = "forward",
-        limit: int | None = None,
-    ) -> EntityEventsPage:
-        """One page of the entity's events by version (``direction`` forward or backward)."""
-        params = _entity_events_params(tenant_id, from_version, to_version, direction, limit)
-        return self._read(_entity_path(entity_id, "events"), params, EntityEventsPage)[0]
-
-    def entity_version(self, entity_id: str, *, tenant_id: str = "default") -> int:
-        """The entity's current version (0: no event)."""
-        path = _entity_path(entity_id, "version")
-        body = self._read(path, {"tenant_id": tenant_id}, dict[str, Any])[0]
-        return int(body["version"])
-
-    def event(self, event_id: str | uuid.UUID) -> Event:
-        """The event with this id; NotFound when there is none."""
-        return self._read(_event_path(event_id), {}, Event)[0]
-
-    def stats(self) -> dict[str, Any]:
-        return self._read("/api/v1/stats", {}, dict[str, Any], waits=False)[0]
-
-    def health(self, url: str | None = None) -> dict[str, Any]:
-        """The health document of the node at ``url`` (default: the first URL given), also
-        when it answers 503 (``status`` says why)."""
-        return _health(self._send("GET", (url or self.base_url).rstrip("/"), "/health"))
-
     def close(self) -> None:
-        self._http.close()
+        self._clients.close()
 
     def __enter__(self) -> Client:
         return self
@@ -545,7 +588,7 @@ class Client:
         return f"<Client {' '.join(self._router.urls)} leader={self._router.leader}>"
 
 
-class AsyncClient:
+class AsyncClient(_Calls):
     """asyncio client for one node or a whole cluster; the same methods and options as
     ``Client``, awaited."""
 
@@ -564,147 +607,63 @@ class AsyncClient:
         verify: bool | ssl.SSLContext = True,
         cert: tuple[str | Path, str | Path] | str | Path | None = None,
     ) -> None:
-        self._router = Router(base_url, read_from=read_from, read_your_writes=read_your_writes)
-        self.base_url = self._router.urls[0]
-        self.retry = retry or RetryPolicy()
-        headers = _auth_headers(headers, api_key)
-        verify = httpx_verify(verify, ca_file, cert)
+        super().__init__(base_url, read_from, read_your_writes, retry)
         self._http = httpx.AsyncClient(
-            timeout=timeout, transport=transport, headers=headers, verify=verify
+            timeout=timeout,
+            transport=transport,
+            headers=_auth_headers(headers, api_key),
+            verify=httpx_verify(verify, ca_file, cert),
         )
 
-    @property
-    def urls(self) -> list[str]:
-        return list(self._router.urls)
+    async def _run(self, plan: Plan[T]) -> T:
+        """Run a plan with asyncio (a Probe asks every node at once)."""
+        answer: Any = None
+        while True:
+            try:
+                action = plan.send(answer)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            answer = await self._do(action)
 
-    @property
-    def leader_url(self) -> str | None:
-        return self._router.leader
+    async def _do(self, action: Action) -> Any:
+        if isinstance(action, Sleep):
+            await asyncio.sleep(action.seconds)
+            return None
+        if isinstance(action, Probe):
+            return await asyncio.gather(*(self._probe(url) for url in action.urls))
+        return await self._send(action)
 
-    @property
-    def last_write_lsn(self) -> int:
-        return self._router.last_write_lsn
-
-    async def _send(self, method: str, url: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _send(self, send: Send) -> httpx.Response | WalshipError:
         try:
-            return await self._http.request(method, url + path, **kwargs)
-        except httpx.TransportError as exc:
-            raise _unavailable(exc, url + path) from exc
+            return await self._http.request(send.method, send.target, **send.options())
+        except (httpx.TransportError, OSError) as exc:
+            return transport_failure(exc, send.target)
 
     async def _probe(self, url: str) -> PeerView:
-        try:
-            return _view(url, await self._http.get(url + "/health", timeout=PROBE_TIMEOUT_S))
-        except httpx.TransportError as exc:
-            return PeerView(url, error=repr(exc))
+        answer = await self._send(Send("GET", url, "/health", timeout=PROBE_TIMEOUT_S))
+        return peer_view(url, answer)
 
-    async def find_leader(self) -> str | None:
-        urls = self._router.probe_urls()
-        for _ in range(PROBE_ROUNDS_MAX):
-            if not urls:
-                break
-            urls = self._router.learn(await asyncio.gather(*(self._probe(u) for u in urls)))
-        return self._router.leader
-
-    async def _write(self, path: str, content: bytes, kind: type[W]) -> W:
-        policy, router = self.retry, self._router
-        deadline = time.monotonic() + policy.deadline_s
-        url = router.leader or await self.find_leader() or router.urls[0]
-        attempt = waits = 0
-        while True:
-            attempt += 1
-            try:
-                response = await self._send("POST", url, path, content=content, headers=_CT)
-                result = _decode(response, kind)
-            except WalshipError as exc:
-                retry = router.after_write_error(url, exc)
-                if attempt >= policy.attempts_max or time.monotonic() >= deadline:
-                    raise
-                if retry.url is not None:
-                    url = retry.url
-                    continue
-                waits += 1
-                await asyncio.sleep(
-                    min(policy.backoff_s(waits), max(deadline - time.monotonic(), 0))
-                )
-                url = await self.find_leader() or router.urls[waits % len(router.urls)]
-                continue
-            router.wrote(url, _last_lsn(result))
-            return result
-
-    async def _read(
-        self,
-        path: str,
-        params: dict[str, Any],
-        kind: type[T],
-        *,
-        waits: bool = True,
-        prefer: str | None = None,
-        floor: int = 0,
-    ) -> tuple[T, str]:
-        router = self._router
-        if router.needs_discovery():
-            await self.find_leader()
-        last: WalshipError | None = None
-        for url in router.read_targets(prefer):
-            sent = _with_min_lsn(params, router.min_lsn_for(url, floor)) if waits else params
-            try:
-                return _decode(await self._send("GET", url, path, params=sent), kind), url
-            except WalshipError as exc:
-                router.read_failed(url, exc)
-                last = exc
-        assert last is not None
-        raise last
-
-    async def append(
-        self,
-        entity_id: str,
-        event_type: str,
-        payload: Any,
-        *,
-        tenant_id: str = "default",
-        metadata: Mapping[str, Any] | None = None,
-        event_id: str | uuid.UUID | None = None,
-        expected_version: int | None = None,
-    ) -> AppendReceipt:
-        body = _event(
-            entity_id, event_type, payload, tenant_id, metadata, event_id, expected_version
-        )
-        return await self._write("/api/v1/events", _encoder.encode(body), AppendReceipt)
-
-    async def append_batch(self, events: Iterable[Mapping[str, Any]]) -> BatchReceipt:
-        return await self._write("/api/v1/events/batch", _batch(events), BatchReceipt)
-
-    async def query(self, *, cursor: str | None = None, **filters: Any) -> QueryPage:
-        params = _params({**filters, "cursor": cursor})
-        return (await self._read("/api/v1/events/query", params, QueryPage))[0]
+    find_leader = _awaited(_Calls._plan_find_leader)
+    append = _awaited(_Calls._plan_append)
+    append_batch = _awaited(_Calls._plan_append_batch)
+    query = _awaited(_Calls._plan_query)
+    entity_state = _awaited(_Calls._plan_entity_state)
+    entity_events = _awaited(_Calls._plan_entity_events)
+    entity_version = _awaited(_Calls._plan_entity_version)
+    event = _awaited(_Calls._plan_event)
+    tenant_position = _awaited(_Calls._plan_tenant_position)
+    consumer_position = _awaited(_Calls._plan_consumer_position)
+    stats = _awaited(_Calls._plan_stats)
+    health = _awaited(_Calls._plan_health)
 
     async def iter_query(self, **filters: Any) -> AsyncIterator[Event]:
-        cursor: str | None = None
-        url: str | None = None
-        seen = 0
-        while True:
-            params = _params({**filters, "cursor": cursor})
-            page, url = await self._read(
-                "/api/v1/events/query", params, QueryPage, prefer=url, floor=seen
-            )
+        """``Client.iter_query`` as an async iterator."""
+        pages = QueryPages(filters)
+        while not pages.done:
+            page, url = await self._run(pages.plan(self._router, self.retry, QueryPage))
+            pages.advance(page.next_cursor, page.events[-1].lsn if page.events else None, url)
             for event in page.events:
                 yield event
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
-            seen = max(seen, page.events[-1].lsn if page.events else 0)
-
-    async def entity_state(
-        self,
-        entity_id: str,
-        *,
-        tenant_id: str = "default",
-        as_of: str | datetime | None = None,
-        as_of_lsn: int | None = None,
-        min_lsn: int | None = None,
-    ) -> EntityStateResult:
-        params = _state_params(tenant_id, as_of, as_of_lsn, min_lsn)
-        return (await self._read(_state_path(entity_id), params, EntityStateResult))[0]
 
     def subscribe(
         self,
@@ -717,33 +676,6 @@ class AsyncClient:
         return subscriber.subscribe_async(
             self._http, self.urls, Event, from_lsn, filters, give_up_after_s
         )
-
-    async def entity_events(
-        self,
-        entity_id: str,
-        *,
-        tenant_id: str = "default",
-        from_version: int = 1,
-        to_version: int | None = None,
-        direction: str = "forward",
-        limit: int | None = None,
-    ) -> EntityEventsPage:
-        params = _entity_events_params(tenant_id, from_version, to_version, direction, limit)
-        return (await self._read(_entity_path(entity_id, "events"), params, EntityEventsPage))[0]
-
-    async def entity_version(self, entity_id: str, *, tenant_id: str = "default") -> int:
-        path = _entity_path(entity_id, "version")
-        body = (await self._read(path, {"tenant_id": tenant_id}, dict[str, Any]))[0]
-        return int(body["version"])
-
-    async def event(self, event_id: str | uuid.UUID) -> Event:
-        return (await self._read(_event_path(event_id), {}, Event))[0]
-
-    async def stats(self) -> dict[str, Any]:
-        return (await self._read("/api/v1/stats", {}, dict[str, Any], waits=False))[0]
-
-    async def health(self, url: str | None = None) -> dict[str, Any]:
-        return _health(await self._send("GET", (url or self.base_url).rstrip("/"), "/health"))
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -5,6 +5,8 @@
     WalshipError                    every error walship raises on purpose
     ├── InvalidInput                a request, event, frame or argument is malformed (4xx)
     │   ├── MalformedJson           the body is not JSON at all
+    │   ├── MalformedMsgpack        the body is not msgpack at all
+    │   ├── UnsupportedMediaType    a body in a format the route does not read (415)
     │   ├── ValidationError         an event field breaks a rule of the event model
     │   ├── LimitExceeded           a size or count crosses a named limit in ``limits.py``
     │   ├── InvalidParameter        a query or path parameter of an HTTP request is malformed
@@ -20,7 +22,8 @@
     │   ├── TrackingConflict        a batch's tracked position is not above the consumer's
     │   ├── ReadOnly                a write reached a node that is not the leader
     │   │   └── Fenced              a write reached a leader that learned it was deposed
-    │   └── DataDirLocked           another process (or Store) holds the data dir's lock
+    │   ├── DataDirLocked           another process (or Store) holds the data dir's lock
+    │   └── LogCut                  a consumer's position is not on this node's log (repaired)
     ├── StorageError                the node's own storage failed
     │   ├── CorruptionError         a stored record or file fails its checksum (with location)
     │   ├── WalFailed               the WAL hit a write/fsync error and accepts nothing more
@@ -74,6 +77,15 @@ class InvalidInput(WalshipError):
 
 class MalformedJson(InvalidInput):
     code = "malformed_json"
+
+
+class MalformedMsgpack(InvalidInput):
+    code = "malformed_msgpack"
+
+
+class UnsupportedMediaType(InvalidInput):
+    code = "unsupported_media_type"
+    http_status = 415
 
 
 class ValidationError(InvalidInput):
@@ -164,6 +176,14 @@ class DataDirLocked(Conflict):
     ``pid`` is the holder's process id when it could be read from the lock file, else None."""
 
     code = "data_dir_locked"
+
+
+class LogCut(Conflict):
+    """A subscription's position names events this node's log no longer holds (a failover
+    repair cut them, or they never reached this history): the consumer must rebuild from a
+    position it trusts. ``kept_lsn`` (when known) is where the log still agrees."""
+
+    code = "log_cut"
 
 
 class StorageError(WalshipError):

@@ -5,11 +5,15 @@ and stores an ``EventBody`` (msgpack, the WAL record body). With the record's ls
 becomes a ``StoredEvent`` in the memtable, and ``EventOut`` on the way back out.
 
 Payload and metadata stay JSON text end to end (``msgspec.Raw``): they are checked for syntax
-and size but never re-encoded, which is also how the Parquet files hold them.
+and size but never re-encoded, which is also how the Parquet files hold them. A payload may
+instead be bytes (``payload_encoding: "base64"`` in JSON, a msgpack ``bin`` in msgpack bodies):
+it is stored as the bytes themselves with ``payload_binary`` set, and comes back out as the
+same bytes (base64 in JSON answers, ``bin`` in msgpack ones).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -25,7 +29,9 @@ from walship.limits import LSN_MAX, Limits
 
 SYSTEM_PREFIX = "_system."
 _TENANT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_TYPE_RE = re.compile(r"[a-z0-9._]{1,128}")
+# topic names such as ``bank.domain:Account.Opened`` or ``order-v2.placed``
+_TYPE_RE = re.compile(r"[A-Za-z0-9._:-]+")
+PAYLOAD_ENCODINGS = ("json", "base64")
 _CONSUMER_RE = re.compile(r"[A-Za-z0-9._:-]+")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _JSON_WS = b" \t\r\n"
@@ -51,6 +57,8 @@ class EventIn(msgspec.Struct, forbid_unknown_fields=True):
     metadata: msgspec.Raw = msgspec.field(default_factory=_json_null)
     id: uuid.UUID | None = None
     expected_version: int | None = None
+    # "base64": ``payload`` is a JSON string holding the base64 of the payload's bytes
+    payload_encoding: str = "json"
 
 
 class TrackingIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -82,6 +90,7 @@ class EventBody(msgspec.Struct, array_like=True, gc=False, frozen=True):
     # trailing and defaulted: records written before positions existed still decode (as 0,
     # "no position"); the leader assigns it, followers take it from the record
     tenant_position: int = 0
+    payload_binary: bool = False  # ``payload`` is the caller's bytes, not JSON text
 
 
 class StoredEvent(msgspec.Struct, gc=False, frozen=True):
@@ -98,6 +107,7 @@ class StoredEvent(msgspec.Struct, gc=False, frozen=True):
     payload: bytes
     metadata: bytes | None
     tenant_position: int = 0  # gapless 1, 2, 3 ... within the tenant; 0: written before them
+    payload_binary: bool = False
 
     @property
     def event_id(self) -> uuid.UUID:
@@ -109,8 +119,11 @@ class StoredEvent(msgspec.Struct, gc=False, frozen=True):
         return 200 + len(self.payload) + meta + len(self.entity_id) + len(self.event_type)
 
 
-class EventOut(msgspec.Struct):
-    """An event as the API returns it: every model field plus ``lsn`` and ``term``."""
+class EventOut(msgspec.Struct, omit_defaults=True):
+    """An event as the API returns it: every model field plus ``lsn`` and ``term``.
+
+    A binary payload is its base64 text with ``payload_encoding: "base64"`` (the field is left
+    out for JSON payloads)."""
 
     id: str
     tenant_id: str
@@ -123,6 +136,7 @@ class EventOut(msgspec.Struct):
     lsn: int
     term: int
     position: int
+    payload_encoding: str | None = None
 
 
 _body_encoder = msgspec.msgpack.Encoder()
@@ -130,7 +144,8 @@ _body_decoder = msgspec.msgpack.Decoder(EventBody)
 
 
 def encode_body(body: EventBody) -> bytes:
-    return _body_encoder.encode(body)
+    """The record body, without trailing fields at their defaults (see ``encode_body_fields``)."""
+    return encode_body_fields(*msgspec.structs.astuple(body))
 
 
 def encode_body_fields(
@@ -143,21 +158,28 @@ def encode_body_fields(
     payload: bytes,
     metadata: bytes | None,
     tenant_position: int = 0,
+    payload_binary: bool = False,
 ) -> bytes:
-    """The same bytes as ``encode_body(EventBody(...))`` without building the Struct."""
-    return _body_encoder.encode(
-        (
-            event_id,
-            tenant_id,
-            entity_id,
-            event_type,
-            timestamp_us,
-            version,
-            payload,
-            metadata,
-            tenant_position,
-        )
+    """The same bytes as ``encode_body(EventBody(...))`` without building the Struct.
+
+    Trailing fields at their defaults are left out (the decoder fills them in; msgspec's
+    ``omit_defaults`` does not trim arrays), so a JSON event's record is what it was before
+    those fields existed."""
+    fields: tuple[object, ...] = (
+        event_id,
+        tenant_id,
+        entity_id,
+        event_type,
+        timestamp_us,
+        version,
+        payload,
+        metadata,
     )
+    if payload_binary:
+        fields = (*fields, tenant_position, True)
+    elif tenant_position:
+        fields = (*fields, tenant_position)
+    return _body_encoder.encode(fields)
 
 
 def decode_body(data: bytes) -> EventBody:
@@ -177,6 +199,7 @@ def stored_from_body(lsn: int, term: int, body: EventBody) -> StoredEvent:
         body.payload,
         body.metadata,
         body.tenant_position,
+        body.payload_binary,
     )
 
 
@@ -199,14 +222,19 @@ def same_content(
     event_type: str,
     payload: bytes,
     metadata: bytes | None,
+    payload_binary: bool = False,
 ) -> bool:
     """Whether an event sent again with ``ev``'s id says what ``ev`` says (a retry), rather
-    than reusing the id for something else. Payload and metadata compare as JSON values."""
+    than reusing the id for something else. JSON payloads and metadata compare as JSON
+    values, binary payloads byte for byte (and never equal a JSON one)."""
+    if ev.payload_binary != payload_binary:
+        return False
+    same_payload = ev.payload == payload if payload_binary else _same_json(ev.payload, payload)
     return (
         ev.tenant_id == tenant_id
         and ev.entity_id == entity_id
         and ev.event_type == event_type
-        and _same_json(ev.payload, payload)
+        and same_payload
         and _same_json(ev.metadata, metadata)
     )
 
@@ -228,20 +256,44 @@ def new_event_ids(count: int) -> list[bytes]:
     return out
 
 
+def base64_json(data: bytes) -> bytes:
+    """``data`` as a JSON string of its base64 (what msgspec decodes back to ``bytes``)."""
+    return _json_encoder.encode(data)
+
+
+_json_encoder = msgspec.json.Encoder()
+
+
 def to_out(ev: StoredEvent) -> EventOut:
+    """The JSON answer form of a stored event (a binary payload as base64 text)."""
+    if ev.payload_binary:
+        payload, encoding = msgspec.Raw(base64_json(ev.payload)), "base64"
+    else:
+        payload, encoding = msgspec.Raw(ev.payload), None
     return EventOut(
         id=format_uuid(ev.id),
         tenant_id=ev.tenant_id,
         entity_id=ev.entity_id,
         event_type=ev.event_type,
-        payload=msgspec.Raw(ev.payload),
+        payload=payload,
         metadata=None if ev.metadata is None else msgspec.Raw(ev.metadata),
         timestamp=format_timestamp(ev.timestamp_us),
         version=ev.version,
         lsn=ev.lsn,
         term=ev.term,
         position=ev.tenant_position,
+        payload_encoding=encoding,
     )
+
+
+def to_plain(ev: StoredEvent) -> dict[str, object]:
+    """The msgpack answer form of a stored event: ``to_out``'s fields with payload and
+    metadata as values (a binary payload as ``bytes``, which msgpack sends as ``bin``)."""
+    out = msgspec.structs.asdict(to_out(ev))
+    del out["payload_encoding"]
+    out["payload"] = ev.payload if ev.payload_binary else orjson.loads(ev.payload)
+    out["metadata"] = None if ev.metadata is None else orjson.loads(ev.metadata)
+    return out
 
 
 def now_us() -> int:
@@ -251,7 +303,13 @@ def now_us() -> int:
 def format_timestamp(us: int) -> str:
     """RFC 3339 UTC with microseconds, e.g. ``2026-11-26T09:00:00.123456Z``."""
     secs, micros = divmod(us, 1_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{micros:06d}Z"
+    return f"{_second_text(secs)}.{micros:06d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _second_text(secs: int) -> str:
+    # events come in runs of the same second: strftime was half of encoding a stream's event
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
 
 
 def parse_timestamp(text: str, field: str = "time") -> int:
@@ -335,7 +393,7 @@ def validate_event_type(event_type: str, limits: Limits, *, system: bool = False
     if len(event_type) > limits.event_type_chars_max or not _TYPE_RE.fullmatch(event_type):
         raise ValidationError(
             f"event_type must be 1-{limits.event_type_chars_max} characters "
-            "of a-z, 0-9, '.' or '_'",
+            "of A-Z, a-z, 0-9, '.', '_', ':' or '-'",
             field="event_type",
         )
     if event_type.startswith(".") or event_type.endswith(".") or ".." in event_type:
@@ -346,7 +404,7 @@ def validate_event_type(event_type: str, limits: Limits, *, system: bool = False
         raise ValidationError(
             f"event types starting with {SYSTEM_PREFIX!r} are reserved", field="event_type"
         )
-    if not system and len(_valid_types) < _VALID_CACHE_MAX and len(event_type) <= 128:
+    if not system and len(_valid_types) < _VALID_CACHE_MAX:
         _valid_types.add(event_type)
     return event_type
 
@@ -409,30 +467,56 @@ def check_json(raw: bytes, field: str) -> None:
         raise ValidationError(f"{field} is not valid JSON: {exc.msg}", field=field) from None
 
 
+_bytes_decoder = msgspec.json.Decoder(bytes)
+
+
+def decode_base64_payload(raw: bytes) -> bytes:
+    """The bytes of a ``payload_encoding: "base64"`` payload (a JSON string of standard,
+    padded base64); ValidationError naming ``payload`` otherwise."""
+    try:
+        return _bytes_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ValidationError(
+            f'a "base64" payload must be a JSON string of standard base64: {exc}',
+            field="payload",
+        ) from None
+
+
 def prepare(
     ev: EventIn, limits: Limits, *, json_checked: bool = False
-) -> tuple[bytes, str, str, str, bytes, bytes | None]:
+) -> tuple[bytes, str, str, str, bytes, bytes | None, bool]:
     """Validate one incoming event.
 
-    Returns ``(id_bytes, tenant_id, entity_id, event_type, payload, metadata)``; the id is
-    empty when the client gave none (the store assigns one). Raises ValidationError or
-    LimitExceeded naming the field. ``json_checked``: payload and metadata come from
-    msgspec's decoder, which checked their syntax (the HTTP routes); else they are parsed.
+    Returns ``(id_bytes, tenant_id, entity_id, event_type, payload, metadata, binary)``; the
+    id is empty when the client gave none (the store assigns one); ``binary``: the payload is
+    bytes (decoded from base64), not JSON text. Raises ValidationError or LimitExceeded naming
+    the field. ``json_checked``: payload and metadata come from msgspec's decoder, which
+    checked their syntax (the HTTP routes); else they are parsed.
     """
     validate_tenant_id(ev.tenant_id)
     validate_entity_id(ev.entity_id, limits)
     validate_event_type(ev.event_type, limits)
+    binary = ev.payload_encoding == "base64"
+    if not binary and ev.payload_encoding != "json":
+        raise ValidationError(
+            f"payload_encoding must be one of {', '.join(PAYLOAD_ENCODINGS)}, "
+            f"not {ev.payload_encoding[:32]!r}",
+            field="payload_encoding",
+        )
     payload = bytes(ev.payload)
+    if binary:
+        payload = decode_base64_payload(payload)
     if len(payload) > limits.payload_bytes_max:
         raise LimitExceeded(
             f"payload is {len(payload)} bytes; the limit is {limits.payload_bytes_max}",
             field="payload",
             limit=limits.payload_bytes_max,
         )
-    if not json_checked:
-        check_json(payload, "payload")
-    check_utf8(payload, "payload")
-    check_numbers(payload, "payload")
+    if not binary:
+        if not json_checked:
+            check_json(payload, "payload")
+        check_utf8(payload, "payload")
+        check_numbers(payload, "payload")
     metadata: bytes | None = None
     if ev.metadata is not None:
         metadata = bytes(ev.metadata)
@@ -455,7 +539,7 @@ def prepare(
     if ev.expected_version is not None and ev.expected_version < 0:
         raise ValidationError("expected_version must be >= 0", field="expected_version")
     event_id = ev.id.bytes if ev.id is not None else b""
-    return event_id, ev.tenant_id, ev.entity_id, ev.event_type, payload, metadata
+    return event_id, ev.tenant_id, ev.entity_id, ev.event_type, payload, metadata, binary
 
 
 _json_decoder_event = msgspec.json.Decoder(EventIn)

@@ -50,6 +50,8 @@ _DUCKDB_TYPES = {
     pa.int64(): "BIGINT",
     pa.string(): "VARCHAR",
     pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
+    pa.bool_(): "BOOLEAN",
+    pa.binary(): "BLOB",
 }
 
 # the snapshots behind each DuckDB connection's views, by view name: a view lives as long as
@@ -121,8 +123,9 @@ class HistorySnapshot:
             )
             return f"SELECT {columns} WHERE false"
         paths = ", ".join(_quote_text(str(f)) for f in self._pin.files)
-        # by name: a part written before a column existed (tenant_position) lacks it, and
-        # DuckDB otherwise takes the first file's columns and drops the newer ones
+        # by name: a part written before a column existed (tenant_position, payload_binary,
+        # payload_bytes) lacks it, and DuckDB otherwise takes the first file's columns and
+        # drops the newer ones
         return f"SELECT * FROM read_parquet([{paths}], union_by_name=true)"  # noqa: S608
 
     def close(self) -> None:

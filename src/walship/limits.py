@@ -27,7 +27,7 @@ class Limits:
     metadata_bytes_max: int = 64 * KIB
     tenant_id_chars_max: int = 64
     entity_id_chars_max: int = 128
-    event_type_chars_max: int = 128
+    event_type_chars_max: int = 256  # topic names: module path, class, event name
     batch_events_max: int = 10_000
     request_bytes_max: int = 32 * MIB
     # request line and headers together, counted as they arrive: past it 431 and the
@@ -47,12 +47,17 @@ class Limits:
     # manifest (about 100 bytes an entry), so its size is bounded
     consumer_name_chars_max: int = 128
     consumers_max: int = 100_000
+    # and per tenant, so one tenant's write key cannot take every other tenant's consumers
+    consumers_per_tenant_max: int = 10_000
 
     # subscriptions (SSE): a subscriber costs one page of events in memory while it is sent,
     # never a queue; the next page is read only when the last one left for the socket
     subscription_page_events: int = 500
     subscription_heartbeat_ms: int = 15_000  # a comment on an idle stream, under proxy timeouts
     subscriptions_max: int = 10_000  # open streams per node; more are answered 503
+    # caught-up streams share each commit's events (read and encoded once); one further
+    # behind than this reads the store itself (http/live_tail.py)
+    subscription_tail_events_max: int = 10_000
 
     # WAL
     segment_bytes_max: int = 64 * MIB
@@ -66,9 +71,14 @@ class Limits:
     memtable_bytes_max: int = 32 * MIB
     checkpoint_interval_ms: int = 60_000
     parquet_row_group_rows: int = 1_024
-    compaction_fanin_min: int = 4
+    # merges of 16 similar parts: each event rewritten ~once (storage.compaction.pick_run)
+    compaction_fanin_min: int = 16
     compaction_events_max: int = 500_000
     compaction_held_parts_max: int = 64  # parts a catching-up follower lets pile up
+    # a physical follower waits for the leader's parts until its memtable holds this percent
+    # of the memtable budget (events, bytes or age), then checkpoints itself; below the 200 %
+    # at which appends block (Store._throttle_locked)
+    physical_fallback_percent: int = 150
     # an outside reader pinning the history retries while compactions replace the parts it
     # read in the manifest; each retry re-reads a newer manifest, so this is only reached when
     # the data dir is unreadable for that long (a snapshot install that does not end)
@@ -93,6 +103,9 @@ class Limits:
 
     # operators
     lost_found_files_listed_max: int = 100  # newest files GET .../lost-found summarizes
+    # a leader logs a warning when a follower's retention slot is forecast to reach
+    # --wal-retention-bytes-max sooner than this (and /health, the metric say it always)
+    retention_exhaustion_warn_ms: int = 15 * 60_000
 
     # HTTP authentication: a server looks at its API key file's mtime at most this often, so
     # a key created or revoked is in force about this long after the file changes

@@ -63,8 +63,9 @@ from walship.peers import PeerView, fetch_views
 from walship.position import Position, Term
 from walship.readiness import in_sync_floor, readiness
 from walship.replication.acks import AckMode
+from walship.replication.cascade import SnapshotServer
 from walship.replication.config import AckSettings, ReplicationConfig, parse_address
-from walship.replication.follower import Follower
+from walship.replication.follower import Follower, FollowerState
 from walship.replication.insync import InSyncFile, InSyncRecord, Witness, may_lose, unclean_reason
 from walship.replication.leader import Leader
 from walship.replication.metrics import ReplicationMetrics
@@ -129,6 +130,7 @@ class NodeConfig:
     ack_pinned: bool = False
     # how their HTTPS is trusted (an ssl context from --http-tls-ca); True: the system's CAs
     peer_verify: bool | ssl.SSLContext = True
+    part_worker: bool = False  # merges in a worker process (storage.part_worker)
 
     def store_config(self) -> StoreConfig:
         return StoreConfig(
@@ -137,6 +139,7 @@ class NodeConfig:
             fsync=self.fsync,
             limits=self.limits,
             checkpoints=self.checkpoints,
+            part_worker=self.part_worker,
         )
 
 
@@ -189,6 +192,10 @@ class Node:
         self.leadership = LeadershipGuard(self, self.known_peers)
         self.leader: Leader | None = None
         self.follower: Follower | None = None
+        # a follower's listener for other followers' snapshots (``--serve-snapshots``)
+        self.snapshot_server: SnapshotServer | None = None
+        if self.role is Role.FOLLOWER and self.replication.serve_snapshots:
+            self.snapshot_server = self._new_snapshot_server()
         if self.role is Role.LEADER:
             self.leader = self._new_leader()
         else:
@@ -263,6 +270,45 @@ class Node:
             on_settings=self._learn_settings,
         )
 
+    def _new_snapshot_server(self) -> SnapshotServer:
+        return SnapshotServer(
+            self.store, self.replication, self.replication_metrics, self._snapshot_not_ready
+        )
+
+    def _snapshot_not_ready(self) -> str | None:
+        """Why this node must not serve a snapshot now (None: it may): only a follower that
+        streams from its leader within ``max_lag_ms`` hands out its checkpoint."""
+        follower = self.follower
+        if follower is None:
+            return "it is not a follower"
+        if not follower.connected or follower.state is not FollowerState.STREAMING:
+            return f"it is not streaming from its leader ({follower.state.value})"
+        lag_ms = follower.lag_ms()
+        if lag_ms is None or lag_ms > self.replication.max_lag_ms:
+            return f"it lags its leader ({lag_ms} ms, max_lag_ms {self.replication.max_lag_ms})"
+        return None
+
+    async def _start_snapshot_server(self) -> None:
+        """Serve snapshots (when configured, on a started follower) and tell the follower
+        where, so its leader can redirect others here."""
+        if not self.replication.serve_snapshots or self.follower is None or not self._started:
+            return
+        if self.snapshot_server is None:
+            self.snapshot_server = self._new_snapshot_server()
+        if self.snapshot_server.port is None:
+            try:
+                await self.snapshot_server.start()
+            except OSError as exc:  # following matters more than serving: go on without
+                log.error("cannot serve snapshots on the replication port: %s", exc)
+                self.snapshot_server = None
+                return
+        self.follower.cascade.serve_address = self.snapshot_server.address or ""
+
+    async def _stop_snapshot_server(self) -> None:
+        server, self.snapshot_server = self.snapshot_server, None
+        if server is not None:
+            await server.stop()
+
     def _learn_settings(self, settings: AckSettings) -> None:
         """The leader said the cluster's ack settings: keep them for a promotion."""
         if self.role_state.learned(settings):
@@ -308,9 +354,11 @@ class Node:
         self._loop = asyncio.get_running_loop()
         self._visible = asyncio.Event()
         self.store.wal.add_listener(self._on_commit)
+        self.store.cuts.add_listener(self._on_cut)
         if self.leader is not None:
             await self.leader.start()
         if self.follower is not None:
+            await self._start_snapshot_server()  # first: its address goes in the Subscribe
             await self.follower.start()
         if self.coordinator is not None:
             await self.coordinator.start()  # etcd's lease decides who may write
@@ -326,10 +374,12 @@ class Node:
         if self.coordinator is not None:
             await self.coordinator.stop()
         self.store.wal.remove_listener(self._on_commit)
+        self.store.cuts.remove_listener(self._on_cut)
         if self.leader is not None:
             await self.leader.stop()
         if self.follower is not None:
             await self.follower.stop()
+        await self._stop_snapshot_server()
 
     def _on_commit(self, lsn: int) -> None:
         loop = self._loop
@@ -337,13 +387,17 @@ class Node:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._pulse)
 
+    def _on_cut(self) -> None:
+        # a repair cut the log (any thread): subscriptions waiting for the next lsn must look
+        self._on_commit(0)
+
     def _pulse(self) -> None:
         self._visible.set()
         self._visible = asyncio.Event()
 
     async def wait_past(self, lsn: int, timeout_s: float) -> bool:
-        """Wait until an lsn above ``lsn`` is visible here; False when ``timeout_s`` passes
-        first or the node ends its subscriptions (``end_subscriptions``).
+        """Wait until an lsn above ``lsn`` is visible here or a repair cuts the log; False
+        when ``timeout_s`` passes first or the node ends its subscriptions.
 
         Every waiter waits on the one event the WAL's commits pulse, so a thousand idle
         subscribers cost a thousand parked coroutines and nothing per commit but one wake-up.
@@ -351,7 +405,8 @@ class Node:
         deadline = time.monotonic() + timeout_s
         # before ``start`` nothing pulses: poll; after it, the tick only bounds a stale wait
         tick = 1.0 if self._started else 0.05
-        while self.store.visible_lsn <= lsn:
+        cuts = self.store.cuts.seq
+        while self.store.visible_lsn <= lsn and self.store.cuts.seq == cuts:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.subscriptions_ended:
                 return False
@@ -606,6 +661,9 @@ class Node:
         config = self.replication
         if self.leader is not None:
             return None if self.leader.port is None else config.published_address(self.leader.port)
+        server = self.snapshot_server
+        if server is not None and server.port is not None:
+            return server.address
         return config.published_address(config.port) if config.secret else None
 
     def position(self) -> Position:
@@ -692,6 +750,7 @@ class Node:
                 await follower.start()
                 raise
             self.role_state.switched(Role.LEADER, None, term)
+            await self._stop_snapshot_server()  # the leader listens on that port now
             leader = self._new_leader()
             leader.acks.led(term)
             self.follower = None
@@ -786,6 +845,7 @@ class Node:
             self.leadership.idle()
             self.follower = self._new_follower(leader_address, known)
             if self._started:
+                await self._start_snapshot_server()
                 await self.follower.start()
             log.warning("repointed: %s, now following %s", was, leader_address)
             return {**self._role_answer(), "changed": True, "was": was}
@@ -806,7 +866,10 @@ class Node:
         if self.leader is not None:
             return self.leader.status()
         assert self.follower is not None
-        return self.follower.status()
+        status = self.follower.status()
+        if self.snapshot_server is not None:
+            status["serving_snapshots"] = self.snapshot_server.status()
+        return status
 
     def forget_follower(self, node_id: str) -> dict[str, Any]:
         """Drop a departed follower's retention slot (see ``Leader.forget_follower``);
@@ -837,9 +900,12 @@ class Node:
             "events": manifest.events,
         }
 
-    def degraded_ranges(self) -> list[dict[str, object]]:
-        """The degradation ledger (a leader's); empty on a follower."""
-        return self.leader.ledger.to_list() if self.leader is not None else []
+    def degraded_ranges(self, *, at_risk_only: bool = False) -> list[dict[str, object]]:
+        """The degradation ledger's ranges (a leader's), each with its state; only those
+        still at risk with ``at_risk_only``. Empty on a follower."""
+        if self.leader is None:
+            return []
+        return self.leader.ledger.to_list(at_risk_only=at_risk_only)
 
     def close(self) -> None:
         """Close the store (flushing the WAL). Idempotent."""

@@ -13,6 +13,10 @@ write it, checkpoint it to Parquet and compact parts. Three CPython defaults cos
 - **The GIL switch interval** (5 ms): while a checkpoint builds Arrow columns, the event loop
   and the WAL writer wait up to that long for the GIL after every system call. 1 ms cut the
   replication lag p99 under load by about a third here.
+- **The open-file limit**: each subscription holds a socket, and many systems start
+  processes with a soft limit of 1,024 descriptors (the hard limit is usually far higher). A
+  node meant to hold thousands of streams raises its soft limit to the hard one (capped at
+  ``OPEN_FILES_WANTED``) at start, as Go's runtime does for every program.
 - **The cyclic garbage collector**: a full collection walks every tracked object, including
   the modules imported at start and the memtable's indexes, and took ~60 ms a time here — a
   pause in which nothing is shipped or acknowledged. Objects alive once the node has started
@@ -26,6 +30,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import resource
 import sys
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,7 @@ TRIM_THRESHOLD_BYTES = 64 << 20
 MMAP_THRESHOLD_BYTES = 1 << 20
 SWITCH_INTERVAL_S = 0.001
 GC_THRESHOLDS = (50_000, 20, 20)
+OPEN_FILES_WANTED = 1 << 16  # subscriptions are sockets: 10,000 of them and room to spare
 
 
 def tune_allocator() -> bool:
@@ -62,8 +68,27 @@ def tune_allocator() -> bool:
     return ok
 
 
+def raise_open_files_limit() -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (at most ``OPEN_FILES_WANTED``);
+    the soft limit now. Never lowers it; an error (a platform without it) leaves it as is."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else hard
+        wanted = min(wanted, OPEN_FILES_WANTED)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            log.debug("open-file limit raised from %d to %d", soft, wanted)
+            return wanted
+        return soft
+    except (OSError, ValueError) as exc:
+        log.debug("open-file limit left as it is: %s", exc)
+        return -1
+
+
 def tune_process() -> None:
-    """Before the node opens: allocator, GIL switch interval, collector thresholds."""
+    """Before the node opens: allocator, GIL switch interval, collector thresholds, the
+    open-file limit."""
+    raise_open_files_limit()
     tune_allocator()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     gc.set_threshold(*GC_THRESHOLDS)

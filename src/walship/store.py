@@ -20,6 +20,7 @@ Usable embedded::
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import shutil
@@ -71,8 +72,11 @@ from walship.storage.consumers import (
     ConsumerPosition,
     ConsumerTable,
     decode_tracking_payload,
+    repeated_batch,
     tracking_body,
+    tracking_conflict,
 )
+from walship.storage.cuts import LogCuts
 from walship.storage.entity_reads import EntityReader, ReadView
 from walship.storage.manifest import (
     INSTALL_MARKER,
@@ -82,9 +86,11 @@ from walship.storage.manifest import (
 )
 from walship.storage.memtable import Memtable
 from walship.storage.parquet import PartInfo, PartReader, id_hashes, write_part
+from walship.storage.part_worker import PartWorker
 from walship.storage.pins import sweep_stale_pins
 from walship.storage.positions import TenantPositions
 from walship.storage.query import QueryFilter, entity_key
+from walship.storage.write_amp import WriteAmplification
 from walship.wal import FsyncPolicy, Record, Wal
 from walship.wal.log import WriteOutcome
 from walship.wal.record import VerifiedRun
@@ -106,6 +112,11 @@ class StoreConfig:
     fsync: FsyncPolicy = field(default_factory=FsyncPolicy)
     limits: Limits = DEFAULT_LIMITS
     checkpoints: bool = True
+    # checkpoint and merge parts in a worker process, off this process's GIL
+    # (storage.part_worker); it is started with ``spawn``, which imports the program's main
+    # module again: a script embedding the store keeps its own work under
+    # ``if __name__ == "__main__":``, as multiprocessing asks
+    part_worker: bool = False
 
 
 class Receipt(msgspec.Struct):
@@ -134,6 +145,7 @@ class TrackingReceipt(msgspec.Struct):
     durability: str = "local"
     required: int = 0
     acked_by: list[str] = msgspec.field(default_factory=list)
+    duplicate: bool = False  # a repeat of the batch that stored it: nothing stored again
 
 
 class QueryResult(msgspec.Struct):
@@ -178,8 +190,9 @@ class PendingAppend:
         return min((r.lsn for r in self.answers), default=0)
 
 
-@dataclass(frozen=True)
-class EntityState:
+class EntityState(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An entity's payloads merged in lsn order (``state_encoding`` only when it is bytes)."""
+
     tenant_id: str
     entity_id: str
     version: int
@@ -187,6 +200,9 @@ class EntityState:
     last_lsn: int
     updated: str | None
     events: int
+    # "base64" when the last event's payload was bytes: ``state`` is those bytes (a binary
+    # payload replaces the state, as any non-object does), base64 text in a JSON answer
+    state_encoding: str | None = None
 
 
 class Store:
@@ -213,6 +229,7 @@ class Store:
         self._frozen: Memtable | None = None
         self._parts: list[PartReader] = []
         self._manifest = CheckpointManifest()
+        self.cuts = LogCuts()  # divergence-repair cuts, for subscriptions following the log
         self._retention_floor: Callable[[], int | None] = lambda: None
         self._closed = False
         self._stop = threading.Event()
@@ -228,6 +245,20 @@ class Store:
         self._garbage: set[str] = set()
         self.checkpoints_taken = 0
         self.compactions = 0
+        # Parquet encodes this node did itself (checkpoints and merges); a physical follower
+        # installs the leader's parts instead (replication/physical.py) and keeps it at 0
+        self.parquet_encodes = 0
+        self.parts_adopted = 0
+        # set while a leader ships its parts here: no local checkpoints or merges, until the
+        # memtable outgrows ``physical_fallback_percent`` of its budget (``_due_for_checkpoint``)
+        self.parts_from_leader = False
+        # called with (kind, part, replaced parts, manifest) after each local checkpoint or
+        # merge is in the manifest, from the thread that made it (a leader ships it on)
+        self.on_part: Callable[[str, PartInfo, list[PartInfo], CheckpointManifest], None] | None = (
+            None
+        )
+        self.write_amp = WriteAmplification()
+        self._part_worker = PartWorker() if config.part_worker else None
         self._alarm = CheckpointAlarm(
             self.limits.checkpoint_retry_ms_min,
             self.limits.checkpoint_retry_ms_max,
@@ -545,6 +576,8 @@ class Store:
             if self.config.checkpoints:
                 self._checkpoint_at_close()
         finally:
+            if self._part_worker is not None:
+                self._part_worker.close()  # the checkpointer and compactor have stopped
             self.wal.close()
             if self._dir_lock is not None:
                 self._dir_lock.release()
@@ -606,7 +639,8 @@ class Store:
         ``json_checked``: the events were decoded from JSON, so their payload and metadata
         need no second parse (the HTTP routes); a caller's own ``Raw`` is parsed.
         ``tracking``: a consumer's position, stored in the same WAL append (``events`` may
-        then be empty); TrackingConflict, and nothing queued, unless it is above the stored one.
+        then be empty); TrackingConflict, and nothing queued, unless it is above the stored one
+        or the batch repeats the one that stored it (answered as a duplicate, ``_repeat_locked``).
         """
         limits = self.limits
         if tracking is not None:
@@ -634,7 +668,13 @@ class Store:
             self._check_writable()
             self._throttle_locked()
             if tracking is not None:
-                self._consumers.check(tracking, limits.consumers_max)  # before anything queues
+                # before anything queues; a tracking equal to the stored one passes only as
+                # an exact repeat of its batch (a retry after a lost answer): a duplicate
+                repeat_of = self._consumers.check(
+                    tracking, limits.consumers_max, limits.consumers_per_tenant_max
+                )
+                if repeat_of is not None:
+                    return self._repeat_locked(tracking, prepared, repeat_of)
             ts = now_us()
             timestamp = format_timestamp(ts)
             # the store lock serializes every append, so the WAL will assign exactly these
@@ -648,14 +688,16 @@ class Store:
             batch_ids: dict[bytes, tuple[int, int]] = {}  # id -> its receipt, its new event
             waits_on: list[Future[WriteOutcome]] = []
             generated = new_event_ids(len(events))
-            for n, ((given_id, tenant, entity, etype, payload, meta), ev) in enumerate(
+            for n, ((given_id, tenant, entity, etype, payload, meta, binary), ev) in enumerate(
                 zip(prepared, events, strict=True)
             ):
                 event_id = given_id or generated[n]
                 if ev.id is not None:
                     if event_id in batch_ids:
                         first, at = batch_ids[event_id]
-                        if not same_content(new_events[at], tenant, entity, etype, payload, meta):
+                        if not same_content(
+                            new_events[at], tenant, entity, etype, payload, meta, binary
+                        ):
                             raise IdConflict(
                                 f"event id {format_uuid(event_id)} appears twice in the batch "
                                 f"(at {first} and {n}) with different contents",
@@ -667,7 +709,7 @@ class Store:
                         continue
                     existing = self._find_id_locked(event_id)
                     if existing is not None:
-                        if not same_content(existing, tenant, entity, etype, payload, meta):
+                        if not same_content(existing, tenant, entity, etype, payload, meta, binary):
                             raise IdConflict(
                                 f"event id {format_uuid(event_id)} is already stored at lsn "
                                 f"{existing.lsn} as {existing.event_type!r} of entity "
@@ -712,26 +754,9 @@ class Store:
                 position = batch_positions.get(tenant) or self._positions.next_position(tenant)
                 batch_positions[tenant] = position + 1
                 lsn = next_lsn + len(new_events)
-                new_events.append(
-                    StoredEvent(
-                        lsn,
-                        term,
-                        event_id,
-                        tenant,
-                        entity,
-                        etype,
-                        ts,
-                        version,
-                        payload,
-                        meta,
-                        position,
-                    )
-                )
-                bodies.append(
-                    encode_body_fields(
-                        event_id, tenant, entity, etype, ts, version, payload, meta, position
-                    )
-                )
+                fields = (event_id, tenant, entity, etype, ts, version, payload, meta, position)
+                new_events.append(StoredEvent(lsn, term, *fields, payload_binary=binary))
+                bodies.append(encode_body_fields(*fields, payload_binary=binary))
                 receipts.append(
                     Receipt(format_uuid(event_id), lsn, term, version, timestamp, position=position)
                 )
@@ -778,6 +803,30 @@ class Store:
             pending.tracking = TrackingReceipt(
                 track.consumer, track.tenant_id, track.position, track.lsn, term
             )
+        return pending
+
+    def _repeat_locked(
+        self,
+        tracking: TrackingIn,
+        prepared: list[tuple[bytes, str, str, str, bytes, bytes | None, bool]],
+        stored: ConsumerPosition,
+    ) -> PendingAppend:
+        """The answer to a batch whose tracking equals the stored one: its original receipts
+        and tracking receipt marked duplicate, nothing queued; TrackingConflict unless it is
+        an exact repeat of the batch that stored it (``repeated_batch``)."""
+        found = repeated_batch(prepared, stored, self._find_id_locked)
+        if found is None:
+            raise tracking_conflict(tracking, stored)
+        self.metrics.duplicates.inc(len(found))
+        receipts = [self._receipt_of(ev, duplicate=True) for ev in found]
+        term = self.wal.terms.term_at(Lsn(stored.lsn)).value
+        waits_on: list[Future[WriteOutcome]] = []
+        if stored.lsn > self.wal.written_lsn.value:  # the original is still being written
+            waits_on.append(self.wal.append_future())
+        pending = PendingAppend(receipts, None, 0, waits_on, synced_lsn=self.wal.synced_lsn.value)
+        pending.tracking = TrackingReceipt(
+            stored.consumer, stored.tenant_id, stored.position, stored.lsn, term, duplicate=True
+        )
         return pending
 
     def would_block(self) -> bool:
@@ -947,6 +996,11 @@ class Store:
     def last_position(self) -> Position:
         return self.wal.last_position
 
+    def term_at(self, lsn: int) -> int:
+        """The term that wrote ``lsn`` by this node's term history (0 for lsn 0); meaningful
+        for an lsn this node holds (at most ``last_position``)."""
+        return self.wal.terms.term_at(Lsn(lsn)).value
+
     def read_view(self) -> ReadView:
         """What a read may see now: parts, memtables, checkpointed and visible lsn."""
         with self._lock:
@@ -1058,9 +1112,11 @@ class Store:
 
     def consumer_position(self, tenant_id: str, consumer: str) -> ConsumerPosition | None:
         """The consumer's last tracked position visible here; None when it has none."""
-        visible = self.visible_lsn
         with self._lock:
-            return self._consumers.visible(tenant_id, consumer, visible)
+            # under the lock: the undo log is trimmed (under it) only below what the WAL had
+            # written then, so an entry past this visible lsn still has its undo record; read
+            # before the lock, a tracking written and trimmed meanwhile hid the consumer (404)
+            return self._consumers.visible(tenant_id, consumer, self.visible_lsn)
 
     def _last_event(self, flt: QueryFilter) -> StoredEvent | None:
         """The last event ``flt`` matches, read page by page; None when none does."""
@@ -1100,7 +1156,7 @@ class Store:
         while True:
             page = self.query(flt, self.limits.query_limit_max, cursor)
             for ev in page.events:
-                value = orjson.loads(ev.payload)
+                value = ev.payload if ev.payload_binary else orjson.loads(ev.payload)
                 if isinstance(value, dict) and isinstance(state, dict):
                     state = {**state, **value}
                 else:
@@ -1112,7 +1168,8 @@ class Store:
             cursor = page.next_cursor
         if count == 0:
             raise NotFound(f"entity {entity_id!r} has no events", entity_id=entity_id)
-        return EntityState(tenant_id, entity_id, version, state, last_lsn, updated, count)
+        encoding = "base64" if isinstance(state, bytes) else None
+        return EntityState(tenant_id, entity_id, version, state, last_lsn, updated, count, encoding)
 
     def entity_version(self, entity_id: str, tenant_id: str = "default") -> int:
         with self._lock:
@@ -1140,6 +1197,9 @@ class Store:
                 "parquet_bytes": sum(p.bytes for p in m.parts),
                 "checkpoints_taken": self.checkpoints_taken,
                 "compactions": self.compactions,
+                "parquet_encodes": self.parquet_encodes,
+                "parts_adopted": self.parts_adopted,
+                "parts_from_leader": self.parts_from_leader,
                 "compaction_held": self._compaction_held,
                 "checkpoint_failing": self.checkpoint_failure is not None,
                 "wal_first_lsn": self.wal.first_lsn().value,
@@ -1147,6 +1207,7 @@ class Store:
                 "wal_bytes": wal.bytes,
                 "fsync": str(self.config.fsync),
                 "wal_failed": wal.failed,
+                **self.write_amp.as_stats(),
             }
 
     # ------------------------------------------------------------------ checkpoints
@@ -1181,7 +1242,7 @@ class Store:
             log.error(
                 "checkpoint failing (%d attempts since %s; next in %d ms): %s -- every event "
                 "is still in the WAL, but the memtable grows until writes are refused; see "
-                "the README, 'When checkpoints fail'",
+                "docs/operations.md, 'Checkpoints failing'",
                 failure.failures,
                 format_timestamp(int(failure.since_s * 1_000_000)),
                 failure.retry_in_ms,
@@ -1194,19 +1255,57 @@ class Store:
         """Why checkpoints fail now; None when the last one worked (or none has failed)."""
         return self._alarm.state(time.monotonic())
 
-    def _checkpoint_once(self) -> PartInfo | None:
+    def checkpoint_through(self, lsn: int) -> PartInfo | None:
+        """Checkpoint exactly the events up to ``lsn`` (written here already): a physical
+        follower rebuilding from its own WAL the range of a leader's part it refused, so that
+        the next part lines up again. A whole checkpoint instead when the consumer table
+        changed after ``lsn`` (its state at ``lsn`` is no longer known here)."""
+        with self._checkpoint_lock:
+            if lsn <= self._manifest.last_lsn:
+                return None
+            return self._checkpoint_once(through=lsn)
+
+    def _split_at(self, lsn: int) -> tuple[Position, bytes, list[Any]] | None:
+        """Position, chain and consumer table at ``lsn`` for a checkpoint through it; None
+        when the consumer table at ``lsn`` is unknown (or ``lsn`` is not written here)."""
+        if any(c.lsn > lsn for c in self._consumers.entries()):
+            return None
+        if lsn > self.wal.written_lsn.value:
+            return None
+        for rec in self.wal.read_from(Lsn(lsn)):
+            return Position(Term(rec.term), Lsn(lsn)), rec.chain, self._consumers.entries()
+        return None
+
+    def _checkpoint_once(self, through: int | None = None) -> PartInfo | None:
         t0 = time.perf_counter()
+        split = None
+        if through is not None and through < self.wal.last_position.lsn.value:
+            split = self._split_at(through)
         with self._lock:
             if len(self._active) == 0:
                 return None
             frozen = self._active
+            if split is not None:
+                assert through is not None
+                upto, chain, consumers = split
+                # two new memtables, the old one left as it is: a reader's view holds it
+                events = frozen.events
+                cut = bisect.bisect_right(events, through, key=_lsn_of)
+                if cut == 0:
+                    return None
+                frozen, rest = Memtable(), Memtable()
+                frozen.created_us = rest.created_us = self._active.created_us
+                frozen.add_all(events[:cut])
+                rest.add_all(events[cut:])
+                self._active = rest
+            else:
+                self._active = Memtable()
+                self._active.created_us = now_us()
+                upto = self.wal.last_position
+                chain = self.wal.last_chain
+                consumers = self._consumers.entries()  # as of ``upto``, like the memtable
             self._frozen = frozen
-            self._active = Memtable()
-            self._active.created_us = now_us()
-            upto = self.wal.last_position
-            chain = self.wal.last_chain
             rollback_seq = self.wal.rollback_seq
-            consumers = self._consumers.entries()  # as of ``upto``, like the memtable
         try:
             self.wal.sync()
             if rollback_seq % 2 or self.wal.rollback_seq != rollback_seq:
@@ -1216,9 +1315,14 @@ class Store:
             events = frozen.events
             invariant(events[-1].lsn <= upto.lsn.value, "memtable holds records past the WAL's end")
             first = self._manifest.last_lsn + 1
-            part = write_part(
-                self.parts_dir, events, first, upto.lsn.value, self.limits.parquet_row_group_rows
-            )
+            rows = self.limits.parquet_row_group_rows
+            if self._part_worker is not None:
+                part = self._part_worker.checkpoint(
+                    self.parts_dir, events, first, upto.lsn.value, rows
+                )
+            else:
+                part = write_part(self.parts_dir, events, first, upto.lsn.value, rows)
+            self.parquet_encodes += 1
             reader = PartReader(self.parts_dir / part.file, part)
             arr = id_hashes([ev.id for ev in events])
             arr.sort()
@@ -1243,9 +1347,11 @@ class Store:
                 self._frozen = None
                 self._checkpoint_done.notify_all()
             raise
+        self.write_amp.checkpointed(part)
         with self._lock:
             self.checkpoints_taken += 1
             self._checkpoint_done.notify_all()
+        self._announce("checkpoint", part, [], manifest)
         self._compact_kick.set()
         self.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
         self.metrics.checkpoint_events.inc(len(events))
@@ -1269,7 +1375,12 @@ class Store:
                 return None
             t0 = time.perf_counter()
             inputs = parts[run[0] : run[1]]
-            info, hashes = merge_parts(self.parts_dir, inputs, self.limits.parquet_row_group_rows)
+            rows = self.limits.parquet_row_group_rows
+            if self._part_worker is not None:
+                info, hashes = self._part_worker.merge(self.parts_dir, inputs, rows)
+            else:
+                info, hashes = merge_parts(self.parts_dir, inputs, rows)
+            self.parquet_encodes += 1
             reader = PartReader(self.parts_dir / info.file, info)
             reader.set_id_hashes(hashes)
             names = {p.info.file for p in inputs}
@@ -1287,6 +1398,8 @@ class Store:
                     self._parts = readers
                     self._garbage.update(names)
                     self.compactions += 1
+            self.write_amp.compacted(info)
+            self._announce("merge", info, [p.info for p in inputs], manifest)
             self._collect_garbage()
             # the pins of outside readers that have ended hold parts merged away: free them
             sweep_stale_pins(self.data_dir)
@@ -1298,6 +1411,16 @@ class Store:
                 time.perf_counter() - t0,
             )
             return info
+
+    def _announce(
+        self, kind: str, part: PartInfo, replaced: list[PartInfo], manifest: CheckpointManifest
+    ) -> None:
+        hook = self.on_part
+        if hook is not None:
+            try:
+                hook(kind, part, replaced, manifest)
+            except Exception:
+                log.exception("shipping %s part %s failed", kind, part.file)
 
     def pin_parts(self, names: Sequence[str]) -> list[str]:
         """Keep these part files on disk until ``unpin_parts`` (a snapshot being sent)."""
@@ -1340,6 +1463,8 @@ class Store:
             self._compact_kick.set()
 
     def _may_compact(self) -> bool:
+        if self.parts_from_leader:
+            return False  # the leader's merges arrive as parts (replication/physical.py)
         # no lock: len() of the list is atomic, and a stale count costs one pass at most
         return not self._compaction_held or (
             len(self._parts) >= self.limits.compaction_held_parts_max
@@ -1383,10 +1508,14 @@ class Store:
             if len(active) == 0:
                 return False
             age_ms = (now_us() - active.created_us) / 1000
+            limits = self.limits
+            # while the leader's parts arrive, wait for them up to a larger budget: past it
+            # they stopped coming (or lag), and memory is bounded by checkpointing here
+            scale = limits.physical_fallback_percent / 100 if self.parts_from_leader else 1
             return (
-                len(active) >= self.limits.memtable_events_max
-                or active.bytes >= self.limits.memtable_bytes_max
-                or age_ms >= self.limits.checkpoint_interval_ms
+                len(active) >= limits.memtable_events_max * scale
+                or active.bytes >= limits.memtable_bytes_max * scale
+                or age_ms >= limits.checkpoint_interval_ms * scale
             )
 
     def _run_checkpointer(self) -> None:
@@ -1428,6 +1557,10 @@ class Store:
     def __repr__(self) -> str:
         state = "CLOSED" if self._closed else "OPEN"
         return f"<Store {self.config.node_id} {state} {self.data_dir}>"
+
+
+def _lsn_of(ev: StoredEvent) -> int:
+    return ev.lsn
 
 
 def _replace(flt: QueryFilter, **changes: Any) -> QueryFilter:

@@ -4,9 +4,11 @@ event delivered whenever the connection drops.
 Used by ``Client.subscribe`` and ``AsyncClient.subscribe``. An event is handed to the caller
 once: after a transport error, a 503 or the server ending the stream (it is draining), the
 iterator connects again (to the next URL it was given, after a short backoff) with
-``Last-Event-ID`` set to the lsn of the last event it yielded, so the server goes on right
-after it. Errors that asking again cannot cure (4xx: a bad filter) are raised at once; so is
-``Unavailable`` when no node has answered for ``give_up_after_s``.
+``Last-Event-ID`` set to the lsn and term of the last event it yielded, so the server goes on
+right after it. Errors that asking again cannot cure (4xx: a bad filter) are raised at once;
+so is ``Unavailable`` when no node has answered for ``give_up_after_s``, and ``LogCut`` when a
+failover repair cut events this iterator had yielded (the server's ``event: cut``, or a 409
+``log_cut`` on resume): the consumer must rebuild from a position it trusts.
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ from typing import Any, Protocol, TypeVar
 import httpx
 import msgspec
 
+from walship.client_calls import error_of
 from walship.errors import Unavailable, WalshipError, error_class_for
-from walship.sse import SseDecoder
+from walship.sse import CUT_EVENT, SseDecoder, SseEvent
 
 STREAM_PATH = "/api/v1/events/stream"
 STREAM_READ_TIMEOUT_S = 60.0  # several server keepalives (15 s): silence this long is a dead link
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 2.0
 GIVE_UP_AFTER_S = 60.0
-FILTERS = frozenset({"tenant_id", "entity_id", "event_type", "event_type_prefix"})
+FILTERS = frozenset({"tenant_id", "entity_id", "event_type", "event_type_prefix", "from_position"})
 
 
 class HasLsn(Protocol):
@@ -54,17 +57,14 @@ def stream_params(from_lsn: int, filters: Mapping[str, Any]) -> dict[str, str | 
     return params
 
 
-def _refusal(response: httpx.Response) -> WalshipError:
-    try:
-        body = msgspec.json.decode(response.content)
-    except msgspec.DecodeError:
-        body = None
+def _refusal_of(body: Any, status: int) -> WalshipError:
+    """The error a ``cut`` frame's JSON stands for (LogCut), with ``status`` as its HTTP one."""
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         details = {k: v for k, v in body.items() if k not in ("error", "message")}
         exc = error_class_for(body["error"])(str(body.get("message", body["error"])), **details)
     else:
-        exc = WalshipError(f"HTTP {response.status_code} answering a subscription")
-    exc.status = response.status_code
+        exc = WalshipError(f"a subscription ended with an unreadable cut frame: {body!r:.200}")
+    exc.status = status
     return exc
 
 
@@ -73,7 +73,7 @@ def _check(response: httpx.Response) -> None:
     if response.status_code >= 500:
         raise _Reconnect(f"HTTP {response.status_code}")
     if response.status_code >= 400:
-        raise _refusal(response)
+        raise error_of(response)
 
 
 class _Resume:
@@ -84,6 +84,7 @@ class _Resume:
             raise ValueError("subscribe needs at least one URL")
         self.urls = [u.rstrip("/") for u in urls]
         self.after = max(from_lsn, 1) - 1
+        self.after_term: int | None = None  # the term of the event at ``after``, once one came
         self.turn = 0
         self.failures = 0
         self.failing_since: float | None = None
@@ -95,18 +96,26 @@ class _Resume:
     ) -> tuple[str, dict[str, str | int], dict[str, str]]:
         url = self.urls[self.turn % len(self.urls)] + STREAM_PATH
         if self.after > 0:
-            return url, {**params, "from_lsn": self.after + 1}, {"Last-Event-ID": str(self.after)}
+            resume = (
+                str(self.after) if self.after_term is None else f"{self.after}:{self.after_term}"
+            )
+            return url, {**params, "from_lsn": self.after + 1}, {"Last-Event-ID": resume}
         return url, params, {}
 
     def connected(self) -> None:
         self.failures = 0
         self.failing_since = None
 
-    def accept(self, data: str, kind: type[E]) -> E | None:
-        event = msgspec.json.decode(data, type=kind)
+    def accept(self, sse: SseEvent, kind: type[E]) -> E | None:
+        """The event a frame carries; None for one already delivered. LogCut for the frame
+        that says a repair cut the log under the stream."""
+        if sse.event == CUT_EVENT:
+            raise _refusal_of(msgspec.json.decode(sse.data), 409)
+        event = msgspec.json.decode(sse.data, type=kind)
         if event.lsn <= self.after:
             return None  # already delivered (never sent twice by walship; cheap to be sure)
         self.after = event.lsn
+        self.after_term = getattr(event, "term", None)
         return event
 
     def failed(self, why: str) -> float:
@@ -157,7 +166,7 @@ def _follow(
                 decoder = SseDecoder()
                 for line in r.iter_lines():
                     sse = decoder.feed_line(line)
-                    if sse is not None and (event := state.accept(sse.data, kind)) is not None:
+                    if sse is not None and (event := state.accept(sse, kind)) is not None:
                         yield event
             why = "the server ended the stream"
         except (httpx.TransportError, _Reconnect) as exc:
@@ -193,7 +202,7 @@ async def _follow_async(
                 decoder = SseDecoder()
                 async for line in r.aiter_lines():
                     sse = decoder.feed_line(line)
-                    if sse is not None and (event := state.accept(sse.data, kind)) is not None:
+                    if sse is not None and (event := state.accept(sse, kind)) is not None:
                         yield event
             why = "the server ended the stream"
         except (httpx.TransportError, _Reconnect) as exc:

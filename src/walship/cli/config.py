@@ -58,7 +58,8 @@ def settings_of(command: Callable[..., object]) -> dict[str, Setting]:
         # with Annotated, typer keeps the first declaration where a default would be
         decls = [d for d in (info.default, *(info.param_decls or ())) if isinstance(d, str)]
         flag = next((d for d in decls if d.startswith("--")), "--" + name.replace("_", "-"))
-        out[flag[2:]] = Setting(name, _base_kind(base))
+        # a boolean pair ("--part-worker/--no-part-worker") is set by its first name
+        out[flag.split("/")[0][2:]] = Setting(name, _base_kind(base))
     return out
 
 

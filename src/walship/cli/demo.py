@@ -322,7 +322,7 @@ def _run_steps(cluster: DemoCluster, events: int, ack_mode: str) -> None:
     say(f"shared replication secret: {cluster.secret_file} (mode {secret_mode:04o})")
     say(
         "HTTP API keys and TLS are off in this demo (--auth none): the nodes listen on "
-        "127.0.0.1 only; see README 'Security' to turn them on"
+        "127.0.0.1 only; see docs/security.md to turn them on"
     )
 
     with httpx.Client(base_url=leader.url, timeout=REQUEST_TIMEOUT_S) as client:

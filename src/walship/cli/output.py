@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import os
+from collections.abc import Iterator
 from typing import NoReturn
 
 import typer
 from rich.console import Console, RenderableType
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -75,3 +89,38 @@ def print_renderable(out: Console, renderable: RenderableType, width: int | None
     sized.print(renderable)
     out.file.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
     out.file.flush()
+
+
+@contextlib.contextmanager
+def progress_bar(total: float, description: str, *, unit: str = "") -> Iterator[Bar]:
+    """A rich progress bar on stderr (so stdout stays the report), of ``total`` steps.
+
+    On a terminal it redraws in place; elsewhere (a pipe, CI) rich prints it once, as it
+    stands when it ends, so a log gets one line, not a frame per step.
+    """
+    columns: list[str | ProgressColumn] = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn()
+        if not unit
+        else TextColumn(f"{{task.completed:.0f}}/{{task.total:.0f}} {unit}"),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=err_console, transient=False) as progress:
+        yield Bar(progress, progress.add_task(description, total=total))
+
+
+@dataclasses.dataclass(frozen=True)
+class Bar:
+    """The one task of a ``progress_bar``."""
+
+    progress: Progress
+    task: TaskID
+
+    def advance(self, steps: float = 1) -> None:
+        self.progress.advance(self.task, steps)
+
+    def update(self, *, completed: float | None = None, description: str | None = None) -> None:
+        self.progress.update(self.task, completed=completed, description=description)

@@ -206,6 +206,16 @@ def serve_command(
             help="A follower further behind than this leaves the in-sync set.",
         ),
     ] = 5_000,
+    max_replication_lag_ms: Annotated[
+        int,
+        typer.Option(
+            "--max-replication-lag-ms",
+            envvar="WALSHIP_MAX_REPLICATION_LAG_MS",
+            min=0,
+            help="Recovery-point budget: slow writes down (never fail them) so that in-sync "
+            "followers lag less than this; below --max-lag-ms. 0: off.",
+        ),
+    ] = 0,
     min_in_sync: Annotated[
         int,
         typer.Option(
@@ -224,6 +234,25 @@ def serve_command(
             help="WAL kept for a lagging follower, at most; past it the follower needs a snapshot.",
         ),
     ] = 1 << 30,
+    serve_snapshots: Annotated[
+        bool,
+        typer.Option(
+            "--serve-snapshots",
+            envvar="WALSHIP_SERVE_SNAPSHOTS",
+            help="While a follower: serve snapshots to other followers on --replication-port "
+            "while caught up, so the leader need not (the leader redirects followers here).",
+        ),
+    ] = False,
+    catch_up_from: Annotated[
+        str | None,
+        typer.Option(
+            "--catch-up-from",
+            envvar="WALSHIP_CATCH_UP_FROM",
+            help="Follower: when a snapshot is needed, fetch it from the follower serving "
+            "snapshots at this replication HOST:PORT first (the leader still vouches for it; "
+            "falls back to the leader).",
+        ),
+    ] = None,
     segment_bytes_max: Annotated[
         int,
         typer.Option(
@@ -251,6 +280,25 @@ def serve_command(
             help="Checkpoint recent events at least this often.",
         ),
     ] = DEFAULT_LIMITS.checkpoint_interval_ms,
+    part_worker: Annotated[
+        bool,
+        typer.Option(
+            "--part-worker",
+            envvar="WALSHIP_PART_WORKER",
+            help="Write checkpoint and merged Parquet parts in a worker process at lower "
+            "priority, off the GIL of the process that serves and replicates.",
+        ),
+    ] = False,
+    physical_followers: Annotated[
+        bool,
+        typer.Option(
+            "--physical-followers",
+            envvar="WALSHIP_PHYSICAL_FOLLOWERS",
+            help="A leader ships its Parquet parts to followers, which install them verified "
+            "instead of encoding their own (replication protocol v2: every node must run a "
+            "walship that speaks it).",
+        ),
+    ] = False,
     tls_cert: Annotated[
         Path | None,
         typer.Option("--tls-cert", envvar="WALSHIP_TLS_CERT", help="TLS certificate (PEM)."),
@@ -399,7 +447,11 @@ def serve_command(
             max_lag_ms=max_lag_ms,
             min_in_sync=min_in_sync,
             wal_retention_bytes_max=wal_retention_bytes_max,
+            max_replication_lag_ms=max_replication_lag_ms,
             tls=(tls_cert, tls_key, tls_ca, tls_require_client_cert),
+            serve_snapshots=serve_snapshots,
+            catch_up_from=catch_up_from,
+            physical_followers=physical_followers,
         )
     except InvalidInput as exc:
         fail(f"invalid replication flags: {exc.message}", 2)
@@ -511,6 +563,7 @@ def serve_command(
             peer_verify=peers_verify,
             dir_lock=dir_lock,
             ack_pinned=any(_given(ctx, name) for name in ACK_FLAGS),
+            part_worker=part_worker,
         )
     except KeyboardInterrupt:
         sock.close()
@@ -563,7 +616,8 @@ def _auth_summary(settings: AuthSettings) -> str:
 
 def _replication_summary(replication: ReplicationConfig) -> str:
     if replication.leader is not None:
-        return f"follows {replication.leader}"
+        serves = ", serves snapshots" if replication.serve_snapshots else ""
+        return f"follows {replication.leader}{serves}"
     if replication.secret is None:
         return "replication off (no secret)"
     return f"replication {replication.host}:{replication.port} ack {replication.ack_mode}"
@@ -696,15 +750,23 @@ def _lock_data_dir(path: Path) -> DataDirLock:
 
 
 def _bind_replication(node: Node, http_sock: socket.socket) -> None:
-    """Bind a leader's replication listener now, so that a port in use or a host that does
+    """Bind a leader's replication listener (or a follower's that serves snapshots) now, so
+    that a port in use or a host that does
     not resolve is a one-line start-up error (exit 1) rather than a failure inside the
     server's start-up; on failure the node is closed first (its WAL flushed)."""
-    leader = node.leader
-    if leader is None or leader.config.secret is None:
-        return  # a follower listens only once promoted; without a secret nobody connects
-    host, port = leader.config.host, leader.config.port
+    leader, server = node.leader, node.snapshot_server
+    if leader is None and server is None:
+        return  # a follower listens only once promoted or to serve snapshots
+    config = node.replication
+    if config.secret is None:
+        return  # without a secret nobody connects
+    host, port = config.host, config.port
     try:
-        leader.adopt_listener(_listen(host, port, "--replication-host", " for replication"))
+        sock = _listen(host, port, "--replication-host", " for replication")
+        if leader is not None:
+            leader.adopt_listener(sock)
+        elif server is not None:
+            server.adopt_listener(sock)
     except _BindError as exc:
         http_sock.close()
         node.close()
@@ -760,6 +822,10 @@ def replication_config(
     min_in_sync: int,
     wal_retention_bytes_max: int,
     tls: tuple[Path | None, Path | None, Path | None, bool],
+    serve_snapshots: bool = False,
+    catch_up_from: str | None = None,
+    max_replication_lag_ms: int = 0,
+    physical_followers: bool = False,
 ) -> ReplicationConfig:
     """Check the replication flags together; InvalidInput naming the first bad one."""
     from walship.replication.acks import AckMode
@@ -773,10 +839,19 @@ def replication_config(
 
     if role not in ("leader", "follower"):
         raise InvalidInput(f"--role must be leader or follower, not {role!r}")
+    if max_replication_lag_ms >= max_lag_ms:
+        # a follower that far behind has left the in-sync set: the budget would hold nothing
+        raise InvalidInput(
+            f"--max-replication-lag-ms {max_replication_lag_ms} must be below --max-lag-ms "
+            f"{max_lag_ms} (a follower further behind leaves the in-sync set and is not held "
+            "to the budget)"
+        )
     if role == "follower":
         if not leader:
             raise InvalidInput("a follower needs --leader HOST:PORT")
         parse_address(leader, "--leader")
+    if catch_up_from:
+        parse_address(catch_up_from, "--catch-up-from")
     secret = None
     if secret_file is not None or os.environ.get(SECRET_ENV):
         secret = load_secret(secret_file)
@@ -815,9 +890,13 @@ def replication_config(
         max_lag_ms=max_lag_ms,
         min_in_sync=min_in_sync,
         wal_retention_bytes_max=wal_retention_bytes_max,
+        max_replication_lag_ms=max_replication_lag_ms,
         leader=leader,
         server_ssl=server_ssl,
         client_ssl=client_ssl,
+        serve_snapshots=serve_snapshots,
+        catch_up_from=catch_up_from or None,
+        physical_followers=physical_followers,
     )
 
 
@@ -836,6 +915,7 @@ def _open_node(
     peer_verify: bool | ssl.SSLContext = True,
     dir_lock: DataDirLock | None = None,
     ack_pinned: bool = False,
+    part_worker: bool = False,
 ) -> Node:
     """Open and recover the node; exit 2 naming file and offset when the WAL is corrupt."""
     from walship.node import Node, NodeConfig, Role
@@ -854,6 +934,7 @@ def _open_node(
         peers=peers,
         ack_pinned=ack_pinned,
         peer_verify=peer_verify,
+        part_worker=part_worker,
     )
     tune_process()
     try:
@@ -882,7 +963,9 @@ def _replication_note(node: Node) -> str:
             return " replication=off"
         return f" replication={node.replication_address()}"
     assert node.follower is not None
-    return f" leader={node.follower.leader_address}"
+    server = node.snapshot_server
+    serves = "" if server is None or server.address is None else f" snapshots={server.address}"
+    return f" leader={node.follower.leader_address}{serves}"
 
 
 def _url(host: str, port: int, https: bool = False) -> str:

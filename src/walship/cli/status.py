@@ -175,6 +175,9 @@ def format_snapshot(progress: Any, sep: str = " ") -> Text:
     text.append("█" * filled, style="cyan")
     text.append("░" * (_BAR_WIDTH - filled), style="dim")
     text.append(f" {fraction:4.0%}{sep}{format_bytes(done)}/{format_bytes(total)}")
+    source = progress.get("source")
+    if isinstance(source, str) and source != "leader":  # cascading: a follower sends it
+        text.append(f"{sep}from {source}", style="dim")
     return text
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from walship.cli.output import console, err_console, fail
+from walship.cli.output import console, err_console, fail, progress_bar
 from walship.errors import InvalidInput
 from walship.verify.config import FAULT_KINDS, VerifyConfig, parse_duration_s, parse_faults
 from walship.verify.run import run_verify
@@ -85,11 +85,17 @@ def verify_command(
     except InvalidInput as exc:
         fail(exc.message, 2)
     err_console.print(f"walship verify: seed {seed}", markup=False)
+    # the bar follows the workload under faults (the run's long part, its length known);
+    # each phase is a line above it
+    with progress_bar(config.duration_s, "writing under faults", unit="s") as bar:
 
-    def progress(message: str) -> None:
-        err_console.print(f"  {message}", style="dim", soft_wrap=True, markup=False)
+        def progress(message: str) -> None:
+            bar.progress.console.print(f"  {message}", style="dim", soft_wrap=True, markup=False)
 
-    result = run_verify(config, progress)
+        def tick(done_s: float, total_s: float, so_far: str) -> None:
+            bar.update(completed=done_s, description=f"writing under faults ({so_far})")
+
+        result = run_verify(config, progress, tick)
     result.render(console)
     if report is not None:
         result.write_json(report)

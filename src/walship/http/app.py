@@ -34,6 +34,7 @@ from walship.events import (
     EventOut,
     parse_timestamp,
     to_out,
+    to_plain,
 )
 from walship.http.auth import (
     Authenticator,
@@ -46,6 +47,7 @@ from walship.http.auth import (
 )
 from walship.http.consumers import add_consumer_routes, check_position_params
 from walship.http.errors import ErrorBody, install_error_handlers
+from walship.http.media import Media, response_media
 from walship.http.openapi_security import describe_security
 from walship.http.params import reject_unknown_params
 from walship.http.stream import add_stream_routes
@@ -55,6 +57,7 @@ from walship.http.writes import (
     BATCH_PATH,
     EVENTS_PATH,
     BatchReceipts,
+    BodyFormat,
     WriteFastLane,
     answer_batch,
     answer_event,
@@ -184,8 +187,10 @@ def _add_write_routes(app: FastAPI, node: Node) -> None:
     )
     async def append_event(request: Request) -> Response:
         ack = requested_ack_mode(request.scope)
+        body_format = BodyFormat.of(request.scope)
         principal = principal_of(request.scope)
-        return _json(await answer_event(node, await body_of(request), principal, ack))
+        content = await answer_event(node, await body_of(request), principal, ack, body_format)
+        return Response(content, media_type=body_format.response.value)
 
     @app.post(
         BATCH_PATH,
@@ -196,8 +201,10 @@ def _add_write_routes(app: FastAPI, node: Node) -> None:
     )
     async def append_batch(request: Request) -> Response:
         ack = requested_ack_mode(request.scope)
+        body_format = BodyFormat.of(request.scope)
         principal = principal_of(request.scope)
-        return _json(await answer_batch(node, await body_of(request), principal, ack))
+        content = await answer_batch(node, await body_of(request), principal, ack, body_format)
+        return Response(content, media_type=body_format.response.value)
 
 
 _MinLsn = Annotated[
@@ -294,12 +301,19 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
             to_position=to_position,
         )
 
+        media = response_media(request.scope["headers"])
+
         def run() -> bytes:
             result = store.query(flt, limit, cursor)
+            if media is Media.MSGPACK:
+                plain = [to_plain(ev) for ev in result.events]
+                return media.encode(
+                    {"events": plain, "next_cursor": result.next_cursor, "count": len(plain)}
+                )
             events = [to_out(ev) for ev in result.events]
             return _encoder.encode(QueryPage(events, result.next_cursor, len(events)))
 
-        return _json(await run_in_threadpool(run))
+        return Response(await run_in_threadpool(run), media_type=media.value)
 
     @app.get(
         "/api/v1/entities/{entity_id:path}/state",
@@ -328,7 +342,10 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
         state = await run_in_threadpool(
             store.entity_state, entity_id, tenant_id, as_of_us, as_of_lsn
         )
-        return _json(_encoder.encode(state))
+        media = response_media(request.scope["headers"])
+        if media is Media.MSGPACK:  # bytes are msgpack's own bin: no encoding to name
+            state = msgspec.structs.replace(state, state_encoding=None)
+        return Response(media.encode(state), media_type=media.value)
 
     @app.get(
         "/api/v1/stats",
@@ -417,14 +434,35 @@ def _add_ops_routes(app: FastAPI, node: Node) -> None:
 
     @app.get(
         "/api/v1/replication/degraded",
-        summary="The degradation ledger",
+        summary="The degradation ledger: writes at risk",
         description="Lsn ranges committed without the acknowledgements their mode required "
-        "(answered `degraded`). Empty on a follower.",
+        "(answered `degraded`) that are still *at risk*: fewer followers than the leader's "
+        "ack mode asks for hold them, so they are lost with the leader. With `all=true`, "
+        "every range, each with its `state` (`at_risk` or `since_replicated`) and, once "
+        "replicated, when (`replicated_ts_us`) and to whom (`replicated_to`). `writes` counts "
+        "the listed ranges' writes; `at_risk` and `total` count the whole ledger. Empty on a "
+        "follower.",
         responses=_responses(None),
     )
-    async def degraded() -> Response:
-        ranges = node.degraded_ranges()
-        body = {"ranges": ranges, "writes": sum(int(str(r["writes"])) for r in ranges)}
+    async def degraded(
+        all_ranges: Annotated[
+            bool,
+            Query(alias="all", description="Every range, the since-replicated ones too"),
+        ] = False,
+    ) -> Response:
+        ranges = node.degraded_ranges(at_risk_only=not all_ranges)
+        every = ranges if all_ranges else node.degraded_ranges()
+        risky = [r for r in every if r["state"] == "at_risk"]
+
+        def writes(rs: list[dict[str, object]]) -> int:
+            return sum(int(str(r["writes"])) for r in rs)
+
+        body = {
+            "ranges": ranges,
+            "writes": writes(ranges),
+            "at_risk": {"writes": writes(risky), "ranges": len(risky)},
+            "total": {"writes": writes(every), "ranges": len(every)},
+        }
         return _json(_encoder.encode(body))
 
     lost_found = SummaryCache(node.config.data_dir)
@@ -536,12 +574,20 @@ def _describe_event_rules(event_in: dict[str, Any], limits: Limits) -> None:
         description="Not blank, no control characters.",
     )
     props["event_type"].update(
-        pattern=r"^(?!_system\.)[a-z0-9_]+(\.[a-z0-9_]+)*$",
+        pattern=r"^(?!_system\.)[A-Za-z0-9_:-]+(\.[A-Za-z0-9_:-]+)*$",
         maxLength=limits.event_type_chars_max,
-        description="No leading or trailing '.', no '..'; the `_system.` prefix is reserved.",
+        description="Topic names such as `bank.domain:Account.Opened`. No leading or trailing "
+        "'.', no '..'; the `_system.` prefix is reserved.",
     )
     props["payload"]["description"] = (
-        f"Any JSON value, at most {limits.payload_bytes_max} bytes as sent."
+        f"Any JSON value, at most {limits.payload_bytes_max} bytes as sent; with "
+        '`payload_encoding: "base64"` a string of the base64 of binary bytes (at most '
+        f"{limits.payload_bytes_max} of them). A msgpack body (`Content-Type: "
+        "application/msgpack`) may send those bytes as a `bin` value instead."
+    )
+    props["payload_encoding"].update(
+        enum=["json", "base64"],
+        description="How `payload` is given: a JSON value, or the base64 of bytes.",
     )
     props["metadata"] = {
         "anyOf": [{"type": "object"}, {"type": "null"}],

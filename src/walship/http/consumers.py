@@ -32,6 +32,15 @@ TENANT_POSITION_PATH = "/api/v1/tenants/{tenant_id}/position"
 CONSUMER_PATH = "/api/v1/consumers/{name}"
 
 
+# read-your-writes on a follower, as the other read routes take it (a client that wrote on the
+# leader sends the lsn of its last write with every read it sends elsewhere)
+_MinLsn = Annotated[
+    int | None,
+    Query(ge=0, le=LSN_MAX, description="Wait until this node has applied this lsn"),
+]
+_MinLsnWait = Annotated[int, Query(ge=0, description="How long to wait for `min_lsn`, in ms")]
+
+
 class TenantPosition(msgspec.Struct):
     tenant_id: str
     position: int  # of the tenant's last event visible on this node; 0: none
@@ -75,17 +84,22 @@ def add_consumer_routes(app: FastAPI, node: Node) -> None:
         summary="A consumer's last tracked position",
         description="The position the consumer last committed with a batch's `tracking` "
         "(stored in the same atomic append as the batch's events), as this node has applied "
-        "it; followers answer too. 404 when the consumer has tracked nothing in the tenant.",
+        "it; followers answer too (with `min_lsn`, once they have applied that lsn). 404 "
+        "when the consumer has tracked nothing in the tenant.",
         responses={200: {"description": "OK"}, 404: {"description": "Unknown consumer"}},
     )
     async def consumer_position(
         request: Request,
         name: str,
         tenant_id: Annotated[str, Query(description="The consumer's tenant")] = "default",
+        min_lsn: _MinLsn = None,
+        min_lsn_wait_ms: _MinLsnWait = 5_000,
     ) -> Response:
         validate_consumer_name(name, limits, "name")
         validate_tenant_id(tenant_id)
         check_tenant(principal_of(request.scope), tenant_id)
+        if min_lsn is not None:
+            await node.wait_visible(min_lsn, min_lsn_wait_ms)
         found = store.consumer_position(tenant_id, name)
         if found is None:
             raise NotFound(
@@ -106,8 +120,15 @@ def add_consumer_routes(app: FastAPI, node: Node) -> None:
         "and the same on every node. `position` 0: no event of the tenant is visible here.",
         responses={200: {"description": "OK"}},
     )
-    async def tenant_position(request: Request, tenant_id: str) -> Response:
+    async def tenant_position(
+        request: Request,
+        tenant_id: str,
+        min_lsn: _MinLsn = None,
+        min_lsn_wait_ms: _MinLsnWait = 5_000,
+    ) -> Response:
         validate_tenant_id(tenant_id)
         check_tenant(principal_of(request.scope), tenant_id)
+        if min_lsn is not None:
+            await node.wait_visible(min_lsn, min_lsn_wait_ms)
         position, lsn = await run_in_threadpool(store.tenant_position, tenant_id)
         return _json(_encoder.encode(TenantPosition(tenant_id, position, lsn)))

@@ -11,6 +11,7 @@ waits for the peer (TCP pacing), never an in-memory queue of events per subscrib
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route signatures at run time.
+import asyncio
 import contextlib
 import dataclasses
 import time
@@ -23,14 +24,25 @@ from fastapi import FastAPI, Header, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
-from walship.errors import InvalidParameter, NotFound, Unavailable
-from walship.events import EventOut, StoredEvent, to_out
+from walship.errors import InvalidParameter, LogCut, NotFound, Unavailable, WalshipError
+from walship.events import EventOut, StoredEvent, to_out, to_plain
 from walship.http.auth import check_tenant, principal_of, scope_filter
 from walship.http.consumers import check_position_params
+from walship.http.live_tail import LiveTail, TailWindow
+from walship.http.media import Media, response_media
 from walship.limits import LSN_MAX
 from walship.node import Node
-from walship.sse import KEEPALIVE, MEDIA_TYPE, RETRY_MS, encode_event, parse_last_event_id
+from walship.sse import (
+    KEEPALIVE,
+    MEDIA_TYPE,
+    RETRY_MS,
+    ResumePoint,
+    encode_cut,
+    encode_event,
+    parse_last_event_id,
+)
 from walship.storage.query import QueryFilter
+from walship.store import Store
 
 STREAM_PATH = "/api/v1/events/stream"
 CHUNK_BYTES = 64 * 1024  # frames go to the socket in pieces of about this, so TCP paces us
@@ -68,12 +80,108 @@ def _json(body: bytes) -> Response:
     return Response(body, media_type=_JSON)
 
 
+@dataclasses.dataclass(frozen=True)
+class CutNotice:
+    """The stream's last item: a repair cut the log behind what the stream had sent (or
+    the resume position's term is not this log's); the consumer's position is gone."""
+
+    error: LogCut
+
+
+def check_resume(node: Node, point: ResumePoint) -> None:
+    """LogCut (409) when a resume position names an event this node's log cannot hold: a
+    term that differs from this log's at that lsn, or (on a leader that takes writes, whose
+    log is the cluster's) an lsn past its end. A node that has not seen the position's term
+    is behind, not the consumer: a leader answers Unavailable (503, try another node), a
+    follower's stream waits and checks the term once it has the lsn, as it does for an lsn
+    it has not applied yet."""
+    store = node.store
+    if point.lsn == 0:
+        return
+    visible = store.visible_lsn
+    if point.term is not None and point.term > store.last_position.term.value:
+        if node.leader is not None and _takes_writes(node):
+            raise Unavailable(
+                f"Last-Event-ID names term {point.term}, which {node.node_id} has not seen: "
+                "it is not the cluster's leader any more; subscribe to another node",
+                retry_after_ms=1_000,
+            )
+        return
+    if point.lsn <= visible:
+        if point.term is not None and (term := store.term_at(point.lsn)) != point.term:
+            raise _term_differs(node, point, term)
+    elif node.leader is not None and _takes_writes(node):
+        raise LogCut(
+            f"Last-Event-ID names lsn {point.lsn}, past the end of the log on the leader "
+            f"{node.node_id} (lsn {visible}): a failover repair cut the events it had; "
+            "rebuild from a position you trust",
+            last_event_lsn=point.lsn,
+            log_end_lsn=visible,
+        )
+
+
+def _holds(store: Store, point: ResumePoint) -> bool:
+    """Whether this node's log reaches ``point`` and has seen its term (so it can judge it)."""
+    term = point.term or 0
+    return store.visible_lsn >= point.lsn and store.last_position.term.value >= term
+
+
+def _takes_writes(node: Node) -> bool:
+    """Whether this leader's log is the cluster's now (not fenced, not waiting for a lease)."""
+    try:
+        node.check_writable()
+    except WalshipError:
+        return False
+    return True
+
+
+def _term_differs(node: Node, point: ResumePoint, term: int) -> LogCut:
+    return LogCut(
+        f"lsn {point.lsn} was written in term {term} on {node.node_id}, not in term "
+        f"{point.term} as the consumer had it: a failover repair cut the events it had; "
+        "rebuild from a position you trust",
+        last_event_lsn=point.lsn,
+        last_event_term=point.term,
+        log_term=term,
+    )
+
+
+def _cut_under(node: Node, kept: int, after: int) -> CutNotice:
+    return CutNotice(
+        LogCut(
+            f"a failover repair cut the log of {node.node_id} after lsn {kept}; this stream "
+            f"had sent up to lsn {after}, events the log does not hold any more",
+            kept_lsn=kept,
+            last_event_lsn=after,
+        )
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedPage:
+    """A page taken from the live tail: its events and their encoded forms are shared."""
+
+    window: TailWindow
+    flt: QueryFilter
+
+    @property
+    def events(self) -> list[StoredEvent]:
+        return self.window.select(self.flt)
+
+
+Page = list[StoredEvent] | SharedPage | CutNotice
+
+
 class Subscriptions:
-    """Counts a node's open subscriptions against ``subscriptions_max``."""
+    """Counts a node's open subscriptions against ``subscriptions_max``; the live tail
+    they share once caught up."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self.open = 0
+        limits = node.limits
+        window = min(limits.subscription_tail_events_max, limits.query_limit_max)
+        self.tail = LiveTail(node.store, window)
 
     def admit(self) -> None:
         """Unavailable (503) when the node serves as many as it may."""
@@ -84,28 +192,85 @@ class Subscriptions:
                 retry_after_ms=1_000,
             )
 
-    async def pages(self, flt: QueryFilter, after: int) -> AsyncGenerator[list[StoredEvent], None]:
-        """Pages of events after lsn ``after`` matching ``flt``, in lsn order, until the node
+    async def pages(
+        self, flt: QueryFilter, point: ResumePoint, cuts_seen: int
+    ) -> AsyncGenerator[Page, None]:
+        """Pages of events after ``point`` matching ``flt``, in lsn order, until the node
         ends its subscriptions; an empty page means nothing was sent for a heartbeat interval
-        (time for a keepalive). The next page is read only when the caller asks for it."""
+        (time for a keepalive). The next page is read only when the caller asks for it.
+
+        ``cuts_seen`` is the store's cut ``seq`` when ``point`` was checked: a repair cut
+        after it that falls below what the stream stands at ends the stream with a
+        ``CutNotice``; a page read while a cut ran is never sent.
+        """
         node = self.node
         store = node.store
+        cuts = store.cuts
         limits = node.limits
+        after = point.lsn
+        # a follower may not have the resume lsn or its term yet: checked once it has them
+        term_due = None
+        if point.term is not None and not _holds(store, point):
+            term_due = point.term
         # the query path refuses pages over query_limit_max, which a deployment may set lower
         page = min(limits.subscription_page_events, limits.query_limit_max)
         heartbeat_s = limits.subscription_heartbeat_ms / 1000
         # counted here, not in ``admit``: a response whose body never starts (the client left
         # first) never runs this generator, so its ``finally`` could not give the count back
         self.open += 1
+        # history is read page by page from the store; once a read reached what was visible,
+        # the stream takes each commit's events from the live tail it shares with the others
+        caught_up = False
         try:
             sent_at = time.monotonic()
             while not node.subscriptions_ended:
+                seq = cuts.seq
+                if seq != cuts_seen:
+                    kept = cuts.lowest_since(cuts_seen)
+                    if kept is not None and after > kept:
+                        yield _cut_under(node, kept, after)
+                        return
+                    if seq % 2:  # a cut runs: read nothing until it is done
+                        await asyncio.sleep(0.05)
+                        continue
+                    cuts_seen = seq
                 visible = store.visible_lsn
+                if term_due is not None:
+                    if not _holds(store, point):  # send nothing before it has: wait for more
+                        idle_s = max(0.0, heartbeat_s - (time.monotonic() - sent_at))
+                        if not await node.wait_past(visible, idle_s):
+                            yield []
+                            sent_at = time.monotonic()
+                        continue
+                    if (term := store.term_at(point.lsn)) != term_due:
+                        if cuts.seq == seq:
+                            yield CutNotice(_term_differs(node, point, term))
+                            return
+                        continue
+                    term_due = None
+                if (
+                    caught_up
+                    and visible > after
+                    and (tail := await self.tail.window(after, visible, seq))
+                ):
+                    if cuts.seq != seq:
+                        continue  # read across a cut: maybe records that are gone now
+                    after = tail.hi
+                    if tail.select(flt):
+                        yield SharedPage(tail, flt)
+                        sent_at = time.monotonic()
+                    elif time.monotonic() - sent_at >= heartbeat_s:
+                        yield []
+                        sent_at = time.monotonic()
+                    continue
                 if visible > after:
                     window = dataclasses.replace(flt, from_lsn=after + 1, to_lsn=visible)
                     result = await run_in_threadpool(store.query, window, page)
+                    if cuts.seq != seq:
+                        continue  # read across a cut: maybe records that are gone now
                     # a full page says where it stopped; a short one covered all up to visible
                     after = result.events[-1].lsn if result.next_cursor else visible
+                    caught_up = not result.next_cursor
                     if result.events:
                         yield result.events
                         sent_at = time.monotonic()
@@ -121,13 +286,19 @@ class Subscriptions:
         finally:
             self.open -= 1
 
-    async def frames(self, flt: QueryFilter, after: int) -> AsyncIterator[bytes]:
+    async def frames(
+        self, flt: QueryFilter, point: ResumePoint, cuts_seen: int
+    ) -> AsyncIterator[bytes]:
         """The subscription as Server-Sent Events."""
-        yield b"retry: %d\n: subscribed after lsn %d\n\n" % (RETRY_MS, after)
+        yield b"retry: %d\n: subscribed after lsn %d\n\n" % (RETRY_MS, point.lsn)
         # closed with this generator, wherever it stops: the count must come back at once
-        async with contextlib.aclosing(self.pages(flt, after)) as pages:
+        async with contextlib.aclosing(self.pages(flt, point, cuts_seen)) as pages:
             async for events in pages:
-                if events:
+                if isinstance(events, CutNotice):
+                    yield encode_cut(_encoder.encode(events.error.to_dict()))
+                elif isinstance(events, SharedPage):
+                    yield events.window.sse(events.flt)
+                elif events:
                     for chunk in _chunks(events):
                         yield chunk
                 else:
@@ -138,7 +309,7 @@ def _chunks(events: list[StoredEvent]) -> Iterable[bytes]:
     parts: list[bytes] = []
     size = 0
     for ev in events:
-        frame = encode_event(ev.lsn, _encoder.encode(to_out(ev)))
+        frame = encode_event(ev.lsn, ev.term, _encoder.encode(to_out(ev)))
         parts.append(frame)
         size += len(frame)
         if size >= CHUNK_BYTES:
@@ -156,15 +327,21 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
     subscriptions = Subscriptions(node)
     app.state.subscriptions = subscriptions
     _Text = Annotated[str | None, Query(min_length=1, max_length=limits.entity_id_chars_max)]
+    _Type = Annotated[str | None, Query(min_length=1, max_length=limits.event_type_chars_max)]
 
     @app.get(
         STREAM_PATH,
         summary="Subscribe: matching events from a position, history then live (SSE)",
-        description="Server-Sent Events: each event is `id: <lsn>` and `data: <event JSON>`, in "
-        "lsn order, every matching event exactly once: first the stored history, then live "
-        "as events become visible on this node (a follower sends only what it has applied). "
-        "Reconnect with `Last-Event-ID` (it wins over `from_lsn`) to resume after that lsn. "
-        f"Idle streams get a `: keepalive` comment every {limits.subscription_heartbeat_ms} ms.",
+        description="Server-Sent Events: each event is `id: <lsn>:<term>` and `data: <event "
+        "JSON>`, in lsn order, every matching event exactly once: first the stored history, "
+        "then live as events become visible on this node (a follower sends only what it has "
+        "applied). Reconnect with `Last-Event-ID` (it wins over `from_lsn`; a plain `<lsn>` is "
+        "taken too) to resume after that event. "
+        f"Idle streams get a `: keepalive` comment every {limits.subscription_heartbeat_ms} ms. "
+        "When a failover repair cuts this node's log below what the stream sent, the stream "
+        "ends with an `event: cut` frame (data: a `log_cut` error with `kept_lsn`); a resume "
+        "whose event this log does not hold (another term at that lsn, or past the leader's "
+        "end) is answered 409 `log_cut`.",
         responses={
             200: {"description": "An event stream", "content": {MEDIA_TYPE: {}}},
             "default": {"description": "Error", "content": {_JSON: {}}},
@@ -179,16 +356,18 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
         ] = None,
         tenant_id: _Text = None,
         entity_id: _Text = None,
-        event_type: _Text = None,
-        event_type_prefix: _Text = None,
+        event_type: _Type = None,
+        event_type_prefix: _Type = None,
         last_event_id: Annotated[
             str | None, Header(description="The lsn of the last event received: resume after it")
         ] = None,
     ) -> Response:
         check_position_params(tenant_id, from_position, None)
-        after = max(from_lsn, 1) - 1
+        cuts_seen = store.cuts.seq  # before the check: a cut from here on is seen by the stream
+        point = ResumePoint(max(from_lsn, 1) - 1)
         if last_event_id is not None:
-            after = parse_last_event_id(last_event_id.strip())
+            point = parse_last_event_id(last_event_id.strip())
+            check_resume(node, point)  # ``from_lsn`` is where to start, not what was had
         flt = QueryFilter(
             tenant_id=tenant_id if tenant_id or not entity_id else "default",
             entity_id=entity_id,
@@ -199,7 +378,7 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
         flt = scope_filter(principal_of(request.scope), flt)
         subscriptions.admit()
         return StreamingResponse(
-            subscriptions.frames(flt, after),
+            subscriptions.frames(flt, point, cuts_seen),
             media_type=MEDIA_TYPE,
             # proxies (nginx) must pass each piece on at once, not buffer the stream
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -252,6 +431,14 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
             top = current if to_version is None else min(to_version, current)
             if not backward and events[-1].version + 1 <= top:
                 next_version = events[-1].version + 1
+        media = response_media(request.scope["headers"])
+        if media is Media.MSGPACK:
+            plain = msgspec.structs.asdict(
+                EntityEvents(tenant_id, entity_id, current, direction, [], 0, next_version)
+            )
+            plain["events"] = [to_plain(ev) for ev in events]
+            plain["count"] = len(events)
+            return Response(media.encode(plain), media_type=media.value)
         body = EntityEvents(
             tenant_id,
             entity_id,
@@ -303,6 +490,9 @@ def add_stream_routes(app: FastAPI, node: Node) -> Subscriptions:
         # caller the id is taken, and in which tenant
         if found is None or not principal_of(request.scope).may_use(found.tenant_id):
             raise NotFound(f"no event with id {event_id} on {node.node_id}", event_id=event_id)
+        media = response_media(request.scope["headers"])
+        if media is Media.MSGPACK:
+            return Response(media.encode(to_plain(found)), media_type=media.value)
         return _json(_encoder.encode(to_out(found)))
 
     return subscriptions

@@ -1,8 +1,9 @@
 """The write path of the HTTP API: body in, WAL append, durability receipt out.
 
 A body is read with a size cap, decoded by msgspec into ``EventIn``/``BatchIn`` (no pydantic on
-the way in or out), queued with ``Store.submit`` (which only takes a short lock) and answered
-once the WAL future for its records resolves. ``WriteFastLane`` serves the two append paths
+the way in or out; a msgpack body is first turned into its JSON, see ``media.py``), queued
+with ``Store.submit`` (which only takes a short lock) and answered once the WAL future for its
+records resolves. ``WriteFastLane`` serves the two append paths
 straight from ASGI; the FastAPI routes in ``app.py`` call the same functions.
 """
 
@@ -20,7 +21,9 @@ from walship.errors import IdConflict, LimitExceeded, WalshipError
 from walship.events import EventIn, TrackingIn, decode_batch_json, decode_event_json
 from walship.http.auth import check_tenant, principal_of, route_path
 from walship.http.errors import encode_error
+from walship.http.media import JSON, Media, msgpack_to_json, request_media, response_media
 from walship.http.params import check_names
+from walship.limits import Limits
 from walship.node import Node
 from walship.replication.acks import AckMode
 from walship.store import PendingAppend, Receipt, TrackingReceipt
@@ -28,8 +31,6 @@ from walship.wal.log import WriteOutcome
 
 EVENTS_PATH = "/api/v1/events"
 BATCH_PATH = "/api/v1/events/batch"
-_JSON = "application/json"
-_encoder = msgspec.json.Encoder()
 
 
 class BatchReceipts(msgspec.Struct, omit_defaults=True):
@@ -105,6 +106,12 @@ async def append_pending(
     requested = AckMode.parse(ack_mode) if ack_mode else None
     leader = node.check_writable()
     node.check_ack_mode(requested, leader)
+    # the recovery-point budget: while in-sync followers lag too far, writes wait here,
+    # before the WAL (so a client gone meanwhile left nothing behind)
+    if await leader.lag_budget.admit():
+        # it waited: this node may have been demoted or fenced meanwhile
+        leader = node.check_writable()
+        node.check_ack_mode(requested, leader)
     store = node.store
     if store.would_block():
         # backpressure (checkpoints or the WAL writer behind): wait in a thread, not the loop
@@ -161,24 +168,54 @@ def _check_tenants(principal: Principal, events: Sequence[EventIn]) -> None:
         check_tenant(principal, event.tenant_id)
 
 
+class BodyFormat(msgspec.Struct, frozen=True):
+    """How a write request's body is encoded and how its answer should be."""
+
+    request: Media = Media.JSON
+    response: Media = Media.JSON
+
+    @classmethod
+    def of(cls, scope: Scope) -> BodyFormat:
+        """From ``Content-Type`` and ``Accept``; UnsupportedMediaType (415) for a body type
+        that is neither JSON nor msgpack."""
+        headers = scope.get("headers", ())
+        return cls(request_media(headers), response_media(headers))
+
+    def json_body(self, data: bytes, *, batch: bool, limits: Limits) -> bytes:
+        if self.request is Media.MSGPACK:
+            return msgpack_to_json(data, batch=batch, limits=limits)
+        return data
+
+
+_AS_SENT = BodyFormat()
+
+
 async def answer_event(
-    node: Node, data: bytes, principal: Principal, ack_mode: str | None = None
+    node: Node,
+    data: bytes,
+    principal: Principal,
+    ack_mode: str | None = None,
+    body_format: BodyFormat = _AS_SENT,
 ) -> bytes:
-    """Append the event in a JSON body for ``principal``; the encoded receipt."""
-    event = decode_event_json(data)
+    """Append the event in a body for ``principal``; the encoded receipt."""
+    event = decode_event_json(body_format.json_body(data, batch=False, limits=node.limits))
     pending = await append_for(node, principal, (event,), ack_mode)
-    return _encoder.encode(pending.receipts[0])
+    return body_format.response.encode(pending.receipts[0])
 
 
 async def answer_batch(
-    node: Node, data: bytes, principal: Principal, ack_mode: str | None = None
+    node: Node,
+    data: bytes,
+    principal: Principal,
+    ack_mode: str | None = None,
+    body_format: BodyFormat = _AS_SENT,
 ) -> bytes:
-    """Append the batch in a JSON body for ``principal``, all or nothing; the receipts."""
-    batch = decode_batch_json(data)
+    """Append the batch in a body for ``principal``, all or nothing; the receipts."""
+    batch = decode_batch_json(body_format.json_body(data, batch=True, limits=node.limits))
     pending = await append_for(node, principal, batch.events, ack_mode, batch.tracking)
     receipts = pending.receipts
     lsns = [r.lsn for r in pending.answers]
-    return _encoder.encode(
+    return body_format.response.encode(
         BatchReceipts(receipts, len(receipts), min(lsns), max(lsns), pending.tracking)
     )
 
@@ -206,7 +243,7 @@ def requested_ack_mode(scope: Scope) -> str | None:
 
 
 _WRITE_HANDLERS = {EVENTS_PATH: answer_event, BATCH_PATH: answer_batch}
-_JSON_HEADER = (b"content-type", _JSON.encode())
+_JSON_HEADER = (b"content-type", JSON.encode())
 
 
 class WriteFastLane:
@@ -231,15 +268,19 @@ class WriteFastLane:
         if handler is None:
             await self.app(scope, receive, send)
             return
+        content_type = _JSON_HEADER
         try:
             ack_mode = requested_ack_mode(scope)  # before the body: a bad parameter stores nothing
+            body_format = BodyFormat.of(scope)
             data = await receive_body(scope, receive, self.bytes_max)
             if data is None:
                 return  # the client is gone; nothing was appended
             principal = principal_of(scope)
-            status, content = 200, await handler(self.node, data, principal, ack_mode)
+            content = await handler(self.node, data, principal, ack_mode, body_format)
+            status = 200
+            content_type = (b"content-type", body_format.response.value.encode())
         except WalshipError as exc:
             status, content = exc.http_status, encode_error(exc)
-        headers = [_JSON_HEADER, (b"content-length", str(len(content)).encode())]
+        headers = [content_type, (b"content-length", str(len(content)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})

@@ -1,5 +1,5 @@
-"""Acknowledgement modes, the tracker that waits for a write's own lsn, and the ledger of
-writes committed without the acknowledgements their mode asked for.
+"""Acknowledgement modes, the tracker that waits for a write's own lsn, and the history of
+what this node answered ``replicated`` (the degradation ledger is in ``ledger.py``).
 
 ``AckTracker`` lives on the leader's event loop. Followers' sessions report each durable lsn
 with ``update``; a write waits with ``wait(lsn, ...)`` for its *own* lsn (not "the last
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -21,6 +21,16 @@ import msgspec
 from walship.errors import InvalidInput
 from walship.fsutil import atomic_write
 from walship.limits import QUORUM_FOLLOWERS_MAX
+from walship.replication.ledger import DegradationLedger, LedgerRange
+
+__all__ = [
+    "AckHistory",
+    "AckMode",
+    "AckOutcome",
+    "AckTracker",
+    "DegradationLedger",  # re-exported: the ledger moved to ledger.py
+    "LedgerRange",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,81 +221,6 @@ class AckTracker:
             if not w.future.done():
                 w.future.set_result(reason)
         self._waiters = []
-
-
-class LedgerRange(msgspec.Struct):
-    first_lsn: int
-    last_lsn: int
-    writes: int
-    first_ts_us: int
-    last_ts_us: int
-    reason: str
-
-
-@dataclass
-class DegradationLedger:
-    """Lsn ranges committed without the acknowledgements their mode required; persisted.
-
-    ``record`` changes the ledger in memory; the leader saves it (``encode`` + ``write``, one
-    save covering every record made meanwhile) before the write's answer leaves, so after a
-    crash no write answered ``degraded`` is missing from it.
-    """
-
-    path: Path
-    ranges: list[LedgerRange] = field(default_factory=list)
-    version: int = 0  # bumped by every change; what a save covered is up to its caller
-    saved_version: int = 0
-
-    @classmethod
-    def load(cls, path: Path) -> DegradationLedger:
-        ledger = cls(path)
-        if path.exists():
-            ledger.ranges = msgspec.json.decode(path.read_bytes(), type=list[LedgerRange])
-        return ledger
-
-    @property
-    def degraded_writes(self) -> int:
-        return sum(r.writes for r in self.ranges)
-
-    def record(self, first_lsn: int, last_lsn: int, reason: str, now_us: int) -> None:
-        last = self.ranges[-1] if self.ranges else None
-        if last is not None and first_lsn <= last.last_lsn + 1 and last_lsn >= last.first_lsn:
-            last.first_lsn = min(last.first_lsn, first_lsn)
-            last.last_lsn = max(last.last_lsn, last_lsn)
-            last.writes += 1
-            last.last_ts_us = now_us
-            last.reason = reason
-        else:
-            self.ranges.append(LedgerRange(first_lsn, last_lsn, 1, now_us, now_us, reason))
-        self.version += 1
-
-    def encode(self) -> bytes:
-        """The ledger as saved (take it where ``record`` runs, then ``write`` it anywhere)."""
-        return msgspec.json.encode(self.ranges)
-
-    def write(self, data: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, data)
-
-    def flush(self) -> None:
-        """Save now if anything changed since the last save (same thread as ``record``)."""
-        if self.saved_version != self.version:
-            version = self.version
-            self.write(self.encode())
-            self.saved_version = version
-
-    def to_list(self) -> list[dict[str, object]]:
-        return [msgspec.to_builtins(r) for r in self.ranges]
-
-    def truncate_after(self, lsn: int) -> None:
-        """Forget ranges above ``lsn`` (divergence repair cut those records; the lost-and-found
-        file keeps what the ledger said about them) and persist."""
-        kept = [r for r in self.ranges if r.first_lsn <= lsn]
-        for r in kept:
-            r.last_lsn = min(r.last_lsn, lsn)
-        self.ranges = kept
-        self.version += 1
-        self.flush()
 
 
 class AckHistory:

@@ -28,6 +28,9 @@ class ReplicationConfig:
     max_lag_ms: int = 5_000
     min_in_sync: int = 1
     wal_retention_bytes_max: int = 1 << 30
+    # the recovery-point budget (``lagbudget.py``): writes slow down to keep in-sync
+    # followers within it; 0 turns it off. A node's own setting, not sent to followers
+    max_replication_lag_ms: int = 0
     leader: str | None = None  # HOST:PORT of the leader's replication listener (followers)
     http_url: str | None = None  # this node's advertised HTTP URL (told to followers, peers)
     # what this node publishes as its replication address (``advertise.py``): the bind host
@@ -38,12 +41,20 @@ class ReplicationConfig:
     client_ssl: ssl.SSLContext | None = None
     reconnect_backoff_min_ms: int = 50
     reconnect_backoff_max_ms: int = 5_000
+    # cascading (``cascade.py``): a follower serves snapshots on its replication port; a
+    # follower that needs one asks this serving follower (``HOST:PORT``) first
+    serve_snapshots: bool = False
+    catch_up_from: str | None = None
+    # ship Parquet parts to followers / install the leader's (replication/physical.py)
+    physical_followers: bool = False
 
     def __post_init__(self) -> None:
         if self.on_ack_timeout not in ("degrade", "fail"):
             raise InvalidInput("on-ack-timeout must be degrade or fail", field="on_ack_timeout")
         if self.ack_timeout_ms <= 0 or self.max_lag_ms <= 0 or self.min_in_sync < 0:
             raise InvalidInput("replication timeouts must be positive and min-in-sync >= 0")
+        if self.max_replication_lag_ms < 0:
+            raise InvalidInput("max-replication-lag-ms must be 0 (off) or positive")
 
     def published_address(self, listening_port: int | None) -> str | None:
         """``HOST:PORT`` other nodes reach this node's replication listener at; None when it

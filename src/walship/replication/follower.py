@@ -53,32 +53,35 @@ from walship.errors import (
     invariant,
 )
 from walship.events import now_us
+from walship.replication.cascade import CascadeClient, SnapshotRedirected
 from walship.replication.config import AckSettings, ReplicationConfig
 from walship.replication.divergence import snapshot_divergence
+from walship.replication.handshake import authenticate_to
 from walship.replication.insync import InSyncFile, InSyncRecord, stored_message
 from walship.replication.metrics import ReplicationMetrics
+from walship.replication.physical import PartReceiver
 from walship.replication.protocol import (
     PROTOCOL_VERSION,
+    PROTOCOL_VERSION_PARTS,
     Ack,
     CaughtUp,
-    Challenge,
     Diverged,
     Heartbeat,
-    Hello,
     InSyncSet,
     Message,
+    PartChunk,
+    PartEnd,
+    PartStart,
     Refused,
     SnapshotChunk,
+    SnapshotConfirmed,
     SnapshotEnd,
+    SnapshotRedirect,
     SnapshotStart,
-    Subscribe,
     WalBatch,
     Welcome,
     decode_batch,
-    make_hello_proof,
-    make_nonce,
     stale_term_error,
-    verify_welcome,
 )
 from walship.replication.repair import repair_divergence
 from walship.replication.staging import SnapshotStaging
@@ -238,6 +241,9 @@ class Follower:
         self._stopping = False
         self._stream: MessageStream | None = None
         self._staging: SnapshotStaging | None = None
+        # the leader's Parquet parts, when it ships them (replication/physical.py)
+        self.parts: PartReceiver | None = None
+        self.parts_stats: dict[str, Any] = {}
         self._installing = False  # the snapshot in _staging is whole and being installed
         self._logged_failure: str | None = None  # the last reason logged for a lost link
         self._send_lock = asyncio.Lock()
@@ -260,6 +266,7 @@ class Follower:
         self._newest_ts_us: int | None = None
         self._heard_at: float | None = None  # monotonic time of the leader's last frame
         self._applied = asyncio.Event()
+        self.cascade = CascadeClient(store, config, metrics, node_id)  # ``cascade.py``
 
     def __repr__(self) -> str:
         return (
@@ -311,7 +318,6 @@ class Follower:
     def status(self) -> dict[str, Any]:
         lag_ms = self.lag_ms()
         silence_ms = self.silence_ms()
-        staging = self._staging
         return {
             "leader": self.leader_address,
             "leader_url": self.leader_url,
@@ -325,19 +331,28 @@ class Follower:
             "silence_ms": None if silence_ms is None else round(silence_ms, 3),
             "reconnects": self.reconnects,
             "snapshots_received": self.snapshots_received,
+            "parts": self.parts_status(),
             "frames_rejected": self.frames_rejected,
             "last_error": self.last_error,
             "known_term": self.known_term,
             "repairs": self.repairs,
             "last_repair": self.last_repair,
-            "snapshot": None
-            if staging is None
-            else {
-                "id": staging.snapshot_id,
-                "state": "installing" if self._installing else "receiving",
-                "bytes_done": staging.bytes_done,
-                "bytes_total": staging.bytes_total,
-            },
+            "snapshot": self._snapshot_status(),
+            "snapshot_source": self.cascade.snapshot_source,
+            "snapshot_fallbacks": self.cascade.fallbacks,
+        }
+
+    def _snapshot_status(self) -> dict[str, Any] | None:
+        """The snapshot transfer in progress: from the leader, or from a serving follower."""
+        staging = self._staging
+        if staging is None:
+            return self.cascade.transfer_status(self._installing)
+        return {
+            "id": staging.snapshot_id,
+            "state": "installing" if self._installing else "receiving",
+            "source": "leader",
+            "bytes_done": staging.bytes_done,
+            "bytes_total": staging.bytes_total,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -422,8 +437,11 @@ class Follower:
             self._reached_streaming = False
             self.state = FollowerState.CONNECTING
             diverged: LeaderDiverged | None = None
+            redirected: SnapshotRedirected | None = None
             try:
                 await self._connect_and_follow()
+            except SnapshotRedirected as exc:
+                redirected = exc
             except Exception as exc:
                 if isinstance(exc, LeaderDiverged):
                     diverged = exc
@@ -432,6 +450,12 @@ class Follower:
                 await self._teardown()
             if diverged is not None and await self._repair(diverged):
                 continue  # resubscribe at once from the repaired end of log
+            if redirected is not None:
+                self.state = FollowerState.SNAPSHOT
+                failed = await self.cascade.fetch(redirected, self.known_term)
+                if failed is not None:
+                    self.last_error = failed
+                continue  # back to the leader at once: with a staged snapshot, or without
             if self._reached_streaming or time.monotonic() - started > HEALTHY_CONNECTION_S:
                 self.backoff.reset()
             delay = self.backoff.next_delay()
@@ -531,10 +555,7 @@ class Follower:
         await self._handshake(stream, timeout_s)
         self.connected = True
         self._begin_session()
-        wal = self.store.wal
-        # the durable (or already queued) end of log, re-read from the WAL on every connect
-        subscribe = Subscribe.at(wal.last_position, wal.last_chain, self.config.http_url or "")
-        await self._send(subscribe)
+        await self._send(self.cascade.subscription(self.config.http_url or ""))
         self.state = FollowerState.CATCHING_UP
         self.store.hold_compaction(True)  # until caught up: the replay gets the cores
         try:
@@ -551,20 +572,16 @@ class Follower:
     async def _handshake(self, stream: MessageStream, timeout_s: float) -> Welcome:
         """Hello → Challenge → HelloProof → Welcome; both sides prove the shared secret."""
         assert self.config.secret is not None
-        secret = self.config.secret
-        hello = Hello(
-            PROTOCOL_VERSION, self.config.cluster_id, self.node_id, "follower", make_nonce()
+        version = PROTOCOL_VERSION_PARTS if self.config.physical_followers else PROTOCOL_VERSION
+        welcome = await authenticate_to(
+            stream,
+            self.config.secret,
+            self.config.cluster_id,
+            self.node_id,
+            timeout_s,
+            version=version,
         )
-        await self._send(hello)
-        challenge = await stream.expect(Challenge, timeout_s)
-        await self._send(make_hello_proof(secret, hello, challenge))
-        welcome = await stream.expect(Welcome, timeout_s)
-        try:
-            verify_welcome(secret, hello, challenge, welcome)
-        except AuthenticationError as exc:
-            await stream.refuse(exc.code, exc.message)
-            raise
-        stream.authenticated()
+        self._last_sent = time.monotonic()
         known = max(self.known_term, self.store.wal.terms.current.value)
         stale = stale_term_error(welcome, known)
         if stale is not None:
@@ -575,6 +592,9 @@ class Follower:
         self.leader_url = welcome.leader_url or None
         self._logged_failure = None  # connected: the next failure is news again
         self.leader_node_id = welcome.leader_node_id
+        if welcome.offers_parts:
+            self.parts = PartReceiver(self.store, self.metrics)
+            self.store.parts_from_leader = True  # the leader's parts instead of its own
         if welcome.ack_settings and self._on_settings is not None:
             try:
                 self._on_settings(AckSettings.decode(welcome.ack_settings))
@@ -600,6 +620,7 @@ class Follower:
         self._in_sync_held = None
         self._in_sync_due = None
         self._heard_at = time.monotonic()  # the Welcome just came
+        self.cascade.staged_sent = False
         self.durable_lsn = self.store.wal.written_lsn.value
 
     async def _teardown(self) -> None:
@@ -607,6 +628,7 @@ class Follower:
         install) has finished: the next session must start from what it left."""
         self.connected = False
         self.store.hold_compaction(False)
+        self.store.parts_from_leader = False  # checkpoints and merges are this node's again
         io = self._io
         if io is not None:
             await asyncio.wait({io})
@@ -615,6 +637,10 @@ class Follower:
         if self._staging is not None:
             self._staging.close()  # what is staged stays, for a resume
             self._staging = None
+        if self.parts is not None:
+            self.parts.close()  # a part cut off is not resumed: the next one lines up again
+            self.parts_stats = _add_stats(self.parts_stats, self.parts.status())
+            self.parts = None
         while self._unacked and self._unacked[0].done.done():
             item = self._unacked.popleft()
             if item.done.exception() is None:
@@ -721,13 +747,27 @@ class Follower:
             self._ack_wanted = True
             self._ack_wake.set()
         elif isinstance(msg, SnapshotStart):
+            if self.cascade.staged_sent:
+                self.cascade.drop_staged("the leader sends a snapshot of its own instead")
             await self._on_snapshot_start(msg)
+        elif isinstance(msg, SnapshotConfirmed):
+            await self._install_staged(msg)
+        elif isinstance(msg, SnapshotRedirect):
+            raise SnapshotRedirected(
+                "the leader redirects this follower for a snapshot",
+                sources=list(msg.sources),
+                min_lsn=msg.min_lsn,
+            )
         elif isinstance(msg, SnapshotChunk):
             await self._on_snapshot_chunk(msg)
         elif isinstance(msg, SnapshotEnd):
             await self._on_snapshot_end(msg)
+        elif isinstance(msg, PartStart | PartChunk | PartEnd):
+            await self._on_part(msg)
         elif isinstance(msg, InSyncSet):
             self._on_in_sync(InSyncRecord.from_wire(msg, self.leader_node_id))
+        elif isinstance(msg, Diverged) and self.cascade.staged_sent:
+            raise self.cascade.refused(msg.reason)  # about the staged position, not this log
         elif isinstance(msg, Diverged):
             raise LeaderDiverged(
                 f"this follower's log is not on the leader's history ({msg.reason}); both "
@@ -740,6 +780,26 @@ class Follower:
             raise PeerRefused(f"the leader refused: {msg.message}", refused=msg.code)
         else:
             raise FrameRejected(f"unexpected {type(msg).__name__} from the leader")
+
+    async def _on_part(self, msg: PartStart | PartChunk | PartEnd) -> None:
+        """Stage the leader's part as it arrives, then verify and install it in a worker
+        thread (refused: rebuilt from this node's WAL there); the link goes on either way."""
+        receiver = self.parts
+        if receiver is None:
+            raise FrameRejected(f"{type(msg).__name__} from a leader that did not offer parts")
+        with _rejecting():
+            if isinstance(msg, PartStart):
+                receiver.start(msg)
+            elif isinstance(msg, PartChunk):
+                receiver.chunk(msg)
+            else:
+                part = receiver.end(msg)
+                await self._in_thread(receiver.install, part)
+
+    def parts_status(self) -> dict[str, Any]:
+        """Parts received, installed and refused over every session, this one included."""
+        current = self.parts.status() if self.parts is not None else {}
+        return _add_stats(self.parts_stats, current)
 
     def _leader_heard(self, leader_lsn: int) -> None:
         if self._staging is not None:
@@ -974,6 +1034,7 @@ class Follower:
         await self._in_thread(staging.discard)
         self._staging = None
         self.snapshots_received += 1
+        self.cascade.installed("leader")
         self.metrics.snapshots_received.inc()
         self.durable_lsn = self.store.wal.written_lsn.value
         self.state = FollowerState.CATCHING_UP
@@ -984,6 +1045,37 @@ class Follower:
             staging.snapshot_id,
             manifest.last_lsn,
             len(manifest.parts),
+        )
+
+    async def _install_staged(self, msg: SnapshotConfirmed) -> None:
+        """The leader vouched for the snapshot staged from a serving follower: install it
+        with the leader's term history (not the source's); WAL follows from the leader."""
+        with _rejecting():
+            staged, terms = self.cascade.confirmed(msg)
+        manifest = staged.manifest
+        self._check_snapshot_history(manifest.last_lsn, manifest.chain_bytes, terms)
+        invariant(not self._unacked, "records were applied before the snapshot was installed")
+        self.state = FollowerState.SNAPSHOT
+        self._installing = True
+        try:
+            await self._in_thread(
+                self.store.install_snapshot, staged.staging.files_dir, manifest, terms
+            )
+            await self._in_thread(staged.staging.discard)
+        finally:
+            self._installing = False
+        self.cascade.installed(staged.source)
+        self.snapshots_received += 1
+        self.metrics.snapshots_received.inc()
+        self.durable_lsn = self.store.wal.written_lsn.value
+        self.state = FollowerState.CATCHING_UP
+        self._wake_applied()
+        self._publish()
+        log.info(
+            "replication: installed snapshot %s up to lsn %d from %s (vouched for by the leader)",
+            staged.staging.snapshot_id,
+            manifest.last_lsn,
+            staged.source,
         )
 
     def _check_snapshot_history(
@@ -1018,6 +1110,16 @@ class Follower:
             common_lsn=common_lsn,
             common_term=common_term,
         )
+
+
+def _add_stats(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    out = dict(total)
+    for key, value in more.items():
+        if isinstance(value, int):
+            out[key] = out.get(key, 0) + value
+        elif value is not None:
+            out[key] = value
+    return out
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:

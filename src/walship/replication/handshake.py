@@ -1,4 +1,8 @@
-"""The leader's side of the handshake, and what an unauthenticated peer may hold meanwhile.
+"""Both sides of the handshake, and what an unauthenticated peer may hold meanwhile.
+
+The serving side (``authenticate_follower``) is the leader's, and a follower's that serves
+snapshots (``cascade.py``): the same proof of the shared secret, the same bounds. The asking
+side (``authenticate_to``) is a follower's, towards its leader or a serving follower.
 
 Anyone who can reach the replication port may open a connection; until it proves the shared
 secret it holds a socket, a task and a few KiB of frame buffer (``handshake_frame_bytes_max``,
@@ -12,15 +16,19 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from walship.errors import ProtocolError
+from walship.errors import AuthenticationError, ProtocolError
 from walship.limits import Limits
 from walship.replication.protocol import (
+    PROTOCOL_VERSION,
     Challenge,
     Hello,
     HelloProof,
+    Welcome,
     hello_error,
+    make_hello_proof,
     make_nonce,
     verify_hello_proof,
+    verify_welcome,
 )
 from walship.replication.stream import MessageStream
 
@@ -101,3 +109,30 @@ async def authenticate_follower(
     verify_hello_proof(secret, hello, challenge, proof)
     stream.authenticated()
     return hello, challenge
+
+
+async def authenticate_to(
+    stream: MessageStream,
+    secret: bytes,
+    cluster_id: str,
+    node_id: str,
+    timeout_s: float,
+    *,
+    version: int = PROTOCOL_VERSION,
+) -> Welcome:
+    """Hello → Challenge → HelloProof → Welcome, as a follower: both sides prove the shared
+    secret. AuthenticationError (after refusing the peer) when the Welcome's proof is wrong;
+    on success the stream takes frames up to ``frame_bytes_max``. ``version`` 2
+    (``PROTOCOL_VERSION_PARTS``) asks for the leader's Parquet parts (a ``PartsWelcome``)."""
+    hello = Hello(version, cluster_id, node_id, "follower", make_nonce())
+    await stream.send(hello)
+    challenge = await stream.expect(Challenge, timeout_s)
+    await stream.send(make_hello_proof(secret, hello, challenge))
+    welcome = await stream.expect(Welcome, timeout_s)
+    try:
+        verify_welcome(secret, hello, challenge, welcome)
+    except AuthenticationError as exc:
+        await stream.refuse(exc.code, exc.message)
+        raise
+    stream.authenticated()
+    return welcome

@@ -14,45 +14,37 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import hashlib
 import logging
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import Any
-
-import msgspec
 
 from walship.errors import (
     AuthenticationError,
     Conflict,
-    InvalidInput,
     LimitExceeded,
     NotFound,
     ProtocolError,
     StaleTerm,
-    WaitTimeout,
     WalshipError,
 )
 from walship.events import now_us
-from walship.fsutil import atomic_write
-from walship.replication.acks import (
-    AckHistory,
-    AckMode,
-    AckOutcome,
-    AckTracker,
-    DegradationLedger,
-)
+from walship.replication.acks import AckHistory, AckMode, AckOutcome, AckTracker
 from walship.replication.config import AckSettings, ReplicationConfig
 from walship.replication.divergence import common_point, on_history, term_at
 from walship.replication.handshake import HandshakeGate, HandshakeSlot, authenticate_follower
 from walship.replication.insync import InSyncFile, InSyncPublisher
+from walship.replication.lagbudget import AckRate, LagBudget, held_to_ms
+from walship.replication.ledger import DegradationLedger, LedgerKeeper
 from walship.replication.metrics import ReplicationMetrics
+from walship.replication.physical import OutgoingPart, PartShipper
 from walship.replication.protocol import (
+    REDIRECT_ANY,
+    REDIRECT_NO,
+    SOURCES_MAX,
     WAL_BATCH_OVERHEAD_BYTES,
     Ack,
     CaughtUp,
@@ -60,27 +52,24 @@ from walship.replication.protocol import (
     Heartbeat,
     InSyncStored,
     Refused,
-    SnapshotChunk,
-    SnapshotEnd,
-    SnapshotFile,
+    SnapshotConfirmed,
+    SnapshotRedirect,
     SnapshotResume,
-    SnapshotStart,
     Subscribe,
     WalBatch,
     make_welcome,
 )
+from walship.replication.retention import RetentionForecaster, RetentionSlots, slot_bytes
+from walship.replication.snapshot_send import SnapshotProgress, send_snapshot
 from walship.replication.stream import MessageStream, PeerRefused
+from walship.storage.manifest import CheckpointManifest
+from walship.storage.parquet import PartInfo
 from walship.store import Store
 from walship.wal.cursor import WalCursor, WalGone
 from walship.wal.record import GENESIS_CHAIN
 from walship.wal.segment import SEGMENT_HEADER_BYTES, SegmentHeader
 
 log = logging.getLogger(__name__)
-
-# Well under the allocator's 1 MiB mmap threshold (runtime.py): each chunk is copied a few
-# times on both ends, and buffers of 1 MiB or more are fresh pages every time, faulted in
-# again at each copy. 1 MiB chunks shipped snapshots at ~145 MB/s here, 256 KiB at ~250.
-SNAPSHOT_CHUNK_BYTES = 256 << 10
 
 
 class FollowerState(Enum):
@@ -125,55 +114,6 @@ class LagClock:
         return 0.0 if written is None else max(now_us() - written, 0) / 1000
 
 
-class RetentionSlots:
-    """The last durable lsn of each known follower, persisted, so WAL they need is kept."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.slots: dict[str, int] = {}
-        if path.exists():
-            self.slots = msgspec.json.decode(path.read_bytes(), type=dict[str, int])
-        self._saved = dict(self.slots)
-        self._last_save = 0.0
-
-    def update(self, node_id: str, durable_lsn: int, *, force: bool = False) -> None:
-        self.slots[node_id] = max(durable_lsn, self.slots.get(node_id, 0))
-        if force or time.monotonic() - self._last_save > 1.0:
-            self.save()
-
-    def drop(self, node_id: str) -> None:
-        if self.slots.pop(node_id, None) is not None:
-            self.save()
-
-    def save(self) -> None:
-        if self.slots != self._saved:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.path, msgspec.json.encode(self.slots))
-            self._saved = dict(self.slots)
-        self._last_save = time.monotonic()
-
-
-@dataclass
-class SnapshotProgress:
-    """A snapshot transfer to one follower: ``sending`` until SnapshotEnd is sent, then
-    ``installing`` until the follower acknowledges ``last_lsn`` (it installed the snapshot),
-    when the session drops it."""
-
-    snapshot_id: str
-    bytes_done: int
-    bytes_total: int
-    last_lsn: int
-    sent: bool = False
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "id": self.snapshot_id,
-            "state": "installing" if self.sent else "sending",
-            "bytes_done": self.bytes_done,
-            "bytes_total": self.bytes_total,
-        }
-
-
 IN_SYNC_RETRY_S = 0.5
 """How soon a leader tries again to publish an in-sync set it could not (etcd unreachable)."""
 
@@ -198,6 +138,8 @@ class FollowerSession:
         self.connected_at = time.time()
         self.last_heard = time.monotonic()
         self.snapshot: SnapshotProgress | None = None
+        self.serve_address = ""  # where it serves snapshots to other followers (empty: not)
+        self.ack_rate = AckRate()
         self.close_reason: str | None = None
         self.wake = asyncio.Event()
         self._prev: tuple[int, int, bytes] = (0, 0, GENESIS_CHAIN)
@@ -205,6 +147,7 @@ class FollowerSession:
         self._caught_up_sent = False
         self._in_sync_sent: tuple[int, int] | None = None  # the newest record sent to it
         self._resume: asyncio.Queue[SnapshotResume] = asyncio.Queue(maxsize=1)
+        self.parts: PartShipper | None = None  # a physical follower's (replication/physical)
 
     def __repr__(self) -> str:
         return (
@@ -234,6 +177,8 @@ class FollowerSession:
         }
         if self.snapshot is not None:
             out["snapshot"] = self.snapshot.status()
+        if self.serve_address:
+            out["serves_snapshots"] = self.serve_address
         return out
 
     # ------------------------------------------------------------------ one unit of work
@@ -292,6 +237,9 @@ class FollowerSession:
         )
         slot.release()
         self.node_id = hello.node_id
+        ships_parts = leader.config.physical_followers and hello.protocol_version >= 2
+        if ships_parts:
+            self.parts = PartShipper(leader.store, leader.metrics)
         await stream.send(
             make_welcome(
                 leader.config.secret,
@@ -302,6 +250,7 @@ class FollowerSession:
                 leader_last_lsn=leader.store.wal.written_lsn.value,
                 leader_url=leader.config.http_url or "",
                 ack_settings=AckSettings.of(leader.config).encode(),
+                ships_parts=ships_parts,
             )
         )
         try:
@@ -314,7 +263,9 @@ class FollowerSession:
                     f"follower {hello.node_id} refused this leader: {exc.message}", leader.term + 1
                 )
             raise
-        self.sent_lsn = self.durable_lsn = sub.lsn  # it holds these already
+        # it holds these already (a staged snapshot: once it installed it, before any ack)
+        self.sent_lsn = self.durable_lsn = sub.lsn
+        self.serve_address = sub.serve_address
         leader.note_follower(self.node_id, sub.http_url)
         leader.register(self)
         receiver = asyncio.create_task(self._receive(timeout), name=f"recv-{self.node_id}")
@@ -334,10 +285,13 @@ class FollowerSession:
             return
         next_lsn = decision
         if next_lsn is None:
-            next_lsn = await self._send_snapshot()
-            if next_lsn is None:
+            # a staged snapshot too old for this WAL gets one from here, not another redirect
+            if not sub.staged and await self._redirect(sub):
                 return
+            next_lsn = await self._send_snapshot()
         else:
+            if sub.staged:
+                await self._confirm_staged(sub)
             self._prev = (sub.lsn, sub.term, sub.chain)
         self.sent_lsn = next_lsn - 1
         self._cursor = WalCursor(leader.store.wal, next_lsn)
@@ -361,6 +315,13 @@ class FollowerSession:
                     self._caught_up_sent = True
                     self.state = FollowerState.STREAMING
                     leader.evaluate(self)
+                if self.parts is not None and self.parts.due(self.durable_lsn):
+                    part_msg = await self.parts.next_message(self.durable_lsn)
+                    if part_msg is not None:
+                        # one chunk per turn, between WAL batches: the log never waits
+                        # for a whole part
+                        await self.stream.send(part_msg)
+                        sent = True
                 if sent:
                     continue
                 try:
@@ -377,6 +338,8 @@ class FollowerSession:
         finally:
             if self._cursor is not None:
                 self._cursor.close()
+            if self.parts is not None:
+                self.parts.close()
 
     async def _send_in_sync(self) -> None:
         """The leader's newest in-sync record, when this follower has not been sent it: after
@@ -400,11 +363,14 @@ class FollowerSession:
                         )
                     self.durable_lsn = max(self.durable_lsn, msg.durable_lsn)
                     self.applied_lsn = max(self.applied_lsn, msg.applied_lsn)
+                    self.ack_rate.note(self.durable_lsn, time.monotonic())
                     # the follower acknowledges nothing while it installs: an ack of the
                     # snapshot's end means the install is over, and so is the transfer
                     snapshot = self.snapshot
                     if snapshot and snapshot.sent and self.durable_lsn >= snapshot.last_lsn:
                         self.snapshot = None
+                    if self.parts is not None and self.parts.waiting:
+                        self.wake.set()  # a part may be due now
                     self.leader.on_ack(self)
                 elif isinstance(msg, Heartbeat):
                     if msg.term > self.leader.term:
@@ -435,89 +401,68 @@ class FollowerSession:
             self.close_reason = exc.message
             await self.stream.close()
 
-    async def _send_snapshot(self) -> int | None:
-        """Send the pinned checkpoint; returns the lsn to stream from (S+1)."""
+    async def _send_snapshot(self) -> int:
+        """Send the pinned checkpoint (``snapshot_send.py``); returns the lsn to stream from
+        (S+1). The WAL after S is pinned too, until the transfer ends."""
         leader = self.leader
         store = leader.store
         manifest = store.manifest
-        if manifest.last_lsn == 0:
-            raise InvalidInput("the follower needs a snapshot but none exists yet")
         self.state = FollowerState.SNAPSHOT
         pin_id = id(self)
         leader.pins[pin_id] = manifest.last_lsn + 1
-        pinned = store.pin_parts([p.file for p in manifest.parts])
         try:
-            files: list[tuple[SnapshotFile, Path | bytes]] = []
-            for part in manifest.parts:
-                files.append(
-                    (
-                        SnapshotFile(part.file, part.bytes, bytes.fromhex(part.sha256)),
-                        store.parts_dir / part.file,
-                    )
-                )
-            extra = {
-                "manifest.json": msgspec.json.encode(manifest),
-                "term_history.json": msgspec.json.encode(store.wal.terms.to_list()),
-            }
-            for name, data in extra.items():
-                files.append((SnapshotFile(name, len(data), hashlib.sha256(data).digest()), data))
-            total = sum(f.size for f, _ in files)
-            digest = hashlib.sha256(extra["manifest.json"]).hexdigest()[:16]
-            snapshot_id = f"{manifest.last_lsn:016x}-{digest}"
-            self.snapshot = SnapshotProgress(snapshot_id, 0, total, manifest.last_lsn)
-            await self.stream.send(
-                SnapshotStart(
-                    snapshot_id=snapshot_id,
-                    last_lsn=manifest.last_lsn,
-                    last_term=manifest.last_term,
-                    chain=manifest.chain_bytes,
-                    files=[f for f, _ in files],
-                    total_bytes=total,
-                )
+            await send_snapshot(
+                store,
+                manifest,
+                self.stream,
+                self._resume.get,
+                leader.metrics,
+                self._snapshot_started,
             )
-            timeout = store.limits.read_timeout_ms / 1000
-            try:
-                async with asyncio.timeout(timeout):
-                    resume = await self._resume.get()
-            except TimeoutError as exc:
-                raise WaitTimeout("the follower did not answer SnapshotStart") from exc
-            if resume.snapshot_id != snapshot_id or resume.file_index > len(files):
-                raise ProtocolError("SnapshotResume names another snapshot or file")
-            done = sum(f.size for f, _ in files[: resume.file_index]) + resume.offset
-            self.snapshot.bytes_done = done
-            for index in range(resume.file_index, len(files)):
-                meta, source = files[index]
-                offset = resume.offset if index == resume.file_index else 0
-                if offset > meta.size:
-                    raise ProtocolError("SnapshotResume offset is past the end of the file")
-                while offset < meta.size or (meta.size == 0 and offset == 0):
-                    size = min(SNAPSHOT_CHUNK_BYTES, meta.size - offset)
-                    data = (
-                        source[offset : offset + size]
-                        if isinstance(source, bytes)
-                        else await asyncio.to_thread(_read_chunk, source, offset, size)
-                    )
-                    await self.stream.send(SnapshotChunk(index, offset, data))
-                    offset += size
-                    self.snapshot.bytes_done += size
-                    leader.metrics.snapshot_bytes.inc(size)
-                    if meta.size == 0:
-                        break
-            # before the send: its drain may let the follower's ack of the install in first
-            self.snapshot.sent = True
-            await self.stream.send(SnapshotEnd(snapshot_id))
-            leader.metrics.snapshots_sent.inc()
-            self._prev = (manifest.last_lsn, manifest.last_term, manifest.chain_bytes)
-            return manifest.last_lsn + 1
         finally:
             leader.pins.pop(pin_id, None)
-            store.unpin_parts(pinned)
+        self._prev = (manifest.last_lsn, manifest.last_term, manifest.chain_bytes)
+        return manifest.last_lsn + 1
 
+    def _snapshot_started(self, progress: SnapshotProgress) -> None:
+        self.snapshot = progress
 
-def _read_chunk(path: Path, offset: int, size: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
+    async def _redirect(self, sub: Subscribe) -> bool:
+        """Send a follower that needs a snapshot to caught-up followers that serve them,
+        when it takes redirects; True when it was redirected (the session then ends)."""
+        if sub.redirect == REDIRECT_NO:
+            return False
+        leader = self.leader
+        sources = leader.snapshot_sources(self.node_id)
+        if not sources and sub.redirect != REDIRECT_ANY:
+            return False
+        min_lsn = leader.store.wal.first_lsn().value - 1
+        await self.stream.send(SnapshotRedirect(term=leader.term, sources=sources, min_lsn=min_lsn))
+        leader.metrics.snapshots_redirected.inc()
+        self.close_reason = f"redirected for a snapshot to {', '.join(sources) or 'its own source'}"
+        log.info(
+            "replication: %s needs a snapshot: redirected to %s (it must reach lsn %d)",
+            self.node_id,
+            ", ".join(sources) or "the source it names itself",
+            min_lsn,
+        )
+        return True
+
+    async def _confirm_staged(self, sub: Subscribe) -> None:
+        """Vouch for a snapshot the follower fetched from another follower and has not
+        installed (``locate`` found this very record -- term and chain -- in this log, and
+        the WAL after it): the follower installs it with this leader's term history."""
+        leader = self.leader
+        await self.stream.send(
+            SnapshotConfirmed(
+                term=leader.term,
+                lsn=sub.lsn,
+                last_term=sub.term,
+                chain=sub.chain,
+                term_history=leader.store.wal.terms.to_list(),
+            )
+        )
+        leader.metrics.snapshots_confirmed.inc()
 
 
 class Leader:
@@ -540,13 +485,19 @@ class Leader:
         self.tracker = AckTracker()
         self.lag_clock = LagClock()
         repl_dir = store.data_dir / "replication"
-        self.ledger = DegradationLedger.load(repl_dir / "degraded.json")
-        self._ledger_lock = asyncio.Lock()  # one save at a time; waiters share the next one
-        self._publish_ledger()
+        self.ledger_keeper = LedgerKeeper(repl_dir / "degraded.json", metrics)
         self.acks = AckHistory(repl_dir / "acks.json")
         self.fenced: str | None = None  # why this leader stopped taking writes (deposed)
         self.fenced_term = 0
         self.slots = RetentionSlots(repl_dir / "slots.json")
+        self.lag_budget = LagBudget(
+            config.max_replication_lag_ms, config.max_lag_ms, metrics, self.in_sync_lag_ms
+        )
+        self.retention = RetentionForecaster(
+            config.wal_retention_bytes_max,
+            metrics,
+            warn_s=store.limits.retention_exhaustion_warn_ms / 1000,
+        )
         self.sessions: dict[str, FollowerSession] = {}
         self.pins: dict[int, int] = {}
         self._server: asyncio.Server | None = None
@@ -570,6 +521,10 @@ class Leader:
     @property
     def term(self) -> int:
         return self.store.wal.terms.current.value
+
+    @property
+    def ledger(self) -> DegradationLedger:
+        return self.ledger_keeper.ledger
 
     def fence(self, reason: str, term: int = 0) -> None:
         """Stop taking writes for good: a newer term exists, so this leader was deposed.
@@ -617,6 +572,8 @@ class Leader:
         # records written before this start count as written now (lag is measured from here)
         self.lag_clock.written(self.store.wal.written_lsn.value)
         self.store.wal.add_listener(self._on_wal_commit)
+        if self.config.physical_followers:
+            self.store.on_part = self._on_part
         if self.config.secret is None:
             log.warning("replication listener disabled: no shared secret configured")
         else:
@@ -647,6 +604,8 @@ class Leader:
 
     async def stop(self) -> None:
         self.store.wal.remove_listener(self._on_wal_commit)
+        if self.store.on_part == self._on_part:
+            self.store.on_part = None
         if self._server is not None:
             self._server.close()
         for task in (self._monitor, self._publisher):
@@ -663,8 +622,7 @@ class Leader:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
         self.tracker.fail_all("leader stopping")
-        async with self._ledger_lock:
-            self.ledger.flush()
+        await self.ledger_keeper.flush()
         self.acks.flush()
         self.slots.save()
 
@@ -675,6 +633,30 @@ class Leader:
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._wake_sessions)
+
+    def _on_part(
+        self, kind: str, info: PartInfo, replaces: list[PartInfo], manifest: CheckpointManifest
+    ) -> None:
+        """A checkpoint or merge thread made a part: queue it for every physical follower."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        part = OutgoingPart.of(kind, info, replaces, manifest)
+        pinned = self.store.pin_parts([info.file])  # until each session pinned it for itself
+
+        def offer() -> None:
+            try:
+                for session in self.sessions.values():
+                    if session.parts is not None:
+                        session.parts.offer(part)
+                        session.wake.set()
+            finally:
+                self.store.unpin_parts(pinned)
+
+        try:
+            loop.call_soon_threadsafe(offer)
+        except RuntimeError:
+            self.store.unpin_parts(pinned)
 
     def _wake_sessions(self) -> None:
         for session in self.sessions.values():
@@ -814,6 +796,18 @@ class Leader:
             self.metrics.followers.set(len(self.sessions))
             self.metrics.set_follower(session.node_id, None)
 
+    def snapshot_sources(self, asking: str) -> list[str]:
+        """Where a follower that needs a snapshot can fetch it instead of from here: the
+        serving addresses of followers in the in-sync set (caught up, lag under
+        ``max_lag_ms``), least lagging first; never ``asking`` itself."""
+        ready = [
+            s
+            for s in self.sessions.values()
+            if s.serve_address and s.node_id != asking and s.in_sync
+        ]
+        ready.sort(key=lambda s: s.lag_records())
+        return [s.serve_address for s in ready][:SOURCES_MAX]
+
     def known_followers(self) -> set[str]:
         """Every follower this leader knows: connected, or holding a retention slot (which
         persists until ``forget_follower``)."""
@@ -846,6 +840,20 @@ class Leader:
         self.tracker.update(session.node_id, session.durable_lsn)
         self.slots.update(session.node_id, session.durable_lsn)
         self.evaluate(session)
+        self.lag_budget.acked()
+
+    def in_sync_lag_ms(self) -> float:
+        """The lag the in-sync followers are held to by the lag budget: the highest of
+        their lags, or of the lags their backlogs will make (0 with none in sync)."""
+        now = time.monotonic()
+        return max(
+            (
+                held_to_ms(s.lag_ms(), s.lag_records(), s.ack_rate.per_s(now))
+                for s in self.sessions.values()
+                if s.in_sync
+            ),
+            default=0.0,
+        )
 
     def evaluate(self, session: FollowerSession) -> None:
         """Let ``session`` join or leave the in-sync set by its state and lag; publish it."""
@@ -869,12 +877,40 @@ class Leader:
         self.metrics.set_follower(session.node_id, session)
 
     async def _monitor_in_sync(self) -> None:
+        reported: str | None = None  # the last failure of the reports, logged once
         while True:
             await asyncio.sleep(0.05)
             self.acks.flush_due()
             for session in list(self.sessions.values()):
                 self.evaluate(session)
             self.metrics.in_sync.set(len(self.tracker.in_sync))
+            try:
+                await self.ledger_keeper.heal(self.durable_positions(), self.followers_needed())
+                self.retention.sample(
+                    dict(self.slots.slots),
+                    self.store.wal.written_lsn.value,
+                    self.store.wal.segment_infos(),
+                    time.monotonic(),
+                )
+            except Exception as exc:  # reports only: the in-sync set above must go on
+                if str(exc) != reported:
+                    reported = str(exc)
+                    log.exception("replication: ledger healing or retention forecast failed")
+
+    def durable_positions(self) -> dict[str, int]:
+        """The durable lsn of every known follower: connected (its last ack) or not (its
+        retention slot keeps the last one it acknowledged)."""
+        durable = dict(self.slots.slots)
+        for node_id, lsn in self.tracker.followers.items():
+            durable[node_id] = max(lsn, durable.get(node_id, 0))
+        return durable
+
+    def followers_needed(self) -> int:
+        """How many followers must hold a write for it not to be at risk: as many as the ack
+        mode asks of a write (``sync``: the in-sync floor), at least ``--min-in-sync``, and
+        at least one."""
+        mode, floor = self.config.ack_mode, self.config.min_in_sync
+        return max(mode.followers_asked(floor), floor, 1)
 
     async def _publish_in_sync(self) -> None:
         """Hand out a new in-sync record whenever the set changes (one at a time; a failed
@@ -905,12 +941,9 @@ class Leader:
         """The lowest lsn a follower or a snapshot transfer still needs from the WAL."""
         # called from the checkpointer thread: work on copies of loop-owned dicts
         needs = list(dict(self.pins).values())
-        wal_bytes = {first: size for first, _, size in self.store.wal.segment_infos()}
-        firsts = sorted(wal_bytes)
+        segments = self.store.wal.segment_infos()
         for node_id, durable in dict(self.slots.slots).items():
-            # bytes of WAL from this follower's position to the end
-            i = max(bisect.bisect_right(firsts, durable + 1) - 1, 0)
-            behind = sum(wal_bytes[f] for f in firsts[i:])
+            behind = slot_bytes(segments, durable)  # WAL from this follower's position on
             if behind <= self.config.wal_retention_bytes_max:
                 needs.append(durable + 1)
             else:
@@ -934,35 +967,8 @@ class Leader:
         return outcome
 
     async def record_degraded(self, first_lsn: int, last_lsn: int, reason: str) -> None:
-        """Add the range to the ledger and save it before the write's answer leaves.
-
-        Saves run in a worker thread, one at a time, and a save covers every range recorded
-        before it began: under a burst of degraded writes, one file write answers many. The
-        save is shielded: a request cancelled meanwhile (its client gone) neither stops it
-        nor lets the next save start while its thread still writes the file. A save that
-        fails is logged and counted; the answer still says ``degraded``, and the next save
-        (or the leader's stop) writes the range.
-        """
-        self.ledger.record(first_lsn, last_lsn, reason, now_us())
-        self._publish_ledger()
-        await asyncio.shield(self._save_ledger(self.ledger.version))
-
-    async def _save_ledger(self, wanted: int) -> None:
-        async with self._ledger_lock:
-            if self.ledger.saved_version >= wanted:
-                return  # a save that began after this record covered it
-            version, data = self.ledger.version, self.ledger.encode()
-            try:
-                await asyncio.to_thread(self.ledger.write, data)
-            except OSError as exc:
-                self.metrics.ledger_save_failures.inc()
-                log.error("replication: could not save the degradation ledger: %s", exc)
-                return
-            self.ledger.saved_version = max(self.ledger.saved_version, version)
-
-    def _publish_ledger(self) -> None:
-        self.metrics.degraded_writes.set(self.ledger.degraded_writes)
-        self.metrics.degraded_ranges.set(len(self.ledger.ranges))
+        """Add the range to the ledger and save it before the write's answer leaves."""
+        await self.ledger_keeper.record(first_lsn, last_lsn, reason)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -973,9 +979,8 @@ class Leader:
             "in_sync_count": len(self.tracker.in_sync),
             "in_sync_set": self.insync.status(),
             "min_in_sync": self.config.min_in_sync,
-            "degraded": {
-                "writes": self.ledger.degraded_writes,
-                "ranges": len(self.ledger.ranges),
-            },
+            "degraded": self.ledger_keeper.summary(),
             "retention_slots": dict(self.slots.slots),
+            "retention": self.retention.status(),
+            "lag_budget": self.lag_budget.status(),
         }

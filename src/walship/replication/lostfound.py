@@ -59,6 +59,8 @@ def lost_record(ev: StoredEvent, acknowledged: str, source: str) -> LostRecord:
         "payload": out.payload,
         "metadata": out.metadata,
     }
+    if out.payload_encoding is not None:  # binary: base64 text, said so, as the API answers
+        fields["payload_encoding"] = out.payload_encoding
     return LostRecord(ev.lsn, ev.term, acknowledged, source, msgspec.Raw(_encoder.encode(fields)))
 
 

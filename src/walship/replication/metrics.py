@@ -59,6 +59,25 @@ class ReplicationMetrics:
         self.shipped_records = counter("shipped_records", "WAL records sent to followers")
         self.snapshots_sent = counter("snapshots_sent", "Snapshots sent to followers")
         self.snapshot_bytes = counter("snapshot_bytes", "Snapshot bytes sent")
+        self.snapshots_redirected = counter(
+            "snapshots_redirected",
+            "Leader: followers needing a snapshot sent to a serving follower instead",
+        )
+        self.snapshots_confirmed = counter(
+            "snapshots_confirmed",
+            "Leader: snapshots fetched from a serving follower that it vouched for",
+        )
+        # physical followers (replication/physical.py)
+        self.parts_sent = counter("parts_sent", "Parquet parts shipped to followers")
+        self.part_bytes_sent = counter("part_bytes_sent", "Parquet part bytes shipped")
+        self.parts_received = counter("parts_received", "Parquet parts received from the leader")
+        self.parts_installed = counter("parts_installed", "Leader's parts verified and installed")
+        self.parts_refused = counter(
+            "parts_refused", "Leader's parts that failed verification (rebuilt from the WAL)"
+        )
+        self.part_bytes_received = counter(
+            "part_bytes_received", "Parquet part bytes received from the leader"
+        )
         self.auth_failures = counter("auth_failures", "Connections refused by authentication")
         self.handshakes_refused = counter(
             "handshakes_refused",
@@ -74,10 +93,32 @@ class ReplicationMetrics:
             "Degradation ledger saves that failed (the next save writes what they missed)",
         )
         self.degraded_ranges = gauge("degraded_ranges", "Lsn ranges in the degradation ledger")
+        self.at_risk_writes = gauge(
+            "at_risk_writes",
+            "Degraded writes not yet held by as many followers as the ack mode asks: lost "
+            "with the leader (persisted with the ledger)",
+        )
+        self.at_risk_ranges = gauge(
+            "at_risk_ranges", "Lsn ranges of the degradation ledger still at risk"
+        )
         self.ack_wait_seconds = Histogram(
             "walship_replication_ack_wait_seconds",
             "Time writes waited for follower acknowledgements",
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 1.0, 5.0),
+            registry=registry,
+        )
+        self.lag_budget_seconds = gauge(
+            "lag_budget_seconds",
+            "--max-replication-lag-ms: writes slow down to keep in-sync followers within it "
+            "(0: off)",
+        )
+        self.lag_budget_waiting = gauge(
+            "lag_budget_waiting", "Writes held back now by the replication lag budget"
+        )
+        self.lag_budget_wait_seconds = Histogram(
+            "walship_replication_lag_budget_wait_seconds",
+            "How long writes the replication lag budget held back waited",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=registry,
         )
         self.fenced = gauge("fenced", "1 while this node is a fenced (deposed) leader")
@@ -88,6 +129,21 @@ class ReplicationMetrics:
         )
         self.max_lag_seconds = gauge(
             "max_lag_seconds", "--max-lag-ms: a follower further behind leaves the in-sync set"
+        )
+        self.follower_retention_bytes = gauge(
+            "follower_retention_bytes",
+            "WAL bytes the leader keeps for the follower (its retention slot, connected or not)",
+            "node_id",
+        )
+        self.follower_retention_exhaustion_seconds = gauge(
+            "follower_retention_exhaustion_seconds",
+            "When the follower's retention slot reaches the retention cap at the current ingest "
+            "rate and lag (+Inf while its lag does not grow; 0 at the cap)",
+            "node_id",
+        )
+        self.retention_bytes_max = gauge(
+            "retention_bytes_max",
+            "--wal-retention-bytes-max: a slot past it no longer holds WAL back (snapshot)",
         )
         self.retention_slots = gauge(
             "retention_slots",
@@ -110,6 +166,15 @@ class ReplicationMetrics:
         self.applied_lsn = gauge("applied_lsn", "Follower: highest lsn applied")
         self.leader_lsn = gauge(
             "leader_lsn", "Follower: the leader's last lsn, as last heard from it"
+        )
+        self.snapshots_from_followers = counter(
+            "snapshots_from_followers",
+            "Follower: snapshots installed that a serving follower sent (not the leader)",
+        )
+        self.snapshot_fallbacks = counter(
+            "snapshot_fallbacks",
+            "Follower: redirects for a snapshot given up (no source served one the leader "
+            "vouched for): the next one comes from the leader",
         )
         self.snapshots_received = counter(
             "snapshots_received", "Follower: snapshots received and installed"

@@ -33,6 +33,11 @@ Message flow (F = follower, L = leader)::
     F ◀── Diverged(common_term, common_lsn)          F truncates, lost-and-found, resubscribes
     F ◀── SnapshotStart, SnapshotChunk…, SnapshotEnd  F installs S, then WAL from S+1
     F ◀── WalBatch… CaughtUp WalBatch…                catch-up from disk, then live tail
+    F ◀── SnapshotRedirect(sources, min_lsn)          F fetches the snapshot from a serving
+                                                      follower (same handshake, Subscribe,
+                                                      SnapshotStart…End), then subscribes here
+                                                      with ``staged``; L vouches with
+    F ◀── SnapshotConfirmed(lsn, term, chain, terms)  and WAL follows from lsn + 1
     all along
     F ── Ack(durable_lsn, applied_lsn) ──▶ L          F ◀── Heartbeat(term, …) ──▶ L
     F ◀── InSyncSet(term, version, lsn, members)      when the in-sync set changes
@@ -78,6 +83,11 @@ from walship.wal.record import (
 )
 
 PROTOCOL_VERSION: Final = 1
+# A follower that takes the leader's Parquet parts (``PartStart``/``PartChunk``/``PartEnd``)
+# says version 2 in its Hello; a leader that does not know it refuses the Hello cleanly, and a
+# version-1 follower is never sent a part.
+PROTOCOL_VERSION_PARTS: Final = 2
+SUPPORTED_VERSIONS: Final = (PROTOCOL_VERSION, PROTOCOL_VERSION_PARTS)
 SECRET_ENV: Final = "WALSHIP_REPLICATION_SECRET"  # noqa: S105 (a variable name)
 NONCE_BYTES: Final = 32
 PROOF_BYTES: Final = hashlib.sha256().digest_size
@@ -151,6 +161,25 @@ class Welcome(_Wire, frozen=True):
     leader_url: Annotated[str, msgspec.Meta(max_length=URL_BYTES_MAX)] = ""
     ack_settings: Annotated[str, msgspec.Meta(max_length=SETTINGS_BYTES_MAX)] = ""
 
+    @property
+    def offers_parts(self) -> bool:
+        """The leader will ship its Parquet parts (``PartsWelcome``)."""
+        return False
+
+
+class PartsWelcome(Welcome, frozen=True):
+    """L→F (protocol v2): ``Welcome`` from a leader that will ship its Parquet parts.
+
+    A message of its own (not a field added to Welcome, whose array a version-1 follower
+    decodes with no room for more): only ever sent to a follower that said version 2, and
+    the offer is under the leader's proof like the rest."""
+
+    ships_parts: bool = True
+
+    @property
+    def offers_parts(self) -> bool:
+        return self.ships_parts
+
 
 class Refused(_Wire, frozen=True):
     """Either way: a plain refusal; ``code`` is a walship error code. The sender then closes."""
@@ -167,19 +196,43 @@ class Refused(_Wire, frozen=True):
         return error_class_for(self.code)(f"refused by peer: {self.message}", refused=self.code)
 
 
+REDIRECT_NO: Final = 0
+"""Subscribe.redirect: send the snapshot yourself (what followers before cascading expect)."""
+REDIRECT_AUTO: Final = 1
+"""Subscribe.redirect: redirect me to a caught-up follower that serves snapshots, if any."""
+REDIRECT_ANY: Final = 2
+"""Subscribe.redirect: redirect me even when you know none: I have a source of my own."""
+SOURCES_MAX: Final = 16  # snapshot sources named in one SnapshotRedirect
+
+
 class Subscribe(_Wire, frozen=True):
     """F→L: the follower's durable end of log ``(term, lsn)`` and the chain hash there, and
     its advertised HTTP URL (empty: unknown), which the leader keeps to ask before it takes
-    writes again after a restart (``leadership.py``)."""
+    writes again after a restart (``leadership.py``).
+
+    Cascading (``cascade.py``) adds, all trailing with defaults (so this leader reads a
+    Subscribe from a follower before them; a leader before them refuses theirs, hence leaders
+    are upgraded first): ``redirect`` (one of the
+    ``REDIRECT_*``: may the leader answer ``SnapshotRedirect`` instead of sending a snapshot),
+    ``serve_address`` (``HOST:PORT`` where this follower serves snapshots; empty: it does not),
+    ``staged`` (the position is a snapshot fetched from another follower and not installed:
+    the leader must vouch for it, ``SnapshotConfirmed``, or refuse) and ``snapshot_min_lsn``
+    (to a serving follower: the snapshot must reach at least this lsn)."""
 
     term: U64
     lsn: U64
     chain: Chain
     http_url: Annotated[str, msgspec.Meta(max_length=URL_BYTES_MAX)] = ""
+    redirect: Annotated[int, msgspec.Meta(ge=0, le=REDIRECT_ANY)] = REDIRECT_NO
+    serve_address: Annotated[str, msgspec.Meta(max_length=URL_BYTES_MAX)] = ""
+    staged: bool = False
+    snapshot_min_lsn: U64 = 0
 
     @classmethod
-    def at(cls, position: Position, chain: bytes, http_url: str = "") -> Subscribe:
-        return cls(term=int(position.term), lsn=int(position.lsn), chain=chain, http_url=http_url)
+    def at(cls, position: Position, chain: bytes, http_url: str = "", **more: Any) -> Subscribe:
+        return cls(
+            term=int(position.term), lsn=int(position.lsn), chain=chain, http_url=http_url, **more
+        )
 
     @property
     def position(self) -> Position:
@@ -247,6 +300,31 @@ class SnapshotEnd(_Wire, frozen=True):
     """L→F: every chunk of the snapshot was sent; verify sha256s, install, stream from S+1."""
 
     snapshot_id: Ident
+
+
+class SnapshotRedirect(_Wire, frozen=True):
+    """L→F: fetch the snapshot from one of ``sources`` (caught-up followers' replication
+    addresses, in order of preference); it must reach at least ``min_lsn`` for the leader to
+    go on from its WAL. Then subscribe again with the staged position (``Subscribe.staged``)."""
+
+    term: U64
+    sources: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=URL_BYTES_MAX)]],
+        msgspec.Meta(max_length=SOURCES_MAX),
+    ]
+    min_lsn: U64
+
+
+class SnapshotConfirmed(_Wire, frozen=True):
+    """L→F, the answer to a staged Subscribe: the leader's record ``lsn`` has this term and
+    chain (it checked them), and its term history up to there; the follower installs the
+    staged snapshot with this history and WAL follows from ``lsn + 1``."""
+
+    term: U64
+    lsn: U64
+    last_term: U64
+    chain: Chain
+    term_history: list[tuple[U64, U64]]  # bounded by the frame size
 
 
 class CaughtUp(_Wire, frozen=True):
@@ -348,6 +426,46 @@ class InSyncStored(_Wire, frozen=True):
     version: U64
 
 
+PART_INFO_BYTES_MAX: Final = 1 << 20
+PartKind = Literal["checkpoint", "merge"]
+
+
+class PartStart(_Wire, frozen=True):
+    """L→F (protocol v2): one Parquet part of the leader's, its bytes follow in ``PartChunk``s.
+
+    ``info`` is the leader's ``PartInfo`` as JSON (file name, lsn range, rows, size, sha256);
+    ``kind`` says whether it is a checkpoint (appended after the follower's parts, covering
+    up to ``last_term``/``chain`` at its last lsn) or a merge replacing the parts named in
+    ``replaces`` (their ``PartInfo``s as JSON, which the follower must hold exactly).
+    ``consumers`` is the checkpoint manifest's consumer table as JSON. Sent only after the
+    follower acked the part's last lsn; nothing in it is trusted before it is verified
+    against the follower's own WAL (``replication/physical.py``).
+    """
+
+    kind: PartKind
+    info: Annotated[bytes, msgspec.Meta(max_length=PART_INFO_BYTES_MAX)]
+    last_term: U64
+    chain: Chain
+    replaces: Annotated[bytes, msgspec.Meta(max_length=PART_INFO_BYTES_MAX)] = b"[]"
+    consumers: Annotated[bytes, msgspec.Meta(max_length=PART_INFO_BYTES_MAX)] = b"[]"
+
+
+class PartChunk(_Wire, frozen=True):
+    """L→F: ``data`` of the part in transfer at ``offset`` (chunks come in order)."""
+
+    offset: U64
+    data: bytes
+
+    def __repr__(self) -> str:
+        return f"PartChunk(offset={self.offset}, data=<{len(self.data)} bytes>)"
+
+
+class PartEnd(_Wire, frozen=True):
+    """L→F: every chunk of part ``file`` was sent: verify, then install or refuse it."""
+
+    file: FileName
+
+
 # A message's type byte is its 1-based position in this union: never reorder, only append.
 Message: TypeAlias = (
     Hello
@@ -367,6 +485,12 @@ Message: TypeAlias = (
     | SnapshotResume
     | InSyncSet
     | InSyncStored
+    | SnapshotRedirect
+    | SnapshotConfirmed
+    | PartStart
+    | PartChunk
+    | PartEnd
+    | PartsWelcome
 )
 
 
@@ -423,7 +547,7 @@ def encode_parts(
     the caller's own bytes object: a leader shipping a batch to each follower copied it twice
     per follower otherwise (into the frame, then out of the bytearray), ~1 MB per 1,000 events.
     """
-    if not isinstance(msg, WalBatch | SnapshotChunk):
+    if not isinstance(msg, WalBatch | SnapshotChunk | PartChunk):
         return [encode(msg, frame_bytes_max)]
     fields = msgspec.structs.astuple(msg)
     bulk: bytes = fields[-1]
@@ -599,11 +723,11 @@ def _decode_frame(buf: bytearray | memoryview, pos: int, size: int) -> Message:
 
 def hello_error(hello: Hello, cluster_id: str) -> ProtocolError | None:
     """Why the leader must refuse ``hello`` (wrong version or cluster); None when it may go on."""
-    if hello.protocol_version != PROTOCOL_VERSION:
+    if hello.protocol_version not in SUPPORTED_VERSIONS:
         return ProtocolError(
             f"protocol version {hello.protocol_version} is not supported; this node speaks "
-            f"version {PROTOCOL_VERSION}",
-            supported=[PROTOCOL_VERSION],
+            f"versions {', '.join(map(str, SUPPORTED_VERSIONS))}",
+            supported=list(SUPPORTED_VERSIONS),
         )
     if hello.cluster_id != cluster_id:
         return ProtocolError(
@@ -615,10 +739,12 @@ def hello_error(hello: Hello, cluster_id: str) -> ProtocolError | None:
 def stale_term_error(msg: Message, known_term: int) -> StaleTerm | None:
     """A StaleTerm error when ``msg`` comes from a lower term than ``known_term`` (fencing).
 
-    The sender's term is in Welcome, WalBatch, CaughtUp, Heartbeat and InSyncSet; other
-    messages pass.
+    The sender's term is in Welcome, WalBatch, CaughtUp, Heartbeat, InSyncSet and
+    SnapshotRedirect; other messages pass.
     """
-    if not isinstance(msg, Welcome | WalBatch | CaughtUp | Heartbeat | InSyncSet):
+    if not isinstance(
+        msg, Welcome | WalBatch | CaughtUp | Heartbeat | InSyncSet | SnapshotRedirect
+    ):
         return None
     term = msg.term
     if term < known_term:
@@ -677,11 +803,14 @@ def server_proof(
     term: int,
     leader_url: str = "",
     ack_settings: str = "",
+    ships_parts: bool = False,
 ) -> bytes:
     """The leader's proof: another label (no replay of one for the other), binds id, term,
-    the URL it gives for writes and the ack settings it passes on."""
+    the URL it gives for writes, the ack settings it passes on and whether it ships parts
+    (bound only when it does, so a version-1 proof is unchanged)."""
     parts = (client_nonce, server_nonce, cluster_id, node_id, leader_node_id, term, leader_url)
-    return _mac(secret, _LEADER_LABEL, *parts, ack_settings)
+    more = (b"ships parts",) if ships_parts else ()
+    return _mac(secret, _LEADER_LABEL, *parts, ack_settings, *more)
 
 
 def verify_proof(expected: bytes, proof: bytes, who: str) -> None:
@@ -715,10 +844,20 @@ def make_welcome(
     leader_last_lsn: int,
     leader_url: str = "",
     ack_settings: str = "",
+    ships_parts: bool = False,
 ) -> Welcome:
-    """Leader side, once the follower's proof verified: Welcome with the leader's own proof."""
+    """Leader side, once the follower's proof verified: Welcome with the leader's own proof.
+    ``ships_parts`` only for a follower that said version 2."""
+    invariant(
+        not ships_parts or hello.protocol_version >= PROTOCOL_VERSION_PARTS,
+        "parts offered to a version-1 follower",
+    )
     handshake = _handshake(hello, challenge)
-    proof = server_proof(secret, *handshake, leader_node_id, term, leader_url, ack_settings)
+    proof = server_proof(
+        secret, *handshake, leader_node_id, term, leader_url, ack_settings, ships_parts
+    )
+    if ships_parts:
+        return PartsWelcome(leader_node_id, term, leader_last_lsn, proof, leader_url, ack_settings)
     return Welcome(leader_node_id, term, leader_last_lsn, proof, leader_url, ack_settings)
 
 
@@ -732,6 +871,7 @@ def verify_welcome(secret: bytes, hello: Hello, challenge: Challenge, welcome: W
         welcome.term,
         welcome.leader_url,
         welcome.ack_settings,
+        welcome.offers_parts,
     )
     verify_proof(expected, welcome.leader_proof, f"leader {welcome.leader_node_id!r}")
 

@@ -85,9 +85,12 @@ def repair_divergence(store: Store, common_term: int, common_lsn: int) -> Repair
         path,
         "; the checkpoint is past the cut, so the store is emptied and sent again" if reset else "",
     )
-    if reset:
-        store.reset_to_empty()
-    else:
-        store.truncate_after(keep)
+    # bracketed so that open subscriptions past ``keep`` end, telling their consumers, and
+    # none sends a page it read from the records being cut
+    with store.cuts.cutting(keep):
+        if reset:
+            store.reset_to_empty()
+        else:
+            store.truncate_after(keep)
     ledger.truncate_after(keep)
     return RepairResult(keep, count, highest, path, reset)

@@ -41,6 +41,7 @@ from walship.replication.protocol import (
 from walship.storage.manifest import FILE_NAME as MANIFEST_NAME
 from walship.storage.manifest import FORMAT as MANIFEST_FORMAT
 from walship.storage.manifest import CheckpointManifest
+from walship.storage.part_verify import PartRejected, file_sha256, verify_part_file
 from walship.wal.terms import FILE_NAME as TERMS_NAME
 
 STAGING_DIR: Final = Path("replication") / "snapshot-staging"
@@ -173,7 +174,11 @@ class SnapshotStaging:
         self.index, self.held, self.bytes_done = len(files), 0, 0
         for i, f in enumerate(files):
             whole = self.files_dir / f.name
-            if whole.is_file() and whole.stat().st_size == f.size and _sha256(whole) == f.sha256:
+            if (
+                whole.is_file()
+                and whole.stat().st_size == f.size
+                and file_sha256(whole) == f.sha256
+            ):
                 self.bytes_done += f.size
                 continue
             self.index = i
@@ -309,6 +314,10 @@ class SnapshotStaging:
             checked_child(self.files_dir, part.file)
             if meta.size != part.bytes or meta.sha256.hex() != part.sha256:
                 raise ProtocolError(f"snapshot part {part.file} differs from its manifest entry")
+            try:  # the same checks as a physical follower's part (its sha256 was checked)
+                verify_part_file(self.files_dir / part.file, part, digest=meta.sha256)
+            except PartRejected as exc:
+                raise ProtocolError(f"snapshot {start.snapshot_id}: {exc.message}") from exc
         return manifest
 
     def _terms(self) -> list[tuple[int, int]]:
@@ -334,14 +343,6 @@ class SnapshotStaging:
         """Close and delete the staging directory (after install, or when abandoned)."""
         self.close()
         _remove(self.directory)
-
-
-def _sha256(path: Path) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(HASH_READ_BYTES):
-            h.update(data)
-    return h.digest()
 
 
 def _remove(path: Path) -> None:

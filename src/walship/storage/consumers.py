@@ -3,6 +3,8 @@
 A batch may carry ``tracking: {consumer, position, tenant_id}``; the store writes it as a
 ``_system.tracking`` record in the same WAL append as the batch's events (so both are stored
 or neither), after checking, under the store lock, that the position is above the one stored.
+A batch at the stored position that repeats the one which stored it (a client's retry after a
+lost answer: the same ids, contents and tracking) is answered as a duplicate, storing nothing.
 The record consumes no tenant position and no reader of events sees it.
 
 The table lives in memory, rebuilt at recovery from the checkpoint manifest (which holds the
@@ -14,12 +16,19 @@ rolled back (a full disk) puts the previous entries back.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 
 import msgspec
 
 from walship.errors import LimitExceeded, TrackingConflict
-from walship.events import TrackingIn, encode_body_fields, new_event_ids
+from walship.events import (
+    StoredEvent,
+    TrackingIn,
+    encode_body_fields,
+    new_event_ids,
+    same_content,
+)
 
 TRACKING_TYPE = "_system.tracking"
 
@@ -61,8 +70,10 @@ class ConsumerTable:
         self._entries: dict[_Key, ConsumerPosition] = {}
         # (lsn, key, the entry it replaced) for entries the WAL may not have written yet
         self._undo: deque[tuple[int, _Key, ConsumerPosition | None]] = deque()
+        self._per_tenant: Counter[str] = Counter()  # consumers of each tenant
         for entry in entries or ():
             self._entries[(entry.tenant_id, entry.consumer)] = entry
+            self._per_tenant[entry.tenant_id] += 1
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -92,6 +103,8 @@ class ConsumerTable:
         if previous is not None and previous.lsn >= entry.lsn:
             return  # seen already (a replay over a manifest that covers it)
         self._entries[key] = entry
+        if previous is None:
+            self._per_tenant[entry.tenant_id] += 1
         if written_lsn is None:
             return
         undo = self._undo
@@ -100,28 +113,31 @@ class ConsumerTable:
         if entry.lsn > written_lsn:
             undo.append((entry.lsn, key, previous))
 
-    def check(self, tracking: TrackingIn, entries_max: int) -> None:
-        """TrackingConflict unless ``tracking`` is above the consumer's stored position;
-        LimitExceeded for a new consumer past ``entries_max``. Under the store lock."""
+    def check(
+        self, tracking: TrackingIn, entries_max: int, per_tenant_max: int
+    ) -> ConsumerPosition | None:
+        """None when ``tracking`` is above the consumer's stored position (or the consumer is
+        new); the stored entry when it equals it (only an exact repeat of the batch that stored
+        it may pass: see ``repeated_batch``); TrackingConflict when it is below; LimitExceeded
+        for a new consumer past ``entries_max`` (or ``per_tenant_max`` of its tenant). Under
+        the store lock."""
         stored = self.stored(tracking.tenant_id, tracking.consumer)
         if stored is None:
+            if self._per_tenant[tracking.tenant_id] >= per_tenant_max:
+                raise LimitExceeded(
+                    f"tenant {tracking.tenant_id!r} has {self._per_tenant[tracking.tenant_id]} "
+                    "tracked consumers, the most a tenant may have",
+                    limit=per_tenant_max,
+                )
             if len(self._entries) >= entries_max:
                 raise LimitExceeded(
                     f"{len(self._entries)} consumers are tracked, the most this node keeps",
                     limit=entries_max,
                 )
-            return
-        if tracking.position <= stored.position:
-            raise TrackingConflict(
-                f"consumer {tracking.consumer!r} of tenant {tracking.tenant_id!r} is at "
-                f"position {stored.position}; a tracked position must be above it: nothing "
-                "of the batch was stored",
-                consumer=tracking.consumer,
-                tenant_id=tracking.tenant_id,
-                position=tracking.position,
-                stored_position=stored.position,
-                stored_lsn=stored.lsn,
-            )
+            return None
+        if tracking.position < stored.position:
+            raise tracking_conflict(tracking, stored)
+        return stored if tracking.position == stored.position else None
 
     def forget_after(self, lsn: int) -> None:
         """A WAL group rolled back past ``lsn``: entries after it return to what they were."""
@@ -129,13 +145,56 @@ class ConsumerTable:
         while undo and undo[-1][0] > lsn:
             _, key, previous = undo.pop()
             if previous is None:
-                self._entries.pop(key, None)
+                if self._entries.pop(key, None) is not None:
+                    self._per_tenant[key[0]] -= 1
             else:
                 self._entries[key] = previous
 
     def entries(self) -> list[ConsumerPosition]:
         """Every entry, ordered (for the checkpoint manifest)."""
         return [self._entries[k] for k in sorted(self._entries)]
+
+
+def tracking_conflict(tracking: TrackingIn, stored: ConsumerPosition) -> TrackingConflict:
+    """The 409 for a tracking not above ``stored``: nothing of its batch is stored."""
+    return TrackingConflict(
+        f"consumer {tracking.consumer!r} of tenant {tracking.tenant_id!r} is at "
+        f"position {stored.position}; a tracked position must be above it: nothing "
+        "of the batch was stored",
+        consumer=tracking.consumer,
+        tenant_id=tracking.tenant_id,
+        position=tracking.position,
+        stored_position=stored.position,
+        stored_lsn=stored.lsn,
+    )
+
+
+def repeated_batch(
+    prepared: Sequence[tuple[bytes, str, str, str, bytes, bytes | None, bool]],
+    stored: ConsumerPosition,
+    find: Callable[[bytes], StoredEvent | None],
+) -> list[StoredEvent] | None:
+    """The stored events of a batch whose tracking equals ``stored``, when the batch is an
+    exact repeat of one already stored (a client retrying after a lost answer, with the same
+    ids); None otherwise.
+
+    A repeat gives every event an id already stored with the same content, at or before the
+    tracking record: the original batch's new events went in its append just before the
+    record, the ones it repeated were older still. An event without an id, or with one not
+    stored, is new work under an old position (another worker took the same notification):
+    a conflict, not a retry. ``prepared``: the events as ``events.prepare`` returns them;
+    ``find``: the stored event with an id (under the store lock)."""
+    found: list[StoredEvent] = []
+    for event_id, tenant, entity, etype, payload, meta, binary in prepared:
+        existing = find(event_id) if event_id else None
+        if (
+            existing is None
+            or existing.lsn > stored.lsn
+            or not same_content(existing, tenant, entity, etype, payload, meta, binary)
+        ):
+            return None
+        found.append(existing)
+    return found
 
 
 def tracking_body(tracking: TrackingIn, timestamp_us: int) -> bytes:

@@ -4,6 +4,12 @@ A part holds the events of one lsn range, named ``{first:016x}-{last:016x}.parqu
 sorted by (tenant_id, entity_id, lsn) in row groups of ``parquet_row_group_rows``, and the
 manifest keeps each row group's first and last entity key, so a query by entity reads one or
 two row groups per part without trusting writer statistics.
+
+Payloads: a JSON payload is text in ``payload`` (so ``payload::JSON`` and ``json_extract`` work
+in DuckDB, ``str.json_decode`` in Polars); a binary one is null there, its bytes are in
+``payload_bytes`` (BINARY: DuckDB's BLOB, Polars' Binary) and ``payload_binary`` is true.
+Parts written before these columns existed lack them; ``conform`` gives their tables the
+current schema (no binary payloads), and DuckDB reads a mix with ``union_by_name``.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import threading
 import uuid
 from pathlib import Path
 
@@ -39,24 +46,43 @@ SCHEMA = pa.schema(
         pa.field("entity_id", pa.string(), nullable=False),
         pa.field("event_type", pa.string(), nullable=False),
         pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("payload", pa.string(), nullable=False),
+        # null when the payload is binary: a JSON column keeps only JSON, not base64 guesswork
+        pa.field("payload", pa.string(), nullable=True),
         pa.field("metadata", pa.string(), nullable=True),
         pa.field("version", pa.int64(), nullable=False),
         pa.field("tenant_position", pa.int64(), nullable=False),
+        pa.field("payload_binary", pa.bool_(), nullable=False),
+        pa.field("payload_bytes", pa.binary(), nullable=True),  # only for binary payloads
     ]
 )
 """The documented schema: standard types only; payload and metadata are JSON text."""
 
 POSITION_COLUMN = "tenant_position"
+_BINARY_COLUMNS = {"payload_binary", "payload_bytes"}
+
+
+def _missing_column(name: str, rows: int) -> pa.Array:
+    """A column a part written before it existed reads as: no position, no binary payload."""
+    if name == POSITION_COLUMN:
+        return pa.array(np.zeros(rows, np.int64), pa.int64())
+    if name == "payload_binary":
+        return pa.array(np.zeros(rows, np.bool_), pa.bool_())
+    return pa.nulls(rows, pa.binary())
 
 
 def conform(table: pa.Table) -> pa.Table:
-    """``table`` with every column of ``SCHEMA``: a part written before tenant positions
-    existed has no ``tenant_position`` column, read as 0 (no position)."""
-    if POSITION_COLUMN in table.column_names or "lsn" not in table.column_names:
+    """``table`` (all or some columns of a part's rows) with the columns added to ``SCHEMA``
+    since its part was written: ``tenant_position`` 0 (no position), ``payload_binary``
+    false, ``payload_bytes`` null; a table of every column gets ``SCHEMA`` exactly (order,
+    ``payload`` nullable), as a merge writes it."""
+    if "lsn" not in table.column_names:
         return table
-    zeros = pa.array(np.zeros(table.num_rows, np.int64), pa.int64())
-    return table.append_column(SCHEMA.field(POSITION_COLUMN), zeros)
+    for name in (POSITION_COLUMN, *sorted(_BINARY_COLUMNS)):
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), _missing_column(name, table.num_rows))
+    if table.num_columns == len(SCHEMA) and not table.schema.equals(SCHEMA):
+        table = table.select(SCHEMA.names).cast(SCHEMA)
+    return table
 
 
 def part_name(first_lsn: int, last_lsn: int) -> str:
@@ -141,6 +167,13 @@ def uuid_strings(ids: list[bytes]) -> pa.StringArray:
 
 
 BUILD_ROWS = 2048
+# A part's rows are sorted by entity, so any run of consecutive lsns is spread over every
+# row group: a subscription catching up in lsn order read the whole part for each page of
+# 500 (measured: ~13,000 events/s over 100,000 events). An lsn scan decodes the part once per
+# slab of this many rows in lsn order instead, and keeps the last slabs for the next page.
+SCAN_SLAB_ROWS = 16_384
+SCAN_SLABS_KEPT = 2  # per part: two consumers catching up a slab apart both hit
+_EVERYTHING = QueryFilter()
 """Events converted to Arrow per call while a part is built (a few ms of GIL each)."""
 
 
@@ -154,10 +187,16 @@ def _table(events: list[StoredEvent]) -> pa.Table:
             "entity_id": pa.array([e.entity_id for e in events], pa.string()),
             "event_type": pa.array([e.event_type for e in events], pa.string()),
             "timestamp": pa.array([e.timestamp_us for e in events], pa.timestamp("us", tz="UTC")),
-            "payload": pa.array([e.payload for e in events], pa.binary()).cast(pa.string()),
+            "payload": pa.array(
+                [None if e.payload_binary else e.payload for e in events], pa.binary()
+            ).cast(pa.string()),
             "metadata": pa.array([e.metadata for e in events], pa.binary()).cast(pa.string()),
             "version": pa.array([e.version for e in events], pa.int64()),
             "tenant_position": pa.array([e.tenant_position for e in events], pa.int64()),
+            "payload_binary": pa.array([e.payload_binary for e in events], pa.bool_()),
+            "payload_bytes": pa.array(
+                [e.payload if e.payload_binary else None for e in events], pa.binary()
+            ),
         },
         schema=SCHEMA,
     )
@@ -261,6 +300,9 @@ class PartReader:
         except (OSError, pa.ArrowException) as exc:
             raise CorruptionError(f"cannot open checkpoint part {path}: {exc}") from exc
         self._id_hashes: np.ndarray | None = None
+        self._scan_lock = threading.Lock()
+        self._lsns: np.ndarray | None = None  # every lsn of the part, sorted (8 bytes a row)
+        self._slabs: dict[int, list[StoredEvent]] = {}  # slab number -> its events, oldest first
 
     def _open(self) -> pq.ParquetFile:
         """A reader for one call (it shares the descriptor, which it leaves open)."""
@@ -278,6 +320,8 @@ class PartReader:
 
     def select(self, flt: QueryFilter, limit: int) -> list[StoredEvent]:
         """Up to ``limit`` matching events of this part, in lsn order."""
+        if dataclasses.replace(flt, from_lsn=1, to_lsn=None) == _EVERYTHING:
+            return self._scan(flt.from_lsn, flt.to_lsn, limit)
         if flt.entity_id is not None:
             key = entity_key(flt.tenant_id or "default", flt.entity_id)
             groups = [i for i, (lo, hi) in enumerate(self.info.row_groups) if lo <= key <= hi]
@@ -299,6 +343,50 @@ class PartReader:
         wanted = np.sort(keys.column("lsn").to_numpy())[:limit]
         table = self._rows_by_lsn(wanted)
         return _to_events(table, limit)
+
+    def _scan(self, from_lsn: int, to_lsn: int | None, limit: int) -> list[StoredEvent]:
+        """Every event from ``from_lsn`` through ``to_lsn`` (at most ``limit``), by slabs."""
+        lsns = self._sorted_lsns()
+        i = int(np.searchsorted(lsns, from_lsn))
+        end = len(lsns) if to_lsn is None else int(np.searchsorted(lsns, to_lsn, side="right"))
+        end = min(end, i + limit)
+        out: list[StoredEvent] = []
+        while i < end:
+            slab = i // SCAN_SLAB_ROWS
+            first = slab * SCAN_SLAB_ROWS
+            events = self._slab(slab, lsns)
+            out.extend(events[i - first : end - first])
+            i = first + SCAN_SLAB_ROWS
+        return out
+
+    def _sorted_lsns(self) -> np.ndarray:
+        with self._scan_lock:
+            if self._lsns is None:
+                with self._open() as file:
+                    column = file.read(columns=["lsn"], use_threads=False).column("lsn")
+                self._lsns = np.sort(column.to_numpy())
+            return self._lsns
+
+    def _slab(self, slab: int, lsns: np.ndarray) -> list[StoredEvent]:
+        """The events of rows ``slab * SCAN_SLAB_ROWS`` on in lsn order, decoded one row
+        group at a time (never the whole part in memory at once)."""
+        with self._scan_lock:
+            events = self._slabs.pop(slab, None)
+            if events is None:
+                lo = int(lsns[slab * SCAN_SLAB_ROWS])
+                hi = int(lsns[min((slab + 1) * SCAN_SLAB_ROWS, len(lsns)) - 1])
+                kept = []
+                with self._open() as file:
+                    for group in range(file.metadata.num_row_groups):
+                        table = file.read_row_group(group, use_threads=False)
+                        col = table.column("lsn")
+                        mask = pc.and_(pc.greater_equal(col, lo), pc.less_equal(col, hi))
+                        kept.append(table.filter(mask))
+                events = _to_events(pa.concat_tables(kept), SCAN_SLAB_ROWS)
+            self._slabs[slab] = events  # the newest last
+            while len(self._slabs) > SCAN_SLABS_KEPT:
+                del self._slabs[next(iter(self._slabs))]
+            return events
 
     def _rows_by_lsn(self, lsns: np.ndarray) -> pa.Table:
         """Read only the row groups that hold ``lsns`` and keep those rows."""
@@ -431,11 +519,16 @@ def _to_events(table: pa.Table, limit: int) -> list[StoredEvent]:
     if table.num_rows == 0:
         return []
     table = conform(table).sort_by("lsn").slice(0, limit)
-    cols = {name: table.column(name).to_pylist() for name in SCHEMA.names if name != "timestamp"}
+    names = [n for n in SCHEMA.names if n != "timestamp" and n not in _BINARY_COLUMNS]
+    cols = {name: table.column(name).to_pylist() for name in names}
     ts = table.column("timestamp").cast(pa.int64()).to_pylist()
+    binary = table.column("payload_binary").to_pylist()  # conform: false in older parts
+    blobs = table.column("payload_bytes").to_pylist()
     out = []
     for i in range(table.num_rows):
         meta = cols["metadata"][i]
+        blob = blobs[i]
+        payload = blob if binary[i] and blob is not None else cols["payload"][i].encode()
         out.append(
             StoredEvent(
                 cols["lsn"][i],
@@ -446,9 +539,10 @@ def _to_events(table: pa.Table, limit: int) -> list[StoredEvent]:
                 cols["event_type"][i],
                 ts[i],
                 cols["version"][i],
-                cols["payload"][i].encode(),
+                payload,
                 None if meta is None else meta.encode(),
                 cols[POSITION_COLUMN][i],
+                payload_binary=bool(binary[i]),
             )
         )
     return out

@@ -34,6 +34,8 @@ class FaultState:
     flips_pending: dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0})
     paused: bool = False
     refuse: bool = False
+    answers_to_cut: int = 0  # connections to cut as their first answer byte arrives
+    connections: int = 0  # accepted so far (refused ones too)
     flipped: int = 0
     dropped_connections: int = 0
     bytes_up: int = 0
@@ -105,6 +107,11 @@ class FaultProxy:
         if refuse:
             self.cut()
 
+    def cut_next_answers(self, count: int = 1) -> None:
+        """Cut each of the next ``count`` connections whose target starts to answer, before
+        the answer is passed on: the request was served, its answer is lost."""
+        self.state.answers_to_cut += count
+
     def set_delay_ms(self, ms: int) -> None:
         self.state.delay_ms = ms
 
@@ -133,6 +140,7 @@ class FaultProxy:
         if handler is not None:
             self._handlers.add(handler)
             handler.add_done_callback(self._handlers.discard)
+        self.state.connections += 1
         if self.state.refuse:
             writer.transport.abort()
             return
@@ -165,6 +173,11 @@ class FaultProxy:
                 return
             while st.paused:
                 await asyncio.sleep(0.01)
+            if direction == "down" and st.answers_to_cut > 0:
+                st.answers_to_cut -= 1
+                st.dropped_connections += 1
+                writer.transport.abort()
+                return
             if st.delay_ms:
                 await asyncio.sleep(st.delay_ms / 1000)
             if st.flips_pending.get(direction, 0) > 0 or (

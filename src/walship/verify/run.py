@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -21,6 +22,11 @@ HISTORY_FILE = "history.jsonl"
 """Every request and fault of the run, next to the nodes' data dirs and logs."""
 
 Progress = Callable[[str], None]
+Tick = Callable[[float, float, str], None]
+"""``(seconds written, seconds to write, what happened so far)``, a few times a second while
+the workload runs (a progress bar)."""
+
+TICK_INTERVAL_S = 0.25
 
 
 def _silent(_: str) -> None:
@@ -51,7 +57,9 @@ def effective_faults(config: VerifyConfig) -> tuple[tuple[str, ...], list[str]]:
     return tuple(kinds), notes
 
 
-def run_verify(config: VerifyConfig, progress: Progress = _silent) -> Report:
+def run_verify(
+    config: VerifyConfig, progress: Progress = _silent, tick: Tick | None = None
+) -> Report:
     """Run ``config`` and return its report (the cluster is gone when this returns)."""
     kinds, notes = effective_faults(config)
     config = settings_for(config, kinds)
@@ -79,7 +87,7 @@ def run_verify(config: VerifyConfig, progress: Progress = _silent) -> Report:
         cluster.start()
         progress(f"writing for {config.duration_s:g} s with faults: {', '.join(kinds) or 'none'}")
         began = history.now()
-        scheduler = asyncio.run(_exercise(cluster, history, config, kinds))
+        scheduler = asyncio.run(_exercise(cluster, history, config, kinds, tick))
         report.run_s = history.now() - began
         report.faults_injected = dict(scheduler.injected)
         report.harness_errors.extend(scheduler.harness_errors)
@@ -124,13 +132,19 @@ def _with_env(config: VerifyConfig, env: dict[str, str]) -> VerifyConfig:
 
 
 async def _exercise(
-    cluster: VerifyCluster, history: History, config: VerifyConfig, kinds: tuple[str, ...]
+    cluster: VerifyCluster,
+    history: History,
+    config: VerifyConfig,
+    kinds: tuple[str, ...],
+    tick: Tick | None = None,
 ) -> FaultScheduler:
     """The workload for ``duration_s`` with the fault schedule running alongside."""
     stop = asyncio.Event()
     scheduler = FaultScheduler(cluster, history, config, kinds)
-    deadline = history.now() + config.duration_s
+    began = history.now()
+    deadline = began + config.duration_s
     writers = asyncio.create_task(Workload(cluster, history, config).run(stop))
+    ticker = None if tick is None else asyncio.create_task(_ticks(tick, history, began, config))
     try:
         await scheduler.run(deadline)
         remaining = deadline - history.now()
@@ -139,4 +153,20 @@ async def _exercise(
     finally:
         stop.set()
         await writers
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+    if tick is not None:
+        tick(config.duration_s, config.duration_s, _so_far(history))
     return scheduler
+
+
+async def _ticks(tick: Tick, history: History, began: float, config: VerifyConfig) -> None:
+    while True:
+        tick(min(history.now() - began, config.duration_s), config.duration_s, _so_far(history))
+        await asyncio.sleep(TICK_INTERVAL_S)
+
+
+def _so_far(history: History) -> str:
+    return f"{len(history.ops)} requests, {len(history.faults)} faults"

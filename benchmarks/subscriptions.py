@@ -1,0 +1,418 @@
+"""Subscription benchmark (issue 13): one ``walship serve`` on loopback, fsync always.
+
+Measures:
+  (a) catch-up: one subscriber reads ``GET /api/v1/events/stream`` from lsn 0 through N
+      stored events (~1 KB each, as the ingest benchmark writes them), events/s
+  (b) live delivery latency: a writer paces batches of 50 at ``--live-rate`` events/s; for
+      each event, the time from the write's answer (at the writer) to its arrival at a
+      subscriber in another process (CLOCK_MONOTONIC is one clock for both), p50/p99
+  (c) ingest (HTTP batches of 1,000, 4 connections) with 100 live subscribers reading every
+      event, as a ratio to the same ingest without subscribers
+  (d) the server's RSS with 1,000 idle subscribers (a tenant nobody writes), and before them
+
+Subscribers run in child processes (raw HTTP/1.1 on asyncio), so their parsing does not take
+the writer's GIL; all of it shares the machine's cores with the server.
+Run: ``python benchmarks/subscriptions.py [--quick] [--events N]``; results in
+results/subscriptions.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import re
+import resource
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RawHttp, event, percentile, save
+from walship.cli.process import NodeProcess
+
+TARGETS = {
+    "catchup_events_per_s": 100_000,
+    "live_latency_p99_ms": 5.0,
+    "ingest_ratio_100_live": 0.8,
+}
+STREAM = "/api/v1/events/stream"
+ID_LINE = re.compile(rb"(?:^|\n)id: (\d+):")
+FDS_WANTED = 4_096
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < FDS_WANTED:
+        top = FDS_WANTED if hard == resource.RLIM_INFINITY else min(FDS_WANTED, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+
+
+def start_node(root: Path, name: str) -> NodeProcess:
+    node = NodeProcess(root / name, node_id=name, fsync="always",
+                       extra_args=["--log-level", "warning"])  # fmt: skip
+    return node.start()
+
+
+def rss_mb(node: NodeProcess) -> float:
+    assert node.process is not None
+    with open(f"/proc/{node.process.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def cpu_s(node: NodeProcess) -> float:
+    """CPU seconds the node's process has used (user + system): a figure the other load on a
+    shared machine disturbs far less than a rate."""
+    assert node.process is not None
+    with open(f"/proc/{node.process.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_load(node: NodeProcess, n: int, offset: int) -> tuple[float, float]:
+    """Load ``n`` events: (events/s, the node's CPU µs per event)."""
+    cpu = cpu_s(node)
+    rate = load(node.url, n, offset)
+    return rate, (cpu_s(node) - cpu) * 1e6 / n
+
+
+def batches(n: int, offset: int = 0, size: int = 1_000) -> list[bytes]:
+    return [
+        msgspec.json.encode({"events": [event(offset + b * size + i) for i in range(size)]})
+        for b in range(n // size)
+    ]
+
+
+async def post_batches(url: str, bodies: list[bytes], concurrency: int = 4) -> float:
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+
+    async def worker() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            while not queue.empty():
+                r = await client.post("/api/v1/events/batch", content=queue.get_nowait(),
+                                      headers={"content-type": "application/json"})  # fmt: skip
+                r.raise_for_status()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - t0
+
+
+def load(url: str, n: int, offset: int = 0) -> float:
+    """Write ``n`` events in batches of 1,000 over 4 connections; events/s."""
+    elapsed = asyncio.run(post_batches(url, batches(n, offset)))
+    return n / elapsed
+
+
+def last_lsn(url: str) -> int:
+    return int(httpx.get(f"{url}/health").json()["last_lsn"])
+
+
+# ---------------------------------------------------------------- subscribers (child processes)
+
+
+async def _open(url: str, query: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 22)
+    writer.write(f"GET {STREAM}?{query} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"subscription refused: {head[:200]!r}")
+    return reader, writer
+
+
+async def _read_through(
+    reader: asyncio.StreamReader, last: int, times: dict[int, float] | None
+) -> int:
+    """Read frames until the event at ``last``; events read. With ``times``, each lsn's
+    arrival time (the chunk's) is noted."""
+    tail = b""
+    count = 0
+    seen = 0
+    while seen < last:
+        chunk = await reader.read(1 << 20)
+        if not chunk:
+            raise RuntimeError(f"the stream ended at lsn {seen}")
+        now = time.monotonic()
+        data = tail + chunk
+        cut = data.rfind(b"\n")
+        done, tail = data[: cut + 1], data[cut + 1 :]
+        ids = ID_LINE.findall(done)
+        if ids:
+            count += len(ids)
+            seen = int(ids[-1])
+            if times is not None:
+                for lsn in ids:
+                    times[int(lsn)] = now
+    return count
+
+
+def catch_up_child(url: str, last: int, out: Connection) -> None:
+    async def run() -> tuple[int, float]:
+        t0 = time.perf_counter()
+        reader, writer = await _open(url, "from_lsn=1")
+        count = await _read_through(reader, last, None)
+        elapsed = time.perf_counter() - t0
+        writer.close()
+        return count, elapsed
+
+    out.send(asyncio.run(run()))
+
+
+def live_child(url: str, from_lsn: int, last_conn: Connection, ready: Any, out: Connection) -> None:
+    """One subscriber from ``from_lsn``; sends back each lsn's arrival time once it has read
+    the lsn the parent sends when its writes are done."""
+
+    async def run() -> dict[int, float]:
+        reader, writer = await _open(url, f"from_lsn={from_lsn}")
+        ready.set()
+        times: dict[int, float] = {}
+        loop = asyncio.get_running_loop()
+        waiter = loop.run_in_executor(None, last_conn.recv)
+        reading = asyncio.ensure_future(_read_through(reader, 1 << 62, times))
+        last = await waiter
+        while not times or max(times) < last:
+            await asyncio.sleep(0.05)
+        reading.cancel()
+        writer.close()
+        return times
+
+    out.send(asyncio.run(run()))
+
+
+def many_child(url: str, count: int, query: str, ready: Any, done: Any, out: Connection) -> None:
+    """``count`` subscriptions on one loop; with ``from_lsn``, each reads through the lsn
+    ``done`` carries (a Connection) and the child answers the events each got."""
+    raise_fd_limit()
+
+    async def run() -> list[int]:
+        streams = [await _open(url, query) for _ in range(count)]
+        ready.set()
+        last = await asyncio.get_running_loop().run_in_executor(None, done.recv)
+        if last <= 0:  # idle subscribers: hold them until told, read nothing
+            got = [0] * count
+        else:
+            got = await asyncio.gather(*(_read_through(r, last, None) for r, _ in streams))
+        for _, writer in streams:
+            writer.close()
+        return list(got)
+
+    out.send(asyncio.run(run()))
+
+
+# ---------------------------------------------------------------- the measurements
+
+
+def catch_up(root: Path, n: int) -> dict[str, Any]:
+    node = start_node(root, "catchup")
+    try:
+        rate = load(node.url, n)
+        last = last_lsn(node.url)
+        print(f"  loaded {n:,} events ({rate:,.0f} events/s)", flush=True)
+        ctx = multiprocessing.get_context("fork")
+        recv, send = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=catch_up_child, args=(node.url, last, send))
+        child.start()
+        count, elapsed = recv.recv()
+        child.join()
+    finally:
+        node.stop()
+    if count != n:
+        raise RuntimeError(f"catch-up read {count} events of {n}")
+    return {"catchup_events": n, "catchup_seconds": round(elapsed, 3),
+            "catchup_events_per_s": round(n / elapsed)}  # fmt: skip
+
+
+def live_latency(root: Path, rate: float, seconds: float) -> dict[str, Any]:
+    node = start_node(root, "latency")
+    ctx = multiprocessing.get_context("fork")
+    try:
+        load(node.url, 1_000)
+        start = last_lsn(node.url) + 1
+        last_recv, last_send = ctx.Pipe(duplex=False)
+        out_recv, out_send = ctx.Pipe(duplex=False)
+        ready = ctx.Event()
+        child = ctx.Process(target=live_child, args=(node.url, start, last_recv, ready, out_send))
+        child.start()
+        if not ready.wait(30):
+            raise RuntimeError("the subscriber did not start")
+        per_batch = 50
+        interval = per_batch / rate
+        answered: dict[int, float] = {}
+        client = RawHttp(node.url)
+        try:
+            t_end = time.monotonic() + seconds
+            next_at = time.monotonic()
+            i = 0
+            while time.monotonic() < t_end:
+                body = msgspec.json.encode(
+                    {"events": [event(10**6 + i * per_batch + k) for k in range(per_batch)]}
+                )
+                status, answer = client.post("/api/v1/events/batch", body)
+                now = time.monotonic()
+                if status != 200:
+                    raise RuntimeError(f"{status} {answer[:200]!r}")
+                for receipt in msgspec.json.decode(answer)["receipts"]:
+                    answered[receipt["lsn"]] = now
+                i += 1
+                next_at += interval
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+        finally:
+            client.close()
+        last_send.send(max(answered))
+        arrived: dict[int, float] = out_recv.recv()
+        child.join()
+    finally:
+        node.stop()
+    lat = [(arrived[lsn] - at) * 1000 for lsn, at in answered.items() if lsn in arrived]
+    if len(lat) != len(answered):
+        raise RuntimeError(f"{len(answered) - len(lat)} events never reached the subscriber")
+    span = max(answered) - min(answered) + 1
+    return {
+        "live_rate_events_per_s": round(rate),
+        "live_events": len(lat),
+        "live_events_written_span": span,
+        # negative: the event reached the subscriber before the writer had read its answer
+        "live_latency_p50_ms": round(percentile(lat, 50), 3),
+        "live_latency_p99_ms": round(percentile(lat, 99), 3),
+        "live_latency_max_ms": round(max(lat), 3),
+    }
+
+
+def _subscribers(url: str, count: int, query: str, per_child: int = 50) -> tuple[list[Any], Any]:
+    """Start ``count`` subscriptions in child processes; (children, their pipes)."""
+    ctx = multiprocessing.get_context("fork")
+    kids = []
+    for first in range(0, count, per_child):
+        n = min(per_child, count - first)
+        done_recv, done_send = ctx.Pipe(duplex=False)
+        out_recv, out_send = ctx.Pipe(duplex=False)
+        ready = ctx.Event()
+        proc = ctx.Process(target=many_child, args=(url, n, query, ready, done_recv, out_send))
+        proc.start()
+        kids.append((proc, ready, done_send, out_recv))
+    for _, ready, _, _ in kids:
+        if not ready.wait(120):
+            raise RuntimeError("subscribers did not start")
+    return kids, ctx
+
+
+def _finish(kids: list[Any], last: int) -> list[int]:
+    got: list[int] = []
+    for _, _, done_send, _ in kids:
+        done_send.send(last)
+    for proc, _, _, out_recv in kids:
+        got += out_recv.recv()
+        proc.join()
+    return got
+
+
+def ingest_ratio(root: Path, n: int, live: int) -> dict[str, Any]:
+    node = start_node(root, "ingest")
+    try:
+        load(node.url, 1_000)  # warm up
+        alone, alone_cpu = timed_load(node, n, 10**7)
+        print(f"  no subscribers: {alone:,.0f} events/s", flush=True)
+        start = last_lsn(node.url) + 1
+        kids, _ = _subscribers(node.url, live, f"from_lsn={start}", per_child=25)
+        watched, watched_cpu = timed_load(node, n, 2 * 10**7)
+        last = last_lsn(node.url)
+        got = _finish(kids, last)
+        print(f"  {live} live subscribers: {watched:,.0f} events/s", flush=True)
+    finally:
+        node.stop()
+    if got != [n] * live:
+        raise RuntimeError(f"live subscribers read {sorted(set(got))} events, not {n}")
+    return {"ingest_events": n, "ingest_no_subscribers_events_per_s": round(alone),
+            "ingest_live_subscribers": live, "ingest_live_events_per_s": round(watched),
+            "ingest_ratio_100_live": round(watched / alone, 3),
+            "node_cpu_us_per_event_no_subscribers": round(alone_cpu, 1),
+            "node_cpu_us_per_event_live_subscribers": round(watched_cpu, 1)}  # fmt: skip
+
+
+def idle_rss(root: Path, idle: int) -> dict[str, Any]:
+    node = start_node(root, "idle")
+    try:
+        load(node.url, 1_000)  # warm up
+        alone, alone_cpu = timed_load(node, 10_000, 4 * 10**7)
+        before = rss_mb(node)
+        kids, _ = _subscribers(node.url, idle, "tenant_id=quiet", per_child=250)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{node.url}/api/v1/stats").json()["subscriptions"] < idle:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the idle subscriptions did not all open")
+            time.sleep(0.1)
+        time.sleep(1.0)
+        with_idle = rss_mb(node)
+        # every commit wakes them all
+        with_idle_rate, with_idle_cpu = timed_load(node, 10_000, 3 * 10**7)
+        _finish(kids, 0)
+    finally:
+        node.stop()
+    return {"idle_subscribers": idle, "rss_before_idle_mb": round(before, 1),
+            "rss_idle_subscribers_mb": round(with_idle, 1),
+            "rss_per_idle_subscriber_kb": round((with_idle - before) * 1024 / max(idle, 1), 1),
+            "ingest_before_idle_events_per_s": round(alone),
+            "ingest_with_idle_events_per_s": round(with_idle_rate),
+            "ingest_ratio_idle": round(with_idle_rate / alone, 3),
+            "node_cpu_us_per_event_before_idle": round(alone_cpu, 1),
+            "node_cpu_us_per_event_with_idle": round(with_idle_cpu, 1)}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--events", type=int, default=1_000_000, help="catch-up size")
+    ap.add_argument("--ingest-events", type=int, default=200_000)
+    ap.add_argument("--live-rate", type=float, default=10_000.0, help="events/s")
+    ap.add_argument("--live-seconds", type=float, default=15.0)
+    ap.add_argument("--live-subscribers", type=int, default=100)
+    ap.add_argument("--idle-subscribers", type=int, default=1_000)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
+    # scripts/bench passes its arguments to every benchmark: --tiny is --quick here, and the
+    # peer and the part worker are replication.py's and ingest.py's
+    ap.add_argument("--tiny", action="store_true", help="the same as --quick")
+    ap.add_argument("--peer", choices=["postgres", "none"], help="(replication.py only)")
+    ap.add_argument("--part-worker", action="store_true", help="(ingest/replication only)")
+    ap.add_argument("--physical-followers", action="store_true", help="(replication only)")
+    args = ap.parse_args()
+    args.quick = args.quick or args.tiny
+    if args.quick:
+        args.events, args.ingest_events, args.live_seconds = 20_000, 10_000, 2.0
+        args.live_subscribers, args.idle_subscribers = 10, 100
+    raise_fd_limit()
+    results: dict[str, Any] = {"targets": TARGETS}
+    with tempfile.TemporaryDirectory(prefix="walship-sub-bench-") as tmp:
+        root = Path(tmp)
+        print("catch-up ...", flush=True)
+        results.update(catch_up(root, args.events))
+        print(f"  {results['catchup_events_per_s']:,} events/s", flush=True)
+        print("live latency ...", flush=True)
+        results.update(live_latency(root, args.live_rate, args.live_seconds))
+        print(f"  p50 {results['live_latency_p50_ms']} ms, p99 {results['live_latency_p99_ms']} ms")
+        print("ingest with live subscribers ...", flush=True)
+        results.update(ingest_ratio(root, args.ingest_events, args.live_subscribers))
+        print("idle subscribers ...", flush=True)
+        results.update(idle_rss(root, args.idle_subscribers))
+    path = save("subscriptions", results)
+    print(json.dumps(results, indent=2))
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

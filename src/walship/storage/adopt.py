@@ -1,0 +1,152 @@
+"""A physical follower takes the leader's Parquet parts into its store, once verified.
+
+The store's collaborator for ``replication/physical.py``: a checkpoint part is appended to the
+manifest in place of the local checkpoint the follower would have written over the same
+range, and the memtable drops the events it covers; a merged part replaces the very parts the
+leader merged. Every check is against this node's own state (its WAL is the source of truth):
+the part's range must continue this manifest, the record at its last lsn must have the
+leader's term and chain, and its rows must be exactly the events held here in that range
+(``storage/part_verify.py``). ``PartRejected`` otherwise, and nothing changes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+import numpy as np
+
+from walship.events import now_us
+from walship.fsutil import fsync_dir
+from walship.position import Lsn
+from walship.storage.consumers import ConsumerPosition
+from walship.storage.memtable import Memtable
+from walship.storage.parquet import PartInfo, PartReader, id_hashes
+from walship.storage.part_verify import PartRejected, verify_part_file
+
+if TYPE_CHECKING:
+    from walship.store import Store
+
+
+def adopt_checkpoint(
+    store: Store,
+    staged: Path,
+    info: PartInfo,
+    last_term: int,
+    chain: bytes,
+    consumers: list[ConsumerPosition],
+    digest: bytes,
+) -> None:
+    """Install the leader's checkpoint part ``staged`` (verified here) after this manifest.
+
+    A gap before it (a part missed across a reconnect) is first filled by a checkpoint of
+    this node's own, through the lsn before the part.
+    """
+    last = info.last_lsn
+    with store._checkpoint_lock:
+        if info.first_lsn > store._manifest.last_lsn + 1:
+            store._checkpoint_once(through=info.first_lsn - 1)
+        m = store._manifest
+        if info.first_lsn != m.last_lsn + 1:
+            raise PartRejected(
+                f"part {info.file} starts at lsn {info.first_lsn}, but this node's checkpoint "
+                f"ends at {m.last_lsn}"
+            )
+        if last > store.wal.written_lsn.value:
+            raise PartRejected(f"part {info.file} ends past this node's log at lsn {last}")
+        record = next(iter(store.wal.read_from(Lsn(last))), None)
+        if record is None or record.term != last_term or record.chain != chain:
+            raise PartRejected(
+                f"part {info.file}: the leader's record at lsn {last} (term {last_term}) is "
+                "not this node's: another history"
+            )
+        with store._lock:
+            active = store._active.events
+            events = active[: bisect.bisect_right(active, last, key=lambda ev: ev.lsn)]
+        verify_part_file(
+            staged, info, digest=digest, lsns=np.fromiter((ev.lsn for ev in events), np.int64)
+        )
+        for entry in consumers:
+            if entry.lsn > last:
+                raise PartRejected(f"part {info.file}: a consumer tracked past its range")
+        own = {(c.tenant_id, c.consumer): c for c in store._consumers.entries()}
+        for key, entry in own.items():
+            theirs = next((c for c in consumers if (c.tenant_id, c.consumer) == key), None)
+            if entry.lsn <= last and theirs != entry:
+                raise PartRejected(f"part {info.file}: consumer {key[1]!r} differs here")
+        path = store.parts_dir / info.file
+        os.replace(staged, path)
+        fsync_dir(store.parts_dir)
+        reader = PartReader(path, info)
+        hashes = id_hashes([ev.id for ev in events]) if events else np.empty(0, np.int64)
+        hashes.sort()
+        reader.set_id_hashes(hashes)
+        with store._manifest_lock:
+            manifest = m.advanced(info, last, last_term, chain, now_us(), consumers)
+            from walship.storage.manifest import save_manifest
+
+            save_manifest(store.checkpoint_dir, manifest)
+            with store._lock:
+                # a new memtable for what follows the part; the old one is left as it is,
+                # for the readers whose view holds it (with the parts before this one)
+                old = store._active.events
+                fresh = Memtable()
+                fresh.created_us = now_us()
+                fresh.add_all(old[bisect.bisect_right(old, last, key=lambda ev: ev.lsn) :])
+                store._active = fresh
+                store._manifest = manifest
+                store._parts.append(reader)
+                store.parts_adopted += 1
+                store._checkpoint_done.notify_all()
+    store.write_amp.checkpointed(info)
+    store._update_memtable_gauges()
+    store.remove_checkpointed_wal()
+
+
+def adopt_merge(
+    store: Store, staged: Path, info: PartInfo, replaces: list[PartInfo], digest: bytes
+) -> None:
+    """Swap the leader's merged part in for the parts it merged, which must be exactly the
+    ones this node holds (same files, same sha256s, consecutive in its manifest)."""
+    with store._compaction_lock:
+        m = store._manifest
+        files = [p.file for p in m.parts]
+        if not replaces or replaces[0].file not in files:
+            raise PartRejected(f"merged part {info.file}: this node does not hold its inputs")
+        at = files.index(replaces[0].file)
+        held = m.parts[at : at + len(replaces)]
+        if held != replaces:
+            raise PartRejected(
+                f"merged part {info.file}: its inputs are not the parts this node holds"
+            )
+        if (info.first_lsn, info.last_lsn, info.events) != (
+            replaces[0].first_lsn,
+            replaces[-1].last_lsn,
+            sum(p.events for p in replaces),
+        ):
+            raise PartRejected(f"merged part {info.file} does not cover exactly its inputs")
+        verify_part_file(staged, info, digest=digest)
+        path = store.parts_dir / info.file
+        os.replace(staged, path)
+        fsync_dir(store.parts_dir)
+        reader = PartReader(path, info)
+        names = {p.file for p in replaces}
+        with store._manifest_lock:
+            from walship.storage.manifest import save_manifest
+
+            current = store._manifest
+            kept = [p for p in current.parts if p.file not in names]
+            kept.insert(at, info)
+            manifest = msgspec.structs.replace(current, parts=kept, created_us=now_us())
+            save_manifest(store.checkpoint_dir, manifest)
+            with store._lock:
+                store._manifest = manifest
+                readers = [p for p in store._parts if p.info.file not in names]
+                readers.insert(at, reader)
+                store._parts = readers
+                store._garbage.update(names)
+                store.parts_adopted += 1
+    store._collect_garbage()
