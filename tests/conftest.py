@@ -53,6 +53,8 @@ LONGEST_FILES_FIRST = (
     "test_ui",
     "test_clean_failover",
     "test_deploy",
+    "test_eventsourcing",  # the library's own cases (unittest: no slow mark to go by)
+    "test_many_subscribers",
     "test_tenant_positions_cluster",
     "test_etcd_failover",
     "test_replication",
