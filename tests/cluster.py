@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import httpx
 
 from walship.cli.process import NodeProcess
-from walship.cli.wal import iter_wal_records
+from walship.cli.wal import DumpStopped, iter_wal_records
 from walship.replication.config import parse_address
 from walship.replication.protocol import (
     PROTOCOL_VERSION,
@@ -443,9 +443,25 @@ def follower_session(leader: NodeProcess, node_id: str) -> dict[str, Any] | None
 # ---------------------------------------------------------------------------------- WAL files
 
 
-def wal_records(data_dir: Path) -> list[Record]:
-    """Every record in a *stopped* node's WAL, read from its segment files (changes nothing)."""
-    return [rec for _, _, rec in iter_wal_records(data_dir / "wal")]
+def wal_records(data_dir: Path, *, killed: bool = False) -> list[Record]:
+    """Every record in a *stopped* node's WAL, read from its segment files (changes nothing).
+
+    A node ``killed`` with SIGKILL may have been inside a write: a fatal signal cuts a large
+    ``pwrite`` short between pages, leaving a torn record, or only the first records of an
+    atomic append, at the end of the last segment. Its restart drops that append whole, so the
+    records before it are returned, as the restarted node will hold them; a bad record anywhere
+    else (or in a node that was not killed) still raises DumpStopped.
+    """
+    records: list[Record] = []
+    try:
+        records.extend(rec for _, _, rec in iter_wal_records(data_dir / "wal"))
+    except DumpStopped as stopped:
+        if not (killed and stopped.in_last_segment):
+            raise
+    if killed:
+        while records and records[-1].batch_left > 0:  # an append that never finished
+            records.pop()
+    return records
 
 
 def assert_same_wal(leader_dir: Path, follower_dir: Path, *, whole: bool = True) -> int:

@@ -39,6 +39,9 @@ def node(tmp_path: Path) -> Iterator[NodeProcess]:
         proc.kill()
 
 
+ACKED_BEFORE_KILL_MIN = 50
+
+
 @dataclass
 class Acked:
     """A write the server answered 200: what its receipt said."""
@@ -173,12 +176,19 @@ def write_then_kill(node: NodeProcess, seed: int, run_s: float) -> Writers:
     writers = Writers(node.url, seed)
     writers.start()
     try:
+        # at least run_s of writes, and enough of them answered: a loaded machine may answer
+        # none in the first second (then the kill would test nothing)
         time.sleep(run_s)
+        deadline = time.monotonic() + 60
+        while len(writers.acked) <= ACKED_BEFORE_KILL_MIN and time.monotonic() < deadline:
+            time.sleep(0.05)
         # the crash: no chance to flush or close anything
         node.kill()
     finally:
         writers.join()
-    assert len(writers.acked) > 50, f"too few writes before the kill: {writers.errors}"
+    assert len(writers.acked) > ACKED_BEFORE_KILL_MIN, (
+        f"too few writes before the kill: {writers.errors}"
+    )
     # shown only when the test fails: how much was in flight at the kill
     print(f"acked {len(writers.acked)} of {len(writers.attempted)}; errors {dict(writers.errors)}")
     return writers

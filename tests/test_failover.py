@@ -160,7 +160,7 @@ def test_kill_9_in_sync_mode_promote_the_most_caught_up_and_repair_the_old_leade
     # the old leader comes back (as its flags say, a leader of term 1); before taking writes
     # it asks the followers it knows, learns of term 2 and follows f1 by itself: its tail
     # that f1 never had goes to lost-and-found
-    old_tail = wal_records(cluster.data_dir("leader"))[-1].lsn
+    old_tail = wal_records(cluster.data_dir("leader"), killed=True)[-1].lsn
     assert old_tail > old_end, "the old leader should hold writes nobody confirmed"
     leader.start()
     wait_until(lambda: replication(leader)["repairs"] == 1, 15, "the old leader's repair")

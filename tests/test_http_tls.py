@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from walship.cli.main import app
 from walship.cli.process import NodeProcess
 from walship.client import Client
+from walship.client_routing import RetryPolicy
 from walship.errors import InvalidInput, Unavailable
 from walship.httptls import check_secret_transport, client_ssl_context
 
@@ -62,7 +63,12 @@ def test_a_client_without_the_ca_is_refused_and_one_with_it_writes_and_reads(
     https_node: NodeProcess, pki: Path
 ) -> None:
     assert https_node.url.startswith("https://127.0.0.1:")
-    with Client(https_node.url) as client, pytest.raises(Unavailable, match="CERTIFICATE"):
+    # one send: a write would retry an unreachable node for seconds before saying so
+    once = RetryPolicy(attempts_max=1)
+    with (
+        Client(https_node.url, retry=once) as client,
+        pytest.raises(Unavailable, match="CERTIFICATE"),
+    ):
         client.append("e-1", "t.x", {"n": 1})
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{https_node.url}/health")
