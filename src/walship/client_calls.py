@@ -19,6 +19,7 @@ from a follower that names the leader (it goes there).
 from __future__ import annotations
 
 import base64
+import ssl
 import time
 import uuid
 from collections.abc import Generator, Iterable, Mapping
@@ -31,7 +32,13 @@ import httpx
 import msgspec
 
 from walship.client_routing import RetryPolicy, Router
-from walship.errors import Unavailable, WaitTimeout, WalshipError, error_class_for
+from walship.errors import (
+    TlsVerificationFailed,
+    Unavailable,
+    WaitTimeout,
+    WalshipError,
+    error_class_for,
+)
 from walship.peers import PeerView
 
 T = TypeVar("T")
@@ -92,15 +99,27 @@ Action = Send | Sleep | Probe
 Plan = Generator[Action, Any, T]
 
 
-def transport_failure(exc: Exception, url: str) -> Unavailable:
+def transport_failure(exc: Exception, url: str) -> WalshipError:
     """The Unavailable a failed send becomes (``OSError``s too: a socket error that escaped
-    httpx, e.g. ``EBADF``, is a transport failure like any other)."""
+    httpx, e.g. ``EBADF``, is a transport failure like any other); a certificate that did not
+    verify is TlsVerificationFailed instead, which no retry can mend."""
+    if _cert_not_verified(exc):
+        return TlsVerificationFailed(f"{url}: the server's TLS certificate did not verify ({exc})")
     if isinstance(exc, httpx.TimeoutException):
         return Unavailable(
             f"{url}: no answer in time ({exc!r}); a write may or may not have been stored",
             url=url,
         )
     return Unavailable(f"{url}: {exc!r}", url=url)
+
+
+def _cert_not_verified(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 8:  # httpx wraps the ssl error (cause or context)
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 # ---------------------------------------------------------------------------------- answers

@@ -238,6 +238,13 @@ class Unavailable(WalshipError):
     retriable = True
 
 
+class TlsVerificationFailed(WalshipError):
+    """Client side: the server's TLS certificate did not verify against the trusted CAs. A
+    setting to fix (the CA file, the URL's host name), never retried."""
+
+    code = "tls_verification_failed"
+
+
 class NotLeaseholder(Unavailable):
     """A leader under automatic failover that does not hold a live lease takes no writes."""
 
