@@ -145,7 +145,8 @@ def postgres(root: Path) -> Iterator[dict[str, str]]:
     )
     if bindir is None:
         raise LookupError("Debian's postgresql is not installed (apt-get install postgresql)")
-    import psycopg  # noqa: F401  (the library's PostgreSQL module needs it)
+    import psycopg  # noqa: F401  (the library's PostgreSQL module needs both)
+    import psycopg_pool  # noqa: F401
 
     data = root / "pg"
     port = free_port()
