@@ -41,6 +41,11 @@ def log_lines(node: NodeProcess) -> list[str]:
     return node.log_path.read_text(errors="replace").splitlines()
 
 
+def in_sync_members(node: NodeProcess) -> list[str] | None:
+    record = replication(node)["in_sync_set"]["record"]
+    return None if record is None else list(record["members"])
+
+
 def test_an_idle_cluster_on_etcd_logs_nothing_at_info(
     etcd: EtcdServer, cluster: FailoverCluster
 ) -> None:
@@ -51,6 +56,8 @@ def test_an_idle_cluster_on_etcd_logs_nothing_at_info(
     follower = cluster.start_follower("f1", replication_address(leader), args=election)
     wait_until(lambda: replication(follower)["state"] == "streaming", 20, "f1 to stream")
     wait_until(lambda: health(follower)["election"]["state"], 10, "f1's election to run")
+    # f1 joining the in-sync set is a change worth its info line: let it land before the window
+    wait_until(lambda: in_sync_members(leader) == ["f1"], 20, "the in-sync set naming f1")
 
     before = {node.node_id: len(log_lines(node)) for node in (leader, follower)}
     time.sleep(IDLE_S)  # the observation window: what an idle node logs in it
