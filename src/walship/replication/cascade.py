@@ -35,7 +35,6 @@ from typing import Any
 
 from walship.errors import (
     AuthenticationError,
-    LimitExceeded,
     ProtocolError,
     ReplicationError,
     Unavailable,
@@ -43,7 +42,12 @@ from walship.errors import (
 )
 from walship.position import Lsn, Position, Term
 from walship.replication.config import ReplicationConfig, parse_address
-from walship.replication.handshake import HandshakeGate, authenticate_follower, authenticate_to
+from walship.replication.handshake import (
+    HandshakeGate,
+    authenticate_follower,
+    authenticate_to,
+    open_admitted,
+)
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import (
     REDIRECT_ANY,
@@ -188,17 +192,10 @@ class SnapshotServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         limits = self.store.limits
-        stream = MessageStream(
-            reader,
-            writer,
-            limits.frame_bytes_max,
-            handshake_frame_bytes_max=limits.handshake_frame_bytes_max,
-        )
-        slot = self.handshakes.admit()
-        if slot is None:
-            self.metrics.handshakes_refused.inc()
-            await stream.refuse(LimitExceeded.code, "too many connections in their handshake")
+        admitted = await open_admitted(reader, writer, limits, self.handshakes, self.metrics)
+        if admitted is None:
             return
+        stream, slot = admitted
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from walship.errors import AuthenticationError, ProtocolError
+from walship.errors import AuthenticationError, LimitExceeded, ProtocolError
 from walship.limits import Limits
+from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import (
     PROTOCOL_VERSION,
     Challenge,
@@ -80,6 +81,35 @@ class HandshakeSlot:
         if self._gate is not None:
             self._gate._leave()
             self._gate = None
+
+
+async def open_admitted(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    limits: Limits,
+    gate: HandshakeGate,
+    metrics: ReplicationMetrics,
+) -> tuple[MessageStream, HandshakeSlot] | None:
+    """A new connection's stream on a serving side (the leader's or a serving follower's) and
+    its place in ``gate``; None when the gate is full, the connection then refused and closed
+    before a byte is read: a flood of idle connections costs a socket each for
+    handshake_timeout_ms at most, never a frame buffer."""
+    stream = MessageStream(
+        reader,
+        writer,
+        limits.frame_bytes_max,
+        handshake_frame_bytes_max=limits.handshake_frame_bytes_max,
+    )
+    slot = gate.admit()
+    if slot is None:
+        metrics.handshakes_refused.inc()
+        await stream.refuse(
+            LimitExceeded.code,
+            f"more than unauthenticated_connections_max "
+            f"{limits.unauthenticated_connections_max} connections in their handshake",
+        )
+        return None
+    return stream, slot
 
 
 async def authenticate_follower(

@@ -25,7 +25,6 @@ from typing import Any
 from walship.errors import (
     AuthenticationError,
     Conflict,
-    LimitExceeded,
     NotFound,
     ProtocolError,
     StaleTerm,
@@ -35,7 +34,12 @@ from walship.events import now_us
 from walship.replication.acks import AckHistory, AckMode, AckOutcome, AckTracker
 from walship.replication.config import AckSettings, ReplicationConfig
 from walship.replication.divergence import common_point, on_history, term_at
-from walship.replication.handshake import HandshakeGate, HandshakeSlot, authenticate_follower
+from walship.replication.handshake import (
+    HandshakeGate,
+    HandshakeSlot,
+    authenticate_follower,
+    open_admitted,
+)
 from walship.replication.insync import InSyncFile, InSyncPublisher
 from walship.replication.lagbudget import AckRate, LagBudget, held_to_ms
 from walship.replication.ledger import DegradationLedger, LedgerKeeper
@@ -663,24 +667,12 @@ class Leader:
             session.wake.set()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        limits = self.store.limits
-        stream = MessageStream(
-            reader,
-            writer,
-            limits.frame_bytes_max,
-            handshake_frame_bytes_max=limits.handshake_frame_bytes_max,
+        admitted = await open_admitted(
+            reader, writer, self.store.limits, self.handshakes, self.metrics
         )
-        slot = self.handshakes.admit()
-        if slot is None:
-            # closed before a byte is read: a flood of idle connections costs a socket each
-            # for handshake_timeout_ms at most, never a frame buffer
-            self.metrics.handshakes_refused.inc()
-            await stream.refuse(
-                LimitExceeded.code,
-                f"more than unauthenticated_connections_max "
-                f"{limits.unauthenticated_connections_max} connections in their handshake",
-            )
+        if admitted is None:
             return
+        stream, slot = admitted
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
