@@ -113,7 +113,7 @@ class Cluster:
     """Three ``walship serve`` processes with fixed (run-time chosen) ports, so a restart
     runs the node's original command line."""
 
-    def __init__(self, root: Path, ack_mode: str, fsync: str, physical: bool) -> None:
+    def __init__(self, root: Path, ack_mode: str, fsync: str, physical: bool, small: bool) -> None:
         self.root = root
         (root / "secret").write_text(SECRET + "\n")
         (root / "token").write_text(TOKEN + "\n")
@@ -136,6 +136,14 @@ class Cluster:
             ]  # fmt: skip
             if physical:
                 args.append("--physical-followers")
+            if small:  # checkpoints, merges, removed segments and snapshots within seconds
+                args += [
+                    "--checkpoint-interval-ms", "1000",
+                    "--memtable-events-max", "3000",
+                    "--segment-bytes-max", "32768",
+                    "--wal-retention-bytes-max", "65536",
+                    "--compaction-fanin-min", "2",
+                ]  # fmt: skip
             if i == 0:
                 args += ["--role", "leader"]
             else:
@@ -478,7 +486,7 @@ class Faults:
         follower = self.rng.choice(self.followers())
         log(f"fault catchup: kill -9 follower {follower.name}, let writes pile up, kill it again")
         self.cluster.kill(follower)
-        time.sleep(self.rng.uniform(1.0, 3.0))
+        time.sleep(self.rng.uniform(1.5, 5.0))
         self.cluster.restart(follower)
         time.sleep(self.rng.uniform(0.0, 0.5))
         self.cluster.kill(follower)
@@ -650,6 +658,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fault-every", type=float, default=4.0, help="mean seconds between faults")
     ap.add_argument("--fsync", default="never")
     ap.add_argument("--physical-followers", action="store_true")
+    ap.add_argument(
+        "--storage",
+        choices=["small", "default"],
+        default="small",
+        help="small: checkpoint every second, small segments and WAL retention (snapshots)",
+    )
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
@@ -662,7 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     log(f"seed {seed}, ack mode {args.ack_mode}, faults {kinds}, {args.duration} s, in {root}")
     rng = random.Random(seed)
-    cluster = Cluster(root, args.ack_mode, args.fsync, args.physical_followers)
+    cluster = Cluster(
+        root, args.ack_mode, args.fsync, args.physical_followers, args.storage == "small"
+    )
     violations: list[str] = []
     stats: dict[str, Any] = {}
     stop, subs_done = threading.Event(), threading.Event()
