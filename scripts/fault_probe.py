@@ -52,7 +52,7 @@ from walship.cli.process import NodeProcess
 from walship.sse import SseDecoder
 
 TENANTS = ("acme", "globex", "initech")
-FAULTS = ("failover", "catchup", "double", "pause", "isolate")
+FAULTS = ("failover", "catchup", "double", "pause", "isolate", "stale")
 TOKEN = "fault-probe-admin-token"  # noqa: S105  a throwaway cluster's
 SECRET = "fault-probe-replication-secret"  # noqa: S105
 HTTP_TIMEOUT_S = 10.0
@@ -374,7 +374,7 @@ class Subscriber:
                 body = json.loads(response.read() or b"{}")
                 self.notes.append(f"resume at {headers} on {node.name}: 409 {body}")
                 if body.get("error") == "log_cut":
-                    self.drop_after(int(body.get("kept_lsn", self.seen[-1]["lsn"] - 1)))
+                    self.drop_cut(body)
                 return
             if response.status_code != 200:
                 return
@@ -386,12 +386,20 @@ class Subscriber:
                 if ev.event == "cut":
                     body = msgspec.json.decode(ev.data)
                     self.notes.append(f"cut on {node.name}: {body}")
-                    self.drop_after(int(body["kept_lsn"]))
+                    self.drop_cut(body)
                     return
                 e = msgspec.json.decode(ev.data)
                 self.accept(e, node)
                 if self.done.is_set():
                     return
+
+    def drop_cut(self, body: dict[str, Any]) -> None:
+        """Forget what a repair cut: after ``kept_lsn`` when the node says, else the last event
+        (a resume whose term differs says no ``kept_lsn``: step back until one matches)."""
+        if "kept_lsn" in body:
+            self.drop_after(int(body["kept_lsn"]))
+        elif self.seen:
+            self.seen.pop()
 
     def drop_after(self, kept_lsn: int) -> None:
         while self.seen and self.seen[-1]["lsn"] > kept_lsn:
@@ -518,6 +526,75 @@ class Faults:
             assert f.proc.process is not None
             f.proc.process.send_signal(signal.SIGCONT)
         self.fail_over(leader)
+
+    def do_stale(self, leader: Node) -> None:
+        """The leader writes a tail nobody confirms, is stopped (not killed) while the others
+        fail over, then wakes up: it must be fenced, and repointing it cuts the tail under
+        any stream it serves (``event: cut``)."""
+        followers = self.followers()
+        hold = self.rng.uniform(1.5, 3.0)
+        log(f"fault stale: SIGSTOP followers {hold:.1f} s, then leader {leader.name}; fail over")
+        for f in followers:
+            assert f.proc.process is not None
+            f.proc.process.send_signal(signal.SIGSTOP)
+        until = threading.Event()
+        threads = [threading.Thread(target=self.ballast.ballast, args=(until,)) for _ in range(2)]
+        for th in threads:
+            th.start()
+        time.sleep(hold)
+        assert leader.proc.process is not None
+        leader.proc.process.send_signal(signal.SIGSTOP)
+        until.set()
+        for f in followers:
+            assert f.proc.process is not None
+            f.proc.process.send_signal(signal.SIGCONT)
+        for attempt in range(5):
+            out = self.cluster.failover()
+            if out.returncode == 0:
+                break
+            log(f"failover attempt {attempt} refused: {(out.stdout + out.stderr).strip()[:300]}")
+            time.sleep(1.0)
+        else:
+            leader.proc.process.send_signal(signal.SIGCONT)
+            self.violations.append(f"walship failover never succeeded with {leader.name} stopped")
+            return
+        new = wait_for(
+            lambda: next(
+                (n for n in followers if self.cluster.health(n)["role"] == "leader"), None
+            ),
+            30,
+            "a new leader",
+        )
+        leader.proc.process.send_signal(signal.SIGCONT)
+        for th in threads:
+            th.join(30)
+        time.sleep(self.rng.uniform(0.0, 1.5))
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "walship",
+                "repoint",
+                leader.url,
+                "--leader",
+                f"{new.host}:{new.repl_port}",
+                "--admin-token-file",
+                str(self.cluster.root / "token"),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        log(f"repoint {leader.name} to {new.name}: rc {out.returncode} {out.stdout.strip()[:200]}")
+        try:
+            wait_for(
+                lambda: self.cluster.health(leader).get("role") == "follower",
+                30,
+                f"{leader.name} to follow after the repoint",
+            )
+        except TimeoutError as exc:
+            self.violations.append(f"stale leader {leader.name} not deposed: {exc}")
 
     def do_pause(self, leader: Node) -> None:
         follower = self.rng.choice(self.followers())
