@@ -182,7 +182,7 @@ def encode_body_fields(
     return _body_encoder.encode(fields)
 
 
-def decode_body(data: bytes) -> EventBody:
+def decode_body(data: bytes | memoryview) -> EventBody:
     return _body_decoder.decode(data)
 
 

@@ -38,10 +38,19 @@ from walship.errors import CorruptionError, InvalidInput, StorageFull, WalFailed
 from walship.fsutil import fsync_dir
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.position import Lsn, Position, Term
+from walship.wal.frame import VerifiedFrame
+from walship.wal.group import (
+    Pending,
+    WholeUnits,
+    first_lsn,
+    index_sparse,
+    joined,
+    last_position,
+    plan_units,
+)
 from walship.wal.reading import WalReader, _Segment
 from walship.wal.record import (
     GENESIS_CHAIN,
-    HEADER,
     TERM_MAX,
     Record,
     VerifiedRun,
@@ -141,8 +150,9 @@ class Wal(WalReader):
         self._fd_lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._space = threading.Condition(self._lock)
-        self._pending: list[bytes] = []
+        self._pending: list[Pending] = []
         self._pending_bytes = 0
+        self._pending_records = 0  # a WholeUnits is one element of many records
         self._pending_future: Future[WriteOutcome] = Future()
         self._listeners: list[WalListener] = []
         self._failed: WalFailed | StorageFull | None = None
@@ -315,6 +325,7 @@ class Wal(WalReader):
                 added += len(raw)
                 chains.append(chain)
             self._pending_bytes += added
+            self._pending_records += len(bodies)
             self._last_lsn = first + len(bodies) - 1
             self._last_term = term
             self._last_chain = chain
@@ -337,38 +348,68 @@ class Wal(WalReader):
             not records or records[-1].batch_left == 0,
             f"a run ending at lsn {run.last_lsn} cuts an atomic append",
         )
+        rises = [(r.term, r.lsn) for r in records]
+        last = records[-1] if records else None
         with self._lock:
-            self._wait_for_space()
-            tail = (self._last_lsn, self._last_term, self._last_chain)
-            if (run.prev_lsn, run.prev_term, run.prev_chain) != tail:
-                raise CorruptionError(
-                    f"records after lsn {run.prev_lsn} term {run.prev_term} do not continue the "
-                    f"log at lsn {tail[0]} term {tail[1]}"
-                )
-            if not records:
+            self._check_continues(run.prev_lsn, run.prev_term, run.prev_chain, rises)
+            if last is None:
                 return self._pending_future
-            # records of a newer term: save where each term starts before writing any of them,
-            # and queue nothing when that fails
-            current = self.terms.current.value
-            for rec in records:
-                if rec.term > current:
-                    self.terms.start(Term(rec.term), Lsn(rec.lsn))
-                    current = rec.term
             pending = self._pending
             for rec in records:
                 pending.append(rec.raw)
                 self._pending_bytes += len(rec.raw)
-            last = records[-1]
-            self._last_lsn, self._last_term, self._last_chain = last.lsn, last.term, last.chain
-            # a follower acknowledges what it appends as durable: fsynced, whatever its own
-            # policy (which governs the writes it takes once it leads)
-            self._sync_wanted = True
-            self._wake.notify()
-            return self._pending_future
+            self._pending_records += len(records)
+            return self._queued_replicated(last.lsn, last.term, last.chain)
+
+    def append_frame(self, frame: VerifiedFrame) -> Future[WriteOutcome]:
+        """``append_run`` for a verified frame (``wal/frame.py``): its bytes are queued and
+        written as one buffer. Every record must belong to a whole atomic append."""
+        invariant(
+            frame.whole == frame.record_count,
+            f"a frame ending at lsn {frame.last_lsn} cuts an append",
+        )
+        with self._lock:
+            self._check_continues(frame.prev_lsn, frame.prev_term, frame.prev_chain, frame.rises)
+            if not frame.record_count:
+                return self._pending_future
+            last = frame.tail()
+            self._pending.append(WholeUnits(frame.data, frame.starts, frame.prev_lsn + 1, last))
+            self._pending_bytes += len(frame.data)
+            self._pending_records += frame.record_count
+            return self._queued_replicated(*last)
+
+    def _check_continues(
+        self, lsn: int, term: int, chain: bytes, rises: Sequence[tuple[int, int]]
+    ) -> None:
+        """Under ``_lock``: wait for room, check that ``(lsn, term, chain)`` is this log's tail
+        (CorruptionError otherwise) and save where each newer term of ``rises`` starts."""
+        self._wait_for_space()
+        tail = (self._last_lsn, self._last_term, self._last_chain)
+        if (lsn, term, chain) != tail:
+            raise CorruptionError(
+                f"records after lsn {lsn} term {term} do not continue the "
+                f"log at lsn {tail[0]} term {tail[1]}"
+            )
+        # records of a newer term: save where each term starts before writing any of them,
+        # and queue nothing when that fails
+        current = self.terms.current.value
+        for r_term, r_lsn in rises:
+            if r_term > current:
+                self.terms.start(Term(r_term), Lsn(r_lsn))
+                current = r_term
+
+    def _queued_replicated(self, lsn: int, term: int, chain: bytes) -> Future[WriteOutcome]:
+        """Under ``_lock``: records up to ``lsn`` were queued; wake the writer for them."""
+        self._last_lsn, self._last_term, self._last_chain = lsn, term, chain
+        # a follower acknowledges what it appends as durable: fsynced, whatever its own
+        # policy (which governs the writes it takes once it leads)
+        self._sync_wanted = True
+        self._wake.notify()
+        return self._pending_future
 
     def backlogged(self) -> bool:
         """True when an append would wait for the writer to drain (backpressure)."""
-        return len(self._pending) >= self.limits.pending_appends_max
+        return self._pending_records >= self.limits.pending_appends_max
 
     def _wait_for_space(self) -> None:
         """Backpressure: block while too much is pending; raise if the WAL has failed or the
@@ -381,7 +422,7 @@ class Wal(WalReader):
                 raise WalFailed("the WAL is closed")
             if self._full is not None:
                 raise StorageFull(self._full.message)
-            if len(self._pending) < self.limits.pending_appends_max:
+            if self._pending_records < self.limits.pending_appends_max:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -474,8 +515,8 @@ class Wal(WalReader):
                 else:
                     batch, future = self._pending, self._pending_future
                     must_sync, self._sync_wanted = self._sync_wanted, False
-                    nbytes = self._pending_bytes
-                    self._pending, self._pending_bytes = [], 0
+                    nbytes, nrecords = self._pending_bytes, self._pending_records
+                    self._pending, self._pending_bytes, self._pending_records = [], 0, 0
                     self._pending_future = Future()
                     self._inflight = future
                     start = _GroupStart(
@@ -502,7 +543,7 @@ class Wal(WalReader):
                 continue
             future.set_result(outcome)
             if self._on_commit is not None:
-                self._on_commit(len(batch), nbytes, fsync_s)
+                self._on_commit(nrecords, nbytes, fsync_s)
             for listener in list(self._listeners):
                 try:
                     listener(outcome.lsn)
@@ -543,7 +584,7 @@ class Wal(WalReader):
                 self._lock.acquire()
             self._last_sync = time.monotonic()
 
-    def _write_batch(self, batch: list[bytes], must_sync: bool) -> tuple[WriteOutcome, float]:
+    def _write_batch(self, batch: list[Pending], must_sync: bool) -> tuple[WriteOutcome, float]:
         """Write a group to the active segment(s), rolling over as needed, then fsync per policy
         (or at once when ``must_sync``: the group holds replicated records).
 
@@ -553,15 +594,7 @@ class Wal(WalReader):
         _FsyncFailed from an fsync.
         """
         seg_max = self.limits.segment_bytes_max
-        units: list[tuple[int, int, int]] = []  # (start, end, bytes) of each atomic append
-        start = size = 0
-        for k, raw in enumerate(batch):
-            size += len(raw)
-            if HEADER.unpack_from(raw, 0)[4] == 0:
-                units.append((start, k + 1, size))
-                start, size = k + 1, 0
-        if start < len(batch):  # cannot happen: appends queue whole units
-            units.append((start, len(batch), size))
+        units = plan_units(batch)  # (start, end, bytes) of each atomic append
         fsync_s = 0.0
         chunks: list[RecentWrite] = []  # what was written where, for tailing cursors
         u = 0
@@ -578,12 +611,12 @@ class Wal(WalReader):
                 fsync_s += self._roll_segment(batch[units[u][0]])
                 continue
             i, j = units[u][0], units[v - 1][1]
-            data = b"".join(batch[i:j]) if j - i > 1 else batch[i]
+            data = joined(batch[i:j])
             self._write_all(data, active, batch[i:j])
-            _, _, chunk_last, chunk_term, _, chunk_chain = HEADER.unpack_from(batch[j - 1], 0)
+            chunk_last, chunk_term, chunk_chain = last_position(batch[j - 1])
             chunks.append(
                 RecentWrite(
-                    HEADER.unpack_from(batch[i], 0)[2],
+                    first_lsn(batch[i]),
                     chunk_last,
                     chunk_term,
                     chunk_chain,
@@ -593,7 +626,7 @@ class Wal(WalReader):
                 )
             )
             u = v
-        _, _, last_lsn, last_term, _, last_chain = HEADER.unpack_from(batch[-1], 0)
+        last_lsn, last_term, last_chain = last_position(batch[-1])
         synced = False
         if (
             must_sync
@@ -622,7 +655,7 @@ class Wal(WalReader):
                 self._synced_lsn = last_lsn
         return WriteOutcome(last_lsn, synced or self._synced_lsn >= last_lsn), fsync_s
 
-    def _write_all(self, data: bytes, active: _Segment, records: list[bytes]) -> None:
+    def _write_all(self, data: bytes, active: _Segment, records: list[Pending]) -> None:
         offset = active.bytes
         view = memoryview(data)
         at = offset
@@ -631,24 +664,16 @@ class Wal(WalReader):
             view = view[n:]
             at += n
         # sparse index for readers, one entry every ~256 KiB
-        last_indexed = active.sparse_index[-1][1] if active.sparse_index else -SPARSE_INDEX_BYTES
-        pos = offset
-        for raw in records:
-            if pos - last_indexed >= SPARSE_INDEX_BYTES:
-                lsn = HEADER.unpack_from(raw, 0)[2]
-                active.sparse_index.append((lsn, pos))
-                last_indexed = pos
-            pos += len(raw)
-        active.bytes = pos
+        active.bytes = index_sparse(active.sparse_index, records, offset, SPARSE_INDEX_BYTES)
 
-    def _roll_segment(self, next_record: bytes) -> float:
+    def _roll_segment(self, next_record: Pending) -> float:
         """Close the active segment (fsynced) and start a new one before ``next_record``."""
         t0 = time.perf_counter()
         # cut the finished segment's unused preallocated space, then make it all durable
         os.ftruncate(self._fd, self._segments[-1].bytes)
         _fdatasync(self._fd)
         elapsed = time.perf_counter() - t0
-        lsn = HEADER.unpack_from(next_record, 0)[2]
+        lsn = first_lsn(next_record)
         prev = self._record_before(lsn)
         path = create_segment(
             self.directory, SegmentHeader(lsn, prev[0], prev[1]), self.limits.segment_bytes_max
@@ -724,7 +749,7 @@ class Wal(WalReader):
             self._last_lsn, self._last_term = written, self._written_term
             self._last_chain = self._written_chain
             queued = self._pending_future
-            self._pending, self._pending_bytes = [], 0
+            self._pending, self._pending_bytes, self._pending_records = [], 0, 0
             self._pending_future = Future()
             self._full = full
             self._full_need_bytes = min(nbytes, self.limits.segment_bytes_max)

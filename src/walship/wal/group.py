@@ -1,0 +1,111 @@
+"""What the WAL writer's queue holds, and how a group of it is cut into writes.
+
+The queue holds single encoded records (a leader's appends: ``bytes``) and ``WholeUnits``:
+a run of records that ends an atomic append, as one buffer (a follower's verified frame,
+``wal/frame.py``). The writer packs atomic appends into the active segment and rolls to a new
+one when the next does not fit, so an append never spans two segments; a ``WholeUnits`` is
+packed as one piece (it may hold several appends, which then share a segment — the segment
+boundaries of a follower need not be its leader's, only the records).
+
+These helpers read only the element's own headers or its kept offsets: for a ``WholeUnits``
+nothing here walks its records one by one except the sparse index, which looks at one record
+per ~256 KiB.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Sequence
+
+from walship.wal.record import HEADER
+
+
+class WholeUnits:
+    """Records ``first_lsn..`` ending an atomic append, written as one buffer.
+
+    ``starts[i]`` is where the ``i``-th record begins in ``data`` (the last entry is
+    ``len(data)``); ``last`` is the last record's ``(lsn, term, chain)``.
+    """
+
+    __slots__ = ("data", "first_lsn", "last", "starts")
+
+    def __init__(
+        self, data: bytes, starts: list[int], first_lsn: int, last: tuple[int, int, bytes]
+    ) -> None:
+        self.data = data
+        self.starts = starts
+        self.first_lsn = first_lsn
+        self.last = last
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return f"<WholeUnits lsns={self.first_lsn}..{self.last[0]} bytes={len(self.data)}>"
+
+
+Pending = bytes | WholeUnits
+
+
+def plan_units(batch: Sequence[Pending]) -> list[tuple[int, int, int]]:
+    """``(start, end, bytes)`` of each atomic append in ``batch`` (a ``WholeUnits`` is one)."""
+    units: list[tuple[int, int, int]] = []
+    start = size = 0
+    for k, raw in enumerate(batch):
+        size += len(raw)
+        if isinstance(raw, WholeUnits) or HEADER.unpack_from(raw, 0)[4] == 0:
+            units.append((start, k + 1, size))
+            start, size = k + 1, 0
+    if start < len(batch):  # cannot happen: appends queue whole units
+        units.append((start, len(batch), size))
+    return units
+
+
+def first_lsn(raw: Pending) -> int:
+    """The lsn of the element's first record."""
+    if isinstance(raw, WholeUnits):
+        return raw.first_lsn
+    return int(HEADER.unpack_from(raw, 0)[2])
+
+
+def last_position(raw: Pending) -> tuple[int, int, bytes]:
+    """``(lsn, term, chain)`` of the element's last record."""
+    if isinstance(raw, WholeUnits):
+        return raw.last
+    _, _, lsn, term, _, chain = HEADER.unpack_from(raw, 0)
+    return lsn, term, chain
+
+
+def joined(elems: Sequence[Pending]) -> bytes:
+    """The elements' bytes, one after the other (the element's own buffer when alone)."""
+    if len(elems) == 1:
+        raw = elems[0]
+        return raw.data if isinstance(raw, WholeUnits) else raw
+    return b"".join([raw.data if isinstance(raw, WholeUnits) else raw for raw in elems])
+
+
+def index_sparse(
+    sparse_index: list[tuple[int, int]], elems: Sequence[Pending], offset: int, every: int
+) -> int:
+    """Add ``(lsn, offset)`` entries for ``elems`` written at ``offset``, one at most every
+    ``every`` bytes after the last entry; returns the offset after them."""
+    last_indexed = sparse_index[-1][1] if sparse_index else -every
+    pos = offset
+    for raw in elems:
+        if isinstance(raw, WholeUnits):
+            starts = raw.starts
+            i = 0
+            while True:
+                # the first record at least ``every`` bytes after the last entry
+                i = bisect_left(starts, last_indexed + every - pos, i, len(starts) - 1)
+                if i >= len(starts) - 1:
+                    break
+                sparse_index.append((raw.first_lsn + i, pos + starts[i]))
+                last_indexed = pos + starts[i]
+            pos += len(raw.data)
+            continue
+        if pos - last_indexed >= every:
+            sparse_index.append((int(HEADER.unpack_from(raw, 0)[2]), pos))
+            last_indexed = pos
+        pos += len(raw)
+    return pos
