@@ -113,6 +113,22 @@ def test_a_bit_flip_in_the_middle_of_a_frame_is_refused_naming_its_record() -> N
     assert info.value.details["offset"] == middle
 
 
+def test_a_frame_from_another_history_a_gap_or_a_lower_term_is_refused() -> None:
+    records = make_log([3, 3], term_at={4: 2})
+    with pytest.raises(ProtocolError, match="chain hash mismatch at record 1"):
+        BatchApplier().take(msgspec.structs.replace(batch_of(records, 1, 6), prev_chain=b"x" * 8))
+    with pytest.raises(ProtocolError, match="record lsn 3 where 2 was due"):
+        BatchApplier().take(
+            msgspec.structs.replace(batch_of(records, 1, 1), records=records[0] + records[2])
+        )
+    with pytest.raises(ProtocolError, match="has term 2, outside 1..1"):
+        BatchApplier().take(batch_of(records, 1, 6, term=1))
+    with pytest.raises(ProtocolError, match="the records end at lsn 6"):
+        BatchApplier().take(
+            msgspec.structs.replace(batch_of(records, 1, 6), last_lsn=7, leader_lsn=7)
+        )
+
+
 # ------------------------------------------------------------------ the applier
 
 
