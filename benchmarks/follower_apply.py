@@ -1,11 +1,12 @@
 """Follower apply, in-process: the CPU a follower spends per event on the replication hot path.
 
-A leader store ingests ``--events`` ~1 KB events (batches of 1,000); its WAL is read back as
+A leader store ingests ``--events`` ~1 KB events (batches of 1,000, fsync always: its CPU per
+event for those appends is reported as ``leader``); its WAL is read back as
 the leader ships it (``WalCursor`` frames of at most ``--frame-kib``) and encoded as the wire
 stream. A follower store (fresh data dir, fsync always, memtable large enough that no
 checkpoint runs in the window) then takes the stream the way ``Follower.step`` does: the frame
 decoder is fed 256 KiB reads, each ``WalBatch`` goes through ``Follower._decode_and_apply``
-(verify, hold/cut atomic appends, ``Store.apply_run``: WAL append and memtable indexing), and
+(verify, hold/cut atomic appends, ``Store.apply_frame``: WAL append and memtable indexing), and
 the run ends when the WAL has written the last record.
 
 Reported per event (µs of CPU): ``receive`` (frame decoding), ``verify_apply`` (the rest of the
@@ -45,9 +46,9 @@ from walship.replication.protocol import (
 )
 from walship.store import Store, StoreConfig
 from walship.wal.cursor import WalCursor
-from walship.wal.log import FsyncPolicy
 
 READ_BYTES = 256 * 1024
+_NO_CHECKPOINT = replace(DEFAULT_LIMITS, memtable_events_max=10_000_000, memtable_bytes_max=1 << 40)
 
 
 def _thread_cpu_s(native_id: int | None) -> float:
@@ -69,9 +70,13 @@ def _writer_id() -> int | None:
     return None
 
 
-def leader_stream(root: Path, n: int, frame_bytes: int) -> tuple[list[bytes], int]:
-    """The wire bytes a leader ships for ``n`` events, in 256 KiB reads; and the last lsn."""
-    leader = Store.open(StoreConfig(root / "leader", fsync=FsyncPolicy.parse("never")))
+def leader_stream(
+    root: Path, n: int, frame_bytes: int
+) -> tuple[list[bytes], int, dict[str, float]]:
+    """The wire bytes a leader ships for ``n`` events, in 256 KiB reads; the last lsn; and
+    the leader's CPU per event for the appends (batches of 1,000, fsync always, memtable
+    large enough that no checkpoint runs)."""
+    leader = Store.open(StoreConfig(root / "leader", limits=_NO_CHECKPOINT))
     pool = [
         [
             msgspec.json.decode(msgspec.json.encode(event(b * 1000 + i)), type=EventIn)
@@ -79,8 +84,16 @@ def leader_stream(root: Path, n: int, frame_bytes: int) -> tuple[list[bytes], in
         ]
         for b in range(8)
     ]
+    writer = _writer_id()
+    w0, p0, t0 = _thread_cpu_s(writer), time.process_time(), time.thread_time()
     for b in range(n // 1000):
         leader.append_batch(pool[b % len(pool)])
+    us = 1e6 / (n // 1000 * 1000)
+    cpu = {
+        "append_us": round((time.thread_time() - t0) * us, 2),
+        "wal_writer_us": round((_thread_cpu_s(writer) - w0) * us, 2),
+        "process_us": round((time.process_time() - p0) * us, 2),
+    }
     cursor = WalCursor(leader.wal, 1)
     wire = bytearray()
     prev = (0, 0, bytes(8))
@@ -105,13 +118,12 @@ def leader_stream(root: Path, n: int, frame_bytes: int) -> tuple[list[bytes], in
     cursor.close()
     leader.close()
     reads = [bytes(wire[i : i + READ_BYTES]) for i in range(0, len(wire), READ_BYTES)]
-    return reads, last
+    return reads, last, cpu
 
 
 def follower_apply(root: Path, reads: list[bytes], last: int) -> dict[str, Any]:
     """Feed the stream to a fresh follower store; CPU per event by phase."""
-    limits = replace(DEFAULT_LIMITS, memtable_events_max=10_000_000, memtable_bytes_max=1 << 40)
-    store = Store.open(StoreConfig(root / "follower", limits=limits))
+    store = Store.open(StoreConfig(root / "follower", limits=_NO_CHECKPOINT))
     config = ReplicationConfig(secret=b"x" * 32, leader="127.0.0.1:1")
     follower = Follower(store, config, ReplicationMetrics(store.metrics.registry), "bench-follower")
     decoder = FrameDecoder(DEFAULT_LIMITS.frame_bytes_max)
@@ -156,12 +168,13 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="walship-apply-") as tmp:
         root = Path(tmp)
-        reads, last = leader_stream(root, args.events, args.frame_kib * 1024)
+        reads, last, leader_cpu = leader_stream(root, args.events, args.frame_kib * 1024)
         runs = []
         for i in range(args.repeat):
             runs.append(follower_apply(root / f"run{i}", reads, last))
         best = min(runs, key=lambda r: r["process_us"])
-        print(json.dumps({"frame_kib": args.frame_kib, "best": best, "runs": runs}, indent=1))
+        out = {"frame_kib": args.frame_kib, "leader": leader_cpu, "best": best, "runs": runs}
+        print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

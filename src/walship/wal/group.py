@@ -23,25 +23,27 @@ from walship.wal.record import HEADER
 class WholeUnits:
     """Records ``first_lsn..`` ending an atomic append, written as one buffer.
 
-    ``starts[i]`` is where the ``i``-th record begins in ``data`` (the last entry is
-    ``len(data)``); ``last`` is the last record's ``(lsn, term, chain)``.
+    ``parts`` are the records' bytes in order, in one buffer (a follower's frame) or one per
+    record (a leader's append: joined once, by the writer, with the rest of its group);
+    ``starts[i]`` is where the ``i``-th record begins (the last entry is the byte count);
+    ``last`` is the last record's ``(lsn, term, chain)``.
     """
 
-    __slots__ = ("data", "first_lsn", "last", "starts")
+    __slots__ = ("first_lsn", "last", "parts", "starts")
 
     def __init__(
-        self, data: bytes, starts: list[int], first_lsn: int, last: tuple[int, int, bytes]
+        self, parts: list[bytes], starts: list[int], first_lsn: int, last: tuple[int, int, bytes]
     ) -> None:
-        self.data = data
+        self.parts = parts
         self.starts = starts
         self.first_lsn = first_lsn
         self.last = last
 
     def __len__(self) -> int:
-        return len(self.data)
+        return self.starts[-1]
 
     def __repr__(self) -> str:
-        return f"<WholeUnits lsns={self.first_lsn}..{self.last[0]} bytes={len(self.data)}>"
+        return f"<WholeUnits lsns={self.first_lsn}..{self.last[0]} bytes={len(self)}>"
 
 
 Pending = bytes | WholeUnits
@@ -77,11 +79,20 @@ def last_position(raw: Pending) -> tuple[int, int, bytes]:
 
 
 def joined(elems: Sequence[Pending]) -> bytes:
-    """The elements' bytes, one after the other (the element's own buffer when alone)."""
+    """The elements' bytes, one after the other (a lone buffer as it is, not copied)."""
     if len(elems) == 1:
         raw = elems[0]
-        return raw.data if isinstance(raw, WholeUnits) else raw
-    return b"".join([raw.data if isinstance(raw, WholeUnits) else raw for raw in elems])
+        if not isinstance(raw, WholeUnits):
+            return raw
+        if len(raw.parts) == 1:
+            return raw.parts[0]
+    buffers: list[bytes] = []
+    for raw in elems:
+        if isinstance(raw, WholeUnits):
+            buffers.extend(raw.parts)
+        else:
+            buffers.append(raw)
+    return b"".join(buffers)
 
 
 def index_sparse(
@@ -102,7 +113,7 @@ def index_sparse(
                     break
                 sparse_index.append((raw.first_lsn + i, pos + starts[i]))
                 last_indexed = pos + starts[i]
-            pos += len(raw.data)
+            pos += len(raw)
             continue
         if pos - last_indexed >= every:
             sparse_index.append((int(HEADER.unpack_from(raw, 0)[2]), pos))

@@ -316,14 +316,22 @@ class Wal(WalReader):
             first = self._last_lsn + 1
             chain = self._last_chain
             chains: list[bytes] = []
-            pending = self._pending
+            raws: list[bytes] = []
+            # where each record starts: the writer indexes and packs the append from these
+            # instead of reading every record's header again
+            starts: list[int] = []
             added = 0
             last_index = len(bodies) - 1
             for i, body in enumerate(bodies):
                 raw, chain = encode_record(first + i, term, chain, body, last_index - i)
-                pending.append(raw)
+                raws.append(raw)
+                starts.append(added)
                 added += len(raw)
                 chains.append(chain)
+            starts.append(added)
+            if raws:
+                last = first + last_index
+                self._pending.append(WholeUnits(raws, starts, first, (last, term, chain)))
             self._pending_bytes += added
             self._pending_records += len(bodies)
             self._last_lsn = first + len(bodies) - 1
@@ -373,7 +381,7 @@ class Wal(WalReader):
             if not frame.record_count:
                 return self._pending_future
             last = frame.tail()
-            self._pending.append(WholeUnits(frame.data, frame.starts, frame.prev_lsn + 1, last))
+            self._pending.append(WholeUnits([frame.data], frame.starts, frame.prev_lsn + 1, last))
             self._pending_bytes += len(frame.data)
             self._pending_records += frame.record_count
             return self._queued_replicated(*last)
