@@ -990,11 +990,12 @@ class Store:
         versions = self._versions
         observe = self._positions.observe
         for ev in events:
-            key = entity_key(ev.tenant_id, ev.entity_id)
-            if ev.version > versions.get(key, 0):
-                versions[key] = ev.version
+            tenant_id, version = ev.tenant_id, ev.version
+            key = f"{tenant_id}\x00{ev.entity_id}"  # entity_key, inlined (per record)
+            if version > versions.get(key, 0):
+                versions[key] = version
             # taken from the record the leader wrote, never assigned here
-            observe(ev.tenant_id, ev.tenant_position, ev.lsn)
+            observe(tenant_id, ev.tenant_position, ev.lsn)
 
     def apply_frame(self, frame: VerifiedFrame) -> Future[WriteOutcome]:
         """``apply_run`` for a verified frame of whole appends (``wal/frame.py``): written to
