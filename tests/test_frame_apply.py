@@ -32,14 +32,16 @@ from walship.wal.record import (
 from walship.wal.segment import SEGMENT_HEADER_BYTES, list_segments
 
 
-def make_log(appends: list[int], *, term_at: dict[int, int] | None = None) -> list[bytes]:
-    """Raw records of atomic appends of the given sizes from lsn 1; ``term_at``: the term
-    that starts at an lsn (term 1 before any)."""
+def make_log(
+    appends: list[int], *, term_at: dict[int, int] | None = None, scale: int = 1
+) -> list[bytes]:
+    """Raw records of atomic appends of the given sizes from lsn 1 (bodies of ~10-70 bytes
+    times ``scale``); ``term_at``: the term that starts at an lsn (term 1 before any)."""
     out, chain, lsn, term = [], GENESIS_CHAIN, 1, 1
     for size in appends:
         for i in range(size):
             term = (term_at or {}).get(lsn, term)
-            body = f"event {lsn} ".encode() * (1 + lsn % 7)
+            body = f"event {lsn} ".encode() * (1 + lsn % 7) * scale
             raw, chain = encode_record(lsn, term, chain, body, size - 1 - i)
             out.append(raw)
             lsn += 1
@@ -190,16 +192,17 @@ def test_frames_written_whole_give_the_leaders_records_across_segments_and_a_reo
 ) -> None:
     """Frames cut at random record boundaries, appends of 1-9 records, a term rise, segments
     of 4 KiB: the follower's log holds the same records, reads from any lsn (sparse index),
-    keeps every append within one segment, survives a reopen and knows where term 2 began."""
+    keeps every append within one segment and every segment within its limit, survives a
+    reopen and knows where term 2 began."""
     rng = random.Random(15)
     appends = [rng.randint(1, 9) for _ in range(60)]
-    records = make_log(appends, term_at={100: 2})
+    records = make_log(appends, term_at={100: 2}, scale=4)
     limits = Limits(segment_bytes_max=4096)
     wal = open_wal(tmp_path, limits=limits)
     applier = BatchApplier(limits)
     first = 1
     while first <= len(records):
-        last = min(first + rng.randint(0, 12), len(records))
+        last = min(first + rng.randint(0, 40), len(records))  # often more than a segment
         frame = applier.take(batch_of(records, first, last))
         if frame is not None:
             wal.append_frame(frame).result()
@@ -212,6 +215,8 @@ def test_frames_written_whole_give_the_leaders_records_across_segments_and_a_reo
     assert len(segments) > 3
     for first_lsn, _ in segments[1:]:  # every segment starts right after an append ended
         assert HEADER.unpack_from(records[first_lsn - 2], 0)[4] == 0
+    for _, path in segments[:-1]:  # a frame larger than a segment was cut between appends
+        assert path.stat().st_size <= 4096
     wal.close()
     wal = open_wal(tmp_path, limits=limits)
     assert [r.raw for r in wal.read_from(1)] == records

@@ -38,8 +38,8 @@ class VerifiedFrame(NamedTuple):
     """Consecutive records, each checked against the one before from ``prev_*``.
 
     ``starts[i]`` is where record ``prev_lsn + 1 + i`` begins in ``data``; the last entry is
-    ``len(data)``. ``whole`` counts the records up to the last one that ends an atomic append
-    (``batch_left == 0``); ``rises`` lists ``(term, first lsn)`` where the term goes up;
+    ``len(data)``. ``unit_ends`` counts the records up to each one that ends an atomic append
+    (``batch_left == 0``), in order; ``rises`` lists ``(term, first lsn)`` where the term goes up;
     ``bodies`` are views of the records' bodies (of ``data``, or of the frames it was joined
     from: the same bytes).
     """
@@ -49,13 +49,18 @@ class VerifiedFrame(NamedTuple):
     prev_chain: bytes
     data: bytes
     starts: list[int]
-    whole: int
+    unit_ends: list[int]
     rises: list[tuple[int, int]]
     bodies: list[memoryview]
 
     @property
     def record_count(self) -> int:
         return len(self.starts) - 1
+
+    @property
+    def whole(self) -> int:
+        """How many records, from the first, end whole atomic appends."""
+        return self.unit_ends[-1] if self.unit_ends else 0
 
     @property
     def last_lsn(self) -> int:
@@ -81,14 +86,14 @@ class VerifiedFrame(NamedTuple):
         base = len(self.data)
         starts = self.starts[:-1]
         starts.extend([s + base for s in more.starts])
-        whole = self.record_count + more.whole if more.whole else self.whole
+        count = self.record_count
         return VerifiedFrame(
             self.prev_lsn,
             self.prev_term,
             self.prev_chain,
             self.data + more.data,
             starts,
-            whole,
+            self.unit_ends + [end + count for end in more.unit_ends],
             self.rises + more.rises,
             self.bodies + more.bodies,
         )
@@ -108,7 +113,7 @@ class VerifiedFrame(NamedTuple):
             self.prev_chain,
             self.data[:cut],
             self.starts[: k + 1],
-            k,
+            self.unit_ends,
             [r for r in self.rises if r[1] < first_open],
             self.bodies[:k],
         )
@@ -118,7 +123,7 @@ class VerifiedFrame(NamedTuple):
             chain,
             self.data[cut:],
             [s - cut for s in self.starts[k:]],
-            0,
+            [],
             [r for r in self.rises if r[1] >= first_open],
             self.bodies[k:],
         )
@@ -126,7 +131,7 @@ class VerifiedFrame(NamedTuple):
 
     def _empty_after(self, k: int) -> VerifiedFrame:
         lsn, term, chain = self.position_after(k)
-        return VerifiedFrame(lsn, term, chain, b"", [0], 0, [], [])
+        return VerifiedFrame(lsn, term, chain, b"", [0], [], [], [])
 
     def entries(self) -> Iterable[tuple[int, int, memoryview]]:
         """``(lsn, term, body)`` of each record, without a Python step per record when the
@@ -146,7 +151,7 @@ class VerifiedFrame(NamedTuple):
 
 def empty_frame(prev_lsn: int, prev_term: int, prev_chain: bytes) -> VerifiedFrame:
     """No records, after ``(prev_lsn, prev_term, prev_chain)``."""
-    return VerifiedFrame(prev_lsn, prev_term, prev_chain, b"", [0], 0, [], [])
+    return VerifiedFrame(prev_lsn, prev_term, prev_chain, b"", [0], [], [], [])
 
 
 def verify_frame(
@@ -163,6 +168,7 @@ def verify_frame(
     (``verify_run``'s message); never a partial answer. ``buf`` is kept, not copied.
     """
     starts: list[int] = []
+    unit_ends: list[int] = []
     rises: list[tuple[int, int]] = []
     bodies: list[memoryview] = []
     add_start, add_body = starts.append, bodies.append
@@ -171,7 +177,7 @@ def verify_frame(
     # of a few sizes, and this saves a slice and a call per record
     length_crcs: dict[int, int] = {}
     lsn, term, chain = prev_lsn, prev_term, prev_chain
-    offset, size, whole = 0, len(buf), 0
+    offset, size = 0, len(buf)
     view = memoryview(buf)
     while offset < size:
         if size - offset < HEADER_BYTES:
@@ -205,8 +211,8 @@ def verify_frame(
         add_start(offset)
         add_body(body)
         if not left:
-            whole = len(starts)
+            unit_ends.append(len(starts))
         lsn, term, chain = r_lsn, r_term, r_chain
         offset = end
     starts.append(size)
-    return VerifiedFrame(prev_lsn, prev_term, prev_chain, buf, starts, whole, rises, bodies)
+    return VerifiedFrame(prev_lsn, prev_term, prev_chain, buf, starts, unit_ends, rises, bodies)

@@ -2,10 +2,11 @@
 
 The queue holds single encoded records (a leader's appends: ``bytes``) and ``WholeUnits``:
 a run of records that ends an atomic append, as one buffer (a follower's verified frame,
-``wal/frame.py``). The writer packs atomic appends into the active segment and rolls to a new
-one when the next does not fit, so an append never spans two segments; a ``WholeUnits`` is
-packed as one piece (it may hold several appends, which then share a segment — the segment
-boundaries of a follower need not be its leader's, only the records).
+``wal/frame.py``, or a leader's append). The writer packs atomic appends into the active
+segment and rolls to a new one when the next does not fit, so an append never spans two
+segments; a ``WholeUnits`` of several appends is packed whole when it fits and otherwise cut
+between two of its appends (``fit_first``), so a follower fills its segments as its leader
+does.
 
 These helpers read only the element's own headers or its kept offsets: for a ``WholeUnits``
 nothing here walks its records one by one except the sparse index, which looks at one record
@@ -26,16 +27,23 @@ class WholeUnits:
     ``parts`` are the records' bytes in order, in one buffer (a follower's frame) or one per
     record (a leader's append: joined once, by the writer, with the rest of its group);
     ``starts[i]`` is where the ``i``-th record begins (the last entry is the byte count);
-    ``last`` is the last record's ``(lsn, term, chain)``.
+    ``unit_ends`` counts the records up to the end of each atomic append among them (the last
+    is all of them); ``last`` is the last record's ``(lsn, term, chain)``.
     """
 
-    __slots__ = ("first_lsn", "last", "parts", "starts")
+    __slots__ = ("first_lsn", "last", "parts", "starts", "unit_ends")
 
     def __init__(
-        self, parts: list[bytes], starts: list[int], first_lsn: int, last: tuple[int, int, bytes]
+        self,
+        parts: list[bytes],
+        starts: list[int],
+        unit_ends: list[int],
+        first_lsn: int,
+        last: tuple[int, int, bytes],
     ) -> None:
         self.parts = parts
         self.starts = starts
+        self.unit_ends = unit_ends
         self.first_lsn = first_lsn
         self.last = last
 
@@ -44,6 +52,56 @@ class WholeUnits:
 
     def __repr__(self) -> str:
         return f"<WholeUnits lsns={self.first_lsn}..{self.last[0]} bytes={len(self)}>"
+
+    def split(self, room: int) -> tuple[WholeUnits, WholeUnits] | None:
+        """``(head, rest)``: the most whole appends from the first that fit in ``room`` bytes,
+        and the others; None when all of them fit, or not even the first does."""
+        starts = self.starts
+        k = 0
+        for end in self.unit_ends[:-1]:
+            if starts[end] > room:
+                break
+            k = end
+        if not k:
+            return None
+        cut = starts[k]
+        if len(self.parts) == 1:
+            data = self.parts[0]
+            head_parts, rest_parts = [data[:cut]], [data[cut:]]
+        else:  # one buffer per record
+            head_parts, rest_parts = self.parts[:k], self.parts[k:]
+        _, _, lsn, term, _, chain = HEADER.unpack_from(
+            head_parts[-1], starts[k - 1] if len(self.parts) == 1 else 0
+        )
+        head = WholeUnits(
+            head_parts,
+            starts[: k + 1],
+            [e for e in self.unit_ends if e <= k],
+            self.first_lsn,
+            (lsn, term, chain),
+        )
+        rest = WholeUnits(
+            rest_parts,
+            [s - cut for s in starts[k:]],
+            [e - k for e in self.unit_ends if e > k],
+            self.first_lsn + k,
+            self.last,
+        )
+        return head, rest
+
+
+def fit_first(batch: list[Pending], k: int, room: int) -> bool:
+    """Split ``batch[k]`` in place when it is a ``WholeUnits`` larger than ``room`` of which
+    some first appends fit: a segment then takes those and the rest goes to the next one, so a
+    follower's segments stay within their limit as its leader's do. True when it split."""
+    raw = batch[k]
+    if not isinstance(raw, WholeUnits) or len(raw) <= room:
+        return False
+    halves = raw.split(room)
+    if halves is None:
+        return False
+    batch[k : k + 1] = halves
+    return True
 
 
 Pending = bytes | WholeUnits

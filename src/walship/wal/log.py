@@ -43,6 +43,7 @@ from walship.wal.group import (
     Pending,
     WholeUnits,
     first_lsn,
+    fit_first,
     index_sparse,
     joined,
     last_position,
@@ -331,7 +332,9 @@ class Wal(WalReader):
             starts.append(added)
             if raws:
                 last = first + last_index
-                self._pending.append(WholeUnits(raws, starts, first, (last, term, chain)))
+                self._pending.append(
+                    WholeUnits(raws, starts, [len(raws)], first, (last, term, chain))
+                )
             self._pending_bytes += added
             self._pending_records += len(bodies)
             self._last_lsn = first + len(bodies) - 1
@@ -381,7 +384,9 @@ class Wal(WalReader):
             if not frame.record_count:
                 return self._pending_future
             last = frame.tail()
-            self._pending.append(WholeUnits([frame.data], frame.starts, frame.prev_lsn + 1, last))
+            self._pending.append(
+                WholeUnits([frame.data], frame.starts, frame.unit_ends, frame.prev_lsn + 1, last)
+            )
             self._pending_bytes += len(frame.data)
             self._pending_records += frame.record_count
             return self._queued_replicated(*last)
@@ -609,6 +614,8 @@ class Wal(WalReader):
         while u < len(units):
             active = self._segments[-1]
             room = seg_max - active.bytes
+            if fit_first(batch, units[u][0], room):
+                units = plan_units(batch)  # one element became two: the indexes move
             v, size = u, 0
             while v < len(units) and (
                 size + units[v][2] <= room or (v == u and active.bytes == SEGMENT_HEADER_BYTES)
