@@ -38,6 +38,8 @@ import msgspec
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RawHttp, event, percentile, save
 from walship.cli.process import NodeProcess
+from walship.limits import Limits
+from walship.storage.compaction import pick_run
 from walship.storage.manifest import read_manifest
 
 TARGETS = {
@@ -267,10 +269,18 @@ def _timed_reader(node: NodeProcess, target: Any, last: int) -> tuple[int, float
     return count, elapsed, reader_cpu, node_cpu
 
 
-def part_sizes(node: NodeProcess) -> list[int]:
-    """The events of each Parquet part the node holds (merged parts are the big ones)."""
-    manifest = read_manifest(node.data_dir / "checkpoints")
-    return [] if manifest is None else [part.events for part in manifest.parts]
+def settled_parts(node: NodeProcess, fanin: int | None, timeout_s: float = 300.0) -> list[int]:
+    """The part sizes once the node has no merge left to run (a merge of ~460,000 events
+    running during the catch-up took its CPU, and the node's CPU per event with it)."""
+    limits = Limits() if fanin is None else Limits(compaction_fanin_min=fanin)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        manifest = read_manifest(node.data_dir / "checkpoints")
+        parts = [] if manifest is None else list(manifest.parts)
+        due = pick_run(parts, limits.compaction_fanin_min, limits.compaction_events_max)
+        if due is None or time.monotonic() > deadline:
+            return [part.events for part in parts]
+        time.sleep(1.0)
 
 
 def catch_up(root: Path, n: int, fanin: int | None = None) -> dict[str, Any]:
@@ -283,7 +293,7 @@ def catch_up(root: Path, n: int, fanin: int | None = None) -> dict[str, Any]:
         last = last_lsn(node.url)
         print(f"  loaded {n:,} events ({rate:,.0f} events/s)", flush=True)
         time.sleep(2.0)  # let the last checkpoint and merges settle: they would take the cores
-        parts = part_sizes(node)
+        parts = settled_parts(node, fanin)
         print(f"  parts (events): {parts}", flush=True)
         count, elapsed, reader_cpu, node_cpu = _timed_reader(node, catch_up_child, last)
         if count != n:

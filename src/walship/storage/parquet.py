@@ -187,6 +187,9 @@ BUILD_ROWS = 2048
 # CPU an event; spilled, ~4 µs).
 SCAN_SLAB_ROWS = 16_384
 SCAN_SPILL_SLABS_MIN = 3
+# a query of some tenants (a tenant-scoped subscription) reads a big part by slabs when they
+# fill this share of its row groups; rarer tenants are picked from their row groups
+SCAN_DENSE_GROUPS_MIN = 0.125
 # slabs kept per process, the least recently used dropped first: two consumers a slab apart,
 # or one at the edge of two parts, both hit. A slab holds its events or frames (~21 MB for
 # 16,384 ~1 KB events); a slab dropped here lives on only while a read still builds or
@@ -301,12 +304,12 @@ def _sha256(path: Path) -> str:
 
 
 class _Slab:
-    """Rows of a part in lsn order, kept as the form they were first asked for: events (a
-    query) or subscription frames (a stream catching up). The decoded rows themselves are
-    not kept, so a slab holds about what the events alone held before frames existed."""
+    """Rows of a part in lsn order, kept as the forms they were asked for: events (a
+    query), subscription frames (a stream catching up), the rows (a filtered read)."""
 
     def __init__(self, load: Callable[[], pa.Table]) -> None:
         self._load = load
+        self._table: pa.Table | None = None  # kept only when a filtered read asks for it
         self._events: list[StoredEvent] | None = None
         self._frames: EventFrames | None = None
         self._lock = threading.Lock()
@@ -318,6 +321,14 @@ class _Slab:
                     table = self._load()
                     self._events = _to_events(table, table.num_rows)
             return self._events
+
+    def table(self) -> pa.Table:
+        """The rows themselves (a filtered read picks its events out of them)."""
+        with self._lock:
+            if self._table is None:
+                with SCAN_SLAB_BUILDS:
+                    self._table = self._load()
+            return self._table
 
     def frames(self) -> EventFrames:
         with self._lock:
@@ -377,6 +388,8 @@ class PartReader:
         """Up to ``limit`` matching events of this part, in lsn order."""
         if dataclasses.replace(flt, from_lsn=1, to_lsn=None) == _EVERYTHING:
             return self._scan(flt.from_lsn, flt.to_lsn, limit)
+        if self._dense_tenants(flt):
+            return self._select_by_slabs(flt, limit)
         if flt.entity_id is not None:
             key = entity_key(flt.tenant_id or "default", flt.entity_id)
             groups = [i for i, (lo, hi) in enumerate(self.info.row_groups) if lo <= key <= hi]
@@ -398,6 +411,38 @@ class PartReader:
         wanted = np.sort(keys.column("lsn").to_numpy())[:limit]
         table = self._rows_by_lsn(wanted)
         return _to_events(table, limit)
+
+    def _dense_tenants(self, flt: QueryFilter) -> bool:
+        """Whether ``flt`` picks tenants (no entity) that fill at least
+        ``SCAN_DENSE_GROUPS_MIN`` of this part's row groups, in a part big enough to spill.
+        Picking a page of such a tenant's rows out of the row groups that hold them decodes
+        nearly all of the part for each page (a tenant-scoped catch-up over a merged part of
+        115,000 events: ~100 µs an event); read in lsn order from slabs, it is decoded once."""
+        tenants = {flt.tenant_id} if flt.tenant_id is not None else flt.tenant_ids
+        groups = self.info.row_groups
+        if flt.entity_id is not None or not tenants or not groups:
+            return False
+        if self.info.events <= (SCAN_SPILL_SLABS_MIN - 1) * SCAN_SLAB_ROWS:
+            return False
+        # a tenant's keys all lie in [tenant + NUL, tenant + \x01)
+        spans = [(entity_key(t, ""), f"{t}\x01") for t in tenants]
+        hit = sum(1 for lo, hi in groups if any(a <= hi and lo < b for a, b in spans))
+        return hit >= SCAN_DENSE_GROUPS_MIN * len(groups)
+
+    def _select_by_slabs(self, flt: QueryFilter, limit: int) -> list[StoredEvent]:
+        """Up to ``limit`` events matching ``flt``, read slab by slab in lsn order."""
+        lsns = self._sorted_lsns()
+        i = int(np.searchsorted(lsns, flt.from_lsn))
+        end = len(lsns)
+        if flt.to_lsn is not None:
+            end = int(np.searchsorted(lsns, flt.to_lsn, side="right"))
+        out: list[StoredEvent] = []
+        while i < end and len(out) < limit:
+            slab = i // SCAN_SLAB_ROWS
+            table = _filter(self._slab(slab, lsns).table(), flt)
+            out.extend(_to_events(table, limit - len(out)))
+            i = (slab + 1) * SCAN_SLAB_ROWS
+        return out
 
     def _scan(self, from_lsn: int, to_lsn: int | None, limit: int) -> list[StoredEvent]:
         """Every event from ``from_lsn`` through ``to_lsn`` (at most ``limit``), by slabs."""
