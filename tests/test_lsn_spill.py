@@ -229,3 +229,17 @@ def test_a_tenant_catch_up_over_spilled_parts_reads_them_once(
         ]
     # each spilled part decoded once (picking each page out of the row groups: ~9,400 rows)
     assert decoded.rows <= 300 + 400 + 4 * 100, decoded.rows
+
+
+def test_a_catch_up_without_room_for_a_spill_reads_slab_by_slab(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spill is a cache: a data dir that cannot take it (full disk) costs time, not events."""
+
+    def no_room(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lsn_spill.tempfile, "TemporaryFile", no_room)
+    frames = _catch_up(store, 37)
+    assert [_lsn(f) for f in frames] == list(range(1, 851))
+    assert len(parquet._SPILLS) == 0

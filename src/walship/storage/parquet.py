@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import logging
 import os
 import threading
 import uuid
@@ -35,6 +36,8 @@ from walship.events import StoredEvent
 from walship.fsutil import fsync_dir
 from walship.storage.lsn_spill import SPILLS_KEPT, LsnSpill, Recent
 from walship.storage.query import QueryFilter, entity_key
+
+log = logging.getLogger(__name__)
 
 if pa.default_memory_pool().backend_name == "jemalloc":
     # pyarrow was imported before walship chose the system allocator (see walship/__init__):
@@ -495,7 +498,11 @@ class PartReader:
 
     def _read_slab(self, slab: int, lsns: np.ndarray) -> pa.Table:
         if len(lsns) > (SCAN_SPILL_SLABS_MIN - 1) * SCAN_SLAB_ROWS:
-            return self._spill(lsns).slab(slab)
+            try:
+                return self._spill(lsns).slab(slab)
+            except OSError as exc:
+                # a spill is a cache: without room for it, read the slab the slow way
+                log.warning("cannot spill %s for an lsn-ordered read: %s", self.path.name, exc)
         lo = int(lsns[slab * SCAN_SLAB_ROWS])
         hi = int(lsns[min((slab + 1) * SCAN_SLAB_ROWS, len(lsns)) - 1])
         return self._read_lsns(lo, hi)
