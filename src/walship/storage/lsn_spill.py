@@ -8,7 +8,7 @@ part: at 1,000,000 events, with merged parts of up to 500,000 events, a catch-up
 big part ~30 times and the node spent ~73 µs of CPU an event. A spill decodes the part once,
 a chunk of row groups at a time, and writes each chunk's rows grouped by slab (and in lsn
 order within it) to an Arrow IPC file; a slab is then its chunks' record batches, read from
-the memory-mapped file without decoding or decompressing, merged into lsn order.
+the file without decoding or decompressing (uncompressed IPC), merged into lsn order.
 
 Bounds. The file is made with ``O_TMPFILE`` in the part's directory (it never has a name, so
 nothing that lists the directory sees it, and a crash leaves nothing behind); it goes away
@@ -22,13 +22,13 @@ times the part's Parquet file). A build holds one chunk of ``SPILL_CHUNK_ROWS`` 
 
 from __future__ import annotations
 
-import mmap
+import os
 import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import IO, Generic, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -75,24 +75,27 @@ class Recent(Generic[V]):
 
 
 class LsnSpill:
-    """A part's rows grouped by slab of lsns, in a memory-mapped Arrow IPC file.
+    """A part's rows grouped by slab of lsns, in an Arrow IPC file with no name.
 
     ``slab(i)`` is slab ``i``'s rows in lsn order; safe from any number of threads."""
 
-    def __init__(self, mapped: pa.Buffer, slabs: list[list[int]], rows: int) -> None:
-        self._file = pa.ipc.open_file(pa.BufferReader(mapped))
+    def __init__(self, file: IO[bytes], slabs: list[list[int]], rows: int) -> None:
+        # read, not memory-mapped: mapped pages would count in the node's RSS for as long as
+        # the spill is kept, where read batches are freed once their slab is built
+        self._fd = file  # the file lives as long as this spill: it has no name to reopen
+        self._file = pa.ipc.open_file(pa.PythonFile(file, mode="r"))
         self._slabs = slabs  # slab -> its record batches in the file
         self._lock = threading.Lock()
         self.rows = rows
-        self.bytes = mapped.size
+        self.bytes = os.fstat(file.fileno()).st_size
 
     @property
     def slab_count(self) -> int:
         return len(self._slabs)
 
     def slab(self, i: int) -> pa.Table:
-        """The rows of slab ``i``, in lsn order (one copy out of the mapped file)."""
-        with self._lock:  # the IPC reader keeps some state of its own: reads one at a time
+        """The rows of slab ``i``, in lsn order."""
+        with self._lock:  # one file position (seek, read): reads one at a time
             batches = [self._file.get_batch(b) for b in self._slabs[i]]
         table = pa.Table.from_batches(batches, schema=self._file.schema)
         # each batch is in lsn order already: one sort merges the chunks' runs
@@ -111,38 +114,55 @@ class LsnSpill:
         in ``schema``) into slabs that begin at the lsns ``starts`` (ascending; the first is
         at most the part's lowest lsn). Holds one chunk of rows in memory at a time."""
         slabs: list[list[int]] = [[] for _ in starts]
-        rows = 0
-        with SPILL_BUILDS, tempfile.TemporaryFile(dir=directory) as tmp:
-            sink = pa.PythonFile(tmp, mode="w")
-            with pa.ipc.new_file(sink, schema) as writer:
-                batch = 0
-                group = 0
-                while group < groups:
-                    tables = []
-                    held = 0
-                    while group < groups and held < SPILL_CHUNK_ROWS:
-                        tables.append(read_group(group))
-                        held += tables[-1].num_rows
-                        group += 1
-                    chunk = pa.concat_tables(tables).combine_chunks()
-                    del tables
-                    lsns = chunk.column("lsn").to_numpy()
-                    slab_of = np.searchsorted(starts, lsns, side="right") - 1
-                    order = np.lexsort((lsns, slab_of))
-                    grouped = chunk.take(pa.array(order)).combine_chunks()
-                    del chunk
-                    counts = np.bincount(slab_of, minlength=len(starts))
-                    at = 0
-                    for slab, count in enumerate(counts.tolist()):
-                        if count:
-                            for piece in grouped.slice(at, count).to_batches():
-                                writer.write_batch(piece)
-                                slabs[slab].append(batch)
-                                batch += 1
-                            at += count
-                    rows += grouped.num_rows
-                    del grouped
+        # no context manager: the spill owns the file once built (closing it removes it)
+        tmp = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115
+        try:
+            with SPILL_BUILDS:
+                rows = cls._write(tmp, schema, groups, read_group, starts, slabs)
             tmp.flush()
-            # the map keeps its own descriptor: the file lives as long as the map is held
-            mapped = mmap.mmap(tmp.fileno(), 0, access=mmap.ACCESS_READ)
-        return cls(pa.py_buffer(mapped), slabs, rows)
+            return cls(tmp, slabs, rows)
+        except BaseException:
+            tmp.close()
+            raise
+
+    @staticmethod
+    def _write(
+        tmp: IO[bytes],
+        schema: pa.Schema,
+        groups: int,
+        read_group: Callable[[int], pa.Table],
+        starts: np.ndarray,
+        slabs: list[list[int]],
+    ) -> int:
+        """Write the spill's IPC file; returns its rows, fills ``slabs``."""
+        rows = 0
+        sink = pa.PythonFile(tmp, mode="w")
+        with pa.ipc.new_file(sink, schema) as writer:
+            batch = 0
+            group = 0
+            while group < groups:
+                tables = []
+                held = 0
+                while group < groups and held < SPILL_CHUNK_ROWS:
+                    tables.append(read_group(group))
+                    held += tables[-1].num_rows
+                    group += 1
+                chunk = pa.concat_tables(tables).combine_chunks()
+                del tables
+                lsns = chunk.column("lsn").to_numpy()
+                slab_of = np.searchsorted(starts, lsns, side="right") - 1
+                order = np.lexsort((lsns, slab_of))
+                grouped = chunk.take(pa.array(order)).combine_chunks()
+                del chunk
+                counts = np.bincount(slab_of, minlength=len(starts))
+                at = 0
+                for slab, count in enumerate(counts.tolist()):
+                    if count:
+                        for piece in grouped.slice(at, count).to_batches():
+                            writer.write_batch(piece)
+                            slabs[slab].append(batch)
+                            batch += 1
+                        at += count
+                rows += grouped.num_rows
+                del grouped
+        return rows
