@@ -12,7 +12,7 @@ the file without decoding or decompressing (uncompressed IPC), merged into lsn o
 
 Bounds. The file is made with ``O_TMPFILE`` in the part's directory (it never has a name, so
 nothing that lists the directory sees it, and a crash leaves nothing behind); it goes away
-when its spill is dropped and the last slab read from it is released. At most ``SPILLS_KEPT``
+when its spill is dropped and no read still uses it. At most ``SPILLS_KEPT``
 spills exist in a process at once, the least recently used dropped first, so the disk they
 take is at most that many parts' decoded size (about 1.1 KB an event for ~1 KB events, ~4
 times the part's Parquet file). A build holds one chunk of ``SPILL_CHUNK_ROWS`` rows in memory
