@@ -37,7 +37,7 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RawHttp, event, percentile, save
-from walship.cli.process import NodeProcess
+from walship.testing.process import NodeProcess
 
 TARGETS = {
     "catchup_events_per_s": 100_000,

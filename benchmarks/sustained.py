@@ -50,8 +50,8 @@ import msgspec
 sys.path.insert(0, str(Path(__file__).parent))
 from common import event, save
 from replication import Cluster, wait_settled
-from walship.cli.process import NodeProcess
-from walship.cli.wal import iter_wal_records
+from walship.testing.process import NodeProcess
+from walship.wal.offline import iter_wal_records
 
 TARGETS = {"last_to_second_window_ratio": 0.9}
 THREAD_NAMES = Path(__file__).parent / "threadnames"  # sitecustomize for the nodes

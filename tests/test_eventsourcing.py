@@ -32,7 +32,6 @@ from eventsourcing.utils import Environment, get_topic
 
 from tests.cluster import Cluster, replication_address
 from walship.apikeys import ApiKeyFile, Role
-from walship.cli.process import NodeProcess
 from walship.eventsourcing import (
     WalshipAggregateRecorder,
     WalshipApplicationRecorder,
@@ -43,6 +42,7 @@ from walship.eventsourcing import (
 from walship.eventsourcing.backend import NewEvent
 from walship.eventsourcing.embedded import acquire_store, release
 from walship.eventsourcing.remote import HttpBackend
+from walship.testing.process import NodeProcess
 
 MODULE = "walship.eventsourcing"
 

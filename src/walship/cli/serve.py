@@ -55,6 +55,7 @@ from walship.errors import CorruptionError, InvalidInput, WalshipError
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.peers import split_urls
 from walship.runtime import settle, tune_process
+from walship.testing.process import START_LINE_MARK
 from walship.wal import FsyncPolicy
 
 if TYPE_CHECKING:
@@ -64,8 +65,6 @@ if TYPE_CHECKING:
 
 EXIT_CORRUPTION = 2
 ADMIN_TOKEN_ENV = "WALSHIP_ADMIN_TOKEN"  # noqa: S105 (a variable name)
-START_LINE_MARK = "serving "
-"""The start line reads ``walship NODE serving URL ...``; process.py finds the URL after it."""
 
 _BACKLOG = 2048  # uvicorn's default
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")

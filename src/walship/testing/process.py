@@ -1,9 +1,11 @@
 """Run ``walship serve`` as a child process: start, wait until ready, stop, kill.
 
-Used by ``walship demo`` and the crash tests. The child's stdout and stderr go to a log file,
-never to a pipe nobody drains (a full pipe would stall the server). The server is started with
-``--http-port 0`` unless a port is given, and its URL is read from its start line, so there is
-no window in which another process can take a port chosen in advance.
+Used by ``walship demo``, ``walship verify``, the tests and the benchmarks; it lives in the
+library, not in ``cli/``, so that ``verify/`` needs nothing of the CLI. The child's stdout and
+stderr go to a log file, never to a pipe nobody drains (a full pipe would stall the server).
+The server is started with ``--http-port 0`` unless a port is given, and its URL is read from
+its start line, so there is no window in which another process can take a port chosen in
+advance.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from types import TracebackType
 
 import httpx
 
-from walship.cli.serve import START_LINE_MARK
+START_LINE_MARK = "serving "
+"""``walship serve``'s start line reads ``walship NODE serving URL ...``: the URL follows this.
+
+Defined here, with the parser that depends on it; the serve command prints it.
+"""
 
 _URL_RE = re.compile(re.escape(START_LINE_MARK) + r"(https?://\S+)")
 _REPLICATION_RE = re.compile(r" replication=(\S+)")
