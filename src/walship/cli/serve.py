@@ -994,8 +994,8 @@ def _run(
     """Serve until a signal; always close the node (WAL written and fsynced) afterwards."""
     import uvicorn
 
-    from walship.cli.uvicorn_server import NodeServer, http_protocol, metrics_server
     from walship.http.app import create_app
+    from walship.http.server import NodeServer, http_protocol, metrics_server
 
     host, port = sock.getsockname()[:2]
     companions, metrics_note = [], ""

@@ -39,6 +39,7 @@ from walship.cli.output import (
     print_renderable,
 )
 from walship.errors import InvalidInput
+from walship.peers import normalize_url
 
 CONNECT_TIMEOUT_S = 1.0
 READ_TIMEOUT_S = 2.0
@@ -82,12 +83,6 @@ class NodeReport:
         if self.health is not None:
             return {"url": self.url, "http_status": self.http_status, "health": self.health}
         return {"url": self.url, "http_status": self.http_status, "error": self.error}
-
-
-def normalize_url(raw: str) -> str:
-    """``host:port`` → ``http://host:port``; no trailing slash."""
-    url = raw.strip().rstrip("/")
-    return url if "://" in url else f"http://{url}"
 
 
 def _reason(exc: BaseException) -> str:

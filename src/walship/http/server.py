@@ -1,7 +1,9 @@
 """A uvicorn server that reports when it is ready and lets its caller finish the shutdown,
 and an HTTP protocol that bounds a request's head before the parser buffers it.
 
-Imported only by ``walship serve``, so the other commands do not pay for importing uvicorn.
+Library code (``walship serve`` and the tests run a node's app with it), imported only where a
+server is started (``walship.http`` does not import it), so the other commands and the client
+do not pay for importing uvicorn.
 """
 
 from __future__ import annotations
