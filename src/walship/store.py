@@ -97,6 +97,7 @@ from walship.wal.record import VerifiedRun
 from walship.wal.segment import SegmentHeader, create_segment
 from walship.wal.terms import FILE_NAME as TERMS_FILE
 from walship.wal.truncate import truncate_wal
+from walship.wire import EntityState, Receipt, TrackingReceipt
 
 log = logging.getLogger(__name__)
 
@@ -117,35 +118,6 @@ class StoreConfig:
     # module again: a script embedding the store keeps its own work under
     # ``if __name__ == "__main__":``, as multiprocessing asks
     part_worker: bool = False
-
-
-class Receipt(msgspec.Struct):
-    """The answer to a write: where it is in the log and how durable it is."""
-
-    event_id: str
-    lsn: int
-    term: int
-    version: int
-    timestamp: str
-    durability: str = "local"
-    required: int = 0
-    acked_by: list[str] = msgspec.field(default_factory=list)
-    duplicate: bool = False
-    position: int = 0  # the event's position in its tenant (0: written before positions)
-
-
-class TrackingReceipt(msgspec.Struct):
-    """The answer for a batch's tracking: the consumer's new position and its record's lsn."""
-
-    consumer: str
-    tenant_id: str
-    position: int
-    lsn: int
-    term: int
-    durability: str = "local"
-    required: int = 0
-    acked_by: list[str] = msgspec.field(default_factory=list)
-    duplicate: bool = False  # a repeat of the batch that stored it: nothing stored again
 
 
 class QueryResult(msgspec.Struct):
@@ -188,21 +160,6 @@ class PendingAppend:
     @property
     def min_lsn(self) -> int:
         return min((r.lsn for r in self.answers), default=0)
-
-
-class EntityState(msgspec.Struct, frozen=True, omit_defaults=True):
-    """An entity's payloads merged in lsn order (``state_encoding`` only when it is bytes)."""
-
-    tenant_id: str
-    entity_id: str
-    version: int
-    state: Any
-    last_lsn: int
-    updated: str | None
-    events: int
-    # "base64" when the last event's payload was bytes: ``state`` is those bytes (a binary
-    # payload replaces the state, as any non-object does), base64 text in a JSON answer
-    state_encoding: str | None = None
 
 
 class Store:

@@ -31,7 +31,6 @@ from walship.errors import Forbidden, InvalidParameter, NotReady, ValidationErro
 from walship.events import (
     BatchIn,
     EventIn,
-    EventOut,
     parse_timestamp,
     to_out,
     to_plain,
@@ -56,7 +55,6 @@ from walship.http.websocket import add_websocket_route
 from walship.http.writes import (
     BATCH_PATH,
     EVENTS_PATH,
-    BatchReceipts,
     BodyFormat,
     WriteFastLane,
     answer_batch,
@@ -71,16 +69,7 @@ from walship.readiness import readiness
 from walship.replication.lostfound import SummaryCache
 from walship.storage.query import QueryFilter
 from walship.storage.tenant_stats import tenant_counts
-from walship.store import EntityState, Receipt
-
-
-class QueryPage(msgspec.Struct):
-    """One page of a query, in lsn order; pass ``next_cursor`` back as ``cursor`` for more."""
-
-    events: list[EventOut]
-    next_cursor: str | None
-    count: int
-
+from walship.wire import BatchReceipts, EntityState, QueryPage, Receipt
 
 _SCHEMA_TYPES = (EventIn, BatchIn, Receipt, BatchReceipts, QueryPage, EntityState, ErrorBody)
 _REF_TEMPLATE = "#/components/schemas/{name}"

@@ -26,22 +26,12 @@ from walship.http.params import check_names
 from walship.limits import Limits
 from walship.node import Node
 from walship.replication.acks import AckMode
-from walship.store import PendingAppend, Receipt, TrackingReceipt
+from walship.store import PendingAppend
 from walship.wal.log import WriteOutcome
+from walship.wire import BatchReceipts, Receipt
 
 EVENTS_PATH = "/api/v1/events"
 BATCH_PATH = "/api/v1/events/batch"
-
-
-class BatchReceipts(msgspec.Struct, omit_defaults=True):
-    """The answer to a batch append: one receipt per event, in input order (and the receipt
-    of its tracking, when it had one)."""
-
-    receipts: list[Receipt]
-    count: int
-    first_lsn: int
-    last_lsn: int
-    tracking: TrackingReceipt | None = None
 
 
 async def receive_body(scope: Scope, receive: Receive, bytes_max: int) -> bytes | None:
