@@ -21,6 +21,7 @@ from rich.table import Table
 from walship.cli.output import console, fail, say, warn
 from walship.errors import InvalidInput
 from walship.events import decode_body
+from walship.position import Lsn
 from walship.storage.offline_check import verify_wal
 from walship.wal.offline import (
     DumpStopped,
@@ -62,8 +63,8 @@ def render_verify(report: VerifyReport) -> None:
     for seg in report.segments:
         table.add_row(
             seg.path.name,
-            str(seg.first_lsn),
-            str(seg.last_lsn) if seg.records else "-",
+            str(seg.first_lsn.value),
+            str(seg.last_lsn.value) if seg.records else "-",
             str(seg.records),
             f"{seg.file_bytes:,}",
             f"[{styles.get(seg.status, '')}]{seg.status}[/]",
@@ -85,8 +86,8 @@ def render_verify(report: VerifyReport) -> None:
         say(f"corrupt: {problem}", style="bold red")
     records = sum(s.records for s in report.segments)
     if report.ok:
-        first = report.segments[0].first_lsn if report.segments else 0
-        span = f"lsn {first}..{report.last_lsn}" if records else "no records"
+        first = report.segments[0].first_lsn.value if report.segments else 0
+        span = f"lsn {first}..{report.last_lsn.value}" if records else "no records"
         torn = " (then a torn tail)" if report.torn_tail is not None else ""
         say(
             f"WAL OK: {records} records, {span}{torn}, {len(report.segments)} segment(s)",
@@ -177,7 +178,7 @@ def dump_command(
     if not as_json:
         out.write("#      lsn  term chain              bytes event_type entity_id event_id\n")
     try:
-        for _, _, rec in iter_wal_records(location.wal_dir, from_lsn):
+        for _, _, rec in iter_wal_records(location.wal_dir, Lsn(from_lsn)):
             if limit is not None and shown >= limit:
                 break
             fields = describe_record(rec)

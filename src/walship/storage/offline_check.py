@@ -38,8 +38,8 @@ def _verify_checkpoint(report: VerifyReport) -> None:
         return
     if not report.segments or report.corruption:
         return
-    first = report.segments[0].first_lsn
-    last = report.last_lsn
+    first = report.segments[0].first_lsn.value
+    last = report.last_lsn.value
     checkpointed = manifest.last_lsn
     if checkpointed:
         report.notes.append(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from walship.errors import CorruptionError, InvalidInput
 from walship.limits import DEFAULT_LIMITS
+from walship.position import Lsn
 from walship.wal.record import Record, RecordIncomplete, RecordInvalid, decode_record
 from walship.wal.segment import (
     SEGMENT_HEADER_BYTES,
@@ -64,8 +65,8 @@ class SegmentReport:
     """What verification found in one segment file."""
 
     path: Path
-    first_lsn: int
-    last_lsn: int
+    first_lsn: Lsn
+    last_lsn: Lsn  # first_lsn - 1 while no record was read
     records: int
     file_bytes: int
     status: str = "ok"
@@ -97,8 +98,8 @@ class VerifyReport:
         return not self.corruption and not self.problems
 
     @property
-    def last_lsn(self) -> int:
-        return self.segments[-1].last_lsn if self.segments else 0
+    def last_lsn(self) -> Lsn:
+        return self.segments[-1].last_lsn if self.segments else Lsn(0)
 
 
 def damage_from(exc: CorruptionError, path: Path) -> Damage:
@@ -127,12 +128,14 @@ def verify_segments(location: WalLocation) -> VerifyReport:
     chained: tuple[int, bytes] | None = None  # (next lsn, chain) the next segment must continue
     last_term = 0
     for i, (first_lsn, path) in enumerate(found):
-        seg = SegmentReport(path, first_lsn, first_lsn - 1, 0, path.stat().st_size)
+        before = Lsn(max(first_lsn - 1, 0))
+        seg = SegmentReport(path, Lsn(first_lsn), before, 0, path.stat().st_size)
         report.segments.append(seg)
+        read = [0, before.value]  # records, last lsn: bare ints per record, an Lsn per segment
 
-        def count(rec: Record, seg: SegmentReport = seg) -> None:
-            seg.records += 1
-            seg.last_lsn = rec.lsn
+        def count(rec: Record, read: list[int] = read) -> None:
+            read[0] += 1
+            read[1] = rec.lsn
 
         try:
             scan = scan_segment(
@@ -148,6 +151,8 @@ def verify_segments(location: WalLocation) -> VerifyReport:
             report.corruption.append(damage_from(exc, path))
             chained = None
             continue
+        finally:
+            seg.records, seg.last_lsn = read[0], Lsn(read[1])
         last_term = max(last_term, scan.last_term)
         chained = (scan.last_lsn + 1, scan.last_chain)
         if scan.torn_tail is not None:
@@ -190,16 +195,17 @@ class DumpStopped(Exception):
         self.in_last_segment = in_last_segment
 
 
-def iter_wal_records(wal_dir: Path, from_lsn: int = 1) -> Iterator[tuple[Path, int, Record]]:
+def iter_wal_records(wal_dir: Path, from_lsn: Lsn = Lsn(1)) -> Iterator[tuple[Path, int, Record]]:
     """``(segment, offset, record)`` for every CRC-valid record with lsn >= ``from_lsn``.
 
     Raises DumpStopped at the first record that does not decode. Chains are not checked here
     (that is ``verify_segments``' job); this shows what is on disk.
     """
     found = list_segments(wal_dir)
+    from_value = from_lsn.value
     start = 0
     for i, (first, _) in enumerate(found):
-        if first <= from_lsn:
+        if first <= from_value:
             start = i
     body_max = DEFAULT_LIMITS.record_bytes_max
     for i in range(start, len(found)):
@@ -218,6 +224,6 @@ def iter_wal_records(wal_dir: Path, from_lsn: int = 1) -> Iterator[tuple[Path, i
                 rec = decode_record(view, offset, body_max)
             except (RecordIncomplete, RecordInvalid) as exc:
                 raise DumpStopped(Damage(str(path), offset, str(exc)), i == len(found) - 1) from exc
-            if rec.lsn >= from_lsn:
+            if rec.lsn >= from_value:
                 yield path, offset, rec
             offset += len(rec.raw)
