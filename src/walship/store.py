@@ -65,6 +65,7 @@ from walship.fsutil import atomic_write, fsync_dir
 from walship.limits import DEFAULT_LIMITS, LSN_MAX, Limits
 from walship.metrics import StoreMetrics
 from walship.position import Lsn, Position, Term
+from walship.replicated_log import ReplicatedLog
 from walship.storage.alarm import CheckpointAlarm, CheckpointFailure
 from walship.storage.compaction import merge_parts, pick_run
 from walship.storage.consumers import (
@@ -187,6 +188,7 @@ class Store:
         self._parts: list[PartReader] = []
         self._manifest = CheckpointManifest()
         self.cuts = LogCuts()  # divergence-repair cuts, for subscriptions following the log
+        self.log = ReplicatedLog(self)  # replication's front door to the WAL (not ``wal``)
         self._retention_floor: Callable[[], int | None] = lambda: None
         self._closed = False
         self._stop = threading.Event()
