@@ -651,3 +651,66 @@ del AggregateRecorderCases, SnapshotRecorderCases, ApplicationRecorderCases
 del TrackingRecorderCases, ProcessRecorderCases, NonInterleavingCases
 del InfrastructureFactoryCases, ExampleApplicationCases, EventCountersViewCases, ApplicationCases
 del AggregateEventCountersProjectionCases, EventSourcedProjectionCases, ModuleCases
+
+
+class _RacingLookUps:
+    """A backend whose next look-up of an entity's last event lets another writer append
+    between the node's answer and the recorder's use of it (the race of 100 threads saving
+    one aggregate, made deterministic)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.between: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def entity_events(self, *args: Any, **kwargs: Any) -> Any:
+        rows = self.backend.entity_events(*args, **kwargs)
+        if self.between is not None and kwargs.get("backward"):
+            between, self.between = self.between, None
+            between()
+        return rows
+
+
+class TestRecorderMemoryRaces(TestCase):
+    """What a recorder remembers of an entity's version must never fall behind the node for
+    good: one writer's look-up answered before another writer's insert must not overwrite
+    what that insert remembered, or every later insert of the entity is refused locally
+    (eventsourcing's own fast-forwarding test then spins until its timeout)."""
+
+    def setUp(self) -> None:
+        from walship.eventsourcing.embedded import EmbeddedBackend
+
+        assert _root is not None
+        self.backend = EmbeddedBackend(_root / "embedded", "never")
+        self.racing = _RacingLookUps(self.backend)
+        self.recorder = WalshipAggregateRecorder(self.racing, new_tenant())
+
+    def tearDown(self) -> None:
+        self.backend.close()
+
+    def event(self, originator_id: UUID, version: int) -> StoredEvent:
+        return StoredEvent(originator_id, version, "topic:Event", b"{}")
+
+    def test_a_look_up_overtaken_by_an_insert_keeps_the_newer_version(self) -> None:
+        oid = uuid.uuid4()
+        self.recorder.insert_events([self.event(oid, 1), self.event(oid, 2)])
+        # a stale writer conflicts at version 2; its look-up reads version 2, and before it
+        # uses the answer another writer stores version 3
+        self.racing.between = lambda: self.recorder.insert_events([self.event(oid, 3)])
+        with self.assertRaises(IntegrityError):
+            self.recorder.insert_events([self.event(oid, 2)])
+        self.assertEqual(self.recorder._recall(str(oid)), (3, 3))
+        self.recorder.insert_events([self.event(oid, 4)])
+        got = [e.originator_version for e in self.recorder.select_events(oid)]
+        self.assertEqual(got, [1, 2, 3, 4])
+
+    def test_a_memory_behind_the_node_is_read_again_before_refusing(self) -> None:
+        oid = uuid.uuid4()
+        self.recorder.insert_events([self.event(oid, 1), self.event(oid, 2)])
+        with self.recorder._known_lock:  # behind the node (as a lost race leaves it)
+            self.recorder._known[str(oid)] = (1, 1)
+        self.recorder.insert_events([self.event(oid, 3)])
+        got = [e.originator_version for e in self.recorder.select_events(oid)]
+        self.assertEqual(got, [1, 2, 3])

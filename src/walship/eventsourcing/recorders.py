@@ -172,17 +172,29 @@ class WalshipAggregateRecorder(WalshipRecorder, AggregateRecorder):
             return self._known.get(entity_id)
 
     def _look_up(self, entity_id: str) -> tuple[int, int] | None:
-        """Read the entity's last event; its (walship version, originator version) or None."""
+        """Read the entity's last event; its (walship version, originator version) or None.
+
+        What is read replaces what was remembered (which may be wrong either way), unless
+        another thread remembered a later version while the read was under way: that one is
+        newer than the read, and overwriting it would leave every later plan of this entity
+        one version behind (refused here, without asking the node, for as long as nothing
+        newer is read)."""
+        with self._known_lock:
+            before = self._known.get(entity_id)
         with translated():
             rows = self.backend.entity_events(
                 self.tenant_id, entity_id, 1, None, backward=True, limit=1
             )
+        read = (rows[0].version, rows[0].originator_version) if rows else None
         with self._known_lock:
+            now = self._known.get(entity_id)
+            if now is not None and now is not before and (read is None or now[0] > read[0]):
+                return now
             self._known.pop(entity_id, None)
-        if not rows:
+        if read is None:
             return None
-        self._remember(entity_id, rows[0].version, rows[0].originator_version)
-        return rows[0].version, rows[0].originator_version
+        self._remember(entity_id, *read)
+        return read
 
     # ---------------------------------------------------------------------------- writing
 
@@ -252,7 +264,15 @@ class WalshipAggregateRecorder(WalshipRecorder, AggregateRecorder):
             return []
         runs = self._runs(stored_events)
         for attempt in range(CONFLICT_RETRIES_MAX + 1):
-            events = self._plan(stored_events, runs)
+            try:
+                events = self._plan(stored_events, runs)
+            except IntegrityError:
+                # refused on what is remembered: read what the node has before saying so, as
+                # a memory that is wrong (behind, or ahead after a failover cut a tail) would
+                # otherwise refuse every later insert of the entity without asking
+                for entity_id in runs:
+                    self._look_up(entity_id)
+                events = self._plan(stored_events, runs)
             try:
                 try:
                     appended = self._append(events, tracking)
