@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 from tests.conftest import make_event
-from walship.position import Lsn, Position, Term
+from walship.position import LogPoint, Lsn, Position, Term
 from walship.replication import __file__ as replication_init
 from walship.store import Store
 
@@ -23,6 +23,7 @@ def test_log_answers_what_the_wal_holds(store: Store) -> None:
     assert log.synced_lsn == wal.synced_lsn
     assert log.last_position == wal.last_position == Position(wal.last_position.term, Lsn(5))
     assert log.last_chain == wal.last_chain
+    assert log.last_point == LogPoint(wal.last_position.term, Lsn(5), wal.last_chain)
     assert log.first_lsn() == Lsn(1)
     assert log.current_term == wal.terms.current and isinstance(log.current_term, Term)
     assert log.term_history() == wal.terms.to_list()
@@ -52,6 +53,7 @@ def test_log_follows_the_wal_the_store_reopens_after_a_repair(store: Store) -> N
     assert store.wal is not before, "the repair opened a new WAL"
     assert store.log.written_lsn == Lsn(4)
     assert store.log.last_position.lsn == Lsn(4)
+    assert store.log.last_point.chain == store.wal.last_chain != before.last_chain
     assert [rec.lsn for rec in store.log.read_from(1)] == [1, 2, 3, 4]
 
 

@@ -8,7 +8,8 @@ segments — past the store. ``ReplicatedLog`` is what it may use; the writes st
 
 The WAL object behind it is looked up on every call, not held: the store opens a new one
 after a snapshot install or a divergence repair. Ends are typed values (``Lsn``, ``Term``,
-``Position``); the term history is ``(term, first lsn)`` pairs as the protocol sends them.
+``Position``, the ``LogPoint`` of term, lsn and chain); the term history is ``(term, first
+lsn)`` pairs as the protocol sends them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from walship.position import Lsn, Position, Term
+from walship.position import LogPoint, Lsn, Position, Term
 from walship.wal.cursor import WalCursor
 from walship.wal.log import Wal
 from walship.wal.record import Record
@@ -60,6 +61,12 @@ class ReplicatedLog:
     def last_chain(self) -> bytes:
         """The running chain hash at the last record."""
         return self._owner.wal.last_chain
+
+    @property
+    def last_point(self) -> LogPoint:
+        """The last record's ``(term, lsn, chain)``, read together: what the next record must
+        continue (``LogPoint(Term(0), Lsn(0), GENESIS_CHAIN)`` for an empty log)."""
+        return self._owner.wal.last_point
 
     def first_lsn(self) -> Lsn:
         """The lowest lsn still held (one past the end when the log is empty)."""

@@ -814,9 +814,8 @@ class Follower:
             held = self._held[-1]
             tail = (held.lsn, held.term, held.chain)
         else:
-            wal = self.store.log
-            end = wal.last_position
-            tail = (end.lsn.value, end.term.value, wal.last_chain)
+            end = self.store.log.last_point
+            tail = (end.lsn.value, end.term.value, end.chain)
         if (batch.prev_lsn, batch.prev_term, batch.prev_chain) != tail:
             raise FrameRejected(
                 f"{batch!r} does not continue this follower's log, which ends at lsn "
@@ -1089,15 +1088,14 @@ class Follower:
         (tail to lost-and-found, at the point both histories share) and subscribes again; the
         staged files stay for a resume. Invariant 12: trust this log, not a file from the wire.
         """
-        wal = self.store.log
-        end = wal.last_position
+        end = self.store.log.last_point
         own_term, own_lsn = end.term.value, end.lsn.value
         common = snapshot_divergence(
             terms,
             last_lsn,
             own_term,
             own_lsn,
-            chain_differs=own_lsn == last_lsn and wal.last_chain != chain,
+            chain_differs=own_lsn == last_lsn and end.chain != chain,
         )
         if common is None:
             return
