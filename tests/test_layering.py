@@ -77,6 +77,7 @@ def test_importing_the_library_loads_no_cli_module() -> None:
         "import sys\n"
         "import walship.verify.run, walship.verify.cluster, walship.testing.process\n"
         "import walship.wal.offline, walship.storage.offline_check, walship.client\n"
+        "import walship.node_reports, walship.http.server, walship.replicated_log\n"
         "cli = [m for m in sys.modules if m == 'walship.cli' or m.startswith('walship.cli.')]\n"
         "print(' '.join(sorted(cli)))\n"
     )
