@@ -150,6 +150,7 @@ def test_client_types_are_the_wire_types() -> None:
     for mine, theirs in pairs.items():
         assert issubclass(mine, theirs)
         assert mine.__struct_fields__ == theirs.__struct_fields__, mine
+        assert mine.__struct_config__.frozen, f"{mine.__name__}: the client's answers are frozen"
 
 
 def test_client_reads_values_as_before() -> None:

@@ -87,20 +87,22 @@ T = TypeVar("T")
 
 # The answers' fields are defined once, in ``wire.py``, where the server builds them; these
 # frozen subclasses re-declare only the fields that read differently on the client's side
-# (mypy sees a narrower type there: the decoder, not an assignment, fills them). They keep
-# every field when turned back into builtins (``omit_defaults=False``), as they always did.
+# (mypy sees a narrower type there: the decoder, not an assignment, fills them). They are
+# frozen over the server's mutable types, which msgspec allows and mypy's dataclass rule does
+# not (hence its ``misc`` ignores), and keep every field when turned back into builtins
+# (``omit_defaults=False``), as they always did.
 
 
-class AppendReceipt(wire.Receipt, frozen=True):  # type: ignore[misc]  # msgspec allows it
+class AppendReceipt(wire.Receipt, frozen=True):  # type: ignore[misc]
     """Where an appended event is in the log and how durable it was when answered."""
 
 
-class BatchReceipt(wire.BatchReceipts, frozen=True, omit_defaults=False):
+class BatchReceipt(wire.BatchReceipts, frozen=True, omit_defaults=False):  # type: ignore[misc]
     receipts: list[AppendReceipt]  # type: ignore[assignment]
     tracking: dict[str, Any] | None = None  # type: ignore[assignment]  # a dict, as always
 
 
-class Event(wire.EventOut, frozen=True, omit_defaults=False):
+class Event(wire.EventOut, frozen=True, omit_defaults=False):  # type: ignore[misc]
     """A stored event as queries return it; a binary payload is ``bytes``."""
 
     payload: Any
@@ -112,11 +114,11 @@ class Event(wire.EventOut, frozen=True, omit_defaults=False):
             msgspec.structs.force_setattr(self, "payload", unbase64(self.payload))
 
 
-class QueryPage(wire.QueryPage, frozen=True):
+class QueryPage(wire.QueryPage, frozen=True):  # type: ignore[misc]
     events: list[Event]  # type: ignore[assignment]
 
 
-class EntityEventsPage(wire.EntityEvents, frozen=True):
+class EntityEventsPage(wire.EntityEvents, frozen=True):  # type: ignore[misc]
     """A page of one entity's events by version; ``next_version`` continues in ``direction``."""
 
     events: list[Event]  # type: ignore[assignment]
@@ -131,11 +133,11 @@ class EntityStateResult(wire.EntityState, frozen=True, omit_defaults=False):
             msgspec.structs.force_setattr(self, "state", unbase64(self.state))
 
 
-class TenantPositionResult(wire.TenantPosition, frozen=True):
+class TenantPositionResult(wire.TenantPosition, frozen=True):  # type: ignore[misc]
     """A tenant's last position visible on the node that answered (0: none), and its lsn."""
 
 
-class ConsumerPositionResult(wire.ConsumerAnswer, frozen=True):
+class ConsumerPositionResult(wire.ConsumerAnswer, frozen=True):  # type: ignore[misc]
     """The last position a consumer tracked with a batch, and the lsn of that append."""
 
 

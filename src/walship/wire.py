@@ -9,8 +9,8 @@ the way in (a base64 ``bytes`` payload becomes ``bytes`` again), a page's events
 client's ``Event``, a ``position`` missing from an older server reads as 0, a batch's
 ``tracking`` stays the plain dict it always was. A field added here reaches both sides at once.
 
-Answers are frozen, except the receipts: the node fills in their durability once the
-acknowledgement mode is met.
+The server's values are mutable where they always were (the node fills in a receipt's
+durability once the acknowledgement mode is met); the client's subclasses are all frozen.
 
 The class names and docstrings of ``Receipt``, ``TrackingReceipt``, ``BatchReceipts``,
 ``EventOut``, ``QueryPage`` and ``EntityState`` are also the OpenAPI document's schema
@@ -72,7 +72,7 @@ class TrackingReceipt(msgspec.Struct):
     duplicate: bool = False  # a repeat of the batch that stored it: nothing stored again
 
 
-class BatchReceipts(msgspec.Struct, frozen=True, omit_defaults=True):
+class BatchReceipts(msgspec.Struct, omit_defaults=True):
     """The answer to a batch append: one receipt per event, in input order (and the receipt
     of its tracking, when it had one)."""
 
@@ -86,7 +86,7 @@ class BatchReceipts(msgspec.Struct, frozen=True, omit_defaults=True):
 # ---------------------------------------------------------------------- reads
 
 
-class EventOut(msgspec.Struct, frozen=True, omit_defaults=True):
+class EventOut(msgspec.Struct, omit_defaults=True):
     """An event as the API returns it: every model field plus ``lsn`` and ``term``.
 
     A binary payload is its base64 text with ``payload_encoding: "base64"`` (the field is left
@@ -106,7 +106,7 @@ class EventOut(msgspec.Struct, frozen=True, omit_defaults=True):
     payload_encoding: str | None = None
 
 
-class QueryPage(msgspec.Struct, frozen=True):
+class QueryPage(msgspec.Struct):
     """One page of a query, in lsn order; pass ``next_cursor`` back as ``cursor`` for more."""
 
     events: list[EventOut]
@@ -114,7 +114,7 @@ class QueryPage(msgspec.Struct, frozen=True):
     count: int
 
 
-class EntityEvents(msgspec.Struct, frozen=True):
+class EntityEvents(msgspec.Struct):
     """A page of one entity's events by version; ``next_version`` continues in its direction."""
 
     tenant_id: str
@@ -126,7 +126,7 @@ class EntityEvents(msgspec.Struct, frozen=True):
     next_version: int | None
 
 
-class EntityVersion(msgspec.Struct, frozen=True):
+class EntityVersion(msgspec.Struct):
     tenant_id: str
     entity_id: str
     version: int  # 0: no event of this entity is visible here
@@ -150,13 +150,13 @@ class EntityState(msgspec.Struct, frozen=True, omit_defaults=True):
 # ---------------------------------------------------------------------- positions
 
 
-class TenantPosition(msgspec.Struct, frozen=True):
+class TenantPosition(msgspec.Struct):
     tenant_id: str
     position: int  # of the tenant's last event visible on this node; 0: none
     lsn: int  # that event's lsn (0: none)
 
 
-class ConsumerAnswer(msgspec.Struct, frozen=True):
+class ConsumerAnswer(msgspec.Struct):
     consumer: str
     tenant_id: str
     position: int  # the last position the consumer tracked (visible on this node)
