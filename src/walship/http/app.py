@@ -1,10 +1,10 @@
 """The HTTP API of a node (AllSource-compatible paths) on FastAPI, with msgspec on the hot paths.
 
 Write routes take the raw ``Request`` and hand the body to ``writes.py`` (msgspec decoding,
-``Store.submit``, WAL future); by default ``WriteFastLane`` answers those two paths before
-FastAPI's routing. Because the write routes declare no body parameter, their request and
-response schemas are generated from the msgspec types and placed under
-``#/components/schemas`` by an ``app.openapi`` override.
+then the node's ``write_path``: ``Store.submit``, WAL future, acknowledgement); by default
+``WriteFastLane`` answers those two paths before FastAPI's routing. Because the write routes
+declare no body parameter, their request and response schemas are generated from the msgspec
+types (``wire.py``) and placed under ``#/components/schemas`` by an ``app.openapi`` override.
 
 Reads that can take long (query, entity state, stats) run in the thread pool so the event loop
 keeps accepting writes meanwhile.
