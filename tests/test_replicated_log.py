@@ -57,10 +57,12 @@ def test_log_follows_the_wal_the_store_reopens_after_a_repair(store: Store) -> N
     assert [rec.lsn for rec in store.log.read_from(1)] == [1, 2, 3, 4]
 
 
-def test_replication_reaches_the_wal_only_through_the_log() -> None:
-    """No ``store.wal`` (or ``.store.wal``) attribute chain in walship/replication/."""
+def test_replication_and_http_reach_the_wal_only_through_the_log() -> None:
+    """No ``store.wal`` (or ``.store.wal``) attribute chain in walship/replication/ or http/."""
     reaches: list[str] = []
-    for path in sorted(Path(replication_init).parent.glob("*.py")):
+    package = Path(replication_init).parent.parent
+    paths = [*package.glob("replication/*.py"), *package.glob("http/*.py")]
+    for path in sorted(paths):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if (
                 isinstance(node, ast.Attribute)

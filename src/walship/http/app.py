@@ -372,7 +372,7 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
         # lsns and the term are in every receipt and event too: nothing of another tenant's
         body = {
             "node_id": node.node_id,
-            "term": store.wal.terms.current.value,
+            "term": store.log.current_term.value,
             "last_lsn": store.last_position.lsn.value,
             "visible_lsn": store.visible_lsn,
             "tenants": counts,
@@ -413,7 +413,7 @@ def _add_ops_routes(app: FastAPI, node: Node) -> None:
     )
     async def ready() -> Response:
         reasons = readiness(node)
-        term = node.store.wal.terms.current.value
+        term = node.store.log.current_term.value
         about = {"node_id": node.node_id, "role": node.role, "term": term}
         if not reasons:
             return _json(_encoder.encode({"ready": True, **about, "reasons": []}))
