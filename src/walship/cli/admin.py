@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 
 from walship.admin_client import AdminAccess, AdminError, admin_call
+from walship.admin_token import ADMIN_TOKEN_ENV, load_admin_token
 from walship.cli.connect import (
     AllowInsecureAdmin,
     ApiKeyFile,
@@ -29,7 +30,6 @@ from walship.cli.connect import (
     tls_verify,
 )
 from walship.cli.output import fail, say, warn
-from walship.cli.serve import ADMIN_TOKEN_ENV, load_admin_token
 from walship.errors import InvalidInput
 from walship.peers import PeerView, fetch_views, split_urls
 

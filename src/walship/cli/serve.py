@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from walship.admin_token import ADMIN_TOKEN_ENV, load_admin_token
 from walship.advertise import AdvertisedAddress, AdvertisedUrl, advertised_host, bracket
 from walship.cli.config import CONFIG_ENV, EXIT_BAD_CONFIG, load_config, settings_of
 from walship.cli.output import fail, say, warn
@@ -64,7 +65,6 @@ if TYPE_CHECKING:
     from walship.replication.config import ReplicationConfig
 
 EXIT_CORRUPTION = 2
-ADMIN_TOKEN_ENV = "WALSHIP_ADMIN_TOKEN"  # noqa: S105 (a variable name)
 
 _BACKLOG = 2048  # uvicorn's default
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -709,32 +709,6 @@ def _attach_election(
     )
     node.coordinator = election
     node.write_gate = election.write_block
-
-
-def load_admin_token(
-    path: Path | None, environ: dict[str, str] | os._Environ[str] | None = None
-) -> str | None:
-    """The admin token from the file at ``path``, else from ``$WALSHIP_ADMIN_TOKEN``; None
-    when neither is set. InvalidInput for an unreadable file or an empty token."""
-    if path is not None:
-        try:
-            token = path.read_text().strip()
-        except OSError as exc:
-            raise InvalidInput(f"cannot read admin token file {path}: {exc}") from exc
-        except UnicodeDecodeError as exc:
-            raise InvalidInput(
-                f"cannot read admin token file {path}: not UTF-8 text ({exc.reason} at byte "
-                f"{exc.start})"
-            ) from exc
-        source = f"file {path}"
-    else:
-        value = (os.environ if environ is None else environ).get(ADMIN_TOKEN_ENV)
-        if value is None:
-            return None
-        token, source = value.strip(), ADMIN_TOKEN_ENV
-    if not token:
-        raise InvalidInput(f"the admin token from {source} is empty")
-    return token
 
 
 def _prepare_data_dir(path: Path) -> Path:
