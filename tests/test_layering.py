@@ -85,3 +85,19 @@ def test_importing_the_library_loads_no_cli_module() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "", f"the library loaded CLI modules: {out.stdout.split()}"
+
+
+def test_the_moved_cli_paths_are_used_by_nothing_here() -> None:
+    """``walship.cli.process`` and ``walship.cli.uvicorn_server`` only re-export what moved to
+    the library (for branches written against them); the package, the tests and the
+    benchmarks import the new homes, so the shims can go."""
+    moved = {"walship.cli.process", "walship.cli.uvicorn_server"}
+    root = PACKAGE_DIR.parent.parent
+    users: list[str] = []
+    for folder in (PACKAGE_DIR, root / "tests", root / "benchmarks"):
+        for path in sorted(folder.rglob("*.py")):
+            if path.parent == PACKAGE_DIR / "cli" or path == Path(__file__):
+                continue
+            found = imported_modules(path, "tests.x") & moved
+            users += [f"{path.relative_to(root)} imports {name}" for name in sorted(found)]
+    assert not users, "\n".join(users)
