@@ -37,10 +37,10 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RawHttp, event, percentile, save
-from walship.cli.process import NodeProcess
 from walship.limits import Limits
 from walship.storage.compaction import pick_run
 from walship.storage.manifest import read_manifest
+from walship.testing.process import NodeProcess
 
 TARGETS = {
     "catchup_events_per_s": 100_000,
