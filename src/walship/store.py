@@ -26,7 +26,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,13 +58,13 @@ from walship.events import (
     now_us,
     prepare,
     same_content,
-    stored_from_body,
     validate_tracking,
 )
 from walship.fsutil import atomic_write, fsync_dir
 from walship.limits import DEFAULT_LIMITS, LSN_MAX, Limits
 from walship.metrics import StoreMetrics
 from walship.position import Lsn, Position, Term
+from walship.replicated_log import ReplicatedLog
 from walship.storage.alarm import CheckpointAlarm, CheckpointFailure
 from walship.storage.compaction import merge_parts, pick_run
 from walship.storage.consumers import (
@@ -92,11 +92,13 @@ from walship.storage.positions import TenantPositions
 from walship.storage.query import QueryFilter, entity_key
 from walship.storage.write_amp import WriteAmplification
 from walship.wal import FsyncPolicy, Record, Wal
+from walship.wal.frame import VerifiedFrame
 from walship.wal.log import WriteOutcome
 from walship.wal.record import VerifiedRun
 from walship.wal.segment import SegmentHeader, create_segment
 from walship.wal.terms import FILE_NAME as TERMS_FILE
 from walship.wal.truncate import truncate_wal
+from walship.wire import EntityState, Receipt, TrackingReceipt
 
 log = logging.getLogger(__name__)
 
@@ -117,35 +119,6 @@ class StoreConfig:
     # module again: a script embedding the store keeps its own work under
     # ``if __name__ == "__main__":``, as multiprocessing asks
     part_worker: bool = False
-
-
-class Receipt(msgspec.Struct):
-    """The answer to a write: where it is in the log and how durable it is."""
-
-    event_id: str
-    lsn: int
-    term: int
-    version: int
-    timestamp: str
-    durability: str = "local"
-    required: int = 0
-    acked_by: list[str] = msgspec.field(default_factory=list)
-    duplicate: bool = False
-    position: int = 0  # the event's position in its tenant (0: written before positions)
-
-
-class TrackingReceipt(msgspec.Struct):
-    """The answer for a batch's tracking: the consumer's new position and its record's lsn."""
-
-    consumer: str
-    tenant_id: str
-    position: int
-    lsn: int
-    term: int
-    durability: str = "local"
-    required: int = 0
-    acked_by: list[str] = msgspec.field(default_factory=list)
-    duplicate: bool = False  # a repeat of the batch that stored it: nothing stored again
 
 
 class QueryResult(msgspec.Struct):
@@ -190,21 +163,6 @@ class PendingAppend:
         return min((r.lsn for r in self.answers), default=0)
 
 
-class EntityState(msgspec.Struct, frozen=True, omit_defaults=True):
-    """An entity's payloads merged in lsn order (``state_encoding`` only when it is bytes)."""
-
-    tenant_id: str
-    entity_id: str
-    version: int
-    state: Any
-    last_lsn: int
-    updated: str | None
-    events: int
-    # "base64" when the last event's payload was bytes: ``state`` is those bytes (a binary
-    # payload replaces the state, as any non-object does), base64 text in a JSON answer
-    state_encoding: str | None = None
-
-
 class Store:
     """A node's events. Thread-safe; ``append`` blocks, ``submit`` does not."""
 
@@ -230,6 +188,7 @@ class Store:
         self._parts: list[PartReader] = []
         self._manifest = CheckpointManifest()
         self.cuts = LogCuts()  # divergence-repair cuts, for subscriptions following the log
+        self.log = ReplicatedLog(self)  # replication's front door to the WAL (not ``wal``)
         self._retention_floor: Callable[[], int | None] = lambda: None
         self._closed = False
         self._stop = threading.Event()
@@ -953,24 +912,62 @@ class Store:
         """Add WAL records (recovery or replication) to the memtable and versions, and
         tracking records to the consumer table (``written_lsn``: what the WAL has written,
         None in recovery)."""
-        events = []
-        for rec in records:
-            body = decode_body(rec.body)
+        self._apply_bodies([(rec.lsn, rec.term, rec.body) for rec in records], written_lsn)
+
+    def _apply_bodies(
+        self, records: Iterable[tuple[int, int, bytes | memoryview]], written_lsn: int | None
+    ) -> None:
+        """``_apply_records`` from each record's ``(lsn, term, body)``."""
+        events: list[StoredEvent] = []
+        add = events.append
+        decode = decode_body
+        for lsn, term, raw in records:
+            body = decode(raw)
             if not body.event_type.startswith(SYSTEM_PREFIX):
-                events.append(stored_from_body(rec.lsn, rec.term, body))
+                # stored_from_body, inlined: this runs for every record a follower applies
+                add(
+                    StoredEvent(
+                        lsn,
+                        term,
+                        body.id,
+                        body.tenant_id,
+                        body.entity_id,
+                        body.event_type,
+                        body.timestamp_us,
+                        body.version,
+                        body.payload,
+                        body.metadata,
+                        body.tenant_position,
+                        body.payload_binary,
+                    )
+                )
             elif body.event_type == TRACKING_TYPE:
                 position = decode_tracking_payload(body.payload)
-                entry = ConsumerPosition(body.tenant_id, body.entity_id, position, rec.lsn)
+                entry = ConsumerPosition(body.tenant_id, body.entity_id, position, lsn)
                 self._consumers.apply(entry, written_lsn)
         self._active.add_all(events)
         versions = self._versions
         observe = self._positions.observe
         for ev in events:
-            key = entity_key(ev.tenant_id, ev.entity_id)
-            if ev.version > versions.get(key, 0):
-                versions[key] = ev.version
+            tenant_id, version = ev.tenant_id, ev.version
+            key = f"{tenant_id}\x00{ev.entity_id}"  # entity_key, inlined (per record)
+            if version > versions.get(key, 0):
+                versions[key] = version
             # taken from the record the leader wrote, never assigned here
-            observe(ev.tenant_id, ev.tenant_position, ev.lsn)
+            observe(tenant_id, ev.tenant_position, ev.lsn)
+
+    def apply_frame(self, frame: VerifiedFrame) -> Future[WriteOutcome]:
+        """``apply_run`` for a verified frame of whole appends (``wal/frame.py``): written to
+        the WAL as one buffer, indexed from views of it."""
+        with self._lock:
+            self._check_writable()
+            written = self.wal.written_lsn.value
+            fut = self.wal.append_frame(frame)
+            if frame.record_count:
+                self._apply_bodies(frame.entries(), written)
+                self.metrics.appends.inc(frame.record_count)
+                self.metrics.last_lsn.set(frame.last_lsn)
+        return fut
 
     def apply_run(self, run: VerifiedRun) -> Future[WriteOutcome]:
         """Append records another node wrote (a follower) and index them; returns the write."""

@@ -53,6 +53,7 @@ from walship.errors import (
     invariant,
 )
 from walship.events import now_us
+from walship.replication.applier import BatchApplier
 from walship.replication.cascade import CascadeClient, SnapshotRedirected
 from walship.replication.config import AckSettings, ReplicationConfig
 from walship.replication.divergence import snapshot_divergence
@@ -80,7 +81,6 @@ from walship.replication.protocol import (
     SnapshotStart,
     WalBatch,
     Welcome,
-    decode_batch,
     stale_term_error,
 )
 from walship.replication.repair import repair_divergence
@@ -88,7 +88,6 @@ from walship.replication.staging import SnapshotStaging
 from walship.replication.stream import MessageStream, PeerRefused
 from walship.store import Store
 from walship.wal.log import WriteOutcome
-from walship.wal.record import GENESIS_CHAIN, HEADER_BYTES, Record, VerifiedRun
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +217,7 @@ class Follower:
         self.state = FollowerState.CLOSED
         self.connected = False
         # the highest term seen; frames from below are refused. ``on_term`` persists a rise
-        self.known_term = max(known_term, store.wal.terms.current.value)
+        self.known_term = max(known_term, store.log.current_term.value)
         self._on_term = on_term
         self._on_settings = on_settings  # the leader's ack settings, kept for a promotion
         self.repairs = 0
@@ -230,7 +229,7 @@ class Follower:
         self._in_sync_held: InSyncRecord | None = None  # a member's, until it holds its lsn
         self._in_sync_due: InSyncRecord | None = None  # to store and confirm
         self._in_sync_wake = asyncio.Event()
-        self.durable_lsn = store.wal.written_lsn.value
+        self.durable_lsn = store.log.written_lsn.value
         self.reconnects = 0
         self.snapshots_received = 0
         self.frames_rejected = 0
@@ -255,13 +254,9 @@ class Follower:
         self._ack_wanted = False
         self._may_ack = False  # the leader knows this session's position: Acks are welcome
         self._batches = 0  # WalBatches received in this session
-        # the start of an atomic append whose last record has not arrived (see _decode_and_apply)
-        self._held: list[Record] = []
-        self._held_prev: tuple[int, int, bytes] = (0, 0, GENESIS_CHAIN)
-        limits = store.limits
-        self._held_records_max = limits.batch_events_max
-        # what a leader with the same limits accepts as one append (Store.submit checks it)
-        self._held_bytes_max = limits.append_bytes_max + limits.batch_events_max * HEADER_BYTES
+        # verifies batches a frame at a time and holds the start of an atomic append whose
+        # last record has not arrived (``applier.py``)
+        self.applier = BatchApplier(store.limits)
         self._reached_streaming = False
         self._newest_ts_us: int | None = None
         self._heard_at: float | None = None  # monotonic time of the leader's last frame
@@ -486,7 +481,7 @@ class Follower:
             "at_us": now_us(),
         }
         self._note_term(result.highest_cut_term)
-        self.durable_lsn = self.store.wal.written_lsn.value
+        self.durable_lsn = self.store.log.written_lsn.value
         self._wake_applied()
         return True
 
@@ -582,7 +577,7 @@ class Follower:
             version=version,
         )
         self._last_sent = time.monotonic()
-        known = max(self.known_term, self.store.wal.terms.current.value)
+        known = max(self.known_term, self.store.log.current_term.value)
         stale = stale_term_error(welcome, known)
         if stale is not None:
             await stream.refuse(stale.code, stale.message)
@@ -615,13 +610,13 @@ class Follower:
         self._ack_wanted = False
         self._may_ack = False
         self._batches = 0
-        self._held = []
+        self.applier.reset()
         self._newest_ts_us = None
         self._in_sync_held = None
         self._in_sync_due = None
         self._heard_at = time.monotonic()  # the Welcome just came
         self.cascade.staged_sent = False
-        self.durable_lsn = self.store.wal.written_lsn.value
+        self.durable_lsn = self.store.log.written_lsn.value
 
     async def _teardown(self) -> None:
         """Close the link once the worker-thread job in flight (an apply, a snapshot write or
@@ -810,13 +805,12 @@ class Follower:
 
     async def _on_batch(self, batch: WalBatch) -> None:
         self._leader_heard(batch.leader_lsn)
-        if self._held:
-            held = self._held[-1]
-            tail = (held.lsn, held.term, held.chain)
+        held_tail = self.applier.held_tail()
+        if held_tail is not None:
+            tail = held_tail
         else:
-            wal = self.store.wal
-            end = wal.last_position
-            tail = (end.lsn.value, end.term.value, wal.last_chain)
+            end = self.store.log.last_point
+            tail = (end.lsn.value, end.term.value, end.chain)
         if (batch.prev_lsn, batch.prev_term, batch.prev_chain) != tail:
             raise FrameRejected(
                 f"{batch!r} does not continue this follower's log, which ends at lsn "
@@ -833,8 +827,8 @@ class Follower:
         self._batches += 1
         if (
             len(batch.records) <= INLINE_APPLY_BYTES
-            and not self._held  # completing a held append can mean thousands of records
-            and not self.store.wal.backlogged()
+            and not self.applier.holding  # completing a held append: maybe thousands of records
+            and not self.store.log.backlogged()
         ):
             # a small live batch: verifying and applying it here is cheaper than two hops to a
             # worker thread and back, which dominate a single write's replication latency
@@ -850,40 +844,15 @@ class Follower:
 
     def _decode_and_apply(self, batch: WalBatch) -> tuple[int, int, Future[WriteOutcome] | None]:
         """Verify every record, then append the whole atomic appends among them to the WAL and
-        the memtable; ``(count, last lsn, write)`` of what was applied.
-
-        A leader's frame can end inside an atomic append (one larger than a frame): its records
-        so far are held here, verified but neither written nor readable, until the frame with
-        its last record arrives — so a follower never shows or acks half an append.
-        """
+        the memtable; ``(count, last lsn, write)`` of what was applied (``applier.py`` holds
+        the start of an append that continues in the next frame: nothing of it is written,
+        shown or acked until it is whole)."""
         with _rejecting():
-            run = decode_batch(batch, self.store.limits.record_bytes_max)
-            if self._held:
-                prev, records = self._held_prev, self._held + run.records
-            else:
-                prev, records = (run.prev_lsn, run.prev_term, run.prev_chain), run.records
-            k = len(records)
-            while k and records[k - 1].batch_left:
-                k -= 1
-            held = records[k:]
-            if held:
-                held_bytes = sum(len(r.raw) for r in held)
-                if len(held) > self._held_records_max or held_bytes > self._held_bytes_max:
-                    raise FrameRejected(
-                        f"an atomic append from lsn {held[0].lsn} is still open after "
-                        f"{len(held)} records ({held_bytes} bytes): larger than any append a "
-                        "leader accepts"
-                    )
-                if k:
-                    last = records[k - 1]
-                    self._held_prev = (last.lsn, last.term, last.chain)
-                else:
-                    self._held_prev = prev
-            self._held = held
-            if not k:
+            frame = self.applier.take(batch)
+            if frame is None:
                 return 0, 0, None
-            done = self.store.apply_run(VerifiedRun(*prev, records[:k]))
-            return k, records[k - 1].lsn, done
+            done = self.store.apply_frame(frame)
+            return frame.record_count, frame.last_lsn, done
 
     def _on_in_sync(self, record: InSyncRecord) -> None:
         """Have the leader's in-sync set stored and confirmed; a member first waits until it
@@ -949,7 +918,7 @@ class Follower:
         WAL's error when the write failed."""
         durable = item.last_lsn
         if not item.done.result().synced:  # append_run always fsyncs; never trust less
-            durable = min(durable, self.store.wal.synced_lsn.value)
+            durable = min(durable, self.store.log.synced_lsn.value)
         self.durable_lsn = max(self.durable_lsn, durable)
 
     async def _send_position(self) -> None:
@@ -978,7 +947,7 @@ class Follower:
     async def _on_snapshot_start(self, start: SnapshotStart) -> None:
         if self._batches or self._staging is not None:
             raise FrameRejected("SnapshotStart after the stream began")
-        local_end = self.store.wal.last_position.lsn.value
+        local_end = self.store.log.last_position.lsn.value
         if start.last_lsn < local_end:
             # never go back silently: that would drop records this node holds
             raise FrameRejected(
@@ -1036,7 +1005,7 @@ class Follower:
         self.snapshots_received += 1
         self.cascade.installed("leader")
         self.metrics.snapshots_received.inc()
-        self.durable_lsn = self.store.wal.written_lsn.value
+        self.durable_lsn = self.store.log.written_lsn.value
         self.state = FollowerState.CATCHING_UP
         self._wake_applied()
         self._publish()
@@ -1067,7 +1036,7 @@ class Follower:
         self.cascade.installed(staged.source)
         self.snapshots_received += 1
         self.metrics.snapshots_received.inc()
-        self.durable_lsn = self.store.wal.written_lsn.value
+        self.durable_lsn = self.store.log.written_lsn.value
         self.state = FollowerState.CATCHING_UP
         self._wake_applied()
         self._publish()
@@ -1089,15 +1058,14 @@ class Follower:
         (tail to lost-and-found, at the point both histories share) and subscribes again; the
         staged files stay for a resume. Invariant 12: trust this log, not a file from the wire.
         """
-        wal = self.store.wal
-        end = wal.last_position
+        end = self.store.log.last_point
         own_term, own_lsn = end.term.value, end.lsn.value
         common = snapshot_divergence(
             terms,
             last_lsn,
             own_term,
             own_lsn,
-            chain_differs=own_lsn == last_lsn and wal.last_chain != chain,
+            chain_differs=own_lsn == last_lsn and end.chain != chain,
         )
         if common is None:
             return
