@@ -73,6 +73,7 @@ from walship.storage.consumers import (
     ConsumerTable,
     decode_tracking_payload,
     repeated_batch,
+    table_at,
     tracking_body,
     tracking_conflict,
 )
@@ -1255,8 +1256,8 @@ class Store:
     def checkpoint_through(self, lsn: int) -> PartInfo | None:
         """Checkpoint exactly the events up to ``lsn`` (written here already): a physical
         follower rebuilding from its own WAL the range of a leader's part it refused, so that
-        the next part lines up again. A whole checkpoint instead when the consumer table
-        changed after ``lsn`` (its state at ``lsn`` is no longer known here)."""
+        the next part lines up again, with the consumer table as of ``lsn`` (rebuilt from the
+        last checkpoint's and the WAL when consumers tracked after it)."""
         with self._checkpoint_lock:
             if lsn <= self._manifest.last_lsn:
                 return None
@@ -1264,13 +1265,19 @@ class Store:
 
     def _split_at(self, lsn: int) -> tuple[Position, bytes, list[Any]] | None:
         """Position, chain and consumer table at ``lsn`` for a checkpoint through it; None
-        when the consumer table at ``lsn`` is unknown (or ``lsn`` is not written here)."""
-        if any(c.lsn > lsn for c in self._consumers.entries()):
-            return None
+        when ``lsn`` is not written here."""
         if lsn > self.wal.written_lsn.value:
             return None
+        consumers = self._consumers.entries()
+        if any(c.lsn > lsn for c in consumers):
+            # consumers tracked after ``lsn``: their table then is the checkpoint's plus the
+            # tracking records the WAL holds up to ``lsn`` (a whole checkpoint instead would
+            # overshoot the leader's next part, and every later part would be refused too)
+            after = self._manifest.last_lsn + 1
+            records = ((r.lsn, r.body) for r in self.wal.read_from(Lsn(after)))
+            consumers = table_at(self._manifest.consumers, records, lsn)
         for rec in self.wal.read_from(Lsn(lsn)):
-            return Position(Term(rec.term), Lsn(lsn)), rec.chain, self._consumers.entries()
+            return Position(Term(rec.term), Lsn(lsn)), rec.chain, consumers
         return None
 
     def _checkpoint_once(self, through: int | None = None) -> PartInfo | None:

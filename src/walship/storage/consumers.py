@@ -17,7 +17,7 @@ rolled back (a full disk) puts the previous entries back.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
 
@@ -25,6 +25,7 @@ from walship.errors import LimitExceeded, TrackingConflict
 from walship.events import (
     StoredEvent,
     TrackingIn,
+    decode_body,
     encode_body_fields,
     new_event_ids,
     same_content,
@@ -153,6 +154,24 @@ class ConsumerTable:
     def entries(self) -> list[ConsumerPosition]:
         """Every entry, ordered (for the checkpoint manifest)."""
         return [self._entries[k] for k in sorted(self._entries)]
+
+
+def table_at(
+    base: Sequence[ConsumerPosition], records: Iterable[tuple[int, bytes]], lsn: int
+) -> list[ConsumerPosition]:
+    """The consumer table as of ``lsn``: ``base`` (a checkpoint's table) with the tracking
+    records among ``records`` ((lsn, body) of the WAL after that checkpoint, in lsn order)
+    applied up to ``lsn``. A physical follower checkpointing exactly a refused part's range
+    needs it when consumers tracked after that range (the live table is past it)."""
+    table = ConsumerTable(list(base))
+    for rec_lsn, raw in records:
+        if rec_lsn > lsn:
+            break
+        body = decode_body(raw)
+        if body.event_type == TRACKING_TYPE:
+            position = decode_tracking_payload(body.payload)
+            table.apply(ConsumerPosition(body.tenant_id, body.entity_id, position, rec_lsn), None)
+    return table.entries()
 
 
 def tracking_conflict(tracking: TrackingIn, stored: ConsumerPosition) -> TrackingConflict:
