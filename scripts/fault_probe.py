@@ -807,6 +807,12 @@ def main(argv: list[str] | None = None) -> int:
             wait_for(subscribers_caught_up, 30, "subscribers to catch up")
         subs_done.set()
         bad, stats = check(cluster, [*writers, ballast], subscribers)
+        for n in cluster.nodes:  # physical followers: parts installed vs refused
+            parts = cluster.health(n)["replication"].get("parts")
+            if parts:
+                stats.setdefault("parts", {})[n.name] = {
+                    k: parts.get(k) for k in ("received", "installed", "refused")
+                }
         violations += bad
         for n in cluster.nodes:
             if not n.running and not n.expected_down:
