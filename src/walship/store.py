@@ -1017,6 +1017,30 @@ class Store:
                 self._versions,
             )
 
+    def recent_events(
+        self, after: int, to_lsn: int, limit: int, *, wait: bool = True
+    ) -> list[StoredEvent] | None:
+        """The visible events after lsn ``after`` through ``to_lsn``, at most ``limit``, when
+        the memtables hold them all (the live tail's read). None when some may be only in a
+        Parquet part (``query`` reads those), or when ``wait`` is False and an append holds
+        the store lock: the event loop reads here only when it need not wait, since handing
+        the read to a worker thread costs two GIL hand-offs (each up to the switch interval
+        on a busy loop, ``runtime.py``)."""
+        if not self._lock.acquire(blocking=wait):
+            return None
+        try:
+            if after < self._manifest.last_lsn:
+                return None
+            to_lsn = min(to_lsn, self.visible_lsn)
+            flt = QueryFilter(from_lsn=after + 1, to_lsn=to_lsn)
+            out: list[StoredEvent] = []
+            for mem in (self._frozen, self._active):
+                if mem is not None and len(out) < limit:
+                    out.extend(mem.select(flt, to_lsn, limit - len(out)))
+            return out
+        finally:
+            self._lock.release()
+
     def query(
         self, flt: QueryFilter, limit: int | None = None, cursor: str | None = None
     ) -> QueryResult:
