@@ -456,9 +456,15 @@ def ingest_ratio(root: Path, n: int, live: int) -> dict[str, Any]:
         kids, _ = _subscribers(node.url, live, f"from_lsn={start}", per_child=25)
         watched, watched_cpu, watched_sys = timed_load(node, n, 2 * 10**7)
         last = last_lsn(node.url)
+        # subscribers that fell behind the live tail read the store on their own (main has
+        # no such figure: -1)
+        fell_behind = (
+            httpx.get(f"{node.url}/api/v1/stats").json().get("subscriptions_fell_behind", -1)
+        )
         got = _finish(kids, last)
         print(f"  {live} live subscribers: {watched:,.0f} events/s, node CPU {watched_cpu:.1f} "
-              f"µs an event ({watched_sys:.1f} system)", flush=True)  # fmt: skip
+              f"µs an event ({watched_sys:.1f} system); {fell_behind} times a subscriber fell "
+              "behind the live tail", flush=True)  # fmt: skip
     finally:
         node.stop()
     if got != [n] * live:
@@ -469,7 +475,8 @@ def ingest_ratio(root: Path, n: int, live: int) -> dict[str, Any]:
             "node_cpu_us_per_event_no_subscribers": round(alone_cpu, 1),
             "node_system_cpu_us_per_event_no_subscribers": round(alone_sys, 1),
             "node_cpu_us_per_event_live_subscribers": round(watched_cpu, 1),
-            "node_system_cpu_us_per_event_live_subscribers": round(watched_sys, 1)}  # fmt: skip
+            "node_system_cpu_us_per_event_live_subscribers": round(watched_sys, 1),
+            "ingest_live_fell_behind_tail": fell_behind}  # fmt: skip
 
 
 def idle_rss(root: Path, idle: int) -> dict[str, Any]:

@@ -217,6 +217,7 @@ def test_a_stream_behind_the_ring_reads_the_store_and_joins_the_tail_again(
                 node.store.append_batch(batch(10, start=n))
             await until(lambda: keeper.lsns[-1:] == [205], "the keeper to read everything")
             assert subs.tail.base > 5  # the ring has dropped what the slow stream needs
+            assert subs.tail.fell_behind == 0
             page = await joined
             read_the_store = False
             while True:
@@ -224,6 +225,7 @@ def test_a_stream_behind_the_ring_reads_the_store_and_joins_the_tail_again(
                 read_the_store = read_the_store or isinstance(page, list)
                 got += [ev.lsn for ev in (page.events if isinstance(page, TailPage) else page)]
                 if got[-1] == 205:
+                    assert subs.tail.fell_behind == 1
                     break
                 page = await asyncio.wait_for(anext(slow), WAIT_S)
             more = node.store.append_batch(batch(1))[0].lsn

@@ -431,7 +431,12 @@ def test_caught_up_subscribers_share_each_commits_read(
         for reader in by_entity:
             assert len(reader.take(3)) == 3  # e-3 of 0..19: 3, 10, 17
         wait_until(lambda: node_open_streams(url) == 30, 10, "thirty open streams")
-        time.sleep(0.3)  # the tenant streams' first read has run too
+        # the tenant streams' first read has run too: every stream follows the live tail
+        wait_until(
+            lambda: httpx.get(f"{url}/api/v1/stats").json()["subscriptions_live"] == 30,
+            10,
+            "thirty streams on the live tail",
+        )
         reads: list[int] = []
         query = node.store.query
         recent = node.store.recent_events  # the tail's read on the loop

@@ -177,6 +177,7 @@ class LiveTail:
         self.seq = self.store.cuts.seq  # the cut seq the ring was read at
         self.live = 0  # streams following the tail
         self.reads = 0  # the hub's reads of the store (a test counts them)
+        self.fell_behind = 0  # streams that had to read the store again (``/api/v1/stats``)
         self._events = 0
         self._groups: dict[QueryFilter, _Group] = {}
         self._hub: asyncio.Task[None] | None = None
@@ -217,7 +218,10 @@ class LiveTail:
         follow ``after`` (or was read at another cut seq than the stream checked)."""
         if self._failed is not None:
             raise self._failed
-        if seq != self.seq or after < self.base:
+        if seq != self.seq:
+            return None
+        if after < self.base:
+            self.fell_behind += 1
             return None
         segments = self.segments
         at = bisect.bisect_right(segments, after, key=_hi)
@@ -288,6 +292,9 @@ class LiveTail:
                 if cuts.seq != seq or self.seq != seq or self.head != head:
                     continue  # read across a cut (or the ring was started again meanwhile)
                 self._append(events, events[-1].lsn if len(events) >= limit else visible)
+                # a read on the loop does not wait: let the streams just woken take their
+                # segments before the next read, or a burst would push them out of the ring
+                await asyncio.sleep(0)
         except Exception as exc:  # every stream on the tail ends with it, as its own read would
             log.warning("the live tail stopped: %r", exc)
             self._failed = exc
