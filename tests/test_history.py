@@ -26,13 +26,13 @@ from tests.cluster import wal_records
 from tests.conftest import make_event
 from walship import history
 from walship.cli.main import app
-from walship.cli.process import NodeProcess
 from walship.errors import NotFound, Unavailable
 from walship.limits import Limits
 from walship.storage.manifest import CheckpointManifest, read_manifest, save_manifest
 from walship.storage.parquet import PartInfo
 from walship.storage.pins import READERS_DIR, pin_history, sweep_stale_pins
 from walship.store import Store, StoreConfig
+from walship.testing.process import NodeProcess
 from walship.wal import FsyncPolicy
 
 runner = CliRunner()

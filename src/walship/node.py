@@ -70,9 +70,10 @@ from walship.replication.insync import InSyncFile, InSyncRecord, Witness, may_lo
 from walship.replication.leader import Leader
 from walship.replication.metrics import ReplicationMetrics
 from walship.role_state import RoleState
-from walship.store import PendingAppend, Receipt, Store, StoreConfig
+from walship.store import PendingAppend, Store, StoreConfig
 from walship.wal import FsyncPolicy
 from walship.wal.record import TERM_MAX
+from walship.wire import Receipt
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ class Node:
             # the floor is the ack mode's, which only a leader has
             return 0.0 if self.leader is None else float(in_sync_floor(self))
 
+        m.follow_roles(lambda: self.leader, lambda: self.follower)
         m.is_leader.set_function(lambda: 1.0 if self.leader is not None else 0.0)
         m.fenced.set_function(fenced)
         m.in_sync_required.set_function(required)
@@ -834,6 +836,7 @@ class Node:
                 known = max(leader.term, leader.fenced_term)
                 self.leader = None
                 self.store.set_retention_floor(lambda: None)
+                self.replication_metrics.forget_followers()
                 was = "leader"
             else:
                 follower = self.follower
