@@ -43,9 +43,13 @@ def cluster(tmp_path: Path) -> Iterator[FailoverCluster]:
 
 
 def parts_of(node: NodeProcess) -> list[tuple[str, str]]:
-    """(file, sha256 of its bytes on disk) of every part in the node's manifest."""
+    """(file, sha256 of its bytes on disk) of every part in the node's manifest (none before
+    its first checkpoint)."""
     parts_dir = node.data_dir / "checkpoints" / "parts"
-    manifest = json.loads((node.data_dir / "checkpoints" / "manifest.json").read_bytes())
+    path = node.data_dir / "checkpoints" / "manifest.json"
+    if not path.exists():
+        return []
+    manifest = json.loads(path.read_bytes())
     return [
         (p["file"], hashlib.sha256((parts_dir / p["file"]).read_bytes()).hexdigest())
         for p in manifest["parts"]
