@@ -31,6 +31,7 @@ from tests.test_physical_followers import (
     write_and_checkpoint,
 )
 from walship.cli.process import NodeProcess
+from walship.replication.handshake import PROTOCOL_VERSIONS_ENV
 from walship.replication.physical import CORRUPT_PARTS_ENV, CUT_PARTS_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -160,4 +161,22 @@ def test_a_merge_of_parts_still_queued_is_shipped_in_their_place(
     wait_until(lambda: parts_of(follower) == want, 60, "the follower has the leader's layout")
     wait_until(lambda: parts_status(follower)["installed"] == 2, 30, "two parts installed")
     assert stats(follower)["parquet_encodes"] == 0
+    assert assert_same_query_results(leader, follower) == start
+
+
+def test_a_physical_follower_follows_a_leader_from_before_v2_with_v1(
+    cluster: FailoverCluster,
+) -> None:
+    """Mixed versions: a leader that speaks only protocol v1 (a test hook plays a walship
+    from before v2) refuses the follower's v2 Hello; the follower says v1 on its next link
+    and follows it, checkpointing itself, with nothing lost."""
+    leader = start_leader(cluster, {PROTOCOL_VERSIONS_ENV: "1"}, args=())
+    follower = cluster.start_follower("f1", replication_address(leader), args=PHYSICAL)
+    start = write_and_checkpoint(leader, 2, 50, 0)
+    wait_caught_up(leader, follower)
+    assert stats(follower)["parts_from_leader"] is False
+    assert parts_status(follower) == {}
+    assert replication(follower)["reconnects"] >= 1  # the refused v2 Hello
+    checkpoint(follower)
+    assert stats(follower)["parquet_encodes"] == 1
     assert assert_same_query_results(leader, follower) == start
