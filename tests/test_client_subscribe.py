@@ -195,3 +195,33 @@ def test_subscribe_moves_to_the_next_url_when_one_is_down(tmp_path: Path) -> Non
                     break
             assert got == lsns
             assert [e.lsn for e in client.iter_query(event_type_prefix="t.")] == lsns
+
+
+def test_close_from_another_thread_ends_an_idle_subscription_at_once(tmp_path: Path) -> None:
+    """The iterating thread is blocked reading a stream with nothing to send (the server's
+    keepalive is 15 s away); ``close()`` from another thread ends its iteration at once, and
+    it does not connect again."""
+    # the default limits: an idle stream's keepalive every 15 s
+    node = Node.open(NodeConfig(tmp_path / "d", fsync=FsyncPolicy.parse("never")))
+    try:
+        with serving(node) as url, Client(url) as client:
+            write(url, 0, 3)
+            subscription = client.subscribe(from_lsn=1)
+            got: list[int] = []
+            ended = threading.Event()
+
+            def run() -> None:
+                got.extend(ev.lsn for ev in subscription)  # ends only when closed
+                ended.set()
+
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            wait_until(lambda: len(got) == 3, 30, "the history from the subscription")
+            assert not ended.wait(0.3)  # idle, blocked on the stream (not the check)
+            subscription.close()
+            assert ended.wait(5.0), "close() did not end the blocked iteration"
+            assert got == [1, 2, 3]
+            with pytest.raises(StopIteration):
+                next(subscription)
+    finally:
+        node.close()

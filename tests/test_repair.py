@@ -158,3 +158,23 @@ def test_ack_history_levels(tmp_path: Path) -> None:
     assert acks.level(2, 5, ledger) == "degraded"
     assert acks.level(2, 9, ledger) == "local_or_unanswered"
     assert acks.level(1, 1, ledger) == "not_led_here"
+
+
+def test_repair_keeps_each_records_place_in_its_atomic_append(tmp_path: Path) -> None:
+    """Each cut WAL record says how many records of its append follow it (``batch_left``),
+    so that replay puts a consumer's tracking back with the events of its batch."""
+    from walship.events import TrackingIn
+
+    data = tmp_path / "d"
+    store = open_store(data)
+    write(store, 10)
+    store.append_batch(
+        [make_event("acct-1"), make_event("acct-2")],
+        tracking=TrackingIn(consumer="proj", position=3),
+    )
+    store.append(make_event("acct-3"))
+    result = repair_divergence(store, common_term=1, common_lsn=10)
+    assert result.lost_found is not None
+    cut = list(read_file(result.lost_found))
+    assert [(r.lsn, r.batch_left) for r in cut] == [(11, 2), (12, 1), (13, 0), (14, 0)]
+    store.close()

@@ -562,12 +562,13 @@ class Client(_Calls):
         from_lsn: int = 1,
         give_up_after_s: float = subscriber.GIVE_UP_AFTER_S,
         **filters: Any,
-    ) -> Iterator[Event]:
+    ) -> subscriber.Subscription[Event]:
         """Every matching event from ``from_lsn`` on (history, then live), in lsn order, each
         once; reconnects after the last event delivered when the connection drops. Filters:
         tenant_id, entity_id, event_type, event_type_prefix, from_position (with tenant_id:
-        events from that tenant position on). Never ends by itself: break out. Iterate it
-        from one thread."""
+        events from that tenant position on). Never ends by itself: break out, or call its
+        ``close()`` (from any thread: the iterating one stops at once). Iterate it from one
+        thread."""
         # every node given, in turn: a follower serves what it has applied, from the same lsn
         return subscriber.subscribe(
             self._http, self.urls, Event, from_lsn, filters, give_up_after_s

@@ -229,6 +229,7 @@ class Node:
             # the floor is the ack mode's, which only a leader has
             return 0.0 if self.leader is None else float(in_sync_floor(self))
 
+        m.follow_roles(lambda: self.leader, lambda: self.follower)
         m.is_leader.set_function(lambda: 1.0 if self.leader is not None else 0.0)
         m.fenced.set_function(fenced)
         m.in_sync_required.set_function(required)
@@ -834,6 +835,7 @@ class Node:
                 known = max(leader.term, leader.fenced_term)
                 self.leader = None
                 self.store.set_retention_floor(lambda: None)
+                self.replication_metrics.forget_followers()
                 was = "leader"
             else:
                 follower = self.follower

@@ -14,6 +14,9 @@ failover repair cut events this iterator had yielded (the server's ``event: cut`
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
@@ -135,6 +138,61 @@ class _Resume:
         return min(BACKOFF_FIRST_S * 2.0 ** (self.failures - 1), BACKOFF_MAX_S)
 
 
+class Subscription(Iterator[E]):
+    """``subscribe``'s iterator, with a ``close`` that any thread may call: the thread
+    iterating it (blocked reading the stream, or waiting to connect again) stops at once and
+    its ``next`` raises StopIteration. Closing a generator from another thread is refused
+    while it runs, and closing a socket another thread reads does not wake that read: the
+    connection is shut down instead."""
+
+    def __init__(
+        self, http: httpx.Client, state: _Resume, params: dict[str, str | int], kind: type[E]
+    ) -> None:
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self._events = _follow(http, state, params, kind, self)
+
+    def __iter__(self) -> Subscription[E]:
+        return self
+
+    def __next__(self) -> E:
+        return next(self._events)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self) -> None:
+        """End the subscription from any thread (its iterator ends; no reconnect)."""
+        with self._lock:
+            self._closed.set()
+            sock, self._socket = self._socket, None
+        if sock is not None:
+            _shut_down(sock)
+
+    def opened(self, response: httpx.Response) -> None:
+        """The iterating thread connected: keep the socket for ``close`` (none behind a
+        caller's own transport: then it ends at the next chunk or keepalive)."""
+        stream = response.extensions.get("network_stream")
+        sock = None if stream is None else stream.get_extra_info("socket")
+        with self._lock:
+            if not self._closed.is_set():
+                self._socket = sock
+                return
+        if sock is not None:  # closed while connecting
+            _shut_down(sock)
+
+    def pause(self, seconds: float) -> None:
+        """Wait before connecting again; at once when closed meanwhile."""
+        self._closed.wait(seconds)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed by its reader
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 def subscribe(
     http: httpx.Client,
     urls: Sequence[str],
@@ -142,20 +200,25 @@ def subscribe(
     from_lsn: int,
     filters: Mapping[str, Any],
     give_up_after_s: float = GIVE_UP_AFTER_S,
-) -> Iterator[E]:
-    """Every matching event from ``from_lsn`` on, in lsn order, once; never ends by itself.
+) -> Subscription[E]:
+    """Every matching event from ``from_lsn`` on, in lsn order, once; never ends by itself
+    (``close`` it from any thread).
 
     Bad arguments (an unknown filter) raise here, not at the first ``next``.
     """
     params = stream_params(from_lsn, filters)
-    return _follow(http, _Resume(urls, from_lsn, give_up_after_s), params, kind)
+    return Subscription(http, _Resume(urls, from_lsn, give_up_after_s), params, kind)
 
 
 def _follow(
-    http: httpx.Client, state: _Resume, params: dict[str, str | int], kind: type[E]
+    http: httpx.Client,
+    state: _Resume,
+    params: dict[str, str | int],
+    kind: type[E],
+    subscription: Subscription[E],
 ) -> Iterator[E]:
     timeout = httpx.Timeout(10.0, read=STREAM_READ_TIMEOUT_S)
-    while True:
+    while not subscription.closed:
         url, query, headers = state.request(params)
         try:
             with http.stream("GET", url, params=query, headers=headers, timeout=timeout) as r:
@@ -163,15 +226,20 @@ def _follow(
                     r.read()
                 _check(r)
                 state.connected()
+                subscription.opened(r)
                 decoder = SseDecoder()
                 for chunk in r.iter_bytes():
+                    if subscription.closed:  # no socket to shut down: at the next keepalive
+                        return
                     for sse in decoder.feed(chunk):
                         if (event := state.accept(sse, kind)) is not None:
                             yield event
             why = "the server ended the stream"
         except (httpx.TransportError, _Reconnect) as exc:
             why = repr(exc)
-        time.sleep(state.failed(why))
+        if subscription.closed:
+            return
+        subscription.pause(state.failed(why))
 
 
 def subscribe_async(

@@ -222,7 +222,8 @@ def _report(file: Path, to: str, dry_run: bool, results: list[ReplayResult], as_
     say(
         f"{'dry run: ' if dry_run else ''}{len(results)} records of {file.name}: {n} {done}, "
         f"{tally['already_stored']} already stored, {tally['version_conflict']} version "
-        f"conflicts, {tally['id_conflict']} id conflicts, {tally['skipped']} skipped"
+        f"conflicts, {tally['id_conflict']} id conflicts, {tally['tracking_conflict']} "
+        f"tracking conflicts, {tally['skipped']} skipped"
     )
     conflicts = [r for r in results if r.outcome in CONFLICTS]
     if not conflicts:
@@ -233,13 +234,31 @@ def _report(file: Path, to: str, dry_run: bool, results: list[ReplayResult], as_
         table.add_column(column, no_wrap=column == "id")
     for r in conflicts:
         ev = r.record.event
-        if "after_conflict_lsn" in r.detail:
-            why = f"follows lost lsn {r.detail['after_conflict_lsn']}, not replayed"
-        elif r.outcome is Outcome.VERSION_CONFLICT:
-            why = f"entity moved on: at version {r.detail.get('current_version')} now"
-        else:
-            stored = r.detail.get("stored") or {}
-            why = f"id stored with other contents at lsn {stored.get('lsn')}"
+        why = _why(r)
         entity = ev.entity_id if ev.tenant_id == "default" else f"{ev.tenant_id}/{ev.entity_id}"
+        if r.record.tracking:
+            entity = f"consumer {entity}"
         table.add_row(str(r.record.lsn), str(ev.id), entity, str(ev.version), why)
     print_renderable(console, table)
+
+
+def _why(r: ReplayResult) -> str:
+    """Why a record was not replayed, in the report's words."""
+    if "after_conflict_lsn" in r.detail:
+        why = f"follows lost lsn {r.detail['after_conflict_lsn']}, not replayed"
+    elif r.outcome is Outcome.TRACKING_CONFLICT:
+        why = (
+            f"consumer at position {r.detail.get('stored_position')} now, not below the "
+            "batch's tracking"
+        )
+    elif r.outcome is Outcome.VERSION_CONFLICT:
+        entity = r.detail.get("entity_id")
+        of = f" ({entity})" if entity is not None and "batch_lsns" in r.detail else ""
+        why = f"entity moved on{of}: at version {r.detail.get('current_version')} now"
+    else:
+        stored = r.detail.get("stored") or {}
+        why = f"id stored with other contents at lsn {stored.get('lsn')}"
+    batch = r.detail.get("batch_lsns")
+    if batch is not None:
+        why = f"{why}; its tracked batch (lost lsns {batch[0]}..{batch[1]}) is refused whole"
+    return why

@@ -135,7 +135,7 @@ class WalshipFactory(InfrastructureFactory[WalshipTrackingRecorder]):
 
     def _http_backend(self, urls: list[str]) -> Backend:
         from walship.client import Client
-        from walship.client_routing import ReadFrom, RetryPolicy
+        from walship.client_routing import ReadFrom
         from walship.eventsourcing.remote import HttpBackend
 
         cert_file = self.env.get(self.WALSHIP_CLIENT_CERT)
@@ -156,9 +156,7 @@ class WalshipFactory(InfrastructureFactory[WalshipTrackingRecorder]):
             "ca_file": self.env.get(self.WALSHIP_CA_FILE) or None,
             "cert": cert,
         }
-        return HttpBackend(
-            Client(urls, **settings), Client(urls, retry=RetryPolicy(attempts_max=1), **settings)
-        )
+        return HttpBackend(Client(urls, **settings))
 
     def aggregate_recorder(self, purpose: str = "events") -> AggregateRecorder:
         if purpose == "events":

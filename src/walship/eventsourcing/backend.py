@@ -12,7 +12,7 @@ event types, tenant positions (1, 2, 3 … per tenant) and consumers. The mappin
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,6 +53,14 @@ class Appended:
 
     placed: list[tuple[int, int]]
     tracking_repeated: bool = False
+
+
+class RowStream(Protocol):
+    """A tenant's events, history then live, as one open stream: iterate it from one thread;
+    ``close`` (from any thread) ends the iteration at once."""
+
+    def __iter__(self) -> Iterator[Row]: ...
+    def close(self) -> None: ...
 
 
 class Backend(Protocol):
@@ -96,6 +104,14 @@ class Backend(Protocol):
 
     def consumer_position(self, tenant_id: str, consumer: str) -> int | None:
         """The consumer's tracked position in the tenant (None: never tracked)."""
+        ...
+
+    def follow(
+        self, tenant_id: str, after_position: int, event_type: str | None
+    ) -> RowStream | None:
+        """The tenant's events after ``after_position`` (of ``event_type`` only, when given)
+        as the node pushes them; None when this backend has no such stream, and subscriptions
+        read pages, waiting with ``wait_for_more`` between them."""
         ...
 
     def wait_for_more(

@@ -17,7 +17,13 @@ import msgspec
 import orjson
 
 from walship.events import EventIn, StoredEvent, TrackingIn, base64_json
-from walship.eventsourcing.backend import ORIGINATOR_VERSION_KEY, Appended, NewEvent, Row
+from walship.eventsourcing.backend import (
+    ORIGINATOR_VERSION_KEY,
+    Appended,
+    NewEvent,
+    Row,
+    RowStream,
+)
 from walship.storage.query import QueryFilter
 from walship.store import Store, StoreConfig
 from walship.wal import FsyncPolicy
@@ -173,6 +179,11 @@ class EmbeddedBackend:
     def consumer_position(self, tenant_id: str, consumer: str) -> int | None:
         found = self.store.consumer_position(tenant_id, consumer)
         return None if found is None else found.position
+
+    def follow(
+        self, tenant_id: str, after_position: int, event_type: str | None
+    ) -> RowStream | None:
+        return None  # in this process: appends wake the page reads (``notify``)
 
     def wait_for_more(
         self, tenant_id: str, after_position: int, timeout_s: float, wake: threading.Event

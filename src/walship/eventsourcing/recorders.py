@@ -39,6 +39,7 @@ from eventsourcing.persistence import (
     Notification,
     OperationalError,
     ProcessRecorder,
+    ShutDown,
     StoredEvent,
     Subscription,
     Tracking,
@@ -47,7 +48,7 @@ from eventsourcing.persistence import (
 
 from walship.errors import Conflict, InvalidInput, Unavailable, VersionConflict, WalshipError
 from walship.events import validate_event_type
-from walship.eventsourcing.backend import Appended, Backend, NewEvent, Row
+from walship.eventsourcing.backend import Appended, Backend, NewEvent, Row, RowStream
 from walship.limits import DEFAULT_LIMITS
 
 # Entities whose last (walship version, originator version) a recorder remembers, so that an
@@ -172,17 +173,29 @@ class WalshipAggregateRecorder(WalshipRecorder, AggregateRecorder):
             return self._known.get(entity_id)
 
     def _look_up(self, entity_id: str) -> tuple[int, int] | None:
-        """Read the entity's last event; its (walship version, originator version) or None."""
+        """Read the entity's last event; its (walship version, originator version) or None.
+
+        What is read replaces what was remembered (which may be wrong either way), unless
+        another thread remembered a later version while the read was under way: that one is
+        newer than the read, and overwriting it would leave every later plan of this entity
+        one version behind (refused here, without asking the node, for as long as nothing
+        newer is read)."""
+        with self._known_lock:
+            before = self._known.get(entity_id)
         with translated():
             rows = self.backend.entity_events(
                 self.tenant_id, entity_id, 1, None, backward=True, limit=1
             )
+        read = (rows[0].version, rows[0].originator_version) if rows else None
         with self._known_lock:
+            now = self._known.get(entity_id)
+            if now is not None and now is not before and (read is None or now[0] > read[0]):
+                return now
             self._known.pop(entity_id, None)
-        if not rows:
+        if read is None:
             return None
-        self._remember(entity_id, rows[0].version, rows[0].originator_version)
-        return rows[0].version, rows[0].originator_version
+        self._remember(entity_id, *read)
+        return read
 
     # ---------------------------------------------------------------------------- writing
 
@@ -252,7 +265,15 @@ class WalshipAggregateRecorder(WalshipRecorder, AggregateRecorder):
             return []
         runs = self._runs(stored_events)
         for attempt in range(CONFLICT_RETRIES_MAX + 1):
-            events = self._plan(stored_events, runs)
+            try:
+                events = self._plan(stored_events, runs)
+            except IntegrityError:
+                # refused on what is remembered: read what the node has before saying so, as
+                # a memory that is wrong (behind, or ahead after a failover cut a tail) would
+                # otherwise refuse every later insert of the entity without asking
+                for entity_id in runs:
+                    self._look_up(entity_id)
+                events = self._plan(stored_events, runs)
             try:
                 try:
                     appended = self._append(events, tracking)
@@ -377,21 +398,31 @@ class WalshipApplicationRecorder(WalshipAggregateRecorder, ApplicationRecorder):
             for row in rows:
                 if wanted and row.event_type not in wanted:
                     continue
-                out.append(
-                    Notification(
-                        id=row.position,
-                        originator_id=self._originator_id(row.entity_id),
-                        originator_version=row.originator_version,
-                        topic=topic_of(row.event_type),
-                        state=row.payload,
-                    )
-                )
+                out.append(self.notification(row))
                 if len(out) >= limit:
                     break
             if len(rows) < ask:
                 break
             lo = rows[-1].position + 1
         return out
+
+    def notification(self, row: Row) -> Notification:
+        return Notification(
+            id=row.position,
+            originator_id=self._originator_id(row.entity_id),
+            originator_version=row.originator_version,
+            topic=topic_of(row.event_type),
+            state=row.payload,
+        )
+
+    def follow(self, after: int, topics: Sequence[str]) -> RowStream | None:
+        """The backend's stream of the tenant's events after ``after`` (one topic filtered
+        by the node, several by the subscription); None when it has none."""
+        wanted = {event_type_of(t) for t in topics}
+        with translated():
+            return self.backend.follow(
+                self.tenant_id, after, next(iter(wanted)) if len(wanted) == 1 else None
+            )
 
     def max_notification_id(self) -> int | None:
         with translated():
@@ -410,21 +441,62 @@ class WalshipApplicationRecorder(WalshipAggregateRecorder, ApplicationRecorder):
 class WalshipSubscription(ListenNotifySubscription[WalshipApplicationRecorder]):
     """Notifications after ``gt``: what is stored, then each new one as it is appended.
 
-    The library's pull loop, woken by the backend (an append in this process, a node that
-    moved past what it had, or at least every ``SUBSCRIPTION_WAIT_S``) instead of a listener."""
+    Over HTTP, one event stream from the node (``Backend.follow``): each event is handed on
+    as the node sends it, and ``stop`` closes the stream at once. Embedded, the library's
+    pull loop, woken by the backend (an append in this process, or at least every
+    ``SUBSCRIPTION_WAIT_S``) instead of a listener."""
+
+    def __init__(
+        self,
+        recorder: WalshipApplicationRecorder,
+        gt: int | None = None,
+        topics: Sequence[str] = (),
+    ) -> None:
+        # before the base class starts the pull thread, which sets it
+        self._stream: RowStream | None = None
+        super().__init__(recorder, gt=gt, topics=topics)
+
+    def stop(self) -> None:
+        super().stop()
+        stream = self._stream  # the pull thread checks the flag after setting it: one of
+        if stream is not None:  # the two closes the stream
+            stream.close()
 
     def _loop_on_pull(self) -> None:
         try:
-            self._pull()
-            while not self._has_been_stopped:
-                self._recorder.wait_for_more(
-                    self._last_notification_id or 0, self._has_been_notified
-                )
-                self._pull()
+            stream = self._recorder.follow(self._last_notification_id or 0, self._topics)
+            if stream is None:
+                self._pull_pages()
+            else:
+                self._stream = stream
+                if self._has_been_stopped:
+                    stream.close()
+                self._pull_stream(stream)
         except BaseException as exc:
             if self._thread_error is None:
                 self._thread_error = exc
             self.stop()
+
+    def _pull_stream(self, stream: RowStream) -> None:
+        wanted = {event_type_of(t) for t in self._topics}
+        with translated():
+            for row in stream:
+                if wanted and row.event_type not in wanted:
+                    continue
+                notification = self._recorder.notification(row)
+                try:
+                    self._notifications_queue.put([notification])
+                except ShutDown:
+                    return
+                self._last_notification_id = notification.id
+        if not self._has_been_stopped:  # a stream ends only when closed
+            raise OperationalError("the node's event stream ended")
+
+    def _pull_pages(self) -> None:
+        self._pull()
+        while not self._has_been_stopped:
+            self._recorder.wait_for_more(self._last_notification_id or 0, self._has_been_notified)
+            self._pull()
 
 
 class WalshipTrackingRecorder(WalshipRecorder, TrackingRecorder):

@@ -3,25 +3,26 @@
 The client finds the leader, follows it through a failover and sends a write again with the
 same event ids (a write stored before the failure is answered as a duplicate, never stored
 twice), so the recorders inherit that. Payloads travel as base64 with
-``payload_encoding: "base64"`` and come back the same bytes.
+``payload_encoding: "base64"`` and come back the same bytes. Subscriptions are one event
+stream each (``GET /api/v1/events/stream`` from a tenant position, ``Client.subscribe``): the
+node pushes each new event of the tenant, and the stream resumes after the last one
+delivered through a dropped connection or a failover.
 """
 
 from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
 
 from walship.client import Client, Event
-from walship.errors import NotFound, Unavailable
+from walship.errors import NotFound
 from walship.eventsourcing.backend import ORIGINATOR_VERSION_KEY, Appended, NewEvent, Row
+from walship.subscriber import Subscription
 
-# How long one idle subscription's long poll waits for the node to move (then asks again).
-# Leaving a subscription waits for the poll under way, so this bounds how long that takes.
-_LONG_POLL_MS = 500
 # The most events one request asks for (the server's ``query_limit_max`` is 10,000).
 _PAGE_EVENTS_MAX = 1_000
 
@@ -59,16 +60,26 @@ def _event_json(tenant_id: str, ev: NewEvent) -> dict[str, Any]:
     return out
 
 
+class _EventRows:
+    """A subscription's events as the recorders read them; ``close`` ends it from any
+    thread."""
+
+    def __init__(self, events: Subscription[Event]) -> None:
+        self._events = events
+
+    def __iter__(self) -> Iterator[Row]:
+        return (row_of(event) for event in self._events)
+
+    def close(self) -> None:
+        self._events.close()
+
+
 class HttpBackend:
-    """``Backend`` over one or more walship nodes.
+    """``Backend`` over one or more walship nodes; ``client`` does the work (it retries
+    through a failover, and its subscriptions resume after one)."""
 
-    ``client`` does the work (it retries through a failover); ``poller``, a client with the
-    same settings that sends once, runs the subscriptions' long polls, which end by timing out
-    and must not be retried for the client's whole deadline."""
-
-    def __init__(self, client: Client, poller: Client) -> None:
+    def __init__(self, client: Client) -> None:
         self.client = client
-        self.poller = poller
 
     def append(
         self, tenant_id: str, events: Sequence[NewEvent], tracking: tuple[str, int] | None
@@ -138,32 +149,20 @@ class HttpBackend:
         except NotFound:
             return None
 
+    def follow(self, tenant_id: str, after_position: int, event_type: str | None) -> _EventRows:
+        filters: dict[str, Any] = {"tenant_id": tenant_id, "from_position": after_position + 1}
+        if event_type is not None:
+            filters["event_type"] = event_type
+        return _EventRows(self.client.subscribe(**filters))
+
     def wait_for_more(
         self, tenant_id: str, after_position: int, timeout_s: float, wake: threading.Event
     ) -> None:
-        try:
-            # the node's visible lsn first, then the tenant's position: an event of the tenant
-            # stored after the first read is past that lsn, so the long poll below sees it
-            url = self.poller.leader_url or self.poller.urls[0]
-            visible = int(self.poller.health(url).get("visible_lsn", 0))
-            if self.poller.tenant_position(tenant_id).position > after_position or wake.is_set():
-                return
-            # a long poll: the query waits (``min_lsn``) until the node has made visible
-            # anything past what it had, then the caller reads its tenant's events again
-            lsn = visible + 1
-            self.poller.query(
-                tenant_id=tenant_id,
-                from_lsn=lsn,
-                limit=1,
-                min_lsn=lsn,
-                min_lsn_wait_ms=max(1, min(_LONG_POLL_MS, int(timeout_s * 1000))),
-            )
-        except Unavailable:
-            return  # timed out, or no node answered: the caller reads (and retries) anyway
+        """Not asked by subscriptions, which ``follow`` the node's stream: waits on ``wake``."""
+        wake.wait(timeout_s)
 
     def notify(self) -> None:
-        """Nothing to do: the long polls see every writer's events."""
+        """Nothing to do: the node pushes every writer's events to each stream."""
 
     def close(self) -> None:
         self.client.close()
-        self.poller.close()

@@ -398,7 +398,8 @@ def _add_ops_routes(app: FastAPI, node: Node) -> None:
         "/health",
         summary="Health, role and log position",
         description="`status`: `healthy`, `not_ready` (still 200; `not_ready` lists why) or "
-        "`unhealthy` (503: the WAL cannot be written).",
+        "`unhealthy` (503: the WAL cannot be written). The detail for people and tools, not a "
+        "readiness check: a load balancer asks `/health/ready` (503 while not ready).",
         responses=_responses(None),
     )
     async def health() -> Response:

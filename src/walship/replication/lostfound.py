@@ -6,11 +6,15 @@ in time order), with one JSON object per cut record::
 
     {"lsn": 101, "term": 1, "acknowledged": "local_or_unanswered", "source": "wal",
      "event": {"id": ..., "tenant_id": ..., "entity_id": ..., "event_type": ...,
-               "timestamp": ..., "version": ..., "payload": ..., "metadata": ...}}
+               "timestamp": ..., "version": ..., "payload": ..., "metadata": ...},
+     "batch_left": 0}
 
 ``acknowledged`` is what this node told the client who wrote it (``AckHistory.level``):
 ``replicated``, ``degraded``, ``local_or_unanswered`` or ``not_led_here``. ``source`` is
-``wal`` or ``checkpoint`` (a record read back from a Parquet part). A file is written whole
+``wal`` or ``checkpoint`` (a record read back from a Parquet part). ``batch_left`` (``wal``
+records; absent in files written before it and for ``checkpoint`` ones) is the WAL header's:
+how many records after this one belong to the same atomic append, so that replay can put a
+consumer's tracking back with the events of its batch. A file is written whole
 (tmp → fsync → rename → fsync dir) before the log is cut, so nothing is dropped untraced.
 """
 
@@ -33,7 +37,7 @@ DIR_NAME = "lost-found"
 SUFFIX = ".jsonl"
 
 
-class LostRecord(msgspec.Struct):
+class LostRecord(msgspec.Struct, omit_defaults=True):
     """One record cut from the log."""
 
     lsn: int
@@ -41,13 +45,16 @@ class LostRecord(msgspec.Struct):
     acknowledged: str
     source: str
     event: msgspec.Raw
+    batch_left: int | None = None  # records after it in its atomic append (None: not known)
 
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(LostRecord)
 
 
-def lost_record(ev: StoredEvent, acknowledged: str, source: str) -> LostRecord:
+def lost_record(
+    ev: StoredEvent, acknowledged: str, source: str, batch_left: int | None = None
+) -> LostRecord:
     out = to_out(ev)
     fields = {
         "id": out.id,
@@ -61,7 +68,8 @@ def lost_record(ev: StoredEvent, acknowledged: str, source: str) -> LostRecord:
     }
     if out.payload_encoding is not None:  # binary: base64 text, said so, as the API answers
         fields["payload_encoding"] = out.payload_encoding
-    return LostRecord(ev.lsn, ev.term, acknowledged, source, msgspec.Raw(_encoder.encode(fields)))
+    event = msgspec.Raw(_encoder.encode(fields))
+    return LostRecord(ev.lsn, ev.term, acknowledged, source, event, batch_left)
 
 
 def event_of(rec: Record) -> StoredEvent:
@@ -131,6 +139,8 @@ def to_builtins(rec: LostRecord, file: Path | None = None) -> dict[str, Any]:
         "source": rec.source,
         "event": msgspec.json.decode(rec.event),
     }
+    if rec.batch_left is not None:
+        out["batch_left"] = rec.batch_left
     if file is not None:
         out["file"] = file.name
     return out

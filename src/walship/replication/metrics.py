@@ -8,6 +8,8 @@ walship (``lag_ms``) are published divided by 1000.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sized
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -20,6 +22,31 @@ class _FollowerView(Protocol):
     in_sync: bool
 
     def lag_ms(self) -> float: ...
+    def lag_records(self) -> int: ...
+
+
+class _LeaderSide(Protocol):
+    """What the leader-side gauges read of a Leader at a scrape."""
+
+    @property
+    def sessions(self) -> Sized: ...
+    @property
+    def tracker(self) -> Any: ...  # its ``in_sync`` set
+
+
+class _FollowerSide(Protocol):
+    """What the follower-side gauges read of a Follower at a scrape."""
+
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def durable_lsn(self) -> int: ...
+    @property
+    def applied_lsn(self) -> int: ...
+    @property
+    def leader_lsn(self) -> int: ...
+
+    def lag_ms(self) -> float | None: ...
     def lag_records(self) -> int: ...
 
 
@@ -194,6 +221,61 @@ class ReplicationMetrics:
             registry=registry,
         )
         self._labels: set[str] = set()
+
+    def follow_roles(
+        self,
+        leader: Callable[[], _LeaderSide | None],
+        follower: Callable[[], _FollowerSide | None],
+    ) -> None:
+        """Read the role-bound gauges from the node's current Leader or Follower at each
+        scrape, so that none outlives its role: a follower promoted to leader kept its last
+        lag, ``connected`` and lsns for ever (and a deposed leader its follower counts).
+        A role's gauges read 0 on the other role (a lag of 0: nothing to be behind)."""
+
+        def of_follower(read: Callable[[_FollowerSide], float]) -> Callable[[], float]:
+            def value() -> float:
+                f = follower()
+                return 0.0 if f is None else read(f)
+
+            return value
+
+        def lag_seconds(f: _FollowerSide) -> float:
+            lag_ms = f.lag_ms()
+            return math.nan if lag_ms is None else lag_ms / 1000
+
+        self.connected.set_function(of_follower(lambda f: 1.0 if f.connected else 0.0))
+        self.durable_lsn.set_function(of_follower(lambda f: f.durable_lsn))
+        self.applied_lsn.set_function(of_follower(lambda f: f.applied_lsn))
+        self.leader_lsn.set_function(of_follower(lambda f: f.leader_lsn))
+        self.leader_lag_records.set_function(of_follower(lambda f: f.lag_records()))
+        self.leader_lag_seconds.set_function(of_follower(lag_seconds))
+
+        def followers() -> float:
+            lead = leader()
+            return 0.0 if lead is None else float(len(lead.sessions))
+
+        def in_sync() -> float:
+            lead = leader()
+            return 0.0 if lead is None else float(len(lead.tracker.in_sync))
+
+        self.followers.set_function(followers)
+        self.in_sync.set_function(in_sync)
+
+    def forget_followers(self) -> None:
+        """This node leads no more: drop every per-follower series (the session figures and
+        the retention slots' forecasts), which nothing would update or remove after."""
+        for gauge in (
+            self.follower_lag_seconds,
+            self.follower_lag_records,
+            self.follower_durable_lsn,
+            self.follower_applied_lsn,
+            self.follower_sent_lsn,
+            self.follower_in_sync,
+            self.follower_retention_bytes,
+            self.follower_retention_exhaustion_seconds,
+        ):
+            gauge.clear()
+        self._labels.clear()
 
     def set_follower(self, node_id: str, view: _FollowerView | Any | None) -> None:
         """Publish one follower's figures; ``None`` removes its label values."""

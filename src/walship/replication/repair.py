@@ -72,7 +72,8 @@ def repair_divergence(store: Store, common_term: int, common_lsn: int) -> Repair
         for rec in wal.read_from(max(keep + 1, wal_first)):
             highest = max(highest, rec.term)
             ev = event_of(rec)
-            yield lost_record(ev, acks.level(rec.term, rec.lsn, ledger), "wal")
+            level = acks.level(rec.term, rec.lsn, ledger)
+            yield lost_record(ev, level, "wal", rec.batch_left)
 
     written = write_lost_found(store.data_dir, cut())
     path, count = written if written is not None else (None, 0)
