@@ -245,6 +245,8 @@ class FollowerSession:
         if ships_parts:
             # what its last link left of a part, and what was made while it was away
             self.parts = leader.part_shippers.attach(self.node_id)
+        else:
+            leader.part_shippers.forget(self.node_id)  # it asks for none any more
         await stream.send(
             make_welcome(
                 leader.config.secret,
