@@ -17,8 +17,8 @@ checkpoint part and each merged part it makes, byte for byte, on the replication
   ``install`` verifies and installs the part (``storage/adopt.py``: size, sha256, row count,
   lsn range, the rows against its own memtable, the record at the last lsn against its own
   WAL). A part that fails is refused (counted, logged) and the follower checkpoints that
-  range from its own WAL instead; a merge whose inputs are not the ones it holds is refused
-  and it keeps its own parts.
+  range from its own WAL instead; a merge that does not span exactly parts it holds is
+  refused and it keeps its own parts.
 
 While its leader ships parts, a follower neither checkpoints nor merges on its own
 (``Store.parts_from_leader``), unless its memtable outgrows ``physical_fallback_percent`` of

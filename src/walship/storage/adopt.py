@@ -3,10 +3,11 @@
 The store's collaborator for ``replication/physical.py``: a checkpoint part is appended to the
 manifest in place of the local checkpoint the follower would have written over the same
 range, and the memtable drops the events it covers; a merged part replaces the very parts the
-leader merged. Every check is against this node's own state (its WAL is the source of truth):
-the part's range must continue this manifest, the record at its last lsn must have the
-leader's term and chain, and its rows must be exactly the events held here in that range
-(``storage/part_verify.py``). ``PartRejected`` otherwise, and nothing changes.
+leader merged, or this node's own parts spanning exactly its range. Every check is against
+this node's own state (its WAL is the source of truth): the part's range must continue this
+manifest, the record at its last lsn must have the leader's term and chain, and its rows must
+be exactly the events held here in that range (``storage/part_verify.py``). ``PartRejected``
+otherwise, and nothing changes.
 """
 
 from __future__ import annotations
