@@ -40,7 +40,7 @@ import msgspec
 sys.path.insert(0, str(Path(__file__).parent))
 import pg_peer
 from common import RawHttp, event, percentile, save, wrk_single
-from walship.cli.process import NodeProcess
+from walship.testing.process import NodeProcess
 
 TARGETS = {
     "sync_batch_events_per_s": 42_000,

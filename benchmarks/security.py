@@ -236,7 +236,7 @@ def _latency(url: str, headers: dict[str, str], tls: Any, writes: int) -> dict[s
 
 
 def run_setup(setup: Setup, files: dict[str, Any], args: argparse.Namespace, tmp: Path) -> dict:
-    from walship.cli.process import NodeProcess
+    from walship.testing.process import NodeProcess
 
     headers = headers_of(setup, files)
     verify = client_tls(setup, files)

@@ -37,7 +37,10 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RawHttp, event, percentile, save
-from walship.cli.process import NodeProcess
+from walship.limits import Limits
+from walship.storage.compaction import pick_run
+from walship.storage.manifest import read_manifest
+from walship.testing.process import NodeProcess
 
 TARGETS = {
     "catchup_events_per_s": 100_000,
@@ -56,9 +59,12 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
 
 
-def start_node(root: Path, name: str) -> NodeProcess:
-    node = NodeProcess(root / name, node_id=name, fsync="always",
-                       extra_args=["--log-level", "warning"])  # fmt: skip
+def start_node(root: Path, name: str, fanin: int | None = None) -> NodeProcess:
+    """A node; ``fanin``: its ``--compaction-fanin-min`` (small: merged parts at fewer events)."""
+    extra = ["--log-level", "warning"]
+    if fanin is not None:
+        extra += ["--compaction-fanin-min", str(fanin)]
+    node = NodeProcess(root / name, node_id=name, fsync="always", extra_args=extra)
     return node.start()
 
 
@@ -263,16 +269,32 @@ def _timed_reader(node: NodeProcess, target: Any, last: int) -> tuple[int, float
     return count, elapsed, reader_cpu, node_cpu
 
 
-def catch_up(root: Path, n: int) -> dict[str, Any]:
+def settled_parts(node: NodeProcess, fanin: int | None, timeout_s: float = 300.0) -> list[int]:
+    """The part sizes once the node has no merge left to run (a merge of ~460,000 events
+    running during the catch-up took its CPU, and the node's CPU per event with it)."""
+    limits = Limits() if fanin is None else Limits(compaction_fanin_min=fanin)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        manifest = read_manifest(node.data_dir / "checkpoints")
+        parts = [] if manifest is None else list(manifest.parts)
+        due = pick_run(parts, limits.compaction_fanin_min, limits.compaction_events_max)
+        if due is None or time.monotonic() > deadline:
+            return [part.events for part in parts]
+        time.sleep(1.0)
+
+
+def catch_up(root: Path, n: int, fanin: int | None = None) -> dict[str, Any]:
     """One subscriber from lsn 0 through ``n`` events, read twice: by the raw reader (what
     the node can send) and by ``walship.Client.subscribe`` (what an application gets). The
     CPU each side spent per event says which side limits."""
-    node = start_node(root, "catchup")
+    node = start_node(root, "catchup", fanin)
     try:
         rate = load(node.url, n)
         last = last_lsn(node.url)
         print(f"  loaded {n:,} events ({rate:,.0f} events/s)", flush=True)
         time.sleep(2.0)  # let the last checkpoint and merges settle: they would take the cores
+        parts = settled_parts(node, fanin)
+        print(f"  parts (events): {parts}", flush=True)
         count, elapsed, reader_cpu, node_cpu = _timed_reader(node, catch_up_child, last)
         if count != n:
             raise RuntimeError(f"catch-up read {count} events of {n}")
@@ -285,7 +307,8 @@ def catch_up(root: Path, n: int) -> dict[str, Any]:
         print(f"  Client.subscribe: {n / c_elapsed:,.0f} events/s", flush=True)
     finally:
         node.stop()
-    return {"catchup_events": n, "catchup_seconds": round(elapsed, 3),
+    return {"catchup_events": n, "catchup_parts_events": parts,
+            "catchup_seconds": round(elapsed, 3),
             "catchup_events_per_s": round(n / elapsed),
             "catchup_node_cpu_us_per_event": round(node_cpu * 1e6 / n, 2),
             "catchup_reader_cpu_us_per_event": round(reader_cpu * 1e6 / n, 2),
@@ -442,6 +465,9 @@ def main() -> None:
     ap.add_argument("--idle-subscribers", type=int, default=1_000)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
     ap.add_argument("--catch-up-only", action="store_true", help="only (a), the catch-up")
+    ap.add_argument("--compaction-fanin-min", type=int, default=None,
+                    help="the catch-up node's merge fan-in (e.g. 4: merged parts of >100,000 "
+                    "events from 300,000 on, as the default makes from ~460,000)")  # fmt: skip
     # scripts/bench passes its arguments to every benchmark: --tiny is --quick here, and the
     # peer and the part worker are replication.py's and ingest.py's
     ap.add_argument("--tiny", action="store_true", help="the same as --quick")
@@ -458,7 +484,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="walship-sub-bench-") as tmp:
         root = Path(tmp)
         print("catch-up ...", flush=True)
-        results.update(catch_up(root, args.events))
+        results.update(catch_up(root, args.events, args.compaction_fanin_min))
         print(f"  {results['catchup_events_per_s']:,} events/s", flush=True)
         if args.catch_up_only:
             print(json.dumps(results, indent=2))

@@ -50,8 +50,9 @@ import msgspec
 sys.path.insert(0, str(Path(__file__).parent))
 from common import event, save
 from replication import Cluster, wait_settled
-from walship.cli.process import NodeProcess
-from walship.cli.wal import iter_wal_records
+from walship.position import Lsn
+from walship.testing.process import NodeProcess
+from walship.wal.offline import iter_wal_records
 
 TARGETS = {"last_to_second_window_ratio": 0.9}
 THREAD_NAMES = Path(__file__).parent / "threadnames"  # sitecustomize for the nodes
@@ -359,14 +360,14 @@ def compare_logs(leader: NodeProcess, followers: list[NodeProcess]) -> dict[str,
 
 def _last_record(node: NodeProcess, start: int) -> tuple[int, int, bytes] | None:
     last = None
-    for _path, _off, rec in iter_wal_records(node.data_dir / "wal", start):
+    for _path, _off, rec in iter_wal_records(node.data_dir / "wal", Lsn(start)):
         last = (rec.lsn, rec.term, rec.chain)
     return last
 
 
 def _compare_one(leader: NodeProcess, follower: NodeProcess, start: int) -> tuple[int, Any, Any]:
-    mine = iter_wal_records(leader.data_dir / "wal", start)
-    theirs = iter_wal_records(follower.data_dir / "wal", start)
+    mine = iter_wal_records(leader.data_dir / "wal", Lsn(start))
+    theirs = iter_wal_records(follower.data_dir / "wal", Lsn(start))
     compared = 0
     last = None
     expected = start

@@ -22,8 +22,6 @@ from typing import Any, TypeVar
 
 import httpx
 
-from walship.cli.process import NodeProcess
-from walship.cli.wal import DumpStopped, iter_wal_records
 from walship.replication.config import parse_address
 from walship.replication.protocol import (
     PROTOCOL_VERSION,
@@ -36,6 +34,8 @@ from walship.replication.protocol import (
     make_hello_proof,
     make_nonce,
 )
+from walship.testing.process import NodeProcess
+from walship.wal.offline import DumpStopped, iter_wal_records
 from walship.wal.record import Record
 
 T = TypeVar("T")

@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 
 from tests.cluster import HTTP_TIMEOUT_S, Cluster, event, health, http, query_all, wait_until
-from walship.cli.process import NodeProcess
 from walship.replication.lostfound import find_files, read_file, to_builtins
+from walship.testing.process import NodeProcess
 
 TOKEN = "walship-test-admin-token"
 

@@ -20,7 +20,7 @@ import httpx
 
 from tests.cluster import event
 from tests.failover_cluster import FailoverCluster
-from walship.cli.process import NodeProcess
+from walship.testing.process import NodeProcess
 
 
 def free_port(host: str = "127.0.0.1") -> int:

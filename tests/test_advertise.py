@@ -28,9 +28,9 @@ from tests.failover_cluster import assert_receipts_held
 from tests.fixed_cluster import AnyNodeWriter, FixedCluster, Ports, free_port, start_all
 from walship.advertise import AdvertisedAddress, AdvertisedUrl, advertised_host, is_wildcard
 from walship.cli.main import app
-from walship.cli.process import NodeProcess
 from walship.errors import InvalidInput
 from walship.etcd import EtcdClient
+from walship.testing.process import NodeProcess
 
 runner = CliRunner()
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")

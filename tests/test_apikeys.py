@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from walship.apikeys import ApiKeyFile, ApiKeyRing, Role, parse_tenants
 from walship.cli.main import app
-from walship.cli.process import NodeProcess
 from walship.client import Client
 from walship.errors import Forbidden, InvalidInput, Unauthorized
+from walship.testing.process import NodeProcess
 
 runner = CliRunner()
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from walship.cli.process import NodeProcess
 from walship.events import EventIn
 from walship.store import Store, StoreConfig
+from walship.testing.process import NodeProcess
 from walship.wal import FsyncPolicy
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"

@@ -34,7 +34,7 @@ from tests.cluster import (
     write_events,
 )
 from tests.failover_cluster import FailoverCluster, promote
-from walship.cli.process import NodeProcess
+from walship.testing.process import NodeProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

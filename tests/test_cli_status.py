@@ -27,9 +27,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from walship.cli.main import app
-from walship.cli.process import NodeProcess
-from walship.cli.status import NodeReport, render_status
+from walship.cli.status import render_status
 from walship.errors import InvalidInput
+from walship.node_reports import NodeReport
+from walship.testing.process import NodeProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

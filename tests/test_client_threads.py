@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from walship.cli.process import NodeProcess
 from walship.client import Client
+from walship.testing.process import NodeProcess
 
 THREADS = 100
 WRITES_PER_THREAD = 20

@@ -20,10 +20,10 @@ import pytest
 
 from tests.cluster import event, post_batch, query_all, wait_until
 from tests.conftest import make_event
-from walship.cli.process import NodeProcess
 from walship.limits import Limits
 from walship.storage.query import QueryFilter
 from walship.store import Store, StoreConfig
+from walship.testing.process import NodeProcess
 from walship.wal import FsyncPolicy
 
 READERS = 8

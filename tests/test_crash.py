@@ -20,9 +20,9 @@ import httpx
 import pytest
 
 from tests.walfiles import cut_inside_last_record, flip_bit_in_record_body, segments, write_store
-from walship.cli.process import NodeProcess
-from walship.cli.wal import iter_wal_records
 from walship.events import decode_body
+from walship.testing.process import NodeProcess
+from walship.wal.offline import iter_wal_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

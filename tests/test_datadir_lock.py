@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import query_all, write_events
-from walship.cli.process import NodeProcess
 from walship.dirlock import LOCK_FILE, DataDirLock, holder_pid
 from walship.errors import CorruptionError, DataDirLocked
 from walship.store import Store, StoreConfig
+from walship.testing.process import NodeProcess
 from walship.wal import FsyncPolicy
 
 from .conftest import make_event

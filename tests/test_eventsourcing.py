@@ -32,7 +32,6 @@ from eventsourcing.utils import Environment, get_topic
 
 from tests.cluster import Cluster, replication_address, stats, wait_until
 from walship.apikeys import ApiKeyFile, Role
-from walship.cli.process import NodeProcess
 from walship.eventsourcing import (
     WalshipAggregateRecorder,
     WalshipApplicationRecorder,
@@ -42,6 +41,7 @@ from walship.eventsourcing import (
 )
 from walship.eventsourcing.backend import NewEvent
 from walship.eventsourcing.embedded import acquire_store, release
+from walship.testing.process import NodeProcess
 
 MODULE = "walship.eventsourcing"
 

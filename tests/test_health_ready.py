@@ -17,8 +17,8 @@ import pytest
 from tests.cluster import event, health, http, post_event, replication_address, wait_until
 from tests.etcd_server import EtcdServer, running_etcd
 from tests.failover_cluster import FailoverCluster, promote, repoint
-from walship.cli.process import NodeProcess
 from walship.replication.config import parse_address
+from walship.testing.process import NodeProcess
 from walship.testing.proxy import FaultProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]

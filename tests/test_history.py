@@ -26,13 +26,13 @@ from tests.cluster import wal_records
 from tests.conftest import make_event
 from walship import history
 from walship.cli.main import app
-from walship.cli.process import NodeProcess
 from walship.errors import NotFound, Unavailable
 from walship.limits import Limits
 from walship.storage.manifest import CheckpointManifest, read_manifest, save_manifest
 from walship.storage.parquet import PartInfo
 from walship.storage.pins import READERS_DIR, pin_history, sweep_stale_pins
 from walship.store import Store, StoreConfig
+from walship.testing.process import NodeProcess
 from walship.wal import FsyncPolicy
 
 runner = CliRunner()
@@ -310,7 +310,7 @@ def test_duckdb_counts_through_pins_under_ingest_checkpoints_and_merges(tmp_path
         while True:
             elapsed = time.monotonic() - t0
             # ends as soon as enough happened (~8 s idle); the cap only bounds a loaded machine
-            if elapsed > 60 or (
+            if elapsed > 150 or (
                 elapsed > 6
                 and store.compactions >= 4
                 and store.checkpoints_taken >= 12

@@ -17,12 +17,12 @@ import pytest
 
 from walship.errors import WalFailed
 from walship.http import create_app
-from walship.http.writes import wait_written
 from walship.limits import Limits
 from walship.node import Node, NodeConfig, Role
 from walship.replication.config import ReplicationConfig
 from walship.wal import FsyncPolicy
 from walship.wal.log import WriteOutcome
+from walship.write_path import wait_written
 
 with warnings.catch_warnings():
     # starlette suggests httpx2; TestClient on httpx works the same for these tests

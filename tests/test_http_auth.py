@@ -559,7 +559,7 @@ def test_subscriptions_see_only_their_tenants(tmp_path: Path, keys: Keys) -> Non
     import uvicorn
 
     from tests.sse_reader import SseReader
-    from walship.cli.uvicorn_server import NodeServer
+    from walship.http.server import NodeServer
 
     node = Node.open(NodeConfig(tmp_path / "data", checkpoints=False, admin_token=ADMIN_TOKEN))
     auth = AuthSettings(required=True, keys=ApiKeyRing(tmp_path / "keys.json"))

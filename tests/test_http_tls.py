@@ -13,10 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from walship.cli.main import app
-from walship.cli.process import NodeProcess
 from walship.client import Client
 from walship.errors import InvalidInput, TlsVerificationFailed, Unavailable
 from walship.httptls import check_secret_transport, client_ssl_context
+from walship.testing.process import NodeProcess
 
 from .pki import HAVE_OPENSSL, make_pki
 

@@ -23,10 +23,10 @@ from tests.cluster import (
     wait_until,
     write_events,
 )
-from walship.cli.process import NodeProcess
 from walship.events import now_us
 from walship.replication.acks import DegradationLedger
 from walship.replication.ledger import LedgerRange
+from walship.testing.process import NodeProcess
 
 
 def metric(node: NodeProcess, name: str) -> float | None:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.cluster import Cluster, rss_bytes, stats, wait_until
-from walship.cli.process import NodeProcess
+from walship.testing.process import NodeProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from walship.apikeys import ApiKeyFile, Role
-from walship.cli.process import NodeProcess
+from walship.testing.process import NodeProcess
 
 _METRICS_RE = re.compile(r" metrics=(http://\S+)")
 

@@ -15,13 +15,13 @@ import pytest
 
 from walship.errors import AckTimeout, UnmeetableAckMode
 from walship.events import EventIn
-from walship.http.writes import append_events, wait_written
 from walship.node import Node, NodeConfig, Role
 from walship.replication.acks import AckMode, DegradationLedger
 from walship.replication.config import ReplicationConfig
 from walship.store import PendingAppend
 from walship.wal import FsyncPolicy
 from walship.wal.log import WriteOutcome
+from walship.write_path import append_events, wait_written
 
 SECRET = b"walship-test-secret"
 

@@ -26,8 +26,8 @@ from tests.cluster import (
     write_events,
 )
 from tests.failover_cluster import FailoverCluster, admin_post, promote
-from walship.cli.process import NodeProcess
 from walship.replication.physical import CORRUPT_PARTS_ENV
+from walship.testing.process import NodeProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from walship.errors import InvalidInput
-from walship.position import Lsn, Position, Term
+from walship.position import LogPoint, Lsn, Position, Term
 
 
 def test_positions_print_as_fixed_width_hex_and_parse_back() -> None:
@@ -28,3 +28,11 @@ def test_malformed_positions_are_refused(text: str) -> None:
 def test_negative_lsn_is_refused() -> None:
     with pytest.raises(InvalidInput):
         Lsn(-1)
+
+
+def test_a_log_point_is_its_position_and_the_chain_through_it() -> None:
+    point = LogPoint(Term(2), Lsn(16), bytes.fromhex("ab" * 8))
+    assert point.position == Position(Term(2), Lsn(16))
+    assert str(point) == "00000002/0000000000000010/" + "ab" * 8
+    assert point == LogPoint(Term(2), Lsn(16), bytes.fromhex("ab" * 8))
+    assert point != LogPoint(Term(2), Lsn(16), bytes(8))  # same place, another history

@@ -30,8 +30,8 @@ from tests.cluster import (
     wait_caught_up,
     write_events,
 )
-from walship.cli.process import NodeProcess
 from walship.replication.protocol import PROTOCOL_VERSION, Hello, encode, make_nonce
+from walship.testing.process import NodeProcess
 from walship.wal.record import crc32c
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

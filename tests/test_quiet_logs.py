@@ -18,7 +18,7 @@ import pytest
 from tests.cluster import health, replication, replication_address, wait_until
 from tests.etcd_server import EtcdServer, free_port, running_etcd
 from tests.failover_cluster import FailoverCluster
-from walship.cli.process import NodeProcess
+from walship.testing.process import NodeProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

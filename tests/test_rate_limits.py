@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from walship.apikeys import ApiKeyFile, Role
-from walship.cli.process import NodeProcess
 from walship.errors import RateLimited
 from walship.http.ratelimit import RateLimiter, RateLimits
+from walship.testing.process import NodeProcess
 
 
 class FakeClock:

@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 from tests.cluster import Cluster, http, query_all, wal_records
 from tests.conftest import make_event
 from walship.cli.main import app
-from walship.cli.process import NodeProcess
 from walship.events import TrackingIn
 from walship.replication.lostfound import LostRecord, event_of, lost_record, write_lost_found
 from walship.store import Store, StoreConfig
+from walship.testing.process import NodeProcess
 from walship.wal import FsyncPolicy
 
 runner = CliRunner()

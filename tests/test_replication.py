@@ -43,9 +43,9 @@ from tests.cluster import (
     wal_records,
     write_events,
 )
-from walship.cli.process import NodeProcess
 from walship.replication.config import parse_address
 from walship.replication.protocol import FRAME_HEADER, MESSAGE_TYPES, Hello
+from walship.testing.process import NodeProcess
 from walship.testing.proxy import FaultProxy
 from walship.wal.record import crc32c
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from walship.cli.process import NodeProcess
 from walship.limits import DEFAULT_LIMITS
+from walship.testing.process import NodeProcess
 
 HEAD_MAX = DEFAULT_LIMITS.request_head_bytes_max
 

@@ -15,7 +15,7 @@ import pytest
 from tests.cluster import http, replication_address, wait_caught_up, wait_until, write_events
 from tests.failover_cluster import FailoverCluster, promote, repoint
 from tests.test_prometheus import samples
-from walship.cli.process import NodeProcess
+from walship.testing.process import NodeProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

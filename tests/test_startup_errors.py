@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from walship.cli.process import NodeProcess
 from walship.dirlock import DataDirLock
+from walship.testing.process import NodeProcess
 
 pytestmark = pytest.mark.timeout(120)
 

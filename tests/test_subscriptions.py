@@ -20,8 +20,8 @@ import uvicorn
 
 from tests.cluster import Cluster, Writers, query_all, replication_address, stats, wait_until
 from tests.sse_reader import SseReader
-from walship.cli.uvicorn_server import NodeServer
 from walship.http import create_app, stream
+from walship.http.server import NodeServer
 from walship.limits import Limits
 from walship.node import Node, NodeConfig
 from walship.replication.config import parse_address

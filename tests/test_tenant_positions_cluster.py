@@ -26,7 +26,7 @@ from tests.cluster import (
     wait_until,
 )
 from tests.sse_reader import SseReader
-from walship.cli.process import NodeProcess
+from walship.testing.process import NodeProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -312,7 +312,7 @@ def test_status_page_under_auth_required_asks_for_a_key_and_sends_it_as_a_header
     data calls, never in a URL; a read key of one tenant shows that tenant's figures and says
     which parts it may not see; an admin key of every tenant shows everything."""
     from walship.apikeys import ApiKeyFile, Role
-    from walship.cli.process import NodeProcess
+    from walship.testing.process import NodeProcess
 
     keys = ApiKeyFile(tmp_path / "keys.json")
     read_acme = keys.create(Role.READ, frozenset({"acme"}))[1]

@@ -50,7 +50,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
-from walship import subscriber
+from walship import subscriber, wire
 from walship.client_calls import (
     PROBE_TIMEOUT_S,
     Action,
@@ -85,99 +85,60 @@ DEFAULT_TIMEOUT_S = 30.0
 T = TypeVar("T")
 
 
-class AppendReceipt(msgspec.Struct, frozen=True):
+# The answers' fields are defined once, in ``wire.py``, where the server builds them; these
+# frozen subclasses re-declare only the fields that read differently on the client's side
+# (mypy sees a narrower type there: the decoder, not an assignment, fills them). They are
+# frozen over the server's mutable types, which msgspec allows and mypy's dataclass rule does
+# not (hence its ``misc`` ignores), and keep every field when turned back into builtins
+# (``omit_defaults=False``), as they always did.
+
+
+class AppendReceipt(wire.Receipt, frozen=True):  # type: ignore[misc]
     """Where an appended event is in the log and how durable it was when answered."""
 
-    event_id: str
-    lsn: int
-    term: int
-    version: int
-    timestamp: str
-    durability: str
-    duplicate: bool = False
-    position: int = 0  # the event's position in its tenant (0: a server without positions)
+
+class BatchReceipt(wire.BatchReceipts, frozen=True, omit_defaults=False):  # type: ignore[misc]
+    receipts: list[AppendReceipt]  # type: ignore[assignment]
+    tracking: dict[str, Any] | None = None  # type: ignore[assignment]  # a dict, as always
 
 
-class BatchReceipt(msgspec.Struct, frozen=True):
-    receipts: list[AppendReceipt]
-    count: int
-    first_lsn: int
-    last_lsn: int
-    tracking: dict[str, Any] | None = None  # the receipt of the batch's tracking, if any
-
-
-class Event(msgspec.Struct, frozen=True):
+class Event(wire.EventOut, frozen=True, omit_defaults=False):  # type: ignore[misc]
     """A stored event as queries return it; a binary payload is ``bytes``."""
 
-    id: str
-    tenant_id: str
-    entity_id: str
-    event_type: str
     payload: Any
-    metadata: dict[str, Any] | None
-    timestamp: str
-    version: int
-    lsn: int
-    term: int
-    payload_encoding: str | None = None  # "base64": ``payload`` was sent as bytes
-    position: int = 0
+    metadata: dict[str, Any] | None  # type: ignore[assignment]
+    position: int = 0  # 0: a server without positions
 
     def __post_init__(self) -> None:
-        if self.payload_encoding == "base64":
+        if self.payload_encoding == "base64":  # ``payload`` was sent as bytes
             msgspec.structs.force_setattr(self, "payload", unbase64(self.payload))
 
 
-class QueryPage(msgspec.Struct, frozen=True):
-    events: list[Event]
-    next_cursor: str | None
-    count: int
+class QueryPage(wire.QueryPage, frozen=True):  # type: ignore[misc]
+    events: list[Event]  # type: ignore[assignment]
 
 
-class EntityEventsPage(msgspec.Struct, frozen=True):
+class EntityEventsPage(wire.EntityEvents, frozen=True):  # type: ignore[misc]
     """A page of one entity's events by version; ``next_version`` continues in ``direction``."""
 
-    tenant_id: str
-    entity_id: str
-    version: int
-    direction: str
-    events: list[Event]
-    count: int
-    next_version: int | None
+    events: list[Event]  # type: ignore[assignment]
 
 
-class EntityStateResult(msgspec.Struct, frozen=True):
+class EntityStateResult(wire.EntityState, frozen=True, omit_defaults=False):
     """An entity's payloads merged in lsn order, up to its ``version``/``last_lsn``; a
     binary last payload makes ``state`` its ``bytes``."""
-
-    tenant_id: str
-    entity_id: str
-    version: int
-    state: Any
-    last_lsn: int
-    updated: str | None
-    events: int
-    state_encoding: str | None = None
 
     def __post_init__(self) -> None:
         if self.state_encoding == "base64":
             msgspec.structs.force_setattr(self, "state", unbase64(self.state))
 
 
-class TenantPositionResult(msgspec.Struct, frozen=True):
+class TenantPositionResult(wire.TenantPosition, frozen=True):  # type: ignore[misc]
     """A tenant's last position visible on the node that answered (0: none), and its lsn."""
 
-    tenant_id: str
-    position: int
-    lsn: int
 
-
-class ConsumerPositionResult(msgspec.Struct, frozen=True):
+class ConsumerPositionResult(wire.ConsumerAnswer, frozen=True):  # type: ignore[misc]
     """The last position a consumer tracked with a batch, and the lsn of that append."""
-
-    consumer: str
-    tenant_id: str
-    position: int
-    lsn: int
 
 
 W = TypeVar("W", AppendReceipt, BatchReceipt)
@@ -340,8 +301,9 @@ class _Calls:
     ) -> Plan[int]:
         """The entity's current version (0: no event)."""
         params = optional(tenant_id=tenant_id, min_lsn=min_lsn, min_lsn_wait_ms=min_lsn_wait_ms)
-        body = yield from self._read(entity_path(entity_id, "version"), params, dict[str, Any])
-        return int(body["version"])
+        path = entity_path(entity_id, "version")
+        body = yield from self._read(path, params, wire.EntityVersion)
+        return body.version
 
     def _plan_event(
         self,

@@ -26,6 +26,7 @@ import orjson
 
 from walship.errors import LimitExceeded, MalformedJson, ValidationError
 from walship.limits import LSN_MAX, Limits
+from walship.wire import EventOut
 
 SYSTEM_PREFIX = "_system."
 _TENANT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -117,26 +118,6 @@ class StoredEvent(msgspec.Struct, gc=False, frozen=True):
         """Approximate memory held by this event (for memtable accounting)."""
         meta = len(self.metadata) if self.metadata else 0
         return 200 + len(self.payload) + meta + len(self.entity_id) + len(self.event_type)
-
-
-class EventOut(msgspec.Struct, omit_defaults=True):
-    """An event as the API returns it: every model field plus ``lsn`` and ``term``.
-
-    A binary payload is its base64 text with ``payload_encoding: "base64"`` (the field is left
-    out for JSON payloads)."""
-
-    id: str
-    tenant_id: str
-    entity_id: str
-    event_type: str
-    payload: msgspec.Raw
-    metadata: msgspec.Raw | None
-    timestamp: str
-    version: int
-    lsn: int
-    term: int
-    position: int
-    payload_encoding: str | None = None
 
 
 _body_encoder = msgspec.msgpack.Encoder()

@@ -70,9 +70,10 @@ from walship.replication.insync import InSyncFile, InSyncRecord, Witness, may_lo
 from walship.replication.leader import Leader
 from walship.replication.metrics import ReplicationMetrics
 from walship.role_state import RoleState
-from walship.store import PendingAppend, Receipt, Store, StoreConfig
+from walship.store import PendingAppend, Store, StoreConfig
 from walship.wal import FsyncPolicy
 from walship.wal.record import TERM_MAX
+from walship.wire import Receipt
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Log positions as small value types: ``Lsn``, ``Term`` and ``Position(term, lsn)``.
+"""Log positions as small value types: ``Lsn``, ``Term``, ``Position(term, lsn)`` and
+``LogPoint(term, lsn, chain)``.
 
 They print as fixed-width hex, so names and logs sort in log order, and parse back from it.
 No bare ints cross module boundaries where a position is meant.
@@ -106,3 +107,23 @@ class Position:
     @classmethod
     def start(cls) -> Position:
         return cls(Term(0), Lsn(0))
+
+
+@dataclass(frozen=True, slots=True)
+class LogPoint:
+    """A record's place in a log with the running chain hash through it: ``(term, lsn, chain)``.
+
+    Two logs at the same point hold the same records up to it (the chain covers them all);
+    this is what a follower's next frame must continue and what a subscriber names.
+    """
+
+    term: Term
+    lsn: Lsn
+    chain: bytes
+
+    @property
+    def position(self) -> Position:
+        return Position(self.term, self.lsn)
+
+    def __str__(self) -> str:
+        return f"{self.term}/{self.lsn}/{self.chain.hex()}"

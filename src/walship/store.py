@@ -65,6 +65,7 @@ from walship.fsutil import atomic_write, fsync_dir
 from walship.limits import DEFAULT_LIMITS, LSN_MAX, Limits
 from walship.metrics import StoreMetrics
 from walship.position import Lsn, Position, Term
+from walship.replicated_log import ReplicatedLog
 from walship.storage.alarm import CheckpointAlarm, CheckpointFailure
 from walship.storage.compaction import merge_parts, pick_run
 from walship.storage.consumers import (
@@ -97,6 +98,7 @@ from walship.wal.record import VerifiedRun
 from walship.wal.segment import SegmentHeader, create_segment
 from walship.wal.terms import FILE_NAME as TERMS_FILE
 from walship.wal.truncate import truncate_wal
+from walship.wire import EntityState, Receipt, TrackingReceipt
 
 log = logging.getLogger(__name__)
 
@@ -117,35 +119,6 @@ class StoreConfig:
     # module again: a script embedding the store keeps its own work under
     # ``if __name__ == "__main__":``, as multiprocessing asks
     part_worker: bool = False
-
-
-class Receipt(msgspec.Struct):
-    """The answer to a write: where it is in the log and how durable it is."""
-
-    event_id: str
-    lsn: int
-    term: int
-    version: int
-    timestamp: str
-    durability: str = "local"
-    required: int = 0
-    acked_by: list[str] = msgspec.field(default_factory=list)
-    duplicate: bool = False
-    position: int = 0  # the event's position in its tenant (0: written before positions)
-
-
-class TrackingReceipt(msgspec.Struct):
-    """The answer for a batch's tracking: the consumer's new position and its record's lsn."""
-
-    consumer: str
-    tenant_id: str
-    position: int
-    lsn: int
-    term: int
-    durability: str = "local"
-    required: int = 0
-    acked_by: list[str] = msgspec.field(default_factory=list)
-    duplicate: bool = False  # a repeat of the batch that stored it: nothing stored again
 
 
 class QueryResult(msgspec.Struct):
@@ -190,21 +163,6 @@ class PendingAppend:
         return min((r.lsn for r in self.answers), default=0)
 
 
-class EntityState(msgspec.Struct, frozen=True, omit_defaults=True):
-    """An entity's payloads merged in lsn order (``state_encoding`` only when it is bytes)."""
-
-    tenant_id: str
-    entity_id: str
-    version: int
-    state: Any
-    last_lsn: int
-    updated: str | None
-    events: int
-    # "base64" when the last event's payload was bytes: ``state`` is those bytes (a binary
-    # payload replaces the state, as any non-object does), base64 text in a JSON answer
-    state_encoding: str | None = None
-
-
 class Store:
     """A node's events. Thread-safe; ``append`` blocks, ``submit`` does not."""
 
@@ -230,6 +188,7 @@ class Store:
         self._parts: list[PartReader] = []
         self._manifest = CheckpointManifest()
         self.cuts = LogCuts()  # divergence-repair cuts, for subscriptions following the log
+        self.log = ReplicatedLog(self)  # replication's front door to the WAL (not ``wal``)
         self._retention_floor: Callable[[], int | None] = lambda: None
         self._closed = False
         self._stop = threading.Event()

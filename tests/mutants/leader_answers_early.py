@@ -12,7 +12,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 
 from tests.mutants import _delay
-from walship.http import writes
+from walship import write_path
 from walship.wal.log import WriteOutcome
 
 
@@ -22,7 +22,7 @@ async def _answer_at_once(fut: Future[WriteOutcome]) -> WriteOutcome:
 
 _delay.install()
 _delay.delay_wal_writes()
-writes.wait_written = _answer_at_once
+write_path.wait_written = _answer_at_once
 
 if __name__ == "__main__":
     from walship.cli.main import main

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import httpx
 import typer
 
+from walship.admin_client import AdminAccess, AdminError, admin_call
+from walship.admin_token import ADMIN_TOKEN_ENV, load_admin_token
 from walship.cli.connect import (
-    AdminAccess,
     AllowInsecureAdmin,
     ApiKeyFile,
     CaFile,
@@ -30,11 +30,8 @@ from walship.cli.connect import (
     tls_verify,
 )
 from walship.cli.output import fail, say, warn
-from walship.cli.serve import ADMIN_TOKEN_ENV, load_admin_token
 from walship.errors import InvalidInput
-from walship.peers import PeerView, fetch_views, normalize_url, split_urls
-
-ADMIN_TIMEOUT_S = 30.0
+from walship.peers import PeerView, fetch_views, split_urls
 
 TokenFile = Annotated[
     Path | None,
@@ -55,10 +52,6 @@ UncleanFlag = Annotated[
         "holds is lost. The command says what.",
     ),
 ]
-
-
-class AdminError(Exception):
-    """An admin call failed; the message says how."""
 
 
 def _token(path: Path | None, api_key_file: Path | None = None) -> str:
@@ -94,35 +87,6 @@ def admin_access(
         tls_verify(ca_file, client_cert, client_key),
         allow_insecure,
     )
-
-
-def admin_call(url: str, path: str, access: AdminAccess, **params: str) -> dict[str, Any]:
-    """POST an admin endpoint; its JSON answer, or AdminError with the node's message.
-
-    Refused before anything is sent when the credential would travel in the clear."""
-    target = normalize_url(url)
-    try:
-        access.check_url(target)
-    except InvalidInput as exc:
-        raise AdminError(exc.message) from exc
-    try:
-        response = httpx.post(
-            f"{target}{path}",
-            params=params,
-            headers={"Authorization": f"Bearer {access.credential}"},
-            timeout=ADMIN_TIMEOUT_S,
-            verify=access.verify,
-        )
-    except httpx.HTTPError as exc:
-        raise AdminError(f"{url}: {type(exc).__name__}: {exc}") from exc
-    try:
-        body = response.json()
-    except ValueError:
-        body = {}
-    if response.status_code != 200 or not isinstance(body, dict):
-        message = body.get("message") if isinstance(body, dict) else None
-        raise AdminError(f"{url} answered {response.status_code}: {message or response.text}")
-    return body
 
 
 def promote_command(

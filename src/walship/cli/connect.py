@@ -1,5 +1,8 @@
 """How a CLI command reaches a node: HTTPS trust, client certificate, the credential it sends.
 
+The options are parsed here; the admin call itself (``AdminAccess``, ``admin_call``) is library
+code in ``admin_client.py``.
+
 Every command that calls a node takes the same options from here (``--ca-file``,
 ``--client-cert``/``--client-key``; admin commands also ``--api-key-file`` and
 ``--allow-insecure-admin``), so they behave alike.
@@ -8,7 +11,6 @@ Every command that calls a node takes the same options from here (``--ca-file``,
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +18,7 @@ import typer
 
 from walship.cli.output import fail
 from walship.errors import InvalidInput
-from walship.httptls import check_secret_transport, client_ssl_context
+from walship.httptls import client_ssl_context
 
 CaFile = Annotated[
     Path | None,
@@ -79,19 +81,3 @@ def read_api_key(path: Path) -> str:
     if not key:
         fail(f"--api-key-file {path} is empty", 2)
     return key
-
-
-@dataclass(frozen=True)
-class AdminAccess:
-    """What an admin call sends and checks: the credential, TLS trust, the plain-HTTP rule."""
-
-    credential: str
-    verify: bool | ssl.SSLContext = True
-    allow_insecure: bool = False
-
-    def check_url(self, url: str) -> None:
-        """InvalidInput when the credential would cross the network in the clear."""
-        check_secret_transport(url, self.allow_insecure)
-
-    def __repr__(self) -> str:  # never show the credential
-        return f"AdminAccess(verify={self.verify!r}, allow_insecure={self.allow_insecure})"

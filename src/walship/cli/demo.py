@@ -31,8 +31,9 @@ import typer
 from rich.table import Table
 
 from walship.cli.output import console, fail, print_renderable, say
-from walship.cli.process import NodeProcess, NodeStartError
-from walship.cli.status import collect, make_client, render_status
+from walship.cli.status import render_status
+from walship.node_reports import collect, make_client
+from walship.testing.process import NodeProcess, NodeStartError
 
 REQUEST_TIMEOUT_S = 10.0
 IN_SYNC_TIMEOUT_S = 20.0

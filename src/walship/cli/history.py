@@ -17,7 +17,8 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from walship.cli.admin import AdminError, TokenFile, admin_access, admin_call
+from walship.admin_client import AdminError, admin_call
+from walship.cli.admin import TokenFile, admin_access
 from walship.cli.connect import AllowInsecureAdmin, ApiKeyFile, CaFile, ClientCert, ClientKey
 from walship.cli.output import fail, say
 from walship.errors import WalshipError

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from walship.admin_token import ADMIN_TOKEN_ENV, load_admin_token
 from walship.advertise import AdvertisedAddress, AdvertisedUrl, advertised_host, bracket
 from walship.cli.config import CONFIG_ENV, EXIT_BAD_CONFIG, load_config, settings_of
 from walship.cli.output import fail, say, warn
@@ -55,6 +56,7 @@ from walship.errors import CorruptionError, InvalidInput, WalshipError
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.peers import split_urls
 from walship.runtime import settle, tune_process
+from walship.testing.process import START_LINE_MARK
 from walship.wal import FsyncPolicy
 
 if TYPE_CHECKING:
@@ -63,9 +65,6 @@ if TYPE_CHECKING:
     from walship.replication.config import ReplicationConfig
 
 EXIT_CORRUPTION = 2
-ADMIN_TOKEN_ENV = "WALSHIP_ADMIN_TOKEN"  # noqa: S105 (a variable name)
-START_LINE_MARK = "serving "
-"""The start line reads ``walship NODE serving URL ...``; process.py finds the URL after it."""
 
 _BACKLOG = 2048  # uvicorn's default
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -712,32 +711,6 @@ def _attach_election(
     node.write_gate = election.write_block
 
 
-def load_admin_token(
-    path: Path | None, environ: dict[str, str] | os._Environ[str] | None = None
-) -> str | None:
-    """The admin token from the file at ``path``, else from ``$WALSHIP_ADMIN_TOKEN``; None
-    when neither is set. InvalidInput for an unreadable file or an empty token."""
-    if path is not None:
-        try:
-            token = path.read_text().strip()
-        except OSError as exc:
-            raise InvalidInput(f"cannot read admin token file {path}: {exc}") from exc
-        except UnicodeDecodeError as exc:
-            raise InvalidInput(
-                f"cannot read admin token file {path}: not UTF-8 text ({exc.reason} at byte "
-                f"{exc.start})"
-            ) from exc
-        source = f"file {path}"
-    else:
-        value = (os.environ if environ is None else environ).get(ADMIN_TOKEN_ENV)
-        if value is None:
-            return None
-        token, source = value.strip(), ADMIN_TOKEN_ENV
-    if not token:
-        raise InvalidInput(f"the admin token from {source} is empty")
-    return token
-
-
 def _prepare_data_dir(path: Path) -> Path:
     """Create the data dir if needed and prove it is writable; exit 1 with the reason if not."""
     try:
@@ -995,8 +968,8 @@ def _run(
     """Serve until a signal; always close the node (WAL written and fsynced) afterwards."""
     import uvicorn
 
-    from walship.cli.uvicorn_server import NodeServer, http_protocol, metrics_server
     from walship.http.app import create_app
+    from walship.http.server import NodeServer, http_protocol, metrics_server
 
     host, port = sock.getsockname()[:2]
     companions, metrics_note = [], ""

@@ -1,11 +1,9 @@
 """``walship wal verify`` and ``walship wal dump``: look at a WAL without changing it.
 
-Both read the segment files directly (``scan_segment``/``decode_record``) instead of
-``Wal.open``, because recovery truncates a torn tail and these commands must leave the
-directory exactly as they found it: an operator runs them *before* deciding to start a node.
-They take no data-dir lock (``dirlock.py``), so they can look at a running node's WAL and never
+The reading and checking are library code (``wal/offline.py``, ``storage/offline_check.py``):
+they never write and take no data-dir lock, so they can look at a running node's WAL and never
 keep a node from starting; ``verify`` says when the dir is in use, since the node may then be
-writing the last records as they are read.
+writing the last records as they are read. This module parses the arguments and prints.
 """
 
 from __future__ import annotations
@@ -13,8 +11,6 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,20 +19,18 @@ import typer
 from rich.table import Table
 
 from walship.cli.output import console, fail, say, warn
-from walship.dirlock import holder_pid
-from walship.errors import CorruptionError
+from walship.errors import InvalidInput
 from walship.events import decode_body
-from walship.limits import DEFAULT_LIMITS
-from walship.storage.manifest import load_manifest
-from walship.wal.record import Record, RecordIncomplete, RecordInvalid, decode_record
-from walship.wal.segment import (
-    SEGMENT_HEADER_BYTES,
-    SegmentHeader,
-    list_segments,
-    scan_segment,
-    zero_tail,
+from walship.position import Lsn
+from walship.storage.offline_check import verify_wal
+from walship.wal.offline import (
+    DumpStopped,
+    VerifyReport,
+    WalLocation,
+    find_wal,
+    iter_wal_records,
 )
-from walship.wal.terms import TermHistory
+from walship.wal.record import Record
 
 app = typer.Typer(
     name="wal",
@@ -45,188 +39,16 @@ app = typer.Typer(
 )
 
 
-# ---------------------------------------------------------------------- locating a WAL
-
-
-@dataclass(frozen=True)
-class WalLocation:
-    """The WAL directory, and the node's data dir when it could be told."""
-
-    wal_dir: Path
-    data_dir: Path | None
-
-
 def locate_wal(directory: Path) -> WalLocation:
-    """Accept a data dir (holding ``wal/``) or the ``wal/`` directory itself.
-
-    Exits 1 with a message when ``directory`` holds no WAL segments either way.
-    """
-    if not directory.is_dir():
-        fail(f"{directory} is not a directory")
-    if list_segments(directory):
-        parent = directory.parent if directory.name == "wal" else None
-        return WalLocation(directory, parent)
-    nested = directory / "wal"
-    if nested.is_dir() and list_segments(nested):
-        return WalLocation(nested, directory)
-    fail(f"no WAL segments (*.wal) in {directory} or {nested}")
+    """Accept a data dir (holding ``wal/``) or the ``wal/`` directory itself; exit 1 with a
+    message when ``directory`` holds no WAL segments either way."""
+    try:
+        return find_wal(directory)
+    except InvalidInput as exc:
+        fail(exc.message)
 
 
 # ---------------------------------------------------------------------- verify
-
-
-@dataclass
-class SegmentReport:
-    """What verification found in one segment file."""
-
-    path: Path
-    first_lsn: int
-    last_lsn: int
-    records: int
-    file_bytes: int
-    status: str = "ok"
-
-
-@dataclass(frozen=True)
-class Damage:
-    """A bad spot: which file, at which byte offset, and why."""
-
-    file: str
-    offset: int
-    reason: str
-
-
-@dataclass
-class VerifyReport:
-    """The outcome of verifying a whole WAL directory."""
-
-    location: WalLocation
-    segments: list[SegmentReport] = field(default_factory=list)
-    torn_tail: Damage | None = None
-    corruption: list[Damage] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # corrupt state not tied to an offset
-    notes: list[str] = field(default_factory=list)
-    terms: list[tuple[int, int]] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.corruption and not self.problems
-
-    @property
-    def last_lsn(self) -> int:
-        return self.segments[-1].last_lsn if self.segments else 0
-
-
-def _damage_from(exc: CorruptionError, path: Path) -> Damage:
-    file = str(exc.details.get("file", path))
-    offset = int(exc.details.get("offset", 0))
-    reason = exc.message
-    for prefix in (f"{file} at offset {offset}: ", f"{file}: "):
-        if reason.startswith(prefix):
-            reason = reason[len(prefix) :]
-            break
-    return Damage(file, offset, reason)
-
-
-def verify_wal(location: WalLocation) -> VerifyReport:
-    """Verify every segment: CRC, lsn and chain continuity, term history, checkpoint coverage.
-
-    After a corrupt segment, later segments are still scanned, each on its own (their
-    continuity with the damaged part cannot be checked), so the report shows how much is
-    intact. Never writes to the directory.
-    """
-    report = VerifyReport(location)
-    wal_dir = location.wal_dir
-    body_max = DEFAULT_LIMITS.record_bytes_max
-    found = list_segments(wal_dir)
-    chained: tuple[int, bytes] | None = None  # (next lsn, chain) the next segment must continue
-    last_term = 0
-    for i, (first_lsn, path) in enumerate(found):
-        seg = SegmentReport(path, first_lsn, first_lsn - 1, 0, path.stat().st_size)
-        report.segments.append(seg)
-
-        def count(rec: Record, seg: SegmentReport = seg) -> None:
-            seg.records += 1
-            seg.last_lsn = rec.lsn
-
-        try:
-            scan = scan_segment(
-                path,
-                expected_first_lsn=None if chained is None else chained[0],
-                expected_prev_chain=None if chained is None else chained[1],
-                is_last=i == len(found) - 1,
-                body_bytes_max=body_max,
-                on_record=count,
-            )
-        except CorruptionError as exc:
-            seg.status = "corrupt"
-            report.corruption.append(_damage_from(exc, path))
-            chained = None
-            continue
-        last_term = max(last_term, scan.last_term)
-        chained = (scan.last_lsn + 1, scan.last_chain)
-        if scan.torn_tail is not None:
-            seg.status = "torn tail"
-            reason = scan.torn_tail
-            prefix = f"{path} at offset {scan.valid_bytes}: "
-            if reason.startswith(prefix):
-                reason = reason[len(prefix) :]
-            report.torn_tail = Damage(str(path), scan.valid_bytes, reason)
-    stale = sorted(wal_dir.glob("*.wal.tmp"))
-    for tmp in stale:
-        report.notes.append(f"{tmp}: unfinished segment file, would be removed on start")
-    _verify_terms(report, last_term)
-    if location.data_dir is not None:
-        _verify_checkpoint(report)
-        holder = holder_pid(location.data_dir)
-        if holder is not None:
-            report.notes.append(
-                f"{location.data_dir} is in use by pid {holder or '?'}: it may be writing the "
-                "last records as they are read (a torn tail is then expected)"
-            )
-    return report
-
-
-def _verify_terms(report: VerifyReport, last_term: int) -> None:
-    try:
-        terms = TermHistory.load(report.location.wal_dir)
-    except CorruptionError as exc:
-        report.problems.append(exc.message)
-        return
-    report.terms = terms.to_list()
-    if last_term > terms.current.value:
-        report.problems.append(
-            f"records of term {last_term} but the term history "
-            f"({report.location.wal_dir / 'term_history.json'}) ends at term {terms.current.value}"
-        )
-
-
-def _verify_checkpoint(report: VerifyReport) -> None:
-    assert report.location.data_dir is not None
-    checkpoint_dir = report.location.data_dir / "checkpoints"
-    try:
-        manifest = load_manifest(checkpoint_dir)
-    except CorruptionError as exc:
-        report.problems.append(exc.message)
-        return
-    if not report.segments or report.corruption:
-        return
-    first = report.segments[0].first_lsn
-    last = report.last_lsn
-    checkpointed = manifest.last_lsn
-    if checkpointed:
-        report.notes.append(
-            f"checkpoint covers lsn 1..{checkpointed} in {len(manifest.parts)} Parquet part(s)"
-        )
-    if first > checkpointed + 1:
-        report.problems.append(
-            f"the WAL starts at lsn {first} but the checkpoint ends at {checkpointed}: "
-            f"records {checkpointed + 1}..{first - 1} are missing"
-        )
-    elif last < checkpointed:
-        report.problems.append(
-            f"the WAL ends at lsn {last} but the checkpoint already covers {checkpointed}"
-        )
 
 
 def render_verify(report: VerifyReport) -> None:
@@ -241,8 +63,8 @@ def render_verify(report: VerifyReport) -> None:
     for seg in report.segments:
         table.add_row(
             seg.path.name,
-            str(seg.first_lsn),
-            str(seg.last_lsn) if seg.records else "-",
+            str(seg.first_lsn.value),
+            str(seg.last_lsn.value) if seg.records else "-",
             str(seg.records),
             f"{seg.file_bytes:,}",
             f"[{styles.get(seg.status, '')}]{seg.status}[/]",
@@ -264,8 +86,8 @@ def render_verify(report: VerifyReport) -> None:
         say(f"corrupt: {problem}", style="bold red")
     records = sum(s.records for s in report.segments)
     if report.ok:
-        first = report.segments[0].first_lsn if report.segments else 0
-        span = f"lsn {first}..{report.last_lsn}" if records else "no records"
+        first = report.segments[0].first_lsn.value if report.segments else 0
+        span = f"lsn {first}..{report.last_lsn.value}" if records else "no records"
         torn = " (then a torn tail)" if report.torn_tail is not None else ""
         say(
             f"WAL OK: {records} records, {span}{torn}, {len(report.segments)} segment(s)",
@@ -295,48 +117,6 @@ def verify_command(
 
 
 # ---------------------------------------------------------------------- dump
-
-
-class DumpStopped(Exception):
-    """An undecodable record ended the dump."""
-
-    def __init__(self, damage: Damage, in_last_segment: bool) -> None:
-        super().__init__(damage.reason)
-        self.damage = damage
-        self.in_last_segment = in_last_segment
-
-
-def iter_wal_records(wal_dir: Path, from_lsn: int = 1) -> Iterator[tuple[Path, int, Record]]:
-    """``(segment, offset, record)`` for every CRC-valid record with lsn >= ``from_lsn``.
-
-    Raises DumpStopped at the first record that does not decode. Chains are not checked here
-    (that is ``verify``'s job); the dump shows what is on disk.
-    """
-    found = list_segments(wal_dir)
-    start = 0
-    for i, (first, _) in enumerate(found):
-        if first <= from_lsn:
-            start = i
-    body_max = DEFAULT_LIMITS.record_bytes_max
-    for i in range(start, len(found)):
-        path = found[i][1]
-        buf = path.read_bytes()
-        try:
-            SegmentHeader.decode(buf, path)
-        except CorruptionError as exc:
-            raise DumpStopped(_damage_from(exc, path), i == len(found) - 1) from exc
-        view = memoryview(buf)
-        offset = SEGMENT_HEADER_BYTES
-        while offset < len(buf):
-            if buf[offset] == 0 and zero_tail(buf, offset):
-                break  # preallocated space after the last record
-            try:
-                rec = decode_record(view, offset, body_max)
-            except (RecordIncomplete, RecordInvalid) as exc:
-                raise DumpStopped(Damage(str(path), offset, str(exc)), i == len(found) - 1) from exc
-            if rec.lsn >= from_lsn:
-                yield path, offset, rec
-            offset += len(rec.raw)
 
 
 def describe_record(rec: Record) -> dict[str, Any]:
@@ -398,7 +178,7 @@ def dump_command(
     if not as_json:
         out.write("#      lsn  term chain              bytes event_type entity_id event_id\n")
     try:
-        for _, _, rec in iter_wal_records(location.wal_dir, from_lsn):
+        for _, _, rec in iter_wal_records(location.wal_dir, Lsn(from_lsn)):
             if limit is not None and shown >= limit:
                 break
             fields = describe_record(rec)

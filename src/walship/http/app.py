@@ -1,10 +1,10 @@
 """The HTTP API of a node (AllSource-compatible paths) on FastAPI, with msgspec on the hot paths.
 
 Write routes take the raw ``Request`` and hand the body to ``writes.py`` (msgspec decoding,
-``Store.submit``, WAL future); by default ``WriteFastLane`` answers those two paths before
-FastAPI's routing. Because the write routes declare no body parameter, their request and
-response schemas are generated from the msgspec types and placed under
-``#/components/schemas`` by an ``app.openapi`` override.
+then the node's ``write_path``: ``Store.submit``, WAL future, acknowledgement); by default
+``WriteFastLane`` answers those two paths before FastAPI's routing. Because the write routes
+declare no body parameter, their request and response schemas are generated from the msgspec
+types (``wire.py``) and placed under ``#/components/schemas`` by an ``app.openapi`` override.
 
 Reads that can take long (query, entity state, stats) run in the thread pool so the event loop
 keeps accepting writes meanwhile.
@@ -31,7 +31,6 @@ from walship.errors import Forbidden, InvalidParameter, NotReady, ValidationErro
 from walship.events import (
     BatchIn,
     EventIn,
-    EventOut,
     parse_timestamp,
     to_out,
     to_plain,
@@ -56,7 +55,6 @@ from walship.http.websocket import add_websocket_route
 from walship.http.writes import (
     BATCH_PATH,
     EVENTS_PATH,
-    BatchReceipts,
     BodyFormat,
     WriteFastLane,
     answer_batch,
@@ -71,16 +69,7 @@ from walship.readiness import readiness
 from walship.replication.lostfound import SummaryCache
 from walship.storage.query import QueryFilter
 from walship.storage.tenant_stats import tenant_counts
-from walship.store import EntityState, Receipt
-
-
-class QueryPage(msgspec.Struct):
-    """One page of a query, in lsn order; pass ``next_cursor`` back as ``cursor`` for more."""
-
-    events: list[EventOut]
-    next_cursor: str | None
-    count: int
-
+from walship.wire import BatchReceipts, EntityState, QueryPage, Receipt
 
 _SCHEMA_TYPES = (EventIn, BatchIn, Receipt, BatchReceipts, QueryPage, EntityState, ErrorBody)
 _REF_TEMPLATE = "#/components/schemas/{name}"
@@ -383,7 +372,7 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
         # lsns and the term are in every receipt and event too: nothing of another tenant's
         body = {
             "node_id": node.node_id,
-            "term": store.wal.terms.current.value,
+            "term": store.log.current_term.value,
             "last_lsn": store.last_position.lsn.value,
             "visible_lsn": store.visible_lsn,
             "tenants": counts,
@@ -425,7 +414,7 @@ def _add_ops_routes(app: FastAPI, node: Node) -> None:
     )
     async def ready() -> Response:
         reasons = readiness(node)
-        term = node.store.wal.terms.current.value
+        term = node.store.log.current_term.value
         about = {"node_id": node.node_id, "role": node.role, "term": term}
         if not reasons:
             return _json(_encoder.encode({"ready": True, **about, "reasons": []}))

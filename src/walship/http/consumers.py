@@ -24,6 +24,7 @@ from walship.events import validate_consumer_name, validate_tenant_id
 from walship.http.auth import check_tenant, principal_of
 from walship.limits import LSN_MAX
 from walship.node import Node
+from walship.wire import ConsumerAnswer, TenantPosition
 
 _JSON = "application/json"
 _encoder = msgspec.json.Encoder()
@@ -39,19 +40,6 @@ _MinLsn = Annotated[
     Query(ge=0, le=LSN_MAX, description="Wait until this node has applied this lsn"),
 ]
 _MinLsnWait = Annotated[int, Query(ge=0, description="How long to wait for `min_lsn`, in ms")]
-
-
-class TenantPosition(msgspec.Struct):
-    tenant_id: str
-    position: int  # of the tenant's last event visible on this node; 0: none
-    lsn: int  # that event's lsn (0: none)
-
-
-class ConsumerAnswer(msgspec.Struct):
-    consumer: str
-    tenant_id: str
-    position: int  # the last position the consumer tracked (visible on this node)
-    lsn: int  # the lsn of the append that tracked it
 
 
 def check_position_params(

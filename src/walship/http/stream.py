@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
 from walship.errors import InvalidParameter, LogCut, NotFound, Unavailable, WalshipError
-from walship.events import EventOut, StoredEvent, to_out, to_plain
+from walship.events import StoredEvent, to_out, to_plain
 from walship.http.auth import check_tenant, principal_of, scope_filter
 from walship.http.consumers import check_position_params
 from walship.http.live_tail import LiveTail, TailWindow
@@ -44,6 +44,7 @@ from walship.sse import (
 from walship.storage.frame_scan import FramePage, frame_page
 from walship.storage.query import QueryFilter
 from walship.store import Store
+from walship.wire import EntityEvents, EntityVersion
 
 STREAM_PATH = "/api/v1/events/stream"
 CHUNK_BYTES = 64 * 1024  # frames go to the socket in pieces of about this, so TCP paces us
@@ -57,24 +58,6 @@ _MinLsn = Annotated[
     ),
 ]
 _MinLsnWait = Annotated[int, Query(ge=0, description="How long to wait for `min_lsn`, in ms")]
-
-
-class EntityEvents(msgspec.Struct):
-    """A page of one entity's events by version; ``next_version`` continues in its direction."""
-
-    tenant_id: str
-    entity_id: str
-    version: int  # the entity's current version on this node
-    direction: str
-    events: list[EventOut]
-    count: int
-    next_version: int | None
-
-
-class EntityVersion(msgspec.Struct):
-    tenant_id: str
-    entity_id: str
-    version: int  # 0: no event of this entity is visible here
 
 
 def _json(body: bytes) -> Response:

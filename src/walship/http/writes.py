@@ -1,17 +1,16 @@
-"""The write path of the HTTP API: body in, WAL append, durability receipt out.
+"""The HTTP side of writes: body in, decoded events to the node's write path, receipt out.
 
 A body is read with a size cap, decoded by msgspec into ``EventIn``/``BatchIn`` (no pydantic on
-the way in or out; a msgpack body is first turned into its JSON, see ``media.py``), queued
-with ``Store.submit`` (which only takes a short lock) and answered once the WAL future for its
-records resolves. ``WriteFastLane`` serves the two append paths
-straight from ASGI; the FastAPI routes in ``app.py`` call the same functions.
+the way in or out; a msgpack body is first turned into its JSON, see ``media.py``), checked
+against the caller's tenants, handed to ``write_path.append_pending`` (the node's: admission,
+``Store.submit``, the WAL wait, the acknowledgement) and its receipts encoded.
+``WriteFastLane`` serves the two append paths straight from ASGI; the FastAPI routes in
+``app.py`` call the same functions.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
-from concurrent.futures import Future
 
 import msgspec
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -25,23 +24,12 @@ from walship.http.media import JSON, Media, msgpack_to_json, request_media, resp
 from walship.http.params import check_names
 from walship.limits import Limits
 from walship.node import Node
-from walship.replication.acks import AckMode
-from walship.store import PendingAppend, Receipt, TrackingReceipt
-from walship.wal.log import WriteOutcome
+from walship.store import PendingAppend
+from walship.wire import BatchReceipts
+from walship.write_path import append_pending
 
 EVENTS_PATH = "/api/v1/events"
 BATCH_PATH = "/api/v1/events/batch"
-
-
-class BatchReceipts(msgspec.Struct, omit_defaults=True):
-    """The answer to a batch append: one receipt per event, in input order (and the receipt
-    of its tracking, when it had one)."""
-
-    receipts: list[Receipt]
-    count: int
-    first_lsn: int
-    last_lsn: int
-    tracking: TrackingReceipt | None = None
 
 
 async def receive_body(scope: Scope, receive: Receive, bytes_max: int) -> bytes | None:
@@ -71,64 +59,8 @@ async def receive_body(scope: Scope, receive: Receive, bytes_max: int) -> bytes 
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def wait_written(fut: Future[WriteOutcome]) -> WriteOutcome:
-    """Await a WAL write future from the event loop without being able to cancel it."""
-    if fut.done():
-        return fut.result()
-    # shield: the WAL shares one future among a whole group commit, and a cancelled request
-    # (client gone) must not cancel it for everyone else
-    return await asyncio.shield(asyncio.wrap_future(fut))
-
-
 ACK_HEADER = "x-walship-ack-mode"
 ACK_PARAM = "ack_mode"
-
-
-async def append_events(
-    node: Node, events: Sequence[EventIn], ack_mode: str | None = None
-) -> list[Receipt]:
-    """``append_pending``'s receipts."""
-    pending = await append_pending(node, events, ack_mode)
-    return pending.receipts
-
-
-async def append_pending(
-    node: Node,
-    events: Sequence[EventIn],
-    ack_mode: str | None = None,
-    tracking: TrackingIn | None = None,
-) -> PendingAppend:
-    """Queue events in the WAL, wait until they are written and acknowledged as the write's
-    mode asks (the server's, or a stricter ``ack_mode``); receipts in input order.
-
-    An ack mode that does not parse is refused (InvalidInput, 400) before anything is written:
-    refused after the write, a retry would store the events twice."""
-    requested = AckMode.parse(ack_mode) if ack_mode else None
-    leader = node.check_writable()
-    node.check_ack_mode(requested, leader)
-    # the recovery-point budget: while in-sync followers lag too far, writes wait here,
-    # before the WAL (so a client gone meanwhile left nothing behind)
-    if await leader.lag_budget.admit():
-        # it waited: this node may have been demoted or fenced meanwhile
-        leader = node.check_writable()
-        node.check_ack_mode(requested, leader)
-    store = node.store
-    if store.would_block():
-        # backpressure (checkpoints or the WAL writer behind): wait in a thread, not the loop
-        pending = await asyncio.to_thread(
-            store.submit, events, json_checked=True, tracking=tracking
-        )
-    else:
-        # decoded: the syntax is checked
-        pending = store.submit(events, json_checked=True, tracking=tracking)
-    outcome: WriteOutcome | None = None
-    for fut in pending.waits_on:
-        outcome = await wait_written(fut)
-    if pending.done is not None:
-        outcome = await wait_written(pending.done)
-    pending.finish(outcome)
-    await node.confirm(pending, requested, leader)
-    return pending
 
 
 async def append_for(

@@ -213,8 +213,8 @@ class SnapshotServer:
                     hello,
                     challenge,
                     leader_node_id=self.store.config.node_id,
-                    term=self.store.wal.terms.current.value,
-                    leader_last_lsn=self.store.wal.written_lsn.value,
+                    term=self.store.log.current_term.value,
+                    leader_last_lsn=self.store.log.written_lsn.value,
                 )
             )
             await self._serve(stream, node_id)
@@ -309,7 +309,8 @@ class CascadeClient:
         if staged is not None:
             position, chain = staged.position, staged.manifest.chain_bytes
         else:
-            position, chain = self.store.wal.last_position, self.store.wal.last_chain
+            end = self.store.log.last_point
+            position, chain = end.position, end.chain
         return Subscribe.at(
             position,
             chain,
@@ -473,9 +474,9 @@ async def fetch_snapshot(
             raise SourceUnusable(
                 f"{source} is at term {welcome.term}, behind term {known_term} known here"
             )
-        wal = store.wal
-        local_end = wal.last_position.lsn.value
-        await stream.send(Subscribe.at(wal.last_position, wal.last_chain, snapshot_min_lsn=min_lsn))
+        end = store.log.last_point
+        local_end = end.lsn.value
+        await stream.send(Subscribe.at(end.position, end.chain, snapshot_min_lsn=min_lsn))
         first = await stream.recv(timeout_s)
         if isinstance(first, Refused):
             raise SourceUnusable(f"{source} refused ({first.code}): {first.message}")

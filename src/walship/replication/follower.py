@@ -218,7 +218,7 @@ class Follower:
         self.state = FollowerState.CLOSED
         self.connected = False
         # the highest term seen; frames from below are refused. ``on_term`` persists a rise
-        self.known_term = max(known_term, store.wal.terms.current.value)
+        self.known_term = max(known_term, store.log.current_term.value)
         self._on_term = on_term
         self._on_settings = on_settings  # the leader's ack settings, kept for a promotion
         self.repairs = 0
@@ -230,7 +230,7 @@ class Follower:
         self._in_sync_held: InSyncRecord | None = None  # a member's, until it holds its lsn
         self._in_sync_due: InSyncRecord | None = None  # to store and confirm
         self._in_sync_wake = asyncio.Event()
-        self.durable_lsn = store.wal.written_lsn.value
+        self.durable_lsn = store.log.written_lsn.value
         self.reconnects = 0
         self.snapshots_received = 0
         self.frames_rejected = 0
@@ -494,7 +494,7 @@ class Follower:
             "at_us": now_us(),
         }
         self._note_term(result.highest_cut_term)
-        self.durable_lsn = self.store.wal.written_lsn.value
+        self.durable_lsn = self.store.log.written_lsn.value
         self._wake_applied()
         return True
 
@@ -603,7 +603,7 @@ class Follower:
                 )
             raise
         self._last_sent = time.monotonic()
-        known = max(self.known_term, self.store.wal.terms.current.value)
+        known = max(self.known_term, self.store.log.current_term.value)
         stale = stale_term_error(welcome, known)
         if stale is not None:
             await stream.refuse(stale.code, stale.message)
@@ -644,7 +644,7 @@ class Follower:
         self._in_sync_due = None
         self._heard_at = time.monotonic()  # the Welcome just came
         self.cascade.staged_sent = False
-        self.durable_lsn = self.store.wal.written_lsn.value
+        self.durable_lsn = self.store.log.written_lsn.value
 
     async def _teardown(self) -> None:
         """Close the link once the worker-thread job in flight (an apply, a snapshot write or
@@ -836,9 +836,8 @@ class Follower:
             held = self._held[-1]
             tail = (held.lsn, held.term, held.chain)
         else:
-            wal = self.store.wal
-            end = wal.last_position
-            tail = (end.lsn.value, end.term.value, wal.last_chain)
+            end = self.store.log.last_point
+            tail = (end.lsn.value, end.term.value, end.chain)
         if (batch.prev_lsn, batch.prev_term, batch.prev_chain) != tail:
             raise FrameRejected(
                 f"{batch!r} does not continue this follower's log, which ends at lsn "
@@ -856,7 +855,7 @@ class Follower:
         if (
             len(batch.records) <= INLINE_APPLY_BYTES
             and not self._held  # completing a held append can mean thousands of records
-            and not self.store.wal.backlogged()
+            and not self.store.log.backlogged()
         ):
             # a small live batch: verifying and applying it here is cheaper than two hops to a
             # worker thread and back, which dominate a single write's replication latency
@@ -971,7 +970,7 @@ class Follower:
         WAL's error when the write failed."""
         durable = item.last_lsn
         if not item.done.result().synced:  # append_run always fsyncs; never trust less
-            durable = min(durable, self.store.wal.synced_lsn.value)
+            durable = min(durable, self.store.log.synced_lsn.value)
         self.durable_lsn = max(self.durable_lsn, durable)
 
     async def _send_position(self) -> None:
@@ -1000,7 +999,7 @@ class Follower:
     async def _on_snapshot_start(self, start: SnapshotStart) -> None:
         if self._batches or self._staging is not None:
             raise FrameRejected("SnapshotStart after the stream began")
-        local_end = self.store.wal.last_position.lsn.value
+        local_end = self.store.log.last_position.lsn.value
         if start.last_lsn < local_end:
             # never go back silently: that would drop records this node holds
             raise FrameRejected(
@@ -1058,7 +1057,7 @@ class Follower:
         self.snapshots_received += 1
         self.cascade.installed("leader")
         self.metrics.snapshots_received.inc()
-        self.durable_lsn = self.store.wal.written_lsn.value
+        self.durable_lsn = self.store.log.written_lsn.value
         self.state = FollowerState.CATCHING_UP
         self._wake_applied()
         self._publish()
@@ -1089,7 +1088,7 @@ class Follower:
         self.cascade.installed(staged.source)
         self.snapshots_received += 1
         self.metrics.snapshots_received.inc()
-        self.durable_lsn = self.store.wal.written_lsn.value
+        self.durable_lsn = self.store.log.written_lsn.value
         self.state = FollowerState.CATCHING_UP
         self._wake_applied()
         self._publish()
@@ -1111,15 +1110,14 @@ class Follower:
         (tail to lost-and-found, at the point both histories share) and subscribes again; the
         staged files stay for a resume. Invariant 12: trust this log, not a file from the wire.
         """
-        wal = self.store.wal
-        end = wal.last_position
+        end = self.store.log.last_point
         own_term, own_lsn = end.term.value, end.lsn.value
         common = snapshot_divergence(
             terms,
             last_lsn,
             own_term,
             own_lsn,
-            chain_differs=own_lsn == last_lsn and wal.last_chain != chain,
+            chain_differs=own_lsn == last_lsn and end.chain != chain,
         )
         if common is None:
             return

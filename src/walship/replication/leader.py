@@ -160,11 +160,11 @@ class FollowerSession:
         )
 
     def lag_records(self) -> int:
-        return max(self.leader.store.wal.written_lsn.value - self.durable_lsn, 0)
+        return max(self.leader.store.log.written_lsn.value - self.durable_lsn, 0)
 
     def lag_ms(self) -> float:
         return self.leader.lag_clock.lag_ms(
-            self.durable_lsn, self.leader.store.wal.written_lsn.value
+            self.durable_lsn, self.leader.store.log.written_lsn.value
         )
 
     def status(self) -> dict[str, Any]:
@@ -192,7 +192,7 @@ class FollowerSession:
         store = self.leader.store
         assert self._cursor is not None
         cursor = self._cursor
-        if cursor.next_lsn > store.wal.written_lsn.value:
+        if cursor.next_lsn > store.log.written_lsn.value:
             return False  # nothing new: no read at all
         budget = self.stream.frame_bytes_max - WAL_BATCH_OVERHEAD_BYTES
         # tailing live writes: what was just written is still in the WAL's memory, or a few
@@ -207,7 +207,7 @@ class FollowerSession:
         if raw is None:
             return False
         prev_lsn, prev_term, prev_chain = self._prev
-        leader_lsn = store.wal.written_lsn.value
+        leader_lsn = store.log.written_lsn.value
         written = self.leader.lag_clock.write_time_us(raw.last_lsn) or now_us()
         await self.stream.send(
             WalBatch(
@@ -254,7 +254,7 @@ class FollowerSession:
                 challenge,
                 leader_node_id=leader.store.config.node_id,
                 term=leader.term,
-                leader_last_lsn=leader.store.wal.written_lsn.value,
+                leader_last_lsn=leader.store.log.written_lsn.value,
                 leader_url=leader.config.http_url or "",
                 ack_settings=AckSettings.of(leader.config).encode(),
                 ships_parts=ships_parts,
@@ -301,14 +301,14 @@ class FollowerSession:
                 await self._confirm_staged(sub)
             self._prev = (sub.lsn, sub.term, sub.chain)
         self.sent_lsn = next_lsn - 1
-        self._cursor = WalCursor(leader.store.wal, next_lsn)
+        self._cursor = leader.store.log.cursor(next_lsn)
         self.state = FollowerState.CATCHING_UP
         heartbeat_s = leader.store.limits.heartbeat_interval_ms / 1000
         try:
             while True:
                 self.wake.clear()
                 await self._send_in_sync()
-                end = leader.store.wal.written_lsn.value  # the end of log as this step starts
+                end = leader.store.log.written_lsn.value  # the end of log as this step starts
                 try:
                     sent = await self.step()
                 except WalGone:
@@ -338,7 +338,7 @@ class FollowerSession:
                     await self.stream.send(
                         Heartbeat(
                             term=leader.term,
-                            last_lsn=leader.store.wal.written_lsn.value,
+                            last_lsn=leader.store.log.written_lsn.value,
                             ts_us=now_us(),
                         )
                     )
@@ -445,7 +445,7 @@ class FollowerSession:
         sources = leader.snapshot_sources(self.node_id)
         if not sources and sub.redirect != REDIRECT_ANY:
             return False
-        min_lsn = leader.store.wal.first_lsn().value - 1
+        min_lsn = leader.store.log.first_lsn().value - 1
         await self.stream.send(SnapshotRedirect(term=leader.term, sources=sources, min_lsn=min_lsn))
         leader.metrics.snapshots_redirected.inc()
         self.close_reason = f"redirected for a snapshot to {', '.join(sources) or 'its own source'}"
@@ -468,7 +468,7 @@ class FollowerSession:
                 lsn=sub.lsn,
                 last_term=sub.term,
                 chain=sub.chain,
-                term_history=leader.store.wal.terms.to_list(),
+                term_history=leader.store.log.term_history(),
             )
         )
         leader.metrics.snapshots_confirmed.inc()
@@ -522,7 +522,7 @@ class Leader:
             leader_id=store.config.node_id,
             term=self.term,
             ack_mode=str(config.ack_mode),
-            end_lsn=lambda: self.store.wal.written_lsn.value,
+            end_lsn=lambda: self.store.log.written_lsn.value,
             on_change=self.tracker.set_counting,
         )
         self._publisher: asyncio.Task[None] | None = None
@@ -530,7 +530,7 @@ class Leader:
 
     @property
     def term(self) -> int:
-        return self.store.wal.terms.current.value
+        return self.store.log.current_term.value
 
     @property
     def ledger(self) -> DegradationLedger:
@@ -580,8 +580,8 @@ class Leader:
         self._loop = asyncio.get_running_loop()
         self.acks.led(self.term)
         # records written before this start count as written now (lag is measured from here)
-        self.lag_clock.written(self.store.wal.written_lsn.value)
-        self.store.wal.add_listener(self._on_wal_commit)
+        self.lag_clock.written(self.store.log.written_lsn.value)
+        self.store.log.add_listener(self._on_wal_commit)
         if self.config.physical_followers:
             self.store.on_part = self._on_part
         if self.config.secret is None:
@@ -613,7 +613,7 @@ class Leader:
         self._publisher = asyncio.create_task(self._publish_in_sync(), name="in-sync-publisher")
 
     async def stop(self) -> None:
-        self.store.wal.remove_listener(self._on_wal_commit)
+        self.store.log.remove_listener(self._on_wal_commit)
         if self.store.on_part == self._on_part:
             self.store.on_part = None
         if self._server is not None:
@@ -711,7 +711,7 @@ class Leader:
     def locate(self, sub: Subscribe) -> int | Diverged | None:
         """Where a follower at ``sub`` continues: the next lsn to ship, None for "needs a
         snapshot", or Diverged when its tail is not on this leader's history."""
-        wal = self.store.wal
+        wal = self.store.log
         last = wal.last_position
         if sub.term > self.term:
             # fencing: a follower that has seen a newer term must not follow a stale leader,
@@ -731,7 +731,7 @@ class Leader:
             # outlives the WAL and says which term wrote it here. Another term there means the
             # follower holds records this log does not: a snapshot would replace them without
             # a trace, so it first cuts them to lost-and-found, at a point on both histories
-            history = wal.terms.to_list()
+            history = wal.term_history()
             if not on_history(history, sub.term, sub.lsn):
                 return self._diverged(
                     sub,
@@ -749,14 +749,14 @@ class Leader:
         """The last position both logs can share, from the term histories (Kafka's leader
         epochs, see ``divergence.py``); the follower cuts there (or before, by its own
         history) and subscribes again, which re-checks."""
-        wal = self.store.wal
+        wal = self.store.log
         common_term, common = common_point(
-            wal.terms.to_list(), wal.last_position.lsn.value, sub.term, sub.lsn
+            wal.term_history(), wal.last_position.lsn.value, sub.term, sub.lsn
         )
         return Diverged(common_term=common_term, common_lsn=common, reason=reason)
 
     def _term_and_chain_at(self, lsn: int) -> tuple[int, bytes] | None:
-        wal = self.store.wal
+        wal = self.store.log
         first = wal.first_lsn().value
         if lsn >= first:
             for rec in wal.read_from(lsn):
@@ -888,8 +888,8 @@ class Leader:
                 await self.ledger_keeper.heal(self.durable_positions(), self.followers_needed())
                 self.retention.sample(
                     dict(self.slots.slots),
-                    self.store.wal.written_lsn.value,
-                    self.store.wal.segment_infos(),
+                    self.store.log.written_lsn.value,
+                    self.store.log.segment_infos(),
                     time.monotonic(),
                 )
             except Exception as exc:  # reports only: the in-sync set above must go on
@@ -941,7 +941,7 @@ class Leader:
         """The lowest lsn a follower or a snapshot transfer still needs from the WAL."""
         # called from the checkpointer thread: work on copies of loop-owned dicts
         needs = list(dict(self.pins).values())
-        segments = self.store.wal.segment_infos()
+        segments = self.store.log.segment_infos()
         for node_id, durable in dict(self.slots.slots).items():
             behind = slot_bytes(segments, durable)  # WAL from this follower's position on
             if behind <= self.config.wal_retention_bytes_max:

@@ -43,9 +43,9 @@ def replication_dir(store: Store) -> Path:
 def repair_divergence(store: Store, common_term: int, common_lsn: int) -> RepairResult:
     """Cut this store back to where its log meets the leader's (``common_term``,
     ``common_lsn``, from ``Diverged``); the cut records go to lost-and-found first."""
-    wal = store.wal
+    wal = store.log
     last = wal.last_position.lsn.value
-    keep = keep_point(wal.terms.to_list(), last, common_term, common_lsn)
+    keep = keep_point(wal.term_history(), last, common_term, common_lsn)
     invariant(keep < last, f"divergence repair would cut nothing (keep {keep}, last {last})")
     checkpointed = store.manifest.last_lsn
     reset = keep < checkpointed

@@ -87,7 +87,7 @@ async def send_snapshot(
             )
         extra = {
             "manifest.json": msgspec.json.encode(manifest),
-            "term_history.json": msgspec.json.encode(store.wal.terms.to_list()),
+            "term_history.json": msgspec.json.encode(store.log.term_history()),
         }
         for name, data in extra.items():
             files.append((SnapshotFile(name, len(data), hashlib.sha256(data).digest()), data))

@@ -23,13 +23,14 @@ from typing import Any
 
 import httpx
 
-from walship.cli.process import NodeProcess, NodeStartError
-from walship.cli.wal import DumpStopped, iter_wal_records
 from walship.events import SYSTEM_PREFIX, decode_body, format_uuid
+from walship.http.auth import ROUTE_ACCESS
 from walship.replication.config import parse_address
+from walship.testing.process import NodeProcess, NodeStartError
 from walship.testing.proxy import FaultProxy
 from walship.verify.config import VerifyConfig
 from walship.verify.history import CrashImage, History
+from walship.wal.offline import DumpStopped, iter_wal_records
 from walship.wal.segment import list_segments
 
 HTTP_TIMEOUT_S = 5.0
@@ -42,11 +43,9 @@ class ClusterError(RuntimeError):
 
 
 def failover_available() -> bool:
-    """True when this build has ``promote`` and ``repoint`` (issue 4's failover)."""
-    from walship.cli.main import app  # the CLI imports verify: look it up at run time
-
-    names = {command.name for command in app.registered_commands}
-    return {"promote", "repoint"} <= names
+    """True when this build's nodes serve the promote and repoint endpoints the harness calls
+    (issue 4's failover); read from the route table, so ``verify`` needs nothing of the CLI."""
+    return {"POST /internal/promote", "POST /internal/repoint"} <= ROUTE_ACCESS.keys()
 
 
 class ServerProcess(NodeProcess):

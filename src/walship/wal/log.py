@@ -37,7 +37,7 @@ from pathlib import Path
 from walship.errors import CorruptionError, InvalidInput, StorageFull, WalFailed, invariant
 from walship.fsutil import fsync_dir
 from walship.limits import DEFAULT_LIMITS, Limits
-from walship.position import Lsn, Position, Term
+from walship.position import LogPoint, Lsn, Position, Term
 from walship.wal.reading import WalReader, _Segment
 from walship.wal.record import (
     GENESIS_CHAIN,
@@ -258,6 +258,12 @@ class Wal(WalReader):
     def last_chain(self) -> bytes:
         with self._lock:
             return self._last_chain
+
+    @property
+    def last_point(self) -> LogPoint:
+        """The last record's term, lsn and chain, read together (never from two appends)."""
+        with self._lock:
+            return LogPoint(Term(self._last_term), Lsn(self._last_lsn), self._last_chain)
 
     @property
     def written_lsn(self) -> Lsn:
