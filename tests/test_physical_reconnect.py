@@ -30,9 +30,9 @@ from tests.test_physical_followers import (
     parts_status,
     write_and_checkpoint,
 )
-from walship.cli.process import NodeProcess
 from walship.replication.handshake import PROTOCOL_VERSIONS_ENV
 from walship.replication.physical import CORRUPT_PARTS_ENV, CUT_PARTS_ENV
+from walship.testing.process import NodeProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
