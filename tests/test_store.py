@@ -630,7 +630,17 @@ def test_a_failing_checkpoint_is_an_alarm_until_one_works(
         assert alarms[0].exc_info is not None  # the first one carries the traceback
         _mend_parts_dir(store)
         deadline = time.monotonic() + 30
-        while store.checkpoint_failure is not None and time.monotonic() < deadline:
+
+        def mended() -> bool:
+            # the checkpointer clears the failure, then sets the gauge, then logs: wait for
+            # all three (a loaded machine can pause it between them)
+            return (
+                store.checkpoint_failure is None
+                and registry.get_sample_value("walship_checkpoint_failing") == 0
+                and any("checkpoints work again" in r.getMessage() for r in caplog.records)
+            )
+
+        while not mended() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert store.checkpoint_failure is None
         assert store.checkpoints_taken >= 1 and store.manifest.last_lsn >= 15

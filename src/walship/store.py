@@ -26,7 +26,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +58,6 @@ from walship.events import (
     now_us,
     prepare,
     same_content,
-    stored_from_body,
     validate_tracking,
 )
 from walship.fsutil import atomic_write, fsync_dir
@@ -93,6 +92,7 @@ from walship.storage.positions import TenantPositions
 from walship.storage.query import QueryFilter, entity_key
 from walship.storage.write_amp import WriteAmplification
 from walship.wal import FsyncPolicy, Record, Wal
+from walship.wal.frame import VerifiedFrame
 from walship.wal.log import WriteOutcome
 from walship.wal.record import VerifiedRun
 from walship.wal.segment import SegmentHeader, create_segment
@@ -914,24 +914,62 @@ class Store:
         """Add WAL records (recovery or replication) to the memtable and versions, and
         tracking records to the consumer table (``written_lsn``: what the WAL has written,
         None in recovery)."""
-        events = []
-        for rec in records:
-            body = decode_body(rec.body)
+        self._apply_bodies([(rec.lsn, rec.term, rec.body) for rec in records], written_lsn)
+
+    def _apply_bodies(
+        self, records: Iterable[tuple[int, int, bytes | memoryview]], written_lsn: int | None
+    ) -> None:
+        """``_apply_records`` from each record's ``(lsn, term, body)``."""
+        events: list[StoredEvent] = []
+        add = events.append
+        decode = decode_body
+        for lsn, term, raw in records:
+            body = decode(raw)
             if not body.event_type.startswith(SYSTEM_PREFIX):
-                events.append(stored_from_body(rec.lsn, rec.term, body))
+                # stored_from_body, inlined: this runs for every record a follower applies
+                add(
+                    StoredEvent(
+                        lsn,
+                        term,
+                        body.id,
+                        body.tenant_id,
+                        body.entity_id,
+                        body.event_type,
+                        body.timestamp_us,
+                        body.version,
+                        body.payload,
+                        body.metadata,
+                        body.tenant_position,
+                        body.payload_binary,
+                    )
+                )
             elif body.event_type == TRACKING_TYPE:
                 position = decode_tracking_payload(body.payload)
-                entry = ConsumerPosition(body.tenant_id, body.entity_id, position, rec.lsn)
+                entry = ConsumerPosition(body.tenant_id, body.entity_id, position, lsn)
                 self._consumers.apply(entry, written_lsn)
         self._active.add_all(events)
         versions = self._versions
         observe = self._positions.observe
         for ev in events:
-            key = entity_key(ev.tenant_id, ev.entity_id)
-            if ev.version > versions.get(key, 0):
-                versions[key] = ev.version
+            tenant_id, version = ev.tenant_id, ev.version
+            key = f"{tenant_id}\x00{ev.entity_id}"  # entity_key, inlined (per record)
+            if version > versions.get(key, 0):
+                versions[key] = version
             # taken from the record the leader wrote, never assigned here
-            observe(ev.tenant_id, ev.tenant_position, ev.lsn)
+            observe(tenant_id, ev.tenant_position, ev.lsn)
+
+    def apply_frame(self, frame: VerifiedFrame) -> Future[WriteOutcome]:
+        """``apply_run`` for a verified frame of whole appends (``wal/frame.py``): written to
+        the WAL as one buffer, indexed from views of it."""
+        with self._lock:
+            self._check_writable()
+            written = self.wal.written_lsn.value
+            fut = self.wal.append_frame(frame)
+            if frame.record_count:
+                self._apply_bodies(frame.entries(), written)
+                self.metrics.appends.inc(frame.record_count)
+                self.metrics.last_lsn.set(frame.last_lsn)
+        return fut
 
     def apply_run(self, run: VerifiedRun) -> Future[WriteOutcome]:
         """Append records another node wrote (a follower) and index them; returns the write."""

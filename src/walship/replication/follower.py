@@ -53,6 +53,7 @@ from walship.errors import (
     invariant,
 )
 from walship.events import now_us
+from walship.replication.applier import BatchApplier
 from walship.replication.cascade import CascadeClient, SnapshotRedirected
 from walship.replication.config import AckSettings, ReplicationConfig
 from walship.replication.divergence import snapshot_divergence
@@ -80,7 +81,6 @@ from walship.replication.protocol import (
     SnapshotStart,
     WalBatch,
     Welcome,
-    decode_batch,
     stale_term_error,
 )
 from walship.replication.repair import repair_divergence
@@ -88,7 +88,6 @@ from walship.replication.staging import SnapshotStaging
 from walship.replication.stream import MessageStream, PeerRefused
 from walship.store import Store
 from walship.wal.log import WriteOutcome
-from walship.wal.record import GENESIS_CHAIN, HEADER_BYTES, Record, VerifiedRun
 
 log = logging.getLogger(__name__)
 
@@ -256,13 +255,9 @@ class Follower:
         self._ack_wanted = False
         self._may_ack = False  # the leader knows this session's position: Acks are welcome
         self._batches = 0  # WalBatches received in this session
-        # the start of an atomic append whose last record has not arrived (see _decode_and_apply)
-        self._held: list[Record] = []
-        self._held_prev: tuple[int, int, bytes] = (0, 0, GENESIS_CHAIN)
-        limits = store.limits
-        self._held_records_max = limits.batch_events_max
-        # what a leader with the same limits accepts as one append (Store.submit checks it)
-        self._held_bytes_max = limits.append_bytes_max + limits.batch_events_max * HEADER_BYTES
+        # verifies batches a frame at a time and holds the start of an atomic append whose
+        # last record has not arrived (``applier.py``)
+        self.applier = BatchApplier(store.limits)
         self._reached_streaming = False
         self._newest_ts_us: int | None = None
         self._heard_at: float | None = None  # monotonic time of the leader's last frame
@@ -638,7 +633,7 @@ class Follower:
         self._ack_wanted = False
         self._may_ack = False
         self._batches = 0
-        self._held = []
+        self.applier.reset()
         self._newest_ts_us = None
         self._in_sync_held = None
         self._in_sync_due = None
@@ -832,9 +827,9 @@ class Follower:
 
     async def _on_batch(self, batch: WalBatch) -> None:
         self._leader_heard(batch.leader_lsn)
-        if self._held:
-            held = self._held[-1]
-            tail = (held.lsn, held.term, held.chain)
+        held_tail = self.applier.held_tail()
+        if held_tail is not None:
+            tail = held_tail
         else:
             end = self.store.log.last_point
             tail = (end.lsn.value, end.term.value, end.chain)
@@ -854,7 +849,7 @@ class Follower:
         self._batches += 1
         if (
             len(batch.records) <= INLINE_APPLY_BYTES
-            and not self._held  # completing a held append can mean thousands of records
+            and not self.applier.holding  # completing a held append: maybe thousands of records
             and not self.store.log.backlogged()
         ):
             # a small live batch: verifying and applying it here is cheaper than two hops to a
@@ -871,40 +866,15 @@ class Follower:
 
     def _decode_and_apply(self, batch: WalBatch) -> tuple[int, int, Future[WriteOutcome] | None]:
         """Verify every record, then append the whole atomic appends among them to the WAL and
-        the memtable; ``(count, last lsn, write)`` of what was applied.
-
-        A leader's frame can end inside an atomic append (one larger than a frame): its records
-        so far are held here, verified but neither written nor readable, until the frame with
-        its last record arrives — so a follower never shows or acks half an append.
-        """
+        the memtable; ``(count, last lsn, write)`` of what was applied (``applier.py`` holds
+        the start of an append that continues in the next frame: nothing of it is written,
+        shown or acked until it is whole)."""
         with _rejecting():
-            run = decode_batch(batch, self.store.limits.record_bytes_max)
-            if self._held:
-                prev, records = self._held_prev, self._held + run.records
-            else:
-                prev, records = (run.prev_lsn, run.prev_term, run.prev_chain), run.records
-            k = len(records)
-            while k and records[k - 1].batch_left:
-                k -= 1
-            held = records[k:]
-            if held:
-                held_bytes = sum(len(r.raw) for r in held)
-                if len(held) > self._held_records_max or held_bytes > self._held_bytes_max:
-                    raise FrameRejected(
-                        f"an atomic append from lsn {held[0].lsn} is still open after "
-                        f"{len(held)} records ({held_bytes} bytes): larger than any append a "
-                        "leader accepts"
-                    )
-                if k:
-                    last = records[k - 1]
-                    self._held_prev = (last.lsn, last.term, last.chain)
-                else:
-                    self._held_prev = prev
-            self._held = held
-            if not k:
+            frame = self.applier.take(batch)
+            if frame is None:
                 return 0, 0, None
-            done = self.store.apply_run(VerifiedRun(*prev, records[:k]))
-            return k, records[k - 1].lsn, done
+            done = self.store.apply_frame(frame)
+            return frame.record_count, frame.last_lsn, done
 
     def _on_in_sync(self, record: InSyncRecord) -> None:
         """Have the leader's in-sync set stored and confirmed; a member first waits until it

@@ -8,7 +8,7 @@ but not yet durable are never returned.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from walship.events import StoredEvent
 from walship.storage.query import QueryFilter, entity_key
@@ -40,17 +40,21 @@ class Memtable:
     def last_lsn(self) -> int | None:
         return self.events[-1].lsn if self.events else None
 
-    def add_all(self, events: Iterable[StoredEvent]) -> None:
+    def add_all(self, events: Sequence[StoredEvent]) -> None:
         """Add events in lsn order, to the log and every index."""
-        append = self.events.append
+        self.events.extend(events)
         by_entity, by_type, by_id = self.by_entity, self.by_type, self.by_id
         size = 0
         for ev in events:
-            append(ev)
-            by_entity.setdefault(entity_key(ev.tenant_id, ev.entity_id), []).append(ev)
-            by_type.setdefault(ev.event_type, []).append(ev)
+            # entity_key and StoredEvent.size_bytes, inlined: this runs for every event a
+            # node stores (a follower's applying thread spent ~1 µs per event here)
+            entity_id, event_type, meta = ev.entity_id, ev.event_type, ev.metadata
+            by_entity.setdefault(f"{ev.tenant_id}\x00{entity_id}", []).append(ev)
+            by_type.setdefault(event_type, []).append(ev)
             by_id[ev.id] = ev
-            size += ev.size_bytes()
+            size += 200 + len(ev.payload) + len(entity_id) + len(event_type)
+            if meta:
+                size += len(meta)
         self.bytes += size
 
     def truncate_after(self, lsn: int) -> list[StoredEvent]:

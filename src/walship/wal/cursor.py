@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from walship.errors import CorruptionError, InvalidInput
 from walship.wal.log import Wal
-from walship.wal.record import HEADER, HEADER_BYTES, record_crc
+from walship.wal.record import HEADER, HEADER_BYTES, crc32c
 from walship.wal.segment import SEGMENT_HEADER_BYTES
 
 
@@ -157,14 +157,21 @@ class WalCursor:
         at_boundary = last
         body_max = self.wal.limits.record_bytes_max
         view = memoryview(data)
+        unpack = HEADER.unpack_from
+        # the CRC of a record's length field, by length (record_crc's first step): records
+        # are mostly of a few sizes, and this saves a slice and a call for each
+        length_crcs: dict[int, int] = {}
         # never past the written end: beyond it a group is being written, or cut back after
         # a full disk, so the bytes there may change under this read
         while lsn < written and pos + HEADER_BYTES <= len(data):
-            body_len, crc, rec_lsn, rec_term, left, rec_chain = HEADER.unpack_from(data, pos)
+            body_len, crc, rec_lsn, rec_term, left, rec_chain = unpack(data, pos)
             end = pos + HEADER_BYTES + body_len
             if body_len > body_max or end > len(data) or rec_lsn > written:
                 break
-            if record_crc(view, pos, end) != crc:
+            length_crc = length_crcs.get(body_len)
+            if length_crc is None:
+                length_crc = length_crcs[body_len] = crc32c(view[pos : pos + 4])
+            if crc32c(view[pos + 8 : end], length_crc) != crc:
                 raise CorruptionError(
                     f"WAL record lsn {rec_lsn} fails its CRC at offset {self._offset + pos}",
                     offset=self._offset + pos,

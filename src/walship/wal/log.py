@@ -38,13 +38,21 @@ from walship.errors import CorruptionError, InvalidInput, StorageFull, WalFailed
 from walship.fsutil import fsync_dir
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.position import LogPoint, Lsn, Position, Term
+from walship.wal.group import (
+    Pending,
+    WholeUnits,
+    first_lsn,
+    fit_first,
+    index_sparse,
+    joined,
+    last_position,
+    plan_units,
+)
 from walship.wal.reading import WalReader, _Segment
 from walship.wal.record import (
     GENESIS_CHAIN,
-    HEADER,
     TERM_MAX,
     Record,
-    VerifiedRun,
     encode_record,
 )
 from walship.wal.segment import (
@@ -57,6 +65,7 @@ from walship.wal.segment import (
     preallocate,
     scan_segment,
 )
+from walship.wal.shipped import ShippedAppends
 from walship.wal.terms import TermHistory
 from walship.wal.truncate import finish_truncation
 from walship.wal.types import (
@@ -113,7 +122,7 @@ RECENT_BYTES_MAX = 16 << 20
 """How much of what was just written stays in memory for tailing cursors."""
 
 
-class Wal(WalReader):
+class Wal(WalReader, ShippedAppends):
     """A directory of segments with one writer thread. Thread-safe."""
 
     def __init__(
@@ -141,8 +150,9 @@ class Wal(WalReader):
         self._fd_lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._space = threading.Condition(self._lock)
-        self._pending: list[bytes] = []
+        self._pending: list[Pending] = []
         self._pending_bytes = 0
+        self._pending_records = 0  # a WholeUnits is one element of many records
         self._pending_future: Future[WriteOutcome] = Future()
         self._listeners: list[WalListener] = []
         self._failed: WalFailed | StorageFull | None = None
@@ -312,15 +322,26 @@ class Wal(WalReader):
             first = self._last_lsn + 1
             chain = self._last_chain
             chains: list[bytes] = []
-            pending = self._pending
+            raws: list[bytes] = []
+            # where each record starts: the writer indexes and packs the append from these
+            # instead of reading every record's header again
+            starts: list[int] = []
             added = 0
             last_index = len(bodies) - 1
             for i, body in enumerate(bodies):
                 raw, chain = encode_record(first + i, term, chain, body, last_index - i)
-                pending.append(raw)
+                raws.append(raw)
+                starts.append(added)
                 added += len(raw)
                 chains.append(chain)
+            starts.append(added)
+            if raws:
+                last = first + last_index
+                self._pending.append(
+                    WholeUnits(raws, starts, [len(raws)], first, (last, term, chain))
+                )
             self._pending_bytes += added
+            self._pending_records += len(bodies)
             self._last_lsn = first + len(bodies) - 1
             self._last_term = term
             self._last_chain = chain
@@ -330,51 +351,9 @@ class Wal(WalReader):
             self._wake.notify()
         return result
 
-    def append_run(self, run: VerifiedRun) -> Future[WriteOutcome]:
-        """Append records exactly as another node wrote them (a follower's path).
-
-        ``verify_run`` checked every record against the one before, from ``run.prev_*``; the run
-        continues this log when that is this log's tail. CorruptionError (and nothing
-        appended) otherwise. The records must end an atomic append (``batch_left == 0``).
-        They are fsynced before the returned future completes, whatever the fsync policy.
-        """
-        records = run.records
-        invariant(
-            not records or records[-1].batch_left == 0,
-            f"a run ending at lsn {run.last_lsn} cuts an atomic append",
-        )
-        with self._lock:
-            self._wait_for_space()
-            tail = (self._last_lsn, self._last_term, self._last_chain)
-            if (run.prev_lsn, run.prev_term, run.prev_chain) != tail:
-                raise CorruptionError(
-                    f"records after lsn {run.prev_lsn} term {run.prev_term} do not continue the "
-                    f"log at lsn {tail[0]} term {tail[1]}"
-                )
-            if not records:
-                return self._pending_future
-            # records of a newer term: save where each term starts before writing any of them,
-            # and queue nothing when that fails
-            current = self.terms.current.value
-            for rec in records:
-                if rec.term > current:
-                    self.terms.start(Term(rec.term), Lsn(rec.lsn))
-                    current = rec.term
-            pending = self._pending
-            for rec in records:
-                pending.append(rec.raw)
-                self._pending_bytes += len(rec.raw)
-            last = records[-1]
-            self._last_lsn, self._last_term, self._last_chain = last.lsn, last.term, last.chain
-            # a follower acknowledges what it appends as durable: fsynced, whatever its own
-            # policy (which governs the writes it takes once it leads)
-            self._sync_wanted = True
-            self._wake.notify()
-            return self._pending_future
-
     def backlogged(self) -> bool:
         """True when an append would wait for the writer to drain (backpressure)."""
-        return len(self._pending) >= self.limits.pending_appends_max
+        return self._pending_records >= self.limits.pending_appends_max
 
     def _wait_for_space(self) -> None:
         """Backpressure: block while too much is pending; raise if the WAL has failed or the
@@ -387,7 +366,7 @@ class Wal(WalReader):
                 raise WalFailed("the WAL is closed")
             if self._full is not None:
                 raise StorageFull(self._full.message)
-            if len(self._pending) < self.limits.pending_appends_max:
+            if self._pending_records < self.limits.pending_appends_max:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -480,8 +459,8 @@ class Wal(WalReader):
                 else:
                     batch, future = self._pending, self._pending_future
                     must_sync, self._sync_wanted = self._sync_wanted, False
-                    nbytes = self._pending_bytes
-                    self._pending, self._pending_bytes = [], 0
+                    nbytes, nrecords = self._pending_bytes, self._pending_records
+                    self._pending, self._pending_bytes, self._pending_records = [], 0, 0
                     self._pending_future = Future()
                     self._inflight = future
                     start = _GroupStart(
@@ -508,7 +487,7 @@ class Wal(WalReader):
                 continue
             future.set_result(outcome)
             if self._on_commit is not None:
-                self._on_commit(len(batch), nbytes, fsync_s)
+                self._on_commit(nrecords, nbytes, fsync_s)
             for listener in list(self._listeners):
                 try:
                     listener(outcome.lsn)
@@ -549,7 +528,7 @@ class Wal(WalReader):
                 self._lock.acquire()
             self._last_sync = time.monotonic()
 
-    def _write_batch(self, batch: list[bytes], must_sync: bool) -> tuple[WriteOutcome, float]:
+    def _write_batch(self, batch: list[Pending], must_sync: bool) -> tuple[WriteOutcome, float]:
         """Write a group to the active segment(s), rolling over as needed, then fsync per policy
         (or at once when ``must_sync``: the group holds replicated records).
 
@@ -559,21 +538,15 @@ class Wal(WalReader):
         _FsyncFailed from an fsync.
         """
         seg_max = self.limits.segment_bytes_max
-        units: list[tuple[int, int, int]] = []  # (start, end, bytes) of each atomic append
-        start = size = 0
-        for k, raw in enumerate(batch):
-            size += len(raw)
-            if HEADER.unpack_from(raw, 0)[4] == 0:
-                units.append((start, k + 1, size))
-                start, size = k + 1, 0
-        if start < len(batch):  # cannot happen: appends queue whole units
-            units.append((start, len(batch), size))
+        units = plan_units(batch)  # (start, end, bytes) of each atomic append
         fsync_s = 0.0
         chunks: list[RecentWrite] = []  # what was written where, for tailing cursors
         u = 0
         while u < len(units):
             active = self._segments[-1]
             room = seg_max - active.bytes
+            if fit_first(batch, units[u][0], room):
+                units = plan_units(batch)  # one element became two: the indexes move
             v, size = u, 0
             while v < len(units) and (
                 size + units[v][2] <= room or (v == u and active.bytes == SEGMENT_HEADER_BYTES)
@@ -584,12 +557,12 @@ class Wal(WalReader):
                 fsync_s += self._roll_segment(batch[units[u][0]])
                 continue
             i, j = units[u][0], units[v - 1][1]
-            data = b"".join(batch[i:j]) if j - i > 1 else batch[i]
+            data = joined(batch[i:j])
             self._write_all(data, active, batch[i:j])
-            _, _, chunk_last, chunk_term, _, chunk_chain = HEADER.unpack_from(batch[j - 1], 0)
+            chunk_last, chunk_term, chunk_chain = last_position(batch[j - 1])
             chunks.append(
                 RecentWrite(
-                    HEADER.unpack_from(batch[i], 0)[2],
+                    first_lsn(batch[i]),
                     chunk_last,
                     chunk_term,
                     chunk_chain,
@@ -599,7 +572,7 @@ class Wal(WalReader):
                 )
             )
             u = v
-        _, _, last_lsn, last_term, _, last_chain = HEADER.unpack_from(batch[-1], 0)
+        last_lsn, last_term, last_chain = last_position(batch[-1])
         synced = False
         if (
             must_sync
@@ -628,7 +601,7 @@ class Wal(WalReader):
                 self._synced_lsn = last_lsn
         return WriteOutcome(last_lsn, synced or self._synced_lsn >= last_lsn), fsync_s
 
-    def _write_all(self, data: bytes, active: _Segment, records: list[bytes]) -> None:
+    def _write_all(self, data: bytes, active: _Segment, records: list[Pending]) -> None:
         offset = active.bytes
         view = memoryview(data)
         at = offset
@@ -637,24 +610,16 @@ class Wal(WalReader):
             view = view[n:]
             at += n
         # sparse index for readers, one entry every ~256 KiB
-        last_indexed = active.sparse_index[-1][1] if active.sparse_index else -SPARSE_INDEX_BYTES
-        pos = offset
-        for raw in records:
-            if pos - last_indexed >= SPARSE_INDEX_BYTES:
-                lsn = HEADER.unpack_from(raw, 0)[2]
-                active.sparse_index.append((lsn, pos))
-                last_indexed = pos
-            pos += len(raw)
-        active.bytes = pos
+        active.bytes = index_sparse(active.sparse_index, records, offset, SPARSE_INDEX_BYTES)
 
-    def _roll_segment(self, next_record: bytes) -> float:
+    def _roll_segment(self, next_record: Pending) -> float:
         """Close the active segment (fsynced) and start a new one before ``next_record``."""
         t0 = time.perf_counter()
         # cut the finished segment's unused preallocated space, then make it all durable
         os.ftruncate(self._fd, self._segments[-1].bytes)
         _fdatasync(self._fd)
         elapsed = time.perf_counter() - t0
-        lsn = HEADER.unpack_from(next_record, 0)[2]
+        lsn = first_lsn(next_record)
         prev = self._record_before(lsn)
         path = create_segment(
             self.directory, SegmentHeader(lsn, prev[0], prev[1]), self.limits.segment_bytes_max
@@ -730,7 +695,7 @@ class Wal(WalReader):
             self._last_lsn, self._last_term = written, self._written_term
             self._last_chain = self._written_chain
             queued = self._pending_future
-            self._pending, self._pending_bytes = [], 0
+            self._pending, self._pending_bytes, self._pending_records = [], 0, 0
             self._pending_future = Future()
             self._full = full
             self._full_need_bytes = min(nbytes, self.limits.segment_bytes_max)
