@@ -532,7 +532,9 @@ class Store:
             self._closed = True
         self._stop_background()
         try:
-            if self.config.checkpoints:
+            # a physical follower's events stay in its WAL: a part of its own would not line
+            # up with the leader's next ones (replication/physical.py)
+            if self.config.checkpoints and not self.parts_from_leader:
                 self._checkpoint_at_close()
         finally:
             if self._part_worker is not None:
