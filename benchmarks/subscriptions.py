@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import re
 import resource
+import socket
 import sys
 import tempfile
 import time
@@ -50,6 +51,8 @@ TARGETS = {
 STREAM = "/api/v1/events/stream"
 ID_LINE = re.compile(rb"\nid: (\d+):")
 FDS_WANTED = 4_096
+READ_BUFFER_BYTES = 1 << 20  # a live subscriber's reads (events here are ~1 KB)
+PARTS = ("catchup", "live", "ingest", "idle")
 
 
 def raise_fd_limit() -> None:
@@ -77,20 +80,27 @@ def rss_mb(node: NodeProcess) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def cpu_s(node: NodeProcess) -> float:
-    """CPU seconds the node's process has used (user + system): a figure the other load on a
+def cpu_times(node: NodeProcess) -> tuple[float, float]:
+    """CPU seconds the node's process has used, (user, system): figures the other load on a
     shared machine disturbs far less than a rate."""
     assert node.process is not None
     with open(f"/proc/{node.process.pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def timed_load(node: NodeProcess, n: int, offset: int) -> tuple[float, float]:
-    """Load ``n`` events: (events/s, the node's CPU µs per event)."""
-    cpu = cpu_s(node)
+def cpu_s(node: NodeProcess) -> float:
+    """CPU seconds the node's process has used (user + system)."""
+    return sum(cpu_times(node))
+
+
+def timed_load(node: NodeProcess, n: int, offset: int) -> tuple[float, float, float]:
+    """Load ``n`` events: (events/s, the node's CPU µs per event, of which system µs)."""
+    user, system = cpu_times(node)
     rate = load(node.url, n, offset)
-    return rate, (cpu_s(node) - cpu) * 1e6 / n
+    user2, system2 = cpu_times(node)
+    return rate, (user2 + system2 - user - system) * 1e6 / n, (system2 - system) * 1e6 / n
 
 
 def batches(n: int, offset: int = 0, size: int = 1_000) -> list[bytes]:
@@ -233,21 +243,76 @@ def live_child(url: str, from_lsn: int, last_conn: Connection, ready: Any, out: 
     out.send(asyncio.run(run()))
 
 
+async def _open_socket(url: str, query: str) -> tuple[socket.socket, bytes]:
+    """A subscription on a raw non-blocking socket: (the socket, body bytes read with the head)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (host, int(port)))
+    await loop.sock_sendall(sock, f"GET {STREAM}?{query} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        got = await loop.sock_recv(sock, 1 << 16)
+        if not got:
+            raise RuntimeError("the subscription closed before its answer")
+        head += got
+    head, _, rest = head.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"subscription refused: {head[:200]!r}")
+    return sock, rest
+
+
+async def _count_through(sock: socket.socket, first: bytes, last: int) -> int:
+    """Read a stream until the event at ``last``; events read.
+
+    Each read lands in one buffer (``recv_into``) where the ``id:`` lines are counted in
+    place, and only the last one is parsed: the reader touches every byte the node sent once
+    after the kernel, so a hundred of them in four processes cost the machine little more
+    than the copies out of the socket. (The asyncio ``StreamReader`` this used before copied
+    each byte five times; its readers could not keep up with the node, fell behind the live
+    tail and made the node read its history once per stream.)"""
+    loop = asyncio.get_running_loop()
+    buf = bytearray(READ_BUFFER_BYTES)
+    view = memoryview(buf)
+    keep = len(first) + 1
+    buf[0] = ord("\n")  # the first frame follows the stream's opening comment
+    buf[1:keep] = first
+    count = seen = 0
+    while seen < last:
+        got = await loop.sock_recv_into(sock, view[keep:])
+        if not got:
+            raise RuntimeError(f"the stream ended at lsn {seen}")
+        end = keep + got
+        # whole lines only: an ``id:`` line cut by this read is counted with the next one
+        cut = buf.rfind(b"\n", 0, end)
+        if cut < 0:
+            raise RuntimeError("a line longer than the read buffer")
+        found = buf.count(b"\nid: ", 0, cut)
+        if found:
+            count += found
+            at = buf.rfind(b"\nid: ", 0, cut) + 5
+            seen = int(buf[at : buf.index(b":", at)])
+        keep = end - cut
+        buf[:keep] = buf[cut:end]
+    return count
+
+
 def many_child(url: str, count: int, query: str, ready: Any, done: Any, out: Connection) -> None:
     """``count`` subscriptions on one loop; with ``from_lsn``, each reads through the lsn
     ``done`` carries (a Connection) and the child answers the events each got."""
     raise_fd_limit()
 
     async def run() -> list[int]:
-        streams = [await _open(url, query) for _ in range(count)]
+        streams = [await _open_socket(url, query) for _ in range(count)]
         ready.set()
         last = await asyncio.get_running_loop().run_in_executor(None, done.recv)
         if last <= 0:  # idle subscribers: hold them until told, read nothing
             got = [0] * count
         else:
-            got = await asyncio.gather(*(_read_through(r, last, None) for r, _ in streams))
-        for _, writer in streams:
-            writer.close()
+            got = await asyncio.gather(*(_count_through(s, rest, last) for s, rest in streams))
+        for sock, _ in streams:
+            sock.close()
         return list(got)
 
     out.send(asyncio.run(run()))
@@ -407,14 +472,22 @@ def ingest_ratio(root: Path, n: int, live: int) -> dict[str, Any]:
     node = start_node(root, "ingest")
     try:
         load(node.url, 1_000)  # warm up
-        alone, alone_cpu = timed_load(node, n, 10**7)
-        print(f"  no subscribers: {alone:,.0f} events/s", flush=True)
+        alone, alone_cpu, alone_sys = timed_load(node, n, 10**7)
+        print(f"  no subscribers: {alone:,.0f} events/s, node CPU {alone_cpu:.1f} µs an event "
+              f"({alone_sys:.1f} system)", flush=True)  # fmt: skip
         start = last_lsn(node.url) + 1
         kids, _ = _subscribers(node.url, live, f"from_lsn={start}", per_child=25)
-        watched, watched_cpu = timed_load(node, n, 2 * 10**7)
+        watched, watched_cpu, watched_sys = timed_load(node, n, 2 * 10**7)
         last = last_lsn(node.url)
+        # subscribers that fell behind the live tail read the store on their own (main has
+        # no such figure: -1)
+        fell_behind = (
+            httpx.get(f"{node.url}/api/v1/stats").json().get("subscriptions_fell_behind", -1)
+        )
         got = _finish(kids, last)
-        print(f"  {live} live subscribers: {watched:,.0f} events/s", flush=True)
+        print(f"  {live} live subscribers: {watched:,.0f} events/s, node CPU {watched_cpu:.1f} "
+              f"µs an event ({watched_sys:.1f} system); {fell_behind} times a subscriber fell "
+              "behind the live tail", flush=True)  # fmt: skip
     finally:
         node.stop()
     if got != [n] * live:
@@ -423,14 +496,17 @@ def ingest_ratio(root: Path, n: int, live: int) -> dict[str, Any]:
             "ingest_live_subscribers": live, "ingest_live_events_per_s": round(watched),
             "ingest_ratio_100_live": round(watched / alone, 3),
             "node_cpu_us_per_event_no_subscribers": round(alone_cpu, 1),
-            "node_cpu_us_per_event_live_subscribers": round(watched_cpu, 1)}  # fmt: skip
+            "node_system_cpu_us_per_event_no_subscribers": round(alone_sys, 1),
+            "node_cpu_us_per_event_live_subscribers": round(watched_cpu, 1),
+            "node_system_cpu_us_per_event_live_subscribers": round(watched_sys, 1),
+            "ingest_live_fell_behind_tail": fell_behind}  # fmt: skip
 
 
 def idle_rss(root: Path, idle: int) -> dict[str, Any]:
     node = start_node(root, "idle")
     try:
         load(node.url, 1_000)  # warm up
-        alone, alone_cpu = timed_load(node, 10_000, 4 * 10**7)
+        alone, alone_cpu, _ = timed_load(node, 10_000, 4 * 10**7)
         before = rss_mb(node)
         kids, _ = _subscribers(node.url, idle, "tenant_id=quiet", per_child=250)
         deadline = time.monotonic() + 60
@@ -441,7 +517,7 @@ def idle_rss(root: Path, idle: int) -> dict[str, Any]:
         time.sleep(1.0)
         with_idle = rss_mb(node)
         # every commit wakes them all
-        with_idle_rate, with_idle_cpu = timed_load(node, 10_000, 3 * 10**7)
+        with_idle_rate, with_idle_cpu, _ = timed_load(node, 10_000, 3 * 10**7)
         _finish(kids, 0)
     finally:
         node.stop()
@@ -465,6 +541,8 @@ def main() -> None:
     ap.add_argument("--idle-subscribers", type=int, default=1_000)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: check that it runs")
     ap.add_argument("--catch-up-only", action="store_true", help="only (a), the catch-up")
+    ap.add_argument("--only", action="append", choices=list(PARTS),
+                    help="run only this part (repeatable); results are not saved")  # fmt: skip
     ap.add_argument("--compaction-fanin-min", type=int, default=None,
                     help="the catch-up node's merge fan-in (e.g. 4: merged parts of >100,000 "
                     "events from 300,000 on, as the default makes from ~460,000)")  # fmt: skip
@@ -479,26 +557,29 @@ def main() -> None:
     if args.quick:
         args.events, args.ingest_events, args.live_seconds = 20_000, 10_000, 2.0
         args.live_subscribers, args.idle_subscribers = 10, 100
+    parts = set(args.only or (["catchup"] if args.catch_up_only else PARTS))
     raise_fd_limit()
     results: dict[str, Any] = {"targets": TARGETS}
     with tempfile.TemporaryDirectory(prefix="walship-sub-bench-") as tmp:
         root = Path(tmp)
-        print("catch-up ...", flush=True)
-        results.update(catch_up(root, args.events, args.compaction_fanin_min))
-        print(f"  {results['catchup_events_per_s']:,} events/s", flush=True)
-        if args.catch_up_only:
-            print(json.dumps(results, indent=2))
-            return
-        print("live latency ...", flush=True)
-        results.update(live_latency(root, args.live_rate, args.live_seconds))
-        print(f"  p50 {results['live_latency_p50_ms']} ms, p99 {results['live_latency_p99_ms']} ms")
-        print("ingest with live subscribers ...", flush=True)
-        results.update(ingest_ratio(root, args.ingest_events, args.live_subscribers))
-        print("idle subscribers ...", flush=True)
-        results.update(idle_rss(root, args.idle_subscribers))
-    path = save("subscriptions", results)
+        if "catchup" in parts:
+            print("catch-up ...", flush=True)
+            results.update(catch_up(root, args.events, args.compaction_fanin_min))
+            print(f"  {results['catchup_events_per_s']:,} events/s", flush=True)
+        if "live" in parts:
+            print("live latency ...", flush=True)
+            results.update(live_latency(root, args.live_rate, args.live_seconds))
+            print(f"  p50 {results['live_latency_p50_ms']} ms, "
+                  f"p99 {results['live_latency_p99_ms']} ms", flush=True)  # fmt: skip
+        if "ingest" in parts:
+            print("ingest with live subscribers ...", flush=True)
+            results.update(ingest_ratio(root, args.ingest_events, args.live_subscribers))
+        if "idle" in parts:
+            print("idle subscribers ...", flush=True)
+            results.update(idle_rss(root, args.idle_subscribers))
     print(json.dumps(results, indent=2))
-    print(f"written to {path}")
+    if parts == set(PARTS):  # a partial run would overwrite the figures it did not measure
+        print(f"written to {save('subscriptions', results)}")
 
 
 if __name__ == "__main__":

@@ -111,10 +111,10 @@ def test_adopted_parts_are_the_leaders_bytes_and_merges_swap_the_same_inputs(
     merged, _ = merge_parts(leader.parts_dir, leader._parts, 1024)
     staged = staged_copy(leader, merged, tmp_path / "in")
     digest = hashlib.sha256(staged.read_bytes()).digest()
-    # the same files and ranges, but one of them is not the bytes this node holds
-    other = msgspec.structs.replace(infos[1], sha256="0" * 64)
-    with pytest.raises(PartRejected, match="not the parts this node holds"):
-        adopt_merge(follower, staged, merged, [infos[0], other, infos[2]], digest)
+    # a merge of a range its parts do not end at is refused, and nothing changes
+    short = msgspec.structs.replace(merged, last_lsn=25)
+    with pytest.raises(PartRejected, match="do not line up"):
+        adopt_merge(follower, staged, short, infos, digest)
     adopt_merge(follower, staged, merged, infos, digest)
     assert follower.manifest.parts == [merged]
     assert all_events(follower) == list(range(1, 31))
@@ -176,3 +176,40 @@ def test_a_read_view_taken_before_an_install_still_sees_every_event(
     assert follower.checkpoint_through(17) is not None
     assert sorted(ev.lsn for m in view.memtables for ev in m.events) == list(range(1, 16))
     assert all_events(follower) == list(range(1, 21))
+
+
+def test_a_merge_goes_in_for_the_followers_own_parts_when_they_span_its_range(
+    pair: tuple[Store, Store], tmp_path: Path
+) -> None:
+    """The follower checkpointed 1..30 itself, at other boundaries than the leader (a
+    fallback): the leader's merge of its three parts there replaces the follower's two, its
+    rows being at exactly their lsns; a merged part whose events are not the follower's
+    count there is refused."""
+    leader, follower = pair
+    infos = []
+    for k in range(3):
+        write(leader, 10 * k, 10)
+        part = leader.checkpoint()
+        assert part is not None
+        infos.append(part)
+    ship_wal(leader, follower)
+    assert follower.checkpoint_through(15) is not None
+    assert follower.checkpoint_through(30) is not None
+    own = follower.manifest.parts
+    assert [(p.first_lsn, p.last_lsn) for p in own] == [(1, 15), (16, 30)]
+    from walship.storage.compaction import merge_parts
+
+    merged, _ = merge_parts(leader.parts_dir, leader._parts, 1024)
+    staged = staged_copy(leader, merged, tmp_path / "in")
+    digest = hashlib.sha256(staged.read_bytes()).digest()
+    fewer = msgspec.structs.replace(merged, events=29)
+    with pytest.raises(PartRejected, match="29 events"):
+        adopt_merge(follower, staged, fewer, infos, digest)
+    assert follower.manifest.parts == own
+    adopt_merge(follower, staged, merged, infos, digest)
+    assert follower.manifest.parts == [merged]
+    assert (follower.parts_dir / merged.file).read_bytes() == (
+        leader.parts_dir / merged.file
+    ).read_bytes()
+    assert not any((follower.parts_dir / p.file).exists() for p in own)
+    assert all_events(follower) == list(range(1, 31))

@@ -75,18 +75,25 @@ def test_a_page_read_while_the_log_is_cut_is_never_sent(
             if after_cut:
                 got.append(await anext(gen))  # the stream sends the 10
             query = store.query
+            recent = store.recent_events  # the live tail's read, on the loop
             calls = []
 
-            def cut_during(flt: Any, limit: Any = None, cursor: Any = None) -> Any:
-                result = query(flt, limit, cursor)
+            def cut_after(read: Any, from_lsn: int) -> Any:
                 if not calls:  # the first read overlaps the repair
                     with store.cuts.cutting(50):
                         store.truncate_after(50)
                     store.append_batch(events("new", 5))
-                calls.append(flt.from_lsn)
-                return result
+                calls.append(from_lsn)
+                return read
+
+            def cut_during(flt: Any, limit: Any = None, cursor: Any = None) -> Any:
+                return cut_after(query(flt, limit, cursor), flt.from_lsn)
+
+            def cut_during_recent(after: int, to_lsn: int, limit: int, **kw: Any) -> Any:
+                return cut_after(recent(after, to_lsn, limit, **kw), after + 1)
 
             monkeypatch.setattr(store, "query", cut_during)
+            monkeypatch.setattr(store, "recent_events", cut_during_recent)
             if after_cut:
                 store.append_batch(events("more", 1))  # wakes the stream into the cut read
             while True:

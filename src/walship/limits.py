@@ -55,8 +55,8 @@ class Limits:
     subscription_page_events: int = 500
     subscription_heartbeat_ms: int = 15_000  # a comment on an idle stream, under proxy timeouts
     subscriptions_max: int = 10_000  # open streams per node; more are answered 503
-    # caught-up streams share each commit's events (read and encoded once); one further
-    # behind than this reads the store itself (http/live_tail.py)
+    # caught-up streams share each commit's events (read and encoded once) from a ring of
+    # this many recent events; one further behind reads the store itself (http/live_tail.py)
     subscription_tail_events_max: int = 10_000
 
     # WAL

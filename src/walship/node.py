@@ -380,7 +380,7 @@ class Node:
         if self.leader is not None:
             await self.leader.stop()
         if self.follower is not None:
-            await self.follower.stop()
+            await self.follower.stop(shutting_down=True)
         await self._stop_snapshot_server()
 
     def _on_commit(self, lsn: int) -> None:

@@ -533,7 +533,9 @@ class Store:
             self._closed = True
         self._stop_background()
         try:
-            if self.config.checkpoints:
+            # a physical follower's events stay in its WAL: a part of its own would not line
+            # up with the leader's next ones (replication/physical.py)
+            if self.config.checkpoints and not self.parts_from_leader:
                 self._checkpoint_at_close()
         finally:
             if self._part_worker is not None:
@@ -1014,6 +1016,30 @@ class Store:
                 self._lock,
                 self._versions,
             )
+
+    def recent_events(
+        self, after: int, to_lsn: int, limit: int, *, wait: bool = True
+    ) -> list[StoredEvent] | None:
+        """The visible events after lsn ``after`` through ``to_lsn``, at most ``limit``, when
+        the memtables hold them all (the live tail's read). None when some may be only in a
+        Parquet part (``query`` reads those), or when ``wait`` is False and an append holds
+        the store lock: the event loop reads here only when it need not wait, since handing
+        the read to a worker thread costs two GIL hand-offs (each up to the switch interval
+        on a busy loop, ``runtime.py``)."""
+        if not self._lock.acquire(blocking=wait):
+            return None
+        try:
+            if after < self._manifest.last_lsn:
+                return None
+            to_lsn = min(to_lsn, self.visible_lsn)
+            flt = QueryFilter(from_lsn=after + 1, to_lsn=to_lsn)
+            out: list[StoredEvent] = []
+            for mem in (self._frozen, self._active):
+                if mem is not None and len(out) < limit:
+                    out.extend(mem.select(flt, to_lsn, limit - len(out)))
+            return out
+        finally:
+            self._lock.release()
 
     def query(
         self, flt: QueryFilter, limit: int | None = None, cursor: str | None = None

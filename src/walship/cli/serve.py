@@ -301,13 +301,13 @@ def serve_command(
     physical_followers: Annotated[
         bool,
         typer.Option(
-            "--physical-followers",
+            "--physical-followers/--no-physical-followers",
             envvar="WALSHIP_PHYSICAL_FOLLOWERS",
             help="A leader ships its Parquet parts to followers, which install them verified "
-            "instead of encoding their own (replication protocol v2: every node must run a "
-            "walship that speaks it).",
+            "instead of encoding their own (replication protocol v2; a follower of a leader "
+            "that does not speak it follows with v1 and checkpoints itself).",
         ),
-    ] = False,
+    ] = True,
     tls_cert: Annotated[
         Path | None,
         typer.Option("--tls-cert", envvar="WALSHIP_TLS_CERT", help="TLS certificate (PEM)."),
@@ -809,7 +809,7 @@ def replication_config(
     serve_snapshots: bool = False,
     catch_up_from: str | None = None,
     max_replication_lag_ms: int = 0,
-    physical_followers: bool = False,
+    physical_followers: bool = True,
 ) -> ReplicationConfig:
     """Check the replication flags together; InvalidInput naming the first bad one."""
     from walship.replication.acks import AckMode

@@ -364,7 +364,11 @@ def _add_read_routes(app: FastAPI, node: Node) -> None:
                     needs=str(Role.ADMIN),
                 )
             body = await run_in_threadpool(store.stats)
-            body["subscriptions"] = app.state.subscriptions.open  # open event streams (SSE)
+            subscriptions = app.state.subscriptions
+            body["subscriptions"] = subscriptions.open  # open event streams (SSE)
+            # how many follow the live tail, and how often one fell behind it
+            body["subscriptions_live"] = subscriptions.tail.live
+            body["subscriptions_fell_behind"] = subscriptions.tail.fell_behind
             return _json(_encoder.encode(body))
         tenants = scoped_tenants(principal, tenant_id)
         assert tenants is not None  # a tenant named, or the key's own

@@ -28,7 +28,7 @@ from walship.errors import InvalidParameter, LogCut, NotFound, Unavailable, Wals
 from walship.events import StoredEvent, to_out, to_plain
 from walship.http.auth import check_tenant, principal_of, scope_filter
 from walship.http.consumers import check_position_params
-from walship.http.live_tail import LiveTail, TailWindow
+from walship.http.live_tail import LiveTail, TailPage
 from walship.http.media import Media, response_media
 from walship.limits import LSN_MAX
 from walship.node import Node
@@ -141,17 +141,8 @@ def _cut_under(node: Node, kept: int, after: int) -> CutNotice:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class SharedPage:
-    """A page taken from the live tail: its events and their encoded forms are shared."""
-
-    window: TailWindow
-    flt: QueryFilter
-
-    @property
-    def events(self) -> list[StoredEvent]:
-        return self.window.select(self.flt)
-
+# the page a caught-up stream takes from the live tail (its events and frames are shared)
+SharedPage = TailPage
 
 Page = list[StoredEvent] | SharedPage | FramePage | CutNotice
 _EVERYTHING = QueryFilter()
@@ -166,7 +157,7 @@ class Subscriptions:
         self.open = 0
         limits = node.limits
         window = min(limits.subscription_tail_events_max, limits.query_limit_max)
-        self.tail = LiveTail(node.store, window)
+        self.tail = LiveTail(node, window, min(limits.subscription_page_events, window))
 
     def admit(self) -> None:
         """Unavailable (503) when the node serves as many as it may."""
@@ -207,8 +198,10 @@ class Subscriptions:
         # first) never runs this generator, so its ``finally`` could not give the count back
         self.open += 1
         # history is read page by page from the store; once a read reached what was visible,
-        # the stream takes each commit's events from the live tail it shares with the others
+        # the stream follows the live tail it shares with the others (``live``)
         caught_up = False
+        live = False
+        tail = self.tail
         try:
             sent_at = time.monotonic()
             while not node.subscriptions_ended:
@@ -236,20 +229,27 @@ class Subscriptions:
                             return
                         continue
                     term_due = None
-                if (
-                    caught_up
-                    and visible > after
-                    and (tail := await self.tail.window(after, visible, seq))
-                ):
-                    if cuts.seq != seq:
-                        continue  # read across a cut: maybe records that are gone now
-                    after = tail.hi
-                    if tail.select(flt):
-                        yield SharedPage(tail, flt)
-                        sent_at = time.monotonic()
-                    elif time.monotonic() - sent_at >= heartbeat_s:
-                        yield []
-                        sent_at = time.monotonic()
+                if live:
+                    taken = tail.take(after, flt, seq, page)
+                    if taken is None:  # behind what the ring holds: read the store again
+                        tail.leave()
+                        live = caught_up = False
+                    else:
+                        after, shared = taken
+                        if shared is not None:
+                            yield shared
+                            sent_at = time.monotonic()
+                            continue
+                        idle_s = heartbeat_s - (time.monotonic() - sent_at)
+                        if idle_s <= 0:
+                            # writes run but none matches: still show the proxy a live stream
+                            yield []
+                            sent_at = time.monotonic()
+                            continue
+                        after = await tail.wait(after, flt, idle_s)
+                        continue
+                if caught_up and tail.join(after, seq):
+                    live = True
                     continue
                 if visible > after and every_event:
                     frames = await run_in_threadpool(_frame_page, store, after + 1, visible, page)
@@ -280,11 +280,16 @@ class Subscriptions:
                         yield []
                         sent_at = time.monotonic()
                     continue
+                if not caught_up:
+                    caught_up = True  # nothing past ``after`` is visible: follow the tail
+                    continue
                 idle_s = max(0.0, heartbeat_s - (time.monotonic() - sent_at))
                 if not await node.wait_past(after, idle_s) and not node.subscriptions_ended:
                     yield []
                     sent_at = time.monotonic()
         finally:
+            if live:
+                tail.leave()
             self.open -= 1
 
     async def frames(
@@ -297,8 +302,9 @@ class Subscriptions:
             async for events in pages:
                 if isinstance(events, CutNotice):
                     yield encode_cut(_encoder.encode(events.error.to_dict()))
-                elif isinstance(events, SharedPage):
-                    yield events.window.sse(events.flt)
+                elif isinstance(events, TailPage):
+                    for piece in _joined(events.frames()):
+                        yield piece
                 elif isinstance(events, FramePage):
                     for span in events.spans:
                         for piece in span.pieces(CHUNK_BYTES):
@@ -313,6 +319,24 @@ class Subscriptions:
 def _frame_page(store: Store, from_lsn: int, to_lsn: int, limit: int) -> FramePage:
     # looked up at call time: a test counts the pages read through the module's name
     return frame_page(store.read_view(), from_lsn, to_lsn, limit)
+
+
+def _joined(pieces: list[bytes]) -> list[bytes]:
+    """Small pieces joined up to about ``CHUNK_BYTES`` (one write to the socket each); a
+    large one is sent as it is, shared with the other streams, not copied."""
+    if len(pieces) < 2:
+        return pieces
+    out: list[bytes] = []
+    run: list[bytes] = []
+    size = 0
+    for piece in pieces:
+        if size and size + len(piece) > CHUNK_BYTES:
+            out.append(run[0] if len(run) == 1 else b"".join(run))
+            run, size = [], 0
+        run.append(piece)
+        size += len(piece)
+    out.append(run[0] if len(run) == 1 else b"".join(run))
+    return out
 
 
 def _chunks(events: list[StoredEvent]) -> Iterable[bytes]:

@@ -136,8 +136,8 @@ def add_websocket_route(app: FastAPI, subscriptions: Subscriptions) -> None:
                     if isinstance(events, CutNotice):
                         return events
                     if isinstance(events, SharedPage):  # the live tail: JSON encoded once
-                        for ev in events.events:
-                            await websocket.send_text(events.window.json_of(ev).decode())
+                        for data in events.jsons():
+                            await websocket.send_text(data.decode())
                         continue
                     assert isinstance(events, list)  # frame pages are for SSE streams only
                     for ev in events:  # an empty page: the server's pings keep it alive

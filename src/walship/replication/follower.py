@@ -242,6 +242,7 @@ class Follower:
         self._staging: SnapshotStaging | None = None
         # the leader's Parquet parts, when it ships them (replication/physical.py)
         self.parts: PartReceiver | None = None
+        self._hello_v1 = False  # a leader refused a v2 Hello: the next one says v1
         self.parts_stats: dict[str, Any] = {}
         self._installing = False  # the snapshot in _staging is whole and being installed
         self._logged_failure: str | None = None  # the last reason logged for a lost link
@@ -361,10 +362,15 @@ class Follower:
         self.state = FollowerState.CONNECTING
         self._task = asyncio.create_task(self._run(), name=f"follower-{self.node_id}")
 
-    async def stop(self, reason: str = "the follower was stopped") -> None:
+    async def stop(
+        self, reason: str = "the follower was stopped", *, shutting_down: bool = False
+    ) -> None:
         """Close the link and stop; pending ``wait_applied`` calls fail with ``reason``.
 
         Idempotent. Waits for a worker-thread job in flight (an apply, a snapshot install).
+        Checkpoints and merges are the store's own again, unless ``shutting_down``: a physical
+        follower's store then leaves its memtable to the WAL at close instead of encoding a
+        part of its own, which the leader's next parts would not line up with.
         """
         self._stopping = True
         self.close_reason = reason
@@ -384,6 +390,8 @@ class Follower:
             self._staging = None
         self.state = FollowerState.CLOSED
         self.connected = False
+        if not shutting_down:
+            self.store.parts_from_leader = False  # checkpoints and merges are this node's again
         self._wake_applied()
 
     async def wait_applied(self, lsn: int, timeout_s: float) -> int:
@@ -567,15 +575,28 @@ class Follower:
     async def _handshake(self, stream: MessageStream, timeout_s: float) -> Welcome:
         """Hello → Challenge → HelloProof → Welcome; both sides prove the shared secret."""
         assert self.config.secret is not None
-        version = PROTOCOL_VERSION_PARTS if self.config.physical_followers else PROTOCOL_VERSION
-        welcome = await authenticate_to(
-            stream,
-            self.config.secret,
-            self.config.cluster_id,
-            self.node_id,
-            timeout_s,
-            version=version,
-        )
+        parts = self.config.physical_followers and not self._hello_v1
+        version = PROTOCOL_VERSION_PARTS if parts else PROTOCOL_VERSION
+        self._hello_v1 = False  # the next link asks again: the leader may have been upgraded
+        try:
+            welcome = await authenticate_to(
+                stream,
+                self.config.secret,
+                self.config.cluster_id,
+                self.node_id,
+                timeout_s,
+                version=version,
+            )
+        except PeerRefused as exc:
+            if version == PROTOCOL_VERSION_PARTS and "protocol version" in exc.message:
+                # a leader from before v2 refuses the Hello: follow it with v1 (no parts)
+                self._hello_v1 = True
+                log.warning(
+                    "replication: the leader at %s does not speak protocol v2 (physical "
+                    "followers): following it with v1, checkpointing here",
+                    self.leader_address,
+                )
+            raise
         self._last_sent = time.monotonic()
         known = max(self.known_term, self.store.log.current_term.value)
         stale = stale_term_error(welcome, known)
@@ -589,7 +610,9 @@ class Follower:
         self.leader_node_id = welcome.leader_node_id
         if welcome.offers_parts:
             self.parts = PartReceiver(self.store, self.metrics)
-            self.store.parts_from_leader = True  # the leader's parts instead of its own
+        # the leader's parts instead of its own; kept across a reconnect (the leader queues
+        # what it makes meanwhile), bounded by physical_fallback_percent of its memtable
+        self.store.parts_from_leader = welcome.offers_parts
         if welcome.ack_settings and self._on_settings is not None:
             try:
                 self._on_settings(AckSettings.decode(welcome.ack_settings))
@@ -623,7 +646,6 @@ class Follower:
         install) has finished: the next session must start from what it left."""
         self.connected = False
         self.store.hold_compaction(False)
-        self.store.parts_from_leader = False  # checkpoints and merges are this node's again
         io = self._io
         if io is not None:
             await asyncio.wait({io})
@@ -633,7 +655,7 @@ class Follower:
             self._staging.close()  # what is staged stays, for a resume
             self._staging = None
         if self.parts is not None:
-            self.parts.close()  # a part cut off is not resumed: the next one lines up again
+            self.parts.close()  # a part cut off is sent again whole on the next link
             self.parts_stats = _add_stats(self.parts_stats, self.parts.status())
             self.parts = None
         while self._unacked and self._unacked[0].done.done():

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from typing import Final
 
 from walship.errors import AuthenticationError, LimitExceeded, ProtocolError
 from walship.limits import Limits
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import (
     PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
     Challenge,
     Hello,
     HelloProof,
@@ -34,6 +37,18 @@ from walship.replication.protocol import (
 from walship.replication.stream import MessageStream
 
 log = logging.getLogger(__name__)
+
+PROTOCOL_VERSIONS_ENV: Final = "WALSHIP_TEST_PROTOCOL_VERSIONS"
+"""Test hook: the versions this node accepts in a Hello, comma-separated (``1`` plays a
+walship from before protocol v2, to test mixed versions)."""
+
+
+def speaks_versions() -> tuple[int, ...]:
+    """The protocol versions a Hello may say here (all of them, but for the test hook)."""
+    value = os.environ.get(PROTOCOL_VERSIONS_ENV, "")
+    if not value:
+        return SUPPORTED_VERSIONS
+    return tuple(v for v in SUPPORTED_VERSIONS if str(v) in value.split(","))
 
 
 class HandshakeGate:
@@ -126,7 +141,7 @@ async def authenticate_follower(
     try:
         async with asyncio.timeout(limits.handshake_timeout_ms / 1000):
             hello = await stream.expect(Hello, read_timeout_s)
-            error = hello_error(hello, cluster_id)
+            error = hello_error(hello, cluster_id, speaks_versions())
             if error is not None:
                 raise error
             challenge = Challenge(make_nonce())

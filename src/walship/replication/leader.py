@@ -44,7 +44,7 @@ from walship.replication.insync import InSyncFile, InSyncPublisher
 from walship.replication.lagbudget import AckRate, LagBudget, held_to_ms
 from walship.replication.ledger import DegradationLedger, LedgerKeeper
 from walship.replication.metrics import ReplicationMetrics
-from walship.replication.physical import OutgoingPart, PartShipper
+from walship.replication.physical import OutgoingPart, PartShipper, PartShippers
 from walship.replication.protocol import (
     REDIRECT_ANY,
     REDIRECT_NO,
@@ -243,7 +243,10 @@ class FollowerSession:
         self.node_id = hello.node_id
         ships_parts = leader.config.physical_followers and hello.protocol_version >= 2
         if ships_parts:
-            self.parts = PartShipper(leader.store, leader.metrics)
+            # what its last link left of a part, and what was made while it was away
+            self.parts = leader.part_shippers.attach(self.node_id)
+        else:
+            leader.part_shippers.forget(self.node_id)  # it asks for none any more
         await stream.send(
             make_welcome(
                 leader.config.secret,
@@ -343,7 +346,7 @@ class FollowerSession:
             if self._cursor is not None:
                 self._cursor.close()
             if self.parts is not None:
-                self.parts.close()
+                self.leader.part_shippers.detach(self.parts)
 
     async def _send_in_sync(self) -> None:
         """The leader's newest in-sync record, when this follower has not been sent it: after
@@ -426,6 +429,8 @@ class FollowerSession:
         finally:
             leader.pins.pop(pin_id, None)
         self._prev = (manifest.last_lsn, manifest.last_term, manifest.chain_bytes)
+        if self.parts is not None:
+            self.parts.drop_through(manifest.last_lsn)  # the snapshot holds them
         return manifest.last_lsn + 1
 
     def _snapshot_started(self, progress: SnapshotProgress) -> None:
@@ -503,6 +508,7 @@ class Leader:
             warn_s=store.limits.retention_exhaustion_warn_ms / 1000,
         )
         self.sessions: dict[str, FollowerSession] = {}
+        self.part_shippers = PartShippers(store, metrics)  # physical followers' part queues
         self.pins: dict[int, int] = {}
         self._server: asyncio.Server | None = None
         self._listen_sock: socket.socket | None = None
@@ -626,6 +632,7 @@ class Leader:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
         self.tracker.fail_all("leader stopping")
+        self.part_shippers.close()
         await self.ledger_keeper.flush()
         self.acks.flush()
         self.slots.save()
@@ -650,9 +657,9 @@ class Leader:
 
         def offer() -> None:
             try:
+                self.part_shippers.offer(part)  # connected or not: see PartShippers
                 for session in self.sessions.values():
                     if session.parts is not None:
-                        session.parts.offer(part)
                         session.wake.set()
             finally:
                 self.store.unpin_parts(pinned)
@@ -821,6 +828,7 @@ class Leader:
         if slot is None:
             raise NotFound(f"this leader knows no follower {node_id!r}", field="node_id")
         self.slots.drop(node_id)
+        self.part_shippers.forget(node_id)
         self.tracker.forget(node_id)
         self.insync.forget(node_id)
         log.warning(

@@ -9,12 +9,16 @@ checkpoint part and each merged part it makes, byte for byte, on the replication
   and sends one only once the follower has acked the part's last lsn, so the records it covers
   are already in the follower's WAL; its chunks go one per turn of the session loop, between
   WAL batches, so shipping the log never waits for a whole part;
+* the shipper outlives the link (``PartShippers``, by follower node id): a part cut off by a
+  reconnect goes back to the head of its queue and is sent again whole, and the parts made
+  while the follower is away (checkpoints and merges) wait for it there, so its layout stays
+  the leader's; a merge of parts still queued is queued in their place, as one part;
 * the follower's ``PartReceiver`` stages the bytes, hashing them as they arrive, and
   ``install`` verifies and installs the part (``storage/adopt.py``: size, sha256, row count,
   lsn range, the rows against its own memtable, the record at the last lsn against its own
   WAL). A part that fails is refused (counted, logged) and the follower checkpoints that
-  range from its own WAL instead; a merge whose inputs are not the ones it holds is refused
-  and it keeps its own parts.
+  range from its own WAL instead; a merge that does not span exactly parts it holds is
+  refused and it keeps its own parts.
 
 While its leader ships parts, a follower neither checkpoints nor merges on its own
 (``Store.parts_from_leader``), unless its memtable outgrows ``physical_fallback_percent`` of
@@ -54,6 +58,9 @@ INCOMING_DIR: Final = "parts-incoming"
 CORRUPT_PARTS_ENV: Final = "WALSHIP_TEST_CORRUPT_PARTS"
 """Test hook: the leader flips one byte of the first N parts it ships (after the frame
 checksum, so only the part's own verification can catch it)."""
+CUT_PARTS_ENV: Final = "WALSHIP_TEST_CUT_PARTS"
+"""Test hook: the leader drops the link right after the first chunk of the first N parts it
+ships (a reconnect in the middle of a transfer)."""
 
 
 @dataclass
@@ -87,29 +94,67 @@ class OutgoingPart:
 
 
 class PartShipper:
-    """The leader's queue of parts for one follower; lives on the event loop."""
+    """The leader's queue of parts for one follower; lives on the event loop.
+
+    It outlives one link (``PartShippers``): ``suspend`` puts a part cut off by the link's
+    end back at the head of the queue, and parts made meanwhile are still queued.
+    """
 
     _corrupt_left = int(os.environ.get(CORRUPT_PARTS_ENV, "0") or 0)
+    _cut_left = int(os.environ.get(CUT_PARTS_ENV, "0") or 0)
 
-    def __init__(self, store: Store, metrics: ReplicationMetrics) -> None:
+    def __init__(self, store: Store, metrics: ReplicationMetrics, node_id: str = "?") -> None:
         self.store = store
         self.metrics = metrics
+        self.node_id = node_id
         self.queue: deque[OutgoingPart] = deque()
         self._current: OutgoingPart | None = None
         self._offset = 0
         self._corrupt = False
+        self._cut = False
         self._closed = False
         self.shipped = 0
+        self.reshipped = 0  # parts cut off by a reconnect and queued again
 
     def offer(self, part: OutgoingPart) -> None:
         if self._closed:
             return
         self.store.pin_parts([part.info.file])
+        if part.kind == "merge" and self._collapse(part):
+            return
         self.queue.append(part)
         while len(self.queue) > PARTS_QUEUED_MAX:
             dropped = self.queue.popleft()
             self.store.unpin_parts([dropped.info.file])
-            log.warning("replication: dropped part %s queued for a slow follower", dropped.info)
+            log.warning(
+                "replication: dropped part %s queued for %s (too many queued; it builds that "
+                "range itself)",
+                dropped.info,
+                self.node_id,
+            )
+
+    def _collapse(self, merge: OutgoingPart) -> bool:
+        """Queue ``merge`` in place of its inputs when they are all still queued as whole
+        checkpoint parts, one after another (a follower away or behind): it then installs the
+        merged part as a checkpoint, and neither gets nor keeps the parts merged away. False
+        when some input was sent already (the merge then goes as a merge)."""
+        names = [p.file for p in merge.replaces]
+        queued = [p.info.file for p in self.queue]
+        if not names or names[0] not in queued:
+            return False
+        at = queued.index(names[0])
+        run = list(self.queue)[at : at + len(names)]
+        if [p.info for p in run] != merge.replaces or any(p.kind == "merge" for p in run):
+            return False
+        last = run[-1]  # the term, chain and consumers at the merged part's last lsn
+        collapsed = OutgoingPart(
+            "checkpoint", merge.info, [], last.last_term, last.chain, last.consumers
+        )
+        items = list(self.queue)
+        items[at : at + len(names)] = [collapsed]
+        self.queue = deque(items)
+        self.store.unpin_parts(names)
+        return True
 
     def due(self, durable_lsn: int) -> bool:
         """A chunk to send now: a part in transfer, or the next one acked by the follower."""
@@ -132,7 +177,13 @@ class PartShipper:
             self._corrupt = PartShipper._corrupt_left > 0
             if self._corrupt:
                 PartShipper._corrupt_left -= 1
+            self._cut = PartShipper._cut_left > 0
+            if self._cut:
+                PartShipper._cut_left -= 1
             return part.start()
+        if self._cut and self._offset > 0:
+            self._cut = False
+            raise ConnectionResetError(f"test hook: link cut in the middle of part {part.info}")
         if self._offset >= part.info.bytes:
             self._current = None
             self.store.unpin_parts([part.info.file])
@@ -142,6 +193,8 @@ class PartShipper:
         size = min(PART_CHUNK_BYTES, part.info.bytes - self._offset)
         path = self.store.parts_dir / part.info.file
         data = await asyncio.to_thread(_read_chunk, path, self._offset, size)
+        if self._current is not part:
+            return None  # a new link took the queue over meanwhile (the part stays pinned)
         if len(data) != size:
             raise ProtocolError(f"part {part.info.file} is shorter than its info says")
         if self._corrupt and self._offset == 0:
@@ -151,8 +204,39 @@ class PartShipper:
         self.metrics.part_bytes_sent.inc(size)
         return chunk
 
+    def suspend(self) -> None:
+        """The link ended: a part in transfer goes back to the head of the queue, to be sent
+        again whole (the follower drops what it staged of it) on the next link."""
+        part, self._current = self._current, None
+        if part is not None:
+            self.queue.appendleft(part)
+            self.reshipped += 1
+            log.info(
+                "replication: part %s to %s cut off by the link's end; sent again on the next",
+                part.info,
+                self.node_id,
+            )
+        self._offset = 0
+
+    def take_over(self, old: PartShipper) -> None:
+        """Continue ``old``'s queue (a follower reconnected before its old link was closed);
+        ``old`` ships nothing more, and its pins are this shipper's now."""
+        old.suspend()
+        self.queue.extend(old.queue)
+        self.reshipped += old.reshipped
+        old.queue.clear()
+        old._closed = True
+
+    def drop_through(self, lsn: int) -> None:
+        """Forget the queued parts that end at or before ``lsn`` (a snapshot to there
+        replaces them)."""
+        gone = [p for p in self.queue if p.info.last_lsn <= lsn]
+        if gone:
+            self.queue = deque(p for p in self.queue if p.info.last_lsn > lsn)
+            self.store.unpin_parts([p.info.file for p in gone])
+
     def close(self) -> None:
-        """The link ended: let go of every pinned part."""
+        """Let go of every pinned part; nothing is shipped any more."""
         self._closed = True
         names = [p.info.file for p in self.queue]
         if self._current is not None:
@@ -161,6 +245,55 @@ class PartShipper:
         self._current = None
         if names:
             self.store.unpin_parts(names)
+
+
+class PartShippers:
+    """The leader's ``PartShipper`` of every physical follower it has served, connected or
+    not, by node id: what a follower misses while away is shipped when it is back.
+
+    Each queue is bounded (``PARTS_QUEUED_MAX``, its parts pinned on disk); a follower
+    forgotten (``forget_follower``) or a leader stopping lets go of its queue. Lives on the
+    event loop.
+    """
+
+    def __init__(self, store: Store, metrics: ReplicationMetrics) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._by_node: dict[str, PartShipper] = {}
+
+    def attach(self, node_id: str) -> PartShipper:
+        """The shipper for a new link of ``node_id``: what its last link left, queued."""
+        shipper = PartShipper(self.store, self.metrics, node_id)
+        old = self._by_node.get(node_id)
+        if old is not None:
+            shipper.take_over(old)
+        self._by_node[node_id] = shipper
+        return shipper
+
+    def detach(self, shipper: PartShipper) -> None:
+        """The link of ``shipper`` ended: its queue waits for the follower's next link."""
+        if self._by_node.get(shipper.node_id) is shipper:
+            shipper.suspend()
+        else:
+            shipper.close()  # taken over already, or forgotten
+
+    def offer(self, part: OutgoingPart) -> None:
+        for shipper in self._by_node.values():
+            shipper.offer(part)
+
+    def queued(self, node_id: str) -> int:
+        shipper = self._by_node.get(node_id)
+        return len(shipper.queue) if shipper is not None else 0
+
+    def forget(self, node_id: str) -> None:
+        shipper = self._by_node.pop(node_id, None)
+        if shipper is not None:
+            shipper.close()
+
+    def close(self) -> None:
+        for shipper in self._by_node.values():
+            shipper.close()
+        self._by_node.clear()
 
 
 def _read_chunk(path: Path, offset: int, size: int) -> bytes:

@@ -721,13 +721,18 @@ def _decode_frame(buf: bytearray | memoryview, pos: int, size: int) -> Message:
 # -------------------------------------------------------------------------- handshake checks
 
 
-def hello_error(hello: Hello, cluster_id: str) -> ProtocolError | None:
-    """Why the leader must refuse ``hello`` (wrong version or cluster); None when it may go on."""
-    if hello.protocol_version not in SUPPORTED_VERSIONS:
+def hello_error(
+    hello: Hello, cluster_id: str, supported: tuple[int, ...] = SUPPORTED_VERSIONS
+) -> ProtocolError | None:
+    """Why the leader must refuse ``hello`` (wrong version or cluster); None when it may go on.
+
+    ``supported``: the versions it speaks (a test plays a leader from before v2 with ``(1,)``).
+    """
+    if hello.protocol_version not in supported:
         return ProtocolError(
             f"protocol version {hello.protocol_version} is not supported; this node speaks "
-            f"versions {', '.join(map(str, SUPPORTED_VERSIONS))}",
-            supported=list(SUPPORTED_VERSIONS),
+            f"versions {', '.join(map(str, supported))}",
+            supported=list(supported),
         )
     if hello.cluster_id != cluster_id:
         return ProtocolError(

@@ -3,10 +3,11 @@
 The store's collaborator for ``replication/physical.py``: a checkpoint part is appended to the
 manifest in place of the local checkpoint the follower would have written over the same
 range, and the memtable drops the events it covers; a merged part replaces the very parts the
-leader merged. Every check is against this node's own state (its WAL is the source of truth):
-the part's range must continue this manifest, the record at its last lsn must have the
-leader's term and chain, and its rows must be exactly the events held here in that range
-(``storage/part_verify.py``). ``PartRejected`` otherwise, and nothing changes.
+leader merged, or this node's own parts spanning exactly its range. Every check is against
+this node's own state (its WAL is the source of truth): the part's range must continue this
+manifest, the record at its last lsn must have the leader's term and chain, and its rows must
+be exactly the events held here in that range (``storage/part_verify.py``). ``PartRejected``
+otherwise, and nothing changes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
+import pyarrow.parquet as pq
 
 from walship.events import now_us
 from walship.fsutil import fsync_dir
@@ -109,31 +111,43 @@ def adopt_checkpoint(
 def adopt_merge(
     store: Store, staged: Path, info: PartInfo, replaces: list[PartInfo], digest: bytes
 ) -> None:
-    """Swap the leader's merged part in for the parts it merged, which must be exactly the
-    ones this node holds (same files, same sha256s, consecutive in its manifest)."""
+    """Swap the leader's merged part in for the parts it merged.
+
+    Those are the ones this node holds (same files, same sha256s, consecutive in its
+    manifest) when it installed the leader's parts all along. When its parts there are its
+    own instead (a fallback checkpoint, a refused part rebuilt from its WAL), the merged
+    part still goes in for them when they cover exactly its range, hold the same number of
+    events and its rows are at exactly their lsns: the follower's layout comes back to the
+    leader's rather than drifting from it for good.
+    """
     with store._compaction_lock:
         m = store._manifest
-        files = [p.file for p in m.parts]
-        if not replaces or replaces[0].file not in files:
-            raise PartRejected(f"merged part {info.file}: this node does not hold its inputs")
-        at = files.index(replaces[0].file)
-        held = m.parts[at : at + len(replaces)]
-        if held != replaces:
+        held = _parts_spanning(m.parts, info)
+        if held is None:
             raise PartRejected(
-                f"merged part {info.file}: its inputs are not the parts this node holds"
+                f"merged part {info.file}: this node's parts do not line up with its range "
+                f"{info.first_lsn}..{info.last_lsn}"
             )
-        if (info.first_lsn, info.last_lsn, info.events) != (
-            replaces[0].first_lsn,
-            replaces[-1].last_lsn,
-            sum(p.events for p in replaces),
-        ):
-            raise PartRejected(f"merged part {info.file} does not cover exactly its inputs")
-        verify_part_file(staged, info, digest=digest)
+        at = m.parts.index(held[0])
+        if info.events != sum(p.events for p in held):
+            raise PartRejected(
+                f"merged part {info.file}: {info.events} events, but this node holds "
+                f"{sum(p.events for p in held)} there"
+            )
+        if held == replaces:
+            verify_part_file(staged, info, digest=digest)
+        elif any(p.file == info.file for p in held):
+            raise PartRejected(f"merged part {info.file}: this node holds that range in one part")
+        else:
+            lsns = np.concatenate(
+                [_part_lsns(store.parts_dir / p.file, p) for p in held] or [np.empty(0, np.int64)]
+            )
+            verify_part_file(staged, info, digest=digest, lsns=np.sort(lsns))
         path = store.parts_dir / info.file
         os.replace(staged, path)
         fsync_dir(store.parts_dir)
         reader = PartReader(path, info)
-        names = {p.file for p in replaces}
+        names = {p.file for p in held}
         with store._manifest_lock:
             from walship.storage.manifest import save_manifest
 
@@ -150,3 +164,27 @@ def adopt_merge(
                 store._garbage.update(names)
                 store.parts_adopted += 1
     store._collect_garbage()
+
+
+def _parts_spanning(parts: list[PartInfo], info: PartInfo) -> list[PartInfo] | None:
+    """The consecutive parts that begin at ``info``'s first lsn and end at its last; None
+    when no run of them covers exactly that range."""
+    firsts = [p.first_lsn for p in parts]
+    if info.first_lsn not in firsts:
+        return None
+    start = firsts.index(info.first_lsn)
+    for end in range(start, len(parts)):
+        if parts[end].last_lsn == info.last_lsn:
+            return parts[start : end + 1]
+        if parts[end].last_lsn > info.last_lsn:
+            return None
+    return None
+
+
+def _part_lsns(path: Path, info: PartInfo) -> np.ndarray:
+    """The lsn column of this node's part ``info``."""
+    try:
+        column = pq.read_table(path, columns=["lsn"]).column("lsn")
+    except Exception as exc:  # pyarrow raises several kinds for a damaged file
+        raise PartRejected(f"this node's part {info.file} is not readable: {exc}") from exc
+    return np.asarray(column.to_numpy(), dtype=np.int64)
