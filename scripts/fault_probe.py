@@ -19,7 +19,7 @@ one survived); each subscriber saw its tenant's events exactly once in position 
 ``walship wal verify`` passes on every data dir; no node log holds a traceback or died
 unexpectedly.
 
-    python scripts/fault_probe.py --duration 30 --seed 7 --ack-mode sync
+    python scripts/fault_probe.py --duration 30 --seed 7 --ack-mode sync [--followers logical]
 
 Exit 0 when every check held, 1 with the violations otherwise (the data dir is kept).
 """
@@ -134,8 +134,7 @@ class Cluster:
                 "--ack-timeout-ms", "1500",
                 "--peers", peers,
             ]  # fmt: skip
-            if physical:
-                args.append("--physical-followers")
+            args.append("--physical-followers" if physical else "--no-physical-followers")
             if small:  # checkpoints, merges, removed segments and snapshots within seconds
                 args += [
                     "--checkpoint-interval-ms", "1000",
@@ -734,7 +733,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--faults", default=",".join(FAULTS))
     ap.add_argument("--fault-every", type=float, default=4.0, help="mean seconds between faults")
     ap.add_argument("--fsync", default="never")
-    ap.add_argument("--physical-followers", action="store_true")
+    ap.add_argument(
+        "--followers",
+        choices=["physical", "logical"],
+        default="physical",
+        help="physical: followers install the leader's parts (the default of walship serve)",
+    )
     ap.add_argument(
         "--storage",
         choices=["small", "default"],
@@ -754,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"seed {seed}, ack mode {args.ack_mode}, faults {kinds}, {args.duration} s, in {root}")
     rng = random.Random(seed)
     cluster = Cluster(
-        root, args.ack_mode, args.fsync, args.physical_followers, args.storage == "small"
+        root, args.ack_mode, args.fsync, args.followers == "physical", args.storage == "small"
     )
     violations: list[str] = []
     stats: dict[str, Any] = {}
@@ -837,7 +841,13 @@ def main(argv: list[str] | None = None) -> int:
     violations += log_problems(cluster)
     for w in writers:
         stats.setdefault(w.tenant, {})["notes"] = w.notes[:3]
-    report = {"seed": seed, "ack_mode": args.ack_mode, "faults": faults.done, "stats": stats}
+    report = {
+        "seed": seed,
+        "ack_mode": args.ack_mode,
+        "followers": args.followers,
+        "faults": faults.done,
+        "stats": stats,
+    }
     print(json.dumps(report, indent=1))
     if violations:
         print(f"FAIL seed {seed} ({len(violations)} violations), data in {root}:")
