@@ -533,9 +533,10 @@ class Store:
             self._closed = True
         self._stop_background()
         try:
-            # a physical follower's events stay in its WAL: a part of its own would not line
-            # up with the leader's next ones (replication/physical.py)
-            if self.config.checkpoints and not self.parts_from_leader:
+            # every node, a physical follower too: a clean stop leaves the whole history in
+            # Parquet for outside readers (``walship sql``, DuckDB). A physical follower's own
+            # part for its tail is replaced when the leader's merge of that range comes in
+            if self.config.checkpoints:
                 self._checkpoint_at_close()
         finally:
             if self._part_worker is not None:

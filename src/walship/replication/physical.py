@@ -328,7 +328,7 @@ class PartReceiver:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._current: IncomingPart | None = None
         self._file: int | None = None
-        self.received = self.installed = self.refused = 0
+        self.received = self.installed = self.refused = self.skipped = 0
         self.bytes_received = 0
         self.last_refusal: str | None = None
 
@@ -380,11 +380,23 @@ class PartReceiver:
         """Verify and install ``part`` (in a worker thread); on refusal rebuild from this
         node's WAL what it covered. True when it was installed."""
         store = self.store
+        if part.kind == "checkpoint" and part.info.first_lsn <= store.manifest.last_lsn:
+            # this node checkpointed (some of) that range itself (a clean stop, a fallback):
+            # not a bad part, so not a refusal. Its own parts stand until the leader's merge
+            # of that range comes in (``adopt_merge`` takes parts spanning it exactly), and it
+            # checkpoints the rest of the range from its own WAL
+            part.path.unlink(missing_ok=True)
+            self.skipped += 1
+            log.info(
+                "replication: the leader's part %s overlaps this node's own checkpoint "
+                "(through lsn %d); kept its own",
+                part.info.file,
+                store.manifest.last_lsn,
+            )
+            if part.info.last_lsn > store.manifest.last_lsn:
+                store.checkpoint_through(part.info.last_lsn)
+            return False
         try:
-            if part.info.last_lsn <= store.manifest.last_lsn and part.kind == "checkpoint":
-                raise PartRejected(
-                    f"part {part.info.file} is already covered by this node's checkpoint"
-                )
             digest = part.hasher.digest()
             if part.kind == "checkpoint":
                 adopt_checkpoint(
@@ -426,6 +438,7 @@ class PartReceiver:
             "received": self.received,
             "installed": self.installed,
             "refused": self.refused,
+            "skipped": self.skipped,
             "bytes_received": self.bytes_received,
             "last_refusal": self.last_refusal,
         }
