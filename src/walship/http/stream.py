@@ -120,6 +120,10 @@ def _takes_writes(node: Node) -> bool:
 
 
 def _term_differs(node: Node, point: ResumePoint, term: int) -> LogCut:
+    details: dict[str, int] = {}
+    kept = _end_of_term_before(node.store, point)
+    if kept is not None:
+        details["kept_lsn"] = kept
     return LogCut(
         f"lsn {point.lsn} was written in term {term} on {node.node_id}, not in term "
         f"{point.term} as the consumer had it: a failover repair cut the events it had; "
@@ -127,7 +131,23 @@ def _term_differs(node: Node, point: ResumePoint, term: int) -> LogCut:
         last_event_lsn=point.lsn,
         last_event_term=point.term,
         log_term=term,
+        **details,
     )
+
+
+def _end_of_term_before(store: Store, point: ResumePoint) -> int | None:
+    """Where this log still agrees with a consumer whose event ``point.lsn`` has term
+    ``point.term`` (which this log's record there has not): the last lsn this log holds of
+    that term, when it holds any. A term's records start at one lsn on every node that has
+    them, and two logs with a record of one term at one lsn agree up to it, so the consumer
+    had every event up to there as this log has them. None when this log never held that
+    term (no point of agreement is known)."""
+    history = store.log.term_history()
+    for i, (term, first) in enumerate(history):
+        if term == point.term:
+            end = history[i + 1][1] - 1 if i + 1 < len(history) else store.visible_lsn
+            return end if first <= end < point.lsn else None
+    return None
 
 
 def _cut_under(node: Node, kept: int, after: int) -> CutNotice:
