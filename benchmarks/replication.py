@@ -389,8 +389,7 @@ def main() -> None:
     ap.add_argument("--part-worker", action="store_true",
                     help="every node writes Parquet parts in a worker process")  # fmt: skip
     ap.add_argument("--physical-followers", action="store_true",
-                    help="followers install the leader's Parquet parts (the default now; "
-                         "WALSHIP_PHYSICAL_FOLLOWERS=0 turns it off)")  # fmt: skip
+                    help="followers install the leader's parts (default off)")  # fmt: skip
     args = ap.parse_args()
     if args.part_worker:
         os.environ["WALSHIP_PART_WORKER"] = "1"  # inherited by every node started below
@@ -424,7 +423,7 @@ def main() -> None:
         results.update(found)
         results["peer"] = peer_ratios(results)
     results["part_worker"] = bool(os.environ.get("WALSHIP_PART_WORKER"))
-    results["physical_followers"] = os.environ.get("WALSHIP_PHYSICAL_FOLLOWERS", "1") not in (
+    results["physical_followers"] = os.environ.get("WALSHIP_PHYSICAL_FOLLOWERS", "0") not in (
         "0",
         "false",
     )

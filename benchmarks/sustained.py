@@ -403,7 +403,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "ack_mode": "sync",
         "followers": 2,
         "part_worker": bool(os.environ.get("WALSHIP_PART_WORKER")),
-        "physical_followers": os.environ.get("WALSHIP_PHYSICAL_FOLLOWERS", "1")
+        "physical_followers": os.environ.get("WALSHIP_PHYSICAL_FOLLOWERS", "0")
         not in ("0", "false"),
     }
     cluster = Cluster(root, "sync", 2)
@@ -614,8 +614,7 @@ def main() -> None:
     ap.add_argument("--part-worker", action="store_true",
                     help="every node writes Parquet parts in a worker process")  # fmt: skip
     ap.add_argument("--physical-followers", action="store_true",
-                    help="followers install the leader's Parquet parts (the default now; "
-                         "WALSHIP_PHYSICAL_FOLLOWERS=0 turns it off)")  # fmt: skip
+                    help="followers install the leader's parts (default off)")  # fmt: skip
     args = ap.parse_args()
     if args.quick:
         args.events = 1_000_000
