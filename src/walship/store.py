@@ -1414,21 +1414,8 @@ class Store:
             self.parquet_encodes += 1
             reader = PartReader(self.parts_dir / info.file, info)
             reader.set_id_hashes(hashes)
-            names = {p.info.file for p in inputs}
-            with self._manifest_lock:
-                current = self._manifest
-                kept = [p for p in current.parts if p.file not in names]
-                at = next(i for i, p in enumerate(current.parts) if p.file in names)
-                kept.insert(at, info)
-                manifest = msgspec.structs.replace(current, parts=kept, created_us=now_us())
-                save_manifest(self.checkpoint_dir, manifest)
-                with self._lock:
-                    self._manifest = manifest
-                    readers = [p for p in self._parts if p.info.file not in names]
-                    readers.insert(at, reader)
-                    self._parts = readers
-                    self._garbage.update(names)
-                    self.compactions += 1
+            manifest = self.replace_parts({p.info.file for p in inputs}, info, reader)
+            self.compactions += 1
             self.write_amp.compacted(info)
             self._announce("merge", info, [p.info for p in inputs], manifest)
             self._collect_garbage()
@@ -1469,6 +1456,29 @@ class Store:
                 else:
                     self._pins[name] = left
         self._collect_garbage()
+
+    def replace_parts(
+        self, names: set[str], info: PartInfo, reader: PartReader
+    ) -> CheckpointManifest:
+        """Put the part ``info`` (read by ``reader``) where the parts ``names`` stand in the
+        manifest, in their place: the manifest saved, then parts and readers swapped under the
+        lock, and the old files left to ``_collect_garbage``. A merge of this node's and a
+        merge taken from the leader (``storage/adopt.py``) both go through here; the caller
+        holds the compaction lock."""
+        with self._manifest_lock:
+            current = self._manifest
+            kept = [p for p in current.parts if p.file not in names]
+            at = next(i for i, p in enumerate(current.parts) if p.file in names)
+            kept.insert(at, info)
+            manifest = msgspec.structs.replace(current, parts=kept, created_us=now_us())
+            save_manifest(self.checkpoint_dir, manifest)
+            with self._lock:
+                self._manifest = manifest
+                readers = [p for p in self._parts if p.info.file not in names]
+                readers.insert(at, reader)
+                self._parts = readers
+                self._garbage.update(names)
+        return manifest
 
     def _collect_garbage(self) -> None:
         """Delete replaced part files that no snapshot transfer still reads."""

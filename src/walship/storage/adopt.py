@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import msgspec
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -128,7 +127,6 @@ def adopt_merge(
                 f"merged part {info.file}: this node's parts do not line up with its range "
                 f"{info.first_lsn}..{info.last_lsn}"
             )
-        at = m.parts.index(held[0])
         if info.events != sum(p.events for p in held):
             raise PartRejected(
                 f"merged part {info.file}: {info.events} events, but this node holds "
@@ -146,23 +144,8 @@ def adopt_merge(
         path = store.parts_dir / info.file
         os.replace(staged, path)
         fsync_dir(store.parts_dir)
-        reader = PartReader(path, info)
-        names = {p.file for p in held}
-        with store._manifest_lock:
-            from walship.storage.manifest import save_manifest
-
-            current = store._manifest
-            kept = [p for p in current.parts if p.file not in names]
-            kept.insert(at, info)
-            manifest = msgspec.structs.replace(current, parts=kept, created_us=now_us())
-            save_manifest(store.checkpoint_dir, manifest)
-            with store._lock:
-                store._manifest = manifest
-                readers = [p for p in store._parts if p.info.file not in names]
-                readers.insert(at, reader)
-                store._parts = readers
-                store._garbage.update(names)
-                store.parts_adopted += 1
+        store.replace_parts({p.file for p in held}, info, PartReader(path, info))
+        store.parts_adopted += 1
     store._collect_garbage()
 
 
