@@ -64,7 +64,8 @@ STATS_FIELDS = (
     "write_amplification", "compaction_rewrites_per_event", "checkpoint_events_written",
     "compaction_events_written", "checkpoint_bytes_written", "compaction_bytes_written",
     "parquet_parts", "parquet_bytes", "wal_bytes", "wal_segments", "memtable_events",
-    "checkpoints_taken", "compactions",
+    "checkpoints_taken", "compactions", "parquet_encodes", "parts_adopted",
+    "physical_fallback_percent", "physical_late_parts", "physical_last_fill_percent",
 )  # fmt: skip
 
 
@@ -500,6 +501,9 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 out["peak_children_rss_mb"] = round(watch.peak_children_rss_kb / 1024, 1)
             for key in ("last_lsn", "events", "entities", *STATS_FIELDS):
                 out[key] = stats.get(key)
+            if node is not cluster.leader:  # a physical follower's parts from the leader
+                health = httpx.get(node.url + "/health", timeout=30).json()
+                out["parts_from_leader"] = health.get("replication", {}).get("parts")
             written = (stats.get("checkpoint_bytes_written") or 0) + (
                 stats.get("compaction_bytes_written") or 0
             )

@@ -76,9 +76,11 @@ class Limits:
     compaction_events_max: int = 500_000
     compaction_held_parts_max: int = 64  # parts a catching-up follower lets pile up
     # a physical follower waits for the leader's parts until its memtable holds this percent
-    # of the memtable budget (events, bytes or age), then checkpoints itself; below the 200 %
-    # at which appends block (Store._throttle_locked)
+    # of the memtable budget (events, bytes or age), then checkpoints itself; it waits longer
+    # when the leader's parts come later than that (storage/fallback.py), up to the max: the
+    # bound on its memory (a follower's applies never block on its memtable)
     physical_fallback_percent: int = 150
+    physical_fallback_percent_max: int = 300
     # an outside reader pinning the history retries while compactions replace the parts it
     # read in the manifest; each retry re-reads a newer manifest, so this is only reached when
     # the data dir is unreadable for that long (a snapshot install that does not end)
@@ -131,6 +133,10 @@ class Limits:
             raise InvalidInput("frame_bytes_max must hold a record of record_bytes_max")
         if self.handshake_frame_bytes_max > self.frame_bytes_max:
             raise InvalidInput("handshake_frame_bytes_max cannot exceed frame_bytes_max")
+        if self.physical_fallback_percent > self.physical_fallback_percent_max:
+            raise InvalidInput(
+                "physical_fallback_percent cannot exceed physical_fallback_percent_max"
+            )
 
 
 DEFAULT_LIMITS = Limits()

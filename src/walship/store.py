@@ -79,6 +79,7 @@ from walship.storage.consumers import (
 )
 from walship.storage.cuts import LogCuts
 from walship.storage.entity_reads import EntityReader, ReadView
+from walship.storage.fallback import FallbackThreshold
 from walship.storage.manifest import (
     INSTALL_MARKER,
     CheckpointManifest,
@@ -91,6 +92,7 @@ from walship.storage.part_worker import PartWorker
 from walship.storage.pins import sweep_stale_pins
 from walship.storage.positions import TenantPositions
 from walship.storage.query import QueryFilter, entity_key
+from walship.storage.realign import follower_may_merge
 from walship.storage.write_amp import WriteAmplification
 from walship.wal import FsyncPolicy, Record, Wal
 from walship.wal.frame import VerifiedFrame
@@ -209,9 +211,11 @@ class Store:
         # installs the leader's parts instead (replication/physical.py) and keeps it at 0
         self.parquet_encodes = 0
         self.parts_adopted = 0
+        self.own_parts: set[str] = set()  # parts in the manifest this node encoded itself
         # set while a leader ships its parts here: no local checkpoints or merges, until the
         # memtable outgrows ``physical_fallback_percent`` of its budget (``_due_for_checkpoint``)
         self.parts_from_leader = False
+        self.fallback = FallbackThreshold(self.limits)  # how long it waits for them
         # called with (kind, part, replaced parts, manifest) after each local checkpoint or
         # merge is in the manifest, from the thread that made it (a leader ships it on)
         self.on_part: Callable[[str, PartInfo, list[PartInfo], CheckpointManifest], None] | None = (
@@ -423,6 +427,7 @@ class Store:
             self._active = Memtable()
             self._frozen = None
             self._parts = []
+            self.own_parts.clear()  # the snapshot's parts are the leader's
             self._recover()
             for listener in listeners:
                 self.wal.add_listener(listener)
@@ -1225,6 +1230,7 @@ class Store:
                 "parquet_encodes": self.parquet_encodes,
                 "parts_adopted": self.parts_adopted,
                 "parts_from_leader": self.parts_from_leader,
+                **self.fallback.as_stats(),
                 "compaction_held": self._compaction_held,
                 "checkpoint_failing": self.checkpoint_failure is not None,
                 "wal_first_lsn": self.wal.first_lsn().value,
@@ -1381,6 +1387,7 @@ class Store:
         self.write_amp.checkpointed(part)
         with self._lock:
             self.checkpoints_taken += 1
+            self.own_parts.add(part.file)
             self._checkpoint_done.notify_all()
         self._announce("checkpoint", part, [], manifest)
         self._compact_kick.set()
@@ -1402,7 +1409,10 @@ class Store:
                 self.limits.compaction_fanin_min,
                 self.limits.compaction_events_max,
             )
-            if run is None:
+            if run is None or (
+                self.parts_from_leader
+                and not follower_may_merge(parts, run, self.own_parts, self.limits)
+            ):
                 return None
             t0 = time.perf_counter()
             inputs = parts[run[0] : run[1]]
@@ -1414,7 +1424,8 @@ class Store:
             self.parquet_encodes += 1
             reader = PartReader(self.parts_dir / info.file, info)
             reader.set_id_hashes(hashes)
-            manifest = self.replace_parts({p.info.file for p in inputs}, info, reader)
+            manifest = self.replace_parts({p.info.file for p in inputs}, [(info, reader)])
+            self.own_parts.add(info.file)
             self.compactions += 1
             self.write_amp.compacted(info)
             self._announce("merge", info, [p.info for p in inputs], manifest)
@@ -1458,26 +1469,28 @@ class Store:
         self._collect_garbage()
 
     def replace_parts(
-        self, names: set[str], info: PartInfo, reader: PartReader
+        self, names: set[str], placed: Sequence[tuple[PartInfo, PartReader]]
     ) -> CheckpointManifest:
-        """Put the part ``info`` (read by ``reader``) where the parts ``names`` stand in the
-        manifest, in their place: the manifest saved, then parts and readers swapped under the
-        lock, and the old files left to ``_collect_garbage``. A merge of this node's and a
-        merge taken from the leader (``storage/adopt.py``) both go through here; the caller
+        """Put the parts ``placed`` (each with its reader) where the parts ``names`` stand in
+        the manifest, in their place: the manifest saved, then parts and readers swapped under
+        the lock, and the old files left to ``_collect_garbage``. A merge of this node's, a
+        merge taken from the leader (``storage/adopt.py``) and the leader's checkpoints put in
+        place of a follower's own (``storage/realign.py``) all go through here; the caller
         holds the compaction lock."""
         with self._manifest_lock:
             current = self._manifest
             kept = [p for p in current.parts if p.file not in names]
             at = next(i for i, p in enumerate(current.parts) if p.file in names)
-            kept.insert(at, info)
+            kept[at:at] = [info for info, _ in placed]
             manifest = msgspec.structs.replace(current, parts=kept, created_us=now_us())
             save_manifest(self.checkpoint_dir, manifest)
             with self._lock:
                 self._manifest = manifest
                 readers = [p for p in self._parts if p.info.file not in names]
-                readers.insert(at, reader)
+                readers[at:at] = [reader for _, reader in placed]
                 self._parts = readers
                 self._garbage.update(names)
+                self.own_parts.difference_update(names)
         return manifest
 
     def _collect_garbage(self) -> None:
@@ -1505,7 +1518,9 @@ class Store:
 
     def _may_compact(self) -> bool:
         if self.parts_from_leader:
-            return False  # the leader's merges arrive as parts (replication/physical.py)
+            # the leader's merges arrive as parts (replication/physical.py); ``compact`` only
+            # merges where this node's layout left the leader's (``follower_may_merge``)
+            return bool(self.own_parts)
         # no lock: len() of the list is atomic, and a stale count costs one pass at most
         return not self._compaction_held or (
             len(self._parts) >= self.limits.compaction_held_parts_max
@@ -1543,6 +1558,13 @@ class Store:
             upto = min(upto, floor - 1)
         return self.wal.remove_segments_through(Lsn(max(upto, 0)))
 
+    def memtable_fill_percent(self) -> float:
+        """How full the active memtable is, in percent of its budget (events or bytes)."""
+        with self._lock:
+            events, size = len(self._active), self._active.bytes
+        limits = self.limits
+        return 100 * max(events / limits.memtable_events_max, size / limits.memtable_bytes_max)
+
     def _due_for_checkpoint(self) -> bool:
         with self._lock:
             active = self._active
@@ -1552,7 +1574,7 @@ class Store:
             limits = self.limits
             # while the leader's parts arrive, wait for them up to a larger budget: past it
             # they stopped coming (or lag), and memory is bounded by checkpointing here
-            scale = limits.physical_fallback_percent / 100 if self.parts_from_leader else 1
+            scale = self.fallback.scale if self.parts_from_leader else 1
             return (
                 len(active) >= limits.memtable_events_max * scale
                 or active.bytes >= limits.memtable_bytes_max * scale

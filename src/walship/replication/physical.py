@@ -43,11 +43,12 @@ from walship.errors import ProtocolError
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import Message, PartChunk, PartEnd, PartStart
 from walship.replication.staging import checked_child
-from walship.storage.adopt import adopt_checkpoint, adopt_merge
+from walship.storage.adopt import PartOverlaps, adopt_checkpoint, adopt_merge
 from walship.storage.consumers import ConsumerPosition
 from walship.storage.manifest import CheckpointManifest
 from walship.storage.parquet import PartInfo
 from walship.storage.part_verify import PartRejected
+from walship.storage.realign import HeldParts
 from walship.store import Store
 
 log = logging.getLogger(__name__)
@@ -331,6 +332,8 @@ class PartReceiver:
         self.received = self.installed = self.refused = self.skipped = 0
         self.bytes_received = 0
         self.last_refusal: str | None = None
+        self.held = HeldParts(store)  # parts that came after a fallback, to realign with
+        self._late_through = 0  # the checkpoint of its own a late part was counted for
 
     def start(self, msg: PartStart) -> None:
         if self._current is not None:
@@ -380,25 +383,13 @@ class PartReceiver:
         """Verify and install ``part`` (in a worker thread); on refusal rebuild from this
         node's WAL what it covered. True when it was installed."""
         store = self.store
-        if part.kind == "checkpoint" and part.info.first_lsn <= store.manifest.last_lsn:
-            # this node checkpointed (some of) that range itself (a clean stop, a fallback):
-            # not a bad part, so not a refusal. Its own parts stand until the leader's merge
-            # of that range comes in (``adopt_merge`` takes parts spanning it exactly), and it
-            # checkpoints the rest of the range from its own WAL
-            part.path.unlink(missing_ok=True)
-            self.skipped += 1
-            log.info(
-                "replication: the leader's part %s overlaps this node's own checkpoint "
-                "(through lsn %d); kept its own",
-                part.info.file,
-                store.manifest.last_lsn,
-            )
-            if part.info.last_lsn > store.manifest.last_lsn:
-                store.checkpoint_through(part.info.last_lsn)
-            return False
         try:
+            if part.kind == "checkpoint" and part.info.first_lsn <= store.manifest.last_lsn:
+                raise PartOverlaps("checked again under the lock by adopt_checkpoint")
             digest = part.hasher.digest()
             if part.kind == "checkpoint":
+                # how full the memtable got waiting for it: the fallback threshold follows
+                fill = store.memtable_fill_percent()
                 adopt_checkpoint(
                     store,
                     part.path,
@@ -408,24 +399,72 @@ class PartReceiver:
                     part.consumers,
                     digest,
                 )
+                store.fallback.part_in_time(fill)
             else:
                 adopt_merge(store, part.path, part.info, part.replaces, digest)
+        except PartOverlaps:
+            self._overlapping(part)
+            return False
         except PartRejected as exc:
-            self.refused += 1
-            self.last_refusal = exc.message
-            self.metrics.parts_refused.inc()
-            log.warning("replication: refused the leader's part: %s", exc.message)
+            self._refused(exc)
             if part.kind == "checkpoint":
                 # rebuilt from this node's own WAL: its memtable holds that range
                 store.checkpoint_through(part.info.last_lsn)
             return False
         finally:
             part.path.unlink(missing_ok=True)
+            self._realign()
         self.installed += 1
         self.metrics.parts_installed.inc()
         return True
 
+    def _overlapping(self, part: IncomingPart) -> None:
+        """The leader's checkpoint part came after this node checkpointed (some of) its range
+        itself (a fallback, a clean stop): not a bad part, so not a refusal. It is held
+        (``storage/realign.py``) until this node's own parts span its range, then goes in
+        their place; this node checkpoints the rest of its range from its own WAL now, so
+        that they do."""
+        store = self.store
+        self.skipped += 1
+        checkpointed = store.manifest.last_lsn
+        if checkpointed > self._late_through:
+            # this node checkpointed past the leader's cut before the part came: wait longer
+            # next time (once per checkpoint of its own; the next part overlaps it too)
+            store.fallback.part_late()
+            self._late_through = checkpointed
+        try:
+            held = self.held.hold(
+                part.path, part.info, part.last_term, part.chain, part.hasher.digest()
+            )
+        except PartRejected as exc:
+            self._refused(exc)
+            held = False
+        log.info(
+            "replication: the leader's part %s overlaps this node's own checkpoint "
+            "(through lsn %d); %s",
+            part.info.file,
+            checkpointed,
+            "held until its own parts line up with it" if held else "kept its own",
+        )
+        if part.info.last_lsn > checkpointed:
+            store.checkpoint_through(part.info.last_lsn)
+
+    def _realign(self) -> None:
+        if not self.held.parts:
+            return
+        try:
+            self.held.realign()
+        except OSError as exc:  # a held file unreadable: its own parts stay
+            log.warning("replication: could not realign with the leader's parts: %s", exc)
+
+    def _refused(self, exc: PartRejected) -> None:
+        self.refused += 1
+        self.last_refusal = exc.message
+        self.metrics.parts_refused.inc()
+        log.warning("replication: refused the leader's part: %s", exc.message)
+
     def close(self) -> None:
+        self.held.close()
         if self._file is not None:
             os.close(self._file)
             self._file = None
@@ -441,4 +480,6 @@ class PartReceiver:
             "skipped": self.skipped,
             "bytes_received": self.bytes_received,
             "last_refusal": self.last_refusal,
+            "held": len(self.held.parts),
+            "realigned": self.held.realigned,
         }

@@ -32,6 +32,13 @@ if TYPE_CHECKING:
     from walship.store import Store
 
 
+class PartOverlaps(PartRejected):
+    """The leader's checkpoint part came after this node checkpointed (some of) its range
+    itself: not a bad part (``storage/realign.py`` may still put it in place of its own)."""
+
+    code = "part_overlaps"
+
+
 def adopt_checkpoint(
     store: Store,
     staged: Path,
@@ -51,6 +58,11 @@ def adopt_checkpoint(
         if info.first_lsn > store._manifest.last_lsn + 1:
             store._checkpoint_once(through=info.first_lsn - 1)
         m = store._manifest
+        if info.first_lsn <= m.last_lsn:
+            raise PartOverlaps(
+                f"part {info.file} starts at lsn {info.first_lsn}, but this node checkpointed "
+                f"through {m.last_lsn} itself"
+            )
         if info.first_lsn != m.last_lsn + 1:
             raise PartRejected(
                 f"part {info.file} starts at lsn {info.first_lsn}, but this node's checkpoint "
@@ -144,7 +156,7 @@ def adopt_merge(
         path = store.parts_dir / info.file
         os.replace(staged, path)
         fsync_dir(store.parts_dir)
-        store.replace_parts({p.file for p in held}, info, PartReader(path, info))
+        store.replace_parts({p.file for p in held}, [(info, PartReader(path, info))])
         store.parts_adopted += 1
     store._collect_garbage()
 
