@@ -183,3 +183,53 @@ def test_waiting_for_parts_is_bounded_and_promotion_resumes_local_checkpoints(
     assert stats(follower)["parts_from_leader"] is False
     write_events(follower, 110, start=180, batch=110)  # over 100: checkpoints itself again
     wait_until(lambda: stats(follower)["parquet_encodes"] == 2, 30, "a checkpoint as leader")
+
+
+def test_a_follower_that_fell_back_converges_on_the_leaders_parts(
+    cluster: FailoverCluster,
+) -> None:
+    """What the sustained run showed, forced: the follower's memtable (budget 100 events)
+    passes its fallback threshold before each of the leader's parts comes, so it checkpoints
+    itself, at an lsn where the leader's part does not end. Each late part is held and put
+    in place of the follower's own parts once they span it, so after every round its layout
+    is the leader's, and the leader's merge of 16 of them is taken as it is: the follower
+    ends with the leader's very files (it encoded 34 parts on the way, all replaced)."""
+    leader = cluster.start_leader(args=PHYSICAL)  # checkpoints only when told
+    small = [*PHYSICAL, "--memtable-events-max", "100"]  # falls back at 150..300 events
+    follower = cluster.start_follower("f1", replication_address(leader), args=small)
+    start = 0
+    for round_ in range(17):
+        write_events(leader, 350, start=start, batch=350)  # past 300 %: falls back
+        start += 350
+        wait_until(
+            lambda r=round_: stats(follower)["parquet_encodes"] >= 2 * r + 1,
+            30,
+            "the follower checkpoints itself",
+        )
+        write_events(leader, 40, start=start, batch=40)
+        start += 40
+        wait_caught_up(leader, follower)
+        checkpoint(leader)  # its part ends 40 events past the follower's own
+        wait_until(
+            lambda: [f for f, _ in parts_of(follower)] == [f for f, _ in parts_of(leader)],
+            30,
+            "the follower's layout is the leader's again",
+        )
+    wait_until(lambda: stats(leader)["compactions"] >= 1, 60, "the leader merges 16 parts")
+    want = parts_of(leader)
+    assert len(want) == 2
+    wait_until(lambda: parts_of(follower) == want, 60, "the follower takes the leader's merge")
+    status = parts_status(follower)
+    assert status["skipped"] == 17 and status["refused"] == 0, status
+    assert status["realigned"] == 34 and status["held"] == 0, status
+    follower_stats = stats(follower)
+    assert follower_stats["parquet_encodes"] == 34  # its fallbacks; no merge of its own
+    assert follower_stats["compactions"] == 0
+    assert follower_stats["physical_late_parts"] == 17
+    assert assert_same_query_results(leader, follower) == start
+    # the leader's parts came late every time: it now waits up to 300 % of its budget
+    assert follower_stats["physical_fallback_percent"] == 300
+    write_events(leader, 250, start=start, batch=250)
+    wait_caught_up(leader, follower)
+    time.sleep(1.0)  # ten turns of its checkpointer: 250 events are over 150 % but under 300
+    assert stats(follower)["parquet_encodes"] == 34

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.test_part_adopt import adopt, all_events, ship_wal, staged_copy, write
+from tests.test_part_adopt import all_events, ship_wal, staged_copy, write
 from walship.limits import Limits
 from walship.position import Lsn
 from walship.replication.metrics import ReplicationMetrics
@@ -158,18 +158,22 @@ def test_a_held_part_is_verified_like_any_other(pair: tuple[Store, Store], tmp_p
     assert all_events(follower) == list(range(1, 31))
 
 
-def test_a_follower_merges_its_own_parts_but_waits_for_the_leaders_merges_of_its_parts(
-    pair: tuple[Store, Store], tmp_path: Path
+def test_a_follower_merges_its_own_parts_once_the_leaders_parts_cannot_replace_them(
+    pair: tuple[Store, Store], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Four parts installed from the leader are left to the leader's merge; four of the
-    follower's own (nothing held to realign them) are merged by its own compaction."""
+    """Four parts installed from the leader are left to the leader's merge, and four of the
+    follower's own wait while the leader's part over them may still come; once it came and
+    could not be held (none may be, here), the follower merges them with its own compaction,
+    as far as the store's policy goes."""
+    monkeypatch.setattr(realign, "HELD_PARTS_MAX", 0)
     leader, follower = pair
+    receiver = PartReceiver(follower, ReplicationMetrics(CollectorRegistry()))
     for k in range(4):
         write(leader, 10 * k, 10)
         ship_wal(leader, follower)
         part = leader.checkpoint()
         assert part is not None
-        adopt(leader, follower, part, staged_copy(leader, part, tmp_path / "in"))
+        assert receiver.install(incoming(leader, part, tmp_path / "in")) is True
     assert follower.compact() is None  # the leader's merge of them is on its way
     assert not follower._may_compact()
     for k in range(4, 8):
@@ -177,6 +181,12 @@ def test_a_follower_merges_its_own_parts_but_waits_for_the_leaders_merges_of_its
         ship_wal(leader, follower)
         assert follower.checkpoint() is not None  # fallbacks: its own
     assert follower._may_compact()
+    # the leader's part over them may still line up: nothing merged (nor by its thread)
+    assert follower.compact() is None and follower.compactions == 0
+    late = leader.checkpoint()  # 41..80, after the follower's own
+    assert late is not None
+    assert receiver.install(incoming(leader, late, tmp_path / "in")) is False
+    assert receiver.status()["held"] == 0 and follower.own_merges_through == 80
     while follower.compact() is not None:  # (or its compactor thread, woken by them)
         pass
     limits = follower.limits
@@ -187,7 +197,7 @@ def test_a_follower_merges_its_own_parts_but_waits_for_the_leaders_merges_of_its
         time.sleep(0.05)
     # the runs pick_run chose held parts of its own: merged here, until the policy is done
     assert follower.compactions >= 1
-    assert len(files(follower)) < 8
+    assert len(follower.manifest.parts) < 8
     parts = follower.manifest.parts
     assert pick_run(parts, limits.compaction_fanin_min, limits.compaction_events_max) is None
     assert all_events(follower) == list(range(1, 81))

@@ -212,6 +212,9 @@ class Store:
         self.parquet_encodes = 0
         self.parts_adopted = 0
         self.own_parts: set[str] = set()  # parts in the manifest this node encoded itself
+        # a physical follower merges its own parts only up to here: past it the leader's parts
+        # over them are still to come (storage/realign.py)
+        self.own_merges_through = 0
         # set while a leader ships its parts here: no local checkpoints or merges, until the
         # memtable outgrows ``physical_fallback_percent`` of its budget (``_due_for_checkpoint``)
         self.parts_from_leader = False
@@ -1411,7 +1414,9 @@ class Store:
             )
             if run is None or (
                 self.parts_from_leader
-                and not follower_may_merge(parts, run, self.own_parts, self.limits)
+                and not follower_may_merge(
+                    parts, run, self.own_parts, self.own_merges_through, self.limits
+                )
             ):
                 return None
             t0 = time.perf_counter()

@@ -413,6 +413,8 @@ class PartReceiver:
             return False
         finally:
             part.path.unlink(missing_ok=True)
+            if part.kind == "checkpoint":
+                self.held.came(part.info)
             self._realign()
         self.installed += 1
         self.metrics.parts_installed.inc()

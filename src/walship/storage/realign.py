@@ -70,6 +70,7 @@ class HeldParts:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.parts: list[HeldPart] = []
         self.realigned = 0  # this node's own parts replaced by held ones
+        self.leader_through = 0  # the last lsn the leader's checkpoint parts so far cover
         self.dropped = 0  # held parts let go unused
 
     def __repr__(self) -> str:
@@ -103,6 +104,7 @@ class HeldParts:
         self.parts.sort(key=lambda p: p.info.first_lsn)
         while len(self.parts) > HELD_PARTS_MAX:
             self._drop(self.parts[0])
+        self._publish()
         return True
 
     def realign(self) -> int:
@@ -123,6 +125,7 @@ class HeldParts:
                 continue
             done += len(run)
         self._drop_unusable()
+        self._publish()
         return done
 
     def _next_run(self) -> tuple[list[HeldPart], list[PartInfo]] | None:
@@ -226,10 +229,26 @@ class HeldParts:
             self.parts.remove(held)
         held.path.unlink(missing_ok=True)
         self.dropped += 1
+        self._publish()
+
+    def came(self, info: PartInfo) -> None:
+        """The leader's checkpoint part ``info`` arrived (installed, held or not)."""
+        self.leader_through = max(self.leader_through, info.last_lsn)
+        self._publish()
+
+    def _publish(self) -> None:
+        """Tell the store's compaction how far its own parts may be merged: not into the
+        range of a held part (it would take the boundaries the held part needs), nor past
+        the leader's parts received (the next may still line up with them)."""
+        through = self.leader_through
+        if self.parts:
+            through = min(through, self.parts[0].info.first_lsn - 1)
+        self.store.own_merges_through = through
 
     def close(self) -> None:
         """Let every held part go (the link ended)."""
         self.parts.clear()
+        self._publish()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -243,19 +262,28 @@ def _lsns(path: Path, info: PartInfo) -> np.ndarray:
 
 
 def follower_may_merge(
-    parts: Sequence[PartReader], run: tuple[int, int], own: set[str], limits: Limits
+    parts: Sequence[PartReader],
+    run: tuple[int, int],
+    own: set[str],
+    through: int,
+    limits: Limits,
 ) -> bool:
     """Whether a physical follower merges ``run`` (picked by ``compaction.pick_run``) itself
     instead of waiting for the leader's merge.
 
     Yes when the run holds a part of its own that no held part replaced: its layout left the
     leader's there, so the leader's merges of that range may never line up, and waiting for
-    them let the sustained run's followers pile up 306 parts. Yes too when it holds more
+    them let the sustained run's followers pile up 306 parts -- but not while the leader's
+    parts over it may still put it right: no part of its own in the run may end past
+    ``through`` (what the leader's parts received so far cover, short of any held part's
+    range; ``HeldParts.merges_through``). Yes too when it holds more
     parts not yet settled than the leader's policy ever leaves (``4 * compaction_fanin_min``,
     its cap): its layout left the leader's elsewhere. Else the leader's merge of the same run
     comes as a part, and encoding it here would be the work physical followers save.
     """
-    if any(p.info.file in own for p in parts[run[0] : run[1]]):
+    inputs = parts[run[0] : run[1]]
+    mine = [p for p in inputs if p.info.file in own]
+    if mine and all(p.info.last_lsn <= through for p in mine):
         return True
     unsettled = sum(1 for p in parts if 2 * p.info.events <= limits.compaction_events_max)
     return unsettled >= 4 * limits.compaction_fanin_min
