@@ -164,7 +164,9 @@ def main() -> None:
     ap.add_argument("--peer", choices=["postgres", "none"], help="(replication.py only)")
     ap.add_argument("--part-worker", action="store_true",
                     help="the HTTP servers write Parquet parts in a worker process")  # fmt: skip
-    ap.add_argument("--physical-followers", action="store_true", help="(replication.py only)")
+    ap.add_argument(
+        "--physical-followers", action=argparse.BooleanOptionalAction, help="(replication.py only)"
+    )
     args = ap.parse_args()
     if args.part_worker:
         os.environ["WALSHIP_PART_WORKER"] = "1"  # inherited by `walship serve` below

@@ -388,13 +388,14 @@ def main() -> None:
                     help="also measure PostgreSQL streaming replication (pg_peer.py)")  # fmt: skip
     ap.add_argument("--part-worker", action="store_true",
                     help="every node writes Parquet parts in a worker process")  # fmt: skip
-    ap.add_argument("--physical-followers", action="store_true",
-                    help="followers install the leader's parts (default off)")  # fmt: skip
+    ap.add_argument("--physical-followers", action=argparse.BooleanOptionalAction,
+                    default=None, help="followers install the leader's Parquet parts (the "
+                    "default; --no-physical-followers: each node encodes its own)")  # fmt: skip
     args = ap.parse_args()
     if args.part_worker:
         os.environ["WALSHIP_PART_WORKER"] = "1"  # inherited by every node started below
-    if args.physical_followers:
-        os.environ["WALSHIP_PHYSICAL_FOLLOWERS"] = "1"  # likewise
+    if args.physical_followers is not None:
+        os.environ["WALSHIP_PHYSICAL_FOLLOWERS"] = "1" if args.physical_followers else "0"
     lag_s, latency_count, single_s = 15.0, 2000, 10.0
     if args.quick:
         args.events, args.catchup_events = 20_000, 50_000
@@ -423,7 +424,7 @@ def main() -> None:
         results.update(found)
         results["peer"] = peer_ratios(results)
     results["part_worker"] = bool(os.environ.get("WALSHIP_PART_WORKER"))
-    results["physical_followers"] = os.environ.get("WALSHIP_PHYSICAL_FOLLOWERS", "0") not in (
+    results["physical_followers"] = os.environ.get("WALSHIP_PHYSICAL_FOLLOWERS", "1") not in (
         "0",
         "false",
     )

@@ -551,7 +551,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="the same as --quick")
     ap.add_argument("--peer", choices=["postgres", "none"], help="(replication.py only)")
     ap.add_argument("--part-worker", action="store_true", help="(ingest/replication only)")
-    ap.add_argument("--physical-followers", action="store_true", help="(replication only)")
+    ap.add_argument(
+        "--physical-followers", action=argparse.BooleanOptionalAction, help="(replication only)"
+    )
     args = ap.parse_args()
     args.quick = args.quick or args.tiny
     if args.quick:

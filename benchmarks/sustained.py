@@ -404,7 +404,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "ack_mode": "sync",
         "followers": 2,
         "part_worker": bool(os.environ.get("WALSHIP_PART_WORKER")),
-        "physical_followers": os.environ.get("WALSHIP_PHYSICAL_FOLLOWERS", "0")
+        "physical_followers": os.environ.get("WALSHIP_PHYSICAL_FOLLOWERS", "1")
         not in ("0", "false"),
     }
     cluster = Cluster(root, "sync", 2)
@@ -617,8 +617,9 @@ def main() -> None:
     ap.add_argument("--peer", choices=["postgres", "none"], help="(replication.py only)")
     ap.add_argument("--part-worker", action="store_true",
                     help="every node writes Parquet parts in a worker process")  # fmt: skip
-    ap.add_argument("--physical-followers", action="store_true",
-                    help="followers install the leader's parts (default off)")  # fmt: skip
+    ap.add_argument("--physical-followers", action=argparse.BooleanOptionalAction,
+                    default=None, help="followers install the leader's Parquet parts (the "
+                    "default; --no-physical-followers: each node encodes its own)")  # fmt: skip
     args = ap.parse_args()
     if args.quick:
         args.events = 1_000_000
@@ -628,8 +629,8 @@ def main() -> None:
         ap.error("--events must be at least three batches, --batch and --connections >= 1")
     if args.part_worker:
         os.environ["WALSHIP_PART_WORKER"] = "1"  # inherited by every node started below
-    if args.physical_followers:
-        os.environ["WALSHIP_PHYSICAL_FOLLOWERS"] = "1"  # likewise
+    if args.physical_followers is not None:
+        os.environ["WALSHIP_PHYSICAL_FOLLOWERS"] = "1" if args.physical_followers else "0"
     # the nodes name their threads (threadnames/sitecustomize.py) for CPU per thread
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(THREAD_NAMES), os.environ.get("PYTHONPATH", "")) if p

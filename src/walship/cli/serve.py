@@ -305,11 +305,10 @@ def serve_command(
             envvar="WALSHIP_PHYSICAL_FOLLOWERS",
             help="A leader ships its Parquet parts to followers, which install them verified "
             "instead of encoding their own (replication protocol v2; a follower of a leader "
-            "that does not speak it follows with v1 and checkpoints itself). Off by default: "
-            "under sustained load followers fall back to their own checkpoints and do not "
-            "merge them.",
+            "that does not speak it follows with v1 and checkpoints itself). On by default; "
+            "--no-physical-followers: every node encodes and merges its own parts.",
         ),
-    ] = False,
+    ] = True,
     tls_cert: Annotated[
         Path | None,
         typer.Option("--tls-cert", envvar="WALSHIP_TLS_CERT", help="TLS certificate (PEM)."),
@@ -811,7 +810,7 @@ def replication_config(
     serve_snapshots: bool = False,
     catch_up_from: str | None = None,
     max_replication_lag_ms: int = 0,
-    physical_followers: bool = False,
+    physical_followers: bool = True,
 ) -> ReplicationConfig:
     """Check the replication flags together; InvalidInput naming the first bad one."""
     from walship.replication.acks import AckMode

@@ -46,7 +46,7 @@ class ReplicationConfig:
     serve_snapshots: bool = False
     catch_up_from: str | None = None
     # ship Parquet parts to followers / install the leader's (replication/physical.py)
-    physical_followers: bool = False
+    physical_followers: bool = True
 
     def __post_init__(self) -> None:
         if self.on_ack_timeout not in ("degrade", "fail"):
