@@ -402,6 +402,7 @@ class PartReceiver:
                 store.fallback.part_in_time(fill)
             else:
                 adopt_merge(store, part.path, part.info, part.replaces, digest)
+                self.held.merged(part.info)
         except PartOverlaps:
             self._overlapping(part)
             return False

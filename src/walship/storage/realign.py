@@ -117,7 +117,8 @@ class HeldParts:
                 break
             run, own = found
             try:
-                self._swap(run, own)
+                if not self._swap(run, own):
+                    break  # its compaction merged some of them meanwhile: next time
             except PartRejected as exc:
                 log.warning("replication: not realigning with the leader's parts: %s", exc)
                 for held in run:
@@ -150,11 +151,12 @@ class HeldParts:
                     return held[i : j + 1], parts[start : end + 1]
         return None
 
-    def _swap(self, run: list[HeldPart], own: list[PartInfo]) -> None:
+    def _swap(self, run: list[HeldPart], own: list[PartInfo]) -> bool:
+        """Put ``run`` in place of ``own``, verified; False when ``own`` changed meanwhile."""
         store = self.store
         with store._compaction_lock:
-            if not set(p.file for p in own) <= {p.file for p in store.manifest.parts}:
-                return  # merged meanwhile: looked for again on the next call
+            if not {p.file for p in own} <= {p.file for p in store.manifest.parts}:
+                return False
             events = sum(p.events for p in own)
             if events != sum(h.info.events for h in run):
                 raise PartRejected(
@@ -205,6 +207,14 @@ class HeldParts:
             own[-1].last_lsn,
             len(run),
         )
+        return True
+
+    def merged(self, info: PartInfo) -> None:
+        """The leader's merge ``info`` went in: held parts in its range are not needed (put
+        in place of it they would undo it)."""
+        for held in list(self.parts):
+            if info.first_lsn <= held.info.first_lsn and held.info.last_lsn <= info.last_lsn:
+                self._drop(held)
 
     def _drop_unusable(self) -> None:
         """Let go of held parts that can no longer line up. Parts come from the leader in
