@@ -108,7 +108,7 @@ def test_adopted_parts_are_the_leaders_bytes_and_merges_swap_the_same_inputs(
     assert merged is None  # too few parts for the default fan-in: merge by hand below
     from walship.storage.compaction import merge_parts
 
-    merged, _ = merge_parts(leader.parts_dir, leader._parts, 1024)
+    merged, _ = merge_parts(leader.parts_dir, leader.core.parts, 1024)
     staged = staged_copy(leader, merged, tmp_path / "in")
     digest = hashlib.sha256(staged.read_bytes()).digest()
     # a merge of a range its parts do not end at is refused, and nothing changes
@@ -199,7 +199,7 @@ def test_a_merge_goes_in_for_the_followers_own_parts_when_they_span_its_range(
     assert [(p.first_lsn, p.last_lsn) for p in own] == [(1, 15), (16, 30)]
     from walship.storage.compaction import merge_parts
 
-    merged, _ = merge_parts(leader.parts_dir, leader._parts, 1024)
+    merged, _ = merge_parts(leader.parts_dir, leader.core.parts, 1024)
     staged = staged_copy(leader, merged, tmp_path / "in")
     digest = hashlib.sha256(staged.read_bytes()).digest()
     fewer = msgspec.structs.replace(merged, events=29)

@@ -436,12 +436,12 @@ def test_held_compaction_waits_for_the_release_or_the_parts_cap(tmp_path: Path) 
     for round_ in range(5):
         store.append(make_event(f"e{round_}"))
         store.checkpoint()
-    assert not store._may_compact()  # the compactor thread's own test: closed below the cap
+    assert not store.parts.may_compact()  # the compactor thread's own test: closed below the cap
     assert (len(store.manifest.parts), store.compactions) == (5, 0)
     store.append(make_event("e5"))
     store.checkpoint()  # the 6th part reaches the cap: merging starts while still held ...
     assert _wait_for(lambda: len(store.manifest.parts) == 5)
-    assert not store._may_compact()
+    assert not store.parts.may_compact()
     assert (len(store.manifest.parts), store.compactions) == (5, 1)  # ... and stops below it
     store.hold_compaction(False)  # caught up: every pair is merged
     assert _wait_for(lambda: [p.events for p in store.manifest.parts] == [2, 2, 2])

@@ -501,7 +501,7 @@ def test_a_rollback_does_not_deadlock_a_close_under_the_store_lock(
     in the writer, waiting for that lock to forget events, must not keep the close waiting."""
     store.append(make_event("acct-1"))
     disk.full = True
-    with store._lock:
+    with store.core.lock:
         pending = store.submit([make_event("acct-1")])
         time.sleep(0.1)  # the writer is rolling back, waiting for the store lock
         closer = threading.Thread(target=store.wal.close)
