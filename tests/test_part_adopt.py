@@ -23,7 +23,8 @@ from walship.storage.part_verify import PartRejected
 from walship.storage.query import QueryFilter
 from walship.store import Store, StoreConfig
 from walship.wal import FsyncPolicy
-from walship.wal.record import GENESIS_CHAIN, verify_run
+from walship.wal.frame import verify_frame
+from walship.wal.record import GENESIS_CHAIN
 
 
 def open_store(path: Path) -> Store:
@@ -47,7 +48,7 @@ def ship_wal(leader: Store, follower: Store) -> None:
     if not records:
         return
     chain = follower.wal.last_chain if end.lsn.value else GENESIS_CHAIN
-    run = verify_run(
+    frame = verify_frame(
         b"".join(r.raw for r in records),
         end.lsn.value,
         end.term.value,
@@ -55,7 +56,7 @@ def ship_wal(leader: Store, follower: Store) -> None:
         leader.wal.terms.current.value,
         1 << 20,
     )
-    follower.apply_run(run).result()
+    follower.apply_frame(frame).result()
 
 
 def staged_copy(leader: Store, info: PartInfo, where: Path, flip: bool = False) -> Path:

@@ -23,7 +23,7 @@ from walship.storage.parquet import SCHEMA
 from walship.storage.query import QueryFilter
 from walship.store import INSTALL_MARKER, Store, StoreConfig
 from walship.wal import FsyncPolicy
-from walship.wal.record import verify_run
+from walship.wal.frame import verify_frame
 
 
 def open_store(path: Path, **limits: int) -> Store:
@@ -309,8 +309,8 @@ def test_install_snapshot_replaces_state_and_continues_from_its_end(tmp_path: Pa
     assert follower.entity_version("junk") == 0
     assert follower.entity_version("e0") == 10
     shipped = b"".join(r.raw for r in leader.wal.read_from(31))
-    run = verify_run(shipped, 30, manifest.last_term, manifest.chain_bytes, 1, 1 << 20)
-    follower.apply_run(run).result()
+    frame = verify_frame(shipped, 30, manifest.last_term, manifest.chain_bytes, 1, 1 << 20)
+    follower.apply_frame(frame).result()
     assert all_events(follower) == all_events(leader)
     assert [r.raw for r in follower.wal.read_from(31)] == [r.raw for r in leader.wal.read_from(31)]
     follower.close()

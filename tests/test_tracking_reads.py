@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import make_event
 from tests.test_tracking import append, open_store, track
 from walship.storage.consumers import ConsumerPosition
-from walship.store import Store, StoreCore
+from walship.store import StoreCore
 
 
 def test_a_consumer_read_racing_writes_never_loses_the_consumer(

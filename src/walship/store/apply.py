@@ -20,7 +20,6 @@ from walship.storage.query import entity_key
 from walship.store.core import StoreCore
 from walship.wal.frame import VerifiedFrame
 from walship.wal.log import WriteOutcome
-from walship.wal.record import VerifiedRun
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +128,3 @@ class FollowerApply:
                 "forgot %d events after lsn %d (rolled back by a full disk)", len(removed), lsn
             )
         self.core.update_memtable_gauges()
-
-    def apply_run(self, run: VerifiedRun) -> Future[WriteOutcome]:
-        """Append records another node wrote (a follower) and index them; returns the write."""
-        records = run.records
-        with self.core.lock:
-            self.core.check_writable()
-            written = self.core.wal.written_lsn.value
-            fut = self.core.wal.append_run(run)
-            apply_bodies(self.core, [(r.lsn, r.term, r.body) for r in records], written)
-            if records:
-                self.core.metrics.appends.inc(len(records))
-                self.core.metrics.last_lsn.set(records[-1].lsn)
-        return fut

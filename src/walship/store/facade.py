@@ -53,7 +53,6 @@ from walship.store.writes import PendingAppend, WritePath
 from walship.wal import Wal
 from walship.wal.frame import VerifiedFrame
 from walship.wal.log import WriteOutcome
-from walship.wal.record import VerifiedRun
 from walship.wire import EntityState, Receipt
 
 log = logging.getLogger(__name__)
@@ -272,9 +271,6 @@ class Store:
     def apply_frame(self, frame: VerifiedFrame) -> Future[WriteOutcome]:
         """``FollowerApply.apply_frame``: a verified frame of the leader's records."""
         return self.follower.apply_frame(frame)
-
-    def apply_run(self, run: VerifiedRun) -> Future[WriteOutcome]:
-        return self.follower.apply_run(run)
 
     # ------------------------------------------------------------------ reading (``reads``)
 
