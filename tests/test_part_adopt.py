@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import make_event
 from walship.limits import Limits
+from walship.position import Lsn
 from walship.storage.adopt import adopt_checkpoint, adopt_merge
 from walship.storage.parquet import PartInfo
 from walship.storage.part_verify import PartRejected
@@ -147,7 +148,7 @@ def test_a_part_that_does_not_match_is_refused_and_nothing_changes(
     # the refused range, rebuilt from the follower's own memtable, lines up with the leader's
     write(leader, 10, 10)
     ship_wal(leader, follower)
-    assert follower.checkpoint_through(part.last_lsn) is not None
+    assert follower.checkpoint_through(Lsn(part.last_lsn)) is not None
     assert follower.manifest.last_lsn == part.last_lsn
     assert follower.stats()["memtable_events"] == 10
     nxt = leader.checkpoint()
@@ -174,7 +175,7 @@ def test_a_read_view_taken_before_an_install_still_sees_every_event(
     assert not view.parts and in_memory == list(range(1, 16))
     write(leader, 15, 5)
     ship_wal(leader, follower)
-    assert follower.checkpoint_through(17) is not None
+    assert follower.checkpoint_through(Lsn(17)) is not None
     assert sorted(ev.lsn for m in view.memtables for ev in m.events) == list(range(1, 16))
     assert all_events(follower) == list(range(1, 21))
 
@@ -194,8 +195,8 @@ def test_a_merge_goes_in_for_the_followers_own_parts_when_they_span_its_range(
         assert part is not None
         infos.append(part)
     ship_wal(leader, follower)
-    assert follower.checkpoint_through(15) is not None
-    assert follower.checkpoint_through(30) is not None
+    assert follower.checkpoint_through(Lsn(15)) is not None
+    assert follower.checkpoint_through(Lsn(30)) is not None
     own = follower.manifest.parts
     assert [(p.first_lsn, p.last_lsn) for p in own] == [(1, 15), (16, 30)]
     from walship.storage.compaction import merge_parts

@@ -93,11 +93,12 @@ class Checkpoints:
         """Why checkpoints fail now; None when the last one worked (or none has failed)."""
         return self.core.alarm.state(time.monotonic())
 
-    def checkpoint_through(self, lsn: int) -> PartInfo | None:
-        """Checkpoint exactly the events up to ``lsn`` (written here already): a physical
+    def checkpoint_through(self, upto: Lsn) -> PartInfo | None:
+        """Checkpoint exactly the events up to ``upto`` (written here already): a physical
         follower rebuilding from its own WAL the range of a leader's part it refused, so that
-        the next part lines up again, with the consumer table as of ``lsn`` (rebuilt from the
+        the next part lines up again, with the consumer table as of ``upto`` (rebuilt from the
         last checkpoint's and the WAL when consumers tracked after it)."""
+        lsn = upto.value
         with self.core.checkpoint_lock:
             if lsn <= self.core.manifest.last_lsn:
                 return None

@@ -314,16 +314,14 @@ class Store:
     def entity_version(self, entity_id: str, tenant_id: str = "default") -> int:
         return self.reads.entity_version(entity_id, tenant_id)
 
-    def term_at(self, lsn: int) -> int:
-        return self.reads.term_at(Lsn(lsn)).value
-
     # ------------------------------------------------------------------ parts
 
     def checkpoint(self) -> PartInfo | None:
         """``Checkpoints.checkpoint``: the memtable to a Parquet part now (None: nothing)."""
         return self.checkpoints.checkpoint()
 
-    def checkpoint_through(self, lsn: int) -> PartInfo | None:
+    def checkpoint_through(self, lsn: Lsn) -> PartInfo | None:
+        """``Checkpoints.checkpoint_through``: exactly the events up to ``lsn``."""
         return self.checkpoints.checkpoint_through(lsn)
 
     def remove_checkpointed_wal(self) -> list[Path]:
@@ -354,8 +352,9 @@ class Store:
     ) -> None:
         self.rewinds.install_snapshot(staged, manifest, terms)
 
-    def truncate_after(self, lsn: int) -> None:
-        self.rewinds.truncate_after(Lsn(lsn))
+    def truncate_after(self, lsn: Lsn) -> None:
+        """``Rewinds.truncate_after``: cut the log after ``lsn`` (divergence repair)."""
+        self.rewinds.truncate_after(lsn)
 
     def reset_to_empty(self) -> None:
         self.rewinds.reset_to_empty()
