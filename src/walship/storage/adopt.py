@@ -56,9 +56,9 @@ def adopt_checkpoint(
                 f"part {info.file} starts at lsn {info.first_lsn}, but this node's checkpoint "
                 f"ends at {m.last_lsn}"
             )
-        if last > store.wal.written_lsn.value:
+        if last > store.log.written_lsn.value:
             raise PartRejected(f"part {info.file} ends past this node's log at lsn {last}")
-        record = next(iter(store.wal.read_from(Lsn(last))), None)
+        record = next(iter(store.log.read_from(Lsn(last))), None)
         if record is None or record.term != last_term or record.chain != chain:
             raise PartRejected(
                 f"part {info.file}: the leader's record at lsn {last} (term {last_term}) is "
