@@ -124,7 +124,7 @@ def test_consumer_positions_survive_restart_checkpoint_compaction_and_wal_cut(
             if i % 10 == 9:
                 store.checkpoint()
         assert store.compact() is not None
-        store.remove_checkpointed_wal()
+        store.checkpoints.remove_checkpointed_wal()
         assert store.wal.first_lsn().value > 4  # the early tracking records are gone
         append(store, [], track(2))  # after the last checkpoint: in the WAL only
         want = {

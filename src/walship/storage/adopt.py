@@ -104,7 +104,7 @@ def adopt_checkpoint(
                 store.core.checkpoint_done.notify_all()
     store.write_amp.checkpointed(info)
     store.core.update_memtable_gauges()
-    store.remove_checkpointed_wal()
+    store.checkpoints.remove_checkpointed_wal()
 
 
 def adopt_merge(
@@ -144,7 +144,7 @@ def adopt_merge(
         path = store.parts_dir / info.file
         os.replace(staged, path)
         fsync_dir(store.parts_dir)
-        store.replace_parts({p.file for p in held}, info, PartReader(path, info))
+        store.parts.replace_parts({p.file for p in held}, info, PartReader(path, info))
         store.core.parts_adopted += 1
     store.parts.collect_garbage()
 

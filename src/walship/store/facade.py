@@ -37,7 +37,7 @@ from walship.storage.consumers import ConsumerPosition
 from walship.storage.cuts import LogCuts
 from walship.storage.entity_reads import EntityReader, ReadView
 from walship.storage.manifest import CheckpointManifest
-from walship.storage.parquet import PartInfo, PartReader
+from walship.storage.parquet import PartInfo
 from walship.storage.query import QueryFilter
 from walship.storage.write_amp import WriteAmplification
 from walship.store.apply import FollowerApply
@@ -261,9 +261,6 @@ class Store:
         """``WritePath.submit``: validate and queue without waiting for the disk."""
         return self.writes.submit(events, json_checked=json_checked, tracking=tracking)
 
-    def would_block(self) -> bool:
-        return self.writes.would_block()
-
     def append_system(self, event_type: str, payload: bytes) -> int:
         """``WritePath.append_system``: a record of walship's own; returns its lsn."""
         return self.writes.append_system(event_type, payload)
@@ -324,9 +321,6 @@ class Store:
         """``Checkpoints.checkpoint_through``: exactly the events up to ``lsn``."""
         return self.checkpoints.checkpoint_through(lsn)
 
-    def remove_checkpointed_wal(self) -> list[Path]:
-        return self.checkpoints.remove_checkpointed_wal()
-
     def compact(self) -> PartInfo | None:
         """``Parts.compact``: merge the next run of small parts (None: none to merge)."""
         return self.parts.compact()
@@ -336,11 +330,6 @@ class Store:
 
     def unpin_parts(self, names: Sequence[str]) -> None:
         self.parts.unpin_parts(names)
-
-    def replace_parts(
-        self, names: set[str], info: PartInfo, reader: PartReader
-    ) -> CheckpointManifest:
-        return self.parts.replace_parts(names, info, reader)
 
     def hold_compaction(self, held: bool) -> None:
         self.parts.hold_compaction(held)
