@@ -83,7 +83,7 @@ def test_a_follower_that_checkpointed_itself_takes_the_leaders_parts_in_place_of
         leader.parts_dir / first.file
     ).read_bytes()
     assert follower.parquet_encodes == 2  # its own two, both replaced
-    assert follower.own_parts == set()
+    assert follower.core.own_parts == set()
     status = receiver.status()
     assert (status["skipped"], status["refused"], status["held"], status["realigned"]) == (
         1,
@@ -91,7 +91,7 @@ def test_a_follower_that_checkpointed_itself_takes_the_leaders_parts_in_place_of
         0,
         2,
     )
-    assert follower.fallback.late_parts == 1
+    assert follower.core.fallback.late_parts == 1
     assert all_events(follower) == all_events(leader) == list(range(1, 31))
     # its own files went, nothing is left held
     assert sorted(p.name for p in follower.parts_dir.iterdir()) == [first.file]
@@ -175,18 +175,18 @@ def test_a_follower_merges_its_own_parts_once_the_leaders_parts_cannot_replace_t
         assert part is not None
         assert receiver.install(incoming(leader, part, tmp_path / "in")) is True
     assert follower.compact() is None  # the leader's merge of them is on its way
-    assert not follower._may_compact()
+    assert not follower.parts.may_compact()
     for k in range(4, 8):
         write(leader, 10 * k, 10)
         ship_wal(leader, follower)
         assert follower.checkpoint() is not None  # fallbacks: its own
-    assert follower._may_compact()
+    assert follower.parts.may_compact()
     # the leader's part over them may still line up: nothing merged (nor by its thread)
     assert follower.compact() is None and follower.compactions == 0
     late = leader.checkpoint()  # 41..80, after the follower's own
     assert late is not None
     assert receiver.install(incoming(leader, late, tmp_path / "in")) is False
-    assert receiver.status()["held"] == 0 and follower.own_merges_through == 80
+    assert receiver.status()["held"] == 0 and follower.core.own_merges_through == 80
     while follower.compact() is not None:  # (or its compactor thread, woken by them)
         pass
     limits = follower.limits

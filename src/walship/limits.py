@@ -78,7 +78,8 @@ class Limits:
     # a physical follower waits for the leader's parts until its memtable holds this percent
     # of the memtable budget (events, bytes or age), then checkpoints itself; it waits longer
     # when the leader's parts come later than that (storage/fallback.py), up to the max: the
-    # bound on its memory (a follower's applies never block on its memtable)
+    # bound on its memory (a follower's applies never block on its memtable, only a leader's
+    # appends do, at 200 %: store.writes.WritePath.throttle_locked)
     physical_fallback_percent: int = 150
     physical_fallback_percent_max: int = 300
     # an outside reader pinning the history retries while compactions replace the parts it

@@ -21,8 +21,11 @@ checkpoint part and each merged part it makes, byte for byte, on the replication
   refused and it keeps its own parts.
 
 While its leader ships parts, a follower neither checkpoints nor merges on its own
-(``Store.parts_from_leader``), unless its memtable outgrows ``physical_fallback_percent`` of
-the budget (parts stopped coming); after the link ends, or a promotion, it does both again.
+(``Store.parts_from_leader``), unless its memtable outgrows its fallback threshold
+(``storage/fallback.py``: 150 % of the budget up to 300 %, following how late the parts come);
+a leader's part that then comes over its own checkpoint is held and put in place of its own
+parts once they span it (``storage/realign.py``), and where its layout stays its own it
+merges its own parts. After the link ends, or a promotion, it checkpoints and merges again.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Final
 import msgspec
 
 from walship.errors import ProtocolError
+from walship.position import Lsn
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import Message, PartChunk, PartEnd, PartStart
 from walship.replication.staging import checked_child
@@ -389,7 +393,7 @@ class PartReceiver:
             digest = part.hasher.digest()
             if part.kind == "checkpoint":
                 # how full the memtable got waiting for it: the fallback threshold follows
-                fill = store.memtable_fill_percent()
+                fill = store.checkpoints.memtable_fill_percent()
                 adopt_checkpoint(
                     store,
                     part.path,
@@ -399,7 +403,7 @@ class PartReceiver:
                     part.consumers,
                     digest,
                 )
-                store.fallback.part_in_time(fill)
+                store.core.fallback.part_in_time(fill)
             else:
                 adopt_merge(store, part.path, part.info, part.replaces, digest)
                 self.held.merged(part.info)
@@ -410,7 +414,7 @@ class PartReceiver:
             self._refused(exc)
             if part.kind == "checkpoint":
                 # rebuilt from this node's own WAL: its memtable holds that range
-                store.checkpoint_through(part.info.last_lsn)
+                store.checkpoint_through(Lsn(part.info.last_lsn))
             return False
         finally:
             part.path.unlink(missing_ok=True)
@@ -433,7 +437,7 @@ class PartReceiver:
         if checkpointed > self._late_through:
             # this node checkpointed past the leader's cut before the part came: wait longer
             # next time (once per checkpoint of its own; the next part overlaps it too)
-            store.fallback.part_late()
+            store.core.fallback.part_late()
             self._late_through = checkpointed
         try:
             held = self.held.hold(
@@ -450,7 +454,7 @@ class PartReceiver:
             "held until its own parts line up with it" if held else "kept its own",
         )
         if part.info.last_lsn > checkpointed:
-            store.checkpoint_through(part.info.last_lsn)
+            store.checkpoint_through(Lsn(part.info.last_lsn))
 
     def _realign(self) -> None:
         if not self.held.parts:

@@ -83,13 +83,13 @@ class HeldParts:
         when this node's WAL no longer holds the record at its last lsn to check it by.
         PartRejected when a check fails."""
         verify_part_file(staged, info, digest=digest)
-        wal = self.store.wal
+        log_ = self.store.log
         last = info.last_lsn
-        if last > wal.written_lsn.value:
+        if last > log_.written_lsn.value:
             raise PartRejected(f"part {info.file} ends past this node's log at lsn {last}")
-        if wal.first_lsn().value > last:
+        if log_.first_lsn().value > last:
             return False
-        record = next(iter(wal.read_from(Lsn(last))), None)
+        record = next(iter(log_.read_from(Lsn(last))), None)
         if record is None:
             return False
         if record.term != last_term or record.chain != chain:
@@ -154,8 +154,9 @@ class HeldParts:
     def _swap(self, run: list[HeldPart], own: list[PartInfo]) -> bool:
         """Put ``run`` in place of ``own``, verified; False when ``own`` changed meanwhile."""
         store = self.store
-        with store._compaction_lock:
-            if not {p.file for p in own} <= {p.file for p in store.manifest.parts}:
+        core = store.core
+        with core.compaction_lock:
+            if not {p.file for p in own} <= {p.file for p in core.manifest.parts}:
                 return False
             events = sum(p.events for p in own)
             if events != sum(h.info.events for h in run):
@@ -164,8 +165,8 @@ class HeldParts:
                     f"{sum(h.info.events for h in run)} events, but this node holds {events} "
                     "there"
                 )
-            with store._lock:
-                readers = {r.info.file: r for r in store._parts}
+            with core.lock:
+                readers = {r.info.file: r for r in core.parts}
             own_readers = [readers[p.file] for p in own]
             lsns = np.sort(np.concatenate([_lsns(r.path, r.info) for r in own_readers]))
             ids = np.sort(np.concatenate([r.id_hashes() for r in own_readers]))
@@ -193,9 +194,9 @@ class HeldParts:
                 moved.set_id_hashes(reader.id_hashes())
                 placed.append((info, moved))
             fsync_dir(store.parts_dir)
-            store.replace_parts({p.file for p in own}, placed)
-            store.parts_adopted += len(run)
-        store._collect_garbage()
+            store.parts.replace_parts({p.file for p in own}, placed)
+            core.parts_adopted += len(run)
+        store.parts.collect_garbage()
         for held in run:
             self.parts.remove(held)
         self.realigned += len(own)
@@ -253,7 +254,7 @@ class HeldParts:
         through = self.leader_through
         if self.parts:
             through = min(through, self.parts[0].info.first_lsn - 1)
-        self.store.own_merges_through = through
+        self.store.core.own_merges_through = through
 
     def close(self) -> None:
         """Let every held part go (the link ended)."""
