@@ -611,7 +611,7 @@ class Follower:
         if welcome.offers_parts:
             self.parts = PartReceiver(self.store, self.metrics)
         # the leader's parts instead of its own; kept across a reconnect (the leader queues
-        # what it makes meanwhile), bounded by physical_fallback_percent of its memtable
+        # what it makes meanwhile), bounded by its fallback threshold (storage/fallback.py)
         self.store.parts_from_leader = welcome.offers_parts
         if welcome.ack_settings and self._on_settings is not None:
             try:

@@ -100,7 +100,7 @@ class StoreCore:
         self.parquet_encodes = 0
         self.parts_adopted = 0
         # set while a leader ships its parts here: no local checkpoints or merges, until the
-        # memtable outgrows ``physical_fallback_percent`` of its budget (``due_for_checkpoint``)
+        # memtable outgrows its fallback threshold (``fallback``; ``Checkpoints.due``)
         self.parts_from_leader = False
         self.fallback = FallbackThreshold(self.limits)  # how long it waits for them
         self.own_parts: set[str] = set()  # parts in the manifest this node encoded itself

@@ -213,8 +213,8 @@ class Store:
 
     @property
     def parts_from_leader(self) -> bool:
-        """True while a leader ships its parts here (no local checkpoints or merges until the
-        memtable outgrows ``physical_fallback_percent`` of its budget)."""
+        """True while a leader ships its parts here (no local checkpoints until the memtable
+        outgrows its fallback threshold, and merges only of runs with parts of its own)."""
         return self.core.parts_from_leader
 
     @parts_from_leader.setter
