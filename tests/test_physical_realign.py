@@ -255,3 +255,36 @@ def test_held_parts_are_bounded_and_go_with_the_link(
     assert all_events(follower) == list(range(1, 21))
     receiver.close()
     assert not receiver.held.directory.exists()
+
+
+def test_a_follower_keeps_the_wal_a_late_part_is_checked_against(tmp_path: Path) -> None:
+    """The follower's own checkpoint would remove the WAL segment holding the record at the
+    late part's last lsn (small segments here), and without that record the part could not
+    be verified and held. A physical follower keeps its WAL past the leader's parts received,
+    so both late parts are held and replace its own part."""
+    limits = Limits(
+        memtable_events_max=10**6, checkpoint_interval_ms=10**9, segment_bytes_max=64 << 10
+    )
+    config = {"fsync": FsyncPolicy.parse("never"), "limits": limits}
+    with (
+        Store.open(StoreConfig(tmp_path / "leader", **config)) as leader,  # type: ignore[arg-type]
+        Store.open(StoreConfig(tmp_path / "follower", **config)) as follower,  # type: ignore[arg-type]
+    ):
+        leader.set_retention_floor(lambda: 1)  # its WAL gives the test the chain at each lsn
+        follower.parts_from_leader = True
+        receiver = PartReceiver(follower, ReplicationMetrics(CollectorRegistry()))
+        write(leader, 0, 20)
+        a = leader.checkpoint()  # 1..20
+        for k in range(10):
+            write(leader, 20 + 100 * k, 100)
+        ship_wal(leader, follower)
+        assert follower.checkpoint() is not None  # its own: 1..1020
+        b = leader.checkpoint()  # 21..1020
+        assert a is not None and b is not None
+        assert follower.wal.first_lsn().value <= a.last_lsn  # kept for the late part
+        assert receiver.install(incoming(leader, a, tmp_path / "in")) is False
+        assert receiver.status()["held"] == 1
+        assert receiver.install(incoming(leader, b, tmp_path / "in")) is False
+        assert files(follower) == files(leader) == [a.file, b.file]
+        assert follower.stats()["parquet_events"] == 1020 and all_events(follower)[0] == 1
+        receiver.close()

@@ -71,7 +71,11 @@ class HeldParts:
         self.parts: list[HeldPart] = []
         self.realigned = 0  # this node's own parts replaced by held ones
         self.leader_through = 0  # the last lsn the leader's checkpoint parts so far cover
+        # this node's WAL is kept past that (store/checkpoints.py), but not before what it had
+        # checkpointed when the link began
+        self.checkpointed_at_start = store.manifest.last_lsn
         self.dropped = 0  # held parts let go unused
+        self._publish()
 
     def __repr__(self) -> str:
         return f"<HeldParts {len(self.parts)} held, {self.realigned} realigned>"
@@ -255,6 +259,7 @@ class HeldParts:
         if self.parts:
             through = min(through, self.parts[0].info.first_lsn - 1)
         self.store.core.own_merges_through = through
+        self.store.core.leader_parts_through = max(self.leader_through, self.checkpointed_at_start)
 
     def close(self) -> None:
         """Let every held part go (the link ended)."""

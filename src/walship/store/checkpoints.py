@@ -211,6 +211,11 @@ class Checkpoints:
         floor = self.core.retention_floor()
         if floor is not None:
             upto = min(upto, floor - 1)
+        if self.core.parts_from_leader:
+            # a physical follower keeps the records the leader's parts still to come end at:
+            # one that comes after its own checkpoint is checked against them before it is
+            # held (storage/realign.py); without them it could not be, and was not
+            upto = min(upto, self.core.leader_parts_through)
         return self.core.wal.remove_segments_through(Lsn(max(upto, 0)))
 
     def memtable_fill_percent(self) -> float:

@@ -107,6 +107,8 @@ class StoreCore:
         # a physical follower merges its own parts only up to here: past it the leader's parts
         # over them are still to come (storage/realign.py)
         self.own_merges_through = 0
+        # and keeps its WAL past here, where the leader's parts received so far end
+        self.leader_parts_through = 0
         # called after each local checkpoint or merge is in the manifest, from the thread
         # that made it (a leader ships it on)
         self.on_part: PartHook | None = None
