@@ -79,6 +79,7 @@ from walship.storage.consumers import (
 )
 from walship.storage.cuts import LogCuts
 from walship.storage.entity_reads import EntityReader, ReadView
+from walship.storage.id_index import IdIndexFiles
 from walship.storage.manifest import (
     INSTALL_MARKER,
     CheckpointManifest,
@@ -178,6 +179,7 @@ class Store:
         self.wal_dir = config.data_dir / "wal"
         self.checkpoint_dir = config.data_dir / "checkpoints"
         self.parts_dir = self.checkpoint_dir / "parts"
+        self.id_index = IdIndexFiles(self.checkpoint_dir / "ids")  # parts' id hashes, mapped
         self._lock = threading.RLock()
         self._checkpoint_done = threading.Condition(self._lock)
         self._applied = threading.Condition(threading.Lock())
@@ -301,8 +303,11 @@ class Store:
                 # written by a checkpoint or compaction that crashed before its manifest swap,
                 # or replaced by a compaction that crashed before deleting it
                 orphan.unlink()
+        self.id_index.sweep(referenced)
         sweep_stale_pins(self.data_dir)
-        self._parts = [PartReader(self.parts_dir / p.file, p) for p in self._manifest.parts]
+        self._parts = [
+            PartReader(self.parts_dir / p.file, p, self.id_index) for p in self._manifest.parts
+        ]
         self._positions = TenantPositions(self.limits.tenant_position_index_stride)
         for part in self._parts:
             self._recover_positions(part)
@@ -1354,7 +1359,7 @@ class Store:
             else:
                 part = write_part(self.parts_dir, events, first, upto.lsn.value, rows)
             self.parquet_encodes += 1
-            reader = PartReader(self.parts_dir / part.file, part)
+            reader = PartReader(self.parts_dir / part.file, part, self.id_index)
             arr = id_hashes([ev.id for ev in events])
             arr.sort()
             reader.set_id_hashes(arr)
@@ -1412,7 +1417,7 @@ class Store:
             else:
                 info, hashes = merge_parts(self.parts_dir, inputs, rows)
             self.parquet_encodes += 1
-            reader = PartReader(self.parts_dir / info.file, info)
+            reader = PartReader(self.parts_dir / info.file, info, self.id_index)
             reader.set_id_hashes(hashes)
             manifest = self.replace_parts({p.info.file for p in inputs}, info, reader)
             self.compactions += 1
@@ -1487,6 +1492,7 @@ class Store:
             self._garbage.difference_update(doomed)
         for name in doomed:
             (self.parts_dir / name).unlink(missing_ok=True)
+        self.id_index.remove(doomed)
         if doomed:
             fsync_dir(self.parts_dir)
 

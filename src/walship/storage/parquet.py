@@ -23,6 +23,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
@@ -36,6 +37,9 @@ from walship.events import StoredEvent
 from walship.fsutil import fsync_dir
 from walship.storage.lsn_spill import SPILLS_KEPT, LsnSpill, Recent
 from walship.storage.query import QueryFilter, entity_key
+
+if TYPE_CHECKING:
+    from walship.storage.id_index import IdIndexFiles
 
 log = logging.getLogger(__name__)
 
@@ -360,9 +364,11 @@ class PartReader:
     replaced readable for the queries that still hold it.
     """
 
-    def __init__(self, path: Path, info: PartInfo) -> None:
+    def __init__(self, path: Path, info: PartInfo, id_index: IdIndexFiles | None = None) -> None:
         self.path = path
         self.info = info
+        # where the id hashes live, memory-mapped (storage.id_index); None: in the heap
+        self._id_index = id_index
         try:
             self._source = pa.OSFile(str(path))
             self._metadata = pq.ParquetFile(self._source).metadata
@@ -584,6 +590,8 @@ class PartReader:
 
     def id_hashes(self) -> np.ndarray:
         """Sorted 64-bit id keys of this part (loaded once, 8 bytes per event)."""
+        if self._id_hashes is None and self._id_index is not None:
+            self._id_hashes = self._id_index.load(self.info)
         if self._id_hashes is None:
             with self._open() as file:
                 column = file.read(columns=["id"]).column("id").combine_chunks()
@@ -592,11 +600,14 @@ class PartReader:
                 ids = column.to_pylist()
                 arr = np.fromiter((id_hash(uuid.UUID(s).bytes) for s in ids), np.int64, len(ids))
             arr.sort()
-            self._id_hashes = arr
+            self.set_id_hashes(arr)
+            assert self._id_hashes is not None
         return self._id_hashes
 
     def set_id_hashes(self, arr: np.ndarray) -> None:
-        self._id_hashes = arr
+        """The part's sorted id hashes, known already (its writer had the ids): kept mapped from
+        the id index file when the reader has one, else in memory."""
+        self._id_hashes = arr if self._id_index is None else self._id_index.write(self.info, arr)
 
     def find_id(self, event_id: bytes) -> StoredEvent | None:
         """The stored event with this id, or None; the hash index avoids most reads."""
