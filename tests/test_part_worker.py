@@ -85,6 +85,10 @@ def test_the_worker_process_writes_the_merged_part(store: Store) -> None:
     pid = worker.pid()
     assert pid != os.getpid()
     assert os.getpriority(os.PRIO_PROCESS, pid) > os.getpriority(os.PRIO_PROCESS, 0)
+    # checkpoints have a worker of their own, at the node's priority (see the test below)
+    checkpointer = worker.pid("checkpoint")
+    assert checkpointer not in (pid, os.getpid())
+    assert os.getpriority(os.PRIO_PROCESS, checkpointer) == os.getpriority(os.PRIO_PROCESS, 0)
     merged = store.compact()
     assert merged is not None and merged.events == 120
     assert [p.file for p in store.manifest.parts] == [merged.file]
@@ -116,12 +120,14 @@ def test_a_killed_worker_fails_one_merge_and_the_next_runs_in_a_new_one(store: S
     assert _files(store) == {merged.file}
 
 
-def _kill_while_it_writes(store: Store, action: Callable[[], object]) -> BaseException:
-    """Run ``action`` in a thread, SIGKILL the worker once a ``.tmp`` part appears, and return
-    what ``action`` raised."""
+def _kill_while_it_writes(
+    store: Store, action: Callable[[], object], lane: str = "merge"
+) -> BaseException:
+    """Run ``action`` in a thread, SIGKILL the ``lane`` worker once a ``.tmp`` part appears,
+    and return what ``action`` raised."""
     worker = store._part_worker
     assert worker is not None
-    pid = worker.pid()
+    pid = worker.pid(lane)
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -167,7 +173,7 @@ def test_a_worker_killed_while_it_checkpoints_keeps_the_events_in_memory(store: 
             [make_event(f"e{i % 7}", payload={"b": b, "i": i}) for i in range(4_000)]
         )
     before, manifest, files = _answers(store), store.manifest, _files(store)
-    assert isinstance(_kill_while_it_writes(store, store.checkpoint), StorageError)
+    assert isinstance(_kill_while_it_writes(store, store.checkpoint, "checkpoint"), StorageError)
     assert store.manifest == manifest
     assert _files(store) == files
     assert store.stats()["memtable_events"] == 12_000
