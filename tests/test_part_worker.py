@@ -19,6 +19,7 @@ import msgspec
 import pytest
 
 from tests.conftest import make_event
+from tests.test_storage_faults import small_disk  # noqa: F401  (the fixture: an 8 MiB tmpfs)
 from walship.errors import IdConflict, StorageError
 from walship.limits import Limits
 from walship.storage.query import QueryFilter
@@ -214,3 +215,54 @@ def test_the_worker_exits_when_its_node_is_killed(tmp_path: Path) -> None:
         time.sleep(0.05)
     os.kill(worker, signal.SIGKILL)
     pytest.fail("the Parquet worker outlived its node by 30 s")
+
+
+@pytest.mark.parametrize("part_worker", [False, True], ids=["in-process", "worker"])
+def test_a_checkpoint_on_a_full_disk_keeps_its_events_and_leaves_no_file(
+    small_disk: Path,  # noqa: F811  (the fixture imported above)
+    part_worker: bool,
+) -> None:
+    """A full disk fails a checkpoint written by the worker as it fails one written by the
+    node itself: the error reaches the caller and ``checkpoint_failure``, the events stay in
+    the memtable (every answer unchanged), nothing is left in the parts directory to hold
+    the space (the worker's half-written file is removed), and the checkpoint is written
+    once space is back."""
+    store = Store.open(
+        StoreConfig(
+            small_disk / "data",
+            fsync=FsyncPolicy.parse("never"),
+            limits=Limits(segment_bytes_max=1 << 20),
+            checkpoints=False,
+            part_worker=part_worker,
+        )
+    )
+    filler = small_disk / "filler"
+    try:
+        for _ in range(3):  # ~2.5 MB of WAL, hardly compressible
+            store.append_batch(
+                [make_event(f"e{i % 7}", payload={"r": os.urandom(400).hex()}) for i in range(1000)]
+            )
+        before, manifest, files = _answers(store), store.manifest, _files(store)
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # the rest of the disk
+        try:
+            while os.write(fd, b"\x01" * (16 << 10)):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        with pytest.raises(OSError, match="No space left"):
+            store.checkpoint()
+        failure = store.checkpoint_failure
+        assert failure is not None and "No space left" in failure.error
+        assert store.manifest == manifest
+        assert _files(store) == files  # nothing half-written holds the space
+        assert store.stats()["memtable_events"] == 3000
+        assert _answers(store) == before
+        filler.unlink()
+        part = store.checkpoint()
+        assert part is not None and part.events == 3000
+        assert store.checkpoint_failure is None
+        assert _answers(store) == before
+    finally:
+        store.close()

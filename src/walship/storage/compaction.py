@@ -28,6 +28,7 @@ from walship.storage.parquet import (
     _sha256,
     conform,
     part_name,
+    removed_on_error,
 )
 
 # Rows a merge gathers per step, in uncompressed bytes: one ``take`` over every input's rows
@@ -143,46 +144,47 @@ def write_merged(directory: Path, readers: list[PartReader], row_group_rows: int
     min_ts: int | None = None
     max_ts: int | None = None
     step = gather_rows(sources, row_group_rows)
-    with pq.ParquetWriter(
-        tmp, SCHEMA, compression="zstd", use_dictionary=DICTIONARY_COLUMNS
-    ) as writer:
-        for start in range(0, total, step):
-            end = min(start + step, total)
-            chunk_src = srcs[start:end]
-            chunk_rows = rows[start:end]
-            # each input's rows in this step are ascending and contiguous in that input (its
-            # rows and the merged order are both sorted by key then lsn): one window of its
-            # row groups each, then one take over all the windows restores the merged order
-            windows = []
-            index = np.empty(end - start, dtype=np.int64)
-            base = 0
-            for i in np.unique(chunk_src):
-                mask = chunk_src == i
-                wanted = chunk_rows[mask]
-                window, offset = sources[int(i)].window(int(wanted[0]), int(wanted[-1]))
-                index[mask] = wanted - offset + base
-                base += window.num_rows
-                windows.append(window)
-            gathered = pa.concat_tables(windows) if len(windows) > 1 else windows[0]
-            table = gathered.take(pa.array(index))
-            del windows, gathered
-            writer.write_table(table, row_group_size=row_group_rows)
-            for g in range(start, end, row_group_rows):
-                g_end = min(g + row_group_rows, end)
-                groups.append(
-                    (
-                        str(dictionary[int(sorted_ranks[g])].as_py()),
-                        str(dictionary[int(sorted_ranks[g_end - 1])].as_py()),
+    with removed_on_error(tmp):
+        with pq.ParquetWriter(
+            tmp, SCHEMA, compression="zstd", use_dictionary=DICTIONARY_COLUMNS
+        ) as writer:
+            for start in range(0, total, step):
+                end = min(start + step, total)
+                chunk_src = srcs[start:end]
+                chunk_rows = rows[start:end]
+                # each input's rows in this step are ascending and contiguous in that input (its
+                # rows and the merged order are both sorted by key then lsn): one window of its
+                # row groups each, then one take over all the windows restores the merged order
+                windows = []
+                index = np.empty(end - start, dtype=np.int64)
+                base = 0
+                for i in np.unique(chunk_src):
+                    mask = chunk_src == i
+                    wanted = chunk_rows[mask]
+                    window, offset = sources[int(i)].window(int(wanted[0]), int(wanted[-1]))
+                    index[mask] = wanted - offset + base
+                    base += window.num_rows
+                    windows.append(window)
+                gathered = pa.concat_tables(windows) if len(windows) > 1 else windows[0]
+                table = gathered.take(pa.array(index))
+                del windows, gathered
+                writer.write_table(table, row_group_size=row_group_rows)
+                for g in range(start, end, row_group_rows):
+                    g_end = min(g + row_group_rows, end)
+                    groups.append(
+                        (
+                            str(dictionary[int(sorted_ranks[g])].as_py()),
+                            str(dictionary[int(sorted_ranks[g_end - 1])].as_py()),
+                        )
                     )
-                )
-            ts = table.column("timestamp").cast(pa.int64())
-            lo, hi = pc.min(ts).as_py(), pc.max(ts).as_py()
-            min_ts = lo if min_ts is None else min(min_ts, lo)
-            max_ts = hi if max_ts is None else max(max_ts, hi)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    digest = _sha256(tmp)
-    os.replace(tmp, path)
+                ts = table.column("timestamp").cast(pa.int64())
+                lo, hi = pc.min(ts).as_py(), pc.max(ts).as_py()
+                min_ts = lo if min_ts is None else min(min_ts, lo)
+                max_ts = hi if max_ts is None else max(max_ts, hi)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        os.replace(tmp, path)
     fsync_dir(directory)
     return PartInfo(
         file=name,

@@ -3,9 +3,9 @@ memory-mapped instead of held in the node's heap.
 
 The store answers "is this event id stored already?" (idempotent appends) from every part's
 sorted id hashes, 8 bytes an event. Held in memory they grew with the history without bound
-(80 MB a node at 10,000,000 events, most of the leader's RSS growth by window in the
-sustained benchmark besides the allocator's), against "memory stays bounded however many
-events are stored" (DESIGN section 3). Written once here when a part is made and mapped
+(80 MB a node at 10,000,000 events: a third of the leader's RSS growth by window in the
+sustained benchmark), against "memory stays bounded however many events are stored" (DESIGN
+section 3). Written once here when a part is made and mapped
 read-only, they cost the process only the pages a lookup touches (a binary search: ~20 per
 part), which the kernel can drop again like any clean file page; a node whose clients never
 send ids touches none.

@@ -14,6 +14,7 @@ current schema (no binary payloads), and DuckDB reads a mix with ``union_by_name
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -21,7 +22,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -233,6 +234,18 @@ def _table(events: list[StoredEvent]) -> pa.Table:
     )
 
 
+@contextlib.contextmanager
+def removed_on_error(tmp: Path) -> Iterator[Path]:
+    """``tmp``, deleted when the block raises: a part half-written on a full disk would hold
+    the space the retry needs until the next start removed it."""
+    try:
+        yield tmp
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def write_part(
     directory: Path, events: list[StoredEvent], first: int, last: int, row_group_rows: int
 ) -> PartInfo:
@@ -263,19 +276,20 @@ def write_part(
     name = part_name(first, last)
     path = directory / name
     tmp = directory / (name + ".tmp")
-    pq.write_table(
-        table,
-        tmp,
-        row_group_size=row_group_rows,
-        compression="zstd",
-        # only columns that repeat gain from a dictionary; for ids and payloads it is work
-        # thrown away when the dictionary overflows
-        use_dictionary=DICTIONARY_COLUMNS,
-    )
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    digest = _sha256(tmp)
-    os.replace(tmp, path)
+    with removed_on_error(tmp):
+        pq.write_table(
+            table,
+            tmp,
+            row_group_size=row_group_rows,
+            compression="zstd",
+            # only columns that repeat gain from a dictionary; for ids and payloads it is work
+            # thrown away when the dictionary overflows
+            use_dictionary=DICTIONARY_COLUMNS,
+        )
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        os.replace(tmp, path)
     fsync_dir(directory)
     tenants = table.column("tenant_id")
     entities = table.column("entity_id")
