@@ -58,17 +58,17 @@ def _stored_once(store: Store, ids: list[uuid.UUID]) -> None:
 
 def test_checkpoint_and_merge_indexes_are_mapped_files_not_heap(store: Store) -> None:
     ids = _fill(store, 2, 40)
-    for reader in store._parts:
+    for reader in store.core.parts:
         hashes = reader.id_hashes()
         assert isinstance(hashes, np.memmap), type(hashes)  # in the page cache, not the heap
-        assert store.id_index.path(reader.info.file).exists()
+        assert store.core.id_index.path(reader.info.file).exists()
     merged = store.compact()
     assert merged is not None and merged.events == 80
-    (reader,) = store._parts
+    (reader,) = store.core.parts
     assert isinstance(reader.id_hashes(), np.memmap)
     assert len(reader.id_hashes()) == 80
     # the merged-away parts' index files went with them
-    assert sorted(p.name for p in store.id_index.directory.iterdir()) == [merged.file + ".ids"]
+    assert sorted(p.name for p in store.core.id_index.directory.iterdir()) == [merged.file + ".ids"]
     _stored_once(store, ids)
 
 
@@ -77,7 +77,7 @@ def test_index_files_are_read_after_a_restart_and_rebuilt_when_they_do_not_match
 ) -> None:
     store = _open(tmp_path / "data")
     ids = _fill(store, 2, 30)
-    parts = [p.info for p in store._parts]
+    parts = [p.info for p in store.core.parts]
     store.close()
     index = tmp_path / "data" / "checkpoints" / "ids"
     first, second = (index / (p.file + ".ids") for p in parts)
@@ -93,7 +93,7 @@ def test_index_files_are_read_after_a_restart_and_rebuilt_when_they_do_not_match
     try:
         assert sorted(p.name for p in index.iterdir()) == sorted([first.name, second.name])
         _stored_once(store, ids)  # the bad files were not believed
-        for reader in store._parts:
+        for reader in store.core.parts:
             assert isinstance(reader.id_hashes(), np.memmap)
         assert first.read_bytes() != bytes(raw)  # written again from the part's id column
     finally:
@@ -105,11 +105,11 @@ def test_a_store_whose_index_cannot_be_written_keeps_it_in_memory(tmp_path: Path
     full disk would fail it) costs memory, never a checkpoint or an idempotent answer."""
     store = _open(tmp_path / "data")
     try:
-        assert not store.id_index.directory.exists()  # made by the first index written
-        store.id_index.directory.write_bytes(b"in the way")
+        assert not store.core.id_index.directory.exists()  # made by the first index written
+        store.core.id_index.directory.write_bytes(b"in the way")
         ids = _fill(store, 2, 20)
         assert store.checkpoints_taken == 2
-        for reader in store._parts:
+        for reader in store.core.parts:
             hashes = reader.id_hashes()
             assert not isinstance(hashes, np.memmap) and len(hashes) == 20
         _stored_once(store, ids)

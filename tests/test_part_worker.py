@@ -81,7 +81,7 @@ def _kill(pid: int) -> None:
 def test_the_worker_process_writes_the_merged_part(store: Store) -> None:
     _parts(store, 3, 40)
     before = _answers(store)
-    worker = store._part_worker
+    worker = store.core.part_worker
     assert worker is not None
     pid = worker.pid()
     assert pid != os.getpid()
@@ -105,7 +105,7 @@ def test_the_worker_process_writes_the_merged_part(store: Store) -> None:
 def test_a_killed_worker_fails_one_merge_and_the_next_runs_in_a_new_one(store: Store) -> None:
     _parts(store, 3, 40)
     before, manifest, files = _answers(store), store.manifest, _files(store)
-    worker = store._part_worker
+    worker = store.core.part_worker
     assert worker is not None
     first = worker.pid()
     _kill(first)
@@ -126,7 +126,7 @@ def _kill_while_it_writes(
 ) -> BaseException:
     """Run ``action`` in a thread, SIGKILL the ``lane`` worker once a ``.tmp`` part appears,
     and return what ``action`` raised."""
-    worker = store._part_worker
+    worker = store.core.part_worker
     assert worker is not None
     pid = worker.pid(lane)
     failure: list[BaseException] = []
@@ -193,7 +193,7 @@ def test_the_worker_exits_when_its_node_is_killed(tmp_path: Path) -> None:
         "from pathlib import Path\n"
         "from walship.store import Store, StoreConfig\n"
         "s = Store.open(StoreConfig(Path(sys.argv[1]), checkpoints=False, part_worker=True))\n"
-        "print(s._part_worker.pid(), flush=True)\n"
+        "print(s.core.part_worker.pid(), flush=True)\n"
         "time.sleep(600)\n"
     )
     node = subprocess.Popen(
@@ -218,39 +218,30 @@ def test_the_worker_exits_when_its_node_is_killed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("part_worker", [False, True], ids=["in-process", "worker"])
-def test_a_checkpoint_on_a_full_disk_keeps_its_events_and_leaves_no_file(
+def test_a_checkpoint_or_merge_on_a_full_disk_changes_nothing_and_leaves_no_file(
     small_disk: Path,  # noqa: F811  (the fixture imported above)
     part_worker: bool,
 ) -> None:
     """A full disk fails a checkpoint written by the worker as it fails one written by the
     node itself: the error reaches the caller and ``checkpoint_failure``, the events stay in
     the memtable (every answer unchanged), nothing is left in the parts directory to hold
-    the space (the worker's half-written file is removed), and the checkpoint is written
-    once space is back."""
+    the space, and the checkpoint is written once space is back; a merge likewise fails with
+    nothing changed and no half-written part left (pyarrow removes a checkpoint's own, not a
+    merge's), and is done once space is back."""
     store = Store.open(
         StoreConfig(
             small_disk / "data",
             fsync=FsyncPolicy.parse("never"),
-            limits=Limits(segment_bytes_max=1 << 20),
+            limits=Limits(segment_bytes_max=1 << 20, compaction_fanin_min=2),
             checkpoints=False,
             part_worker=part_worker,
         )
     )
     filler = small_disk / "filler"
     try:
-        for _ in range(3):  # ~2.5 MB of WAL, hardly compressible
-            store.append_batch(
-                [make_event(f"e{i % 7}", payload={"r": os.urandom(400).hex()}) for i in range(1000)]
-            )
+        _append_random(store, 3)  # ~2.5 MB of WAL
         before, manifest, files = _answers(store), store.manifest, _files(store)
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # the rest of the disk
-        try:
-            while os.write(fd, b"\x01" * (16 << 10)):
-                pass
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        _fill_disk(filler)
         with pytest.raises(OSError, match="No space left"):
             store.checkpoint()
         failure = store.checkpoint_failure
@@ -264,5 +255,39 @@ def test_a_checkpoint_on_a_full_disk_keeps_its_events_and_leaves_no_file(
         assert part is not None and part.events == 3000
         assert store.checkpoint_failure is None
         assert _answers(store) == before
+
+        _append_random(store, 3)  # a part of the first one's size: the two merge
+        store.checkpoint()
+        before, manifest, files = _answers(store), store.manifest, _files(store)
+        assert len(manifest.parts) == 2
+        _fill_disk(filler)
+        with pytest.raises(OSError, match="No space left"):
+            store.compact()
+        assert store.manifest == manifest
+        assert _files(store) == files
+        assert _answers(store) == before
+        filler.unlink()
+        merged = store.compact()
+        assert merged is not None and merged.events == 6000
+        assert _answers(store) == before
     finally:
         store.close()
+
+
+def _append_random(store: Store, batches: int) -> None:
+    """Batches of 1,000 events of ~800 bytes that hardly compress."""
+    for _ in range(batches):
+        store.append_batch(
+            [make_event(f"e{i % 7}", payload={"r": os.urandom(400).hex()}) for i in range(1000)]
+        )
+
+
+def _fill_disk(filler: Path) -> None:
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\x01" * (16 << 10)):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
