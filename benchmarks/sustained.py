@@ -411,7 +411,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "batch_events": args.batch,
         "ack_mode": "sync",
         "followers": 2,
-        "part_worker": bool(os.environ.get("WALSHIP_PART_WORKER")),
+        "part_worker": os.environ.get("WALSHIP_PART_WORKER", "1") not in ("0", "false"),
         "physical_followers": os.environ.get("WALSHIP_PHYSICAL_FOLLOWERS", "0")
         not in ("0", "false"),
     }
@@ -644,8 +644,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1,000,000 events")
     ap.add_argument("--tiny", action="store_true", help="100,000 events: proves it runs")
     ap.add_argument("--peer", choices=["postgres", "none"], help="(replication.py only)")
-    ap.add_argument("--part-worker", action="store_true",
-                    help="every node writes Parquet parts in a worker process")  # fmt: skip
+    ap.add_argument("--no-part-worker", action="store_true",
+                    help="nodes write Parquet parts themselves, not in workers")  # fmt: skip
     ap.add_argument("--physical-followers", action="store_true",
                     help="followers install the leader's parts (default off)")  # fmt: skip
     args = ap.parse_args()
@@ -655,8 +655,8 @@ def main() -> None:
         args.events = 100_000
     if args.events < args.batch * 3 or args.batch < 1 or args.connections < 1:
         ap.error("--events must be at least three batches, --batch and --connections >= 1")
-    if args.part_worker:
-        os.environ["WALSHIP_PART_WORKER"] = "1"  # inherited by every node started below
+    if args.no_part_worker:
+        os.environ["WALSHIP_PART_WORKER"] = "0"  # inherited by every node started below
     if args.physical_followers:
         os.environ["WALSHIP_PHYSICAL_FOLLOWERS"] = "1"  # likewise
     # the nodes name their threads (threadnames/sitecustomize.py) for CPU per thread

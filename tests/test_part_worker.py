@@ -291,3 +291,49 @@ def _fill_disk(filler: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _gone(pid: int, timeout_s: float = 30) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_clean_stop_ends_both_workers_and_checkpoints_without_starting_one(
+    tmp_path: Path,
+) -> None:
+    """Closing the store waits for the workers and ends them; its last checkpoint is written
+    in the node itself when no checkpoint worker runs (no process started just to stop), and
+    through the worker when one does."""
+    config = StoreConfig(tmp_path / "a", fsync=FsyncPolicy.parse("never"), part_worker=True)
+    store = Store.open(config)
+    worker = store.core.part_worker
+    assert worker is not None
+    store.append_batch([make_event(f"e{i % 3}") for i in range(50)])
+    store.close()
+    assert not any(lane.running for lane in worker._lanes.values())
+    again = Store.open(StoreConfig(tmp_path / "a", fsync=FsyncPolicy.parse("never")))
+    try:
+        assert again.manifest.last_lsn == 50 and again.stats()["memtable_events"] == 0
+    finally:
+        again.close()
+
+    store = Store.open(
+        StoreConfig(tmp_path / "b", fsync=FsyncPolicy.parse("never"), part_worker=True)
+    )
+    worker = store.core.part_worker
+    assert worker is not None
+    pids = [worker.pid("checkpoint"), worker.pid("merge")]
+    store.append_batch([make_event(f"e{i % 3}") for i in range(50)])
+    store.close()
+    assert all(_gone(pid) for pid in pids), pids
+    again = Store.open(StoreConfig(tmp_path / "b", fsync=FsyncPolicy.parse("never")))
+    try:
+        assert again.manifest.last_lsn == 50
+    finally:
+        again.close()

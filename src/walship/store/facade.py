@@ -139,6 +139,8 @@ class Store:
                 return
             self.core.closed = True
         self.background.stop()
+        if self.core.part_worker is not None:
+            self.core.part_worker.stopping()
         try:
             # every node, a physical follower too: a clean stop leaves the whole history in
             # Parquet for outside readers (``walship sql``, DuckDB). A physical follower's own
