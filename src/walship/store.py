@@ -91,6 +91,7 @@ from walship.storage.part_worker import PartWorker
 from walship.storage.pins import sweep_stale_pins
 from walship.storage.positions import TenantPositions
 from walship.storage.query import QueryFilter, entity_key
+from walship.storage.visibility import VisibleBound
 from walship.storage.write_amp import WriteAmplification
 from walship.wal import FsyncPolicy, Record, Wal
 from walship.wal.frame import VerifiedFrame
@@ -189,6 +190,7 @@ class Store:
         self._parts: list[PartReader] = []
         self._manifest = CheckpointManifest()
         self.cuts = LogCuts()  # divergence-repair cuts, for subscriptions following the log
+        self.visible_bound = VisibleBound()  # a follower's: the leader's durable lsn
         self.log = ReplicatedLog(self)  # replication's front door to the WAL (not ``wal``)
         self._retention_floor: Callable[[], int | None] = lambda: None
         self._closed = False
@@ -965,7 +967,7 @@ class Store:
         the WAL as one buffer, indexed from views of it."""
         with self._lock:
             self._check_writable()
-            written = self.wal.written_lsn.value
+            written = self.visible_lsn  # the consumer table's undo log keeps what is not
             fut = self.wal.append_frame(frame)
             if frame.record_count:
                 self._apply_bodies(frame.entries(), written)
@@ -978,7 +980,7 @@ class Store:
         records = run.records
         with self._lock:
             self._check_writable()
-            written = self.wal.written_lsn.value
+            written = self.visible_lsn
             fut = self.wal.append_run(run)
             self._apply_records(records, written)
             if records:
@@ -990,8 +992,9 @@ class Store:
 
     @property
     def visible_lsn(self) -> int:
-        """The highest lsn readers may see: what the WAL has written."""
-        return self.wal.written_lsn.value
+        """The highest lsn readers may see: what the WAL has written, and on a follower no
+        more than its leader holds durably (``storage/visibility.py``)."""
+        return self.visible_bound.cap(self.wal.written_lsn.value)
 
     @property
     def last_position(self) -> Position:
@@ -1210,7 +1213,7 @@ class Store:
                 "node_id": self.config.node_id,
                 "last_lsn": wal.last_lsn,
                 "term": self.wal.terms.current.value,
-                "visible_lsn": wal.written_lsn,
+                "visible_lsn": self.visible_lsn,
                 "synced_lsn": wal.synced_lsn,
                 "events": m.events + mem_events,
                 "entities": len(self._versions),
@@ -1310,8 +1313,19 @@ class Store:
     def _checkpoint_once(self, through: int | None = None) -> PartInfo | None:
         t0 = time.perf_counter()
         split = None
+        bounded = self.visible_bound.lsn is not None
+        if bounded:
+            # a follower: a part holds only what it shows, what its leader holds durably
+            # (storage/visibility.py); the rest waits in the memtable and the WAL
+            visible = self.visible_lsn
+            if through is None or through > visible:
+                if visible <= self._manifest.last_lsn:
+                    return None
+                through = visible
         if through is not None and through < self.wal.last_position.lsn.value:
             split = self._split_at(through)
+            if split is None and bounded:
+                return None
         with self._lock:
             if len(self._active) == 0:
                 return None

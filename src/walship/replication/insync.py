@@ -227,6 +227,16 @@ class InSyncPublisher:
         self.changed = asyncio.Event()  # wakes the publishing task
         self.changed.set()  # the first record of this leader is due at once
 
+    def new_term(self, term: int) -> None:
+        """The leader began ``term`` (a leader start): its records are numbered from there,
+        and the next one, due at once, names the members again."""
+        if term <= self.term:
+            return
+        self.term = term
+        self._version = 0
+        self.current = None
+        self.changed.set()
+
     @property
     def due(self) -> bool:
         current = self.current
