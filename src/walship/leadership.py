@@ -12,11 +12,13 @@ the followers that ever subscribed to it, whose advertised URLs it keeps in
   otherwise it stays fenced, saying which term exists and whom the peers follow, and keeps
   asking until the leader answers;
 * when at least half of the other nodes it knows answered and none knows a newer term --
-  with itself, a majority of the cluster it knows -- it takes writes;
+  with itself, a majority of the cluster it knows -- it begins a new term above every term
+  they and it know (``restart_term.py``: every leader start leads a new term) and takes
+  writes;
 * until then it refuses writes with ``503 leadership_unconfirmed`` and asks again every
   ``CONFIRM_POLL_S``. It waits for as long as it takes: when no peer is reachable it takes
   no writes. A leader that knows no peer at all (one node; or no follower ever subscribed
-  and no ``--peers``) takes writes at once -- there is nobody to ask.
+  and no ``--peers``) begins its new term and takes writes at once -- there is nobody to ask.
 
 Once confirmed it stops asking: a leader deposed while it runs learns it from its followers
 (fencing, ``replication/leader.py``) and stays fenced until repointed, as before. A leader

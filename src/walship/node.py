@@ -20,7 +20,8 @@ Roles switch at run time (``promote``, ``repoint``; one switch at a time):
   leader does not have is cut by divergence repair, into lost-and-found.
 * fencing: a leader that learns of a higher term from a follower refuses writes (``Fenced``).
 * start-up: a leader asks its peers whether a newer term exists before its first write and
-  follows the newer leader if so (``leadership.py``; off under etcd, whose lease decides).
+  follows the newer leader if so (``leadership.py``; off under etcd, whose lease decides);
+  otherwise it begins a new term above every one it heard of (``restart_term.py``).
 
 A switch is recorded in ``replication/role.json`` (``role_state.py``) so a restart keeps it.
 """
