@@ -13,7 +13,8 @@ and divergence repair cuts them (into lost-and-found) before it streams again.
 
 The term is taken once the leadership guard (``leadership.py``) has confirmed that no peer
 knows a newer one (or that there is nobody to ask), and is above every term this node and
-the peers that answered have seen, so it is never one a promotion elsewhere took. Under etcd
+the peers that answered have seen, so it is never one a promotion elsewhere took. A new log
+(the store began term 1 in this process) needs none: nothing of it went out before. Under etcd
 the lease decides and the term stays; such a leader ships only what it made durable.
 """
 
@@ -40,6 +41,10 @@ async def begin_restart_term(node: Node, peer_terms: Iterable[int] = ()) -> int 
     its term already) or the WAL refused (then it ships only what it made durable)."""
     leader = node.leader
     if leader is None or leader.fenced is not None or leader.term_begun_here:
+        return None
+    if node.store.began_first_term and node.store.wal.terms.current == Term(1):
+        # a new log: this process began its first term itself, and nothing went out before
+        leader.term_begun_here = True
         return None
     wal = node.store.wal
     term = 1 + max(

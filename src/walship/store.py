@@ -191,6 +191,7 @@ class Store:
         self._manifest = CheckpointManifest()
         self.cuts = LogCuts()  # divergence-repair cuts, for subscriptions following the log
         self.visible_bound = VisibleBound()  # a follower's: the leader's durable lsn
+        self.began_first_term = False
         self.log = ReplicatedLog(self)  # replication's front door to the WAL (not ``wal``)
         self._retention_floor: Callable[[], int | None] = lambda: None
         self._closed = False
@@ -349,6 +350,7 @@ class Store:
             )
         if self.wal.terms.current == Term(0):
             self.wal.begin_term(Term(1))
+            self.began_first_term = True  # this process began term 1 (restart_term.py)
         self.metrics.last_lsn.set(last)
         self._update_memtable_gauges()
 

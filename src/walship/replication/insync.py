@@ -280,6 +280,11 @@ class InSyncPublisher:
         if self.hook is not None:
             await self.hook(record)  # etcd first: nobody acts on a record etcd lacks
         await asyncio.to_thread(self.file.store, record)
+        if record.term != self.term:
+            # the leader began a new term meanwhile (``new_term``): followers that know it
+            # would refuse this record; the next one, of the new term, is due at once
+            self.changed.set()
+            return None
         self._version = record.version
         self.current = record
         log.info("replication: in-sync set %s", record.describe())
