@@ -210,6 +210,37 @@ def test_leader_start_leads_a_new_term_before_its_first_write(tmp_path: Path) ->
         assert health(leader)["term"] == first + 2
 
 
+def test_a_v3_follower_of_a_leader_before_v3_shows_everything_it_is_shipped(
+    tmp_path: Path,
+) -> None:
+    """A leader from before v3 refuses the v3 hello; the follower says v1 and treats what it
+    is shipped as durable there (that leader ships nothing else)."""
+    with Cluster(tmp_path) as cluster:
+        leader = cluster.node(
+            "leader",
+            [
+                "--role",
+                "leader",
+                "--replication-port",
+                "0",
+                "--replication-secret-file",
+                str(cluster.secret_file),
+            ],
+            "never",
+        )
+        leader.env = {PROTOCOL_VERSIONS_ENV: "1,2"}
+        leader.start()
+        assert leader.replication_address is not None
+        follower = start_follower(cluster, "f", leader.replication_address)
+        for i in range(3):
+            answer = post_event(leader, {"entity_id": f"e{i}", "event_type": "t", "payload": {}})
+            assert answer.is_success, answer.text
+        end = wait_caught_up(leader, follower)  # applied: visible, so not bounded
+        seen = health(follower)
+        assert (seen["visible_lsn"], seen["leader_durable_lsn"]) == (end, None)
+        assert [e["lsn"] for e in query_all(follower)] == list(range(1, end + 1))
+
+
 def test_follower_hides_what_the_leader_may_lose_and_cuts_it_after_the_leaders_crash(
     tmp_path: Path,
 ) -> None:
