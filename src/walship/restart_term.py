@@ -42,21 +42,22 @@ async def begin_restart_term(node: Node, peer_terms: Iterable[int] = ()) -> int 
     leader = node.leader
     if leader is None or leader.fenced is not None or leader.term_begun_here:
         return None
-    if node.store.began_first_term and node.store.wal.terms.current == Term(1):
+    if node.store.began_first_term and node.store.log.current_term == Term(1):
         # a new log: this process began its first term itself, and nothing went out before
         leader.term_begun_here = True
         return None
-    wal = node.store.wal
+    log_ = node.store.log
     term = 1 + max(
-        wal.terms.current.value,
+        log_.current_term.value,
         node.role_state.record.term_seen,
         leader.fenced_term,
         *peer_terms,
     )
     invariant(term <= TERM_MAX, f"term {term} is out of range")
-    previous = wal.terms.current.value
+    previous = log_.current_term.value
     try:
-        await asyncio.to_thread(wal.begin_term, Term(term))  # persisted
+        # the WAL's own door, as a promotion uses it: a term begins in the log itself
+        await asyncio.to_thread(node.store.wal.begin_term, Term(term))  # persisted
     except WalshipError as exc:
         log.error("could not begin a new term at this leader's start: %s", exc.message)
         return None
@@ -70,7 +71,7 @@ async def begin_restart_term(node: Node, peer_terms: Iterable[int] = ()) -> int 
     log.info(
         "leading term %d from lsn %d (term %d before this start)",
         term,
-        wal.last_position.lsn.value + 1,
+        log_.last_position.lsn.value + 1,
         previous,
     )
     return term
