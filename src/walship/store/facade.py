@@ -79,6 +79,9 @@ class Store:
         self.background = Background(core, self.checkpoints, self.parts)
         self.rewinds = Rewinds(core, self.background, self.follower.forget_after)
         self.cuts = LogCuts()  # divergence-repair cuts, for subscriptions following the log
+        # a follower's: what it shows is bounded by its leader's durable lsn (a replication
+        # entrance, like ``cuts``; storage/visibility.py)
+        self.visible_bound = core.visible_bound
         self.log = ReplicatedLog(self)  # replication's front door to the WAL (not ``wal``)
         self.entities = EntityReader(self.read_view)  # stream reads by version, reads by id
 
@@ -212,6 +215,11 @@ class Store:
     @property
     def write_amp(self) -> WriteAmplification:
         return self.core.write_amp
+
+    @property
+    def began_first_term(self) -> bool:
+        """This process began the log's first term (a new log: ``restart_term.py``)."""
+        return self.core.began_first_term
 
     @property
     def parts_from_leader(self) -> bool:

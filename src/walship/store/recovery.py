@@ -92,6 +92,7 @@ def recover(core: StoreCore, on_rollback: Callable[[int], None]) -> None:
         )
     if core.wal.terms.current == Term(0):
         core.wal.begin_term(Term(1))
+        core.began_first_term = True  # a new log (restart_term.py)
     core.metrics.last_lsn.set(last)
     core.update_memtable_gauges()
 
