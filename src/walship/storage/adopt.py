@@ -93,7 +93,7 @@ def adopt_checkpoint(
         path = store.parts_dir / info.file
         os.replace(staged, path)
         fsync_dir(store.parts_dir)
-        reader = PartReader(path, info)
+        reader = PartReader(path, info, store.core.id_index)
         hashes = id_hashes([ev.id for ev in events]) if events else np.empty(0, np.int64)
         hashes.sort()
         reader.set_id_hashes(hashes)
@@ -156,7 +156,9 @@ def adopt_merge(
         path = store.parts_dir / info.file
         os.replace(staged, path)
         fsync_dir(store.parts_dir)
-        store.parts.replace_parts({p.file for p in held}, [(info, PartReader(path, info))])
+        store.parts.replace_parts(
+            {p.file for p in held}, [(info, PartReader(path, info, store.core.id_index))]
+        )
         store.core.parts_adopted += 1
     store.parts.collect_garbage()
 

@@ -194,7 +194,7 @@ class HeldParts:
             for (info, reader), held in zip(new, run, strict=True):
                 path = store.parts_dir / info.file
                 os.replace(held.path, path)
-                moved = PartReader(path, info)
+                moved = PartReader(path, info, core.id_index)
                 moved.set_id_hashes(reader.id_hashes())
                 placed.append((info, moved))
             fsync_dir(store.parts_dir)
