@@ -20,7 +20,6 @@ Usable embedded::
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 import shutil
@@ -85,8 +84,10 @@ from walship.storage.manifest import (
     load_manifest,
     save_manifest,
 )
+from walship.storage.memtable import COLUMNS as MEM_COLUMNS
 from walship.storage.memtable import Memtable
-from walship.storage.parquet import PartInfo, PartReader, id_hashes, write_part
+from walship.storage.memtable import size_of as memtable_size
+from walship.storage.parquet import PartInfo, PartReader, id_hashes_of_bytes, write_part_rows
 from walship.storage.part_worker import PartWorker
 from walship.storage.pins import sweep_stale_pins
 from walship.storage.positions import TenantPositions
@@ -645,7 +646,18 @@ class Store:
             term = self.wal.terms.current.value
             receipts: list[Receipt] = []
             bodies: list[bytes] = []
-            new_events: list[StoredEvent] = []
+            # the new events' columns for the memtable (``MEM_SCHEMA``; term and time are
+            # the same for all): no object per event
+            c_lsn: list[int] = []
+            c_id: list[bytes] = []
+            c_tenant: list[str] = []
+            c_entity: list[str] = []
+            c_type: list[str] = []
+            c_version: list[int] = []
+            c_payload: list[bytes] = []
+            c_meta: list[bytes | None] = []
+            c_pos: list[int] = []
+            c_bin: list[bool] = []
             batch_versions: dict[str, int] = {}
             batch_positions: dict[str, int] = {}  # tenant -> the next position it gets
             batch_ids: dict[bytes, tuple[int, int]] = {}  # id -> its receipt, its new event
@@ -658,9 +670,21 @@ class Store:
                 if ev.id is not None:
                     if event_id in batch_ids:
                         first, at = batch_ids[event_id]
-                        if not same_content(
-                            new_events[at], tenant, entity, etype, payload, meta, binary
-                        ):
+                        earlier = StoredEvent(
+                            c_lsn[at],
+                            term,
+                            c_id[at],
+                            c_tenant[at],
+                            c_entity[at],
+                            c_type[at],
+                            ts,
+                            c_version[at],
+                            c_payload[at],
+                            c_meta[at],
+                            c_pos[at],
+                            c_bin[at],
+                        )
+                        if not same_content(earlier, tenant, entity, etype, payload, meta, binary):
                             raise IdConflict(
                                 f"event id {format_uuid(event_id)} appears twice in the batch "
                                 f"(at {first} and {n}) with different contents",
@@ -695,7 +719,7 @@ class Store:
                         if existing.lsn > self.wal.written_lsn.value:
                             waits_on.append(self.wal.append_future())
                         continue
-                    batch_ids[event_id] = (len(receipts), len(new_events))
+                    batch_ids[event_id] = (len(receipts), len(c_lsn))
                 key = entity_key(tenant, entity)
                 current = batch_versions.get(key)
                 if current is None:
@@ -716,10 +740,31 @@ class Store:
                 # tenant, and a refused batch (raised above or below) takes none
                 position = batch_positions.get(tenant) or self._positions.next_position(tenant)
                 batch_positions[tenant] = position + 1
-                lsn = next_lsn + len(new_events)
-                fields = (event_id, tenant, entity, etype, ts, version, payload, meta, position)
-                new_events.append(StoredEvent(lsn, term, *fields, payload_binary=binary))
-                bodies.append(encode_body_fields(*fields, payload_binary=binary))
+                lsn = next_lsn + len(c_lsn)
+                c_lsn.append(lsn)
+                c_id.append(event_id)
+                c_tenant.append(tenant)
+                c_entity.append(entity)
+                c_type.append(etype)
+                c_version.append(version)
+                c_payload.append(payload)
+                c_meta.append(meta)
+                c_pos.append(position)
+                c_bin.append(binary)
+                bodies.append(
+                    encode_body_fields(
+                        event_id,
+                        tenant,
+                        entity,
+                        etype,
+                        ts,
+                        version,
+                        payload,
+                        meta,
+                        position,
+                        payload_binary=binary,
+                    )
+                )
                 receipts.append(
                     Receipt(format_uuid(event_id), lsn, term, version, timestamp, position=position)
                 )
@@ -730,7 +775,7 @@ class Store:
                     tracking.tenant_id,
                     tracking.consumer,
                     tracking.position,
-                    next_lsn + len(new_events),
+                    next_lsn + len(c_lsn),
                 )
                 bodies.append(tracking_body(tracking, ts))
             if not bodies:
@@ -752,11 +797,26 @@ class Store:
                 result.first_lsn.value == next_lsn and result.term.value == term,
                 f"WAL assigned lsn {result.first_lsn.value}, the store expected {next_lsn}",
             )
-            self._active.add_all(new_events)
+            n = len(c_lsn)
+            cols: list[list[Any]] = [
+                c_lsn,
+                [term] * n,
+                c_id,
+                c_tenant,
+                c_entity,
+                c_type,
+                [ts] * n,
+                c_version,
+                c_payload,
+                c_meta,
+                c_pos,
+                c_bin,
+            ]
+            self._active.extend(cols, memtable_size(cols))
             self._versions.update(batch_versions)
             observe = self._positions.observe
-            for stored in new_events:
-                observe(stored.tenant_id, stored.tenant_position, stored.lsn)
+            for tenant_id, position, lsn in zip(c_tenant, c_pos, c_lsn, strict=True):
+                observe(tenant_id, position, lsn)
             if track is not None:
                 self._consumers.apply(track, self.wal.written_lsn.value)
             self.metrics.appends.inc(len(bodies))
@@ -857,9 +917,9 @@ class Store:
         )
 
     def _find_id_locked(self, event_id: bytes) -> StoredEvent | None:
-        found = self._active.by_id.get(event_id)
+        found = self._active.find_id(event_id)
         if found is None and self._frozen is not None:
-            found = self._frozen.by_id.get(event_id)
+            found = self._frozen.find_id(event_id)
         if found is None:
             for part in reversed(self._parts):
                 found = part.find_id(event_id)
@@ -922,43 +982,57 @@ class Store:
         self, records: Iterable[tuple[int, int, bytes | memoryview]], written_lsn: int | None
     ) -> None:
         """``_apply_records`` from each record's ``(lsn, term, body)``."""
-        events: list[StoredEvent] = []
-        add = events.append
+        cols: list[list[Any]] = [[] for _ in range(MEM_COLUMNS)]
+        (
+            c_lsn,
+            c_term,
+            c_id,
+            c_tenant,
+            c_entity,
+            c_type,
+            c_ts,
+            c_version,
+            c_payload,
+            c_meta,
+            c_pos,
+            c_bin,
+        ) = cols
         decode = decode_body
         for lsn, term, raw in records:
             body = decode(raw)
-            if not body.event_type.startswith(SYSTEM_PREFIX):
-                # stored_from_body, inlined: this runs for every record a follower applies
-                add(
-                    StoredEvent(
-                        lsn,
-                        term,
-                        body.id,
-                        body.tenant_id,
-                        body.entity_id,
-                        body.event_type,
-                        body.timestamp_us,
-                        body.version,
-                        body.payload,
-                        body.metadata,
-                        body.tenant_position,
-                        body.payload_binary,
-                    )
-                )
-            elif body.event_type == TRACKING_TYPE:
+            etype = body.event_type
+            if not etype.startswith(SYSTEM_PREFIX):
+                # the memtable's columns, filled per record: this runs for every record a
+                # follower applies
+                c_lsn.append(lsn)
+                c_term.append(term)
+                c_id.append(body.id)
+                c_tenant.append(body.tenant_id)
+                c_entity.append(body.entity_id)
+                c_type.append(etype)
+                c_ts.append(body.timestamp_us)
+                c_version.append(body.version)
+                c_payload.append(body.payload)
+                c_meta.append(body.metadata)
+                c_pos.append(body.tenant_position)
+                c_bin.append(body.payload_binary)
+            elif etype == TRACKING_TYPE:
                 position = decode_tracking_payload(body.payload)
                 entry = ConsumerPosition(body.tenant_id, body.entity_id, position, lsn)
                 self._consumers.apply(entry, written_lsn)
-        self._active.add_all(events)
+        if not c_lsn:
+            return
         versions = self._versions
         observe = self._positions.observe
-        for ev in events:
-            tenant_id, version = ev.tenant_id, ev.version
-            key = f"{tenant_id}\x00{ev.entity_id}"  # entity_key, inlined (per record)
+        for tenant_id, entity_id, version, position, lsn in zip(
+            c_tenant, c_entity, c_version, c_pos, c_lsn, strict=True
+        ):
+            key = f"{tenant_id}\x00{entity_id}"  # entity_key, inlined (per record)
             if version > versions.get(key, 0):
                 versions[key] = version
             # taken from the record the leader wrote, never assigned here
-            observe(tenant_id, ev.tenant_position, ev.lsn)
+            observe(tenant_id, position, lsn)
+        self._active.extend(cols, memtable_size(cols))
 
     def apply_frame(self, frame: VerifiedFrame) -> Future[WriteOutcome]:
         """``apply_run`` for a verified frame of whole appends (``wal/frame.py``): written to
@@ -1320,14 +1394,9 @@ class Store:
                 assert through is not None
                 upto, chain, consumers = split
                 # two new memtables, the old one left as it is: a reader's view holds it
-                events = frozen.events
-                cut = bisect.bisect_right(events, through, key=_lsn_of)
-                if cut == 0:
+                frozen, rest = frozen.split_at(through)
+                if len(frozen) == 0:
                     return None
-                frozen, rest = Memtable(), Memtable()
-                frozen.created_us = rest.created_us = self._active.created_us
-                frozen.add_all(events[:cut])
-                rest.add_all(events[cut:])
                 self._active = rest
             else:
                 self._active = Memtable()
@@ -1335,6 +1404,7 @@ class Store:
                 upto = self.wal.last_position
                 chain = self.wal.last_chain
                 consumers = self._consumers.entries()  # as of ``upto``, like the memtable
+            frozen.seal()  # no append reaches it now: its rows are batches from here on
             self._frozen = frozen
             rollback_seq = self.wal.rollback_seq
         try:
@@ -1343,19 +1413,24 @@ class Store:
                 # a full disk rolled back some of what was frozen: its lsns may have been
                 # taken again since, by events that are not in ``frozen``
                 raise StorageFull("a full disk rolled back events being checkpointed; retrying")
-            events = frozen.events
-            invariant(events[-1].lsn <= upto.lsn.value, "memtable holds records past the WAL's end")
+            last = frozen.last_lsn
+            invariant(
+                last is not None and last <= upto.lsn.value,
+                "memtable holds records past the WAL's end",
+            )
+            table = frozen.table()
             first = self._manifest.last_lsn + 1
             rows = self.limits.parquet_row_group_rows
             if self._part_worker is not None:
                 part = self._part_worker.checkpoint(
-                    self.parts_dir, events, first, upto.lsn.value, rows
+                    self.parts_dir, table, first, upto.lsn.value, rows
                 )
             else:
-                part = write_part(self.parts_dir, events, first, upto.lsn.value, rows)
+                part = write_part_rows(self.parts_dir, table, first, upto.lsn.value, rows)
+            del table
             self.parquet_encodes += 1
             reader = PartReader(self.parts_dir / part.file, part)
-            arr = id_hashes([ev.id for ev in events])
+            arr = id_hashes_of_bytes(frozen.id_bytes())
             arr.sort()
             reader.set_id_hashes(arr)
             with self._manifest_lock:
@@ -1370,11 +1445,7 @@ class Store:
         except BaseException:
             with self._lock:
                 # put the events back in front of anything appended meanwhile
-                merged = Memtable()
-                merged.created_us = frozen.created_us
-                merged.add_all(frozen.events)
-                merged.add_all(self._active.events)
-                self._active = merged
+                self._active = Memtable.joined(frozen, self._active)
                 self._frozen = None
                 self._checkpoint_done.notify_all()
             raise
@@ -1385,7 +1456,7 @@ class Store:
         self._announce("checkpoint", part, [], manifest)
         self._compact_kick.set()
         self.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
-        self.metrics.checkpoint_events.inc(len(events))
+        self.metrics.checkpoint_events.inc(len(frozen))
         self._update_memtable_gauges()
         self.remove_checkpointed_wal()
         return part
@@ -1598,10 +1669,6 @@ class Store:
     def __repr__(self) -> str:
         state = "CLOSED" if self._closed else "OPEN"
         return f"<Store {self.config.node_id} {state} {self.data_dir}>"
-
-
-def _lsn_of(ev: StoredEvent) -> int:
-    return ev.lsn
 
 
 def _replace(flt: QueryFilter, **changes: Any) -> QueryFilter:

@@ -12,7 +12,6 @@ otherwise, and nothing changes.
 
 from __future__ import annotations
 
-import bisect
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,8 +23,7 @@ from walship.events import now_us
 from walship.fsutil import fsync_dir
 from walship.position import Lsn
 from walship.storage.consumers import ConsumerPosition
-from walship.storage.memtable import Memtable
-from walship.storage.parquet import PartInfo, PartReader, id_hashes
+from walship.storage.parquet import PartInfo, PartReader, id_hashes_of_bytes
 from walship.storage.part_verify import PartRejected, verify_part_file
 
 if TYPE_CHECKING:
@@ -65,11 +63,8 @@ def adopt_checkpoint(
                 "not this node's: another history"
             )
         with store._lock:
-            active = store._active.events
-            events = active[: bisect.bisect_right(active, last, key=lambda ev: ev.lsn)]
-        verify_part_file(
-            staged, info, digest=digest, lsns=np.fromiter((ev.lsn for ev in events), np.int64)
-        )
+            covered, _ = store._active.split_at(last)
+        verify_part_file(staged, info, digest=digest, lsns=covered.lsn_array())
         for entry in consumers:
             if entry.lsn > last:
                 raise PartRejected(f"part {info.file}: a consumer tracked past its range")
@@ -82,7 +77,7 @@ def adopt_checkpoint(
         os.replace(staged, path)
         fsync_dir(store.parts_dir)
         reader = PartReader(path, info)
-        hashes = id_hashes([ev.id for ev in events]) if events else np.empty(0, np.int64)
+        hashes = id_hashes_of_bytes(covered.id_bytes())
         hashes.sort()
         reader.set_id_hashes(hashes)
         with store._manifest_lock:
@@ -93,10 +88,8 @@ def adopt_checkpoint(
             with store._lock:
                 # a new memtable for what follows the part; the old one is left as it is,
                 # for the readers whose view holds it (with the parts before this one)
-                old = store._active.events
-                fresh = Memtable()
+                _, fresh = store._active.split_at(last)
                 fresh.created_us = now_us()
-                fresh.add_all(old[bisect.bisect_right(old, last, key=lambda ev: ev.lsn) :])
                 store._active = fresh
                 store._manifest = manifest
                 store._parts.append(reader)
