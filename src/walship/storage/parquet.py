@@ -229,6 +229,7 @@ def part_columns(rows: pa.Table) -> pa.Table:
     binary = rows.column("payload_binary")
     payload = rows.column("payload")
     no_bytes = pa.nulls(n, pa.binary())
+    any_binary = n > 0 and pc.any(binary).as_py()  # copy the payloads only when some are
     ids = rows.column("id").combine_chunks() if n else pa.array([], pa.binary(16))
     return pa.table(
         {
@@ -240,12 +241,14 @@ def part_columns(rows: pa.Table) -> pa.Table:
             "event_type": rows.column("event_type"),
             "timestamp": rows.column("timestamp_us").cast(pa.timestamp("us", tz="UTC")),
             # null when binary: a JSON column keeps only JSON (cast checks it is UTF-8)
-            "payload": pc.if_else(binary, no_bytes, payload).cast(pa.string()),
+            "payload": (pc.if_else(binary, no_bytes, payload) if any_binary else payload).cast(
+                pa.string()
+            ),
             "metadata": rows.column("metadata").cast(pa.string()),
             "version": rows.column("version"),
             "tenant_position": rows.column("tenant_position"),
             "payload_binary": binary,
-            "payload_bytes": pc.if_else(binary, payload, no_bytes),
+            "payload_bytes": pc.if_else(binary, payload, no_bytes) if any_binary else no_bytes,
         },
         schema=SCHEMA,
     )
