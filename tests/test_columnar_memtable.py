@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from walship.errors import IdConflict
 from walship.events import EventIn, StoredEvent
 from walship.limits import DEFAULT_LIMITS
-from walship.storage.memtable import SEAL_ROWS_MIN, Memtable
+from walship.storage.memtable import SEAL_ROWS_MIN, Memtable, seal_tail
 from walship.storage.parquet import (
     DICTIONARY_COLUMNS,
     SCHEMA,
@@ -32,8 +33,8 @@ from walship.store import Store, StoreConfig
 from walship.wal import FsyncPolicy
 
 
-def _event(lsn: int, *, tenant: str = "default") -> StoredEvent:
-    binary = lsn % 7 == 0
+def _event(lsn: int, *, tenant: str = "default", binary_every: int = 7) -> StoredEvent:
+    binary = lsn % binary_every == 0
     payload = bytes([lsn % 256, 0, 255]) if binary else f'{{"n": {lsn}, "s": "é"}}'.encode()
     return StoredEvent(
         lsn,
@@ -98,23 +99,27 @@ def _old_part_bytes(path: Path, events: list[StoredEvent], rows: int) -> bytes:
 
 
 def _layered(events: list[StoredEvent], sizes: list[int]) -> Memtable:
-    """A memtable of ``events`` appended in groups of ``sizes`` (then one by one)."""
+    """A memtable of ``events`` in batches of ``sizes``, the rest in its open tail (appended
+    one by one)."""
     mem = Memtable()
     at = 0
     for size in sizes:
         mem.add_all(events[at : at + size])
+        mem.seal()
         at += size
     for ev in events[at:]:
         mem.add_all([ev])
     return mem
 
 
+@pytest.mark.parametrize("binary_every", [7, 1_000_000])
 def test_a_checkpoint_of_batches_writes_the_bytes_of_the_per_event_conversion(
-    tmp_path: Path,
+    tmp_path: Path, binary_every: int
 ) -> None:
     """Physical followers compare sha256s of parts: one that checkpoints its own memtable
-    must write what a node of the previous version writes for the same events."""
-    events = [_event(lsn) for lsn in range(1, 5_001)]
+    must write what a node of the previous version writes for the same events (with and
+    without binary payloads)."""
+    events = [_event(lsn, binary_every=binary_every) for lsn in range(1, 5_001)]
     old = _old_part_bytes(tmp_path / "old.parquet", events, 1_000)
     mem = _layered(events, [1_000, 3, 2_000, SEAL_ROWS_MIN, 1_500])
     (tmp_path / "a").mkdir()
@@ -223,33 +228,60 @@ def _ins(n: int, prefix: str, ids: list[uuid.UUID] | None = None) -> list[EventI
 
 
 def test_duplicates_are_found_across_batches_tail_and_a_partial_checkpoint(store: Store) -> None:
-    ids = [uuid.uuid4() for _ in range(400)]
-    first = store.append_batch(_ins(400, "a", ids))  # one batch
+    n = SEAL_ROWS_MIN + 176
+    ids = [uuid.uuid4() for _ in range(n)]
+    first = store.append_batch(_ins(n, "a", ids))
+    seal_tail(store._lock, lambda: store._active)  # as the checkpointer does (if not yet)
     singles = [store.append(_ins(1, "b")[0]) for _ in range(5)]  # the open tail
     # the same ids again, one at a time and as a batch: their first receipts, no new lsns
-    again = store.append(_ins(400, "a", ids)[123])
+    again = store.append(_ins(n, "a", ids)[123])
     assert again.duplicate and again.lsn == first[123].lsn
-    batch = store.append_batch(_ins(400, "a", ids)[390:] + _ins(2, "c"))
+    batch = store.append_batch(_ins(n, "a", ids)[n - 10 :] + _ins(2, "c"))
     assert [r.duplicate for r in batch] == [True] * 10 + [False, False]
-    assert [r.lsn for r in batch[:10]] == [r.lsn for r in first[390:]]
+    assert [r.lsn for r in batch[:10]] == [r.lsn for r in first[n - 10 :]]
     with pytest.raises(IdConflict):
-        changed = _ins(400, "a", ids)[7]
+        changed = _ins(n, "a", ids)[7]
         changed.entity_id = "elsewhere"
         store.append(changed)
     # a checkpoint through the middle of the batch: ids on both sides are still duplicates
-    assert store.checkpoint_through(first[199].lsn) is not None
-    assert store.manifest.last_lsn == first[199].lsn
-    for i in (0, 199, 200, 399):
-        receipt = store.append(_ins(400, "a", ids)[i])
+    half = n // 2
+    assert store.checkpoint_through(first[half - 1].lsn) is not None
+    assert store.manifest.last_lsn == first[half - 1].lsn
+    for i in (0, half - 1, half, n - 1):
+        receipt = store.append(_ins(n, "a", ids)[i])
         assert receipt.duplicate and receipt.lsn == first[i].lsn
-    events = store.query(QueryFilter(), limit=1_000).events
-    assert [ev.lsn for ev in events] == list(range(1, 408))
+    events = store.query(QueryFilter(), limit=2_000).events
+    assert [ev.lsn for ev in events] == list(range(1, n + 8))
     state = store.entity_state("a-1")
-    assert state.version == 133 and state.last_lsn == first[397].lsn
-    assert store.recent_events(first[199].lsn, 1_000, 1_000) is not None
-    assert singles[-1].lsn == 405
+    last_a1 = max(i for i in range(n) if i % 3 == 1)
+    assert state.version == n // 3 and state.last_lsn == first[last_a1].lsn
+    recent = store.recent_events(first[half - 1].lsn, 10_000, 10_000)
+    assert recent == events[half:]
+    assert singles[-1].lsn == n + 5
     store.checkpoint()
-    assert store.query(QueryFilter(), limit=1_000).events == events
+    assert store.query(QueryFilter(), limit=2_000).events == events
     # a part written through the batch, then the rest: each event once, in lsn order
     parts = sorted(os.listdir(store.parts_dir))
     assert len(parts) == 2
+
+
+def test_a_seal_taken_before_a_truncation_is_not_put_in_place() -> None:
+    """The checkpointer seals the tail outside the store lock: a rollback meanwhile wins."""
+    events = [_event(lsn) for lsn in range(1, 2_001)]
+    mem = _layered(events[:1_000], [500])
+    mem.add_all(events[1_000:])
+    assert seal_tail(threading.Lock(), lambda: mem)
+    assert mem.select(QueryFilter(), 10_000, 10_000) == events
+    mem.add_all([replace_lsn(_event(lsn), lsn) for lsn in range(2_001, 2_001 + SEAL_ROWS_MIN)])
+    job = mem.tail_job(SEAL_ROWS_MIN)
+    assert job is not None
+    chunk = job.seal()
+    mem.truncate_after(2_010)
+    assert not mem.install(job, chunk)
+    assert mem.lsn_array().tolist() == list(range(1, 2_011))
+    job = mem.tail_job(1)
+    assert job is not None and mem.install(job, job.seal())
+    assert mem.select(QueryFilter(from_lsn=1_990), 10_000, 10_000) == [
+        _event(lsn) for lsn in range(1_990, 2_011)
+    ]
+    assert mem.tail_job(1) is None

@@ -85,7 +85,8 @@ from walship.storage.manifest import (
     save_manifest,
 )
 from walship.storage.memtable import COLUMNS as MEM_COLUMNS
-from walship.storage.memtable import Memtable
+from walship.storage.memtable import Memtable, fixed_bytes, seal_tail
+from walship.storage.memtable import rows_table as memtable_rows
 from walship.storage.memtable import size_of as memtable_size
 from walship.storage.parquet import PartInfo, PartReader, id_hashes_of_bytes, write_part_rows
 from walship.storage.part_worker import PartWorker
@@ -1404,9 +1405,10 @@ class Store:
                 upto = self.wal.last_position
                 chain = self.wal.last_chain
                 consumers = self._consumers.entries()  # as of ``upto``, like the memtable
-            frozen.seal()  # no append reaches it now: its rows are batches from here on
             self._frozen = frozen
             rollback_seq = self.wal.rollback_seq
+            batches, tail = frozen.contents()  # made one table outside the lock
+
         try:
             self.wal.sync()
             if rollback_seq % 2 or self.wal.rollback_seq != rollback_seq:
@@ -1418,7 +1420,8 @@ class Store:
                 last is not None and last <= upto.lsn.value,
                 "memtable holds records past the WAL's end",
             )
-            table = frozen.table()
+            table = memtable_rows(batches, tail)
+            del batches, tail
             first = self._manifest.last_lsn + 1
             rows = self.limits.parquet_row_group_rows
             if self._part_worker is not None:
@@ -1427,10 +1430,10 @@ class Store:
                 )
             else:
                 part = write_part_rows(self.parts_dir, table, first, upto.lsn.value, rows)
+            arr = id_hashes_of_bytes(fixed_bytes(table.column("id")))
             del table
             self.parquet_encodes += 1
             reader = PartReader(self.parts_dir / part.file, part)
-            arr = id_hashes_of_bytes(frozen.id_bytes())
             arr.sort()
             reader.set_id_hashes(arr)
             with self._manifest_lock:
@@ -1638,6 +1641,11 @@ class Store:
                 return
             if self.wal.failed is not None:
                 continue
+            if self._checkpoint_lock.acquire(blocking=False):
+                try:  # here, not on the write and apply paths (``storage/memtable.py``)
+                    seal_tail(self._lock, lambda: self._active)
+                finally:
+                    self._checkpoint_lock.release()
             if self._due_for_checkpoint() and self._alarm.retry_due(time.monotonic()):
                 try:
                     self.checkpoint()
