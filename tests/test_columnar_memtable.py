@@ -19,6 +19,7 @@ import pytest
 from walship.errors import IdConflict
 from walship.events import EventIn, StoredEvent
 from walship.limits import DEFAULT_LIMITS
+from walship.position import Lsn
 from walship.storage.memtable import SEAL_ROWS_MIN, Memtable, seal_tail
 from walship.storage.parquet import (
     DICTIONARY_COLUMNS,
@@ -231,7 +232,7 @@ def test_duplicates_are_found_across_batches_tail_and_a_partial_checkpoint(store
     n = SEAL_ROWS_MIN + 176
     ids = [uuid.uuid4() for _ in range(n)]
     first = store.append_batch(_ins(n, "a", ids))
-    seal_tail(store._lock, lambda: store._active)  # as the checkpointer does (if not yet)
+    seal_tail(store.core.lock, lambda: store.core.active)  # as the checkpointer does (if not yet)
     singles = [store.append(_ins(1, "b")[0]) for _ in range(5)]  # the open tail
     # the same ids again, one at a time and as a batch: their first receipts, no new lsns
     again = store.append(_ins(n, "a", ids)[123])
@@ -245,7 +246,7 @@ def test_duplicates_are_found_across_batches_tail_and_a_partial_checkpoint(store
         store.append(changed)
     # a checkpoint through the middle of the batch: ids on both sides are still duplicates
     half = n // 2
-    assert store.checkpoint_through(first[half - 1].lsn) is not None
+    assert store.checkpoint_through(Lsn(first[half - 1].lsn)) is not None
     assert store.manifest.last_lsn == first[half - 1].lsn
     for i in (0, half - 1, half, n - 1):
         receipt = store.append(_ins(n, "a", ids)[i])

@@ -17,13 +17,15 @@ import pytest
 
 from tests.conftest import make_event
 from walship.limits import Limits
+from walship.position import Lsn
 from walship.storage.adopt import adopt_checkpoint, adopt_merge
 from walship.storage.parquet import PartInfo
 from walship.storage.part_verify import PartRejected
 from walship.storage.query import QueryFilter
 from walship.store import Store, StoreConfig
 from walship.wal import FsyncPolicy
-from walship.wal.record import GENESIS_CHAIN, verify_run
+from walship.wal.frame import verify_frame
+from walship.wal.record import GENESIS_CHAIN
 
 
 def open_store(path: Path) -> Store:
@@ -47,7 +49,7 @@ def ship_wal(leader: Store, follower: Store) -> None:
     if not records:
         return
     chain = follower.wal.last_chain if end.lsn.value else GENESIS_CHAIN
-    run = verify_run(
+    frame = verify_frame(
         b"".join(r.raw for r in records),
         end.lsn.value,
         end.term.value,
@@ -55,7 +57,7 @@ def ship_wal(leader: Store, follower: Store) -> None:
         leader.wal.terms.current.value,
         1 << 20,
     )
-    follower.apply_run(run).result()
+    follower.apply_frame(frame).result()
 
 
 def staged_copy(leader: Store, info: PartInfo, where: Path, flip: bool = False) -> Path:
@@ -108,7 +110,7 @@ def test_adopted_parts_are_the_leaders_bytes_and_merges_swap_the_same_inputs(
     assert merged is None  # too few parts for the default fan-in: merge by hand below
     from walship.storage.compaction import merge_parts
 
-    merged, _ = merge_parts(leader.parts_dir, leader._parts, 1024)
+    merged, _ = merge_parts(leader.parts_dir, leader.core.parts, 1024)
     staged = staged_copy(leader, merged, tmp_path / "in")
     digest = hashlib.sha256(staged.read_bytes()).digest()
     # a merge of a range its parts do not end at is refused, and nothing changes
@@ -146,7 +148,7 @@ def test_a_part_that_does_not_match_is_refused_and_nothing_changes(
     # the refused range, rebuilt from the follower's own memtable, lines up with the leader's
     write(leader, 10, 10)
     ship_wal(leader, follower)
-    assert follower.checkpoint_through(part.last_lsn) is not None
+    assert follower.checkpoint_through(Lsn(part.last_lsn)) is not None
     assert follower.manifest.last_lsn == part.last_lsn
     assert follower.stats()["memtable_events"] == 10
     nxt = leader.checkpoint()
@@ -173,7 +175,7 @@ def test_a_read_view_taken_before_an_install_still_sees_every_event(
     assert not view.parts and in_memory == list(range(1, 16))
     write(leader, 15, 5)
     ship_wal(leader, follower)
-    assert follower.checkpoint_through(17) is not None
+    assert follower.checkpoint_through(Lsn(17)) is not None
     assert sorted(lsn for m in view.memtables for lsn in m.lsn_array().tolist()) == list(
         range(1, 16)
     )
@@ -195,13 +197,13 @@ def test_a_merge_goes_in_for_the_followers_own_parts_when_they_span_its_range(
         assert part is not None
         infos.append(part)
     ship_wal(leader, follower)
-    assert follower.checkpoint_through(15) is not None
-    assert follower.checkpoint_through(30) is not None
+    assert follower.checkpoint_through(Lsn(15)) is not None
+    assert follower.checkpoint_through(Lsn(30)) is not None
     own = follower.manifest.parts
     assert [(p.first_lsn, p.last_lsn) for p in own] == [(1, 15), (16, 30)]
     from walship.storage.compaction import merge_parts
 
-    merged, _ = merge_parts(leader.parts_dir, leader._parts, 1024)
+    merged, _ = merge_parts(leader.parts_dir, leader.core.parts, 1024)
     staged = staged_copy(leader, merged, tmp_path / "in")
     digest = hashlib.sha256(staged.read_bytes()).digest()
     fewer = msgspec.structs.replace(merged, events=29)

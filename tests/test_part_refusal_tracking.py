@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import make_event
 from tests.test_part_adopt import adopt, open_store, ship_wal, staged_copy
 from walship.events import TrackingIn
+from walship.position import Lsn
 from walship.storage.consumers import ConsumerPosition
 from walship.store import Store
 
@@ -49,7 +50,7 @@ def test_a_refused_range_is_rebuilt_exactly_while_consumers_track_after_it(
     ship_wal(leader, follower)
 
     # the follower refused the leader's part 1-6: it rebuilds lsn 1-6 from its own WAL
-    rebuilt = follower.checkpoint_through(part.last_lsn)
+    rebuilt = follower.checkpoint_through(Lsn(part.last_lsn))
     assert rebuilt is not None
     assert (rebuilt.first_lsn, rebuilt.last_lsn) == (1, 6)
     assert follower.manifest.last_lsn == 6

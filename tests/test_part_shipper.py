@@ -78,7 +78,7 @@ def test_a_part_cut_off_by_the_links_end_is_sent_again_from_its_start(
     assert isinstance(asyncio.run(first.next_message(lsn)), PartStart)
     assert isinstance(asyncio.run(first.next_message(lsn)), PartChunk)
     shippers.detach(first)  # the link ended mid-part
-    assert store._pins == {made[0].info.file: 1}  # still pinned for the follower
+    assert store.core.pins == {made[0].info.file: 1}  # still pinned for the follower
     again = shippers.attach("f1")
     frames = drain(again, store)
     assert isinstance(frames[0], PartStart)
@@ -86,7 +86,7 @@ def test_a_part_cut_off_by_the_links_end_is_sent_again_from_its_start(
     assert chunks[0].offset == 0
     assert b"".join(c.data for c in chunks) == (store.parts_dir / made[0].info.file).read_bytes()
     assert shipped_files(frames) == [made[0].info.file]
-    assert store._pins == {}
+    assert store.core.pins == {}
 
 
 def test_parts_made_while_a_follower_is_away_wait_for_it_and_a_new_link_takes_over(
@@ -105,7 +105,7 @@ def test_parts_made_while_a_follower_is_away_wait_for_it_and_a_new_link_takes_ov
     assert asyncio.run(old.next_message(store.wal.written_lsn.value)) is None
     shippers.detach(old)
     assert shipped_files(drain(new, store)) == [p.info.file for p in made]
-    assert store._pins == {}
+    assert store.core.pins == {}
 
 
 def test_a_merge_of_parts_still_queued_replaces_them_and_lets_them_go(
@@ -138,7 +138,7 @@ def test_a_merge_of_parts_still_queued_replaces_them_and_lets_them_go(
     assert [p.kind for p in sent.queue] == ["checkpoint"] * 3 + ["merge"]
     shippers.forget("away")
     shippers.close()
-    assert store._pins == {}
+    assert store.core.pins == {}
 
 
 def test_a_snapshot_sent_lets_the_parts_it_holds_go(store: Store, made: list[OutgoingPart]) -> None:
@@ -149,4 +149,4 @@ def test_a_snapshot_sent_lets_the_parts_it_holds_go(store: Store, made: list[Out
         shippers.offer(part)
     shipper.drop_through(made[0].info.last_lsn)
     assert [p.info for p in shipper.queue] == [made[1].info]
-    assert store._pins == {made[1].info.file: 1}
+    assert store.core.pins == {made[1].info.file: 1}

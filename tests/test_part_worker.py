@@ -80,7 +80,7 @@ def _kill(pid: int) -> None:
 def test_the_worker_process_writes_the_merged_part(store: Store) -> None:
     _parts(store, 3, 40)
     before = _answers(store)
-    worker = store._part_worker
+    worker = store.core.part_worker
     assert worker is not None
     pid = worker.pid()
     assert pid != os.getpid()
@@ -100,7 +100,7 @@ def test_the_worker_process_writes_the_merged_part(store: Store) -> None:
 def test_a_killed_worker_fails_one_merge_and_the_next_runs_in_a_new_one(store: Store) -> None:
     _parts(store, 3, 40)
     before, manifest, files = _answers(store), store.manifest, _files(store)
-    worker = store._part_worker
+    worker = store.core.part_worker
     assert worker is not None
     first = worker.pid()
     _kill(first)
@@ -119,7 +119,7 @@ def test_a_killed_worker_fails_one_merge_and_the_next_runs_in_a_new_one(store: S
 def _kill_while_it_writes(store: Store, action: Callable[[], object]) -> BaseException:
     """Run ``action`` in a thread, SIGKILL the worker once a ``.tmp`` part appears, and return
     what ``action`` raised."""
-    worker = store._part_worker
+    worker = store.core.part_worker
     assert worker is not None
     pid = worker.pid()
     failure: list[BaseException] = []
@@ -186,7 +186,7 @@ def test_the_worker_exits_when_its_node_is_killed(tmp_path: Path) -> None:
         "from pathlib import Path\n"
         "from walship.store import Store, StoreConfig\n"
         "s = Store.open(StoreConfig(Path(sys.argv[1]), checkpoints=False, part_worker=True))\n"
-        "print(s._part_worker.pid(), flush=True)\n"
+        "print(s.core.part_worker.pid(), flush=True)\n"
         "time.sleep(600)\n"
     )
     node = subprocess.Popen(

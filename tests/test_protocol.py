@@ -23,6 +23,7 @@ from walship.errors import (
 from walship.limits import DEFAULT_LIMITS
 from walship.position import Lsn, Position, Term
 from walship.replication.acks import AckMode
+from walship.replication.applier import BatchApplier
 from walship.replication.config import AckSettings, ReplicationConfig
 from walship.replication.protocol import (
     FRAME_HEADER_BYTES,
@@ -59,7 +60,6 @@ from walship.replication.protocol import (
     Welcome,
     batch_records,
     client_proof,
-    decode_batch,
     encode,
     encode_parts,
     hello_error,
@@ -72,6 +72,7 @@ from walship.replication.protocol import (
     verify_hello_proof,
     verify_welcome,
 )
+from walship.wal.frame import VerifiedFrame
 from walship.wal.record import GENESIS_CHAIN, HEADER_BYTES, crc32c, encode_record
 
 U64_MAX = (1 << 64) - 1
@@ -685,9 +686,11 @@ def test_batch_records_fits_every_frame_and_keeps_every_record_in_order(
         [got] = decoder.feed(frame)
         assert isinstance(got, WalBatch)
         assert (got.prev_lsn, got.prev_chain) == prev
-        recs = got.verified().records
-        shipped += [r.raw for r in recs]
-        prev = (recs[-1].lsn, recs[-1].chain)
+        frame = _take(got)
+        starts = frame.starts
+        shipped += [bytes(frame.data[a:b]) for a, b in itertools.pairwise(starts)]
+        lsn, _, chain = frame.tail()
+        prev = (lsn, chain)
     assert shipped == records
 
 
@@ -736,45 +739,56 @@ def _batch(records: list[bytes], /, **changes: object) -> WalBatch:
     return WalBatch(**fields)  # type: ignore[arg-type]
 
 
-def test_decode_batch_returns_verified_records() -> None:
-    records = decode_batch(_batch(RECORDS)).records
-    assert [r.lsn for r in records] == [1, 2, 3]
-    assert [r.chain for r in records] == CHAINS
+def _take(
+    batch: WalBatch, record_bytes_max: int = DEFAULT_LIMITS.record_bytes_max
+) -> VerifiedFrame:
+    """The batch's records as a follower's applier verifies them (a frame at a time)."""
+    applier = BatchApplier()
+    applier.record_bytes_max = record_bytes_max
+    frame = applier.take(batch)
+    assert frame is not None
+    return frame
 
 
-def test_decode_batch_detects_a_corrupt_record() -> None:
+def test_a_batch_is_taken_as_verified_records() -> None:
+    frame = _take(_batch(RECORDS))
+    assert [lsn for lsn, _, _ in frame.entries()] == [1, 2, 3]
+    assert [frame.position_after(k)[2] for k in (1, 2, 3)] == CHAINS
+
+
+def test_a_batch_with_a_corrupt_record_is_refused() -> None:
     raw = bytearray(b"".join(RECORDS))
     raw[50] ^= 0x01  # inside the first record's body: the frame CRC would not see this
     with pytest.raises(ProtocolError, match="CRC mismatch"):
-        decode_batch(_batch(RECORDS, records=bytes(raw)))
+        _take(_batch(RECORDS, records=bytes(raw)))
 
 
-def test_decode_batch_detects_a_gap_a_chain_break_and_a_short_batch() -> None:
+def test_a_batch_with_a_gap_a_chain_break_or_short_is_refused() -> None:
     with pytest.raises(ProtocolError, match="where 2 was due"):
-        decode_batch(_batch([RECORDS[0], RECORDS[2]], last_lsn=3))
+        _take(_batch([RECORDS[0], RECORDS[2]], last_lsn=3))
     with pytest.raises(ProtocolError, match="chain hash mismatch"):
-        decode_batch(_batch(RECORDS, prev_chain=b"x" * 8))
+        _take(_batch(RECORDS, prev_chain=b"x" * 8))
     with pytest.raises(ProtocolError, match="end at lsn 3"):
-        decode_batch(_batch(RECORDS, last_lsn=4))
+        _take(_batch(RECORDS, last_lsn=4))
     with pytest.raises(ProtocolError, match="more bytes"):
-        decode_batch(_batch(RECORDS, records=b"".join(RECORDS)[:-1]))
+        _take(_batch(RECORDS, records=b"".join(RECORDS)[:-1]))
     with pytest.raises(ProtocolError, match="header needs 32 bytes"):
-        decode_batch(_batch(RECORDS, records=b"".join(RECORDS) + RECORDS[0][:20]))
+        _take(_batch(RECORDS, records=b"".join(RECORDS) + RECORDS[0][:20]))
 
 
-def test_decode_batch_refuses_a_record_longer_than_the_limit() -> None:
+def test_a_batch_with_a_record_longer_than_the_limit_is_refused() -> None:
     longer, _ = make_records(2, first_lsn=4, body_bytes=41)  # chained from GENESIS_CHAIN
     batch = _batch(longer, prev_lsn=3, prev_term=1, first_lsn=4, last_lsn=5)
-    assert decode_batch(batch, record_bytes_max=41).last_lsn == 5
+    assert _take(batch, record_bytes_max=41).last_lsn == 5
     with pytest.raises(ProtocolError, match="record length 41 exceeds 40") as info:
-        decode_batch(batch, record_bytes_max=40)
+        _take(batch, record_bytes_max=40)
     assert info.value.details["offset"] == 0
 
 
-def test_decode_batch_refuses_records_from_a_later_term_than_the_batch() -> None:
+def test_a_batch_with_records_from_a_later_term_than_its_own_is_refused() -> None:
     later, _ = make_records(2, term=5)
     with pytest.raises(ProtocolError, match="term 5"):
-        decode_batch(_batch(later, term=4))
+        _take(_batch(later, term=4))
 
 
 class _WelcomeV1(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):

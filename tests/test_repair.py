@@ -9,7 +9,7 @@ import pytest
 
 from walship.errors import InvalidInput
 from walship.limits import Limits
-from walship.position import Term
+from walship.position import Lsn, Term
 from walship.replication.acks import AckHistory, DegradationLedger
 from walship.replication.lostfound import find_files, read_file
 from walship.replication.repair import repair_divergence
@@ -51,7 +51,7 @@ def test_truncate_after_cuts_records_terms_and_versions(tmp_path: Path) -> None:
     write(store, 60, start=100)
     assert len(list_segments(store.wal_dir)) > 2
     before = store.entity_version("acct-1")
-    store.truncate_after(90)
+    store.truncate_after(Lsn(90))
     assert store.wal.last_position.lsn.value == 90
     assert store.wal.terms.to_list() == [(1, 1)]
     assert lsns(store) == list(range(1, 91))
@@ -88,7 +88,7 @@ def test_cut_below_the_checkpoint_is_refused_by_the_store(tmp_path: Path) -> Non
     write(store, 50)
     store.checkpoint()
     with pytest.raises(InvalidInput):
-        store.truncate_after(10)
+        store.truncate_after(Lsn(10))
     store.close()
 
 

@@ -49,7 +49,7 @@ def test_log_follows_the_wal_the_store_reopens_after_a_repair(store: Store) -> N
         store.append(make_event())
     before = store.wal
     assert store.log.written_lsn == Lsn(6)  # asked before the repair too
-    store.truncate_after(4)
+    store.truncate_after(Lsn(4))
     assert store.wal is not before, "the repair opened a new WAL"
     assert store.log.written_lsn == Lsn(4)
     assert store.log.last_position.lsn == Lsn(4)

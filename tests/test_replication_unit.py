@@ -271,11 +271,11 @@ def test_follower_holds_compaction_back_only_while_it_catches_up(tmp_path: Path)
             # has sent everything
             assert calls[0] == (True, 0, FollowerState.CATCHING_UP)
             assert calls[1:] == [(False, calls[1][1], FollowerState.STREAMING)]
-            assert fstore._compaction_held is False
+            assert fstore.core.compaction_held is False
             await follower.stop()
             assert calls[-1][0] is False  # and whenever the link ends
             assert len(calls) == 3
-            assert fstore._compaction_held is False
+            assert fstore.core.compaction_held is False
 
     run(scenario)
 
@@ -620,7 +620,7 @@ def test_a_follower_catches_up_while_writes_keep_landing(
             # caught up while the writes still landed, not only once they stopped
             assert 0 < landed["at_caught_up"] < writes_max
             assert leader.sessions["f1"].in_sync
-            assert fstore._compaction_held is False
+            assert fstore.core.compaction_held is False
             assert_identical(fstore, lstore)
 
     run(scenario)

@@ -23,7 +23,7 @@ from walship.storage.parquet import SCHEMA
 from walship.storage.query import QueryFilter
 from walship.store import INSTALL_MARKER, Store, StoreConfig
 from walship.wal import FsyncPolicy
-from walship.wal.record import verify_run
+from walship.wal.frame import verify_frame
 
 
 def open_store(path: Path, **limits: int) -> Store:
@@ -309,8 +309,8 @@ def test_install_snapshot_replaces_state_and_continues_from_its_end(tmp_path: Pa
     assert follower.entity_version("junk") == 0
     assert follower.entity_version("e0") == 10
     shipped = b"".join(r.raw for r in leader.wal.read_from(31))
-    run = verify_run(shipped, 30, manifest.last_term, manifest.chain_bytes, 1, 1 << 20)
-    follower.apply_run(run).result()
+    frame = verify_frame(shipped, 30, manifest.last_term, manifest.chain_bytes, 1, 1 << 20)
+    follower.apply_frame(frame).result()
     assert all_events(follower) == all_events(leader)
     assert [r.raw for r in follower.wal.read_from(31)] == [r.raw for r in leader.wal.read_from(31)]
     follower.close()
@@ -436,12 +436,12 @@ def test_held_compaction_waits_for_the_release_or_the_parts_cap(tmp_path: Path) 
     for round_ in range(5):
         store.append(make_event(f"e{round_}"))
         store.checkpoint()
-    assert not store._may_compact()  # the compactor thread's own test: closed below the cap
+    assert not store.parts.may_compact()  # the compactor thread's own test: closed below the cap
     assert (len(store.manifest.parts), store.compactions) == (5, 0)
     store.append(make_event("e5"))
     store.checkpoint()  # the 6th part reaches the cap: merging starts while still held ...
     assert _wait_for(lambda: len(store.manifest.parts) == 5)
-    assert not store._may_compact()
+    assert not store.parts.may_compact()
     assert (len(store.manifest.parts), store.compactions) == (5, 1)  # ... and stops below it
     store.hold_compaction(False)  # caught up: every pair is merged
     assert _wait_for(lambda: [p.events for p in store.manifest.parts] == [2, 2, 2])

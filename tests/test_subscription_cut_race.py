@@ -15,6 +15,7 @@ from walship.events import EventIn
 from walship.http.stream import CutNotice, SharedPage, Subscriptions
 from walship.limits import Limits
 from walship.node import Node, NodeConfig
+from walship.position import Lsn
 from walship.sse import ResumePoint
 from walship.storage.cuts import LogCuts
 from walship.storage.query import QueryFilter
@@ -81,7 +82,7 @@ def test_a_page_read_while_the_log_is_cut_is_never_sent(
             def cut_after(read: Any, from_lsn: int) -> Any:
                 if not calls:  # the first read overlaps the repair
                     with store.cuts.cutting(50):
-                        store.truncate_after(50)
+                        store.truncate_after(Lsn(50))
                     store.append_batch(events("new", 5))
                 calls.append(from_lsn)
                 return read

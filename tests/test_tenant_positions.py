@@ -128,7 +128,7 @@ def test_recovery_rebuilds_positions_from_parquet_and_the_wal(tmp_path: Path) ->
         receipts = store.append_batch([make_event("x", tenant_id=t) for t in (*TENANTS, "solo")])
         assert [r.position for r in receipts] == [len(before[t]) + 1 for t in (*TENANTS, "solo")]
         # the index anchors came back from the parts: a read near the end starts near it
-        lo, _ = store._positions.lsn_window("t1", len(before["t1"]), None)
+        lo, _ = store.core.positions.lsn_window("t1", len(before["t1"]), None)
         assert lo > before["t1"][-LIMITS.tenant_position_index_stride - 1].lsn
 
 

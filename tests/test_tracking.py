@@ -18,6 +18,7 @@ from walship.events import TrackingIn
 from walship.http import create_app
 from walship.limits import Limits
 from walship.node import Node, NodeConfig
+from walship.position import Lsn
 from walship.storage.consumers import ConsumerPosition, ConsumerTable
 from walship.storage.query import QueryFilter
 from walship.store import Store, StoreConfig
@@ -123,7 +124,7 @@ def test_consumer_positions_survive_restart_checkpoint_compaction_and_wal_cut(
             if i % 10 == 9:
                 store.checkpoint()
         assert store.compact() is not None
-        store.remove_checkpointed_wal()
+        store.checkpoints.remove_checkpointed_wal()
         assert store.wal.first_lsn().value > 4  # the early tracking records are gone
         append(store, [], track(2))  # after the last checkpoint: in the WAL only
         want = {
@@ -249,7 +250,7 @@ def test_a_cut_tail_gives_its_positions_again_and_takes_its_tracking_back(tmp_pa
         append(store, [make_event("a", tenant_id="t1") for _ in range(3)], track(3))  # lsn 1-4
         append(store, [make_event("a", tenant_id="t1") for _ in range(2)], track(5))  # lsn 5-7
         assert store.tenant_position("t1") == (5, 6)
-        store.truncate_after(4)
+        store.truncate_after(Lsn(4))
         assert store.tenant_position("t1") == (3, 3)
         assert store.consumer_position("t1", "proj") == ConsumerPosition("t1", "proj", 3, 4)
         again = append(store, [make_event("b", tenant_id="t1")], track(4))

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import make_event
 from tests.test_tracking import append, open_store, track
 from walship.storage.consumers import ConsumerPosition
-from walship.store import Store
+from walship.store import StoreCore
 
 
 def test_a_consumer_read_racing_writes_never_loses_the_consumer(
@@ -24,10 +24,10 @@ def test_a_consumer_read_racing_writes_never_loses_the_consumer(
         append(store, [make_event(tenant_id="t1")], track(1))
         took_visible = threading.Event()
         writes_done = threading.Event()
-        real = Store.visible_lsn.fget
+        real = StoreCore.visible_lsn.fget
         assert real is not None
 
-        def visible_lsn(self: Store) -> int:
+        def visible_lsn(self: StoreCore) -> int:
             value = real(self)
             if threading.current_thread().name == "reader" and not took_visible.is_set():
                 took_visible.set()
@@ -35,7 +35,7 @@ def test_a_consumer_read_racing_writes_never_loses_the_consumer(
                 writes_done.wait(1.0)
             return value
 
-        monkeypatch.setattr(Store, "visible_lsn", property(visible_lsn))
+        monkeypatch.setattr(StoreCore, "visible_lsn", property(visible_lsn))
         answers: list[ConsumerPosition | None] = []
         reader = threading.Thread(
             target=lambda: answers.append(store.consumer_position("t1", "proj")), name="reader"

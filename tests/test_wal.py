@@ -15,13 +15,13 @@ from walship.errors import CorruptionError, InvalidInput
 from walship.limits import Limits
 from walship.position import Lsn, Term
 from walship.wal import FsyncPolicy, Wal
+from walship.wal.frame import verify_frame
 from walship.wal.record import (
     GENESIS_CHAIN,
     RecordIncomplete,
     RecordInvalid,
     decode_record,
     encode_record,
-    verify_run,
 )
 from walship.wal.segment import SEGMENT_HEADER_BYTES, list_segments
 
@@ -240,13 +240,13 @@ def test_follower_append_refuses_records_that_do_not_continue_the_log(tmp_path: 
 
     dst = open_wal(tmp_path / "b")
     with pytest.raises(CorruptionError):
-        dst.append_run(shipped(records, 2, 5))  # gap: starts at lsn 2
-    dst.append_run(shipped(records, 1, 3)).result()
+        dst.append_frame(shipped(records, 2, 5))  # gap: starts at lsn 2
+    dst.append_frame(shipped(records, 1, 3)).result()
     with pytest.raises(CorruptionError):
-        dst.append_run(shipped(records, 5, 5))  # gap: lsn 4 is missing
+        dst.append_frame(shipped(records, 5, 5))  # gap: lsn 4 is missing
     with pytest.raises(CorruptionError, match="chain hash mismatch"):  # another history
-        verify_run(b"".join(r.raw for r in records[3:]), 3, 1, b"x" * 8, 1, 1 << 20)
-    dst.append_run(shipped(records, 4, 5)).result()
+        verify_frame(b"".join(r.raw for r in records[3:]), 3, 1, b"x" * 8, 1, 1 << 20)
+    dst.append_frame(shipped(records, 4, 5)).result()
     assert [r.raw for r in dst.read_from(1)] == [r.raw for r in records]
     dst.close()
 

@@ -471,17 +471,17 @@ def test_follower_store_applies_shipped_records_again_after_a_full_disk(
         StoreConfig(tmp_path / "follower", limits=LIMITS, checkpoints=False),
     )
     try:
-        follower.apply_run(shipped(records, 1, 2)).result(timeout=5)
+        follower.apply_frame(shipped(records, 1, 2)).result(timeout=5)
         disk.full = True
         with pytest.raises(StorageFull):
-            follower.apply_run(shipped(records, 3, 4)).result(timeout=5)
+            follower.apply_frame(shipped(records, 3, 4)).result(timeout=5)
         assert follower.last_position.lsn == Lsn(2)
         assert follower.entity_version("acct-1") == 2
         with pytest.raises(StorageFull):
-            follower.apply_run(shipped(records, 3, 4))
+            follower.apply_frame(shipped(records, 3, 4))
         disk.full = False
         wait_for_space(follower.wal)
-        follower.apply_run(shipped(records, 3, 4)).result(timeout=5)
+        follower.apply_frame(shipped(records, 3, 4)).result(timeout=5)
         assert [e.lsn for e in follower.query(_all()).events] == [1, 2, 3, 4]
         assert follower.entity_version("acct-1") == 4
     finally:
@@ -501,7 +501,7 @@ def test_a_rollback_does_not_deadlock_a_close_under_the_store_lock(
     in the writer, waiting for that lock to forget events, must not keep the close waiting."""
     store.append(make_event("acct-1"))
     disk.full = True
-    with store._lock:
+    with store.core.lock:
         pending = store.submit([make_event("acct-1")])
         time.sleep(0.1)  # the writer is rolling back, waiting for the store lock
         closer = threading.Thread(target=store.wal.close)
@@ -529,15 +529,15 @@ def test_a_term_start_rolled_back_with_its_records_is_forgotten(
     for then in ("follow", "lead"):
         path = tmp_path / f"follower-{then}"
         follower = Wal.open(path, fsync=FsyncPolicy.parse("always"), limits=LIMITS)
-        follower.append_run(shipped(records, 1, 2)).result(timeout=5)
+        follower.append_frame(shipped(records, 1, 2)).result(timeout=5)
         disk.full = True
         with pytest.raises(StorageFull):
-            follower.append_run(shipped(records, 3, 6)).result(timeout=5)
+            follower.append_frame(shipped(records, 3, 6)).result(timeout=5)
         assert follower.terms.to_list() == [(1, 1)]  # term 2 started at lsn 4, rolled back
         disk.full = False
         wait_for_space(follower)
         if then == "follow":
-            follower.append_run(shipped(records, 3, 6)).result(timeout=5)
+            follower.append_frame(shipped(records, 3, 6)).result(timeout=5)
             expected = [(1, 1), (2, 4)]
         else:
             follower.begin_term(Term(3))  # promoted: its term starts after what it wrote

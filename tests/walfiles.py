@@ -8,7 +8,8 @@ from tests.conftest import make_event
 from walship.limits import Limits
 from walship.store import Store, StoreConfig
 from walship.wal import FsyncPolicy
-from walship.wal.record import GENESIS_CHAIN, HEADER_BYTES, Record, VerifiedRun, verify_run
+from walship.wal.frame import VerifiedFrame, verify_frame
+from walship.wal.record import GENESIS_CHAIN, HEADER_BYTES, Record
 from walship.wal.segment import SEGMENT_HEADER_BYTES, list_segments
 
 
@@ -63,11 +64,11 @@ def cut_inside_last_record(segment: Path) -> int:
 
 def shipped(
     records: list[Record], first: int, last: int, body_bytes_max: int = 1 << 20
-) -> VerifiedRun:
-    """Records first..last (of ``records``, lsn 1 onwards) as a follower receives them,
-    verified from their predecessor."""
+) -> VerifiedFrame:
+    """Records first..last (of ``records``, lsn 1 onwards) as a follower receives them: one
+    frame, verified from their predecessor (``wal/frame.py``)."""
     prev = records[first - 2] if first > 1 else None
-    return verify_run(
+    return verify_frame(
         b"".join(r.raw for r in records[first - 1 : last]),
         first - 1,
         prev.term if prev else 0,

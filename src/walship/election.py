@@ -234,7 +234,7 @@ class EtcdElection:
         if not self.holding:
             self.state = "acquiring"
             info, _ = await self._current()
-            term = node.store.wal.terms.current.value
+            term = node.store.log.current_term.value
             etcd_term, term_rev = await self._etcd_term()
             if info is not None and not (info.node_id == node.node_id and info.term == term):
                 self._fence(f"etcd says {info.node_id} leads term {info.term}")
@@ -393,7 +393,7 @@ class EtcdElection:
         follower = node.follower
         etcd_term, term_rev = await self._etcd_term()
         known = max(
-            node.store.wal.terms.current.value,
+            node.store.log.current_term.value,
             0 if follower is None else follower.known_term,
             node.role_state.record.term_seen,
         )

@@ -77,7 +77,7 @@ class Limits:
     compaction_held_parts_max: int = 64  # parts a catching-up follower lets pile up
     # a physical follower waits for the leader's parts until its memtable holds this percent
     # of the memtable budget (events, bytes or age), then checkpoints itself; below the 200 %
-    # at which appends block (Store._throttle_locked)
+    # at which appends block (store.writes.WritePath.throttle_locked)
     physical_fallback_percent: int = 150
     # an outside reader pinning the history retries while compactions replace the parts it
     # read in the manifest; each retry re-reads a newer manifest, so this is only reached when

@@ -209,7 +209,7 @@ class Node:
         # automatic failover (etcd): a reason to refuse writes, and what runs beside the node
         self.write_gate: Callable[[], str | None] | None = None
         self.coordinator: Coordinator | None = None
-        self.replication_metrics.term.set(store.wal.terms.current.value)
+        self.replication_metrics.term.set(store.log.current_term.value)
         self._bind_role_metrics()
 
     def _bind_role_metrics(self) -> None:
@@ -355,7 +355,7 @@ class Node:
         self._started = True
         self._loop = asyncio.get_running_loop()
         self._visible = asyncio.Event()
-        self.store.wal.add_listener(self._on_commit)
+        self.store.log.add_listener(self._on_commit)
         self.store.cuts.add_listener(self._on_cut)
         if self.leader is not None:
             await self.leader.start()
@@ -375,7 +375,7 @@ class Node:
         await self.leadership.stop()
         if self.coordinator is not None:
             await self.coordinator.stop()
-        self.store.wal.remove_listener(self._on_commit)
+        self.store.log.remove_listener(self._on_commit)
         self.store.cuts.remove_listener(self._on_cut)
         if self.leader is not None:
             await self.leader.stop()
@@ -615,7 +615,7 @@ class Node:
             "not_ready": reasons,
             "role": self.role,
             "node_id": self.node_id,
-            "term": store.wal.terms.current.value,
+            "term": store.log.current_term.value,
             "term_seen": self.term_seen(),
             "url": self.replication.http_url,
             "last_term": wal.last_term,
@@ -650,7 +650,7 @@ class Node:
         """The newest term this node has heard of: its own, or one a peer told it of."""
         leader, follower = self.leader, self.follower
         return max(
-            self.store.wal.terms.current.value,
+            self.store.log.current_term.value,
             self.role_state.record.term_seen,
             0 if leader is None else leader.fenced_term,
             0 if follower is None else follower.known_term,
@@ -670,7 +670,7 @@ class Node:
 
     def position(self) -> Position:
         """The term and lsn of this node's last record."""
-        return self.store.wal.last_position
+        return self.store.log.last_position
 
     # ------------------------------------------------------------------ role switches
 
@@ -858,7 +858,7 @@ class Node:
         return {
             "node_id": self.node_id,
             "role": self.role,
-            "term": self.store.wal.terms.current.value,
+            "term": self.store.log.current_term.value,
             "last_term": pos.term.value,
             "last_lsn": pos.lsn.value,
             "replication_address": self.replication_address(),

@@ -61,7 +61,7 @@ async def append_pending(
         leader = node.check_writable()
         node.check_ack_mode(requested, leader)
     store = node.store
-    if store.would_block():
+    if store.writes.would_block():
         # backpressure (checkpoints or the WAL writer behind): wait in a thread, not the loop
         pending = await asyncio.to_thread(
             store.submit, events, json_checked=True, tracking=tracking

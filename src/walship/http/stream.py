@@ -32,6 +32,7 @@ from walship.http.live_tail import LiveTail, TailPage
 from walship.http.media import Media, response_media
 from walship.limits import LSN_MAX
 from walship.node import Node
+from walship.position import Lsn
 from walship.sse import (
     KEEPALIVE,
     MEDIA_TYPE,
@@ -92,7 +93,10 @@ def check_resume(node: Node, point: ResumePoint) -> None:
             )
         return
     if point.lsn <= visible:
-        if point.term is not None and (term := store.term_at(point.lsn)) != point.term:
+        if (
+            point.term is not None
+            and (term := store.reads.term_at(Lsn(point.lsn)).value) != point.term
+        ):
             raise _term_differs(node, point, term)
     elif node.leader is not None and _takes_writes(node):
         raise LogCut(
@@ -243,7 +247,7 @@ class Subscriptions:
                             yield []
                             sent_at = time.monotonic()
                         continue
-                    if (term := store.term_at(point.lsn)) != term_due:
+                    if (term := store.reads.term_at(Lsn(point.lsn)).value) != term_due:
                         if cuts.seq == seq:
                             yield CutNotice(_term_differs(node, point, term))
                             return

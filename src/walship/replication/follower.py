@@ -939,7 +939,7 @@ class Follower:
         """A batch's write completed: what it makes durable (fsynced) on this node. Raises the
         WAL's error when the write failed."""
         durable = item.last_lsn
-        if not item.done.result().synced:  # append_run always fsyncs; never trust less
+        if not item.done.result().synced:  # append_frame always fsyncs; never trust less
             durable = min(durable, self.store.log.synced_lsn.value)
         self.durable_lsn = max(self.durable_lsn, durable)
 

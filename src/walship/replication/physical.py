@@ -40,6 +40,7 @@ from typing import Final
 import msgspec
 
 from walship.errors import ProtocolError
+from walship.position import Lsn
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.protocol import Message, PartChunk, PartEnd, PartStart
 from walship.replication.staging import checked_child
@@ -394,7 +395,7 @@ class PartReceiver:
                 store.manifest.last_lsn,
             )
             if part.info.last_lsn > store.manifest.last_lsn:
-                store.checkpoint_through(part.info.last_lsn)
+                store.checkpoint_through(Lsn(part.info.last_lsn))
             return False
         try:
             digest = part.hasher.digest()
@@ -417,7 +418,7 @@ class PartReceiver:
             log.warning("replication: refused the leader's part: %s", exc.message)
             if part.kind == "checkpoint":
                 # rebuilt from this node's own WAL: its memtable holds that range
-                store.checkpoint_through(part.info.last_lsn)
+                store.checkpoint_through(Lsn(part.info.last_lsn))
             return False
         finally:
             part.path.unlink(missing_ok=True)

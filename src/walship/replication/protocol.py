@@ -62,7 +62,6 @@ import msgspec
 
 from walship.errors import (
     AuthenticationError,
-    CorruptionError,
     InvalidInput,
     LimitExceeded,
     ProtocolError,
@@ -77,9 +76,7 @@ from walship.wal.record import (
     CHAIN_BYTES,
     HEADER,
     HEADER_BYTES,
-    VerifiedRun,
     crc32c,
-    verify_run,
 )
 
 PROTOCOL_VERSION: Final = 1
@@ -370,10 +367,6 @@ class WalBatch(_Wire, frozen=True):
     @property
     def prev_position(self) -> Position:
         return Position(Term(self.prev_term), Lsn(self.prev_lsn))
-
-    def verified(self, record_bytes_max: int = DEFAULT_LIMITS.record_bytes_max) -> VerifiedRun:
-        """Decode and verify the records; see ``decode_batch``."""
-        return decode_batch(self, record_bytes_max)
 
 
 class Ack(_Wire, frozen=True):
@@ -974,28 +967,3 @@ def _wal_batch(
         leader_write_ts_us=leader_write_ts_us,
         records=b"".join(group),
     )
-
-
-def decode_batch(
-    batch: WalBatch, record_bytes_max: int = DEFAULT_LIMITS.record_bytes_max
-) -> VerifiedRun:
-    """The batch's records, each CRC-checked, consecutive, term-ordered and chain-linked.
-
-    Checks the batch against itself (from its ``prev_*`` fields); whether ``prev_*`` is the
-    follower's own tail is the follower's check. ProtocolError on any defect — never a skip.
-    """
-    span = f"WalBatch {batch.first_lsn}..{batch.last_lsn}"
-    try:
-        run = verify_run(
-            batch.records,
-            batch.prev_lsn,
-            batch.prev_term,
-            batch.prev_chain,
-            batch.term,
-            record_bytes_max,
-        )
-    except CorruptionError as exc:
-        raise ProtocolError(f"{span}: {exc.message}", **exc.details) from exc
-    if run.last_lsn != batch.last_lsn:
-        raise ProtocolError(f"{span}: the records end at lsn {run.last_lsn}")
-    return run

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from walship.errors import invariant
+from walship.position import Lsn
 from walship.replication.acks import AckHistory, DegradationLedger
 from walship.replication.divergence import keep_point
 from walship.replication.lostfound import LostRecord, event_of, lost_record, write_lost_found
@@ -92,6 +93,6 @@ def repair_divergence(store: Store, common_term: int, common_lsn: int) -> Repair
         if reset:
             store.reset_to_empty()
         else:
-            store.truncate_after(keep)
+            store.truncate_after(Lsn(keep))
     ledger.truncate_after(keep)
     return RepairResult(keep, count, highest, path, reset)

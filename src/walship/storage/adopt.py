@@ -45,30 +45,30 @@ def adopt_checkpoint(
     this node's own, through the lsn before the part.
     """
     last = info.last_lsn
-    with store._checkpoint_lock:
-        if info.first_lsn > store._manifest.last_lsn + 1:
-            store._checkpoint_once(through=info.first_lsn - 1)
-        m = store._manifest
+    with store.core.checkpoint_lock:
+        if info.first_lsn > store.core.manifest.last_lsn + 1:
+            store.checkpoints.checkpoint_once(through=info.first_lsn - 1)
+        m = store.core.manifest
         if info.first_lsn != m.last_lsn + 1:
             raise PartRejected(
                 f"part {info.file} starts at lsn {info.first_lsn}, but this node's checkpoint "
                 f"ends at {m.last_lsn}"
             )
-        if last > store.wal.written_lsn.value:
+        if last > store.log.written_lsn.value:
             raise PartRejected(f"part {info.file} ends past this node's log at lsn {last}")
-        record = next(iter(store.wal.read_from(Lsn(last))), None)
+        record = next(iter(store.log.read_from(Lsn(last))), None)
         if record is None or record.term != last_term or record.chain != chain:
             raise PartRejected(
                 f"part {info.file}: the leader's record at lsn {last} (term {last_term}) is "
                 "not this node's: another history"
             )
-        with store._lock:
-            covered, _ = store._active.split_at(last)
+        with store.core.lock:
+            covered, _ = store.core.active.split_at(last)
         verify_part_file(staged, info, digest=digest, lsns=covered.lsn_array())
         for entry in consumers:
             if entry.lsn > last:
                 raise PartRejected(f"part {info.file}: a consumer tracked past its range")
-        own = {(c.tenant_id, c.consumer): c for c in store._consumers.entries()}
+        own = {(c.tenant_id, c.consumer): c for c in store.core.consumers.entries()}
         for key, entry in own.items():
             theirs = next((c for c in consumers if (c.tenant_id, c.consumer) == key), None)
             if entry.lsn <= last and theirs != entry:
@@ -80,24 +80,24 @@ def adopt_checkpoint(
         hashes = id_hashes_of_bytes(covered.id_bytes())
         hashes.sort()
         reader.set_id_hashes(hashes)
-        with store._manifest_lock:
+        with store.core.manifest_lock:
             manifest = m.advanced(info, last, last_term, chain, now_us(), consumers)
             from walship.storage.manifest import save_manifest
 
             save_manifest(store.checkpoint_dir, manifest)
-            with store._lock:
+            with store.core.lock:
                 # a new memtable for what follows the part; the old one is left as it is,
                 # for the readers whose view holds it (with the parts before this one)
-                _, fresh = store._active.split_at(last)
+                _, fresh = store.core.active.split_at(last)
                 fresh.created_us = now_us()
-                store._active = fresh
-                store._manifest = manifest
-                store._parts.append(reader)
-                store.parts_adopted += 1
-                store._checkpoint_done.notify_all()
+                store.core.active = fresh
+                store.core.manifest = manifest
+                store.core.parts.append(reader)
+                store.core.parts_adopted += 1
+                store.core.checkpoint_done.notify_all()
     store.write_amp.checkpointed(info)
-    store._update_memtable_gauges()
-    store.remove_checkpointed_wal()
+    store.core.update_memtable_gauges()
+    store.checkpoints.remove_checkpointed_wal()
 
 
 def adopt_merge(
@@ -112,8 +112,8 @@ def adopt_merge(
     events and its rows are at exactly their lsns: the follower's layout comes back to the
     leader's rather than drifting from it for good.
     """
-    with store._compaction_lock:
-        m = store._manifest
+    with store.core.compaction_lock:
+        m = store.core.manifest
         held = _parts_spanning(m.parts, info)
         if held is None:
             raise PartRejected(
@@ -137,9 +137,9 @@ def adopt_merge(
         path = store.parts_dir / info.file
         os.replace(staged, path)
         fsync_dir(store.parts_dir)
-        store.replace_parts({p.file for p in held}, info, PartReader(path, info))
-        store.parts_adopted += 1
-    store._collect_garbage()
+        store.parts.replace_parts({p.file for p in held}, info, PartReader(path, info))
+        store.core.parts_adopted += 1
+    store.parts.collect_garbage()
 
 
 def _parts_spanning(parts: list[PartInfo], info: PartInfo) -> list[PartInfo] | None:

@@ -142,9 +142,9 @@ def verify_run(
     CRC, the next lsn, a term in ``prev_term..term_max`` never going down, and the chain hash
     from ``prev_chain``. CorruptionError naming the first defect; never a partial answer.
 
-    ``Wal.append_run`` then only has to see that ``prev_*`` is its own tail. A follower's
-    link checks frames with ``wal/frame.py``'s ``verify_frame`` instead: the same checks and
-    messages without a ``Record`` per record (a test holds the two to the same answers).
+    The specification of ``wal/frame.py``'s ``verify_frame``, which a follower's link uses:
+    the same checks and messages without a ``Record`` per record (a test holds the two to
+    the same answers); offline tools and tests decode runs with it.
     """
     # decode_record's checks and Record.verify_chain, inlined: this runs for every record a
     # follower receives, and the calls and the checked copy cost more than the checks

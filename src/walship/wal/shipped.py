@@ -1,7 +1,7 @@
 """Appends of records another node wrote (a follower's path), as methods of ``Wal``.
 
-A follower's records arrive verified — one by one (``verify_run``) or a frame at a time
-(``wal/frame.py``) — from the position they follow. They are queued as they are, after a
+A follower's records arrive verified a frame at a time (``wal/frame.py``) from the position
+they follow. They are queued as they are, after a
 check that this position is the log's tail and with every newer term saved first; the writer
 thread writes them as it writes a leader's appends. The attributes below are ``Wal``'s.
 """
@@ -16,13 +16,12 @@ from walship.errors import CorruptionError, invariant
 from walship.position import Lsn, Term
 from walship.wal.frame import VerifiedFrame
 from walship.wal.group import Pending, WholeUnits
-from walship.wal.record import VerifiedRun
 from walship.wal.terms import TermHistory
 from walship.wal.types import WriteOutcome
 
 
 class ShippedAppends:
-    """``Wal.append_run`` and ``Wal.append_frame``; ``_lock`` held for each."""
+    """``Wal.append_frame``; ``_lock`` held for it."""
 
     _lock: threading.Lock
     _wake: threading.Condition
@@ -37,35 +36,12 @@ class ShippedAppends:
     _sync_wanted: bool
     _wait_for_space: Callable[[], None]  # backpressure (Wal's)
 
-    def append_run(self, run: VerifiedRun) -> Future[WriteOutcome]:
-        """Append records exactly as another node wrote them (a follower's path).
-
-        ``verify_run`` checked every record against the one before, from ``run.prev_*``; the run
-        continues this log when that is this log's tail. CorruptionError (and nothing
-        appended) otherwise. The records must end an atomic append (``batch_left == 0``).
-        They are fsynced before the returned future completes, whatever the fsync policy.
-        """
-        records = run.records
-        invariant(
-            not records or records[-1].batch_left == 0,
-            f"a run ending at lsn {run.last_lsn} cuts an atomic append",
-        )
-        rises = [(r.term, r.lsn) for r in records]
-        last = records[-1] if records else None
-        with self._lock:
-            self._check_continues(run.prev_lsn, run.prev_term, run.prev_chain, rises)
-            if last is None:
-                return self._pending_future
-            pending = self._pending
-            for rec in records:
-                pending.append(rec.raw)
-                self._pending_bytes += len(rec.raw)
-            self._pending_records += len(records)
-            return self._queued_replicated(last.lsn, last.term, last.chain)
-
     def append_frame(self, frame: VerifiedFrame) -> Future[WriteOutcome]:
-        """``append_run`` for a verified frame (``wal/frame.py``): its bytes are queued and
-        written as one buffer. Every record must belong to a whole atomic append."""
+        """Append a verified frame (``wal/frame.py``) exactly as another node wrote it: its
+        bytes are queued and written as one buffer. Every record must belong to a whole atomic
+        append; CorruptionError (and nothing appended) unless the frame continues this log's
+        tail. The records are fsynced before the returned future completes, whatever the
+        fsync policy."""
         invariant(
             frame.whole == frame.record_count,
             f"a frame ending at lsn {frame.last_lsn} cuts an append",
