@@ -129,8 +129,31 @@ class _Chunk:
         return _events_of([c.to_pylist() for c in part.columns])
 
 
+_PAYLOAD = 8
+_OFFSET_MAX = 2**31 - 1  # a ``binary`` column's offsets are int32
+
+
+def _binary_column(values: list[bytes]) -> pa.Array:
+    """``pa.array(values, pa.binary())`` from one joined buffer: ``pa.array`` grows its data
+    buffer by doubling, and for ~1 KB payloads that copying (and faulting in the new pages)
+    took ~1.7-2.1 µs a row while the store ingested, against ~1.0 for one exact join."""
+    lengths = np.fromiter(map(len, values), np.int64, len(values))
+    total = int(lengths.sum())
+    if total > _OFFSET_MAX:
+        return pa.array(values, pa.binary())
+    offsets = np.zeros(len(values) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    data = pa.py_buffer(b"".join(values))
+    return pa.BinaryArray.from_buffers(
+        pa.binary(), len(values), [None, pa.py_buffer(offsets), data]
+    )
+
+
 def _seal(cols: Columns) -> _Chunk:
-    arrays = [pa.array(col, field.type) for col, field in zip(cols, MEM_SCHEMA, strict=True)]
+    arrays = [
+        _binary_column(col) if i == _PAYLOAD else pa.array(col, field.type)
+        for i, (col, field) in enumerate(zip(cols, MEM_SCHEMA, strict=True))
+    ]
     batch = pa.RecordBatch.from_arrays(arrays, schema=MEM_SCHEMA)
     return _Chunk(batch, np.asarray(arrays[0].to_numpy(), np.int64))
 
