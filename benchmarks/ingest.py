@@ -162,12 +162,12 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="seconds of load: proves it runs")
     # scripts/bench passes its arguments to both benchmarks: the peer is replication.py's
     ap.add_argument("--peer", choices=["postgres", "none"], help="(replication.py only)")
-    ap.add_argument("--part-worker", action="store_true",
-                    help="the HTTP servers write Parquet parts in a worker process")  # fmt: skip
+    ap.add_argument("--no-part-worker", action="store_true",
+                    help="nodes write Parquet parts themselves, not in workers")  # fmt: skip
     ap.add_argument("--physical-followers", action="store_true", help="(replication.py only)")
     args = ap.parse_args()
-    if args.part_worker:
-        os.environ["WALSHIP_PART_WORKER"] = "1"  # inherited by `walship serve` below
+    if args.no_part_worker:
+        os.environ["WALSHIP_PART_WORKER"] = "0"  # inherited by `walship serve` below
     if args.quick:
         args.events, args.http_events, args.seconds = 50_000, 20_000, 3
     if args.tiny:

@@ -386,13 +386,13 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="seconds of load: proves it runs")
     ap.add_argument("--peer", choices=["postgres", "none"], default="postgres",
                     help="also measure PostgreSQL streaming replication (pg_peer.py)")  # fmt: skip
-    ap.add_argument("--part-worker", action="store_true",
-                    help="every node writes Parquet parts in a worker process")  # fmt: skip
+    ap.add_argument("--no-part-worker", action="store_true",
+                    help="nodes write Parquet parts themselves, not in workers")  # fmt: skip
     ap.add_argument("--physical-followers", action="store_true",
                     help="followers install the leader's parts (default off)")  # fmt: skip
     args = ap.parse_args()
-    if args.part_worker:
-        os.environ["WALSHIP_PART_WORKER"] = "1"  # inherited by every node started below
+    if args.no_part_worker:
+        os.environ["WALSHIP_PART_WORKER"] = "0"  # inherited by every node started below
     if args.physical_followers:
         os.environ["WALSHIP_PHYSICAL_FOLLOWERS"] = "1"  # likewise
     lag_s, latency_count, single_s = 15.0, 2000, 10.0
@@ -422,7 +422,7 @@ def main() -> None:
                             latency_count=latency_count, single_seconds=single_s)  # fmt: skip
         results.update(found)
         results["peer"] = peer_ratios(results)
-    results["part_worker"] = bool(os.environ.get("WALSHIP_PART_WORKER"))
+    results["part_worker"] = os.environ.get("WALSHIP_PART_WORKER", "1") not in ("0", "false")
     results["physical_followers"] = os.environ.get("WALSHIP_PHYSICAL_FOLLOWERS", "0") not in (
         "0",
         "false",

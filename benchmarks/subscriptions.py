@@ -550,7 +550,7 @@ def main() -> None:
     # peer and the part worker are replication.py's and ingest.py's
     ap.add_argument("--tiny", action="store_true", help="the same as --quick")
     ap.add_argument("--peer", choices=["postgres", "none"], help="(replication.py only)")
-    ap.add_argument("--part-worker", action="store_true", help="(ingest/replication only)")
+    ap.add_argument("--no-part-worker", action="store_true", help="(ingest/replication only)")
     ap.add_argument("--physical-followers", action="store_true", help="(replication only)")
     args = ap.parse_args()
     args.quick = args.quick or args.tiny

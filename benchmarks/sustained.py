@@ -158,11 +158,14 @@ class ProcWatch:
 
     def total_s(self) -> float:
         """CPU of the process (every thread, living or not) and of its sampled children."""
+        return self.own_s() + sum(cpu for _, cpu in self.children.values())
+
+    def own_s(self) -> float:
+        """CPU of the process alone (the serving one: without its part worker)."""
         try:
-            own = _cpu_of(f"/proc/{self.pid}/stat")
+            return _cpu_of(f"/proc/{self.pid}/stat")
         except OSError:
-            own = sum(cpu for _, cpu in self.threads.values())
-        return own + sum(cpu for _, cpu in self.children.values())
+            return sum(cpu for _, cpu in self.threads.values())
 
     def hwm_kb(self) -> int:
         try:
@@ -173,6 +176,7 @@ class ProcWatch:
     def snapshot(self) -> dict[str, Any]:
         return {
             "total": self.total_s(),
+            "own": self.own_s(),
             "threads": dict(self.threads),
             "children": dict(self.children),
         }
@@ -219,6 +223,9 @@ class Progress:
     boundaries: list[float] = field(default_factory=list)  # monotonic time of each window end
     stopped: str | None = None
     ended_window: threading.Event = field(default_factory=threading.Event)  # wakes the sampler
+    # (window index, seconds) of each batch, from its POST to its answer: a stall of a node
+    # (a GIL held by Parquet work, a pause) shows in the tail
+    latencies: list[tuple[int, float]] = field(default_factory=list)
 
 
 class Sampler(threading.Thread):
@@ -268,7 +275,7 @@ class Sampler(threading.Thread):
         row: dict[str, Any] = {"acked": self.progress.acked}
         for node in self.nodes:
             watch = self.watch[node.node_id]
-            entry: dict[str, Any] = {"cpu_s": watch.total_s()}
+            entry: dict[str, Any] = {"cpu_s": watch.total_s(), "own_cpu_s": watch.own_s()}
             try:
                 entry["rss_mb"] = round(_status_kb(watch.pid, "VmRSS") / 1024, 1)
                 stats = self._client.get(node.url + "/api/v1/stats").json()
@@ -305,6 +312,7 @@ async def ingest(url: str, total: int, connections: int, batch: int, progress: P
                 b = next_batch
                 next_batch += 1
                 body = msgspec.json.encode({"events": [event(b * batch + i) for i in range(batch)]})
+                sent = time.monotonic()
                 try:
                     r = await client.post("/api/v1/events/batch", content=body, headers=headers)
                 except httpx.HTTPError as exc:  # a timeout, a node gone: report what was done
@@ -314,6 +322,7 @@ async def ingest(url: str, total: int, connections: int, batch: int, progress: P
                     progress.stopped = f"HTTP {r.status_code}: {r.text[:300]}"
                     return
                 progress.acked += batch
+                progress.latencies.append((len(progress.boundaries), time.monotonic() - sent))
                 while progress.acked >= progress.window * (len(progress.boundaries) + 1):
                     progress.boundaries.append(time.monotonic())
                     progress.ended_window.set()
@@ -402,7 +411,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "batch_events": args.batch,
         "ack_mode": "sync",
         "followers": 2,
-        "part_worker": bool(os.environ.get("WALSHIP_PART_WORKER")),
+        "part_worker": os.environ.get("WALSHIP_PART_WORKER", "1") not in ("0", "false"),
         "physical_followers": os.environ.get("WALSHIP_PHYSICAL_FOLLOWERS", "0")
         not in ("0", "false"),
     }
@@ -415,7 +424,13 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         sampler.tick()
         sampler.start_row = {
             "acked": 0,
-            **{n.node_id: {"cpu_s": sampler.watch[n.node_id].total_s()} for n in nodes},
+            **{
+                n.node_id: {
+                    "cpu_s": sampler.watch[n.node_id].total_s(),
+                    "own_cpu_s": sampler.watch[n.node_id].own_s(),
+                }
+                for n in nodes
+            },
         }
         before = {n.node_id: sampler.watch[n.node_id].snapshot() for n in nodes}
         me_before = sampler.me.snapshot()
@@ -453,6 +468,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         results["ingest_seconds"] = round(elapsed, 1)
         results["events_per_s"] = round(acked / elapsed) if elapsed else None
         results["windows"] = windows(progress, sampler, t0, [n.node_id for n in nodes])
+        results["batch_latency_ms"] = latency_ms([s for _, s in progress.latencies])
         rates = [w["events_per_s"] for w in results["windows"]]
         if len(rates) >= 3:
             results["second_window_events_per_s"] = rates[1]
@@ -468,6 +484,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             total_us += us
             nodes_out[node.node_id] = {
                 "cpu_us_per_event": round(us, 2),
+                "serving_cpu_us_per_event": round((a["own"] - b["own"]) * 1e6 / max(acked, 1), 2),
                 "cpu_us_per_event_by_thread": by_thread_us(b, a, max(acked, 1)),
             }
         me_us = (me_after["total"] - me_before["total"]) * 1e6 / max(acked, 1)
@@ -516,7 +533,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for node_id, out in nodes_out.items():  # flat keys for report.py's table
             key = node_id.replace("-", "_")
             for name in ("write_amplification", "compaction_rewrites_per_event",
-                         "peak_rss_mb", "cpu_us_per_event", "disk_bytes_per_event"):  # fmt: skip
+                         "peak_rss_mb", "cpu_us_per_event", "serving_cpu_us_per_event",
+                         "disk_bytes_per_event"):  # fmt: skip
                 results[f"{key}_{name}"] = out.get(name)
         print("comparing the logs ...", flush=True)
         check = compare_logs(cluster.leader, cluster.followers)
@@ -551,12 +569,27 @@ def windows(
             if "cpu_s" in now and "cpu_s" in then and acked > 0:
                 used = now["cpu_s"] - then["cpu_s"]
                 out[f"{node_id}_cpu_us_per_event"] = round(used * 1e6 / acked, 2)
+                own = now["own_cpu_s"] - then["own_cpu_s"]  # the serving process alone
+                out[f"{node_id}_serving_cpu_us_per_event"] = round(own * 1e6 / acked, 2)
             for key in ("rss_mb", "write_amplification", "parquet_parts", "memtable_events"):
                 if key in now:
                     out[f"{node_id}_{key}"] = now[key]
+        out["batch_latency_ms"] = latency_ms([s for w, s in progress.latencies if w == i])
         rows.append(out)
         prev_t, prev_row = t, row
     return rows
+
+
+def latency_ms(seconds: list[float]) -> dict[str, float] | None:
+    """p50, p99 and max of batch latencies, in ms; None for none."""
+    if not seconds:
+        return None
+    ordered = sorted(seconds)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
+
+    return {"p50": at(0.5), "p99": at(0.99), "max": round(ordered[-1] * 1000, 1)}
 
 
 def _wait_applied(followers: list[NodeProcess], last: int, timeout_s: float) -> None:
@@ -611,8 +644,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1,000,000 events")
     ap.add_argument("--tiny", action="store_true", help="100,000 events: proves it runs")
     ap.add_argument("--peer", choices=["postgres", "none"], help="(replication.py only)")
-    ap.add_argument("--part-worker", action="store_true",
-                    help="every node writes Parquet parts in a worker process")  # fmt: skip
+    ap.add_argument("--no-part-worker", action="store_true",
+                    help="nodes write Parquet parts themselves, not in workers")  # fmt: skip
     ap.add_argument("--physical-followers", action="store_true",
                     help="followers install the leader's parts (default off)")  # fmt: skip
     args = ap.parse_args()
@@ -622,8 +655,8 @@ def main() -> None:
         args.events = 100_000
     if args.events < args.batch * 3 or args.batch < 1 or args.connections < 1:
         ap.error("--events must be at least three batches, --batch and --connections >= 1")
-    if args.part_worker:
-        os.environ["WALSHIP_PART_WORKER"] = "1"  # inherited by every node started below
+    if args.no_part_worker:
+        os.environ["WALSHIP_PART_WORKER"] = "0"  # inherited by every node started below
     if args.physical_followers:
         os.environ["WALSHIP_PHYSICAL_FOLLOWERS"] = "1"  # likewise
     # the nodes name their threads (threadnames/sitecustomize.py) for CPU per thread

@@ -42,6 +42,7 @@ from walship.replication.protocol import (
     HelloProof,
     InSyncSet,
     InSyncStored,
+    LeaderDurable,
     Message,
     PartChunk,
     PartEnd,
@@ -154,6 +155,7 @@ SAMPLES: list[Message] = [
     PartChunk(offset=262144, data=bytes(range(256)) * 3),
     PartEnd("0000000000000001-00000000000001f4.parquet"),
     PartsWelcome("node-1", 7, 1_000, b"w" * 32, "http://l", ""),
+    LeaderDurable(term=7, lsn=1_000),
 ]
 STREAM = b"".join(encode(m) for m in SAMPLES)
 
@@ -527,9 +529,9 @@ def test_positions_read_as_value_types() -> None:
 def test_hello_with_another_protocol_version_is_refusable() -> None:
     ok = Hello(PROTOCOL_VERSION, "cluster-a", "n2", "follower", make_nonce())
     assert hello_error(ok, "cluster-a") is None
-    error = hello_error(Hello(3, "cluster-a", "n2", "follower", make_nonce()), "cluster-a")
+    error = hello_error(Hello(5, "cluster-a", "n2", "follower", make_nonce()), "cluster-a")
     assert isinstance(error, ProtocolError)
-    assert "version 3 is not supported" in error.message
+    assert "version 5 is not supported" in error.message
     refused = Refused.from_error(error)
     assert isinstance(refused.to_error(), ProtocolError)
     assert isinstance(hello_error(ok, "cluster-b"), ProtocolError)

@@ -12,11 +12,13 @@ the followers that ever subscribed to it, whose advertised URLs it keeps in
   otherwise it stays fenced, saying which term exists and whom the peers follow, and keeps
   asking until the leader answers;
 * when at least half of the other nodes it knows answered and none knows a newer term --
-  with itself, a majority of the cluster it knows -- it takes writes;
+  with itself, a majority of the cluster it knows -- it begins a new term above every term
+  they and it know (``restart_term.py``: every leader start leads a new term) and takes
+  writes;
 * until then it refuses writes with ``503 leadership_unconfirmed`` and asks again every
   ``CONFIRM_POLL_S``. It waits for as long as it takes: when no peer is reachable it takes
   no writes. A leader that knows no peer at all (one node; or no follower ever subscribed
-  and no ``--peers``) takes writes at once -- there is nobody to ask.
+  and no ``--peers``) begins its new term and takes writes at once -- there is nobody to ask.
 
 Once confirmed it stops asking: a leader deposed while it runs learns it from its followers
 (fencing, ``replication/leader.py``) and stays fenced until repointed, as before. A leader
@@ -42,6 +44,7 @@ import msgspec
 from walship.errors import CorruptionError, WalshipError
 from walship.fsutil import atomic_write
 from walship.peers import PeerView, fetch_views, normalize_url
+from walship.restart_term import begin_restart_term
 
 if TYPE_CHECKING:
     from walship.node import Node
@@ -188,10 +191,12 @@ class LeadershipGuard:
         Nothing to do when already confirmed (by a promotion, or by code that embeds the node
         and knows nobody else leads)."""
         if self.state is LeadershipState.CONFIRMED and self.node.leader is not None:
+            await begin_restart_term(self.node)  # a new term at every start
             return
         if self.node.leader is None or self.node.leader.fenced is not None:
             self.state = LeadershipState.IDLE
         elif not self.peer_urls():
+            await begin_restart_term(self.node)  # a new term at every start, before writes
             self.state = LeadershipState.UNCHECKED
             self.reason = "no peer known: nobody to ask whether a newer term exists"
         else:
@@ -259,6 +264,8 @@ class LeadershipGuard:
         elif verdict.state is LeadershipState.CONFIRMED:
             if self.state is not LeadershipState.CONFIRMED:
                 log.info("leadership of term %d confirmed: %s", leader.term, verdict.reason)
+                # a new term above every one the peers know, before the first write
+                await begin_restart_term(node, [known_term(v) for v in views if v.answered])
             self.state, self.reason = LeadershipState.CONFIRMED, verdict.reason
         elif self.state is LeadershipState.CONFIRMING:
             # only a leader not yet allowed to write waits: one that leads (confirmed, or with

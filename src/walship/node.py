@@ -20,7 +20,8 @@ Roles switch at run time (``promote``, ``repoint``; one switch at a time):
   leader does not have is cut by divergence repair, into lost-and-found.
 * fencing: a leader that learns of a higher term from a follower refuses writes (``Fenced``).
 * start-up: a leader asks its peers whether a newer term exists before its first write and
-  follows the newer leader if so (``leadership.py``; off under etcd, whose lease decides).
+  follows the newer leader if so (``leadership.py``; off under etcd, whose lease decides);
+  otherwise it begins a new term above every one it heard of (``restart_term.py``).
 
 A switch is recorded in ``replication/role.json`` (``role_state.py``) so a restart keeps it.
 """
@@ -357,6 +358,7 @@ class Node:
         self._visible = asyncio.Event()
         self.store.log.add_listener(self._on_commit)
         self.store.cuts.add_listener(self._on_cut)
+        self.store.visible_bound.add_listener(self._on_cut)  # a follower shows more
         if self.leader is not None:
             await self.leader.start()
         if self.follower is not None:
@@ -377,6 +379,7 @@ class Node:
             await self.coordinator.stop()
         self.store.log.remove_listener(self._on_commit)
         self.store.cuts.remove_listener(self._on_cut)
+        self.store.visible_bound.remove_listener(self._on_cut)
         if self.leader is not None:
             await self.leader.stop()
         if self.follower is not None:
@@ -622,7 +625,8 @@ class Node:
             "last_lsn": wal.last_lsn,
             "fenced": None if leader is None else leader.fenced,
             "replication_address": self.replication_address(),
-            "visible_lsn": wal.written_lsn,
+            "visible_lsn": store.visible_lsn,
+            "leader_durable_lsn": store.visible_bound.lsn,
             "synced_lsn": wal.synced_lsn,
             "wal_failed": wal.failed,
             "checkpoint_lsn": store.manifest.last_lsn,
@@ -752,8 +756,16 @@ class Node:
                 await follower.start()
                 raise
             self.role_state.switched(Role.LEADER, None, term)
+            # it leads its whole log now, records past the last leader-durable lsn it was
+            # told included: they are this term's history (README: shipping before fsync)
+            follower.durable_view.lifted()
+            try:
+                await asyncio.to_thread(follower.durable_view.save)
+            except OSError as exc:  # a later start as follower shows less at first: safe
+                log.warning("could not save that this node shows its whole log: %s", exc)
             await self._stop_snapshot_server()  # the leader listens on that port now
             leader = self._new_leader()
+            leader.term_begun_here = True  # it may ship before its fsync (early_ship.py)
             leader.acks.led(term)
             self.follower = None
             self.leader = leader

@@ -48,6 +48,11 @@ class ReplicatedLog:
         return self._owner.wal.written_lsn
 
     @property
+    def flushed_lsn(self) -> Lsn:
+        """The last lsn in the files, maybe not yet fsynced (what may be shipped early)."""
+        return self._owner.wal.flushed_lsn
+
+    @property
     def synced_lsn(self) -> Lsn:
         """The last lsn fsynced (what may be acknowledged as durable)."""
         return self._owner.wal.synced_lsn
@@ -92,9 +97,10 @@ class ReplicatedLog:
         """Verified records from ``lsn`` to the written end (InvalidInput before the first)."""
         return self._owner.wal.read_from(lsn)
 
-    def cursor(self, next_lsn: int) -> WalCursor:
-        """A shipping cursor that reads whole runs of records from ``next_lsn`` on."""
-        return WalCursor(self._owner.wal, next_lsn)
+    def cursor(self, next_lsn: int, *, early: bool = False) -> WalCursor:
+        """A shipping cursor that reads whole runs of records from ``next_lsn`` on, up to
+        ``written_lsn`` (up to ``flushed_lsn`` when ``early``)."""
+        return WalCursor(self._owner.wal, next_lsn, early=early)
 
     def segment_infos(self) -> list[tuple[int, Path, int]]:
         """``(first_lsn, path, bytes)`` of each segment, oldest first."""
@@ -108,6 +114,14 @@ class ReplicatedLog:
 
     def remove_listener(self, listener: WalListener) -> None:
         self._owner.wal.remove_listener(listener)
+
+    def add_flush_listener(self, listener: WalListener) -> None:
+        """Call ``listener(flushed_lsn)`` from the writer thread after each group is written,
+        before its fsync."""
+        self._owner.wal.add_flush_listener(listener)
+
+    def remove_flush_listener(self, listener: WalListener) -> None:
+        self._owner.wal.remove_flush_listener(listener)
 
     def __repr__(self) -> str:
         return f"<ReplicatedLog {self.last_position} written={self.written_lsn.value}>"

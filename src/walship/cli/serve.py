@@ -292,12 +292,13 @@ def serve_command(
     part_worker: Annotated[
         bool,
         typer.Option(
-            "--part-worker",
+            "--part-worker/--no-part-worker",
             envvar="WALSHIP_PART_WORKER",
-            help="Write checkpoint and merged Parquet parts in a worker process at lower "
-            "priority, off the GIL of the process that serves and replicates.",
+            help="Write checkpoint and merged Parquet parts in worker processes (merges at "
+            "lower priority), off the GIL of the process that serves and replicates; "
+            "--no-part-worker keeps them in this process (~400 MB less memory).",
         ),
-    ] = False,
+    ] = True,
     physical_followers: Annotated[
         bool,
         typer.Option(
@@ -310,6 +311,16 @@ def serve_command(
             "merge them.",
         ),
     ] = False,
+    ship_before_fsync: Annotated[
+        bool,
+        typer.Option(
+            "--ship-before-fsync/--no-ship-before-fsync",
+            envvar="WALSHIP_SHIP_BEFORE_FSYNC",
+            help="A leader ships records to followers as soon as they are in its WAL file, "
+            "while its own fsync runs (as Raft does), to followers that bound their reads by "
+            "the leader's durable lsn (protocol v3); acknowledgements still wait for its fsync.",
+        ),
+    ] = True,
     tls_cert: Annotated[
         Path | None,
         typer.Option("--tls-cert", envvar="WALSHIP_TLS_CERT", help="TLS certificate (PEM)."),
@@ -463,6 +474,7 @@ def serve_command(
             serve_snapshots=serve_snapshots,
             catch_up_from=catch_up_from,
             physical_followers=physical_followers,
+            ship_before_fsync=ship_before_fsync,
         )
     except InvalidInput as exc:
         fail(f"invalid replication flags: {exc.message}", 2)
@@ -812,6 +824,7 @@ def replication_config(
     catch_up_from: str | None = None,
     max_replication_lag_ms: int = 0,
     physical_followers: bool = False,
+    ship_before_fsync: bool = True,
 ) -> ReplicationConfig:
     """Check the replication flags together; InvalidInput naming the first bad one."""
     from walship.replication.acks import AckMode
@@ -883,6 +896,7 @@ def replication_config(
         serve_snapshots=serve_snapshots,
         catch_up_from=catch_up_from or None,
         physical_followers=physical_followers,
+        ship_before_fsync=ship_before_fsync,
     )
 
 

@@ -47,6 +47,9 @@ class ReplicationConfig:
     catch_up_from: str | None = None
     # ship Parquet parts to followers / install the leader's (replication/physical.py)
     physical_followers: bool = False
+    # ship records to followers told the leader's durable lsn before its own fsync
+    # (replication/early_ship.py)
+    ship_before_fsync: bool = True
 
     def __post_init__(self) -> None:
         if self.on_ack_timeout not in ("degrade", "fail"):

@@ -57,18 +57,22 @@ from walship.replication.applier import BatchApplier
 from walship.replication.cascade import CascadeClient, SnapshotRedirected
 from walship.replication.config import AckSettings, ReplicationConfig
 from walship.replication.divergence import snapshot_divergence
-from walship.replication.handshake import authenticate_to
+from walship.replication.handshake import authenticate_to, speaks_versions
 from walship.replication.insync import InSyncFile, InSyncRecord, stored_message
+from walship.replication.leader_durable import LeaderDurableView
 from walship.replication.metrics import ReplicationMetrics
 from walship.replication.physical import PartReceiver
 from walship.replication.protocol import (
     PROTOCOL_VERSION,
+    PROTOCOL_VERSION_DURABLE,
+    PROTOCOL_VERSION_DURABLE_PARTS,
     PROTOCOL_VERSION_PARTS,
     Ack,
     CaughtUp,
     Diverged,
     Heartbeat,
     InSyncSet,
+    LeaderDurable,
     Message,
     PartChunk,
     PartEnd,
@@ -81,7 +85,10 @@ from walship.replication.protocol import (
     SnapshotStart,
     WalBatch,
     Welcome,
+    hello_version,
+    older_version,
     stale_term_error,
+    takes_leader_durable,
 )
 from walship.replication.repair import repair_divergence
 from walship.replication.staging import SnapshotStaging
@@ -242,7 +249,11 @@ class Follower:
         self._staging: SnapshotStaging | None = None
         # the leader's Parquet parts, when it ships them (replication/physical.py)
         self.parts: PartReceiver | None = None
-        self._hello_v1 = False  # a leader refused a v2 Hello: the next one says v1
+        self._hello_down = 0  # a leader refused a Hello: the version the next one says
+        self._link_version = 0  # the version of this link's Hello
+        # what of its log this node shows: no more than its leader holds durably
+        self.durable_view = LeaderDurableView(store.visible_bound, store.data_dir)
+        self.durable_view.load(store.manifest.last_lsn)
         self.parts_stats: dict[str, Any] = {}
         self._installing = False  # the snapshot in _staging is whole and being installed
         self._logged_failure: str | None = None  # the last reason logged for a lost link
@@ -390,6 +401,10 @@ class Follower:
             self._staging = None
         self.state = FollowerState.CLOSED
         self.connected = False
+        try:
+            await asyncio.to_thread(self.durable_view.save)
+        except OSError as exc:  # a restart then shows no more than it saved before
+            log.warning("replication: could not save the leader's durable lsn: %s", exc)
         if not shutting_down:
             self.store.parts_from_leader = False  # checkpoints and merges are this node's again
         self._wake_applied()
@@ -575,9 +590,13 @@ class Follower:
     async def _handshake(self, stream: MessageStream, timeout_s: float) -> Welcome:
         """Hello → Challenge → HelloProof → Welcome; both sides prove the shared secret."""
         assert self.config.secret is not None
-        parts = self.config.physical_followers and not self._hello_v1
-        version = PROTOCOL_VERSION_PARTS if parts else PROTOCOL_VERSION
-        self._hello_v1 = False  # the next link asks again: the leader may have been upgraded
+        default = (
+            PROTOCOL_VERSION_DURABLE_PARTS
+            if self.config.physical_followers
+            else PROTOCOL_VERSION_DURABLE
+        )
+        version = hello_version(self._hello_down or default, speaks_versions())
+        self._hello_down = 0  # the next link asks again: the leader may have been upgraded
         try:
             welcome = await authenticate_to(
                 stream,
@@ -588,9 +607,11 @@ class Follower:
                 version=version,
             )
         except PeerRefused as exc:
+            if "protocol version" in exc.message and version > PROTOCOL_VERSION:
+                # a leader from before v3 (or v2) refuses the Hello: follow it with the
+                # version before (without LeaderDurable; without parts)
+                self._hello_down = older_version(version)
             if version == PROTOCOL_VERSION_PARTS and "protocol version" in exc.message:
-                # a leader from before v2 refuses the Hello: follow it with v1 (no parts)
-                self._hello_v1 = True
                 log.warning(
                     "replication: the leader at %s does not speak protocol v2 (physical "
                     "followers): following it with v1, checkpointing here",
@@ -598,6 +619,7 @@ class Follower:
                 )
             raise
         self._last_sent = time.monotonic()
+        self._link_version = version
         known = max(self.known_term, self.store.log.current_term.value)
         stale = stale_term_error(welcome, known)
         if stale is not None:
@@ -640,6 +662,9 @@ class Follower:
         self._heard_at = time.monotonic()  # the Welcome just came
         self.cascade.staged_sent = False
         self.durable_lsn = self.store.log.written_lsn.value
+        self.durable_view.link_began(
+            takes_leader_durable(self._link_version), self.store.log.written_lsn.value
+        )
 
     async def _teardown(self) -> None:
         """Close the link once the worker-thread job in flight (an apply, a snapshot write or
@@ -751,12 +776,17 @@ class Follower:
         if isinstance(msg, WalBatch | CaughtUp | Heartbeat) and msg.term > self.known_term:
             self._note_term(msg.term)
         if isinstance(msg, WalBatch):
+            self.durable_view.continues()
             await self._on_batch(msg)
+        elif isinstance(msg, LeaderDurable):
+            self.durable_view.told(msg.lsn)
+            self._wake_applied()
         elif isinstance(msg, Heartbeat):
             self._leader_heard(msg.last_lsn)
             self._ack_wanted = True
             self._ack_wake.set()
         elif isinstance(msg, CaughtUp):
+            self.durable_view.continues()
             self._leader_heard(msg.leader_lsn)
             self.state = FollowerState.STREAMING
             self._reached_streaming = True
@@ -914,6 +944,8 @@ class Follower:
                 if held is not None and self.durable_lsn >= held.lsn:
                     self._on_in_sync(held)
                 continue
+            if self.durable_view.save_due:
+                await asyncio.to_thread(self.durable_view.save)
             idle_s = time.monotonic() - self._last_sent
             if self._ack_wanted or idle_s >= heartbeat_s:
                 await self._send_position()

@@ -227,6 +227,16 @@ class InSyncPublisher:
         self.changed = asyncio.Event()  # wakes the publishing task
         self.changed.set()  # the first record of this leader is due at once
 
+    def new_term(self, term: int) -> None:
+        """The leader began ``term`` (a leader start): its records are numbered from there,
+        and the next one, due at once, names the members again."""
+        if term <= self.term:
+            return
+        self.term = term
+        self._version = 0
+        self.current = None
+        self.changed.set()
+
     @property
     def due(self) -> bool:
         current = self.current
@@ -270,6 +280,11 @@ class InSyncPublisher:
         if self.hook is not None:
             await self.hook(record)  # etcd first: nobody acts on a record etcd lacks
         await asyncio.to_thread(self.file.store, record)
+        if record.term != self.term:
+            # the leader began a new term meanwhile (``new_term``): followers that know it
+            # would refuse this record; the next one, of the new term, is due at once
+            self.changed.set()
+            return None
         self._version = record.version
         self.current = record
         log.info("replication: in-sync set %s", record.describe())

@@ -34,6 +34,7 @@ from walship.events import now_us
 from walship.replication.acks import AckHistory, AckMode, AckOutcome, AckTracker
 from walship.replication.config import AckSettings, ReplicationConfig
 from walship.replication.divergence import common_point, on_history, term_at
+from walship.replication.early_ship import DurableNotice, ships_early
 from walship.replication.handshake import (
     HandshakeGate,
     HandshakeSlot,
@@ -62,6 +63,8 @@ from walship.replication.protocol import (
     Subscribe,
     WalBatch,
     make_welcome,
+    takes_leader_durable,
+    takes_parts,
 )
 from walship.replication.retention import RetentionForecaster, RetentionSlots, slot_bytes
 from walship.replication.snapshot_send import SnapshotProgress, send_snapshot
@@ -152,6 +155,7 @@ class FollowerSession:
         self._in_sync_sent: tuple[int, int] | None = None  # the newest record sent to it
         self._resume: asyncio.Queue[SnapshotResume] = asyncio.Queue(maxsize=1)
         self.parts: PartShipper | None = None  # a physical follower's (replication/physical)
+        self.durable = DurableNotice(False)  # set from its Hello (replication/early_ship.py)
 
     def __repr__(self) -> str:
         return (
@@ -192,7 +196,12 @@ class FollowerSession:
         store = self.leader.store
         assert self._cursor is not None
         cursor = self._cursor
-        if cursor.next_lsn > store.log.written_lsn.value:
+        leader = self.leader
+        cursor.early = ships_early(
+            leader.config.ship_before_fsync, leader.term_begun_here, self.durable
+        )
+        end = store.log.flushed_lsn if cursor.early else store.log.written_lsn
+        if cursor.next_lsn > end.value:
             return False  # nothing new: no read at all
         budget = self.stream.frame_bytes_max - WAL_BATCH_OVERHEAD_BYTES
         # tailing live writes: what was just written is still in the WAL's memory, or a few
@@ -241,7 +250,8 @@ class FollowerSession:
         )
         slot.release()
         self.node_id = hello.node_id
-        ships_parts = leader.config.physical_followers and hello.protocol_version >= 2
+        ships_parts = leader.config.physical_followers and takes_parts(hello.protocol_version)
+        self.durable = DurableNotice(takes_leader_durable(hello.protocol_version))
         if ships_parts:
             # what its last link left of a part, and what was made while it was away
             self.parts = leader.part_shippers.attach(self.node_id)
@@ -322,6 +332,9 @@ class FollowerSession:
                     self._caught_up_sent = True
                     self.state = FollowerState.STREAMING
                     leader.evaluate(self)
+                told = self.durable.due(leader.term, leader.store.log.written_lsn.value)
+                if told is not None:
+                    await self.stream.send(told)  # after the records it may cover
                 if self.parts is not None and self.parts.due(self.durable_lsn):
                     part_msg = await self.parts.next_message(self.durable_lsn)
                     if part_msg is not None:
@@ -497,6 +510,9 @@ class Leader:
         self.ledger_keeper = LedgerKeeper(repl_dir / "degraded.json", metrics)
         self.acks = AckHistory(repl_dir / "acks.json")
         self.fenced: str | None = None  # why this leader stopped taking writes (deposed)
+        # this process began the current term (a promotion, or the term a leader start
+        # takes): only then may records go out before its fsync (replication/early_ship.py)
+        self.term_begun_here = False
         self.fenced_term = 0
         self.slots = RetentionSlots(repl_dir / "slots.json")
         self.lag_budget = LagBudget(
@@ -582,6 +598,8 @@ class Leader:
         # records written before this start count as written now (lag is measured from here)
         self.lag_clock.written(self.store.log.written_lsn.value)
         self.store.log.add_listener(self._on_wal_commit)
+        if self.config.ship_before_fsync:
+            self.store.log.add_flush_listener(self._on_wal_flush)
         if self.config.physical_followers:
             self.store.on_part = self._on_part
         if self.config.secret is None:
@@ -614,6 +632,7 @@ class Leader:
 
     async def stop(self) -> None:
         self.store.log.remove_listener(self._on_wal_commit)
+        self.store.log.remove_flush_listener(self._on_wal_flush)
         if self.store.on_part == self._on_part:
             self.store.on_part = None
         if self._server is not None:
@@ -640,6 +659,15 @@ class Leader:
     def _on_wal_commit(self, lsn: int) -> None:
         """WAL writer thread: note the time and wake every session."""
         self.lag_clock.written(lsn)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._wake_sessions)
+
+    def _on_wal_flush(self, lsn: int) -> None:
+        """WAL writer thread, before the group's fsync: wake the sessions that ship early."""
+        if not self.term_begun_here:
+            return
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):

@@ -84,7 +84,49 @@ PROTOCOL_VERSION: Final = 1
 # says version 2 in its Hello; a leader that does not know it refuses the Hello cleanly, and a
 # version-1 follower is never sent a part.
 PROTOCOL_VERSION_PARTS: Final = 2
-SUPPORTED_VERSIONS: Final = (PROTOCOL_VERSION, PROTOCOL_VERSION_PARTS)
+# A follower that bounds what it shows by the leader's durable lsn (``LeaderDurable``) says
+# version 3 (4: and takes the leader's parts, as 2). Only such a follower is shipped records
+# before the leader's own fsync and sent LeaderDurable; a follower of version 1 or 2 gets
+# only what the leader made durable, as before, and a follower talking to a leader that
+# refuses 3 and 4 steps back to 2 or 1 (everything such a leader ships is durable there).
+PROTOCOL_VERSION_DURABLE: Final = 3
+PROTOCOL_VERSION_DURABLE_PARTS: Final = 4
+SUPPORTED_VERSIONS: Final = (
+    PROTOCOL_VERSION,
+    PROTOCOL_VERSION_PARTS,
+    PROTOCOL_VERSION_DURABLE,
+    PROTOCOL_VERSION_DURABLE_PARTS,
+)
+
+
+def takes_parts(version: int) -> bool:
+    """A Hello of ``version`` asks for the leader's Parquet parts."""
+    return version in (PROTOCOL_VERSION_PARTS, PROTOCOL_VERSION_DURABLE_PARTS)
+
+
+def takes_leader_durable(version: int) -> bool:
+    """A Hello of ``version`` bounds its reads by ``LeaderDurable`` (so may be shipped early)."""
+    return version >= PROTOCOL_VERSION_DURABLE
+
+
+def older_version(version: int) -> int:
+    """The version a follower says to a leader that refused ``version``: the same without
+    LeaderDurable (4 → 2, 3 → 1), or without parts (2 → 1)."""
+    return {
+        PROTOCOL_VERSION_DURABLE_PARTS: PROTOCOL_VERSION_PARTS,
+        PROTOCOL_VERSION_DURABLE: PROTOCOL_VERSION,
+    }.get(version, PROTOCOL_VERSION)
+
+
+def hello_version(wanted: int, speaks: tuple[int, ...]) -> int:
+    """``wanted``, or the first older one this node ``speaks`` (a test hook plays a walship
+    from before some version)."""
+    version = wanted
+    while version not in speaks and version != PROTOCOL_VERSION:
+        version = older_version(version)
+    return version
+
+
 SECRET_ENV: Final = "WALSHIP_REPLICATION_SECRET"  # noqa: S105 (a variable name)
 NONCE_BYTES: Final = 32
 PROOF_BYTES: Final = hashlib.sha256().digest_size
@@ -369,6 +411,16 @@ class WalBatch(_Wire, frozen=True):
         return Position(Term(self.prev_term), Lsn(self.prev_lsn))
 
 
+class LeaderDurable(_Wire, frozen=True):
+    """L→F (protocol v3): the leader has made its log durable up to ``lsn`` (fsynced, or as
+    its fsync policy counts it), in ``term``. Sent only to a follower that said version 3 or
+    4, which shows (and checkpoints, and serves) nothing past the lowest of this and its
+    own durable lsn: records shipped before the leader's fsync may still be lost by it."""
+
+    term: U64
+    lsn: U64
+
+
 class Ack(_Wire, frozen=True):
     """F→L: the highest lsn the follower has durably written, and the highest it applied."""
 
@@ -484,6 +536,7 @@ Message: TypeAlias = (
     | PartChunk
     | PartEnd
     | PartsWelcome
+    | LeaderDurable
 )
 
 
@@ -741,7 +794,8 @@ def stale_term_error(msg: Message, known_term: int) -> StaleTerm | None:
     SnapshotRedirect; other messages pass.
     """
     if not isinstance(
-        msg, Welcome | WalBatch | CaughtUp | Heartbeat | InSyncSet | SnapshotRedirect
+        msg,
+        Welcome | WalBatch | CaughtUp | Heartbeat | InSyncSet | SnapshotRedirect | LeaderDurable,
     ):
         return None
     term = msg.term
@@ -847,7 +901,7 @@ def make_welcome(
     """Leader side, once the follower's proof verified: Welcome with the leader's own proof.
     ``ships_parts`` only for a follower that said version 2."""
     invariant(
-        not ships_parts or hello.protocol_version >= PROTOCOL_VERSION_PARTS,
+        not ships_parts or takes_parts(hello.protocol_version),
         "parts offered to a version-1 follower",
     )
     handshake = _handshake(hello, challenge)

@@ -76,7 +76,7 @@ def adopt_checkpoint(
         path = store.parts_dir / info.file
         os.replace(staged, path)
         fsync_dir(store.parts_dir)
-        reader = PartReader(path, info)
+        reader = PartReader(path, info, store.core.id_index)
         hashes = id_hashes_of_bytes(covered.id_bytes())
         hashes.sort()
         reader.set_id_hashes(hashes)
@@ -137,7 +137,9 @@ def adopt_merge(
         path = store.parts_dir / info.file
         os.replace(staged, path)
         fsync_dir(store.parts_dir)
-        store.parts.replace_parts({p.file for p in held}, info, PartReader(path, info))
+        store.parts.replace_parts(
+            {p.file for p in held}, info, PartReader(path, info, store.core.id_index)
+        )
         store.core.parts_adopted += 1
     store.parts.collect_garbage()
 

@@ -14,6 +14,7 @@ current schema (no binary payloads), and DuckDB reads a mix with ``union_by_name
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -21,8 +22,9 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
@@ -36,6 +38,9 @@ from walship.events import StoredEvent
 from walship.fsutil import fsync_dir
 from walship.storage.lsn_spill import SPILLS_KEPT, LsnSpill, Recent
 from walship.storage.query import QueryFilter, entity_key
+
+if TYPE_CHECKING:
+    from walship.storage.id_index import IdIndexFiles
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +280,18 @@ def events_table(events: list[StoredEvent]) -> pa.Table:
 _table = events_table
 
 
+@contextlib.contextmanager
+def removed_on_error(tmp: Path) -> Iterator[Path]:
+    """``tmp``, deleted when the block raises: a part half-written on a full disk would hold
+    the space the retry needs until the next start removed it."""
+    try:
+        yield tmp
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def write_part(
     directory: Path, events: list[StoredEvent], first: int, last: int, row_group_rows: int
 ) -> PartInfo:
@@ -296,19 +313,20 @@ def write_part_rows(
     name = part_name(first, last)
     path = directory / name
     tmp = directory / (name + ".tmp")
-    pq.write_table(
-        table,
-        tmp,
-        row_group_size=row_group_rows,
-        compression="zstd",
-        # only columns that repeat gain from a dictionary; for ids and payloads it is work
-        # thrown away when the dictionary overflows
-        use_dictionary=DICTIONARY_COLUMNS,
-    )
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    digest = _sha256(tmp)
-    os.replace(tmp, path)
+    with removed_on_error(tmp):
+        pq.write_table(
+            table,
+            tmp,
+            row_group_size=row_group_rows,
+            compression="zstd",
+            # only columns that repeat gain from a dictionary; for ids and payloads it is work
+            # thrown away when the dictionary overflows
+            use_dictionary=DICTIONARY_COLUMNS,
+        )
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        os.replace(tmp, path)
     fsync_dir(directory)
     tenants = table.column("tenant_id")
     entities = table.column("entity_id")
@@ -397,9 +415,11 @@ class PartReader:
     replaced readable for the queries that still hold it.
     """
 
-    def __init__(self, path: Path, info: PartInfo) -> None:
+    def __init__(self, path: Path, info: PartInfo, id_index: IdIndexFiles | None = None) -> None:
         self.path = path
         self.info = info
+        # where the id hashes live, memory-mapped (storage.id_index); None: in the heap
+        self._id_index = id_index
         try:
             self._source = pa.OSFile(str(path))
             self._metadata = pq.ParquetFile(self._source).metadata
@@ -621,6 +641,8 @@ class PartReader:
 
     def id_hashes(self) -> np.ndarray:
         """Sorted 64-bit id keys of this part (loaded once, 8 bytes per event)."""
+        if self._id_hashes is None and self._id_index is not None:
+            self._id_hashes = self._id_index.load(self.info)
         if self._id_hashes is None:
             with self._open() as file:
                 column = file.read(columns=["id"]).column("id").combine_chunks()
@@ -629,11 +651,14 @@ class PartReader:
                 ids = column.to_pylist()
                 arr = np.fromiter((id_hash(uuid.UUID(s).bytes) for s in ids), np.int64, len(ids))
             arr.sort()
-            self._id_hashes = arr
+            self.set_id_hashes(arr)
+            assert self._id_hashes is not None
         return self._id_hashes
 
     def set_id_hashes(self, arr: np.ndarray) -> None:
-        self._id_hashes = arr
+        """The part's sorted id hashes, known already (its writer had the ids): kept mapped from
+        the id index file when the reader has one, else in memory."""
+        self._id_hashes = arr if self._id_index is None else self._id_index.write(self.info, arr)
 
     def find_id(self, event_id: bytes) -> StoredEvent | None:
         """The stored event with this id, or None; the hash index avoids most reads."""

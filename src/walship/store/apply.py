@@ -99,7 +99,7 @@ class FollowerApply:
         written to the WAL as one buffer, indexed from views of it; returns the write."""
         with self.core.lock:
             self.core.check_writable()
-            written = self.core.wal.written_lsn.value
+            written = self.core.visible_lsn  # the consumer table's undo log keeps the rest
             fut = self.core.wal.append_frame(frame)
             if frame.record_count:
                 apply_bodies(self.core, frame.entries(), written)

@@ -124,8 +124,19 @@ class Checkpoints:
     def checkpoint_once(self, through: int | None = None) -> PartInfo | None:
         t0 = time.perf_counter()
         split = None
+        bounded = self.core.visible_bound.lsn is not None
+        if bounded:
+            # a follower: a part holds only what it shows, what its leader holds durably
+            # (storage/visibility.py); the rest waits in the memtable and the WAL
+            visible = self.core.visible_lsn
+            if through is None or through > visible:
+                if visible <= self.core.manifest.last_lsn:
+                    return None
+                through = visible
         if through is not None and through < self.core.wal.last_position.lsn.value:
             split = self._split_at(through)
+            if split is None and bounded:
+                return None
         with self.core.lock:
             if len(self.core.active) == 0:
                 return None
@@ -171,7 +182,7 @@ class Checkpoints:
             arr = id_hashes_of_bytes(fixed_bytes(table.column("id")))
             del table
             self.core.parquet_encodes += 1
-            reader = PartReader(self.core.parts_dir / part.file, part)
+            reader = PartReader(self.core.parts_dir / part.file, part, self.core.id_index)
             arr.sort()
             reader.set_id_hashes(arr)
             with self.core.manifest_lock:

@@ -26,11 +26,13 @@ from walship.metrics import StoreMetrics
 from walship.position import Lsn
 from walship.storage.alarm import CheckpointAlarm
 from walship.storage.consumers import ConsumerTable
+from walship.storage.id_index import IdIndexFiles
 from walship.storage.manifest import CheckpointManifest
 from walship.storage.memtable import Memtable
 from walship.storage.parquet import PartInfo, PartReader
 from walship.storage.part_worker import PartWorker
 from walship.storage.positions import TenantPositions
+from walship.storage.visibility import VisibleBound
 from walship.storage.write_amp import WriteAmplification
 from walship.wal import FsyncPolicy, Wal
 from walship.wire import Receipt
@@ -71,6 +73,7 @@ class StoreCore:
         self.wal_dir = config.data_dir / "wal"
         self.checkpoint_dir = config.data_dir / "checkpoints"
         self.parts_dir = self.checkpoint_dir / "parts"
+        self.id_index = IdIndexFiles(self.checkpoint_dir / "ids")  # parts' id hashes, mapped
         self.lock = threading.RLock()
         self.checkpoint_done = threading.Condition(self.lock)
         self.checkpoint_lock = threading.Lock()
@@ -101,6 +104,9 @@ class StoreCore:
         # set while a leader ships its parts here: no local checkpoints or merges, until the
         # memtable outgrows ``physical_fallback_percent`` of its budget (``due_for_checkpoint``)
         self.parts_from_leader = False
+        # a follower's: the leader's durable lsn bounds what it shows (storage/visibility.py)
+        self.visible_bound = VisibleBound()
+        self.began_first_term = False  # this process began term 1 (restart_term.py)
         # called after each local checkpoint or merge is in the manifest, from the thread
         # that made it (a leader ships it on)
         self.on_part: PartHook | None = None
@@ -115,13 +121,14 @@ class StoreCore:
 
     @property
     def visible_lsn(self) -> int:
-        """The highest lsn readers may see: what the WAL has written."""
-        return self.wal.written_lsn.value
+        """The highest lsn readers may see: what the WAL has written, and on a follower no
+        more than its leader holds durably (``storage/visibility.py``)."""
+        return self.visible_bound.cap(self.wal.written_lsn.value)
 
     @property
     def visible(self) -> Lsn:
         """``visible_lsn`` as a typed value."""
-        return self.wal.written_lsn
+        return Lsn(self.visible_lsn)
 
     def check_writable(self) -> None:
         if self.closed:

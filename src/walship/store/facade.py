@@ -79,6 +79,9 @@ class Store:
         self.background = Background(core, self.checkpoints, self.parts)
         self.rewinds = Rewinds(core, self.background, self.follower.forget_after)
         self.cuts = LogCuts()  # divergence-repair cuts, for subscriptions following the log
+        # a follower's: what it shows is bounded by its leader's durable lsn (a replication
+        # entrance, like ``cuts``; storage/visibility.py)
+        self.visible_bound = core.visible_bound
         self.log = ReplicatedLog(self)  # replication's front door to the WAL (not ``wal``)
         self.entities = EntityReader(self.read_view)  # stream reads by version, reads by id
 
@@ -139,6 +142,8 @@ class Store:
                 return
             self.core.closed = True
         self.background.stop()
+        if self.core.part_worker is not None:
+            self.core.part_worker.stopping()
         try:
             # every node, a physical follower too: a clean stop leaves the whole history in
             # Parquet for outside readers (``walship sql``, DuckDB). A physical follower's own
@@ -210,6 +215,11 @@ class Store:
     @property
     def write_amp(self) -> WriteAmplification:
         return self.core.write_amp
+
+    @property
+    def began_first_term(self) -> bool:
+        """This process began the log's first term (a new log: ``restart_term.py``)."""
+        return self.core.began_first_term
 
     @property
     def parts_from_leader(self) -> bool:

@@ -49,7 +49,7 @@ class Parts:
             else:
                 info, hashes = merge_parts(self.core.parts_dir, inputs, rows)
             self.core.parquet_encodes += 1
-            reader = PartReader(self.core.parts_dir / info.file, info)
+            reader = PartReader(self.core.parts_dir / info.file, info, self.core.id_index)
             reader.set_id_hashes(hashes)
             manifest = self.replace_parts({p.info.file for p in inputs}, info, reader)
             self.core.compactions += 1
@@ -114,6 +114,7 @@ class Parts:
             self.core.garbage.difference_update(doomed)
         for name in doomed:
             (self.core.parts_dir / name).unlink(missing_ok=True)
+        self.core.id_index.remove(doomed)
         if doomed:
             fsync_dir(self.core.parts_dir)
 

@@ -45,8 +45,11 @@ def recover(core: StoreCore, on_rollback: Callable[[int], None]) -> None:
             # written by a checkpoint or compaction that crashed before its manifest swap,
             # or replaced by a compaction that crashed before deleting it
             orphan.unlink()
+    core.id_index.sweep(referenced)
     sweep_stale_pins(core.data_dir)
-    core.parts = [PartReader(core.parts_dir / p.file, p) for p in core.manifest.parts]
+    core.parts = [
+        PartReader(core.parts_dir / p.file, p, core.id_index) for p in core.manifest.parts
+    ]
     core.positions = TenantPositions(core.limits.tenant_position_index_stride)
     for part in core.parts:
         recover_positions(core, part)
@@ -89,6 +92,7 @@ def recover(core: StoreCore, on_rollback: Callable[[int], None]) -> None:
         )
     if core.wal.terms.current == Term(0):
         core.wal.begin_term(Term(1))
+        core.began_first_term = True  # a new log (restart_term.py)
     core.metrics.last_lsn.set(last)
     core.update_memtable_gauges()
 

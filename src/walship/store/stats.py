@@ -19,7 +19,7 @@ def store_stats(core: StoreCore) -> dict[str, Any]:
             "node_id": core.config.node_id,
             "last_lsn": wal.last_lsn,
             "term": core.wal.terms.current.value,
-            "visible_lsn": wal.written_lsn,
+            "visible_lsn": core.visible_lsn,
             "synced_lsn": wal.synced_lsn,
             "events": m.events + mem_events,
             "entities": len(core.versions),

@@ -38,9 +38,12 @@ class RawBatch:
 class WalCursor:
     """Reads records from ``next_lsn`` onwards. Not thread-safe: one per follower session."""
 
-    def __init__(self, wal: Wal, next_lsn: int) -> None:
+    def __init__(self, wal: Wal, next_lsn: int, *, early: bool = False) -> None:
         self.wal = wal
         self.next_lsn = next_lsn
+        # read up to flushed_lsn (in the file, maybe not fsynced) instead of written_lsn: a
+        # leader shipping before its own fsync, to a follower that is told what is durable
+        self.early = early
         self._file: BinaryIO | None = None
         self._segment_first = 0
         self._offset = 0
@@ -96,7 +99,7 @@ class WalCursor:
         cursor tailing the log): no file read, no re-check (they are the bytes just written,
         each checked when encoded or received). None otherwise; ``read`` then reads the files.
         """
-        recent = self.wal.recent_from(self.next_lsn, max_bytes)
+        recent = self.wal.recent_from(self.next_lsn, max_bytes, early=self.early)
         if not recent:
             return None
         last = recent[-1]
@@ -130,7 +133,7 @@ class WalCursor:
 
     def read_files(self, max_bytes: int) -> RawBatch | None:
         """``read`` from the segment files only (the caller has looked in memory already)."""
-        written = self.wal.written_lsn.value
+        written = (self.wal.flushed_lsn if self.early else self.wal.written_lsn).value
         if self.next_lsn > written:
             return None
         if self._file is None:

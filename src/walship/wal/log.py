@@ -38,6 +38,7 @@ from walship.errors import CorruptionError, InvalidInput, StorageFull, WalFailed
 from walship.fsutil import fsync_dir
 from walship.limits import DEFAULT_LIMITS, Limits
 from walship.position import LogPoint, Lsn, Position, Term
+from walship.wal.fsync_hold import FsyncHold
 from walship.wal.group import (
     Pending,
     WholeUnits,
@@ -174,12 +175,19 @@ class Wal(WalReader, ShippedAppends):
         # the last record the writer has written: where a rolled-back group returns to
         self._written_term, self._written_chain = self._last_term, self._last_chain
         self._written_lsn = self._last_lsn
+        # written to the file, maybe not yet fsynced: what may be shipped early (see flushed_lsn)
+        self._flushed_lsn = self._last_lsn
+        self._flush_listeners: list[WalListener] = []
+        self.fsync_hold = FsyncHold.from_env()  # tests only
         self._synced_lsn = self._last_lsn
         self._last_sync = time.monotonic()
         self._sync_wanted = False  # a queued run must be fsynced whatever the policy
         active = self._segments[-1]
         # writes go at explicit offsets (pwrite): the file is preallocated past its records
         self._fd = os.open(active.path, os.O_WRONLY)
+        # what recovery read may be only in the page cache (a process killed before its
+        # fsync): make it durable before anything counts it as synced or ships it as such
+        os.fdatasync(self._fd)
         preallocate(self._fd, self.limits.segment_bytes_max)
         self._writer = threading.Thread(
             target=self._run_writer, name="walship-wal-writer", daemon=True
@@ -282,6 +290,24 @@ class Wal(WalReader, ShippedAppends):
     @property
     def synced_lsn(self) -> Lsn:
         return Lsn(self._synced_lsn)
+
+    @property
+    def flushed_lsn(self) -> Lsn:
+        """The last lsn written to the files, before the fsync that makes it ``written_lsn``
+        under ``always``: what a leader may ship early, never what it may acknowledge, show or
+        call durable (a power loss before that fsync takes it back)."""
+        return Lsn(self._flushed_lsn)
+
+    def add_flush_listener(self, listener: WalListener) -> None:
+        """Call ``listener(flushed_lsn)`` from the writer thread after each group is written,
+        before its fsync."""
+        with self._lock:
+            self._flush_listeners.append(listener)
+
+    def remove_flush_listener(self, listener: WalListener) -> None:
+        with self._lock:
+            if listener in self._flush_listeners:
+                self._flush_listeners.remove(listener)
 
     @property
     def closing(self) -> bool:
@@ -573,6 +599,22 @@ class Wal(WalReader, ShippedAppends):
             )
             u = v
         last_lsn, last_term, last_chain = last_position(batch[-1])
+        with self._lock:
+            # in the file now: tailing cursors may read it, bounded by the end they may ship
+            # (written_lsn, or flushed_lsn for a leader that ships before its fsync)
+            self._flushed_lsn = last_lsn
+            recent = self._recent
+            for chunk in chunks:
+                recent.append(chunk)
+                self._recent_bytes += len(chunk.data)
+            while len(recent) > RECENT_WRITES_MAX or self._recent_bytes > RECENT_BYTES_MAX:
+                self._recent_bytes -= len(recent.pop(0).data)
+            flush_listeners = self._flush_listeners
+        for listener in list(flush_listeners):
+            try:
+                listener(last_lsn)
+            except Exception:
+                pass
         synced = False
         if (
             must_sync
@@ -582,6 +624,7 @@ class Wal(WalReader, ShippedAppends):
                 and (time.monotonic() - self._last_sync) * 1000 >= self.fsync.interval_ms
             )
         ):
+            self.fsync_hold.wait()
             t0 = time.perf_counter()
             _fdatasync(self._fd)
             fsync_s += time.perf_counter() - t0
@@ -591,12 +634,6 @@ class Wal(WalReader, ShippedAppends):
             self._written_lsn = last_lsn
             self._written_term, self._written_chain = last_term, last_chain
             self._inflight = None  # written: whoever asks from now on needs no future
-            recent = self._recent
-            for chunk in chunks:
-                recent.append(chunk)
-                self._recent_bytes += len(chunk.data)
-            while len(recent) > RECENT_WRITES_MAX or self._recent_bytes > RECENT_BYTES_MAX:
-                self._recent_bytes -= len(recent.pop(0).data)
             if synced:
                 self._synced_lsn = last_lsn
         return WriteOutcome(last_lsn, synced or self._synced_lsn >= last_lsn), fsync_s
@@ -694,6 +731,7 @@ class Wal(WalReader, ShippedAppends):
             del active.sparse_index[start.indexed if active is start.active else 0 :]
             self._last_lsn, self._last_term = written, self._written_term
             self._last_chain = self._written_chain
+            self._flushed_lsn = written
             queued = self._pending_future
             self._pending, self._pending_bytes, self._pending_records = [], 0, 0
             self._pending_future = Future()

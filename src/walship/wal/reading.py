@@ -36,20 +36,23 @@ class WalReader:
     _lock: threading.Lock
     _segments: list[_Segment]
     _written_lsn: int
+    _flushed_lsn: int
     _recent: list[RecentWrite]
 
-    def recent_from(self, lsn: int, max_bytes: int) -> list[RecentWrite]:
+    def recent_from(self, lsn: int, max_bytes: int, *, early: bool = False) -> list[RecentWrite]:
         """The writes still in memory that start exactly at ``lsn`` and follow each other,
         at most ``max_bytes`` together; empty when ``lsn`` is not where one starts (the
-        caller then reads the files). Only written records are ever in here."""
+        caller then reads the files). Only records up to ``written_lsn`` are returned, or up
+        to ``flushed_lsn`` (in the file, maybe not yet fsynced) when ``early``."""
         with self._lock:
             recent = self._recent
+            limit = self._flushed_lsn if early else self._written_lsn
             k = bisect.bisect_left(recent, lsn, key=_first_lsn)
             out: list[RecentWrite] = []
             size = 0
             while k < len(recent) and recent[k].first_lsn == lsn:
                 w = recent[k]
-                if size + len(w.data) > max_bytes:
+                if size + len(w.data) > max_bytes or w.last_lsn > limit:
                     break
                 out.append(w)
                 size += len(w.data)
