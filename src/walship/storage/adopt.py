@@ -12,7 +12,6 @@ otherwise, and nothing changes.
 
 from __future__ import annotations
 
-import bisect
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,8 +23,7 @@ from walship.events import now_us
 from walship.fsutil import fsync_dir
 from walship.position import Lsn
 from walship.storage.consumers import ConsumerPosition
-from walship.storage.memtable import Memtable
-from walship.storage.parquet import PartInfo, PartReader, id_hashes
+from walship.storage.parquet import PartInfo, PartReader, id_hashes_of_bytes
 from walship.storage.part_verify import PartRejected, verify_part_file
 
 if TYPE_CHECKING:
@@ -77,11 +75,8 @@ def adopt_checkpoint(
                 "not this node's: another history"
             )
         with store.core.lock:
-            active = store.core.active.events
-            events = active[: bisect.bisect_right(active, last, key=lambda ev: ev.lsn)]
-        verify_part_file(
-            staged, info, digest=digest, lsns=np.fromiter((ev.lsn for ev in events), np.int64)
-        )
+            covered, _ = store.core.active.split_at(last)
+        verify_part_file(staged, info, digest=digest, lsns=covered.lsn_array())
         for entry in consumers:
             if entry.lsn > last:
                 raise PartRejected(f"part {info.file}: a consumer tracked past its range")
@@ -94,7 +89,7 @@ def adopt_checkpoint(
         os.replace(staged, path)
         fsync_dir(store.parts_dir)
         reader = PartReader(path, info, store.core.id_index)
-        hashes = id_hashes([ev.id for ev in events]) if events else np.empty(0, np.int64)
+        hashes = id_hashes_of_bytes(covered.id_bytes())
         hashes.sort()
         reader.set_id_hashes(hashes)
         with store.core.manifest_lock:
@@ -105,10 +100,8 @@ def adopt_checkpoint(
             with store.core.lock:
                 # a new memtable for what follows the part; the old one is left as it is,
                 # for the readers whose view holds it (with the parts before this one)
-                old = store.core.active.events
-                fresh = Memtable()
+                _, fresh = store.core.active.split_at(last)
                 fresh.created_us = now_us()
-                fresh.add_all(old[bisect.bisect_right(old, last, key=lambda ev: ev.lsn) :])
                 store.core.active = fresh
                 store.core.manifest = manifest
                 store.core.parts.append(reader)

@@ -5,7 +5,7 @@ by tenant, entity, lsn) an entity's rows are one contiguous run whose versions a
 version ``v`` sits at row ``start + v - vmin``. ``PartEntityIndex`` keeps, per part, each
 entity's run (start row, row count, first and last version), built once from three columns and
 looked up by bisection; a read then touches only the row groups that hold the wanted versions.
-Memtables keep each entity's events in a list in lsn (so version) order and are bisected by
+Memtables keep each entity's lsns and versions in lists in lsn (so version) order, bisected by
 version. A read by version range therefore costs O(parts · log entities + k) plus at most two
 row groups per part, never a scan of the entity's whole stream.
 
@@ -137,12 +137,13 @@ class EntityReader:
             # appended but not yet written by the WAL: only the tails of the memtables, a
             # group commit's worth at most
             for mem in reversed(view.memtables):
-                events = mem.by_entity.get(key)
-                if not events:
+                found = mem.entity_lsns(key)
+                if not found:
                     continue
-                i = len(events) - 1
-                while i >= 0 and events[i].lsn > view.visible:
-                    version = events[i].version - 1
+                lsns, versions = found
+                i = len(lsns) - 1
+                while i >= 0 and lsns[i] > view.visible:
+                    version = versions[i] - 1
                     i -= 1
                 if i >= 0:
                     break
@@ -217,12 +218,14 @@ class EntityReader:
         out: list[StoredEvent] = []
         with view.lock:
             for mem in view.memtables:
-                events = mem.by_entity.get(key)
-                if not events:
+                found = mem.entity_lsns(key)
+                if not found:
                     continue
-                a = bisect.bisect_left(events, lo, key=_version)
-                b = bisect.bisect_right(events, hi, key=_version)
-                out.extend(ev for ev in events[a:b] if ev.lsn > view.checkpointed)
+                lsns, versions = found
+                a = bisect.bisect_left(versions, lo)
+                b = bisect.bisect_right(versions, hi)
+                wanted = [lsn for lsn in lsns[a:b] if lsn > view.checkpointed]
+                out.extend(mem.events_at(wanted))
         return out
 
     def find(self, event_id: bytes) -> StoredEvent | None:
@@ -230,7 +233,7 @@ class EntityReader:
         view = self._view()
         with view.lock:
             for mem in reversed(view.memtables):
-                ev = mem.by_id.get(event_id)
+                ev = mem.find_id(event_id)
                 if ev is not None:
                     return ev if ev.lsn <= view.visible else None
         for part in reversed(view.parts):
@@ -238,7 +241,3 @@ class EntityReader:
             if ev is not None:
                 return ev if ev.lsn <= view.visible else None
         return None
-
-
-def _version(ev: StoredEvent) -> int:
-    return ev.version

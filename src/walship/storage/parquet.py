@@ -135,6 +135,11 @@ def id_hashes(ids: list[bytes]) -> np.ndarray:
     return _low_halves(raw[:, 8:])
 
 
+def id_hashes_of_bytes(ids: bytes) -> np.ndarray:
+    """``id_hashes`` of 16-byte ids joined into one buffer."""
+    return _low_halves(np.frombuffer(ids, np.uint8).reshape(len(ids) // 16, 16)[:, 8:])
+
+
 def _low_halves(tails: np.ndarray) -> np.ndarray:
     """``(n, 8)`` uint8 UUID tails -> their id hashes."""
     low = np.ascontiguousarray(tails).view("<u8").ravel()
@@ -173,8 +178,12 @@ _UUID_DIGIT_AT = np.array([i for i in range(36) if i not in (8, 13, 18, 23)])  #
 
 def uuid_strings(ids: list[bytes]) -> pa.StringArray:
     """The canonical texts of 16-byte UUIDs as one Arrow column (vectorized ``format_uuid``)."""
-    n = len(ids)
-    raw = np.frombuffer(b"".join(ids), np.uint8).reshape(n, 16)
+    return uuid_strings_of(np.frombuffer(b"".join(ids), np.uint8).reshape(len(ids), 16))
+
+
+def uuid_strings_of(raw: np.ndarray) -> pa.StringArray:
+    """``uuid_strings`` of ``(n, 16)`` uint8 UUID bytes."""
+    n = len(raw)
     digits = np.empty((n, 32), np.uint8)
     digits[:, 0::2] = _HEX_DIGITS[raw >> 4]
     digits[:, 1::2] = _HEX_DIGITS[raw & 0x0F]
@@ -184,8 +193,6 @@ def uuid_strings(ids: list[bytes]) -> pa.StringArray:
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(text.tobytes()))
 
 
-BUILD_ROWS = 2048
-"""Events converted to Arrow per call while a part is built (a few ms of GIL each)."""
 # A part's rows are sorted by entity, so any run of consecutive lsns is spread over every
 # row group: a subscription catching up in lsn order read the whole part for each page of
 # 500 (measured: ~13,000 events/s over 100,000 events). An lsn scan serves pages from slabs
@@ -209,29 +216,68 @@ _SPILLS: Recent[LsnSpill] = Recent(SPILLS_KEPT)
 _EVERYTHING = QueryFilter()
 
 
-def _table(events: list[StoredEvent]) -> pa.Table:
+def part_table(rows: pa.Table) -> pa.Table:
+    """A memtable's rows (``memtable.MEM_SCHEMA``, lsn order) as a part's table: ``SCHEMA``,
+    sorted by (tenant_id, entity_id, lsn), every column made with Arrow kernels."""
+    # cluster by entity so a query by entity touches one or two row groups per part
+    order = pc.sort_indices(
+        rows.select(["tenant_id", "entity_id", "lsn"]),
+        sort_keys=[("tenant_id", "ascending"), ("entity_id", "ascending"), ("lsn", "ascending")],
+    )
+    return part_columns(rows.take(order))
+
+
+def part_columns(rows: pa.Table) -> pa.Table:
+    """Memtable rows (``memtable.MEM_SCHEMA``) as rows of ``SCHEMA``, in the same order."""
+    rows = rows.combine_chunks()
+    n = rows.num_rows
+    binary = rows.column("payload_binary")
+    payload = rows.column("payload")
+    no_bytes = pa.nulls(n, pa.binary())
+    any_binary = n > 0 and pc.any(binary).as_py()  # copy the payloads only when some are
+    ids = rows.column("id").combine_chunks() if n else pa.array([], pa.binary(16))
     return pa.table(
         {
-            "lsn": pa.array([e.lsn for e in events], pa.int64()),
-            "term": pa.array([e.term for e in events], pa.int64()),
-            "id": uuid_strings([e.id for e in events]),
-            "tenant_id": pa.array([e.tenant_id for e in events], pa.string()),
-            "entity_id": pa.array([e.entity_id for e in events], pa.string()),
-            "event_type": pa.array([e.event_type for e in events], pa.string()),
-            "timestamp": pa.array([e.timestamp_us for e in events], pa.timestamp("us", tz="UTC")),
-            "payload": pa.array(
-                [None if e.payload_binary else e.payload for e in events], pa.binary()
-            ).cast(pa.string()),
-            "metadata": pa.array([e.metadata for e in events], pa.binary()).cast(pa.string()),
-            "version": pa.array([e.version for e in events], pa.int64()),
-            "tenant_position": pa.array([e.tenant_position for e in events], pa.int64()),
-            "payload_binary": pa.array([e.payload_binary for e in events], pa.bool_()),
-            "payload_bytes": pa.array(
-                [e.payload if e.payload_binary else None for e in events], pa.binary()
+            "lsn": rows.column("lsn"),
+            "term": rows.column("term"),
+            "id": uuid_text(ids),
+            "tenant_id": rows.column("tenant_id"),
+            "entity_id": rows.column("entity_id"),
+            "event_type": rows.column("event_type"),
+            "timestamp": rows.column("timestamp_us").cast(pa.timestamp("us", tz="UTC")),
+            # null when binary: a JSON column keeps only JSON (cast checks it is UTF-8)
+            "payload": (pc.if_else(binary, no_bytes, payload) if any_binary else payload).cast(
+                pa.string()
             ),
+            "metadata": rows.column("metadata").cast(pa.string()),
+            "version": rows.column("version"),
+            "tenant_position": rows.column("tenant_position"),
+            "payload_binary": binary,
+            "payload_bytes": pc.if_else(binary, payload, no_bytes) if any_binary else no_bytes,
         },
         schema=SCHEMA,
     )
+
+
+def uuid_text(ids: pa.Array) -> pa.StringArray:
+    """``uuid_strings`` of a ``binary(16)`` column, read from its buffer."""
+    n = len(ids)
+    if n == 0:
+        return uuid_strings_of(np.empty((0, 16), np.uint8))
+    raw = np.frombuffer(ids.buffers()[1], np.uint8, 16 * n, 16 * ids.offset)
+    return uuid_strings_of(raw.reshape(n, 16))
+
+
+def events_table(events: list[StoredEvent]) -> pa.Table:
+    """``events`` as rows of ``SCHEMA``, in their order."""
+    from walship.storage.memtable import Memtable
+
+    mem = Memtable()
+    mem.add_all(events)
+    return part_columns(mem.table())
+
+
+_table = events_table
 
 
 @contextlib.contextmanager
@@ -250,29 +296,20 @@ def write_part(
     directory: Path, events: list[StoredEvent], first: int, last: int, row_group_rows: int
 ) -> PartInfo:
     """Write ``events`` (lsn order, within ``first..last``) as one part, durably."""
-    # cluster by entity so a query by entity touches one or two row groups per part: the
-    # order comes from the sort keys alone, and the columns are built in that order, so the
-    # events are never held twice over in Arrow (unsorted and sorted)
-    keys = pa.table(
-        {
-            "tenant_id": pa.array([e.tenant_id for e in events], pa.string()),
-            "entity_id": pa.array([e.entity_id for e in events], pa.string()),
-            "lsn": pa.array([e.lsn for e in events], pa.int64()),
-        }
-    )
-    order = pc.sort_indices(
-        keys,
-        sort_keys=[("tenant_id", "ascending"), ("entity_id", "ascending"), ("lsn", "ascending")],
-    ).to_pylist()
-    del keys
-    # a slice at a time: converting Python objects holds the GIL, and one call over a whole
-    # memtable (~30 MB of payloads) stalled the event loop for tens of milliseconds
-    table = pa.concat_tables(
-        [
-            _table([events[i] for i in order[at : at + BUILD_ROWS]])
-            for at in range(0, len(order), BUILD_ROWS)
-        ]
-    )
+    from walship.storage.memtable import Memtable
+
+    mem = Memtable()
+    mem.add_all(events)
+    return write_part_rows(directory, mem.table(), first, last, row_group_rows)
+
+
+def write_part_rows(
+    directory: Path, rows: pa.Table, first: int, last: int, row_group_rows: int
+) -> PartInfo:
+    """Write a memtable's rows (``memtable.MEM_SCHEMA``, lsn order, within ``first..last``)
+    as one part, durably."""
+    table = part_table(rows)
+    del rows
     name = part_name(first, last)
     path = directory / name
     tmp = directory / (name + ".tmp")

@@ -13,9 +13,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from concurrent.futures import Future
+from typing import Any
 
-from walship.events import SYSTEM_PREFIX, StoredEvent, decode_body
+from walship.events import SYSTEM_PREFIX, decode_body
 from walship.storage.consumers import TRACKING_TYPE, ConsumerPosition, decode_tracking_payload
+from walship.storage.memtable import COLUMNS as MEM_COLUMNS
+from walship.storage.memtable import size_of as memtable_size
 from walship.storage.query import entity_key
 from walship.store.core import StoreCore
 from walship.wal.frame import VerifiedFrame
@@ -32,43 +35,57 @@ def apply_bodies(
     """Add WAL records, each as ``(lsn, term, body)`` (recovery or replication), to the
     memtable and versions, and tracking records to the consumer table (``written_lsn``: what
     the WAL has written, None in recovery). The caller holds the store lock or is alone."""
-    events: list[StoredEvent] = []
-    add = events.append
+    cols: list[list[Any]] = [[] for _ in range(MEM_COLUMNS)]
+    (
+        c_lsn,
+        c_term,
+        c_id,
+        c_tenant,
+        c_entity,
+        c_type,
+        c_ts,
+        c_version,
+        c_payload,
+        c_meta,
+        c_pos,
+        c_bin,
+    ) = cols
     decode = decode_body
     for lsn, term, raw in records:
         body = decode(raw)
-        if not body.event_type.startswith(SYSTEM_PREFIX):
-            # stored_from_body, inlined: this runs for every record a follower applies
-            add(
-                StoredEvent(
-                    lsn,
-                    term,
-                    body.id,
-                    body.tenant_id,
-                    body.entity_id,
-                    body.event_type,
-                    body.timestamp_us,
-                    body.version,
-                    body.payload,
-                    body.metadata,
-                    body.tenant_position,
-                    body.payload_binary,
-                )
-            )
-        elif body.event_type == TRACKING_TYPE:
+        etype = body.event_type
+        if not etype.startswith(SYSTEM_PREFIX):
+            # the memtable's columns, filled per record: this runs for every record a
+            # follower applies
+            c_lsn.append(lsn)
+            c_term.append(term)
+            c_id.append(body.id)
+            c_tenant.append(body.tenant_id)
+            c_entity.append(body.entity_id)
+            c_type.append(etype)
+            c_ts.append(body.timestamp_us)
+            c_version.append(body.version)
+            c_payload.append(body.payload)
+            c_meta.append(body.metadata)
+            c_pos.append(body.tenant_position)
+            c_bin.append(body.payload_binary)
+        elif etype == TRACKING_TYPE:
             position = decode_tracking_payload(body.payload)
             entry = ConsumerPosition(body.tenant_id, body.entity_id, position, lsn)
             core.consumers.apply(entry, written_lsn)
-    core.active.add_all(events)
+    if not c_lsn:
+        return
     versions = core.versions
     observe = core.positions.observe
-    for ev in events:
-        tenant_id, version = ev.tenant_id, ev.version
-        key = f"{tenant_id}\x00{ev.entity_id}"  # entity_key, inlined (per record)
+    for tenant_id, entity_id, version, position, lsn in zip(
+        c_tenant, c_entity, c_version, c_pos, c_lsn, strict=True
+    ):
+        key = f"{tenant_id}\x00{entity_id}"  # entity_key, inlined (per record)
         if version > versions.get(key, 0):
             versions[key] = version
         # taken from the record the leader wrote, never assigned here
-        observe(tenant_id, ev.tenant_position, ev.lsn)
+        observe(tenant_id, position, lsn)
+    core.active.extend(cols, memtable_size(cols))
 
 
 class FollowerApply:

@@ -12,6 +12,7 @@ import threading
 import time
 
 from walship.errors import StorageFull, WalFailed
+from walship.storage.memtable import Memtable, seal_tail
 from walship.storage.pins import sweep_stale_pins
 from walship.store.checkpoints import Checkpoints
 from walship.store.core import StoreCore
@@ -65,6 +66,7 @@ class Background:
                 return
             if self.core.wal.failed is not None:
                 continue
+            self._seal()
             if self.checkpoints.due() and self.core.alarm.retry_due(time.monotonic()):
                 try:
                     self.checkpoints.checkpoint()
@@ -75,6 +77,19 @@ class Background:
                 except Exception:
                     pass  # logged and kept by the alarm; retried after its backoff
             self.core.update_memtable_gauges()
+
+    def _seal(self) -> None:
+        """Seal the active memtable's tail into a batch: here, not on the write and apply
+        paths (``storage/memtable.py``); never while a checkpoint runs."""
+        core = self.core
+        if core.checkpoint_lock.acquire(blocking=False):
+            try:
+                seal_tail(core.lock, self._active)
+            finally:
+                core.checkpoint_lock.release()
+
+    def _active(self) -> Memtable:
+        return self.core.active
 
     def _run_compactor(self) -> None:
         swept_at = time.monotonic()

@@ -9,20 +9,20 @@ kept by the alarm (``checkpoint_failure``) until a checkpoint works again.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from walship.errors import StorageFull, WalFailed, invariant
-from walship.events import StoredEvent, format_timestamp, now_us
+from walship.events import format_timestamp, now_us
 from walship.position import Lsn, Position, Term
 from walship.storage.alarm import CheckpointFailure
 from walship.storage.consumers import table_at
 from walship.storage.manifest import CheckpointManifest, save_manifest
-from walship.storage.memtable import Memtable
-from walship.storage.parquet import PartInfo, PartReader, id_hashes, write_part
+from walship.storage.memtable import Memtable, fixed_bytes
+from walship.storage.memtable import rows_table as memtable_rows
+from walship.storage.parquet import PartInfo, PartReader, id_hashes_of_bytes, write_part_rows
 from walship.store.core import StoreCore
 
 log = logging.getLogger(__name__)
@@ -145,14 +145,9 @@ class Checkpoints:
                 assert through is not None
                 upto, chain, consumers = split
                 # two new memtables, the old one left as it is: a reader's view holds it
-                events = frozen.events
-                cut = bisect.bisect_right(events, through, key=_lsn_of)
-                if cut == 0:
+                frozen, rest = frozen.split_at(through)
+                if len(frozen) == 0:
                     return None
-                frozen, rest = Memtable(), Memtable()
-                frozen.created_us = rest.created_us = self.core.active.created_us
-                frozen.add_all(events[:cut])
-                rest.add_all(events[cut:])
                 self.core.active = rest
             else:
                 self.core.active = Memtable()
@@ -162,25 +157,32 @@ class Checkpoints:
                 consumers = self.core.consumers.entries()  # as of ``upto``, like the memtable
             self.core.frozen = frozen
             rollback_seq = self.core.wal.rollback_seq
+            batches, tail = frozen.contents()  # made one table outside the lock
         try:
             self.core.wal.sync()
             if rollback_seq % 2 or self.core.wal.rollback_seq != rollback_seq:
                 # a full disk rolled back some of what was frozen: its lsns may have been
                 # taken again since, by events that are not in ``frozen``
                 raise StorageFull("a full disk rolled back events being checkpointed; retrying")
-            events = frozen.events
-            invariant(events[-1].lsn <= upto.lsn.value, "memtable holds records past the WAL's end")
+            last = frozen.last_lsn
+            invariant(
+                last is not None and last <= upto.lsn.value,
+                "memtable holds records past the WAL's end",
+            )
+            table = memtable_rows(batches, tail)
+            del batches, tail
             first = self.core.manifest.last_lsn + 1
             rows = self.core.limits.parquet_row_group_rows
             if self.core.part_worker is not None:
                 part = self.core.part_worker.checkpoint(
-                    self.core.parts_dir, events, first, upto.lsn.value, rows
+                    self.core.parts_dir, table, first, upto.lsn.value, rows
                 )
             else:
-                part = write_part(self.core.parts_dir, events, first, upto.lsn.value, rows)
+                part = write_part_rows(self.core.parts_dir, table, first, upto.lsn.value, rows)
+            arr = id_hashes_of_bytes(fixed_bytes(table.column("id")))
+            del table
             self.core.parquet_encodes += 1
             reader = PartReader(self.core.parts_dir / part.file, part, self.core.id_index)
-            arr = id_hashes([ev.id for ev in events])
             arr.sort()
             reader.set_id_hashes(arr)
             with self.core.manifest_lock:
@@ -195,11 +197,7 @@ class Checkpoints:
         except BaseException:
             with self.core.lock:
                 # put the events back in front of anything appended meanwhile
-                merged = Memtable()
-                merged.created_us = frozen.created_us
-                merged.add_all(frozen.events)
-                merged.add_all(self.core.active.events)
-                self.core.active = merged
+                self.core.active = Memtable.joined(frozen, self.core.active)
                 self.core.frozen = None
                 self.core.checkpoint_done.notify_all()
             raise
@@ -211,7 +209,7 @@ class Checkpoints:
         announce(self.core, "checkpoint", part, [], manifest)
         self.core.compact_kick.set()
         self.core.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
-        self.core.metrics.checkpoint_events.inc(len(events))
+        self.core.metrics.checkpoint_events.inc(len(frozen))
         self.core.update_memtable_gauges()
         self.remove_checkpointed_wal()
         return part
@@ -251,7 +249,3 @@ class Checkpoints:
                 or active.bytes >= limits.memtable_bytes_max * scale
                 or age_ms >= limits.checkpoint_interval_ms * scale
             )
-
-
-def _lsn_of(ev: StoredEvent) -> int:
-    return ev.lsn

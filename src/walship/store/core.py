@@ -158,9 +158,9 @@ class StoreCore:
 
     def find_id_locked(self, event_id: bytes) -> StoredEvent | None:
         """The stored event with this id (memtables, then parts newest first); None if none."""
-        found = self.active.by_id.get(event_id)
+        found = self.active.find_id(event_id)
         if found is None and self.frozen is not None:
-            found = self.frozen.by_id.get(event_id)
+            found = self.frozen.find_id(event_id)
         if found is None:
             for part in reversed(self.parts):
                 found = part.find_id(event_id)

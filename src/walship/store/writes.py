@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from walship.errors import (
     IdConflict,
@@ -45,6 +46,7 @@ from walship.storage.consumers import (
     tracking_body,
     tracking_conflict,
 )
+from walship.storage.memtable import size_of as memtable_size
 from walship.storage.query import entity_key
 from walship.store.core import StoreCore, receipt_of
 from walship.wal.log import WriteOutcome
@@ -167,7 +169,18 @@ class WritePath:
             term = self.core.wal.terms.current.value
             receipts: list[Receipt] = []
             bodies: list[bytes] = []
-            new_events: list[StoredEvent] = []
+            # the new events' columns for the memtable (``MEM_SCHEMA``; term and time are
+            # the same for all): no object per event
+            c_lsn: list[int] = []
+            c_id: list[bytes] = []
+            c_tenant: list[str] = []
+            c_entity: list[str] = []
+            c_type: list[str] = []
+            c_version: list[int] = []
+            c_payload: list[bytes] = []
+            c_meta: list[bytes | None] = []
+            c_pos: list[int] = []
+            c_bin: list[bool] = []
             batch_versions: dict[str, int] = {}
             batch_positions: dict[str, int] = {}  # tenant -> the next position it gets
             batch_ids: dict[bytes, tuple[int, int]] = {}  # id -> its receipt, its new event
@@ -180,9 +193,21 @@ class WritePath:
                 if ev.id is not None:
                     if event_id in batch_ids:
                         first, at = batch_ids[event_id]
-                        if not same_content(
-                            new_events[at], tenant, entity, etype, payload, meta, binary
-                        ):
+                        earlier = StoredEvent(
+                            c_lsn[at],
+                            term,
+                            c_id[at],
+                            c_tenant[at],
+                            c_entity[at],
+                            c_type[at],
+                            ts,
+                            c_version[at],
+                            c_payload[at],
+                            c_meta[at],
+                            c_pos[at],
+                            c_bin[at],
+                        )
+                        if not same_content(earlier, tenant, entity, etype, payload, meta, binary):
                             raise IdConflict(
                                 f"event id {format_uuid(event_id)} appears twice in the batch "
                                 f"(at {first} and {n}) with different contents",
@@ -217,7 +242,7 @@ class WritePath:
                         if existing.lsn > self.core.wal.written_lsn.value:
                             waits_on.append(self.core.wal.append_future())
                         continue
-                    batch_ids[event_id] = (len(receipts), len(new_events))
+                    batch_ids[event_id] = (len(receipts), len(c_lsn))
                 key = entity_key(tenant, entity)
                 current = batch_versions.get(key)
                 if current is None:
@@ -238,10 +263,31 @@ class WritePath:
                 # tenant, and a refused batch (raised above or below) takes none
                 position = batch_positions.get(tenant) or self.core.positions.next_position(tenant)
                 batch_positions[tenant] = position + 1
-                lsn = next_lsn + len(new_events)
-                fields = (event_id, tenant, entity, etype, ts, version, payload, meta, position)
-                new_events.append(StoredEvent(lsn, term, *fields, payload_binary=binary))
-                bodies.append(encode_body_fields(*fields, payload_binary=binary))
+                lsn = next_lsn + len(c_lsn)
+                c_lsn.append(lsn)
+                c_id.append(event_id)
+                c_tenant.append(tenant)
+                c_entity.append(entity)
+                c_type.append(etype)
+                c_version.append(version)
+                c_payload.append(payload)
+                c_meta.append(meta)
+                c_pos.append(position)
+                c_bin.append(binary)
+                bodies.append(
+                    encode_body_fields(
+                        event_id,
+                        tenant,
+                        entity,
+                        etype,
+                        ts,
+                        version,
+                        payload,
+                        meta,
+                        position,
+                        payload_binary=binary,
+                    )
+                )
                 receipts.append(
                     Receipt(format_uuid(event_id), lsn, term, version, timestamp, position=position)
                 )
@@ -252,7 +298,7 @@ class WritePath:
                     tracking.tenant_id,
                     tracking.consumer,
                     tracking.position,
-                    next_lsn + len(new_events),
+                    next_lsn + len(c_lsn),
                 )
                 bodies.append(tracking_body(tracking, ts))
             if not bodies:
@@ -272,11 +318,26 @@ class WritePath:
                 result.first_lsn.value == next_lsn and result.term.value == term,
                 f"WAL assigned lsn {result.first_lsn.value}, the store expected {next_lsn}",
             )
-            self.core.active.add_all(new_events)
+            n = len(c_lsn)
+            cols: list[list[Any]] = [
+                c_lsn,
+                [term] * n,
+                c_id,
+                c_tenant,
+                c_entity,
+                c_type,
+                [ts] * n,
+                c_version,
+                c_payload,
+                c_meta,
+                c_pos,
+                c_bin,
+            ]
+            self.core.active.extend(cols, memtable_size(cols))
             self.core.versions.update(batch_versions)
             observe = self.core.positions.observe
-            for stored in new_events:
-                observe(stored.tenant_id, stored.tenant_position, stored.lsn)
+            for tenant_id, position, lsn in zip(c_tenant, c_pos, c_lsn, strict=True):
+                observe(tenant_id, position, lsn)
             if track is not None:
                 self.core.consumers.apply(track, self.core.wal.written_lsn.value)
             self.core.metrics.appends.inc(len(bodies))
