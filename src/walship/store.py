@@ -56,11 +56,11 @@ from walship.events import (
     format_uuid,
     new_event_ids,
     now_us,
-    prepare,
     same_content,
     validate_tracking,
 )
 from walship.fsutil import atomic_write, fsync_dir
+from walship.intake import prepare_batch
 from walship.limits import DEFAULT_LIMITS, LSN_MAX, Limits
 from walship.metrics import StoreMetrics
 from walship.position import Lsn, Position, Term
@@ -617,14 +617,7 @@ class Store:
                 f"batch of {len(events)} events exceeds the limit of {limits.batch_events_max}",
                 limit=limits.batch_events_max,
             )
-        prepared = []
-        for i, ev in enumerate(events):
-            try:
-                prepared.append(prepare(ev, limits, json_checked=json_checked))
-            except InvalidInput as exc:
-                if len(events) > 1:
-                    exc.details["index"] = i
-                raise
+        prepared = prepare_batch(events, limits, json_checked=json_checked)
         self._check_owner()  # before any lock: one a lost thread held at the fork never frees
         self.metrics.append_requests.inc()
         with self._lock:
