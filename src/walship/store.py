@@ -52,6 +52,7 @@ from walship.events import (
     TrackingIn,
     decode_body,
     encode_body_fields,
+    encode_body_tuple,
     format_timestamp,
     format_uuid,
     new_event_ids,
@@ -712,7 +713,11 @@ class Store:
                 lsn = next_lsn + len(new_events)
                 fields = (event_id, tenant, entity, etype, ts, version, payload, meta, position)
                 new_events.append(StoredEvent(lsn, term, *fields, payload_binary=binary))
-                bodies.append(encode_body_fields(*fields, payload_binary=binary))
+                bodies.append(
+                    encode_body_tuple(fields)
+                    if position and not binary
+                    else encode_body_fields(*fields, payload_binary=binary)
+                )
                 receipts.append(
                     Receipt(format_uuid(event_id), lsn, term, version, timestamp, position=position)
                 )
