@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 import uuid
 
 from walship.events import (
@@ -7,6 +8,7 @@ from walship.events import (
     decode_body,
     encode_body,
     encode_body_fields,
+    encode_body_tuple,
     format_timestamp,
     format_uuid,
     new_event_ids,
@@ -20,12 +22,28 @@ def test_body_fields_encode_exactly_like_the_struct() -> None:
     assert decode_body(encode_body_fields(*fields)) == EventBody(*fields)
 
 
+def test_a_body_tuple_with_a_position_encodes_like_its_fields() -> None:
+    """The store's append loop encodes a JSON event's fields with its position directly."""
+    fields = (b"\x01" * 16, "t", "acct-1", "acct.opened", 123, 2, b'{"a":1}', b"{}", 7)
+    assert encode_body_tuple(fields) == encode_body_fields(*fields)
+    assert decode_body(encode_body_tuple(fields)) == EventBody(*fields)
+
+
 def test_generated_ids_are_distinct_uuid7() -> None:
+    before_ms = time.time_ns() // 1_000_000
     ids = new_event_ids(1000)
+    after_ms = time.time_ns() // 1_000_000
     assert len(set(ids)) == 1000
+    assert {len(i) for i in ids} == {16}
     parsed = [uuid.UUID(bytes=i) for i in ids]
     assert {u.version for u in parsed} == {7}
     assert {u.variant for u in parsed} == {uuid.RFC_4122}
+    # the first 48 bits are the time in ms, the same for the whole call
+    stamps = {int.from_bytes(i[:6], "big") for i in ids}
+    assert len(stamps) == 1 and before_ms <= stamps.pop() <= after_ms
+    # the other bits are random: every random bit position takes both values
+    rand = [u.int & ~((1 << 128) - (1 << 80)) & ~(0xF << 76) & ~(0x3 << 62) for u in parsed]
+    assert all(any(r >> b & 1 for r in rand) for b in range(76) if b not in (62, 63))
     assert [format_uuid(i) for i in ids] == [str(u) for u in parsed]
 
 

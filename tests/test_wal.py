@@ -22,6 +22,7 @@ from walship.wal.record import (
     RecordInvalid,
     decode_record,
     encode_record,
+    encode_records,
 )
 from walship.wal.segment import SEGMENT_HEADER_BYTES, list_segments
 
@@ -48,6 +49,31 @@ def test_record_round_trip_and_crc_covers_body() -> None:
         decode_record(bytes(flipped), 0, 1024)
     with pytest.raises(RecordIncomplete):
         decode_record(raw[:-1], 0, 1024)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    bodies=st.lists(st.binary(max_size=300), max_size=12),
+    first=st.integers(min_value=1, max_value=2**64 - 13),
+    term=st.integers(min_value=1, max_value=2**32 - 1),
+    prev_chain=st.binary(min_size=8, max_size=8),
+)
+def test_batch_encoder_gives_the_records_of_the_per_record_one(
+    bodies: list[bytes], first: int, term: int, prev_chain: bytes
+) -> None:
+    """``encode_records`` (a leader's append, one buffer) is ``encode_record`` in a loop with
+    ``batch_left`` counting down: the same bytes, starts and chains."""
+    raws: list[bytes] = []
+    chains: list[bytes] = []
+    chain = prev_chain
+    for i, body in enumerate(bodies):
+        raw, chain = encode_record(first + i, term, chain, body, len(bodies) - 1 - i)
+        raws.append(raw)
+        chains.append(chain)
+    data, starts, got_chains = encode_records(first, term, prev_chain, bodies)
+    assert data == b"".join(raws)
+    assert got_chains == chains
+    assert starts == [sum(map(len, raws[:i])) for i in range(len(raws) + 1)]
 
 
 @settings(max_examples=200, deadline=None)

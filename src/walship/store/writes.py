@@ -30,15 +30,16 @@ from walship.events import (
     StoredEvent,
     TrackingIn,
     encode_body_fields,
+    encode_body_tuple,
     format_timestamp,
     format_uuid,
     new_event_ids,
     now_us,
-    prepare,
     same_content,
     validate_event_type,
     validate_tracking,
 )
+from walship.intake import prepare_batch
 from walship.position import Lsn
 from walship.storage.consumers import (
     ConsumerPosition,
@@ -141,14 +142,7 @@ class WritePath:
                 f"batch of {len(events)} events exceeds the limit of {limits.batch_events_max}",
                 limit=limits.batch_events_max,
             )
-        prepared = []
-        for i, ev in enumerate(events):
-            try:
-                prepared.append(prepare(ev, limits, json_checked=json_checked))
-            except InvalidInput as exc:
-                if len(events) > 1:
-                    exc.details["index"] = i
-                raise
+        prepared = prepare_batch(events, limits, json_checked=json_checked)
         self.core.check_owner()  # before any lock: one a lost thread held at the fork never frees
         self.core.metrics.append_requests.inc()
         with self.core.lock:
@@ -274,19 +268,11 @@ class WritePath:
                 c_meta.append(meta)
                 c_pos.append(position)
                 c_bin.append(binary)
+                fields = (event_id, tenant, entity, etype, ts, version, payload, meta, position)
                 bodies.append(
-                    encode_body_fields(
-                        event_id,
-                        tenant,
-                        entity,
-                        etype,
-                        ts,
-                        version,
-                        payload,
-                        meta,
-                        position,
-                        payload_binary=binary,
-                    )
+                    encode_body_tuple(fields)
+                    if position and not binary
+                    else encode_body_fields(*fields, payload_binary=binary)
                 )
                 receipts.append(
                     Receipt(format_uuid(event_id), lsn, term, version, timestamp, position=position)

@@ -24,8 +24,8 @@ from walship.wal.record import HEADER
 class WholeUnits:
     """Records ``first_lsn..`` ending an atomic append, written as one buffer.
 
-    ``parts`` are the records' bytes in order, in one buffer (a follower's frame) or one per
-    record (a leader's append: joined once, by the writer, with the rest of its group);
+    ``parts`` are the records' bytes in order, in one buffer (a follower's frame, a leader's
+    append: ``encode_records``) or one per record;
     ``starts[i]`` is where the ``i``-th record begins (the last entry is the byte count);
     ``unit_ends`` counts the records up to the end of each atomic append among them (the last
     is all of them); ``last`` is the last record's ``(lsn, term, chain)``.

@@ -54,7 +54,7 @@ from walship.wal.record import (
     GENESIS_CHAIN,
     TERM_MAX,
     Record,
-    encode_record,
+    encode_records,
 )
 from walship.wal.segment import (
     SEGMENT_HEADER_BYTES,
@@ -347,24 +347,15 @@ class Wal(WalReader, ShippedAppends):
             self._wait_for_space()
             first = self._last_lsn + 1
             chain = self._last_chain
-            chains: list[bytes] = []
-            raws: list[bytes] = []
-            # where each record starts: the writer indexes and packs the append from these
-            # instead of reading every record's header again
-            starts: list[int] = []
-            added = 0
-            last_index = len(bodies) - 1
-            for i, body in enumerate(bodies):
-                raw, chain = encode_record(first + i, term, chain, body, last_index - i)
-                raws.append(raw)
-                starts.append(added)
-                added += len(raw)
-                chains.append(chain)
-            starts.append(added)
-            if raws:
-                last = first + last_index
+            # one buffer, and where each record starts in it: the writer indexes and packs
+            # the append from these instead of reading every record's header again
+            data, starts, chains = encode_records(first, term, chain, bodies)
+            added = len(data)
+            if chains:
+                chain = chains[-1]
+                last = first + len(bodies) - 1
                 self._pending.append(
-                    WholeUnits(raws, starts, [len(raws)], first, (last, term, chain))
+                    WholeUnits([data], starts, [len(chains)], first, (last, term, chain))
                 )
             self._pending_bytes += added
             self._pending_records += len(bodies)

@@ -20,6 +20,7 @@ N identical up to N, which is what followers and divergence repair compare.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from hashlib import blake2b
 from typing import NamedTuple, NoReturn
 
@@ -61,6 +62,51 @@ def encode_record(
     length = _LEN.pack(len(body))
     crc = crc32c(body, crc32c(rest, crc32c(length)))
     return b"".join((length, _LEN.pack(crc), rest, body)), chain
+
+
+class EncodedRecords(NamedTuple):
+    """An append's records as one buffer: ``starts[i]`` is where record ``i`` begins (the last
+    entry is the byte count), ``chains[i]`` its chain hash."""
+
+    data: bytes
+    starts: list[int]
+    chains: list[bytes]
+
+
+def encode_records(
+    first_lsn: int, term: int, prev_chain: bytes, bodies: Sequence[bytes]
+) -> EncodedRecords:
+    """``encode_record`` for an atomic append's bodies at ``first_lsn``, ``first_lsn + 1`` ...,
+    into one buffer: the same bytes as their records joined (``batch_left`` counting down to 0
+    at the last), which a test holds it to.
+
+    Why not ``encode_record`` in a loop: on a leader's batch of 1,000 ~1 KB events the calls,
+    the per-record joins and the join of the whole took ~2 of its ~4 µs a record; here each
+    record is appended to one ``bytearray`` in place.
+    """
+    out = bytearray()
+    starts: list[int] = []
+    chains: list[bytes] = []
+    chain = prev_chain
+    lsn = first_lsn
+    left = len(bodies) - 1
+    pack_chain_input, pack_rest, pack_len = _CHAIN_INPUT.pack, _REST.pack, _LEN.pack
+    for body in bodies:
+        chain = blake2b(
+            pack_chain_input(chain, lsn, term, crc32c(body)), digest_size=CHAIN_BYTES
+        ).digest()
+        rest = pack_rest(lsn, term, left, chain)
+        length = pack_len(len(body))
+        starts.append(len(out))
+        chains.append(chain)
+        out += length
+        out += pack_len(crc32c(body, crc32c(rest, crc32c(length))))
+        out += rest
+        out += body
+        lsn += 1
+        left -= 1
+    starts.append(len(out))
+    return EncodedRecords(bytes(out), starts, chains)
 
 
 def record_crc(view: memoryview, start: int, end: int) -> int:
